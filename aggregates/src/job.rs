@@ -1,0 +1,522 @@
+//! The Job aggregate (DESIGN §3).
+//!
+//! ```text
+//! submitted ─Queue─▶ queued ─Start(n)─▶ running ─Succeed(n)─▶ succeeded
+//!     │                 ▲                  │ Fail(n) / ExpireLease(n)
+//!     │ FailForSlide    │ Queue (due)      ▼
+//!     ▼                 └──────────── retry_scheduled      (or failed, after the last attempt)
+//!   failed
+//! Cancel: immediate unless running; while running → cancel_requested → ConfirmCancelled(n).
+//! Retry (by a user) from failed or cancelled → submitted, with a fresh attempt budget.
+//! ```
+//!
+//! Commands from a worker carry the attempt number. A command for any attempt other than the
+//! current one is refused with `StaleAttempt`; with the terminal states this fencing makes two
+//! `JobSucceeded` impossible.
+
+use chrono::{DateTime, Duration, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use mira_events::{JobEvent, SlideId, Usage};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    #[default]
+    New,
+    Submitted,
+    Queued,
+    Running,
+    RetryScheduled,
+    CancelRequested,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    /// The API's name for the status (DESIGN §7).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Submitted => "submitted",
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::RetryScheduled => "retry_scheduled",
+            Self::CancelRequested => "cancel_requested",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub status: JobStatus,
+    pub slide_id: Option<SlideId>,
+    pub kind: String,
+    pub params: serde_json::Value,
+    /// The attempts one submission (or one user retry) may use.
+    pub attempt_budget: u32,
+    /// The highest attempt number allowed before failure is final.
+    pub max_attempts: u32,
+    /// The current (or last) attempt; 0 before the first `JobQueued`.
+    pub attempt: u32,
+    pub worker_id: Option<String>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub retry_not_before: Option<DateTime<Utc>>,
+    pub progress: Option<(u64, u64)>,
+    pub manifest_key: Option<String>,
+    pub manifest_sha256: Option<String>,
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobCommand {
+    Submit {
+        slide_id: SlideId,
+        kind: String,
+        params: serde_json::Value,
+        max_attempts: u32,
+    },
+    /// By the handlers: the slide is verified (from `submitted`), or a retry is due.
+    Queue {
+        now: DateTime<Utc>,
+    },
+    /// By the handlers: the slide was rejected while the job waited.
+    FailForSlide {
+        reason: String,
+    },
+    Start {
+        attempt: u32,
+        worker_id: String,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    },
+    Heartbeat {
+        attempt: u32,
+        lease_until: DateTime<Utc>,
+    },
+    Progress {
+        attempt: u32,
+        done: u64,
+        total: u64,
+    },
+    Succeed {
+        attempt: u32,
+        manifest_key: String,
+        manifest_sha256: String,
+        usage: Usage,
+    },
+    Fail {
+        attempt: u32,
+        reason: String,
+        retryable: bool,
+        now: DateTime<Utc>,
+    },
+    ExpireLease {
+        attempt: u32,
+        now: DateTime<Utc>,
+    },
+    Cancel {
+        reason: Option<String>,
+    },
+    ConfirmCancelled {
+        attempt: u32,
+    },
+    Retry,
+}
+
+impl JobCommand {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Submit { .. } => "submit",
+            Self::Queue { .. } => "queue",
+            Self::FailForSlide { .. } => "fail",
+            Self::Start { .. } => "start",
+            Self::Heartbeat { .. } => "extend the lease of",
+            Self::Progress { .. } => "report progress on",
+            Self::Succeed { .. } => "succeed",
+            Self::Fail { .. } => "fail",
+            Self::ExpireLease { .. } => "expire the lease of",
+            Self::Cancel { .. } => "cancel",
+            Self::ConfirmCancelled { .. } => "confirm cancellation of",
+            Self::Retry => "retry",
+        }
+    }
+
+    /// The attempt a worker's command is fenced on.
+    fn attempt(&self) -> Option<u32> {
+        match self {
+            Self::Start { attempt, .. }
+            | Self::Heartbeat { attempt, .. }
+            | Self::Progress { attempt, .. }
+            | Self::Succeed { attempt, .. }
+            | Self::Fail { attempt, .. }
+            | Self::ExpireLease { attempt, .. }
+            | Self::ConfirmCancelled { attempt } => Some(*attempt),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JobError {
+    #[error("job already exists")]
+    AlreadyExists,
+    #[error("job does not exist")]
+    NotFound,
+    #[error("cannot {command} a job that is {status}")]
+    InvalidTransition {
+        command: &'static str,
+        status: &'static str,
+    },
+    #[error("attempt {got} is stale: the job is on attempt {current}")]
+    StaleAttempt { current: u32, got: u32 },
+    #[error("the retry is not due before {0}")]
+    NotDue(DateTime<Utc>),
+    #[error("the lease of attempt {attempt} runs until {until}")]
+    LeaseNotExpired { attempt: u32, until: DateTime<Utc> },
+    #[error("cancellation was requested; the attempt must stop")]
+    CancelRequested,
+    #[error("invalid job command: {0}")]
+    Invalid(String),
+}
+
+/// Maximum attempts a submission may ask for.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 20;
+
+/// The wait before attempt `failed_attempt + 1`: 10 s, doubling, at most 15 minutes.
+pub fn retry_backoff(failed_attempt: u32) -> Duration {
+    let secs = 10u64.saturating_mul(1u64 << failed_attempt.saturating_sub(1).min(16));
+    Duration::seconds(secs.min(900) as i64)
+}
+
+impl Job {
+    fn refuse(&self, command: &JobCommand) -> JobError {
+        if self.status == JobStatus::New {
+            JobError::NotFound
+        } else {
+            JobError::InvalidTransition {
+                command: command.name(),
+                status: self.status.as_str(),
+            }
+        }
+    }
+
+    /// What follows a failed or timed-out attempt.
+    fn after_attempt(&self, retryable: bool, reason: &str, now: DateTime<Utc>) -> JobEvent {
+        if self.status == JobStatus::CancelRequested {
+            JobEvent::JobCancelled {}
+        } else if retryable && self.attempt < self.max_attempts {
+            JobEvent::JobRetryScheduled {
+                next_attempt: self.attempt + 1,
+                not_before: now + retry_backoff(self.attempt),
+            }
+        } else {
+            JobEvent::JobFailed {
+                reason: if retryable {
+                    format!("{reason} (after {} attempts)", self.attempt)
+                } else {
+                    reason.to_owned()
+                },
+            }
+        }
+    }
+
+    /// Decides the events for `command`, or refuses it. Writes nothing.
+    pub fn decide(&self, command: &JobCommand) -> Result<Vec<JobEvent>, JobError> {
+        use JobStatus as S;
+        if self.status == S::New && !matches!(command, JobCommand::Submit { .. }) {
+            return Err(JobError::NotFound);
+        }
+        let active = matches!(self.status, S::Running | S::CancelRequested);
+        if let Some(attempt) = command.attempt() {
+            if attempt != self.attempt {
+                return Err(JobError::StaleAttempt {
+                    current: self.attempt,
+                    got: attempt,
+                });
+            }
+            let allowed = match command {
+                JobCommand::Start { .. } => self.status == S::Queued,
+                JobCommand::Succeed { .. } => self.status == S::Running,
+                JobCommand::ConfirmCancelled { .. } => self.status == S::CancelRequested,
+                _ => active,
+            };
+            if !allowed {
+                return Err(self.refuse(command));
+            }
+        }
+        let events = match command {
+            JobCommand::Submit {
+                slide_id,
+                kind,
+                params,
+                max_attempts,
+            } => {
+                if self.status != S::New {
+                    return Err(JobError::AlreadyExists);
+                }
+                if kind.is_empty() || kind.len() > 64 {
+                    return Err(JobError::Invalid("kind must be 1 to 64 characters".into()));
+                }
+                if !(1..=MAX_ATTEMPTS_LIMIT).contains(max_attempts) {
+                    return Err(JobError::Invalid(format!(
+                        "max_attempts must be 1 to {MAX_ATTEMPTS_LIMIT}"
+                    )));
+                }
+                if !params.is_object() {
+                    return Err(JobError::Invalid("params must be a JSON object".into()));
+                }
+                vec![JobEvent::JobSubmitted {
+                    slide_id: *slide_id,
+                    kind: kind.clone(),
+                    params: params.clone(),
+                    max_attempts: *max_attempts,
+                }]
+            }
+            JobCommand::Queue { now } => match self.status {
+                S::Submitted => vec![JobEvent::JobQueued {
+                    attempt: self.attempt + 1,
+                }],
+                S::RetryScheduled => {
+                    let due = self.retry_not_before.unwrap_or(*now);
+                    if *now < due {
+                        return Err(JobError::NotDue(due));
+                    }
+                    vec![JobEvent::JobQueued {
+                        attempt: self.attempt + 1,
+                    }]
+                }
+                _ => return Err(self.refuse(command)),
+            },
+            JobCommand::FailForSlide { reason } => {
+                if self.status != S::Submitted {
+                    return Err(self.refuse(command));
+                }
+                vec![JobEvent::JobFailed {
+                    reason: reason.clone(),
+                }]
+            }
+            JobCommand::Start {
+                attempt,
+                worker_id,
+                lease_until,
+                now,
+            } => {
+                if worker_id.is_empty() {
+                    return Err(JobError::Invalid("worker_id must not be empty".into()));
+                }
+                if lease_until <= now {
+                    return Err(JobError::Invalid(
+                        "lease_until must be in the future".into(),
+                    ));
+                }
+                vec![JobEvent::JobStarted {
+                    attempt: *attempt,
+                    worker_id: worker_id.clone(),
+                    lease_until: *lease_until,
+                }]
+            }
+            JobCommand::Heartbeat {
+                attempt,
+                lease_until,
+            } => {
+                vec![JobEvent::JobLeaseExtended {
+                    attempt: *attempt,
+                    lease_until: *lease_until,
+                }]
+            }
+            JobCommand::Progress {
+                attempt,
+                done,
+                total,
+            } => {
+                if done > total {
+                    return Err(JobError::Invalid("progress done exceeds total".into()));
+                }
+                vec![JobEvent::JobProgressed {
+                    attempt: *attempt,
+                    done: *done,
+                    total: *total,
+                }]
+            }
+            JobCommand::Succeed {
+                attempt,
+                manifest_key,
+                manifest_sha256,
+                usage,
+            } => {
+                if manifest_key.is_empty() || manifest_sha256.len() != 64 {
+                    return Err(JobError::Invalid(
+                        "success needs a manifest key and its SHA-256".into(),
+                    ));
+                }
+                vec![JobEvent::JobSucceeded {
+                    attempt: *attempt,
+                    manifest_key: manifest_key.clone(),
+                    manifest_sha256: manifest_sha256.clone(),
+                    usage: usage.clone(),
+                }]
+            }
+            JobCommand::Fail {
+                attempt,
+                reason,
+                retryable,
+                now,
+            } => {
+                if reason.trim().is_empty() {
+                    return Err(JobError::Invalid("a failure needs a reason".into()));
+                }
+                vec![
+                    JobEvent::JobAttemptFailed {
+                        attempt: *attempt,
+                        reason: reason.clone(),
+                        retryable: *retryable,
+                    },
+                    self.after_attempt(*retryable, reason, *now),
+                ]
+            }
+            JobCommand::ExpireLease { attempt, now } => {
+                if let Some(until) = self.lease_until {
+                    if *now < until {
+                        return Err(JobError::LeaseNotExpired {
+                            attempt: *attempt,
+                            until,
+                        });
+                    }
+                }
+                vec![
+                    JobEvent::JobTimedOut { attempt: *attempt },
+                    self.after_attempt(true, "the worker's lease expired", *now),
+                ]
+            }
+            JobCommand::Cancel { reason } => match self.status {
+                S::Submitted | S::Queued | S::RetryScheduled => vec![
+                    JobEvent::JobCancelRequested {
+                        reason: reason.clone(),
+                    },
+                    JobEvent::JobCancelled {},
+                ],
+                S::Running => vec![JobEvent::JobCancelRequested {
+                    reason: reason.clone(),
+                }],
+                _ => return Err(self.refuse(command)),
+            },
+            JobCommand::ConfirmCancelled { .. } => vec![JobEvent::JobCancelled {}],
+            JobCommand::Retry => {
+                if !matches!(self.status, S::Failed | S::Cancelled) {
+                    return Err(self.refuse(command));
+                }
+                vec![JobEvent::JobRetryRequested {
+                    next_attempt: self.attempt + 1,
+                    max_attempts: self.attempt + self.attempt_budget,
+                }]
+            }
+        };
+        Ok(events)
+    }
+}
+
+impl Aggregate for Job {
+    const TYPE: &'static str = "Job";
+    type Command = JobCommand;
+    type Event = JobEvent;
+    type Error = JobError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(&command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        match event {
+            JobEvent::JobSubmitted {
+                slide_id,
+                kind,
+                params,
+                max_attempts,
+            } => {
+                self.status = JobStatus::Submitted;
+                self.slide_id = Some(slide_id);
+                self.kind = kind;
+                self.params = params;
+                self.attempt_budget = max_attempts;
+                self.max_attempts = max_attempts;
+            }
+            JobEvent::JobQueued { attempt } => {
+                self.status = JobStatus::Queued;
+                self.attempt = attempt;
+                self.retry_not_before = None;
+                self.worker_id = None;
+                self.lease_until = None;
+                self.progress = None;
+            }
+            JobEvent::JobStarted {
+                worker_id,
+                lease_until,
+                ..
+            } => {
+                self.status = JobStatus::Running;
+                self.worker_id = Some(worker_id);
+                self.lease_until = Some(lease_until);
+            }
+            JobEvent::JobLeaseExtended { lease_until, .. } => self.lease_until = Some(lease_until),
+            JobEvent::JobProgressed { done, total, .. } => self.progress = Some((done, total)),
+            JobEvent::JobSucceeded {
+                manifest_key,
+                manifest_sha256,
+                ..
+            } => {
+                self.status = JobStatus::Succeeded;
+                self.manifest_key = Some(manifest_key);
+                self.manifest_sha256 = Some(manifest_sha256);
+                self.lease_until = None;
+            }
+            JobEvent::JobAttemptFailed { reason, .. } => {
+                self.failure = Some(reason);
+                self.lease_until = None;
+            }
+            JobEvent::JobTimedOut { .. } => {
+                self.failure = Some("the worker's lease expired".into());
+                self.lease_until = None;
+            }
+            JobEvent::JobRetryScheduled { not_before, .. } => {
+                self.status = JobStatus::RetryScheduled;
+                self.retry_not_before = Some(not_before);
+            }
+            JobEvent::JobFailed { reason } => {
+                self.status = JobStatus::Failed;
+                self.failure = Some(reason);
+            }
+            JobEvent::JobCancelRequested { .. } => self.status = JobStatus::CancelRequested,
+            JobEvent::JobCancelled {} => {
+                self.status = JobStatus::Cancelled;
+                self.lease_until = None;
+            }
+            JobEvent::JobRetryRequested { max_attempts, .. } => {
+                self.status = JobStatus::Submitted;
+                self.max_attempts = max_attempts;
+                self.failure = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,17 @@
+//! `mira-aggregates` decides what happens: the Slide and Job aggregates on cqrs-es 0.5.
+//!
+//! Aggregates are pure. They take a command, check it against their state, and write events;
+//! they do no I/O. The one side effect a command needs, sealing patient data, goes through the
+//! `Services` of the Slide aggregate. Time comes in with the command (`now`), so every
+//! transition is reproducible in a test.
+//!
+//! Every refused transition returns a typed error and writes nothing. The errors map to HTTP
+//! statuses in the gateway: `Invalid` → 422; `NotFound` → 404; `AlreadyExists`,
+//! `InvalidTransition`, `StaleAttempt`, `NotDue`, `LeaseNotExpired`, `CancelRequested` and
+//! `SizeMismatch` → 409.
+
+pub mod job;
+pub mod slide;
+
+pub use job::{retry_backoff, Job, JobCommand, JobError, JobStatus};
+pub use slide::{Slide, SlideCommand, SlideError, SlideServices, SlideStatus};

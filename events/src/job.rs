@@ -1,0 +1,116 @@
+//! Job events (DESIGN §3):
+//! submitted → queued → started (attempt n, by worker w, lease until t) → progressed →
+//! succeeded | failed, with retries, time-outs and cancellation.
+
+use chrono::{DateTime, Utc};
+use cqrs_es::DomainEvent;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::SlideId;
+
+/// What a finished attempt consumed, for per-tenant usage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// `cpu` or `gpu`.
+    pub device: String,
+    pub device_seconds: f64,
+    pub bytes_written: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum JobEvent {
+    /// Version 2. Version 1 had no `max_attempts`; its upcaster supplies the old default.
+    JobSubmitted {
+        slide_id: SlideId,
+        kind: String,
+        params: serde_json::Value,
+        max_attempts: u32,
+    },
+    /// The job may now be taken by a worker, as attempt `attempt`.
+    JobQueued {
+        attempt: u32,
+    },
+    JobStarted {
+        attempt: u32,
+        worker_id: String,
+        lease_until: DateTime<Utc>,
+    },
+    JobLeaseExtended {
+        attempt: u32,
+        lease_until: DateTime<Utc>,
+    },
+    JobProgressed {
+        attempt: u32,
+        done: u64,
+        total: u64,
+    },
+    JobSucceeded {
+        attempt: u32,
+        manifest_key: String,
+        manifest_sha256: String,
+        usage: Usage,
+    },
+    /// One attempt failed; a `JobRetryScheduled` or a final `JobFailed` follows it.
+    JobAttemptFailed {
+        attempt: u32,
+        reason: String,
+        retryable: bool,
+    },
+    /// The attempt's lease expired without a result.
+    JobTimedOut {
+        attempt: u32,
+    },
+    JobRetryScheduled {
+        next_attempt: u32,
+        not_before: DateTime<Utc>,
+    },
+    /// Final: no further automatic transitions.
+    JobFailed {
+        reason: String,
+    },
+    JobCancelRequested {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    JobCancelled {},
+    /// A user asked to run a failed or cancelled job again, with a fresh attempt budget.
+    JobRetryRequested {
+        next_attempt: u32,
+        max_attempts: u32,
+    },
+}
+
+impl JobEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::JobSubmitted { .. } => "JobSubmitted",
+            Self::JobQueued { .. } => "JobQueued",
+            Self::JobStarted { .. } => "JobStarted",
+            Self::JobLeaseExtended { .. } => "JobLeaseExtended",
+            Self::JobProgressed { .. } => "JobProgressed",
+            Self::JobSucceeded { .. } => "JobSucceeded",
+            Self::JobAttemptFailed { .. } => "JobAttemptFailed",
+            Self::JobTimedOut { .. } => "JobTimedOut",
+            Self::JobRetryScheduled { .. } => "JobRetryScheduled",
+            Self::JobFailed { .. } => "JobFailed",
+            Self::JobCancelRequested { .. } => "JobCancelRequested",
+            Self::JobCancelled { .. } => "JobCancelled",
+            Self::JobRetryRequested { .. } => "JobRetryRequested",
+        }
+    }
+}
+
+impl DomainEvent for JobEvent {
+    fn event_type(&self) -> String {
+        self.name().to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        match self {
+            Self::JobSubmitted { .. } => "2",
+            _ => "1",
+        }
+        .to_owned()
+    }
+}
