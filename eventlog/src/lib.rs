@@ -1,1 +1,29 @@
-//! placeholder
+//! `mira-eventlog` owns Mira's event log in PostgreSQL (DESIGN §4): appending with a
+//! per-aggregate SHA-256 chain and optimistic concurrency, the follow cursor that never skips
+//! a late commit, signed checkpoints, verification and export. It also implements cqrs-es's
+//! `PersistedEventRepository`, so aggregates run on the same path.
+//!
+//! Layout:
+//! * [`db`]: connecting, and SQLSTATE classification.
+//! * [`migrate`]: the schema in `migrations/`, applied idempotently.
+//! * [`store`]: [`EventLog`]: append, read a stream, follow by cursor.
+//! * [`repo`]: the cqrs-es repository, one per tenant.
+//! * [`checkpoint`]: signing keys and signed checkpoints.
+//! * [`verify`]: re-derives every hash and checks every checkpoint.
+//! * [`export`]: JSON Lines for outside verifiers.
+//! * [`testing`]: fresh databases for tests.
+
+pub mod checkpoint;
+pub mod db;
+pub mod export;
+pub mod migrate;
+pub mod repo;
+pub mod store;
+pub mod testing;
+pub mod verify;
+
+pub use checkpoint::{AuditKey, CheckpointInfo};
+pub use db::DbError;
+pub use repo::PgEventRepository;
+pub use store::{AppendError, Cursor, EventLog, NewEvent, StoredEvent};
+pub use verify::{VerifyReport, Violation};

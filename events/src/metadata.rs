@@ -144,6 +144,19 @@ impl CommandContext {
 }
 
 impl Metadata {
+    /// The flat map cqrs-es expects when it loads events back into envelopes.
+    pub fn to_cqrs(&self, tenant: &TenantId) -> HashMap<String, String> {
+        CommandContext {
+            tenant: tenant.clone(),
+            actor: self.actor.clone(),
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            traceparent: self.traceparent.clone(),
+            idempotency_key: self.idempotency_key.clone(),
+        }
+        .to_cqrs()
+    }
+
     /// Reads the map written by [`CommandContext::to_cqrs`], as cqrs-es serialised it.
     pub fn from_cqrs(value: &serde_json::Value) -> Result<(TenantId, Self), MetadataError> {
         let get = |k: &'static str| -> Result<&str, MetadataError> {

@@ -1,0 +1,64 @@
+//! Connecting to PostgreSQL, and classifying its errors by SQLSTATE (never by message text).
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+pub const UNIQUE_VIOLATION: &str = "23505";
+pub const SERIALIZATION_FAILURE: &str = "40001";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("DATABASE_URL is not a valid PostgreSQL URL: {0}")]
+    BadUrl(String),
+    #[error("cannot connect to the database at {target}: {reason}")]
+    Connect { target: String, reason: String },
+}
+
+/// A pool for `url`. Fails within `timeout` when the server is unreachable, with an error
+/// that names the host and database but never the password.
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    timeout: Duration,
+) -> Result<PgPool, DbError> {
+    let opts: PgConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| DbError::BadUrl(one_line(&e.to_string())))?;
+    let target = format!(
+        "{}:{}/{}",
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or("(default)")
+    );
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(timeout)
+        .connect_with(opts)
+        .await
+        .map_err(|e| DbError::Connect {
+            target,
+            reason: one_line(&e.to_string()),
+        })
+}
+
+/// The SQLSTATE of a database error, if it is one.
+pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
+    match err {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// The violated constraint's name, for unique violations.
+pub fn constraint(err: &sqlx::Error) -> Option<String> {
+    match err {
+        sqlx::Error::Database(db) => db.constraint().map(str::to_owned),
+        _ => None,
+    }
+}
+
+pub(crate) fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

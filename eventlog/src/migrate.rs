@@ -1,0 +1,95 @@
+//! The schema, applied by `mira migrate` (and by `mira dev`). Migrations are embedded in the
+//! binary, applied in order under an advisory lock, each in its own transaction, and
+//! recorded with a checksum; a changed migration that was already applied is an error.
+
+use sha2::{Digest, Sha256};
+use sqlx::{PgPool, Row};
+
+/// (version, name, SQL), in order.
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "event_log",
+    include_str!("../../migrations/0001_event_log.sql"),
+)];
+
+const LOCK_KEY: i64 = 0x6d69_7261_6d69_6772; // "miramigr"
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("migration {version} ({name}) was changed after it was applied")]
+    Changed { version: i64, name: String },
+    #[error("migration {version} ({name}) failed: {source}")]
+    Failed {
+        version: i64,
+        name: String,
+        source: sqlx::Error,
+    },
+    #[error("database error while migrating: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// Applies what is missing; returns the versions applied now.
+pub async fn run(pool: &PgPool) -> Result<Vec<i64>, MigrateError> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *conn)
+        .await?;
+    let result = apply(&mut conn).await;
+    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *conn)
+        .await;
+    let applied = result?;
+    unlock?;
+    Ok(applied)
+}
+
+async fn apply(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>, MigrateError> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS mira_schema_migrations (
+            version bigint PRIMARY KEY,
+            name text NOT NULL,
+            checksum bytea NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        let checksum = Sha256::digest(sql.as_bytes()).to_vec();
+        let existing =
+            sqlx::query("SELECT checksum FROM mira_schema_migrations WHERE version = $1")
+                .bind(version)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some(row) = existing {
+            let stored: Vec<u8> = row.try_get("checksum")?;
+            if stored != checksum {
+                return Err(MigrateError::Changed {
+                    version: *version,
+                    name: name.to_string(),
+                });
+            }
+            continue;
+        }
+        let failed = |source| MigrateError::Failed {
+            version: *version,
+            name: name.to_string(),
+            source,
+        };
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(failed)?;
+        sqlx::query(
+            "INSERT INTO mira_schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+        )
+        .bind(version)
+        .bind(name)
+        .bind(&checksum)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        applied.push(*version);
+    }
+    Ok(applied)
+}

@@ -1,0 +1,361 @@
+//! The event log: append with a per-aggregate hash chain, read a stream, follow by cursor.
+
+use chrono::{DateTime, Utc};
+use mira_events::canonical::{CanonicalEvent, Hash32, ZERO_HASH};
+use mira_events::TenantId;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::db;
+
+/// A follower's position: the log is totally ordered by `(tx_id, global_position)`.
+/// `Cursor::START` is before every event.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub struct Cursor {
+    pub tx_id: i64,
+    pub position: i64,
+}
+
+impl Cursor {
+    pub const START: Cursor = Cursor {
+        tx_id: 0,
+        position: 0,
+    };
+}
+
+/// An event to append; the log adds the id, time, position and hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: u64,
+    pub event_type: String,
+    pub event_version: String,
+    /// Exact bytes to store (JSON text).
+    pub payload: String,
+    /// Exact bytes to store (JSON text).
+    pub metadata: String,
+}
+
+/// An event as stored, with its full envelope (DESIGN §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub global_position: i64,
+    pub tx_id: i64,
+    pub event_id: Uuid,
+    pub tenant_id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub recorded_at: DateTime<Utc>,
+    pub payload: String,
+    pub metadata: String,
+    pub prev_hash: Hash32,
+    pub hash: Hash32,
+}
+
+impl StoredEvent {
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            tx_id: self.tx_id,
+            position: self.global_position,
+        }
+    }
+
+    pub fn canonical(&self) -> CanonicalEvent<'_> {
+        CanonicalEvent {
+            event_id: self.event_id,
+            tenant_id: &self.tenant_id,
+            aggregate_type: &self.aggregate_type,
+            aggregate_id: &self.aggregate_id,
+            sequence: self.sequence as u64,
+            event_type: &self.event_type,
+            event_version: &self.event_version,
+            recorded_at_micros: self.recorded_at.timestamp_micros(),
+            payload: self.payload.as_bytes(),
+            metadata: self.metadata.as_bytes(),
+        }
+    }
+
+    /// The hash this event's stored fields and `prev_hash` give.
+    pub fn recompute_hash(&self) -> Hash32 {
+        self.canonical().hash(&self.prev_hash)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("conflict: {aggregate_type} {aggregate_id} already has an event {sequence}, or its stream moved")]
+    Conflict {
+        aggregate_type: String,
+        aggregate_id: String,
+        sequence: u64,
+    },
+    #[error("{aggregate_type} {aggregate_id} belongs to another tenant")]
+    TenantMismatch {
+        aggregate_type: String,
+        aggregate_id: String,
+    },
+    #[error("database error while appending: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+pub(crate) const COLUMNS: &str = "global_position, tx_id::text::bigint AS tx_id, event_id, \
+    tenant_id, aggregate_type, aggregate_id, sequence, event_type, event_version, recorded_at, \
+    payload, metadata, prev_hash, hash";
+
+fn hash32(v: Vec<u8>) -> Result<Hash32, sqlx::Error> {
+    v.try_into()
+        .map_err(|_| sqlx::Error::Decode("a stored hash is not 32 bytes".into()))
+}
+
+pub(crate) fn from_row(row: &PgRow) -> Result<StoredEvent, sqlx::Error> {
+    Ok(StoredEvent {
+        global_position: row.try_get("global_position")?,
+        tx_id: row.try_get("tx_id")?,
+        event_id: row.try_get("event_id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        recorded_at: row.try_get("recorded_at")?,
+        payload: row.try_get("payload")?,
+        metadata: row.try_get("metadata")?,
+        prev_hash: hash32(row.try_get("prev_hash")?)?,
+        hash: hash32(row.try_get("hash")?)?,
+    })
+}
+
+/// Now, at the log's precision (microseconds).
+pub fn now_micros() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}
+
+/// Handle on the log. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EventLog {
+    pool: PgPool,
+}
+
+impl EventLog {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Appends `events` (consecutive events of aggregates, in sequence order) in one
+    /// transaction.
+    pub async fn append(
+        &self,
+        tenant: &TenantId,
+        events: &[NewEvent],
+    ) -> Result<Vec<StoredEvent>, AppendError> {
+        let mut tx = self.pool.begin().await?;
+        let stored = Self::append_in_tx(&mut tx, tenant, events).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    /// Appends inside the caller's transaction, so that an effect can commit with its events.
+    /// Two writers racing for one sequence number: the second gets `Conflict` when it inserts
+    /// (the unique stream key), and its transaction writes nothing.
+    pub async fn append_in_tx(
+        conn: &mut PgConnection,
+        tenant: &TenantId,
+        events: &[NewEvent],
+    ) -> Result<Vec<StoredEvent>, AppendError> {
+        let mut stored: Vec<StoredEvent> = Vec::with_capacity(events.len());
+        for e in events {
+            let conflict = || AppendError::Conflict {
+                aggregate_type: e.aggregate_type.clone(),
+                aggregate_id: e.aggregate_id.clone(),
+                sequence: e.sequence,
+            };
+            let prev_in_batch = stored.last().filter(|p| {
+                p.aggregate_type == e.aggregate_type
+                    && p.aggregate_id == e.aggregate_id
+                    && p.sequence as u64 + 1 == e.sequence
+            });
+            let prev_hash = if e.sequence == 1 {
+                ZERO_HASH
+            } else if let Some(p) = prev_in_batch {
+                p.hash
+            } else {
+                let row = sqlx::query(
+                    "SELECT tenant_id, hash FROM events \
+                     WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
+                )
+                .bind(&e.aggregate_type)
+                .bind(&e.aggregate_id)
+                .bind(e.sequence as i64 - 1)
+                .fetch_optional(&mut *conn)
+                .await?
+                .ok_or_else(conflict)?;
+                let owner: String = row.try_get("tenant_id")?;
+                if owner != tenant.as_str() {
+                    return Err(AppendError::TenantMismatch {
+                        aggregate_type: e.aggregate_type.clone(),
+                        aggregate_id: e.aggregate_id.clone(),
+                    });
+                }
+                hash32(row.try_get("hash")?)?
+            };
+            let mut ev = StoredEvent {
+                global_position: 0,
+                tx_id: 0,
+                event_id: Uuid::now_v7(),
+                tenant_id: tenant.as_str().to_owned(),
+                aggregate_type: e.aggregate_type.clone(),
+                aggregate_id: e.aggregate_id.clone(),
+                sequence: e.sequence as i64,
+                event_type: e.event_type.clone(),
+                event_version: e.event_version.clone(),
+                recorded_at: now_micros(),
+                payload: e.payload.clone(),
+                metadata: e.metadata.clone(),
+                prev_hash,
+                hash: ZERO_HASH,
+            };
+            ev.hash = ev.recompute_hash();
+            let row = sqlx::query(
+                "INSERT INTO events (event_id, tenant_id, aggregate_type, aggregate_id, sequence, \
+                 event_type, event_version, recorded_at, payload, metadata, prev_hash, hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                 RETURNING global_position, tx_id::text::bigint AS tx_id",
+            )
+            .bind(ev.event_id)
+            .bind(&ev.tenant_id)
+            .bind(&ev.aggregate_type)
+            .bind(&ev.aggregate_id)
+            .bind(ev.sequence)
+            .bind(&ev.event_type)
+            .bind(&ev.event_version)
+            .bind(ev.recorded_at)
+            .bind(&ev.payload)
+            .bind(&ev.metadata)
+            .bind(&ev.prev_hash[..])
+            .bind(&ev.hash[..])
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|err| {
+                if db::sqlstate(&err).as_deref() == Some(db::UNIQUE_VIOLATION)
+                    && db::constraint(&err).as_deref() == Some("events_stream_sequence_key")
+                {
+                    conflict()
+                } else {
+                    AppendError::Db(err)
+                }
+            })?;
+            ev.global_position = row.try_get("global_position")?;
+            ev.tx_id = row.try_get("tx_id")?;
+            stored.push(ev);
+        }
+        Ok(stored)
+    }
+
+    /// One aggregate's events after `after_sequence`, in order. With a tenant, another
+    /// tenant's stream reads as empty.
+    pub async fn read_stream(
+        &self,
+        tenant: Option<&TenantId>,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        after_sequence: i64,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+             AND sequence > $3 AND ($4::text IS NULL OR tenant_id = $4) ORDER BY sequence"
+        );
+        sqlx::query(&sql)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(after_sequence)
+            .bind(tenant.map(TenantId::as_str))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(from_row)
+            .collect()
+    }
+
+    /// The settled watermark: every transaction id below it has finished, so no event can
+    /// still appear behind it.
+    pub async fn watermark(&self) -> Result<i64, sqlx::Error> {
+        watermark(&self.pool).await
+    }
+
+    /// Up to `limit` events after `cursor` in follow order, all below the settled watermark.
+    /// Called repeatedly with the last event's cursor, it yields every committed event exactly
+    /// once, however late each one commits.
+    pub async fn read_after(
+        &self,
+        cursor: Cursor,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM events \
+             WHERE (tx_id, global_position) > ($1::text::xid8, $2) \
+               AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY tx_id, global_position LIMIT $3"
+        );
+        sqlx::query(&sql)
+            .bind(cursor.tx_id.to_string())
+            .bind(cursor.position)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(from_row)
+            .collect()
+    }
+}
+
+pub(crate) async fn watermark<'e, E: sqlx::PgExecutor<'e>>(e: E) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+        .fetch_one(e)
+        .await
+}
+
+/// Events after `cursor` and below a fixed `watermark`, in follow order.
+pub(crate) async fn read_below<'e, E: sqlx::PgExecutor<'e>>(
+    e: E,
+    cursor: Cursor,
+    watermark: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM events \
+         WHERE (tx_id, global_position) > ($1::text::xid8, $2) AND tx_id < $3::text::xid8 \
+         ORDER BY tx_id, global_position LIMIT $4"
+    );
+    sqlx::query(&sql)
+        .bind(cursor.tx_id.to_string())
+        .bind(cursor.position)
+        .bind(watermark.to_string())
+        .bind(limit)
+        .fetch_all(e)
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
+}

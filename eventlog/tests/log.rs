@@ -1,0 +1,623 @@
+//! The event log against a real PostgreSQL: ordering, concurrency, append-only, tampering.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{AggregateError, CqrsFramework, EventStore};
+use mira_aggregates::{Job, JobCommand, JobError};
+use mira_eventlog::checkpoint::{self, AuditKey};
+use mira_eventlog::testing::TestDb;
+use mira_eventlog::{verify, Cursor, EventLog, NewEvent, PgEventRepository};
+use mira_events::canonical::ZERO_HASH;
+use mira_events::{Actor, CommandContext, SlideId, TenantId};
+use sqlx::{PgPool, Row};
+
+type Cqrs = CqrsFramework<Job, PersistedEventStore<PgEventRepository, Job>>;
+
+fn tenant(t: &str) -> TenantId {
+    TenantId::parse(t).unwrap()
+}
+
+fn job_store(log: &EventLog, t: &str) -> PersistedEventStore<PgEventRepository, Job> {
+    PersistedEventStore::new_event_store(PgEventRepository::new(log.clone(), tenant(t)))
+        .with_upcasters(mira_events::upcast::upcasters())
+}
+
+fn cqrs(log: &EventLog, t: &str) -> Cqrs {
+    CqrsFramework::new(job_store(log, t), vec![], ())
+}
+
+fn ctx(t: &str) -> std::collections::HashMap<String, String> {
+    CommandContext::new(tenant(t), Actor::user("u-1")).to_cqrs()
+}
+
+fn submit() -> JobCommand {
+    JobCommand::Submit {
+        slide_id: SlideId::new(),
+        kind: "wsi.preprocess".into(),
+        params: serde_json::json!({}),
+        max_attempts: 3,
+    }
+}
+
+/// Runs a job through submit, queue, start, progress and success: five events.
+async fn run_job(c: &Cqrs, t: &str, id: &str) {
+    let now = Utc::now();
+    for cmd in [
+        submit(),
+        JobCommand::Queue { now },
+        JobCommand::Start {
+            attempt: 1,
+            worker_id: "w".into(),
+            lease_until: now + chrono::Duration::minutes(5),
+            now,
+        },
+        JobCommand::Progress {
+            attempt: 1,
+            done: 1,
+            total: 2,
+        },
+        JobCommand::Succeed {
+            attempt: 1,
+            manifest_key: format!("results/{id}/1/manifest.json"),
+            manifest_sha256: "b".repeat(64),
+            usage: mira_events::Usage {
+                device: "cpu".into(),
+                device_seconds: 0.5,
+                bytes_written: 1,
+            },
+        },
+    ] {
+        c.execute_with_metadata(id, cmd, ctx(t)).await.unwrap();
+    }
+}
+
+fn audit_key() -> (AuditKey, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("mira-audit-{}", uuid::Uuid::new_v4()));
+    let path = dir.join("audit.key");
+    (AuditKey::load_or_create(&path).unwrap(), path)
+}
+
+async fn positions_of(pool: &PgPool, aggregate_id: &str) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT global_position FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(aggregate_id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Runs `sql` as a superuser with the append-only triggers switched off, as an attacker would.
+async fn tamper(pool: &PgPool, sql: &str) {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sql).execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+async fn verify_err(pool: &PgPool, key: &AuditKey) -> verify::Violation {
+    match verify::verify(pool, &key.verifying_key()).await {
+        Err(verify::VerifyError::Violation(v)) => v,
+        other => panic!("verify should fail, got {other:?}"),
+    }
+}
+
+/// Waits until every committed event is below the watermark (other tests' transactions on
+/// the same cluster can hold it back for a moment).
+async fn settle(pool: &PgPool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let settled: bool = sqlx::query_scalar(
+            "SELECT coalesce(pg_snapshot_xmin(pg_current_snapshot()) > max(tx_id), true) FROM events",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if settled {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watermark did not pass the log's end"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn event_id_at(pool: &PgPool, position: i64) -> uuid::Uuid {
+    sqlx::query_scalar("SELECT event_id FROM events WHERE global_position = $1")
+        .bind(position)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent() {
+    let db = TestDb::new().await;
+    assert!(mira_eventlog::migrate::run(&db.pool)
+        .await
+        .unwrap()
+        .is_empty());
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM mira_schema_migrations")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n as usize, mira_eventlog::migrate::MIGRATIONS.len());
+}
+
+#[tokio::test]
+async fn commands_append_chained_events() {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let c = cqrs(&log, "lab");
+    let id = uuid::Uuid::now_v7().to_string();
+    run_job(&c, "lab", &id).await;
+    let events = log.read_stream(None, "Job", &id, 0).await.unwrap();
+    assert_eq!(events.len(), 5);
+    assert_eq!(events[0].prev_hash, ZERO_HASH);
+    for w in events.windows(2) {
+        assert_eq!(w[1].prev_hash, w[0].hash);
+        assert_eq!(w[1].sequence, w[0].sequence + 1);
+    }
+    for e in &events {
+        assert_eq!(e.recompute_hash(), e.hash);
+        assert_eq!(e.tenant_id, "lab");
+        assert_eq!(e.event_id.get_version_num(), 7);
+        let md: serde_json::Value = serde_json::from_str(&e.metadata).unwrap();
+        assert_eq!(md["actor"]["kind"], "user");
+    }
+    // The aggregate loads back from the log.
+    let ctx = job_store(&log, "lab").load_aggregate(&id).await.unwrap();
+    let job = cqrs_es::AggregateContext::aggregate(&mut { ctx }).clone();
+    assert_eq!(job.status, mira_aggregates::JobStatus::Succeeded);
+}
+
+#[tokio::test]
+async fn another_tenants_job_is_invisible() {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let id = uuid::Uuid::now_v7().to_string();
+    cqrs(&log, "lab-a")
+        .execute_with_metadata(&id, submit(), ctx("lab-a"))
+        .await
+        .unwrap();
+    let other = cqrs(&log, "lab-b");
+    let err = other
+        .execute_with_metadata(&id, JobCommand::Cancel { reason: None }, ctx("lab-b"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, AggregateError::UserError(JobError::NotFound)),
+        "{err:?}"
+    );
+    // Creating over it is a conflict, and writes nothing.
+    let err = other
+        .execute_with_metadata(&id, submit(), ctx("lab-b"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AggregateError::AggregateConflict), "{err:?}");
+    // Metadata naming another tenant than the repository's is refused.
+    let err = cqrs(&log, "lab-a")
+        .execute_with_metadata(&id, JobCommand::Queue { now: Utc::now() }, ctx("lab-b"))
+        .await;
+    assert!(err.is_err());
+    assert_eq!(log.read_stream(None, "Job", &id, 0).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn racing_commands_one_wins_the_other_conflicts() {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let id = uuid::Uuid::now_v7().to_string();
+    let c = cqrs(&log, "lab");
+    c.execute_with_metadata(&id, submit(), ctx("lab"))
+        .await
+        .unwrap();
+    c.execute_with_metadata(&id, JobCommand::Queue { now: Utc::now() }, ctx("lab"))
+        .await
+        .unwrap();
+
+    // Two workers load the same state, both decide to start attempt 1, both commit.
+    let store = job_store(&log, "lab");
+    let now = Utc::now();
+    let mut a = store.load_aggregate(&id).await.unwrap();
+    let mut b = store.load_aggregate(&id).await.unwrap();
+    let start = move |w: &str| JobCommand::Start {
+        attempt: 1,
+        worker_id: w.into(),
+        lease_until: now + chrono::Duration::minutes(1),
+        now,
+    };
+    let ea = cqrs_es::AggregateContext::aggregate(&mut a)
+        .decide(&start("w-a"))
+        .unwrap();
+    let eb = cqrs_es::AggregateContext::aggregate(&mut b)
+        .decide(&start("w-b"))
+        .unwrap();
+    store.commit(ea, a, ctx("lab")).await.unwrap();
+    let err = store.commit(eb, b, ctx("lab")).await.unwrap_err();
+    assert!(matches!(err, AggregateError::AggregateConflict), "{err:?}");
+    let events = log.read_stream(None, "Job", &id, 0).await.unwrap();
+    assert_eq!(events.len(), 3, "nothing half-written");
+    assert!(events[2].payload.contains("w-a") && !events.iter().any(|e| e.payload.contains("w-b")));
+
+    // The same race through the framework, many times at once: per job exactly one start.
+    let c = Arc::new(c);
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let id = uuid::Uuid::now_v7().to_string();
+        c.execute_with_metadata(&id, submit(), ctx("lab"))
+            .await
+            .unwrap();
+        c.execute_with_metadata(&id, JobCommand::Queue { now: Utc::now() }, ctx("lab"))
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let mut tasks = Vec::new();
+    for id in &ids {
+        for w in ["w-a", "w-b"] {
+            let (c, id) = (c.clone(), id.clone());
+            tasks.push(tokio::spawn(async move {
+                c.execute_with_metadata(&id, start(w), ctx("lab")).await
+            }));
+        }
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(AggregateError::AggregateConflict) => {}
+            Err(AggregateError::UserError(JobError::InvalidTransition { .. })) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(ok, ids.len());
+    for id in &ids {
+        let started = log
+            .read_stream(None, "Job", id, 0)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.event_type == "JobStarted")
+            .count();
+        assert_eq!(started, 1);
+    }
+}
+
+#[tokio::test]
+async fn follower_sees_every_event_exactly_once_despite_late_commits() {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let writers = 8;
+    let per_writer = 40;
+    let aggregates: Vec<String> = (0..12).map(|i| format!("agg-{i}")).collect();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let late = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+
+    let mut handles = Vec::new();
+    for w in 0..writers {
+        let (pool, aggs, done, late) = (
+            db.pool.clone(),
+            aggregates.clone(),
+            done.clone(),
+            late.clone(),
+        );
+        handles.push(tokio::spawn(async move {
+            let mut appended = 0;
+            let mut n = w as u64;
+            while appended < per_writer {
+                n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let agg = &aggs[(n >> 33) as usize % aggs.len()];
+                let mut tx = pool.begin().await.unwrap();
+                let next: i64 = sqlx::query_scalar("SELECT coalesce(max(sequence), 0) + 1 FROM events WHERE aggregate_type = 'Test' AND aggregate_id = $1")
+                    .bind(agg)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                let ev = NewEvent {
+                    aggregate_type: "Test".into(),
+                    aggregate_id: agg.clone(),
+                    sequence: next as u64,
+                    event_type: "Tick".into(),
+                    event_version: "1".into(),
+                    payload: format!("{{\"writer\":{w},\"n\":{appended}}}"),
+                    metadata: "{}".into(),
+                };
+                match EventLog::append_in_tx(&mut tx, &tenant("lab"), &[ev]).await {
+                    Ok(stored) => {
+                        // Hold some transactions open after their insert, so that later
+                        // positions commit first; count the times that really happened.
+                        if (n >> 40) % 3 == 0 {
+                            tokio::time::sleep(Duration::from_millis(((n >> 20) % 25) as u64)).await;
+                            let overtaken: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE global_position > $1)")
+                                .bind(stored[0].global_position)
+                                .fetch_one(&pool)
+                                .await
+                                .unwrap();
+                            if overtaken {
+                                late.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
+                        tx.commit().await.unwrap();
+                        appended += 1;
+                    }
+                    Err(mira_eventlog::AppendError::Conflict { .. }) => tx.rollback().await.unwrap(),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+    }
+
+    // Follow until every writer has finished and the follower has caught up. The watermark is
+    // cluster-wide, so other tests' open transactions may hold it back for a while: poll
+    // with a deadline rather than stopping at the first empty read.
+    let total = writers * per_writer;
+    let mut seen = Vec::new();
+    let mut cursor = Cursor::START;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < total || done.load(std::sync::atomic::Ordering::SeqCst) < writers {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "follower saw {} of {total} events",
+            seen.len()
+        );
+        let batch = log.read_after(cursor, 7).await.unwrap();
+        for e in &batch {
+            assert!(e.cursor() > cursor, "the follower went backwards");
+            cursor = e.cursor();
+            seen.push(e.event_id);
+        }
+        if batch.is_empty() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    // Nothing more appears behind the cursor, however long we wait for the watermark.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(log.read_after(cursor, 7).await.unwrap().is_empty());
+    for h in handles {
+        h.await.unwrap();
+    }
+    let all: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM events")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), writers * per_writer);
+    let unique: HashSet<_> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "an event was delivered twice");
+    assert_eq!(
+        unique,
+        all.iter().collect::<HashSet<_>>(),
+        "an event was skipped"
+    );
+    // Late commits really happened: a later position was committed while an earlier one
+    // was still open.
+    assert!(
+        late.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "no late commit was exercised"
+    );
+}
+
+#[tokio::test]
+async fn the_log_refuses_update_delete_and_truncate_even_for_its_owner() {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    run_job(&cqrs(&log, "lab"), "lab", "j-1").await;
+    let (key, _) = audit_key();
+    settle(&db.pool).await;
+    checkpoint::write(&db.pool, &key).await.unwrap();
+    for sql in [
+        "UPDATE events SET payload = '{}'",
+        "DELETE FROM events",
+        "TRUNCATE events",
+        "UPDATE checkpoints SET key_id = 'x'",
+        "DELETE FROM checkpoints",
+        "TRUNCATE checkpoints",
+        "UPDATE log_epoch SET epoch = gen_random_uuid()",
+        "TRUNCATE log_epoch",
+    ] {
+        let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err();
+        assert_eq!(
+            mira_eventlog::db::sqlstate(&err).as_deref(),
+            Some("42501"),
+            "{sql}: {err}"
+        );
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    // The application role has no such grants at all.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE mira_app")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(n, 5);
+    sqlx::query("SAVEPOINT s").execute(&mut *tx).await.unwrap();
+    for sql in [
+        "UPDATE events SET payload = '{}'",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ] {
+        let err = sqlx::query(sql).execute(&mut *tx).await.unwrap_err();
+        assert!(
+            err.to_string().contains("permission denied"),
+            "{sql}: {err}"
+        );
+        sqlx::query("ROLLBACK TO SAVEPOINT s")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.rollback().await.unwrap();
+    assert!(verify::verify(&db.pool, &key.verifying_key()).await.is_ok());
+}
+
+/// Three jobs of five events each, and a checkpoint covering them.
+async fn checkpointed_log() -> (TestDb, EventLog, AuditKey) {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let c = cqrs(&log, "lab");
+    for id in ["j-1", "j-2", "j-3"] {
+        run_job(&c, "lab", id).await;
+    }
+    let (key, _) = audit_key();
+    settle(&db.pool).await;
+    let info = checkpoint::write(&db.pool, &key).await.unwrap();
+    assert_eq!((info.seq, info.event_count, info.new_events), (1, 15, 15));
+    let report = verify::verify(&db.pool, &key.verifying_key())
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.events, report.checkpoints, report.uncheckpointed),
+        (15, 1, 0)
+    );
+    (db, log, key)
+}
+
+#[tokio::test]
+async fn tamper_a_changed_payload_byte_is_named() {
+    let (db, _log, key) = checkpointed_log().await;
+    let pos = positions_of(&db.pool, "j-2").await[2];
+    tamper(&db.pool, &format!("UPDATE events SET payload = overlay(payload placing 'X' from 3 for 1) WHERE global_position = {pos}")).await;
+    let v = verify_err(&db.pool, &key).await;
+    assert_eq!(
+        (v.position, v.event_id),
+        (pos, Some(event_id_at(&db.pool, pos).await)),
+        "{v}"
+    );
+    assert!(v.reason.contains("altered"), "{v}");
+}
+
+#[tokio::test]
+async fn tamper_a_deleted_event_in_a_stream_is_named() {
+    let (db, _log, key) = checkpointed_log().await;
+    let pos = positions_of(&db.pool, "j-2").await[2];
+    let id = event_id_at(&db.pool, pos).await;
+    tamper(
+        &db.pool,
+        &format!("DELETE FROM events WHERE global_position = {pos}"),
+    )
+    .await;
+    let v = verify_err(&db.pool, &key).await;
+    assert_eq!((v.position, v.event_id), (pos, Some(id)), "{v}");
+    assert!(v.reason.contains("missing"), "{v}");
+}
+
+#[tokio::test]
+async fn tamper_a_deleted_event_without_a_checkpoint_breaks_the_chain() {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    run_job(&cqrs(&log, "lab"), "lab", "j-1").await;
+    let (key, _) = audit_key();
+    let pos = positions_of(&db.pool, "j-1").await;
+    settle(&db.pool).await;
+    tamper(
+        &db.pool,
+        &format!("DELETE FROM events WHERE global_position = {}", pos[1]),
+    )
+    .await;
+    let v = verify_err(&db.pool, &key).await;
+    assert_eq!(v.position, pos[2], "{v}");
+    assert!(v.reason.contains("jumps from sequence 1 to 3"), "{v}");
+}
+
+#[tokio::test]
+async fn tamper_a_rehashed_chain_is_caught_by_the_signed_checkpoint() {
+    let (db, log, key) = checkpointed_log().await;
+    // Rewrite j-2's progress event (its fourth), then recompute its hash and every later
+    // hash of j-2.
+    let k = 3;
+    let mut events = log.read_stream(None, "Job", "j-2", 0).await.unwrap();
+    events[k].payload = events[k].payload.replace("\"done\":1", "\"done\":2");
+    assert!(events[k].payload.contains("\"done\":2"));
+    let mut sql = String::new();
+    for i in k..events.len() {
+        events[i].prev_hash = events[i - 1].hash;
+        events[i].hash = events[i].recompute_hash();
+        sql.push_str(&format!(
+            "UPDATE events SET payload = '{}', prev_hash = '\\x{}', hash = '\\x{}' WHERE global_position = {};",
+            events[i].payload,
+            hex::encode(events[i].prev_hash),
+            hex::encode(events[i].hash),
+            events[i].global_position
+        ));
+    }
+    tamper(&db.pool, &sql).await;
+    // The chains alone now look intact…
+    let rows = log.read_stream(None, "Job", "j-2", 0).await.unwrap();
+    assert!(rows.iter().all(|e| e.recompute_hash() == e.hash));
+    // …but the signed checkpoint names the altered event.
+    let v = verify_err(&db.pool, &key).await;
+    assert_eq!(
+        (v.position, v.event_id),
+        (events[k].global_position, Some(events[k].event_id)),
+        "{v}"
+    );
+    assert!(v.reason.contains("checkpoint 1"), "{v}");
+}
+
+#[tokio::test]
+async fn tamper_a_deleted_tail_after_a_checkpoint_is_named() {
+    let (db, _log, key) = checkpointed_log().await;
+    let tail = positions_of(&db.pool, "j-3").await;
+    let first_gone = tail[3];
+    let id = event_id_at(&db.pool, first_gone).await;
+    tamper(
+        &db.pool,
+        &format!("DELETE FROM events WHERE global_position >= {first_gone}"),
+    )
+    .await;
+    let v = verify_err(&db.pool, &key).await;
+    assert_eq!((v.position, v.event_id), (first_gone, Some(id)), "{v}");
+    assert!(v.reason.contains("missing"), "{v}");
+}
+
+#[tokio::test]
+async fn a_checkpoint_signed_by_another_key_is_refused() {
+    let (db, log, key) = checkpointed_log().await;
+    run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
+    let (forger, _) = audit_key();
+    settle(&db.pool).await;
+    checkpoint::write(&db.pool, &forger).await.unwrap();
+    let v = verify_err(&db.pool, &key).await;
+    assert!(
+        v.reason.contains("checkpoint 2") && v.reason.contains("signature"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn checkpoints_chain_and_count_incrementally() {
+    let (db, log, key) = checkpointed_log().await;
+    run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
+    settle(&db.pool).await;
+    let r = verify::verify(&db.pool, &key.verifying_key())
+        .await
+        .unwrap();
+    assert_eq!((r.events, r.uncheckpointed), (20, 5));
+    let info = checkpoint::write(&db.pool, &key).await.unwrap();
+    assert_eq!((info.seq, info.event_count, info.new_events), (2, 20, 5));
+    let empty = checkpoint::write(&db.pool, &key).await.unwrap();
+    assert_eq!((empty.seq, empty.new_events), (3, 0));
+    let r = verify::verify(&db.pool, &key.verifying_key())
+        .await
+        .unwrap();
+    assert_eq!((r.events, r.checkpoints, r.uncheckpointed), (20, 3, 0));
+    let rows = sqlx::query("SELECT count(*) AS n FROM checkpoints")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows.get::<i64, _>("n"), 3);
+}
