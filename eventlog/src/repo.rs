@@ -37,7 +37,8 @@ fn conn_err(e: sqlx::Error) -> PersistenceError {
 }
 
 /// A stored event as cqrs-es wants it: the payload as JSON, and the metadata as its flat map.
-fn to_serialized(e: StoredEvent) -> Result<SerializedEvent, PersistenceError> {
+/// Upcasting is left to the reader.
+pub fn to_serialized(e: StoredEvent) -> Result<SerializedEvent, PersistenceError> {
     let payload: Value = serde_json::from_str(&e.payload)?;
     let metadata: Metadata = serde_json::from_str(&e.metadata)?;
     let tenant = TenantId::parse(&e.tenant_id)

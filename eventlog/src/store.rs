@@ -114,7 +114,7 @@ pub enum AppendError {
     Db(#[from] sqlx::Error),
 }
 
-pub(crate) const COLUMNS: &str = "global_position, tx_id::text::bigint AS tx_id, event_id, \
+pub const COLUMNS: &str = "global_position, tx_id::text::bigint AS tx_id, event_id, \
     tenant_id, aggregate_type, aggregate_id, sequence, event_type, event_version, recorded_at, \
     payload, metadata, prev_hash, hash";
 
@@ -123,7 +123,7 @@ fn hash32(v: Vec<u8>) -> Result<Hash32, sqlx::Error> {
         .map_err(|_| sqlx::Error::Decode("a stored hash is not 32 bytes".into()))
 }
 
-pub(crate) fn from_row(row: &PgRow) -> Result<StoredEvent, sqlx::Error> {
+pub fn from_row(row: &PgRow) -> Result<StoredEvent, sqlx::Error> {
     Ok(StoredEvent {
         global_position: row.try_get("global_position")?,
         tx_id: row.try_get("tx_id")?,

@@ -1,1 +1,12 @@
-//! placeholder
+//! `mira-gateway` is Mira's front door and its operator tooling: the `mira` binary.
+//!
+//! Today it holds the configuration, the `mira migrate`, `mira audit …` and
+//! `mira bench append` commands, and the command path they share ([`commands`]). The HTTP API,
+//! the WebSocket and `mira dev` arrive with the gateway issue. `main` only parses arguments
+//! and calls into this library, so tests drive the same code.
+
+pub mod audit;
+pub mod bench;
+pub mod commands;
+pub mod config;
+pub mod telemetry;

@@ -1,0 +1,69 @@
+//! The command path: cqrs-es frameworks for the Slide and Job aggregates over the event log,
+//! one per tenant (the repository only sees that tenant's streams).
+
+use std::sync::Arc;
+
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{AggregateError, CqrsFramework};
+use mira_aggregates::{Job, JobCommand, JobError, Slide, SlideCommand, SlideError, SlideServices};
+use mira_eventlog::{EventLog, PgEventRepository};
+use mira_events::{CommandContext, JobId, Keyring, SlideId};
+
+pub type JobCqrs = CqrsFramework<Job, PersistedEventStore<PgEventRepository, Job>>;
+pub type SlideCqrs = CqrsFramework<Slide, PersistedEventStore<PgEventRepository, Slide>>;
+
+/// Sends commands into the log. Cheap to clone.
+#[derive(Clone)]
+pub struct Commands {
+    log: EventLog,
+    keyring: Arc<dyn Keyring>,
+}
+
+impl std::fmt::Debug for Commands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Commands")
+    }
+}
+
+fn store<A: cqrs_es::Aggregate>(
+    log: &EventLog,
+    ctx: &CommandContext,
+) -> PersistedEventStore<PgEventRepository, A> {
+    PersistedEventStore::new_event_store(PgEventRepository::new(log.clone(), ctx.tenant.clone()))
+        .with_upcasters(mira_events::upcast::upcasters())
+}
+
+impl Commands {
+    pub fn new(log: EventLog, keyring: Arc<dyn Keyring>) -> Self {
+        Self { log, keyring }
+    }
+
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    pub async fn job(
+        &self,
+        ctx: &CommandContext,
+        id: JobId,
+        command: JobCommand,
+    ) -> Result<(), AggregateError<JobError>> {
+        let cqrs: JobCqrs = CqrsFramework::new(store(&self.log, ctx), vec![], ());
+        cqrs.execute_with_metadata(&id.to_string(), command, ctx.to_cqrs())
+            .await
+    }
+
+    pub async fn slide(
+        &self,
+        ctx: &CommandContext,
+        id: SlideId,
+        command: SlideCommand,
+    ) -> Result<(), AggregateError<SlideError>> {
+        let services = SlideServices {
+            keyring: self.keyring.clone(),
+        };
+        let cqrs: SlideCqrs = CqrsFramework::new(store(&self.log, ctx), vec![], services);
+        cqrs.execute_with_metadata(&id.to_string(), command, ctx.to_cqrs())
+            .await
+    }
+}

@@ -1,0 +1,301 @@
+//! Settings (DESIGN §2): typed defaults, then an optional TOML file, then the environment,
+//! with `__` separating nesting levels (`Audit__SigningKeyFile`). Only Mira's own sections
+//! are read from the environment, plus `DATABASE_URL`. A bad value fails at start with the
+//! setting's name; secrets never print.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A value that must never appear in logs or error messages.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    #[serde(rename = "DATABASE_URL")]
+    pub database_url: Option<Secret>,
+    #[serde(rename = "Database")]
+    pub database: DatabaseSettings,
+    #[serde(rename = "Audit")]
+    pub audit: AuditSettings,
+    #[serde(rename = "Keyring")]
+    pub keyring: KeyringSettings,
+}
+
+/// Where per-subject data keys live. `mira dev` and single-machine installs use a local
+/// directory; production uses KMS (a later issue).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct KeyringSettings {
+    pub local_dir: PathBuf,
+}
+
+impl Default for KeyringSettings {
+    fn default() -> Self {
+        Self {
+            local_dir: PathBuf::from(".mira/keyring"),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            database: DatabaseSettings::default(),
+            audit: AuditSettings::default(),
+            keyring: KeyringSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub max_connections: u32,
+    pub connect_timeout_seconds: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 20,
+            connect_timeout_seconds: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct AuditSettings {
+    /// The Ed25519 checkpoint signing key (hex). Created on first use; its public half is
+    /// written beside it as `<file>.pub`. It must not live in the database.
+    pub signing_key_file: PathBuf,
+    /// The trusted public key for `mira audit verify`. Default: `<SigningKeyFile>.pub`.
+    pub public_key_file: Option<PathBuf>,
+    /// The relay writes a checkpoint after this many events…
+    pub checkpoint_every_events: u64,
+    /// …or after this many seconds, whichever comes first.
+    pub checkpoint_every_seconds: u64,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            signing_key_file: PathBuf::from(".mira/audit-signing.key"),
+            public_key_file: None,
+            checkpoint_every_events: 1000,
+            checkpoint_every_seconds: 60,
+        }
+    }
+}
+
+/// Sections read from the environment (`Section__Key`).
+const SECTIONS: &[&str] = &["Database", "Audit", "Keyring"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("invalid setting {setting}: {reason}")]
+    Invalid { setting: String, reason: String },
+}
+
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(b) = raw.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(raw.to_owned())
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (if any), then `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
+                text.parse::<toml::Table>().map_err(|e| ConfigError::File {
+                    path: path.to_owned(),
+                    reason: e
+                        .to_string()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        for (key, raw) in &env {
+            if key == "DATABASE_URL" {
+                table.insert(key.clone(), toml::Value::String(raw.clone()));
+                continue;
+            }
+            let parts: Vec<&str> = key.split("__").collect();
+            if parts.len() < 2 || !SECTIONS.contains(&parts[0]) {
+                continue;
+            }
+            let mut node = &mut table;
+            for p in &parts[..parts.len() - 1] {
+                let entry = node
+                    .entry(p.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                node = match entry {
+                    toml::Value::Table(t) => t,
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            setting: key.clone(),
+                            reason: format!("{p} is a value, not a section"),
+                        })
+                    }
+                };
+            }
+            node.insert(parts[parts.len() - 1].to_owned(), env_value(raw));
+        }
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Invalid {
+                setting: e.path().to_string().replace('.', "__"),
+                reason: e.inner().to_string(),
+            })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                setting: setting.to_owned(),
+                reason: reason.to_owned(),
+            })
+        };
+        if self.database.max_connections == 0 {
+            return invalid("Database__MaxConnections", "must be at least 1");
+        }
+        if self.database.connect_timeout_seconds == 0 {
+            return invalid("Database__ConnectTimeoutSeconds", "must be at least 1");
+        }
+        if self.audit.checkpoint_every_events == 0 {
+            return invalid("Audit__CheckpointEveryEvents", "must be at least 1");
+        }
+        if self.audit.checkpoint_every_seconds == 0 {
+            return invalid("Audit__CheckpointEverySeconds", "must be at least 1");
+        }
+        if let Some(url) = &self.database_url {
+            if !(url.expose().starts_with("postgres://")
+                || url.expose().starts_with("postgresql://"))
+            {
+                return invalid("DATABASE_URL", "must be a postgres:// URL");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn database_url(&self) -> Result<&str, ConfigError> {
+        self.database_url
+            .as_ref()
+            .map(Secret::expose)
+            .ok_or_else(|| ConfigError::Invalid {
+                setting: "DATABASE_URL".into(),
+                reason: "is not set".into(),
+            })
+    }
+
+    pub fn public_key_file(&self) -> PathBuf {
+        self.audit.public_key_file.clone().unwrap_or_else(|| {
+            mira_eventlog::checkpoint::public_key_path(&self.audit.signing_key_file)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_then_file_then_environment() {
+        let dir = std::env::temp_dir().join(format!("mira-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("mira.toml");
+        std::fs::write(
+            &file,
+            "[Audit]\nCheckpointEveryEvents = 50\nCheckpointEverySeconds = 9\n",
+        )
+        .unwrap();
+        let s = Settings::load(
+            Some(&file),
+            env(&[
+                ("Audit__CheckpointEverySeconds", "7"),
+                ("HOME", "/root"),
+                ("AWS__Region", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.audit.checkpoint_every_events, 50);
+        assert_eq!(s.audit.checkpoint_every_seconds, 7);
+        assert_eq!(s.database.max_connections, 20);
+        assert!(s.database_url.is_none());
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting() {
+        let err =
+            Settings::load(None, env(&[("Audit__CheckpointEveryEvents", "lots")])).unwrap_err();
+        assert!(
+            err.to_string().contains("Audit__CheckpointEveryEvents"),
+            "{err}"
+        );
+        let err = Settings::load(None, env(&[("Audit__CheckpointEveryEvents", "0")])).unwrap_err();
+        assert!(
+            err.to_string().contains("Audit__CheckpointEveryEvents"),
+            "{err}"
+        );
+        let err = Settings::load(None, env(&[("Audit__NoSuchThing", "1")])).unwrap_err();
+        assert!(err.to_string().contains("NoSuchThing"), "{err}");
+        let err = Settings::load(None, env(&[("DATABASE_URL", "mysql://x")])).unwrap_err();
+        assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s =
+            Settings::load(None, env(&[("DATABASE_URL", "postgres://u:hunter2@h/db")])).unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s.database_url().unwrap(), "postgres://u:hunter2@h/db");
+    }
+}

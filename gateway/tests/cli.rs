@@ -1,0 +1,412 @@
+//! The `mira` binary end to end: bad input, migrate, audit verify/checkpoint/replay/export,
+//! and the append benchmark, against a real PostgreSQL.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use chrono::Utc;
+use mira_aggregates::JobCommand;
+use mira_eventlog::testing::TestDb;
+use mira_eventlog::EventLog;
+use mira_events::{Actor, CommandContext, JobId, LocalKeyring, SlideId, TenantId};
+use mira_gateway::commands::Commands;
+
+struct Env {
+    dir: PathBuf,
+    url: String,
+}
+
+impl Env {
+    fn new(url: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mira-cli-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self {
+            dir,
+            url: url.to_owned(),
+        }
+    }
+
+    fn mira(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_mira"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &self.url)
+            .env("Database__ConnectTimeoutSeconds", "3")
+            .env("Audit__SigningKeyFile", self.dir.join("audit.key"))
+            .env("Keyring__LocalDir", self.dir.join("keyring"))
+            .current_dir(&self.dir)
+            .output()
+            .unwrap()
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn commands(db: &TestDb, dir: &Path) -> Commands {
+    Commands::new(
+        EventLog::new(db.pool.clone()),
+        std::sync::Arc::new(LocalKeyring::open(dir.join("keyring")).unwrap()),
+    )
+}
+
+fn ctx() -> CommandContext {
+    CommandContext::new(
+        TenantId::parse("lab").unwrap(),
+        Actor::user("pathologist-1"),
+    )
+}
+
+async fn settle(pool: &sqlx::PgPool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !sqlx::query_scalar::<_, bool>(
+        "SELECT coalesce(pg_snapshot_xmin(pg_current_snapshot()) > max(tx_id), true) FROM events",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+    {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+const SUBCOMMANDS: &[&[&str]] = &[
+    &["migrate"],
+    &["audit", "verify"],
+    &["audit", "checkpoint"],
+    &["audit", "replay", "--as-of", "2026-01-01T00:00:00Z"],
+    &["audit", "export"],
+    &["bench", "append", "--commands", "5"],
+];
+
+#[test]
+fn a_wrong_or_unreachable_database_is_one_line_and_non_zero() {
+    let admin = mira_eventlog::testing::admin_url();
+    let wrong_db = format!("{}_does_not_exist", admin);
+    for url in [
+        "postgres://mira@127.0.0.1:1/mira",
+        wrong_db.as_str(),
+        "postgres://[::1",
+        "mysql://nope",
+    ] {
+        let env = Env::new(url);
+        // `verify` needs a public key before it connects; give it one.
+        std::fs::write(env.dir.join("audit.key.pub"), "11".repeat(32)).unwrap();
+        for args in SUBCOMMANDS {
+            let out = env.mira(args);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{args:?} with {url}: {err}");
+            assert_eq!(
+                err.trim_end().lines().count(),
+                1,
+                "{args:?} with {url}: {err}"
+            );
+            assert!(err.starts_with("mira: "), "{args:?}: {err}");
+            assert!(
+                !err.contains("panicked") && !err.contains("backtrace"),
+                "{err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_missing_database_url_names_the_setting() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mira"))
+        .arg("migrate")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("DATABASE_URL"), "{}", stderr(&out));
+    let out = Command::new(env!("CARGO_BIN_EXE_mira"))
+        .args(["migrate"])
+        .env_clear()
+        .env("DATABASE_URL", "postgres://x@127.0.0.1:1/x")
+        .env("Database__MaxConnections", "many")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("Database__MaxConnections"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent_through_the_cli() {
+    let db = TestDb::empty().await;
+    let env = Env::new(&db.url);
+    let first = env.mira(&["migrate", "--json"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(stdout(&first).trim(), r#"{"applied":[1]}"#);
+    let again = env.mira(&["migrate"]);
+    assert!(again.status.success());
+    assert_eq!(stdout(&again).trim(), "schema is up to date");
+}
+
+#[tokio::test]
+async fn replay_returns_the_state_between_two_events() {
+    let db = TestDb::new().await;
+    let env = Env::new(&db.url);
+    let c = commands(&db, &env.dir);
+    let id = JobId::new();
+    let now = Utc::now();
+    c.job(
+        &ctx(),
+        id,
+        JobCommand::Submit {
+            slide_id: SlideId::new(),
+            kind: "wsi.preprocess".into(),
+            params: serde_json::json!({}),
+            max_attempts: 3,
+        },
+    )
+    .await
+    .unwrap();
+    c.job(&ctx(), id, JobCommand::Queue { now }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    c.job(
+        &ctx(),
+        id,
+        JobCommand::Start {
+            attempt: 1,
+            worker_id: "w-7".into(),
+            lease_until: now + chrono::Duration::minutes(5),
+            now,
+        },
+    )
+    .await
+    .unwrap();
+    let times: Vec<chrono::DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT recorded_at FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(id.to_string())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(times.len(), 3);
+    let between = times[1] + (times[2] - times[1]) / 2;
+    assert!(between > times[1] && between < times[2]);
+    let out = env.mira(&[
+        "audit",
+        "replay",
+        "--as-of",
+        &between.to_rfc3339(),
+        "--aggregate",
+        &id.to_string(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["sequence"], 2);
+    assert_eq!(v["state"]["status"], "queued");
+    assert_eq!(v["state"]["attempt"], 1);
+    assert_eq!(v["state"]["worker_id"], serde_json::Value::Null);
+    // After the third event the job is running, by worker w-7.
+    let out = env.mira(&[
+        "audit",
+        "replay",
+        "--as-of",
+        &Utc::now().to_rfc3339(),
+        "--aggregate",
+        &id.to_string(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(
+        (
+            v["state"]["status"].as_str(),
+            v["state"]["worker_id"].as_str()
+        ),
+        (Some("running"), Some("w-7"))
+    );
+    // Before the first event there is nothing.
+    let before = (times[0] - chrono::Duration::seconds(1)).to_rfc3339();
+    let out = env.mira(&[
+        "audit",
+        "replay",
+        "--as-of",
+        &before,
+        "--aggregate",
+        &id.to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = env.mira(&["audit", "replay", "--as-of", "yesterday"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("RFC 3339"));
+}
+
+fn python() -> String {
+    std::env::var("MIRA_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+#[tokio::test]
+async fn verify_checkpoint_and_an_export_that_reverifies_outside_mira() {
+    let db = TestDb::new().await;
+    let env = Env::new(&db.url);
+    let c = commands(&db, &env.dir);
+    for _ in 0..3 {
+        let id = JobId::new();
+        c.job(
+            &ctx(),
+            id,
+            JobCommand::Submit {
+                slide_id: SlideId::new(),
+                kind: "wsi.preprocess".into(),
+                params: serde_json::json!({"tile_size": 254}),
+                max_attempts: 3,
+            },
+        )
+        .await
+        .unwrap();
+        c.job(&ctx(), id, JobCommand::Queue { now: Utc::now() })
+            .await
+            .unwrap();
+    }
+    // A slide, so the export also carries sealed patient data.
+    let slide = SlideId::new();
+    c.slide(
+        &ctx(),
+        slide,
+        mira_aggregates::SlideCommand::Register {
+            slide_id: slide,
+            name: "Jane Roe, left breast".into(),
+            file_name: Some("roe.svs".into()),
+            size_bytes: 42,
+            content_type: "image/tiff".into(),
+            sha256: None,
+            object_key: format!("uploads/lab/{slide}"),
+        },
+    )
+    .await
+    .unwrap();
+    settle(&db.pool).await;
+    let ck = env.mira(&["audit", "checkpoint", "--json"]);
+    assert!(ck.status.success(), "{}", stderr(&ck));
+    let info: serde_json::Value = serde_json::from_str(stdout(&ck).trim()).unwrap();
+    assert_eq!(info["event_count"], 7);
+    let ok = env.mira(&["audit", "verify"]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(
+        stdout(&ok).contains("7 events") && stdout(&ok).contains("events/s"),
+        "{}",
+        stdout(&ok)
+    );
+
+    let export = env.dir.join("export.jsonl");
+    let out = env.mira(&["audit", "export", "--out", export.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&export).unwrap();
+    assert!(
+        !text.contains("Jane Roe") && !text.contains("roe.svs"),
+        "patient data leaked into the export"
+    );
+    let pubkey = env.dir.join("audit.key.pub");
+    let check = |path: &Path| {
+        Command::new(python())
+            .arg("../tools/verify_export.py")
+            .arg(path)
+            .arg(&pubkey)
+            .output()
+            .unwrap()
+    };
+    let good = check(&export);
+    assert!(good.status.success(), "{}{}", stdout(&good), stderr(&good));
+    assert!(
+        stdout(&good).contains("OK: 7 events, 1 checkpoints"),
+        "{}",
+        stdout(&good)
+    );
+
+    // The outside verifier catches a changed payload and a dropped event.
+    let lines: Vec<&str> = text.lines().collect();
+    let tampered = env.dir.join("tampered.jsonl");
+    std::fs::write(
+        &tampered,
+        text.replacen("\"tile_size\\\":254", "\"tile_size\\\":255", 1),
+    )
+    .unwrap();
+    assert_ne!(std::fs::read_to_string(&tampered).unwrap(), text);
+    let bad = check(&tampered);
+    assert_eq!(bad.status.code(), Some(1), "{}", stdout(&bad));
+    assert!(stdout(&bad).contains("hash mismatch"), "{}", stdout(&bad));
+    let dropped = env.dir.join("dropped.jsonl");
+    let mut kept: Vec<&str> = lines.clone();
+    kept.remove(3);
+    std::fs::write(&dropped, kept.join("\n") + "\n").unwrap();
+    let bad = check(&dropped);
+    assert_eq!(bad.status.code(), Some(1), "{}", stdout(&bad));
+
+    // And `mira audit verify` fails with exit 1, naming the event, once the log is altered.
+    let pos: i64 = sqlx::query_scalar("SELECT min(global_position) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE events SET payload = replace(payload, '254', '255') WHERE global_position = $1",
+    )
+    .bind(pos)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let bad = env.mira(&["audit", "verify"]);
+    assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains(&format!("position {pos}")),
+        "{}",
+        stderr(&bad)
+    );
+    assert_eq!(stderr(&bad).trim_end().lines().count(), 1);
+}
+
+#[tokio::test]
+async fn bench_append_runs_real_commands() {
+    let db = TestDb::new().await;
+    let env = Env::new(&db.url);
+    let out = env.mira(&[
+        "bench",
+        "append",
+        "--commands",
+        "50",
+        "--concurrency",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(r["commands"], 50);
+    assert!(r["commands_per_second"].as_f64().unwrap() > 0.0);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE tenant_id = 'bench'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 50);
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'JobSucceeded'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(succeeded, 10);
+    settle(&db.pool).await;
+    let key = mira_eventlog::AuditKey::load_or_create(&env.dir.join("audit.key")).unwrap();
+    mira_eventlog::checkpoint::write(&db.pool, &key)
+        .await
+        .unwrap();
+    assert!(env.mira(&["audit", "verify"]).status.success());
+}
