@@ -337,7 +337,7 @@ async fn follower_sees_every_event_exactly_once_despite_late_commits() {
                         // Hold some transactions open after their insert, so that later
                         // positions commit first; count the times that really happened.
                         if (n >> 40) % 3 == 0 {
-                            tokio::time::sleep(Duration::from_millis(((n >> 20) % 25) as u64)).await;
+                            tokio::time::sleep(Duration::from_millis((n >> 20) % 25)).await;
                             let overtaken: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE global_position > $1)")
                                 .bind(stored[0].global_position)
                                 .fetch_one(&pool)

@@ -29,7 +29,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     #[serde(rename = "DATABASE_URL")]
@@ -54,17 +54,6 @@ impl Default for KeyringSettings {
     fn default() -> Self {
         Self {
             local_dir: PathBuf::from(".mira/keyring"),
-        }
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            database_url: None,
-            database: DatabaseSettings::default(),
-            audit: AuditSettings::default(),
-            keyring: KeyringSettings::default(),
         }
     }
 }
