@@ -6,11 +6,18 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
 
 /// (version, name, SQL), in order.
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "event_log",
-    include_str!("../../migrations/0001_event_log.sql"),
-)];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "event_log",
+        include_str!("../../migrations/0001_event_log.sql"),
+    ),
+    (
+        2,
+        "fanout",
+        include_str!("../../migrations/0002_fanout.sql"),
+    ),
+];
 
 const LOCK_KEY: i64 = 0x6d69_7261_6d69_6772; // "miramigr"
 

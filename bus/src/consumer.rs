@@ -1,0 +1,505 @@
+//! The consumer runtime every consumer shares (DESIGN §5.3).
+//!
+//! For each message: parse it, then in one transaction lock the consumer's record of the
+//! aggregate, apply the event's effect through the [`Handler`], and advance the record; only
+//! after the commit is the message deleted. So duplicates, redelivery and crashes change
+//! nothing: a redelivered event is at or below the record and is skipped.
+//!
+//! Per aggregate, events apply in sequence. An event ahead of the record (a gap) makes the
+//! runtime read the missing events from the log itself and apply them first, in order.
+//!
+//! An event whose effect keeps failing parks its aggregate for this consumer after
+//! `park_after_receives` deliveries: later events of that aggregate are set aside (recorded,
+//! not dead-lettered one by one) while other aggregates flow on. `mira dlq redrive` requests a
+//! redrive; the consumer then replays the aggregate from the log and un-parks it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mira_eventlog::{EventLog, StoredEvent};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::message::EventMessage;
+use crate::{Delivery, Group, Queue};
+
+/// Why an event could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// A consumer's effect. `apply` runs inside the consumer's transaction; whatever it writes
+/// commits together with the consumer's record of having applied the event.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync {
+    async fn apply(&self, tx: &mut PgConnection, event: &StoredEvent) -> Result<(), HandlerError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The consumer's name; its records are kept under it.
+    pub name: String,
+    pub batch: usize,
+    pub wait: Duration,
+    /// Visibility kept while a message is worked on; extended every third of it.
+    pub visibility: Duration,
+    /// Deliveries of a failing event before its aggregate is parked.
+    pub park_after_receives: u32,
+    /// Delay before a failed message is seen again.
+    pub retry_delay: Duration,
+    /// The queue's filter. Events it does not admit are skipped when a gap is filled from the
+    /// log, as they would never have been delivered.
+    pub group: Group,
+}
+
+impl ConsumerConfig {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            batch: 10,
+            wait: Duration::from_secs(1),
+            visibility: Duration::from_secs(30),
+            park_after_receives: 3,
+            retry_delay: Duration::from_millis(200),
+            group: Group::Projections,
+        }
+    }
+
+    /// The consumer of `group`'s queue, named after it.
+    pub fn for_group(group: Group) -> Self {
+        Self {
+            group,
+            ..Self::new(group.suffix())
+        }
+    }
+}
+
+/// What became of one delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Effects of this many events committed (more than one after filling a gap).
+    Applied(u32),
+    /// Already applied; nothing done.
+    Duplicate,
+    /// The aggregate is parked; the event was recorded behind it.
+    SetAside,
+    /// The event kept failing; its aggregate is now parked.
+    Parked,
+    /// The effect failed; the message will be delivered again.
+    Retry,
+    /// The body is not an event message (or its hash is wrong); left for the dead-letter queue.
+    Malformed,
+}
+
+impl Outcome {
+    /// Whether the message is done with and may be deleted.
+    pub fn settled(&self) -> bool {
+        !matches!(self, Outcome::Retry | Outcome::Malformed)
+    }
+}
+
+#[derive(Clone)]
+pub struct Consumer {
+    log: EventLog,
+    queue: Arc<dyn Queue>,
+    handler: Arc<dyn Handler>,
+    cfg: ConsumerConfig,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").field("cfg", &self.cfg).finish()
+    }
+}
+
+/// A parked aggregate, for `mira dlq list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Parked {
+    pub consumer: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub last_sequence: i64,
+    pub parked_sequence: Option<i64>,
+    pub reason: Option<String>,
+    pub parked_at: chrono::DateTime<chrono::Utc>,
+    pub set_aside: i64,
+    pub redrive_requested: bool,
+}
+
+impl Consumer {
+    pub fn new(
+        log: EventLog,
+        queue: Arc<dyn Queue>,
+        handler: Arc<dyn Handler>,
+        cfg: ConsumerConfig,
+    ) -> Self {
+        Self {
+            log,
+            queue,
+            handler,
+            cfg,
+        }
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.log.pool()
+    }
+
+    /// Runs until `shutdown`; the batch in hand is finished first.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), crate::BusError> {
+        while !shutdown.is_cancelled() {
+            if let Err(e) = self.redrive_requested().await {
+                tracing::warn!(error = %e, "redrive failed");
+            }
+            let batch = tokio::select! {
+                b = self.queue.receive(self.cfg.batch, self.cfg.wait) => b?,
+                _ = shutdown.cancelled() => break,
+            };
+            for d in batch {
+                self.handle(&d).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Processes one delivery and deletes it once settled (or releases it for a retry).
+    pub async fn handle(&self, d: &Delivery) -> Outcome {
+        let outcome = self.process_extending(d).await;
+        let done = if outcome.settled() {
+            self.queue.delete(&d.receipt).await
+        } else {
+            self.queue.release(&d.receipt, self.cfg.retry_delay).await
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "could not settle a message; it will be delivered again");
+        }
+        outcome
+    }
+
+    async fn process_extending(&self, d: &Delivery) -> Outcome {
+        let (queue, receipt, vis) = (self.queue.clone(), d.receipt.clone(), self.cfg.visibility);
+        let ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(vis / 3);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if queue.extend(&receipt, vis).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let outcome = self.process(d).await;
+        ticker.abort();
+        outcome
+    }
+
+    /// Applies the delivery's effect and commits it, without deleting the message.
+    pub async fn process(&self, d: &Delivery) -> Outcome {
+        let msg = match EventMessage::from_body(&d.body) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(consumer = %self.cfg.name, error = %e, "unusable message");
+                return Outcome::Malformed;
+            }
+        };
+        match self.apply(&msg).await {
+            Ok(o) => o,
+            Err((failed_seq, e)) => {
+                tracing::warn!(consumer = %self.cfg.name, aggregate = %msg.aggregate_id, sequence = failed_seq, receives = d.receive_count, error = %e, "effect failed");
+                if d.receive_count >= self.cfg.park_after_receives {
+                    match self.park(&msg, failed_seq, &e.to_string()).await {
+                        Ok(()) => Outcome::Parked,
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not park");
+                            Outcome::Retry
+                        }
+                    }
+                } else {
+                    Outcome::Retry
+                }
+            }
+        }
+    }
+
+    async fn lock_stream(
+        &self,
+        tx: &mut PgConnection,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<(i64, bool), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO consumer_streams (consumer, aggregate_type, aggregate_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.cfg.name)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(
+            "SELECT last_sequence, parked_at IS NOT NULL AS parked FROM consumer_streams \
+             WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3 FOR UPDATE",
+        )
+        .bind(&self.cfg.name)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        Ok((row.try_get("last_sequence")?, row.try_get("parked")?))
+    }
+
+    /// Returns the failing sequence and error when an effect fails; the transaction is then
+    /// rolled back and nothing of it stays.
+    async fn apply(&self, msg: &EventMessage) -> Result<Outcome, (i64, HandlerError)> {
+        let db = |e: sqlx::Error| (msg.sequence, HandlerError::Db(e));
+        let mut tx = self.pool().begin().await.map_err(db)?;
+        let (last, parked) = self
+            .lock_stream(&mut tx, &msg.aggregate_type, &msg.aggregate_id)
+            .await
+            .map_err(db)?;
+        if parked {
+            sqlx::query(
+                "INSERT INTO consumer_set_aside (consumer, aggregate_type, aggregate_id, sequence, event_id) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .bind(&self.cfg.name)
+            .bind(&msg.aggregate_type)
+            .bind(&msg.aggregate_id)
+            .bind(msg.sequence)
+            .bind(msg.event_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            return Ok(Outcome::SetAside);
+        }
+        if msg.sequence <= last {
+            return Ok(Outcome::Duplicate);
+        }
+        let events = if msg.sequence == last + 1 {
+            vec![msg
+                .to_stored()
+                .map_err(|e| (msg.sequence, HandlerError::Failed(e.to_string())))?]
+        } else {
+            // A gap: the log is the source of truth for what was missed.
+            let mut missing = self
+                .log
+                .read_stream(None, &msg.aggregate_type, &msg.aggregate_id, last)
+                .await
+                .map_err(db)?;
+            missing.retain(|e| e.sequence <= msg.sequence);
+            if missing.len() as i64 != msg.sequence - last {
+                return Err((
+                    msg.sequence,
+                    HandlerError::Failed(format!(
+                        "the log lacks events {}..{} of this aggregate",
+                        last + 1,
+                        msg.sequence
+                    )),
+                ));
+            }
+            missing.retain(|e| self.cfg.group.admits(&EventMessage::from(e)));
+            missing
+        };
+        for e in &events {
+            self.handler
+                .apply(&mut tx, e)
+                .await
+                .map_err(|err| (e.sequence, err))?;
+        }
+        self.advance(
+            &mut tx,
+            &msg.aggregate_type,
+            &msg.aggregate_id,
+            msg.sequence,
+        )
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(Outcome::Applied(events.len() as u32))
+    }
+
+    async fn advance(
+        &self,
+        tx: &mut PgConnection,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        sequence: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE consumer_streams SET last_sequence = $4, updated_at = now() \
+             WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+        )
+        .bind(&self.cfg.name)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(sequence)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn park(
+        &self,
+        msg: &EventMessage,
+        failed_seq: i64,
+        reason: &str,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool().begin().await?;
+        self.lock_stream(&mut tx, &msg.aggregate_type, &msg.aggregate_id)
+            .await?;
+        sqlx::query(
+            "UPDATE consumer_streams SET parked_at = now(), parked_sequence = $4, parked_reason = $5, updated_at = now() \
+             WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3 AND parked_at IS NULL",
+        )
+        .bind(&self.cfg.name)
+        .bind(&msg.aggregate_type)
+        .bind(&msg.aggregate_id)
+        .bind(failed_seq)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO consumer_set_aside (consumer, aggregate_type, aggregate_id, sequence, event_id) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.cfg.name)
+        .bind(&msg.aggregate_type)
+        .bind(&msg.aggregate_id)
+        .bind(msg.sequence)
+        .bind(msg.event_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::error!(consumer = %self.cfg.name, aggregate = %msg.aggregate_id, sequence = failed_seq, "aggregate parked");
+        Ok(())
+    }
+
+    /// Redrives every parked aggregate of this consumer whose redrive was requested: replays
+    /// its events from the log, after the last applied one, and un-parks it. An aggregate whose
+    /// effect still fails stays parked. Returns the aggregates un-parked.
+    pub async fn redrive_requested(&self) -> Result<u64, HandlerError> {
+        let rows = sqlx::query(
+            "SELECT aggregate_type, aggregate_id FROM consumer_streams \
+             WHERE consumer = $1 AND parked_at IS NOT NULL AND redrive_requested IS NOT NULL",
+        )
+        .bind(&self.cfg.name)
+        .fetch_all(self.pool())
+        .await?;
+        let mut n = 0;
+        for r in rows {
+            let (t, id): (String, String) =
+                (r.try_get("aggregate_type")?, r.try_get("aggregate_id")?);
+            match self.redrive_one(&t, &id).await {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.cfg.name, aggregate = %id, error = %e, "redrive failed; still parked");
+                    sqlx::query(
+                        "UPDATE consumer_streams SET redrive_requested = NULL, parked_reason = $4 \
+                         WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+                    )
+                    .bind(&self.cfg.name)
+                    .bind(&t)
+                    .bind(&id)
+                    .bind(e.to_string())
+                    .execute(self.pool())
+                    .await?;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    async fn redrive_one(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<(), HandlerError> {
+        let mut tx = self.pool().begin().await?;
+        let (last, _) = self
+            .lock_stream(&mut tx, aggregate_type, aggregate_id)
+            .await?;
+        let events = self
+            .log
+            .read_stream(None, aggregate_type, aggregate_id, last)
+            .await?;
+        let upto = events.last().map_or(last, |e| e.sequence);
+        for e in events
+            .iter()
+            .filter(|e| self.cfg.group.admits(&EventMessage::from(*e)))
+        {
+            self.handler.apply(&mut tx, e).await?;
+        }
+        self.advance(&mut tx, aggregate_type, aggregate_id, upto)
+            .await?;
+        sqlx::query(
+            "UPDATE consumer_streams SET parked_at = NULL, parked_sequence = NULL, parked_reason = NULL, redrive_requested = NULL \
+             WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+        )
+        .bind(&self.cfg.name)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM consumer_set_aside WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3")
+            .bind(&self.cfg.name)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(consumer = %self.cfg.name, aggregate = %aggregate_id, events = events.len(), "aggregate redriven");
+        Ok(())
+    }
+}
+
+/// Parked aggregates, for `mira dlq list`.
+pub async fn list_parked(pool: &PgPool) -> Result<Vec<Parked>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT s.consumer, s.aggregate_type, s.aggregate_id, s.last_sequence, s.parked_sequence, s.parked_reason, s.parked_at, \
+         s.redrive_requested IS NOT NULL AS redrive_requested, \
+         (SELECT count(*) FROM consumer_set_aside a WHERE a.consumer = s.consumer AND a.aggregate_type = s.aggregate_type \
+          AND a.aggregate_id = s.aggregate_id) AS set_aside \
+         FROM consumer_streams s WHERE s.parked_at IS NOT NULL ORDER BY s.parked_at",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Parked {
+                consumer: r.try_get("consumer")?,
+                aggregate_type: r.try_get("aggregate_type")?,
+                aggregate_id: r.try_get("aggregate_id")?,
+                last_sequence: r.try_get("last_sequence")?,
+                parked_sequence: r.try_get("parked_sequence")?,
+                reason: r.try_get("parked_reason")?,
+                parked_at: r.try_get("parked_at")?,
+                set_aside: r.try_get("set_aside")?,
+                redrive_requested: r.try_get("redrive_requested")?,
+            })
+        })
+        .collect()
+}
+
+/// Asks the consumers to redrive parked aggregates (all, or one consumer's, or one
+/// aggregate). Returns how many were marked.
+pub async fn request_redrive(
+    pool: &PgPool,
+    consumer: Option<&str>,
+    aggregate_id: Option<&str>,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE consumer_streams SET redrive_requested = now() WHERE parked_at IS NOT NULL \
+         AND ($1::text IS NULL OR consumer = $1) AND ($2::text IS NULL OR aggregate_id = $2)",
+    )
+    .bind(consumer)
+    .bind(aggregate_id)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}

@@ -1,0 +1,299 @@
+//! The in-memory bus (DESIGN §5.5): the topic, three FIFO queues with the same filters, and
+//! the same semantics as SNS/SQS FIFO: at-least-once, per-aggregate order (one message group
+//! per aggregate, blocked while a message of it is in flight), deduplication by event id,
+//! visibility timeouts, redelivery on failure, and a dead-letter queue after too many receives.
+//! It is a product feature of `mira dev`, not a test double.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::message::EventMessage;
+use crate::{Bus, BusError, Delivery, Group, Publisher, Queue};
+
+const DEDUP_WINDOW: Duration = Duration::from_secs(300);
+
+#[derive(Debug)]
+struct Msg {
+    group: String,
+    body: String,
+    visible_at: Instant,
+    receive_count: u32,
+    receipt: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    msgs: Vec<Msg>,
+    dedup: HashMap<String, Instant>,
+    dlq: Vec<Msg>,
+}
+
+/// One FIFO queue.
+#[derive(Debug)]
+pub struct MemoryQueue {
+    state: Mutex<State>,
+    notify: Notify,
+    visibility: Duration,
+    max_receives: u32,
+}
+
+impl MemoryQueue {
+    pub fn new(visibility: Duration, max_receives: u32) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            visibility,
+            max_receives,
+        }
+    }
+
+    /// Enqueues unless a message with the same dedup id arrived within the window.
+    pub fn send(&self, group: String, dedup_id: String, body: String) {
+        let now = Instant::now();
+        let mut s = self.state.lock().expect("queue lock");
+        s.dedup.retain(|_, t| now.duration_since(*t) < DEDUP_WINDOW);
+        if s.dedup.insert(dedup_id, now).is_some() {
+            return;
+        }
+        s.msgs.push(Msg {
+            group,
+            body,
+            visible_at: now,
+            receive_count: 0,
+            receipt: None,
+        });
+        drop(s);
+        self.notify.notify_waiters();
+    }
+
+    pub fn depth(&self) -> usize {
+        self.state.lock().expect("queue lock").msgs.len()
+    }
+
+    fn take(&self, max: usize) -> Vec<Delivery> {
+        let now = Instant::now();
+        let mut s = self.state.lock().expect("queue lock");
+        let mut blocked: HashSet<String> = HashSet::new();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < s.msgs.len() && out.len() < max {
+            let m = &s.msgs[i];
+            if blocked.contains(&m.group) {
+                i += 1;
+                continue;
+            }
+            if m.visible_at > now {
+                blocked.insert(m.group.clone());
+                i += 1;
+                continue;
+            }
+            if m.receive_count >= self.max_receives {
+                let m = s.msgs.remove(i);
+                s.dlq.push(m);
+                continue;
+            }
+            let receipt = uuid::Uuid::new_v4().to_string();
+            let m = &mut s.msgs[i];
+            m.receive_count += 1;
+            m.visible_at = now + self.visibility;
+            m.receipt = Some(receipt.clone());
+            blocked.insert(m.group.clone());
+            out.push(Delivery {
+                body: m.body.clone(),
+                receipt,
+                receive_count: m.receive_count,
+            });
+            i += 1;
+        }
+        out
+    }
+
+    fn with_receipt(&self, receipt: &str, f: impl FnOnce(&mut Vec<Msg>, usize)) {
+        let mut s = self.state.lock().expect("queue lock");
+        if let Some(i) = s
+            .msgs
+            .iter()
+            .position(|m| m.receipt.as_deref() == Some(receipt))
+        {
+            f(&mut s.msgs, i);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Queue for MemoryQueue {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let notified = self.notify.notified();
+            let got = self.take(max);
+            if !got.is_empty() || Instant::now() >= deadline {
+                return Ok(got);
+            }
+            // Wake on a send, or when an in-flight message may have become visible again.
+            let _ = tokio::time::timeout_at(
+                deadline.min(Instant::now() + Duration::from_millis(50)),
+                notified,
+            )
+            .await;
+        }
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<(), BusError> {
+        self.with_receipt(receipt, |msgs, i| {
+            msgs.remove(i);
+        });
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn extend(&self, receipt: &str, visibility: Duration) -> Result<(), BusError> {
+        self.with_receipt(receipt, |msgs, i| {
+            msgs[i].visible_at = Instant::now() + visibility
+        });
+        Ok(())
+    }
+
+    async fn release(&self, receipt: &str, delay: Duration) -> Result<(), BusError> {
+        self.with_receipt(receipt, |msgs, i| {
+            msgs[i].visible_at = Instant::now() + delay
+        });
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn dead_letter_count(&self) -> Result<u64, BusError> {
+        Ok(self.state.lock().expect("queue lock").dlq.len() as u64)
+    }
+
+    async fn redrive_dead_letters(&self) -> Result<u64, BusError> {
+        let mut s = self.state.lock().expect("queue lock");
+        let moved: Vec<Msg> = std::mem::take(&mut s.dlq);
+        let n = moved.len() as u64;
+        for mut m in moved {
+            m.receive_count = 0;
+            m.visible_at = Instant::now();
+            m.receipt = None;
+            s.msgs.push(m);
+        }
+        drop(s);
+        self.notify.notify_waiters();
+        Ok(n)
+    }
+}
+
+/// The topic and its queues.
+#[derive(Debug, Clone)]
+pub struct MemoryBus {
+    queues: Arc<HashMap<&'static str, Arc<MemoryQueue>>>,
+}
+
+impl MemoryBus {
+    pub fn new(visibility: Duration, max_receives: u32) -> Self {
+        let queues = Group::ALL
+            .iter()
+            .map(|g| {
+                (
+                    g.suffix(),
+                    Arc::new(MemoryQueue::new(visibility, max_receives)),
+                )
+            })
+            .collect();
+        Self {
+            queues: Arc::new(queues),
+        }
+    }
+
+    pub fn memory_queue(&self, g: Group) -> Arc<MemoryQueue> {
+        self.queues[g.suffix()].clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Publisher for MemoryBus {
+    async fn publish(&self, batch: &[EventMessage]) -> Result<Vec<usize>, BusError> {
+        for m in batch {
+            for g in Group::ALL {
+                if g.admits(m) {
+                    self.queues[g.suffix()].send(m.group_id(), m.event_id.to_string(), m.to_body());
+                }
+            }
+        }
+        Ok(Vec::new())
+    }
+}
+
+impl Bus for MemoryBus {
+    fn publisher(&self) -> Arc<dyn Publisher> {
+        Arc::new(self.clone())
+    }
+
+    fn queue(&self, group: Group) -> Arc<dyn Queue> {
+        self.memory_queue(group)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn groups_stay_in_order_and_failures_redeliver() {
+        let q = MemoryQueue::new(Duration::from_millis(200), 3);
+        q.send("a".into(), "1".into(), "a1".into());
+        q.send("a".into(), "2".into(), "a2".into());
+        q.send("b".into(), "3".into(), "b1".into());
+        q.send("a".into(), "1".into(), "a1-again".into()); // deduplicated
+        let first = q.receive(10, Duration::ZERO).await.unwrap();
+        let bodies: Vec<&str> = first.iter().map(|d| d.body.as_str()).collect();
+        assert_eq!(bodies, ["a1", "b1"], "one in flight per group");
+        // a2 waits behind a1 while a1 is in flight.
+        assert!(q.receive(10, Duration::ZERO).await.unwrap().is_empty());
+        q.release(&first[0].receipt, Duration::ZERO).await.unwrap();
+        let again = q.receive(10, Duration::ZERO).await.unwrap();
+        assert_eq!(again[0].body, "a1");
+        assert_eq!(again[0].receive_count, 2);
+        q.delete(&again[0].receipt).await.unwrap();
+        q.delete(&first[1].receipt).await.unwrap();
+        let next = q.receive(10, Duration::from_millis(100)).await.unwrap();
+        assert_eq!(next[0].body, "a2");
+        assert_eq!(q.depth(), 1);
+    }
+
+    #[tokio::test]
+    async fn too_many_receives_dead_letter_and_redrive() {
+        let q = MemoryQueue::new(Duration::from_millis(1), 2);
+        q.send("a".into(), "1".into(), "x".into());
+        for _ in 0..2 {
+            let d = q.receive(1, Duration::from_millis(50)).await.unwrap();
+            assert_eq!(d.len(), 1);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(q
+            .receive(1, Duration::from_millis(20))
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(q.dead_letter_count().await.unwrap(), 1);
+        assert_eq!(q.redrive_dead_letters().await.unwrap(), 1);
+        assert_eq!(q.receive(1, Duration::ZERO).await.unwrap()[0].body, "x");
+    }
+
+    #[tokio::test]
+    async fn long_poll_wakes_on_send() {
+        let q = Arc::new(MemoryQueue::new(Duration::from_secs(30), 5));
+        let q2 = q.clone();
+        let t = tokio::spawn(async move { q2.receive(1, Duration::from_secs(5)).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        q.send("g".into(), "d".into(), "hello".into());
+        let got = tokio::time::timeout(Duration::from_secs(2), t)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got[0].body, "hello");
+    }
+}

@@ -1,0 +1,262 @@
+//! The outbox relay (DESIGN §5.1): follows the log from a durable cursor and publishes every
+//! settled event. The cursor advances only after the topic accepted every event up to it, so
+//! a crash between publish and cursor update republishes (FIFO deduplication by event id
+//! absorbs most repeats, and consumers are idempotent for the rest); nothing is lost.
+//!
+//! One relay is active at a time: it holds a session advisory lock on a connection of its
+//! own for as long as it runs. A standby waits for the lock.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mira_eventlog::checkpoint::{self, AuditKey};
+use mira_eventlog::{Cursor, EventLog, StoredEvent};
+use sqlx::{Connection, PgConnection, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::message::EventMessage;
+use crate::{BusError, Publisher};
+
+const LOCK_KEY: i64 = 0x6d69_7261_7265_6c61; // "mirarela"
+/// SNS `PublishBatch` takes at most ten entries.
+pub const PUBLISH_BATCH: usize = 10;
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub name: String,
+    /// Events read from the log per round.
+    pub read_batch: i64,
+    /// Pause when the log has nothing new.
+    pub idle_poll: Duration,
+    pub checkpoint_every_events: u64,
+    pub checkpoint_every: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            name: "main".into(),
+            read_batch: 500,
+            idle_poll: Duration::from_millis(50),
+            checkpoint_every_events: 1000,
+            checkpoint_every: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("database error in the relay: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("publishing failed: {0}")]
+    Bus(#[from] BusError),
+    #[error("the relay lost its lock connection")]
+    LostLock,
+}
+
+/// Events published but whose cursor is not yet stored.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub upto: Cursor,
+    pub events: u64,
+}
+
+pub struct Relay {
+    log: EventLog,
+    publisher: Arc<dyn Publisher>,
+    cfg: RelayConfig,
+    key: Option<Arc<AuditKey>>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Relay {
+    pub fn new(
+        log: EventLog,
+        publisher: Arc<dyn Publisher>,
+        cfg: RelayConfig,
+        key: Option<Arc<AuditKey>>,
+    ) -> Self {
+        Self {
+            log,
+            publisher,
+            cfg,
+            key,
+        }
+    }
+
+    /// The durable cursor.
+    pub async fn cursor(&self) -> Result<Cursor, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT tx_id::text::bigint AS tx_id, position FROM relay_cursor WHERE name = $1",
+        )
+        .bind(&self.cfg.name)
+        .fetch_optional(self.log.pool())
+        .await?;
+        Ok(match row {
+            Some(r) => Cursor {
+                tx_id: r.try_get("tx_id")?,
+                position: r.try_get("position")?,
+            },
+            None => Cursor::START,
+        })
+    }
+
+    /// Publishes the next settled events after the cursor, retrying failed entries with
+    /// backoff until the topic accepted all of them. Does not move the cursor.
+    pub async fn publish_next(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Published>, RelayError> {
+        let cursor = self.cursor().await?;
+        let events = self.log.read_after(cursor, self.cfg.read_batch).await?;
+        let Some(last) = events.last() else {
+            return Ok(None);
+        };
+        let upto = last.cursor();
+        for chunk in events.chunks(PUBLISH_BATCH) {
+            self.publish_all(chunk, shutdown).await?;
+        }
+        Ok(Some(Published {
+            upto,
+            events: events.len() as u64,
+        }))
+    }
+
+    async fn publish_all(
+        &self,
+        chunk: &[StoredEvent],
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        let mut pending: Vec<EventMessage> = chunk.iter().map(EventMessage::from).collect();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let failed = match self.publisher.publish(&pending).await {
+                Ok(failed) => failed,
+                Err(e) => {
+                    tracing::warn!(error = %e, "publish failed; retrying the whole batch");
+                    (0..pending.len()).collect()
+                }
+            };
+            if failed.is_empty() {
+                return Ok(());
+            }
+            tracing::warn!(
+                failed = failed.len(),
+                of = pending.len(),
+                "publish partly failed; retrying those entries"
+            );
+            pending = failed
+                .into_iter()
+                .filter_map(|i| pending.get(i).cloned())
+                .collect();
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.cancelled() => return Err(RelayError::Bus(BusError::Transport("shut down while retrying a publish".into()))),
+            }
+            backoff = (backoff * 2).min(self.cfg.max_backoff);
+        }
+    }
+
+    /// Stores the cursor after a publish was accepted.
+    pub async fn commit(&self, p: &Published) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO relay_cursor (name, tx_id, position, published) VALUES ($1, $2::text::xid8, $3, $4) \
+             ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, \
+             published = relay_cursor.published + EXCLUDED.published, updated_at = now()",
+        )
+        .bind(&self.cfg.name)
+        .bind(p.upto.tx_id.to_string())
+        .bind(p.upto.position)
+        .bind(p.events as i64)
+        .execute(self.log.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Publishes and commits until the log is drained; returns the events published.
+    pub async fn drain(&self, shutdown: &CancellationToken) -> Result<u64, RelayError> {
+        let mut n = 0;
+        while let Some(p) = self.publish_next(shutdown).await? {
+            self.commit(&p).await?;
+            n += p.events;
+        }
+        Ok(n)
+    }
+
+    /// Runs until `shutdown`: waits for the relay lock, then publishes, commits and writes
+    /// checkpoints every `checkpoint_every_events` events or `checkpoint_every`.
+    pub async fn run(
+        &self,
+        database_url: &str,
+        shutdown: CancellationToken,
+    ) -> Result<(), RelayError> {
+        let mut lock = PgConnection::connect(database_url).await?;
+        loop {
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(LOCK_KEY)
+                .fetch_one(&mut lock)
+                .await?;
+            if got {
+                break;
+            }
+            tracing::info!("another relay is active; standing by");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+        tracing::info!(name = %self.cfg.name, "relay active");
+        let mut since_checkpoint = 0u64;
+        let mut last_checkpoint = Instant::now();
+        while !shutdown.is_cancelled() {
+            if lock.ping().await.is_err() {
+                return Err(RelayError::LostLock);
+            }
+            let published = match self.publish_next(&shutdown).await {
+                Ok(p) => p,
+                Err(e) if shutdown.is_cancelled() => {
+                    tracing::info!(error = %e, "stopping");
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(p) = &published {
+                self.commit(p).await?;
+                since_checkpoint += p.events;
+            }
+            if let Some(key) = &self.key {
+                let due = since_checkpoint >= self.cfg.checkpoint_every_events
+                    || (since_checkpoint > 0
+                        && last_checkpoint.elapsed() >= self.cfg.checkpoint_every);
+                if due {
+                    let info = checkpoint::write(self.log.pool(), key).await?;
+                    tracing::info!(
+                        seq = info.seq,
+                        events = info.event_count,
+                        "checkpoint written"
+                    );
+                    since_checkpoint = 0;
+                    last_checkpoint = Instant::now();
+                }
+            }
+            if published.is_none() {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.cfg.idle_poll) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+        }
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(LOCK_KEY)
+            .execute(&mut lock)
+            .await;
+        Ok(())
+    }
+}

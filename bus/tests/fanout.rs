@@ -1,0 +1,525 @@
+//! The fan-out semantics, run against both buses: the in-memory bus and SNS/SQS on moto
+//! (over real HTTP), with a real PostgreSQL.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::CqrsFramework;
+use mira_aggregates::{Job, JobCommand, Slide, SlideCommand, SlideServices};
+use mira_bus::consumer::{self, Consumer, ConsumerConfig, Handler, HandlerError, Outcome};
+use mira_bus::memory::MemoryBus;
+use mira_bus::relay::{Relay, RelayConfig};
+use mira_bus::{aws, Bus, EventMessage, Group, Names};
+use mira_eventlog::testing::TestDb;
+use mira_eventlog::{EventLog, PgEventRepository, StoredEvent};
+use mira_events::{Actor, CommandContext, JobId, LocalKeyring, SlideId, TenantId};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+// ---- the two buses ------------------------------------------------------------------------
+
+async fn memory_bus() -> Arc<dyn Bus> {
+    Arc::new(MemoryBus::new(Duration::from_secs(2), 20))
+}
+
+fn moto_endpoint() -> String {
+    std::env::var("MIRA_TEST_AWS_ENDPOINT")
+        .expect("MIRA_TEST_AWS_ENDPOINT names the moto server; run the tests through scripts/test, which starts one")
+}
+
+async fn moto_config() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(moto_endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sns::config::Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "mira-tests",
+        ))
+        .load()
+        .await
+}
+
+fn unique_names() -> Names {
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    Names {
+        topic: format!("mira-t{tag}-events.fifo"),
+        queue_prefix: format!("mira-t{tag}-"),
+    }
+}
+
+async fn moto_bus() -> Arc<dyn Bus> {
+    let config = moto_config().await;
+    let names = unique_names();
+    let sns = aws_sdk_sns::Client::new(&config);
+    let sqs = aws_sdk_sqs::Client::new(&config);
+    aws::init(&sns, &sqs, &names)
+        .await
+        .expect("bus init on moto");
+    Arc::new(
+        aws::AwsBus::connect(&config, &names, Some(Duration::from_secs(2)))
+            .await
+            .expect("connect"),
+    )
+}
+
+// ---- a consumer whose effects the tests count ----------------------------------------------
+
+struct Recorder {
+    consumer: String,
+    poison: Arc<Mutex<HashSet<String>>>,
+}
+
+#[async_trait::async_trait]
+impl Handler for Recorder {
+    async fn apply(&self, tx: &mut PgConnection, e: &StoredEvent) -> Result<(), HandlerError> {
+        if self.poison.lock().unwrap().contains(&e.aggregate_id) {
+            return Err(HandlerError::Failed(format!(
+                "cannot apply {} of {}",
+                e.event_type, e.aggregate_id
+            )));
+        }
+        sqlx::query("INSERT INTO test_effects (consumer, aggregate_id, sequence, event_id, event_type) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&self.consumer)
+            .bind(&e.aggregate_id)
+            .bind(e.sequence)
+            .bind(e.event_id)
+            .bind(&e.event_type)
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+}
+
+struct World {
+    db: TestDb,
+    log: EventLog,
+    bus: Arc<dyn Bus>,
+    poison: Arc<Mutex<HashSet<String>>>,
+    keyring: Arc<LocalKeyring>,
+}
+
+impl World {
+    async fn new(bus: Arc<dyn Bus>) -> Self {
+        let db = TestDb::new().await;
+        sqlx::raw_sql(
+            "CREATE TABLE test_effects (n bigserial PRIMARY KEY, consumer text, aggregate_id text, sequence bigint, event_id uuid, event_type text)",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let log = EventLog::new(db.pool.clone());
+        let dir = std::env::temp_dir().join(format!("mira-bus-keys-{}", uuid::Uuid::new_v4()));
+        Self {
+            db,
+            log,
+            bus,
+            poison: Arc::default(),
+            keyring: Arc::new(LocalKeyring::open(dir).unwrap()),
+        }
+    }
+
+    fn consumer(&self, group: Group, park_after: u32) -> Consumer {
+        let mut cfg = ConsumerConfig::for_group(group);
+        cfg.wait = Duration::from_millis(300);
+        cfg.visibility = Duration::from_secs(2);
+        cfg.park_after_receives = park_after;
+        cfg.retry_delay = Duration::ZERO;
+        let handler = Arc::new(Recorder {
+            consumer: group.suffix().into(),
+            poison: self.poison.clone(),
+        });
+        Consumer::new(self.log.clone(), self.bus.queue(group), handler, cfg)
+    }
+
+    fn relay(&self) -> Relay {
+        Relay::new(
+            self.log.clone(),
+            self.bus.publisher(),
+            RelayConfig::default(),
+            None,
+        )
+    }
+
+    fn ctx(&self) -> CommandContext {
+        CommandContext::new(TenantId::parse("lab").unwrap(), Actor::user("u-1"))
+    }
+
+    /// Real commands: each job is submitted and queued; each slide registered and uploaded.
+    async fn commands(&self, jobs: usize, slides: usize) -> Vec<String> {
+        let mut ids = Vec::new();
+        let job_cqrs: CqrsFramework<Job, _> = CqrsFramework::new(
+            PersistedEventStore::<_, Job>::new_event_store(PgEventRepository::new(
+                self.log.clone(),
+                TenantId::parse("lab").unwrap(),
+            )),
+            vec![],
+            (),
+        );
+        for _ in 0..jobs {
+            let id = JobId::new().to_string();
+            let submit = JobCommand::Submit {
+                slide_id: SlideId::new(),
+                kind: "wsi.preprocess".into(),
+                params: serde_json::json!({}),
+                max_attempts: 3,
+            };
+            job_cqrs
+                .execute_with_metadata(&id, submit, self.ctx().to_cqrs())
+                .await
+                .unwrap();
+            job_cqrs
+                .execute_with_metadata(
+                    &id,
+                    JobCommand::Queue { now: Utc::now() },
+                    self.ctx().to_cqrs(),
+                )
+                .await
+                .unwrap();
+            ids.push(id);
+        }
+        let slide_cqrs: CqrsFramework<Slide, _> = CqrsFramework::new(
+            PersistedEventStore::<_, Slide>::new_event_store(PgEventRepository::new(
+                self.log.clone(),
+                TenantId::parse("lab").unwrap(),
+            )),
+            vec![],
+            SlideServices {
+                keyring: self.keyring.clone(),
+            },
+        );
+        for _ in 0..slides {
+            let id = SlideId::new();
+            let register = SlideCommand::Register {
+                slide_id: id,
+                name: "s".into(),
+                file_name: None,
+                size_bytes: 10,
+                content_type: "image/tiff".into(),
+                sha256: None,
+                object_key: format!("uploads/{id}"),
+            };
+            slide_cqrs
+                .execute_with_metadata(&id.to_string(), register, self.ctx().to_cqrs())
+                .await
+                .unwrap();
+            slide_cqrs
+                .execute_with_metadata(
+                    &id.to_string(),
+                    SlideCommand::MarkUploaded { size_bytes: 10 },
+                    self.ctx().to_cqrs(),
+                )
+                .await
+                .unwrap();
+            ids.push(id.to_string());
+        }
+        settle(&self.db.pool).await;
+        ids
+    }
+
+    async fn effects(&self, group: Group) -> Vec<(String, i64, uuid::Uuid, String)> {
+        sqlx::query_as("SELECT aggregate_id, sequence, event_id, event_type FROM test_effects WHERE consumer = $1 ORDER BY n")
+            .bind(group.suffix())
+            .fetch_all(&self.db.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn all_events(&self) -> Vec<StoredEvent> {
+        let mut out = Vec::new();
+        let mut cursor = mira_eventlog::Cursor::START;
+        loop {
+            let batch = self.log.read_after(cursor, 1000).await.unwrap();
+            let Some(last) = batch.last() else { return out };
+            cursor = last.cursor();
+            out.extend(batch);
+        }
+    }
+
+    /// Runs the group's consumer until `done` holds on its effects, or fails after 60 s.
+    async fn consume_until(
+        &self,
+        group: Group,
+        park_after: u32,
+        done: impl Fn(&[(String, i64, uuid::Uuid, String)]) -> bool,
+    ) {
+        let c = self.consumer(group, park_after);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { c.run(stop).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let effects = self.effects(group).await;
+            if done(&effects) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{group:?} consumer stalled with {} effects",
+                effects.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+}
+
+async fn settle(pool: &PgPool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sqlx::query_scalar::<_, bool>(
+        "SELECT coalesce(pg_snapshot_xmin(pg_current_snapshot()) > max(tx_id), true) FROM events",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every effect exactly once, and per aggregate in sequence order.
+fn assert_exactly_once_in_order(
+    effects: &[(String, i64, uuid::Uuid, String)],
+    expected: &[&StoredEvent],
+) {
+    let ids: Vec<uuid::Uuid> = effects.iter().map(|e| e.2).collect();
+    let unique: HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "an effect was applied twice");
+    assert_eq!(
+        unique,
+        expected.iter().map(|e| &e.event_id).collect::<HashSet<_>>()
+    );
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    for (agg, seq, _, _) in effects {
+        let prev = last.insert(agg, *seq).unwrap_or(0);
+        assert!(*seq > prev, "{agg}: sequence {seq} applied after {prev}");
+    }
+}
+
+// ---- the suite -----------------------------------------------------------------------------
+
+async fn fanout_each_queue_gets_what_its_filter_admits_exactly_once(bus: Arc<dyn Bus>) {
+    let w = World::new(bus).await;
+    w.commands(4, 3).await;
+    let published = w.relay().drain(&CancellationToken::new()).await.unwrap();
+    let events = w.all_events().await;
+    assert_eq!(published as usize, events.len());
+    assert_eq!(events.len(), 4 * 2 + 3 * 2);
+    for g in Group::ALL {
+        let expected: Vec<&StoredEvent> = events
+            .iter()
+            .filter(|e| g.admits(&EventMessage::from(*e)))
+            .collect();
+        assert!(!expected.is_empty());
+        w.consume_until(g, 3, |fx| fx.len() >= expected.len()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_exactly_once_in_order(&w.effects(g).await, &expected);
+    }
+    // gpu-jobs saw only queued jobs and uploaded slides.
+    let kinds: HashSet<String> = w
+        .effects(Group::GpuJobs)
+        .await
+        .into_iter()
+        .map(|e| e.3)
+        .collect();
+    assert_eq!(
+        kinds,
+        HashSet::from(["JobQueued".to_string(), "SlideUploaded".to_string()])
+    );
+}
+
+async fn relay_crash_between_publish_and_cursor_republishes(bus: Arc<dyn Bus>) {
+    let w = World::new(bus).await;
+    w.commands(3, 0).await;
+    let stop = CancellationToken::new();
+    let crashed = w.relay();
+    let p = crashed.publish_next(&stop).await.unwrap().unwrap();
+    assert_eq!(p.events, 6);
+    drop(crashed); // killed before storing its cursor
+    let again = w.relay();
+    assert_eq!(again.cursor().await.unwrap(), mira_eventlog::Cursor::START);
+    assert_eq!(
+        again.drain(&stop).await.unwrap(),
+        6,
+        "everything is published again"
+    );
+    assert_eq!(again.cursor().await.unwrap(), p.upto);
+    let events = w.all_events().await;
+    let expected: Vec<&StoredEvent> = events.iter().collect();
+    w.consume_until(Group::Projections, 3, |fx| fx.len() >= 6)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_exactly_once_in_order(&w.effects(Group::Projections).await, &expected);
+}
+
+async fn consumer_crash_after_effect_before_delete_applies_once(bus: Arc<dyn Bus>) {
+    let w = World::new(bus).await;
+    w.commands(1, 0).await;
+    w.relay().drain(&CancellationToken::new()).await.unwrap();
+    let c = w.consumer(Group::Projections, 3);
+    let queue = w.bus.queue(Group::Projections);
+    let first = queue.receive(1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(c.process(&first[0]).await, Outcome::Applied(1));
+    // The consumer dies here: the effect committed, the message was never deleted.
+    drop(c);
+    let events = w.all_events().await;
+    let expected: Vec<&StoredEvent> = events.iter().collect();
+    w.consume_until(Group::Projections, 3, |fx| fx.len() >= 2)
+        .await;
+    // The redelivered first message must have come back and been skipped.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let queue_empty = loop {
+        let left = queue.receive(10, Duration::from_millis(200)).await.unwrap();
+        if left.is_empty() && Instant::now() > deadline {
+            break true;
+        }
+        let mut all_dupes = true;
+        for d in &left {
+            let o = w.consumer(Group::Projections, 3).handle(d).await;
+            all_dupes &= o == Outcome::Duplicate;
+        }
+        assert!(all_dupes);
+        if left.is_empty() && w.effects(Group::Projections).await.len() == 2 {
+            break true;
+        }
+    };
+    assert!(queue_empty);
+    assert_exactly_once_in_order(&w.effects(Group::Projections).await, &expected);
+}
+
+async fn a_poison_event_parks_its_aggregate_until_redrive(bus: Arc<dyn Bus>) {
+    let w = World::new(bus).await;
+    let ids = w.commands(3, 0).await;
+    let bad = ids[1].clone();
+    w.poison.lock().unwrap().insert(bad.clone());
+    w.relay().drain(&CancellationToken::new()).await.unwrap();
+    // The two healthy jobs flow on; the poisoned one parks after two receives.
+    w.consume_until(Group::Projections, 2, |fx| fx.len() >= 4)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let parked = consumer::list_parked(&w.db.pool).await.unwrap();
+        if parked
+            .iter()
+            .any(|p| p.aggregate_id == bad && p.set_aside >= 1)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never parked: {parked:?}");
+        w.consume_until(Group::Projections, 2, |_| true).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Later events of the parked aggregate are set aside, not applied.
+    let later = {
+        let c: CqrsFramework<Job, _> = CqrsFramework::new(
+            PersistedEventStore::<_, Job>::new_event_store(PgEventRepository::new(
+                w.log.clone(),
+                TenantId::parse("lab").unwrap(),
+            )),
+            vec![],
+            (),
+        );
+        c.execute_with_metadata(&bad, JobCommand::Cancel { reason: None }, w.ctx().to_cqrs())
+            .await
+            .unwrap();
+        settle(&w.db.pool).await;
+        w.relay().drain(&CancellationToken::new()).await.unwrap()
+    };
+    assert_eq!(later, 2);
+    let parked_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        w.consume_until(Group::Projections, 2, |_| true).await;
+        let p = consumer::list_parked(&w.db.pool).await.unwrap();
+        if p.iter().any(|p| p.aggregate_id == bad && p.set_aside >= 2) {
+            break;
+        }
+        assert!(Instant::now() < parked_deadline, "{p:?}");
+    }
+    assert!(w
+        .effects(Group::Projections)
+        .await
+        .iter()
+        .all(|e| e.0 != bad));
+    // Fixed, then redriven: the aggregate's four events apply, in order.
+    w.poison.lock().unwrap().clear();
+    assert_eq!(
+        consumer::request_redrive(&w.db.pool, Some("projections"), Some(&bad))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        w.consumer(Group::Projections, 2)
+            .redrive_requested()
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(consumer::list_parked(&w.db.pool).await.unwrap().is_empty());
+    let bad_effects: Vec<i64> = w
+        .effects(Group::Projections)
+        .await
+        .into_iter()
+        .filter(|e| e.0 == bad)
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(bad_effects, vec![1, 2, 3, 4]);
+    let events = w.all_events().await;
+    assert_exactly_once_in_order(
+        &w.effects(Group::Projections).await,
+        &events.iter().collect::<Vec<_>>(),
+    );
+}
+
+async fn out_of_order_and_duplicate_delivery_converges(bus: Arc<dyn Bus>) {
+    let w = World::new(bus).await;
+    w.commands(3, 2).await;
+    let events = w.all_events().await;
+    // Deliver newest first, each twice (a second time under a new dedup id would be a real
+    // redelivery; FIFO dedup may drop the exact repeat, which is fine too).
+    let mut msgs: Vec<EventMessage> = events.iter().map(EventMessage::from).collect();
+    msgs.reverse();
+    let publisher = w.bus.publisher();
+    for chunk in msgs.chunks(5) {
+        assert!(publisher.publish(chunk).await.unwrap().is_empty());
+        assert!(publisher.publish(chunk).await.unwrap().is_empty());
+    }
+    w.consume_until(Group::Projections, 3, |fx| fx.len() >= events.len())
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_exactly_once_in_order(
+        &w.effects(Group::Projections).await,
+        &events.iter().collect::<Vec<_>>(),
+    );
+}
+
+macro_rules! both_buses {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::memory_bus().await).await })*
+        }
+        mod moto {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::moto_bus().await).await })*
+        }
+    };
+}
+
+both_buses!(
+    fanout_each_queue_gets_what_its_filter_admits_exactly_once,
+    relay_crash_between_publish_and_cursor_republishes,
+    consumer_crash_after_effect_before_delete_applies_once,
+    a_poison_event_parks_its_aggregate_until_redrive,
+    out_of_order_and_duplicate_delivery_converges,
+);
