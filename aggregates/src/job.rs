@@ -301,9 +301,7 @@ impl Job {
                 if self.status != S::Submitted {
                     return Err(self.refuse(command));
                 }
-                vec![JobEvent::JobFailed {
-                    reason: reason.clone(),
-                }]
+                vec![JobEvent::JobFailed { reason: reason.clone() }]
             }
             JobCommand::Start {
                 attempt,
@@ -315,9 +313,7 @@ impl Job {
                     return Err(JobError::Invalid("worker_id must not be empty".into()));
                 }
                 if lease_until <= now {
-                    return Err(JobError::Invalid(
-                        "lease_until must be in the future".into(),
-                    ));
+                    return Err(JobError::Invalid("lease_until must be in the future".into()));
                 }
                 vec![JobEvent::JobStarted {
                     attempt: *attempt,
@@ -325,20 +321,13 @@ impl Job {
                     lease_until: *lease_until,
                 }]
             }
-            JobCommand::Heartbeat {
-                attempt,
-                lease_until,
-            } => {
+            JobCommand::Heartbeat { attempt, lease_until } => {
                 vec![JobEvent::JobLeaseExtended {
                     attempt: *attempt,
                     lease_until: *lease_until,
                 }]
             }
-            JobCommand::Progress {
-                attempt,
-                done,
-                total,
-            } => {
+            JobCommand::Progress { attempt, done, total } => {
                 if done > total {
                     return Err(JobError::Invalid("progress done exceeds total".into()));
                 }
@@ -355,9 +344,7 @@ impl Job {
                 usage,
             } => {
                 if manifest_key.is_empty() || manifest_sha256.len() != 64 {
-                    return Err(JobError::Invalid(
-                        "success needs a manifest key and its SHA-256".into(),
-                    ));
+                    return Err(JobError::Invalid("success needs a manifest key and its SHA-256".into()));
                 }
                 vec![JobEvent::JobSucceeded {
                     attempt: *attempt,
@@ -400,14 +387,10 @@ impl Job {
             }
             JobCommand::Cancel { reason } => match self.status {
                 S::Submitted | S::Queued | S::RetryScheduled => vec![
-                    JobEvent::JobCancelRequested {
-                        reason: reason.clone(),
-                    },
+                    JobEvent::JobCancelRequested { reason: reason.clone() },
                     JobEvent::JobCancelled {},
                 ],
-                S::Running => vec![JobEvent::JobCancelRequested {
-                    reason: reason.clone(),
-                }],
+                S::Running => vec![JobEvent::JobCancelRequested { reason: reason.clone() }],
                 _ => return Err(self.refuse(command)),
             },
             JobCommand::ConfirmCancelled { .. } => vec![JobEvent::JobCancelled {}],
@@ -468,9 +451,7 @@ impl Aggregate for Job {
                 self.progress = None;
             }
             JobEvent::JobStarted {
-                worker_id,
-                lease_until,
-                ..
+                worker_id, lease_until, ..
             } => {
                 self.status = JobStatus::Running;
                 self.worker_id = Some(worker_id);

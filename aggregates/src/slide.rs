@@ -136,11 +136,7 @@ fn validate_register(
         return bad("content_type must not be empty");
     }
     if let Some(h) = sha256 {
-        if h.len() != 64
-            || !h
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return bad("sha256 must be 64 lowercase hex digits");
         }
     }
@@ -181,15 +177,9 @@ impl Aggregate for Slide {
                 validate_register(&name, size_bytes, &content_type, &sha256, &object_key)?;
                 let subject = SlideEvent::subject(&slide_id);
                 let keyring = services.keyring.as_ref();
-                let name = seal::seal(keyring, &subject, "name", &name)
-                    .await
-                    .map_err(sealing)?;
+                let name = seal::seal(keyring, &subject, "name", &name).await.map_err(sealing)?;
                 let file_name = match file_name {
-                    Some(f) => Some(
-                        seal::seal(keyring, &subject, "file_name", &f)
-                            .await
-                            .map_err(sealing)?,
-                    ),
+                    Some(f) => Some(seal::seal(keyring, &subject, "file_name", &f).await.map_err(sealing)?),
                     None => None,
                 };
                 SlideEvent::SlideRegistered {
@@ -366,10 +356,7 @@ mod tests {
             .await
             .inspect_result()
             .unwrap();
-        let [SlideEvent::SlideRegistered {
-            name, file_name, ..
-        }] = events.as_slice()
-        else {
+        let [SlideEvent::SlideRegistered { name, file_name, .. }] = events.as_slice() else {
             panic!("{events:?}")
         };
         let json = serde_json::to_string(&events[0]).unwrap();
@@ -383,9 +370,7 @@ mod tests {
         );
         let file = file_name.as_ref().unwrap();
         assert_eq!(
-            seal::open(s.keyring.as_ref(), file, "file_name")
-                .await
-                .unwrap(),
+            seal::open(s.keyring.as_ref(), file, "file_name").await.unwrap(),
             "jdoe.svs"
         );
     }
@@ -494,9 +479,7 @@ mod tests {
         };
         let sealed = metadata.sealed_properties.as_ref().unwrap();
         assert!(!serde_json::to_string(&events[0]).unwrap().contains("jdoe"));
-        let open = seal::open(s.keyring.as_ref(), sealed, "properties")
-            .await
-            .unwrap();
+        let open = seal::open(s.keyring.as_ref(), sealed, "properties").await.unwrap();
         assert!(open.contains("jdoe"));
     }
 
@@ -551,10 +534,7 @@ mod tests {
             .await
             .then_expect_events(vec![SlideEvent::SlideDeleted { reason: None }]);
         framework(&s)
-            .given(vec![
-                registered(&s).await,
-                SlideEvent::SlideDeleted { reason: None },
-            ])
+            .given(vec![registered(&s).await, SlideEvent::SlideDeleted { reason: None }])
             .when_async(SlideCommand::Delete { reason: None })
             .await
             .then_expect_error(SlideError::InvalidTransition {

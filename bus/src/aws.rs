@@ -21,7 +21,7 @@ use crate::{Bus, BusError, Delivery, Publisher, Queue};
 /// sooner (`park_after_receives`), so this only catches messages the consumer cannot read.
 pub const MAX_RECEIVE_COUNT: u32 = 10;
 
-fn transport(e: impl std::error::Error) -> BusError {
+fn chain(e: &dyn std::error::Error) -> String {
     // The SDK's Display is terse; walk the sources for the reason.
     let mut msg = e.to_string();
     let mut src = e.source();
@@ -30,7 +30,73 @@ fn transport(e: impl std::error::Error) -> BusError {
         msg.push_str(&s.to_string());
         src = s.source();
     }
-    BusError::Transport(msg.split_whitespace().collect::<Vec<_>>().join(" "))
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn transport(e: impl std::error::Error) -> BusError {
+    BusError::Transport(chain(&e))
+}
+
+/// Classifies an SDK error: an unreachable endpoint and rejected credentials are
+/// configuration errors that name their setting; the rest is transport.
+fn sdk<E>(e: aws_sdk_sqs::error::SdkError<E, aws_smithy_runtime_api::client::orchestrator::HttpResponse>) -> BusError
+where
+    E: aws_sdk_sqs::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    use aws_sdk_sqs::error::SdkError;
+    const REFUSED: &[&str] = &[
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "UnrecognizedClientException",
+        "InvalidAccessKeyId",
+        "AccessDenied",
+        "AccessDeniedException",
+        "AuthorizationError",
+        "InvalidSecurity",
+    ];
+    match &e {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => BusError::Config {
+            setting: "AWS_ENDPOINT_URL",
+            reason: format!("cannot reach the AWS endpoint: {}", chain(&e)),
+        },
+        SdkError::ServiceError(s) => {
+            let code = s.err().code();
+            // A 403 whose body the SDK could not read is a refusal of the credentials too.
+            if code.is_some_and(|c| REFUSED.contains(&c)) || (code.is_none() && s.raw().status().as_u16() == 403) {
+                BusError::Config {
+                    setting: "AWS_ACCESS_KEY_ID",
+                    reason: format!(
+                        "AWS refused the credentials ({}): {}",
+                        code.unwrap_or("HTTP 403"),
+                        s.err()
+                            .message()
+                            .unwrap_or("check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+                    ),
+                }
+            } else {
+                transport(e)
+            }
+        }
+        _ => transport(e),
+    }
+}
+
+/// Fails early, naming the setting, when no credentials can be found.
+pub async fn check_credentials(config: &aws_config::SdkConfig) -> Result<(), BusError> {
+    use aws_credential_types::provider::ProvideCredentials;
+    let missing = |reason: String| BusError::Config {
+        setting: "AWS_ACCESS_KEY_ID",
+        reason,
+    };
+    let provider = config
+        .credentials_provider()
+        .ok_or_else(|| missing("no AWS credentials provider is configured".into()))?;
+    provider.provide_credentials().await.map(|_| ()).map_err(|e| {
+        missing(format!(
+            "no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile): {}",
+            chain(&e)
+        ))
+    })
 }
 
 /// SDK configuration from the standard environment, with `region` when given.
@@ -65,7 +131,7 @@ async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> Result<String, BusEr
         .attribute_names(QueueAttributeName::QueueArn)
         .send()
         .await
-        .map_err(transport)?;
+        .map_err(sdk)?;
     out.attributes()
         .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
         .ok_or_else(|| BusError::Transport(format!("queue {url} has no ARN")))
@@ -82,7 +148,7 @@ async fn create_queue(
         .set_attributes(Some(attrs))
         .send()
         .await
-        .map_err(transport)?;
+        .map_err(sdk)?;
     out.queue_url()
         .map(str::to_owned)
         .ok_or_else(|| BusError::Transport(format!("no URL for queue {name}")))
@@ -91,24 +157,17 @@ async fn create_queue(
 fn fifo_attrs() -> HashMap<QueueAttributeName, String> {
     HashMap::from([
         (QueueAttributeName::FifoQueue, "true".to_owned()),
-        (
-            QueueAttributeName::DeduplicationScope,
-            "messageGroup".to_owned(),
-        ),
-        (
-            QueueAttributeName::FifoThroughputLimit,
-            "perMessageGroupId".to_owned(),
-        ),
+        (QueueAttributeName::DeduplicationScope, "messageGroup".to_owned()),
+        (QueueAttributeName::FifoThroughputLimit, "perMessageGroupId".to_owned()),
         (QueueAttributeName::VisibilityTimeout, "30".to_owned()),
     ])
 }
 
 /// Creates (or finds) the whole topology. Safe to run again: it converges on the same one.
-pub async fn init(
-    sns: &aws_sdk_sns::Client,
-    sqs: &aws_sdk_sqs::Client,
-    names: &Names,
-) -> Result<TopologyInfo, BusError> {
+pub async fn init(config: &aws_config::SdkConfig, names: &Names) -> Result<TopologyInfo, BusError> {
+    check_credentials(config).await?;
+    let sns = &aws_sdk_sns::Client::new(config);
+    let sqs = &aws_sdk_sqs::Client::new(config);
     if !names.topic.ends_with(".fifo") {
         return Err(BusError::Config {
             setting: "AWS__SNS__TopicName",
@@ -122,7 +181,7 @@ pub async fn init(
         .attributes("ContentBasedDeduplication", "false")
         .send()
         .await
-        .map_err(transport)?;
+        .map_err(sdk)?;
     let topic_arn = topic
         .topic_arn()
         .ok_or_else(|| BusError::Transport("no topic ARN".into()))?
@@ -135,7 +194,8 @@ pub async fn init(
         let mut attrs = fifo_attrs();
         attrs.insert(
             QueueAttributeName::RedrivePolicy,
-            serde_json::json!({ "deadLetterTargetArn": dlq_arn, "maxReceiveCount": MAX_RECEIVE_COUNT.to_string() }).to_string(),
+            serde_json::json!({ "deadLetterTargetArn": dlq_arn, "maxReceiveCount": MAX_RECEIVE_COUNT.to_string() })
+                .to_string(),
         );
         let url = create_queue(sqs, &names.queue(g), HashMap::new()).await?;
         let arn = queue_arn(sqs, &url).await?;
@@ -160,7 +220,7 @@ pub async fn init(
             .set_attributes(Some(attrs))
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(sdk)?;
         let subscription_arn = match existing.iter().find(|(endpoint, _)| endpoint == &arn) {
             Some((_, sub)) => sub.clone(),
             None => sns
@@ -172,7 +232,7 @@ pub async fn init(
                 .return_subscription_arn(true)
                 .send()
                 .await
-                .map_err(transport)?
+                .map_err(sdk)?
                 .subscription_arn()
                 .unwrap_or_default()
                 .to_owned(),
@@ -185,7 +245,7 @@ pub async fn init(
                 .attribute_value(f)
                 .send()
                 .await
-                .map_err(transport)?;
+                .map_err(sdk)?;
         }
         queues.push(QueueInfo {
             group: g,
@@ -199,10 +259,7 @@ pub async fn init(
     Ok(TopologyInfo { topic_arn, queues })
 }
 
-async fn list_subscriptions(
-    sns: &aws_sdk_sns::Client,
-    topic_arn: &str,
-) -> Result<Vec<(String, String)>, BusError> {
+async fn list_subscriptions(sns: &aws_sdk_sns::Client, topic_arn: &str) -> Result<Vec<(String, String)>, BusError> {
     let mut out = Vec::new();
     let mut token = None;
     loop {
@@ -212,7 +269,7 @@ async fn list_subscriptions(
             .set_next_token(token)
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(sdk)?;
         for s in page.subscriptions() {
             if let (Some(e), Some(a)) = (s.endpoint(), s.subscription_arn()) {
                 out.push((e.to_owned(), a.to_owned()));
@@ -235,12 +292,7 @@ pub async fn lookup(
     let mut topic_arn = None;
     let mut token = None;
     loop {
-        let page = sns
-            .list_topics()
-            .set_next_token(token)
-            .send()
-            .await
-            .map_err(transport)?;
+        let page = sns.list_topics().set_next_token(token).send().await.map_err(sdk)?;
         for t in page.topics() {
             if let Some(arn) = t.topic_arn() {
                 if arn.rsplit(':').next() == Some(names.topic.as_str()) {
@@ -317,7 +369,7 @@ impl Publisher for SnsPublisher {
                 .map_err(transport)?;
             req = req.publish_batch_request_entries(entry);
         }
-        let out = req.send().await.map_err(transport)?;
+        let out = req.send().await.map_err(sdk)?;
         Ok(out
             .failed()
             .iter()
@@ -337,12 +389,7 @@ pub struct SqsQueue {
 
 impl SqsQueue {
     /// `visibility` overrides the queue's visibility timeout on each receive.
-    pub fn new(
-        sqs: aws_sdk_sqs::Client,
-        url: String,
-        dlq_url: String,
-        visibility: Option<Duration>,
-    ) -> Self {
+    pub fn new(sqs: aws_sdk_sqs::Client, url: String, dlq_url: String, visibility: Option<Duration>) -> Self {
         Self {
             sqs,
             url,
@@ -373,7 +420,7 @@ impl Queue for SqsQueue {
             .set_visibility_timeout(self.visibility.map(secs))
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(sdk)?;
         Ok(out
             .messages()
             .iter()
@@ -398,7 +445,7 @@ impl Queue for SqsQueue {
             .receipt_handle(receipt)
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(sdk)?;
         Ok(())
     }
 
@@ -410,7 +457,7 @@ impl Queue for SqsQueue {
             .visibility_timeout(secs(visibility))
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(sdk)?;
         Ok(())
     }
 
@@ -426,7 +473,7 @@ impl Queue for SqsQueue {
             .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(sdk)?;
         Ok(out
             .attributes()
             .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessages))
@@ -444,7 +491,7 @@ impl Queue for SqsQueue {
                 .max_number_of_messages(10)
                 .send()
                 .await
-                .map_err(transport)?;
+                .map_err(sdk)?;
             if out.messages().is_empty() {
                 return Ok(moved);
             }
@@ -467,14 +514,14 @@ impl Queue for SqsQueue {
                     .message_deduplication_id(dedup)
                     .send()
                     .await
-                    .map_err(transport)?;
+                    .map_err(sdk)?;
                 self.sqs
                     .delete_message()
                     .queue_url(&self.dlq_url)
                     .receipt_handle(receipt)
                     .send()
                     .await
-                    .map_err(transport)?;
+                    .map_err(sdk)?;
                 moved += 1;
             }
         }
@@ -501,12 +548,7 @@ impl AwsBus {
         let (topic_arn, urls) = lookup(&sns, &sqs, names).await?;
         let queues = urls
             .into_iter()
-            .map(|(g, (url, dlq))| {
-                (
-                    g,
-                    Arc::new(SqsQueue::new(sqs.clone(), url, dlq, visibility)),
-                )
-            })
+            .map(|(g, (url, dlq))| (g, Arc::new(SqsQueue::new(sqs.clone(), url, dlq, visibility))))
             .collect();
         Ok(Self {
             publisher: Arc::new(SnsPublisher::new(sns, topic_arn)),

@@ -133,12 +133,7 @@ pub struct Parked {
 }
 
 impl Consumer {
-    pub fn new(
-        log: EventLog,
-        queue: Arc<dyn Queue>,
-        handler: Arc<dyn Handler>,
-        cfg: ConsumerConfig,
-    ) -> Self {
+    pub fn new(log: EventLog, queue: Arc<dyn Queue>, handler: Arc<dyn Handler>, cfg: ConsumerConfig) -> Self {
         Self {
             log,
             queue,
@@ -307,19 +302,11 @@ impl Consumer {
             missing
         };
         for e in &events {
-            self.handler
-                .apply(&mut tx, e)
-                .await
-                .map_err(|err| (e.sequence, err))?;
+            self.handler.apply(&mut tx, e).await.map_err(|err| (e.sequence, err))?;
         }
-        self.advance(
-            &mut tx,
-            &msg.aggregate_type,
-            &msg.aggregate_id,
-            msg.sequence,
-        )
-        .await
-        .map_err(db)?;
+        self.advance(&mut tx, &msg.aggregate_type, &msg.aggregate_id, msg.sequence)
+            .await
+            .map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(Outcome::Applied(events.len() as u32))
     }
@@ -344,12 +331,7 @@ impl Consumer {
         Ok(())
     }
 
-    async fn park(
-        &self,
-        msg: &EventMessage,
-        failed_seq: i64,
-        reason: &str,
-    ) -> Result<(), sqlx::Error> {
+    async fn park(&self, msg: &EventMessage, failed_seq: i64, reason: &str) -> Result<(), sqlx::Error> {
         let mut tx = self.pool().begin().await?;
         self.lock_stream(&mut tx, &msg.aggregate_type, &msg.aggregate_id)
             .await?;
@@ -393,8 +375,7 @@ impl Consumer {
         .await?;
         let mut n = 0;
         for r in rows {
-            let (t, id): (String, String) =
-                (r.try_get("aggregate_type")?, r.try_get("aggregate_id")?);
+            let (t, id): (String, String) = (r.try_get("aggregate_type")?, r.try_get("aggregate_id")?);
             match self.redrive_one(&t, &id).await {
                 Ok(()) => n += 1,
                 Err(e) => {
@@ -415,28 +396,15 @@ impl Consumer {
         Ok(n)
     }
 
-    async fn redrive_one(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: &str,
-    ) -> Result<(), HandlerError> {
+    async fn redrive_one(&self, aggregate_type: &str, aggregate_id: &str) -> Result<(), HandlerError> {
         let mut tx = self.pool().begin().await?;
-        let (last, _) = self
-            .lock_stream(&mut tx, aggregate_type, aggregate_id)
-            .await?;
-        let events = self
-            .log
-            .read_stream(None, aggregate_type, aggregate_id, last)
-            .await?;
+        let (last, _) = self.lock_stream(&mut tx, aggregate_type, aggregate_id).await?;
+        let events = self.log.read_stream(None, aggregate_type, aggregate_id, last).await?;
         let upto = events.last().map_or(last, |e| e.sequence);
-        for e in events
-            .iter()
-            .filter(|e| self.cfg.group.admits(&EventMessage::from(*e)))
-        {
+        for e in events.iter().filter(|e| self.cfg.group.admits(&EventMessage::from(*e))) {
             self.handler.apply(&mut tx, e).await?;
         }
-        self.advance(&mut tx, aggregate_type, aggregate_id, upto)
-            .await?;
+        self.advance(&mut tx, aggregate_type, aggregate_id, upto).await?;
         sqlx::query(
             "UPDATE consumer_streams SET parked_at = NULL, parked_sequence = NULL, parked_reason = NULL, redrive_requested = NULL \
              WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3",

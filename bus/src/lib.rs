@@ -32,10 +32,7 @@ pub enum BusError {
     #[error("{0}")]
     Transport(String),
     #[error("{setting}: {reason}")]
-    Config {
-        setting: &'static str,
-        reason: String,
-    },
+    Config { setting: &'static str, reason: String },
 }
 
 /// One received message. `receive_count` counts deliveries, this one included.

@@ -114,11 +114,7 @@ impl MemoryQueue {
 
     fn with_receipt(&self, receipt: &str, f: impl FnOnce(&mut Vec<Msg>, usize)) {
         let mut s = self.state.lock().expect("queue lock");
-        if let Some(i) = s
-            .msgs
-            .iter()
-            .position(|m| m.receipt.as_deref() == Some(receipt))
-        {
+        if let Some(i) = s.msgs.iter().position(|m| m.receipt.as_deref() == Some(receipt)) {
             f(&mut s.msgs, i);
         }
     }
@@ -135,11 +131,7 @@ impl Queue for MemoryQueue {
                 return Ok(got);
             }
             // Wake on a send, or when an in-flight message may have become visible again.
-            let _ = tokio::time::timeout_at(
-                deadline.min(Instant::now() + Duration::from_millis(50)),
-                notified,
-            )
-            .await;
+            let _ = tokio::time::timeout_at(deadline.min(Instant::now() + Duration::from_millis(50)), notified).await;
         }
     }
 
@@ -152,16 +144,12 @@ impl Queue for MemoryQueue {
     }
 
     async fn extend(&self, receipt: &str, visibility: Duration) -> Result<(), BusError> {
-        self.with_receipt(receipt, |msgs, i| {
-            msgs[i].visible_at = Instant::now() + visibility
-        });
+        self.with_receipt(receipt, |msgs, i| msgs[i].visible_at = Instant::now() + visibility);
         Ok(())
     }
 
     async fn release(&self, receipt: &str, delay: Duration) -> Result<(), BusError> {
-        self.with_receipt(receipt, |msgs, i| {
-            msgs[i].visible_at = Instant::now() + delay
-        });
+        self.with_receipt(receipt, |msgs, i| msgs[i].visible_at = Instant::now() + delay);
         self.notify.notify_waiters();
         Ok(())
     }
@@ -196,12 +184,7 @@ impl MemoryBus {
     pub fn new(visibility: Duration, max_receives: u32) -> Self {
         let queues = Group::ALL
             .iter()
-            .map(|g| {
-                (
-                    g.suffix(),
-                    Arc::new(MemoryQueue::new(visibility, max_receives)),
-                )
-            })
+            .map(|g| (g.suffix(), Arc::new(MemoryQueue::new(visibility, max_receives))))
             .collect();
         Self {
             queues: Arc::new(queues),
@@ -273,11 +256,7 @@ mod tests {
             assert_eq!(d.len(), 1);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(q
-            .receive(1, Duration::from_millis(20))
-            .await
-            .unwrap()
-            .is_empty());
+        assert!(q.receive(1, Duration::from_millis(20)).await.unwrap().is_empty());
         assert_eq!(q.dead_letter_count().await.unwrap(), 1);
         assert_eq!(q.redrive_dead_letters().await.unwrap(), 1);
         assert_eq!(q.receive(1, Duration::ZERO).await.unwrap()[0].body, "x");
@@ -290,10 +269,7 @@ mod tests {
         let t = tokio::spawn(async move { q2.receive(1, Duration::from_secs(5)).await.unwrap() });
         tokio::time::sleep(Duration::from_millis(20)).await;
         q.send("g".into(), "d".into(), "hello".into());
-        let got = tokio::time::timeout(Duration::from_secs(2), t)
-            .await
-            .unwrap()
-            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), t).await.unwrap().unwrap();
         assert_eq!(got[0].body, "hello");
     }
 }

@@ -69,8 +69,7 @@ impl EventMessage {
 
     /// Parses a body and checks the event's hash.
     pub fn from_body(body: &str) -> Result<Self, MessageError> {
-        let m: Self =
-            serde_json::from_str(body).map_err(|e| MessageError::Malformed(e.to_string()))?;
+        let m: Self = serde_json::from_str(body).map_err(|e| MessageError::Malformed(e.to_string()))?;
         let e = m.to_stored()?;
         if e.recompute_hash() != e.hash {
             return Err(MessageError::HashMismatch(m.event_id));

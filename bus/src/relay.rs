@@ -77,12 +77,7 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
-    pub fn new(
-        log: EventLog,
-        publisher: Arc<dyn Publisher>,
-        cfg: RelayConfig,
-        key: Option<Arc<AuditKey>>,
-    ) -> Self {
+    pub fn new(log: EventLog, publisher: Arc<dyn Publisher>, cfg: RelayConfig, key: Option<Arc<AuditKey>>) -> Self {
         Self {
             log,
             publisher,
@@ -93,12 +88,10 @@ impl Relay {
 
     /// The durable cursor.
     pub async fn cursor(&self) -> Result<Cursor, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT tx_id::text::bigint AS tx_id, position FROM relay_cursor WHERE name = $1",
-        )
-        .bind(&self.cfg.name)
-        .fetch_optional(self.log.pool())
-        .await?;
+        let row = sqlx::query("SELECT tx_id::text::bigint AS tx_id, position FROM relay_cursor WHERE name = $1")
+            .bind(&self.cfg.name)
+            .fetch_optional(self.log.pool())
+            .await?;
         Ok(match row {
             Some(r) => Cursor {
                 tx_id: r.try_get("tx_id")?,
@@ -110,10 +103,7 @@ impl Relay {
 
     /// Publishes the next settled events after the cursor, retrying failed entries with
     /// backoff until the topic accepted all of them. Does not move the cursor.
-    pub async fn publish_next(
-        &self,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Published>, RelayError> {
+    pub async fn publish_next(&self, shutdown: &CancellationToken) -> Result<Option<Published>, RelayError> {
         let cursor = self.cursor().await?;
         let events = self.log.read_after(cursor, self.cfg.read_batch).await?;
         let Some(last) = events.last() else {
@@ -129,11 +119,7 @@ impl Relay {
         }))
     }
 
-    async fn publish_all(
-        &self,
-        chunk: &[StoredEvent],
-        shutdown: &CancellationToken,
-    ) -> Result<(), RelayError> {
+    async fn publish_all(&self, chunk: &[StoredEvent], shutdown: &CancellationToken) -> Result<(), RelayError> {
         let mut pending: Vec<EventMessage> = chunk.iter().map(EventMessage::from).collect();
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -152,10 +138,7 @@ impl Relay {
                 of = pending.len(),
                 "publish partly failed; retrying those entries"
             );
-            pending = failed
-                .into_iter()
-                .filter_map(|i| pending.get(i).cloned())
-                .collect();
+            pending = failed.into_iter().filter_map(|i| pending.get(i).cloned()).collect();
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.cancelled() => return Err(RelayError::Bus(BusError::Transport("shut down while retrying a publish".into()))),
@@ -192,11 +175,7 @@ impl Relay {
 
     /// Runs until `shutdown`: waits for the relay lock, then publishes, commits and writes
     /// checkpoints every `checkpoint_every_events` events or `checkpoint_every`.
-    pub async fn run(
-        &self,
-        database_url: &str,
-        shutdown: CancellationToken,
-    ) -> Result<(), RelayError> {
+    pub async fn run(&self, database_url: &str, shutdown: CancellationToken) -> Result<(), RelayError> {
         let mut lock = PgConnection::connect(database_url).await?;
         loop {
             let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -233,15 +212,10 @@ impl Relay {
             }
             if let Some(key) = &self.key {
                 let due = since_checkpoint >= self.cfg.checkpoint_every_events
-                    || (since_checkpoint > 0
-                        && last_checkpoint.elapsed() >= self.cfg.checkpoint_every);
+                    || (since_checkpoint > 0 && last_checkpoint.elapsed() >= self.cfg.checkpoint_every);
                 if due {
                     let info = checkpoint::write(self.log.pool(), key).await?;
-                    tracing::info!(
-                        seq = info.seq,
-                        events = info.event_count,
-                        "checkpoint written"
-                    );
+                    tracing::info!(seq = info.seq, events = info.event_count, "checkpoint written");
                     since_checkpoint = 0;
                     last_checkpoint = Instant::now();
                 }

@@ -33,9 +33,7 @@ impl Group {
     pub fn filter_policy(self) -> Option<serde_json::Value> {
         match self {
             Group::Projections => None,
-            Group::GpuJobs => {
-                Some(serde_json::json!({ "event_type": ["JobQueued", "SlideUploaded"] }))
-            }
+            Group::GpuJobs => Some(serde_json::json!({ "event_type": ["JobQueued", "SlideUploaded"] })),
             Group::Handlers => Some(serde_json::json!({ "aggregate_type": ["Job", "Slide"] })),
         }
     }

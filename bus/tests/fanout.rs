@@ -58,9 +58,7 @@ async fn moto_bus() -> Arc<dyn Bus> {
     let names = unique_names();
     let sns = aws_sdk_sns::Client::new(&config);
     let sqs = aws_sdk_sqs::Client::new(&config);
-    aws::init(&sns, &sqs, &names)
-        .await
-        .expect("bus init on moto");
+    aws::init(&sns, &sqs, &names).await.expect("bus init on moto");
     Arc::new(
         aws::AwsBus::connect(&config, &names, Some(Duration::from_secs(2)))
             .await
@@ -138,12 +136,7 @@ impl World {
     }
 
     fn relay(&self) -> Relay {
-        Relay::new(
-            self.log.clone(),
-            self.bus.publisher(),
-            RelayConfig::default(),
-            None,
-        )
+        Relay::new(self.log.clone(), self.bus.publisher(), RelayConfig::default(), None)
     }
 
     fn ctx(&self) -> CommandContext {
@@ -174,11 +167,7 @@ impl World {
                 .await
                 .unwrap();
             job_cqrs
-                .execute_with_metadata(
-                    &id,
-                    JobCommand::Queue { now: Utc::now() },
-                    self.ctx().to_cqrs(),
-                )
+                .execute_with_metadata(&id, JobCommand::Queue { now: Utc::now() }, self.ctx().to_cqrs())
                 .await
                 .unwrap();
             ids.push(id);
@@ -223,11 +212,13 @@ impl World {
     }
 
     async fn effects(&self, group: Group) -> Vec<(String, i64, uuid::Uuid, String)> {
-        sqlx::query_as("SELECT aggregate_id, sequence, event_id, event_type FROM test_effects WHERE consumer = $1 ORDER BY n")
-            .bind(group.suffix())
-            .fetch_all(&self.db.pool)
-            .await
-            .unwrap()
+        sqlx::query_as(
+            "SELECT aggregate_id, sequence, event_id, event_type FROM test_effects WHERE consumer = $1 ORDER BY n",
+        )
+        .bind(group.suffix())
+        .fetch_all(&self.db.pool)
+        .await
+        .unwrap()
     }
 
     async fn all_events(&self) -> Vec<StoredEvent> {
@@ -287,17 +278,11 @@ async fn settle(pool: &PgPool) {
 }
 
 /// Every effect exactly once, and per aggregate in sequence order.
-fn assert_exactly_once_in_order(
-    effects: &[(String, i64, uuid::Uuid, String)],
-    expected: &[&StoredEvent],
-) {
+fn assert_exactly_once_in_order(effects: &[(String, i64, uuid::Uuid, String)], expected: &[&StoredEvent]) {
     let ids: Vec<uuid::Uuid> = effects.iter().map(|e| e.2).collect();
     let unique: HashSet<_> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "an effect was applied twice");
-    assert_eq!(
-        unique,
-        expected.iter().map(|e| &e.event_id).collect::<HashSet<_>>()
-    );
+    assert_eq!(unique, expected.iter().map(|e| &e.event_id).collect::<HashSet<_>>());
     let mut last: HashMap<&str, i64> = HashMap::new();
     for (agg, seq, _, _) in effects {
         let prev = last.insert(agg, *seq).unwrap_or(0);
@@ -315,22 +300,14 @@ async fn fanout_each_queue_gets_what_its_filter_admits_exactly_once(bus: Arc<dyn
     assert_eq!(published as usize, events.len());
     assert_eq!(events.len(), 4 * 2 + 3 * 2);
     for g in Group::ALL {
-        let expected: Vec<&StoredEvent> = events
-            .iter()
-            .filter(|e| g.admits(&EventMessage::from(*e)))
-            .collect();
+        let expected: Vec<&StoredEvent> = events.iter().filter(|e| g.admits(&EventMessage::from(*e))).collect();
         assert!(!expected.is_empty());
         w.consume_until(g, 3, |fx| fx.len() >= expected.len()).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_exactly_once_in_order(&w.effects(g).await, &expected);
     }
     // gpu-jobs saw only queued jobs and uploaded slides.
-    let kinds: HashSet<String> = w
-        .effects(Group::GpuJobs)
-        .await
-        .into_iter()
-        .map(|e| e.3)
-        .collect();
+    let kinds: HashSet<String> = w.effects(Group::GpuJobs).await.into_iter().map(|e| e.3).collect();
     assert_eq!(
         kinds,
         HashSet::from(["JobQueued".to_string(), "SlideUploaded".to_string()])
@@ -347,16 +324,11 @@ async fn relay_crash_between_publish_and_cursor_republishes(bus: Arc<dyn Bus>) {
     drop(crashed); // killed before storing its cursor
     let again = w.relay();
     assert_eq!(again.cursor().await.unwrap(), mira_eventlog::Cursor::START);
-    assert_eq!(
-        again.drain(&stop).await.unwrap(),
-        6,
-        "everything is published again"
-    );
+    assert_eq!(again.drain(&stop).await.unwrap(), 6, "everything is published again");
     assert_eq!(again.cursor().await.unwrap(), p.upto);
     let events = w.all_events().await;
     let expected: Vec<&StoredEvent> = events.iter().collect();
-    w.consume_until(Group::Projections, 3, |fx| fx.len() >= 6)
-        .await;
+    w.consume_until(Group::Projections, 3, |fx| fx.len() >= 6).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_exactly_once_in_order(&w.effects(Group::Projections).await, &expected);
 }
@@ -374,8 +346,7 @@ async fn consumer_crash_after_effect_before_delete_applies_once(bus: Arc<dyn Bus
     drop(c);
     let events = w.all_events().await;
     let expected: Vec<&StoredEvent> = events.iter().collect();
-    w.consume_until(Group::Projections, 3, |fx| fx.len() >= 2)
-        .await;
+    w.consume_until(Group::Projections, 3, |fx| fx.len() >= 2).await;
     // The redelivered first message must have come back and been skipped.
     let deadline = Instant::now() + Duration::from_secs(20);
     let queue_empty = loop {
@@ -404,15 +375,11 @@ async fn a_poison_event_parks_its_aggregate_until_redrive(bus: Arc<dyn Bus>) {
     w.poison.lock().unwrap().insert(bad.clone());
     w.relay().drain(&CancellationToken::new()).await.unwrap();
     // The two healthy jobs flow on; the poisoned one parks after two receives.
-    w.consume_until(Group::Projections, 2, |fx| fx.len() >= 4)
-        .await;
+    w.consume_until(Group::Projections, 2, |fx| fx.len() >= 4).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let parked = consumer::list_parked(&w.db.pool).await.unwrap();
-        if parked
-            .iter()
-            .any(|p| p.aggregate_id == bad && p.set_aside >= 1)
-        {
+        if parked.iter().any(|p| p.aggregate_id == bad && p.set_aside >= 1) {
             break;
         }
         assert!(Instant::now() < deadline, "never parked: {parked:?}");
@@ -445,11 +412,7 @@ async fn a_poison_event_parks_its_aggregate_until_redrive(bus: Arc<dyn Bus>) {
         }
         assert!(Instant::now() < parked_deadline, "{p:?}");
     }
-    assert!(w
-        .effects(Group::Projections)
-        .await
-        .iter()
-        .all(|e| e.0 != bad));
+    assert!(w.effects(Group::Projections).await.iter().all(|e| e.0 != bad));
     // Fixed, then redriven: the aggregate's four events apply, in order.
     w.poison.lock().unwrap().clear();
     assert_eq!(
@@ -458,13 +421,7 @@ async fn a_poison_event_parks_its_aggregate_until_redrive(bus: Arc<dyn Bus>) {
             .unwrap(),
         1
     );
-    assert_eq!(
-        w.consumer(Group::Projections, 2)
-            .redrive_requested()
-            .await
-            .unwrap(),
-        1
-    );
+    assert_eq!(w.consumer(Group::Projections, 2).redrive_requested().await.unwrap(), 1);
     assert!(consumer::list_parked(&w.db.pool).await.unwrap().is_empty());
     let bad_effects: Vec<i64> = w
         .effects(Group::Projections)
@@ -475,10 +432,7 @@ async fn a_poison_event_parks_its_aggregate_until_redrive(bus: Arc<dyn Bus>) {
         .collect();
     assert_eq!(bad_effects, vec![1, 2, 3, 4]);
     let events = w.all_events().await;
-    assert_exactly_once_in_order(
-        &w.effects(Group::Projections).await,
-        &events.iter().collect::<Vec<_>>(),
-    );
+    assert_exactly_once_in_order(&w.effects(Group::Projections).await, &events.iter().collect::<Vec<_>>());
 }
 
 async fn out_of_order_and_duplicate_delivery_converges(bus: Arc<dyn Bus>) {
@@ -497,10 +451,7 @@ async fn out_of_order_and_duplicate_delivery_converges(bus: Arc<dyn Bus>) {
     w.consume_until(Group::Projections, 3, |fx| fx.len() >= events.len())
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_exactly_once_in_order(
-        &w.effects(Group::Projections).await,
-        &events.iter().collect::<Vec<_>>(),
-    );
+    assert_exactly_once_in_order(&w.effects(Group::Projections).await, &events.iter().collect::<Vec<_>>());
 }
 
 macro_rules! both_buses {

@@ -47,9 +47,7 @@ fn read_hex32(path: &Path) -> Result<Option<[u8; 32]>, KeyError> {
     match std::fs::read_to_string(path) {
         Ok(s) => {
             let bytes = hex::decode(s.trim()).map_err(|_| key_err(path, "is not hex"))?;
-            let arr: [u8; 32] = bytes
-                .try_into()
-                .map_err(|_| key_err(path, "is not 32 bytes"))?;
+            let arr: [u8; 32] = bytes.try_into().map_err(|_| key_err(path, "is not 32 bytes"))?;
             Ok(Some(arr))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

@@ -18,11 +18,7 @@ pub enum DbError {
 
 /// A pool for `url`. Fails within `timeout` when the server is unreachable, with an error
 /// that names the host and database but never the password.
-pub async fn connect(
-    url: &str,
-    max_connections: u32,
-    timeout: Duration,
-) -> Result<PgPool, DbError> {
+pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<PgPool, DbError> {
     let opts: PgConnectOptions = url
         .parse()
         .map_err(|e: sqlx::Error| DbError::BadUrl(one_line(&e.to_string())))?;

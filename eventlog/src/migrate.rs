@@ -7,16 +7,8 @@ use sqlx::{PgPool, Row};
 
 /// (version, name, SQL), in order.
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (
-        1,
-        "event_log",
-        include_str!("../../migrations/0001_event_log.sql"),
-    ),
-    (
-        2,
-        "fanout",
-        include_str!("../../migrations/0002_fanout.sql"),
-    ),
+    (1, "event_log", include_str!("../../migrations/0001_event_log.sql")),
+    (2, "fanout", include_str!("../../migrations/0002_fanout.sql")),
 ];
 
 const LOCK_KEY: i64 = 0x6d69_7261_6d69_6772; // "miramigr"
@@ -65,11 +57,10 @@ async fn apply(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>, MigrateError> 
     let mut applied = Vec::new();
     for (version, name, sql) in MIGRATIONS {
         let checksum = Sha256::digest(sql.as_bytes()).to_vec();
-        let existing =
-            sqlx::query("SELECT checksum FROM mira_schema_migrations WHERE version = $1")
-                .bind(version)
-                .fetch_optional(&mut *conn)
-                .await?;
+        let existing = sqlx::query("SELECT checksum FROM mira_schema_migrations WHERE version = $1")
+            .bind(version)
+            .fetch_optional(&mut *conn)
+            .await?;
         if let Some(row) = existing {
             let stored: Vec<u8> = row.try_get("checksum")?;
             if stored != checksum {
@@ -87,14 +78,12 @@ async fn apply(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>, MigrateError> 
         };
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(failed)?;
-        sqlx::query(
-            "INSERT INTO mira_schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-        )
-        .bind(version)
-        .bind(name)
-        .bind(&checksum)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("INSERT INTO mira_schema_migrations (version, name, checksum) VALUES ($1, $2, $3)")
+            .bind(version)
+            .bind(name)
+            .bind(&checksum)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         applied.push(*version);
     }

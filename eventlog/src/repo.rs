@@ -5,9 +5,7 @@
 //! nothing (`NotFound`), and creating over it is a conflict. Snapshots are not kept: streams
 //! are short, and the log stays the only state.
 
-use cqrs_es::persist::{
-    PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
-};
+use cqrs_es::persist::{PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot};
 use cqrs_es::Aggregate;
 use mira_events::{Metadata, TenantId};
 use serde_json::Value;
@@ -26,9 +24,7 @@ impl PgEventRepository {
     }
 }
 
-fn boxed(
-    e: impl std::error::Error + Send + Sync + 'static,
-) -> Box<dyn std::error::Error + Send + Sync> {
+fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> Box<dyn std::error::Error + Send + Sync> {
     Box::new(e)
 }
 
@@ -41,8 +37,7 @@ fn conn_err(e: sqlx::Error) -> PersistenceError {
 pub fn to_serialized(e: StoredEvent) -> Result<SerializedEvent, PersistenceError> {
     let payload: Value = serde_json::from_str(&e.payload)?;
     let metadata: Metadata = serde_json::from_str(&e.metadata)?;
-    let tenant = TenantId::parse(&e.tenant_id)
-        .map_err(|x| PersistenceError::DeserializationError(boxed(x)))?;
+    let tenant = TenantId::parse(&e.tenant_id).map_err(|x| PersistenceError::DeserializationError(boxed(x)))?;
     Ok(SerializedEvent::new(
         e.aggregate_id,
         e.sequence as usize,
@@ -55,11 +50,7 @@ pub fn to_serialized(e: StoredEvent) -> Result<SerializedEvent, PersistenceError
 }
 
 impl PgEventRepository {
-    async fn read<A: Aggregate>(
-        &self,
-        id: &str,
-        after: usize,
-    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+    async fn read<A: Aggregate>(&self, id: &str, after: usize) -> Result<Vec<SerializedEvent>, PersistenceError> {
         self.log
             .read_stream(Some(&self.tenant), A::TYPE, id, after as i64)
             .await
@@ -83,10 +74,7 @@ impl PgEventRepository {
 }
 
 impl PersistedEventRepository for PgEventRepository {
-    async fn get_events<A: Aggregate>(
-        &self,
-        aggregate_id: &str,
-    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+    async fn get_events<A: Aggregate>(&self, aggregate_id: &str) -> Result<Vec<SerializedEvent>, PersistenceError> {
         self.read::<A>(aggregate_id, 0).await
     }
 
@@ -115,8 +103,8 @@ impl PersistedEventRepository for PgEventRepository {
         }
         let mut new = Vec::with_capacity(events.len());
         for e in events {
-            let (tenant, metadata) = Metadata::from_cqrs(&e.metadata)
-                .map_err(|x| PersistenceError::UnknownError(boxed(x)))?;
+            let (tenant, metadata) =
+                Metadata::from_cqrs(&e.metadata).map_err(|x| PersistenceError::UnknownError(boxed(x)))?;
             if tenant != self.tenant {
                 return Err(PersistenceError::UnknownError(
                     format!(
@@ -145,10 +133,7 @@ impl PersistedEventRepository for PgEventRepository {
         }
     }
 
-    async fn stream_events<A: Aggregate>(
-        &self,
-        aggregate_id: &str,
-    ) -> Result<ReplayStream, PersistenceError> {
+    async fn stream_events<A: Aggregate>(&self, aggregate_id: &str) -> Result<ReplayStream, PersistenceError> {
         Ok(Self::stream_of(self.read::<A>(aggregate_id, 0).await?))
     }
 
@@ -166,11 +151,7 @@ impl PersistedEventRepository for PgEventRepository {
             .map_err(conn_err)?;
         let events = rows
             .iter()
-            .map(|r| {
-                crate::store::from_row(r)
-                    .map_err(conn_err)
-                    .and_then(to_serialized)
-            })
+            .map(|r| crate::store::from_row(r).map_err(conn_err).and_then(to_serialized))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self::stream_of(events))
     }

@@ -11,28 +11,14 @@ use crate::db;
 
 /// A follower's position: the log is totally ordered by `(tx_id, global_position)`.
 /// `Cursor::START` is before every event.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Cursor {
     pub tx_id: i64,
     pub position: i64,
 }
 
 impl Cursor {
-    pub const START: Cursor = Cursor {
-        tx_id: 0,
-        position: 0,
-    };
+    pub const START: Cursor = Cursor { tx_id: 0, position: 0 };
 }
 
 /// An event to append; the log adds the id, time, position and hashes.
@@ -165,11 +151,7 @@ impl EventLog {
 
     /// Appends `events` (consecutive events of aggregates, in sequence order) in one
     /// transaction.
-    pub async fn append(
-        &self,
-        tenant: &TenantId,
-        events: &[NewEvent],
-    ) -> Result<Vec<StoredEvent>, AppendError> {
+    pub async fn append(&self, tenant: &TenantId, events: &[NewEvent]) -> Result<Vec<StoredEvent>, AppendError> {
         let mut tx = self.pool.begin().await?;
         let stored = Self::append_in_tx(&mut tx, tenant, events).await?;
         tx.commit().await?;
@@ -307,11 +289,7 @@ impl EventLog {
     /// Up to `limit` events after `cursor` in follow order, all below the settled watermark.
     /// Called repeatedly with the last event's cursor, it yields every committed event exactly
     /// once, however late each one commits.
-    pub async fn read_after(
-        &self,
-        cursor: Cursor,
-        limit: i64,
-    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    pub async fn read_after(&self, cursor: Cursor, limit: i64) -> Result<Vec<StoredEvent>, sqlx::Error> {
         let sql = format!(
             "SELECT {COLUMNS} FROM events \
              WHERE (tx_id, global_position) > ($1::text::xid8, $2) \

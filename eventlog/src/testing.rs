@@ -71,15 +71,11 @@ impl Drop for TestDb {
         // The pool is not closed from there: its connections belong to the test's runtime,
         // which is blocked in this drop. FORCE ends them on the server instead.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
             };
             rt.block_on(async move {
-                if let Ok(admin) = crate::db::connect(&admin_url(), 1, Duration::from_secs(5)).await
-                {
+                if let Ok(admin) = crate::db::connect(&admin_url(), 1, Duration::from_secs(5)).await {
                     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .execute(&admin)
                         .await;
@@ -97,10 +93,7 @@ mod tests {
 
     #[test]
     fn replaces_the_database_of_a_url() {
-        assert_eq!(
-            with_database("postgres://u@h:1/postgres", "x"),
-            "postgres://u@h:1/x"
-        );
+        assert_eq!(with_database("postgres://u@h:1/postgres", "x"), "postgres://u@h:1/x");
         assert_eq!(
             with_database("postgres://u@h:1/postgres?sslmode=disable", "x"),
             "postgres://u@h:1/x?sslmode=disable"

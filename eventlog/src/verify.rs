@@ -106,10 +106,7 @@ fn check_checkpoints(cks: &[Checkpoint], key: &VerifyingKey) -> Result<(), Viola
             )));
         }
         if c.prev_digest != prev_digest {
-            return Err(bad(format!(
-                "checkpoint {} does not continue checkpoint {}",
-                c.seq, i
-            )));
+            return Err(bad(format!("checkpoint {} does not continue checkpoint {}", c.seq, i)));
         }
         if c.leaves.len() % LEAF_LEN != 0
             || c.event_count != prev_count + (c.leaves.len() / LEAF_LEN) as i64
@@ -197,7 +194,10 @@ pub async fn verify(pool: &PgPool, key: &VerifyingKey) -> Result<VerifyReport, V
                     return Err(violation(
                         pos,
                         id,
-                        format!("hash differs from the one signed in checkpoint {} (altered and re-hashed)", l.checkpoint),
+                        format!(
+                            "hash differs from the one signed in checkpoint {} (altered and re-hashed)",
+                            l.checkpoint
+                        ),
                     ));
                 }
                 Some(_) => {}

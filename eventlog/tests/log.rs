@@ -82,13 +82,11 @@ fn audit_key() -> (AuditKey, std::path::PathBuf) {
 }
 
 async fn positions_of(pool: &PgPool, aggregate_id: &str) -> Vec<i64> {
-    sqlx::query_scalar(
-        "SELECT global_position FROM events WHERE aggregate_id = $1 ORDER BY sequence",
-    )
-    .bind(aggregate_id)
-    .fetch_all(pool)
-    .await
-    .unwrap()
+    sqlx::query_scalar("SELECT global_position FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+        .bind(aggregate_id)
+        .fetch_all(pool)
+        .await
+        .unwrap()
 }
 
 /// Runs `sql` as a superuser with the append-only triggers switched off, as an attacker would.
@@ -142,10 +140,7 @@ async fn event_id_at(pool: &PgPool, position: i64) -> uuid::Uuid {
 #[tokio::test]
 async fn migrations_are_idempotent() {
     let db = TestDb::new().await;
-    assert!(mira_eventlog::migrate::run(&db.pool)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(mira_eventlog::migrate::run(&db.pool).await.unwrap().is_empty());
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM mira_schema_migrations")
         .fetch_one(&db.pool)
         .await
@@ -194,10 +189,7 @@ async fn another_tenants_job_is_invisible() {
         .execute_with_metadata(&id, JobCommand::Cancel { reason: None }, ctx("lab-b"))
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, AggregateError::UserError(JobError::NotFound)),
-        "{err:?}"
-    );
+    assert!(matches!(err, AggregateError::UserError(JobError::NotFound)), "{err:?}");
     // Creating over it is a conflict, and writes nothing.
     let err = other
         .execute_with_metadata(&id, submit(), ctx("lab-b"))
@@ -218,9 +210,7 @@ async fn racing_commands_one_wins_the_other_conflicts() {
     let log = EventLog::new(db.pool.clone());
     let id = uuid::Uuid::now_v7().to_string();
     let c = cqrs(&log, "lab");
-    c.execute_with_metadata(&id, submit(), ctx("lab"))
-        .await
-        .unwrap();
+    c.execute_with_metadata(&id, submit(), ctx("lab")).await.unwrap();
     c.execute_with_metadata(&id, JobCommand::Queue { now: Utc::now() }, ctx("lab"))
         .await
         .unwrap();
@@ -254,9 +244,7 @@ async fn racing_commands_one_wins_the_other_conflicts() {
     let mut ids = Vec::new();
     for _ in 0..20 {
         let id = uuid::Uuid::now_v7().to_string();
-        c.execute_with_metadata(&id, submit(), ctx("lab"))
-            .await
-            .unwrap();
+        c.execute_with_metadata(&id, submit(), ctx("lab")).await.unwrap();
         c.execute_with_metadata(&id, JobCommand::Queue { now: Utc::now() }, ctx("lab"))
             .await
             .unwrap();
@@ -305,12 +293,7 @@ async fn follower_sees_every_event_exactly_once_despite_late_commits() {
 
     let mut handles = Vec::new();
     for w in 0..writers {
-        let (pool, aggs, done, late) = (
-            db.pool.clone(),
-            aggregates.clone(),
-            done.clone(),
-            late.clone(),
-        );
+        let (pool, aggs, done, late) = (db.pool.clone(), aggregates.clone(), done.clone(), late.clone());
         handles.push(tokio::spawn(async move {
             let mut appended = 0;
             let mut n = w as u64;
@@ -394,11 +377,7 @@ async fn follower_sees_every_event_exactly_once_despite_late_commits() {
     assert_eq!(all.len(), writers * per_writer);
     let unique: HashSet<_> = seen.iter().collect();
     assert_eq!(unique.len(), seen.len(), "an event was delivered twice");
-    assert_eq!(
-        unique,
-        all.iter().collect::<HashSet<_>>(),
-        "an event was skipped"
-    );
+    assert_eq!(unique, all.iter().collect::<HashSet<_>>(), "an event was skipped");
     // Late commits really happened: a later position was committed while an earlier one
     // was still open.
     assert!(
@@ -435,10 +414,7 @@ async fn the_log_refuses_update_delete_and_truncate_even_for_its_owner() {
     }
     // The application role has no such grants at all.
     let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL ROLE mira_app")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    sqlx::query("SET LOCAL ROLE mira_app").execute(&mut *tx).await.unwrap();
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&mut *tx)
         .await
@@ -451,14 +427,8 @@ async fn the_log_refuses_update_delete_and_truncate_even_for_its_owner() {
         "TRUNCATE events",
     ] {
         let err = sqlx::query(sql).execute(&mut *tx).await.unwrap_err();
-        assert!(
-            err.to_string().contains("permission denied"),
-            "{sql}: {err}"
-        );
-        sqlx::query("ROLLBACK TO SAVEPOINT s")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        assert!(err.to_string().contains("permission denied"), "{sql}: {err}");
+        sqlx::query("ROLLBACK TO SAVEPOINT s").execute(&mut *tx).await.unwrap();
     }
     tx.rollback().await.unwrap();
     assert!(verify::verify(&db.pool, &key.verifying_key()).await.is_ok());
@@ -476,13 +446,8 @@ async fn checkpointed_log() -> (TestDb, EventLog, AuditKey) {
     settle(&db.pool).await;
     let info = checkpoint::write(&db.pool, &key).await.unwrap();
     assert_eq!((info.seq, info.event_count, info.new_events), (1, 15, 15));
-    let report = verify::verify(&db.pool, &key.verifying_key())
-        .await
-        .unwrap();
-    assert_eq!(
-        (report.events, report.checkpoints, report.uncheckpointed),
-        (15, 1, 0)
-    );
+    let report = verify::verify(&db.pool, &key.verifying_key()).await.unwrap();
+    assert_eq!((report.events, report.checkpoints, report.uncheckpointed), (15, 1, 0));
     (db, log, key)
 }
 
@@ -490,7 +455,11 @@ async fn checkpointed_log() -> (TestDb, EventLog, AuditKey) {
 async fn tamper_a_changed_payload_byte_is_named() {
     let (db, _log, key) = checkpointed_log().await;
     let pos = positions_of(&db.pool, "j-2").await[2];
-    tamper(&db.pool, &format!("UPDATE events SET payload = overlay(payload placing 'X' from 3 for 1) WHERE global_position = {pos}")).await;
+    tamper(
+        &db.pool,
+        &format!("UPDATE events SET payload = overlay(payload placing 'X' from 3 for 1) WHERE global_position = {pos}"),
+    )
+    .await;
     let v = verify_err(&db.pool, &key).await;
     assert_eq!(
         (v.position, v.event_id),
@@ -505,11 +474,7 @@ async fn tamper_a_deleted_event_in_a_stream_is_named() {
     let (db, _log, key) = checkpointed_log().await;
     let pos = positions_of(&db.pool, "j-2").await[2];
     let id = event_id_at(&db.pool, pos).await;
-    tamper(
-        &db.pool,
-        &format!("DELETE FROM events WHERE global_position = {pos}"),
-    )
-    .await;
+    tamper(&db.pool, &format!("DELETE FROM events WHERE global_position = {pos}")).await;
     let v = verify_err(&db.pool, &key).await;
     assert_eq!((v.position, v.event_id), (pos, Some(id)), "{v}");
     assert!(v.reason.contains("missing"), "{v}");
@@ -603,17 +568,13 @@ async fn checkpoints_chain_and_count_incrementally() {
     let (db, log, key) = checkpointed_log().await;
     run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
     settle(&db.pool).await;
-    let r = verify::verify(&db.pool, &key.verifying_key())
-        .await
-        .unwrap();
+    let r = verify::verify(&db.pool, &key.verifying_key()).await.unwrap();
     assert_eq!((r.events, r.uncheckpointed), (20, 5));
     let info = checkpoint::write(&db.pool, &key).await.unwrap();
     assert_eq!((info.seq, info.event_count, info.new_events), (2, 20, 5));
     let empty = checkpoint::write(&db.pool, &key).await.unwrap();
     assert_eq!((empty.seq, empty.new_events), (3, 0));
-    let r = verify::verify(&db.pool, &key.verifying_key())
-        .await
-        .unwrap();
+    let r = verify::verify(&db.pool, &key.verifying_key()).await.unwrap();
     assert_eq!((r.events, r.checkpoints, r.uncheckpointed), (20, 3, 0));
     let rows = sqlx::query("SELECT count(*) AS n FROM checkpoints")
         .fetch_one(&db.pool)

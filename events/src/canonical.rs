@@ -49,9 +49,7 @@ pub struct CanonicalEvent<'a> {
 
 impl CanonicalEvent<'_> {
     pub fn bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            128 + self.payload.len() + self.metadata.len() + self.aggregate_id.len(),
-        );
+        let mut out = Vec::with_capacity(128 + self.payload.len() + self.metadata.len() + self.aggregate_id.len());
         field(&mut out, EVENT_TAG);
         field(&mut out, self.event_id.as_bytes());
         field(&mut out, self.tenant_id.as_bytes());
@@ -217,10 +215,7 @@ mod tests {
     fn published_vectors_match_the_encoding() {
         let now = vectors();
         if std::env::var_os("MIRA_WRITE_VECTORS").is_some() {
-            let path = concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../docs/audit/test-vectors.json"
-            );
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/audit/test-vectors.json");
             std::fs::write(path, serde_json::to_string_pretty(&now).unwrap() + "\n").unwrap();
             return;
         }
@@ -251,10 +246,7 @@ mod tests {
                 event_id: Uuid::max(),
                 ..base
             },
-            CanonicalEvent {
-                tenant_id: "u",
-                ..base
-            },
+            CanonicalEvent { tenant_id: "u", ..base },
             CanonicalEvent {
                 aggregate_type: "Slide",
                 ..base
@@ -263,10 +255,7 @@ mod tests {
                 aggregate_id: "b",
                 ..base
             },
-            CanonicalEvent {
-                sequence: 2,
-                ..base
-            },
+            CanonicalEvent { sequence: 2, ..base },
             CanonicalEvent {
                 event_type: "Y",
                 ..base

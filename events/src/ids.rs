@@ -60,9 +60,7 @@ impl fmt::Display for TenantId {
 macro_rules! uuid_id {
     ($name:ident, $kind:literal, $doc:literal) => {
         #[doc = $doc]
-        #[derive(
-            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-        )]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
         pub struct $name(pub Uuid);
 
@@ -107,11 +105,7 @@ macro_rules! uuid_id {
 
 uuid_id!(JobId, "job id", "A processing job.");
 uuid_id!(SlideId, "slide id", "An uploaded whole-slide image.");
-uuid_id!(
-    EventId,
-    "event id",
-    "One stored event; UUIDv7, made in Rust."
-);
+uuid_id!(EventId, "event id", "One stored event; UUIDv7, made in Rust.");
 
 #[cfg(test)]
 mod tests {

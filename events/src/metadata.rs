@@ -160,17 +160,13 @@ impl Metadata {
     /// Reads the map written by [`CommandContext::to_cqrs`], as cqrs-es serialised it.
     pub fn from_cqrs(value: &serde_json::Value) -> Result<(TenantId, Self), MetadataError> {
         let get = |k: &'static str| -> Result<&str, MetadataError> {
-            value
-                .get(k)
-                .and_then(|v| v.as_str())
-                .ok_or(MetadataError::Missing(k))
+            value.get(k).and_then(|v| v.as_str()).ok_or(MetadataError::Missing(k))
         };
         let uuid = |k: &'static str| -> Result<Uuid, MetadataError> {
             let s = get(k)?;
             Uuid::parse_str(s).map_err(|_| MetadataError::Invalid(k, s.to_owned()))
         };
-        let tenant = TenantId::parse(get(K_TENANT)?)
-            .map_err(|e| MetadataError::Invalid(K_TENANT, e.to_string()))?;
+        let tenant = TenantId::parse(get(K_TENANT)?).map_err(|e| MetadataError::Invalid(K_TENANT, e.to_string()))?;
         let actor = Actor {
             kind: get(K_ACTOR_KIND)?.parse()?,
             id: get(K_ACTOR_ID)?.to_owned(),
@@ -180,10 +176,7 @@ impl Metadata {
         }
         let traceparent = get(K_TRACEPARENT)?;
         if !is_traceparent(traceparent) {
-            return Err(MetadataError::Invalid(
-                K_TRACEPARENT,
-                traceparent.to_owned(),
-            ));
+            return Err(MetadataError::Invalid(K_TRACEPARENT, traceparent.to_owned()));
         }
         Ok((
             tenant,
@@ -192,10 +185,7 @@ impl Metadata {
                 correlation_id: uuid(K_CORRELATION)?,
                 causation_id: uuid(K_CAUSATION)?,
                 traceparent: traceparent.to_owned(),
-                idempotency_key: value
-                    .get(K_IDEMPOTENCY)
-                    .and_then(|v| v.as_str())
-                    .map(str::to_owned),
+                idempotency_key: value.get(K_IDEMPOTENCY).and_then(|v| v.as_str()).map(str::to_owned),
             },
         ))
     }
@@ -223,8 +213,7 @@ mod tests {
 
     #[test]
     fn context_round_trips_through_the_cqrs_map() {
-        let ctx = CommandContext::new(TenantId::parse("lab").unwrap(), Actor::user("u-1"))
-            .with_idempotency_key("k1");
+        let ctx = CommandContext::new(TenantId::parse("lab").unwrap(), Actor::user("u-1")).with_idempotency_key("k1");
         let value = serde_json::to_value(ctx.to_cqrs()).unwrap();
         let (tenant, md) = Metadata::from_cqrs(&value).unwrap();
         assert_eq!(tenant.as_str(), "lab");

@@ -57,12 +57,7 @@ fn aad(subject: &str, field: &str) -> Vec<u8> {
 }
 
 /// Seals `plaintext` as `field` of `subject`.
-pub async fn seal(
-    keyring: &dyn Keyring,
-    subject: &str,
-    field: &str,
-    plaintext: &str,
-) -> Result<Sealed, KeyringError> {
+pub async fn seal(keyring: &dyn Keyring, subject: &str, field: &str, plaintext: &str) -> Result<Sealed, KeyringError> {
     let key = keyring.key_for(subject).await?;
     let mut nonce = [0u8; 12];
     getrandom::getrandom(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -84,11 +79,7 @@ pub async fn seal(
 }
 
 /// Opens a value sealed as `field`.
-pub async fn open(
-    keyring: &dyn Keyring,
-    sealed: &Sealed,
-    field: &str,
-) -> Result<String, KeyringError> {
+pub async fn open(keyring: &dyn Keyring, sealed: &Sealed, field: &str) -> Result<String, KeyringError> {
     let corrupt = || KeyringError::Corrupt(sealed.subject.clone());
     let key = keyring
         .existing_key(&sealed.subject)
@@ -127,10 +118,8 @@ impl LocalKeyring {
     }
 
     fn path(&self, subject: &str) -> PathBuf {
-        self.dir.join(format!(
-            "{}.key",
-            hex::encode(Sha256::digest(subject.as_bytes()))
-        ))
+        self.dir
+            .join(format!("{}.key", hex::encode(Sha256::digest(subject.as_bytes()))))
     }
 
     fn read(path: &Path) -> Result<Option<[u8; 32]>, KeyringError> {
@@ -211,9 +200,7 @@ mod tests {
     async fn seal_open_erase() {
         let dir = temp_dir();
         let ring = LocalKeyring::open(&dir).unwrap();
-        let s = seal(&ring, "slide:1", "name", "Patient 42 biopsy")
-            .await
-            .unwrap();
+        let s = seal(&ring, "slide:1", "name", "Patient 42 biopsy").await.unwrap();
         assert!(!s.ct.contains("Patient"));
         assert_eq!(open(&ring, &s, "name").await.unwrap(), "Patient 42 biopsy");
         // Bound to its field and subject.
@@ -228,16 +215,11 @@ mod tests {
         ring.key_for("slide:2").await.unwrap();
         assert!(open(&ring, &moved, "name").await.is_err());
         // Same key on reuse, a fresh nonce each time.
-        let s2 = seal(&ring, "slide:1", "name", "Patient 42 biopsy")
-            .await
-            .unwrap();
+        let s2 = seal(&ring, "slide:1", "name", "Patient 42 biopsy").await.unwrap();
         assert_ne!(s.nonce, s2.nonce);
         assert_eq!(open(&ring, &s2, "name").await.unwrap(), "Patient 42 biopsy");
         ring.erase("slide:1").await.unwrap();
-        assert!(matches!(
-            open(&ring, &s, "name").await,
-            Err(KeyringError::Erased(_))
-        ));
+        assert!(matches!(open(&ring, &s, "name").await, Err(KeyringError::Erased(_))));
         fs::remove_dir_all(dir).unwrap();
     }
 }

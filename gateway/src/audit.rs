@@ -55,11 +55,7 @@ pub async fn replay(
          AND aggregate_type IN ('Job', 'Slide') ORDER BY aggregate_type, aggregate_id, sequence",
         mira_eventlog::store::COLUMNS
     );
-    let rows = sqlx::query(&sql)
-        .bind(as_of)
-        .bind(aggregate_id)
-        .fetch_all(pool)
-        .await?;
+    let rows = sqlx::query(&sql).bind(as_of).bind(aggregate_id).fetch_all(pool).await?;
     let mut states: BTreeMap<(String, String), (State, StoredEvent)> = BTreeMap::new();
     for row in &rows {
         let e = mira_eventlog::store::from_row(row)?;

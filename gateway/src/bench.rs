@@ -77,11 +77,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 /// Runs about `commands` commands (rounded up to whole jobs) with `concurrency` writers.
-pub async fn append(
-    commands: &Commands,
-    total: u64,
-    concurrency: usize,
-) -> anyhow::Result<AppendReport> {
+pub async fn append(commands: &Commands, total: u64, concurrency: usize) -> anyhow::Result<AppendReport> {
     let tenant = TenantId::parse("bench").expect("valid tenant");
     let jobs = total.div_ceil(COMMANDS_PER_JOB).max(1);
     let next = Arc::new(AtomicU64::new(0));
@@ -127,5 +123,175 @@ pub async fn append(
         latency_p99_ms: percentile(&latencies, 0.99),
         avg_payload_bytes: p.unwrap_or(0.0),
         avg_metadata_bytes: m.unwrap_or(0.0),
+    })
+}
+
+/// What `mira bench fanout` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutReport {
+    pub provider: String,
+    pub events: u64,
+    pub relay_seconds: f64,
+    pub relay_events_per_second: f64,
+    /// Mean time per `PublishBatch` of up to ten events (the relay's unit of work).
+    pub relay_ms_per_batch: f64,
+    pub latency_events: u64,
+    /// From the event's commit (`recorded_at`) to its effect in the projections consumer,
+    /// with the relay and all three consumers running.
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+}
+
+struct LatencyProbe {
+    samples: Arc<std::sync::Mutex<Vec<f64>>>,
+}
+
+#[async_trait::async_trait]
+impl mira_bus::consumer::Handler for LatencyProbe {
+    async fn apply(
+        &self,
+        _tx: &mut sqlx::PgConnection,
+        e: &mira_eventlog::StoredEvent,
+    ) -> Result<(), mira_bus::consumer::HandlerError> {
+        let ms = (Utc::now() - e.recorded_at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+        self.samples.lock().expect("samples lock").push(ms);
+        Ok(())
+    }
+}
+
+fn bench_event(aggregate: &str, sequence: u64) -> mira_eventlog::NewEvent {
+    mira_eventlog::NewEvent {
+        aggregate_type: "Job".into(),
+        aggregate_id: aggregate.into(),
+        sequence,
+        event_type: "JobProgressed".into(),
+        event_version: "1".into(),
+        payload: format!(r#"{{"type":"JobProgressed","attempt":1,"done":{sequence},"total":1000000}}"#),
+        metadata: r#"{"actor":{"kind":"system","id":"bench"}}"#.into(),
+    }
+}
+
+/// Relay throughput over `events` events, then append→consume latency over `latency_events`
+/// events appended one at a time every `interval`, on `bus`.
+pub async fn fanout(
+    log: &mira_eventlog::EventLog,
+    bus: Arc<dyn mira_bus::Bus>,
+    provider: &str,
+    events: u64,
+    latency_events: u64,
+    interval: Duration,
+) -> anyhow::Result<FanoutReport> {
+    use mira_bus::consumer::{Consumer, ConsumerConfig};
+    use mira_bus::relay::{Relay, RelayConfig};
+    use tokio_util::sync::CancellationToken;
+
+    let tenant = TenantId::parse("bench").expect("valid tenant");
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let aggregates: Vec<String> = (0..events.div_ceil(10).max(1))
+        .map(|i| format!("bench-{run}-{i}"))
+        .collect();
+    let mut seq = vec![0u64; aggregates.len()];
+    for i in 0..events as usize {
+        let a = i % aggregates.len();
+        seq[a] += 1;
+        log.append(&tenant, &[bench_event(&aggregates[a], seq[a])]).await?;
+    }
+    let relay = Relay::new(
+        log.clone(),
+        bus.publisher(),
+        RelayConfig {
+            idle_poll: Duration::from_millis(5),
+            ..RelayConfig::default()
+        },
+        None,
+    );
+    let stop = CancellationToken::new();
+    // Settle: what the relay sees now is only what was appended above.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let published = relay.drain(&stop).await?;
+    let relay_seconds = t.elapsed().as_secs_f64();
+
+    // Consumers for all three queues, so no queue grows.
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for g in mira_bus::Group::ALL {
+        let mut cfg = ConsumerConfig::for_group(g);
+        cfg.name = format!("bench-{run}-{}", g.suffix());
+        cfg.wait = Duration::from_millis(500);
+        let handler: Arc<dyn mira_bus::consumer::Handler> = if g == mira_bus::Group::Projections {
+            Arc::new(LatencyProbe {
+                samples: samples.clone(),
+            })
+        } else {
+            Arc::new(LatencyProbe {
+                samples: Arc::default(),
+            })
+        };
+        let c = Consumer::new(log.clone(), bus.queue(g), handler, cfg);
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move { c.run(stop).await }));
+    }
+    // Drain the throughput phase's messages before measuring latency.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while (samples.lock().expect("samples lock").len() as u64) < published && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    samples.lock().expect("samples lock").clear();
+    let relay_task = {
+        let stop = stop.clone();
+        let relay = Relay::new(
+            log.clone(),
+            bus.publisher(),
+            RelayConfig {
+                idle_poll: Duration::from_millis(5),
+                ..RelayConfig::default()
+            },
+            None,
+        );
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Some(p) = relay.publish_next(&stop).await? {
+                    relay.commit(&p).await?;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    let probe = format!("bench-{run}-latency");
+    for i in 1..=latency_events {
+        log.append(&tenant, &[bench_event(&probe, i)]).await?;
+        tokio::time::sleep(interval).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (samples.lock().expect("samples lock").len() as u64) < latency_events && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    relay_task.await??;
+    for t in tasks {
+        t.await??;
+    }
+    let mut lat: Vec<f64> = samples.lock().expect("samples lock").clone();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() as f64 - 1.0) * p).round() as usize]
+        }
+    };
+    Ok(FanoutReport {
+        provider: provider.to_owned(),
+        events: published,
+        relay_seconds,
+        relay_events_per_second: published as f64 / relay_seconds,
+        relay_ms_per_batch: relay_seconds * 1000.0
+            / (published.div_ceil(mira_bus::relay::PUBLISH_BATCH as u64).max(1)) as f64,
+        latency_events: lat.len() as u64,
+        latency_p50_ms: pct(0.5),
+        latency_p99_ms: pct(0.99),
     })
 }

@@ -25,10 +25,7 @@ impl std::fmt::Debug for Commands {
     }
 }
 
-fn store<A: cqrs_es::Aggregate>(
-    log: &EventLog,
-    ctx: &CommandContext,
-) -> PersistedEventStore<PgEventRepository, A> {
+fn store<A: cqrs_es::Aggregate>(log: &EventLog, ctx: &CommandContext) -> PersistedEventStore<PgEventRepository, A> {
     PersistedEventStore::new_event_store(PgEventRepository::new(log.clone(), ctx.tenant.clone()))
         .with_upcasters(mira_events::upcast::upcasters())
 }

@@ -40,6 +40,149 @@ pub struct Settings {
     pub audit: AuditSettings,
     #[serde(rename = "Keyring")]
     pub keyring: KeyringSettings,
+    #[serde(rename = "AWS")]
+    pub aws: AwsSettings,
+    #[serde(rename = "Messaging")]
+    pub messaging: MessagingSettings,
+    #[serde(rename = "Storage")]
+    pub storage: StorageSettings,
+    #[serde(rename = "Tracing")]
+    pub tracing: TracingSettings,
+    #[serde(rename = "Realtime")]
+    pub realtime: RealtimeSettings,
+}
+
+/// AWS settings, with the names the platform's operators already use (DESIGN §2). The SDK's
+/// own `AWS_ENDPOINT_URL` and credentials variables are read by the SDK itself.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AwsSettings {
+    #[serde(rename = "Region")]
+    pub region: Option<String>,
+    #[serde(rename = "SNS")]
+    pub sns: SnsSettings,
+    #[serde(rename = "SQS")]
+    pub sqs: SqsSettings,
+    #[serde(rename = "S3")]
+    pub s3: S3Settings,
+    #[serde(rename = "Cognito")]
+    pub cognito: CognitoSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct SnsSettings {
+    pub topic_name: String,
+}
+
+impl Default for SnsSettings {
+    fn default() -> Self {
+        Self {
+            topic_name: "mira-events.fifo".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct SqsSettings {
+    /// Queues are `<prefix>projections`, `<prefix>gpu-jobs` and `<prefix>handlers` (`.fifo`).
+    pub queue_prefix: String,
+}
+
+impl Default for SqsSettings {
+    fn default() -> Self {
+        Self {
+            queue_prefix: "mira-".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct S3Settings {
+    pub bucket_name: Option<String>,
+    pub region: Option<String>,
+    pub presigned_url_expiration_minutes: u32,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        Self {
+            bucket_name: None,
+            region: None,
+            presigned_url_expiration_minutes: 15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct CognitoSettings {
+    pub user_pool_id: Option<String>,
+    pub region: Option<String>,
+    pub client_id: Option<String>,
+    /// Derived from the pool unless set (for an emulator).
+    pub jwks_url: Option<String>,
+    /// Derived from the pool unless set (for an emulator).
+    pub issuer: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum MessagingProvider {
+    /// The in-process bus of `mira dev`.
+    #[default]
+    InMemory,
+    /// SNS and SQS.
+    Aws,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct MessagingSettings {
+    pub provider: MessagingProvider,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum StorageProvider {
+    #[default]
+    Local,
+    S3,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct StorageSettings {
+    pub provider: StorageProvider,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingSettings {
+    #[serde(rename = "XRay")]
+    pub xray: XRaySettings,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct XRaySettings {
+    pub enabled: bool,
+    pub service_name: String,
+}
+
+impl Default for XRaySettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            service_name: "mira".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct RealtimeSettings {
+    pub web_socket_url: Option<String>,
 }
 
 /// Where per-subject data keys live. `mira dev` and single-machine installs use a local
@@ -100,7 +243,16 @@ impl Default for AuditSettings {
 }
 
 /// Sections read from the environment (`Section__Key`).
-const SECTIONS: &[&str] = &["Database", "Audit", "Keyring"];
+const SECTIONS: &[&str] = &[
+    "Database",
+    "Audit",
+    "Keyring",
+    "AWS",
+    "Messaging",
+    "Storage",
+    "Tracing",
+    "Realtime",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -122,10 +274,7 @@ fn env_value(raw: &str) -> toml::Value {
 
 impl Settings {
     /// Loads defaults, then `file` (if any), then `env`.
-    pub fn load(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let mut table = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
@@ -134,11 +283,7 @@ impl Settings {
                 })?;
                 text.parse::<toml::Table>().map_err(|e| ConfigError::File {
                     path: path.to_owned(),
-                    reason: e
-                        .to_string()
-                        .split_whitespace()
-                        .collect::<Vec<_>>()
-                        .join(" "),
+                    reason: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
                 })?
             }
             None => toml::Table::new(),
@@ -170,8 +315,8 @@ impl Settings {
             }
             node.insert(parts[parts.len() - 1].to_owned(), env_value(raw));
         }
-        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError::Invalid {
+        let settings: Settings =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Invalid {
                 setting: e.path().to_string().replace('.', "__"),
                 reason: e.inner().to_string(),
             })?;
@@ -198,10 +343,20 @@ impl Settings {
         if self.audit.checkpoint_every_seconds == 0 {
             return invalid("Audit__CheckpointEverySeconds", "must be at least 1");
         }
+        if !self.aws.sns.topic_name.ends_with(".fifo") {
+            return invalid("AWS__SNS__TopicName", "must name a FIFO topic (ending in .fifo)");
+        }
+        if self.aws.sqs.queue_prefix.is_empty() {
+            return invalid("AWS__SQS__QueuePrefix", "must not be empty");
+        }
+        if self.aws.s3.presigned_url_expiration_minutes == 0 || self.aws.s3.presigned_url_expiration_minutes > 10_080 {
+            return invalid(
+                "AWS__S3__PresignedUrlExpirationMinutes",
+                "must be 1 to 10080 (seven days)",
+            );
+        }
         if let Some(url) = &self.database_url {
-            if !(url.expose().starts_with("postgres://")
-                || url.expose().starts_with("postgresql://"))
-            {
+            if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
                 return invalid("DATABASE_URL", "must be a postgres:// URL");
             }
         }
@@ -218,10 +373,19 @@ impl Settings {
             })
     }
 
+    /// The bus names (DESIGN §2).
+    pub fn bus_names(&self) -> mira_bus::Names {
+        mira_bus::Names {
+            topic: self.aws.sns.topic_name.clone(),
+            queue_prefix: self.aws.sqs.queue_prefix.clone(),
+        }
+    }
+
     pub fn public_key_file(&self) -> PathBuf {
-        self.audit.public_key_file.clone().unwrap_or_else(|| {
-            mira_eventlog::checkpoint::public_key_path(&self.audit.signing_key_file)
-        })
+        self.audit
+            .public_key_file
+            .clone()
+            .unwrap_or_else(|| mira_eventlog::checkpoint::public_key_path(&self.audit.signing_key_file))
     }
 }
 
@@ -230,10 +394,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -263,27 +424,35 @@ mod tests {
 
     #[test]
     fn invalid_values_name_the_setting() {
-        let err =
-            Settings::load(None, env(&[("Audit__CheckpointEveryEvents", "lots")])).unwrap_err();
-        assert!(
-            err.to_string().contains("Audit__CheckpointEveryEvents"),
-            "{err}"
-        );
+        let err = Settings::load(None, env(&[("Audit__CheckpointEveryEvents", "lots")])).unwrap_err();
+        assert!(err.to_string().contains("Audit__CheckpointEveryEvents"), "{err}");
         let err = Settings::load(None, env(&[("Audit__CheckpointEveryEvents", "0")])).unwrap_err();
-        assert!(
-            err.to_string().contains("Audit__CheckpointEveryEvents"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("Audit__CheckpointEveryEvents"), "{err}");
         let err = Settings::load(None, env(&[("Audit__NoSuchThing", "1")])).unwrap_err();
         assert!(err.to_string().contains("NoSuchThing"), "{err}");
+        let err = Settings::load(None, env(&[("AWS__SNS__TopicName", "events")])).unwrap_err();
+        assert!(err.to_string().contains("AWS__SNS__TopicName"), "{err}");
+        let err = Settings::load(None, env(&[("Messaging__Provider", "Kafka")])).unwrap_err();
+        assert!(err.to_string().contains("Messaging__Provider"), "{err}");
+        let s = Settings::load(
+            None,
+            env(&[
+                ("AWS__SQS__QueuePrefix", "lab-"),
+                ("Messaging__Provider", "Aws"),
+                ("AWS__Region", "eu-west-1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.bus_names().queue(mira_bus::Group::Handlers), "lab-handlers.fifo");
+        assert_eq!(s.messaging.provider, MessagingProvider::Aws);
+        assert_eq!(s.aws.region.as_deref(), Some("eu-west-1"));
         let err = Settings::load(None, env(&[("DATABASE_URL", "mysql://x")])).unwrap_err();
         assert!(err.to_string().contains("DATABASE_URL"), "{err}");
     }
 
     #[test]
     fn secrets_do_not_print() {
-        let s =
-            Settings::load(None, env(&[("DATABASE_URL", "postgres://u:hunter2@h/db")])).unwrap();
+        let s = Settings::load(None, env(&[("DATABASE_URL", "postgres://u:hunter2@h/db")])).unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
         assert_eq!(s.database_url().unwrap(), "postgres://u:hunter2@h/db");
     }

@@ -10,9 +10,10 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
+use mira_bus::Bus;
 use mira_eventlog::checkpoint::{self, AuditKey};
 use mira_eventlog::{verify, EventLog};
-use mira_gateway::config::Settings;
+use mira_gateway::config::{MessagingProvider, Settings};
 use mira_gateway::{audit, bench, commands::Commands, telemetry};
 
 #[derive(Parser)]
@@ -46,6 +47,55 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
+    },
+    /// The SNS/SQS topology.
+    Bus {
+        #[command(subcommand)]
+        command: BusCommand,
+    },
+    /// Follow the log and publish every event to the SNS topic (one active relay at a time).
+    Relay,
+    /// Parked aggregates and dead-lettered messages.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BusCommand {
+    /// Create the FIFO topic, the three FIFO queues with their DLQs, filters and
+    /// subscriptions (idempotent), on AWS or the endpoint in AWS_ENDPOINT_URL.
+    Init {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Parked aggregates per consumer, and messages in each dead-letter queue.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Un-park aggregates: their consumers replay them from the log. With --dead-letters,
+    /// also move dead-lettered messages back to their queues.
+    Redrive {
+        /// Only this consumer's parked aggregates (for example `projections`).
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Only this aggregate id.
+        #[arg(long)]
+        aggregate: Option<String>,
+        /// Also move SQS dead-letter messages back (Messaging__Provider=Aws).
+        #[arg(long)]
+        dead_letters: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -111,6 +161,24 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Relay throughput and append→consume latency on the configured bus.
+    Fanout {
+        /// Events for the throughput phase.
+        #[arg(long, default_value_t = 1000)]
+        events: u64,
+        /// Events for the latency phase, appended one at a time.
+        #[arg(long, default_value_t = 200)]
+        latency_events: u64,
+        /// Pause between latency-phase appends, in milliseconds.
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+        /// Use the in-memory bus instead of Messaging__Provider.
+        #[arg(long)]
+        in_memory: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
@@ -140,6 +208,46 @@ async fn pool(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
     .await?)
 }
 
+async fn aws_config(settings: &Settings) -> aws_config::SdkConfig {
+    mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await
+}
+
+async fn aws_bus(settings: &Settings) -> anyhow::Result<mira_bus::aws::AwsBus> {
+    if settings.messaging.provider != MessagingProvider::Aws {
+        anyhow::bail!(
+            "Messaging__Provider is InMemory: the in-memory bus lives inside one process (`mira dev`); set Messaging__Provider=Aws to use SNS and SQS"
+        );
+    }
+    Ok(mira_bus::aws::AwsBus::connect(&aws_config(settings).await, &settings.bus_names(), None).await?)
+}
+
+/// Cancelled on SIGTERM or Ctrl-C, so work in hand can drain.
+fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    t.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        t.cancel();
+    });
+    token
+}
+
 fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string(v).unwrap_or_default());
 }
@@ -159,6 +267,97 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Audit { command } => audit_command(&settings, command).await?,
+        Command::Bus {
+            command: BusCommand::Init { json },
+        } => {
+            let info = mira_bus::aws::init(&aws_config(&settings).await, &settings.bus_names()).await?;
+            if json {
+                print_json(&info);
+            } else {
+                println!("topic {}", info.topic_arn);
+                for q in &info.queues {
+                    println!(
+                        "queue {:?}: {} ({})\n  dlq {} ({})\n  subscription {}",
+                        q.group, q.url, q.arn, q.dlq_url, q.dlq_arn, q.subscription_arn
+                    );
+                }
+            }
+        }
+        Command::Relay => {
+            let pool = pool(&settings).await?;
+            let bus = aws_bus(&settings).await?;
+            let key = AuditKey::load_or_create(&settings.audit.signing_key_file)?;
+            let cfg = mira_bus::relay::RelayConfig {
+                checkpoint_every_events: settings.audit.checkpoint_every_events,
+                checkpoint_every: Duration::from_secs(settings.audit.checkpoint_every_seconds),
+                ..Default::default()
+            };
+            let relay = mira_bus::relay::Relay::new(EventLog::new(pool), bus.publisher(), cfg, Some(Arc::new(key)));
+            relay.run(settings.database_url()?, shutdown_on_signals()).await?;
+        }
+        Command::Dlq {
+            command: DlqCommand::List { json },
+        } => {
+            let pool = pool(&settings).await?;
+            let parked = mira_bus::consumer::list_parked(&pool).await?;
+            let mut dead = Vec::new();
+            if settings.messaging.provider == MessagingProvider::Aws {
+                let bus = aws_bus(&settings).await?;
+                for g in mira_bus::Group::ALL {
+                    dead.push((g, bus.queue(g).dead_letter_count().await?));
+                }
+            }
+            if json {
+                let dead: Vec<_> = dead
+                    .iter()
+                    .map(|(g, n)| serde_json::json!({"queue": g, "messages": n}))
+                    .collect();
+                print_json(&serde_json::json!({ "parked": parked, "dead_letters": dead }));
+            } else {
+                println!("{} parked aggregates", parked.len());
+                for p in &parked {
+                    println!(
+                        "  {} {} {}: parked at sequence {} since {} ({} set aside){}: {}",
+                        p.consumer,
+                        p.aggregate_type,
+                        p.aggregate_id,
+                        p.parked_sequence.unwrap_or_default(),
+                        p.parked_at,
+                        p.set_aside,
+                        if p.redrive_requested { ", redrive requested" } else { "" },
+                        p.reason.as_deref().unwrap_or("")
+                    );
+                }
+                for (g, n) in &dead {
+                    println!("dead-letter queue {}: {n} messages", settings.bus_names().dlq(*g));
+                }
+            }
+        }
+        Command::Dlq {
+            command:
+                DlqCommand::Redrive {
+                    consumer,
+                    aggregate,
+                    dead_letters,
+                    json,
+                },
+        } => {
+            let pool = pool(&settings).await?;
+            let requested =
+                mira_bus::consumer::request_redrive(&pool, consumer.as_deref(), aggregate.as_deref()).await?;
+            let mut moved = 0;
+            if dead_letters {
+                let bus = aws_bus(&settings).await?;
+                for g in mira_bus::Group::ALL {
+                    moved += bus.queue(g).redrive_dead_letters().await?;
+                }
+            }
+            if json {
+                print_json(&serde_json::json!({ "redrive_requested": requested, "dead_letters_moved": moved }));
+            } else {
+                println!("redrive requested for {requested} parked aggregates (their consumers replay them from the log); {moved} dead letters moved back");
+            }
+        }
         Command::Bench {
             command:
                 BenchCommand::Append {
@@ -169,9 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let pool = pool(&settings).await?;
             let keyring = mira_events::LocalKeyring::open(&settings.keyring.local_dir)
-                .with_context(|| {
-                    format!("Keyring__LocalDir {}", settings.keyring.local_dir.display())
-                })?;
+                .with_context(|| format!("Keyring__LocalDir {}", settings.keyring.local_dir.display()))?;
             let cmds = Commands::new(EventLog::new(pool), Arc::new(keyring));
             let r = bench::append(&cmds, commands, concurrency).await?;
             if json {
@@ -191,6 +388,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Bench {
+            command:
+                BenchCommand::Fanout {
+                    events,
+                    latency_events,
+                    interval_ms,
+                    in_memory,
+                    json,
+                },
+        } => {
+            let pool = pool(&settings).await?;
+            let (bus, provider): (Arc<dyn Bus>, &str) =
+                if in_memory || settings.messaging.provider == MessagingProvider::InMemory {
+                    (
+                        Arc::new(mira_bus::memory::MemoryBus::new(Duration::from_secs(30), 10)),
+                        "in-memory",
+                    )
+                } else {
+                    (Arc::new(aws_bus(&settings).await?), "sns-sqs")
+                };
+            let r = bench::fanout(
+                &EventLog::new(pool),
+                bus,
+                provider,
+                events,
+                latency_events,
+                Duration::from_millis(interval_ms),
+            )
+            .await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("| bus | events | relay events/s | ms per PublishBatch | latency events | append→consume p50 ms | p99 ms |");
+                println!("|---|---|---|---|---|---|---|");
+                println!(
+                    "| {} | {} | {:.0} | {:.2} | {} | {:.1} | {:.1} |",
+                    r.provider,
+                    r.events,
+                    r.relay_events_per_second,
+                    r.relay_ms_per_batch,
+                    r.latency_events,
+                    r.latency_p50_ms,
+                    r.latency_p99_ms
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -201,10 +444,7 @@ async fn audit_command(settings: &Settings, command: AuditCommand) -> anyhow::Re
         Ok(checkpoint::load_verifying_key(&path)?)
     };
     match command {
-        AuditCommand::Verify {
-            public_key: flag,
-            json,
-        } => {
+        AuditCommand::Verify { public_key: flag, json } => {
             let key = public_key(flag)?;
             let pool = pool(settings).await?;
             match verify::verify(&pool, &key).await {
@@ -242,11 +482,7 @@ async fn audit_command(settings: &Settings, command: AuditCommand) -> anyhow::Re
                 );
             }
         }
-        AuditCommand::Replay {
-            as_of,
-            aggregate,
-            json,
-        } => {
+        AuditCommand::Replay { as_of, aggregate, json } => {
             let pool = pool(settings).await?;
             let states = audit::replay(&pool, as_of, aggregate.as_deref()).await?;
             if aggregate.is_some() && states.is_empty() {
@@ -261,12 +497,7 @@ async fn audit_command(settings: &Settings, command: AuditCommand) -> anyhow::Re
                 } else {
                     println!(
                         "{} {} (tenant {}) at sequence {} ({}): {}",
-                        s.aggregate_type,
-                        s.aggregate_id,
-                        s.tenant_id,
-                        s.sequence,
-                        s.as_of_event,
-                        s.state
+                        s.aggregate_type, s.aggregate_id, s.tenant_id, s.sequence, s.as_of_event, s.state
                     );
                 }
             }
@@ -281,8 +512,8 @@ async fn audit_command(settings: &Settings, command: AuditCommand) -> anyhow::Re
             let pool = pool(settings).await?;
             let summary = match &out {
                 Some(path) => {
-                    let file = std::fs::File::create(path)
-                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    let file =
+                        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
                     let mut w = std::io::BufWriter::new(file);
                     mira_eventlog::export::export(&pool, &key, from, to, &mut w).await?
                 }
@@ -304,10 +535,7 @@ async fn audit_command(settings: &Settings, command: AuditCommand) -> anyhow::Re
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init("warn");
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mira: cannot start the runtime: {e}");
@@ -317,10 +545,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let line = format!("{e:#}")
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ");
+            let line = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
             eprintln!("mira: {line}");
             if e.is::<Verdict>() {
                 ExitCode::from(1)

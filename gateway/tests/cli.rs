@@ -15,6 +15,7 @@ use mira_gateway::commands::Commands;
 struct Env {
     dir: PathBuf,
     url: String,
+    extra: Vec<(String, String)>,
 }
 
 impl Env {
@@ -24,21 +25,56 @@ impl Env {
         Self {
             dir,
             url: url.to_owned(),
+            extra: Vec::new(),
         }
     }
 
-    fn mira(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_mira"))
-            .args(args)
+    /// Settings for SNS/SQS on moto, with names no other test uses.
+    fn on_moto(mut self, endpoint: &str) -> Self {
+        let tag = &uuid::Uuid::new_v4().simple().to_string()[..10];
+        for (k, v) in [
+            ("Messaging__Provider", "Aws".to_string()),
+            ("AWS_ENDPOINT_URL", endpoint.to_string()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS__SNS__TopicName", format!("mira-c{tag}-events.fifo")),
+            ("AWS__SQS__QueuePrefix", format!("mira-c{tag}-")),
+        ] {
+            self.extra.push((k.into(), v));
+        }
+        self
+    }
+
+    fn set(mut self, k: &str, v: &str) -> Self {
+        self.extra.retain(|(key, _)| key != k);
+        self.extra.push((k.into(), v.into()));
+        self
+    }
+
+    fn unset(mut self, k: &str) -> Self {
+        self.extra.retain(|(key, _)| key != k);
+        self
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mira"));
+        c.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", &self.dir)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("DATABASE_URL", &self.url)
             .env("Database__ConnectTimeoutSeconds", "3")
             .env("Audit__SigningKeyFile", self.dir.join("audit.key"))
             .env("Keyring__LocalDir", self.dir.join("keyring"))
-            .current_dir(&self.dir)
-            .output()
-            .unwrap()
+            .envs(self.extra.iter().map(|(k, v)| (k, v)))
+            .current_dir(&self.dir);
+        c
+    }
+
+    fn mira(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
     }
 }
 
@@ -58,10 +94,7 @@ fn commands(db: &TestDb, dir: &Path) -> Commands {
 }
 
 fn ctx() -> CommandContext {
-    CommandContext::new(
-        TenantId::parse("lab").unwrap(),
-        Actor::user("pathologist-1"),
-    )
+    CommandContext::new(TenantId::parse("lab").unwrap(), Actor::user("pathologist-1"))
 }
 
 async fn settle(pool: &sqlx::PgPool) {
@@ -85,6 +118,10 @@ const SUBCOMMANDS: &[&[&str]] = &[
     &["audit", "replay", "--as-of", "2026-01-01T00:00:00Z"],
     &["audit", "export"],
     &["bench", "append", "--commands", "5"],
+    &["bench", "fanout", "--events", "1", "--latency-events", "1"],
+    &["relay"],
+    &["dlq", "list"],
+    &["dlq", "redrive"],
 ];
 
 #[test]
@@ -104,16 +141,9 @@ fn a_wrong_or_unreachable_database_is_one_line_and_non_zero() {
             let out = env.mira(args);
             let err = stderr(&out);
             assert_eq!(out.status.code(), Some(2), "{args:?} with {url}: {err}");
-            assert_eq!(
-                err.trim_end().lines().count(),
-                1,
-                "{args:?} with {url}: {err}"
-            );
+            assert_eq!(err.trim_end().lines().count(), 1, "{args:?} with {url}: {err}");
             assert!(err.starts_with("mira: "), "{args:?}: {err}");
-            assert!(
-                !err.contains("panicked") && !err.contains("backtrace"),
-                "{err}"
-            );
+            assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
         }
     }
 }
@@ -135,11 +165,7 @@ fn a_missing_database_url_names_the_setting() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("Database__MaxConnections"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("Database__MaxConnections"), "{}", stderr(&out));
 }
 
 #[tokio::test]
@@ -187,13 +213,12 @@ async fn replay_returns_the_state_between_two_events() {
     )
     .await
     .unwrap();
-    let times: Vec<chrono::DateTime<Utc>> = sqlx::query_scalar(
-        "SELECT recorded_at FROM events WHERE aggregate_id = $1 ORDER BY sequence",
-    )
-    .bind(id.to_string())
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
+    let times: Vec<chrono::DateTime<Utc>> =
+        sqlx::query_scalar("SELECT recorded_at FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+            .bind(id.to_string())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(times.len(), 3);
     let between = times[1] + (times[2] - times[1]) / 2;
     assert!(between > times[1] && between < times[2]);
@@ -224,22 +249,12 @@ async fn replay_returns_the_state_between_two_events() {
     ]);
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(
-        (
-            v["state"]["status"].as_str(),
-            v["state"]["worker_id"].as_str()
-        ),
+        (v["state"]["status"].as_str(), v["state"]["worker_id"].as_str()),
         (Some("running"), Some("w-7"))
     );
     // Before the first event there is nothing.
     let before = (times[0] - chrono::Duration::seconds(1)).to_rfc3339();
-    let out = env.mira(&[
-        "audit",
-        "replay",
-        "--as-of",
-        &before,
-        "--aggregate",
-        &id.to_string(),
-    ]);
+    let out = env.mira(&["audit", "replay", "--as-of", &before, "--aggregate", &id.to_string()]);
     assert_eq!(out.status.code(), Some(2));
     let out = env.mira(&["audit", "replay", "--as-of", "yesterday"]);
     assert_eq!(out.status.code(), Some(2));
@@ -269,9 +284,7 @@ async fn verify_checkpoint_and_an_export_that_reverifies_outside_mira() {
         )
         .await
         .unwrap();
-        c.job(&ctx(), id, JobCommand::Queue { now: Utc::now() })
-            .await
-            .unwrap();
+        c.job(&ctx(), id, JobCommand::Queue { now: Utc::now() }).await.unwrap();
     }
     // A slide, so the export also carries sealed patient data.
     let slide = SlideId::new();
@@ -357,21 +370,15 @@ async fn verify_checkpoint_and_an_export_that_reverifies_outside_mira() {
         .execute(&mut *tx)
         .await
         .unwrap();
-    sqlx::query(
-        "UPDATE events SET payload = replace(payload, '254', '255') WHERE global_position = $1",
-    )
-    .bind(pos)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    sqlx::query("UPDATE events SET payload = replace(payload, '254', '255') WHERE global_position = $1")
+        .bind(pos)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     let bad = env.mira(&["audit", "verify"]);
     assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
-    assert!(
-        stderr(&bad).contains(&format!("position {pos}")),
-        "{}",
-        stderr(&bad)
-    );
+    assert!(stderr(&bad).contains(&format!("position {pos}")), "{}", stderr(&bad));
     assert_eq!(stderr(&bad).trim_end().lines().count(), 1);
 }
 
@@ -379,15 +386,7 @@ async fn verify_checkpoint_and_an_export_that_reverifies_outside_mira() {
 async fn bench_append_runs_real_commands() {
     let db = TestDb::new().await;
     let env = Env::new(&db.url);
-    let out = env.mira(&[
-        "bench",
-        "append",
-        "--commands",
-        "50",
-        "--concurrency",
-        "4",
-        "--json",
-    ]);
+    let out = env.mira(&["bench", "append", "--commands", "50", "--concurrency", "4", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let r: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(r["commands"], 50);
@@ -397,16 +396,184 @@ async fn bench_append_runs_real_commands() {
         .await
         .unwrap();
     assert_eq!(n, 50);
-    let succeeded: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'JobSucceeded'")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let succeeded: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'JobSucceeded'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(succeeded, 10);
     settle(&db.pool).await;
     let key = mira_eventlog::AuditKey::load_or_create(&env.dir.join("audit.key")).unwrap();
-    mira_eventlog::checkpoint::write(&db.pool, &key)
-        .await
-        .unwrap();
+    mira_eventlog::checkpoint::write(&db.pool, &key).await.unwrap();
     assert!(env.mira(&["audit", "verify"]).status.success());
+}
+
+// ---- fan-out ----------------------------------------------------------------------------
+
+fn moto() -> String {
+    std::env::var("MIRA_TEST_AWS_ENDPOINT")
+        .expect("MIRA_TEST_AWS_ENDPOINT names the moto server; run the tests through scripts/test, which starts one")
+}
+
+#[tokio::test]
+async fn bus_init_is_idempotent_and_the_relay_publishes_checkpoints_and_stops_on_sigterm() {
+    let db = TestDb::new().await;
+    let env = Env::new(&db.url)
+        .on_moto(&moto())
+        .set("Audit__CheckpointEveryEvents", "4");
+    let first = env.mira(&["bus", "init", "--json"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let again = env.mira(&["bus", "init", "--json"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let (a, b): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&stdout(&first)).unwrap(),
+        serde_json::from_str(&stdout(&again)).unwrap(),
+    );
+    assert_eq!(a, b, "a second init converges on the same topology");
+    assert_eq!(a["queues"].as_array().unwrap().len(), 3);
+    assert!(a["queues"][1]["url"].as_str().unwrap().ends_with("gpu-jobs.fifo"));
+    assert!(a["queues"][1]["dlq_url"]
+        .as_str()
+        .unwrap()
+        .ends_with("gpu-jobs-dlq.fifo"));
+
+    let c = commands(&db, &env.dir);
+    for _ in 0..4 {
+        let id = JobId::new();
+        let submit = JobCommand::Submit {
+            slide_id: SlideId::new(),
+            kind: "wsi.preprocess".into(),
+            params: serde_json::json!({}),
+            max_attempts: 3,
+        };
+        c.job(&ctx(), id, submit).await.unwrap();
+        c.job(&ctx(), id, JobCommand::Queue { now: Utc::now() }).await.unwrap();
+    }
+    let mut relay = env
+        .command(&["relay"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let published: Option<i64> = sqlx::query_scalar("SELECT published FROM relay_cursor")
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap();
+        let checkpoints: i64 = sqlx::query_scalar("SELECT count(*) FROM checkpoints")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if published == Some(8) && checkpoints >= 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "relay published {published:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = relay.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM drains, then exits 0");
+    // What the relay published is on the queues.
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(moto())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test", "test", None, None, "tests",
+        ))
+        .load()
+        .await;
+    let sqs = aws_sdk_sqs::Client::new(&config);
+    for (i, expected) in [(0, "8"), (1, "4"), (2, "8")] {
+        let url = a["queues"][i]["url"].as_str().unwrap();
+        let attrs = sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            .send()
+            .await
+            .unwrap();
+        let n =
+            attrs.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages].clone();
+        assert_eq!(n, expected, "queue {url}");
+    }
+    let ok = env.mira(&["audit", "verify"]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let list = env.mira(&["dlq", "list", "--json"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&list)).unwrap();
+    assert_eq!(v["parked"].as_array().unwrap().len(), 0);
+    assert_eq!(v["dead_letters"].as_array().unwrap().len(), 3);
+}
+
+fn assert_config_error(out: &Output, setting: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains(setting), "expected {setting} in: {err}");
+}
+
+#[tokio::test]
+async fn bad_bus_configuration_names_the_setting() {
+    let db = TestDb::new().await;
+    // A topic that was never created.
+    let env = Env::new(&db.url).on_moto(&moto());
+    assert_config_error(&env.mira(&["relay"]), "AWS__SNS__TopicName");
+    assert_config_error(&env.mira(&["dlq", "list"]), "AWS__SNS__TopicName");
+    // An unreachable endpoint.
+    let env = Env::new(&db.url).on_moto("http://127.0.0.1:1");
+    assert_config_error(&env.mira(&["bus", "init"]), "AWS_ENDPOINT_URL");
+    assert_config_error(&env.mira(&["relay"]), "AWS_ENDPOINT_URL");
+    // No credentials at all.
+    let env = Env::new(&db.url)
+        .on_moto(&moto())
+        .unset("AWS_ACCESS_KEY_ID")
+        .unset("AWS_SECRET_ACCESS_KEY");
+    assert_config_error(&env.mira(&["bus", "init"]), "AWS_ACCESS_KEY_ID");
+    // The in-memory bus cannot be relayed from a process of its own.
+    let env = Env::new(&db.url)
+        .on_moto(&moto())
+        .set("Messaging__Provider", "InMemory");
+    assert_config_error(&env.mira(&["relay"]), "Messaging__Provider");
+    // A topic name that is not FIFO.
+    let env = Env::new(&db.url).on_moto(&moto()).set("AWS__SNS__TopicName", "events");
+    assert_config_error(&env.mira(&["bus", "init"]), "AWS__SNS__TopicName");
+}
+
+#[tokio::test]
+async fn wrong_credentials_name_the_setting() {
+    // A moto server of its own that checks credentials like AWS does.
+    let python = std::env::var("MIRA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let server = Path::new(&python).with_file_name("moto_server");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut moto = Command::new(server)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .env("INITIAL_NO_AUTH_ACTION_COUNT", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("moto_server from the test virtualenv");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "moto did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let db = TestDb::new().await;
+    let env = Env::new(&db.url)
+        .on_moto(&endpoint)
+        .set("AWS_ACCESS_KEY_ID", "AKIANOBODY")
+        .set("AWS_SECRET_ACCESS_KEY", "wrong");
+    let out = env.mira(&["bus", "init"]);
+    let _ = moto.kill();
+    let _ = moto.wait();
+    assert_config_error(&out, "AWS_ACCESS_KEY_ID");
+    assert!(stderr(&out).contains("refused"), "{}", stderr(&out));
 }

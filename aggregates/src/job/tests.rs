@@ -49,11 +49,7 @@ fn succeed(attempt: u32) -> JobCommand {
 }
 
 fn running(attempt: u32) -> Vec<JobEvent> {
-    vec![
-        submitted(3),
-        JobEvent::JobQueued { attempt },
-        started(attempt),
-    ]
+    vec![submitted(3), JobEvent::JobQueued { attempt }, started(attempt)]
 }
 
 fn given(events: Vec<JobEvent>) -> cqrs_es::test::AggregateTestExecutor<Job> {
@@ -178,9 +174,7 @@ fn start_refuses_stale_attempts_and_double_starts() {
             lease_until: t(0),
             now: t(0),
         })
-        .then_expect_error(JobError::Invalid(
-            "lease_until must be in the future".into(),
-        ));
+        .then_expect_error(JobError::Invalid("lease_until must be in the future".into()));
 }
 
 #[test]
@@ -355,19 +349,13 @@ fn retry_is_queued_only_when_due() {
 #[test]
 fn expired_lease_times_out_then_retries() {
     given(running(1))
-        .when(JobCommand::ExpireLease {
-            attempt: 1,
-            now: t(59),
-        })
+        .when(JobCommand::ExpireLease { attempt: 1, now: t(59) })
         .then_expect_error(JobError::LeaseNotExpired {
             attempt: 1,
             until: t(60),
         });
     given(running(1))
-        .when(JobCommand::ExpireLease {
-            attempt: 1,
-            now: t(60),
-        })
+        .when(JobCommand::ExpireLease { attempt: 1, now: t(60) })
         .then_expect_events(vec![
             JobEvent::JobTimedOut { attempt: 1 },
             JobEvent::JobRetryScheduled {
@@ -420,14 +408,8 @@ fn cancel_while_running_waits_for_the_worker() {
         });
     // A lease that runs out while cancelling ends in cancellation, not a retry.
     given(requested)
-        .when(JobCommand::ExpireLease {
-            attempt: 1,
-            now: t(60),
-        })
-        .then_expect_events(vec![
-            JobEvent::JobTimedOut { attempt: 1 },
-            JobEvent::JobCancelled {},
-        ]);
+        .when(JobCommand::ExpireLease { attempt: 1, now: t(60) })
+        .then_expect_events(vec![JobEvent::JobTimedOut { attempt: 1 }, JobEvent::JobCancelled {}]);
 }
 
 #[test]
@@ -493,10 +475,7 @@ fn nothing_follows_success() {
         },
     ] {
         let r = given(done.clone()).when(cmd.clone()).inspect_result();
-        assert!(
-            matches!(r, Err(JobError::InvalidTransition { .. })),
-            "{cmd:?}: {r:?}"
-        );
+        assert!(matches!(r, Err(JobError::InvalidTransition { .. })), "{cmd:?}: {r:?}");
     }
 }
 
@@ -530,10 +509,8 @@ fn arb_command() -> impl Strategy<Value = JobCommand> {
             lease_until: now + Duration::seconds(30),
             now,
         }),
-        (attempt.clone(), now.clone()).prop_map(|(attempt, lease_until)| JobCommand::Heartbeat {
-            attempt,
-            lease_until
-        }),
+        (attempt.clone(), now.clone())
+            .prop_map(|(attempt, lease_until)| JobCommand::Heartbeat { attempt, lease_until }),
         attempt.clone().prop_map(|attempt| JobCommand::Progress {
             attempt,
             done: 1,
