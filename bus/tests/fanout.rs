@@ -56,9 +56,7 @@ fn unique_names() -> Names {
 async fn moto_bus() -> Arc<dyn Bus> {
     let config = moto_config().await;
     let names = unique_names();
-    let sns = aws_sdk_sns::Client::new(&config);
-    let sqs = aws_sdk_sqs::Client::new(&config);
-    aws::init(&sns, &sqs, &names).await.expect("bus init on moto");
+    aws::init(&config, &names).await.expect("bus init on moto");
     Arc::new(
         aws::AwsBus::connect(&config, &names, Some(Duration::from_secs(2)))
             .await
