@@ -230,6 +230,34 @@ impl World {
         }
     }
 
+    /// Runs the group's consumer until `aggregate` is parked with at least `set_aside` events
+    /// set aside behind it, or fails after 60 s.
+    async fn consume_until_parked(&self, group: Group, park_after: u32, aggregate: &str, set_aside: i64) {
+        let c = self.consumer(group, park_after);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { c.run(stop).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let parked = consumer::list_parked(&self.db.pool).await.unwrap();
+            if parked
+                .iter()
+                .any(|p| p.aggregate_id == aggregate && p.set_aside >= set_aside)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{aggregate} not parked with {set_aside} set aside: {parked:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+
     /// Runs the group's consumer until `done` holds on its effects, or fails after 60 s.
     async fn consume_until(
         &self,
@@ -374,16 +402,7 @@ async fn a_poison_event_parks_its_aggregate_until_redrive(bus: Arc<dyn Bus>) {
     w.relay().drain(&CancellationToken::new()).await.unwrap();
     // The two healthy jobs flow on; the poisoned one parks after two receives.
     w.consume_until(Group::Projections, 2, |fx| fx.len() >= 4).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let parked = consumer::list_parked(&w.db.pool).await.unwrap();
-        if parked.iter().any(|p| p.aggregate_id == bad && p.set_aside >= 1) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never parked: {parked:?}");
-        w.consume_until(Group::Projections, 2, |_| true).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    w.consume_until_parked(Group::Projections, 2, &bad, 1).await;
     // Later events of the parked aggregate are set aside, not applied.
     let later = {
         let c: CqrsFramework<Job, _> = CqrsFramework::new(
@@ -401,15 +420,7 @@ async fn a_poison_event_parks_its_aggregate_until_redrive(bus: Arc<dyn Bus>) {
         w.relay().drain(&CancellationToken::new()).await.unwrap()
     };
     assert_eq!(later, 2);
-    let parked_deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        w.consume_until(Group::Projections, 2, |_| true).await;
-        let p = consumer::list_parked(&w.db.pool).await.unwrap();
-        if p.iter().any(|p| p.aggregate_id == bad && p.set_aside >= 2) {
-            break;
-        }
-        assert!(Instant::now() < parked_deadline, "{p:?}");
-    }
+    w.consume_until_parked(Group::Projections, 2, &bad, 4).await;
     assert!(w.effects(Group::Projections).await.iter().all(|e| e.0 != bad));
     // Fixed, then redriven: the aggregate's four events apply, in order.
     w.poison.lock().unwrap().clear();
