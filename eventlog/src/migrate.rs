@@ -9,6 +9,7 @@ use sqlx::{PgPool, Row};
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "event_log", include_str!("../../migrations/0001_event_log.sql")),
     (2, "fanout", include_str!("../../migrations/0002_fanout.sql")),
+    (3, "read_models", include_str!("../../migrations/0003_read_models.sql")),
 ];
 
 const LOCK_KEY: i64 = 0x6d69_7261_6d69_6772; // "miramigr"

@@ -1,5 +1,18 @@
-//! `mira-projections` will own the read models (jobs, slides, the per-job timeline,
-//! per-tenant usage) and the builders that keep them equal to a replay of the event log,
-//! with row-level security per tenant and rebuild without downtime (DESIGN §6).
+//! `mira-projections` owns the read models (DESIGN §6): jobs, slides, the per-job timeline and
+//! per-tenant usage, in PostgreSQL schema `rm`, and the projector that keeps them equal to a
+//! replay of the log.
 //!
-//! Its work arrives with the read-model issue; until then it holds only this charter.
+//! * [`projector`]: a consumer [`Handler`](mira_bus::consumer::Handler). It folds each event
+//!   into the row through the aggregate's own `apply` (the row keeps the aggregate state), so
+//!   the read model can never disagree with the domain about a transition. It writes as
+//!   `mira_projector` and sends `NOTIFY mira_read_models` with the tenant, the entity and the
+//!   new position.
+//! * [`query`]: the gateway's data-access layer. Every transaction runs as `mira_api` with
+//!   `mira.tenant_id` set, so row-level security confines it to one tenant even when the
+//!   connection is a superuser's, and a query with no tenant fails.
+
+pub mod projector;
+pub mod query;
+
+pub use projector::Projector;
+pub use query::ReadModels;

@@ -1,0 +1,301 @@
+//! Read models against a real PostgreSQL: convergence under duplicate and out-of-order
+//! delivery, and tenant isolation through row-level security.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::CqrsFramework;
+use mira_aggregates::{Job, JobCommand, Slide, SlideCommand, SlideServices};
+use mira_bus::consumer::{Consumer, ConsumerConfig};
+use mira_bus::memory::MemoryBus;
+use mira_bus::{Bus, EventMessage, Group};
+use mira_eventlog::testing::TestDb;
+use mira_eventlog::{EventLog, PgEventRepository};
+use mira_events::{Actor, CommandContext, JobId, LocalKeyring, SlideId, TenantId, Usage};
+use mira_projections::projector::replay_into;
+use mira_projections::query::JobFilter;
+use mira_projections::{Projector, ReadModels};
+use tokio_util::sync::CancellationToken;
+
+fn tenant(t: &str) -> TenantId {
+    TenantId::parse(t).unwrap()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// A random but valid-or-refused mix of commands over `jobs` jobs and a few slides.
+async fn random_history(log: &EventLog, tenants: &[&str], jobs: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let keyring =
+        Arc::new(LocalKeyring::open(std::env::temp_dir().join(format!("mira-rm-{}", uuid::Uuid::new_v4()))).unwrap());
+    for t in tenants {
+        let ctx = CommandContext::new(tenant(t), Actor::user(format!("{t}-user")));
+        let jc: CqrsFramework<Job, _> = CqrsFramework::new(
+            PersistedEventStore::<_, Job>::new_event_store(PgEventRepository::new(log.clone(), tenant(t))),
+            vec![],
+            (),
+        );
+        let sc: CqrsFramework<Slide, _> = CqrsFramework::new(
+            PersistedEventStore::<_, Slide>::new_event_store(PgEventRepository::new(log.clone(), tenant(t))),
+            vec![],
+            SlideServices {
+                keyring: keyring.clone(),
+            },
+        );
+        let slide = SlideId::new();
+        let register = SlideCommand::Register {
+            slide_id: slide,
+            name: format!("{t} slide"),
+            file_name: None,
+            size_bytes: 1000,
+            content_type: "image/tiff".into(),
+            sha256: None,
+            object_key: format!("uploads/{slide}"),
+        };
+        sc.execute_with_metadata(&slide.to_string(), register, ctx.to_cqrs())
+            .await
+            .unwrap();
+        sc.execute_with_metadata(
+            &slide.to_string(),
+            SlideCommand::MarkUploaded { size_bytes: 1000 },
+            ctx.to_cqrs(),
+        )
+        .await
+        .unwrap();
+        for _ in 0..jobs {
+            let id = JobId::new().to_string();
+            let submit = JobCommand::Submit {
+                slide_id: slide,
+                kind: "wsi.preprocess".into(),
+                params: serde_json::json!({}),
+                max_attempts: 2,
+            };
+            jc.execute_with_metadata(&id, submit, ctx.to_cqrs()).await.unwrap();
+            for _ in 0..8 {
+                let now = Utc::now();
+                let attempt = (rng.next(3)) as u32;
+                let cmd = match rng.next(8) {
+                    0 | 1 => JobCommand::Queue {
+                        now: now + chrono::Duration::hours(1),
+                    },
+                    2 => JobCommand::Start {
+                        attempt,
+                        worker_id: "w".into(),
+                        lease_until: now + chrono::Duration::minutes(5),
+                        now,
+                    },
+                    3 => JobCommand::Progress {
+                        attempt,
+                        done: 1,
+                        total: 4,
+                    },
+                    4 => JobCommand::Succeed {
+                        attempt,
+                        manifest_key: format!("results/{id}/{attempt}/manifest.json"),
+                        manifest_sha256: "c".repeat(64),
+                        usage: Usage {
+                            device: if rng.next(2) == 0 { "cpu".into() } else { "gpu".into() },
+                            device_seconds: 0.5,
+                            bytes_written: 100,
+                        },
+                    },
+                    5 => JobCommand::Fail {
+                        attempt,
+                        reason: "boom".into(),
+                        retryable: true,
+                        now,
+                    },
+                    6 => JobCommand::Cancel { reason: None },
+                    _ => JobCommand::Retry,
+                };
+                // Refused commands write nothing; that is part of the mix.
+                let _ = jc.execute_with_metadata(&id, cmd, ctx.to_cqrs()).await;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sqlx::query_scalar::<_, bool>(
+        "SELECT coalesce(pg_snapshot_xmin(pg_current_snapshot()) > max(tx_id), true) FROM events",
+    )
+    .fetch_one(log.pool())
+    .await
+    .unwrap()
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn table(pool: &sqlx::PgPool, schema: &str, table: &str, key: &str) -> Vec<serde_json::Value> {
+    sqlx::query_scalar(&format!("SELECT to_jsonb(t) FROM {schema}.{table} t ORDER BY {key}"))
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_models_converge_to_a_replay_despite_duplicates_and_reordering() {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    random_history(&log, &["lab-a", "lab-b"], 20, 7).await;
+    let mut events = Vec::new();
+    let mut cursor = mira_eventlog::Cursor::START;
+    loop {
+        let batch = log.read_after(cursor, 1000).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        cursor = last.cursor();
+        events.extend(batch);
+    }
+    assert!(events.len() > 120, "only {} events", events.len());
+
+    // Deliver everything out of order, most of it twice.
+    let bus = MemoryBus::new(Duration::from_secs(5), 10);
+    let mut msgs: Vec<EventMessage> = events.iter().map(EventMessage::from).collect();
+    let mut rng = Rng(99);
+    for i in (1..msgs.len()).rev() {
+        msgs.swap(i, rng.next(i as u64 + 1) as usize);
+    }
+    let queue = bus.memory_queue(Group::Projections);
+    for (i, m) in msgs.iter().enumerate() {
+        queue.send(m.group_id(), format!("{}-a", m.event_id), m.to_body());
+        if i % 3 != 0 {
+            queue.send(m.group_id(), format!("{}-b", m.event_id), m.to_body());
+        }
+    }
+    let mut cfg = ConsumerConfig::for_group(Group::Projections);
+    cfg.wait = Duration::from_millis(100);
+    let consumer = Consumer::new(
+        log.clone(),
+        bus.queue(Group::Projections),
+        Arc::new(Projector::default()),
+        cfg,
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { consumer.run(stop).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while queue.depth() > 0 {
+        assert!(Instant::now() < deadline, "{} messages left", queue.depth());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert!(mira_bus::consumer::list_parked(&db.pool).await.unwrap().is_empty());
+
+    let replayed = replay_into(&db.pool, "rm_check").await.unwrap();
+    assert_eq!(replayed as usize, events.len());
+    for (t, key) in [
+        ("jobs", "job_id"),
+        ("slides", "slide_id"),
+        ("job_timeline", "job_id, sequence"),
+        ("usage", "tenant_id"),
+    ] {
+        let live = table(&db.pool, "rm", t, key).await;
+        let rebuilt = table(&db.pool, "rm_check", t, key).await;
+        assert!(!live.is_empty(), "{t} is empty");
+        assert_eq!(live.len(), rebuilt.len(), "{t}: row counts differ");
+        for (a, b) in live.iter().zip(&rebuilt) {
+            assert_eq!(a, b, "{t}: rows differ");
+        }
+    }
+    let statuses: Vec<String> = sqlx::query_scalar("SELECT DISTINCT status FROM rm.jobs")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert!(statuses.len() >= 3, "the mix reached only {statuses:?}");
+}
+
+#[tokio::test]
+async fn a_tenant_sees_only_its_rows_even_through_a_superuser_connection() {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    random_history(&log, &["lab-a", "lab-b"], 3, 1).await;
+    // Project into the live schema directly.
+    {
+        let mut cursor = mira_eventlog::Cursor::START;
+        let p = Projector::default();
+        loop {
+            let batch = log.read_after(cursor, 1000).await.unwrap();
+            let Some(last) = batch.last() else { break };
+            cursor = last.cursor();
+            let mut tx = db.pool.begin().await.unwrap();
+            for e in &batch {
+                mira_bus::consumer::Handler::apply(&p, &mut tx, e).await.unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+    }
+    let is_super: bool = sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(is_super, "this test connects as a superuser on purpose");
+    let rm = ReadModels::new(db.pool.clone());
+
+    // A query with no tenant filter sees only tenant A.
+    let mut tx = rm.begin(&tenant("lab-a")).await.unwrap();
+    let tenants: Vec<String> = sqlx::query_scalar("SELECT DISTINCT tenant_id FROM rm.jobs")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(tenants, vec!["lab-a".to_string()]);
+    let slides: Vec<String> = sqlx::query_scalar("SELECT tenant_id FROM rm.slides")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(slides, vec!["lab-a".to_string()]);
+    let by_status: Vec<String> = sqlx::query_scalar("SELECT DISTINCT tenant_id FROM rm.jobs_by_status")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(by_status, vec!["lab-a".to_string()], "views are security_invoker");
+    // A write to tenant B's row fails.
+    let err = sqlx::query("UPDATE rm.jobs SET status = 'succeeded' WHERE tenant_id = 'lab-b'")
+        .execute(&mut *tx)
+        .await
+        .unwrap_err();
+    assert_eq!(mira_eventlog::db::sqlstate(&err).as_deref(), Some("42501"), "{err}");
+    tx.rollback().await.unwrap();
+    let b_job: uuid::Uuid = sqlx::query_scalar("SELECT job_id FROM rm.jobs WHERE tenant_id = 'lab-b' LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        rm.job(&tenant("lab-a"), b_job).await.unwrap().is_none(),
+        "another tenant's job reads as absent"
+    );
+    assert!(rm.job(&tenant("lab-b"), b_job).await.unwrap().is_some());
+    let page = rm.jobs(&tenant("lab-b"), &JobFilter::default(), None, 2).await.unwrap();
+    assert_eq!(page.items.len(), 2);
+    let rest = rm
+        .jobs(&tenant("lab-b"), &JobFilter::default(), page.next, 10)
+        .await
+        .unwrap();
+    assert_eq!(rest.items.len(), 1);
+    assert!(page.items.iter().chain(&rest.items).all(|j| j.tenant_id == "lab-b"));
+    assert!(!rm.timeline(&tenant("lab-b"), b_job).await.unwrap().is_empty());
+    assert!(rm.timeline(&tenant("lab-a"), b_job).await.unwrap().is_empty());
+
+    // With no tenant set, the query fails instead of returning everything.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE mira_api").execute(&mut *tx).await.unwrap();
+    let err = sqlx::query("SELECT count(*) FROM rm.jobs")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap_err();
+    assert_eq!(mira_eventlog::db::sqlstate(&err).as_deref(), Some("42501"), "{err}");
+    assert!(err.to_string().contains("mira.tenant_id is not set"), "{err}");
+}
