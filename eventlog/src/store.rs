@@ -337,3 +337,13 @@ pub(crate) async fn read_below<'e, E: sqlx::PgExecutor<'e>>(
         .map(from_row)
         .collect()
 }
+
+/// [`EventLog::read_after`] inside the caller's transaction.
+pub async fn read_after_in(
+    conn: &mut PgConnection,
+    cursor: Cursor,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let wm = watermark(&mut *conn).await?;
+    read_below(&mut *conn, cursor, wm, limit).await
+}

@@ -55,6 +55,13 @@ enum Command {
     },
     /// Follow the log and publish every event to the SNS topic (one active relay at a time).
     Relay,
+    /// Run the read-model projector on the `projections` queue (Messaging__Provider=Aws).
+    Projector,
+    /// List, inspect and rebuild projections.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
     /// Parked aggregates and dead-lettered messages.
     Dlq {
         #[command(subcommand)]
@@ -70,6 +77,32 @@ enum BusCommand {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProjectionsCommand {
+    /// The projections Mira keeps.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each projection's position, lag in events and lag in seconds.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a projection from the log into new tables while the old ones serve, then swap.
+    /// Safe to interrupt and rerun.
+    Rebuild {
+        /// The projection (see `mira projections list`).
+        name: String,
+        /// Compare the rebuilt model with the live one before swapping; print the differences
+        /// and exit 1 (without swapping) if there are any.
+        #[arg(long)]
+        verify: bool,
     },
 }
 
@@ -294,6 +327,83 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let relay = mira_bus::relay::Relay::new(EventLog::new(pool), bus.publisher(), cfg, Some(Arc::new(key)));
             relay.run(settings.database_url()?, shutdown_on_signals()).await?;
+        }
+        Command::Projector => {
+            let pool = pool(&settings).await?;
+            let bus = aws_bus(&settings).await?;
+            let consumer = mira_bus::consumer::Consumer::new(
+                EventLog::new(pool),
+                bus.queue(mira_bus::Group::Projections),
+                Arc::new(mira_projections::Projector::default()),
+                mira_bus::consumer::ConsumerConfig::for_group(mira_bus::Group::Projections),
+            );
+            consumer.run(shutdown_on_signals()).await?;
+        }
+        Command::Projections {
+            command: ProjectionsCommand::List { json },
+        } => {
+            if json {
+                let list: Vec<_> = mira_projections::rebuild::PROJECTIONS
+                    .iter()
+                    .map(|(n, d)| serde_json::json!({"name": n, "description": d}))
+                    .collect();
+                print_json(&list);
+            } else {
+                for (n, d) in mira_projections::rebuild::PROJECTIONS {
+                    println!("{n}: {d}");
+                }
+            }
+        }
+        Command::Projections {
+            command: ProjectionsCommand::Status { json },
+        } => {
+            let pool = pool(&settings).await?;
+            let status = mira_projections::rebuild::status(&pool).await?;
+            if json {
+                print_json(&status);
+            } else {
+                println!("| projection | position | lag events | lag seconds |");
+                println!("|---|---|---|---|");
+                for s in &status {
+                    println!(
+                        "| {} | {} | {} | {:.1} |",
+                        s.name, s.position, s.lag_events, s.lag_seconds
+                    );
+                }
+            }
+        }
+        Command::Projections {
+            command: ProjectionsCommand::Rebuild { name, verify },
+        } => {
+            if !mira_projections::rebuild::PROJECTIONS.iter().any(|(n, _)| *n == name) {
+                anyhow::bail!("no projection named {name:?} (see `mira projections list`)");
+            }
+            let pool = pool(&settings).await?;
+            let report = mira_projections::rebuild::rebuild(&pool, verify, |p| {
+                eprint!(
+                    "\rrebuilding {name}: {}/{} events, {:.0} events/s, ETA {:.0} s   ",
+                    p.events, p.total_estimate, p.events_per_second, p.eta_seconds
+                );
+            })
+            .await?;
+            eprintln!();
+            for d in &report.differences {
+                println!("{d}");
+            }
+            if !report.swapped {
+                return Err(Verdict(format!(
+                    "{} differences between the live and the rebuilt {name}; the live model was kept",
+                    report.differences.len()
+                ))
+                .into());
+            }
+            println!(
+                "rebuilt {name}: {} events in {:.2} s ({:.0} events/s){}, swapped in",
+                report.events,
+                report.seconds,
+                report.events_per_second,
+                if verify { ", identical to the live model" } else { "" }
+            );
         }
         Command::Dlq {
             command: DlqCommand::List { json },

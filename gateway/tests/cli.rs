@@ -122,6 +122,8 @@ const SUBCOMMANDS: &[&[&str]] = &[
     &["relay"],
     &["dlq", "list"],
     &["dlq", "redrive"],
+    &["projections", "status"],
+    &["projections", "rebuild", "read_models"],
 ];
 
 #[test]
@@ -576,4 +578,64 @@ async fn wrong_credentials_name_the_setting() {
     let _ = moto.wait();
     assert_config_error(&out, "AWS_ACCESS_KEY_ID");
     assert!(stderr(&out).contains("refused"), "{}", stderr(&out));
+}
+
+// ---- projections ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn projections_list_status_and_rebuild() {
+    let db = TestDb::new().await;
+    let env = Env::new(&db.url);
+    let c = commands(&db, &env.dir);
+    for _ in 0..3 {
+        let submit = JobCommand::Submit {
+            slide_id: SlideId::new(),
+            kind: "wsi.preprocess".into(),
+            params: serde_json::json!({}),
+            max_attempts: 3,
+        };
+        c.job(&ctx(), JobId::new(), submit).await.unwrap();
+    }
+    settle(&db.pool).await;
+    let list = env.mira(&["projections", "list", "--json"]);
+    assert!(stdout(&list).contains("read_models"), "{}", stdout(&list));
+    let status = env.mira(&["projections", "status", "--json"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&status)).unwrap();
+    assert_eq!(
+        (v[0]["position"].as_i64(), v[0]["lag_events"].as_i64()),
+        (Some(0), Some(3)),
+        "{v}"
+    );
+    assert!(v[0]["lag_seconds"].as_f64().unwrap() >= 0.0);
+    // Nothing projected yet: --verify finds the live model missing the three jobs and keeps it.
+    let verify = env.mira(&["projections", "rebuild", "read_models", "--verify"]);
+    assert_eq!(verify.status.code(), Some(1), "{}", stderr(&verify));
+    assert_eq!(
+        stdout(&verify)
+            .lines()
+            .filter(|l| l.contains("only in the rebuilt model"))
+            .count(),
+        6,
+        "{}",
+        stdout(&verify)
+    );
+    let rebuild = env.mira(&["projections", "rebuild", "read_models"]);
+    assert!(rebuild.status.success(), "{}", stderr(&rebuild));
+    assert!(stdout(&rebuild).contains("3 events"), "{}", stdout(&rebuild));
+    assert!(
+        stderr(&rebuild).contains("events/s"),
+        "progress is shown: {}",
+        stderr(&rebuild)
+    );
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rm.jobs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    let again = env.mira(&["projections", "rebuild", "read_models", "--verify"]);
+    assert!(again.status.success(), "{}", stdout(&again));
+    let unknown = env.mira(&["projections", "rebuild", "nope"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(stderr(&unknown).contains("no projection named"));
 }

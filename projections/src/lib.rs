@@ -13,6 +13,7 @@
 
 pub mod projector;
 pub mod query;
+pub mod rebuild;
 
 pub use projector::Projector;
 pub use query::ReadModels;

@@ -11,6 +11,8 @@ use sqlx::{PgConnection, Row};
 pub const CHANNEL: &str = "mira_read_models";
 /// This projection's name in `projection_positions`.
 pub const NAME: &str = "read_models";
+/// Advisory lock between projector writes (shared) and a rebuild's swap (exclusive).
+pub const SWAP_LOCK: i64 = 0x6d69_7261_7377_6170; // "miraswap"
 
 /// Applies events to the read models in `schema` (`rm`, or a rebuild's schema).
 #[derive(Debug, Clone)]
@@ -144,13 +146,17 @@ impl Projector {
         let id = uuid_of(e)?;
         let event: SlideEvent = decode(e)?;
         let s = &self.schema;
-        let current: Option<serde_json::Value> =
-            sqlx::query_scalar(&format!("SELECT state FROM {s}.slides WHERE slide_id = $1"))
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let current: Option<(serde_json::Value, i64)> = sqlx::query_as(&format!(
+            "SELECT state, last_sequence FROM {s}.slides WHERE slide_id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if current.as_ref().is_some_and(|(_, last)| *last >= e.sequence) {
+            return Ok(());
+        }
         let mut slide: Slide = match &current {
-            Some(v) => serde_json::from_value(v.clone()).map_err(failed)?,
+            Some((v, _)) => serde_json::from_value(v.clone()).map_err(failed)?,
             None => Slide::default(),
         };
         if current.is_none() && !matches!(event, SlideEvent::SlideRegistered { .. }) {
@@ -206,6 +212,20 @@ impl Projector {
 #[async_trait::async_trait]
 impl Handler for Projector {
     async fn apply(&self, tx: &mut PgConnection, e: &StoredEvent) -> Result<(), HandlerError> {
+        // Shared with every other projector transaction; a rebuild's swap takes it exclusively,
+        // so no write can land in the schema being retired.
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(SWAP_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        self.apply_unlocked(tx, e).await
+    }
+}
+
+impl Projector {
+    /// Applies without the swap lock: for a rebuild, which holds it (or writes a schema
+    /// nobody reads yet).
+    pub async fn apply_unlocked(&self, tx: &mut PgConnection, e: &StoredEvent) -> Result<(), HandlerError> {
         sqlx::query("SET LOCAL ROLE mira_projector").execute(&mut *tx).await?;
         let md: Metadata = serde_json::from_str(&e.metadata).map_err(failed)?;
         let entity = match e.aggregate_type.as_str() {
