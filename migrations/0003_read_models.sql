@@ -109,8 +109,9 @@ BEGIN
     EXECUTE format($f$
         CREATE TABLE %I.usage (
             tenant_id      text PRIMARY KEY,
-            gpu_seconds    double precision NOT NULL DEFAULT 0,
-            cpu_seconds    double precision NOT NULL DEFAULT 0,
+            -- Whole microseconds: integer sums do not depend on the order events are applied in.
+            gpu_us         bigint NOT NULL DEFAULT 0,
+            cpu_us         bigint NOT NULL DEFAULT 0,
             bytes_uploaded bigint NOT NULL DEFAULT 0,
             bytes_written  bigint NOT NULL DEFAULT 0
         )$f$, s);

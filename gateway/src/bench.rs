@@ -295,3 +295,46 @@ pub async fn fanout(
         latency_p99_ms: pct(0.99),
     })
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RebuildBench {
+    pub events: u64,
+    pub read_seconds: f64,
+    pub read_events_per_second: f64,
+    pub rebuild_seconds: f64,
+    pub rebuild_events_per_second: f64,
+    pub ratio: f64,
+}
+
+/// A plain sequential read of the whole log by the follow cursor (parsed into events, nothing
+/// applied), then a full rebuild of the read models, on the same events.
+pub async fn rebuild(pool: &sqlx::PgPool) -> anyhow::Result<RebuildBench> {
+    let log = mira_eventlog::EventLog::new(pool.clone());
+    let t = Instant::now();
+    let mut cursor = mira_eventlog::Cursor::START;
+    let mut read = 0u64;
+    loop {
+        let batch = log.read_after(cursor, 5_000).await?;
+        let Some(last) = batch.last() else { break };
+        cursor = last.cursor();
+        read += batch.len() as u64;
+    }
+    let read_seconds = t.elapsed().as_secs_f64();
+    let report = mira_projections::rebuild::rebuild(pool, false, |p| {
+        eprint!(
+            "\rrebuild: {}/{} events, {:.0} events/s, ETA {:.0} s   ",
+            p.events, p.total_estimate, p.events_per_second, p.eta_seconds
+        );
+    })
+    .await?;
+    eprintln!();
+    let read_rate = read as f64 / read_seconds.max(1e-9);
+    Ok(RebuildBench {
+        events: read,
+        read_seconds,
+        read_events_per_second: read_rate,
+        rebuild_seconds: report.seconds,
+        rebuild_events_per_second: report.events_per_second,
+        ratio: report.events_per_second / read_rate,
+    })
+}

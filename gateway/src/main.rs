@@ -194,6 +194,12 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Events/s of a full read-model rebuild against a plain sequential read of the log.
+    Rebuild {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Relay throughput and append→consume latency on the configured bus.
     Fanout {
         /// Events for the throughput phase.
@@ -327,6 +333,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let relay = mira_bus::relay::Relay::new(EventLog::new(pool), bus.publisher(), cfg, Some(Arc::new(key)));
             relay.run(settings.database_url()?, shutdown_on_signals()).await?;
+        }
+        Command::Bench {
+            command: BenchCommand::Rebuild { json },
+        } => {
+            let pool = pool(&settings).await?;
+            let r = bench::rebuild(&pool).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("| events | sequential read events/s | rebuild events/s | rebuild / read |");
+                println!("|---|---|---|---|");
+                println!(
+                    "| {} | {:.0} | {:.0} | {:.3} |",
+                    r.events, r.read_events_per_second, r.rebuild_events_per_second, r.ratio
+                );
+            }
         }
         Command::Projector => {
             let pool = pool(&settings).await?;

@@ -15,6 +15,9 @@ pub const NAME: &str = "read_models";
 pub const SWAP_LOCK: i64 = 0x6d69_7261_7377_6170; // "miraswap"
 
 /// Applies events to the read models in `schema` (`rm`, or a rebuild's schema).
+///
+/// Statements naming read-model tables are not kept as prepared statements: a rebuild renames
+/// schemas, and a cached plan would keep pointing at the retired tables.
 #[derive(Debug, Clone)]
 pub struct Projector {
     schema: String,
@@ -56,31 +59,33 @@ impl Projector {
         let id = uuid_of(e)?;
         let event: JobEvent = decode(e)?;
         let s = &self.schema;
-        let current: Option<serde_json::Value> =
-            sqlx::query_scalar(&format!("SELECT state FROM {s}.jobs WHERE job_id = $1"))
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let current: Option<(serde_json::Value, i64)> = sqlx::query_as(&format!(
+            "SELECT state, last_sequence FROM {s}.jobs WHERE job_id = $1 FOR UPDATE"
+        ))
+        .persistent(false)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if current.as_ref().is_some_and(|(_, last)| *last >= e.sequence) {
+            return Ok(()); // already in this row (a rebuild got here first, or a redelivery)
+        }
         let mut job: Job = match &current {
-            Some(v) => serde_json::from_value(v.clone()).map_err(failed)?,
+            Some((v, _)) => serde_json::from_value(v.clone()).map_err(failed)?,
             None => Job::default(),
         };
         if current.is_none() && !matches!(event, JobEvent::JobSubmitted { .. }) {
             return Err(failed(format!("job {id}: {} before JobSubmitted", e.event_type)));
         }
         if let JobEvent::JobSucceeded { usage, .. } = &event {
-            let column = if usage.device == "gpu" {
-                "gpu_seconds"
-            } else {
-                "cpu_seconds"
-            };
+            let column = if usage.device == "gpu" { "gpu_us" } else { "cpu_us" };
             sqlx::query(&format!(
                 "INSERT INTO {s}.usage (tenant_id, {column}, bytes_written) VALUES ($1, $2, $3) \
                  ON CONFLICT (tenant_id) DO UPDATE SET {column} = {s}.usage.{column} + EXCLUDED.{column}, \
                  bytes_written = {s}.usage.bytes_written + EXCLUDED.bytes_written"
             ))
+            .persistent(false)
             .bind(&e.tenant_id)
-            .bind(usage.device_seconds)
+            .bind(micros(usage.device_seconds))
             .bind(usage.bytes_written as i64)
             .execute(&mut *tx)
             .await?;
@@ -100,7 +105,7 @@ impl Projector {
              progress_done = EXCLUDED.progress_done, progress_total = EXCLUDED.progress_total, failure = EXCLUDED.failure, \
              manifest_key = EXCLUDED.manifest_key, manifest_sha256 = EXCLUDED.manifest_sha256, state = EXCLUDED.state, \
              updated_at = EXCLUDED.updated_at, last_sequence = EXCLUDED.last_sequence, position = EXCLUDED.position"
-        ))
+        )).persistent(false)
         .bind(id)
         .bind(&e.tenant_id)
         .bind(job.slide_id.map(|s| s.as_uuid()).unwrap_or_default())
@@ -127,6 +132,7 @@ impl Projector {
             "INSERT INTO {s}.job_timeline (job_id, sequence, tenant_id, event_id, event_type, actor_kind, actor_id, \
              recorded_at, hash, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING"
         ))
+        .persistent(false)
         .bind(id)
         .bind(e.sequence)
         .bind(&e.tenant_id)
@@ -149,6 +155,7 @@ impl Projector {
         let current: Option<(serde_json::Value, i64)> = sqlx::query_as(&format!(
             "SELECT state, last_sequence FROM {s}.slides WHERE slide_id = $1 FOR UPDATE"
         ))
+        .persistent(false)
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;
@@ -167,6 +174,7 @@ impl Projector {
                 "INSERT INTO {s}.usage (tenant_id, bytes_uploaded) VALUES ($1, $2) ON CONFLICT (tenant_id) \
                  DO UPDATE SET bytes_uploaded = {s}.usage.bytes_uploaded + EXCLUDED.bytes_uploaded"
             ))
+            .persistent(false)
             .bind(&e.tenant_id)
             .bind(*size_bytes as i64)
             .execute(&mut *tx)
@@ -188,7 +196,7 @@ impl Projector {
              ON CONFLICT (slide_id) DO UPDATE SET status = EXCLUDED.status, metadata = EXCLUDED.metadata, \
              rejection = EXCLUDED.rejection, state = EXCLUDED.state, updated_at = EXCLUDED.updated_at, \
              last_sequence = EXCLUDED.last_sequence, position = EXCLUDED.position"
-        ))
+        )).persistent(false)
         .bind(id)
         .bind(&e.tenant_id)
         .bind(slide.status.as_str())
@@ -284,10 +292,276 @@ pub async fn replay_into(pool: &sqlx::PgPool, schema: &str) -> Result<u64, Handl
         let Some(last) = batch.last() else { return Ok(n) };
         cursor = last.cursor();
         let mut tx = pool.begin().await?;
-        for e in &batch {
-            projector.apply(&mut tx, e).await?;
-        }
+        projector.apply_batch(&mut tx, &batch).await?;
         tx.commit().await?;
         n += batch.len() as u64;
     }
+}
+
+/// A job row being folded in memory during a batch.
+struct JobAcc {
+    job: Job,
+    tenant: String,
+    last_sequence: i64,
+    position: i64,
+    submitted_by: String,
+    submitted_at: chrono::DateTime<chrono::Utc>,
+    updated_at: chrono::DateTime<chrono::Utc>,
+    dirty: bool,
+}
+
+#[derive(Default)]
+struct UsageAcc {
+    gpu_us: i64,
+    cpu_us: i64,
+    bytes_written: i64,
+}
+
+/// Device time in whole microseconds.
+fn micros(seconds: f64) -> i64 {
+    (seconds * 1e6).round() as i64
+}
+
+impl Projector {
+    /// Applies many events at once, with the same result as applying them one by one: rows are
+    /// loaded in one query, folded in memory, and written back in one statement per table.
+    /// Rebuilds use it; the live consumer applies one event per transaction.
+    pub async fn apply_batch(&self, tx: &mut PgConnection, events: &[StoredEvent]) -> Result<(), HandlerError> {
+        sqlx::query("SET LOCAL ROLE mira_projector").execute(&mut *tx).await?;
+        let s = &self.schema;
+        let mut ids: Vec<uuid::Uuid> = Vec::new();
+        for e in events.iter().filter(|e| e.aggregate_type == "Job") {
+            ids.push(uuid_of(e)?);
+        }
+        ids.sort();
+        ids.dedup();
+        let rows = sqlx::query(&format!(
+            "SELECT job_id, tenant_id, state, last_sequence, position, submitted_by, submitted_at, updated_at \
+             FROM {s}.jobs WHERE job_id = ANY($1) FOR UPDATE"
+        ))
+        .persistent(false)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut jobs: std::collections::HashMap<uuid::Uuid, JobAcc> = std::collections::HashMap::new();
+        for r in rows {
+            let state: serde_json::Value = r.try_get("state")?;
+            jobs.insert(
+                r.try_get("job_id")?,
+                JobAcc {
+                    job: serde_json::from_value(state).map_err(failed)?,
+                    tenant: r.try_get("tenant_id")?,
+                    last_sequence: r.try_get("last_sequence")?,
+                    position: r.try_get("position")?,
+                    submitted_by: r.try_get("submitted_by")?,
+                    submitted_at: r.try_get("submitted_at")?,
+                    updated_at: r.try_get("updated_at")?,
+                    dirty: false,
+                },
+            );
+        }
+        let mut usage: std::collections::BTreeMap<String, UsageAcc> = std::collections::BTreeMap::new();
+        let mut timeline: Vec<(&StoredEvent, Metadata)> = Vec::new();
+        for e in events {
+            match e.aggregate_type.as_str() {
+                "Slide" => {
+                    let md: Metadata = serde_json::from_str(&e.metadata).map_err(failed)?;
+                    self.slide(tx, e, &md).await?;
+                }
+                "Job" => {
+                    let id = uuid_of(e)?;
+                    if jobs.get(&id).is_some_and(|a| a.last_sequence >= e.sequence) {
+                        continue;
+                    }
+                    let md: Metadata = serde_json::from_str(&e.metadata).map_err(failed)?;
+                    let event: JobEvent = decode(e)?;
+                    let acc = match jobs.entry(id) {
+                        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            if !matches!(event, JobEvent::JobSubmitted { .. }) {
+                                return Err(failed(format!("job {id}: {} before JobSubmitted", e.event_type)));
+                            }
+                            v.insert(JobAcc {
+                                job: Job::default(),
+                                tenant: e.tenant_id.clone(),
+                                last_sequence: 0,
+                                position: 0,
+                                submitted_by: md.actor.id.clone(),
+                                submitted_at: e.recorded_at,
+                                updated_at: e.recorded_at,
+                                dirty: false,
+                            })
+                        }
+                    };
+                    if let JobEvent::JobSucceeded { usage: u, .. } = &event {
+                        let t = usage.entry(e.tenant_id.clone()).or_default();
+                        if u.device == "gpu" {
+                            t.gpu_us += micros(u.device_seconds);
+                        } else {
+                            t.cpu_us += micros(u.device_seconds);
+                        }
+                        t.bytes_written += u.bytes_written as i64;
+                    }
+                    acc.job.apply(event);
+                    acc.last_sequence = e.sequence;
+                    acc.position = e.global_position;
+                    acc.updated_at = e.recorded_at;
+                    acc.dirty = true;
+                    timeline.push((e, md));
+                }
+                _ => {}
+            }
+        }
+        // Usage first, in the order the per-event path would add it per tenant.
+        for (tenant, u) in &usage {
+            sqlx::query(&format!(
+                "INSERT INTO {s}.usage (tenant_id, gpu_us, cpu_us, bytes_written) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (tenant_id) DO UPDATE SET gpu_us = {s}.usage.gpu_us + EXCLUDED.gpu_us, \
+                 cpu_us = {s}.usage.cpu_us + EXCLUDED.cpu_us, \
+                 bytes_written = {s}.usage.bytes_written + EXCLUDED.bytes_written"
+            ))
+            .persistent(false)
+            .bind(tenant)
+            .bind(u.gpu_us)
+            .bind(u.cpu_us)
+            .bind(u.bytes_written)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let dirty: Vec<(&uuid::Uuid, &JobAcc)> = jobs.iter().filter(|(_, a)| a.dirty).collect();
+        if !dirty.is_empty() {
+            let mut c = JobColumns::default();
+            for (id, a) in &dirty {
+                let j = &a.job;
+                c.job_id.push(**id);
+                c.tenant_id.push(a.tenant.clone());
+                c.slide_id.push(j.slide_id.map(|s| s.as_uuid()).unwrap_or_default());
+                c.kind.push(j.kind.clone());
+                c.params.push(j.params.clone());
+                c.status.push(j.status.as_str().to_owned());
+                c.attempt.push(j.attempt as i32);
+                c.max_attempts.push(j.max_attempts as i32);
+                c.worker_id.push(j.worker_id.clone());
+                c.lease_until.push(j.lease_until);
+                c.progress_done.push(j.progress.map(|p| p.0 as i64));
+                c.progress_total.push(j.progress.map(|p| p.1 as i64));
+                c.failure.push(j.failure.clone());
+                c.manifest_key.push(j.manifest_key.clone());
+                c.manifest_sha256.push(j.manifest_sha256.clone());
+                c.state.push(serde_json::to_value(j).map_err(failed)?);
+                c.submitted_by.push(a.submitted_by.clone());
+                c.submitted_at.push(a.submitted_at);
+                c.updated_at.push(a.updated_at);
+                c.last_sequence.push(a.last_sequence);
+                c.position.push(a.position);
+            }
+            sqlx::query(&format!(
+                "INSERT INTO {s}.jobs (job_id, tenant_id, slide_id, kind, params, status, attempt, max_attempts, \
+                 worker_id, lease_until, progress_done, progress_total, failure, manifest_key, manifest_sha256, state, \
+                 submitted_by, submitted_at, updated_at, last_sequence, position) \
+                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::jsonb[], $6::text[], \
+                 $7::int[], $8::int[], $9::text[], $10::timestamptz[], $11::bigint[], $12::bigint[], $13::text[], \
+                 $14::text[], $15::text[], $16::jsonb[], $17::text[], $18::timestamptz[], $19::timestamptz[], \
+                 $20::bigint[], $21::bigint[]) \
+                 ON CONFLICT (job_id) DO UPDATE SET status = EXCLUDED.status, attempt = EXCLUDED.attempt, \
+                 max_attempts = EXCLUDED.max_attempts, worker_id = EXCLUDED.worker_id, \
+                 lease_until = EXCLUDED.lease_until, progress_done = EXCLUDED.progress_done, \
+                 progress_total = EXCLUDED.progress_total, failure = EXCLUDED.failure, \
+                 manifest_key = EXCLUDED.manifest_key, manifest_sha256 = EXCLUDED.manifest_sha256, \
+                 state = EXCLUDED.state, updated_at = EXCLUDED.updated_at, last_sequence = EXCLUDED.last_sequence, \
+                 position = EXCLUDED.position"
+            ))
+            .persistent(false)
+            .bind(c.job_id)
+            .bind(c.tenant_id)
+            .bind(c.slide_id)
+            .bind(c.kind)
+            .bind(c.params)
+            .bind(c.status)
+            .bind(c.attempt)
+            .bind(c.max_attempts)
+            .bind(c.worker_id)
+            .bind(c.lease_until)
+            .bind(c.progress_done)
+            .bind(c.progress_total)
+            .bind(c.failure)
+            .bind(c.manifest_key)
+            .bind(c.manifest_sha256)
+            .bind(c.state)
+            .bind(c.submitted_by)
+            .bind(c.submitted_at)
+            .bind(c.updated_at)
+            .bind(c.last_sequence)
+            .bind(c.position)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !timeline.is_empty() {
+            let mut job_id = Vec::new();
+            let mut sequence = Vec::new();
+            let mut tenant = Vec::new();
+            let mut event_id = Vec::new();
+            let mut event_type = Vec::new();
+            let mut actor_kind = Vec::new();
+            let mut actor_id = Vec::new();
+            let mut recorded_at = Vec::new();
+            let mut hash = Vec::new();
+            let mut position = Vec::new();
+            for (e, md) in &timeline {
+                job_id.push(uuid_of(e)?);
+                sequence.push(e.sequence);
+                tenant.push(e.tenant_id.clone());
+                event_id.push(e.event_id);
+                event_type.push(e.event_type.clone());
+                actor_kind.push(md.actor.kind.to_string());
+                actor_id.push(md.actor.id.clone());
+                recorded_at.push(e.recorded_at);
+                hash.push(hex::encode(e.hash));
+                position.push(e.global_position);
+            }
+            sqlx::query(&format!(
+                "INSERT INTO {s}.job_timeline (job_id, sequence, tenant_id, event_id, event_type, actor_kind, actor_id, \
+                 recorded_at, hash, position) SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::uuid[], \
+                 $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::bigint[]) ON CONFLICT DO NOTHING"
+            )).persistent(false)
+            .bind(job_id)
+            .bind(sequence)
+            .bind(tenant)
+            .bind(event_id)
+            .bind(event_type)
+            .bind(actor_kind)
+            .bind(actor_id)
+            .bind(recorded_at)
+            .bind(hash)
+            .bind(position)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct JobColumns {
+    job_id: Vec<uuid::Uuid>,
+    tenant_id: Vec<String>,
+    slide_id: Vec<uuid::Uuid>,
+    kind: Vec<String>,
+    params: Vec<serde_json::Value>,
+    status: Vec<String>,
+    attempt: Vec<i32>,
+    max_attempts: Vec<i32>,
+    worker_id: Vec<Option<String>>,
+    lease_until: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    progress_done: Vec<Option<i64>>,
+    progress_total: Vec<Option<i64>>,
+    failure: Vec<Option<String>>,
+    manifest_key: Vec<Option<String>>,
+    manifest_sha256: Vec<Option<String>>,
+    state: Vec<serde_json::Value>,
+    submitted_by: Vec<String>,
+    submitted_at: Vec<chrono::DateTime<chrono::Utc>>,
+    updated_at: Vec<chrono::DateTime<chrono::Utc>>,
+    last_sequence: Vec<i64>,
+    position: Vec<i64>,
 }
