@@ -140,7 +140,7 @@ impl PersistedEventRepository for PgEventRepository {
     async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
         let sql = format!(
             "SELECT {} FROM events WHERE aggregate_type = $1 AND tenant_id = $2 \
-             ORDER BY tx_id, global_position",
+             ORDER BY events.tx_id, events.global_position",
             crate::store::COLUMNS
         );
         let rows = sqlx::query(&sql)

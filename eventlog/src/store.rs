@@ -294,7 +294,7 @@ impl EventLog {
             "SELECT {COLUMNS} FROM events \
              WHERE (tx_id, global_position) > ($1::text::xid8, $2) \
                AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY tx_id, global_position LIMIT $3"
+             ORDER BY events.tx_id, events.global_position LIMIT $3"
         );
         sqlx::query(&sql)
             .bind(cursor.tx_id.to_string())
@@ -321,12 +321,7 @@ pub(crate) async fn read_below<'e, E: sqlx::PgExecutor<'e>>(
     watermark: i64,
     limit: i64,
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM events \
-         WHERE (tx_id, global_position) > ($1::text::xid8, $2) AND tx_id < $3::text::xid8 \
-         ORDER BY tx_id, global_position LIMIT $4"
-    );
-    sqlx::query(&sql)
+    sqlx::query(&follow_below_sql())
         .bind(cursor.tx_id.to_string())
         .bind(cursor.position)
         .bind(watermark.to_string())
@@ -346,4 +341,15 @@ pub async fn read_after_in(
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
     let wm = watermark(&mut *conn).await?;
     read_below(&mut *conn, cursor, wm, limit).await
+}
+
+/// The follow query below a fixed watermark. `ORDER BY` names the table's columns: the output
+/// column `tx_id` (cast to bigint) would otherwise shadow them and force a sort of the whole
+/// remaining log on every batch instead of an index walk.
+pub fn follow_below_sql() -> String {
+    format!(
+        "SELECT {COLUMNS} FROM events \
+         WHERE (tx_id, global_position) > ($1::text::xid8, $2) AND tx_id < $3::text::xid8 \
+         ORDER BY events.tx_id, events.global_position LIMIT $4"
+    )
 }

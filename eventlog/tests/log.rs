@@ -582,3 +582,31 @@ async fn checkpoints_chain_and_count_incrementally() {
         .unwrap();
     assert_eq!(rows.get::<i64, _>("n"), 3);
 }
+
+#[tokio::test]
+async fn following_walks_the_index_without_sorting_the_log() {
+    let db = TestDb::new().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    // The table is empty here, so make the planner plan as it would for a large log.
+    sqlx::raw_sql("SET enable_seqscan = off; SET enable_bitmapscan = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "PREPARE follow(text, bigint, text, bigint) AS {}",
+        mira_eventlog::store::follow_below_sql()
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE follow('100', 0, '200', 500)")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("events_follow_idx"), "{plan}");
+    assert!(
+        !plan.contains("Sort"),
+        "the follow query sorts instead of walking the index:\n{plan}"
+    );
+}

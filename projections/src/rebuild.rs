@@ -48,10 +48,7 @@ async fn apply_batch(
     p: &Projector,
     events: &[mira_eventlog::StoredEvent],
 ) -> Result<(), HandlerError> {
-    for e in events {
-        p.apply_unlocked(conn, e).await?;
-    }
-    Ok(())
+    p.apply_batch(conn, events).await
 }
 
 /// The rows of `schema` as JSON, in key order, per table.
