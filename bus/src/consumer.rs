@@ -258,18 +258,7 @@ impl Consumer {
             .await
             .map_err(db)?;
         if parked {
-            sqlx::query(
-                "INSERT INTO consumer_set_aside (consumer, aggregate_type, aggregate_id, sequence, event_id) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            )
-            .bind(&self.cfg.name)
-            .bind(&msg.aggregate_type)
-            .bind(&msg.aggregate_id)
-            .bind(msg.sequence)
-            .bind(msg.event_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            self.set_aside(&mut tx, msg).await.map_err(db)?;
             tx.commit().await.map_err(db)?;
             return Ok(Outcome::SetAside);
         }
@@ -331,6 +320,22 @@ impl Consumer {
         Ok(())
     }
 
+    /// Records an event behind its parked aggregate (its content stays in the log).
+    async fn set_aside(&self, tx: &mut PgConnection, msg: &EventMessage) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO consumer_set_aside (consumer, aggregate_type, aggregate_id, sequence, event_id) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.cfg.name)
+        .bind(&msg.aggregate_type)
+        .bind(&msg.aggregate_id)
+        .bind(msg.sequence)
+        .bind(msg.event_id)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
     async fn park(&self, msg: &EventMessage, failed_seq: i64, reason: &str) -> Result<(), sqlx::Error> {
         let mut tx = self.pool().begin().await?;
         self.lock_stream(&mut tx, &msg.aggregate_type, &msg.aggregate_id)
@@ -346,17 +351,7 @@ impl Consumer {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO consumer_set_aside (consumer, aggregate_type, aggregate_id, sequence, event_id) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(&self.cfg.name)
-        .bind(&msg.aggregate_type)
-        .bind(&msg.aggregate_id)
-        .bind(msg.sequence)
-        .bind(msg.event_id)
-        .execute(&mut *tx)
-        .await?;
+        self.set_aside(&mut tx, msg).await?;
         tx.commit().await?;
         tracing::error!(consumer = %self.cfg.name, aggregate = %msg.aggregate_id, sequence = failed_seq, "aggregate parked");
         Ok(())

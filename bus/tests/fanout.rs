@@ -13,10 +13,10 @@ use mira_bus::consumer::{self, Consumer, ConsumerConfig, Handler, HandlerError, 
 use mira_bus::memory::MemoryBus;
 use mira_bus::relay::{Relay, RelayConfig};
 use mira_bus::{aws, Bus, EventMessage, Group, Names};
-use mira_eventlog::testing::TestDb;
+use mira_eventlog::testing::{settle, TestDb};
 use mira_eventlog::{EventLog, PgEventRepository, StoredEvent};
 use mira_events::{Actor, CommandContext, JobId, LocalKeyring, SlideId, TenantId};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
 // ---- the two buses ------------------------------------------------------------------------
@@ -286,20 +286,6 @@ impl World {
         }
         stop.cancel();
         task.await.unwrap().unwrap();
-    }
-}
-
-async fn settle(pool: &PgPool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sqlx::query_scalar::<_, bool>(
-        "SELECT coalesce(pg_snapshot_xmin(pg_current_snapshot()) > max(tx_id), true) FROM events",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap()
-    {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -9,7 +9,7 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework, EventStore};
 use mira_aggregates::{Job, JobCommand, JobError};
 use mira_eventlog::checkpoint::{self, AuditKey};
-use mira_eventlog::testing::TestDb;
+use mira_eventlog::testing::{settle, TestDb};
 use mira_eventlog::{verify, Cursor, EventLog, NewEvent, PgEventRepository};
 use mira_events::canonical::ZERO_HASH;
 use mira_events::{Actor, CommandContext, SlideId, TenantId};
@@ -104,28 +104,6 @@ async fn verify_err(pool: &PgPool, key: &AuditKey) -> verify::Violation {
     match verify::verify(pool, &key.verifying_key()).await {
         Err(verify::VerifyError::Violation(v)) => v,
         other => panic!("verify should fail, got {other:?}"),
-    }
-}
-
-/// Waits until every committed event is below the watermark (other tests' transactions on
-/// the same cluster can hold it back for a moment).
-async fn settle(pool: &PgPool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let settled: bool = sqlx::query_scalar(
-            "SELECT coalesce(pg_snapshot_xmin(pg_current_snapshot()) > max(tx_id), true) FROM events",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        if settled {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the watermark did not pass the log's end"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

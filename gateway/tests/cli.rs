@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use mira_aggregates::JobCommand;
-use mira_eventlog::testing::TestDb;
+use mira_eventlog::testing::{settle, TestDb};
 use mira_eventlog::EventLog;
 use mira_events::{Actor, CommandContext, JobId, LocalKeyring, SlideId, TenantId};
 use mira_gateway::commands::Commands;
@@ -95,20 +95,6 @@ fn commands(db: &TestDb, dir: &Path) -> Commands {
 
 fn ctx() -> CommandContext {
     CommandContext::new(TenantId::parse("lab").unwrap(), Actor::user("pathologist-1"))
-}
-
-async fn settle(pool: &sqlx::PgPool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !sqlx::query_scalar::<_, bool>(
-        "SELECT coalesce(pg_snapshot_xmin(pg_current_snapshot()) > max(tx_id), true) FROM events",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap()
-    {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 const SUBCOMMANDS: &[&[&str]] = &[

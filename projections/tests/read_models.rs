@@ -11,7 +11,7 @@ use mira_aggregates::{Job, JobCommand, Slide, SlideCommand, SlideServices};
 use mira_bus::consumer::{Consumer, ConsumerConfig};
 use mira_bus::memory::MemoryBus;
 use mira_bus::{Bus, EventMessage, Group};
-use mira_eventlog::testing::TestDb;
+use mira_eventlog::testing::{settle, TestDb};
 use mira_eventlog::{EventLog, PgEventRepository};
 use mira_events::{Actor, CommandContext, JobId, LocalKeyring, SlideId, TenantId, Usage};
 use mira_projections::projector::replay_into;
@@ -124,17 +124,7 @@ async fn random_history(log: &EventLog, tenants: &[&str], jobs: usize, seed: u64
             }
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sqlx::query_scalar::<_, bool>(
-        "SELECT coalesce(pg_snapshot_xmin(pg_current_snapshot()) > max(tx_id), true) FROM events",
-    )
-    .fetch_one(log.pool())
-    .await
-    .unwrap()
-    {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    settle(log.pool()).await;
 }
 
 async fn table(pool: &sqlx::PgPool, schema: &str, table: &str, key: &str) -> Vec<serde_json::Value> {
