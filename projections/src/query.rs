@@ -71,6 +71,27 @@ pub struct TimelineRow {
     pub position: i64,
 }
 
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct SlideRow {
+    pub slide_id: uuid::Uuid,
+    pub tenant_id: String,
+    pub status: String,
+    /// The sealed display name; the gateway opens it with the keyring.
+    pub name: serde_json::Value,
+    pub size_bytes: i64,
+    pub content_type: String,
+    pub object_key: String,
+    pub metadata: Option<serde_json::Value>,
+    pub rejection: Option<String>,
+    pub registered_by: String,
+    pub registered_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub position: i64,
+}
+
+const SLIDE_COLUMNS: &str = "slide_id, tenant_id, status, name, size_bytes, content_type, object_key, metadata, \
+    rejection, registered_by, registered_at, updated_at, position";
+
 impl ReadModels {
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
@@ -133,6 +154,37 @@ impl ReadModels {
             })
             .flatten();
         Ok(Page { items, next })
+    }
+
+    pub async fn slide(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Option<SlideRow>, sqlx::Error> {
+        let mut tx = self.begin(tenant).await?;
+        let row = sqlx::query_as::<_, SlideRow>(&format!("SELECT {SLIDE_COLUMNS} FROM rm.slides WHERE slide_id = $1"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// Newest first; `before` is the `registered_at` and id of the last slide of the previous page.
+    pub async fn slides(
+        &self,
+        tenant: &TenantId,
+        before: Option<(DateTime<Utc>, uuid::Uuid)>,
+        limit: i64,
+    ) -> Result<Vec<SlideRow>, sqlx::Error> {
+        let mut tx = self.begin(tenant).await?;
+        let rows = sqlx::query_as::<_, SlideRow>(&format!(
+            "SELECT {SLIDE_COLUMNS} FROM rm.slides WHERE ($1::timestamptz IS NULL OR (registered_at, slide_id) < ($1, $2)) \
+             ORDER BY registered_at DESC, slide_id DESC LIMIT $3"
+        ))
+        .bind(before.map(|b| b.0))
+        .bind(before.map(|b| b.1))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows)
     }
 
     pub async fn timeline(&self, tenant: &TenantId, job: uuid::Uuid) -> Result<Vec<TimelineRow>, sqlx::Error> {

@@ -288,6 +288,22 @@ async fn a_tenant_sees_only_its_rows_even_through_a_superuser_connection() {
     assert!(!rm.timeline(&tenant("lab-b"), b_job).await.unwrap().is_empty());
     assert!(rm.timeline(&tenant("lab-a"), b_job).await.unwrap().is_empty());
 
+    let a_slides = rm.slides(&tenant("lab-a"), None, 10).await.unwrap();
+    assert_eq!(a_slides.len(), 1);
+    assert!(a_slides[0].name.get("ct").is_some(), "the name is stored sealed");
+    assert!(rm
+        .slide(&tenant("lab-b"), a_slides[0].slide_id)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        rm.slide(&tenant("lab-a"), a_slides[0].slide_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "uploaded"
+    );
     // With no tenant set, the query fails instead of returning everything.
     let mut tx = db.pool.begin().await.unwrap();
     sqlx::query("SET LOCAL ROLE mira_api").execute(&mut *tx).await.unwrap();
