@@ -196,7 +196,7 @@ pub async fn fanout(
         seq[a] += 1;
         log.append(&tenant, &[bench_event(&aggregates[a], seq[a])]).await?;
     }
-    let relay = Relay::new(
+    let relay = Arc::new(Relay::new(
         log.clone(),
         bus.publisher(),
         RelayConfig {
@@ -204,7 +204,7 @@ pub async fn fanout(
             ..RelayConfig::default()
         },
         None,
-    );
+    ));
     let stop = CancellationToken::new();
     // Settle: what the relay sees now is only what was appended above.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -239,16 +239,7 @@ pub async fn fanout(
     }
     samples.lock().expect("samples lock").clear();
     let relay_task = {
-        let stop = stop.clone();
-        let relay = Relay::new(
-            log.clone(),
-            bus.publisher(),
-            RelayConfig {
-                idle_poll: Duration::from_millis(5),
-                ..RelayConfig::default()
-            },
-            None,
-        );
+        let (stop, relay) = (stop.clone(), relay.clone());
         tokio::spawn(async move {
             while !stop.is_cancelled() {
                 if let Some(p) = relay.publish_next(&stop).await? {

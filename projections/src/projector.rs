@@ -55,25 +55,40 @@ impl Projector {
         }
     }
 
-    async fn job(&self, tx: &mut PgConnection, e: &StoredEvent, md: &Metadata) -> Result<(), HandlerError> {
-        let id = uuid_of(e)?;
-        let event: JobEvent = decode(e)?;
+    /// Locks and loads the aggregate state kept in a row. `None` when the row already holds
+    /// `sequence` (a rebuild got there first, or a redelivery); otherwise the state (default for
+    /// a new row) and whether the row exists.
+    async fn load<A: serde::de::DeserializeOwned + Default>(
+        &self,
+        tx: &mut PgConnection,
+        table: &str,
+        key: &str,
+        id: uuid::Uuid,
+        sequence: i64,
+    ) -> Result<Option<(A, bool)>, HandlerError> {
         let s = &self.schema;
         let current: Option<(serde_json::Value, i64)> = sqlx::query_as(&format!(
-            "SELECT state, last_sequence FROM {s}.jobs WHERE job_id = $1 FOR UPDATE"
+            "SELECT state, last_sequence FROM {s}.{table} WHERE {key} = $1 FOR UPDATE"
         ))
         .persistent(false)
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;
-        if current.as_ref().is_some_and(|(_, last)| *last >= e.sequence) {
-            return Ok(()); // already in this row (a rebuild got here first, or a redelivery)
+        match current {
+            Some((_, last)) if last >= sequence => Ok(None),
+            Some((state, _)) => Ok(Some((serde_json::from_value(state).map_err(failed)?, true))),
+            None => Ok(Some((A::default(), false))),
         }
-        let mut job: Job = match &current {
-            Some((v, _)) => serde_json::from_value(v.clone()).map_err(failed)?,
-            None => Job::default(),
+    }
+
+    async fn job(&self, tx: &mut PgConnection, e: &StoredEvent, md: &Metadata) -> Result<(), HandlerError> {
+        let id = uuid_of(e)?;
+        let event: JobEvent = decode(e)?;
+        let s = &self.schema;
+        let Some((mut job, exists)) = self.load::<Job>(tx, "jobs", "job_id", id, e.sequence).await? else {
+            return Ok(());
         };
-        if current.is_none() && !matches!(event, JobEvent::JobSubmitted { .. }) {
+        if !exists && !matches!(event, JobEvent::JobSubmitted { .. }) {
             return Err(failed(format!("job {id}: {} before JobSubmitted", e.event_type)));
         }
         if let JobEvent::JobSucceeded { usage, .. } = &event {
@@ -152,21 +167,10 @@ impl Projector {
         let id = uuid_of(e)?;
         let event: SlideEvent = decode(e)?;
         let s = &self.schema;
-        let current: Option<(serde_json::Value, i64)> = sqlx::query_as(&format!(
-            "SELECT state, last_sequence FROM {s}.slides WHERE slide_id = $1 FOR UPDATE"
-        ))
-        .persistent(false)
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if current.as_ref().is_some_and(|(_, last)| *last >= e.sequence) {
+        let Some((mut slide, exists)) = self.load::<Slide>(tx, "slides", "slide_id", id, e.sequence).await? else {
             return Ok(());
-        }
-        let mut slide: Slide = match &current {
-            Some((v, _)) => serde_json::from_value(v.clone()).map_err(failed)?,
-            None => Slide::default(),
         };
-        if current.is_none() && !matches!(event, SlideEvent::SlideRegistered { .. }) {
+        if !exists && !matches!(event, SlideEvent::SlideRegistered { .. }) {
             return Err(failed(format!("slide {id}: {} before SlideRegistered", e.event_type)));
         }
         if let SlideEvent::SlideUploaded { size_bytes } = &event {
