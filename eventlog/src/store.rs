@@ -314,6 +314,30 @@ pub(crate) async fn watermark<'e, E: sqlx::PgExecutor<'e>>(e: E) -> Result<i64, 
         .await
 }
 
+/// How far the follow watermark trails the log (DESIGN §4.1).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct WatermarkLag {
+    /// Committed events at or above the watermark: followers cannot read them yet.
+    pub events: i64,
+    /// Age of the oldest running transaction that holds an xid, anywhere in the cluster: it
+    /// is what holds the watermark back.
+    pub seconds: f64,
+}
+
+pub async fn watermark_lag(pool: &PgPool) -> Result<WatermarkLag, sqlx::Error> {
+    let (events, seconds): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM events WHERE tx_id >= pg_snapshot_xmin(pg_current_snapshot())), \
+                (SELECT extract(epoch FROM now() - min(xact_start))::float8 FROM pg_stat_activity \
+                  WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid())",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(WatermarkLag {
+        events,
+        seconds: seconds.unwrap_or(0.0).max(0.0),
+    })
+}
+
 /// Events after `cursor` and below a fixed `watermark`, in follow order.
 pub(crate) async fn read_below<'e, E: sqlx::PgExecutor<'e>>(
     e: E,

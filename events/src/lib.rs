@@ -13,6 +13,7 @@ pub mod canonical;
 pub mod ids;
 pub mod job;
 pub mod metadata;
+pub mod params;
 pub mod seal;
 pub mod slide;
 pub mod upcast;

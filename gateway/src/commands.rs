@@ -7,7 +7,7 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework};
 use mira_aggregates::{Job, JobCommand, JobError, Slide, SlideCommand, SlideError, SlideServices};
 use mira_eventlog::{EventLog, PgEventRepository};
-use mira_events::{CommandContext, JobId, Keyring, SlideId};
+use mira_events::{CommandContext, JobId, Keyring, SlideId, TenantId};
 
 pub type JobCqrs = CqrsFramework<Job, PersistedEventStore<PgEventRepository, Job>>;
 pub type SlideCqrs = CqrsFramework<Slide, PersistedEventStore<PgEventRepository, Slide>>;
@@ -30,6 +30,19 @@ fn store<A: cqrs_es::Aggregate>(log: &EventLog, ctx: &CommandContext) -> Persist
         .with_upcasters(mira_events::upcast::upcasters())
 }
 
+async fn load<A: cqrs_es::Aggregate>(
+    log: &EventLog,
+    tenant: &TenantId,
+    id: &str,
+) -> Result<Option<A>, AggregateError<A::Error>> {
+    use cqrs_es::EventStore;
+    let store: PersistedEventStore<PgEventRepository, A> =
+        PersistedEventStore::new_event_store(PgEventRepository::new(log.clone(), tenant.clone()))
+            .with_upcasters(mira_events::upcast::upcasters());
+    let ctx = store.load_aggregate(id).await?;
+    Ok((ctx.current_sequence > 0).then_some(ctx.aggregate))
+}
+
 impl Commands {
     pub fn new(log: EventLog, keyring: Arc<dyn Keyring>) -> Self {
         Self { log, keyring }
@@ -48,6 +61,16 @@ impl Commands {
         let cqrs: JobCqrs = CqrsFramework::new(store(&self.log, ctx), vec![], ());
         cqrs.execute_with_metadata(&id.to_string(), command, ctx.to_cqrs())
             .await
+    }
+
+    /// The slide's current state, or `None` when the tenant has no such slide.
+    pub async fn load_slide(&self, tenant: &TenantId, id: SlideId) -> Result<Option<Slide>, AggregateError<SlideError>> {
+        load(&self.log, tenant, &id.to_string()).await
+    }
+
+    /// The job's current state, or `None` when the tenant has no such job.
+    pub async fn load_job(&self, tenant: &TenantId, id: JobId) -> Result<Option<Job>, AggregateError<JobError>> {
+        load(&self.log, tenant, &id.to_string()).await
     }
 
     pub async fn slide(

@@ -50,6 +50,8 @@ pub struct Settings {
     pub tracing: TracingSettings,
     #[serde(rename = "Realtime")]
     pub realtime: RealtimeSettings,
+    #[serde(rename = "Api")]
+    pub api: ApiSettings,
 }
 
 /// AWS settings, with the names the platform's operators already use (DESIGN §2). The SDK's
@@ -150,10 +152,56 @@ pub enum StorageProvider {
     S3,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
 pub struct StorageSettings {
     pub provider: StorageProvider,
+    /// The local store's directory (`Storage__Provider=Local`).
+    pub local_dir: PathBuf,
+    /// The URL clients reach this gateway at, for the local store's signed URLs.
+    /// Default: `http://<listen address>`.
+    pub public_url: Option<String>,
+    /// Uploads larger than this are multipart.
+    pub multipart_threshold_bytes: u64,
+    /// Part size of multipart uploads (at least 5 MiB, S3's minimum).
+    pub part_size_bytes: u64,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            provider: StorageProvider::Local,
+            local_dir: PathBuf::from(".mira/blobs"),
+            public_url: None,
+            multipart_threshold_bytes: 64 * 1024 * 1024,
+            part_size_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// The HTTP API's own limits.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Largest JSON request body; larger gets 413.
+    pub max_body_bytes: u64,
+    /// Attempts each submitted job may use before failing for good.
+    pub job_max_attempts: u32,
+    /// Clock skew allowed on a token's `exp` and `nbf`.
+    pub token_leeway_seconds: u64,
+    /// The JWKS is fetched again for an unknown `kid` at most this often.
+    pub jwks_min_refresh_seconds: u64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            job_max_attempts: 3,
+            token_leeway_seconds: 60,
+            jwks_min_refresh_seconds: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -252,6 +300,7 @@ const SECTIONS: &[&str] = &[
     "Storage",
     "Tracing",
     "Realtime",
+    "Api",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -355,6 +404,18 @@ impl Settings {
                 "must be 1 to 10080 (seven days)",
             );
         }
+        if self.storage.part_size_bytes < 5 * 1024 * 1024 {
+            return invalid("Storage__PartSizeBytes", "must be at least 5 MiB (5242880), S3's minimum part size");
+        }
+        if self.storage.multipart_threshold_bytes == 0 {
+            return invalid("Storage__MultipartThresholdBytes", "must be at least 1");
+        }
+        if self.api.max_body_bytes < 1024 {
+            return invalid("Api__MaxBodyBytes", "must be at least 1024");
+        }
+        if !(1..=mira_aggregates::job::MAX_ATTEMPTS_LIMIT).contains(&self.api.job_max_attempts) {
+            return invalid("Api__JobMaxAttempts", "must be 1 to 20");
+        }
         if let Some(url) = &self.database_url {
             if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
                 return invalid("DATABASE_URL", "must be a postgres:// URL");
@@ -371,6 +432,46 @@ impl Settings {
                 setting: "DATABASE_URL".into(),
                 reason: "is not set".into(),
             })
+    }
+
+    /// Token validation settings (DESIGN §7). The issuer and JWKS URL derive from the pool
+    /// unless set; the app client id is required.
+    pub fn auth_config(&self) -> Result<crate::api::auth::AuthConfig, ConfigError> {
+        let c = &self.aws.cognito;
+        let missing = |setting: &str, reason: &str| ConfigError::Invalid {
+            setting: setting.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let audience = c
+            .client_id
+            .clone()
+            .ok_or_else(|| missing("AWS__Cognito__ClientId", "is not set (the app client id, the ID token's aud)"))?;
+        let issuer = match &c.issuer {
+            Some(i) => i.clone(),
+            None => {
+                let pool = c.user_pool_id.as_deref().ok_or_else(|| {
+                    missing("AWS__Cognito__UserPoolId", "is not set (or set AWS__Cognito__Issuer and AWS__Cognito__JwksUrl)")
+                })?;
+                let region = c
+                    .region
+                    .clone()
+                    .or_else(|| pool.split_once('_').map(|(r, _)| r.to_owned()))
+                    .or_else(|| self.aws.region.clone())
+                    .ok_or_else(|| missing("AWS__Cognito__Region", "is not set"))?;
+                format!("https://cognito-idp.{region}.amazonaws.com/{pool}")
+            }
+        };
+        let jwks_url = c
+            .jwks_url
+            .clone()
+            .unwrap_or_else(|| format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')));
+        Ok(crate::api::auth::AuthConfig {
+            jwks_url,
+            issuer,
+            audience,
+            leeway: std::time::Duration::from_secs(self.api.token_leeway_seconds),
+            min_refresh: std::time::Duration::from_secs(self.api.jwks_min_refresh_seconds),
+        })
     }
 
     /// The bus names (DESIGN §2).

@@ -5,8 +5,11 @@
 //! the WebSocket and `mira dev` arrive with the gateway issue. `main` only parses arguments
 //! and calls into this library, so tests drive the same code.
 
+pub mod api;
 pub mod audit;
 pub mod bench;
+pub mod blob;
 pub mod commands;
 pub mod config;
+pub mod server;
 pub mod telemetry;

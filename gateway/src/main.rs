@@ -53,6 +53,15 @@ enum Command {
         #[command(subcommand)]
         command: BusCommand,
     },
+    /// Serve the HTTP API (and, with --with, background roles in the same process).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: String,
+        /// Also run these roles here (comma-separated): relay, projector.
+        #[arg(long = "with", value_enum, value_delimiter = ',', value_name = "ROLES")]
+        with: Vec<mira_gateway::server::Role>,
+    },
     /// Follow the log and publish every event to the SNS topic (one active relay at a time).
     Relay,
     /// Run the read-model projector on the `projections` queue (Messaging__Provider=Aws).
@@ -321,6 +330,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        Command::Serve { listen, with } => {
+            let pool = pool(&settings).await?;
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            mira_gateway::server::run(&settings, pool, listener, &with, shutdown_on_signals()).await?;
         }
         Command::Relay => {
             let pool = pool(&settings).await?;

@@ -1,0 +1,67 @@
+//! The local blob store's HTTP side (`mira dev`): PUT and GET on `/blobs/<key>` with the
+//! signed query the gateway issued. Bodies stream to disk; nothing is buffered whole.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::extract::ApiQuery;
+use super::problem::ApiError;
+use super::AppState;
+use crate::blob::SignedQuery;
+
+fn local(state: &AppState) -> Result<&crate::blob::LocalBlobs, ApiError> {
+    state
+        .local_blobs
+        .as_deref()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not-found", "this gateway stores blobs in S3"))
+}
+
+pub async fn upload(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiQuery(q): ApiQuery<SignedQuery>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let store = local(&state)?;
+    store
+        .check("PUT", &key, &q)
+        .map_err(|why| ApiError::forbidden(format!("upload refused: {why}")))?;
+    let target = store
+        .put_target(&key, &q)
+        .map_err(|why| ApiError::bad_request(format!("upload refused: {why}")))?;
+    let etag = store
+        .write_stream(&target, body.into_data_stream())
+        .await
+        .map_err(|e| ApiError::bad_request(format!("upload failed: {e}")))?;
+    let mut res = StatusCode::OK.into_response();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        res.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(res)
+}
+
+pub async fn download(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    ApiQuery(q): ApiQuery<SignedQuery>,
+) -> Result<Response, ApiError> {
+    let store = local(&state)?;
+    store
+        .check("GET", &key, &q)
+        .map_err(|why| ApiError::forbidden(format!("download refused: {why}")))?;
+    let file = tokio::fs::File::open(store.path_of(&key))
+        .await
+        .map_err(|_| ApiError::not_found("object"))?;
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let stream = tokio_util::io::ReaderStream::new(file);
+    Ok((
+        [
+            (header::CONTENT_LENGTH, HeaderValue::from(len)),
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}

@@ -1,0 +1,114 @@
+//! Extractors that turn bad input into problem+json instead of axum's plain-text rejections.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use super::problem::ApiError;
+
+/// A JSON body: 413 over the size limit, 415 without a JSON content type, 400 when it is not
+/// JSON, 422 (naming the field) when it does not fit the schema, unknown fields included.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let json_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                let mime = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+                mime == "application/json" || mime.ends_with("+json")
+            });
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload-too-large",
+                    "the request body is larger than this endpoint accepts",
+                )
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {r}"))
+            }
+        })?;
+        if json_type == Some(false) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "send the body as application/json",
+            ));
+        }
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Parses a JSON body; an empty body reads as `{}` only if `T` accepts that.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let inner = e.inner();
+            if inner.is_syntax() || inner.is_eof() {
+                Err(ApiError::bad_request(format!("malformed JSON: {inner}")))
+            } else {
+                let path = e.path().to_string();
+                if path == "." {
+                    Err(ApiError::invalid(inner.to_string()))
+                } else {
+                    Err(ApiError::invalid(format!("{path}: {inner}")))
+                }
+            }
+        }
+    }
+}
+
+/// Parses a path id into its newtype; 400 when it is not a UUID.
+pub fn parse_id<T>(raw: &str, what: &str, parse: impl Fn(&str) -> Result<T, mira_events::IdError>) -> Result<T, ApiError> {
+    parse(raw).map_err(|_| ApiError::bad_request(format!("{what} id {raw:?} is not a UUID")))
+}
+
+/// The `Idempotency-Key` header, when sent: 1 to 255 visible ASCII characters.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let Some(v) = parts.headers.get("idempotency-key") else {
+            return Ok(Self(None));
+        };
+        let s = v
+            .to_str()
+            .ok()
+            .filter(|s| !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic()))
+            .ok_or_else(|| ApiError::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters"))?;
+        Ok(Self(Some(s.to_owned())))
+    }
+}
+
+/// Query strings, with problem+json rejections.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let q = parts.uri.query().unwrap_or("");
+        serde_urlencoded_from_str(q).map(ApiQuery)
+    }
+}
+
+fn serde_urlencoded_from_str<T: DeserializeOwned>(q: &str) -> Result<T, ApiError> {
+    axum::extract::Query::<T>::try_from_uri(&format!("/?{q}").parse().map_err(|_| ApiError::bad_request("bad query string"))?)
+        .map(|axum::extract::Query(v)| v)
+        .map_err(|e| ApiError::bad_request(format!("query string: {}", e.body_text())))
+}

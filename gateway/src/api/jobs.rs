@@ -1,0 +1,256 @@
+//! Jobs: submit (idempotent), list, read, cancel, retry, history.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use mira_aggregates::{JobCommand, JobError, SlideStatus};
+use mira_events::params::{PreprocessParams, WSI_PREPROCESS};
+use mira_events::{Actor, CommandContext, JobId, SlideId};
+use mira_projections::query::{JobCursor, JobFilter};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::auth::Identity;
+use super::extract::{parse_id, ApiJson, ApiQuery, IdempotencyKey};
+use super::idempotency::{self, Claim};
+use super::problem::{ApiError, ApiResult};
+use super::slides::{decode_cursor, encode_cursor, page_limit};
+use super::{AppState, READERS, WRITERS};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewJob {
+    pub slide_id: SlideId,
+    pub kind: String,
+    #[serde(default)]
+    pub params: Option<serde_json::Value>,
+}
+
+/// The request as accepted, defaults filled in: what the idempotency fingerprint covers.
+#[derive(Debug, Serialize)]
+struct Accepted<'a> {
+    slide_id: SlideId,
+    kind: &'a str,
+    params: &'a PreprocessParams,
+}
+
+fn ctx(who: &Identity, key: Option<&str>) -> CommandContext {
+    let c = CommandContext::new(who.tenant.clone(), Actor::user(who.subject.clone()));
+    match key {
+        Some(k) => c.with_idempotency_key(k),
+        None => c,
+    }
+}
+
+/// `POST /api/jobs`: 202 `{job_id, status}`. A job on a slide that is not verified yet is
+/// accepted and waits in `submitted`.
+pub async fn create(
+    State(state): State<AppState>,
+    who: Identity,
+    IdempotencyKey(key): IdempotencyKey,
+    ApiJson(body): ApiJson<NewJob>,
+) -> ApiResult<Response> {
+    who.require(WRITERS)?;
+    if body.kind != WSI_PREPROCESS {
+        return Err(ApiError::invalid(format!(
+            "kind: {:?} is not a job kind; the one kind is {WSI_PREPROCESS:?}",
+            body.kind
+        )));
+    }
+    let params = PreprocessParams::from_request(body.params.as_ref()).map_err(ApiError::invalid)?;
+    let fresh = JobId::new();
+    let claim = match &key {
+        Some(k) => {
+            let fp = idempotency::fingerprint(&Accepted {
+                slide_id: body.slide_id,
+                kind: &body.kind,
+                params: &params,
+            });
+            idempotency::claim(&state.pool, &who, "jobs", k, &fp, fresh.as_uuid()).await?
+        }
+        None => Claim::New(fresh.as_uuid()),
+    };
+    let id = JobId(claim.id());
+    let slide = state
+        .commands
+        .load_slide(&who.tenant, body.slide_id)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not-found", "slide_id: no such slide"))?;
+    if matches!(slide.status, SlideStatus::Rejected | SlideStatus::Deleted) {
+        return Err(ApiError::conflict(format!(
+            "slide_id: the slide is {} and cannot be processed",
+            slide.status.as_str()
+        )));
+    }
+    let submitted = state
+        .commands
+        .job(
+            &ctx(&who, key.as_deref()),
+            id,
+            JobCommand::Submit {
+                slide_id: body.slide_id,
+                kind: body.kind.clone(),
+                params: serde_json::to_value(&params).map_err(ApiError::internal)?,
+                max_attempts: state.limits.job_max_attempts,
+            },
+        )
+        .await;
+    match submitted {
+        Ok(()) => {}
+        Err(cqrs_es::AggregateError::UserError(JobError::AlreadyExists)) if matches!(claim, Claim::Replay(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let status = state
+        .commands
+        .load_job(&who.tenant, id)
+        .await?
+        .map(|j| j.status.as_str())
+        .unwrap_or("submitted");
+    tracing::info!(job_id = %id, replay = matches!(claim, Claim::Replay(_)), "job submitted");
+    Ok((StatusCode::ACCEPTED, Json(json!({"job_id": id, "status": status}))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub status: Option<String>,
+    pub slide_id: Option<String>,
+    pub submitted_by: Option<String>,
+    /// Submitted at or after (RFC 3339).
+    pub since: Option<DateTime<Utc>>,
+    /// Submitted before (RFC 3339).
+    pub until: Option<DateTime<Utc>>,
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+const STATUSES: &[&str] = &[
+    "submitted",
+    "queued",
+    "running",
+    "retry_scheduled",
+    "cancel_requested",
+    "succeeded",
+    "failed",
+    "cancelled",
+];
+
+pub async fn list(
+    State(state): State<AppState>,
+    who: Identity,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    who.require(READERS)?;
+    if let Some(s) = &q.status {
+        if !STATUSES.contains(&s.as_str()) {
+            return Err(ApiError::bad_request(format!("status: {s:?} is not one of {}", STATUSES.join(", "))));
+        }
+    }
+    let slide_id = q.slide_id.as_deref().map(|s| parse_id(s, "slide", SlideId::parse)).transpose()?;
+    let limit = page_limit(q.limit)?;
+    let after: Option<JobCursor> = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let filter = JobFilter {
+        status: q.status,
+        slide_id: slide_id.map(|s| s.as_uuid()),
+        submitted_by: q.submitted_by,
+        submitted_after: q.since,
+        submitted_before: q.until,
+    };
+    let page = state.read.jobs(&who.tenant, &filter, after, limit).await?;
+    Ok(Json(json!({
+        "items": page.items.iter().map(view).collect::<Vec<_>>(),
+        "next": page.next.map(|c| encode_cursor(&c)),
+    })))
+}
+
+pub fn view(j: &mira_projections::query::JobRow) -> serde_json::Value {
+    json!({
+        "job_id": j.job_id,
+        "slide_id": j.slide_id,
+        "kind": j.kind,
+        "params": j.params,
+        "status": j.status,
+        "attempt": j.attempt,
+        "max_attempts": j.max_attempts,
+        "worker_id": j.worker_id,
+        "lease_until": j.lease_until,
+        "progress": j.progress_total.map(|t| json!({"done": j.progress_done.unwrap_or(0), "total": t})),
+        "failure": j.failure,
+        "manifest_key": j.manifest_key,
+        "manifest_sha256": j.manifest_sha256,
+        "submitted_by": j.submitted_by,
+        "submitted_at": j.submitted_at,
+        "updated_at": j.updated_at,
+        "position": j.position,
+    })
+}
+
+pub async fn get_one(
+    State(state): State<AppState>,
+    who: Identity,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    who.require(READERS)?;
+    let id = parse_id(&raw, "job", JobId::parse)?;
+    let row = state
+        .read
+        .job(&who.tenant, id.as_uuid())
+        .await?
+        .ok_or(ApiError::not_found("job"))?;
+    Ok(Json(view(&row)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+async fn transition(state: &AppState, who: &Identity, raw: &str, command: JobCommand) -> ApiResult<Response> {
+    who.require(WRITERS)?;
+    let id = parse_id(raw, "job", JobId::parse)?;
+    // Unknown ids and other tenants' jobs are both "not found": the repository only sees
+    // this tenant's streams.
+    state.commands.job(&ctx(who, None), id, command).await?;
+    let status = state
+        .commands
+        .load_job(&who.tenant, id)
+        .await?
+        .map(|j| j.status.as_str())
+        .ok_or(ApiError::not_found("job"))?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"job_id": id, "status": status}))).into_response())
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    who: Identity,
+    Path(raw): Path<String>,
+    ApiJson(body): ApiJson<CancelBody>,
+) -> ApiResult<Response> {
+    if body.reason.as_ref().is_some_and(|r| r.chars().count() > 1000) {
+        return Err(ApiError::invalid("reason: at most 1000 characters"));
+    }
+    transition(&state, &who, &raw, JobCommand::Cancel { reason: body.reason }).await
+}
+
+pub async fn retry(State(state): State<AppState>, who: Identity, Path(raw): Path<String>) -> ApiResult<Response> {
+    transition(&state, &who, &raw, JobCommand::Retry).await
+}
+
+/// `GET /api/jobs/{id}/events`: the job's history, each event with its actor, time and hash.
+pub async fn events(
+    State(state): State<AppState>,
+    who: Identity,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    who.require(READERS)?;
+    let id = parse_id(&raw, "job", JobId::parse)?;
+    let rows = state.read.timeline(&who.tenant, id.as_uuid()).await?;
+    if rows.is_empty() && state.read.job(&who.tenant, id.as_uuid()).await?.is_none() {
+        return Err(ApiError::not_found("job"));
+    }
+    Ok(Json(json!({"job_id": id, "events": rows})))
+}

@@ -1,0 +1,128 @@
+//! `/metrics` in the Prometheus text format: request counts and latency sums per route and
+//! status class, and, read from the database at scrape time, each projection's position and
+//! lag and the log's watermark lag (DESIGN §4.1, §6).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), (u64, f64)>>,
+}
+
+impl Metrics {
+    pub fn observe(&self, route: &str, status: StatusCode, took: Duration) {
+        let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry((route.to_owned(), status.as_u16())).or_default();
+        e.0 += 1;
+        e.1 += took.as_secs_f64();
+    }
+
+    /// Renders the request metrics, then `extra` (gauges read at scrape time).
+    pub fn render(&self, gauges: &[Gauge]) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP mira_http_requests_total HTTP requests by route and status.\n");
+        out.push_str("# TYPE mira_http_requests_total counter\n");
+        let m = self.requests.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for ((route, status), (n, _)) in &m {
+            let _ = writeln!(
+                out,
+                "mira_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+                escape(route)
+            );
+        }
+        out.push_str("# HELP mira_http_request_seconds_sum Time spent serving requests.\n");
+        out.push_str("# TYPE mira_http_request_seconds_sum counter\n");
+        for ((route, status), (_, secs)) in &m {
+            let _ = writeln!(
+                out,
+                "mira_http_request_seconds_sum{{route=\"{}\",status=\"{status}\"}} {secs}",
+                escape(route)
+            );
+        }
+        let mut last = "";
+        for g in gauges {
+            if g.name != last {
+                let _ = writeln!(out, "# HELP {} {}", g.name, g.help);
+                let _ = writeln!(out, "# TYPE {} gauge", g.name);
+                last = g.name;
+            }
+            let labels = if g.labels.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "{{{}}}",
+                    g.labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            };
+            let _ = writeln!(out, "{}{labels} {}", g.name, g.value);
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Gauge {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub labels: Vec<(&'static str, String)>,
+    pub value: f64,
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Projection and watermark gauges, read now.
+pub async fn database_gauges(pool: &sqlx::PgPool) -> Result<Vec<Gauge>, sqlx::Error> {
+    let mut g = Vec::new();
+    let status = mira_projections::rebuild::status(pool).await?;
+    for (name, help, f) in [
+        (
+            "mira_projection_position",
+            "The last log position applied to the projection.",
+            (|s: &mira_projections::rebuild::Status| s.position as f64) as fn(&_) -> f64,
+        ),
+        (
+            "mira_projection_lag_events",
+            "Events in the log after the projection's position.",
+            |s| s.lag_events as f64,
+        ),
+        (
+            "mira_projection_lag_seconds",
+            "Age of the oldest event the projection has not applied.",
+            |s| s.lag_seconds,
+        ),
+    ] {
+        for s in &status {
+            g.push(Gauge {
+                name,
+                help,
+                labels: vec![("projection", s.name.clone())],
+                value: f(s),
+            });
+        }
+    }
+    let w = mira_eventlog::store::watermark_lag(pool).await?;
+    g.push(Gauge {
+        name: "mira_log_watermark_lag_events",
+        help: "Committed events that followers cannot read yet: an older transaction still runs.",
+        labels: vec![],
+        value: w.events as f64,
+    });
+    g.push(Gauge {
+        name: "mira_log_watermark_lag_seconds",
+        help: "Age of the oldest running transaction that holds the log's follow watermark back.",
+        labels: vec![],
+        value: w.seconds,
+    });
+    Ok(g)
+}

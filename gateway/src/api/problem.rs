@@ -1,0 +1,142 @@
+//! The gateway's one error type. Every failure leaves as RFC 9457 `application/problem+json`:
+//! validation → 400/422, authentication → 401 (no detail), a missing role → 403, not found or
+//! another tenant's → 404, conflicts → 409, and anything unexpected → an opaque 500 whose
+//! cause is logged inside the request's span.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use cqrs_es::AggregateError;
+use mira_aggregates::{JobError, SlideError};
+use serde_json::json;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// A short, stable slug: the problem's `type` is `https://mira.dev/problems/<kind>`.
+    pub kind: &'static str,
+    pub detail: Option<String>,
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            detail: Some(detail.into()),
+        }
+    }
+
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", detail)
+    }
+
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", detail)
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", format!("no such {what}"))
+    }
+
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", detail)
+    }
+
+    /// Authentication failed. Deliberately says nothing about why.
+    pub fn unauthorized() -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "unauthorized",
+            detail: None,
+        }
+    }
+
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
+    }
+
+    /// Unexpected: logged here, inside the request's span; the client sees no detail.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "request failed");
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "internal",
+            detail: None,
+        }
+    }
+
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let title = self.status.canonical_reason().unwrap_or("Error");
+        let mut body = json!({
+            "type": format!("https://mira.dev/problems/{}", self.kind),
+            "title": title,
+            "status": self.status.as_u16(),
+        });
+        if let Some(d) = &self.detail {
+            body["detail"] = json!(d);
+        }
+        let mut res = (self.status, body.to_string()).into_response();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        res
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match mira_eventlog::db::sqlstate(&e).as_deref() {
+            Some("40001") | Some("40P01") => Self::conflict("the request raced another; retry it"),
+            _ => Self::internal(e),
+        }
+    }
+}
+
+impl From<AggregateError<JobError>> for ApiError {
+    fn from(e: AggregateError<JobError>) -> Self {
+        match e {
+            AggregateError::UserError(e) => match e {
+                JobError::NotFound => Self::not_found("job"),
+                JobError::AlreadyExists => Self::conflict("the job already exists"),
+                JobError::Invalid(m) => Self::invalid(m),
+                other => Self::conflict(other.to_string()),
+            },
+            AggregateError::AggregateConflict => {
+                Self::conflict("the job changed while this request ran; retry it")
+            }
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<AggregateError<SlideError>> for ApiError {
+    fn from(e: AggregateError<SlideError>) -> Self {
+        match e {
+            AggregateError::UserError(e) => match e {
+                SlideError::NotFound => Self::not_found("slide"),
+                SlideError::AlreadyExists => Self::conflict("the slide already exists"),
+                SlideError::Invalid(m) => Self::invalid(m),
+                SlideError::SizeMismatch { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "size-mismatch", e.to_string()),
+                SlideError::Sealing(m) => Self::internal(m),
+                other => Self::conflict(other.to_string()),
+            },
+            AggregateError::AggregateConflict => {
+                Self::conflict("the slide changed while this request ran; retry it")
+            }
+            other => Self::internal(other),
+        }
+    }
+}

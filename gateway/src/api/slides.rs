@@ -1,0 +1,313 @@
+//! Slides: register (with upload URLs), complete the upload, list, read.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use mira_aggregates::{SlideCommand, SlideStatus};
+use mira_events::{Actor, CommandContext, SlideId};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::auth::Identity;
+use super::extract::{parse_id, ApiJson, ApiQuery, IdempotencyKey};
+use super::idempotency::{self, Claim};
+use super::problem::{ApiError, ApiResult};
+use super::{AppState, READERS, WRITERS};
+use crate::blob::{BlobError, CompletedPart};
+
+/// Largest slide accepted: S3's object limit.
+const MAX_SLIDE_BYTES: u64 = 5 * 1024 * 1024 * 1024 * 1024;
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSlide {
+    pub name: String,
+    pub size_bytes: u64,
+    pub content_type: String,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub file_name: Option<String>,
+}
+
+impl NewSlide {
+    fn validate(&self) -> ApiResult<()> {
+        let name = self.name.trim();
+        if name.is_empty() || name.chars().count() > 255 {
+            return Err(ApiError::invalid("name: must be 1 to 255 characters"));
+        }
+        if self.size_bytes == 0 || self.size_bytes > MAX_SLIDE_BYTES {
+            return Err(ApiError::invalid("size_bytes: must be between 1 byte and 5 TiB"));
+        }
+        let ct = &self.content_type;
+        let (a, b) = ct.split_once('/').unwrap_or(("", ""));
+        if a.is_empty() || b.is_empty() || ct.len() > 127 || !ct.bytes().all(|c| c.is_ascii_graphic()) {
+            return Err(ApiError::invalid("content_type: must be a media type such as image/tiff"));
+        }
+        if let Some(h) = &self.sha256 {
+            if h.len() != 64 || !h.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ApiError::invalid("sha256: must be 64 hexadecimal digits"));
+            }
+        }
+        if let Some(f) = &self.file_name {
+            if f.is_empty() || f.chars().count() > 255 {
+                return Err(ApiError::invalid("file_name: must be 1 to 255 characters"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A slide as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct SlideView {
+    pub slide_id: uuid::Uuid,
+    pub status: String,
+    pub name: Option<String>,
+    pub size_bytes: i64,
+    pub content_type: String,
+    pub metadata: Option<serde_json::Value>,
+    pub rejection: Option<String>,
+    pub registered_by: String,
+    pub registered_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The read model's log position for this slide.
+    pub position: i64,
+}
+
+fn ctx(who: &Identity, key: Option<&str>) -> CommandContext {
+    let c = CommandContext::new(who.tenant.clone(), Actor::user(who.subject.clone()));
+    match key {
+        Some(k) => c.with_idempotency_key(k),
+        None => c,
+    }
+}
+
+fn object_key(who: &Identity, id: SlideId) -> String {
+    format!("slides/{}/{}", who.tenant.as_str(), id)
+}
+
+fn blob_error(e: BlobError) -> ApiError {
+    match e {
+        BlobError::Rejected(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upload-incomplete", m),
+        BlobError::Storage(m) => ApiError::internal(m),
+    }
+}
+
+/// `POST /api/slides`: registers the slide in the log and returns where to upload it.
+pub async fn create(
+    State(state): State<AppState>,
+    who: Identity,
+    IdempotencyKey(key): IdempotencyKey,
+    ApiJson(body): ApiJson<NewSlide>,
+) -> ApiResult<Response> {
+    who.require(WRITERS)?;
+    body.validate()?;
+    let fresh = SlideId::new();
+    let claim = match &key {
+        Some(k) => {
+            let fp = idempotency::fingerprint(&body);
+            idempotency::claim(&state.pool, &who, "slides", k, &fp, fresh.as_uuid()).await?
+        }
+        None => Claim::New(fresh.as_uuid()),
+    };
+    let id = SlideId(claim.id());
+    let object_key = object_key(&who, id);
+    let registered = state
+        .commands
+        .slide(
+            &ctx(&who, key.as_deref()),
+            id,
+            SlideCommand::Register {
+                slide_id: id,
+                name: body.name.trim().to_owned(),
+                file_name: body.file_name.clone(),
+                size_bytes: body.size_bytes,
+                content_type: body.content_type.clone(),
+                sha256: body.sha256.as_ref().map(|h| h.to_ascii_lowercase()),
+                object_key: object_key.clone(),
+            },
+        )
+        .await;
+    match registered {
+        Ok(()) => {}
+        // A replay of a request whose command already ran.
+        Err(cqrs_es::AggregateError::UserError(mira_aggregates::SlideError::AlreadyExists))
+            if matches!(claim, Claim::Replay(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let slide = state
+        .commands
+        .load_slide(&who.tenant, id)
+        .await?
+        .ok_or_else(|| ApiError::internal("a registered slide did not load"))?;
+    let upload = if slide.status == SlideStatus::Registered {
+        Some(
+            state
+                .blobs
+                .plan_upload(&object_key, body.size_bytes, &body.content_type)
+                .await
+                .map_err(blob_error)?,
+        )
+    } else {
+        None
+    };
+    tracing::info!(slide_id = %id, replay = matches!(claim, Claim::Replay(_)), "slide registered");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"slide_id": id, "status": slide.status.as_str(), "upload": upload})),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Uploaded {
+    #[serde(default)]
+    pub parts: Option<Vec<CompletedPart>>,
+    /// Which multipart upload to complete; default the newest for this slide.
+    #[serde(default)]
+    pub upload_id: Option<String>,
+}
+
+/// `POST /api/slides/{id}/uploaded`: completes a multipart upload if parts are given, checks
+/// that the object exists with the declared size, then records `SlideUploaded`.
+pub async fn uploaded(
+    State(state): State<AppState>,
+    who: Identity,
+    Path(raw): Path<String>,
+    ApiJson(body): ApiJson<Uploaded>,
+) -> ApiResult<Json<serde_json::Value>> {
+    who.require(WRITERS)?;
+    let id = parse_id(&raw, "slide", SlideId::parse)?;
+    let slide = state.commands.load_slide(&who.tenant, id).await?.ok_or(ApiError::not_found("slide"))?;
+    match slide.status {
+        SlideStatus::Registered => {}
+        // Already recorded: a repeat of a completed request.
+        SlideStatus::Uploaded | SlideStatus::Verified => {
+            return Ok(Json(json!({"slide_id": id, "status": slide.status.as_str(), "size_bytes": slide.size_bytes})));
+        }
+        other => {
+            return Err(ApiError::conflict(format!("the slide is {}", other.as_str())));
+        }
+    }
+    if let Some(parts) = &body.parts {
+        if parts.is_empty() {
+            return Err(ApiError::invalid("parts: list the uploaded parts"));
+        }
+        let upload_id = match &body.upload_id {
+            Some(u) => u.clone(),
+            None => state
+                .blobs
+                .uploads_in_progress(&slide.object_key)
+                .await
+                .map_err(blob_error)?
+                .pop()
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "upload-missing",
+                        "no multipart upload is in progress for this slide",
+                    )
+                })?,
+        };
+        state
+            .blobs
+            .complete_multipart(&slide.object_key, &upload_id, parts)
+            .await
+            .map_err(blob_error)?;
+    }
+    let size = state.blobs.size_of(&slide.object_key).await.map_err(blob_error)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "upload-missing",
+            "the slide was never uploaded: PUT it to the upload URL first",
+        )
+    })?;
+    state
+        .commands
+        .slide(&ctx(&who, None), id, SlideCommand::MarkUploaded { size_bytes: size })
+        .await?;
+    tracing::info!(slide_id = %id, size, "slide uploaded");
+    Ok(Json(json!({"slide_id": id, "status": "uploaded", "size_bytes": size})))
+}
+
+pub async fn view(state: &AppState, row: mira_projections::query::SlideRow) -> SlideView {
+    let name = match serde_json::from_value::<mira_events::Sealed>(row.name.clone()) {
+        Ok(sealed) => mira_events::seal::open(state.keyring.as_ref(), &sealed, "name").await.ok(),
+        Err(_) => None,
+    };
+    SlideView {
+        slide_id: row.slide_id,
+        status: row.status,
+        name,
+        size_bytes: row.size_bytes,
+        content_type: row.content_type,
+        metadata: row.metadata,
+        rejection: row.rejection,
+        registered_by: row.registered_by,
+        registered_at: row.registered_at,
+        updated_at: row.updated_at,
+        position: row.position,
+    }
+}
+
+pub async fn get_one(State(state): State<AppState>, who: Identity, Path(raw): Path<String>) -> ApiResult<Json<SlideView>> {
+    who.require(READERS)?;
+    let id = parse_id(&raw, "slide", SlideId::parse)?;
+    let row = state
+        .read
+        .slide(&who.tenant, id.as_uuid())
+        .await?
+        .ok_or(ApiError::not_found("slide"))?;
+    Ok(Json(view(&state, row).await))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+pub fn encode_cursor<T: Serialize>(c: &T) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(c).unwrap_or_default())
+}
+
+pub fn decode_cursor<T: serde::de::DeserializeOwned>(s: &str) -> ApiResult<T> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| ApiError::bad_request("cursor: not a cursor this API returned"))
+}
+
+pub fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
+    match limit {
+        None => Ok(50),
+        Some(n) if (1..=500).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::bad_request("limit: must be 1 to 500")),
+    }
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    who: Identity,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    who.require(READERS)?;
+    let limit = page_limit(q.limit)?;
+    let before: Option<(DateTime<Utc>, uuid::Uuid)> = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let rows = state.read.slides(&who.tenant, before, limit).await?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| encode_cursor(&(r.registered_at, r.slide_id))))
+        .flatten();
+    let mut items = Vec::with_capacity(rows.len());
+    for r in rows {
+        items.push(view(&state, r).await);
+    }
+    Ok(Json(json!({"items": items, "next": next})))
+}

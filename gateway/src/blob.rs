@@ -1,0 +1,674 @@
+//! Blob storage for slides and results. Two providers behind one trait: S3 (presigned URLs,
+//! single PUT or multipart) and the local store of `mira dev`, which issues URLs of the same
+//! shape that the gateway signs and verifies itself (HMAC-SHA256 over method, key, expiry and
+//! part, with an expiry), so a client uploads the same way to both.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// How the client uploads a slide.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum UploadPlan {
+    Single {
+        method: String,
+        url: String,
+        headers: BTreeMap<String, String>,
+        expires_at: DateTime<Utc>,
+    },
+    Multipart { multipart: MultipartPlan },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MultipartPlan {
+    pub upload_id: String,
+    pub part_size: u64,
+    pub parts: Vec<PartUrl>,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PartUrl {
+    pub part_number: u32,
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletedPart {
+    pub part_number: u32,
+    pub etag: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The client's fault: a part list that does not match what was uploaded, and the like.
+    #[error("{0}")]
+    Rejected(String),
+    #[error("blob storage failed: {0}")]
+    Storage(String),
+}
+
+/// Sizes that decide between one PUT and a multipart upload.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadPolicy {
+    pub expires: Duration,
+    /// Uploads larger than this are multipart.
+    pub multipart_threshold: u64,
+    /// The part size asked for; raised when a file would need more than 10,000 parts.
+    pub part_size: u64,
+}
+
+impl UploadPolicy {
+    /// The part size for `size` bytes: S3 allows at most 10,000 parts.
+    pub fn part_size_for(&self, size: u64) -> u64 {
+        self.part_size.max(size.div_ceil(10_000))
+    }
+}
+
+#[async_trait::async_trait]
+pub trait BlobStore: Send + Sync {
+    /// `s3` or `local`.
+    fn provider(&self) -> &'static str;
+    /// URLs for uploading `size` bytes to `key`.
+    async fn plan_upload(&self, key: &str, size: u64, content_type: &str) -> Result<UploadPlan, BlobError>;
+    /// Multipart uploads in progress for `key`, newest last.
+    async fn uploads_in_progress(&self, key: &str) -> Result<Vec<String>, BlobError>;
+    /// Assembles a multipart upload from its parts.
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[CompletedPart]) -> Result<(), BlobError>;
+    /// The object's size, or `None` when it does not exist.
+    async fn size_of(&self, key: &str) -> Result<Option<u64>, BlobError>;
+    /// A short-lived URL to download `key`.
+    async fn download_url(&self, key: &str) -> Result<String, BlobError>;
+    /// Is the store reachable (for `/readyz`)?
+    async fn ready(&self) -> Result<(), BlobError>;
+}
+
+fn expires_at(d: Duration) -> DateTime<Utc> {
+    Utc::now() + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::minutes(15))
+}
+
+// ---------------------------------------------------------------------------------------------
+// S3
+
+pub struct S3Blobs {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    policy: UploadPolicy,
+}
+
+impl std::fmt::Debug for S3Blobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Blobs").field("bucket", &self.bucket).finish()
+    }
+}
+
+fn s3err<E: std::error::Error + 'static>(e: aws_sdk_s3::error::SdkError<E>) -> BlobError {
+    BlobError::Storage(aws_sdk_s3::error::DisplayErrorContext(&e).to_string())
+}
+
+impl S3Blobs {
+    /// A client for `bucket`. With an emulator endpoint (`AWS_ENDPOINT_URL`), path-style
+    /// addressing: virtual-hosted buckets need DNS the emulator does not have.
+    pub fn new(sdk: &aws_config::SdkConfig, region: Option<&str>, bucket: String, policy: UploadPolicy) -> Self {
+        let mut b = aws_sdk_s3::config::Builder::from(sdk);
+        if sdk.endpoint_url().is_some() {
+            b = b.force_path_style(true);
+        }
+        if let Some(r) = region {
+            b = b.region(aws_sdk_s3::config::Region::new(r.to_owned()));
+        }
+        Self {
+            client: aws_sdk_s3::Client::from_conf(b.build()),
+            bucket,
+            policy,
+        }
+    }
+
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
+    fn presigning(&self) -> Result<aws_sdk_s3::presigning::PresigningConfig, BlobError> {
+        aws_sdk_s3::presigning::PresigningConfig::expires_in(self.policy.expires)
+            .map_err(|e| BlobError::Storage(e.to_string()))
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobStore for S3Blobs {
+    fn provider(&self) -> &'static str {
+        "s3"
+    }
+
+    async fn plan_upload(&self, key: &str, size: u64, content_type: &str) -> Result<UploadPlan, BlobError> {
+        if size <= self.policy.multipart_threshold {
+            let req = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .content_type(content_type)
+                .presigned(self.presigning()?)
+                .await
+                .map_err(s3err)?;
+            let headers = req
+                .headers()
+                .filter(|(k, _)| !k.eq_ignore_ascii_case("host"))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            return Ok(UploadPlan::Single {
+                method: req.method().to_owned(),
+                url: req.uri().to_owned(),
+                headers,
+                expires_at: expires_at(self.policy.expires),
+            });
+        }
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .send()
+            .await
+            .map_err(s3err)?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| BlobError::Storage("CreateMultipartUpload returned no upload id".into()))?
+            .to_owned();
+        let part_size = self.policy.part_size_for(size);
+        let count = size.div_ceil(part_size).max(1) as u32;
+        let mut parts = Vec::with_capacity(count as usize);
+        for n in 1..=count {
+            let req = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .part_number(n as i32)
+                .presigned(self.presigning()?)
+                .await
+                .map_err(s3err)?;
+            parts.push(PartUrl {
+                part_number: n,
+                url: req.uri().to_owned(),
+            });
+        }
+        Ok(UploadPlan::Multipart {
+            multipart: MultipartPlan {
+                upload_id,
+                part_size,
+                parts,
+                expires_at: expires_at(self.policy.expires),
+            },
+        })
+    }
+
+    async fn uploads_in_progress(&self, key: &str) -> Result<Vec<String>, BlobError> {
+        let out = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(key)
+            .send()
+            .await
+            .map_err(s3err)?;
+        let mut ups: Vec<_> = out
+            .uploads()
+            .iter()
+            .filter(|u| u.key() == Some(key))
+            .filter_map(|u| Some((u.initiated().map(|t| t.secs()), u.upload_id()?.to_owned())))
+            .collect();
+        ups.sort();
+        Ok(ups.into_iter().map(|(_, id)| id).collect())
+    }
+
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[CompletedPart]) -> Result<(), BlobError> {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as S3Part};
+        let parts = parts
+            .iter()
+            .map(|p| {
+                let etag = if p.etag.starts_with('"') { p.etag.clone() } else { format!("\"{}\"", p.etag) };
+                S3Part::builder().part_number(p.part_number as i32).e_tag(etag).build()
+            })
+            .collect();
+        let res = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let code = e.as_service_error().and_then(|s| {
+                    use aws_sdk_s3::error::ProvideErrorMetadata;
+                    s.code().map(str::to_owned)
+                });
+                match code.as_deref() {
+                    Some(c @ ("InvalidPart" | "InvalidPartOrder" | "EntityTooSmall" | "NoSuchUpload" | "MalformedXML")) => {
+                        Err(BlobError::Rejected(format!("S3 refused to complete the upload: {c}")))
+                    }
+                    _ => Err(s3err(e)),
+                }
+            }
+        }
+    }
+
+    async fn size_of(&self, key: &str) -> Result<Option<u64>, BlobError> {
+        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(h) => Ok(Some(h.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) => Err(s3err(e)),
+        }
+    }
+
+    async fn download_url(&self, key: &str) -> Result<String, BlobError> {
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(self.presigning()?)
+            .await
+            .map_err(s3err)?;
+        Ok(req.uri().to_owned())
+    }
+
+    async fn ready(&self) -> Result<(), BlobError> {
+        self.client.head_bucket().bucket(&self.bucket).send().await.map_err(s3err)?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The local store
+
+/// `mira dev`'s blob store: files under a directory, uploaded through URLs on the gateway
+/// (`/blobs/<key>`) that carry an expiry and an HMAC the gateway checks.
+pub struct LocalBlobs {
+    dir: PathBuf,
+    base_url: String,
+    secret: [u8; 32],
+    policy: UploadPolicy,
+}
+
+impl std::fmt::Debug for LocalBlobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalBlobs").field("dir", &self.dir).finish()
+    }
+}
+
+/// Query parameters of a local signed URL.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SignedQuery {
+    #[serde(rename = "X-Mira-Expires")]
+    pub expires: Option<i64>,
+    #[serde(rename = "X-Mira-Signature")]
+    pub signature: Option<String>,
+    #[serde(rename = "uploadId")]
+    pub upload_id: Option<String>,
+    #[serde(rename = "partNumber")]
+    pub part_number: Option<u32>,
+}
+
+/// A key is a relative path of safe segments; nothing can climb out of the store.
+pub fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 1024
+        && key.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && !seg.starts_with(".mira")
+                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.=".contains(&b))
+        })
+}
+
+fn valid_upload_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+impl LocalBlobs {
+    /// Opens (creating) the store in `dir`; the signing secret lives in `dir/.mira-secret`.
+    pub fn open(dir: impl AsRef<Path>, base_url: impl Into<String>, policy: UploadPolicy) -> std::io::Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(dir.join(".mira-multipart"))?;
+        let secret_file = dir.join(".mira-secret");
+        let secret = match std::fs::read_to_string(&secret_file) {
+            Ok(s) => {
+                let bytes = hex::decode(s.trim()).map_err(|e| std::io::Error::other(format!("{}: {e}", secret_file.display())))?;
+                <[u8; 32]>::try_from(bytes.as_slice())
+                    .map_err(|_| std::io::Error::other(format!("{}: not a 32-byte key", secret_file.display())))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut k = [0u8; 32];
+                getrandom::getrandom(&mut k).map_err(|e| std::io::Error::other(e.to_string()))?;
+                write_private(&secret_file, hex::encode(k).as_bytes())?;
+                k
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            dir,
+            base_url: base_url.into().trim_end_matches('/').to_owned(),
+            secret,
+            policy,
+        })
+    }
+
+    fn mac(&self, method: &str, key: &str, expires: i64, part: Option<(&str, u32)>) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        let (upload, n) = part.unwrap_or(("", 0));
+        mac.update(format!("mira-blob-v1\n{method}\n{key}\n{expires}\n{upload}\n{n}").as_bytes());
+        mac
+    }
+
+    fn sign(&self, method: &str, key: &str, expires: i64, part: Option<(&str, u32)>) -> String {
+        hex::encode(self.mac(method, key, expires, part).finalize().into_bytes())
+    }
+
+    fn url(&self, method: &str, key: &str, part: Option<(&str, u32)>) -> String {
+        let expires = expires_at(self.policy.expires).timestamp();
+        let sig = self.sign(method, key, expires, part);
+        let mut url = format!(
+            "{}/blobs/{key}?X-Mira-Expires={expires}&X-Mira-Signature={sig}",
+            self.base_url
+        );
+        if let Some((id, n)) = part {
+            url.push_str(&format!("&uploadId={id}&partNumber={n}"));
+        }
+        url
+    }
+
+    /// Checks a signed request. The error says what is wrong, for a 403.
+    pub fn check(&self, method: &str, key: &str, q: &SignedQuery) -> Result<(), String> {
+        if !valid_key(key) {
+            return Err("invalid object key".into());
+        }
+        let (Some(expires), Some(sig)) = (q.expires, q.signature.as_deref()) else {
+            return Err("the URL is not signed".into());
+        };
+        let part = match (&q.upload_id, q.part_number) {
+            (Some(id), Some(n)) if valid_upload_id(id) => Some((id.as_str(), n)),
+            (None, None) => None,
+            _ => return Err("uploadId and partNumber go together".into()),
+        };
+        let given = hex::decode(sig).map_err(|_| "bad signature".to_string())?;
+        self.mac(method, key, expires, part)
+            .verify_slice(&given).map_err(|_| "bad signature".to_string())?;
+        if Utc::now().timestamp() > expires {
+            return Err("the URL has expired".into());
+        }
+        Ok(())
+    }
+
+    pub fn path_of(&self, key: &str) -> PathBuf {
+        self.dir.join(key)
+    }
+
+    fn upload_dir(&self, upload_id: &str) -> PathBuf {
+        self.dir.join(".mira-multipart").join(upload_id)
+    }
+
+    /// Where a PUT to a signed URL writes: the object itself, or one part of an upload.
+    pub fn put_target(&self, key: &str, q: &SignedQuery) -> Result<PathBuf, String> {
+        match (&q.upload_id, q.part_number) {
+            (Some(id), Some(n)) => {
+                let dir = self.upload_dir(id);
+                let owner = std::fs::read_to_string(dir.join("key")).map_err(|_| "no such upload".to_string())?;
+                if owner != key {
+                    return Err("the upload belongs to another object".into());
+                }
+                if n == 0 || n > 10_000 {
+                    return Err("partNumber must be 1 to 10000".into());
+                }
+                Ok(dir.join(format!("part-{n:05}")))
+            }
+            _ => Ok(self.path_of(key)),
+        }
+    }
+
+    /// Writes an uploaded stream to `target` atomically (temporary file, then rename) and
+    /// returns its ETag: the hex SHA-256 of the bytes, quoted.
+    pub async fn write_stream<S, E>(&self, target: &Path, mut body: S) -> Result<String, String>
+    where
+        S: futures_core::Stream<Item = Result<axum::body::Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        use tokio::io::AsyncWriteExt;
+        if let Some(parent) = target.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(|e| e.to_string())?;
+        }
+        let tmp = target.with_extension(format!("upload-{}", uuid::Uuid::new_v4().simple()));
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| e.to_string())?;
+        let mut hash = Sha256::new();
+        let result: Result<(), String> = async {
+            while let Some(chunk) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_next(cx)).await {
+                let chunk = chunk.map_err(|e| format!("upload interrupted: {e}"))?;
+                hash.update(&chunk);
+                file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+            }
+            file.sync_all().await.map_err(|e| e.to_string())?;
+            Ok(())
+        }
+        .await;
+        drop(file);
+        if let Err(e) = result {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        tokio::fs::rename(&tmp, target).await.map_err(|e| e.to_string())?;
+        Ok(format!("\"{}\"", hex::encode(hash.finalize())))
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    o.open(path)?.write_all(bytes)
+}
+
+fn io(e: std::io::Error) -> BlobError {
+    BlobError::Storage(e.to_string())
+}
+
+#[async_trait::async_trait]
+impl BlobStore for LocalBlobs {
+    fn provider(&self) -> &'static str {
+        "local"
+    }
+
+    async fn plan_upload(&self, key: &str, size: u64, content_type: &str) -> Result<UploadPlan, BlobError> {
+        if !valid_key(key) {
+            return Err(BlobError::Storage(format!("invalid object key {key:?}")));
+        }
+        if size <= self.policy.multipart_threshold {
+            return Ok(UploadPlan::Single {
+                method: "PUT".into(),
+                url: self.url("PUT", key, None),
+                headers: BTreeMap::from([("content-type".to_owned(), content_type.to_owned())]),
+                expires_at: expires_at(self.policy.expires),
+            });
+        }
+        let upload_id = uuid::Uuid::now_v7().simple().to_string();
+        let dir = self.upload_dir(&upload_id);
+        tokio::fs::create_dir_all(&dir).await.map_err(io)?;
+        tokio::fs::write(dir.join("key"), key).await.map_err(io)?;
+        let part_size = self.policy.part_size_for(size);
+        let count = size.div_ceil(part_size).max(1) as u32;
+        let parts = (1..=count)
+            .map(|n| PartUrl {
+                part_number: n,
+                url: self.url("PUT", key, Some((&upload_id, n))),
+            })
+            .collect();
+        Ok(UploadPlan::Multipart {
+            multipart: MultipartPlan {
+                upload_id,
+                part_size,
+                parts,
+                expires_at: expires_at(self.policy.expires),
+            },
+        })
+    }
+
+    async fn uploads_in_progress(&self, key: &str) -> Result<Vec<String>, BlobError> {
+        let mut out = Vec::new();
+        let mut rd = tokio::fs::read_dir(self.dir.join(".mira-multipart")).await.map_err(io)?;
+        while let Some(e) = rd.next_entry().await.map_err(io)? {
+            if tokio::fs::read_to_string(e.path().join("key")).await.ok().as_deref() == Some(key) {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        // Upload ids are UUIDv7: sorting them sorts by creation.
+        out.sort();
+        Ok(out)
+    }
+
+    async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[CompletedPart]) -> Result<(), BlobError> {
+        if !valid_upload_id(upload_id) {
+            return Err(BlobError::Rejected("no such upload".into()));
+        }
+        let dir = self.upload_dir(upload_id);
+        match tokio::fs::read_to_string(dir.join("key")).await {
+            Ok(k) if k == key => {}
+            _ => return Err(BlobError::Rejected("no such upload".into())),
+        }
+        if parts.is_empty() || parts.windows(2).any(|w| w[0].part_number >= w[1].part_number) {
+            return Err(BlobError::Rejected("parts must be listed in ascending part_number order".into()));
+        }
+        // Check every part before assembling anything.
+        let mut files = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let f = dir.join(format!("part-{:05}", p.part_number));
+            let bytes_len = match tokio::fs::metadata(&f).await {
+                Ok(m) => m.len(),
+                Err(_) => return Err(BlobError::Rejected(format!("part {} was never uploaded", p.part_number))),
+            };
+            if i + 1 < parts.len() && bytes_len < 5 * 1024 * 1024 {
+                return Err(BlobError::Rejected(format!("part {} is smaller than 5 MiB", p.part_number)));
+            }
+            let etag = {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+                    let mut h = Sha256::new();
+                    let mut r = std::fs::File::open(f)?;
+                    std::io::copy(&mut r, &mut h)?;
+                    Ok(hex::encode(h.finalize()))
+                })
+                .await
+                .map_err(|e| BlobError::Storage(e.to_string()))?
+                .map_err(io)?
+            };
+            if etag != p.etag.trim_matches('"') {
+                return Err(BlobError::Rejected(format!("part {}: the ETag does not match", p.part_number)));
+            }
+            files.push(f);
+        }
+        let target = self.path_of(key);
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let tmp = target.with_extension("assembling");
+            let mut out = std::fs::File::create(&tmp)?;
+            for f in files {
+                std::io::copy(&mut std::fs::File::open(f)?, &mut out)?;
+            }
+            out.sync_all()?;
+            std::fs::rename(&tmp, &target)
+        })
+        .await
+        .map_err(|e| BlobError::Storage(e.to_string()))?
+        .map_err(io)?;
+        tokio::fs::remove_dir_all(&dir).await.map_err(io)?;
+        Ok(())
+    }
+
+    async fn size_of(&self, key: &str) -> Result<Option<u64>, BlobError> {
+        if !valid_key(key) {
+            return Ok(None);
+        }
+        match tokio::fs::metadata(self.path_of(key)).await {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    async fn download_url(&self, key: &str) -> Result<String, BlobError> {
+        Ok(self.url("GET", key, None))
+    }
+
+    async fn ready(&self) -> Result<(), BlobError> {
+        tokio::fs::metadata(&self.dir).await.map(|_| ()).map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (LocalBlobs, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("mira-blobs-{}", uuid::Uuid::new_v4()));
+        let policy = UploadPolicy {
+            expires: Duration::from_secs(60),
+            multipart_threshold: 10,
+            part_size: 5 * 1024 * 1024,
+        };
+        (LocalBlobs::open(&dir, "http://x", policy).unwrap(), dir)
+    }
+
+    fn query(url: &str) -> SignedQuery {
+        let q = url.split_once('?').unwrap().1;
+        axum::extract::Query::<SignedQuery>::try_from_uri(&format!("/?{q}").parse().unwrap()).unwrap().0
+    }
+
+    #[test]
+    fn signed_urls_verify_and_tampering_is_refused() {
+        let (s, dir) = store();
+        let url = s.url("PUT", "a/b", None);
+        let q = query(&url);
+        assert!(s.check("PUT", "a/b", &q).is_ok());
+        assert!(s.check("GET", "a/b", &q).is_err(), "signed for PUT only");
+        assert!(s.check("PUT", "a/c", &q).is_err(), "signed for that key only");
+        let mut later = q.clone();
+        later.expires = Some(q.expires.unwrap() + 3600);
+        assert!(s.check("PUT", "a/b", &later).is_err(), "the expiry is signed");
+        let mut old = q.clone();
+        old.expires = Some(Utc::now().timestamp() - 10);
+        old.signature = Some(s.sign("PUT", "a/b", old.expires.unwrap(), None));
+        assert_eq!(s.check("PUT", "a/b", &old).unwrap_err(), "the URL has expired");
+        // A reopened store keeps its secret, so URLs survive a restart.
+        let again = LocalBlobs::open(&dir, "http://x", s.policy).unwrap();
+        assert!(again.check("PUT", "a/b", &q).is_ok());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn keys_cannot_escape_the_store() {
+        assert!(valid_key("uploads/t1/0191-abc"));
+        for bad in ["", "/etc/passwd", "a/../b", "a//b", "./a", ".mira-secret", "a/.mira-multipart/x", "a b"] {
+            assert!(!valid_key(bad), "{bad:?}");
+        }
+    }
+}

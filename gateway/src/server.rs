@@ -1,0 +1,166 @@
+//! Wiring for `mira serve` (and, later, `mira dev`): builds the application state from the
+//! settings and runs the API with the roles asked for (`--with relay,projector`) in one
+//! process, all stopped by one cancellation token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mira_bus::Bus;
+use mira_eventlog::checkpoint::AuditKey;
+use mira_eventlog::EventLog;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::auth::JwksVerifier;
+use crate::api::{AppState, Inner, Limits};
+use crate::blob::{BlobStore, LocalBlobs, S3Blobs, UploadPolicy};
+use crate::commands::Commands;
+use crate::config::{MessagingProvider, Settings, StorageProvider};
+
+/// Background roles that can share the API's process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Relay,
+    Projector,
+}
+
+/// The bus this process uses: SNS/SQS, or a fresh in-memory bus (which only carries events
+/// between roles of this same process).
+pub async fn bus(settings: &Settings) -> anyhow::Result<Arc<dyn Bus>> {
+    Ok(match settings.messaging.provider {
+        MessagingProvider::Aws => {
+            let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
+            Arc::new(mira_bus::aws::AwsBus::connect(&sdk, &settings.bus_names(), None).await?)
+        }
+        MessagingProvider::InMemory => Arc::new(mira_bus::memory::MemoryBus::new(Duration::from_secs(30), 10)),
+    })
+}
+
+/// The blob store the settings name. `public_url` is where clients reach this gateway (for
+/// the local store's signed URLs).
+pub async fn blob_store(settings: &Settings, public_url: &str) -> anyhow::Result<(Arc<dyn BlobStore>, Option<Arc<LocalBlobs>>)> {
+    let policy = UploadPolicy {
+        expires: Duration::from_secs(60 * settings.aws.s3.presigned_url_expiration_minutes as u64),
+        multipart_threshold: settings.storage.multipart_threshold_bytes,
+        part_size: settings.storage.part_size_bytes,
+    };
+    Ok(match settings.storage.provider {
+        StorageProvider::Local => {
+            let dir = &settings.storage.local_dir;
+            let url = settings.storage.public_url.as_deref().unwrap_or(public_url);
+            let local = Arc::new(
+                LocalBlobs::open(dir, url, policy).with_context(|| format!("Storage__LocalDir {}", dir.display()))?,
+            );
+            (local.clone(), Some(local))
+        }
+        StorageProvider::S3 => {
+            let bucket = settings
+                .aws
+                .s3
+                .bucket_name
+                .clone()
+                .context("AWS__S3__BucketName is not set (Storage__Provider is S3)")?;
+            let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
+            (Arc::new(S3Blobs::new(&sdk, settings.aws.s3.region.as_deref(), bucket, policy)), None)
+        }
+    })
+}
+
+/// The API's state from the settings.
+pub async fn state(
+    settings: &Settings,
+    pool: PgPool,
+    public_url: &str,
+    bus: Option<Arc<dyn Bus>>,
+) -> anyhow::Result<AppState> {
+    let auth = Arc::new(JwksVerifier::new(settings.auth_config()?));
+    let keyring: Arc<dyn mira_events::Keyring> = Arc::new(
+        mira_events::LocalKeyring::open(&settings.keyring.local_dir)
+            .with_context(|| format!("Keyring__LocalDir {}", settings.keyring.local_dir.display()))?,
+    );
+    let (blobs, local_blobs) = blob_store(settings, public_url).await?;
+    Ok(AppState::new(Inner {
+        commands: Commands::new(EventLog::new(pool.clone()), keyring.clone()),
+        read: mira_projections::ReadModels::new(pool.clone()),
+        pool,
+        auth,
+        blobs,
+        local_blobs,
+        keyring,
+        bus,
+        metrics: Default::default(),
+        limits: Limits {
+            max_body_bytes: settings.api.max_body_bytes as usize,
+            job_max_attempts: settings.api.job_max_attempts,
+        },
+    }))
+}
+
+/// Runs the API on `listener` plus `roles`, until `shutdown`. Roles drain their work in hand
+/// before this returns.
+pub async fn run(
+    settings: &Settings,
+    pool: PgPool,
+    listener: tokio::net::TcpListener,
+    roles: &[Role],
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    let public_url = format!("http://{addr}");
+    let bus = if roles.is_empty() && settings.messaging.provider == MessagingProvider::InMemory {
+        None
+    } else {
+        Some(bus(settings).await?)
+    };
+    let state = state(settings, pool.clone(), &public_url, bus.clone()).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(bus) = &bus {
+        if roles.contains(&Role::Relay) {
+            let key = AuditKey::load_or_create(&settings.audit.signing_key_file)?;
+            let cfg = mira_bus::relay::RelayConfig {
+                checkpoint_every_events: settings.audit.checkpoint_every_events,
+                checkpoint_every: Duration::from_secs(settings.audit.checkpoint_every_seconds),
+                ..Default::default()
+            };
+            let relay = mira_bus::relay::Relay::new(EventLog::new(pool.clone()), bus.publisher(), cfg, Some(Arc::new(key)));
+            let url = settings.database_url()?.to_owned();
+            let stop = shutdown.clone();
+            tasks.spawn(async move { relay.run(&url, stop).await.context("relay") });
+        }
+        if roles.contains(&Role::Projector) {
+            let consumer = mira_bus::consumer::Consumer::new(
+                EventLog::new(pool.clone()),
+                bus.queue(mira_bus::Group::Projections),
+                Arc::new(mira_projections::Projector::default()),
+                mira_bus::consumer::ConsumerConfig::for_group(mira_bus::Group::Projections),
+            );
+            let stop = shutdown.clone();
+            tasks.spawn(async move { consumer.run(stop).await.context("projector") });
+        }
+    }
+    tracing::info!(%addr, ?roles, "serving");
+    let api = crate::api::serve(listener, state, shutdown.clone());
+    tokio::pin!(api);
+    // A role that fails stops the whole process: better a restart than a silent half.
+    loop {
+        tokio::select! {
+            r = &mut api => {
+                r.context("HTTP server")?;
+                break;
+            }
+            Some(r) = tasks.join_next() => {
+                let r = r.context("a background role panicked")?;
+                if let Err(e) = r {
+                    shutdown.cancel();
+                    return Err(e);
+                }
+            }
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.context("a background role panicked")??;
+    }
+    Ok(())
+}

@@ -1,0 +1,881 @@
+//! The HTTP API over real connections: a gateway on port 0, a fresh database, moto's Cognito
+//! and S3 on loopback (`MIRA_TEST_AWS_ENDPOINT`, started by `scripts/test`), and the relay and
+//! projector in process on the in-memory bus.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use aws_sdk_cognitoidentityprovider as cognito;
+use chrono::Utc;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use mira_eventlog::testing::TestDb;
+use mira_gateway::config::Settings;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+// ---------------------------------------------------------------------------------------------
+// moto and AWS
+
+fn endpoint() -> String {
+    std::env::var("MIRA_TEST_AWS_ENDPOINT")
+        .expect("MIRA_TEST_AWS_ENDPOINT names the moto server (scripts/test starts one)")
+}
+
+/// The SDK reads its endpoint and credentials from the environment; every test in this binary
+/// uses the same values, set once.
+fn aws_env() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        for (k, v) in [
+            ("AWS_ENDPOINT_URL", endpoint()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ] {
+            std::env::set_var(k, v);
+        }
+        let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+    });
+}
+
+async fn sdk() -> aws_config::SdkConfig {
+    aws_env();
+    mira_bus::aws::sdk_config(Some("us-east-1")).await
+}
+
+/// A user pool on moto with `custom:tenant`, the three groups and an app client that allows
+/// USER_PASSWORD_AUTH.
+struct Cognito {
+    client: cognito::Client,
+    pool_id: String,
+    client_id: String,
+}
+
+struct Tokens {
+    id: String,
+    access: String,
+}
+
+impl Cognito {
+    async fn new() -> Self {
+        let client = cognito::Client::new(&sdk().await);
+        let pool = client
+            .create_user_pool()
+            .pool_name(format!("mira-{}", uuid::Uuid::new_v4().simple()))
+            .schema(
+                cognito::types::SchemaAttributeType::builder()
+                    .name("tenant")
+                    .attribute_data_type(cognito::types::AttributeDataType::String)
+                    .mutable(true)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("moto creates a user pool");
+        let pool_id = pool.user_pool().and_then(|p| p.id()).unwrap().to_owned();
+        let app = client
+            .create_user_pool_client()
+            .user_pool_id(&pool_id)
+            .client_name("mira-spa")
+            .explicit_auth_flows(cognito::types::ExplicitAuthFlowsType::AllowUserPasswordAuth)
+            .explicit_auth_flows(cognito::types::ExplicitAuthFlowsType::AllowRefreshTokenAuth)
+            .send()
+            .await
+            .expect("moto creates an app client");
+        let client_id = app.user_pool_client().and_then(|c| c.client_id()).unwrap().to_owned();
+        for g in ["pathologist", "auditor", "admin"] {
+            client.create_group().user_pool_id(&pool_id).group_name(g).send().await.unwrap();
+        }
+        Self {
+            client,
+            pool_id,
+            client_id,
+        }
+    }
+
+    fn issuer(&self) -> String {
+        format!("https://cognito-idp.us-east-1.amazonaws.com/{}", self.pool_id)
+    }
+
+    fn jwks_url(&self) -> String {
+        format!("{}/{}/.well-known/jwks.json", endpoint(), self.pool_id)
+    }
+
+    /// A user of `tenant` in `groups`, signed in through `initiate_auth`.
+    async fn sign_in(&self, tenant: &str, groups: &[&str]) -> Tokens {
+        let name = format!("u{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let password = "Correct-Horse-9";
+        self.client
+            .admin_create_user()
+            .user_pool_id(&self.pool_id)
+            .username(&name)
+            .user_attributes(cognito::types::AttributeType::builder().name("custom:tenant").value(tenant).build().unwrap())
+            .message_action(cognito::types::MessageActionType::Suppress)
+            .send()
+            .await
+            .unwrap();
+        self.client
+            .admin_set_user_password()
+            .user_pool_id(&self.pool_id)
+            .username(&name)
+            .password(password)
+            .permanent(true)
+            .send()
+            .await
+            .unwrap();
+        for g in groups {
+            self.client
+                .admin_add_user_to_group()
+                .user_pool_id(&self.pool_id)
+                .username(&name)
+                .group_name(*g)
+                .send()
+                .await
+                .unwrap();
+        }
+        let auth = self
+            .client
+            .initiate_auth()
+            .client_id(&self.client_id)
+            .auth_flow(cognito::types::AuthFlowType::UserPasswordAuth)
+            .auth_parameters("USERNAME", &name)
+            .auth_parameters("PASSWORD", password)
+            .send()
+            .await
+            .expect("initiate_auth");
+        let r = auth.authentication_result().expect("tokens, not a challenge");
+        Tokens {
+            id: r.id_token().unwrap().to_owned(),
+            access: r.access_token().unwrap().to_owned(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A second key the gateway trusts, for tokens a real pool would never issue
+
+const TEST_KID: &str = "mira-test-idp-1";
+
+fn test_key() -> EncodingKey {
+    EncodingKey::from_rsa_pem(include_bytes!("fixtures/test-idp-rsa.pem")).unwrap()
+}
+
+/// Serves a JWKS holding moto's keys for the pool plus the test key, on port 0.
+async fn serve_jwks(cognito: &Cognito) -> String {
+    let mut jwks: Value = reqwest::get(cognito.jwks_url()).await.unwrap().json().await.unwrap();
+    let test: Value = serde_json::from_str(include_str!("fixtures/test-idp-jwks.json")).unwrap();
+    jwks["keys"].as_array_mut().unwrap().extend(test["keys"].as_array().unwrap().iter().cloned());
+    let body = jwks.to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let b = body.clone();
+            async move { ([("content-type", "application/json")], b) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/jwks.json")
+}
+
+fn sign(claims: &Value, kid: &str) -> String {
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&h, claims, &test_key()).unwrap()
+}
+
+fn claims(c: &Cognito, tenant: &str, groups: &[&str]) -> Value {
+    let now = Utc::now().timestamp();
+    json!({
+        "sub": uuid::Uuid::new_v4().to_string(), "iss": c.issuer(), "aud": c.client_id,
+        "token_use": "id", "custom:tenant": tenant, "cognito:groups": groups,
+        "iat": now, "auth_time": now, "exp": now + 3600,
+    })
+}
+
+fn b64(v: &Value) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway
+
+enum Storage {
+    Local,
+    S3,
+}
+
+struct App {
+    base: String,
+    http: reqwest::Client,
+    db: TestDb,
+    cognito: Arc<Cognito>,
+    bucket: Option<String>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn spawn_app(storage: Storage) -> App {
+    spawn_app_with(storage, &[]).await
+}
+
+async fn spawn_app_with(storage: Storage, extra: &[(&str, &str)]) -> App {
+    aws_env();
+    let db = TestDb::new().await;
+    let cognito = Arc::new(Cognito::new().await);
+    let jwks = serve_jwks(&cognito).await;
+    let dir = std::env::temp_dir().join(format!("mira-api-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut env: BTreeMap<String, String> = [
+        ("DATABASE_URL", db.url.clone()),
+        ("AWS__Cognito__UserPoolId", cognito.pool_id.clone()),
+        ("AWS__Cognito__ClientId", cognito.client_id.clone()),
+        ("AWS__Cognito__Issuer", cognito.issuer()),
+        ("AWS__Cognito__JwksUrl", jwks),
+        ("Keyring__LocalDir", dir.join("keyring").display().to_string()),
+        ("Audit__SigningKeyFile", dir.join("audit.key").display().to_string()),
+        ("Storage__LocalDir", dir.join("blobs").display().to_string()),
+        ("Storage__MultipartThresholdBytes", (6 * 1024 * 1024).to_string()),
+        ("Storage__PartSizeBytes", (5 * 1024 * 1024).to_string()),
+        ("Api__MaxBodyBytes", "4096".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut bucket = None;
+    if let Storage::S3 = storage {
+        let name = format!("mira-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk().await).force_path_style(true).build(),
+        );
+        s3.create_bucket().bucket(&name).send().await.expect("moto creates a bucket");
+        env.insert("Storage__Provider".into(), "S3".into());
+        env.insert("AWS__S3__BucketName".into(), name.clone());
+        bucket = Some(name);
+    }
+    for (k, v) in extra {
+        env.insert((*k).to_owned(), (*v).to_owned());
+    }
+    let settings = Settings::load(None, env).expect("test settings are valid");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let pool = db.pool.clone();
+    let s = stop.clone();
+    let roles = [mira_gateway::server::Role::Relay, mira_gateway::server::Role::Projector];
+    let task = tokio::spawn(async move { mira_gateway::server::run(&settings, pool, listener, &roles, s).await });
+    App {
+        base,
+        http: reqwest::Client::new(),
+        db,
+        cognito,
+        bucket,
+        stop,
+        task: Some(task),
+        dir,
+    }
+}
+
+struct Res {
+    status: StatusCode,
+    content_type: String,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+impl App {
+    async fn send(&self, req: reqwest::RequestBuilder) -> Res {
+        let r = req.send().await.expect("the gateway answers");
+        let status = r.status();
+        let headers = r.headers().clone();
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let text = r.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        assert_ne!(status, StatusCode::INTERNAL_SERVER_ERROR, "a 500: {body}");
+        Res {
+            status,
+            content_type,
+            headers,
+            body,
+        }
+    }
+
+    async fn get(&self, token: &str, path: &str) -> Res {
+        self.send(self.http.get(format!("{}{path}", self.base)).bearer_auth(token)).await
+    }
+
+    async fn post(&self, token: &str, path: &str, body: Value) -> Res {
+        self.send(self.http.post(format!("{}{path}", self.base)).bearer_auth(token).json(&body))
+            .await
+    }
+
+    /// A token for a fresh user of `tenant` with `groups`, from the test key.
+    fn token(&self, tenant: &str, groups: &[&str]) -> String {
+        sign(&claims(&self.cognito, tenant, groups), TEST_KID)
+    }
+
+    /// Registers a slide of `bytes` and uploads it through its URLs; returns the slide id.
+    async fn upload_slide(&self, token: &str, bytes: &[u8]) -> String {
+        let r = self
+            .post(
+                token,
+                "/api/slides",
+                json!({"name": "CMU-1 H&E", "size_bytes": bytes.len(), "content_type": "image/tiff"}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        let id = r.body["slide_id"].as_str().unwrap().to_owned();
+        let parts = put_upload(&self.http, &r.body["upload"], bytes).await;
+        let body = match parts {
+            Some(p) => json!({ "parts": p }),
+            None => json!({}),
+        };
+        let done = self.post(token, &format!("/api/slides/{id}/uploaded"), body).await;
+        assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+        id
+    }
+
+    async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().expect("the gateway stops cleanly");
+        }
+    }
+}
+
+/// Uploads `bytes` as the plan says: one PUT, or each part (returning the parts list).
+async fn put_upload(http: &reqwest::Client, upload: &Value, bytes: &[u8]) -> Option<Vec<Value>> {
+    if let Some(mp) = upload.get("multipart") {
+        let part_size = mp["part_size"].as_u64().unwrap() as usize;
+        let mut parts = Vec::new();
+        for (i, p) in mp["parts"].as_array().unwrap().iter().enumerate() {
+            let chunk = &bytes[i * part_size..((i + 1) * part_size).min(bytes.len())];
+            let r = http.put(p["url"].as_str().unwrap()).body(chunk.to_vec()).send().await.unwrap();
+            assert!(r.status().is_success(), "part upload: {}", r.status());
+            let etag = r.headers()["etag"].to_str().unwrap().to_owned();
+            parts.push(json!({"part_number": p["part_number"], "etag": etag}));
+        }
+        Some(parts)
+    } else {
+        let mut req = http.put(upload["url"].as_str().unwrap()).body(bytes.to_vec());
+        for (k, v) in upload["headers"].as_object().unwrap() {
+            if !k.eq_ignore_ascii_case("content-length") {
+                req = req.header(k, v.as_str().unwrap());
+            }
+        }
+        let r = req.send().await.unwrap();
+        assert!(r.status().is_success(), "upload: {} {}", r.status(), r.text().await.unwrap());
+        None
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, mut f: F) -> Value
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<Value>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn assert_problem(r: &Res, status: StatusCode) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert_eq!(r.content_type, "application/problem+json", "{}", r.body);
+    assert_eq!(r.body["status"], status.as_u16(), "{}", r.body);
+    assert!(r.body["type"].as_str().unwrap().starts_with("https://mira.dev/problems/"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authentication (DESIGN §7) against moto's Cognito
+
+#[tokio::test]
+async fn a_cognito_id_token_with_a_role_passes() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.cognito.sign_in("lab-a", &["pathologist"]).await;
+    let r = app.get(&t.id, "/api/jobs").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // And the test key's tokens pass too, so the refusals below are about what they test.
+    let r = app.get(&app.token("lab-a", &["pathologist"]), "/api/jobs").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_access_token_is_refused() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.cognito.sign_in("lab-a", &["pathologist"]).await;
+    assert_problem(&app.get(&t.access, "/api/jobs").await, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refused() {
+    let app = spawn_app(Storage::Local).await;
+    let mut c = claims(&app.cognito, "lab-a", &["pathologist"]);
+    let past = Utc::now().timestamp() - 7200;
+    c["iat"] = json!(past - 3600);
+    c["exp"] = json!(past);
+    let r = app.get(&sign(&c, TEST_KID), "/api/jobs").await;
+    assert_problem(&r, StatusCode::UNAUTHORIZED);
+    assert!(r.body.get("detail").is_none(), "no detail leaks: {}", r.body);
+}
+
+#[tokio::test]
+async fn a_wrong_issuer_is_refused() {
+    let app = spawn_app(Storage::Local).await;
+    let mut c = claims(&app.cognito, "lab-a", &["pathologist"]);
+    c["iss"] = json!("https://cognito-idp.us-east-1.amazonaws.com/us-east-1_someoneelse");
+    assert_problem(&app.get(&sign(&c, TEST_KID), "/api/jobs").await, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_wrong_audience_is_refused() {
+    let app = spawn_app(Storage::Local).await;
+    let mut c = claims(&app.cognito, "lab-a", &["pathologist"]);
+    c["aud"] = json!("another-app-client");
+    assert_problem(&app.get(&sign(&c, TEST_KID), "/api/jobs").await, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn alg_none_is_refused() {
+    let app = spawn_app(Storage::Local).await;
+    let c = claims(&app.cognito, "lab-a", &["pathologist"]);
+    let token = format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT", "kid": TEST_KID})), b64(&c));
+    assert_problem(&app.get(&token, "/api/jobs").await, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn hs256_signed_with_the_public_key_is_refused() {
+    use hmac::Mac;
+    let app = spawn_app(Storage::Local).await;
+    let c = claims(&app.cognito, "lab-a", &["pathologist"]);
+    // The classic confusion: the public key (as the JWKS publishes it) used as an HMAC secret.
+    let public = include_str!("fixtures/test-idp-jwks.json");
+    let signing_input = format!("{}.{}", b64(&json!({"alg": "HS256", "typ": "JWT", "kid": TEST_KID})), b64(&c));
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(public.as_bytes()).unwrap();
+    mac.update(signing_input.as_bytes());
+    use base64::Engine;
+    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    let token = format!("{signing_input}.{sig}");
+    assert_problem(&app.get(&token, "/api/jobs").await, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn an_unknown_kid_is_refused() {
+    let app = spawn_app(Storage::Local).await;
+    let c = claims(&app.cognito, "lab-a", &["pathologist"]);
+    assert_problem(&app.get(&sign(&c, "rotated-away"), "/api/jobs").await, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_tampered_payload_is_refused() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.cognito.sign_in("lab-a", &["pathologist"]).await;
+    let mut parts: Vec<String> = t.id.split('.').map(str::to_owned).collect();
+    use base64::Engine;
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut payload: Value = serde_json::from_slice(&engine.decode(&parts[1]).unwrap()).unwrap();
+    assert_eq!(payload["custom:tenant"], "lab-a", "moto's ID token carries the tenant: {payload}");
+    payload["custom:tenant"] = json!("lab-b");
+    parts[1] = engine.encode(payload.to_string());
+    assert_problem(&app.get(&parts.join("."), "/api/jobs").await, StatusCode::UNAUTHORIZED);
+    // Untouched, the same token passes.
+    assert_eq!(app.get(&t.id, "/api/jobs").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_missing_role_is_403_and_no_token_is_401() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.cognito.sign_in("lab-a", &[]).await;
+    assert_problem(&app.get(&t.id, "/api/jobs").await, StatusCode::FORBIDDEN);
+    // An auditor reads but does not submit.
+    let auditor = app.token("lab-a", &["auditor"]);
+    assert_eq!(app.get(&auditor, "/api/jobs").await.status, StatusCode::OK);
+    let r = app
+        .post(&auditor, "/api/slides", json!({"name": "s", "size_bytes": 1, "content_type": "image/tiff"}))
+        .await;
+    assert_problem(&r, StatusCode::FORBIDDEN);
+    // Pathologists do not read the audit trail.
+    let p = app.token("lab-a", &["pathologist"]);
+    assert_problem(&app.get(&p, "/api/audit/events").await, StatusCode::FORBIDDEN);
+    let r = app.send(app.http.get(format!("{}/api/jobs", app.base))).await;
+    assert_problem(&r, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn another_tenants_resources_are_404() {
+    let app = spawn_app(Storage::Local).await;
+    let a = app.cognito.sign_in("lab-a", &["pathologist"]).await.id;
+    let b = app.cognito.sign_in("lab-b", &["pathologist", "auditor"]).await.id;
+    let slide = app.upload_slide(&a, b"not really a slide").await;
+    let job = app
+        .post(&a, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
+        .await;
+    assert_eq!(job.status, StatusCode::ACCEPTED, "{}", job.body);
+    let job_id = job.body["job_id"].as_str().unwrap().to_owned();
+    // Visible to A once projected.
+    eventually("the job in A's read model", || async {
+        (app.get(&a, &format!("/api/jobs/{job_id}")).await.status == StatusCode::OK).then_some(Value::Null)
+    })
+    .await;
+    for path in [
+        format!("/api/jobs/{job_id}"),
+        format!("/api/jobs/{job_id}/events"),
+        format!("/api/slides/{slide}"),
+    ] {
+        assert_problem(&app.get(&b, &path).await, StatusCode::NOT_FOUND);
+    }
+    assert_problem(&app.post(&b, &format!("/api/jobs/{job_id}/cancel"), json!({})).await, StatusCode::NOT_FOUND);
+    let r = app.post(&b, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"})).await;
+    assert_problem(&r, StatusCode::NOT_FOUND);
+    // B's lists and audit trail are empty of A's rows.
+    assert_eq!(app.get(&b, "/api/jobs").await.body["items"], json!([]));
+    assert_eq!(app.get(&b, "/api/slides").await.body["items"], json!([]));
+    assert_eq!(app.get(&b, "/api/audit/events").await.body["items"], json!([]));
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Uploads
+
+async fn upload_flows(app: &App) {
+    let t = app.token("lab-a", &["pathologist"]);
+    // Single PUT.
+    let small: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let id = app.upload_slide(&t, &small).await;
+    // Repeating the completion is harmless.
+    let again = app.post(&t, &format!("/api/slides/{id}/uploaded"), json!({})).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    assert_eq!(again.body["size_bytes"], 100_000);
+    // Multipart: 11 MiB in parts of 5 MiB.
+    let big: Vec<u8> = (0..11 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let r = app
+        .post(&t, "/api/slides", json!({"name": "big", "size_bytes": big.len(), "content_type": "image/tiff"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let mp = &r.body["upload"]["multipart"];
+    assert_eq!(mp["parts"].as_array().unwrap().len(), 3, "{}", r.body);
+    assert_eq!(mp["part_size"], 5 * 1024 * 1024);
+    let big_id = r.body["slide_id"].as_str().unwrap().to_owned();
+    let parts = put_upload(&app.http, &r.body["upload"], &big).await.unwrap();
+    // A wrong ETag is refused, and the upload can still be completed afterwards.
+    let mut bad = parts.clone();
+    bad[1]["etag"] = json!("\"0000\"");
+    let r = app.post(&t, &format!("/api/slides/{big_id}/uploaded"), json!({"parts": bad})).await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    let r = app.post(&t, &format!("/api/slides/{big_id}/uploaded"), json!({"parts": parts})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["size_bytes"], big.len());
+    // Never uploaded.
+    let r = app
+        .post(&t, "/api/slides", json!({"name": "ghost", "size_bytes": 10, "content_type": "image/tiff"}))
+        .await;
+    let ghost = r.body["slide_id"].as_str().unwrap().to_owned();
+    let r = app.post(&t, &format!("/api/slides/{ghost}/uploaded"), json!({})).await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body["detail"].as_str().unwrap().contains("never uploaded"), "{}", r.body);
+    // The wrong size.
+    let r = app
+        .post(&t, "/api/slides", json!({"name": "short", "size_bytes": 1000, "content_type": "image/tiff"}))
+        .await;
+    let short = r.body["slide_id"].as_str().unwrap().to_owned();
+    put_upload(&app.http, &r.body["upload"], &[7u8; 999]).await;
+    let r = app.post(&t, &format!("/api/slides/{short}/uploaded"), json!({})).await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body["detail"].as_str().unwrap().contains("999"), "{}", r.body);
+    // The slides list shows the uploaded ones with their names opened.
+    let list = eventually("both uploads in the read model", || async {
+        let l = app.get(&t, "/api/slides").await.body;
+        let uploaded = l["items"].as_array().unwrap().iter().filter(|s| s["status"] == "uploaded").count();
+        (uploaded == 2).then_some(l)
+    })
+    .await;
+    assert!(list["items"].as_array().unwrap().iter().any(|s| s["name"] == "big"), "{list}");
+}
+
+#[tokio::test]
+async fn uploads_through_presigned_s3_urls_single_and_multipart() {
+    let app = spawn_app(Storage::S3).await;
+    upload_flows(&app).await;
+    // The objects really are in the bucket with their sizes.
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&sdk().await).force_path_style(true).build());
+    let list = s3.list_objects_v2().bucket(app.bucket.as_deref().unwrap()).send().await.unwrap();
+    let mut sizes: Vec<i64> = list.contents().iter().filter_map(|o| o.size()).collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![999, 100_000, 11 * 1024 * 1024]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn uploads_through_the_local_store_single_and_multipart() {
+    let app = spawn_app(Storage::Local).await;
+    upload_flows(&app).await;
+    // A URL whose signature or key was changed is refused.
+    let t = app.token("lab-a", &["pathologist"]);
+    let r = app
+        .post(&t, "/api/slides", json!({"name": "x", "size_bytes": 3, "content_type": "image/tiff"}))
+        .await;
+    let url = r.body["upload"]["url"].as_str().unwrap().to_owned();
+    let forged = url.replace("X-Mira-Signature=", "X-Mira-Signature=00");
+    let res = app.http.put(&forged).body("abc").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let other = url.replacen("/blobs/slides/", "/blobs/slides/x", 1);
+    assert_eq!(app.http.put(&other).body("abc").send().await.unwrap().status(), StatusCode::FORBIDDEN);
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input and idempotency
+
+#[tokio::test]
+async fn bad_input_gets_problem_json_4xx() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let url = format!("{}/api/jobs", app.base);
+    let send = |body: String, ct: &'static str| app.http.post(&url).bearer_auth(&t).header("content-type", ct).body(body);
+    assert_problem(&app.send(send("{\"slide_id\": ".into(), "application/json")).await, StatusCode::BAD_REQUEST);
+    assert_problem(&app.send(send("[1, 2".into(), "application/json")).await, StatusCode::BAD_REQUEST);
+    let huge = json!({"slide_id": uuid::Uuid::now_v7(), "kind": "wsi.preprocess", "params": {"pad": "x".repeat(10_000)}});
+    assert_problem(&app.send(send(huge.to_string(), "application/json")).await, StatusCode::PAYLOAD_TOO_LARGE);
+    let unknown = json!({"slide_id": uuid::Uuid::now_v7(), "kind": "wsi.preprocess", "priority": 9});
+    let r = app.send(send(unknown.to_string(), "application/json")).await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body["detail"].as_str().unwrap().contains("priority"), "{}", r.body);
+    let bad_param = json!({"slide_id": uuid::Uuid::now_v7(), "kind": "wsi.preprocess", "params": {"tile_sise": 256}});
+    assert_problem(&app.send(send(bad_param.to_string(), "application/json")).await, StatusCode::UNPROCESSABLE_ENTITY);
+    let not_uuid = json!({"slide_id": "slide-1", "kind": "wsi.preprocess"});
+    assert_problem(&app.send(send(not_uuid.to_string(), "application/json")).await, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_problem(&app.send(send("{}".into(), "text/plain")).await, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    for path in ["/api/jobs/42", "/api/slides/not-a-uuid", "/api/jobs/x/events"] {
+        let r = app.get(&t, path).await;
+        assert_problem(&r, StatusCode::BAD_REQUEST);
+        assert!(r.body["detail"].as_str().unwrap().contains("UUID"), "{}", r.body);
+    }
+    assert_problem(&app.post(&t, "/api/jobs/x/cancel", json!({})).await, StatusCode::BAD_REQUEST);
+    assert_problem(&app.get(&t, "/api/jobs?limit=100000").await, StatusCode::BAD_REQUEST);
+    assert_problem(&app.get(&t, "/api/jobs?status=done").await, StatusCode::BAD_REQUEST);
+    assert_problem(&app.get(&t, "/api/jobs?cursor=garbage").await, StatusCode::BAD_REQUEST);
+    assert_problem(&app.get(&t, "/api/nothing-here").await, StatusCode::NOT_FOUND);
+    let r = app
+        .post(&t, "/api/slides", json!({"name": "", "size_bytes": 0, "content_type": "tiff"}))
+        .await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    // Every response carries a request id; a sane one from the caller is kept.
+    let r = app
+        .send(app.http.get(format!("{}/healthz", app.base)).header("x-request-id", "req-123"))
+        .await;
+    assert_eq!(r.headers["x-request-id"], "req-123");
+    let r = app.get(&t, "/api/jobs/42").await;
+    assert!(r.headers.contains_key("x-request-id"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_gives_one_job_and_refuses_a_different_body() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let slide = app.upload_slide(&t, b"bytes").await;
+    let submit = |key: &'static str, params: Value| {
+        let req = app
+            .http
+            .post(format!("{}/api/jobs", app.base))
+            .bearer_auth(&t)
+            .header("idempotency-key", key)
+            .json(&json!({"slide_id": slide, "kind": "wsi.preprocess", "params": params}));
+        app.send(req)
+    };
+    let first = submit("k-1", json!({"tile_size": 254})).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
+    // The same request, with the defaults spelled differently, is the same job.
+    let second = submit("k-1", json!({})).await;
+    assert_eq!(second.status, StatusCode::ACCEPTED, "{}", second.body);
+    assert_eq!(first.body["job_id"], second.body["job_id"]);
+    let other = submit("k-1", json!({"normalize": "macenko"})).await;
+    assert_problem(&other, StatusCode::UNPROCESSABLE_ENTITY);
+    // Ten concurrent repeats: still one job.
+    let many = futures_join_all((0..10).map(|_| submit("k-2", Value::Null))).await;
+    let ids: std::collections::BTreeSet<_> = many.iter().map(|r| r.body["job_id"].to_string()).collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'JobSubmitted'")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    app.stop().await;
+}
+
+async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut out = Vec::new();
+    let handles: Vec<_> = fs.collect();
+    // Poll them concurrently on this task.
+    let mut pinned: Vec<_> = handles.into_iter().map(Box::pin).collect();
+    let mut results: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if results[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => results[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.extend(results.into_iter().map(Option::unwrap));
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs through the API
+
+#[tokio::test]
+async fn jobs_list_detail_cancel_retry_and_history() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let slide = app.upload_slide(&t, b"bytes").await;
+    let r = app.post(&t, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert_eq!(r.body["status"], "submitted");
+    let id = r.body["job_id"].as_str().unwrap().to_owned();
+    let r = app.post(&t, &format!("/api/jobs/{id}/cancel"), json!({"reason": "wrong slide"})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.body["status"], "cancelled");
+    // Cancelling twice is a conflict, not a second event.
+    assert_problem(&app.post(&t, &format!("/api/jobs/{id}/cancel"), json!({})).await, StatusCode::CONFLICT);
+    let r = app.post(&t, &format!("/api/jobs/{id}/retry"), json!({})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.body["status"], "submitted");
+    let detail = eventually("the retried job in the read model", || async {
+        let r = app.get(&t, &format!("/api/jobs/{id}")).await;
+        (r.status == StatusCode::OK && r.body["status"] == "submitted" && r.body["position"].as_i64() > Some(0))
+            .then_some(r.body)
+    })
+    .await;
+    assert_eq!(detail["params"]["tile_size"], 254, "defaults are stored: {detail}");
+    let history = app.get(&t, &format!("/api/jobs/{id}/events")).await.body;
+    let types: Vec<_> = history["events"].as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(types, ["JobSubmitted", "JobCancelRequested", "JobCancelled", "JobRetryRequested"]);
+    assert!(history["events"].as_array().unwrap().iter().all(|e| e["hash"].as_str().unwrap().len() == 64));
+    let list = app.get(&t, &format!("/api/jobs?status=submitted&slide_id={slide}")).await;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 1, "{}", list.body);
+    assert_eq!(app.get(&t, "/api/jobs?status=cancelled").await.body["items"], json!([]));
+    // The auditor sees the same events straight from the log, with hashes and actors.
+    let auditor = app.token("lab-a", &["auditor"]);
+    let audit = app.get(&auditor, &format!("/api/audit/events?aggregate_id={id}")).await;
+    assert_eq!(audit.status, StatusCode::OK, "{}", audit.body);
+    let items = audit.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4);
+    assert_eq!(items[0]["prev_hash"], "0".repeat(64));
+    assert_eq!(items[1]["prev_hash"], items[0]["hash"]);
+    assert_eq!(items[0]["metadata"]["actor"]["kind"], "user");
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+
+#[tokio::test]
+async fn health_readiness_metrics_and_the_openapi_document() {
+    let app = spawn_app(Storage::Local).await;
+    let get = |p: &str| app.send(app.http.get(format!("{}{p}", app.base)));
+    assert_eq!(get("/healthz").await.status, StatusCode::OK);
+    let ready = get("/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
+    assert_eq!(ready.body["checks"]["database"], "ok");
+    // Every documented operation is routed.
+    let doc = get("/api/openapi.json").await.body;
+    assert_eq!(doc["openapi"], "3.1.0");
+    let t = app.token("lab-a", &["pathologist"]);
+    let id = uuid::Uuid::now_v7().to_string();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            let url = format!("{}{}", app.base, path.replace("{id}", &id).replace("{key}", "k"));
+            let req = app.http.request(method.to_uppercase().parse().unwrap(), url).bearer_auth(&t);
+            let r = app.send(req).await;
+            assert!(
+                !(r.status == StatusCode::NOT_FOUND && r.body["detail"] == "no such endpoint")
+                    && r.status != StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path} is documented but not routed"
+            );
+        }
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_export_projection_lag_and_the_watermark_lag() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    // Hold the watermark: a transaction with an xid stays open while events are appended.
+    let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()").execute(&mut *holder).await.unwrap();
+    app.upload_slide(&t, b"bytes").await;
+    let metrics = eventually("a held watermark in /metrics", || async {
+        let text = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(-1.0)
+        };
+        (value("mira_log_watermark_lag_events") >= 2.0 && value("mira_log_watermark_lag_seconds") > 0.0)
+            .then_some(Value::String(text))
+    })
+    .await;
+    let text = metrics.as_str().unwrap();
+    for name in [
+        "mira_projection_position{projection=\"read_models\"}",
+        "mira_projection_lag_events{projection=\"read_models\"}",
+        "mira_projection_lag_seconds{projection=\"read_models\"}",
+        "mira_http_requests_total{route=\"/api/slides\",status=\"201\"} 1",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    // While the watermark is held the projector cannot see the new events: lag in events.
+    let lag = text
+        .lines()
+        .find(|l| l.starts_with("mira_projection_lag_events"))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap()
+        .parse::<f64>()
+        .unwrap();
+    assert!(lag >= 2.0, "{text}");
+    holder.rollback().await.unwrap();
+    eventually("the projection to catch up", || async {
+        let text = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .any(|l| l == "mira_projection_lag_events{projection=\"read_models\"} 0")
+            .then_some(Value::Null)
+    })
+    .await;
+    app.stop().await;
+}
