@@ -92,7 +92,10 @@ mod tests {
         let p = PreprocessParams::from_request(Some(&json!({"normalize": "macenko"}))).unwrap();
         assert_eq!(p.tile_size, 254);
         assert_eq!(p.normalize, Normalize::Macenko);
-        assert_eq!(PreprocessParams::from_request(None).unwrap(), PreprocessParams::default());
+        assert_eq!(
+            PreprocessParams::from_request(None).unwrap(),
+            PreprocessParams::default()
+        );
         let e = PreprocessParams::from_request(Some(&json!({"tile_sise": 256}))).unwrap_err();
         assert!(e.contains("tile_sise"), "{e}");
         let e = PreprocessParams::from_request(Some(&json!({"quality": 0}))).unwrap_err();

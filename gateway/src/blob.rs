@@ -22,7 +22,9 @@ pub enum UploadPlan {
         headers: BTreeMap<String, String>,
         expires_at: DateTime<Utc>,
     },
-    Multipart { multipart: MultipartPlan },
+    Multipart {
+        multipart: MultipartPlan,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -236,7 +238,11 @@ impl BlobStore for S3Blobs {
         let parts = parts
             .iter()
             .map(|p| {
-                let etag = if p.etag.starts_with('"') { p.etag.clone() } else { format!("\"{}\"", p.etag) };
+                let etag = if p.etag.starts_with('"') {
+                    p.etag.clone()
+                } else {
+                    format!("\"{}\"", p.etag)
+                };
                 S3Part::builder().part_number(p.part_number as i32).e_tag(etag).build()
             })
             .collect();
@@ -251,15 +257,22 @@ impl BlobStore for S3Blobs {
             .await;
         match res {
             Ok(_) => Ok(()),
+            // A 2xx whose body the SDK cannot parse: S3 completed the upload. (moto answers
+            // with a `CompleteMultipartUploadResponse` root; the caller checks the object's
+            // size next, so a completion that did not happen cannot pass unnoticed.)
+            Err(aws_sdk_s3::error::SdkError::ServiceError(se)) if se.raw().status().is_success() => {
+                tracing::debug!(error = ?se.err(), "CompleteMultipartUpload answered 2xx with an unexpected body");
+                Ok(())
+            }
             Err(e) => {
                 let code = e.as_service_error().and_then(|s| {
                     use aws_sdk_s3::error::ProvideErrorMetadata;
                     s.code().map(str::to_owned)
                 });
                 match code.as_deref() {
-                    Some(c @ ("InvalidPart" | "InvalidPartOrder" | "EntityTooSmall" | "NoSuchUpload" | "MalformedXML")) => {
-                        Err(BlobError::Rejected(format!("S3 refused to complete the upload: {c}")))
-                    }
+                    Some(
+                        c @ ("InvalidPart" | "InvalidPartOrder" | "EntityTooSmall" | "NoSuchUpload" | "MalformedXML"),
+                    ) => Err(BlobError::Rejected(format!("S3 refused to complete the upload: {c}"))),
                     _ => Err(s3err(e)),
                 }
             }
@@ -287,7 +300,12 @@ impl BlobStore for S3Blobs {
     }
 
     async fn ready(&self) -> Result<(), BlobError> {
-        self.client.head_bucket().bucket(&self.bucket).send().await.map_err(s3err)?;
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(s3err)?;
         Ok(())
     }
 }
@@ -348,7 +366,8 @@ impl LocalBlobs {
         let secret_file = dir.join(".mira-secret");
         let secret = match std::fs::read_to_string(&secret_file) {
             Ok(s) => {
-                let bytes = hex::decode(s.trim()).map_err(|e| std::io::Error::other(format!("{}: {e}", secret_file.display())))?;
+                let bytes = hex::decode(s.trim())
+                    .map_err(|e| std::io::Error::other(format!("{}: {e}", secret_file.display())))?;
                 <[u8; 32]>::try_from(bytes.as_slice())
                     .map_err(|_| std::io::Error::other(format!("{}: not a 32-byte key", secret_file.display())))?
             }
@@ -407,7 +426,8 @@ impl LocalBlobs {
         };
         let given = hex::decode(sig).map_err(|_| "bad signature".to_string())?;
         self.mac(method, key, expires, part)
-            .verify_slice(&given).map_err(|_| "bad signature".to_string())?;
+            .verify_slice(&given)
+            .map_err(|_| "bad signature".to_string())?;
         if Utc::now().timestamp() > expires {
             return Err("the URL has expired".into());
         }
@@ -532,7 +552,9 @@ impl BlobStore for LocalBlobs {
 
     async fn uploads_in_progress(&self, key: &str) -> Result<Vec<String>, BlobError> {
         let mut out = Vec::new();
-        let mut rd = tokio::fs::read_dir(self.dir.join(".mira-multipart")).await.map_err(io)?;
+        let mut rd = tokio::fs::read_dir(self.dir.join(".mira-multipart"))
+            .await
+            .map_err(io)?;
         while let Some(e) = rd.next_entry().await.map_err(io)? {
             if tokio::fs::read_to_string(e.path().join("key")).await.ok().as_deref() == Some(key) {
                 out.push(e.file_name().to_string_lossy().into_owned());
@@ -553,7 +575,9 @@ impl BlobStore for LocalBlobs {
             _ => return Err(BlobError::Rejected("no such upload".into())),
         }
         if parts.is_empty() || parts.windows(2).any(|w| w[0].part_number >= w[1].part_number) {
-            return Err(BlobError::Rejected("parts must be listed in ascending part_number order".into()));
+            return Err(BlobError::Rejected(
+                "parts must be listed in ascending part_number order".into(),
+            ));
         }
         // Check every part before assembling anything.
         let mut files = Vec::new();
@@ -561,10 +585,18 @@ impl BlobStore for LocalBlobs {
             let f = dir.join(format!("part-{:05}", p.part_number));
             let bytes_len = match tokio::fs::metadata(&f).await {
                 Ok(m) => m.len(),
-                Err(_) => return Err(BlobError::Rejected(format!("part {} was never uploaded", p.part_number))),
+                Err(_) => {
+                    return Err(BlobError::Rejected(format!(
+                        "part {} was never uploaded",
+                        p.part_number
+                    )))
+                }
             };
             if i + 1 < parts.len() && bytes_len < 5 * 1024 * 1024 {
-                return Err(BlobError::Rejected(format!("part {} is smaller than 5 MiB", p.part_number)));
+                return Err(BlobError::Rejected(format!(
+                    "part {} is smaller than 5 MiB",
+                    p.part_number
+                )));
             }
             let etag = {
                 let f = f.clone();
@@ -579,7 +611,10 @@ impl BlobStore for LocalBlobs {
                 .map_err(io)?
             };
             if etag != p.etag.trim_matches('"') {
-                return Err(BlobError::Rejected(format!("part {}: the ETag does not match", p.part_number)));
+                return Err(BlobError::Rejected(format!(
+                    "part {}: the ETag does not match",
+                    p.part_number
+                )));
             }
             files.push(f);
         }
@@ -640,7 +675,9 @@ mod tests {
 
     fn query(url: &str) -> SignedQuery {
         let q = url.split_once('?').unwrap().1;
-        axum::extract::Query::<SignedQuery>::try_from_uri(&format!("/?{q}").parse().unwrap()).unwrap().0
+        axum::extract::Query::<SignedQuery>::try_from_uri(&format!("/?{q}").parse().unwrap())
+            .unwrap()
+            .0
     }
 
     #[test]
@@ -667,7 +704,16 @@ mod tests {
     #[test]
     fn keys_cannot_escape_the_store() {
         assert!(valid_key("uploads/t1/0191-abc"));
-        for bad in ["", "/etc/passwd", "a/../b", "a//b", "./a", ".mira-secret", "a/.mira-multipart/x", "a b"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "a//b",
+            "./a",
+            ".mira-secret",
+            "a/.mira-multipart/x",
+            "a b",
+        ] {
             assert!(!valid_key(bad), "{bad:?}");
         }
     }

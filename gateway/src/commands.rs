@@ -64,7 +64,11 @@ impl Commands {
     }
 
     /// The slide's current state, or `None` when the tenant has no such slide.
-    pub async fn load_slide(&self, tenant: &TenantId, id: SlideId) -> Result<Option<Slide>, AggregateError<SlideError>> {
+    pub async fn load_slide(
+        &self,
+        tenant: &TenantId,
+        id: SlideId,
+    ) -> Result<Option<Slide>, AggregateError<SlideError>> {
         load(&self.log, tenant, &id.to_string()).await
     }
 

@@ -405,7 +405,10 @@ impl Settings {
             );
         }
         if self.storage.part_size_bytes < 5 * 1024 * 1024 {
-            return invalid("Storage__PartSizeBytes", "must be at least 5 MiB (5242880), S3's minimum part size");
+            return invalid(
+                "Storage__PartSizeBytes",
+                "must be at least 5 MiB (5242880), S3's minimum part size",
+            );
         }
         if self.storage.multipart_threshold_bytes == 0 {
             return invalid("Storage__MultipartThresholdBytes", "must be at least 1");
@@ -442,15 +445,20 @@ impl Settings {
             setting: setting.to_owned(),
             reason: reason.to_owned(),
         };
-        let audience = c
-            .client_id
-            .clone()
-            .ok_or_else(|| missing("AWS__Cognito__ClientId", "is not set (the app client id, the ID token's aud)"))?;
+        let audience = c.client_id.clone().ok_or_else(|| {
+            missing(
+                "AWS__Cognito__ClientId",
+                "is not set (the app client id, the ID token's aud)",
+            )
+        })?;
         let issuer = match &c.issuer {
             Some(i) => i.clone(),
             None => {
                 let pool = c.user_pool_id.as_deref().ok_or_else(|| {
-                    missing("AWS__Cognito__UserPoolId", "is not set (or set AWS__Cognito__Issuer and AWS__Cognito__JwksUrl)")
+                    missing(
+                        "AWS__Cognito__UserPoolId",
+                        "is not set (or set AWS__Cognito__Issuer and AWS__Cognito__JwksUrl)",
+                    )
                 })?;
                 let region = c
                     .region

@@ -40,7 +40,10 @@ pub async fn bus(settings: &Settings) -> anyhow::Result<Arc<dyn Bus>> {
 
 /// The blob store the settings name. `public_url` is where clients reach this gateway (for
 /// the local store's signed URLs).
-pub async fn blob_store(settings: &Settings, public_url: &str) -> anyhow::Result<(Arc<dyn BlobStore>, Option<Arc<LocalBlobs>>)> {
+pub async fn blob_store(
+    settings: &Settings,
+    public_url: &str,
+) -> anyhow::Result<(Arc<dyn BlobStore>, Option<Arc<LocalBlobs>>)> {
     let policy = UploadPolicy {
         expires: Duration::from_secs(60 * settings.aws.s3.presigned_url_expiration_minutes as u64),
         multipart_threshold: settings.storage.multipart_threshold_bytes,
@@ -63,7 +66,10 @@ pub async fn blob_store(settings: &Settings, public_url: &str) -> anyhow::Result
                 .clone()
                 .context("AWS__S3__BucketName is not set (Storage__Provider is S3)")?;
             let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
-            (Arc::new(S3Blobs::new(&sdk, settings.aws.s3.region.as_deref(), bucket, policy)), None)
+            (
+                Arc::new(S3Blobs::new(&sdk, settings.aws.s3.region.as_deref(), bucket, policy)),
+                None,
+            )
         }
     })
 }
@@ -124,7 +130,8 @@ pub async fn run(
                 checkpoint_every: Duration::from_secs(settings.audit.checkpoint_every_seconds),
                 ..Default::default()
             };
-            let relay = mira_bus::relay::Relay::new(EventLog::new(pool.clone()), bus.publisher(), cfg, Some(Arc::new(key)));
+            let relay =
+                mira_bus::relay::Relay::new(EventLog::new(pool.clone()), bus.publisher(), cfg, Some(Arc::new(key)));
             let url = settings.database_url()?.to_owned();
             let stop = shutdown.clone();
             tasks.spawn(async move { relay.run(&url, stop).await.context("relay") });

@@ -113,7 +113,9 @@ pub struct JwksVerifier {
 
 impl std::fmt::Debug for JwksVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwksVerifier").field("jwks_url", &self.cfg.jwks_url).finish()
+        f.debug_struct("JwksVerifier")
+            .field("jwks_url", &self.cfg.jwks_url)
+            .finish()
     }
 }
 
@@ -179,7 +181,9 @@ impl JwksVerifier {
             if k.kty != "RSA" || k.use_.as_deref().is_some_and(|u| u != "sig") {
                 continue;
             }
-            let (Some(kid), Some(n), Some(e)) = (k.kid, k.n, k.e) else { continue };
+            let (Some(kid), Some(n), Some(e)) = (k.kid, k.n, k.e) else {
+                continue;
+            };
             match DecodingKey::from_rsa_components(&n, &e) {
                 Ok(key) => {
                     out.insert(kid, Arc::new(key));

@@ -59,7 +59,10 @@ pub async fn download(
     Ok((
         [
             (header::CONTENT_LENGTH, HeaderValue::from(len)),
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
         ],
         Body::from_stream(stream),
     )

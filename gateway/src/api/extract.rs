@@ -49,7 +49,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 
 /// Parses a JSON body; an empty body reads as `{}` only if `T` accepts that.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(de) {
         Ok(v) => Ok(v),
@@ -70,7 +74,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 /// Parses a path id into its newtype; 400 when it is not a UUID.
-pub fn parse_id<T>(raw: &str, what: &str, parse: impl Fn(&str) -> Result<T, mira_events::IdError>) -> Result<T, ApiError> {
+pub fn parse_id<T>(
+    raw: &str,
+    what: &str,
+    parse: impl Fn(&str) -> Result<T, mira_events::IdError>,
+) -> Result<T, ApiError> {
     parse(raw).map_err(|_| ApiError::bad_request(format!("{what} id {raw:?} is not a UUID")))
 }
 
@@ -108,7 +116,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 }
 
 fn serde_urlencoded_from_str<T: DeserializeOwned>(q: &str) -> Result<T, ApiError> {
-    axum::extract::Query::<T>::try_from_uri(&format!("/?{q}").parse().map_err(|_| ApiError::bad_request("bad query string"))?)
-        .map(|axum::extract::Query(v)| v)
-        .map_err(|e| ApiError::bad_request(format!("query string: {}", e.body_text())))
+    axum::extract::Query::<T>::try_from_uri(
+        &format!("/?{q}")
+            .parse()
+            .map_err(|_| ApiError::bad_request("bad query string"))?,
+    )
+    .map(|axum::extract::Query(v)| v)
+    .map_err(|e| ApiError::bad_request(format!("query string: {}", e.body_text())))
 }

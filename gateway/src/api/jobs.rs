@@ -99,7 +99,11 @@ pub async fn create(
         .await;
     match submitted {
         Ok(()) => {}
-        Err(cqrs_es::AggregateError::UserError(JobError::AlreadyExists)) if matches!(claim, Claim::Replay(_)) => {}
+        // With a key, the id belongs to that key alone: a job already there was made by a
+        // concurrent or earlier request with the same body.
+        Err(
+            cqrs_es::AggregateError::UserError(JobError::AlreadyExists) | cqrs_es::AggregateError::AggregateConflict,
+        ) if key.is_some() => {}
         Err(e) => return Err(e.into()),
     }
     let status = state
@@ -145,10 +149,17 @@ pub async fn list(
     who.require(READERS)?;
     if let Some(s) = &q.status {
         if !STATUSES.contains(&s.as_str()) {
-            return Err(ApiError::bad_request(format!("status: {s:?} is not one of {}", STATUSES.join(", "))));
+            return Err(ApiError::bad_request(format!(
+                "status: {s:?} is not one of {}",
+                STATUSES.join(", ")
+            )));
         }
     }
-    let slide_id = q.slide_id.as_deref().map(|s| parse_id(s, "slide", SlideId::parse)).transpose()?;
+    let slide_id = q
+        .slide_id
+        .as_deref()
+        .map(|s| parse_id(s, "slide", SlideId::parse))
+        .transpose()?;
     let limit = page_limit(q.limit)?;
     let after: Option<JobCursor> = q.cursor.as_deref().map(decode_cursor).transpose()?;
     let filter = JobFilter {

@@ -123,7 +123,10 @@ impl Identity {
                 "this needs one of the roles {}",
                 roles
                     .iter()
-                    .map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default())
+                    .map(|r| serde_json::to_value(r)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default())
                     .collect::<Vec<_>>()
                     .join(", ")
             )))
@@ -157,8 +160,10 @@ async fn pipeline(State(state): State<AppState>, mut req: Request, next: Next) -
         tenant_id = tracing::field::Empty,
         status = tracing::field::Empty,
     );
-    req.headers_mut()
-        .insert("x-request-id", HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("invalid")));
+    req.headers_mut().insert(
+        "x-request-id",
+        HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("invalid")),
+    );
     let started = std::time::Instant::now();
     let mut res = next.run(req).instrument(span.clone()).await;
     span.record("status", res.status().as_u16());

@@ -20,7 +20,10 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let mut ok = true;
     let db = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool).await;
     ok &= db.is_ok();
-    checks.insert("database".into(), json!(db.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())));
+    checks.insert(
+        "database".into(),
+        json!(db.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())),
+    );
     let blobs = state.blobs.ready().await;
     ok &= blobs.is_ok();
     checks.insert(
@@ -30,9 +33,16 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     if let Some(bus) = &state.bus {
         let r = bus.queue(mira_bus::Group::Projections).dead_letter_count().await;
         ok &= r.is_ok();
-        checks.insert("bus".into(), json!(r.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())));
+        checks.insert(
+            "bus".into(),
+            json!(r.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())),
+        );
     }
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(json!({"ready": ok, "checks": checks}))).into_response()
 }
 

@@ -114,9 +114,7 @@ impl From<AggregateError<JobError>> for ApiError {
                 JobError::Invalid(m) => Self::invalid(m),
                 other => Self::conflict(other.to_string()),
             },
-            AggregateError::AggregateConflict => {
-                Self::conflict("the job changed while this request ran; retry it")
-            }
+            AggregateError::AggregateConflict => Self::conflict("the job changed while this request ran; retry it"),
             other => Self::internal(other),
         }
     }
@@ -129,13 +127,13 @@ impl From<AggregateError<SlideError>> for ApiError {
                 SlideError::NotFound => Self::not_found("slide"),
                 SlideError::AlreadyExists => Self::conflict("the slide already exists"),
                 SlideError::Invalid(m) => Self::invalid(m),
-                SlideError::SizeMismatch { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "size-mismatch", e.to_string()),
+                SlideError::SizeMismatch { .. } => {
+                    Self::new(StatusCode::UNPROCESSABLE_ENTITY, "size-mismatch", e.to_string())
+                }
                 SlideError::Sealing(m) => Self::internal(m),
                 other => Self::conflict(other.to_string()),
             },
-            AggregateError::AggregateConflict => {
-                Self::conflict("the slide changed while this request ran; retry it")
-            }
+            AggregateError::AggregateConflict => Self::conflict("the slide changed while this request ran; retry it"),
             other => Self::internal(other),
         }
     }

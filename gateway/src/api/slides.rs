@@ -45,7 +45,9 @@ impl NewSlide {
         let ct = &self.content_type;
         let (a, b) = ct.split_once('/').unwrap_or(("", ""));
         if a.is_empty() || b.is_empty() || ct.len() > 127 || !ct.bytes().all(|c| c.is_ascii_graphic()) {
-            return Err(ApiError::invalid("content_type: must be a media type such as image/tiff"));
+            return Err(ApiError::invalid(
+                "content_type: must be a media type such as image/tiff",
+            ));
         }
         if let Some(h) = &self.sha256 {
             if h.len() != 64 || !h.bytes().all(|c| c.is_ascii_hexdigit()) {
@@ -135,8 +137,11 @@ pub async fn create(
     match registered {
         Ok(()) => {}
         // A replay of a request whose command already ran.
-        Err(cqrs_es::AggregateError::UserError(mira_aggregates::SlideError::AlreadyExists))
-            if matches!(claim, Claim::Replay(_)) => {}
+        // With a key, the id belongs to that key alone (see jobs::create).
+        Err(
+            cqrs_es::AggregateError::UserError(mira_aggregates::SlideError::AlreadyExists)
+            | cqrs_es::AggregateError::AggregateConflict,
+        ) if key.is_some() => {}
         Err(e) => return Err(e.into()),
     }
     let slide = state
@@ -183,12 +188,18 @@ pub async fn uploaded(
 ) -> ApiResult<Json<serde_json::Value>> {
     who.require(WRITERS)?;
     let id = parse_id(&raw, "slide", SlideId::parse)?;
-    let slide = state.commands.load_slide(&who.tenant, id).await?.ok_or(ApiError::not_found("slide"))?;
+    let slide = state
+        .commands
+        .load_slide(&who.tenant, id)
+        .await?
+        .ok_or(ApiError::not_found("slide"))?;
     match slide.status {
         SlideStatus::Registered => {}
         // Already recorded: a repeat of a completed request.
         SlideStatus::Uploaded | SlideStatus::Verified => {
-            return Ok(Json(json!({"slide_id": id, "status": slide.status.as_str(), "size_bytes": slide.size_bytes})));
+            return Ok(Json(
+                json!({"slide_id": id, "status": slide.status.as_str(), "size_bytes": slide.size_bytes}),
+            ));
         }
         other => {
             return Err(ApiError::conflict(format!("the slide is {}", other.as_str())));
@@ -220,13 +231,18 @@ pub async fn uploaded(
             .await
             .map_err(blob_error)?;
     }
-    let size = state.blobs.size_of(&slide.object_key).await.map_err(blob_error)?.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "upload-missing",
-            "the slide was never uploaded: PUT it to the upload URL first",
-        )
-    })?;
+    let size = state
+        .blobs
+        .size_of(&slide.object_key)
+        .await
+        .map_err(blob_error)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "upload-missing",
+                "the slide was never uploaded: PUT it to the upload URL first",
+            )
+        })?;
     state
         .commands
         .slide(&ctx(&who, None), id, SlideCommand::MarkUploaded { size_bytes: size })
@@ -237,7 +253,9 @@ pub async fn uploaded(
 
 pub async fn view(state: &AppState, row: mira_projections::query::SlideRow) -> SlideView {
     let name = match serde_json::from_value::<mira_events::Sealed>(row.name.clone()) {
-        Ok(sealed) => mira_events::seal::open(state.keyring.as_ref(), &sealed, "name").await.ok(),
+        Ok(sealed) => mira_events::seal::open(state.keyring.as_ref(), &sealed, "name")
+            .await
+            .ok(),
         Err(_) => None,
     };
     SlideView {
@@ -255,7 +273,11 @@ pub async fn view(state: &AppState, row: mira_projections::query::SlideRow) -> S
     }
 }
 
-pub async fn get_one(State(state): State<AppState>, who: Identity, Path(raw): Path<String>) -> ApiResult<Json<SlideView>> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    who: Identity,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<SlideView>> {
     who.require(READERS)?;
     let id = parse_id(&raw, "slide", SlideId::parse)?;
     let row = state
