@@ -47,8 +47,9 @@ pub async fn cancel(conn: &mut PgConnection, kind: &str, key: &str) -> Result<()
 }
 
 /// Takes up to `limit` items of `kind` due at `now`, and runs `f` on each inside one
-/// transaction that also deletes them. If `f` fails, nothing is deleted and the items stay
-/// due. Returns the items done.
+/// transaction that also deletes them, or moves them to the time `f` returns (work that is
+/// not ready yet). If `f` fails, nothing changes and the items stay due. Returns the items
+/// taken.
 pub async fn take_due<F, Fut>(
     pool: &PgPool,
     kind: &str,
@@ -58,7 +59,7 @@ pub async fn take_due<F, Fut>(
 ) -> Result<Vec<DueItem>, sqlx::Error>
 where
     F: FnMut(&mut PgConnection, DueItem) -> Fut,
-    Fut: std::future::Future<Output = Result<(), sqlx::Error>>,
+    Fut: std::future::Future<Output = Result<Option<DateTime<Utc>>, sqlx::Error>>,
 {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
@@ -78,12 +79,25 @@ where
             due_at: r.try_get("due_at")?,
             payload: r.try_get("payload")?,
         };
-        f(&mut tx, item.clone()).await?;
-        sqlx::query("DELETE FROM due_work WHERE kind = $1 AND key = $2")
-            .bind(&item.kind)
-            .bind(&item.key)
-            .execute(&mut *tx)
-            .await?;
+        match f(&mut tx, item.clone()).await? {
+            None => {
+                sqlx::query("DELETE FROM due_work WHERE kind = $1 AND key = $2 AND due_at = $3")
+                    .bind(&item.kind)
+                    .bind(&item.key)
+                    .bind(item.due_at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Some(later) => {
+                sqlx::query("UPDATE due_work SET due_at = $4 WHERE kind = $1 AND key = $2 AND due_at = $3")
+                    .bind(&item.kind)
+                    .bind(&item.key)
+                    .bind(item.due_at)
+                    .bind(later)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         done.push(item);
     }
     tx.commit().await?;

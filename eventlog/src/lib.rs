@@ -8,12 +8,15 @@
 //! * [`migrate`]: the schema in `migrations/`, applied idempotently.
 //! * [`store`]: [`EventLog`]: append, read a stream, follow by cursor.
 //! * [`repo`]: the cqrs-es repository, one per tenant.
+//! * [`commands`]: the command path every process shares: Job and Slide commands through
+//!   cqrs-es into the log, and loading an aggregate's current state.
 //! * [`checkpoint`]: signing keys and signed checkpoints.
 //! * [`verify`]: re-derives every hash and checks every checkpoint.
 //! * [`export`]: JSON Lines for outside verifiers.
 //! * [`testing`]: fresh databases for tests.
 
 pub mod checkpoint;
+pub mod commands;
 pub mod db;
 pub mod export;
 pub mod migrate;

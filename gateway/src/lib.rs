@@ -9,7 +9,7 @@ pub mod api;
 pub mod audit;
 pub mod bench;
 pub mod blob;
-pub mod commands;
+pub use mira_eventlog::commands;
 pub mod config;
 pub mod server;
 pub mod telemetry;

@@ -58,7 +58,7 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         listen: String,
-        /// Also run these roles here (comma-separated): relay, projector.
+        /// Also run these roles here (comma-separated): relay, projector, handlers.
         #[arg(long = "with", value_enum, value_delimiter = ',', value_name = "ROLES")]
         with: Vec<mira_gateway::server::Role>,
     },
@@ -66,6 +66,9 @@ enum Command {
     Relay,
     /// Run the read-model projector on the `projections` queue (Messaging__Provider=Aws).
     Projector,
+    /// Run the lifecycle handlers on the `handlers` queue (Messaging__Provider=Aws): queueing
+    /// jobs when their slide is verified, retries after backoff, lease expiry.
+    Handlers,
     /// List, inspect and rebuild projections.
     Projections {
         #[command(subcommand)]
@@ -376,6 +379,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 mira_bus::consumer::ConsumerConfig::for_group(mira_bus::Group::Projections),
             );
             consumer.run(shutdown_on_signals()).await?;
+        }
+        Command::Handlers => {
+            let pool = pool(&settings).await?;
+            let bus = aws_bus(&settings).await?;
+            let keyring = mira_events::LocalKeyring::open(&settings.keyring.local_dir)
+                .with_context(|| format!("Keyring__LocalDir {}", settings.keyring.local_dir.display()))?;
+            let commands = Commands::new(EventLog::new(pool.clone()), Arc::new(keyring));
+            mira_handlers::run(
+                pool,
+                commands,
+                bus.queue(mira_bus::Group::Handlers),
+                shutdown_on_signals(),
+            )
+            .await?;
         }
         Command::Projections {
             command: ProjectionsCommand::List { json },

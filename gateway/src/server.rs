@@ -1,5 +1,5 @@
 //! Wiring for `mira serve` (and, later, `mira dev`): builds the application state from the
-//! settings and runs the API with the roles asked for (`--with relay,projector`) in one
+//! settings and runs the API with the roles asked for (`--with relay,projector,handlers`) in one
 //! process, all stopped by one cancellation token.
 
 use std::net::SocketAddr;
@@ -24,6 +24,7 @@ use crate::config::{MessagingProvider, Settings, StorageProvider};
 pub enum Role {
     Relay,
     Projector,
+    Handlers,
 }
 
 /// The bus this process uses: SNS/SQS, or a fresh in-memory bus (which only carries events
@@ -145,6 +146,17 @@ pub async fn run(
             );
             let stop = shutdown.clone();
             tasks.spawn(async move { consumer.run(stop).await.context("projector") });
+        }
+        if roles.contains(&Role::Handlers) {
+            let queue = bus.queue(mira_bus::Group::Handlers);
+            let commands = Commands::new(EventLog::new(pool.clone()), state.keyring.clone());
+            let stop = shutdown.clone();
+            let pool = pool.clone();
+            tasks.spawn(async move {
+                mira_handlers::run(pool, commands, queue, stop)
+                    .await
+                    .context("handlers")
+            });
         }
     }
     tracing::info!(%addr, ?roles, "serving");

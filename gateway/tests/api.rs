@@ -299,7 +299,11 @@ async fn spawn_app_with(storage: Storage, extra: &[(&str, &str)]) -> App {
     let stop = CancellationToken::new();
     let pool = db.pool.clone();
     let s = stop.clone();
-    let roles = [mira_gateway::server::Role::Relay, mira_gateway::server::Role::Projector];
+    let roles = [
+        mira_gateway::server::Role::Relay,
+        mira_gateway::server::Role::Projector,
+        mira_gateway::server::Role::Handlers,
+    ];
     let task = tokio::spawn(async move { mira_gateway::server::run(&settings, pool, listener, &roles, s).await });
     App {
         base,

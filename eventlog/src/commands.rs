@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
+use crate::{EventLog, PgEventRepository};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework};
 use mira_aggregates::{Job, JobCommand, JobError, Slide, SlideCommand, SlideError, SlideServices};
-use mira_eventlog::{EventLog, PgEventRepository};
 use mira_events::{CommandContext, JobId, Keyring, SlideId, TenantId};
 
 pub type JobCqrs = CqrsFramework<Job, PersistedEventStore<PgEventRepository, Job>>;
