@@ -227,10 +227,25 @@ impl Default for XRaySettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
 pub struct RealtimeSettings {
+    /// The WebSocket URL the SPA should use, when it is not this gateway's own `/ws`.
     pub web_socket_url: Option<String>,
+    /// Changes buffered for each socket; a socket that falls further behind is closed.
+    pub client_buffer: u32,
+    /// A socket that does not take a message within this time is closed.
+    pub send_timeout_seconds: u64,
+}
+
+impl Default for RealtimeSettings {
+    fn default() -> Self {
+        Self {
+            web_socket_url: None,
+            client_buffer: 1024,
+            send_timeout_seconds: 10,
+        }
+    }
 }
 
 /// Where per-subject data keys live. `mira dev` and single-machine installs use a local
@@ -412,6 +427,12 @@ impl Settings {
         }
         if self.storage.multipart_threshold_bytes == 0 {
             return invalid("Storage__MultipartThresholdBytes", "must be at least 1");
+        }
+        if self.realtime.client_buffer == 0 {
+            return invalid("Realtime__ClientBuffer", "must be at least 1");
+        }
+        if self.realtime.send_timeout_seconds == 0 {
+            return invalid("Realtime__SendTimeoutSeconds", "must be at least 1");
         }
         if self.api.max_body_bytes < 1024 {
             return invalid("Api__MaxBodyBytes", "must be at least 1024");

@@ -81,6 +81,7 @@ pub async fn state(
     pool: PgPool,
     public_url: &str,
     bus: Option<Arc<dyn Bus>>,
+    hub: Option<crate::api::ws::Hub>,
 ) -> anyhow::Result<AppState> {
     let auth = Arc::new(JwksVerifier::new(settings.auth_config()?));
     let keyring: Arc<dyn mira_events::Keyring> = Arc::new(
@@ -101,7 +102,9 @@ pub async fn state(
         limits: Limits {
             max_body_bytes: settings.api.max_body_bytes as usize,
             job_max_attempts: settings.api.job_max_attempts,
+            ws_send_timeout: Duration::from_secs(settings.realtime.send_timeout_seconds),
         },
+        hub,
     }))
 }
 
@@ -121,7 +124,8 @@ pub async fn run(
     } else {
         Some(bus(settings).await?)
     };
-    let state = state(settings, pool.clone(), &public_url, bus.clone()).await?;
+    let hub = crate::api::ws::Hub::start(pool.clone(), settings.realtime.client_buffer as usize, shutdown.clone());
+    let state = state(settings, pool.clone(), &public_url, bus.clone(), Some(hub)).await?;
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(bus) = &bus {
         if roles.contains(&Role::Relay) {

@@ -1083,3 +1083,122 @@ async fn metrics_export_projection_lag_and_the_watermark_lag() {
     .await;
     app.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The WebSocket
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(app: &App, token: &str, since: Option<i64>) -> Socket {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let ws = app.base.replace("http://", "ws://");
+    let url = match since {
+        Some(p) => format!("{ws}/ws?since={p}"),
+        None => format!("{ws}/ws"),
+    };
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", format!("mira.v1, {token}").parse().unwrap());
+    let (socket, res) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("the WebSocket opens");
+    assert_eq!(res.headers()["sec-websocket-protocol"], "mira.v1");
+    socket
+}
+
+/// The next JSON message, within a deadline.
+async fn next_json(s: &mut Socket) -> Value {
+    use futures_util::StreamExt;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), s.next())
+            .await
+            .expect("a message within 20 s")
+            .expect("the socket stays open")
+            .expect("a frame");
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            eprintln!("ws <- {t}");
+            return serde_json::from_str(t.as_str()).unwrap();
+        }
+    }
+}
+
+/// Reads messages until `pred` holds for one; returns it.
+async fn until(s: &mut Socket, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "no message: {what}");
+        let m = next_json(s).await;
+        if pred(&m) {
+            return m;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_websocket_pushes_the_tenants_changes_and_resumes_from_a_position() {
+    let app = spawn_app(Storage::Local).await;
+    let a = app.token("lab-a", &["pathologist"]);
+    let b = app.token("lab-b", &["pathologist"]);
+    let mut sa = connect(&app, &a, None).await;
+    let hello = next_json(&mut sa).await;
+    assert_eq!(hello["type"], "hello");
+    assert_eq!(hello["tenant"], "lab-a");
+    // B connects with the token in the query string instead.
+    let (mut sb, _) =
+        tokio_tungstenite::connect_async(format!("{}/ws?access_token={b}", app.base.replace("http://", "ws://")))
+            .await
+            .unwrap();
+    assert_eq!(next_json(&mut sb).await["type"], "hello");
+
+    let slide = app.upload_slide(&a, b"bytes").await;
+    let job = app
+        .post(&a, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
+        .await;
+    let job_id = job.body["job_id"].as_str().unwrap().to_owned();
+    // Changes of different aggregates may arrive in either order.
+    let (mut uploaded, mut submitted) = (None, None);
+    while uploaded.is_none() || submitted.is_none() {
+        let m = next_json(&mut sa).await;
+        if m["type"] == "slide.updated" && m["slide"]["status"] == "uploaded" {
+            assert_eq!(m["slide"]["slide_id"], slide.as_str());
+            uploaded = Some(m);
+        } else if m["type"] == "job.updated" {
+            assert_eq!(m["job"]["job_id"], job_id.as_str());
+            submitted = Some(m);
+        }
+    }
+    let seen = submitted.unwrap()["position"]
+        .as_i64()
+        .unwrap()
+        .max(uploaded.unwrap()["position"].as_i64().unwrap());
+    assert!(seen > 0);
+
+    // B's first change is its own: nothing of A's was sent to it.
+    app.upload_slide(&b, b"b's bytes").await;
+    let m = next_json(&mut sb).await;
+    assert_eq!(m["type"], "slide.updated", "{m}");
+    assert_ne!(m["slide"]["slide_id"], slide.as_str());
+
+    // A goes away; meanwhile its job is cancelled; A comes back from the position it saw.
+    drop(sa);
+    let r = app.post(&a, &format!("/api/jobs/{job_id}/cancel"), json!({})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let projected = eventually("the cancellation in the read model", || async {
+        let j = app.get(&a, &format!("/api/jobs/{job_id}")).await.body;
+        (j["status"] == "cancelled").then_some(j)
+    })
+    .await;
+    let mut again = connect(&app, &a, Some(seen)).await;
+    assert_eq!(next_json(&mut again).await["type"], "hello");
+    let m = until(&mut again, "the missed cancellation", |m| m["type"] == "job.updated").await;
+    assert_eq!(m["job"]["status"], "cancelled", "{m}");
+    assert_eq!(m["position"], projected["position"]);
+
+    // A bad token never gets a socket.
+    let bad = format!("{}/ws?access_token=not.a.token", app.base.replace("http://", "ws://"));
+    match tokio_tungstenite::connect_async(bad).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => assert_eq!(res.status(), 401),
+        other => panic!("expected a 401, got {other:?}"),
+    }
+    app.stop().await;
+}

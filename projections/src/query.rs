@@ -187,6 +187,40 @@ impl ReadModels {
         Ok(rows)
     }
 
+    /// Jobs whose read-model position is after `position`, oldest change first: what a
+    /// WebSocket client that saw `position` has missed.
+    pub async fn jobs_since(&self, tenant: &TenantId, position: i64, limit: i64) -> Result<Vec<JobRow>, sqlx::Error> {
+        let mut tx = self.begin(tenant).await?;
+        let rows = sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT {JOB_COLUMNS} FROM rm.jobs WHERE position > $1 ORDER BY position LIMIT $2"
+        ))
+        .bind(position)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    /// Slides whose read-model position is after `position`, oldest change first.
+    pub async fn slides_since(
+        &self,
+        tenant: &TenantId,
+        position: i64,
+        limit: i64,
+    ) -> Result<Vec<SlideRow>, sqlx::Error> {
+        let mut tx = self.begin(tenant).await?;
+        let rows = sqlx::query_as::<_, SlideRow>(&format!(
+            "SELECT {SLIDE_COLUMNS} FROM rm.slides WHERE position > $1 ORDER BY position LIMIT $2"
+        ))
+        .bind(position)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
     pub async fn timeline(&self, tenant: &TenantId, job: uuid::Uuid) -> Result<Vec<TimelineRow>, sqlx::Error> {
         let mut tx = self.begin(tenant).await?;
         let rows = sqlx::query_as::<_, TimelineRow>(

@@ -13,6 +13,7 @@ pub mod openapi;
 pub mod ops;
 pub mod problem;
 pub mod slides;
+pub mod ws;
 
 use std::sync::Arc;
 
@@ -50,6 +51,8 @@ pub struct Inner {
     pub bus: Option<Arc<dyn mira_bus::Bus>>,
     pub metrics: metrics::Metrics,
     pub limits: Limits,
+    /// Live read-model changes for `/ws`; `None` when this process does not serve them.
+    pub hub: Option<ws::Hub>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +61,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Attempts a submitted job may use.
     pub job_max_attempts: u32,
+    /// A WebSocket client that takes longer than this for one message is closed.
+    pub ws_send_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -65,6 +70,7 @@ impl Default for Limits {
         Self {
             max_body_bytes: 64 * 1024,
             job_max_attempts: 3,
+            ws_send_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -198,6 +204,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .merge(blobs)
+        .route("/ws", get(ws::handler))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -1,0 +1,532 @@
+//! `GET /ws` (DESIGN §7): live `job.updated` and `slide.updated` for the caller's tenant.
+//!
+//! One [`Hub`] per gateway process listens on the projector's `NOTIFY` channel, so every
+//! instance sees every change whichever instance's projector made it. `NOTIFY` payloads
+//! bypass row-level security; each socket keeps only its own tenant's changes and reads the
+//! row itself through the tenant-scoped query layer. Every message carries the read model's
+//! position: a client that reconnects with `?since=<position>` first gets the current state of
+//! everything that changed after it, then the live stream. Buffers are bounded: a socket that
+//! falls more than `Realtime__ClientBuffer` changes behind, or does not take a message within
+//! `Realtime__SendTimeoutSeconds`, is closed with code 4008 and reconnects with `since`.
+//!
+//! The session is written over `Sink`/`Stream`, so its rules are tested without a socket.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::auth::Identity;
+use super::extract::ApiQuery;
+use super::problem::{ApiError, ApiResult};
+use super::{AppState, READERS};
+
+/// The subprotocol a client offers alongside its token.
+pub const PROTOCOL: &str = "mira.v1";
+/// Close code for a client that cannot keep up.
+pub const CLOSE_SLOW: u16 = 4008;
+
+/// One read-model change, as the projector announces it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Change {
+    pub tenant: String,
+    pub entity: String,
+    pub id: String,
+    pub position: i64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Signal {
+    Change(Arc<Change>),
+    /// The listener lost its connection: changes may have been missed, so sessions read
+    /// again from their last position.
+    Resync,
+}
+
+/// The process's one listener on the projector's channel.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    tx: broadcast::Sender<Signal>,
+}
+
+impl Hub {
+    /// Starts listening. `capacity` bounds how far a socket may fall behind.
+    pub fn start(pool: sqlx::PgPool, capacity: usize, shutdown: CancellationToken) -> Self {
+        let (tx, _) = broadcast::channel(capacity.max(1));
+        let hub = Self { tx: tx.clone() };
+        tokio::spawn(async move {
+            loop {
+                let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for read-model changes; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            _ = shutdown.cancelled() => return,
+                        }
+                    }
+                };
+                if let Err(e) = listener.listen(mira_projections::projector::CHANNEL).await {
+                    tracing::warn!(error = %e, "LISTEN failed; retrying");
+                    continue;
+                }
+                // Anything committed while no listener ran is caught up by the sessions.
+                let _ = tx.send(Signal::Resync);
+                loop {
+                    let next = tokio::select! {
+                        n = listener.try_recv() => n,
+                        _ = shutdown.cancelled() => return,
+                    };
+                    match next {
+                        Ok(Some(n)) => match serde_json::from_str::<Change>(n.payload()) {
+                            Ok(c) => {
+                                let _ = tx.send(Signal::Change(Arc::new(c)));
+                            }
+                            Err(e) => tracing::warn!(error = %e, "unreadable read-model notification"),
+                        },
+                        // The connection dropped; the listener reconnects on the next call.
+                        Ok(None) => {
+                            let _ = tx.send(Signal::Resync);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "read-model listener failed; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        hub
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Signal> {
+        self.tx.subscribe()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsQuery {
+    pub access_token: Option<String>,
+    /// Resume after this read-model position.
+    pub since: Option<i64>,
+}
+
+/// The token from `Sec-WebSocket-Protocol` (`mira.v1, <token>`) or `?access_token=`.
+fn token(headers: &HeaderMap, q: &WsQuery) -> Option<String> {
+    let offered = headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|p| *p != PROTOCOL && p.matches('.').count() == 2)
+        .map(str::to_owned);
+    offered.or_else(|| q.access_token.clone())
+}
+
+pub async fn handler(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<WsQuery>,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let token = token(&headers, &q).ok_or(ApiError::unauthorized())?;
+    let who = state.auth.verify(&token).await.map_err(|e| {
+        tracing::debug!(reason = %e, "WebSocket token refused");
+        ApiError::unauthorized()
+    })?;
+    who.require(READERS)?;
+    let upgrade = upgrade.map_err(|r| ApiError::bad_request(format!("not a WebSocket upgrade: {}", r.body_text())))?;
+    let hub = state
+        .hub
+        .clone()
+        .ok_or_else(|| ApiError::unavailable("live updates are not running"))?;
+    let rx = hub.subscribe();
+    let cfg = state.limits;
+    let since = q.since;
+    Ok(upgrade
+        .protocols([PROTOCOL])
+        .on_upgrade(move |socket: WebSocket| async move {
+            let (sink, stream) = socket.split();
+            let end = session(sink, stream, Source(state), who, since, rx, cfg.ws_send_timeout).await;
+            tracing::debug!(?end, "WebSocket closed");
+        })
+        .into_response())
+}
+
+/// Where a session reads rows: the tenant-scoped query layer (a trait so the session's rules
+/// can be tested without a database).
+#[async_trait::async_trait]
+pub trait Rows: Send + Sync {
+    /// The message for `change`, or `None` if the row is not visible to `who`.
+    async fn message(&self, who: &Identity, change: &Change) -> Result<Option<(i64, serde_json::Value)>, String>;
+    /// Messages for everything after `position`, oldest first.
+    async fn since(&self, who: &Identity, position: i64) -> Result<Vec<(String, i64, serde_json::Value)>, String>;
+    /// The current read-model position.
+    async fn position(&self) -> Result<i64, String>;
+}
+
+pub struct Source(pub AppState);
+
+#[async_trait::async_trait]
+impl Rows for Source {
+    async fn message(&self, who: &Identity, c: &Change) -> Result<Option<(i64, serde_json::Value)>, String> {
+        let Ok(id) = uuid::Uuid::parse_str(&c.id) else {
+            return Ok(None);
+        };
+        let s = &self.0;
+        match c.entity.as_str() {
+            "job" => Ok(s.read.job(&who.tenant, id).await.map_err(|e| e.to_string())?.map(|j| {
+                (
+                    j.position,
+                    json!({"type": "job.updated", "position": j.position, "job": super::jobs::view(&j)}),
+                )
+            })),
+            "slide" => match s.read.slide(&who.tenant, id).await.map_err(|e| e.to_string())? {
+                Some(r) => {
+                    let p = r.position;
+                    let v = super::slides::view(s, r).await;
+                    Ok(Some((p, json!({"type": "slide.updated", "position": p, "slide": v}))))
+                }
+                None => Ok(None),
+            },
+            _ => Ok(None),
+        }
+    }
+
+    async fn since(&self, who: &Identity, position: i64) -> Result<Vec<(String, i64, serde_json::Value)>, String> {
+        let s = &self.0;
+        let mut out = Vec::new();
+        for j in s
+            .read
+            .jobs_since(&who.tenant, position, 10_000)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            out.push((
+                format!("job:{}", j.job_id),
+                j.position,
+                json!({"type": "job.updated", "position": j.position, "job": super::jobs::view(&j)}),
+            ));
+        }
+        for r in s
+            .read
+            .slides_since(&who.tenant, position, 10_000)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            let key = format!("slide:{}", r.slide_id);
+            let p = r.position;
+            let v = super::slides::view(s, r).await;
+            out.push((key, p, json!({"type": "slide.updated", "position": p, "slide": v})));
+        }
+        out.sort_by_key(|(_, p, _)| *p);
+        Ok(out)
+    }
+
+    async fn position(&self) -> Result<i64, String> {
+        sqlx::query_scalar("SELECT coalesce((SELECT last_position FROM projection_positions WHERE projection = $1), 0)")
+            .bind(mira_projections::projector::NAME)
+            .fetch_one(&self.0.pool)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    ClientClosed,
+    /// Closed with [`CLOSE_SLOW`].
+    Slow,
+    ServerStopping,
+    Failed(String),
+}
+
+async fn send<S>(sink: &mut S, msg: Message, timeout: Duration) -> Result<(), End>
+where
+    S: Sink<Message> + Unpin,
+{
+    match tokio::time::timeout(timeout, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::ClientClosed),
+        Err(_) => Err(End::Slow),
+    }
+}
+
+async fn close_slow<S: Sink<Message> + Unpin>(sink: &mut S) {
+    let frame = CloseFrame {
+        code: CLOSE_SLOW,
+        reason: "too slow: reconnect with ?since=<last position>".into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(200), sink.send(Message::Close(Some(frame)))).await;
+}
+
+/// Sends every message after `from` that is newer than what this session already sent.
+async fn catch_up<S, D>(
+    sink: &mut S,
+    rows: &D,
+    who: &Identity,
+    from: i64,
+    sent: &mut HashMap<String, i64>,
+    timeout: Duration,
+) -> Result<i64, End>
+where
+    S: Sink<Message> + Unpin,
+    D: Rows,
+{
+    let mut high = from;
+    for (key, position, msg) in rows.since(who, from).await.map_err(End::Failed)? {
+        high = high.max(position);
+        if sent.get(&key).is_some_and(|p| *p >= position) {
+            continue;
+        }
+        sent.insert(key, position);
+        send(sink, Message::Text(msg.to_string().into()), timeout).await?;
+    }
+    Ok(high)
+}
+
+/// One client's session: hello, catch-up from `since`, then live changes of its tenant.
+pub async fn session<S, R, E, D>(
+    mut sink: S,
+    mut incoming: R,
+    rows: D,
+    who: Identity,
+    since: Option<i64>,
+    mut rx: broadcast::Receiver<Signal>,
+    send_timeout: Duration,
+) -> End
+where
+    S: Sink<Message> + Unpin,
+    R: Stream<Item = Result<Message, E>> + Unpin,
+    D: Rows,
+{
+    let mut sent: HashMap<String, i64> = HashMap::new();
+    let result: Result<End, End> = async {
+        let now = rows.position().await.map_err(End::Failed)?;
+        let hello = json!({"type": "hello", "tenant": who.tenant.as_str(), "position": now});
+        send(&mut sink, Message::Text(hello.to_string().into()), send_timeout).await?;
+        let mut high = match since {
+            Some(p) => catch_up(&mut sink, &rows, &who, p, &mut sent, send_timeout).await?,
+            None => now,
+        };
+        loop {
+            tokio::select! {
+                signal = rx.recv() => match signal {
+                    Ok(Signal::Change(c)) => {
+                        if c.tenant != who.tenant.as_str() {
+                            continue;
+                        }
+                        let key = format!("{}:{}", c.entity, c.id);
+                        if sent.get(&key).is_some_and(|p| *p >= c.position) {
+                            continue;
+                        }
+                        if let Some((position, msg)) = rows.message(&who, &c).await.map_err(End::Failed)? {
+                            if sent.get(&key).is_some_and(|p| *p >= position) {
+                                continue;
+                            }
+                            sent.insert(key, position);
+                            high = high.max(position);
+                            send(&mut sink, Message::Text(msg.to_string().into()), send_timeout).await?;
+                        }
+                    }
+                    Ok(Signal::Resync) => {
+                        high = catch_up(&mut sink, &rows, &who, high, &mut sent, send_timeout).await?;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Err(End::Slow),
+                    Err(broadcast::error::RecvError::Closed) => return Ok(End::ServerStopping),
+                },
+                m = incoming.next() => match m {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(End::ClientClosed),
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    }
+    .await;
+    let end = match result {
+        Ok(e) | Err(e) => e,
+    };
+    if end == End::Slow {
+        close_slow(&mut sink).await;
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Fake {
+        position: i64,
+    }
+
+    #[async_trait::async_trait]
+    impl Rows for Fake {
+        async fn message(&self, _: &Identity, c: &Change) -> Result<Option<(i64, serde_json::Value)>, String> {
+            Ok(Some((
+                c.position,
+                json!({"type": format!("{}.updated", c.entity), "position": c.position}),
+            )))
+        }
+        async fn since(&self, _: &Identity, p: i64) -> Result<Vec<(String, i64, serde_json::Value)>, String> {
+            Ok((p + 1..=self.position)
+                .map(|i| (format!("job:{i}"), i, json!({"type": "job.updated", "position": i})))
+                .collect())
+        }
+        async fn position(&self) -> Result<i64, String> {
+            Ok(self.position)
+        }
+    }
+
+    fn who(t: &str) -> Identity {
+        Identity {
+            subject: "u".into(),
+            tenant: mira_events::TenantId::parse(t).unwrap(),
+            roles: vec![super::super::auth::Role::Pathologist],
+        }
+    }
+
+    fn change(t: &str, p: i64) -> Signal {
+        Signal::Change(Arc::new(Change {
+            tenant: t.into(),
+            entity: "job".into(),
+            id: format!("{p}"),
+            position: p,
+        }))
+    }
+
+    /// A sink that records what it is sent.
+    fn recorder() -> (impl Sink<Message, Error = ()> + Unpin, Arc<Mutex<Vec<Message>>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        let sink = futures_util::sink::unfold((), move |_, m: Message| {
+            let l = l.clone();
+            async move {
+                l.lock().unwrap().push(m);
+                Ok::<_, ()>(())
+            }
+        });
+        (Box::pin(sink), log)
+    }
+
+    fn texts(log: &Arc<Mutex<Vec<Message>>>) -> Vec<serde_json::Value> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter_map(|m| match m {
+                Message::Text(t) => serde_json::from_str(t.as_str()).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn only_the_tenants_changes_reach_it_after_a_catch_up() {
+        let (tx, _) = broadcast::channel(16);
+        let rx = tx.subscribe();
+        let (sink, log) = recorder();
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+        let incoming = Box::pin(futures_util::stream::once(async move {
+            let _ = close_rx.await;
+            Ok::<_, ()>(Message::Close(None))
+        }));
+        let task = tokio::spawn(session(
+            sink,
+            incoming,
+            Fake { position: 3 },
+            who("lab-a"),
+            Some(1),
+            rx,
+            Duration::from_secs(1),
+        ));
+        tx.send(change("lab-b", 4)).unwrap();
+        tx.send(change("lab-a", 5)).unwrap();
+        tx.send(change("lab-a", 3)).unwrap(); // already sent by the catch-up
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        close_tx.send(()).unwrap();
+        assert_eq!(task.await.unwrap(), End::ClientClosed);
+        let got: Vec<_> = texts(&log)
+            .iter()
+            .map(|m| (m["type"].as_str().unwrap().to_owned(), m["position"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("hello".into(), 3),
+                ("job.updated".into(), 2),
+                ("job.updated".into(), 3),
+                ("job.updated".into(), 5)
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_closed() {
+        let (tx, rx) = broadcast::channel(16);
+        // Takes the hello, then never completes another send.
+        let taken = Arc::new(Mutex::new(0));
+        let t = taken.clone();
+        let sink = Box::pin(futures_util::sink::unfold((), move |_, _m: Message| {
+            let t = t.clone();
+            async move {
+                let n = {
+                    let mut n = t.lock().unwrap();
+                    *n += 1;
+                    *n
+                };
+                if n > 1 {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, ()>(())
+            }
+        }));
+        let incoming = Box::pin(futures_util::stream::pending::<Result<Message, ()>>());
+        let task = tokio::spawn(session(
+            sink,
+            incoming,
+            Fake { position: 0 },
+            who("lab-a"),
+            None,
+            rx,
+            Duration::from_secs(10),
+        ));
+        tx.send(change("lab-a", 1)).unwrap();
+        assert_eq!(task.await.unwrap(), End::Slow);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_falls_behind_the_buffer_is_closed() {
+        let (tx, rx) = broadcast::channel(4);
+        for p in 1..=10 {
+            tx.send(change("lab-a", p)).unwrap();
+        }
+        let (sink, log) = recorder();
+        let incoming = Box::pin(futures_util::stream::pending::<Result<Message, ()>>());
+        let end = session(
+            sink,
+            incoming,
+            Fake { position: 0 },
+            who("lab-a"),
+            None,
+            rx,
+            Duration::from_secs(1),
+        )
+        .await;
+        assert_eq!(end, End::Slow);
+        let last = log.lock().unwrap().last().cloned();
+        assert!(matches!(last, Some(Message::Close(Some(f))) if f.code == CLOSE_SLOW));
+    }
+}
