@@ -11,5 +11,6 @@ pub mod bench;
 pub mod blob;
 pub use mira_eventlog::commands;
 pub mod config;
+pub mod dev;
 pub mod server;
 pub mod telemetry;

@@ -53,6 +53,19 @@ enum Command {
         #[command(subcommand)]
         command: BusCommand,
     },
+    /// The whole platform on embedded defaults: a private PostgreSQL cluster (unless
+    /// DATABASE_URL is set), the in-memory bus, the local blob store, a local identity
+    /// provider, the relay, projector and handlers. Ctrl-C stops it; the data persists.
+    Dev {
+        /// Where the cluster, blobs, keys and identity key live.
+        #[arg(long, global = true, default_value = ".mira", value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: String,
+        #[command(subcommand)]
+        command: Option<DevCommand>,
+    },
     /// Serve the HTTP API (and, with --with, background roles in the same process).
     Serve {
         /// Address to listen on.
@@ -78,6 +91,25 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Print an ID token that the running `mira dev` with this data directory accepts.
+    Token {
+        /// The user (`sub`).
+        #[arg(long, default_value = "dev-user")]
+        sub: String,
+        /// The tenant (`custom:tenant`).
+        #[arg(long, default_value = "dev")]
+        tenant: String,
+        /// Roles (`cognito:groups`), comma-separated: pathologist, auditor, admin.
+        #[arg(long, value_delimiter = ',', default_value = "pathologist,auditor")]
+        groups: Vec<String>,
+        /// Hours until the token expires.
+        #[arg(long, default_value_t = 12)]
+        hours: u64,
     },
 }
 
@@ -304,8 +336,51 @@ fn print_json(v: &impl serde::Serialize) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // `mira dev` layers its own defaults before the file and the environment.
+    if let Command::Dev {
+        data_dir,
+        listen,
+        command,
+    } = &cli.command
+    {
+        return match command {
+            Some(DevCommand::Token {
+                sub,
+                tenant,
+                groups,
+                hours,
+            }) => {
+                let t = mira_gateway::dev::token(data_dir, sub, tenant, groups, Duration::from_secs(hours * 3600))?;
+                println!("{t}");
+                Ok(())
+            }
+            None => {
+                let opts = mira_gateway::dev::DevOptions {
+                    data_dir: data_dir.clone(),
+                    listen: listen.clone(),
+                };
+                mira_gateway::dev::run(
+                    cli.config.as_deref(),
+                    std::env::vars().collect(),
+                    &opts,
+                    shutdown_on_signals(),
+                    |lines| {
+                        use std::io::Write;
+                        // A closed stdout must not take the platform down with it.
+                        let mut out = std::io::stdout().lock();
+                        for l in lines {
+                            let _ = writeln!(out, "{l}");
+                        }
+                        let _ = out.flush();
+                    },
+                )
+                .await
+            }
+        };
+    }
     let settings = Settings::load(cli.config.as_deref(), std::env::vars())?;
     match cli.command {
+        Command::Dev { .. } => unreachable!("handled above"),
         Command::Migrate { json } => {
             let pool = pool(&settings).await?;
             let applied = mira_eventlog::migrate::run(&pool).await?;
@@ -339,7 +414,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            mira_gateway::server::run(&settings, pool, listener, &with, shutdown_on_signals()).await?;
+            let options = mira_gateway::server::Options {
+                roles: with,
+                dev_jwks: None,
+            };
+            mira_gateway::server::run(&settings, pool, listener, &options, shutdown_on_signals()).await?;
         }
         Command::Relay => {
             let pool = pool(&settings).await?;

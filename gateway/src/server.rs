@@ -27,6 +27,14 @@ pub enum Role {
     Handlers,
 }
 
+/// What runs beside the API.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub roles: Vec<Role>,
+    /// `mira dev`'s local JWKS, served at [`crate::dev::JWKS_PATH`].
+    pub dev_jwks: Option<serde_json::Value>,
+}
+
 /// The bus this process uses: SNS/SQS, or a fresh in-memory bus (which only carries events
 /// between roles of this same process).
 pub async fn bus(settings: &Settings) -> anyhow::Result<Arc<dyn Bus>> {
@@ -82,6 +90,7 @@ pub async fn state(
     public_url: &str,
     bus: Option<Arc<dyn Bus>>,
     hub: Option<crate::api::ws::Hub>,
+    dev_jwks: Option<serde_json::Value>,
 ) -> anyhow::Result<AppState> {
     let auth = Arc::new(JwksVerifier::new(settings.auth_config()?));
     let keyring: Arc<dyn mira_events::Keyring> = Arc::new(
@@ -105,6 +114,7 @@ pub async fn state(
             ws_send_timeout: Duration::from_secs(settings.realtime.send_timeout_seconds),
         },
         hub,
+        dev_jwks,
     }))
 }
 
@@ -114,9 +124,10 @@ pub async fn run(
     settings: &Settings,
     pool: PgPool,
     listener: tokio::net::TcpListener,
-    roles: &[Role],
+    options: &Options,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let roles = &options.roles[..];
     let addr: SocketAddr = listener.local_addr()?;
     let public_url = format!("http://{addr}");
     let bus = if roles.is_empty() && settings.messaging.provider == MessagingProvider::InMemory {
@@ -125,7 +136,15 @@ pub async fn run(
         Some(bus(settings).await?)
     };
     let hub = crate::api::ws::Hub::start(pool.clone(), settings.realtime.client_buffer as usize, shutdown.clone());
-    let state = state(settings, pool.clone(), &public_url, bus.clone(), Some(hub)).await?;
+    let state = state(
+        settings,
+        pool.clone(),
+        &public_url,
+        bus.clone(),
+        Some(hub),
+        options.dev_jwks.clone(),
+    )
+    .await?;
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(bus) = &bus {
         if roles.contains(&Role::Relay) {

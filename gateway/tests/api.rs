@@ -304,7 +304,11 @@ async fn spawn_app_with(storage: Storage, extra: &[(&str, &str)]) -> App {
         mira_gateway::server::Role::Projector,
         mira_gateway::server::Role::Handlers,
     ];
-    let task = tokio::spawn(async move { mira_gateway::server::run(&settings, pool, listener, &roles, s).await });
+    let options = mira_gateway::server::Options {
+        roles: roles.to_vec(),
+        dev_jwks: None,
+    };
+    let task = tokio::spawn(async move { mira_gateway::server::run(&settings, pool, listener, &options, s).await });
     App {
         base,
         http: reqwest::Client::new(),

@@ -626,3 +626,124 @@ async fn projections_list_status_and_rebuild() {
     assert_eq!(unknown.status.code(), Some(2));
     assert!(stderr(&unknown).contains("no projection named"));
 }
+
+/// `mira dev` with no DATABASE_URL, started as the README says: it prints its URL and how to
+/// sign in; its tokens work; Ctrl-C stops it and its private PostgreSQL; a second start keeps
+/// the data.
+#[tokio::test]
+async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
+    use std::io::BufRead;
+    let dir = std::env::temp_dir().join(format!("mira-dev-{}", uuid::Uuid::new_v4()));
+    let data = dir.join(".mira");
+    std::fs::create_dir_all(&dir).unwrap();
+    let start = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mira"))
+            .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", &dir)
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut printed = Vec::new();
+        let url = loop {
+            let line = lines.next().expect("mira dev prints its URL").unwrap();
+            printed.push(line.clone());
+            if let Some(u) = line.strip_prefix("Mira is running at ") {
+                break u.to_owned();
+            }
+        };
+        loop {
+            let line = lines.next().unwrap().unwrap();
+            printed.push(line.clone());
+            if line.contains("Ctrl-C") {
+                break;
+            }
+        }
+        // Keep draining, as a terminal would.
+        std::thread::spawn(move || for _ in lines {});
+        (child, url, printed.join("\n"))
+    };
+    let token = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_mira"))
+            .args(["dev", "token", "--tenant", "lab-dev", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o).trim().to_owned()
+    };
+    let interrupt = |mut child: std::process::Child| {
+        let ok = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let status = child.wait().unwrap();
+        assert!(status.success(), "Ctrl-C ends mira dev cleanly: {status:?}");
+    };
+    let cluster_dir = |printed: &str| -> PathBuf {
+        let line = printed
+            .lines()
+            .find(|l| l.contains("private PostgreSQL cluster in"))
+            .unwrap();
+        let rest = line.split("cluster in ").nth(1).unwrap();
+        PathBuf::from(rest.split(" (port").next().unwrap())
+    };
+
+    let (child, url, printed) = start();
+    assert!(printed.contains("mira dev token --data-dir"), "{printed}");
+    let http = reqwest::Client::new();
+    let t = token();
+    let slide = http
+        .post(format!("{url}/api/slides"))
+        .bearer_auth(&t)
+        .json(&serde_json::json!({"name": "kept", "size_bytes": 3, "content_type": "image/tiff"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slide.status(), 201);
+    // Without a token, 401: the local identity provider is the only way in.
+    assert_eq!(
+        http.get(format!("{url}/api/slides")).send().await.unwrap().status(),
+        401
+    );
+    let pg = cluster_dir(&printed);
+    assert!(pg.join("postmaster.pid").exists());
+    interrupt(child);
+    assert!(
+        !pg.join("postmaster.pid").exists(),
+        "the private PostgreSQL stopped with it"
+    );
+
+    let (child, url, _) = start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let list: serde_json::Value = http
+            .get(format!("{url}/api/slides"))
+            .bearer_auth(token())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if list["items"]
+            .as_array()
+            .is_some_and(|i| i.iter().any(|s| s["name"] == "kept"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slide survives a restart: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    interrupt(child);
+    let _ = std::fs::remove_dir_all(&dir);
+}

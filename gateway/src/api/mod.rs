@@ -53,6 +53,8 @@ pub struct Inner {
     pub limits: Limits,
     /// Live read-model changes for `/ws`; `None` when this process does not serve them.
     pub hub: Option<ws::Hub>,
+    /// `mira dev`'s local identity provider's JWKS.
+    pub dev_jwks: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -180,6 +182,16 @@ async fn pipeline(State(state): State<AppState>, mut req: Request, next: Next) -
     res
 }
 
+async fn dev_jwks(State(state): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    state.dev_jwks.clone().map(axum::Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no local identity provider: this is not mira dev",
+        )
+    })
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint")
 }
@@ -205,6 +217,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .merge(blobs)
         .route("/ws", get(ws::handler))
+        .route(crate::dev::JWKS_PATH, get(dev_jwks))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
