@@ -68,7 +68,7 @@ fn job_commands(id: JobId) -> Vec<JobCommand> {
     ]
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

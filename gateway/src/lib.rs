@@ -8,6 +8,7 @@
 pub mod api;
 pub mod audit;
 pub mod bench;
+pub mod bench_e2e;
 pub mod blob;
 pub use mira_eventlog::commands;
 pub mod config;

@@ -244,6 +244,16 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Latency from POST /api/jobs to the first job.updated on the WebSocket, through a
+    /// gateway in this process with the relay, projector and handlers on the configured bus.
+    E2e {
+        /// Jobs to submit, one at a time.
+        #[arg(long, default_value_t = 500)]
+        jobs: usize,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Relay throughput and append→consume latency on the configured bus.
     Fanout {
         /// Events for the throughput phase.
@@ -431,6 +441,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let relay = mira_bus::relay::Relay::new(EventLog::new(pool), bus.publisher(), cfg, Some(Arc::new(key)));
             relay.run(settings.database_url()?, shutdown_on_signals()).await?;
+        }
+        Command::Bench {
+            command: BenchCommand::E2e { jobs, json },
+        } => {
+            settings.database_url()?;
+            let r = mira_gateway::bench_e2e::run(std::env::vars().collect(), jobs).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("| bus | jobs | POST → first job.updated p50 ms | p99 ms | mean ms | max ms |");
+                println!("|---|---|---|---|---|---|");
+                println!(
+                    "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    r.bus, r.jobs, r.p50_ms, r.p99_ms, r.mean_ms, r.max_ms
+                );
+            }
         }
         Command::Bench {
             command: BenchCommand::Rebuild { json },

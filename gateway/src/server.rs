@@ -152,6 +152,9 @@ pub async fn run(
             let cfg = mira_bus::relay::RelayConfig {
                 checkpoint_every_events: settings.audit.checkpoint_every_events,
                 checkpoint_every: Duration::from_secs(settings.audit.checkpoint_every_seconds),
+                // An idle relay asks for new events every 10 ms: one index probe that finds
+                // nothing, cheap for PostgreSQL, and it bounds how long an event waits.
+                idle_poll: Duration::from_millis(10),
                 ..Default::default()
             };
             let relay =

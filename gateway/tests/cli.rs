@@ -747,3 +747,23 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
     interrupt(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn bench_e2e_measures_post_to_websocket_latency() {
+    let db = TestDb::new().await;
+    let env = Env::new(&db.url);
+    let out = env.mira(&["bench", "e2e", "--jobs", "5", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(r["jobs"], 5, "{r}");
+    assert_eq!(r["bus"], "in-memory");
+    assert!(
+        r["p50_ms"].as_f64().unwrap() > 0.0 && r["p99_ms"].as_f64() >= r["p50_ms"].as_f64(),
+        "{r}"
+    );
+    let submitted: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'JobSubmitted'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(submitted, 5);
+}
