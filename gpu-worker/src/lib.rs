@@ -1,6 +1,14 @@
-//! `mira-gpu-worker` will own `mira-worker`: the slide pipeline (OpenSlide reads, tissue mask,
-//! DeepZoom pyramid, stain normalisation, statistics) with CUDA kernels compiled by NVRTC and
-//! a rayon CPU path, and the queue consumer that runs it (DESIGN §8).
+//! `mira-gpu-worker` owns `mira-worker`: the slide pipeline (DESIGN §8).
 //!
-//! Its work arrives with the GPU-worker issue; until then it holds only this charter and the
-//! binary's argument parsing.
+//! * [`slide`]: OpenSlide reads, checked (levels, regions, buffer lengths), composited over
+//!   white; the metadata `SlideVerified` records.
+//! * [`deepzoom`]: OpenSlide `DeepZoomGenerator` geometry and the streaming pyramid builder
+//!   (2×2 box reduction, each pixel reduced once).
+//! * [`process`]: `mira-worker process SLIDE --out DIR`, the pipeline on one local slide.
+//!
+//! This is the CPU path; the CUDA kernels, the tissue mask, stain normalisation, per-tile
+//! statistics and the queue consumer (`mira-worker run`) come next.
+
+pub mod deepzoom;
+pub mod process;
+pub mod slide;

@@ -1,18 +1,108 @@
-//! `mira-worker`: Mira's slide-processing worker. Its subcommands (`run`, `process`) arrive
-//! with the GPU-worker issue; today it answers `--help` and `--version` only.
+//! `mira-worker`: Mira's slide-processing worker.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mira_gpu_worker::process::{self, Format, Options};
 
 #[derive(Parser)]
-#[command(
-    name = "mira-worker",
-    version,
-    about = "Mira's slide-processing worker (subcommands arrive with the GPU-worker issue)"
-)]
-struct Cli {}
+#[command(name = "mira-worker", version, about = "Mira's slide-processing worker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    eprintln!("mira-worker: no subcommands yet; see --help");
-    std::process::exit(2);
+#[derive(Subcommand)]
+enum Command {
+    /// Turn one local slide into a DeepZoom pyramid (the `.dzi` and its tiles) and a
+    /// manifest, with no platform around it.
+    Process {
+        /// The slide (any format OpenSlide reads).
+        slide: PathBuf,
+        /// Output directory.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Tile encoding.
+        #[arg(long, value_enum, default_value = "jpeg")]
+        format: Format,
+        /// Tile edge in pixels, without overlap.
+        #[arg(long, default_value_t = 254, value_parser = clap::value_parser!(u32).range(16..=4096))]
+        tile_size: u32,
+        /// Pixels shared with each neighbouring tile.
+        #[arg(long, default_value_t = 1)]
+        overlap: u32,
+        /// JPEG quality.
+        #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(1..=100))]
+        quality: u8,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open a slide and print the metadata Mira records for it, or why it is refused.
+    Inspect { slide: PathBuf },
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Process {
+            slide,
+            out,
+            format,
+            tile_size,
+            overlap,
+            quality,
+            json,
+        } => {
+            anyhow::ensure!(
+                overlap <= tile_size / 4,
+                "--overlap must be at most a quarter of --tile-size"
+            );
+            let opts = Options {
+                tile_size,
+                overlap,
+                format,
+                quality,
+            };
+            let s = process::process(&slide, &out, &opts, |done, total| {
+                if !json {
+                    eprint!(
+                        "\rtiles {done}/{total} ({:.0}%)   ",
+                        100.0 * done as f64 / total.max(1) as f64
+                    );
+                }
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                eprintln!();
+                println!(
+                    "{}×{} ({:.1} megapixels) in {:.2} s: {:.1} megapixels/s, {} levels, {} tiles, device {}",
+                    s.width, s.height, s.megapixels, s.seconds, s.megapixels_per_second, s.levels, s.tiles, s.device
+                );
+            }
+        }
+        Command::Inspect { slide } => {
+            let s = mira_gpu_worker::slide::Slide::open(&slide)?;
+            let (meta, private) = s.metadata();
+            println!(
+                "{}",
+                serde_json::json!({"metadata": meta, "sealed_before_storage": private.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>())})
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "mira-worker: {}",
+                format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+            ExitCode::from(2)
+        }
+    }
 }

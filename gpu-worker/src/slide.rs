@@ -1,0 +1,211 @@
+//! Reading slides with OpenSlide (Debian's 3.4.1 through `openslide-rs`).
+//!
+//! OpenSlide hands back premultiplied ARGB as native-endian `u32`s, so the bytes are B, G, R,
+//! A; pixels are composited over white as OpenSlide's own DeepZoom does. A read at a level that
+//! does not exist, or outside the slide, can come back `Ok` with a short buffer: every level
+//! and region is checked here first, and every buffer's length after.
+
+use std::path::Path;
+
+use mira_events::{SlideLevel, SlideMetadata};
+use openslide_rs::{Address, OpenSlide, Region, Size};
+
+/// Why a slide cannot be used. Never worth retrying: the file will not change.
+#[derive(Debug, thiserror::Error)]
+pub enum SlideError {
+    #[error("not a slide OpenSlide can read: {0}")]
+    Unreadable(String),
+    #[error("the slide is inconsistent: {0}")]
+    Inconsistent(String),
+    #[error("reading the slide failed: {0}")]
+    Read(String),
+}
+
+pub struct Slide {
+    osr: OpenSlide,
+    levels: Vec<(u64, u64, f64)>,
+}
+
+impl std::fmt::Debug for Slide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slide").field("levels", &self.levels).finish()
+    }
+}
+
+/// Property names whose values can name files or people; they are sealed before storage.
+fn sensitive(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "filename", "user", "barcode", "patient", "name", "label", "operator", "scanner",
+    ]
+    .iter()
+    .any(|s| n.contains(s))
+}
+
+impl Slide {
+    pub fn open(path: &Path) -> Result<Self, SlideError> {
+        if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
+            return Err(SlideError::Unreadable("the file is empty or missing".into()));
+        }
+        let osr = OpenSlide::new(path).map_err(|e| SlideError::Unreadable(e.to_string()))?;
+        let count = osr.level_count();
+        if count == 0 {
+            return Err(SlideError::Inconsistent("no levels".into()));
+        }
+        let mut levels = Vec::with_capacity(count as usize);
+        for l in 0..count {
+            let Size { w, h } = osr
+                .level_dimensions(l)
+                .map_err(|e| SlideError::Inconsistent(format!("level {l}: {e}")))?;
+            let d = osr
+                .level_downsample(l)
+                .map_err(|e| SlideError::Inconsistent(format!("level {l}: {e}")))?;
+            levels.push((w as u64, h as u64, d));
+        }
+        for (l, pair) in levels.windows(2).enumerate() {
+            let ((w0, h0, d0), (w1, h1, d1)) = (pair[0], pair[1]);
+            if w1 == 0 || h1 == 0 || w1 > w0 || h1 > h0 || !(d1.is_finite() && d1 >= d0) {
+                return Err(SlideError::Inconsistent(format!(
+                    "level {} ({w1}×{h1}, downsample {d1}) does not shrink from level {l} ({w0}×{h0}, downsample {d0})",
+                    l + 1
+                )));
+            }
+        }
+        if levels[0].0 == 0 || levels[0].1 == 0 {
+            return Err(SlideError::Inconsistent("level 0 is empty".into()));
+        }
+        let slide = Self { osr, levels };
+        // Touch the first and last pixel so a truncated file fails here, not half way.
+        let (w, h, _) = slide.levels[0];
+        slide.read_rgb(0, 0, 0, 1, 1)?;
+        slide.read_rgb(0, w - 1, h - 1, 1, 1)?;
+        Ok(slide)
+    }
+
+    pub fn dimensions(&self) -> (u64, u64) {
+        (self.levels[0].0, self.levels[0].1)
+    }
+
+    fn property(&self, name: &str) -> Option<String> {
+        self.osr.property_value(name).ok().filter(|v| !v.is_empty())
+    }
+
+    /// What `SlideVerified` records, and the properties to seal.
+    pub fn metadata(&self) -> (SlideMetadata, serde_json::Value) {
+        let num = |n: &str| {
+            self.property(n)
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| v.is_finite())
+        };
+        let mut private = serde_json::Map::new();
+        if let Ok(names) = self.osr.property_names() {
+            for n in names {
+                if sensitive(&n) {
+                    if let Some(v) = self.property(&n) {
+                        private.insert(n, serde_json::Value::String(v));
+                    }
+                }
+            }
+        }
+        let (w, h) = self.dimensions();
+        (
+            SlideMetadata {
+                vendor: self.property("openslide.vendor"),
+                width: w,
+                height: h,
+                levels: self
+                    .levels
+                    .iter()
+                    .map(|&(width, height, downsample)| SlideLevel {
+                        width,
+                        height,
+                        downsample,
+                    })
+                    .collect(),
+                mpp_x: num("openslide.mpp-x"),
+                mpp_y: num("openslide.mpp-y"),
+                objective_power: num("openslide.objective-power"),
+                sealed_properties: None,
+            },
+            serde_json::Value::Object(private),
+        )
+    }
+
+    /// RGB pixels of a rectangle of `level`, composited over white. `x`, `y` are in the
+    /// level's own pixels.
+    pub fn read_rgb(&self, level: u32, x: u64, y: u64, w: u64, h: u64) -> Result<Vec<u8>, SlideError> {
+        let &(lw, lh, down) = self
+            .levels
+            .get(level as usize)
+            .ok_or_else(|| SlideError::Read(format!("level {level} does not exist")))?;
+        if w == 0 || h == 0 || x + w > lw || y + h > lh {
+            return Err(SlideError::Read(format!(
+                "region {x},{y} {w}×{h} is outside level {level} ({lw}×{lh})"
+            )));
+        }
+        let l0 = |v: u64| (v as f64 * down).round() as u64;
+        let (x0, y0) = (l0(x), l0(y));
+        let too_big = |v: u64| u32::try_from(v).map_err(|_| SlideError::Read(format!("coordinate {v} is too large")));
+        let region = Region {
+            size: Size {
+                w: too_big(w)?,
+                h: too_big(h)?,
+            },
+            level,
+            address: Address {
+                x: too_big(x0)?,
+                y: too_big(y0)?,
+            },
+        };
+        let bgra = self
+            .osr
+            .read_region(&region)
+            .map_err(|e| SlideError::Read(e.to_string()))?;
+        let want = (w * h * 4) as usize;
+        if bgra.len() != want {
+            return Err(SlideError::Read(format!(
+                "OpenSlide returned {} bytes for a {w}×{h} region, expected {want}",
+                bgra.len()
+            )));
+        }
+        Ok(bgra_to_rgb_over_white(&bgra))
+    }
+}
+
+/// Premultiplied BGRA → RGB over white: `c + (255 − a)`. The CPU reference of the BGRA
+/// kernel.
+pub fn bgra_to_rgb_over_white(bgra: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bgra.len() / 4 * 3);
+    for p in bgra.chunks_exact(4) {
+        let bg = 255 - p[3];
+        out.push(p[2].saturating_add(bg));
+        out.push(p[1].saturating_add(bg));
+        out.push(p[0].saturating_add(bg));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn premultiplied_bgra_composites_over_white() {
+        // Opaque red, transparent, half-transparent premultiplied blue.
+        let px = [0, 0, 255, 255, 0, 0, 0, 0, 128, 0, 0, 128];
+        assert_eq!(bgra_to_rgb_over_white(&px), [255, 0, 0, 255, 255, 255, 127, 127, 255]);
+    }
+
+    #[test]
+    fn files_that_are_not_slides_are_refused_clearly() {
+        let dir = std::env::temp_dir().join(format!("mira-slide-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = dir.join("notes.svs");
+        std::fs::write(&text, "this is not a slide").unwrap();
+        assert!(matches!(Slide::open(&text), Err(SlideError::Unreadable(_))));
+        let empty = dir.join("empty.svs");
+        std::fs::write(&empty, "").unwrap();
+        assert!(matches!(Slide::open(&empty), Err(SlideError::Unreadable(_))));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
