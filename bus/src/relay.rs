@@ -18,6 +18,19 @@ use crate::message::EventMessage;
 use crate::{BusError, Publisher};
 
 const LOCK_KEY: i64 = 0x6d69_7261_7265_6c61; // "mirarela"
+
+/// One active relay per name: the main relay, and private ones (a `mira dev` worker feeding
+/// its own in-memory bus) that keep their own cursor.
+fn lock_key(name: &str) -> i64 {
+    if name == "main" {
+        return LOCK_KEY;
+    }
+    // FNV-1a: stable across builds, unlike the standard hasher.
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    LOCK_KEY ^ h as i64
+}
 /// SNS `PublishBatch` takes at most ten entries.
 pub const PUBLISH_BATCH: usize = 10;
 
@@ -179,7 +192,7 @@ impl Relay {
         let mut lock = PgConnection::connect(database_url).await?;
         loop {
             let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(LOCK_KEY)
+                .bind(lock_key(&self.cfg.name))
                 .fetch_one(&mut lock)
                 .await?;
             if got {
@@ -228,7 +241,7 @@ impl Relay {
             }
         }
         let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(LOCK_KEY)
+            .bind(lock_key(&self.cfg.name))
             .execute(&mut lock)
             .await;
         Ok(())

@@ -443,6 +443,7 @@ pub async fn run(
     )
     .await?;
     mira_eventlog::migrate::run(&pool).await?;
+    let mut worker = spawn_worker(&settings, &data);
     let url = format!("http://{addr}");
     let data_arg = shell_quote(&data.display().to_string());
     let mut lines = vec![
@@ -456,6 +457,13 @@ pub async fn run(
             c.port
         )),
         None => lines.push("  database: DATABASE_URL".to_owned()),
+    }
+    match &worker {
+        Ok(w) => lines.push(format!(
+            "  worker: mira-worker (pid {}), CPU path",
+            w.id().unwrap_or_default()
+        )),
+        Err(why) => lines.push(format!("  worker: not running ({why}); uploaded slides wait for one")),
     }
     lines.push("  sign in with a token from the local identity provider:".to_owned());
     let exe = std::env::current_exe()
@@ -474,12 +482,50 @@ pub async fn run(
         dev_jwks: Some(idp.jwks().clone()),
     };
     let result = crate::server::run(&settings, pool.clone(), listener, &options, shutdown).await;
+    if let Ok(w) = &mut worker {
+        stop_worker(w).await;
+    }
     pool.close().await;
     if let Some(mut c) = cluster {
         tokio::task::spawn_blocking(move || c.stop()).await?;
     }
     let _ = std::fs::remove_file(data.join("mira-dev.pid"));
     result
+}
+
+/// Starts `mira-worker run` (found beside this `mira`) as a child on the same database,
+/// keyring and blob store. The worker feeds itself from the log with a relay of its own.
+fn spawn_worker(settings: &crate::config::Settings, data: &Path) -> Result<tokio::process::Child, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = exe.with_file_name("mira-worker");
+    if !bin.exists() {
+        return Err(format!("{} was not built", bin.display()));
+    }
+    tokio::process::Command::new(&bin)
+        .arg("run")
+        .env("DATABASE_URL", settings.database_url().map_err(|e| e.to_string())?)
+        .env("Messaging__Provider", "InMemory")
+        .env("Storage__Provider", "Local")
+        .env("Storage__LocalDir", data.join("blobs"))
+        .env("Keyring__LocalDir", data.join("keyring"))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))
+}
+
+/// SIGTERM, then up to 60 s for the job in hand, then SIGKILL.
+async fn stop_worker(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    }
+    if tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the worker did not stop within 60 s; killing it");
+        let _ = child.kill().await;
+    }
 }
 
 /// `mira dev token`: an ID token the running `mira dev` of `data_dir` accepts.

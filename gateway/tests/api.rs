@@ -1206,3 +1206,142 @@ async fn the_websocket_pushes_the_tenants_changes_and_resumes_from_a_position() 
     }
     app.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The whole path, with the worker
+
+/// `mira-worker`, built beside this test binary by `cargo nextest run --workspace`.
+fn worker_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("mira-worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace (cargo build --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+fn cmu_slide() -> Vec<u8> {
+    let dir =
+        std::env::var("MIRA_TESTDATA").expect("MIRA_TESTDATA names the test slides (scripts/bootstrap fetches them)");
+    std::fs::read(std::path::Path::new(&dir).join("CMU-1-Small-Region.svs")).expect("the CMU slide")
+}
+
+/// Statuses of `job` seen on the socket, until it reaches `last`.
+async fn statuses_until(s: &mut Socket, job: &str, last: &str) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(120), next_json(s))
+            .await
+            .expect("job updates keep coming");
+        if m["type"] == "job.updated" && m["job"]["job_id"] == job {
+            let st = m["job"]["status"].as_str().unwrap().to_owned();
+            if seen.last() != Some(&st) {
+                seen.push(st.clone());
+            }
+            if st == last {
+                return seen;
+            }
+            assert!(
+                !["failed", "cancelled", "succeeded"].contains(&st.as_str()),
+                "{job} ended {st}: {m}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
+    let app = spawn_app(Storage::Local).await;
+    let mut worker = tokio::process::Command::new(worker_binary())
+        .arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &app.db.url)
+        .env("Messaging__Provider", "InMemory")
+        .env("Storage__Provider", "Local")
+        .env("Storage__LocalDir", app.dir.join("blobs"))
+        .env("Keyring__LocalDir", app.dir.join("keyring"))
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mira-worker starts");
+    let t = app.token("lab-a", &["pathologist"]);
+    let mut ws = connect(&app, &t, None).await;
+    assert_eq!(next_json(&mut ws).await["type"], "hello");
+
+    // Register the slide, and submit a job on it before it is even uploaded.
+    let bytes = cmu_slide();
+    let r = app
+        .post(
+            &t,
+            "/api/slides",
+            json!({"name": "CMU-1-Small-Region", "size_bytes": bytes.len(), "content_type": "image/tiff"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let slide = r.body["slide_id"].as_str().unwrap().to_owned();
+    let submit = |key: &'static str| {
+        app.send(
+            app.http
+                .post(format!("{}/api/jobs", app.base))
+                .bearer_auth(&t)
+                .header("idempotency-key", key)
+                .json(&json!({"slide_id": slide, "kind": "wsi.preprocess", "params": {"format": "png"}})),
+        )
+    };
+    let first = submit("whole-path-1").await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
+    assert_eq!(
+        submit("whole-path-1").await.body["job_id"],
+        first.body["job_id"],
+        "one job per key"
+    );
+    let job = first.body["job_id"].as_str().unwrap().to_owned();
+    put_upload(&app.http, &r.body["upload"], &bytes).await;
+    let done = app.post(&t, &format!("/api/slides/{slide}/uploaded"), json!({})).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+
+    // It waits for the worker's verdict on the slide, then runs to the end.
+    let seen = statuses_until(&mut ws, &job, "succeeded").await;
+    assert_eq!(seen.first().map(String::as_str), Some("submitted"), "{seen:?}");
+    let order = ["submitted", "queued", "running", "succeeded"];
+    let positions: Vec<usize> = seen
+        .iter()
+        .map(|s| order.iter().position(|o| o == s).expect("a known status"))
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "in order: {seen:?}");
+    assert!(seen.contains(&"running".to_owned()), "{seen:?}");
+    let slide_now = app.get(&t, &format!("/api/slides/{slide}")).await.body;
+    assert_eq!(slide_now["status"], "verified", "{slide_now}");
+    assert_eq!(slide_now["metadata"]["width"], 2220);
+    let detail = app.get(&t, &format!("/api/jobs/{job}")).await.body;
+    let manifest_key = detail["manifest_key"].as_str().unwrap();
+    assert!(manifest_key.ends_with("attempt-1/manifest.json"), "{detail}");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(app.dir.join("blobs").join(manifest_key)).unwrap()).unwrap();
+    assert_eq!(manifest["deepzoom"]["levels"], 13);
+
+    // Cancel one job before it runs, then retry it: it runs to the end.
+    let second = submit("whole-path-2").await.body["job_id"].as_str().unwrap().to_owned();
+    let c = app.post(&t, &format!("/api/jobs/{second}/cancel"), json!({})).await;
+    assert_eq!(c.status, StatusCode::ACCEPTED, "{}", c.body);
+    let st = c.body["status"].as_str().unwrap().to_owned();
+    assert!(st == "cancelled" || st == "cancel_requested", "{}", c.body);
+    statuses_until(&mut ws, &second, "cancelled").await;
+    let r = app.post(&t, &format!("/api/jobs/{second}/retry"), json!({})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    statuses_until(&mut ws, &second, "succeeded").await;
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().unwrap().to_string()])
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "the worker stops cleanly on SIGTERM: {status:?}");
+    app.stop().await;
+}

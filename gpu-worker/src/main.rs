@@ -39,12 +39,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take work from the `gpu-jobs` queue until SIGTERM: verify uploaded slides and run
+    /// queued jobs. Settings as for `mira` (DATABASE_URL, Messaging__Provider, Storage__…).
+    Run {
+        /// Optional TOML settings file, read after the defaults and before the environment.
+        #[arg(long, env = "MIRA_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// This worker's name in the log (default: host name and process id).
+        #[arg(long)]
+        worker_id: Option<String>,
+    },
     /// Open a slide and print the metadata Mira records for it, or why it is refused.
     Inspect { slide: PathBuf },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run { config, worker_id } => {
+            let settings = mira_config::Settings::load(config.as_deref(), std::env::vars())?;
+            let id = worker_id.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
+                format!("{}-{}", host.trim(), std::process::id())
+            });
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let s = shutdown.clone();
+                tokio::spawn(async move {
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                    tokio::select! {
+                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                    s.cancel();
+                });
+                mira_gpu_worker::run::run(settings, id, shutdown).await
+            })?;
+        }
         Command::Process {
             slide,
             out,
@@ -95,6 +126,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

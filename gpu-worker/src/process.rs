@@ -131,6 +131,23 @@ impl TileSink for Writer {
 
 /// Runs the pipeline; `progress` gets (tiles done, tiles in all).
 pub fn process(slide_path: &Path, out: &Path, opts: &Options, progress: impl Fn(u64, u64)) -> anyhow::Result<Summary> {
+    process_until(slide_path, out, opts, progress, || false)
+}
+
+/// The run was stopped by `stop` (checked between bands).
+#[derive(Debug, thiserror::Error)]
+#[error("stopped before the pyramid was finished")]
+pub struct Stopped;
+
+/// As [`process`], checking `stop` between bands of tiles: a cancelled job stops at the next
+/// band with [`Stopped`] and writes no manifest.
+pub fn process_until(
+    slide_path: &Path,
+    out: &Path,
+    opts: &Options,
+    progress: impl Fn(u64, u64),
+    stop: impl Fn() -> bool + Sync,
+) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let slide = Slide::open(slide_path)?;
     let (w, h) = slide.dimensions();
@@ -167,6 +184,9 @@ pub fn process(slide_path: &Path, out: &Path, opts: &Options, progress: impl Fn(
         });
         let mut last = Instant::now();
         for band in rx {
+            if stop() {
+                return Err(Stopped.into());
+            }
             builder.push(&band?)?;
             if last.elapsed().as_millis() >= 250 {
                 progress(builder.tiles_done.load(std::sync::atomic::Ordering::Relaxed), total);

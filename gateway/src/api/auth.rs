@@ -47,15 +47,7 @@ impl Identity {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct AuthConfig {
-    pub jwks_url: String,
-    pub issuer: String,
-    /// The app client id: the ID token's `aud`.
-    pub audience: String,
-    pub leeway: Duration,
-    pub min_refresh: Duration,
-}
+pub use mira_config::AuthConfig;
 
 /// Why a token was refused. Never shown to the client (it gets a bare 401); logged at debug.
 #[derive(Debug, thiserror::Error)]

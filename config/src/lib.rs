@@ -1,5 +1,5 @@
-//! Settings (DESIGN §2): typed defaults, then an optional TOML file, then the environment,
-//! with `__` separating nesting levels (`Audit__SigningKeyFile`). Only Mira's own sections
+//! `mira-config`: the settings every Mira process reads (DESIGN §2): typed defaults, then an
+//! optional TOML file, then the environment, with `__` separating nesting levels (`Audit__SigningKeyFile`). Only Mira's own sections
 //! are read from the environment, plus `DATABASE_URL`. A bad value fails at start with the
 //! setting's name; secrets never print.
 
@@ -8,6 +8,17 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+/// What ID-token validation needs (DESIGN §7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    pub jwks_url: String,
+    pub issuer: String,
+    /// The app client id: the ID token's `aud`.
+    pub audience: String,
+    pub leeway: std::time::Duration,
+    pub min_refresh: std::time::Duration,
+}
 
 /// A value that must never appear in logs or error messages.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -460,7 +471,7 @@ impl Settings {
 
     /// Token validation settings (DESIGN §7). The issuer and JWKS URL derive from the pool
     /// unless set; the app client id is required.
-    pub fn auth_config(&self) -> Result<crate::api::auth::AuthConfig, ConfigError> {
+    pub fn auth_config(&self) -> Result<AuthConfig, ConfigError> {
         let c = &self.aws.cognito;
         let missing = |setting: &str, reason: &str| ConfigError::Invalid {
             setting: setting.to_owned(),
@@ -494,7 +505,7 @@ impl Settings {
             .jwks_url
             .clone()
             .unwrap_or_else(|| format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')));
-        Ok(crate::api::auth::AuthConfig {
+        Ok(AuthConfig {
             jwks_url,
             issuer,
             audience,

@@ -1,0 +1,491 @@
+//! `mira-worker run` (DESIGN §8): the consumer of the `gpu-jobs` queue.
+//!
+//! * `SlideUploaded`: fetch the slide, open it, record `SlideVerified` with its metadata (the
+//!   properties that can name files or people sealed), or `SlideRejected` with the reason.
+//! * `JobQueued`: start the attempt with a lease, run the pipeline, heartbeat (extending the
+//!   lease, reporting progress, noticing cancellation) until done, upload the results under
+//!   a prefix of their own for this attempt with the manifest last, then record
+//!   `JobSucceeded` with the manifest's key and hash, or the failure and whether a retry can
+//!   help. Every command carries the attempt number, so a stale worker is refused.
+//!
+//! A delivery for a slide already verified or a job no longer queued at that attempt is a
+//! duplicate and does nothing. With `Messaging__Provider=InMemory` (`mira dev`) the worker runs
+//! its own relay, named `worker`, into a private in-memory bus.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use cqrs_es::AggregateError;
+use mira_aggregates::{JobCommand, JobError, JobStatus, SlideCommand, SlideError, SlideStatus};
+use mira_bus::consumer::{Consumer, ConsumerConfig, Handler, HandlerError};
+use mira_bus::{Bus, Group};
+use mira_config::{MessagingProvider, Settings, StorageProvider};
+use mira_eventlog::commands::Commands;
+use mira_eventlog::{EventLog, StoredEvent};
+use mira_events::params::{Normalize, PreprocessParams, TileFormat};
+use mira_events::{Actor, CommandContext, JobEvent, JobId, Metadata, SlideId, TenantId, Usage};
+use sha2::{Digest, Sha256};
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+
+use crate::process::{self, Format, Options};
+
+/// Where slides come from and results go.
+#[derive(Clone)]
+pub enum Store {
+    /// The local blob store of `mira dev`: the same directory the gateway writes.
+    Local(PathBuf),
+    S3 {
+        client: aws_sdk_s3::Client,
+        bucket: String,
+    },
+}
+
+impl Store {
+    pub async fn from_settings(s: &Settings) -> anyhow::Result<Self> {
+        Ok(match s.storage.provider {
+            StorageProvider::Local => Self::Local(s.storage.local_dir.clone()),
+            StorageProvider::S3 => {
+                let sdk = mira_bus::aws::sdk_config(s.aws.region.as_deref()).await;
+                let mut b = aws_sdk_s3::config::Builder::from(&sdk);
+                if sdk.endpoint_url().is_some() {
+                    b = b.force_path_style(true);
+                }
+                Self::S3 {
+                    client: aws_sdk_s3::Client::from_conf(b.build()),
+                    bucket: s.aws.s3.bucket_name.clone().context("AWS__S3__BucketName is not set")?,
+                }
+            }
+        })
+    }
+
+    /// A local path holding the object (downloaded into `scratch` when it lives in S3).
+    async fn fetch(&self, key: &str, scratch: &Path) -> anyhow::Result<PathBuf> {
+        match self {
+            Self::Local(dir) => Ok(dir.join(key)),
+            Self::S3 { client, bucket } => {
+                let path = scratch.join("slide");
+                let obj = client.get_object().bucket(bucket).key(key).send().await?;
+                let mut body = obj.body.into_async_read();
+                let mut file = tokio::fs::File::create(&path).await?;
+                tokio::io::copy(&mut body, &mut file).await?;
+                Ok(path)
+            }
+        }
+    }
+
+    async fn put(&self, key: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
+        match self {
+            Self::Local(dir) => {
+                let path = dir.join(key);
+                if let Some(p) = path.parent() {
+                    tokio::fs::create_dir_all(p).await?;
+                }
+                let tmp = path.with_extension("part");
+                tokio::fs::write(&tmp, bytes).await?;
+                tokio::fs::rename(&tmp, &path).await?;
+                Ok(())
+            }
+            Self::S3 { client, bucket } => {
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .body(bytes.into())
+                    .send()
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+pub struct Worker {
+    commands: Commands,
+    store: Store,
+    worker_id: String,
+    lease: Duration,
+    scratch: PathBuf,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("worker_id", &self.worker_id).finish()
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> HandlerError {
+    HandlerError::Failed(e.to_string())
+}
+
+fn ctx(e: &StoredEvent, tenant: &TenantId, worker: &str) -> CommandContext {
+    let meta: Option<Metadata> = serde_json::from_str(&e.metadata).ok();
+    let mut c = CommandContext::new(tenant.clone(), Actor::worker(worker));
+    if let Some(m) = meta {
+        c.correlation_id = m.correlation_id;
+        c.traceparent = m.traceparent;
+    }
+    c.causation_id = e.event_id;
+    c
+}
+
+impl Worker {
+    pub fn new(commands: Commands, store: Store, worker_id: String, lease: Duration, scratch: PathBuf) -> Self {
+        Self {
+            commands,
+            store,
+            worker_id,
+            lease,
+            scratch,
+        }
+    }
+
+    async fn verify(&self, e: &StoredEvent) -> Result<(), HandlerError> {
+        let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
+        let id = SlideId::parse(&e.aggregate_id).map_err(failed)?;
+        let Some(slide) = self.commands.load_slide(&tenant, id).await.map_err(failed)? else {
+            return Ok(());
+        };
+        if slide.status != SlideStatus::Uploaded {
+            return Ok(());
+        }
+        let scratch = self.scratch.join(format!("verify-{id}"));
+        tokio::fs::create_dir_all(&scratch).await.map_err(failed)?;
+        let path = self.store.fetch(&slide.object_key, &scratch).await.map_err(failed)?;
+        let opened = tokio::task::spawn_blocking(move || crate::slide::Slide::open(&path).map(|s| s.metadata()))
+            .await
+            .map_err(failed)?;
+        let _ = tokio::fs::remove_dir_all(&scratch).await;
+        let command = match opened {
+            Ok((metadata, private)) => SlideCommand::Verify {
+                metadata,
+                sensitive_properties: private.as_object().is_some_and(|o| !o.is_empty()).then_some(private),
+            },
+            Err(why) => SlideCommand::Reject {
+                reason: why.to_string(),
+            },
+        };
+        match self
+            .commands
+            .slide(&ctx(e, &tenant, &self.worker_id), id, command)
+            .await
+        {
+            Ok(()) | Err(AggregateError::UserError(SlideError::InvalidTransition { .. })) => Ok(()),
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    async fn job_command(
+        &self,
+        c: &CommandContext,
+        id: JobId,
+        command: JobCommand,
+    ) -> Result<(), AggregateError<JobError>> {
+        self.commands.job(c, id, command).await
+    }
+
+    async fn run_job(&self, e: &StoredEvent, attempt: u32) -> Result<(), HandlerError> {
+        let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
+        let id = JobId::parse(&e.aggregate_id).map_err(failed)?;
+        let c = ctx(e, &tenant, &self.worker_id);
+        let Some(job) = self.commands.load_job(&tenant, id).await.map_err(failed)? else {
+            return Ok(());
+        };
+        if job.status != JobStatus::Queued || job.attempt != attempt {
+            return Ok(());
+        }
+        let now = Utc::now();
+        let lease = chrono::Duration::from_std(self.lease).map_err(failed)?;
+        match self
+            .job_command(
+                &c,
+                id,
+                JobCommand::Start {
+                    attempt,
+                    worker_id: self.worker_id.clone(),
+                    lease_until: now + lease,
+                    now,
+                },
+            )
+            .await
+        {
+            Ok(()) => {}
+            Err(AggregateError::UserError(_)) => return Ok(()),
+            Err(e) => return Err(failed(e)),
+        }
+        tracing::info!(job_id = %id, attempt, "job started");
+        let started = Instant::now();
+        let outcome = self.attempt(&c, &tenant, id, attempt, &job).await;
+        let now = Utc::now();
+        let command = match outcome {
+            Ok(Done::Succeeded { key, sha256, bytes }) => JobCommand::Succeed {
+                attempt,
+                manifest_key: key,
+                manifest_sha256: sha256,
+                usage: Usage {
+                    device: "cpu".into(),
+                    device_seconds: started.elapsed().as_secs_f64(),
+                    bytes_written: bytes,
+                },
+            },
+            Ok(Done::Cancelled) => JobCommand::ConfirmCancelled { attempt },
+            Ok(Done::Superseded) => return Ok(()),
+            Err((reason, retryable)) => JobCommand::Fail {
+                attempt,
+                reason,
+                retryable,
+                now,
+            },
+        };
+        tracing::info!(job_id = %id, attempt, ?command, "job ended");
+        match self.job_command(&c, id, command).await {
+            Ok(()) | Err(AggregateError::UserError(_)) => Ok(()),
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    /// One attempt: returns how it ended, or (reason, retryable).
+    async fn attempt(
+        &self,
+        c: &CommandContext,
+        tenant: &TenantId,
+        id: JobId,
+        attempt: u32,
+        job: &mira_aggregates::Job,
+    ) -> Result<Done, (String, bool)> {
+        let params: PreprocessParams =
+            serde_json::from_value(job.params.clone()).map_err(|e| (format!("invalid job parameters: {e}"), false))?;
+        if params.normalize != Normalize::None {
+            return Err(("stain normalisation is not available in this worker yet".into(), false));
+        }
+        let slide_id = job.slide_id.ok_or(("the job names no slide".to_string(), false))?;
+        let slide = self
+            .commands
+            .load_slide(tenant, slide_id)
+            .await
+            .map_err(|e| (e.to_string(), true))?
+            .ok_or(("the slide no longer exists".to_string(), false))?;
+        let scratch = self.scratch.join(format!("{id}-{attempt}"));
+        let _ = tokio::fs::remove_dir_all(&scratch).await;
+        tokio::fs::create_dir_all(&scratch)
+            .await
+            .map_err(|e| (e.to_string(), true))?;
+        let input = self
+            .store
+            .fetch(&slide.object_key, &scratch)
+            .await
+            .map_err(|e| (format!("cannot fetch the slide: {e:#}"), true))?;
+        let out = scratch.join("out");
+        let opts = Options {
+            tile_size: params.tile_size,
+            overlap: params.overlap,
+            format: match params.format {
+                TileFormat::Jpeg => Format::Jpeg,
+                TileFormat::Png => Format::Png,
+            },
+            quality: params.quality,
+        };
+        // Heartbeats extend the lease, report progress and notice cancellation.
+        let stop = Arc::new(AtomicBool::new(false));
+        let superseded = Arc::new(AtomicBool::new(false));
+        let done = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let finished = CancellationToken::new();
+        let beat = {
+            let (commands, c, lease) = (self.commands.clone(), c.clone(), self.lease);
+            let (stop, superseded, done, finished) = (stop.clone(), superseded.clone(), done.clone(), finished.clone());
+            tokio::spawn(async move {
+                let mut reported = 0;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep((lease / 3).min(Duration::from_secs(1))) => {}
+                        _ = finished.cancelled() => return,
+                    }
+                    let until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+                    match commands
+                        .job(
+                            &c,
+                            id,
+                            JobCommand::Heartbeat {
+                                attempt,
+                                lease_until: until,
+                            },
+                        )
+                        .await
+                    {
+                        Ok(()) => {}
+                        Err(AggregateError::UserError(JobError::CancelRequested)) => stop.store(true, Ordering::SeqCst),
+                        Err(AggregateError::UserError(_)) => {
+                            superseded.store(true, Ordering::SeqCst);
+                            stop.store(true, Ordering::SeqCst);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                    }
+                    let (d, t) = (done.0.load(Ordering::Relaxed), done.1.load(Ordering::Relaxed));
+                    if t > 0 && d > reported {
+                        reported = d;
+                        let _ = commands
+                            .job(
+                                &c,
+                                id,
+                                JobCommand::Progress {
+                                    attempt,
+                                    done: d,
+                                    total: t,
+                                },
+                            )
+                            .await;
+                    }
+                }
+            })
+        };
+        let result = {
+            let (stop, done) = (stop.clone(), done.clone());
+            let (input, out) = (input.clone(), out.clone());
+            tokio::task::spawn_blocking(move || {
+                process::process_until(
+                    &input,
+                    &out,
+                    &opts,
+                    |d, t| {
+                        done.0.store(d, Ordering::Relaxed);
+                        done.1.store(t, Ordering::Relaxed);
+                    },
+                    || stop.load(Ordering::SeqCst),
+                )
+            })
+            .await
+        };
+        finished.cancel();
+        let _ = beat.await;
+        if superseded.load(Ordering::SeqCst) {
+            return Ok(Done::Superseded);
+        }
+        let summary = match result {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) if e.is::<process::Stopped>() => return Ok(Done::Cancelled),
+            Ok(Err(e)) => {
+                let retryable = e.downcast_ref::<crate::slide::SlideError>().is_none();
+                return Err((format!("{e:#}"), retryable));
+            }
+            Err(e) => return Err((format!("the pipeline crashed: {e}"), true)),
+        };
+        // Upload under this attempt's own prefix; the manifest goes last.
+        let prefix = format!("results/{}/{id}/attempt-{attempt}", tenant.as_str());
+        let manifest = tokio::fs::read(out.join("manifest.json"))
+            .await
+            .map_err(|e| (e.to_string(), true))?;
+        let parsed: serde_json::Value = serde_json::from_slice(&manifest).map_err(|e| (e.to_string(), false))?;
+        let mut bytes = 0u64;
+        for o in parsed["objects"].as_array().into_iter().flatten() {
+            let key = o["key"].as_str().unwrap_or_default();
+            let data = tokio::fs::read(out.join(key))
+                .await
+                .map_err(|e| (e.to_string(), true))?;
+            bytes += data.len() as u64;
+            self.store
+                .put(&format!("{prefix}/{key}"), data)
+                .await
+                .map_err(|e| (format!("cannot store results: {e:#}"), true))?;
+        }
+        let sha256 = hex::encode(Sha256::digest(&manifest));
+        bytes += manifest.len() as u64;
+        let key = format!("{prefix}/manifest.json");
+        self.store
+            .put(&key, manifest)
+            .await
+            .map_err(|e| (format!("cannot store results: {e:#}"), true))?;
+        let _ = tokio::fs::remove_dir_all(&scratch).await;
+        tracing::info!(job_id = %id, attempt, tiles = summary.tiles, mp_per_s = summary.megapixels_per_second, "pyramid stored");
+        Ok(Done::Succeeded { key, sha256, bytes })
+    }
+}
+
+enum Done {
+    Succeeded {
+        key: String,
+        sha256: String,
+        bytes: u64,
+    },
+    Cancelled,
+    /// Another attempt owns the job now; this one records nothing.
+    Superseded,
+}
+
+#[async_trait::async_trait]
+impl Handler for Worker {
+    async fn apply(&self, _tx: &mut PgConnection, e: &StoredEvent) -> Result<(), HandlerError> {
+        match (e.aggregate_type.as_str(), e.event_type.as_str()) {
+            ("Slide", "SlideUploaded") => self.verify(e).await,
+            ("Job", "JobQueued") => {
+                let s = mira_events::upcast::upcast(mira_eventlog::repo::to_serialized(e.clone()).map_err(failed)?);
+                match serde_json::from_value::<JobEvent>(s.payload).map_err(failed)? {
+                    JobEvent::JobQueued { attempt } => self.run_job(e, attempt).await,
+                    _ => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `mira-worker run` until `shutdown`; the job in hand is finished first.
+pub async fn run(settings: Settings, worker_id: String, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = mira_eventlog::db::connect(
+        settings.database_url()?,
+        settings.database.max_connections,
+        Duration::from_secs(settings.database.connect_timeout_seconds),
+    )
+    .await?;
+    let keyring = mira_events::LocalKeyring::open(&settings.keyring.local_dir)
+        .with_context(|| format!("Keyring__LocalDir {}", settings.keyring.local_dir.display()))?;
+    let commands = Commands::new(EventLog::new(pool.clone()), Arc::new(keyring));
+    let store = Store::from_settings(&settings).await?;
+    let scratch = std::env::temp_dir().join(format!("mira-worker-{worker_id}"));
+    let worker = Arc::new(Worker::new(
+        commands,
+        store,
+        worker_id,
+        Duration::from_secs(60),
+        scratch,
+    ));
+    let mut cfg = ConsumerConfig::for_group(Group::GpuJobs);
+    cfg.batch = 1;
+    let mut relay = None;
+    let queue = match settings.messaging.provider {
+        MessagingProvider::Aws => {
+            let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
+            mira_bus::aws::AwsBus::connect(&sdk, &settings.bus_names(), None)
+                .await?
+                .queue(Group::GpuJobs)
+        }
+        MessagingProvider::InMemory => {
+            let bus = mira_bus::memory::MemoryBus::new(Duration::from_secs(120), 10);
+            let r = mira_bus::relay::Relay::new(
+                EventLog::new(pool.clone()),
+                Arc::new(bus.clone()),
+                mira_bus::relay::RelayConfig {
+                    name: "worker".into(),
+                    idle_poll: Duration::from_millis(10),
+                    ..Default::default()
+                },
+                None,
+            );
+            let url = settings.database_url()?.to_owned();
+            let stop = shutdown.clone();
+            relay = Some(tokio::spawn(async move { r.run(&url, stop).await }));
+            bus.queue(Group::GpuJobs)
+        }
+    };
+    tracing::info!("worker ready");
+    let consumer = Consumer::new(EventLog::new(pool), queue, worker, cfg);
+    let r = consumer.run(shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(r) = relay {
+        r.await??;
+    }
+    Ok(r?)
+}
