@@ -883,6 +883,23 @@ async fn an_idempotency_key_gives_one_job_and_refuses_a_different_body() {
         .await
         .unwrap();
     assert_eq!(n, 2);
+    // Slides too: the same key and body give the same slide (with fresh upload URLs), another
+    // body is refused.
+    let register = |name: &'static str| {
+        let req = app
+            .http
+            .post(format!("{}/api/slides", app.base))
+            .bearer_auth(&t)
+            .header("idempotency-key", "s-1")
+            .json(&json!({"name": name, "size_bytes": 10, "content_type": "image/tiff"}));
+        app.send(req)
+    };
+    let a = register("same").await;
+    let b = register("same").await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(a.body["slide_id"], b.body["slide_id"]);
+    assert!(b.body["upload"]["url"].is_string(), "{}", b.body);
+    assert_problem(&register("other").await, StatusCode::UNPROCESSABLE_ENTITY);
     app.stop().await;
 }
 
