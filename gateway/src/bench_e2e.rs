@@ -67,14 +67,7 @@ async fn measure(env: Vec<(String, String)>, jobs: usize, scratch: &std::path::P
     let pool = mira_eventlog::db::connect(settings.database_url()?, 20, Duration::from_secs(5)).await?;
     mira_eventlog::migrate::run(&pool).await?;
     let stop = CancellationToken::new();
-    let options = crate::server::Options {
-        roles: vec![
-            crate::server::Role::Relay,
-            crate::server::Role::Projector,
-            crate::server::Role::Handlers,
-        ],
-        dev_jwks: Some(idp.jwks().clone()),
-    };
+    let options = crate::server::Options::everything(Some(idp.jwks().clone()));
     let s = stop.clone();
     let server = tokio::spawn(async move { crate::server::run(&settings, pool, listener, &options, s).await });
     let outcome = drive(&idp, addr, jobs).await;

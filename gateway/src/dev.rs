@@ -473,14 +473,7 @@ pub async fn run(
     lines.push(format!("    curl -H \"Authorization: Bearer $TOKEN\" {url}/api/jobs"));
     lines.push("  Ctrl-C stops everything; the data stays for the next start.".to_owned());
     announce(&lines);
-    let options = crate::server::Options {
-        roles: vec![
-            crate::server::Role::Relay,
-            crate::server::Role::Projector,
-            crate::server::Role::Handlers,
-        ],
-        dev_jwks: Some(idp.jwks().clone()),
-    };
+    let options = crate::server::Options::everything(Some(idp.jwks().clone()));
     let result = crate::server::run(&settings, pool.clone(), listener, &options, shutdown).await;
     if let Ok(w) = &mut worker {
         stop_worker(w).await;

@@ -35,6 +35,16 @@ pub struct Options {
     pub dev_jwks: Option<serde_json::Value>,
 }
 
+impl Options {
+    /// Every role in this process, as `mira dev` runs it.
+    pub fn everything(dev_jwks: Option<serde_json::Value>) -> Self {
+        Self {
+            roles: vec![Role::Relay, Role::Projector, Role::Handlers],
+            dev_jwks,
+        }
+    }
+}
+
 /// The bus this process uses: SNS/SQS, or a fresh in-memory bus (which only carries events
 /// between roles of this same process).
 pub async fn bus(settings: &Settings) -> anyhow::Result<Arc<dyn Bus>> {

@@ -7,7 +7,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use mira_aggregates::{JobCommand, JobError, SlideStatus};
 use mira_events::params::{PreprocessParams, WSI_PREPROCESS};
-use mira_events::{Actor, CommandContext, JobId, SlideId};
+use mira_events::{JobId, SlideId};
 use mira_projections::query::{JobCursor, JobFilter};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -34,14 +34,6 @@ struct Accepted<'a> {
     slide_id: SlideId,
     kind: &'a str,
     params: &'a PreprocessParams,
-}
-
-fn ctx(who: &Identity, key: Option<&str>) -> CommandContext {
-    let c = CommandContext::new(who.tenant.clone(), Actor::user(who.subject.clone()));
-    match key {
-        Some(k) => c.with_idempotency_key(k),
-        None => c,
-    }
 }
 
 /// `POST /api/jobs`: 202 `{job_id, status}`. A job on a slide that is not verified yet is
@@ -87,7 +79,7 @@ pub async fn create(
     let submitted = state
         .commands
         .job(
-            &ctx(&who, key.as_deref()),
+            &who.context(key.as_deref()),
             id,
             JobCommand::Submit {
                 slide_id: body.slide_id,
@@ -225,7 +217,7 @@ async fn transition(state: &AppState, who: &Identity, raw: &str, command: JobCom
     let id = parse_id(raw, "job", JobId::parse)?;
     // Unknown ids and other tenants' jobs are both "not found": the repository only sees
     // this tenant's streams.
-    state.commands.job(&ctx(who, None), id, command).await?;
+    state.commands.job(&who.context(None), id, command).await?;
     let status = state
         .commands
         .load_job(&who.tenant, id)

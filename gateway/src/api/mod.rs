@@ -122,6 +122,15 @@ impl FromRequestParts<AppState> for Identity {
 }
 
 impl Identity {
+    /// The context of a command this caller sends.
+    pub fn context(&self, idempotency_key: Option<&str>) -> mira_events::CommandContext {
+        let c = mira_events::CommandContext::new(self.tenant.clone(), mira_events::Actor::user(self.subject.clone()));
+        match idempotency_key {
+            Some(k) => c.with_idempotency_key(k),
+            None => c,
+        }
+    }
+
     /// 403 unless the caller holds one of `roles`.
     pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
         if self.has_any(roles) {

@@ -7,7 +7,7 @@ use axum::Json;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use mira_aggregates::{SlideCommand, SlideStatus};
-use mira_events::{Actor, CommandContext, SlideId};
+use mira_events::SlideId;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -80,14 +80,6 @@ pub struct SlideView {
     pub position: i64,
 }
 
-fn ctx(who: &Identity, key: Option<&str>) -> CommandContext {
-    let c = CommandContext::new(who.tenant.clone(), Actor::user(who.subject.clone()));
-    match key {
-        Some(k) => c.with_idempotency_key(k),
-        None => c,
-    }
-}
-
 fn object_key(who: &Identity, id: SlideId) -> String {
     format!("slides/{}/{}", who.tenant.as_str(), id)
 }
@@ -121,7 +113,7 @@ pub async fn create(
     let registered = state
         .commands
         .slide(
-            &ctx(&who, key.as_deref()),
+            &who.context(key.as_deref()),
             id,
             SlideCommand::Register {
                 slide_id: id,
@@ -245,7 +237,7 @@ pub async fn uploaded(
         })?;
     state
         .commands
-        .slide(&ctx(&who, None), id, SlideCommand::MarkUploaded { size_bytes: size })
+        .slide(&who.context(None), id, SlideCommand::MarkUploaded { size_bytes: size })
         .await?;
     tracing::info!(slide_id = %id, size, "slide uploaded");
     Ok(Json(json!({"slide_id": id, "status": "uploaded", "size_bytes": size})))
