@@ -189,13 +189,15 @@ impl Reduce2 {
     pub fn column(&self, i: usize, rows: &[&[u8]], out: &mut Vec<u8>) {
         let (_, w) = &self.taps[i];
         let n = rows[0].len();
-        for p in 0..n {
-            let mut acc = 1i64 << (PRECISION_BITS - 1);
-            for (k, r) in w.iter().zip(rows) {
-                acc += r[p] as i64 * *k as i64;
+        // Row by row over the whole width: the inner loop runs along memory.
+        let mut acc = vec![1i64 << (PRECISION_BITS - 1); n];
+        for (k, r) in w.iter().zip(rows) {
+            let k = *k as i64;
+            for (a, v) in acc.iter_mut().zip(r.iter()) {
+                *a += *v as i64 * k;
             }
-            out.push(Self::clip(acc));
         }
+        out.extend(acc.into_iter().map(Self::clip));
     }
 }
 
@@ -300,8 +302,17 @@ impl<'a, S: TileSink> Builder<'a, S> {
             let level = &mut self.levels[li];
             level.received += (rgb.len() / stride) as u64;
             if let Some((rx, _)) = &level.reduce {
-                for row in rgb.chunks_exact(stride) {
-                    rx.row(row, &mut level.h_rows);
+                use rayon::prelude::*;
+                let reduced: Vec<Vec<u8>> = rgb
+                    .par_chunks_exact(stride)
+                    .map(|row| {
+                        let mut v = Vec::with_capacity(rx.output_len() * 3);
+                        rx.row(row, &mut v);
+                        v
+                    })
+                    .collect();
+                for r in reduced {
+                    level.h_rows.extend_from_slice(&r);
                 }
             }
             level.rows.extend_from_slice(&rgb);
@@ -321,29 +332,42 @@ impl<'a, S: TileSink> Builder<'a, S> {
             return Vec::new();
         };
         let hstride = rx.output_len() * 3;
-        let mut down = Vec::new();
-        while level.next_down < ry.output_len() {
-            let (a, b) = ry.span(level.next_down);
-            if (b as u64) > level.received {
-                break;
-            }
-            let rows: Vec<&[u8]> = level.h_rows[(a - level.h_first) * hstride..(b - level.h_first) * hstride]
-                .chunks_exact(hstride)
-                .collect();
-            ry.column(level.next_down, &rows, &mut down);
-            level.next_down += 1;
-            // Rows before the next output's first input are no longer needed.
-            let keep = if level.next_down < ry.output_len() {
-                ry.span(level.next_down).0
-            } else {
-                b
-            };
-            if keep > level.h_first {
-                level.h_rows.drain(..(keep - level.h_first) * hstride);
-                level.h_first = keep;
-            }
+        let first = level.next_down;
+        let mut end = first;
+        while end < ry.output_len() && ry.span(end).1 as u64 <= level.received {
+            end += 1;
         }
-        down
+        if end == first {
+            return Vec::new();
+        }
+        let (h_rows, h_first) = (&level.h_rows, level.h_first);
+        let rows: Vec<Vec<u8>> = {
+            use rayon::prelude::*;
+            (first..end)
+                .into_par_iter()
+                .map(|i| {
+                    let (a, b) = ry.span(i);
+                    let inputs: Vec<&[u8]> = h_rows[(a - h_first) * hstride..(b - h_first) * hstride]
+                        .chunks_exact(hstride)
+                        .collect();
+                    let mut out = Vec::with_capacity(hstride);
+                    ry.column(i, &inputs, &mut out);
+                    out
+                })
+                .collect()
+        };
+        level.next_down = end;
+        // Rows before the next output's first input are no longer needed.
+        let keep = if end < ry.output_len() {
+            ry.span(end).0
+        } else {
+            ry.span(end - 1).1
+        };
+        if keep > level.h_first {
+            level.h_rows.drain(..(keep - level.h_first) * hstride);
+            level.h_first = keep;
+        }
+        rows.concat()
     }
 
     /// Emits every tile row of level `li` whose pixels are all buffered.

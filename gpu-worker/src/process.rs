@@ -174,7 +174,7 @@ pub fn process_until(
             let mut y = 0;
             while y < h {
                 let rows = band_rows.min(h - y);
-                let band = slide.read_rgb(0, 0, y, w, rows).map_err(anyhow::Error::from);
+                let band = slide.read_rgb_parallel(0, 0, y, w, rows).map_err(anyhow::Error::from);
                 let failed = band.is_err();
                 if tx.send(band).is_err() || failed {
                     return;

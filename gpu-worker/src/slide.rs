@@ -172,6 +172,36 @@ impl Slide {
     }
 }
 
+impl Slide {
+    /// As [`Slide::read_rgb`], reading vertical strips in parallel (OpenSlide reads are
+    /// thread-safe on one handle) and stitching them row by row.
+    pub fn read_rgb_parallel(&self, level: u32, x: u64, y: u64, w: u64, h: u64) -> Result<Vec<u8>, SlideError> {
+        use rayon::prelude::*;
+        let strips = (rayon::current_num_threads() as u64 * 2).clamp(1, w.div_ceil(512).max(1));
+        if strips <= 1 {
+            return self.read_rgb(level, x, y, w, h);
+        }
+        let step = w.div_ceil(strips);
+        let parts: Vec<(u64, Vec<u8>)> = (0..strips)
+            .into_par_iter()
+            .filter(|k| k * step < w)
+            .map(|k| {
+                let sx = k * step;
+                let sw = step.min(w - sx);
+                self.read_rgb(level, x + sx, y, sw, h).map(|px| (sw, px))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity((w * h * 3) as usize);
+        for row in 0..h as usize {
+            for (sw, px) in &parts {
+                let n = *sw as usize * 3;
+                out.extend_from_slice(&px[row * n..(row + 1) * n]);
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Premultiplied BGRA → RGB over white: `c + (255 − a)`. The CPU reference of the BGRA
 /// kernel.
 pub fn bgra_to_rgb_over_white(bgra: &[u8]) -> Vec<u8> {
