@@ -100,6 +100,18 @@ impl Relay {
     }
 
     /// The durable cursor.
+    /// Forgets this relay's cursor, so it publishes the whole log again. For a relay feeding
+    /// the in-memory bus: what it published before this process started died with the last
+    /// process, whether or not a consumer had taken it, so the cursor it left is no promise.
+    /// Consumers keep their own records and skip what they have applied.
+    pub async fn forget_cursor(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM relay_cursor WHERE name = $1")
+            .bind(&self.cfg.name)
+            .execute(self.log.pool())
+            .await?;
+        Ok(())
+    }
+
     pub async fn cursor(&self) -> Result<Cursor, sqlx::Error> {
         let row = sqlx::query("SELECT tx_id::text::bigint AS tx_id, position FROM relay_cursor WHERE name = $1")
             .bind(&self.cfg.name)

@@ -159,7 +159,10 @@ pub async fn run(
     if let Some(bus) = &bus {
         if roles.contains(&Role::Relay) {
             let key = AuditKey::load_or_create(&settings.audit.signing_key_file)?;
+            let in_memory = settings.messaging.provider == MessagingProvider::InMemory;
             let cfg = mira_bus::relay::RelayConfig {
+                // The in-memory bus has a relay (and cursor) of its own: see below.
+                name: if in_memory { "in-memory".into() } else { "main".into() },
                 checkpoint_every_events: settings.audit.checkpoint_every_events,
                 checkpoint_every: Duration::from_secs(settings.audit.checkpoint_every_seconds),
                 // An idle relay asks for new events every 10 ms: one index probe that finds
@@ -169,6 +172,11 @@ pub async fn run(
             };
             let relay =
                 mira_bus::relay::Relay::new(EventLog::new(pool.clone()), bus.publisher(), cfg, Some(Arc::new(key)));
+            if in_memory {
+                // Messages in flight when the last process stopped died with it, taken by a
+                // consumer or not: publish everything again; consumers skip what they applied.
+                relay.forget_cursor().await?;
+            }
             let url = settings.database_url()?.to_owned();
             let stop = shutdown.clone();
             tasks.spawn(async move { relay.run(&url, stop).await.context("relay") });

@@ -1362,3 +1362,93 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     assert!(status.success(), "the worker stops cleanly on SIGTERM: {status:?}");
     app.stop().await;
 }
+
+/// What the in-memory bus held when its process stopped is not lost: the next process
+/// publishes the log again and consumers skip what they had applied.
+#[tokio::test]
+async fn events_the_in_memory_bus_held_at_shutdown_reach_the_projection_after_a_restart() {
+    let db = TestDb::new().await;
+    let dir = std::env::temp_dir().join(format!("mira-restart-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let env: BTreeMap<String, String> = [
+        ("DATABASE_URL", db.url.clone()),
+        ("AWS__Cognito__Issuer", "urn:test".to_owned()),
+        ("AWS__Cognito__ClientId", "test".to_owned()),
+        ("AWS__Cognito__JwksUrl", "http://127.0.0.1:9/jwks.json".to_owned()),
+        ("Keyring__LocalDir", dir.join("keyring").display().to_string()),
+        ("Audit__SigningKeyFile", dir.join("audit.key").display().to_string()),
+        ("Storage__LocalDir", dir.join("blobs").display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let settings = Settings::load(None, env).unwrap();
+    let start = |roles: Vec<mira_gateway::server::Role>| {
+        let (settings, pool, stop) = (settings.clone(), db.pool.clone(), CancellationToken::new());
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let options = mira_gateway::server::Options { roles, dev_jwks: None };
+            mira_gateway::server::run(&settings, pool, listener, &options, s).await
+        });
+        (stop, task)
+    };
+    // A process with a relay and no projector: the event is published into its bus, and the
+    // relay's cursor moves past it, but nothing consumes it before the process stops.
+    let (stop, task) = start(vec![mira_gateway::server::Role::Relay]);
+    let commands = mira_gateway::commands::Commands::new(
+        mira_eventlog::EventLog::new(db.pool.clone()),
+        Arc::new(mira_events::LocalKeyring::open(dir.join("keyring")).unwrap()),
+    );
+    let slide = mira_events::SlideId::new();
+    let ctx = mira_events::CommandContext::new(
+        mira_events::TenantId::parse("lab").unwrap(),
+        mira_events::Actor::user("u-1"),
+    );
+    commands
+        .slide(
+            &ctx,
+            slide,
+            mira_aggregates::SlideCommand::Register {
+                slide_id: slide,
+                name: "in flight".into(),
+                file_name: None,
+                size_bytes: 1,
+                content_type: "image/tiff".into(),
+                sha256: None,
+                object_key: format!("slides/lab/{slide}"),
+            },
+        )
+        .await
+        .unwrap();
+    eventually("the relay to publish it", || async {
+        let p: Option<i64> = sqlx::query_scalar("SELECT position FROM relay_cursor WHERE name = 'in-memory'")
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap();
+        (p.unwrap_or(0) > 0).then_some(Value::Null)
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM rm.slides")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(count().await, 0, "never projected by the first process");
+    // The next process, with everything: the slide reaches the read model.
+    let (stop, task) = start(vec![
+        mira_gateway::server::Role::Relay,
+        mira_gateway::server::Role::Projector,
+        mira_gateway::server::Role::Handlers,
+    ]);
+    eventually("the slide in the read model after the restart", || async {
+        (count().await == 1).then_some(Value::Null)
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -474,6 +474,8 @@ pub async fn run(settings: Settings, worker_id: String, shutdown: CancellationTo
                 },
                 None,
             );
+            // What the last worker's bus held died with it; its consumer records skip the rest.
+            r.forget_cursor().await?;
             let url = settings.database_url()?.to_owned();
             let stop = shutdown.clone();
             relay = Some(tokio::spawn(async move { r.run(&url, stop).await }));
