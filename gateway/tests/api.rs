@@ -1020,7 +1020,13 @@ async fn health_readiness_metrics_and_the_openapi_document() {
     let id = uuid::Uuid::now_v7().to_string();
     for (path, ops) in doc["paths"].as_object().unwrap() {
         for method in ops.as_object().unwrap().keys() {
-            let url = format!("{}{}", app.base, path.replace("{id}", &id).replace("{key}", "k"));
+            let url = format!(
+                "{}{}",
+                app.base,
+                path.replace("{id}", &id)
+                    .replace("{key}", "k")
+                    .replace("{path}", "slide.dzi")
+            );
             let req = app
                 .http
                 .request(method.to_uppercase().parse().unwrap(), url)
@@ -1340,6 +1346,31 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(app.dir.join("blobs").join(manifest_key)).unwrap()).unwrap();
     assert_eq!(manifest["deepzoom"]["levels"], 13);
+    // The results through the API: a redirect to a signed URL of the store.
+    let dzi = app
+        .http
+        .get(format!("{}/api/jobs/{job}/results/slide.dzi", app.base))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dzi.status(), StatusCode::OK);
+    assert!(dzi.text().await.unwrap().contains("Width=\"2220\""));
+    let tile = app
+        .http
+        .get(format!("{}/api/jobs/{job}/results/slide_files/12/0_0.png", app.base))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tile.status(), StatusCode::OK);
+    assert_eq!(&tile.bytes().await.unwrap()[1..4], b"PNG");
+    let r = app.get(&t, &format!("/api/jobs/{job}/results/../../secret")).await;
+    assert!(
+        r.status == StatusCode::BAD_REQUEST || r.status == StatusCode::NOT_FOUND,
+        "{}",
+        r.body
+    );
 
     // Cancel one job before it runs, then retry it: it runs to the end.
     let second = submit("whole-path-2").await.body["job_id"].as_str().unwrap().to_owned();

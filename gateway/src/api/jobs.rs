@@ -257,3 +257,33 @@ pub async fn events(
     }
     Ok(Json(json!({"job_id": id, "events": rows})))
 }
+
+/// `GET /api/jobs/{id}/results/{path}`: the manifest, the `.dzi` and the tiles of a succeeded
+/// job, as a redirect to a short-lived URL (presigned in S3, signed by the local store in
+/// `mira dev`). Only the succeeded attempt's prefix is reachable, so objects of a failed attempt
+/// are never served.
+pub async fn results(
+    State(state): State<AppState>,
+    who: Identity,
+    Path((raw, path)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    who.require(READERS)?;
+    let id = parse_id(&raw, "job", JobId::parse)?;
+    let row = state
+        .read
+        .job(&who.tenant, id.as_uuid())
+        .await?
+        .ok_or(ApiError::not_found("job"))?;
+    let manifest = row
+        .manifest_key
+        .as_deref()
+        .filter(|_| row.status == "succeeded")
+        .ok_or_else(|| ApiError::conflict(format!("the job is {}: it has no results", row.status)))?;
+    let prefix = manifest.strip_suffix("manifest.json").unwrap_or(manifest);
+    let key = format!("{prefix}{path}");
+    if !crate::blob::valid_key(&key) {
+        return Err(ApiError::bad_request("not a result path"));
+    }
+    let url = state.blobs.download_url(&key).await.map_err(ApiError::internal)?;
+    Ok((StatusCode::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, url)]).into_response())
+}

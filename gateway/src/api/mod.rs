@@ -216,6 +216,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/jobs/{id}/retry", post(jobs::retry))
         .route("/api/jobs/{id}/events", get(jobs::events))
+        .route("/api/jobs/{id}/results/{*path}", get(jobs::results))
         .route("/api/audit/events", get(audit::events))
         .route("/api/openapi.json", get(openapi::document))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));

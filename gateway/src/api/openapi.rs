@@ -96,6 +96,11 @@ pub fn spec() -> Value {
                 "get": {"summary": "The job's history with actors and hashes", "parameters": [id_param("id")],
                         "responses": with(ok("200", "Timeline"), &["400", "401", "403", "404"])}
             },
+            "/api/jobs/{id}/results/{path}": {
+                "get": {"summary": "A result object of a succeeded job (manifest.json, slide.dzi, slide_files/…): a redirect to a short-lived URL",
+                        "parameters": [id_param("id"), {"name": "path", "in": "path", "required": true, "schema": {"type": "string"}}],
+                        "responses": with(json!({"307": {"description": "redirect to the object"}}), &["400", "401", "403", "404", "409"])}
+            },
             "/api/audit/events": {
                 "get": {"summary": "The tenant's events from the log (auditor)",
                         "parameters": query_params(&["after", "from", "to", "aggregate_id", "actor", "limit"]),
