@@ -32,6 +32,13 @@ fn conn_err(e: sqlx::Error) -> PersistenceError {
     PersistenceError::ConnectionError(boxed(e))
 }
 
+/// A stored event's payload, upcast to the current version and read as `E`: what every
+/// consumer of the log (projector, handlers, worker) does with an event.
+pub fn decode<E: serde::de::DeserializeOwned>(e: &StoredEvent) -> Result<E, String> {
+    let s = mira_events::upcast::upcast(to_serialized(e.clone()).map_err(|x| x.to_string())?);
+    serde_json::from_value(s.payload).map_err(|x| x.to_string())
+}
+
 /// A stored event as cqrs-es wants it: the payload as JSON, and the metadata as its flat map.
 /// Upcasting is left to the reader.
 pub fn to_serialized(e: StoredEvent) -> Result<SerializedEvent, PersistenceError> {

@@ -420,13 +420,10 @@ impl Handler for Worker {
     async fn apply(&self, _tx: &mut PgConnection, e: &StoredEvent) -> Result<(), HandlerError> {
         match (e.aggregate_type.as_str(), e.event_type.as_str()) {
             ("Slide", "SlideUploaded") => self.verify(e).await,
-            ("Job", "JobQueued") => {
-                let s = mira_events::upcast::upcast(mira_eventlog::repo::to_serialized(e.clone()).map_err(failed)?);
-                match serde_json::from_value::<JobEvent>(s.payload).map_err(failed)? {
-                    JobEvent::JobQueued { attempt } => self.run_job(e, attempt).await,
-                    _ => Ok(()),
-                }
-            }
+            ("Job", "JobQueued") => match mira_eventlog::repo::decode::<JobEvent>(e).map_err(HandlerError::Failed)? {
+                JobEvent::JobQueued { attempt } => self.run_job(e, attempt).await,
+                _ => Ok(()),
+            },
             _ => Ok(()),
         }
     }

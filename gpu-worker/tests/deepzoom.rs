@@ -193,20 +193,33 @@ fn compare_with_reference(slide: &Path, name: &str, top: usize, levels: &[usize]
 
 #[test]
 fn jpeg_tiles_are_written_at_the_asked_quality() {
-    let out = scratch("jpeg");
-    let o = worker(&[
-        "process",
-        cmu().to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quality",
-        "90",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let tile = std::fs::read(out.join("slide_files/12/0_0.jpeg")).unwrap();
-    assert_eq!(&tile[..3], &[0xFF, 0xD8, 0xFF], "a JPEG");
-    let _ = std::fs::remove_dir_all(out);
+    // The same tile at two qualities: both JPEG, and the higher quality keeps more bytes.
+    let tile_at = |q: &str| {
+        let out = scratch(&format!("jpeg-q{q}"));
+        let o = worker(&[
+            "process",
+            cmu().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quality",
+            q,
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let tile = std::fs::read(out.join("slide_files/12/1_1.jpeg")).unwrap();
+        let _ = std::fs::remove_dir_all(out);
+        tile
+    };
+    let (high, low) = (tile_at("95"), tile_at("20"));
+    for t in [&high, &low] {
+        assert_eq!(&t[..3], &[0xFF, 0xD8, 0xFF], "a JPEG");
+    }
+    assert!(
+        high.len() > low.len() * 2,
+        "Q95 {} bytes, Q20 {} bytes",
+        high.len(),
+        low.len()
+    );
 }
 
 #[test]

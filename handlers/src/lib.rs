@@ -55,8 +55,7 @@ fn failed(e: impl std::fmt::Display) -> HandlerError {
 }
 
 fn decode<E: serde::de::DeserializeOwned>(e: &StoredEvent) -> Result<E, HandlerError> {
-    let s = mira_events::upcast::upcast(mira_eventlog::repo::to_serialized(e.clone()).map_err(failed)?);
-    serde_json::from_value(s.payload).map_err(failed)
+    mira_eventlog::repo::decode(e).map_err(HandlerError::Failed)
 }
 
 /// The consumer of the `handlers` queue.

@@ -89,21 +89,20 @@ pub async fn create(
             },
         )
         .await;
-    match submitted {
-        Ok(()) => {}
+    let status = match submitted {
+        Ok(()) => "submitted",
         // With a key, the id belongs to that key alone: a job already there was made by a
-        // concurrent or earlier request with the same body.
+        // concurrent or earlier request with the same body. Answer with where it is now.
         Err(
             cqrs_es::AggregateError::UserError(JobError::AlreadyExists) | cqrs_es::AggregateError::AggregateConflict,
-        ) if key.is_some() => {}
+        ) if key.is_some() => state
+            .commands
+            .load_job(&who.tenant, id)
+            .await?
+            .map(|j| j.status.as_str())
+            .ok_or_else(|| ApiError::internal("an existing job did not load"))?,
         Err(e) => return Err(e.into()),
-    }
-    let status = state
-        .commands
-        .load_job(&who.tenant, id)
-        .await?
-        .map(|j| j.status.as_str())
-        .unwrap_or("submitted");
+    };
     tracing::info!(job_id = %id, replay = matches!(claim, Claim::Replay(_)), "job submitted");
     Ok((StatusCode::ACCEPTED, Json(json!({"job_id": id, "status": status}))).into_response())
 }

@@ -126,22 +126,24 @@ pub async fn create(
             },
         )
         .await;
-    match registered {
-        Ok(()) => {}
-        // A replay of a request whose command already ran.
-        // With a key, the id belongs to that key alone (see jobs::create).
+    let status = match registered {
+        Ok(()) => SlideStatus::Registered,
+        // A replay of a request whose command already ran: with a key, the id belongs to that
+        // key alone (see jobs::create). Answer with where the slide is now.
         Err(
             cqrs_es::AggregateError::UserError(mira_aggregates::SlideError::AlreadyExists)
             | cqrs_es::AggregateError::AggregateConflict,
-        ) if key.is_some() => {}
+        ) if key.is_some() => {
+            state
+                .commands
+                .load_slide(&who.tenant, id)
+                .await?
+                .ok_or_else(|| ApiError::internal("an existing slide did not load"))?
+                .status
+        }
         Err(e) => return Err(e.into()),
-    }
-    let slide = state
-        .commands
-        .load_slide(&who.tenant, id)
-        .await?
-        .ok_or_else(|| ApiError::internal("a registered slide did not load"))?;
-    let upload = if slide.status == SlideStatus::Registered {
+    };
+    let upload = if status == SlideStatus::Registered {
         Some(
             state
                 .blobs
@@ -155,7 +157,7 @@ pub async fn create(
     tracing::info!(slide_id = %id, replay = matches!(claim, Claim::Replay(_)), "slide registered");
     Ok((
         StatusCode::CREATED,
-        Json(json!({"slide_id": id, "status": slide.status.as_str(), "upload": upload})),
+        Json(json!({"slide_id": id, "status": status.as_str(), "upload": upload})),
     )
         .into_response())
 }
