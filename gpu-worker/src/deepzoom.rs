@@ -7,6 +7,8 @@
 //! already in memory: no pixel is read or reduced twice, and memory holds a few bands per
 //! level, not the slide.
 
+use crate::kernels::Device;
+
 /// The pyramid's shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Geometry {
@@ -162,6 +164,19 @@ impl Reduce2 {
         self.taps.len()
     }
 
+    /// The taps as flat arrays for the GPU: first input index, offset of the first weight,
+    /// weight count, and every weight.
+    pub fn flat(&self) -> (Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>) {
+        let (mut lo, mut start, mut count, mut w) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (l, k) in &self.taps {
+            lo.push(*l as i32);
+            start.push(w.len() as i32);
+            count.push(k.len() as i32);
+            w.extend_from_slice(k);
+        }
+        (lo, start, count, w)
+    }
+
     /// The input range output `i` reads.
     pub fn span(&self, i: usize) -> (usize, usize) {
         let (lo, w) = &self.taps[i];
@@ -255,11 +270,17 @@ pub struct Builder<'a, S: TileSink> {
     geometry: Geometry,
     levels: Vec<Level>,
     sink: &'a S,
+    device: Device,
     pub tiles_done: std::sync::atomic::AtomicU64,
 }
 
 impl<'a, S: TileSink> Builder<'a, S> {
     pub fn new(geometry: Geometry, sink: &'a S) -> Self {
+        Self::on(geometry, sink, Device::Cpu)
+    }
+
+    /// As [`Builder::new`], running the reductions on `device`.
+    pub fn on(geometry: Geometry, sink: &'a S, device: Device) -> Self {
         let levels = geometry
             .levels
             .iter()
@@ -285,6 +306,7 @@ impl<'a, S: TileSink> Builder<'a, S> {
             geometry,
             levels,
             sink,
+            device,
             tiles_done: Default::default(),
         }
     }
@@ -302,23 +324,13 @@ impl<'a, S: TileSink> Builder<'a, S> {
             let level = &mut self.levels[li];
             level.received += (rgb.len() / stride) as u64;
             if let Some((rx, _)) = &level.reduce {
-                use rayon::prelude::*;
-                let reduced: Vec<Vec<u8>> = rgb
-                    .par_chunks_exact(stride)
-                    .map(|row| {
-                        let mut v = Vec::with_capacity(rx.output_len() * 3);
-                        rx.row(row, &mut v);
-                        v
-                    })
-                    .collect();
-                for r in reduced {
-                    level.h_rows.extend_from_slice(&r);
-                }
+                let reduced = self.device.reduce_rows(rx, &rgb, level.width as usize)?;
+                level.h_rows.extend_from_slice(&reduced);
             }
             level.rows.extend_from_slice(&rgb);
         }
         self.emit_ready(li)?;
-        let down = self.reduce_ready(li);
+        let down = self.reduce_ready(li)?;
         if !down.is_empty() {
             self.push_level(li - 1, down)?;
         }
@@ -326,10 +338,10 @@ impl<'a, S: TileSink> Builder<'a, S> {
     }
 
     /// The rows of the level below `li` whose inputs have all arrived.
-    fn reduce_ready(&mut self, li: usize) -> Vec<u8> {
+    fn reduce_ready(&mut self, li: usize) -> anyhow::Result<Vec<u8>> {
         let level = &mut self.levels[li];
         let Some((rx, ry)) = &level.reduce else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let hstride = rx.output_len() * 3;
         let first = level.next_down;
@@ -338,24 +350,11 @@ impl<'a, S: TileSink> Builder<'a, S> {
             end += 1;
         }
         if end == first {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        let (h_rows, h_first) = (&level.h_rows, level.h_first);
-        let rows: Vec<Vec<u8>> = {
-            use rayon::prelude::*;
-            (first..end)
-                .into_par_iter()
-                .map(|i| {
-                    let (a, b) = ry.span(i);
-                    let inputs: Vec<&[u8]> = h_rows[(a - h_first) * hstride..(b - h_first) * hstride]
-                        .chunks_exact(hstride)
-                        .collect();
-                    let mut out = Vec::with_capacity(hstride);
-                    ry.column(i, &inputs, &mut out);
-                    out
-                })
-                .collect()
-        };
+        let rows = self
+            .device
+            .reduce_columns(ry, first, end, &level.h_rows, level.h_first, hstride)?;
         level.next_down = end;
         // Rows before the next output's first input are no longer needed.
         let keep = if end < ry.output_len() {
@@ -367,7 +366,7 @@ impl<'a, S: TileSink> Builder<'a, S> {
             level.h_rows.drain(..(keep - level.h_first) * hstride);
             level.h_first = keep;
         }
-        rows.concat()
+        Ok(rows)
     }
 
     /// Emits every tile row of level `li` whose pixels are all buffered.

@@ -12,6 +12,9 @@
 //! statistics come next.
 
 pub mod deepzoom;
+pub mod kernels;
 pub mod process;
 pub mod run;
 pub mod slide;
+pub mod stain;
+pub mod tissue;

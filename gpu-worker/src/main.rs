@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mira_gpu_worker::kernels::{self, Device};
 use mira_gpu_worker::process::{self, Format, Options};
 
 #[derive(Parser)]
@@ -35,9 +36,23 @@ enum Command {
         /// JPEG quality.
         #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(1..=100))]
         quality: u8,
+        /// Also write a stain-normalised pyramid (`normalized.dzi`).
+        #[arg(long, value_enum, default_value = "none")]
+        normalize: process::Normalize,
+        /// Skip the tissue mask and the tiles' tissue fractions.
+        #[arg(long)]
+        no_tissue: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Compile every CUDA kernel with NVRTC (no GPU needed) and, when a GPU can be used,
+    /// check each against its CPU implementation and time it against the device's copy
+    /// bandwidth.
+    Kernels {
+        /// Compile for this compute capability (e.g. 90) instead of the device's.
+        #[arg(long)]
+        arch: Option<i32>,
     },
     /// Take work from the `gpu-jobs` queue until SIGTERM: verify uploaded slides and run
     /// queued jobs. Settings as for `mira` (DATABASE_URL, Messaging__Provider, Storage__…).
@@ -57,6 +72,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, worker_id } => {
             let settings = mira_config::Settings::load(config.as_deref(), std::env::vars())?;
+            let device = pick_device()?;
             let id = worker_id.unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
                 format!("{}-{}", host.trim(), std::process::id())
@@ -73,7 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     s.cancel();
                 });
-                mira_gpu_worker::run::run(settings, id, shutdown).await
+                mira_gpu_worker::run::run(settings, id, device, shutdown).await
             })?;
         }
         Command::Process {
@@ -83,6 +99,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tile_size,
             overlap,
             quality,
+            normalize,
+            no_tissue,
             json,
         } => {
             anyhow::ensure!(
@@ -94,6 +112,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 overlap,
                 format,
                 quality,
+                tissue: !no_tissue,
+                normalize,
+                device: pick_device()?,
             };
             let s = process::process(&slide, &out, &opts, |done, total| {
                 if !json {
@@ -107,12 +128,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
                 eprintln!();
+                let tissue = s
+                    .tissue_fraction
+                    .map(|f| format!("{:.1} % tissue", 100.0 * f))
+                    .unwrap_or_else(|| "no tissue mask".into());
                 println!(
-                    "{}×{} ({:.1} megapixels) in {:.2} s: {:.1} megapixels/s, {} levels, {} tiles, device {}",
+                    "{}×{} ({:.1} megapixels) in {:.2} s: {:.1} megapixels/s, {} levels, {} tiles, {tissue}, device {}",
                     s.width, s.height, s.megapixels, s.seconds, s.megapixels_per_second, s.levels, s.tiles, s.device
                 );
             }
         }
+        Command::Kernels { arch } => kernels(arch)?,
         Command::Inspect { slide } => {
             let s = mira_gpu_worker::slide::Slide::open(&slide)?;
             let (meta, private) = s.metadata();
@@ -121,6 +147,66 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 serde_json::json!({"metadata": meta, "sealed_before_storage": private.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>())})
             );
         }
+    }
+    Ok(())
+}
+
+/// `MIRA_GPU` → the device, with the reason logged.
+fn pick_device() -> anyhow::Result<Device> {
+    let (device, why) = kernels::choose(kernels::GpuMode::from_env()?)?;
+    tracing::info!(device = %device.name(), "{why}");
+    if !device.is_gpu() {
+        tracing::warn!("{why}");
+    }
+    Ok(device)
+}
+
+fn kernels(arch: Option<i32>) -> anyhow::Result<()> {
+    use kernels::gpu;
+    let (major, minor) = gpu::nvrtc_version()?;
+    let archs = gpu::nvrtc_archs()?;
+    println!("NVRTC {major}.{minor}; CUBIN architectures {archs:?}");
+    let arch = match arch {
+        Some(a) => a,
+        None if gpu::driver_present() => match gpu::Gpu::open() {
+            Ok(g) => g.compute_capability.0 * 10 + g.compute_capability.1,
+            Err(_) => *archs.last().unwrap_or(&75),
+        },
+        None => *archs.last().unwrap_or(&75),
+    };
+    for (file, src) in gpu::SOURCES {
+        for cubin in [false, true] {
+            let image = gpu::compile(file, src, arch, cubin)?;
+            let (kind, size) = match &image {
+                gpu::Image::Cubin(b) => ("cubin", b.len()),
+                gpu::Image::Ptx(s) => ("ptx", s.len()),
+            };
+            let text = match &image {
+                gpu::Image::Ptx(s) => s.clone(),
+                gpu::Image::Cubin(b) => String::from_utf8_lossy(b).into_owned(),
+            };
+            let missing: Vec<&str> = gpu::KERNELS
+                .iter()
+                .chain(gpu::MORE_KERNELS.iter())
+                .filter(|(f, k)| *f == file && !text.contains(k))
+                .map(|(_, k)| *k)
+                .collect();
+            anyhow::ensure!(missing.is_empty(), "{file}: {kind} lacks {missing:?}");
+            println!("{file}: {kind} for {arch}: {size} bytes");
+        }
+    }
+    match kernels::choose(kernels::GpuMode::from_env()?) {
+        Ok((Device::Gpu(g), why)) => {
+            println!("{why}");
+            for (name, gbps, copy) in kernels::bench(&g)? {
+                println!(
+                    "{name:<24} {gbps:8.1} GB/s  ({:5.1} % of the {copy:.0} GB/s device copy)",
+                    100.0 * gbps / copy
+                );
+            }
+        }
+        Ok((_, why)) => println!("no GPU to check the kernels on: {why}"),
+        Err(e) => return Err(e),
     }
     Ok(())
 }

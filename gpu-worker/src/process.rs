@@ -14,7 +14,10 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::deepzoom::{Builder, Geometry, TileSink};
+use crate::kernels::Device;
 use crate::slide::Slide;
+use crate::stain::{Macenko, Normalizer, Reinhard};
+use crate::tissue::{rgb_mean_std, Mask, Thumbnail, TileStats};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -32,12 +35,41 @@ impl Format {
     }
 }
 
+/// `--normalize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    None,
+    Macenko,
+    Reinhard,
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub tile_size: u32,
     pub overlap: u32,
     pub format: Format,
     pub quality: u8,
+    /// Build the tissue mask (`mask.png`) and give each tile its tissue fraction.
+    pub tissue: bool,
+    /// Also write a stain-normalised pyramid (`normalized.dzi`, `normalized_files/`).
+    pub normalize: Normalize,
+    pub device: Device,
+}
+
+impl Options {
+    /// The job defaults of DESIGN §8 on the CPU.
+    pub fn new(format: Format) -> Self {
+        Self {
+            tile_size: 254,
+            overlap: 1,
+            format,
+            quality: 80,
+            tissue: true,
+            normalize: Normalize::None,
+            device: Device::Cpu,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,15 +88,20 @@ pub struct Summary {
     pub megapixels_per_second: f64,
     pub levels: usize,
     pub tiles: u64,
-    pub device: &'static str,
+    pub tissue_fraction: Option<f64>,
+    pub normalize: Normalize,
+    pub device: String,
     pub manifest_sha256: String,
 }
 
-/// Writes encoded tiles under `<out>/slide_files/<level>/<col>_<row>.<ext>`.
-struct Writer {
+/// Writes encoded tiles under `<out>/<name>_files/<level>/<col>_<row>.<ext>`, and keeps the
+/// statistics of the full-resolution tiles when `stats` is on.
+struct Writer<'a> {
     root: PathBuf,
+    name: &'static str,
     opts: Options,
-    objects: Mutex<Vec<ManifestObject>>,
+    objects: &'a Mutex<Vec<ManifestObject>>,
+    stats: Option<(usize, &'a Geometry, Option<&'a Mask>, Mutex<Vec<TileStats>>)>,
 }
 
 thread_local! {
@@ -103,27 +140,39 @@ pub fn encode(format: Format, quality: u8, w: u32, h: u32, rgb: &[u8]) -> anyhow
     }
 }
 
-impl Writer {
-    fn write(&self, key: String, bytes: &[u8]) -> anyhow::Result<()> {
-        let path = self.root.join(&key);
-        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
-        self.objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(ManifestObject {
-                key,
-                bytes: bytes.len() as u64,
-                sha256: hex::encode(Sha256::digest(bytes)),
-            });
-        Ok(())
-    }
+fn write_object(root: &Path, objects: &Mutex<Vec<ManifestObject>>, key: String, bytes: &[u8]) -> anyhow::Result<()> {
+    let path = root.join(&key);
+    std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    objects.lock().unwrap_or_else(|p| p.into_inner()).push(ManifestObject {
+        key,
+        bytes: bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(bytes)),
+    });
+    Ok(())
 }
 
-impl TileSink for Writer {
+impl TileSink for Writer<'_> {
     fn tile(&self, level: usize, col: u64, row: u64, w: u32, h: u32, rgb: &[u8]) -> anyhow::Result<()> {
+        if let Some((top, geometry, mask, stats)) = &self.stats {
+            if level == *top {
+                // From the pixels already in hand: no tile is read or decoded twice.
+                let (mean, std) = rgb_mean_std(rgb);
+                let (x, y, tw, th) = geometry.tile_rect(level, col, row);
+                let tissue = mask.map(|m| m.fraction_in(x, y, tw, th)).unwrap_or(f64::NAN);
+                stats.lock().unwrap_or_else(|p| p.into_inner()).push(TileStats {
+                    col,
+                    row,
+                    tissue,
+                    mean,
+                    std,
+                });
+            }
+        }
         let bytes = encode(self.opts.format, self.opts.quality, w, h, rgb)?;
-        self.write(
-            format!("slide_files/{level}/{col}_{row}.{}", self.opts.format.ext()),
+        write_object(
+            &self.root,
+            self.objects,
+            format!("{}_files/{level}/{col}_{row}.{}", self.name, self.opts.format.ext()),
             &bytes,
         )
     }
@@ -149,32 +198,89 @@ pub fn process_until(
     stop: impl Fn() -> bool + Sync,
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
+    let device = opts.device.clone();
     let slide = Slide::open(slide_path)?;
     let (w, h) = slide.dimensions();
     let geometry = Geometry::new(w, h, opts.tile_size, opts.overlap);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     // A manifest from an earlier run no longer describes what is about to be written.
     let _ = std::fs::remove_file(out.join("manifest.json"));
-    for l in 0..geometry.level_count() {
-        std::fs::create_dir_all(out.join(format!("slide_files/{l}")))?;
+    let objects = Mutex::new(Vec::new());
+
+    // The mask and the stain statistics come from one low-resolution thumbnail.
+    let mask = if opts.tissue || opts.normalize != Normalize::None {
+        let thumb = Thumbnail::read(&slide)?;
+        let mask = Mask::build(&device, &thumb)?;
+        let normalizer = match opts.normalize {
+            Normalize::None => None,
+            Normalize::Macenko => {
+                let fit = Macenko::fit(&device, &mask.select(&thumb)).context("Macenko normalisation")?;
+                Some(Normalizer::Macenko { m: fit.matrix()?, fit })
+            }
+            Normalize::Reinhard => {
+                let fit = Reinhard::fit(&mask.select(&thumb)).context("Reinhard normalisation")?;
+                let (k, d) = fit.coefficients();
+                Some(Normalizer::Reinhard { k, d, fit })
+            }
+        };
+        Some((mask, normalizer))
+    } else {
+        None
+    };
+    let normalizer = mask.as_ref().and_then(|(_, n)| n.clone());
+    let mask = mask.map(|(m, _)| m).filter(|_| opts.tissue);
+    if let Some(m) = &mask {
+        write_object(out, &objects, "mask.png".into(), &m.png()?)?;
     }
+
+    let names: &[&'static str] = if normalizer.is_some() {
+        &["slide", "normalized"]
+    } else {
+        &["slide"]
+    };
+    for name in names {
+        for l in 0..geometry.level_count() {
+            std::fs::create_dir_all(out.join(format!("{name}_files/{l}")))?;
+        }
+    }
+    let top = geometry.level_count() - 1;
     let writer = Writer {
         root: out.to_path_buf(),
+        name: "slide",
         opts: opts.clone(),
-        objects: Mutex::new(Vec::new()),
+        objects: &objects,
+        stats: Some((top, &geometry, mask.as_ref(), Mutex::new(Vec::new()))),
     };
-    let total = geometry.tile_count();
+    let normalized_writer = Writer {
+        root: out.to_path_buf(),
+        name: "normalized",
+        opts: opts.clone(),
+        objects: &objects,
+        stats: None,
+    };
+    let per_pyramid = geometry.tile_count();
+    let total = per_pyramid * names.len() as u64;
     // Bands of whole tile rows, about 32 MiB of BGRA each.
     let band_rows = ((32 << 20) / (w * 4)).max(1).div_ceil(opts.tile_size as u64) * opts.tile_size as u64;
-    let mut builder = Builder::new(geometry.clone(), &writer);
+    let mut builder = Builder::on(geometry.clone(), &writer, device.clone());
+    let mut normalized = normalizer
+        .as_ref()
+        .map(|_| Builder::on(geometry.clone(), &normalized_writer, device.clone()));
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<Vec<u8>>>(2);
-        let slide = &slide;
+        let (slide, device) = (&slide, &device);
         scope.spawn(move || {
             let mut y = 0;
             while y < h {
                 let rows = band_rows.min(h - y);
-                let band = slide.read_rgb_parallel(0, 0, y, w, rows).map_err(anyhow::Error::from);
+                let band = if device.is_gpu() {
+                    slide
+                        .read_bgra_parallel(0, 0, y, w, rows)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|bgra| device.bgra_to_rgb_sat(&bgra).map(|(rgb, _)| rgb))
+                } else {
+                    slide.read_rgb_parallel(0, 0, y, w, rows).map_err(anyhow::Error::from)
+                };
                 let failed = band.is_err();
                 if tx.send(band).is_err() || failed {
                     return;
@@ -187,27 +293,63 @@ pub fn process_until(
             if stop() {
                 return Err(Stopped.into());
             }
-            builder.push(&band?)?;
+            let band = band?;
+            if let (Some(n), Some(b)) = (&normalizer, normalized.as_mut()) {
+                let mut copy = band.clone();
+                n.apply(device, &mut copy)?;
+                b.push(&copy)?;
+            }
+            builder.push(&band)?;
             if last.elapsed().as_millis() >= 250 {
-                progress(builder.tiles_done.load(std::sync::atomic::Ordering::Relaxed), total);
+                let done = |b: &Builder<'_, Writer<'_>>| b.tiles_done.load(std::sync::atomic::Ordering::Relaxed);
+                progress(done(&builder) + normalized.as_ref().map(done).unwrap_or(0), total);
                 last = Instant::now();
             }
         }
         Ok(())
     })?;
     builder.finish()?;
+    if let Some(b) = normalized.as_mut() {
+        b.finish()?;
+    }
     progress(total, total);
-    writer.write("slide.dzi".into(), geometry.dzi(opts.format.ext()).as_bytes())?;
-    let mut objects = writer.objects.into_inner().unwrap_or_else(|p| p.into_inner());
+    let ext = opts.format.ext();
+    write_object(out, &objects, "slide.dzi".into(), geometry.dzi(ext).as_bytes())?;
+    if normalizer.is_some() {
+        write_object(out, &objects, "normalized.dzi".into(), geometry.dzi(ext).as_bytes())?;
+    }
+    let mut stats = writer
+        .stats
+        .map(|(_, _, _, s)| s.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .unwrap_or_default();
+    stats.sort_by_key(|t| (t.row, t.col));
+    let stats_doc = serde_json::json!({
+        "level": top,
+        "tile_size": opts.tile_size,
+        "overlap": opts.overlap,
+        "columns": ["col", "row", "tissue", "mean", "std"],
+        "tiles": stats.iter().map(|t| serde_json::json!([t.col, t.row,
+            if t.tissue.is_nan() { serde_json::Value::Null } else { serde_json::json!((t.tissue * 1e4).round() / 1e4) },
+            t.mean.map(|v| (v * 100.0).round() / 100.0), t.std.map(|v| (v * 100.0).round() / 100.0)])).collect::<Vec<_>>(),
+    });
+    write_object(out, &objects, "stats.json".into(), &serde_json::to_vec(&stats_doc)?)?;
+    let mut objects = objects.into_inner().unwrap_or_else(|p| p.into_inner());
     objects.sort_by(|a, b| a.key.cmp(&b.key));
     let seconds = started.elapsed().as_secs_f64();
     let megapixels = (w * h) as f64 / 1e6;
+    let tissue_fraction = mask.as_ref().map(|m| m.fraction());
     let manifest = serde_json::json!({
         "format_version": 1,
         "slide": {"width": w, "height": h},
         "deepzoom": {"dzi": "slide.dzi", "tile_size": opts.tile_size, "overlap": opts.overlap,
-                     "format": opts.format, "quality": opts.quality, "levels": geometry.level_count(), "tiles": total},
-        "device": "cpu",
+                     "format": opts.format, "quality": opts.quality, "levels": geometry.level_count(), "tiles": per_pyramid},
+        "tissue": mask.as_ref().map(|m| serde_json::json!({
+            "mask": "mask.png", "width": m.width, "height": m.height, "downsample": m.downsample,
+            "otsu_threshold": m.threshold, "fraction": m.fraction(),
+        })),
+        "normalized": normalizer.as_ref().map(|n| serde_json::json!({"dzi": "normalized.dzi", "stains": n.describe()})),
+        "stats": "stats.json",
+        "device": device.name(),
         "objects": objects,
     });
     let bytes = serde_json::to_vec_pretty(&manifest)?;
@@ -220,7 +362,9 @@ pub fn process_until(
         megapixels_per_second: megapixels / seconds.max(1e-9),
         levels: geometry.level_count(),
         tiles: total,
-        device: "cpu",
+        tissue_fraction,
+        normalize: opts.normalize,
+        device: device.name(),
         manifest_sha256: hex::encode(Sha256::digest(&bytes)),
     })
 }

@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
+use crate::kernels::Device;
 use crate::process::{self, Format, Options};
 
 /// Where slides come from and results go.
@@ -106,6 +107,7 @@ impl Store {
 
 pub struct Worker {
     commands: Commands,
+    device: Device,
     store: Store,
     worker_id: String,
     lease: Duration,
@@ -134,9 +136,17 @@ fn ctx(e: &StoredEvent, tenant: &TenantId, worker: &str) -> CommandContext {
 }
 
 impl Worker {
-    pub fn new(commands: Commands, store: Store, worker_id: String, lease: Duration, scratch: PathBuf) -> Self {
+    pub fn new(
+        commands: Commands,
+        store: Store,
+        worker_id: String,
+        lease: Duration,
+        scratch: PathBuf,
+        device: Device,
+    ) -> Self {
         Self {
             commands,
+            device,
             store,
             worker_id,
             lease,
@@ -227,7 +237,7 @@ impl Worker {
                 manifest_key: key,
                 manifest_sha256: sha256,
                 usage: Usage {
-                    device: "cpu".into(),
+                    device: self.device.name(),
                     device_seconds: started.elapsed().as_secs_f64(),
                     bytes_written: bytes,
                 },
@@ -259,9 +269,6 @@ impl Worker {
     ) -> Result<Done, (String, bool)> {
         let params: PreprocessParams =
             serde_json::from_value(job.params.clone()).map_err(|e| (format!("invalid job parameters: {e}"), false))?;
-        if params.normalize != Normalize::None {
-            return Err(("stain normalisation is not available in this worker yet".into(), false));
-        }
         let slide_id = job.slide_id.ok_or(("the job names no slide".to_string(), false))?;
         let slide = self
             .commands
@@ -288,6 +295,13 @@ impl Worker {
                 TileFormat::Png => Format::Png,
             },
             quality: params.quality,
+            tissue: params.tissue,
+            normalize: match params.normalize {
+                Normalize::None => process::Normalize::None,
+                Normalize::Macenko => process::Normalize::Macenko,
+                Normalize::Reinhard => process::Normalize::Reinhard,
+            },
+            device: self.device.clone(),
         };
         // Heartbeats extend the lease, report progress and notice cancellation.
         let stop = Arc::new(AtomicBool::new(false));
@@ -368,7 +382,9 @@ impl Worker {
             Ok(Ok(s)) => s,
             Ok(Err(e)) if e.is::<process::Stopped>() => return Ok(Done::Cancelled),
             Ok(Err(e)) => {
-                let retryable = e.downcast_ref::<crate::slide::SlideError>().is_none();
+                // The slide or its stains will not change: only other failures are worth a retry.
+                let retryable = e.downcast_ref::<crate::slide::SlideError>().is_none()
+                    && e.downcast_ref::<crate::stain::StainError>().is_none();
                 return Err((format!("{e:#}"), retryable));
             }
             Err(e) => return Err((format!("the pipeline crashed: {e}"), true)),
@@ -429,8 +445,14 @@ impl Handler for Worker {
     }
 }
 
-/// `mira-worker run` until `shutdown`; the job in hand is finished first.
-pub async fn run(settings: Settings, worker_id: String, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// `mira-worker run` until `shutdown`; the job in hand is finished first. Kernels run on
+/// `device` (see [`crate::kernels::choose`]).
+pub async fn run(
+    settings: Settings,
+    worker_id: String,
+    device: Device,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let pool = mira_eventlog::db::connect(
         settings.database_url()?,
         settings.database.max_connections,
@@ -448,6 +470,7 @@ pub async fn run(settings: Settings, worker_id: String, shutdown: CancellationTo
         worker_id,
         Duration::from_secs(60),
         scratch,
+        device,
     ));
     let mut cfg = ConsumerConfig::for_group(Group::GpuJobs);
     cfg.batch = 1;

@@ -82,6 +82,11 @@ impl Slide {
         Ok(slide)
     }
 
+    /// Every level's width, height and downsample.
+    pub fn levels(&self) -> &[(u64, u64, f64)] {
+        &self.levels
+    }
+
     pub fn dimensions(&self) -> (u64, u64) {
         (self.levels[0].0, self.levels[0].1)
     }
@@ -134,6 +139,11 @@ impl Slide {
     /// RGB pixels of a rectangle of `level`, composited over white. `x`, `y` are in the
     /// level's own pixels.
     pub fn read_rgb(&self, level: u32, x: u64, y: u64, w: u64, h: u64) -> Result<Vec<u8>, SlideError> {
+        Ok(bgra_to_rgb_over_white(&self.read_bgra(level, x, y, w, h)?))
+    }
+
+    /// OpenSlide's premultiplied BGRA bytes of a rectangle of `level`, checked.
+    pub fn read_bgra(&self, level: u32, x: u64, y: u64, w: u64, h: u64) -> Result<Vec<u8>, SlideError> {
         let &(lw, lh, down) = self
             .levels
             .get(level as usize)
@@ -168,7 +178,7 @@ impl Slide {
                 bgra.len()
             )));
         }
-        Ok(bgra_to_rgb_over_white(&bgra))
+        Ok(bgra)
     }
 }
 
@@ -176,10 +186,29 @@ impl Slide {
     /// As [`Slide::read_rgb`], reading vertical strips in parallel (OpenSlide reads are
     /// thread-safe on one handle) and stitching them row by row.
     pub fn read_rgb_parallel(&self, level: u32, x: u64, y: u64, w: u64, h: u64) -> Result<Vec<u8>, SlideError> {
+        self.read_parallel(level, x, y, w, h, 3, |s, l, x, y, w, h| s.read_rgb(l, x, y, w, h))
+    }
+
+    /// As [`Slide::read_bgra`], in parallel strips (for the GPU path, which converts).
+    pub fn read_bgra_parallel(&self, level: u32, x: u64, y: u64, w: u64, h: u64) -> Result<Vec<u8>, SlideError> {
+        self.read_parallel(level, x, y, w, h, 4, |s, l, x, y, w, h| s.read_bgra(l, x, y, w, h))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read_parallel(
+        &self,
+        level: u32,
+        x: u64,
+        y: u64,
+        w: u64,
+        h: u64,
+        bpp: usize,
+        read: impl Fn(&Self, u32, u64, u64, u64, u64) -> Result<Vec<u8>, SlideError> + Sync,
+    ) -> Result<Vec<u8>, SlideError> {
         use rayon::prelude::*;
         let strips = (rayon::current_num_threads() as u64 * 2).clamp(1, w.div_ceil(512).max(1));
         if strips <= 1 {
-            return self.read_rgb(level, x, y, w, h);
+            return read(self, level, x, y, w, h);
         }
         let step = w.div_ceil(strips);
         let parts: Vec<(u64, Vec<u8>)> = (0..strips)
@@ -188,13 +217,13 @@ impl Slide {
             .map(|k| {
                 let sx = k * step;
                 let sw = step.min(w - sx);
-                self.read_rgb(level, x + sx, y, sw, h).map(|px| (sw, px))
+                read(self, level, x + sx, y, sw, h).map(|px| (sw, px))
             })
             .collect::<Result<_, _>>()?;
-        let mut out = Vec::with_capacity((w * h * 3) as usize);
+        let mut out = Vec::with_capacity((w * h) as usize * bpp);
         for row in 0..h as usize {
             for (sw, px) in &parts {
-                let n = *sw as usize * 3;
+                let n = *sw as usize * bpp;
                 out.extend_from_slice(&px[row * n..(row + 1) * n]);
             }
         }
