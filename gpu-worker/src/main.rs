@@ -154,9 +154,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// `MIRA_GPU` → the device, with the reason logged.
 fn pick_device() -> anyhow::Result<Device> {
     let (device, why) = kernels::choose(kernels::GpuMode::from_env()?)?;
-    tracing::info!(device = %device.name(), "{why}");
-    if !device.is_gpu() {
+    // Worth a warning only where a GPU was there to be had.
+    if !device.is_gpu() && kernels::gpu::driver_present() {
         tracing::warn!("{why}");
+    } else {
+        tracing::info!(device = %device.name(), "{why}");
     }
     Ok(device)
 }

@@ -75,10 +75,15 @@ impl Slide {
             return Err(SlideError::Inconsistent("level 0 is empty".into()));
         }
         let slide = Self { osr, levels };
-        // Touch the first and last pixel so a truncated file fails here, not half way.
-        let (w, h, _) = slide.levels[0];
-        slide.read_rgb(0, 0, 0, 1, 1)?;
-        slide.read_rgb(0, w - 1, h - 1, 1, 1)?;
+        // Touch the first and last pixel of every level, so a truncated file, or a level whose
+        // header promises more than its data holds, fails here and not half way through a job.
+        for (l, &(w, h, d)) in slide.levels.iter().enumerate() {
+            for (x, y) in [(0, 0), (w - 1, h - 1)] {
+                slide.read_bgra(l as u32, x, y, 1, 1).map_err(|e| {
+                    SlideError::Inconsistent(format!("level {l} ({w}×{h}, downsample {d:.3}) cannot be read: {e}"))
+                })?;
+            }
+        }
         Ok(slide)
     }
 

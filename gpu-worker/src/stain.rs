@@ -13,8 +13,8 @@ pub const ALPHA: f64 = 1.0;
 
 /// Mira's Reinhard target: the CIELAB mean and standard deviation of the tissue of
 /// `CMU-1-Small-Region.svs` (the H&E slide the tests use), as torchstain's `fit` computes them.
-pub const REINHARD_TARGET_MEAN: [f64; 3] = [68.4, 23.1, -12.6];
-pub const REINHARD_TARGET_STD: [f64; 3] = [13.9, 9.3, 6.9];
+pub const REINHARD_TARGET_MEAN: [f64; 3] = [50.80, 27.18, -11.60];
+pub const REINHARD_TARGET_STD: [f64; 3] = [21.35, 12.80, 8.51];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StainError {

@@ -66,6 +66,16 @@ fn the_cmu_pyramid_matches_openslides_deepzoom_generator() {
 #[test]
 fn a_generated_three_level_pyramid_matches_openslides_deepzoom_generator() {
     let dir = scratch("pyramid");
+    let tif = pyramid(&dir);
+    let meta = worker(&["inspect", tif.to_str().unwrap()]);
+    let meta: serde_json::Value = serde_json::from_slice(&meta.stdout).unwrap();
+    assert_eq!(meta["metadata"]["levels"].as_array().unwrap().len(), 3, "{meta}");
+    compare_with_reference(&tif, "pyramid-out", 10, &[10, 9, 8, 6]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A 1024×1000 3-level pyramidal JPEG TIFF made from the CMU slide with vips, in `dir`.
+fn pyramid(dir: &Path) -> PathBuf {
     let run = |args: &[&str]| {
         let o = Command::new("vips")
             .args(args)
@@ -102,11 +112,38 @@ fn a_generated_three_level_pyramid_matches_openslides_deepzoom_generator() {
         "--tile-height",
         "256",
     ]);
-    let meta = worker(&["inspect", &s(&tif)]);
-    let meta: serde_json::Value = serde_json::from_slice(&meta.stdout).unwrap();
-    assert_eq!(meta["metadata"]["levels"].as_array().unwrap().len(), 3, "{meta}");
-    compare_with_reference(&tif, "pyramid-out", 10, &[10, 9, 8, 6]);
-    let _ = std::fs::remove_dir_all(dir);
+    tif
+}
+
+/// Rewrites the width and height of the `ifd`-th image of a little-endian classic TIFF: the
+/// header then promises a level its tile offsets do not hold.
+fn patch_tiff_level(path: &Path, ifd: usize, width: u32, height: u32) {
+    let mut data = std::fs::read(path).unwrap();
+    assert_eq!(&data[..4], b"II*\0", "vips writes little-endian classic TIFF");
+    let u16_at = |d: &[u8], o: usize| u16::from_le_bytes([d[o], d[o + 1]]) as usize;
+    let u32_at = |d: &[u8], o: usize| u32::from_le_bytes(d[o..o + 4].try_into().unwrap()) as usize;
+    let mut off = u32_at(&data, 4);
+    for _ in 0..ifd {
+        off = u32_at(&data, off + 2 + 12 * u16_at(&data, off));
+    }
+    let mut patched = 0;
+    for i in 0..u16_at(&data, off) {
+        let e = off + 2 + 12 * i;
+        let (tag, kind) = (u16_at(&data, e), u16_at(&data, e + 2));
+        let value = match tag {
+            256 => width,
+            257 => height,
+            _ => continue,
+        };
+        if kind == 3 {
+            data[e + 8..e + 10].copy_from_slice(&(value as u16).to_le_bytes());
+        } else {
+            data[e + 8..e + 12].copy_from_slice(&value.to_le_bytes());
+        }
+        patched += 1;
+    }
+    assert_eq!(patched, 2);
+    std::fs::write(path, data).unwrap();
 }
 
 fn compare_with_reference(slide: &Path, name: &str, top: usize, levels: &[usize]) {
@@ -165,7 +202,8 @@ fn compare_with_reference(slide: &Path, name: &str, top: usize, levels: &[usize]
     }
 
     // Pixels: identical reads at full resolution; lower levels differ only by the filter
-    // (ours: 2×2 box averages of the level above; OpenSlide's: Lanczos from the nearest level).
+    // (ours: Lanczos-3 2× reductions of the level above, with Pillow's weights; OpenSlide's:
+    // Pillow's Lanczos from the nearest slide level in one step).
     for &level in levels {
         let mut worst = f64::INFINITY;
         for e in std::fs::read_dir(reference.join(level.to_string())).unwrap() {
@@ -184,7 +222,8 @@ fn compare_with_reference(slide: &Path, name: &str, top: usize, levels: &[usize]
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     let objects = manifest["objects"].as_array().unwrap();
-    assert_eq!(objects.len() as u64, summary["tiles"].as_u64().unwrap() + 1);
+    // The tiles, the .dzi, the tissue mask and the tile statistics.
+    assert_eq!(objects.len() as u64, summary["tiles"].as_u64().unwrap() + 3);
     let dzi_entry = objects.iter().find(|o| o["key"] == "slide.dzi").unwrap();
     use sha2::Digest;
     assert_eq!(dzi_entry["sha256"], hex::encode(sha2::Sha256::digest(dzi.as_bytes())));
@@ -230,7 +269,14 @@ fn unusable_files_fail_with_a_clear_reason_and_no_manifest() {
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
     let text = dir.join("notes.svs");
     std::fs::write(&text, "a text file, not a slide").unwrap();
-    for (file, expect) in [(&truncated, ""), (&text, "not a slide OpenSlide can read")] {
+    // A level whose header says 900×880 while its tiles cover 512×500.
+    let impossible = pyramid(&dir);
+    patch_tiff_level(&impossible, 1, 900, 880);
+    for (file, expect) in [
+        (&truncated, ""),
+        (&text, "not a slide OpenSlide can read"),
+        (&impossible, "level 1 (900×880"),
+    ] {
         let out = dir.join("out");
         let o = worker(&[
             "process",
@@ -241,12 +287,103 @@ fn unusable_files_fail_with_a_clear_reason_and_no_manifest() {
         ]);
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         assert_eq!(o.status.code(), Some(2), "{file:?}: {err}");
-        assert!(
-            err.starts_with("mira-worker: ") && err.lines().count() == 1,
-            "one clear line: {err}"
-        );
-        assert!(err.contains(expect), "{err}");
+        // libtiff may warn on its own lines first; Mira's verdict is one clear last line.
+        let last = err.lines().last().unwrap_or_default();
+        assert!(last.starts_with("mira-worker: "), "one clear line: {err}");
+        assert!(!last.contains("panicked"), "{err}");
+        assert!(last.contains(expect), "{err}");
         assert!(!out.join("manifest.json").exists(), "no manifest for a failed run");
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_pipeline_writes_the_mask_statistics_and_a_normalised_pyramid_all_in_the_manifest() {
+    let out = scratch("full");
+    let o = worker(&[
+        "process",
+        cmu().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--normalize",
+        "macenko",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+
+    // Two pyramids of the same geometry.
+    assert_eq!(
+        std::fs::read(out.join("slide.dzi")).unwrap(),
+        std::fs::read(out.join("normalized.dzi")).unwrap()
+    );
+    let per = manifest["deepzoom"]["tiles"].as_u64().unwrap();
+    assert_eq!(summary["tiles"].as_u64().unwrap(), 2 * per);
+    assert_eq!(manifest["normalized"]["stains"]["method"], "macenko");
+    let original = std::fs::read(out.join("slide_files/12/3_3.jpeg")).unwrap();
+    let normalised = std::fs::read(out.join("normalized_files/12/3_3.jpeg")).unwrap();
+    assert_ne!(original, normalised, "normalisation changes the pixels");
+
+    // The mask: a greyscale PNG of 0 and 255, with the tissue fraction the summary reports.
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(out.join("mask.png")).unwrap(),
+    ));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Grayscale);
+    buf.truncate(info.buffer_size());
+    assert!(buf.iter().all(|v| *v == 0 || *v == 255));
+    let fraction = buf.iter().filter(|v| **v == 255).count() as f64 / buf.len() as f64;
+    let reported = summary["tissue_fraction"].as_f64().unwrap();
+    assert!((fraction - reported).abs() < 1e-9, "{fraction} vs {reported}");
+    // The CMU region is a strip of tissue on glass: neither empty nor full.
+    assert!((0.15..0.75).contains(&fraction), "{fraction}");
+
+    // Statistics for every full-resolution tile; background tiles are bright and flat.
+    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("stats.json")).unwrap()).unwrap();
+    let tiles = stats["tiles"].as_array().unwrap();
+    let (cols, rows) = (9, 12); // ceil(2220 / 254), ceil(2967 / 254)
+    assert_eq!(tiles.len(), cols * rows);
+    let mut tissue_tiles = 0;
+    for t in tiles {
+        let tissue = t[2].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&tissue));
+        let mean: Vec<f64> = serde_json::from_value(t[3].clone()).unwrap();
+        if tissue == 0.0 {
+            assert!(mean.iter().all(|m| *m > 200.0), "glass is bright: {t}");
+        }
+        if tissue > 0.9 {
+            tissue_tiles += 1;
+            assert!(mean[1] < 200.0, "stained tissue absorbs green: {t}");
+        }
+    }
+    assert!(tissue_tiles > 5);
+
+    // Every object is in the manifest with its hash, and nothing else is on disk.
+    let mut listed = std::collections::BTreeSet::new();
+    for o in manifest["objects"].as_array().unwrap() {
+        let key = o["key"].as_str().unwrap();
+        let bytes = std::fs::read(out.join(key)).unwrap();
+        use sha2::Digest;
+        assert_eq!(
+            o["sha256"].as_str().unwrap(),
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            "{key}"
+        );
+        listed.insert(key.to_owned());
+    }
+    for want in [
+        "mask.png",
+        "stats.json",
+        "slide.dzi",
+        "normalized.dzi",
+        "normalized_files/0/0_0.jpeg",
+    ] {
+        assert!(listed.contains(want), "{want}");
+    }
+    assert_eq!(listed.len() as u64, 2 * per + 4);
+    let _ = std::fs::remove_dir_all(out);
 }
