@@ -3,13 +3,13 @@
 //! * [`slide`]: OpenSlide reads, checked (levels, regions, buffer lengths), composited over
 //!   white; the metadata `SlideVerified` records.
 //! * [`deepzoom`]: OpenSlide `DeepZoomGenerator` geometry and the streaming pyramid builder
-//!   (2×2 box reduction, each pixel reduced once).
+//!   (Lanczos-3 2× reductions, each pixel reduced once).
+//! * [`kernels`]: every CUDA kernel (`gpu-worker/kernels/*.cu`, NVRTC through cudarc) and its
+//!   CPU twin with rayon; `MIRA_GPU=auto|off|require` picks the device.
+//! * [`tissue`]: the tissue mask and per-tile statistics; [`stain`]: Macenko and Reinhard.
 //! * [`process`]: `mira-worker process SLIDE --out DIR`, the pipeline on one local slide.
 //! * [`run`]: `mira-worker run`, the consumer of the `gpu-jobs` queue: slide verification and
 //!   jobs, with leases, heartbeats, fencing and results stored under a per-attempt prefix.
-//!
-//! This is the CPU path; the CUDA kernels, the tissue mask, stain normalisation and per-tile
-//! statistics come next.
 
 pub mod deepzoom;
 pub mod kernels;

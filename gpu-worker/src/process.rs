@@ -101,8 +101,11 @@ struct Writer<'a> {
     name: &'static str,
     opts: Options,
     objects: &'a Mutex<Vec<ManifestObject>>,
-    stats: Option<(usize, &'a Geometry, Option<&'a Mask>, Mutex<Vec<TileStats>>)>,
+    stats: Option<StatsOf<'a>>,
 }
+
+/// The level whose tiles get statistics, its geometry, the mask, and the statistics so far.
+type StatsOf<'a> = (usize, &'a Geometry, Option<&'a Mask>, Mutex<Vec<TileStats>>);
 
 thread_local! {
     static JPEG: std::cell::RefCell<Option<turbojpeg::Compressor>> = const { std::cell::RefCell::new(None) };
@@ -260,8 +263,10 @@ pub fn process_until(
     };
     let per_pyramid = geometry.tile_count();
     let total = per_pyramid * names.len() as u64;
-    // Bands of whole tile rows, about 32 MiB of BGRA each.
-    let band_rows = ((32 << 20) / (w * 4)).max(1).div_ceil(opts.tile_size as u64) * opts.tile_size as u64;
+    // Bands of about 32 MiB of BGRA that end on the slide's own tile rows: OpenSlide 3.4's tile
+    // cache is small, and a stored tile row split between two bands is decoded twice.
+    let stored = slide.tile_size(0).map(|t| t.1).unwrap_or(opts.tile_size as u64);
+    let band_rows = ((32 << 20) / (w * 4)).max(1).div_ceil(stored) * stored;
     let mut builder = Builder::on(geometry.clone(), &writer, device.clone());
     let mut normalized = normalizer
         .as_ref()

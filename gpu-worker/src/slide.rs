@@ -92,6 +92,16 @@ impl Slide {
         &self.levels
     }
 
+    /// The width and height of the tiles `level` is stored in, when OpenSlide says.
+    pub fn tile_size(&self, level: u32) -> Option<(u64, u64)> {
+        let get = |what: &str| {
+            self.property(&format!("openslide.level[{level}].tile-{what}"))
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|v| *v > 0)
+        };
+        Some((get("width")?, get("height")?))
+    }
+
     pub fn dimensions(&self) -> (u64, u64) {
         (self.levels[0].0, self.levels[0].1)
     }
@@ -215,7 +225,10 @@ impl Slide {
         if strips <= 1 {
             return read(self, level, x, y, w, h);
         }
-        let step = w.div_ceil(strips);
+        // Strips end on the slide's own tile edges, so no tile is decoded by two strips.
+        let tw = self.tile_size(level).map(|t| t.0).unwrap_or(1);
+        let step = w.div_ceil(strips).div_ceil(tw) * tw;
+        let step = if x % tw == 0 { step } else { w.div_ceil(strips) };
         let parts: Vec<(u64, Vec<u8>)> = (0..strips)
             .into_par_iter()
             .filter(|k| k * step < w)

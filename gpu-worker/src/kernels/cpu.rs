@@ -54,11 +54,7 @@ pub fn bgra_to_rgb_sat(bgra: &[u8], rgb: &mut [u8], sat: &mut [u8]) {
 pub fn saturation(r: u8, g: u8, b: u8) -> u8 {
     let max = r.max(g).max(b) as u32;
     let min = r.min(g).min(b) as u32;
-    if max == 0 {
-        0
-    } else {
-        (((max - min) * 255 + max / 2) / max) as u8
-    }
+    (((max - min) * 255 + max / 2).checked_div(max)).unwrap_or(0) as u8
 }
 
 /// Saturation of RGB pixels (the mask's input when the pixels are already RGB).
@@ -151,7 +147,7 @@ pub struct OdSums {
 }
 
 impl OdSums {
-    pub fn add(mut self, o: Self) -> Self {
+    pub fn merge(mut self, o: Self) -> Self {
         self.n += o.n;
         for i in 0..3 {
             self.sum[i] += o.sum[i];
@@ -206,7 +202,7 @@ pub fn od_sums(rgb: &[u8]) -> OdSums {
             }
             s
         })
-        .reduce(OdSums::default, OdSums::add)
+        .reduce(OdSums::default, OdSums::merge)
 }
 
 #[inline]
