@@ -183,20 +183,35 @@ impl Reduce2 {
         (*lo, lo + w.len())
     }
 
-    fn clip(acc: i64) -> u8 {
+    // 22-bit weights summing to 2^22, whose magnitudes sum to under 1.2 · 2^22 (Lanczos-3's
+    // negative lobes), times 255, stay below 2^31: i32 accumulates exactly, as in Pillow, and
+    // twice as many lanes fit a vector register as with i64.
+    fn clip(acc: i32) -> u8 {
         (acc >> PRECISION_BITS).clamp(0, 255) as u8
     }
 
     /// One RGB row of `input` pixels to `output` pixels, appended to `out`.
     pub fn row(&self, src: &[u8], out: &mut Vec<u8>) {
-        for (lo, w) in &self.taps {
-            let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
-            for (k, x) in w.iter().zip(*lo..) {
-                for c in 0..3 {
-                    acc[c] += src[x * 3 + c] as i64 * *k as i64;
-                }
+        let start = out.len();
+        out.resize(start + self.taps.len() * 3, 0);
+        self.row_into(src, &mut out[start..]);
+    }
+
+    /// As [`Reduce2::row`], into `out` (exactly `output_len() * 3` bytes).
+    pub fn row_into(&self, src: &[u8], out: &mut [u8]) {
+        for ((lo, w), o) in self.taps.iter().zip(out.chunks_exact_mut(3)) {
+            let (mut r, mut g, mut b) = (
+                1i32 << (PRECISION_BITS - 1),
+                1i32 << (PRECISION_BITS - 1),
+                1i32 << (PRECISION_BITS - 1),
+            );
+            let px = &src[lo * 3..(lo + w.len()) * 3];
+            for (k, p) in w.iter().zip(px.chunks_exact(3)) {
+                r += p[0] as i32 * k;
+                g += p[1] as i32 * k;
+                b += p[2] as i32 * k;
             }
-            out.extend(acc.iter().map(|a| Self::clip(*a)));
+            o.copy_from_slice(&[Self::clip(r), Self::clip(g), Self::clip(b)]);
         }
     }
 
@@ -205,11 +220,11 @@ impl Reduce2 {
         let (_, w) = &self.taps[i];
         let n = rows[0].len();
         // Row by row over the whole width: the inner loop runs along memory.
-        let mut acc = vec![1i64 << (PRECISION_BITS - 1); n];
+        let mut acc = vec![1i32 << (PRECISION_BITS - 1); n];
         for (k, r) in w.iter().zip(rows) {
-            let k = *k as i64;
+            let k = *k;
             for (a, v) in acc.iter_mut().zip(r.iter()) {
-                *a += *v as i64 * k;
+                *a += *v as i32 * k;
             }
         }
         out.extend(acc.into_iter().map(Self::clip));
@@ -265,6 +280,12 @@ impl Level {
     }
 }
 
+/// `rows` after `buffer`.
+fn append(buffer: &mut Vec<u8>, rows: Vec<u8>) {
+    // Extending keeps the buffer's capacity from band to band; taking `rows` would not.
+    buffer.extend_from_slice(&rows);
+}
+
 /// Builds every level's tiles from the full-resolution rows, pushed in order.
 pub struct Builder<'a, S: TileSink> {
     geometry: Geometry,
@@ -313,8 +334,13 @@ impl<'a, S: TileSink> Builder<'a, S> {
 
     /// Pushes the next rows of the full-resolution level (RGB, full width).
     pub fn push(&mut self, rgb: &[u8]) -> anyhow::Result<()> {
+        self.push_owned(rgb.to_vec())
+    }
+
+    /// As [`Builder::push`], taking the rows without a copy.
+    pub fn push_owned(&mut self, rgb: Vec<u8>) -> anyhow::Result<()> {
         let top = self.levels.len() - 1;
-        self.push_level(top, rgb.to_vec())
+        self.push_level(top, rgb)
     }
 
     fn push_level(&mut self, li: usize, rgb: Vec<u8>) -> anyhow::Result<()> {
@@ -325,9 +351,9 @@ impl<'a, S: TileSink> Builder<'a, S> {
             level.received += (rgb.len() / stride) as u64;
             if let Some((rx, _)) = &level.reduce {
                 let reduced = self.device.reduce_rows(rx, &rgb, level.width as usize)?;
-                level.h_rows.extend_from_slice(&reduced);
+                append(&mut level.h_rows, reduced);
             }
-            level.rows.extend_from_slice(&rgb);
+            append(&mut level.rows, rgb);
         }
         self.emit_ready(li)?;
         let down = self.reduce_ready(li)?;
@@ -532,5 +558,20 @@ mod reduce_tests {
         let (w, h, out) = reduce_image(9, 5, &img, 4, 1);
         assert_eq!((w, h), (5, 3));
         assert!(out.iter().all(|v| *v == 200));
+    }
+
+    #[test]
+    fn the_worst_accumulator_fits_an_i32() {
+        // Every size a tiled level can have up to 4096, with the common tile settings.
+        let mut worst = 0i64;
+        for n in 1..4096usize {
+            for (t, ov) in [(254, 1), (256, 0), (510, 2), (usize::MAX, 0)] {
+                for (_, w) in &Reduce2::tiled(n, t, ov).taps {
+                    let acc = 255 * w.iter().map(|k| (*k as i64).abs()).sum::<i64>() + (1 << (PRECISION_BITS - 1));
+                    worst = worst.max(acc);
+                }
+            }
+        }
+        assert!(worst < i32::MAX as i64, "{worst}");
     }
 }

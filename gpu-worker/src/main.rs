@@ -213,7 +213,20 @@ fn kernels(arch: Option<i32>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps the pipeline's band buffers (tens of MiB, freed and allocated again for every band)
+/// in the heap: with glibc's default they are fresh `mmap`s, and every band pays page faults,
+/// zeroing and TLB shootdowns across the worker threads.
+#[allow(unsafe_code)]
+fn keep_large_buffers() {
+    // SAFETY: mallopt only changes allocator thresholds; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_large_buffers();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()

@@ -302,9 +302,9 @@ pub fn process_until(
             if let (Some(n), Some(b)) = (&normalizer, normalized.as_mut()) {
                 let mut copy = band.clone();
                 n.apply(device, &mut copy)?;
-                b.push(&copy)?;
+                b.push_owned(copy)?;
             }
-            builder.push(&band)?;
+            builder.push_owned(band)?;
             if last.elapsed().as_millis() >= 250 {
                 let done = |b: &Builder<'_, Writer<'_>>| b.tiles_done.load(std::sync::atomic::Ordering::Relaxed);
                 progress(done(&builder) + normalized.as_ref().map(done).unwrap_or(0), total);

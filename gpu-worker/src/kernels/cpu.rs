@@ -418,11 +418,7 @@ pub fn reduce_rows(r: &crate::deepzoom::Reduce2, src: &[u8], width: usize) -> Ve
     let mut out = vec![0u8; src.len() / (width * 3) * out_w * 3];
     src.par_chunks_exact(width * 3)
         .zip(out.par_chunks_exact_mut(out_w * 3))
-        .for_each(|(row, o)| {
-            let mut v = Vec::with_capacity(out_w * 3);
-            r.row(row, &mut v);
-            o.copy_from_slice(&v);
-        });
+        .for_each(|(row, o)| r.row_into(row, o));
     out
 }
 
