@@ -1252,6 +1252,32 @@ fn cmu_slide() -> Vec<u8> {
     std::fs::read(std::path::Path::new(&dir).join("CMU-1-Small-Region.svs")).expect("the CMU slide")
 }
 
+/// A 600×500 pyramidal TIFF of blank glass (vips, as DESIGN §8 makes test slides).
+fn blank_slide(dir: &std::path::Path) -> Vec<u8> {
+    let (v, tif) = (dir.join("blank.v"), dir.join("blank.tif"));
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new("vips").args(args).output().expect("vips is installed");
+        assert!(o.status.success(), "vips {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let black = dir.join("black.v");
+    run(&["black", black.to_str().unwrap(), "600", "500", "--bands", "3"]);
+    run(&["linear", black.to_str().unwrap(), v.to_str().unwrap(), "1", "242", "--uchar"]);
+    run(&[
+        "tiffsave",
+        v.to_str().unwrap(),
+        tif.to_str().unwrap(),
+        "--tile",
+        "--pyramid",
+        "--compression",
+        "jpeg",
+        "--tile-width",
+        "256",
+        "--tile-height",
+        "256",
+    ]);
+    std::fs::read(tif).unwrap()
+}
+
 /// Statuses of `job` seen on the socket, until it reaches `last`.
 async fn statuses_until(s: &mut Socket, job: &str, last: &str) -> Vec<String> {
     let mut seen: Vec<String> = Vec::new();
@@ -1382,6 +1408,69 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     let r = app.post(&t, &format!("/api/jobs/{second}/retry"), json!({})).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
     statuses_until(&mut ws, &second, "succeeded").await;
+
+    // Macenko normalisation: a second pyramid beside the first, the mask and the statistics.
+    let job_on = |slide: String, params: Value| {
+        let (http, base, t) = (app.http.clone(), app.base.clone(), t.clone());
+        async move {
+            let r = http
+                .post(format!("{base}/api/jobs"))
+                .bearer_auth(&t)
+                .json(&json!({"slide_id": slide, "kind": "wsi.preprocess", "params": params}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::ACCEPTED);
+            r.json::<Value>().await.unwrap()["job_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let normalised = job_on(slide.clone(), json!({"normalize": "macenko"})).await;
+    statuses_until(&mut ws, &normalised, "succeeded").await;
+    let detail = app.get(&t, &format!("/api/jobs/{normalised}")).await.body;
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(app.dir.join("blobs").join(detail["manifest_key"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["normalized"]["stains"]["method"], "macenko", "{manifest}");
+    assert!(manifest["tissue"]["fraction"].as_f64().unwrap() > 0.1, "{manifest}");
+    for key in ["normalized.dzi", "mask.png", "stats.json", "normalized_files/12/0_0.jpeg"] {
+        let r = app
+            .http
+            .get(format!("{}/api/jobs/{normalised}/results/{key}", app.base))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{key}");
+    }
+
+    // A slide of blank glass is a valid slide, but has no stain to estimate: the job fails at
+    // once, for good, with the reason, and no manifest points at anything it wrote.
+    let blank = blank_slide(&app.dir);
+    let r = app
+        .post(
+            &t,
+            "/api/slides",
+            json!({"name": "blank", "size_bytes": blank.len(), "content_type": "image/tiff"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let blank_id = r.body["slide_id"].as_str().unwrap().to_owned();
+    put_upload(&app.http, &r.body["upload"], &blank).await;
+    let done = app.post(&t, &format!("/api/slides/{blank_id}/uploaded"), json!({})).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    let failing = job_on(blank_id, json!({"normalize": "macenko"})).await;
+    let seen = statuses_until(&mut ws, &failing, "failed").await;
+    assert!(!seen.contains(&"retry_scheduled".to_owned()), "not retried: {seen:?}");
+    let detail = app.get(&t, &format!("/api/jobs/{failing}")).await.body;
+    assert!(
+        detail["failure"].as_str().unwrap_or_default().contains("too few stained pixels"),
+        "{detail}"
+    );
+    assert!(detail["manifest_key"].is_null(), "{detail}");
+    assert_eq!(detail["attempt"], 1, "{detail}");
+    let r = app.get(&t, &format!("/api/jobs/{failing}/results/slide.dzi")).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
 
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &worker.id().unwrap().to_string()])
