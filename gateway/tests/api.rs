@@ -1256,12 +1256,26 @@ fn cmu_slide() -> Vec<u8> {
 fn blank_slide(dir: &std::path::Path) -> Vec<u8> {
     let (v, tif) = (dir.join("blank.v"), dir.join("blank.tif"));
     let run = |args: &[&str]| {
-        let o = std::process::Command::new("vips").args(args).output().expect("vips is installed");
-        assert!(o.status.success(), "vips {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let o = std::process::Command::new("vips")
+            .args(args)
+            .output()
+            .expect("vips is installed");
+        assert!(
+            o.status.success(),
+            "vips {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     };
     let black = dir.join("black.v");
     run(&["black", black.to_str().unwrap(), "600", "500", "--bands", "3"]);
-    run(&["linear", black.to_str().unwrap(), v.to_str().unwrap(), "1", "242", "--uchar"]);
+    run(&[
+        "linear",
+        black.to_str().unwrap(),
+        v.to_str().unwrap(),
+        "1",
+        "242",
+        "--uchar",
+    ]);
     run(&[
         "tiffsave",
         v.to_str().unwrap(),
@@ -1433,7 +1447,12 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     .unwrap();
     assert_eq!(manifest["normalized"]["stains"]["method"], "macenko", "{manifest}");
     assert!(manifest["tissue"]["fraction"].as_f64().unwrap() > 0.1, "{manifest}");
-    for key in ["normalized.dzi", "mask.png", "stats.json", "normalized_files/12/0_0.jpeg"] {
+    for key in [
+        "normalized.dzi",
+        "mask.png",
+        "stats.json",
+        "normalized_files/12/0_0.jpeg",
+    ] {
         let r = app
             .http
             .get(format!("{}/api/jobs/{normalised}/results/{key}", app.base))
@@ -1457,14 +1476,19 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let blank_id = r.body["slide_id"].as_str().unwrap().to_owned();
     put_upload(&app.http, &r.body["upload"], &blank).await;
-    let done = app.post(&t, &format!("/api/slides/{blank_id}/uploaded"), json!({})).await;
+    let done = app
+        .post(&t, &format!("/api/slides/{blank_id}/uploaded"), json!({}))
+        .await;
     assert_eq!(done.status, StatusCode::OK, "{}", done.body);
     let failing = job_on(blank_id, json!({"normalize": "macenko"})).await;
     let seen = statuses_until(&mut ws, &failing, "failed").await;
     assert!(!seen.contains(&"retry_scheduled".to_owned()), "not retried: {seen:?}");
     let detail = app.get(&t, &format!("/api/jobs/{failing}")).await.body;
     assert!(
-        detail["failure"].as_str().unwrap_or_default().contains("too few stained pixels"),
+        detail["failure"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("too few stained pixels"),
         "{detail}"
     );
     assert!(detail["manifest_key"].is_null(), "{detail}");

@@ -95,6 +95,25 @@ impl Geometry {
 pub struct Reduce2 {
     /// For each output index: the first input index and its weights.
     taps: Vec<(usize, Vec<i32>)>,
+    /// Outputs `a..b` share the weights of output `a` and start two inputs apart.
+    uniform: (usize, usize),
+}
+
+/// `out[i] = Σ_j w[j] · src[lo + 2i + j]` per channel, 12 taps.
+fn fir12(src: &[u8], lo: usize, w: &[i32; 12], out: &mut [u8]) {
+    for (i, o) in out.chunks_exact_mut(3).enumerate() {
+        let base = (lo + 2 * i) * 3;
+        let px: &[u8; 36] = src[base..base + 36].try_into().expect("12 pixels");
+        let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
+        for j in 0..12 {
+            acc[0] += px[3 * j] as i32 * w[j];
+            acc[1] += px[3 * j + 1] as i32 * w[j];
+            acc[2] += px[3 * j + 2] as i32 * w[j];
+        }
+        o[0] = Reduce2::clip(acc[0]);
+        o[1] = Reduce2::clip(acc[1]);
+        o[2] = Reduce2::clip(acc[2]);
+    }
 }
 
 const PRECISION_BITS: u32 = 22;
@@ -156,8 +175,20 @@ impl Reduce2 {
                     .collect();
                 (lo, fixed)
             })
-            .collect();
-        Self { taps }
+            .collect::<Vec<(usize, Vec<i32>)>>();
+        // The longest run of outputs with equal weights, each two inputs after the last.
+        let mut uniform = (0, 0);
+        let mut start = 0;
+        for i in 1..=taps.len() {
+            let same = i < taps.len() && taps[i].1 == taps[start].1 && taps[i].0 == taps[i - 1].0 + 2;
+            if !same {
+                if i - start > uniform.1 - uniform.0 {
+                    uniform = (start, i);
+                }
+                start = i;
+            }
+        }
+        Self { taps, uniform }
     }
 
     pub fn output_len(&self) -> usize {
@@ -199,7 +230,23 @@ impl Reduce2 {
 
     /// As [`Reduce2::row`], into `out` (exactly `output_len() * 3` bytes).
     pub fn row_into(&self, src: &[u8], out: &mut [u8]) {
-        for ((lo, w), o) in self.taps.iter().zip(out.chunks_exact_mut(3)) {
+        // Inside a level, at scale 2, every output has the same 12 weights two pixels further
+        // on: that run is a fixed-length filter the compiler unrolls. The edges and the last
+        // tile's spacing take the general loop.
+        let (a, b) = self.uniform;
+        if b > a {
+            if let Ok(w) = <&[i32; 12]>::try_from(self.taps[a].1.as_slice()) {
+                fir12(src, self.taps[a].0, w, &mut out[a * 3..b * 3]);
+                self.general(src, 0..a, &mut out[..a * 3]);
+                self.general(src, b..self.taps.len(), &mut out[b * 3..]);
+                return;
+            }
+        }
+        self.general(src, 0..self.taps.len(), out);
+    }
+
+    fn general(&self, src: &[u8], range: std::ops::Range<usize>, out: &mut [u8]) {
+        for ((lo, w), o) in self.taps[range].iter().zip(out.chunks_exact_mut(3)) {
             let (mut r, mut g, mut b) = (
                 1i32 << (PRECISION_BITS - 1),
                 1i32 << (PRECISION_BITS - 1),
@@ -558,6 +605,33 @@ mod reduce_tests {
         let (w, h, out) = reduce_image(9, 5, &img, 4, 1);
         assert_eq!((w, h), (5, 3));
         assert!(out.iter().all(|v| *v == 200));
+    }
+
+    #[test]
+    fn the_unrolled_interior_equals_the_general_loop() {
+        let mut x = 12345u32;
+        for n in [30usize, 255, 509, 1000, 4097] {
+            let src: Vec<u8> = (0..n * 3)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    (x >> 24) as u8
+                })
+                .collect();
+            for (t, ov) in [(254, 1), (usize::MAX, 0)] {
+                let r = Reduce2::tiled(n, t, ov);
+                if n > 1000 {
+                    // Long levels are mostly the unrolled run (an odd level's last tile is not).
+                    assert!(r.uniform.1 - r.uniform.0 > n / 4, "{n}: {:?}", r.uniform);
+                }
+                let mut fast = vec![0; r.output_len() * 3];
+                r.row_into(&src, &mut fast);
+                let mut slow = vec![0; r.output_len() * 3];
+                r.general(&src, 0..r.output_len(), &mut slow);
+                assert_eq!(fast, slow, "{n} {t}");
+            }
+        }
     }
 
     #[test]

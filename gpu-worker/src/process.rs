@@ -102,6 +102,18 @@ struct Writer<'a> {
     opts: Options,
     objects: &'a Mutex<Vec<ManifestObject>>,
     stats: Option<StatsOf<'a>>,
+    /// Encoded tiles go to one thread that creates the files: creating files in a directory
+    /// serialises on its lock anyway, and from every worker thread the waiting spins.
+    files: std::sync::mpsc::SyncSender<(PathBuf, Vec<u8>)>,
+}
+
+/// The file thread: writes until the senders are gone, or stops at the first error (the
+/// senders then fail, and this error says why).
+fn write_files(rx: std::sync::mpsc::Receiver<(PathBuf, Vec<u8>)>) -> anyhow::Result<()> {
+    for (path, bytes) in rx {
+        std::fs::write(&path, &bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The level whose tiles get statistics, its geometry, the mask, and the statistics so far.
@@ -172,12 +184,18 @@ impl TileSink for Writer<'_> {
             }
         }
         let bytes = encode(self.opts.format, self.opts.quality, w, h, rgb)?;
-        write_object(
-            &self.root,
-            self.objects,
-            format!("{}_files/{level}/{col}_{row}.{}", self.name, self.opts.format.ext()),
-            &bytes,
-        )
+        let key = format!("{}_files/{level}/{col}_{row}.{}", self.name, self.opts.format.ext());
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ManifestObject {
+                key: key.clone(),
+                bytes: bytes.len() as u64,
+                sha256: hex::encode(Sha256::digest(&bytes)),
+            });
+        self.files
+            .send((self.root.join(key), bytes))
+            .map_err(|_| anyhow::anyhow!("the file writer stopped"))
     }
 }
 
@@ -247,86 +265,99 @@ pub fn process_until(
         }
     }
     let top = geometry.level_count() - 1;
-    let writer = Writer {
-        root: out.to_path_buf(),
-        name: "slide",
-        opts: opts.clone(),
-        objects: &objects,
-        stats: Some((top, &geometry, mask.as_ref(), Mutex::new(Vec::new()))),
-    };
-    let normalized_writer = Writer {
-        root: out.to_path_buf(),
-        name: "normalized",
-        opts: opts.clone(),
-        objects: &objects,
-        stats: None,
-    };
     let per_pyramid = geometry.tile_count();
     let total = per_pyramid * names.len() as u64;
-    // Bands of about 32 MiB of BGRA that end on the slide's own tile rows: OpenSlide 3.4's tile
-    // cache is small, and a stored tile row split between two bands is decoded twice.
-    let stored = slide.tile_size(0).map(|t| t.1).unwrap_or(opts.tile_size as u64);
-    let band_rows = ((32 << 20) / (w * 4)).max(1).div_ceil(stored) * stored;
-    let mut builder = Builder::on(geometry.clone(), &writer, device.clone());
-    let mut normalized = normalizer
-        .as_ref()
-        .map(|_| Builder::on(geometry.clone(), &normalized_writer, device.clone()));
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<Vec<u8>>>(2);
-        let (slide, device) = (&slide, &device);
-        scope.spawn(move || {
-            let mut y = 0;
-            while y < h {
-                let rows = band_rows.min(h - y);
-                let band = if device.is_gpu() {
-                    slide
-                        .read_bgra_parallel(0, 0, y, w, rows)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|bgra| device.bgra_to_rgb_sat(&bgra).map(|(rgb, _)| rgb))
-                } else {
-                    slide.read_rgb_parallel(0, 0, y, w, rows).map_err(anyhow::Error::from)
-                };
-                let failed = band.is_err();
-                if tx.send(band).is_err() || failed {
-                    return;
+    let (files, files_rx) = std::sync::mpsc::sync_channel(512);
+    let file_thread = std::thread::spawn(move || write_files(files_rx));
+    let built = (|| -> anyhow::Result<Vec<TileStats>> {
+        let writer = Writer {
+            root: out.to_path_buf(),
+            name: "slide",
+            opts: opts.clone(),
+            objects: &objects,
+            stats: Some((top, &geometry, mask.as_ref(), Mutex::new(Vec::new()))),
+            files: files.clone(),
+        };
+        let normalized_writer = Writer {
+            root: out.to_path_buf(),
+            name: "normalized",
+            opts: opts.clone(),
+            objects: &objects,
+            stats: None,
+            files: files.clone(),
+        };
+        // Bands of about 32 MiB of BGRA that end on the slide's own tile rows: OpenSlide 3.4's
+        // tile cache is small, and a stored tile row split between two bands is decoded twice.
+        let stored = slide.tile_size(0).map(|t| t.1).unwrap_or(opts.tile_size as u64);
+        let band_rows = ((32 << 20) / (w * 4)).max(1).div_ceil(stored) * stored;
+        let mut builder = Builder::on(geometry.clone(), &writer, device.clone());
+        let mut normalized = normalizer
+            .as_ref()
+            .map(|_| Builder::on(geometry.clone(), &normalized_writer, device.clone()));
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<Vec<u8>>>(2);
+            let (slide, device) = (&slide, &device);
+            scope.spawn(move || {
+                let mut y = 0;
+                while y < h {
+                    let rows = band_rows.min(h - y);
+                    let band = if device.is_gpu() {
+                        slide
+                            .read_bgra_parallel(0, 0, y, w, rows)
+                            .map_err(anyhow::Error::from)
+                            .and_then(|bgra| device.bgra_to_rgb_sat(&bgra).map(|(rgb, _)| rgb))
+                    } else {
+                        slide.read_rgb_parallel(0, 0, y, w, rows).map_err(anyhow::Error::from)
+                    };
+                    let failed = band.is_err();
+                    if tx.send(band).is_err() || failed {
+                        return;
+                    }
+                    y += rows;
                 }
-                y += rows;
+            });
+            let mut last = Instant::now();
+            for band in rx {
+                if stop() {
+                    return Err(Stopped.into());
+                }
+                let band = band?;
+                if let (Some(n), Some(b)) = (&normalizer, normalized.as_mut()) {
+                    let mut copy = band.clone();
+                    n.apply(device, &mut copy)?;
+                    b.push_owned(copy)?;
+                }
+                builder.push_owned(band)?;
+                if last.elapsed().as_millis() >= 250 {
+                    let done = |b: &Builder<'_, Writer<'_>>| b.tiles_done.load(std::sync::atomic::Ordering::Relaxed);
+                    progress(done(&builder) + normalized.as_ref().map(done).unwrap_or(0), total);
+                    last = Instant::now();
+                }
             }
-        });
-        let mut last = Instant::now();
-        for band in rx {
-            if stop() {
-                return Err(Stopped.into());
-            }
-            let band = band?;
-            if let (Some(n), Some(b)) = (&normalizer, normalized.as_mut()) {
-                let mut copy = band.clone();
-                n.apply(device, &mut copy)?;
-                b.push_owned(copy)?;
-            }
-            builder.push_owned(band)?;
-            if last.elapsed().as_millis() >= 250 {
-                let done = |b: &Builder<'_, Writer<'_>>| b.tiles_done.load(std::sync::atomic::Ordering::Relaxed);
-                progress(done(&builder) + normalized.as_ref().map(done).unwrap_or(0), total);
-                last = Instant::now();
-            }
+            Ok(())
+        })?;
+        builder.finish()?;
+        if let Some(b) = normalized.as_mut() {
+            b.finish()?;
         }
-        Ok(())
-    })?;
-    builder.finish()?;
-    if let Some(b) = normalized.as_mut() {
-        b.finish()?;
-    }
+        drop((builder, normalized));
+        Ok(writer
+            .stats
+            .map(|(_, _, _, s)| s.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .unwrap_or_default())
+    })();
+    drop(files);
+    // The file thread's own error explains a failed send, so it comes first.
+    file_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the file writer panicked"))??;
+    let mut stats = built?;
     progress(total, total);
     let ext = opts.format.ext();
     write_object(out, &objects, "slide.dzi".into(), geometry.dzi(ext).as_bytes())?;
     if normalizer.is_some() {
         write_object(out, &objects, "normalized.dzi".into(), geometry.dzi(ext).as_bytes())?;
     }
-    let mut stats = writer
-        .stats
-        .map(|(_, _, _, s)| s.into_inner().unwrap_or_else(|p| p.into_inner()))
-        .unwrap_or_default();
     stats.sort_by_key(|t| (t.row, t.col));
     let stats_doc = serde_json::json!({
         "level": top,

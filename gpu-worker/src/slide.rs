@@ -252,12 +252,12 @@ impl Slide {
 /// Premultiplied BGRA → RGB over white: `c + (255 − a)`. The CPU reference of the BGRA
 /// kernel.
 pub fn bgra_to_rgb_over_white(bgra: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bgra.len() / 4 * 3);
-    for p in bgra.chunks_exact(4) {
+    let mut out = vec![0u8; bgra.len() / 4 * 3];
+    for (p, o) in bgra.chunks_exact(4).zip(out.chunks_exact_mut(3)) {
         let bg = 255 - p[3];
-        out.push(p[2].saturating_add(bg));
-        out.push(p[1].saturating_add(bg));
-        out.push(p[0].saturating_add(bg));
+        o[0] = p[2].saturating_add(bg);
+        o[1] = p[1].saturating_add(bg);
+        o[2] = p[0].saturating_add(bg);
     }
     out
 }
