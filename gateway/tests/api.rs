@@ -1496,6 +1496,35 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     let r = app.get(&t, &format!("/api/jobs/{failing}/results/slide.dzi")).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
 
+    // A truncated slide is rejected by the worker with OpenSlide's reason, and a job on it
+    // fails without an attempt; the worker carries on.
+    let cut = &bytes[..bytes.len() / 3];
+    let r = app
+        .post(
+            &t,
+            "/api/slides",
+            json!({"name": "truncated", "size_bytes": cut.len(), "content_type": "image/tiff"}),
+        )
+        .await;
+    let cut_id = r.body["slide_id"].as_str().unwrap().to_owned();
+    put_upload(&app.http, &r.body["upload"], cut).await;
+    let done = app.post(&t, &format!("/api/slides/{cut_id}/uploaded"), json!({})).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    let doomed = job_on(cut_id.clone(), json!({})).await;
+    statuses_until(&mut ws, &doomed, "failed").await;
+    let slide_now = app.get(&t, &format!("/api/slides/{cut_id}")).await.body;
+    assert_eq!(slide_now["status"], "rejected", "{slide_now}");
+    assert!(
+        !slide_now["rejection"].as_str().unwrap_or_default().is_empty(),
+        "{slide_now}"
+    );
+    let detail = app.get(&t, &format!("/api/jobs/{doomed}")).await.body;
+    assert!(
+        detail["manifest_key"].is_null() && detail["failure"].is_string(),
+        "{detail}"
+    );
+    assert!(worker.try_wait().unwrap().is_none(), "the worker is still running");
+
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &worker.id().unwrap().to_string()])
         .status();
