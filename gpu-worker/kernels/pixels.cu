@@ -47,8 +47,11 @@ extern "C" __global__ void histogram256(const u8* __restrict__ v, u64 n, u64* __
 
 // Otsu's threshold with skimage.filters.threshold_otsu's semantics (the span of values
 // present, the first maximiser, foreground is > t). One thread: 256 bins are nothing, and
-// doing the sums in the CPU's order keeps the result bit-identical.
+// doing the sums in the CPU's order keeps the result bit-identical. The arrays are shared
+// memory: as locals they would make the driver reserve 8 KiB of local memory for every thread
+// the device can hold, for the life of the context. Launched as one block of one thread.
 extern "C" __global__ void otsu256(const u64* __restrict__ hist, int* __restrict__ out) {
+    __shared__ double w1[256], m1[256], w2[256], m2[256];
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     int lo = -1, hi = -1;
     for (int i = 0; i < 256; i++) {
@@ -60,7 +63,6 @@ extern "C" __global__ void otsu256(const u64* __restrict__ hist, int* __restrict
     if (lo < 0) { *out = 0; return; }
     if (lo == hi) { *out = lo; return; }
     int n = hi - lo + 1;
-    double w1[256], m1[256], w2[256], m2[256];
     double cw = 0.0, cm = 0.0;
     for (int i = 0; i < n; i++) {
         double h = (double)hist[lo + i];

@@ -9,8 +9,9 @@ typedef unsigned long long u64;
 
 #define BLOCK 256
 
-// params: [0] n, [1..4] sum of OD, [4..10] sum of OD*OD^T (xx xy xz yy yz zz).
-extern "C" __global__ void od_sums(const u8* __restrict__ rgb, u64 n, const float* __restrict__ od,
+// params: [0] n, [1..4] sum of OD, [4..10] sum of OD*OD^T (xx xy xz yy yz zz). The block
+// reduction assumes exactly BLOCK threads (gpu.rs launches every kernel with 256).
+extern "C" __global__ void __launch_bounds__(BLOCK) od_sums(const u8* __restrict__ rgb, u64 n, const float* __restrict__ od,
                                    double beta, double* __restrict__ out) {
     double s[10] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {

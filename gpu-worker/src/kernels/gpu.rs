@@ -193,6 +193,7 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
+/// Threads per block for every kernel; `od_sums` in stain.cu is written for exactly this.
 const BLOCK: u32 = 256;
 
 fn grid(n: u64) -> LaunchConfig {
@@ -285,6 +286,10 @@ impl Gpu {
     }
 
     pub fn bgra_to_rgb_sat(&self, bgra: &[u8]) -> Result<(Vec<u8>, Vec<u8>), GpuError> {
+        // The driver refuses empty allocations; an empty input has an empty answer.
+        if bgra.len() < 4 {
+            return Ok((Vec::new(), Vec::new()));
+        }
         let _g = self.guard();
         let n = (bgra.len() / 4) as u64;
         let s = &self.stream;
@@ -299,6 +304,9 @@ impl Gpu {
     }
 
     pub fn rgb_saturation(&self, rgb: &[u8]) -> Result<Vec<u8>, GpuError> {
+        if rgb.len() < 3 {
+            return Ok(Vec::new());
+        }
         let _g = self.guard();
         let n = (rgb.len() / 3) as u64;
         let s = &self.stream;
@@ -312,6 +320,9 @@ impl Gpu {
     }
 
     pub fn histogram256(&self, values: &[u8]) -> Result<[u64; 256], GpuError> {
+        if values.is_empty() {
+            return Ok([0; 256]);
+        }
         let _g = self.guard();
         let n = values.len() as u64;
         let s = &self.stream;
@@ -332,8 +343,13 @@ impl Gpu {
         let mut out = s.alloc_zeros::<i32>(1).map_err(drv)?;
         let mut b = s.launch_builder(self.f("otsu256"));
         b.arg(&h).arg(&mut out);
+        let one = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: one thread reads 256 bins and writes one int.
-        unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map_err(drv)?;
+        unsafe { b.launch(one) }.map_err(drv)?;
         Ok(s.memcpy_dtov(&out).map_err(drv)?[0] as u8)
     }
 
@@ -350,8 +366,13 @@ impl Gpu {
 
     /// Every RGB row of `src` (`width` pixels) reduced along the row.
     pub fn reduce_rows(&self, r: &Reduce2, src: &[u8], width: usize) -> Result<Vec<u8>, GpuError> {
-        let _g = self.guard();
         let rows = src.len() / (width * 3);
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        // The kernel trusts the taps; the CPU would panic on a bad span, so check here.
+        assert!(r.span(r.output_len() - 1).1 <= width, "taps reach past the row");
+        let _g = self.guard();
         let out_w = r.output_len();
         let s = &self.stream;
         let [lo, start, count, w] = self.taps(r)?;
@@ -384,6 +405,13 @@ impl Gpu {
         src_first: usize,
         stride: usize,
     ) -> Result<Vec<u8>, GpuError> {
+        if end <= first {
+            return Ok(Vec::new());
+        }
+        assert!(
+            (first..end).all(|i| r.span(i).0 >= src_first && r.span(i).1 - src_first <= src.len() / stride),
+            "the input rows do not cover outputs {first}..{end}"
+        );
         let _g = self.guard();
         let s = &self.stream;
         let [lo, start, count, w] = self.taps(r)?;
@@ -408,6 +436,9 @@ impl Gpu {
     }
 
     pub fn od_sums(&self, rgb: &[u8]) -> Result<OdSums, GpuError> {
+        if rgb.len() < 3 {
+            return Ok(OdSums::default());
+        }
         let _g = self.guard();
         let n = (rgb.len() / 3) as u64;
         let s = &self.stream;
@@ -427,6 +458,9 @@ impl Gpu {
     }
 
     pub fn angle_histogram(&self, rgb: &[u8], e1: [f32; 3], e2: [f32; 3]) -> Result<Vec<u64>, GpuError> {
+        if rgb.len() < 3 {
+            return Ok(vec![0; cpu::ANGLE_BINS]);
+        }
         let _g = self.guard();
         let n = (rgb.len() / 3) as u64;
         let s = &self.stream;
@@ -457,6 +491,9 @@ impl Gpu {
     }
 
     pub fn concentration_histogram(&self, rgb: &[u8], pinv: [[f32; 3]; 2]) -> Result<Vec<u64>, GpuError> {
+        if rgb.len() < 3 {
+            return Ok(vec![0; 2 * cpu::CONC_BINS]);
+        }
         let _g = self.guard();
         let n = (rgb.len() / 3) as u64;
         let s = &self.stream;
@@ -483,6 +520,9 @@ impl Gpu {
     }
 
     pub fn macenko_apply(&self, rgb: &mut [u8], m: [[f32; 3]; 3]) -> Result<(), GpuError> {
+        if rgb.len() < 3 {
+            return Ok(());
+        }
         let _g = self.guard();
         let n = (rgb.len() / 3) as u64;
         let s = &self.stream;
@@ -497,6 +537,9 @@ impl Gpu {
     }
 
     pub fn reinhard_apply(&self, rgb: &mut [u8], k: [f32; 3], d: [f32; 3]) -> Result<(), GpuError> {
+        if rgb.len() < 3 {
+            return Ok(());
+        }
         let _g = self.guard();
         let n = (rgb.len() / 3) as u64;
         let s = &self.stream;
@@ -518,6 +561,7 @@ impl Gpu {
     /// Each kernel's achieved bandwidth on device-resident data of `pixels` pixels: bytes it
     /// must read and write over the median time of `repeats` launches, in GB/s.
     pub fn bench(&self, pixels: usize, repeats: usize) -> Result<Vec<(&'static str, f64)>, GpuError> {
+        let (pixels, repeats) = (pixels.max(1 << 16), repeats.max(1));
         let _g = self.guard();
         let s = &self.stream;
         let n = pixels as u64;

@@ -296,6 +296,20 @@ pub fn compare(g: &Arc<gpu::Gpu>, rgb: &[u8], width: usize) -> Vec<Agreement> {
         })(),
     );
     push(
+        "reduce_columns (a window of rows, as the streaming builder passes them)",
+        (|| {
+            let stride = width * 3;
+            let (first, end) = (ry.output_len() / 3, ry.output_len() * 2 / 3);
+            let (a, b) = (ry.span(first).0, ry.span(end - 1).1);
+            let window = &rgb[a * stride..b * stride];
+            let (x, y) = (
+                cpu_.reduce_columns(&ry, first, end, window, a, stride)?,
+                gpu.reduce_columns(&ry, first, end, window, a, stride)?,
+            );
+            Ok((x == y, format!("identical: {}", x == y)))
+        })(),
+    );
+    push(
         "od_sums",
         (|| {
             let (a, b) = (cpu_.od_sums(rgb)?, gpu.od_sums(rgb)?);
@@ -397,7 +411,8 @@ pub fn pixels_agree(a: &[u8], b: &[u8]) -> (bool, String) {
 
 /// The start-up self-check: every kernel on a small synthetic image.
 pub fn self_check(g: &Arc<gpu::Gpu>) -> Result<(), String> {
-    let (w, h) = (317, 211);
+    // Wider and taller than a tile, so the reductions cross tile edges.
+    let (w, h) = (601, 523);
     let rgb = noise(w * h * 3, 42);
     let failed: Vec<String> = compare(g, &rgb, w)
         .into_iter()
