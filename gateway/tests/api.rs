@@ -1465,21 +1465,7 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
 
     // A slide of blank glass is a valid slide, but has no stain to estimate: the job fails at
     // once, for good, with the reason, and no manifest points at anything it wrote.
-    let blank = blank_slide(&app.dir);
-    let r = app
-        .post(
-            &t,
-            "/api/slides",
-            json!({"name": "blank", "size_bytes": blank.len(), "content_type": "image/tiff"}),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
-    let blank_id = r.body["slide_id"].as_str().unwrap().to_owned();
-    put_upload(&app.http, &r.body["upload"], &blank).await;
-    let done = app
-        .post(&t, &format!("/api/slides/{blank_id}/uploaded"), json!({}))
-        .await;
-    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    let blank_id = app.upload_slide(&t, &blank_slide(&app.dir)).await;
     let failing = job_on(blank_id, json!({"normalize": "macenko"})).await;
     let seen = statuses_until(&mut ws, &failing, "failed").await;
     assert!(!seen.contains(&"retry_scheduled".to_owned()), "not retried: {seen:?}");
@@ -1498,18 +1484,7 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
 
     // A truncated slide is rejected by the worker with OpenSlide's reason, and a job on it
     // fails without an attempt; the worker carries on.
-    let cut = &bytes[..bytes.len() / 3];
-    let r = app
-        .post(
-            &t,
-            "/api/slides",
-            json!({"name": "truncated", "size_bytes": cut.len(), "content_type": "image/tiff"}),
-        )
-        .await;
-    let cut_id = r.body["slide_id"].as_str().unwrap().to_owned();
-    put_upload(&app.http, &r.body["upload"], cut).await;
-    let done = app.post(&t, &format!("/api/slides/{cut_id}/uploaded"), json!({})).await;
-    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    let cut_id = app.upload_slide(&t, &bytes[..bytes.len() / 3]).await;
     let doomed = job_on(cut_id.clone(), json!({})).await;
     statuses_until(&mut ws, &doomed, "failed").await;
     let slide_now = app.get(&t, &format!("/api/slides/{cut_id}")).await.body;

@@ -168,13 +168,12 @@ fn kernels(arch: Option<i32>) -> anyhow::Result<()> {
     let (major, minor) = gpu::nvrtc_version()?;
     let archs = gpu::nvrtc_archs()?;
     println!("NVRTC {major}.{minor}; CUBIN architectures {archs:?}");
-    let arch = match arch {
-        Some(a) => a,
-        None if gpu::driver_present() => match gpu::Gpu::open() {
-            Ok(g) => g.compute_capability.0 * 10 + g.compute_capability.1,
-            Err(_) => *archs.last().unwrap_or(&75),
-        },
-        None => *archs.last().unwrap_or(&75),
+    // The device (opened and self-checked once) decides the architecture unless one is given.
+    let (device, why) = kernels::choose(kernels::GpuMode::from_env()?)?;
+    let arch = match (arch, &device) {
+        (Some(a), _) => a,
+        (None, Device::Gpu(g)) => g.compute_capability.0 * 10 + g.compute_capability.1,
+        (None, Device::Cpu) => *archs.last().unwrap_or(&75),
     };
     for (file, src) in gpu::SOURCES {
         for cubin in [false, true] {
@@ -197,8 +196,8 @@ fn kernels(arch: Option<i32>) -> anyhow::Result<()> {
             println!("{file}: {kind} for {arch}: {size} bytes");
         }
     }
-    match kernels::choose(kernels::GpuMode::from_env()?) {
-        Ok((Device::Gpu(g), why)) => {
+    match device {
+        Device::Gpu(g) => {
             println!("{why}");
             for (name, gbps, copy) in kernels::bench(&g)? {
                 println!(
@@ -207,8 +206,7 @@ fn kernels(arch: Option<i32>) -> anyhow::Result<()> {
                 );
             }
         }
-        Ok((_, why)) => println!("no GPU to check the kernels on: {why}"),
-        Err(e) => return Err(e),
+        Device::Cpu => println!("no GPU to check the kernels on: {why}"),
     }
     Ok(())
 }

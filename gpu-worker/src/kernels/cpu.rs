@@ -18,6 +18,10 @@ pub const ANGLE_BINS: usize = 1 << 16;
 pub const CONC_BINS: usize = 1 << 16;
 pub const C_LO: f32 = -4.0;
 pub const C_HI: f32 = 12.0;
+/// Bins per radian and per unit of concentration: one f32 each, passed to the GPU as they
+/// are, so both paths bin with the very same factor.
+pub const ANGLE_SCALE: f32 = ANGLE_BINS as f32 / std::f32::consts::TAU;
+pub const CONC_SCALE: f32 = CONC_BINS as f32 / (C_HI - C_LO);
 
 /// Pixels per rayon task: large enough that scheduling costs nothing.
 const CHUNK: usize = 1 << 14;
@@ -207,7 +211,7 @@ pub fn od_sums(rgb: &[u8]) -> OdSums {
 
 #[inline]
 pub fn angle_bin(phi: f32) -> usize {
-    let b = ((phi + std::f32::consts::PI) * (ANGLE_BINS as f32 / std::f32::consts::TAU)) as i64;
+    let b = ((phi + std::f32::consts::PI) * ANGLE_SCALE) as i64;
     b.clamp(0, ANGLE_BINS as i64 - 1) as usize
 }
 
@@ -241,7 +245,7 @@ fn add_hist(mut a: Vec<u64>, b: Vec<u64>) -> Vec<u64> {
 
 #[inline]
 pub fn conc_bin(c: f32) -> usize {
-    let b = ((c - C_LO) * (CONC_BINS as f32 / (C_HI - C_LO))).floor();
+    let b = ((c - C_LO) * CONC_SCALE).floor();
     if b.is_nan() {
         0
     } else {

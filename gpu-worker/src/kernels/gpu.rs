@@ -472,7 +472,7 @@ impl Gpu {
         let (beta, pi, scale, bins) = (
             cpu::BETA,
             std::f32::consts::PI,
-            cpu::ANGLE_BINS as f32 / std::f32::consts::TAU,
+            cpu::ANGLE_SCALE,
             cpu::ANGLE_BINS as i32,
         );
         let mut b = s.launch_builder(self.f("angle_histogram"));
@@ -500,11 +500,7 @@ impl Gpu {
         let src = s.memcpy_stod(rgb).map_err(drv)?;
         let p = s.memcpy_stod(pinv.as_flattened()).map_err(drv)?;
         let mut hist = s.alloc_zeros::<u64>(2 * cpu::CONC_BINS).map_err(drv)?;
-        let (lo, scale, bins) = (
-            cpu::C_LO,
-            cpu::CONC_BINS as f32 / (cpu::C_HI - cpu::C_LO),
-            cpu::CONC_BINS as i32,
-        );
+        let (lo, scale, bins) = (cpu::C_LO, cpu::CONC_SCALE, cpu::CONC_BINS as i32);
         let mut b = s.launch_builder(self.f("concentration_histogram"));
         b.arg(&src)
             .arg(&n)
@@ -593,7 +589,7 @@ impl Gpu {
         let (beta, pi, ascale, bins) = (
             cpu::BETA,
             std::f32::consts::PI,
-            cpu::ANGLE_BINS as f32 / std::f32::consts::TAU,
+            cpu::ANGLE_SCALE,
             cpu::ANGLE_BINS as i32,
         );
         let (io, in_w, rows_i, out_w) = (cpu::IO as f32, width as i32, rows as i32, r.output_len() as i32);
