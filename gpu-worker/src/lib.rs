@@ -2,6 +2,8 @@
 //!
 //! * [`slide`]: OpenSlide reads, checked (levels, regions, buffer lengths), composited over
 //!   white; the metadata `SlideVerified` records.
+//! * [`tiff`]: tiled JPEG TIFF levels decoded straight from the file, where a sample proves
+//!   them equal to OpenSlide's pixels.
 //! * [`deepzoom`]: OpenSlide `DeepZoomGenerator` geometry and the streaming pyramid builder
 //!   (Lanczos-3 2× reductions, each pixel reduced once).
 //! * [`kernels`]: every CUDA kernel (`gpu-worker/kernels/*.cu`, NVRTC through cudarc) and its
@@ -17,4 +19,5 @@ pub mod process;
 pub mod run;
 pub mod slide;
 pub mod stain;
+pub mod tiff;
 pub mod tissue;

@@ -133,8 +133,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|f| format!("{:.1} % tissue", 100.0 * f))
                     .unwrap_or_else(|| "no tissue mask".into());
                 println!(
-                    "{}×{} ({:.1} megapixels) in {:.2} s: {:.1} megapixels/s, {} levels, {} tiles, {tissue}, device {}",
-                    s.width, s.height, s.megapixels, s.seconds, s.megapixels_per_second, s.levels, s.tiles, s.device
+                    "{}×{} ({:.1} megapixels) in {:.2} s: {:.1} megapixels/s, {} levels, {} tiles, {tissue}, device {}, read by {}",
+                    s.width, s.height, s.megapixels, s.seconds, s.megapixels_per_second, s.levels, s.tiles, s.device, s.reader
                 );
             }
         }
@@ -144,7 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (meta, private) = s.metadata();
             println!(
                 "{}",
-                serde_json::json!({"metadata": meta, "sealed_before_storage": private.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>())})
+                serde_json::json!({"metadata": meta, "readers": (0..meta.levels.len() as u32).map(|l| s.reader(l)).collect::<Vec<_>>(), "sealed_before_storage": private.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>())})
             );
         }
     }

@@ -91,6 +91,8 @@ pub struct Summary {
     pub tissue_fraction: Option<f64>,
     pub normalize: Normalize,
     pub device: String,
+    /// How full-resolution pixels were read: `tiff-jpeg` or `openslide`.
+    pub reader: &'static str,
     pub manifest_sha256: String,
 }
 
@@ -301,7 +303,7 @@ pub fn process_until(
                 let mut y = 0;
                 while y < h {
                     let rows = band_rows.min(h - y);
-                    let band = if device.is_gpu() {
+                    let band = if device.is_gpu() && slide.reader(0) == "openslide" {
                         slide
                             .read_bgra_parallel(0, 0, y, w, rows)
                             .map_err(anyhow::Error::from)
@@ -401,6 +403,7 @@ pub fn process_until(
         tissue_fraction,
         normalize: opts.normalize,
         device: device.name(),
+        reader: slide.reader(0),
         manifest_sha256: hex::encode(Sha256::digest(&bytes)),
     })
 }

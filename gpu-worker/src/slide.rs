@@ -1,5 +1,9 @@
 //! Reading slides with OpenSlide (Debian's 3.4.1 through `openslide-rs`).
 //!
+//! Levels of generic TIFF and Aperio slides stored as tiled JPEG are read straight from the
+//! file ([`crate::tiff`]) once a sample of each has decoded to exactly OpenSlide's pixels;
+//! `MIRA_SLIDE_READER=openslide` turns that off.
+//!
 //! OpenSlide hands back premultiplied ARGB as native-endian `u32`s, so the bytes are B, G, R,
 //! A; pixels are composited over white as OpenSlide's own DeepZoom does. A read at a level that
 //! does not exist, or outside the slide, can come back `Ok` with a short buffer: every level
@@ -9,6 +13,8 @@ use std::path::Path;
 
 use mira_events::{SlideLevel, SlideMetadata};
 use openslide_rs::{Address, OpenSlide, Region, Size};
+
+use crate::tiff::TiledJpeg;
 
 /// Why a slide cannot be used. Never worth retrying: the file will not change.
 #[derive(Debug, thiserror::Error)]
@@ -24,11 +30,41 @@ pub enum SlideError {
 pub struct Slide {
     osr: OpenSlide,
     levels: Vec<(u64, u64, f64)>,
+    /// Per level, the TIFF image it is read from directly, where it can be.
+    direct: Vec<Option<TiledJpeg>>,
 }
 
 impl std::fmt::Debug for Slide {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slide").field("levels", &self.levels).finish()
+        f.debug_struct("Slide")
+            .field("levels", &self.levels)
+            .field(
+                "readers",
+                &(0..self.levels.len() as u32)
+                    .map(|l| self.reader(l))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// How pixels are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reader {
+    /// Tiled JPEG TIFF levels straight from the file where a sample proves them equal to
+    /// OpenSlide; OpenSlide for the rest.
+    Auto,
+    /// OpenSlide for everything.
+    OpenSlide,
+}
+
+impl Reader {
+    /// `MIRA_SLIDE_READER`: `openslide`, or `auto` (the default).
+    pub fn from_env() -> Self {
+        match std::env::var("MIRA_SLIDE_READER").as_deref() {
+            Ok("openslide") => Self::OpenSlide,
+            _ => Self::Auto,
+        }
     }
 }
 
@@ -44,6 +80,10 @@ fn sensitive(name: &str) -> bool {
 
 impl Slide {
     pub fn open(path: &Path) -> Result<Self, SlideError> {
+        Self::open_with(path, Reader::from_env())
+    }
+
+    pub fn open_with(path: &Path, reader: Reader) -> Result<Self, SlideError> {
         if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
             return Err(SlideError::Unreadable("the file is empty or missing".into()));
         }
@@ -74,7 +114,11 @@ impl Slide {
         if levels[0].0 == 0 || levels[0].1 == 0 {
             return Err(SlideError::Inconsistent("level 0 is empty".into()));
         }
-        let slide = Self { osr, levels };
+        let mut slide = Self {
+            osr,
+            levels,
+            direct: Vec::new(),
+        };
         // Touch the first and last pixel of every level, so a truncated file, or a level whose
         // header promises more than its data holds, fails here and not half way through a job.
         for (l, &(w, h, d)) in slide.levels.iter().enumerate() {
@@ -84,7 +128,77 @@ impl Slide {
                 })?;
             }
         }
+        if reader == Reader::Auto {
+            slide.direct = slide.direct_levels(path);
+        }
         Ok(slide)
+    }
+
+    /// For each level, the file's tiled JPEG image that holds it, when OpenSlide reads this
+    /// vendor's TIFF levels as plain tile grids and a sample of tiles decodes to exactly
+    /// OpenSlide's pixels.
+    fn direct_levels(&self, path: &Path) -> Vec<Option<TiledJpeg>> {
+        let vendor = self.property("openslide.vendor").unwrap_or_default();
+        if !matches!(vendor.as_str(), "generic-tiff" | "aperio") {
+            return Vec::new();
+        }
+        let mut images = match crate::tiff::tiled_jpeg_images(path) {
+            Ok(images) => images,
+            Err(e) => {
+                tracing::info!(error = %e, "the TIFF directories could not be listed; OpenSlide reads every level");
+                return Vec::new();
+            }
+        };
+        let mut direct = Vec::with_capacity(self.levels.len());
+        for (l, &(w, h, down)) in self.levels.iter().enumerate() {
+            let tile = self.tile_size(l as u32);
+            let found = images
+                .iter()
+                .position(|i| (i.width, i.height) == (w, h) && Some((i.tile_width, i.tile_height)) == tile)
+                .map(|k| images.remove(k));
+            direct.push(found.filter(|img| match self.same_as_openslide(l as u32, img, down) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::info!(level = l, %why, "OpenSlide reads this level");
+                    false
+                }
+            }));
+        }
+        direct
+    }
+
+    /// Decodes the first, a middle and the last tile of `img` both ways and compares them.
+    /// Only tiles OpenSlide reads at whole pixels of the level are compared (it resamples at
+    /// a fractional offset, which the direct read never needs); the first always is.
+    fn same_as_openslide(&self, level: u32, img: &TiledJpeg, down: f64) -> Result<(), String> {
+        let (tw, th) = (img.tile_width, img.tile_height);
+        let (across, rows) = (img.width.div_ceil(tw), img.height.div_ceil(th));
+        let whole = |v: u64| ((v as f64 * down).round() / down) == v as f64;
+        for (c, r) in [(0, 0), (across / 2, rows / 2), (across - 1, rows - 1)] {
+            let (x, y) = (c * tw, r * th);
+            if !whole(x) || !whole(y) {
+                continue;
+            }
+            let (w, h) = (tw.min(img.width - x), th.min(img.height - y));
+            let ours = img.read_rgb(x, y, w, h)?;
+            let theirs = self.read_rgb_openslide(level, x, y, w, h).map_err(|e| e.to_string())?;
+            if ours != theirs {
+                let differ = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+                return Err(format!(
+                    "tile {c},{r}: {differ} of {} samples differ from OpenSlide's",
+                    ours.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Which reader serves `level`: `tiff-jpeg` (straight from the file) or `openslide`.
+    pub fn reader(&self, level: u32) -> &'static str {
+        match self.direct.get(level as usize) {
+            Some(Some(_)) => "tiff-jpeg",
+            _ => "openslide",
+        }
     }
 
     /// Every level's width, height and downsample.
@@ -154,6 +268,14 @@ impl Slide {
     /// RGB pixels of a rectangle of `level`, composited over white. `x`, `y` are in the
     /// level's own pixels.
     pub fn read_rgb(&self, level: u32, x: u64, y: u64, w: u64, h: u64) -> Result<Vec<u8>, SlideError> {
+        match self.direct.get(level as usize) {
+            Some(Some(img)) => img.read_rgb(x, y, w, h).map_err(SlideError::Read),
+            _ => self.read_rgb_openslide(level, x, y, w, h),
+        }
+    }
+
+    /// [`Slide::read_rgb`] through OpenSlide, whatever the level.
+    pub fn read_rgb_openslide(&self, level: u32, x: u64, y: u64, w: u64, h: u64) -> Result<Vec<u8>, SlideError> {
         Ok(bgra_to_rgb_over_white(&self.read_bgra(level, x, y, w, h)?))
     }
 
@@ -200,8 +322,14 @@ impl Slide {
 impl Slide {
     /// As [`Slide::read_rgb`], reading vertical strips in parallel (OpenSlide reads are
     /// thread-safe on one handle) and stitching them row by row.
+    /// A level read straight from the file is already parallel, tile by tile.
     pub fn read_rgb_parallel(&self, level: u32, x: u64, y: u64, w: u64, h: u64) -> Result<Vec<u8>, SlideError> {
-        self.read_parallel(level, x, y, w, h, 3, |s, l, x, y, w, h| s.read_rgb(l, x, y, w, h))
+        if self.reader(level) != "openslide" {
+            return self.read_rgb(level, x, y, w, h);
+        }
+        self.read_parallel(level, x, y, w, h, 3, |s, l, x, y, w, h| {
+            s.read_rgb_openslide(l, x, y, w, h)
+        })
     }
 
     /// As [`Slide::read_bgra`], in parallel strips (for the GPU path, which converts).

@@ -76,6 +76,11 @@ fn a_generated_three_level_pyramid_matches_openslides_deepzoom_generator() {
 
 /// A 1024×1000 3-level pyramidal JPEG TIFF made from the CMU slide with vips, in `dir`.
 fn pyramid(dir: &Path) -> PathBuf {
+    pyramid_at(dir, 90)
+}
+
+/// As [`pyramid`], at JPEG quality `q` (vips subsamples chroma 4:2:0 below 90).
+fn pyramid_at(dir: &Path, q: u8) -> PathBuf {
     let run = |args: &[&str]| {
         let o = Command::new("vips")
             .args(args)
@@ -91,7 +96,7 @@ fn pyramid(dir: &Path) -> PathBuf {
         dir.join("a.v"),
         dir.join("b.v"),
         dir.join("c.v"),
-        dir.join("pyramid.tif"),
+        dir.join(format!("pyramid-q{q}.tif")),
     );
     let s = |p: &PathBuf| p.to_str().unwrap().to_owned();
     run(&["openslideload", &s(&cmu()), &s(&rgba)]);
@@ -106,7 +111,7 @@ fn pyramid(dir: &Path) -> PathBuf {
         "--compression",
         "jpeg",
         "--Q",
-        "90",
+        &q.to_string(),
         "--tile-width",
         "256",
         "--tile-height",
@@ -118,6 +123,12 @@ fn pyramid(dir: &Path) -> PathBuf {
 /// Rewrites the width and height of the `ifd`-th image of a little-endian classic TIFF: the
 /// header then promises a level its tile offsets do not hold.
 fn patch_tiff_level(path: &Path, ifd: usize, width: u32, height: u32) {
+    patch_tiff_tags(path, ifd, &[(256, width), (257, height)]);
+}
+
+/// Rewrites the values of one-valued `tags` of the `ifd`-th image of a little-endian
+/// classic TIFF.
+fn patch_tiff_tags(path: &Path, ifd: usize, tags: &[(usize, u32)]) {
     let mut data = std::fs::read(path).unwrap();
     assert_eq!(&data[..4], b"II*\0", "vips writes little-endian classic TIFF");
     let u16_at = |d: &[u8], o: usize| u16::from_le_bytes([d[o], d[o + 1]]) as usize;
@@ -130,10 +141,8 @@ fn patch_tiff_level(path: &Path, ifd: usize, width: u32, height: u32) {
     for i in 0..u16_at(&data, off) {
         let e = off + 2 + 12 * i;
         let (tag, kind) = (u16_at(&data, e), u16_at(&data, e + 2));
-        let value = match tag {
-            256 => width,
-            257 => height,
-            _ => continue,
+        let Some(&(_, value)) = tags.iter().find(|t| t.0 == tag) else {
+            continue;
         };
         if kind == 3 {
             data[e + 8..e + 10].copy_from_slice(&(value as u16).to_le_bytes());
@@ -142,7 +151,7 @@ fn patch_tiff_level(path: &Path, ifd: usize, width: u32, height: u32) {
         }
         patched += 1;
     }
-    assert_eq!(patched, 2);
+    assert_eq!(patched, tags.len());
     std::fs::write(path, data).unwrap();
 }
 
@@ -386,4 +395,76 @@ fn the_pipeline_writes_the_mask_statistics_and_a_normalised_pyramid_all_in_the_m
     }
     assert_eq!(listed.len() as u64, 2 * per + 4);
     let _ = std::fs::remove_dir_all(out);
+}
+
+/// Every pixel a slide gives, read straight from the file and through OpenSlide, for whole
+/// levels and for regions that start and end inside tiles and at the level's edges.
+fn assert_direct_reads_equal_openslide(path: &Path) {
+    use mira_gpu_worker::slide::{Reader, Slide};
+    let slide = Slide::open_with(path, Reader::Auto).unwrap();
+    let plain = Slide::open_with(path, Reader::OpenSlide).unwrap();
+    for (l, &(w, h, _)) in slide.levels().iter().enumerate() {
+        let l = l as u32;
+        assert_eq!(slide.reader(l), "tiff-jpeg", "{} level {l}: {slide:?}", path.display());
+        assert_eq!(plain.reader(l), "openslide");
+        let mut regions = vec![(0, 0, w, h)];
+        if l == 0 {
+            regions.extend([
+                (1, 3, 517, 259),
+                (w - 301, h - 203, 301, 203),
+                (255, 255, 2, 2),
+                (w / 2, 0, 1, h),
+            ]);
+        }
+        for (x, y, rw, rh) in regions {
+            let ours = slide.read_rgb_parallel(l, x, y, rw, rh).unwrap();
+            let theirs = plain.read_rgb_parallel(l, x, y, rw, rh).unwrap();
+            assert_eq!(ours.len(), theirs.len());
+            let differ = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+            assert_eq!(differ, 0, "{} level {l} region {x},{y} {rw}×{rh}", path.display());
+        }
+    }
+}
+
+#[test]
+fn tiled_jpeg_levels_read_straight_from_the_file_equal_openslides_pixels() {
+    // Aperio, RGB JPEG tiles with shared tables.
+    assert_direct_reads_equal_openslide(&cmu());
+    // Generic TIFF from vips: YCbCr 4:4:4 at Q90, 4:2:0 (libjpeg's upsampling) at Q75.
+    let dir = scratch("direct");
+    assert_direct_reads_equal_openslide(&pyramid_at(&dir, 90));
+    assert_direct_reads_equal_openslide(&pyramid_at(&dir, 75));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// vips writes RGB JPEG tiles at Q90 (component ids R, G, B; photometric RGB). Tagged YCbCr
+/// instead, a level is decoded as libtiff decodes it, by the tag (YCbCr → RGB), not as the
+/// streams' own ids suggest: the pixels equal OpenSlide's and differ from the untouched
+/// file's.
+#[test]
+fn a_level_is_decoded_by_its_tiff_colour_tag_as_libtiff_does() {
+    use mira_gpu_worker::slide::{Reader, Slide};
+    let dir = scratch("contradict");
+    let tif = pyramid_at(&dir, 90);
+    let untouched = Slide::open_with(&tif, Reader::Auto).unwrap();
+    let (w, h, _) = untouched.levels()[1];
+    let before = untouched.read_rgb_parallel(1, 0, 0, w, h).unwrap();
+    drop(untouched);
+    patch_tiff_tags(&tif, 1, &[(262, 6)]);
+    let slide = Slide::open_with(&tif, Reader::Auto).unwrap();
+    assert_eq!(
+        (0..3).map(|l| slide.reader(l)).collect::<Vec<_>>(),
+        ["tiff-jpeg", "tiff-jpeg", "tiff-jpeg"]
+    );
+    let after = slide.read_rgb_parallel(1, 0, 0, w, h).unwrap();
+    assert_eq!(after, slide.read_rgb_openslide(1, 0, 0, w, h).unwrap());
+    let differ = after.iter().zip(&before).filter(|(a, b)| a != b).count();
+    assert!(
+        differ > after.len() / 2,
+        "{differ} of {} differ; {:?} {:?}",
+        after.len(),
+        &after[..12],
+        &before[..12]
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

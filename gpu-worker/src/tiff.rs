@@ -1,0 +1,345 @@
+//! Tiled JPEG TIFF levels read straight from the file: the raw tile, the directory's shared
+//! JPEG tables, and libjpeg-turbo's decoder (the same library, with the same settings, that
+//! libtiff uses when OpenSlide reads such a level). ADR 0009.
+//!
+//! OpenSlide 3.4.1 decodes every tile of a generic TIFF or Aperio level through libtiff into
+//! ARGB and then paints it into the caller's buffer with cairo's SATURATE operator, which
+//! pixman runs one pixel at a time; on a large slide that painting is a third of the worker's
+//! CPU time. For the layouts this module understands (8-bit, 3-sample, chunky, JPEG-compressed
+//! tiles whose streams name the colour space the TIFF says), the pixels are the same bytes
+//! without the painting. [`crate::slide::Slide`] uses a level this way only after decoding a
+//! sample of it both ways and finding them equal; everything else goes through OpenSlide.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// One tiled JPEG image of a TIFF file, in the order of the file's main directory chain.
+#[derive(Debug)]
+pub struct TiledJpeg {
+    file: Arc<File>,
+    pub directory: usize,
+    pub width: u64,
+    pub height: u64,
+    pub tile_width: u64,
+    pub tile_height: u64,
+    across: u64,
+    offsets: Vec<u64>,
+    counts: Vec<u64>,
+    /// The JPEGTables stream without its start- and end-of-image markers, or empty.
+    tables: Vec<u8>,
+    /// 2 (RGB) or 6 (YCbCr).
+    photometric: u64,
+}
+
+const MAX_DIRECTORIES: usize = 4096;
+const MAX_ENTRIES: u64 = 1 << 28;
+
+struct Reader {
+    file: Arc<File>,
+    len: u64,
+    little: bool,
+    big: bool,
+}
+
+impl Reader {
+    fn bytes(&self, offset: u64, n: u64) -> std::io::Result<Vec<u8>> {
+        if offset.checked_add(n).is_none_or(|end| end > self.len) {
+            return Err(std::io::Error::other(format!(
+                "{n} bytes at {offset} lie outside the file"
+            )));
+        }
+        let mut buf = vec![0; n as usize];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    fn uint(&self, b: &[u8]) -> u64 {
+        let mut v = 0u64;
+        if self.little {
+            for (i, x) in b.iter().enumerate() {
+                v |= (*x as u64) << (8 * i);
+            }
+        } else {
+            for x in b {
+                v = (v << 8) | *x as u64;
+            }
+        }
+        v
+    }
+
+    /// Every entry of the directory at `offset`, as (tag, type, count, value-or-offset bytes),
+    /// and the next directory's offset.
+    #[allow(clippy::type_complexity)]
+    fn directory(&self, offset: u64) -> std::io::Result<(Vec<(u16, u16, u64, Vec<u8>)>, u64)> {
+        let (count_size, entry_size, word) = if self.big { (8, 20, 8) } else { (2, 12, 4) };
+        let n = self.uint(&self.bytes(offset, count_size)?);
+        if n > 65535 {
+            return Err(std::io::Error::other(format!("a directory of {n} entries")));
+        }
+        let raw = self.bytes(offset + count_size, n * entry_size + word)?;
+        let mut entries = Vec::with_capacity(n as usize);
+        for e in raw[..(n * entry_size) as usize].chunks_exact(entry_size as usize) {
+            let tag = self.uint(&e[0..2]) as u16;
+            let kind = self.uint(&e[2..4]) as u16;
+            let (count, value) = if self.big {
+                (self.uint(&e[4..12]), e[12..20].to_vec())
+            } else {
+                (self.uint(&e[4..8]), e[8..12].to_vec())
+            };
+            entries.push((tag, kind, count, value));
+        }
+        let next = self.uint(&raw[(n * entry_size) as usize..]);
+        Ok((entries, next))
+    }
+
+    /// An entry's values: integers for the integer types, else its bytes widened.
+    fn values(&self, kind: u16, count: u64, value: &[u8]) -> std::io::Result<Vec<u64>> {
+        let size: u64 = match kind {
+            1 | 2 | 6 | 7 => 1,
+            3 | 8 => 2,
+            4 | 9 | 13 => 4,
+            16..=18 => 8,
+            _ => return Err(std::io::Error::other(format!("tag type {kind} is not an integer"))),
+        };
+        if count > MAX_ENTRIES {
+            return Err(std::io::Error::other(format!("{count} values in one tag")));
+        }
+        let total = size * count;
+        let data = if total <= value.len() as u64 {
+            value[..total as usize].to_vec()
+        } else {
+            self.bytes(self.uint(value), total)?
+        };
+        Ok(data.chunks_exact(size as usize).map(|c| self.uint(c)).collect())
+    }
+}
+
+/// Every tiled, JPEG-compressed, 8-bit RGB/YCbCr image of the file's main directory chain
+/// whose tile table is complete and inside the file. Anything else is skipped, not an error:
+/// OpenSlide reads it.
+pub fn tiled_jpeg_images(path: &Path) -> std::io::Result<Vec<TiledJpeg>> {
+    let file = Arc::new(File::open(path)?);
+    let len = file.metadata()?.len();
+    let mut head = [0u8; 16];
+    file.read_exact_at(&mut head[..8], 0)?;
+    let little = match &head[..2] {
+        b"II" => true,
+        b"MM" => false,
+        _ => return Ok(Vec::new()),
+    };
+    let mut r = Reader {
+        file: file.clone(),
+        len,
+        little,
+        big: false,
+    };
+    let mut next = match r.uint(&head[2..4]) {
+        42 => r.uint(&head[4..8]),
+        43 => {
+            r.big = true;
+            r.uint(&r.bytes(8, 8)?)
+        }
+        _ => return Ok(Vec::new()),
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut images = Vec::new();
+    let mut directory = 0;
+    while next != 0 && seen.insert(next) && directory < MAX_DIRECTORIES {
+        let (entries, after) = r.directory(next)?;
+        if let Some(img) = image(&r, directory, &entries)? {
+            images.push(img);
+        }
+        next = after;
+        directory += 1;
+    }
+    Ok(images)
+}
+
+fn image(r: &Reader, directory: usize, entries: &[(u16, u16, u64, Vec<u8>)]) -> std::io::Result<Option<TiledJpeg>> {
+    let get = |tag: u16| -> std::io::Result<Option<Vec<u64>>> {
+        match entries.iter().find(|e| e.0 == tag) {
+            Some((_, kind, count, value)) => r.values(*kind, *count, value).map(Some),
+            None => Ok(None),
+        }
+    };
+    let one = |tag: u16, default: Option<u64>| -> std::io::Result<Option<u64>> {
+        Ok(get(tag)?.and_then(|v| v.first().copied()).or(default))
+    };
+    let (Some(width), Some(height), Some(tw), Some(th)) =
+        (one(256, None)?, one(257, None)?, one(322, None)?, one(323, None)?)
+    else {
+        return Ok(None);
+    };
+    let compression = one(259, Some(1))?;
+    let photometric = one(262, None)?;
+    let samples = one(277, Some(1))?;
+    let planar = one(284, Some(1))?;
+    let bits = get(258)?.unwrap_or_else(|| vec![1]);
+    if compression != Some(7)
+        || !matches!(photometric, Some(2 | 6))
+        || samples != Some(3)
+        || planar != Some(1)
+        || bits.iter().any(|b| *b != 8)
+        || width == 0
+        || height == 0
+        || tw == 0
+        || th == 0
+        || tw > 65535
+        || th > 65535
+    {
+        return Ok(None);
+    }
+    let (across, down) = (width.div_ceil(tw), height.div_ceil(th));
+    let (Some(offsets), Some(counts)) = (get(324)?, get(325)?) else {
+        return Ok(None);
+    };
+    let tiles = across * down;
+    if offsets.len() as u64 != tiles
+        || counts.len() as u64 != tiles
+        || offsets
+            .iter()
+            .zip(&counts)
+            .any(|(o, c)| *c < 4 || o.checked_add(*c).is_none_or(|end| end > r.len))
+    {
+        return Ok(None);
+    }
+    let tables = match entries.iter().find(|e| e.0 == 347) {
+        Some((_, kind, count, value)) => {
+            let t: Vec<u8> = r.values(*kind, *count, value)?.into_iter().map(|b| b as u8).collect();
+            if t.len() < 4 || t[..2] != [0xFF, 0xD8] || t[t.len() - 2..] != [0xFF, 0xD9] {
+                return Ok(None);
+            }
+            t[2..t.len() - 2].to_vec()
+        }
+        None => Vec::new(),
+    };
+    Ok(Some(TiledJpeg {
+        file: r.file.clone(),
+        directory,
+        width,
+        height,
+        tile_width: tw,
+        tile_height: th,
+        across,
+        offsets,
+        counts,
+        tables,
+        photometric: photometric.unwrap_or(0),
+    }))
+}
+
+thread_local! {
+    static DECOMPRESSOR: RefCell<Option<turbojpeg::Decompressor>> = const { RefCell::new(None) };
+}
+
+impl TiledJpeg {
+    /// The complete JPEG stream of tile (`col`, `row`): a start-of-image marker, an Adobe
+    /// segment naming the colour space the TIFF gives, the directory's tables, then the tile's
+    /// own stream after its start-of-image marker.
+    ///
+    /// libtiff tells libjpeg the colour space from the photometric tag (YCbCr: convert to
+    /// RGB; RGB: leave the samples alone); a JPEG decoder left to itself guesses from the
+    /// stream's markers and component ids, and guesses YCbCr for Aperio's RGB tiles. The Adobe
+    /// segment's transform flag (0: RGB, 1: YCbCr) is the marker libjpeg takes that from.
+    fn stream(&self, col: u64, row: u64) -> Result<Vec<u8>, String> {
+        let i = (row * self.across + col) as usize;
+        let (offset, count) = (self.offsets[i], self.counts[i]);
+        let transform = u8::from(self.photometric == 6);
+        let adobe = [
+            0xFF, 0xD8, 0xFF, 0xEE, 0, 14, b'A', b'd', b'o', b'b', b'e', 0, 100, 0, 0, 0, 0, transform,
+        ];
+        let mut buf = Vec::with_capacity(adobe.len() + self.tables.len() + count as usize);
+        buf.extend_from_slice(&adobe);
+        buf.extend_from_slice(&self.tables);
+        let start = buf.len();
+        buf.resize(start + count as usize, 0);
+        self.file
+            .read_exact_at(&mut buf[start..], offset)
+            .map_err(|e| format!("tile {col},{row} of directory {}: {e}", self.directory))?;
+        if buf[start..start + 2] != [0xFF, 0xD8] {
+            return Err(format!(
+                "tile {col},{row} of directory {} is not a JPEG stream",
+                self.directory
+            ));
+        }
+        buf.drain(start..start + 2);
+        Ok(buf)
+    }
+
+    /// Tile (`col`, `row`) as `tile_width × tile_height` RGB.
+    pub fn decode_tile(&self, col: u64, row: u64) -> Result<Vec<u8>, String> {
+        let jpeg = self.stream(col, row)?;
+        let (tw, th) = (self.tile_width as usize, self.tile_height as usize);
+        let mut out = vec![0u8; tw * th * 3];
+        DECOMPRESSOR.with(|d| -> Result<(), String> {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(turbojpeg::Decompressor::new().map_err(|e| e.to_string())?);
+            }
+            let d = d.as_mut().expect("set above");
+            let why = |e: turbojpeg::Error| format!("tile {col},{row} of directory {}: {e}", self.directory);
+            let header = d.read_header(&jpeg).map_err(why)?;
+            // A JFIF marker in the tile outranks the Adobe segment (libjpeg then assumes
+            // YCbCr): the colour space must still be the one libtiff would use.
+            let colours_agree = match self.photometric {
+                6 => header.colorspace == turbojpeg::Colorspace::YCbCr,
+                _ => header.colorspace == turbojpeg::Colorspace::RGB,
+            };
+            if (header.width, header.height) != (tw, th) || !colours_agree {
+                return Err(format!(
+                    "tile {col},{row} of directory {} holds a {}×{} {:?} JPEG, the directory says {tw}×{th} photometric {}",
+                    self.directory, header.width, header.height, header.colorspace, self.photometric
+                ));
+            }
+            d.decompress(
+                &jpeg,
+                turbojpeg::Image {
+                    pixels: &mut out[..],
+                    width: tw,
+                    pitch: tw * 3,
+                    height: th,
+                    format: turbojpeg::PixelFormat::RGB,
+                },
+            )
+            .map_err(why)
+        })?;
+        Ok(out)
+    }
+
+    /// RGB pixels of the rectangle `x, y, w, h` (inside the image), its tiles decoded in
+    /// parallel, each once.
+    pub fn read_rgb(&self, x: u64, y: u64, w: u64, h: u64) -> Result<Vec<u8>, String> {
+        use rayon::prelude::*;
+        if w == 0 || h == 0 || x + w > self.width || y + h > self.height {
+            return Err(format!(
+                "region {x},{y} {w}×{h} is outside the {}×{} image",
+                self.width, self.height
+            ));
+        }
+        let (tw, th) = (self.tile_width, self.tile_height);
+        let (c0, c1, r0, r1) = (x / tw, (x + w - 1) / tw, y / th, (y + h - 1) / th);
+        let cols = c1 - c0 + 1;
+        let tiles: Vec<Vec<u8>> = (0..cols * (r1 - r0 + 1))
+            .into_par_iter()
+            .map(|i| self.decode_tile(c0 + i % cols, r0 + i / cols))
+            .collect::<Result<_, _>>()?;
+        let stride = (w * 3) as usize;
+        let mut out = vec![0u8; stride * h as usize];
+        out.par_chunks_mut(stride).enumerate().for_each(|(i, line)| {
+            let ly = y + i as u64;
+            let (r, ty) = (ly / th, (ly % th) as usize);
+            for c in c0..=c1 {
+                let tile = &tiles[((r - r0) * cols + (c - c0)) as usize];
+                let (from, to) = ((c * tw).max(x), ((c + 1) * tw).min(x + w));
+                let src = (ty * tw as usize + (from - c * tw) as usize) * 3;
+                let dst = ((from - x) * 3) as usize;
+                let n = ((to - from) * 3) as usize;
+                line[dst..dst + n].copy_from_slice(&tile[src..src + n]);
+            }
+        });
+        Ok(out)
+    }
+}
