@@ -103,7 +103,7 @@ struct Writer<'a> {
     name: &'static str,
     opts: Options,
     objects: &'a Mutex<Vec<ManifestObject>>,
-    stats: Option<StatsOf<'a>>,
+    stats: Option<StatsOf>,
     /// Encoded tiles go to one thread that creates the files: creating files in a directory
     /// serialises on its lock anyway, and from every worker thread the waiting spins.
     files: std::sync::mpsc::SyncSender<(PathBuf, Vec<u8>)>,
@@ -118,8 +118,9 @@ fn write_files(rx: std::sync::mpsc::Receiver<(PathBuf, Vec<u8>)>) -> anyhow::Res
     Ok(())
 }
 
-/// The level whose tiles get statistics, its geometry, the mask, and the statistics so far.
-type StatsOf<'a> = (usize, &'a Geometry, Option<&'a Mask>, Mutex<Vec<TileStats>>);
+/// The level whose tiles get statistics, and the statistics so far (tissue fractions are
+/// filled in once the mask is there).
+type StatsOf = (usize, Mutex<Vec<TileStats>>);
 
 thread_local! {
     static JPEG: std::cell::RefCell<Option<turbojpeg::Compressor>> = const { std::cell::RefCell::new(None) };
@@ -170,16 +171,14 @@ fn write_object(root: &Path, objects: &Mutex<Vec<ManifestObject>>, key: String, 
 
 impl TileSink for Writer<'_> {
     fn tile(&self, level: usize, col: u64, row: u64, w: u32, h: u32, rgb: &[u8]) -> anyhow::Result<()> {
-        if let Some((top, geometry, mask, stats)) = &self.stats {
+        if let Some((top, stats)) = &self.stats {
             if level == *top {
                 // From the pixels already in hand: no tile is read or decoded twice.
                 let (mean, std) = rgb_mean_std(rgb);
-                let (x, y, tw, th) = geometry.tile_rect(level, col, row);
-                let tissue = mask.map(|m| m.fraction_in(x, y, tw, th)).unwrap_or(f64::NAN);
                 stats.lock().unwrap_or_else(|p| p.into_inner()).push(TileStats {
                     col,
                     row,
-                    tissue,
+                    tissue: f64::NAN,
                     mean,
                     std,
                 });
@@ -230,8 +229,10 @@ pub fn process_until(
     let _ = std::fs::remove_file(out.join("manifest.json"));
     let objects = Mutex::new(Vec::new());
 
-    // The mask and the stain statistics come from one low-resolution thumbnail.
-    let mask = if opts.tissue || opts.normalize != Normalize::None {
+    // The mask and the stain statistics come from one low-resolution thumbnail. Stain
+    // normalisation needs them before the first band; the mask alone is built beside the
+    // pyramid (below), which needs it only for the statistics written at the end.
+    let mask = if opts.normalize != Normalize::None {
         let thumb = Thumbnail::read(&slide)?;
         let mask = Mask::build(&device, &thumb)?;
         let normalizer = match opts.normalize {
@@ -251,10 +252,7 @@ pub fn process_until(
         None
     };
     let normalizer = mask.as_ref().and_then(|(_, n)| n.clone());
-    let mask = mask.map(|(m, _)| m).filter(|_| opts.tissue);
-    if let Some(m) = &mask {
-        write_object(out, &objects, "mask.png".into(), &m.png()?)?;
-    }
+    let early_mask = mask.map(|(m, _)| m).filter(|_| opts.tissue);
 
     let names: &[&'static str] = if normalizer.is_some() {
         &["slide", "normalized"]
@@ -271,89 +269,114 @@ pub fn process_until(
     let total = per_pyramid * names.len() as u64;
     let (files, files_rx) = std::sync::mpsc::sync_channel(512);
     let file_thread = std::thread::spawn(move || write_files(files_rx));
-    let built = (|| -> anyhow::Result<Vec<TileStats>> {
-        let writer = Writer {
-            root: out.to_path_buf(),
-            name: "slide",
-            opts: opts.clone(),
-            objects: &objects,
-            stats: Some((top, &geometry, mask.as_ref(), Mutex::new(Vec::new()))),
-            files: files.clone(),
-        };
-        let normalized_writer = Writer {
-            root: out.to_path_buf(),
-            name: "normalized",
-            opts: opts.clone(),
-            objects: &objects,
-            stats: None,
-            files: files.clone(),
-        };
-        // Bands of about 32 MiB of BGRA that end on the slide's own tile rows: OpenSlide 3.4's
-        // tile cache is small, and a stored tile row split between two bands is decoded twice.
-        let stored = slide.tile_size(0).map(|t| t.1).unwrap_or(opts.tile_size as u64);
-        let band_rows = ((32 << 20) / (w * 4)).max(1).div_ceil(stored) * stored;
-        let mut builder = Builder::on(geometry.clone(), &writer, device.clone());
-        let mut normalized = normalizer
-            .as_ref()
-            .map(|_| Builder::on(geometry.clone(), &normalized_writer, device.clone()));
-        std::thread::scope(|scope| -> anyhow::Result<()> {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<Vec<u8>>>(2);
-            let (slide, device) = (&slide, &device);
-            scope.spawn(move || {
-                let mut y = 0;
-                while y < h {
-                    let rows = band_rows.min(h - y);
-                    let band = if device.is_gpu() && slide.reader(0) == "openslide" {
-                        slide
-                            .read_bgra_parallel(0, 0, y, w, rows)
-                            .map_err(anyhow::Error::from)
-                            .and_then(|bgra| device.bgra_to_rgb_sat(&bgra).map(|(rgb, _)| rgb))
-                    } else {
-                        slide.read_rgb_parallel(0, 0, y, w, rows).map_err(anyhow::Error::from)
-                    };
-                    let failed = band.is_err();
-                    if tx.send(band).is_err() || failed {
-                        return;
+    let build_mask = opts.tissue && early_mask.is_none();
+    let (built, late_mask) = std::thread::scope(|scope| {
+        let mask_job = build_mask.then(|| {
+            scope.spawn(|| -> anyhow::Result<Mask> {
+                let thumb = Thumbnail::read(&slide)?;
+                Mask::build(&device, &thumb)
+            })
+        });
+        let built = (|| -> anyhow::Result<Vec<TileStats>> {
+            let writer = Writer {
+                root: out.to_path_buf(),
+                name: "slide",
+                opts: opts.clone(),
+                objects: &objects,
+                stats: Some((top, Mutex::new(Vec::new()))),
+                files: files.clone(),
+            };
+            let normalized_writer = Writer {
+                root: out.to_path_buf(),
+                name: "normalized",
+                opts: opts.clone(),
+                objects: &objects,
+                stats: None,
+                files: files.clone(),
+            };
+            // Bands of about 32 MiB of BGRA that end on the slide's own tile rows: OpenSlide 3.4's
+            // tile cache is small, and a stored tile row split between two bands is decoded twice.
+            let stored = slide.tile_size(0).map(|t| t.1).unwrap_or(opts.tile_size as u64);
+            let band_rows = ((32 << 20) / (w * 4)).max(1).div_ceil(stored) * stored;
+            let mut builder = Builder::on(geometry.clone(), &writer, device.clone());
+            let mut normalized = normalizer
+                .as_ref()
+                .map(|_| Builder::on(geometry.clone(), &normalized_writer, device.clone()));
+            std::thread::scope(|scope| -> anyhow::Result<()> {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<Vec<u8>>>(2);
+                let (slide, device) = (&slide, &device);
+                scope.spawn(move || {
+                    let mut y = 0;
+                    while y < h {
+                        let rows = band_rows.min(h - y);
+                        let band = if device.is_gpu() && slide.reader(0) == "openslide" {
+                            slide
+                                .read_bgra_parallel(0, 0, y, w, rows)
+                                .map_err(anyhow::Error::from)
+                                .and_then(|bgra| device.bgra_to_rgb_sat(&bgra).map(|(rgb, _)| rgb))
+                        } else {
+                            slide.read_rgb_parallel(0, 0, y, w, rows).map_err(anyhow::Error::from)
+                        };
+                        let failed = band.is_err();
+                        if tx.send(band).is_err() || failed {
+                            return;
+                        }
+                        y += rows;
                     }
-                    y += rows;
+                });
+                let mut last = Instant::now();
+                for band in rx {
+                    if stop() {
+                        return Err(Stopped.into());
+                    }
+                    let band = band?;
+                    if let (Some(n), Some(b)) = (&normalizer, normalized.as_mut()) {
+                        let mut copy = band.clone();
+                        n.apply(device, &mut copy)?;
+                        b.push_owned(copy)?;
+                    }
+                    builder.push_owned(band)?;
+                    if last.elapsed().as_millis() >= 250 {
+                        let done =
+                            |b: &Builder<'_, Writer<'_>>| b.tiles_done.load(std::sync::atomic::Ordering::Relaxed);
+                        progress(done(&builder) + normalized.as_ref().map(done).unwrap_or(0), total);
+                        last = Instant::now();
+                    }
                 }
-            });
-            let mut last = Instant::now();
-            for band in rx {
-                if stop() {
-                    return Err(Stopped.into());
-                }
-                let band = band?;
-                if let (Some(n), Some(b)) = (&normalizer, normalized.as_mut()) {
-                    let mut copy = band.clone();
-                    n.apply(device, &mut copy)?;
-                    b.push_owned(copy)?;
-                }
-                builder.push_owned(band)?;
-                if last.elapsed().as_millis() >= 250 {
-                    let done = |b: &Builder<'_, Writer<'_>>| b.tiles_done.load(std::sync::atomic::Ordering::Relaxed);
-                    progress(done(&builder) + normalized.as_ref().map(done).unwrap_or(0), total);
-                    last = Instant::now();
-                }
+                Ok(())
+            })?;
+            builder.finish()?;
+            if let Some(b) = normalized.as_mut() {
+                b.finish()?;
             }
-            Ok(())
-        })?;
-        builder.finish()?;
-        if let Some(b) = normalized.as_mut() {
-            b.finish()?;
-        }
-        drop((builder, normalized));
-        Ok(writer
-            .stats
-            .map(|(_, _, _, s)| s.into_inner().unwrap_or_else(|p| p.into_inner()))
-            .unwrap_or_default())
-    })();
+            drop((builder, normalized));
+            Ok(writer
+                .stats
+                .map(|(_, s)| s.into_inner().unwrap_or_else(|p| p.into_inner()))
+                .unwrap_or_default())
+        })();
+        let late_mask = mask_job
+            .map(|j| {
+                j.join()
+                    .map_err(|_| anyhow::anyhow!("building the tissue mask panicked"))?
+            })
+            .transpose();
+        (built, late_mask)
+    });
     drop(files);
     // The file thread's own error explains a failed send, so it comes first.
     file_thread
         .join()
         .map_err(|_| anyhow::anyhow!("the file writer panicked"))??;
     let mut stats = built?;
+    let mask = early_mask.or(late_mask?);
+    if let Some(m) = &mask {
+        write_object(out, &objects, "mask.png".into(), &m.png()?)?;
+        for t in &mut stats {
+            let (x, y, tw, th) = geometry.tile_rect(top, t.col, t.row);
+            t.tissue = m.fraction_in(x, y, tw, th);
+        }
+    }
     progress(total, total);
     let ext = opts.format.ext();
     write_object(out, &objects, "slide.dzi".into(), geometry.dzi(ext).as_bytes())?;
