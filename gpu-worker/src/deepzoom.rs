@@ -455,21 +455,33 @@ impl<'a, S: TileSink> Builder<'a, S> {
         Ok(rows)
     }
 
-    /// Emits every tile row of level `li` whose pixels are all buffered.
+    /// Emits every tile row of level `li` whose pixels are all buffered, then drops the rows
+    /// no later tile row needs (once, so the rows kept move once per push).
     fn emit_ready(&mut self, li: usize) -> anyhow::Result<()> {
         let g = &self.geometry;
         let (cols, tile_rows) = g.tiles(li);
         loop {
             let level = &self.levels[li];
-            if level.next_tile_row >= tile_rows {
-                return Ok(());
-            }
             let r = level.next_tile_row;
-            let (_, y, _, th) = g.tile_rect(li, 0, r);
-            let end = y + th;
-            if level.first_row + level.buffered() < end {
+            let ready = r < tile_rows && {
+                let (_, y, _, th) = g.tile_rect(li, 0, r);
+                level.first_row + level.buffered() >= y + th
+            };
+            if !ready {
+                // Keep only what the next tile row needs (it starts `overlap` rows early).
+                let keep_from = if r < tile_rows {
+                    g.tile_rect(li, 0, r).1
+                } else {
+                    level.height
+                };
+                let level = &mut self.levels[li];
+                let stride = level.width as usize * 3;
+                let drop_rows = keep_from.saturating_sub(level.first_row).min(level.buffered());
+                level.rows.drain(..drop_rows as usize * stride);
+                level.first_row += drop_rows;
                 return Ok(());
             }
+            let (_, y, _, th) = g.tile_rect(li, 0, r);
             let stride = level.width as usize * 3;
             let band_start = ((y - level.first_row) as usize) * stride;
             let band = &level.rows[band_start..band_start + th as usize * stride];
@@ -491,17 +503,7 @@ impl<'a, S: TileSink> Builder<'a, S> {
             };
             tiles?;
             self.tiles_done.fetch_add(cols, std::sync::atomic::Ordering::Relaxed);
-            // Keep only what the next tile row needs (it starts `overlap` rows early).
-            let level = &mut self.levels[li];
-            level.next_tile_row += 1;
-            let keep_from = if level.next_tile_row < tile_rows {
-                g.tile_rect(li, 0, level.next_tile_row).1
-            } else {
-                level.height
-            };
-            let drop_rows = keep_from.saturating_sub(level.first_row).min(level.buffered());
-            level.rows.drain(..drop_rows as usize * stride);
-            level.first_row += drop_rows;
+            self.levels[li].next_tile_row += 1;
         }
     }
 
