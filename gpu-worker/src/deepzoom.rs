@@ -104,6 +104,58 @@ pub struct Reduce2 {
 /// which the compiler vectorises: `Σ_t w[2t] · even[i + t] + w[2t + 1] · odd[i + t]`. Integer
 /// sums in another order are the same sums.
 fn fir12(src: &[u8], lo: usize, w: &[i32; 12], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above), all `fir12_avx2` asks of its caller.
+        #[allow(unsafe_code)]
+        unsafe {
+            return fir12_avx2(src, lo, w, out);
+        }
+    }
+    fir12_body(src, lo, w, out)
+}
+
+/// The reductions' multiply-adds are 32-bit: baseline x86-64 (SSE2) has no 32-bit vector
+/// multiply, AVX2 does. The same source, compiled for AVX2 and chosen at run time: the same
+/// integer sums, so the same pixels.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(unsafe_code)]
+unsafe fn fir12_avx2(src: &[u8], lo: usize, w: &[i32; 12], out: &mut [u8]) {
+    fir12_body(src, lo, w, out)
+}
+
+/// As [`fir12_avx2`], for [`Reduce2::column`]'s accumulation.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(unsafe_code)]
+unsafe fn column_avx2(w: &[i32], rows: &[&[u8]], out: &mut [u8]) {
+    column_body(w, rows, out)
+}
+
+#[inline(always)]
+fn column_body(w: &[i32], rows: &[&[u8]], out: &mut [u8]) {
+    // Row by row over the whole width: the inner loop runs along memory.
+    let mut acc = vec![1i32 << (PRECISION_BITS - 1); out.len()];
+    for (k, r) in w.iter().zip(rows) {
+        let k = *k;
+        for (a, v) in acc.iter_mut().zip(r.iter()) {
+            *a += *v as i32 * k;
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = Reduce2::clip(a);
+    }
+}
+
+#[inline(always)]
+fn fir12_body(src: &[u8], lo: usize, w: &[i32; 12], out: &mut [u8]) {
     let n = out.len() / 3;
     // Output i reads inputs lo + 2i .. lo + 2i + 11: even and odd samples 0 .. n + 5.
     let m = n + 5;
@@ -275,19 +327,26 @@ impl Reduce2 {
         }
     }
 
-    /// Output row `i` from the input rows it spans (`rows[j]` is input row `span(i).0 + j`).
+    /// Output row `i` from the input rows it spans (`rows[j]` is input row `span(i).0 + j`),
+    /// appended to `out`.
     pub fn column(&self, i: usize, rows: &[&[u8]], out: &mut Vec<u8>) {
+        let start = out.len();
+        out.resize(start + rows[0].len(), 0);
+        self.column_into(i, rows, &mut out[start..]);
+    }
+
+    /// As [`Reduce2::column`], into `out` (one row's bytes).
+    pub fn column_into(&self, i: usize, rows: &[&[u8]], out: &mut [u8]) {
         let (_, w) = &self.taps[i];
-        let n = rows[0].len();
-        // Row by row over the whole width: the inner loop runs along memory.
-        let mut acc = vec![1i32 << (PRECISION_BITS - 1); n];
-        for (k, r) in w.iter().zip(rows) {
-            let k = *k;
-            for (a, v) in acc.iter_mut().zip(r.iter()) {
-                *a += *v as i32 * k;
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            #[allow(unsafe_code)]
+            unsafe {
+                return column_avx2(w, rows, out);
             }
         }
-        out.extend(acc.into_iter().map(Self::clip));
+        column_body(w, rows, out)
     }
 }
 
@@ -645,6 +704,18 @@ mod reduce_tests {
                 let mut slow = vec![0; r.output_len() * 3];
                 r.general(&src, 0..r.output_len(), &mut slow);
                 assert_eq!(fast, slow, "{n} {t}");
+                // The baseline build of the run-time-chosen loops gives the same bytes.
+                let (a, b) = r.uniform;
+                if let (true, Ok(w)) = (b > a, <&[i32; 12]>::try_from(r.taps[a].1.as_slice())) {
+                    let mut base = vec![0; (b - a) * 3];
+                    fir12_body(&src, r.taps[a].0, w, &mut base);
+                    assert_eq!(base, fast[a * 3..b * 3], "{n} {t}");
+                }
+                let rows: Vec<&[u8]> = src.chunks_exact(3).take(r.taps[0].1.len()).collect();
+                let (mut chosen, mut base) = (vec![0; 3], vec![0; 3]);
+                r.column_into(0, &rows, &mut chosen);
+                column_body(&r.taps[0].1, &rows, &mut base);
+                assert_eq!(chosen, base, "{n} {t}");
             }
         }
     }

@@ -140,19 +140,16 @@ impl Device {
         match self {
             Self::Cpu => {
                 use rayon::prelude::*;
-                let rows: Vec<Vec<u8>> = (first..end)
-                    .into_par_iter()
-                    .map(|i| {
-                        let (a, b) = r.span(i);
-                        let inputs: Vec<&[u8]> = src[(a - src_first) * stride..(b - src_first) * stride]
-                            .chunks_exact(stride)
-                            .collect();
-                        let mut out = Vec::with_capacity(stride);
-                        r.column(i, &inputs, &mut out);
-                        out
-                    })
-                    .collect();
-                Ok(rows.concat())
+                let mut out = vec![0u8; (end - first) * stride];
+                out.par_chunks_exact_mut(stride).enumerate().for_each(|(k, o)| {
+                    let i = first + k;
+                    let (a, b) = r.span(i);
+                    let inputs: Vec<&[u8]> = src[(a - src_first) * stride..(b - src_first) * stride]
+                        .chunks_exact(stride)
+                        .collect();
+                    r.column_into(i, &inputs, o);
+                });
+                Ok(out)
             }
             Self::Gpu(g) => g.reduce_columns(r, first, end, src, src_first, stride).map_err(gpu_err),
         }
