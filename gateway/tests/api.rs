@@ -1434,8 +1434,10 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(r.status(), StatusCode::ACCEPTED);
-            r.json::<Value>().await.unwrap()["job_id"].as_str().unwrap().to_owned()
+            let status = r.status();
+            let body = r.json::<Value>().await.unwrap();
+            assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+            body["job_id"].as_str().unwrap().to_owned()
         }
     };
     let normalised = job_on(slide.clone(), json!({"normalize": "macenko"})).await;
