@@ -1484,21 +1484,53 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     let r = app.get(&t, &format!("/api/jobs/{failing}/results/slide.dzi")).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
 
-    // A truncated slide is rejected by the worker with OpenSlide's reason, and a job on it
-    // fails without an attempt; the worker carries on.
+    // A truncated slide is rejected by the worker with OpenSlide's reason; the worker carries
+    // on. A job submitted before the verdict fails without an attempt; one submitted after it
+    // is refused with the slide's status. Which comes first is the worker's race to win.
     let cut_id = app.upload_slide(&t, &bytes[..bytes.len() / 3]).await;
-    let doomed = job_on(cut_id.clone(), json!({})).await;
-    statuses_until(&mut ws, &doomed, "failed").await;
+    let r = app
+        .post(
+            &t,
+            "/api/jobs",
+            json!({"slide_id": cut_id, "kind": "wsi.preprocess", "params": {}}),
+        )
+        .await;
+    match r.status {
+        StatusCode::ACCEPTED => {
+            let doomed = r.body["job_id"].as_str().unwrap().to_owned();
+            statuses_until(&mut ws, &doomed, "failed").await;
+            let detail = app.get(&t, &format!("/api/jobs/{doomed}")).await.body;
+            assert!(
+                detail["manifest_key"].is_null() && detail["failure"].is_string(),
+                "{detail}"
+            );
+        }
+        StatusCode::CONFLICT => assert!(
+            r.body["detail"].as_str().unwrap_or_default().contains("rejected"),
+            "{}",
+            r.body
+        ),
+        other => panic!("a job on a truncated slide: {other} {}", r.body),
+    }
     let slide_now = app.get(&t, &format!("/api/slides/{cut_id}")).await.body;
     assert_eq!(slide_now["status"], "rejected", "{slide_now}");
     assert!(
         !slide_now["rejection"].as_str().unwrap_or_default().is_empty(),
         "{slide_now}"
     );
-    let detail = app.get(&t, &format!("/api/jobs/{doomed}")).await.body;
+    // Once the verdict is in, a job on the slide is refused.
+    let r = app
+        .post(
+            &t,
+            "/api/jobs",
+            json!({"slide_id": cut_id, "kind": "wsi.preprocess", "params": {}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     assert!(
-        detail["manifest_key"].is_null() && detail["failure"].is_string(),
-        "{detail}"
+        r.body["detail"].as_str().unwrap_or_default().contains("rejected"),
+        "{}",
+        r.body
     );
     assert!(worker.try_wait().unwrap().is_none(), "the worker is still running");
 
