@@ -309,7 +309,7 @@ pub fn process_until(
                     let mut y = 0;
                     while y < h {
                         let rows = band_rows.min(h - y);
-                        let band = if device.is_gpu() && slide.reader(0) == "openslide" {
+                        let band = if device.is_gpu() && !slide.reads_directly(0) {
                             slide
                                 .read_bgra_parallel(0, 0, y, w, rows)
                                 .map_err(anyhow::Error::from)

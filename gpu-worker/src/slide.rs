@@ -30,19 +30,24 @@ pub enum SlideError {
 pub struct Slide {
     osr: OpenSlide,
     levels: Vec<(u64, u64, f64)>,
-    /// Per level, the TIFF image it is read from directly, where it can be.
-    direct: Vec<Option<TiledJpeg>>,
+    path: std::path::PathBuf,
+    reader: Reader,
+    /// Per level, the TIFF image it is read from directly, where it can be: worked out at the
+    /// first pixel read, so opening a slide only to verify it pays nothing for it.
+    direct: std::sync::OnceLock<Vec<Option<TiledJpeg>>>,
 }
 
 impl std::fmt::Debug for Slide {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Slide")
             .field("levels", &self.levels)
+            // Without deciding them: formatting reads no file.
             .field(
-                "readers",
-                &(0..self.levels.len() as u32)
-                    .map(|l| self.reader(l))
-                    .collect::<Vec<_>>(),
+                "read_directly",
+                &self
+                    .direct
+                    .get()
+                    .map(|d| d.iter().map(Option::is_some).collect::<Vec<_>>()),
             )
             .finish()
     }
@@ -114,10 +119,12 @@ impl Slide {
         if levels[0].0 == 0 || levels[0].1 == 0 {
             return Err(SlideError::Inconsistent("level 0 is empty".into()));
         }
-        let mut slide = Self {
+        let slide = Self {
             osr,
             levels,
-            direct: Vec::new(),
+            path: path.to_path_buf(),
+            reader,
+            direct: std::sync::OnceLock::new(),
         };
         // Touch the first and last pixel of every level, so a truncated file, or a level whose
         // header promises more than its data holds, fails here and not half way through a job.
@@ -128,21 +135,21 @@ impl Slide {
                 })?;
             }
         }
-        if reader == Reader::Auto {
-            slide.direct = slide.direct_levels(path);
-        }
         Ok(slide)
     }
 
     /// For each level, the file's tiled JPEG image that holds it, when OpenSlide reads this
     /// vendor's TIFF levels as plain tile grids and a sample of tiles decodes to exactly
     /// OpenSlide's pixels.
-    fn direct_levels(&self, path: &Path) -> Vec<Option<TiledJpeg>> {
+    fn direct_levels(&self) -> Vec<Option<TiledJpeg>> {
+        if self.reader == Reader::OpenSlide {
+            return Vec::new();
+        }
         let vendor = self.property("openslide.vendor").unwrap_or_default();
         if !matches!(vendor.as_str(), "generic-tiff" | "aperio") {
             return Vec::new();
         }
-        let mut images = match crate::tiff::tiled_jpeg_images(path) {
+        let mut images = match crate::tiff::tiled_jpeg_images(&self.path) {
             Ok(images) => images,
             Err(e) => {
                 tracing::info!(error = %e, "the TIFF directories could not be listed; OpenSlide reads every level");
@@ -195,10 +202,25 @@ impl Slide {
 
     /// Which reader serves `level`: `tiff-jpeg` (straight from the file) or `openslide`.
     pub fn reader(&self, level: u32) -> &'static str {
-        match self.direct.get(level as usize) {
-            Some(Some(_)) => "tiff-jpeg",
-            _ => "openslide",
+        if self.reads_directly(level) {
+            "tiff-jpeg"
+        } else {
+            "openslide"
         }
+    }
+
+    /// Whether `level`'s pixels come straight from the file (already RGB) rather than
+    /// through OpenSlide.
+    pub fn reads_directly(&self, level: u32) -> bool {
+        self.direct(level).is_some()
+    }
+
+    /// The TIFF image `level` is read from directly, if it is.
+    fn direct(&self, level: u32) -> Option<&TiledJpeg> {
+        self.direct
+            .get_or_init(|| self.direct_levels())
+            .get(level as usize)?
+            .as_ref()
     }
 
     /// Every level's width, height and downsample.
@@ -268,9 +290,9 @@ impl Slide {
     /// RGB pixels of a rectangle of `level`, composited over white. `x`, `y` are in the
     /// level's own pixels.
     pub fn read_rgb(&self, level: u32, x: u64, y: u64, w: u64, h: u64) -> Result<Vec<u8>, SlideError> {
-        match self.direct.get(level as usize) {
-            Some(Some(img)) => img.read_rgb(x, y, w, h).map_err(SlideError::Read),
-            _ => self.read_rgb_openslide(level, x, y, w, h),
+        match self.direct(level) {
+            Some(img) => img.read_rgb(x, y, w, h).map_err(SlideError::Read),
+            None => self.read_rgb_openslide(level, x, y, w, h),
         }
     }
 
@@ -324,7 +346,7 @@ impl Slide {
     /// thread-safe on one handle) and stitching them row by row.
     /// A level read straight from the file is already parallel, tile by tile.
     pub fn read_rgb_parallel(&self, level: u32, x: u64, y: u64, w: u64, h: u64) -> Result<Vec<u8>, SlideError> {
-        if self.reader(level) != "openslide" {
+        if self.direct(level).is_some() {
             return self.read_rgb(level, x, y, w, h);
         }
         self.read_parallel(level, x, y, w, h, 3, |s, l, x, y, w, h| {
