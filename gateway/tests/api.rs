@@ -1488,13 +1488,8 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     // on. A job submitted before the verdict fails without an attempt; one submitted after it
     // is refused with the slide's status. Which comes first is the worker's race to win.
     let cut_id = app.upload_slide(&t, &bytes[..bytes.len() / 3]).await;
-    let r = app
-        .post(
-            &t,
-            "/api/jobs",
-            json!({"slide_id": cut_id, "kind": "wsi.preprocess", "params": {}}),
-        )
-        .await;
+    let job_on_cut = json!({"slide_id": cut_id, "kind": "wsi.preprocess", "params": {}});
+    let r = app.post(&t, "/api/jobs", job_on_cut.clone()).await;
     match r.status {
         StatusCode::ACCEPTED => {
             let doomed = r.body["job_id"].as_str().unwrap().to_owned();
@@ -1519,13 +1514,7 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
         "{slide_now}"
     );
     // Once the verdict is in, a job on the slide is refused.
-    let r = app
-        .post(
-            &t,
-            "/api/jobs",
-            json!({"slide_id": cut_id, "kind": "wsi.preprocess", "params": {}}),
-        )
-        .await;
+    let r = app.post(&t, "/api/jobs", job_on_cut).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     assert!(
         r.body["detail"].as_str().unwrap_or_default().contains("rejected"),
