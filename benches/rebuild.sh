@@ -21,6 +21,8 @@ export DATABASE_URL=${ADMIN%/*}/$DB
 "$MIRA_BIN" migrate >/dev/null
 t0=$(date +%s)
 psql "$DATABASE_URL" -q <<SQL
+BEGIN;
+SELECT mira_register_appender();
 INSERT INTO events (event_id, tenant_id, aggregate_type, aggregate_id, sequence, event_type, event_version,
                     recorded_at, payload, metadata, prev_hash, hash)
 SELECT gen_random_uuid(), 'bench', 'Job', j.id::text, s.seq, s.typ, s.ver, now(),
@@ -39,6 +41,7 @@ FROM (SELECT gen_random_uuid() AS id, gen_random_uuid() AS slide FROM generate_s
 CROSS JOIN (VALUES (1, 'JobSubmitted', '2'), (2, 'JobQueued', '1'), (3, 'JobStarted', '1'),
                    (4, 'JobProgressed', '1'), (5, 'JobSucceeded', '1')) s(seq, typ, ver)
 ORDER BY j.id, s.seq;
+COMMIT;
 VACUUM ANALYZE events;
 SQL
 echo "generated $N events in $(( $(date +%s) - t0 )) s"

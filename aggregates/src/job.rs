@@ -17,7 +17,7 @@
 use chrono::{DateTime, Duration, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
-use mira_events::{JobEvent, SlideId, Usage};
+use mira_events::{JobEvent, JobId, SlideId, TenantId, Usage};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +196,39 @@ pub const MAX_ATTEMPTS_LIMIT: u32 = 20;
 pub fn retry_backoff(failed_attempt: u32) -> Duration {
     let secs = 10u64.saturating_mul(1u64 << failed_attempt.saturating_sub(1).min(16));
     Duration::seconds(secs.min(900) as i64)
+}
+
+/// Where attempt `attempt` of a job stores its results (DESIGN §8), with a trailing `/`.
+pub fn results_prefix(tenant: &TenantId, job: JobId, attempt: u32) -> String {
+    format!("results/{}/{job}/attempt-{attempt}/", tenant.as_str())
+}
+
+/// The one key an attempt's manifest may have: `manifest.json` under its results prefix.
+pub fn manifest_key(tenant: &TenantId, job: JobId, attempt: u32) -> String {
+    format!("{}manifest.json", results_prefix(tenant, job, attempt))
+}
+
+impl JobCommand {
+    /// Checks what the command names against the job it is for and the caller's tenant, which
+    /// the aggregate does not hold. A success may only name its own attempt's manifest: a
+    /// manifest key elsewhere (another tenant's objects, another attempt's) is refused, so the
+    /// results endpoint can never be pointed outside the job.
+    pub fn check_scope(&self, tenant: &TenantId, job: JobId) -> Result<(), JobError> {
+        if let JobCommand::Succeed {
+            attempt,
+            manifest_key: key,
+            ..
+        } = self
+        {
+            let expected = manifest_key(tenant, job, *attempt);
+            if *key != expected {
+                return Err(JobError::Invalid(format!(
+                    "the manifest of attempt {attempt} must be {expected}"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Job {

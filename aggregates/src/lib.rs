@@ -13,5 +13,5 @@
 pub mod job;
 pub mod slide;
 
-pub use job::{retry_backoff, Job, JobCommand, JobError, JobStatus};
+pub use job::{manifest_key, results_prefix, retry_backoff, Job, JobCommand, JobError, JobStatus};
 pub use slide::{Slide, SlideCommand, SlideError, SlideServices, SlideStatus};

@@ -1,12 +1,19 @@
 //! The consumer runtime every consumer shares (DESIGN §5.3).
 //!
-//! For each message: parse it, then in one transaction lock the consumer's record of the
-//! aggregate, apply the event's effect through the [`Handler`], and advance the record; only
-//! after the commit is the message deleted. So duplicates, redelivery and crashes change
-//! nothing: a redelivered event is at or below the record and is skipped.
+//! A message is a notification, not the truth: for each one the runtime looks its event up
+//! in the log by id, in the consumer's transaction, and goes on only when the log holds the
+//! same event. A message whose event is not in the log is left for the dead-letter queue; it
+//! never parks or advances an aggregate. Then, in that transaction, it locks the consumer's
+//! record of the aggregate, applies the event's effect through the [`Handler`] and advances
+//! the record; only after the commit is the message deleted. So duplicates, redelivery and
+//! crashes change nothing: a redelivered event is at or below the record and is skipped.
 //!
 //! Per aggregate, events apply in sequence. An event ahead of the record (a gap) makes the
 //! runtime read the missing events from the log itself and apply them first, in order.
+//!
+//! Slow work (a download, a GPU job) never runs in the transaction (DESIGN §4.1): the
+//! handler's [`Handler::after_commit`] runs it once the record committed, outside any
+//! transaction, before the message is deleted.
 //!
 //! An event whose effect keeps failing parks its aggregate for this consumer after
 //! `park_after_receives` deliveries: later events of that aggregate are set aside (recorded,
@@ -34,10 +41,23 @@ pub enum HandlerError {
 }
 
 /// A consumer's effect. `apply` runs inside the consumer's transaction; whatever it writes
-/// commits together with the consumer's record of having applied the event.
+/// commits together with the consumer's record of having applied the event. It must be quick:
+/// the transaction holds a row lock for as long as it runs. It cannot append to the log
+/// through `tx` (the transaction already holds an id; DESIGN §4.1): commands go through their
+/// own short transactions, and must be safe to repeat, since a crash before the record
+/// commits delivers the event again.
 #[async_trait::async_trait]
 pub trait Handler: Send + Sync {
     async fn apply(&self, tx: &mut PgConnection, event: &StoredEvent) -> Result<(), HandlerError>;
+
+    /// Slow work the event calls for, run outside any transaction after the effect and the
+    /// record committed, and before the message is deleted. It also runs for a redelivered
+    /// event that was already applied (a crash may have cut the work short), so it must judge
+    /// from the log whether the work is still due. An error leaves the message to be delivered
+    /// again.
+    async fn after_commit(&self, _event: &StoredEvent) -> Result<(), HandlerError> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -95,12 +115,15 @@ pub enum Outcome {
     Retry,
     /// The body is not an event message (or its hash is wrong); left for the dead-letter queue.
     Malformed,
+    /// The log holds no such event, or holds it with other content: the message was not
+    /// published by the relay. Left for the dead-letter queue; nothing is applied or parked.
+    NotInLog,
 }
 
 impl Outcome {
     /// Whether the message is done with and may be deleted.
     pub fn settled(&self) -> bool {
-        !matches!(self, Outcome::Retry | Outcome::Malformed)
+        !matches!(self, Outcome::Retry | Outcome::Malformed | Outcome::NotInLog)
     }
 }
 
@@ -194,7 +217,8 @@ impl Consumer {
         outcome
     }
 
-    /// Applies the delivery's effect and commits it, without deleting the message.
+    /// Applies the delivery's effect and commits it, then runs the handler's slow work outside
+    /// the transaction; does not delete the message.
     pub async fn process(&self, d: &Delivery) -> Outcome {
         let msg = match EventMessage::from_body(&d.body) {
             Ok(m) => m,
@@ -204,7 +228,15 @@ impl Consumer {
             }
         };
         match self.apply(&msg).await {
-            Ok(o) => o,
+            Ok((o, follow)) => {
+                for e in &follow {
+                    if let Err(err) = self.handler.after_commit(e).await {
+                        tracing::warn!(consumer = %self.cfg.name, aggregate = %e.aggregate_id, sequence = e.sequence, error = %err, "work after the effect failed; the message will be delivered again");
+                        return Outcome::Retry;
+                    }
+                }
+                o
+            }
             Err((failed_seq, e)) => {
                 tracing::warn!(consumer = %self.cfg.name, aggregate = %msg.aggregate_id, sequence = failed_seq, receives = d.receive_count, error = %e, "effect failed");
                 if d.receive_count >= self.cfg.park_after_receives {
@@ -248,27 +280,34 @@ impl Consumer {
         Ok((row.try_get("last_sequence")?, row.try_get("parked")?))
     }
 
-    /// Returns the failing sequence and error when an effect fails; the transaction is then
-    /// rolled back and nothing of it stays.
-    async fn apply(&self, msg: &EventMessage) -> Result<Outcome, (i64, HandlerError)> {
+    /// Returns the outcome and the events whose slow work is to follow, or the failing
+    /// sequence and error when an effect fails; the transaction is then rolled back and
+    /// nothing of it stays.
+    async fn apply(&self, msg: &EventMessage) -> Result<(Outcome, Vec<StoredEvent>), (i64, HandlerError)> {
         let db = |e: sqlx::Error| (msg.sequence, HandlerError::Db(e));
         let mut tx = self.pool().begin().await.map_err(db)?;
+        // The log is the truth; the message only says where to look.
+        let stored = mira_eventlog::store::read_event(&mut tx, msg.event_id)
+            .await
+            .map_err(db)?;
+        let Some(stored) = stored.filter(|e| EventMessage::from(e) == *msg) else {
+            tracing::error!(consumer = %self.cfg.name, event_id = %msg.event_id, aggregate = %msg.aggregate_id, "a message names an event the log does not hold as sent; left for the dead-letter queue");
+            return Ok((Outcome::NotInLog, Vec::new()));
+        };
         let (last, parked) = self
-            .lock_stream(&mut tx, &msg.aggregate_type, &msg.aggregate_id)
+            .lock_stream(&mut tx, &stored.aggregate_type, &stored.aggregate_id)
             .await
             .map_err(db)?;
         if parked {
             self.set_aside(&mut tx, msg).await.map_err(db)?;
             tx.commit().await.map_err(db)?;
-            return Ok(Outcome::SetAside);
+            return Ok((Outcome::SetAside, Vec::new()));
         }
-        if msg.sequence <= last {
-            return Ok(Outcome::Duplicate);
+        if stored.sequence <= last {
+            return Ok((Outcome::Duplicate, vec![stored]));
         }
-        let events = if msg.sequence == last + 1 {
-            vec![msg
-                .to_stored()
-                .map_err(|e| (msg.sequence, HandlerError::Failed(e.to_string())))?]
+        let events = if stored.sequence == last + 1 {
+            vec![stored]
         } else {
             // A gap: the log is the source of truth for what was missed.
             let mut missing = self
@@ -297,7 +336,7 @@ impl Consumer {
             .await
             .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        Ok(Outcome::Applied(events.len() as u32))
+        Ok((Outcome::Applied(events.len() as u32), events))
     }
 
     async fn advance(

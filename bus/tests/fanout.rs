@@ -449,6 +449,61 @@ async fn out_of_order_and_duplicate_delivery_converges(bus: Arc<dyn Bus>) {
     assert_exactly_once_in_order(&w.effects(Group::Projections).await, &events.iter().collect::<Vec<_>>());
 }
 
+/// Messages of valid shape whose hashes match their own fields, but which the log does not hold:
+/// the next event of a real job, and a real event with another payload.
+async fn a_forged_message_changes_nothing_and_is_dead_lettered(bus: Arc<dyn Bus>) {
+    let w = World::new(bus).await;
+    w.commands(1, 0).await;
+    let events = w.all_events().await;
+    let last = events.last().unwrap();
+    let mut next = last.clone();
+    next.event_id = uuid::Uuid::now_v7();
+    next.sequence = last.sequence + 1;
+    next.global_position = last.global_position + 1;
+    next.event_type = "JobSucceeded".into();
+    next.prev_hash = last.hash;
+    next.hash = next.recompute_hash();
+    let mut altered = events[0].clone();
+    altered.payload = altered.payload.replace("wsi.preprocess", "wsi.other");
+    assert_ne!(altered.payload, events[0].payload);
+    altered.hash = altered.recompute_hash();
+    let forged = [EventMessage::from(&altered), EventMessage::from(&next)];
+    assert!(w.bus.publisher().publish(&forged).await.unwrap().is_empty());
+
+    let queue = w.bus.queue(Group::Projections);
+    let c = w.consumer(Group::Projections, 2);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { c.run(stop).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while queue.dead_letter_count().await.unwrap() < 2 {
+        assert!(Instant::now() < deadline, "the forged messages were not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert!(
+        w.effects(Group::Projections).await.is_empty(),
+        "a forged message was applied"
+    );
+    assert!(
+        consumer::list_parked(&w.db.pool).await.unwrap().is_empty(),
+        "a forged message parked a job"
+    );
+    let advanced: i64 = sqlx::query_scalar("SELECT count(*) FROM consumer_streams WHERE last_sequence > 0")
+        .fetch_one(&w.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(advanced, 0);
+    // The real events still flow afterwards.
+    w.relay().drain(&CancellationToken::new()).await.unwrap();
+    w.consume_until(Group::Projections, 2, |fx| fx.len() >= events.len())
+        .await;
+    assert_exactly_once_in_order(&w.effects(Group::Projections).await, &events.iter().collect::<Vec<_>>());
+}
+
 macro_rules! both_buses {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -468,4 +523,5 @@ both_buses!(
     consumer_crash_after_effect_before_delete_applies_once,
     a_poison_event_parks_its_aggregate_until_redrive,
     out_of_order_and_duplicate_delivery_converges,
+    a_forged_message_changes_nothing_and_is_dead_lettered,
 );

@@ -63,6 +63,29 @@ pub struct Settings {
     pub realtime: RealtimeSettings,
     #[serde(rename = "Api")]
     pub api: ApiSettings,
+    #[serde(rename = "Worker")]
+    pub worker: WorkerSettings,
+}
+
+/// `mira-worker run` (DESIGN §8).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// How long an attempt's lease lasts; heartbeats renew it every third of it (at most every
+    /// second). A worker that stops heartbeating loses the job to a retry after this long.
+    pub lease_seconds: u64,
+    /// A pause after every band of slide rows, in milliseconds: 0 in production. It makes a
+    /// small slide take as long as a large one, for tests and demonstrations of a long job.
+    pub band_pause_millis: u64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            lease_seconds: 60,
+            band_pause_millis: 0,
+        }
+    }
 }
 
 /// AWS settings, with the names the platform's operators already use (DESIGN §2). The SDK's
@@ -327,6 +350,7 @@ const SECTIONS: &[&str] = &[
     "Tracing",
     "Realtime",
     "Api",
+    "Worker",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -444,6 +468,9 @@ impl Settings {
         }
         if self.realtime.send_timeout_seconds == 0 {
             return invalid("Realtime__SendTimeoutSeconds", "must be at least 1");
+        }
+        if !(5..=86_400).contains(&self.worker.lease_seconds) {
+            return invalid("Worker__LeaseSeconds", "must be 5 to 86400");
         }
         if self.api.max_body_bytes < 1024 {
             return invalid("Api__MaxBodyBytes", "must be at least 1024");

@@ -58,6 +58,9 @@ impl Commands {
         id: JobId,
         command: JobCommand,
     ) -> Result<(), AggregateError<JobError>> {
+        command
+            .check_scope(&ctx.tenant, id)
+            .map_err(AggregateError::UserError)?;
         let cqrs: JobCqrs = CqrsFramework::new(store(&self.log, ctx), vec![], ());
         cqrs.execute_with_metadata(&id.to_string(), command, ctx.to_cqrs())
             .await

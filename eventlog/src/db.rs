@@ -7,6 +7,8 @@ use sqlx::PgPool;
 
 pub const UNIQUE_VIOLATION: &str = "23505";
 pub const SERIALIZATION_FAILURE: &str = "40001";
+/// Raised by `mira_register_appender()` and the log's insert guard (ADR 0010).
+pub const NOT_IN_PREREQUISITE_STATE: &str = "55000";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

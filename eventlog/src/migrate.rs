@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "read_models", include_str!("../../migrations/0003_read_models.sql")),
     (4, "api", include_str!("../../migrations/0004_api.sql")),
     (5, "handlers", include_str!("../../migrations/0005_handlers.sql")),
+    (6, "appenders", include_str!("../../migrations/0006_appenders.sql")),
 ];
 
 const LOCK_KEY: i64 = 0x6d69_7261_6d69_6772; // "miramigr"

@@ -136,7 +136,7 @@ impl PersistedEventRepository for PgEventRepository {
             Err(AppendError::Conflict { .. } | AppendError::TenantMismatch { .. }) => {
                 Err(PersistenceError::OptimisticLockError)
             }
-            Err(AppendError::Db(e)) => Err(conn_err(e)),
+            Err(AppendError::Db(e) | AppendError::NotFirstWrite(e)) => Err(conn_err(e)),
         }
     }
 

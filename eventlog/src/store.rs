@@ -96,8 +96,28 @@ pub enum AppendError {
         aggregate_type: String,
         aggregate_id: String,
     },
+    #[error("an append must be its transaction's first write (DESIGN §4.1): {0}")]
+    NotFirstWrite(sqlx::Error),
     #[error("database error while appending: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
+}
+
+impl From<sqlx::Error> for AppendError {
+    fn from(e: sqlx::Error) -> Self {
+        if db::sqlstate(&e).as_deref() == Some(db::NOT_IN_PREREQUISITE_STATE) {
+            Self::NotFirstWrite(e)
+        } else {
+            Self::Db(e)
+        }
+    }
+}
+
+/// Registers the caller's transaction as an appender of the log: it holds the followers'
+/// bound back until it ends. Must come before the transaction's first write; a second call
+/// in the same transaction does nothing.
+pub async fn register_appender(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT mira_register_appender()").execute(conn).await?;
+    Ok(())
 }
 
 pub const COLUMNS: &str = "global_position, tx_id::text::bigint AS tx_id, event_id, \
@@ -161,11 +181,16 @@ impl EventLog {
     /// Appends inside the caller's transaction, so that an effect can commit with its events.
     /// Two writers racing for one sequence number: the second gets `Conflict` when it inserts
     /// (the unique stream key), and its transaction writes nothing.
+    ///
+    /// The transaction registers as an appender first (DESIGN §4.1, ADR 0010), so it must not
+    /// have written anything before: a transaction that already holds an id gets
+    /// [`AppendError::NotFirstWrite`] and nothing is appended.
     pub async fn append_in_tx(
         conn: &mut PgConnection,
         tenant: &TenantId,
         events: &[NewEvent],
     ) -> Result<Vec<StoredEvent>, AppendError> {
+        register_appender(&mut *conn).await?;
         let mut stored: Vec<StoredEvent> = Vec::with_capacity(events.len());
         for e in events {
             let conflict = || AppendError::Conflict {
@@ -245,7 +270,7 @@ impl EventLog {
                 {
                     conflict()
                 } else {
-                    AppendError::Db(err)
+                    AppendError::from(err)
                 }
             })?;
             ev.global_position = row.try_get("global_position")?;
@@ -290,26 +315,28 @@ impl EventLog {
     /// Called repeatedly with the last event's cursor, it yields every committed event exactly
     /// once, however late each one commits.
     pub async fn read_after(&self, cursor: Cursor, limit: i64) -> Result<Vec<StoredEvent>, sqlx::Error> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM events \
-             WHERE (tx_id, global_position) > ($1::text::xid8, $2) \
-               AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY events.tx_id, events.global_position LIMIT $3"
-        );
-        sqlx::query(&sql)
-            .bind(cursor.tx_id.to_string())
-            .bind(cursor.position)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(from_row)
-            .collect()
+        let wm = watermark(&self.pool).await?;
+        read_below(&self.pool, cursor, wm, limit).await
     }
 }
 
-pub(crate) async fn watermark<'e, E: sqlx::PgExecutor<'e>>(e: E) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+/// The event with this id, as the log holds it.
+pub async fn read_event(conn: &mut PgConnection, event_id: Uuid) -> Result<Option<StoredEvent>, sqlx::Error> {
+    sqlx::query(&format!("SELECT {COLUMNS} FROM events WHERE event_id = $1"))
+        .bind(event_id)
+        .fetch_optional(conn)
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+/// The followers' bound (DESIGN §4.1, ADR 0010): every event with a `tx_id` below it has
+/// committed, and none can still appear below it. Only registered appenders hold it back;
+/// any other transaction, however long, does not. Read the events in a later statement: the
+/// bound may pass an appender that committed after this statement's snapshot was taken.
+pub async fn watermark<'e, E: sqlx::PgExecutor<'e>>(e: E) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT mira_follow_bound()::text::bigint")
         .fetch_one(e)
         .await
 }
@@ -319,19 +346,15 @@ pub(crate) async fn watermark<'e, E: sqlx::PgExecutor<'e>>(e: E) -> Result<i64, 
 pub struct WatermarkLag {
     /// Committed events at or above the watermark: followers cannot read them yet.
     pub events: i64,
-    /// Age of the oldest running transaction that holds an xid, anywhere in the cluster: it
-    /// is what holds the watermark back.
+    /// Age of the oldest registered appender still open: only appenders hold the watermark
+    /// back.
     pub seconds: f64,
 }
 
 pub async fn watermark_lag(pool: &PgPool) -> Result<WatermarkLag, sqlx::Error> {
-    let (events, seconds): (i64, Option<f64>) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM events WHERE tx_id >= pg_snapshot_xmin(pg_current_snapshot())), \
-                (SELECT extract(epoch FROM now() - min(xact_start))::float8 FROM pg_stat_activity \
-                  WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid())",
-    )
-    .fetch_one(pool)
-    .await?;
+    let (seconds, events): (Option<f64>, i64) = sqlx::query_as("SELECT seconds, events FROM mira_appender_lag()")
+        .fetch_one(pool)
+        .await?;
     Ok(WatermarkLag {
         events,
         seconds: seconds.unwrap_or(0.0).max(0.0),
@@ -339,7 +362,7 @@ pub async fn watermark_lag(pool: &PgPool) -> Result<WatermarkLag, sqlx::Error> {
 }
 
 /// Events after `cursor` and below a fixed `watermark`, in follow order.
-pub(crate) async fn read_below<'e, E: sqlx::PgExecutor<'e>>(
+pub async fn read_below<'e, E: sqlx::PgExecutor<'e>>(
     e: E,
     cursor: Cursor,
     watermark: i64,

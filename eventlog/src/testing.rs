@@ -87,16 +87,14 @@ impl Drop for TestDb {
     }
 }
 
-/// Waits until every committed event is below the watermark (other tests' transactions on
-/// the same cluster can hold it back for a moment); panics after 30 s.
+/// Waits until every committed event is below the watermark (an appender still open holds it
+/// back for a moment); panics after 30 s.
 pub async fn settle(pool: &PgPool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !sqlx::query_scalar::<_, bool>(
-        "SELECT coalesce(pg_snapshot_xmin(pg_current_snapshot()) > max(tx_id), true) FROM events",
-    )
-    .fetch_one(pool)
-    .await
-    .expect("the watermark query runs")
+    while !sqlx::query_scalar::<_, bool>("SELECT coalesce(mira_follow_bound() > max(tx_id), true) FROM events")
+        .fetch_one(pool)
+        .await
+        .expect("the watermark query runs")
     {
         assert!(
             std::time::Instant::now() < deadline,

@@ -588,3 +588,154 @@ async fn following_walks_the_index_without_sorting_the_log() {
         "the follow query sorts instead of walking the index:\n{plan}"
     );
 }
+
+fn tick(aggregate: &str, sequence: u64) -> NewEvent {
+    NewEvent {
+        aggregate_type: "Test".into(),
+        aggregate_id: aggregate.into(),
+        sequence,
+        event_type: "Tick".into(),
+        event_version: "1".into(),
+        payload: "{}".into(),
+        metadata: "{}".into(),
+    }
+}
+
+/// A transaction that holds an id and is not an appender: a report, an idle `psql` session.
+async fn hold_an_id(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+async fn tx_id(conn: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_unregistered_lower_id_is_passed_over_here_and_in_another_database() {
+    let db = TestDb::new().await;
+    let other = TestDb::empty().await;
+    let log = EventLog::new(db.pool.clone());
+    let mut here = hold_an_id(&db.pool).await;
+    let mut there = hold_an_id(&other.pool).await;
+    let (low_here, low_there) = (tx_id(&mut here).await, tx_id(&mut there).await);
+    log.append(&tenant("lab"), &[tick("a", 1)]).await.unwrap();
+    let appended = log.append(&tenant("lab"), &[tick("a", 2)]).await.unwrap();
+    assert!(appended[0].tx_id > low_here.max(low_there));
+    // Both long transactions are still open, with lower ids than the appenders: the follower
+    // reads past them at once.
+    let seen = log.read_after(Cursor::START, 10).await.unwrap();
+    assert_eq!(seen.iter().map(|e| e.sequence).collect::<Vec<_>>(), [1, 2]);
+    assert!(log.watermark().await.unwrap() > appended[0].tx_id);
+    let lag = mira_eventlog::store::watermark_lag(&db.pool).await.unwrap();
+    assert_eq!(lag.events, 0, "{lag:?}");
+    here.rollback().await.unwrap();
+    there.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_open_appender_holds_the_bound_and_is_not_skipped_when_it_commits_mid_read() {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    log.append(&tenant("lab"), &[tick("a", 1)]).await.unwrap();
+    // An appender registers, appends, and stays open.
+    let mut slow = db.pool.begin().await.unwrap();
+    let held = EventLog::append_in_tx(&mut slow, &tenant("lab"), &[tick("b", 1)])
+        .await
+        .unwrap();
+    // A later appender commits first.
+    let later = log.append(&tenant("lab"), &[tick("c", 1)]).await.unwrap();
+    assert!(later[0].tx_id > held[0].tx_id);
+
+    // The follower takes its bound while the slow appender is open...
+    let bound = log.watermark().await.unwrap();
+    assert!(
+        bound <= held[0].tx_id,
+        "bound {bound} passes the open appender {}",
+        held[0].tx_id
+    );
+    let lag = mira_eventlog::store::watermark_lag(&db.pool).await.unwrap();
+    assert_eq!(
+        lag.events, 1,
+        "the committed later event waits behind the appender: {lag:?}"
+    );
+    assert!(lag.seconds > 0.0, "{lag:?}");
+    // ...the appender commits between the bound and the read...
+    slow.commit().await.unwrap();
+    // ...and the read below that bound stops before it, so the cursor cannot pass it.
+    let first = mira_eventlog::store::read_below(&db.pool, Cursor::START, bound, 10)
+        .await
+        .unwrap();
+    assert_eq!(first.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>(), ["a"]);
+    let rest = log.read_after(first[0].cursor(), 10).await.unwrap();
+    assert_eq!(
+        rest.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>(),
+        ["b", "c"],
+        "the late appender is read in follow order, once"
+    );
+}
+
+#[tokio::test]
+async fn an_unregistered_insert_into_the_log_is_refused() {
+    let db = TestDb::new().await;
+    let err = sqlx::query(
+        "INSERT INTO events (event_id, tenant_id, aggregate_type, aggregate_id, sequence, event_type, \
+         event_version, recorded_at, payload, metadata, prev_hash, hash) \
+         VALUES (gen_random_uuid(), 'lab', 'Test', 'x', 1, 'Tick', '1', now(), '{}', '{}', \
+         decode(repeat('00', 32), 'hex'), decode(repeat('00', 32), 'hex'))",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap_err();
+    assert_eq!(mira_eventlog::db::sqlstate(&err).as_deref(), Some("55000"), "{err}");
+    assert!(err.to_string().contains("mira_register_appender"), "{err}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn registering_after_the_transaction_has_an_id_is_refused() {
+    let db = TestDb::new().await;
+    let mut tx = hold_an_id(&db.pool).await;
+    let err = sqlx::query("SELECT mira_register_appender()")
+        .execute(&mut *tx)
+        .await
+        .unwrap_err();
+    assert_eq!(mira_eventlog::db::sqlstate(&err).as_deref(), Some("55000"), "{err}");
+    tx.rollback().await.unwrap();
+    // Through the log's own API: a transaction that already wrote cannot append.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO due_work (kind, key, due_at) VALUES ('k', 'x', now())")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = EventLog::append_in_tx(&mut tx, &tenant("lab"), &[tick("a", 1)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, mira_eventlog::AppendError::NotFirstWrite(_)), "{err}");
+    tx.rollback().await.unwrap();
+    // Registered first, the same transaction may write elsewhere and append more than once.
+    let mut tx = db.pool.begin().await.unwrap();
+    EventLog::append_in_tx(&mut tx, &tenant("lab"), &[tick("a", 1)])
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO due_work (kind, key, due_at) VALUES ('k', 'x', now())")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    EventLog::append_in_tx(&mut tx, &tenant("lab"), &[tick("a", 2)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    settle(&db.pool).await;
+}

@@ -34,7 +34,7 @@ pub struct AppendReport {
     pub avg_metadata_bytes: f64,
 }
 
-fn job_commands(id: JobId) -> Vec<JobCommand> {
+fn job_commands(tenant: &TenantId, id: JobId) -> Vec<JobCommand> {
     let now = Utc::now();
     vec![
         JobCommand::Submit {
@@ -57,7 +57,7 @@ fn job_commands(id: JobId) -> Vec<JobCommand> {
         },
         JobCommand::Succeed {
             attempt: 1,
-            manifest_key: format!("bench/{id}/manifest.json"),
+            manifest_key: mira_aggregates::manifest_key(tenant, id, 1),
             manifest_sha256: "0".repeat(64),
             usage: Usage {
                 device: "cpu".into(),
@@ -90,7 +90,7 @@ pub async fn append(commands: &Commands, total: u64, concurrency: usize) -> anyh
             while next.fetch_add(1, Ordering::Relaxed) < jobs {
                 let id = JobId::new();
                 let ctx = CommandContext::new(tenant.clone(), Actor::system("bench"));
-                for cmd in job_commands(id) {
+                for cmd in job_commands(&tenant, id) {
                     let t = Instant::now();
                     commands.job(&ctx, id, cmd).await?;
                     latencies.push(t.elapsed());

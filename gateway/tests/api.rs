@@ -1046,8 +1046,13 @@ async fn health_readiness_metrics_and_the_openapi_document() {
 async fn metrics_export_projection_lag_and_the_watermark_lag() {
     let app = spawn_app(Storage::Local).await;
     let t = app.token("lab-a", &["pathologist"]);
-    // Hold the watermark: a transaction with an xid stays open while events are appended.
+    // Hold the watermark: a registered appender with an id stays open while events are
+    // appended (only appenders hold it; see the fan-out tests below).
     let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT mira_register_appender()")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
     sqlx::query("SELECT pg_current_xact_id()")
         .execute(&mut *holder)
         .await
@@ -1108,6 +1113,164 @@ async fn metrics_export_projection_lag_and_the_watermark_lag() {
             .then_some(Value::Null)
     })
     .await;
+    app.stop().await;
+}
+
+/// The value of a Prometheus sample in `text`, or -1.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+#[tokio::test]
+async fn long_transactions_here_and_in_another_database_do_not_delay_fan_out() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    // A report, a migration, a psql session left open: transactions with ids that are not
+    // appenders, in this database and in another one on the same cluster.
+    let other = TestDb::empty().await;
+    let mut here = app.db.pool.begin().await.unwrap();
+    let mut there = other.pool.begin().await.unwrap();
+    for tx in [&mut here, &mut there] {
+        sqlx::query("SELECT pg_current_xact_id()")
+            .execute(&mut **tx)
+            .await
+            .unwrap();
+    }
+    let held = Instant::now();
+    let (mut latencies, mut lags) = (Vec::new(), Vec::new());
+    let mut n = 0;
+    while held.elapsed() < Duration::from_secs(30) {
+        n += 1;
+        let r = app
+            .post(
+                &t,
+                "/api/slides",
+                json!({"name": format!("s-{n}"), "size_bytes": 10, "content_type": "image/tiff"}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        let committed = Instant::now();
+        let id = r.body["slide_id"].as_str().unwrap().to_owned();
+        loop {
+            let g = app.get(&t, &format!("/api/slides/{id}")).await;
+            if g.status == StatusCode::OK {
+                break;
+            }
+            assert!(
+                committed.elapsed() < Duration::from_secs(2),
+                "slide {n} not in the read model within 2 s of its commit, with long transactions open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        latencies.push(committed.elapsed());
+        let text = app
+            .http
+            .get(format!("{}/metrics", app.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let lag = metric(&text, "mira_log_watermark_lag_seconds");
+        assert!((0.0..2.0).contains(&lag), "watermark lag {lag} s at sample {n}");
+        lags.push(lag);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    latencies.sort();
+    eprintln!(
+        "{n} slides with 30 s transactions open: read-model latency median {:?}, max {:?}; watermark lag max {:.3} s",
+        latencies[latencies.len() / 2],
+        latencies.last().unwrap(),
+        lags.iter().cloned().fold(0.0, f64::max)
+    );
+    assert!(n >= 20, "only {n} samples in 30 s");
+    here.rollback().await.unwrap();
+    there.rollback().await.unwrap();
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_manifest_outside_the_jobs_attempt_prefix_is_never_served() {
+    use cqrs_es::persist::PersistedEventStore;
+    use mira_aggregates::{Job, JobCommand};
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let log = mira_eventlog::EventLog::new(app.db.pool.clone());
+    let tenant = mira_events::TenantId::parse("lab-a").unwrap();
+    let job = mira_events::JobId::new();
+    let now = Utc::now();
+    let forged_key = "results/lab-b/0190c1d2-0000-7000-8000-000000000000/attempt-1/manifest.json";
+    // The command path refuses it...
+    let commands = mira_eventlog::commands::Commands::new(
+        log.clone(),
+        Arc::new(mira_events::LocalKeyring::open(app.dir.join("keyring")).unwrap()),
+    );
+    let ctx = mira_events::CommandContext::new(tenant.clone(), mira_events::Actor::worker("w"));
+    let succeed = |key: &str| JobCommand::Succeed {
+        attempt: 1,
+        manifest_key: key.into(),
+        manifest_sha256: "0".repeat(64),
+        usage: mira_events::Usage {
+            device: "cpu".into(),
+            device_seconds: 1.0,
+            bytes_written: 1,
+        },
+    };
+    // ...so it is written around it, as by someone with write access to the log.
+    let raw: cqrs_es::CqrsFramework<Job, _> = cqrs_es::CqrsFramework::new(
+        PersistedEventStore::<_, Job>::new_event_store(mira_eventlog::PgEventRepository::new(
+            log.clone(),
+            tenant.clone(),
+        )),
+        vec![],
+        (),
+    );
+    for cmd in [
+        JobCommand::Submit {
+            slide_id: mira_events::SlideId::new(),
+            kind: "wsi.preprocess".into(),
+            params: json!({}),
+            max_attempts: 1,
+        },
+        JobCommand::Queue { now },
+        JobCommand::Start {
+            attempt: 1,
+            worker_id: "w".into(),
+            lease_until: now + chrono::Duration::minutes(5),
+            now,
+        },
+    ] {
+        raw.execute_with_metadata(&job.to_string(), cmd, ctx.to_cqrs())
+            .await
+            .unwrap();
+    }
+    let refused = commands.job(&ctx, job, succeed(forged_key)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(cqrs_es::AggregateError::UserError(mira_aggregates::JobError::Invalid(
+                _
+            )))
+        ),
+        "{refused:?}"
+    );
+    raw.execute_with_metadata(&job.to_string(), succeed(forged_key), ctx.to_cqrs())
+        .await
+        .unwrap();
+    eventually("the forged success in the read model", || async {
+        let j = app.get(&t, &format!("/api/jobs/{job}")).await.body;
+        (j["status"] == "succeeded").then_some(j)
+    })
+    .await;
+    for path in ["manifest.json", "slide.dzi"] {
+        let r = app.get(&t, &format!("/api/jobs/{job}/results/{path}")).await;
+        assert_problem(&r, StatusCode::NOT_FOUND);
+    }
     app.stop().await;
 }
 
@@ -1252,31 +1415,40 @@ fn cmu_slide() -> Vec<u8> {
     std::fs::read(std::path::Path::new(&dir).join("CMU-1-Small-Region.svs")).expect("the CMU slide")
 }
 
-/// A 600×500 pyramidal TIFF of blank glass (vips, as DESIGN §8 makes test slides).
-fn blank_slide(dir: &std::path::Path) -> Vec<u8> {
-    let (v, tif) = (dir.join("blank.v"), dir.join("blank.tif"));
-    let run = |args: &[&str]| {
-        let o = std::process::Command::new("vips")
-            .args(args)
-            .output()
-            .expect("vips is installed");
-        assert!(
-            o.status.success(),
-            "vips {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    let black = dir.join("black.v");
-    run(&["black", black.to_str().unwrap(), "600", "500", "--bands", "3"]);
-    run(&[
-        "linear",
-        black.to_str().unwrap(),
-        v.to_str().unwrap(),
-        "1",
-        "242",
-        "--uchar",
-    ]);
-    run(&[
+/// `mira-worker run` for `app`, on its own in-memory bus and the app's local store.
+fn spawn_worker(app: &App, extra: &[(&str, &str)]) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(worker_binary());
+    cmd.arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &app.db.url)
+        .env("Messaging__Provider", "InMemory")
+        .env("Storage__Provider", "Local")
+        .env("Storage__LocalDir", app.dir.join("blobs"))
+        .env("Keyring__LocalDir", app.dir.join("keyring"))
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .kill_on_drop(true);
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("mira-worker starts")
+}
+
+fn vips(args: &[&str]) {
+    let o = std::process::Command::new("vips")
+        .args(args)
+        .output()
+        .expect("vips is installed");
+    assert!(
+        o.status.success(),
+        "vips {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `v` saved as a pyramidal JPEG TIFF (as DESIGN §8 makes test slides).
+fn pyramid(v: &std::path::Path, tif: &std::path::Path) -> Vec<u8> {
+    vips(&[
         "tiffsave",
         v.to_str().unwrap(),
         tif.to_str().unwrap(),
@@ -1290,6 +1462,32 @@ fn blank_slide(dir: &std::path::Path) -> Vec<u8> {
         "256",
     ]);
     std::fs::read(tif).unwrap()
+}
+
+/// A 600×500 pyramidal TIFF of blank glass.
+fn blank_slide(dir: &std::path::Path) -> Vec<u8> {
+    let (black, v) = (dir.join("black.v"), dir.join("blank.v"));
+    vips(&["black", black.to_str().unwrap(), "600", "500", "--bands", "3"]);
+    vips(&[
+        "linear",
+        black.to_str().unwrap(),
+        v.to_str().unwrap(),
+        "1",
+        "242",
+        "--uchar",
+    ]);
+    pyramid(&v, &dir.join("blank.tif"))
+}
+
+/// The CMU region stacked `copies` times, top to bottom: a tall slide the worker reads in
+/// several bands.
+fn tall_slide(dir: &std::path::Path, copies: usize) -> Vec<u8> {
+    let testdata = std::env::var("MIRA_TESTDATA").expect("MIRA_TESTDATA names the test slides");
+    let cmu = std::path::Path::new(&testdata).join("CMU-1-Small-Region.svs");
+    let v = dir.join("tall.v");
+    let inputs = vec![cmu.to_str().unwrap().to_owned(); copies].join(" ");
+    vips(&["arrayjoin", &inputs, v.to_str().unwrap(), "--across", "1"]);
+    pyramid(&v, &dir.join("tall.tif"))
 }
 
 /// Statuses of `job` seen on the socket, until it reaches `last`.
@@ -1316,21 +1514,89 @@ async fn statuses_until(s: &mut Socket, job: &str, last: &str) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn a_long_job_does_not_hold_back_anyone_elses_updates() {
+    let app = spawn_app(Storage::Local).await;
+    // Eight CMU regions high: the worker reads it in several bands, pausing 3 s after each.
+    let bytes = tall_slide(&app.dir, 8);
+    let _worker = spawn_worker(&app, &[("Worker__BandPauseMillis", "3000")]);
+    let (a, b) = (
+        app.token("lab-a", &["pathologist"]),
+        app.token("lab-b", &["pathologist"]),
+    );
+    let mut wa = connect(&app, &a, None).await;
+    let mut wb = connect(&app, &b, None).await;
+    assert_eq!(next_json(&mut wa).await["type"], "hello");
+    assert_eq!(next_json(&mut wb).await["type"], "hello");
+    let slide = app.upload_slide(&a, &bytes).await;
+    eventually("the tall slide verified", || async {
+        let s = app.get(&a, &format!("/api/slides/{slide}")).await.body;
+        (s["status"] == "verified").then_some(s)
+    })
+    .await;
+    let job = app
+        .post(&a, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
+        .await;
+    assert_eq!(job.status, StatusCode::ACCEPTED, "{}", job.body);
+    let job = job.body["job_id"].as_str().unwrap().to_owned();
+
+    // The job's start, then its progress, arrive while it runs.
+    let running = until(&mut wa, "the job running", |m| {
+        m["type"] == "job.updated" && m["job"]["job_id"] == job.as_str() && m["job"]["status"] == "running"
+    })
+    .await;
+    let started = Instant::now();
+    assert!(
+        running["job"]["progress"]["done"].as_i64().unwrap_or(0)
+            < running["job"]["progress"]["total"].as_i64().unwrap_or(1),
+        "{running}"
+    );
+    let progressed = until(&mut wa, "progress while running", |m| {
+        m["type"] == "job.updated"
+            && m["job"]["job_id"] == job.as_str()
+            && m["job"]["progress"]["done"].as_i64() > Some(0)
+    })
+    .await;
+    assert_eq!(progressed["job"]["status"], "running", "{progressed}");
+
+    // Meanwhile another tenant registers a slide: it reaches the read model and that tenant's
+    // socket at once.
+    let sent = Instant::now();
+    let r = app
+        .post(
+            &b,
+            "/api/slides",
+            json!({"name": "during the job", "size_bytes": 10, "content_type": "image/tiff"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let other = r.body["slide_id"].as_str().unwrap().to_owned();
+    let m = tokio::time::timeout(Duration::from_secs(2), next_json(&mut wb))
+        .await
+        .expect("lab-b's slide on its socket within 2 s while lab-a's job runs");
+    assert_eq!(m["slide"]["slide_id"], other.as_str(), "{m}");
+    let delivered = sent.elapsed();
+    assert_eq!(
+        app.get(&b, &format!("/api/slides/{other}")).await.status,
+        StatusCode::OK
+    );
+    let still = app.get(&a, &format!("/api/jobs/{job}")).await.body;
+    assert_eq!(still["status"], "running", "the job was still running: {still}");
+
+    let seen = statuses_until(&mut wa, &job, "succeeded").await;
+    assert_eq!(seen.last().map(String::as_str), Some("succeeded"), "{seen:?}");
+    let ran = started.elapsed();
+    eprintln!("another tenant's slide delivered in {delivered:?} while a job ran for {ran:?}");
+    assert!(
+        ran >= Duration::from_secs(15),
+        "the job ran {ran:?}: start and progress came at its end"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     let app = spawn_app(Storage::Local).await;
-    let mut worker = tokio::process::Command::new(worker_binary())
-        .arg("run")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", &app.db.url)
-        .env("Messaging__Provider", "InMemory")
-        .env("Storage__Provider", "Local")
-        .env("Storage__LocalDir", app.dir.join("blobs"))
-        .env("Keyring__LocalDir", app.dir.join("keyring"))
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("mira-worker starts");
+    let mut worker = spawn_worker(&app, &[]);
     let t = app.token("lab-a", &["pathologist"]);
     let mut ws = connect(&app, &t, None).await;
     assert_eq!(next_json(&mut ws).await["type"], "hello");

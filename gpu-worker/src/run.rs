@@ -112,6 +112,8 @@ pub struct Worker {
     worker_id: String,
     lease: Duration,
     scratch: PathBuf,
+    /// `Worker__BandPauseMillis`: a pause after every band (tests of long jobs).
+    band_pause: Duration,
 }
 
 impl std::fmt::Debug for Worker {
@@ -151,7 +153,14 @@ impl Worker {
             worker_id,
             lease,
             scratch,
+            band_pause: Duration::ZERO,
         }
+    }
+
+    /// Pauses after every band of rows, so a small slide runs as long as a large one.
+    pub fn with_band_pause(mut self, pause: Duration) -> Self {
+        self.band_pause = pause;
+        self
     }
 
     async fn verify(&self, e: &StoredEvent) -> Result<(), HandlerError> {
@@ -198,10 +207,12 @@ impl Worker {
         self.commands.job(c, id, command).await
     }
 
-    async fn run_job(&self, e: &StoredEvent, attempt: u32) -> Result<(), HandlerError> {
+    /// The consumer's effect for `JobQueued`: take the attempt's lease with `JobStarted`, in the
+    /// command's own short transaction. A job no longer queued at that attempt (a duplicate, a
+    /// job another worker took) is left alone.
+    async fn take_lease(&self, e: &StoredEvent, attempt: u32) -> Result<(), HandlerError> {
         let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
         let id = JobId::parse(&e.aggregate_id).map_err(failed)?;
-        let c = ctx(e, &tenant, &self.worker_id);
         let Some(job) = self.commands.load_job(&tenant, id).await.map_err(failed)? else {
             return Ok(());
         };
@@ -210,24 +221,40 @@ impl Worker {
         }
         let now = Utc::now();
         let lease = chrono::Duration::from_std(self.lease).map_err(failed)?;
-        match self
-            .job_command(
-                &c,
-                id,
-                JobCommand::Start {
-                    attempt,
-                    worker_id: self.worker_id.clone(),
-                    lease_until: now + lease,
-                    now,
-                },
-            )
-            .await
-        {
-            Ok(()) => {}
-            Err(AggregateError::UserError(_)) => return Ok(()),
-            Err(e) => return Err(failed(e)),
+        let start = JobCommand::Start {
+            attempt,
+            worker_id: self.worker_id.clone(),
+            lease_until: now + lease,
+            now,
+        };
+        match self.job_command(&ctx(e, &tenant, &self.worker_id), id, start).await {
+            Ok(()) => {
+                tracing::info!(job_id = %id, attempt, "job started");
+                Ok(())
+            }
+            Err(AggregateError::UserError(_)) => Ok(()),
+            Err(e) => Err(failed(e)),
         }
-        tracing::info!(job_id = %id, attempt, "job started");
+    }
+
+    /// The work after the lease, outside any transaction: runs the attempt when the log says
+    /// this worker holds its lease, then records the outcome. A redelivery finds the job
+    /// running under this worker's lease only while this worker runs it, one message at a
+    /// time, so it never starts a second run; another worker, or this one after a restart
+    /// (a new id), finds someone else's lease and leaves it to expire.
+    async fn run_job(&self, e: &StoredEvent, attempt: u32) -> Result<(), HandlerError> {
+        let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
+        let id = JobId::parse(&e.aggregate_id).map_err(failed)?;
+        let c = ctx(e, &tenant, &self.worker_id);
+        let Some(job) = self.commands.load_job(&tenant, id).await.map_err(failed)? else {
+            return Ok(());
+        };
+        let mine = matches!(job.status, JobStatus::Running | JobStatus::CancelRequested)
+            && job.attempt == attempt
+            && job.worker_id.as_deref() == Some(self.worker_id.as_str());
+        if !mine {
+            return Ok(());
+        }
         let started = Instant::now();
         let outcome = self.attempt(&c, &tenant, id, attempt, &job).await;
         let now = Utc::now();
@@ -358,7 +385,7 @@ impl Worker {
         };
         let result = {
             let (stop, done) = (stop.clone(), done.clone());
-            let (input, out) = (input.clone(), out.clone());
+            let (input, out, pause) = (input.clone(), out.clone(), self.band_pause);
             tokio::task::spawn_blocking(move || {
                 process::process_until(
                     &input,
@@ -368,7 +395,12 @@ impl Worker {
                         done.0.store(d, Ordering::Relaxed);
                         done.1.store(t, Ordering::Relaxed);
                     },
-                    || stop.load(Ordering::SeqCst),
+                    || {
+                        if !pause.is_zero() {
+                            std::thread::sleep(pause);
+                        }
+                        stop.load(Ordering::SeqCst)
+                    },
                 )
             })
             .await
@@ -390,7 +422,7 @@ impl Worker {
             Err(e) => return Err((format!("the pipeline crashed: {e}"), true)),
         };
         // Upload under this attempt's own prefix; the manifest goes last.
-        let prefix = format!("results/{}/{id}/attempt-{attempt}", tenant.as_str());
+        let prefix = mira_aggregates::results_prefix(tenant, id, attempt);
         let manifest = tokio::fs::read(out.join("manifest.json"))
             .await
             .map_err(|e| (e.to_string(), true))?;
@@ -403,13 +435,13 @@ impl Worker {
                 .map_err(|e| (e.to_string(), true))?;
             bytes += data.len() as u64;
             self.store
-                .put(&format!("{prefix}/{key}"), data)
+                .put(&format!("{prefix}{key}"), data)
                 .await
                 .map_err(|e| (format!("cannot store results: {e:#}"), true))?;
         }
         let sha256 = hex::encode(Sha256::digest(&manifest));
         bytes += manifest.len() as u64;
-        let key = format!("{prefix}/manifest.json");
+        let key = mira_aggregates::manifest_key(tenant, id, attempt);
         self.store
             .put(&key, manifest)
             .await
@@ -431,16 +463,34 @@ enum Done {
     Superseded,
 }
 
+fn queued_attempt(e: &StoredEvent) -> Result<Option<u32>, HandlerError> {
+    if (e.aggregate_type.as_str(), e.event_type.as_str()) != ("Job", "JobQueued") {
+        return Ok(None);
+    }
+    match mira_eventlog::repo::decode::<JobEvent>(e).map_err(HandlerError::Failed)? {
+        JobEvent::JobQueued { attempt } => Ok(Some(attempt)),
+        _ => Ok(None),
+    }
+}
+
+/// The consumer's transaction holds only the lease and the record; downloads, verification
+/// and the pipeline run after it committed (DESIGN §4.1).
 #[async_trait::async_trait]
 impl Handler for Worker {
     async fn apply(&self, _tx: &mut PgConnection, e: &StoredEvent) -> Result<(), HandlerError> {
-        match (e.aggregate_type.as_str(), e.event_type.as_str()) {
-            ("Slide", "SlideUploaded") => self.verify(e).await,
-            ("Job", "JobQueued") => match mira_eventlog::repo::decode::<JobEvent>(e).map_err(HandlerError::Failed)? {
-                JobEvent::JobQueued { attempt } => self.run_job(e, attempt).await,
-                _ => Ok(()),
-            },
-            _ => Ok(()),
+        match queued_attempt(e)? {
+            Some(attempt) => self.take_lease(e, attempt).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn after_commit(&self, e: &StoredEvent) -> Result<(), HandlerError> {
+        if (e.aggregate_type.as_str(), e.event_type.as_str()) == ("Slide", "SlideUploaded") {
+            return self.verify(e).await;
+        }
+        match queued_attempt(e)? {
+            Some(attempt) => self.run_job(e, attempt).await,
+            None => Ok(()),
         }
     }
 }
@@ -464,14 +514,17 @@ pub async fn run(
     let commands = Commands::new(EventLog::new(pool.clone()), Arc::new(keyring));
     let store = Store::from_settings(&settings).await?;
     let scratch = std::env::temp_dir().join(format!("mira-worker-{worker_id}"));
-    let worker = Arc::new(Worker::new(
-        commands,
-        store,
-        worker_id,
-        Duration::from_secs(60),
-        scratch,
-        device,
-    ));
+    let worker = Arc::new(
+        Worker::new(
+            commands,
+            store,
+            worker_id,
+            Duration::from_secs(settings.worker.lease_seconds),
+            scratch,
+            device,
+        )
+        .with_band_pause(Duration::from_millis(settings.worker.band_pause_millis)),
+    );
     let mut cfg = ConsumerConfig::for_group(Group::GpuJobs);
     cfg.batch = 1;
     let mut relay = None;

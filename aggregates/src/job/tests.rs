@@ -593,3 +593,37 @@ proptest! {
         prop_assert_eq!(replayed, job);
     }
 }
+
+#[test]
+fn a_success_may_name_only_its_own_attempts_manifest() {
+    let lab = TenantId::parse("lab-a").unwrap();
+    let job = JobId::parse("0190d5a4-0000-7000-8000-000000000009").unwrap();
+    let other_job = JobId::parse("0190d5a4-0000-7000-8000-00000000000a").unwrap();
+    let with_key = |attempt: u32, key: String| JobCommand::Succeed {
+        attempt,
+        manifest_key: key,
+        manifest_sha256: "a".repeat(64),
+        usage: usage(),
+    };
+    let own = manifest_key(&lab, job, 2);
+    assert_eq!(own, format!("results/lab-a/{job}/attempt-2/manifest.json"));
+    assert_eq!(with_key(2, own.clone()).check_scope(&lab, job), Ok(()));
+    for key in [
+        manifest_key(&TenantId::parse("lab-b").unwrap(), job, 2),
+        manifest_key(&lab, other_job, 2),
+        manifest_key(&lab, job, 1),
+        format!("results/lab-a/{job}/attempt-2/../../../lab-b/x/manifest.json"),
+        format!("{own}.bak"),
+        "results/lab-a/manifest.json".into(),
+    ] {
+        assert!(
+            matches!(
+                with_key(2, key.clone()).check_scope(&lab, job),
+                Err(JobError::Invalid(_))
+            ),
+            "{key} was accepted"
+        );
+    }
+    // Other commands carry no keys to check.
+    assert_eq!(JobCommand::Queue { now: t(0) }.check_scope(&lab, job), Ok(()));
+}

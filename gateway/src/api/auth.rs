@@ -39,6 +39,8 @@ pub struct Identity {
     pub subject: String,
     pub tenant: TenantId,
     pub roles: Vec<Role>,
+    /// The token's `exp`: a WebSocket opened with it is closed then.
+    pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Identity {
@@ -73,6 +75,7 @@ pub enum AuthError {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    exp: i64,
     token_use: Option<String>,
     #[serde(rename = "custom:tenant")]
     tenant: Option<String>,
@@ -213,10 +216,13 @@ impl JwksVerifier {
         if c.sub.is_empty() {
             return Err(AuthError::Invalid("empty sub".into()));
         }
+        let expires_at =
+            chrono::DateTime::from_timestamp(c.exp, 0).ok_or(AuthError::Invalid("exp out of range".into()))?;
         Ok(Identity {
             subject: c.sub,
             tenant,
             roles: c.groups.iter().filter_map(|g| Role::parse(g)).collect(),
+            expires_at,
         })
     }
 }

@@ -278,7 +278,14 @@ pub async fn results(
         .as_deref()
         .filter(|_| row.status == "succeeded")
         .ok_or_else(|| ApiError::conflict(format!("the job is {}: it has no results", row.status)))?;
-    let prefix = manifest.strip_suffix("manifest.json").unwrap_or(manifest);
+    // The log refuses a manifest outside the job's own attempt prefix; a read model is checked
+    // again all the same, so nothing outside the job is ever signed.
+    let attempt = u32::try_from(row.attempt).unwrap_or(0);
+    if manifest != mira_aggregates::manifest_key(&who.tenant, id, attempt) {
+        tracing::error!(job_id = %id, manifest, "a succeeded job names a manifest outside its attempt's prefix");
+        return Err(ApiError::not_found("job results"));
+    }
+    let prefix = mira_aggregates::results_prefix(&who.tenant, id, attempt);
     let key = format!("{prefix}{path}");
     if !crate::blob::valid_key(&key) {
         return Err(ApiError::bad_request("not a result path"));

@@ -114,13 +114,13 @@ pub async fn database_gauges(pool: &sqlx::PgPool) -> Result<Vec<Gauge>, sqlx::Er
     let w = mira_eventlog::store::watermark_lag(pool).await?;
     g.push(Gauge {
         name: "mira_log_watermark_lag_events",
-        help: "Committed events that followers cannot read yet: an older transaction still runs.",
+        help: "Committed events that followers cannot read yet: an older appender to the log is still open.",
         labels: vec![],
         value: w.events as f64,
     });
     g.push(Gauge {
         name: "mira_log_watermark_lag_seconds",
-        help: "Age of the oldest running transaction that holds the log's follow watermark back.",
+        help: "Age of the oldest registered appender still open: only appenders hold the log's follow watermark back.",
         labels: vec![],
         value: w.seconds,
     });

@@ -34,6 +34,10 @@ use super::{AppState, READERS};
 pub const PROTOCOL: &str = "mira.v1";
 /// Close code for a client that cannot keep up.
 pub const CLOSE_SLOW: u16 = 4008;
+/// Close code at the token's `exp`: the client reconnects with a fresh token and `since`.
+pub const CLOSE_EXPIRED: u16 = 4001;
+/// Rows of each kind read per catch-up query.
+pub const CATCH_UP_PAGE: i64 = 1000;
 
 /// One read-model change, as the projector announces it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -170,10 +174,41 @@ pub async fn handler(
 pub trait Rows: Send + Sync {
     /// The message for `change`, or `None` if the row is not visible to `who`.
     async fn message(&self, who: &Identity, change: &Change) -> Result<Option<(i64, serde_json::Value)>, String>;
-    /// Messages for everything after `position`, oldest first.
-    async fn since(&self, who: &Identity, position: i64) -> Result<Vec<(String, i64, serde_json::Value)>, String>;
+    /// Messages for up to `limit` jobs changed after `position`, oldest change first.
+    async fn jobs_since(&self, who: &Identity, position: i64, limit: i64) -> Result<Vec<Keyed>, String>;
+    /// Messages for up to `limit` slides changed after `position`, oldest change first.
+    async fn slides_since(&self, who: &Identity, position: i64, limit: i64) -> Result<Vec<Keyed>, String>;
     /// The current read-model position.
     async fn position(&self) -> Result<i64, String>;
+    /// Rows of each kind per catch-up query.
+    fn page(&self) -> i64 {
+        CATCH_UP_PAGE
+    }
+}
+
+/// A message with the key of the row it is about (`job:<id>`, `slide:<id>`) and its position.
+pub type Keyed = (String, i64, serde_json::Value);
+
+/// One page of catch-up after `position`: the messages of both lists, oldest first, and, when
+/// a list filled its page, the position up to which the page is complete. A list that filled
+/// its page may have more rows after its last one, so messages of the other list beyond that
+/// point wait for the next page (sending them now would move the resume point past rows never
+/// sent).
+async fn catch_up_page<D: Rows>(rows: &D, who: &Identity, position: i64) -> Result<(Vec<Keyed>, Option<i64>), String> {
+    let limit = rows.page();
+    let jobs = rows.jobs_since(who, position, limit).await?;
+    let slides = rows.slides_since(who, position, limit).await?;
+    let end = |l: &[Keyed]| (l.len() as i64 >= limit).then(|| l.last().map(|m| m.1)).flatten();
+    let complete_to = match (end(&jobs), end(&slides)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut out: Vec<Keyed> = jobs.into_iter().chain(slides).collect();
+    if let Some(upto) = complete_to {
+        out.retain(|m| m.1 <= upto);
+    }
+    out.sort_by_key(|m| m.1);
+    Ok((out, complete_to))
 }
 
 pub struct Source(pub AppState);
@@ -204,24 +239,31 @@ impl Rows for Source {
         }
     }
 
-    async fn since(&self, who: &Identity, position: i64) -> Result<Vec<(String, i64, serde_json::Value)>, String> {
+    async fn jobs_since(&self, who: &Identity, position: i64, limit: i64) -> Result<Vec<Keyed>, String> {
+        let rows = self
+            .0
+            .read
+            .jobs_since(&who.tenant, position, limit)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(rows
+            .iter()
+            .map(|j| {
+                (
+                    format!("job:{}", j.job_id),
+                    j.position,
+                    json!({"type": "job.updated", "position": j.position, "job": super::jobs::view(j)}),
+                )
+            })
+            .collect())
+    }
+
+    async fn slides_since(&self, who: &Identity, position: i64, limit: i64) -> Result<Vec<Keyed>, String> {
         let s = &self.0;
         let mut out = Vec::new();
-        for j in s
-            .read
-            .jobs_since(&who.tenant, position, 10_000)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            out.push((
-                format!("job:{}", j.job_id),
-                j.position,
-                json!({"type": "job.updated", "position": j.position, "job": super::jobs::view(&j)}),
-            ));
-        }
         for r in s
             .read
-            .slides_since(&who.tenant, position, 10_000)
+            .slides_since(&who.tenant, position, limit)
             .await
             .map_err(|e| e.to_string())?
         {
@@ -230,7 +272,6 @@ impl Rows for Source {
             let v = super::slides::view(s, r).await;
             out.push((key, p, json!({"type": "slide.updated", "position": p, "slide": v})));
         }
-        out.sort_by_key(|(_, p, _)| *p);
         Ok(out)
     }
 
@@ -249,6 +290,8 @@ pub enum End {
     ClientClosed,
     /// Closed with [`CLOSE_SLOW`].
     Slow,
+    /// Closed with [`CLOSE_EXPIRED`] at the token's `exp`.
+    Expired,
     ServerStopping,
     Failed(String),
 }
@@ -264,10 +307,10 @@ where
     }
 }
 
-async fn close_slow<S: Sink<Message> + Unpin>(sink: &mut S) {
+async fn close_with<S: Sink<Message> + Unpin>(sink: &mut S, code: u16, reason: &str) {
     let frame = CloseFrame {
-        code: CLOSE_SLOW,
-        reason: "too slow: reconnect with ?since=<last position>".into(),
+        code,
+        reason: reason.into(),
     };
     let _ = tokio::time::timeout(Duration::from_millis(200), sink.send(Message::Close(Some(frame)))).await;
 }
@@ -285,16 +328,25 @@ where
     S: Sink<Message> + Unpin,
     D: Rows,
 {
-    let mut high = from;
-    for (key, position, msg) in rows.since(who, from).await.map_err(End::Failed)? {
-        high = high.max(position);
-        if sent.get(&key).is_some_and(|p| *p >= position) {
-            continue;
+    let (mut high, mut after) = (from, from);
+    loop {
+        let (page, complete_to) = catch_up_page(rows, who, after).await.map_err(End::Failed)?;
+        for (key, position, msg) in page {
+            high = high.max(position);
+            if sent.get(&key).is_some_and(|p| *p >= position) {
+                continue;
+            }
+            sent.insert(key, position);
+            send(sink, Message::Text(msg.to_string().into()), timeout).await?;
         }
-        sent.insert(key, position);
-        send(sink, Message::Text(msg.to_string().into()), timeout).await?;
+        match complete_to {
+            Some(p) if p > after => {
+                after = p;
+                high = high.max(p);
+            }
+            _ => return Ok(high),
+        }
     }
-    Ok(high)
 }
 
 /// One client's session: hello, catch-up from `since`, then live changes of its tenant.
@@ -313,6 +365,10 @@ where
     D: Rows,
 {
     let mut sent: HashMap<String, i64> = HashMap::new();
+    // The socket lives no longer than its token.
+    let left = (who.expires_at - chrono::Utc::now()).to_std().unwrap_or_default();
+    let expiry = tokio::time::sleep(left);
+    tokio::pin!(expiry);
     let result: Result<End, End> = async {
         let now = rows.position().await.map_err(End::Failed)?;
         let hello = json!({"type": "hello", "tenant": who.tenant.as_str(), "position": now});
@@ -351,6 +407,7 @@ where
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(End::ClientClosed),
                     Some(Ok(_)) => {}
                 },
+                _ = &mut expiry => return Ok(End::Expired),
             }
         }
     }
@@ -358,8 +415,17 @@ where
     let end = match result {
         Ok(e) | Err(e) => e,
     };
-    if end == End::Slow {
-        close_slow(&mut sink).await;
+    match end {
+        End::Slow => close_with(&mut sink, CLOSE_SLOW, "too slow: reconnect with ?since=<last position>").await,
+        End::Expired => {
+            close_with(
+                &mut sink,
+                CLOSE_EXPIRED,
+                "token expired: reconnect with a fresh token and ?since=<last position>",
+            )
+            .await
+        }
+        _ => {}
     }
     end
 }
@@ -369,8 +435,29 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    /// Jobs at positions 1..=position (the last ones), and slides at `slides` positions.
     struct Fake {
         position: i64,
+        slides: Vec<i64>,
+        page: i64,
+    }
+
+    impl Fake {
+        fn jobs(position: i64) -> Self {
+            Self {
+                position,
+                slides: Vec::new(),
+                page: CATCH_UP_PAGE,
+            }
+        }
+    }
+
+    fn keyed(kind: &str, p: i64) -> Keyed {
+        (
+            format!("{kind}:{p}"),
+            p,
+            json!({"type": format!("{kind}.updated"), "position": p}),
+        )
     }
 
     #[async_trait::async_trait]
@@ -381,13 +468,27 @@ mod tests {
                 json!({"type": format!("{}.updated", c.entity), "position": c.position}),
             )))
         }
-        async fn since(&self, _: &Identity, p: i64) -> Result<Vec<(String, i64, serde_json::Value)>, String> {
+        async fn jobs_since(&self, _: &Identity, p: i64, limit: i64) -> Result<Vec<Keyed>, String> {
             Ok((p + 1..=self.position)
-                .map(|i| (format!("job:{i}"), i, json!({"type": "job.updated", "position": i})))
+                .filter(|i| !self.slides.contains(i))
+                .take(limit as usize)
+                .map(|i| keyed("job", i))
+                .collect())
+        }
+        async fn slides_since(&self, _: &Identity, p: i64, limit: i64) -> Result<Vec<Keyed>, String> {
+            Ok(self
+                .slides
+                .iter()
+                .filter(|i| **i > p)
+                .take(limit as usize)
+                .map(|i| keyed("slide", *i))
                 .collect())
         }
         async fn position(&self) -> Result<i64, String> {
             Ok(self.position)
+        }
+        fn page(&self) -> i64 {
+            self.page
         }
     }
 
@@ -396,6 +497,7 @@ mod tests {
             subject: "u".into(),
             tenant: mira_events::TenantId::parse(t).unwrap(),
             roles: vec![super::super::auth::Role::Pathologist],
+            expires_at: chrono::Utc::now() + chrono::Duration::hours(1),
         }
     }
 
@@ -446,7 +548,7 @@ mod tests {
         let task = tokio::spawn(session(
             sink,
             incoming,
-            Fake { position: 3 },
+            Fake::jobs(3),
             who("lab-a"),
             Some(1),
             rx,
@@ -497,7 +599,7 @@ mod tests {
         let task = tokio::spawn(session(
             sink,
             incoming,
-            Fake { position: 0 },
+            Fake::jobs(0),
             who("lab-a"),
             None,
             rx,
@@ -518,7 +620,7 @@ mod tests {
         let end = session(
             sink,
             incoming,
-            Fake { position: 0 },
+            Fake::jobs(0),
             who("lab-a"),
             None,
             rx,
@@ -528,5 +630,53 @@ mod tests {
         assert_eq!(end, End::Slow);
         let last = log.lock().unwrap().last().cloned();
         assert!(matches!(last, Some(Message::Close(Some(f))) if f.code == CLOSE_SLOW));
+    }
+
+    #[tokio::test]
+    async fn catch_up_pages_through_both_lists_until_exhausted() {
+        // 40 changes: slides at every third position, jobs at the rest; pages of 4 rows each.
+        let slides: Vec<i64> = (1..=40).filter(|p| p % 3 == 0).collect();
+        let fake = Fake {
+            position: 40,
+            slides: slides.clone(),
+            page: 4,
+        };
+        let (_tx, rx) = broadcast::channel(16);
+        let (sink, log) = recorder();
+        let incoming = Box::pin(futures_util::stream::iter([Ok::<_, ()>(Message::Close(None))]));
+        // The close is only read after the catch-up: every message before it is the catch-up.
+        let end = session(sink, incoming, fake, who("lab-a"), Some(0), rx, Duration::from_secs(1)).await;
+        assert_eq!(end, End::ClientClosed);
+        let got: Vec<(String, i64)> = texts(&log)
+            .iter()
+            .skip(1)
+            .map(|m| (m["type"].as_str().unwrap().to_owned(), m["position"].as_i64().unwrap()))
+            .collect();
+        let expected: Vec<(String, i64)> = (1..=40)
+            .map(|p| {
+                let kind = if slides.contains(&p) { "slide" } else { "job" };
+                (format!("{kind}.updated"), p)
+            })
+            .collect();
+        assert_eq!(got, expected, "every change once, in order, across pages");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_is_closed_when_its_token_expires() {
+        let (_tx, rx) = broadcast::channel(16);
+        let (sink, log) = recorder();
+        let incoming = Box::pin(futures_util::stream::pending::<Result<Message, ()>>());
+        let mut w = who("lab-a");
+        w.expires_at = chrono::Utc::now() + chrono::Duration::seconds(90);
+        let started = tokio::time::Instant::now();
+        let end = session(sink, incoming, Fake::jobs(0), w, None, rx, Duration::from_secs(1)).await;
+        assert_eq!(end, End::Expired);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(89) && waited <= Duration::from_secs(91),
+            "{waited:?}"
+        );
+        let last = log.lock().unwrap().last().cloned();
+        assert!(matches!(last, Some(Message::Close(Some(f))) if f.code == CLOSE_EXPIRED));
     }
 }
