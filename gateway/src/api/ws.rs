@@ -669,7 +669,12 @@ mod tests {
         let mut w = who("lab-a");
         w.expires_at = chrono::Utc::now() + chrono::Duration::seconds(90);
         let started = tokio::time::Instant::now();
-        let end = session(sink, incoming, Fake::jobs(0), w, None, rx, Duration::from_secs(1)).await;
+        let end = tokio::time::timeout(
+            Duration::from_secs(600),
+            session(sink, incoming, Fake::jobs(0), w, None, rx, Duration::from_secs(1)),
+        )
+        .await
+        .expect("the session ends at the token's exp");
         assert_eq!(end, End::Expired);
         let waited = started.elapsed();
         assert!(
