@@ -40,16 +40,24 @@ $$;
 CREATE TRIGGER events_registered_appenders_only BEFORE INSERT ON events
     FOR EACH STATEMENT EXECUTE FUNCTION mira_require_appender();
 
--- In one statement with snapshot S: the lower of xmax(S) and the lowest running id of S that
--- is not proven unregistered. An id is proven unregistered only when one read of the lock
--- table (taken after S) shows its transactionid lock held by a backend of this database's
--- cluster that does not hold K in this database. Anything else (the backend is gone, a
--- prepared transaction, an id whose lock is not visible) still holds the bound.
+-- With snapshot S (the function's first statement): the lower of xmax(S) and the lowest
+-- running id of S that is not proven unregistered. An id is proven unregistered only when one
+-- read of the lock table (taken after S) shows its transactionid lock held by a backend that
+-- does not hold K in this database. Anything else (the backend is gone, a prepared
+-- transaction, an id whose lock is not visible) still holds the bound. Ids at or above xmax(S)
+-- may be running too (xmax is one past the last completed id), so the bound never exceeds it.
+-- PL/pgSQL, not SQL: its plans are cached, and S with no running id below xmax needs no lock
+-- table read at all.
 CREATE FUNCTION mira_follow_bound() RETURNS xid8
-LANGUAGE sql VOLATILE AS $$
-    WITH snap AS MATERIALIZED (
-        SELECT pg_current_snapshot() AS s
-    ), locks AS MATERIALIZED (
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    s pg_snapshot := pg_current_snapshot();
+    lowest xid8;
+BEGIN
+    IF pg_snapshot_xmin(s) = pg_snapshot_xmax(s) THEN
+        RETURN pg_snapshot_xmax(s); -- xip(S) is empty
+    END IF;
+    WITH locks AS MATERIALIZED (
         SELECT locktype, database, classid, objid, objsubid, transactionid, pid, mode, granted FROM pg_locks
     ), appenders AS (
         SELECT pid FROM locks
@@ -60,12 +68,11 @@ LANGUAGE sql VOLATILE AS $$
         WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock' AND granted AND pid IS NOT NULL
           AND pid NOT IN (SELECT pid FROM appenders)
     )
-    SELECT least(
-        pg_snapshot_xmax(snap.s),
-        (SELECT x FROM pg_snapshot_xip(snap.s) AS x
-          WHERE (x::text::numeric % 4294967296)::bigint NOT IN (SELECT xid32 FROM unregistered)
-          ORDER BY x LIMIT 1))
-    FROM snap
+    SELECT x INTO lowest FROM pg_snapshot_xip(s) AS x
+     WHERE (x::text::numeric % 4294967296)::bigint NOT IN (SELECT xid32 FROM unregistered)
+     ORDER BY x LIMIT 1;
+    RETURN least(pg_snapshot_xmax(s), lowest);
+END
 $$;
 
 -- The watermark lag (DESIGN §4.1): the age of the oldest registered appender still open, and
