@@ -285,11 +285,26 @@ impl Consumer {
     /// nothing of it stays.
     async fn apply(&self, msg: &EventMessage) -> Result<(Outcome, Vec<StoredEvent>), (i64, HandlerError)> {
         let db = |e: sqlx::Error| (msg.sequence, HandlerError::Db(e));
-        let mut tx = self.pool().begin().await.map_err(db)?;
-        // The log is the truth; the message only says where to look.
-        let stored = mira_eventlog::store::read_event(&mut tx, msg.event_id)
-            .await
-            .map_err(db)?;
+        // The log is the truth; the message only says where to look. Until the message matched
+        // the log, a failure is only retried: parking what a message names, unchecked, would let
+        // anyone who can publish park a real aggregate.
+        let unchecked = |e: sqlx::Error| {
+            tracing::warn!(consumer = %self.cfg.name, error = %e, "cannot look the message's event up in the log; retrying");
+        };
+        let mut tx = match self.pool().begin().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                unchecked(e);
+                return Ok((Outcome::Retry, Vec::new()));
+            }
+        };
+        let stored = match mira_eventlog::store::read_event(&mut tx, msg.event_id).await {
+            Ok(s) => s,
+            Err(e) => {
+                unchecked(e);
+                return Ok((Outcome::Retry, Vec::new()));
+            }
+        };
         let Some(stored) = stored.filter(|e| EventMessage::from(e) == *msg) else {
             tracing::error!(consumer = %self.cfg.name, event_id = %msg.event_id, aggregate = %msg.aggregate_id, "a message names an event the log does not hold as sent; left for the dead-letter queue");
             return Ok((Outcome::NotInLog, Vec::new()));
@@ -411,7 +426,16 @@ impl Consumer {
         for r in rows {
             let (t, id): (String, String) = (r.try_get("aggregate_type")?, r.try_get("aggregate_id")?);
             match self.redrive_one(&t, &id).await {
-                Ok(()) => n += 1,
+                Ok(applied) => {
+                    n += 1;
+                    // The slow work of what was replayed, as for a delivery; its messages were
+                    // set aside and deleted, so nothing else would run it.
+                    for e in &applied {
+                        if let Err(err) = self.handler.after_commit(e).await {
+                            tracing::error!(consumer = %self.cfg.name, aggregate = %id, sequence = e.sequence, error = %err, "work after a redriven event failed");
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(consumer = %self.cfg.name, aggregate = %id, error = %e, "redrive failed; still parked");
                     sqlx::query(
@@ -430,12 +454,14 @@ impl Consumer {
         Ok(n)
     }
 
-    async fn redrive_one(&self, aggregate_type: &str, aggregate_id: &str) -> Result<(), HandlerError> {
+    /// Replays a parked aggregate from the log and un-parks it; returns the events applied.
+    async fn redrive_one(&self, aggregate_type: &str, aggregate_id: &str) -> Result<Vec<StoredEvent>, HandlerError> {
         let mut tx = self.pool().begin().await?;
         let (last, _) = self.lock_stream(&mut tx, aggregate_type, aggregate_id).await?;
-        let events = self.log.read_stream(None, aggregate_type, aggregate_id, last).await?;
+        let mut events = self.log.read_stream(None, aggregate_type, aggregate_id, last).await?;
         let upto = events.last().map_or(last, |e| e.sequence);
-        for e in events.iter().filter(|e| self.cfg.group.admits(&EventMessage::from(*e))) {
+        events.retain(|e| self.cfg.group.admits(&EventMessage::from(e)));
+        for e in &events {
             self.handler.apply(&mut tx, e).await?;
         }
         self.advance(&mut tx, aggregate_type, aggregate_id, upto).await?;
@@ -456,7 +482,7 @@ impl Consumer {
             .await?;
         tx.commit().await?;
         tracing::info!(consumer = %self.cfg.name, aggregate = %aggregate_id, events = events.len(), "aggregate redriven");
-        Ok(())
+        Ok(events)
     }
 }
 

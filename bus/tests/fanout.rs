@@ -69,6 +69,7 @@ async fn moto_bus() -> Arc<dyn Bus> {
 struct Recorder {
     consumer: String,
     poison: Arc<Mutex<HashSet<String>>>,
+    pool: sqlx::PgPool,
 }
 
 #[async_trait::async_trait]
@@ -87,6 +88,19 @@ impl Handler for Recorder {
             .bind(e.event_id)
             .bind(&e.event_type)
             .execute(tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Slow work: recorded under `<consumer>:after`, outside the effect's transaction.
+    async fn after_commit(&self, e: &StoredEvent) -> Result<(), HandlerError> {
+        sqlx::query("INSERT INTO test_effects (consumer, aggregate_id, sequence, event_id, event_type) VALUES ($1, $2, $3, $4, $5)")
+            .bind(format!("{}:after", self.consumer))
+            .bind(&e.aggregate_id)
+            .bind(e.sequence)
+            .bind(e.event_id)
+            .bind(&e.event_type)
+            .execute(&self.pool)
             .await?;
         Ok(())
     }
@@ -129,6 +143,7 @@ impl World {
         let handler = Arc::new(Recorder {
             consumer: group.suffix().into(),
             poison: self.poison.clone(),
+            pool: self.db.pool.clone(),
         });
         Consumer::new(self.log.clone(), self.bus.queue(group), handler, cfg)
     }
@@ -426,6 +441,15 @@ async fn a_poison_event_parks_its_aggregate_until_redrive(bus: Arc<dyn Bus>) {
         .map(|e| e.1)
         .collect();
     assert_eq!(bad_effects, vec![1, 2, 3, 4]);
+    // The redrive ran the slow work of what it replayed, too.
+    let after: Vec<i64> = sqlx::query_scalar(
+        "SELECT sequence FROM test_effects WHERE consumer = 'projections:after' AND aggregate_id = $1 ORDER BY n",
+    )
+    .bind(&bad)
+    .fetch_all(&w.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(after, vec![1, 2, 3, 4]);
     let events = w.all_events().await;
     assert_exactly_once_in_order(&w.effects(Group::Projections).await, &events.iter().collect::<Vec<_>>());
 }

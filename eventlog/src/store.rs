@@ -267,9 +267,11 @@ impl EventLog {
     /// Appends `events` (consecutive events of aggregates, in sequence order) in one
     /// transaction.
     pub async fn append(&self, tenant: &TenantId, events: &[NewEvent]) -> Result<Vec<StoredEvent>, AppendError> {
-        // The transaction registers as an appender in the same round trip as its BEGIN.
-        let mut tx = self.pool.begin_with("BEGIN; SELECT mira_register_appender()").await?;
-        let stored = append_registered(&mut tx, tenant, events).await?;
+        // Registering separately from BEGIN (not `BEGIN; SELECT …` in one round trip): a failed
+        // registration then leaves a transaction that sqlx knows to roll back, not an aborted
+        // one it would hand to the next user of the pooled connection.
+        let mut tx = self.pool.begin().await?;
+        let stored = Self::append_in_tx(&mut tx, tenant, events).await?;
         tx.commit().await?;
         Ok(stored)
     }

@@ -739,3 +739,32 @@ async fn registering_after_the_transaction_has_an_id_is_refused() {
     tx.commit().await.unwrap();
     settle(&db.pool).await;
 }
+
+#[tokio::test]
+async fn outside_read_committed_the_bound_does_not_pass_a_running_transaction() {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    let mut holder = hold_an_id(&db.pool).await;
+    let low = tx_id(&mut holder).await;
+    // A later transaction completes, so the holder is below xmax and in the snapshot's running
+    // list.
+    log.append(&tenant("lab"), &[tick("a", 1)]).await.unwrap();
+    assert!(
+        log.watermark().await.unwrap() > low,
+        "read committed passes the unregistered holder"
+    );
+    // A follower in REPEATABLE READ reads with its first snapshot: the bound must not pass
+    // anything that snapshot saw running.
+    let mut rr = db.pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *rr)
+        .await
+        .unwrap();
+    let bound = mira_eventlog::store::watermark(&mut *rr).await.unwrap();
+    assert!(
+        bound <= low,
+        "bound {bound} passes the running {low} under repeatable read"
+    );
+    rr.rollback().await.unwrap();
+    holder.rollback().await.unwrap();
+}

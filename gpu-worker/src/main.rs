@@ -60,7 +60,8 @@ enum Command {
         /// Optional TOML settings file, read after the defaults and before the environment.
         #[arg(long, env = "MIRA_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
-        /// This worker's name in the log (default: host name and process id).
+        /// This worker's name in the log, unique to the process (default: host name, process id
+        /// and a random part).
         #[arg(long)]
         worker_id: Option<String>,
     },
@@ -73,9 +74,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config, worker_id } => {
             let settings = mira_config::Settings::load(config.as_deref(), std::env::vars())?;
             let device = pick_device()?;
+            // The log tells a worker which runs are its own by this id (a redelivered job runs
+            // only under its own lease), so it must be unique to the process: containers share
+            // host names and run as pid 1, hence the random part.
             let id = worker_id.unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
-                format!("{}-{}", host.trim(), std::process::id())
+                let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
+                format!("{}-{}-{nonce}", host.trim(), std::process::id())
             });
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {

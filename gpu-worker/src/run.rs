@@ -241,7 +241,8 @@ impl Worker {
     /// this worker holds its lease, then records the outcome. A redelivery finds the job
     /// running under this worker's lease only while this worker runs it, one message at a
     /// time, so it never starts a second run; another worker, or this one after a restart
-    /// (a new id), finds someone else's lease and leaves it to expire.
+    /// (a new id: ids are unique to the process), finds someone else's lease and leaves it to
+    /// expire.
     async fn run_job(&self, e: &StoredEvent, attempt: u32) -> Result<(), HandlerError> {
         let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
         let id = JobId::parse(&e.aggregate_id).map_err(failed)?;
@@ -279,9 +280,19 @@ impl Worker {
             },
         };
         tracing::info!(job_id = %id, attempt, ?command, "job ended");
-        match self.job_command(&c, id, command).await {
-            Ok(()) | Err(AggregateError::UserError(_)) => Ok(()),
-            Err(e) => Err(failed(e)),
+        // The outcome is retried here, with backoff, before giving up: an error would have the
+        // message delivered again and the whole attempt run again.
+        let mut wait = Duration::from_millis(500);
+        loop {
+            match self.job_command(&c, id, command.clone()).await {
+                Ok(()) | Err(AggregateError::UserError(_)) => return Ok(()),
+                Err(e) if wait > Duration::from_secs(16) => return Err(failed(e)),
+                Err(e) => {
+                    tracing::warn!(job_id = %id, attempt, error = %e, "recording the outcome failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
         }
     }
 

@@ -349,7 +349,7 @@ async fn an_expired_lease_times_out_and_retries_and_an_extended_one_does_not() {
             job,
             JobCommand::Succeed {
                 attempt,
-                manifest_key: "k".into(),
+                manifest_key: mira_aggregates::manifest_key(&worker().tenant, job, attempt),
                 manifest_sha256: "0".repeat(64),
                 usage: Usage {
                     device: "cpu".into(),
@@ -359,7 +359,15 @@ async fn an_expired_lease_times_out_and_retries_and_an_extended_one_does_not() {
             },
         )
         .await;
-    assert!(late.is_err());
+    assert!(
+        matches!(
+            late,
+            Err(cqrs_es::AggregateError::UserError(
+                mira_aggregates::JobError::StaleAttempt { current: 2, got: 1 }
+            ))
+        ),
+        "{late:?}"
+    );
     // The last attempt times out too: the failure is final.
     w.run_until_quiet(Utc::now() + chrono::Duration::minutes(1)).await;
     let j = w.job(job).await;
