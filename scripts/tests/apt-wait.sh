@@ -10,6 +10,7 @@ fail() { printf 'apt-wait: FAIL: %s\n' "$*" >&2; exit 1; }
 
 # Holds an fcntl lock on $1 until $2 exists.
 hold() {
+  rm -f "$1.held"
   python3 - "$1" "$2" <<'PY' &
 import fcntl, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o640)
@@ -45,6 +46,7 @@ wait "$waiter" || fail "it gave up after the lock was released: $(cat "$dir/err"
 grep -q "is free after" "$dir/err" || fail "it did not say it went on: $(cat "$dir/err")"
 
 # 3. A lock that stays held is given up on, with a message, after the bound.
+wait "$holder" || true
 rm -f "$dir/release"
 hold "$lock" "$dir/release"
 if MIRA_APT_WAIT_SECONDS=2 apt_wait_for_lock apt-wait-test "$lock" 2>"$dir/err"; then
