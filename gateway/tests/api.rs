@@ -459,6 +459,23 @@ fn assert_problem(r: &Res, status: StatusCode) {
         .starts_with("https://mira.dev/problems/"));
 }
 
+/// A 401 that says which check failed, in RFC 6750's header and in the problem's detail, and
+/// never echoes the token.
+fn assert_refused(r: &Res, token: &str, reason: &str) {
+    assert_problem(r, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.headers.get("www-authenticate").and_then(|v| v.to_str().ok()),
+        Some(format!("Bearer error=\"invalid_token\", error_description=\"{reason}\"").as_str()),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.body["detail"], reason, "{}", r.body);
+    let body = r.body.to_string();
+    for part in token.split('.').filter(|p| p.len() > 8) {
+        assert!(!body.contains(part), "the token leaks into the answer: {body}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Authentication (DESIGN §7) against moto's Cognito
 
@@ -478,7 +495,7 @@ async fn a_cognito_id_token_with_a_role_passes() {
 async fn an_access_token_is_refused() {
     let app = spawn_app(Storage::Local).await;
     let t = app.cognito.sign_in("lab-a", &["pathologist"]).await;
-    assert_problem(&app.get(&t.access, "/api/jobs").await, StatusCode::UNAUTHORIZED);
+    assert_refused(&app.get(&t.access, "/api/jobs").await, &t.access, "not an ID token");
 }
 
 #[tokio::test]
@@ -488,9 +505,8 @@ async fn an_expired_token_is_refused() {
     let past = Utc::now().timestamp() - 7200;
     c["iat"] = json!(past - 3600);
     c["exp"] = json!(past);
-    let r = app.get(&sign(&c, TEST_KID), "/api/jobs").await;
-    assert_problem(&r, StatusCode::UNAUTHORIZED);
-    assert!(r.body.get("detail").is_none(), "no detail leaks: {}", r.body);
+    let token = sign(&c, TEST_KID);
+    assert_refused(&app.get(&token, "/api/jobs").await, &token, "expired");
 }
 
 #[tokio::test]
@@ -498,10 +514,8 @@ async fn a_wrong_issuer_is_refused() {
     let app = spawn_app(Storage::Local).await;
     let mut c = claims(&app.cognito, "lab-a", &["pathologist"]);
     c["iss"] = json!("https://cognito-idp.us-east-1.amazonaws.com/us-east-1_someoneelse");
-    assert_problem(
-        &app.get(&sign(&c, TEST_KID), "/api/jobs").await,
-        StatusCode::UNAUTHORIZED,
-    );
+    let token = sign(&c, TEST_KID);
+    assert_refused(&app.get(&token, "/api/jobs").await, &token, "wrong issuer");
 }
 
 #[tokio::test]
@@ -509,10 +523,8 @@ async fn a_wrong_audience_is_refused() {
     let app = spawn_app(Storage::Local).await;
     let mut c = claims(&app.cognito, "lab-a", &["pathologist"]);
     c["aud"] = json!("another-app-client");
-    assert_problem(
-        &app.get(&sign(&c, TEST_KID), "/api/jobs").await,
-        StatusCode::UNAUTHORIZED,
-    );
+    let token = sign(&c, TEST_KID);
+    assert_refused(&app.get(&token, "/api/jobs").await, &token, "wrong audience");
 }
 
 #[tokio::test]
@@ -524,7 +536,8 @@ async fn alg_none_is_refused() {
         b64(&json!({"alg": "none", "typ": "JWT", "kid": TEST_KID})),
         b64(&c)
     );
-    assert_problem(&app.get(&token, "/api/jobs").await, StatusCode::UNAUTHORIZED);
+    // "none" is no algorithm at all to the decoder: the header itself is refused.
+    assert_refused(&app.get(&token, "/api/jobs").await, &token, "malformed token");
 }
 
 #[tokio::test]
@@ -544,17 +557,15 @@ async fn hs256_signed_with_the_public_key_is_refused() {
     use base64::Engine;
     let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
     let token = format!("{signing_input}.{sig}");
-    assert_problem(&app.get(&token, "/api/jobs").await, StatusCode::UNAUTHORIZED);
+    assert_refused(&app.get(&token, "/api/jobs").await, &token, "bad signature");
 }
 
 #[tokio::test]
 async fn an_unknown_kid_is_refused() {
     let app = spawn_app(Storage::Local).await;
     let c = claims(&app.cognito, "lab-a", &["pathologist"]);
-    assert_problem(
-        &app.get(&sign(&c, "rotated-away"), "/api/jobs").await,
-        StatusCode::UNAUTHORIZED,
-    );
+    let token = sign(&c, "rotated-away");
+    assert_refused(&app.get(&token, "/api/jobs").await, &token, "unknown key");
 }
 
 #[tokio::test]
@@ -571,7 +582,8 @@ async fn a_tampered_payload_is_refused() {
     );
     payload["custom:tenant"] = json!("lab-b");
     parts[1] = engine.encode(payload.to_string());
-    assert_problem(&app.get(&parts.join("."), "/api/jobs").await, StatusCode::UNAUTHORIZED);
+    let token = parts.join(".");
+    assert_refused(&app.get(&token, "/api/jobs").await, &token, "bad signature");
     // Untouched, the same token passes.
     assert_eq!(app.get(&t.id, "/api/jobs").await.status, StatusCode::OK);
 }
@@ -597,6 +609,50 @@ async fn a_missing_role_is_403_and_no_token_is_401() {
     assert_problem(&app.get(&p, "/api/audit/events").await, StatusCode::FORBIDDEN);
     let r = app.send(app.http.get(format!("{}/api/jobs", app.base))).await;
     assert_problem(&r, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.headers["www-authenticate"], "Bearer",
+        "no error code without a token (RFC 6750 §3.1)"
+    );
+}
+
+#[tokio::test]
+async fn each_refused_token_says_which_check_failed() {
+    let app = spawn_app(Storage::Local).await;
+    let c = claims(&app.cognito, "lab-a", &["pathologist"]);
+    let now = Utc::now().timestamp();
+    let mut future = c.clone();
+    future["nbf"] = json!(now + 3600);
+    let mut no_tenant = c.clone();
+    no_tenant.as_object_mut().unwrap().remove("custom:tenant");
+    let mut number_tenant = c.clone();
+    number_tenant["custom:tenant"] = json!(42);
+    let mut bad_tenant = c.clone();
+    bad_tenant["custom:tenant"] = json!("Lab A/../b");
+    let no_kid = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &c, &test_key()).unwrap();
+    for (token, reason) in [
+        (sign(&future, TEST_KID), "not yet valid"),
+        (sign(&no_tenant, TEST_KID), "no tenant"),
+        (sign(&number_tenant, TEST_KID), "no tenant"),
+        (sign(&bad_tenant, TEST_KID), "no tenant"),
+        (no_kid, "unknown key"),
+        ("not.a.token".to_owned(), "malformed token"),
+    ] {
+        assert_refused(&app.get(&token, "/api/jobs").await, &token, reason);
+    }
+    // The WebSocket says the same.
+    let token = sign(&future, TEST_KID);
+    let url = format!("{}/ws?access_token={token}", app.base.replace("http://", "ws://"));
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+            assert_eq!(res.status(), 401);
+            assert_eq!(
+                res.headers()["www-authenticate"],
+                "Bearer error=\"invalid_token\", error_description=\"not yet valid\""
+            );
+        }
+        other => panic!("expected a 401, got {other:?}"),
+    }
+    app.stop().await;
 }
 
 #[tokio::test]

@@ -51,7 +51,41 @@ impl Identity {
 
 pub use mira_config::AuthConfig;
 
-/// Why a token was refused. Never shown to the client (it gets a bare 401); logged at debug.
+impl AuthError {
+    /// What the client is told, in RFC 6750's `error_description` and the problem's `detail`:
+    /// which check failed, in fixed words (DESIGN §7), never the token or key material.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing => "no bearer token",
+            Self::Malformed(_) => "malformed token",
+            Self::Algorithm(_) => "bad signature",
+            Self::NoKid | Self::UnknownKid(_) => "unknown key",
+            Self::Invalid { reason, .. } => reason,
+            Self::NotIdToken(_) => "not an ID token",
+            Self::Tenant => "no tenant",
+        }
+    }
+
+    fn jwt(e: jsonwebtoken::errors::Error) -> Self {
+        use jsonwebtoken::errors::ErrorKind as K;
+        let reason = match e.kind() {
+            K::ExpiredSignature => "expired",
+            K::ImmatureSignature => "not yet valid",
+            K::InvalidIssuer => "wrong issuer",
+            K::InvalidAudience => "wrong audience",
+            K::InvalidSignature | K::InvalidAlgorithm | K::InvalidAlgorithmName => "bad signature",
+            K::MissingRequiredClaim(_) => "a required claim is missing",
+            _ => "malformed token",
+        };
+        Self::Invalid {
+            reason,
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// Why a token was refused. The client gets [`AuthError::reason`] (a fixed phrase, DESIGN §7);
+/// the full error, which may quote claims, is only logged at debug.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("no bearer token")]
@@ -64,8 +98,8 @@ pub enum AuthError {
     NoKid,
     #[error("unknown kid {0:?}")]
     UnknownKid(String),
-    #[error("token rejected: {0}")]
-    Invalid(String),
+    #[error("token rejected ({reason}): {detail}")]
+    Invalid { reason: &'static str, detail: String },
     #[error("token_use is {0:?}, not \"id\"")]
     NotIdToken(Option<String>),
     #[error("token has no valid custom:tenant")]
@@ -76,9 +110,11 @@ pub enum AuthError {
 struct Claims {
     sub: String,
     exp: i64,
+    aud: Option<serde_json::Value>,
     token_use: Option<String>,
+    /// Any JSON, so that a tenant of the wrong type is "no tenant", not a malformed token.
     #[serde(rename = "custom:tenant")]
-    tenant: Option<String>,
+    tenant: Option<serde_json::Value>,
     #[serde(rename = "cognito:groups", default)]
     groups: Vec<String>,
 }
@@ -199,25 +235,45 @@ impl JwksVerifier {
         let key = self.key(&kid).await.ok_or(AuthError::UnknownKid(kid))?;
         let mut v = Validation::new(Algorithm::RS256);
         v.set_issuer(&[&self.cfg.issuer]);
-        v.set_audience(&[&self.cfg.audience]);
-        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        // The audience is checked below, after token_use: a Cognito access token has no `aud`
+        // at all, and "not an ID token" tells its sender more than "a claim is missing".
+        v.validate_aud = false;
+        v.set_required_spec_claims(&["exp", "iss", "sub"]);
         v.leeway = self.cfg.leeway.as_secs();
         v.validate_nbf = true;
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &v).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &v).map_err(AuthError::jwt)?;
         let c = data.claims;
         if c.token_use.as_deref() != Some("id") {
             return Err(AuthError::NotIdToken(c.token_use));
         }
+        // An ID token's `aud` is the app client id (a string; a one-element list is accepted).
+        let aud_ok = match &c.aud {
+            Some(serde_json::Value::String(a)) => *a == self.cfg.audience,
+            Some(serde_json::Value::Array(l)) => l.iter().any(|a| a.as_str() == Some(self.cfg.audience.as_str())),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(AuthError::Invalid {
+                reason: "wrong audience",
+                detail: format!("aud is {:?}", c.aud),
+            });
+        }
         let tenant = c
             .tenant
-            .as_deref()
+            .as_ref()
+            .and_then(serde_json::Value::as_str)
             .and_then(|t| TenantId::parse(t).ok())
             .ok_or(AuthError::Tenant)?;
         if c.sub.is_empty() {
-            return Err(AuthError::Invalid("empty sub".into()));
+            return Err(AuthError::Invalid {
+                reason: "a required claim is missing",
+                detail: "empty sub".into(),
+            });
         }
-        let expires_at =
-            chrono::DateTime::from_timestamp(c.exp, 0).ok_or(AuthError::Invalid("exp out of range".into()))?;
+        let expires_at = chrono::DateTime::from_timestamp(c.exp, 0).ok_or(AuthError::Invalid {
+            reason: "malformed token",
+            detail: "exp out of range".into(),
+        })?;
         Ok(Identity {
             subject: c.sub,
             tenant,

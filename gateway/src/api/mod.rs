@@ -96,7 +96,8 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// The caller, from `Authorization: Bearer <ID token>`. Any failure is a bare 401.
+/// The caller, from `Authorization: Bearer <ID token>`. Any failure is a 401 that says which
+/// check failed (RFC 6750).
 impl FromRequestParts<AppState> for Identity {
     type Rejection = ApiError;
 
@@ -107,7 +108,7 @@ impl FromRequestParts<AppState> for Identity {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim)
-            .ok_or(ApiError::unauthorized())?;
+            .ok_or(ApiError::unauthenticated())?;
         match state.auth.verify(token).await {
             Ok(id) => {
                 tracing::Span::current().record("tenant_id", id.tenant.as_str());
@@ -115,7 +116,7 @@ impl FromRequestParts<AppState> for Identity {
             }
             Err(e) => {
                 tracing::debug!(reason = %e, "token refused");
-                Err(ApiError::unauthorized())
+                Err(ApiError::invalid_token(e.reason()))
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The gateway's one error type. Every failure leaves as RFC 9457 `application/problem+json`:
-//! validation → 400/422, authentication → 401 (no detail), a missing role → 403, not found or
+//! validation → 400/422, authentication → 401 (which check failed, in RFC 6750's terms, in
+//! `WWW-Authenticate` and `detail`; never the token), a missing role → 403, not found or
 //! another tenant's → 404, conflicts → 409, and anything unexpected → an opaque 500 whose
 //! cause is logged inside the request's span.
 
@@ -15,6 +16,8 @@ pub struct ApiError {
     /// A short, stable slug: the problem's `type` is `https://mira.dev/problems/<kind>`.
     pub kind: &'static str,
     pub detail: Option<String>,
+    /// For a 401 with a token: RFC 6750's `error_description` (`invalid_token`).
+    pub token_error: Option<&'static str>,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -25,6 +28,7 @@ impl ApiError {
             status,
             kind,
             detail: Some(detail.into()),
+            token_error: None,
         }
     }
 
@@ -44,12 +48,21 @@ impl ApiError {
         Self::new(StatusCode::CONFLICT, "conflict", detail)
     }
 
-    /// Authentication failed. Deliberately says nothing about why.
-    pub fn unauthorized() -> Self {
+    /// No bearer token at all (RFC 6750 §3.1: no error code).
+    pub fn unauthenticated() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a bearer token (a Cognito ID token) is required",
+        )
+    }
+
+    /// A token was refused: `reason` is one of the fixed descriptions of
+    /// [`super::auth::AuthError::reason`], never anything taken from the token.
+    pub fn invalid_token(reason: &'static str) -> Self {
         Self {
-            status: StatusCode::UNAUTHORIZED,
-            kind: "unauthorized",
-            detail: None,
+            token_error: Some(reason),
+            ..Self::new(StatusCode::UNAUTHORIZED, "unauthorized", reason)
         }
     }
 
@@ -64,6 +77,7 @@ impl ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             kind: "internal",
             detail: None,
+            token_error: None,
         }
     }
 
@@ -89,8 +103,14 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         if self.status == StatusCode::UNAUTHORIZED {
-            res.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            let challenge = match self.token_error {
+                Some(reason) => HeaderValue::from_str(&format!(
+                    "Bearer error=\"invalid_token\", error_description=\"{reason}\""
+                ))
+                .unwrap_or(HeaderValue::from_static("Bearer error=\"invalid_token\"")),
+                None => HeaderValue::from_static("Bearer"),
+            };
+            res.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
         }
         res
     }

@@ -144,10 +144,10 @@ pub async fn handler(
     ApiQuery(q): ApiQuery<WsQuery>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
-    let token = token(&headers, &q).ok_or(ApiError::unauthorized())?;
+    let token = token(&headers, &q).ok_or(ApiError::unauthenticated())?;
     let who = state.auth.verify(&token).await.map_err(|e| {
         tracing::debug!(reason = %e, "WebSocket token refused");
-        ApiError::unauthorized()
+        ApiError::invalid_token(e.reason())
     })?;
     who.require(READERS)?;
     let upgrade = upgrade.map_err(|r| ApiError::bad_request(format!("not a WebSocket upgrade: {}", r.body_text())))?;
