@@ -293,6 +293,7 @@ impl BlobStore for S3Blobs {
             .get_object()
             .bucket(&self.bucket)
             .key(key)
+            .response_content_type(content_type_of(key))
             .presigned(self.presigning()?)
             .await
             .map_err(s3err)?;
@@ -339,6 +340,20 @@ pub struct SignedQuery {
     pub upload_id: Option<String>,
     #[serde(rename = "partNumber")]
     pub part_number: Option<u32>,
+}
+
+/// The media type an object is served with, from its key's extension: a job's results
+/// (`.dzi`, tiles, the mask, the manifest and statistics) are served as what they are, so a
+/// viewer can use them straight from the store; anything else is octet-stream.
+pub fn content_type_of(key: &str) -> &'static str {
+    let ext = key.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("dzi") => "application/xml",
+        Some("json") => "application/json",
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        _ => "application/octet-stream",
+    }
 }
 
 /// A key is a relative path of safe segments; nothing can climb out of the store.

@@ -894,6 +894,63 @@ async fn bad_input_gets_problem_json_4xx() {
         )
         .await;
     assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    // Only what Mira can open: never a type a browser would render.
+    for ct in ["text/html", "image/svg+xml", "application/pdf"] {
+        let r = app
+            .post(
+                &t,
+                "/api/slides",
+                json!({"name": "s", "size_bytes": 10, "content_type": ct}),
+            )
+            .await;
+        assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(r.body["detail"].as_str().unwrap().contains("image/tiff"), "{}", r.body);
+    }
+    for ct in ["image/tiff", "application/octet-stream", "Image/TIFF"] {
+        let r = app
+            .post(
+                &t,
+                "/api/slides",
+                json!({"name": "s", "size_bytes": 10, "content_type": ct}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{ct}: {}", r.body);
+    }
+    // A wrong method is problem+json too, with the methods the endpoint takes.
+    let r = app.send(app.http.delete(&url).bearer_auth(&t)).await;
+    assert_problem(&r, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers["allow"], "GET, HEAD, POST");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("GET, HEAD, POST"),
+        "{}",
+        r.body
+    );
+    // Every route's `Allow` is what its router takes: each other method is a 405 naming it,
+    // each listed one is not a 405.
+    for (route, allow) in mira_gateway::api::ALLOWED_METHODS {
+        let path = route
+            .replace("{id}", &uuid::Uuid::now_v7().to_string())
+            .replace("{*path}", "x")
+            .replace("{*key}", "x");
+        for method in ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"] {
+            let r = app
+                .http
+                .request(method.parse().unwrap(), format!("{}{path}", app.base))
+                .send()
+                .await
+                .unwrap();
+            let listed = allow.split(", ").any(|m| m == method);
+            assert_eq!(
+                r.status() == StatusCode::METHOD_NOT_ALLOWED,
+                !listed,
+                "{method} {route}: {}",
+                r.status()
+            );
+            if !listed {
+                assert_eq!(r.headers()["allow"], *allow, "{method} {route}");
+            }
+        }
+    }
     // Every response carries a request id; a sane one from the caller is kept.
     let r = app
         .send(
@@ -1742,7 +1799,18 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
         .await
         .unwrap();
     assert_eq!(dzi.status(), StatusCode::OK);
+    // Served as what they are, so a viewer can use them straight from the store.
+    assert_eq!(dzi.headers()["content-type"], "application/xml");
     assert!(dzi.text().await.unwrap().contains("Width=\"2220\""));
+    let manifest_res = app
+        .http
+        .get(format!("{}/api/jobs/{job}/results/manifest.json", app.base))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(manifest_res.status(), StatusCode::OK);
+    assert_eq!(manifest_res.headers()["content-type"], "application/json");
     let tile = app
         .http
         .get(format!("{}/api/jobs/{job}/results/slide_files/12/0_0.png", app.base))
@@ -1751,6 +1819,7 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
         .await
         .unwrap();
     assert_eq!(tile.status(), StatusCode::OK);
+    assert_eq!(tile.headers()["content-type"], "image/png");
     assert_eq!(&tile.bytes().await.unwrap()[1..4], b"PNG");
     let r = app.get(&t, &format!("/api/jobs/{job}/results/../../secret")).await;
     assert!(

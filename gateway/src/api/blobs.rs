@@ -61,7 +61,7 @@ pub async fn download(
             (header::CONTENT_LENGTH, HeaderValue::from(len)),
             (
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
+                HeaderValue::from_static(crate::blob::content_type_of(&key)),
             ),
         ],
         Body::from_stream(stream),

@@ -19,9 +19,9 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use mira_events::Keyring;
@@ -184,6 +184,19 @@ async fn pipeline(State(state): State<AppState>, mut req: Request, next: Next) -
     );
     let started = std::time::Instant::now();
     let mut res = next.run(req).instrument(span.clone()).await;
+    if res.status() == StatusCode::METHOD_NOT_ALLOWED && !res.headers().contains_key(header::CONTENT_TYPE) {
+        // The router's own 405 has an empty body and, once routes are layered, no `Allow`:
+        // answer problem+json like every other refusal, with the methods the route takes.
+        let allow = ALLOWED_METHODS.iter().find(|(p, _)| *p == route).map(|(_, m)| *m);
+        let detail = match allow {
+            Some(a) => format!("{route} takes {a}"),
+            None => "this endpoint does not take that method".to_owned(),
+        };
+        res = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", detail).into_response();
+        if let Some(a) = allow {
+            res.headers_mut().insert(header::ALLOW, HeaderValue::from_static(a));
+        }
+    }
     span.record("status", res.status().as_u16());
     state.metrics.observe(&route, res.status(), started.elapsed());
     if let Ok(v) = HeaderValue::from_str(&id) {
@@ -205,6 +218,28 @@ async fn dev_jwks(State(state): State<AppState>) -> Result<axum::Json<serde_json
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint")
 }
+
+/// The methods each route of [`router`] takes, for the `Allow` of a 405 (axum adds none to
+/// routes wrapped in layers). `gateway/tests/api.rs` checks every entry against the router.
+pub const ALLOWED_METHODS: &[(&str, &str)] = &[
+    ("/api/slides", "GET, HEAD, POST"),
+    ("/api/slides/{id}", "GET, HEAD"),
+    ("/api/slides/{id}/uploaded", "POST"),
+    ("/api/jobs", "GET, HEAD, POST"),
+    ("/api/jobs/{id}", "GET, HEAD"),
+    ("/api/jobs/{id}/cancel", "POST"),
+    ("/api/jobs/{id}/retry", "POST"),
+    ("/api/jobs/{id}/events", "GET, HEAD"),
+    ("/api/jobs/{id}/results/{*path}", "GET, HEAD"),
+    ("/api/audit/events", "GET, HEAD"),
+    ("/api/openapi.json", "GET, HEAD"),
+    ("/blobs/{*key}", "GET, HEAD, PUT"),
+    ("/ws", "GET, HEAD"),
+    (crate::dev::JWKS_PATH, "GET, HEAD"),
+    ("/healthz", "GET, HEAD"),
+    ("/readyz", "GET, HEAD"),
+    ("/metrics", "GET, HEAD"),
+];
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {

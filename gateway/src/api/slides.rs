@@ -18,6 +18,21 @@ use super::problem::{ApiError, ApiResult};
 use super::{AppState, READERS, WRITERS};
 use crate::blob::{BlobError, CompletedPart};
 
+/// The media types a slide may be registered with: what OpenSlide opens (the TIFF family and
+/// the vendor formats, which browsers and upload tools mostly send as octet-stream or TIFF),
+/// never a type a browser would render, such as `text/html` (ADR 0011).
+pub const SLIDE_CONTENT_TYPES: &[&str] = &[
+    "image/tiff",
+    "image/x-tiff",
+    "application/octet-stream",
+    "image/x-aperio-svs",
+    "image/x-hamamatsu-ndpi",
+    "image/x-leica-scn",
+    "image/x-mirax",
+    "image/x-ventana-bif",
+    "image/x-philips-tiff",
+];
+
 /// Largest slide accepted: S3's object limit.
 const MAX_SLIDE_BYTES: u64 = 5 * 1024 * 1024 * 1024 * 1024;
 
@@ -42,12 +57,12 @@ impl NewSlide {
         if self.size_bytes == 0 || self.size_bytes > MAX_SLIDE_BYTES {
             return Err(ApiError::invalid("size_bytes: must be between 1 byte and 5 TiB"));
         }
-        let ct = &self.content_type;
-        let (a, b) = ct.split_once('/').unwrap_or(("", ""));
-        if a.is_empty() || b.is_empty() || ct.len() > 127 || !ct.bytes().all(|c| c.is_ascii_graphic()) {
-            return Err(ApiError::invalid(
-                "content_type: must be a media type such as image/tiff",
-            ));
+        let ct = self.content_type.trim().to_ascii_lowercase();
+        if !SLIDE_CONTENT_TYPES.contains(&ct.as_str()) {
+            return Err(ApiError::invalid(format!(
+                "content_type: Mira opens whole-slide images only; use one of {}",
+                SLIDE_CONTENT_TYPES.join(", ")
+            )));
         }
         if let Some(h) = &self.sha256 {
             if h.len() != 64 || !h.bytes().all(|c| c.is_ascii_hexdigit()) {
