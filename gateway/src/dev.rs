@@ -16,6 +16,9 @@ use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 
+/// The identity key's file in a data directory.
+const IDENTITY_KEY: &str = "identity-rsa.pem";
+
 /// The local identity provider's issuer and app client id. Fixed, so tokens outlive restarts.
 pub const ISSUER: &str = "urn:mira:dev";
 pub const AUDIENCE: &str = "mira-dev";
@@ -39,12 +42,22 @@ impl std::fmt::Debug for DevIdp {
 }
 
 impl DevIdp {
+    /// The identity key of `data_dir`, created on `mira dev`'s first start there.
     pub fn open_or_create(data_dir: &Path) -> anyhow::Result<Self> {
+        Self::load(data_dir, true)
+    }
+
+    /// The identity key of `data_dir`; never creates one (`mira dev token`).
+    pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
+        Self::load(data_dir, false)
+    }
+
+    fn load(data_dir: &Path, create: bool) -> anyhow::Result<Self> {
         let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
-        let path = data_dir.join("identity-rsa.pem");
+        let path = data_dir.join(IDENTITY_KEY);
         let pem = match std::fs::read_to_string(&path) {
             Ok(p) => p,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
                 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
                 let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
                     .map_err(|_| anyhow::anyhow!("cannot generate the local identity key"))?;
@@ -469,12 +482,17 @@ pub async fn run(
     let exe = std::env::current_exe()
         .map(|p| shell_quote(&p.display().to_string()))
         .unwrap_or_else(|_| "mira".into());
-    lines.push(format!("    TOKEN=$({exe} dev token --data-dir {data_arg})"));
+    lines.push(format!("    TOKEN=$({exe} dev token)"));
+    lines.push(format!(
+        "    (from any directory; or `{exe} dev token --data-dir {data_arg}`)"
+    ));
     lines.push(format!("    curl -H \"Authorization: Bearer $TOKEN\" {url}/api/jobs"));
     lines.push("  Ctrl-C stops everything; the data stays for the next start.".to_owned());
+    record_running(&data, &url);
     announce(&lines);
     let options = crate::server::Options::everything(Some(idp.jwks().clone()));
     let result = crate::server::run(&settings, pool.clone(), listener, &options, shutdown).await;
+    forget_running();
     if let Ok(w) = &mut worker {
         stop_worker(w).await;
     }
@@ -521,9 +539,96 @@ async fn stop_worker(child: &mut tokio::process::Child) {
     }
 }
 
+/// Where a running `mira dev` records its data directory, so that `mira dev token` finds it
+/// from any working directory: `$XDG_RUNTIME_DIR`, else `/run/user/<uid>`, else the temporary
+/// directory (per user).
+pub fn runtime_record() -> PathBuf {
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_dir())
+        .or_else(|| Some(PathBuf::from(format!("/run/user/{uid}"))).filter(|d| d.is_dir()))
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("mira-{uid}")));
+    dir.join("mira-dev.json")
+}
+
+/// The record of the running `mira dev`: its pid, data directory and URL.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Running {
+    pub pid: u32,
+    pub data_dir: PathBuf,
+    pub url: String,
+}
+
+fn record_running(data: &Path, url: &str) {
+    let rec = runtime_record();
+    let running = Running {
+        pid: std::process::id(),
+        data_dir: data.to_path_buf(),
+        url: url.to_owned(),
+    };
+    let write = || -> std::io::Result<()> {
+        if let Some(p) = rec.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        let tmp = rec.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&running).unwrap_or_default())?;
+        std::fs::rename(&tmp, &rec)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(file = %rec.display(), error = %e, "cannot record the running mira dev; `mira dev token` will need --data-dir");
+    }
+}
+
+fn forget_running() {
+    let rec = runtime_record();
+    let ours = std::fs::read(&rec)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Running>(&b).ok())
+        .is_some_and(|r| r.pid == std::process::id());
+    if ours {
+        let _ = std::fs::remove_file(rec);
+    }
+}
+
+/// The running `mira dev`, if its record names a live process.
+pub fn running() -> Option<Running> {
+    let r: Running = serde_json::from_slice(&std::fs::read(runtime_record()).ok()?).ok()?;
+    process_alive(&r.pid.to_string(), &["mira"]).then_some(r)
+}
+
+/// The data directory `mira dev token` signs for: `--data-dir` when given; else `./.mira` when
+/// it holds an identity key; else the running `mira dev`'s. It never creates a key: a token
+/// signed by a new key would only be refused.
+pub fn token_data_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(d) = given {
+        if d.join(IDENTITY_KEY).exists() {
+            return Ok(d.to_path_buf());
+        }
+        bail!(
+            "{} has no identity key ({IDENTITY_KEY}): start `mira dev --data-dir {}` first",
+            d.display(),
+            d.display()
+        );
+    }
+    let local = PathBuf::from(".mira");
+    if local.join(IDENTITY_KEY).exists() {
+        return Ok(local);
+    }
+    if let Some(r) = running() {
+        if r.data_dir.join(IDENTITY_KEY).exists() {
+            return Ok(r.data_dir);
+        }
+    }
+    bail!(
+        "no mira dev found: ./.mira has no identity key and {} names no running mira dev; start `mira dev` (or pass --data-dir)",
+        runtime_record().display()
+    )
+}
+
 /// `mira dev token`: an ID token the running `mira dev` of `data_dir` accepts.
 pub fn token(data_dir: &Path, sub: &str, tenant: &str, groups: &[String], ttl: Duration) -> anyhow::Result<String> {
-    let idp = DevIdp::open_or_create(data_dir)?;
+    let idp = DevIdp::open(data_dir)?;
     idp.token(sub, tenant, groups, ttl)
 }
 

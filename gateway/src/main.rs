@@ -57,9 +57,10 @@ enum Command {
     /// DATABASE_URL is set), the in-memory bus, the local blob store, a local identity
     /// provider, the relay, projector and handlers. Ctrl-C stops it; the data persists.
     Dev {
-        /// Where the cluster, blobs, keys and identity key live.
-        #[arg(long, global = true, default_value = ".mira", value_name = "DIR")]
-        data_dir: PathBuf,
+        /// Where the cluster, blobs, keys and identity key live (default ./.mira; `dev token`
+        /// without it uses ./.mira if it has a key, else the running `mira dev`'s).
+        #[arg(long, global = true, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         listen: String,
@@ -360,13 +361,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 groups,
                 hours,
             }) => {
-                let t = mira_gateway::dev::token(data_dir, sub, tenant, groups, Duration::from_secs(hours * 3600))?;
+                let dir = mira_gateway::dev::token_data_dir(data_dir.as_deref())?;
+                let t = mira_gateway::dev::token(&dir, sub, tenant, groups, Duration::from_secs(hours * 3600))?;
                 println!("{t}");
                 Ok(())
             }
             None => {
                 let opts = mira_gateway::dev::DevOptions {
-                    data_dir: data_dir.clone(),
+                    data_dir: data_dir.clone().unwrap_or_else(|| PathBuf::from(".mira")),
                     listen: listen.clone(),
                 };
                 mira_gateway::dev::run(

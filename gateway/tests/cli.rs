@@ -635,7 +635,11 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
     use std::io::BufRead;
     let dir = std::env::temp_dir().join(format!("mira-dev-{}", uuid::Uuid::new_v4()));
     let data = dir.join(".mira");
-    std::fs::create_dir_all(&dir).unwrap();
+    // Where `mira dev` records itself, so `mira dev token` finds it from anywhere.
+    let runtime = dir.join("run");
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir_all(&runtime).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
     let start = || {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mira"))
             .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -643,6 +647,7 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", &dir)
+            .env("XDG_RUNTIME_DIR", &runtime)
             .current_dir(&dir)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
@@ -677,6 +682,17 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
         assert!(o.status.success(), "{}", stderr(&o));
         stdout(&o).trim().to_owned()
     };
+    // `mira dev token` with no --data-dir, from a directory with no .mira of its own.
+    let token_from_elsewhere = || {
+        Command::new(env!("CARGO_BIN_EXE_mira"))
+            .args(["dev", "token", "--tenant", "lab-dev"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .current_dir(&elsewhere)
+            .output()
+            .unwrap()
+    };
     let interrupt = |mut child: std::process::Child| {
         let ok = Command::new("kill")
             .args(["-INT", &child.id().to_string()])
@@ -699,6 +715,17 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
     assert!(printed.contains("mira dev token --data-dir"), "{printed}");
     let http = reqwest::Client::new();
     let t = token();
+    // The banner's token command works from any directory: it finds the running mira dev.
+    let found = token_from_elsewhere();
+    assert!(found.status.success(), "{}", stderr(&found));
+    let r = http
+        .get(format!("{url}/api/slides"))
+        .bearer_auth(stdout(&found).trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a token found from elsewhere is accepted");
+    assert!(!elsewhere.join(".mira").exists(), "no key was created where it ran");
     let slide = http
         .post(format!("{url}/api/slides"))
         .bearer_auth(&t)
@@ -745,6 +772,26 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     interrupt(child);
+    // With no mira dev running, it fails with one line saying where it looked, and creates
+    // nothing.
+    let none = token_from_elsewhere();
+    assert!(!none.status.success());
+    let err = stderr(&none);
+    assert!(
+        err.contains("no mira dev found") && err.contains("mira-dev.json"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(!elsewhere.join(".mira").exists());
+    let empty = dir.join("empty");
+    let o = Command::new(env!("CARGO_BIN_EXE_mira"))
+        .args(["dev", "token", "--data-dir"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("has no identity key"), "{}", stderr(&o));
+    assert!(!empty.join("identity-rsa.pem").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
