@@ -473,7 +473,7 @@ pub async fn run(
     }
     match &worker {
         Ok(w) => lines.push(format!(
-            "  worker: mira-worker (pid {}), CPU path",
+            "  worker: mira-worker (pid {}); its first line says whether it runs on the GPU or the CPU, and why",
             w.id().unwrap_or_default()
         )),
         Err(why) => lines.push(format!("  worker: not running ({why}); uploaded slides wait for one")),
@@ -490,6 +490,16 @@ pub async fn run(
     lines.push("  Ctrl-C stops everything; the data stays for the next start.".to_owned());
     record_running(&data, &url);
     announce(&lines);
+    {
+        let (stopping, pg) = (shutdown.clone(), cluster.is_some());
+        tokio::spawn(async move {
+            stopping.cancelled().await;
+            eprintln!(
+                "mira dev: stopping: the API and WebSocket, relay, projector, handlers and the worker (the job in hand finishes first){}",
+                if pg { ", then PostgreSQL" } else { "" }
+            );
+        });
+    }
     let options = crate::server::Options::everything(Some(idp.jwks().clone()));
     let result = crate::server::run(&settings, pool.clone(), listener, &options, shutdown).await;
     forget_running();
@@ -512,8 +522,11 @@ fn spawn_worker(settings: &crate::config::Settings, data: &Path) -> Result<tokio
     if !bin.exists() {
         return Err(format!("{} was not built", bin.display()));
     }
-    tokio::process::Command::new(&bin)
-        .arg("run")
+    let mut cmd = tokio::process::Command::new(&bin);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", crate::telemetry::DEV_FILTER);
+    }
+    cmd.arg("run")
         .env("DATABASE_URL", settings.database_url().map_err(|e| e.to_string())?)
         .env("Messaging__Provider", "InMemory")
         .env("Storage__Provider", "Local")

@@ -806,7 +806,10 @@ async fn audit_command(settings: &Settings, command: AuditCommand) -> anyhow::Re
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init("warn");
+    // `mira dev` is watched in a terminal: a line per request and per lifecycle step. Every
+    // other command keeps its output to what it was asked for.
+    let dev_run = matches!(&cli.command, Command::Dev { command: None, .. });
+    telemetry::init(if dev_run { telemetry::DEV_FILTER } else { "warn" });
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

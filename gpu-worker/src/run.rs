@@ -179,6 +179,12 @@ impl Worker {
             .await
             .map_err(failed)?;
         let _ = tokio::fs::remove_dir_all(&scratch).await;
+        match &opened {
+            Ok((m, _)) => {
+                tracing::info!(slide_id = %id, "slide verified: {}×{} px, {} levels", m.width, m.height, m.levels.len())
+            }
+            Err(why) => tracing::info!(slide_id = %id, "slide rejected: {why}"),
+        }
         let command = match opened {
             Ok((metadata, private)) => SlideCommand::Verify {
                 metadata,

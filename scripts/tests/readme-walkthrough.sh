@@ -46,7 +46,13 @@ if ! (cd "$work/user" && timeout 300 bash -euo pipefail ${WALKTHROUGH_TRACE:+-x}
   echo "--- mira dev:" >&2; tail -n 30 "$work/dev.log" >&2
   fail "the README's block failed"
 fi
+kill -INT "$dev_pid"; wait "$dev_pid" || fail "mira dev did not stop cleanly on Ctrl-C"
+dev_pid=
 sed 's/^/  | /' "$work/transcript"
+if [ -n "${WALKTHROUGH_SHOW_DEV:-}" ]; then
+  echo "--- what mira dev printed:"
+  sed 's/^/  | /' "$work/dev.log"
+fi
 grep -q "Width=\"2220\"" "$work/transcript" || fail "no .dzi of the CMU slide in the transcript"
 [ "$(head -c 2 "$work/user/tile.jpeg" | od -An -tx1 | tr -d ' ')" = ffd8 ] || fail "tile.jpeg is not a JPEG"
 echo "readme-walkthrough: ok (slide uploaded, job succeeded, .dzi and a tile fetched)"

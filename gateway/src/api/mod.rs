@@ -165,6 +165,7 @@ async fn pipeline(State(state): State<AppState>, mut req: Request, next: Next) -
         .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -199,6 +200,14 @@ async fn pipeline(State(state): State<AppState>, mut req: Request, next: Next) -
     }
     span.record("status", res.status().as_u16());
     state.metrics.observe(&route, res.status(), started.elapsed());
+    // One concise line per request (the path without its query: tokens and signed URLs
+    // travel there).
+    tracing::info!(
+        request_id = %id,
+        "{method} {path} {status} {ms:.1} ms",
+        status = res.status().as_u16(),
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+    );
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert("x-request-id", v);
     }
