@@ -181,7 +181,7 @@ impl Worker {
         let _ = tokio::fs::remove_dir_all(&scratch).await;
         match &opened {
             Ok((m, _)) => {
-                tracing::info!(slide_id = %id, "slide verified: {}×{} px, {} levels", m.width, m.height, m.levels.len())
+                tracing::info!(slide_id = %id, levels = m.levels.len(), "slide verified: {}×{} px", m.width, m.height)
             }
             Err(why) => tracing::info!(slide_id = %id, "slide rejected: {why}"),
         }
