@@ -340,6 +340,9 @@ pub struct SignedQuery {
     pub upload_id: Option<String>,
     #[serde(rename = "partNumber")]
     pub part_number: Option<u32>,
+    /// The type the slide was registered with: a single PUT must carry it (signed).
+    #[serde(rename = "X-Mira-Content-Type")]
+    pub content_type: Option<String>,
 }
 
 /// The media type an object is served with, from its key's extension: a job's results
@@ -402,26 +405,33 @@ impl LocalBlobs {
         })
     }
 
-    fn mac(&self, method: &str, key: &str, expires: i64, part: Option<(&str, u32)>) -> Hmac<Sha256> {
+    fn mac(&self, method: &str, key: &str, expires: i64, part: Option<(&str, u32)>, ct: Option<&str>) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
         let (upload, n) = part.unwrap_or(("", 0));
         mac.update(format!("mira-blob-v1\n{method}\n{key}\n{expires}\n{upload}\n{n}").as_bytes());
+        if let Some(ct) = ct {
+            mac.update(format!("\ncontent-type:{ct}").as_bytes());
+        }
         mac
     }
 
-    fn sign(&self, method: &str, key: &str, expires: i64, part: Option<(&str, u32)>) -> String {
-        hex::encode(self.mac(method, key, expires, part).finalize().into_bytes())
+    fn sign(&self, method: &str, key: &str, expires: i64, part: Option<(&str, u32)>, ct: Option<&str>) -> String {
+        hex::encode(self.mac(method, key, expires, part, ct).finalize().into_bytes())
     }
 
-    fn url(&self, method: &str, key: &str, part: Option<(&str, u32)>) -> String {
+    fn url(&self, method: &str, key: &str, part: Option<(&str, u32)>, ct: Option<&str>) -> String {
         let expires = expires_at(self.policy.expires).timestamp();
-        let sig = self.sign(method, key, expires, part);
+        let sig = self.sign(method, key, expires, part, ct);
         let mut url = format!(
             "{}/blobs/{key}?X-Mira-Expires={expires}&X-Mira-Signature={sig}",
             self.base_url
         );
         if let Some((id, n)) = part {
             url.push_str(&format!("&uploadId={id}&partNumber={n}"));
+        }
+        if let Some(ct) = ct {
+            // Registered types are tokens (letters, digits, `/.+-`); `+` would read as a space.
+            url.push_str(&format!("&X-Mira-Content-Type={}", ct.replace('+', "%2B")));
         }
         url
     }
@@ -440,7 +450,7 @@ impl LocalBlobs {
             _ => return Err("uploadId and partNumber go together".into()),
         };
         let given = hex::decode(sig).map_err(|_| "bad signature".to_string())?;
-        self.mac(method, key, expires, part)
+        self.mac(method, key, expires, part, q.content_type.as_deref())
             .verify_slice(&given)
             .map_err(|_| "bad signature".to_string())?;
         if Utc::now().timestamp() > expires {
@@ -538,7 +548,7 @@ impl BlobStore for LocalBlobs {
         if size <= self.policy.multipart_threshold {
             return Ok(UploadPlan::Single {
                 method: "PUT".into(),
-                url: self.url("PUT", key, None),
+                url: self.url("PUT", key, None, Some(content_type)),
                 headers: BTreeMap::from([("content-type".to_owned(), content_type.to_owned())]),
                 expires_at: expires_at(self.policy.expires),
             });
@@ -552,7 +562,7 @@ impl BlobStore for LocalBlobs {
         let parts = (1..=count)
             .map(|n| PartUrl {
                 part_number: n,
-                url: self.url("PUT", key, Some((&upload_id, n))),
+                url: self.url("PUT", key, Some((&upload_id, n)), None),
             })
             .collect();
         Ok(UploadPlan::Multipart {
@@ -666,7 +676,7 @@ impl BlobStore for LocalBlobs {
     }
 
     async fn download_url(&self, key: &str) -> Result<String, BlobError> {
-        Ok(self.url("GET", key, None))
+        Ok(self.url("GET", key, None, None))
     }
 
     async fn ready(&self) -> Result<(), BlobError> {
@@ -698,7 +708,7 @@ mod tests {
     #[test]
     fn signed_urls_verify_and_tampering_is_refused() {
         let (s, dir) = store();
-        let url = s.url("PUT", "a/b", None);
+        let url = s.url("PUT", "a/b", None, None);
         let q = query(&url);
         assert!(s.check("PUT", "a/b", &q).is_ok());
         assert!(s.check("GET", "a/b", &q).is_err(), "signed for PUT only");
@@ -708,8 +718,18 @@ mod tests {
         assert!(s.check("PUT", "a/b", &later).is_err(), "the expiry is signed");
         let mut old = q.clone();
         old.expires = Some(Utc::now().timestamp() - 10);
-        old.signature = Some(s.sign("PUT", "a/b", old.expires.unwrap(), None));
+        old.signature = Some(s.sign("PUT", "a/b", old.expires.unwrap(), None, None));
         assert_eq!(s.check("PUT", "a/b", &old).unwrap_err(), "the URL has expired");
+        // The registered type is signed: a URL cannot be reused for another type.
+        let typed = query(&s.url("PUT", "a/b", None, Some("image/tiff")));
+        assert_eq!(typed.content_type.as_deref(), Some("image/tiff"));
+        assert!(s.check("PUT", "a/b", &typed).is_ok());
+        let mut retyped = typed.clone();
+        retyped.content_type = Some("text/html".into());
+        assert!(s.check("PUT", "a/b", &retyped).is_err(), "the type is signed");
+        let mut untyped = typed.clone();
+        untyped.content_type = None;
+        assert!(s.check("PUT", "a/b", &untyped).is_err(), "the type cannot be dropped");
         // A reopened store keeps its secret, so URLs survive a restart.
         let again = LocalBlobs::open(&dir, "http://x", s.policy).unwrap();
         assert!(again.check("PUT", "a/b", &q).is_ok());

@@ -823,6 +823,27 @@ async fn uploads_through_the_local_store_single_and_multipart() {
         app.http.put(&other).body("abc").send().await.unwrap().status(),
         StatusCode::FORBIDDEN
     );
+    // The upload must carry the type the slide was registered with; the signed type cannot be
+    // swapped in the URL either.
+    for ct in [None, Some("text/html")] {
+        let mut req = app.http.put(&url).body("abc");
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        let r = app.send(req).await;
+        assert_problem(&r, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert!(r.body["detail"].as_str().unwrap().contains("image/tiff"), "{}", r.body);
+    }
+    let retyped = url.replace("X-Mira-Content-Type=image/tiff", "X-Mira-Content-Type=text/html");
+    assert_ne!(retyped, url);
+    let r = app
+        .send(app.http.put(&retyped).header("content-type", "text/html").body("abc"))
+        .await;
+    assert_problem(&r, StatusCode::FORBIDDEN);
+    let r = app
+        .send(app.http.put(&url).header("content-type", "image/tiff").body("abc"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     app.stop().await;
 }
 

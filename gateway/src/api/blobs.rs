@@ -22,12 +22,31 @@ pub async fn upload(
     State(state): State<AppState>,
     Path(key): Path<String>,
     ApiQuery(q): ApiQuery<SignedQuery>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let store = local(&state)?;
     store
         .check("PUT", &key, &q)
         .map_err(|why| ApiError::forbidden(format!("upload refused: {why}")))?;
+    // A slide's single PUT carries the type it was registered with, as S3 requires of a URL
+    // presigned with one.
+    if let Some(declared) = &q.content_type {
+        let sent = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+        if sent.as_deref() != Some(declared.to_ascii_lowercase().as_str()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                format!(
+                    "upload refused: send content-type: {declared}, the type the slide was registered with (got {})",
+                    sent.as_deref().unwrap_or("none")
+                ),
+            ));
+        }
+    }
     let target = store
         .put_target(&key, &q)
         .map_err(|why| ApiError::bad_request(format!("upload refused: {why}")))?;
