@@ -109,7 +109,12 @@ async fn drive(idp: &crate::dev::DevIdp, addr: std::net::SocketAddr, jobs: usize
         .await?;
     let slide_id = slide["slide_id"].as_str().context("slide id")?.to_owned();
     let upload = slide["upload"]["url"].as_str().context("upload url")?;
-    http.put(upload).body("data").send().await?.error_for_status()?;
+    http.put(upload)
+        .header("content-type", "image/tiff")
+        .body("data")
+        .send()
+        .await?
+        .error_for_status()?;
     http.post(format!("{base}/api/slides/{slide_id}/uploaded"))
         .bearer_auth(&token)
         .send()

@@ -1944,8 +1944,12 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
         ),
         other => panic!("a job on a truncated slide: {other} {}", r.body),
     }
-    let slide_now = app.get(&t, &format!("/api/slides/{cut_id}")).await.body;
-    assert_eq!(slide_now["status"], "rejected", "{slide_now}");
+    // Projections of different aggregates may land in either order: wait for the slide's.
+    let slide_now = eventually("the truncated slide rejected in the read model", || async {
+        let s = app.get(&t, &format!("/api/slides/{cut_id}")).await.body;
+        (s["status"] == "rejected").then_some(s)
+    })
+    .await;
     assert!(
         !slide_now["rejection"].as_str().unwrap_or_default().is_empty(),
         "{slide_now}"
