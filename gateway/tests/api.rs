@@ -390,6 +390,18 @@ impl App {
         id
     }
 
+    /// `/metrics`, as Prometheus would read it.
+    async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     async fn stop(mut self) {
         self.stop.cancel();
         if let Some(t) = self.task.take() {
@@ -1193,23 +1205,8 @@ async fn metrics_export_projection_lag_and_the_watermark_lag() {
         .unwrap();
     app.upload_slide(&t, b"bytes").await;
     let metrics = eventually("a held watermark in /metrics", || async {
-        let text = app
-            .http
-            .get(format!("{}/metrics", app.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let value = |name: &str| -> f64 {
-            text.lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(-1.0)
-        };
-        (value("mira_log_watermark_lag_events") >= 2.0 && value("mira_log_watermark_lag_seconds") > 0.0)
+        let text = app.metrics().await;
+        (metric(&text, "mira_log_watermark_lag_events") >= 2.0 && metric(&text, "mira_log_watermark_lag_seconds") > 0.0)
             .then_some(Value::String(text))
     })
     .await;
@@ -1233,15 +1230,7 @@ async fn metrics_export_projection_lag_and_the_watermark_lag() {
     assert!(lag >= 2.0, "{text}");
     holder.rollback().await.unwrap();
     eventually("the projection to catch up", || async {
-        let text = app
-            .http
-            .get(format!("{}/metrics", app.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = app.metrics().await;
         text.lines()
             .any(|l| l == "mira_projection_lag_events{projection=\"read_models\"} 0")
             .then_some(Value::Null)
@@ -1301,15 +1290,7 @@ async fn long_transactions_here_and_in_another_database_do_not_delay_fan_out() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         latencies.push(committed.elapsed());
-        let text = app
-            .http
-            .get(format!("{}/metrics", app.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = app.metrics().await;
         let lag = metric(&text, "mira_log_watermark_lag_seconds");
         assert!((0.0..2.0).contains(&lag), "watermark lag {lag} s at sample {n}");
         lags.push(lag);
