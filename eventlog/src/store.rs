@@ -112,101 +112,6 @@ impl From<sqlx::Error> for AppendError {
     }
 }
 
-/// [`EventLog::append_in_tx`] in a transaction already registered as an appender.
-async fn append_registered(
-    conn: &mut PgConnection,
-    tenant: &TenantId,
-    events: &[NewEvent],
-) -> Result<Vec<StoredEvent>, AppendError> {
-    let mut stored: Vec<StoredEvent> = Vec::with_capacity(events.len());
-    for e in events {
-        let conflict = || AppendError::Conflict {
-            aggregate_type: e.aggregate_type.clone(),
-            aggregate_id: e.aggregate_id.clone(),
-            sequence: e.sequence,
-        };
-        let prev_in_batch = stored.last().filter(|p| {
-            p.aggregate_type == e.aggregate_type
-                && p.aggregate_id == e.aggregate_id
-                && p.sequence as u64 + 1 == e.sequence
-        });
-        let prev_hash = if e.sequence == 1 {
-            ZERO_HASH
-        } else if let Some(p) = prev_in_batch {
-            p.hash
-        } else {
-            let row = sqlx::query(
-                "SELECT tenant_id, hash FROM events \
-                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
-            )
-            .bind(&e.aggregate_type)
-            .bind(&e.aggregate_id)
-            .bind(e.sequence as i64 - 1)
-            .fetch_optional(&mut *conn)
-            .await?
-            .ok_or_else(conflict)?;
-            let owner: String = row.try_get("tenant_id")?;
-            if owner != tenant.as_str() {
-                return Err(AppendError::TenantMismatch {
-                    aggregate_type: e.aggregate_type.clone(),
-                    aggregate_id: e.aggregate_id.clone(),
-                });
-            }
-            hash32(row.try_get("hash")?)?
-        };
-        let mut ev = StoredEvent {
-            global_position: 0,
-            tx_id: 0,
-            event_id: Uuid::now_v7(),
-            tenant_id: tenant.as_str().to_owned(),
-            aggregate_type: e.aggregate_type.clone(),
-            aggregate_id: e.aggregate_id.clone(),
-            sequence: e.sequence as i64,
-            event_type: e.event_type.clone(),
-            event_version: e.event_version.clone(),
-            recorded_at: now_micros(),
-            payload: e.payload.clone(),
-            metadata: e.metadata.clone(),
-            prev_hash,
-            hash: ZERO_HASH,
-        };
-        ev.hash = ev.recompute_hash();
-        let row = sqlx::query(
-            "INSERT INTO events (event_id, tenant_id, aggregate_type, aggregate_id, sequence, \
-             event_type, event_version, recorded_at, payload, metadata, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-             RETURNING global_position, tx_id::text::bigint AS tx_id",
-        )
-        .bind(ev.event_id)
-        .bind(&ev.tenant_id)
-        .bind(&ev.aggregate_type)
-        .bind(&ev.aggregate_id)
-        .bind(ev.sequence)
-        .bind(&ev.event_type)
-        .bind(&ev.event_version)
-        .bind(ev.recorded_at)
-        .bind(&ev.payload)
-        .bind(&ev.metadata)
-        .bind(&ev.prev_hash[..])
-        .bind(&ev.hash[..])
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|err| {
-            if db::sqlstate(&err).as_deref() == Some(db::UNIQUE_VIOLATION)
-                && db::constraint(&err).as_deref() == Some("events_stream_sequence_key")
-            {
-                conflict()
-            } else {
-                AppendError::from(err)
-            }
-        })?;
-        ev.global_position = row.try_get("global_position")?;
-        ev.tx_id = row.try_get("tx_id")?;
-        stored.push(ev);
-    }
-    Ok(stored)
-}
-
 /// Registers the caller's transaction as an appender of the log: it holds the followers'
 /// bound back until it ends. Must come before the transaction's first write; a second call
 /// in the same transaction does nothing.
@@ -289,7 +194,93 @@ impl EventLog {
         events: &[NewEvent],
     ) -> Result<Vec<StoredEvent>, AppendError> {
         register_appender(&mut *conn).await?;
-        append_registered(conn, tenant, events).await
+        let mut stored: Vec<StoredEvent> = Vec::with_capacity(events.len());
+        for e in events {
+            let conflict = || AppendError::Conflict {
+                aggregate_type: e.aggregate_type.clone(),
+                aggregate_id: e.aggregate_id.clone(),
+                sequence: e.sequence,
+            };
+            let prev_in_batch = stored.last().filter(|p| {
+                p.aggregate_type == e.aggregate_type
+                    && p.aggregate_id == e.aggregate_id
+                    && p.sequence as u64 + 1 == e.sequence
+            });
+            let prev_hash = if e.sequence == 1 {
+                ZERO_HASH
+            } else if let Some(p) = prev_in_batch {
+                p.hash
+            } else {
+                let row = sqlx::query(
+                    "SELECT tenant_id, hash FROM events \
+                     WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
+                )
+                .bind(&e.aggregate_type)
+                .bind(&e.aggregate_id)
+                .bind(e.sequence as i64 - 1)
+                .fetch_optional(&mut *conn)
+                .await?
+                .ok_or_else(conflict)?;
+                let owner: String = row.try_get("tenant_id")?;
+                if owner != tenant.as_str() {
+                    return Err(AppendError::TenantMismatch {
+                        aggregate_type: e.aggregate_type.clone(),
+                        aggregate_id: e.aggregate_id.clone(),
+                    });
+                }
+                hash32(row.try_get("hash")?)?
+            };
+            let mut ev = StoredEvent {
+                global_position: 0,
+                tx_id: 0,
+                event_id: Uuid::now_v7(),
+                tenant_id: tenant.as_str().to_owned(),
+                aggregate_type: e.aggregate_type.clone(),
+                aggregate_id: e.aggregate_id.clone(),
+                sequence: e.sequence as i64,
+                event_type: e.event_type.clone(),
+                event_version: e.event_version.clone(),
+                recorded_at: now_micros(),
+                payload: e.payload.clone(),
+                metadata: e.metadata.clone(),
+                prev_hash,
+                hash: ZERO_HASH,
+            };
+            ev.hash = ev.recompute_hash();
+            let row = sqlx::query(
+                "INSERT INTO events (event_id, tenant_id, aggregate_type, aggregate_id, sequence, \
+                 event_type, event_version, recorded_at, payload, metadata, prev_hash, hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                 RETURNING global_position, tx_id::text::bigint AS tx_id",
+            )
+            .bind(ev.event_id)
+            .bind(&ev.tenant_id)
+            .bind(&ev.aggregate_type)
+            .bind(&ev.aggregate_id)
+            .bind(ev.sequence)
+            .bind(&ev.event_type)
+            .bind(&ev.event_version)
+            .bind(ev.recorded_at)
+            .bind(&ev.payload)
+            .bind(&ev.metadata)
+            .bind(&ev.prev_hash[..])
+            .bind(&ev.hash[..])
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|err| {
+                if db::sqlstate(&err).as_deref() == Some(db::UNIQUE_VIOLATION)
+                    && db::constraint(&err).as_deref() == Some("events_stream_sequence_key")
+                {
+                    conflict()
+                } else {
+                    AppendError::from(err)
+                }
+            })?;
+            ev.global_position = row.try_get("global_position")?;
+            ev.tx_id = row.try_get("tx_id")?;
+            stored.push(ev);
+        }
+        Ok(stored)
     }
 
     /// One aggregate's events after `after_sequence`, in order. With a tenant, another
