@@ -292,7 +292,7 @@ mod tests {
     fn services() -> SlideServices {
         let dir = std::env::temp_dir().join(format!("mira-slide-test-{}", SlideId::new()));
         SlideServices {
-            keyring: Arc::new(LocalKeyring::open(dir).unwrap()),
+            keyring: Arc::new(LocalKeyring::init(dir).unwrap().0),
         }
     }
 

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mira_eventlog::checkpoint::{self, AuditKey};
+use mira_eventlog::checkpoint::{CheckpointError, Checkpointer};
 use mira_eventlog::{Cursor, EventLog, StoredEvent};
 use sqlx::{Connection, PgConnection, Row};
 use tokio_util::sync::CancellationToken;
@@ -80,7 +80,7 @@ pub struct Relay {
     log: EventLog,
     publisher: Arc<dyn Publisher>,
     cfg: RelayConfig,
-    key: Option<Arc<AuditKey>>,
+    checkpoints: Option<Checkpointer>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -90,12 +90,17 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
-    pub fn new(log: EventLog, publisher: Arc<dyn Publisher>, cfg: RelayConfig, key: Option<Arc<AuditKey>>) -> Self {
+    pub fn new(
+        log: EventLog,
+        publisher: Arc<dyn Publisher>,
+        cfg: RelayConfig,
+        checkpoints: Option<Checkpointer>,
+    ) -> Self {
         Self {
             log,
             publisher,
             cfg,
-            key,
+            checkpoints,
         }
     }
 
@@ -235,12 +240,24 @@ impl Relay {
                 self.commit(p).await?;
                 since_checkpoint += p.events;
             }
-            if let Some(key) = &self.key {
+            if let Some(checkpoints) = &self.checkpoints {
                 let due = since_checkpoint >= self.cfg.checkpoint_every_events
                     || (since_checkpoint > 0 && last_checkpoint.elapsed() >= self.cfg.checkpoint_every);
                 if due {
-                    let info = checkpoint::write(self.log.pool(), key).await?;
-                    tracing::info!(seq = info.seq, events = info.event_count, "checkpoint written");
+                    match checkpoints.write(self.log.pool()).await {
+                        Ok(info) => tracing::info!(
+                            seq = info.seq,
+                            events = info.event_count,
+                            witness = %info.witness,
+                            "checkpoint written"
+                        ),
+                        // In the database, not yet witnessed: the next checkpoint's copy covers
+                        // it. Fan-out goes on; the operator is told loudly.
+                        Err(CheckpointError::Witness { seq, source }) => {
+                            tracing::error!(seq, error = %source, "checkpoint not copied to the witness")
+                        }
+                        Err(CheckpointError::Db(e)) => return Err(e.into()),
+                    }
                     since_checkpoint = 0;
                     last_checkpoint = Instant::now();
                 }

@@ -117,10 +117,12 @@ struct World {
 impl World {
     async fn new(bus: Arc<dyn Bus>) -> Self {
         let db = TestDb::new().await;
+        // The test's own effect table, made by the owner for the application's role.
         sqlx::raw_sql(
-            "CREATE TABLE test_effects (n bigserial PRIMARY KEY, consumer text, aggregate_id text, sequence bigint, event_id uuid, event_type text)",
+            "CREATE TABLE test_effects (n bigserial PRIMARY KEY, consumer text, aggregate_id text, sequence bigint, event_id uuid, event_type text); \
+             GRANT ALL ON test_effects, test_effects_n_seq TO mira_app",
         )
-        .execute(&db.pool)
+        .execute(&db.owner)
         .await
         .unwrap();
         let log = EventLog::new(db.pool.clone());
@@ -130,7 +132,7 @@ impl World {
             log,
             bus,
             poison: Arc::default(),
-            keyring: Arc::new(LocalKeyring::open(dir).unwrap()),
+            keyring: Arc::new(LocalKeyring::init(dir).unwrap().0),
         }
     }
 

@@ -103,6 +103,17 @@ pub struct AwsSettings {
     pub s3: S3Settings,
     #[serde(rename = "Cognito")]
     pub cognito: CognitoSettings,
+    #[serde(rename = "KMS")]
+    pub kms: KmsSettings,
+}
+
+/// KMS, for the per-subject data keys of patient data in production.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct KmsSettings {
+    /// The KMS key that wraps the data keys. Set: the keyring is KMS (wrapped keys in the
+    /// database's `data_keys`); unset: the local keyring directory (`Keyring__LocalDir`).
+    pub key_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -282,8 +293,8 @@ impl Default for RealtimeSettings {
     }
 }
 
-/// Where per-subject data keys live. `mira dev` and single-machine installs use a local
-/// directory; production uses KMS (a later issue).
+/// Where per-subject data keys live: a local directory (`mira dev`, single-machine installs),
+/// created by `mira keys init`; production uses KMS (`AWS__KMS__KeyId`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
 pub struct KeyringSettings {
@@ -303,6 +314,9 @@ impl Default for KeyringSettings {
 pub struct DatabaseSettings {
     pub max_connections: u32,
     pub connect_timeout_seconds: u64,
+    /// The schema owner, for `mira migrate` only (default: `DATABASE_URL`). Every other process
+    /// connects with `DATABASE_URL` as a role that owns nothing.
+    pub migration_url: Option<Secret>,
 }
 
 impl Default for DatabaseSettings {
@@ -310,6 +324,7 @@ impl Default for DatabaseSettings {
         Self {
             max_connections: 20,
             connect_timeout_seconds: 5,
+            migration_url: None,
         }
     }
 }
@@ -317,9 +332,17 @@ impl Default for DatabaseSettings {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
 pub struct AuditSettings {
-    /// The Ed25519 checkpoint signing key (hex). Created on first use; its public half is
-    /// written beside it as `<file>.pub`. It must not live in the database.
+    /// The Ed25519 checkpoint signing key (hex), created by `mira keys init`; its public half
+    /// is written beside it as `<file>.pub`. It must not live in the database.
     pub signing_key_file: PathBuf,
+    /// The signing key in AWS Secrets Manager (64 hex digits), instead of the file.
+    pub signing_key_secret_id: Option<String>,
+    /// A directory every checkpoint is copied to (`mira dev`, tests, write-once mounts).
+    pub witness_dir: Option<PathBuf>,
+    /// An S3 bucket every checkpoint is copied to (Object Lock in production).
+    pub witness_bucket: Option<String>,
+    /// The key prefix in `WitnessBucket`.
+    pub witness_prefix: String,
     /// The trusted public key for `mira audit verify`. Default: `<SigningKeyFile>.pub`.
     pub public_key_file: Option<PathBuf>,
     /// The relay writes a checkpoint after this many events…
@@ -332,6 +355,10 @@ impl Default for AuditSettings {
     fn default() -> Self {
         Self {
             signing_key_file: PathBuf::from(".mira/audit-signing.key"),
+            signing_key_secret_id: None,
+            witness_dir: None,
+            witness_bucket: None,
+            witness_prefix: "checkpoints/".into(),
             public_key_file: None,
             checkpoint_every_events: 1000,
             checkpoint_every_seconds: 60,
@@ -419,8 +446,41 @@ impl Settings {
                 setting: e.path().to_string().replace('.', "__"),
                 reason: e.inner().to_string(),
             })?;
+        let mut settings = settings;
         settings.validate()?;
+        let cwd = std::env::current_dir().map_err(|e| ConfigError::Invalid {
+            setting: "(working directory)".into(),
+            reason: e.to_string(),
+        })?;
+        settings.absolutize(&cwd);
         Ok(settings)
+    }
+
+    /// Makes every path absolute against `base`, so that a process that changes directory, a
+    /// child process and a log line all mean the same file.
+    pub fn absolutize(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.storage.local_dir);
+        abs(&mut self.keyring.local_dir);
+        abs(&mut self.audit.signing_key_file);
+        if let Some(p) = &mut self.audit.public_key_file {
+            abs(p);
+        }
+        if let Some(p) = &mut self.audit.witness_dir {
+            abs(p);
+        }
+    }
+
+    /// The owner's URL for `mira migrate`: `Database__MigrationUrl`, else `DATABASE_URL`.
+    pub fn migration_url(&self) -> Result<&str, ConfigError> {
+        match &self.database.migration_url {
+            Some(u) => Ok(u.expose()),
+            None => self.database_url(),
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -478,10 +538,24 @@ impl Settings {
         if !(1..=mira_aggregates::job::MAX_ATTEMPTS_LIMIT).contains(&self.api.job_max_attempts) {
             return invalid("Api__JobMaxAttempts", "must be 1 to 20");
         }
-        if let Some(url) = &self.database_url {
-            if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
-                return invalid("DATABASE_URL", "must be a postgres:// URL");
+        for (setting, url) in [
+            ("DATABASE_URL", &self.database_url),
+            ("Database__MigrationUrl", &self.database.migration_url),
+        ] {
+            if let Some(url) = url {
+                if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
+                    return invalid(setting, "must be a postgres:// URL");
+                }
             }
+        }
+        if self.audit.witness_dir.is_some() && self.audit.witness_bucket.is_some() {
+            return invalid(
+                "Audit__WitnessBucket",
+                "set either Audit__WitnessBucket or Audit__WitnessDir, not both",
+            );
+        }
+        if self.audit.witness_bucket.as_deref() == Some("") {
+            return invalid("Audit__WitnessBucket", "must not be empty");
         }
         Ok(())
     }
@@ -588,6 +662,34 @@ mod tests {
         assert_eq!(s.audit.checkpoint_every_seconds, 7);
         assert_eq!(s.database.max_connections, 20);
         assert!(s.database_url.is_none());
+        // Paths are absolute once read: a relative default means the working directory.
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(s.audit.signing_key_file, cwd.join(".mira/audit-signing.key"));
+        assert_eq!(s.keyring.local_dir, cwd.join(".mira/keyring"));
+        assert!(s.storage.local_dir.is_absolute());
+        let s = Settings::load(None, env(&[("Audit__WitnessDir", "w"), ("Audit__PublicKeyFile", "/k.pub")])).unwrap();
+        assert_eq!(s.audit.witness_dir, Some(cwd.join("w")));
+        assert_eq!(s.audit.public_key_file.as_deref(), Some(Path::new("/k.pub")));
+    }
+
+    #[test]
+    fn the_migration_url_falls_back_to_database_url() {
+        let s = Settings::load(None, env(&[("DATABASE_URL", "postgres://app@h/db")])).unwrap();
+        assert_eq!(s.migration_url().unwrap(), "postgres://app@h/db");
+        let s = Settings::load(
+            None,
+            env(&[
+                ("DATABASE_URL", "postgres://app@h/db"),
+                ("Database__MigrationUrl", "postgres://owner:pw@h/db"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.migration_url().unwrap(), "postgres://owner:pw@h/db");
+        assert!(!format!("{s:?}").contains("pw@"));
+        let err = Settings::load(None, env(&[("Database__MigrationUrl", "mysql://x")])).unwrap_err();
+        assert!(err.to_string().contains("Database__MigrationUrl"), "{err}");
+        let err = Settings::load(None, env(&[("Audit__WitnessDir", "/w"), ("Audit__WitnessBucket", "b")])).unwrap_err();
+        assert!(err.to_string().contains("Audit__WitnessBucket"), "{err}");
     }
 
     #[test]

@@ -82,8 +82,9 @@ pub async fn export(
             events += 1;
         }
     }
-    let cks = checkpoint::load_all(pool).await?;
+    let cks = checkpoint::load_headers(pool).await?;
     for c in &cks {
+        let leaves = checkpoint::load_leaves(pool, c.seq).await?;
         let line = json!({
             "kind": "checkpoint",
             "seq": c.seq,
@@ -94,7 +95,7 @@ pub async fn export(
             "event_count": c.event_count,
             "prev_digest": hex::encode(c.prev_digest),
             "digest": hex::encode(c.digest),
-            "leaves": hex::encode(&c.leaves),
+            "leaves": hex::encode(&leaves),
             "key_id": c.key_id,
             "signature": hex::encode(c.signature),
         });

@@ -12,6 +12,7 @@
 //!   cqrs-es into the log, and loading an aggregate's current state.
 //! * [`checkpoint`]: signing keys and signed checkpoints.
 //! * [`verify`]: re-derives every hash and checks every checkpoint.
+//! * [`witness`]: copies of the checkpoints outside the database.
 //! * [`export`]: JSON Lines for outside verifiers.
 //! * [`testing`]: fresh databases for tests.
 
@@ -24,6 +25,7 @@ pub mod repo;
 pub mod store;
 pub mod testing;
 pub mod verify;
+pub mod witness;
 
 pub use checkpoint::{AuditKey, CheckpointInfo};
 pub use db::DbError;

@@ -13,7 +13,36 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, "api", include_str!("../../migrations/0004_api.sql")),
     (5, "handlers", include_str!("../../migrations/0005_handlers.sql")),
     (6, "appenders", include_str!("../../migrations/0006_appenders.sql")),
+    (7, "roles_and_keys", include_str!("../../migrations/0007_roles_and_keys.sql")),
 ];
+
+/// The roles a running process needs, granted to the login role it connects as.
+pub const RUNTIME_ROLES: &[&str] = &["mira_app", "mira_api", "mira_projector"];
+
+/// Grants the runtime roles to `login` (the role in `DATABASE_URL`), run by the owner after
+/// migrating. The login role owns nothing: it cannot alter, disable or drop the log's guards.
+pub async fn grant_runtime(owner: &PgPool, login: &str) -> Result<(), sqlx::Error> {
+    let sql = format!("GRANT {} TO \"{}\"", RUNTIME_ROLES.join(", "), login.replace('"', "\"\""));
+    sqlx::query(&sql).execute(owner).await?;
+    Ok(())
+}
+
+/// The role a pool connects as.
+pub async fn current_role(pool: &PgPool) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT current_user::text").fetch_one(pool).await
+}
+
+/// Whether the pool's role could switch the log's guards off: a superuser, or a member of the
+/// role that owns `events`.
+pub async fn can_disable_guards(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) \
+         OR coalesce((SELECT pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c \
+                      WHERE c.oid = to_regclass('public.events')), false)",
+    )
+    .fetch_one(pool)
+    .await
+}
 
 const LOCK_KEY: i64 = 0x6d69_7261_6d69_6772; // "miramigr"
 

@@ -383,6 +383,49 @@ pub async fn read_below<'e, E: sqlx::PgExecutor<'e>>(
         .collect()
 }
 
+/// What a checkpoint records of an event: where it is and its hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeafRow {
+    pub cursor: Cursor,
+    pub event_id: Uuid,
+    pub hash: Hash32,
+}
+
+/// Like [`read_below`], only the columns a checkpoint covers (no payloads).
+pub async fn read_leaves_below<'e, E: sqlx::PgExecutor<'e>>(
+    e: E,
+    cursor: Cursor,
+    watermark: i64,
+    limit: i64,
+) -> Result<Vec<LeafRow>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT tx_id::text::bigint AS tx_id, global_position, event_id, hash FROM events \
+         WHERE (tx_id, global_position) > ($1::text::xid8, $2) AND tx_id < $3::text::xid8 \
+         ORDER BY events.tx_id, events.global_position LIMIT $4",
+    )
+    .bind(cursor.tx_id.to_string())
+    .bind(cursor.position)
+    .bind(watermark.to_string())
+    .bind(limit)
+    .fetch_all(e)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let hash: Vec<u8> = r.try_get("hash")?;
+            Ok(LeafRow {
+                cursor: Cursor {
+                    tx_id: r.try_get("tx_id")?,
+                    position: r.try_get("global_position")?,
+                },
+                event_id: r.try_get("event_id")?,
+                hash: hash
+                    .try_into()
+                    .map_err(|_| sqlx::Error::Decode("an event hash is not 32 bytes".into()))?,
+            })
+        })
+        .collect()
+}
+
 /// [`EventLog::read_after`] inside the caller's transaction.
 pub async fn read_after_in(
     conn: &mut PgConnection,

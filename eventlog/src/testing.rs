@@ -1,6 +1,10 @@
 //! Test support: every test gets its own freshly migrated database with a UUID name, on the
 //! server named by `MIRA_TEST_DATABASE_URL` (default: the local server as `postgres`). The
 //! database is dropped when the handle is.
+//!
+//! As in production, the tests run as a login role that owns nothing ([`APP_ROLE`], granted the
+//! runtime roles the way `mira migrate` grants them): `pool` and `url` connect as it. `owner`
+//! and `owner_url` are the migrating superuser, for what only an attacker or an operator does.
 
 use std::time::Duration;
 
@@ -12,11 +16,34 @@ pub fn admin_url() -> String {
     std::env::var("MIRA_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
 }
 
+/// The tests' application login role (cluster-wide, created on first use).
+pub const APP_ROLE: &str = "mira_test_app";
+
 #[derive(Debug)]
 pub struct TestDb {
+    /// The application's role.
     pub pool: PgPool,
     pub url: String,
+    /// The migrating owner (a superuser).
+    pub owner: PgPool,
+    pub owner_url: String,
     pub name: String,
+}
+
+/// `url` with another user and password.
+pub fn with_user(url: &str, user: &str, password: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let host = match rest.find('/') {
+        Some(slash) => {
+            let (authority, path) = rest.split_at(slash);
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{host}{path}")
+        }
+        None => rest.rsplit_once('@').map_or(rest, |(_, h)| h).to_owned(),
+    };
+    format!("{scheme}://{user}:{password}@{host}")
 }
 
 fn with_database(url: &str, db: &str) -> String {
@@ -37,14 +64,47 @@ fn with_database(url: &str, db: &str) -> String {
 impl TestDb {
     /// A new, migrated database.
     pub async fn new() -> Self {
-        let db = Self::empty().await;
-        crate::migrate::run(&db.pool)
+        let mut db = Self::empty().await;
+        crate::migrate::run(&db.owner)
             .await
             .expect("migrations apply to a fresh database");
+        sqlx::raw_sql(&format!(
+            "DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{APP_ROLE}'; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        ))
+        .execute(&db.owner)
+        .await
+        .expect("the application login role exists");
+        // Roles and memberships are cluster-wide: tests running at once race to grant them.
+        for attempt in 0.. {
+            let granted: bool = sqlx::query_scalar(
+                "SELECT bool_and(pg_has_role($1, r, 'MEMBER')) FROM unnest($2::text[]) r",
+            )
+            .bind(APP_ROLE)
+            .bind(crate::migrate::RUNTIME_ROLES)
+            .fetch_one(&db.owner)
+            .await
+            .expect("membership query");
+            if granted {
+                break;
+            }
+            match crate::migrate::grant_runtime(&db.owner, APP_ROLE).await {
+                Ok(()) => break,
+                Err(e) if attempt < 20 => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot grant the runtime roles: {e}"),
+            }
+        }
+        db.url = with_user(&db.owner_url, APP_ROLE, APP_ROLE);
+        db.pool = crate::db::connect(&db.url, 20, Duration::from_secs(10))
+            .await
+            .expect("connect to the test database as the application role");
         db
     }
 
-    /// A new database without the schema.
+    /// A new database without the schema; `pool` is the owner's.
     pub async fn empty() -> Self {
         let admin = admin_url();
         let name = format!("mira_test_{}", uuid::Uuid::new_v4().simple());
@@ -60,7 +120,13 @@ impl TestDb {
         let pool = crate::db::connect(&url, 20, Duration::from_secs(10))
             .await
             .expect("connect to test database");
-        Self { pool, url, name }
+        Self {
+            owner: pool.clone(),
+            owner_url: url.clone(),
+            pool,
+            url,
+            name,
+        }
     }
 }
 
@@ -107,6 +173,14 @@ pub async fn settle(pool: &PgPool) {
 #[cfg(test)]
 mod tests {
     use super::with_database;
+
+    #[test]
+    fn replaces_the_user_of_a_url() {
+        use super::with_user;
+        assert_eq!(with_user("postgres://postgres@h:1/db", "a", "b"), "postgres://a:b@h:1/db");
+        assert_eq!(with_user("postgres://p:q@h:1/db?x=1", "a", "b"), "postgres://a:b@h:1/db?x=1");
+        assert_eq!(with_user("postgres://h:1/db", "a", "b"), "postgres://a:b@h:1/db");
+    }
 
     #[test]
     fn replaces_the_database_of_a_url() {

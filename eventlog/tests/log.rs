@@ -8,7 +8,8 @@ use chrono::Utc;
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework, EventStore};
 use mira_aggregates::{Job, JobCommand, JobError};
-use mira_eventlog::checkpoint::{self, AuditKey};
+use mira_eventlog::checkpoint::{self, AuditKey, CheckpointInfo};
+use mira_eventlog::witness::DirWitness;
 use mira_eventlog::testing::{settle, TestDb};
 use mira_eventlog::{verify, Cursor, EventLog, NewEvent, PgEventRepository};
 use mira_events::canonical::ZERO_HASH;
@@ -75,10 +76,35 @@ async fn run_job(c: &Cqrs, t: &str, id: &str) {
     }
 }
 
-fn audit_key() -> (AuditKey, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("mira-audit-{}", uuid::Uuid::new_v4()));
-    let path = dir.join("audit.key");
-    (AuditKey::load_or_create(&path).unwrap(), path)
+/// A signing key and a witness directory of the test's own.
+struct Audit {
+    key: AuditKey,
+    witness: DirWitness,
+    dir: std::path::PathBuf,
+}
+
+impl Audit {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("mira-audit-{}", uuid::Uuid::new_v4()));
+        let (key, created) = AuditKey::init(&dir.join("audit.key")).unwrap();
+        assert!(created);
+        let witness = DirWitness::create(&dir.join("witness")).unwrap();
+        Self { key, witness, dir }
+    }
+
+    async fn checkpoint(&self, pool: &PgPool) -> CheckpointInfo {
+        checkpoint::write(pool, &self.key, &self.witness).await.unwrap()
+    }
+
+    async fn verify(&self, pool: &PgPool) -> Result<verify::VerifyReport, verify::VerifyError> {
+        verify::verify(pool, &self.key.verifying_key(), &self.witness).await
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 async fn positions_of(pool: &PgPool, aggregate_id: &str) -> Vec<i64> {
@@ -100,8 +126,8 @@ async fn tamper(pool: &PgPool, sql: &str) {
     tx.commit().await.unwrap();
 }
 
-async fn verify_err(pool: &PgPool, key: &AuditKey) -> verify::Violation {
-    match verify::verify(pool, &key.verifying_key()).await {
+async fn verify_err(pool: &PgPool, audit: &Audit) -> verify::Violation {
+    match audit.verify(pool).await {
         Err(verify::VerifyError::Violation(v)) => v,
         other => panic!("verify should fail, got {other:?}"),
     }
@@ -369,9 +395,9 @@ async fn the_log_refuses_update_delete_and_truncate_even_for_its_owner() {
     let db = TestDb::new().await;
     let log = EventLog::new(db.pool.clone());
     run_job(&cqrs(&log, "lab"), "lab", "j-1").await;
-    let (key, _) = audit_key();
+    let audit = Audit::new();
     settle(&db.pool).await;
-    checkpoint::write(&db.pool, &key).await.unwrap();
+    audit.checkpoint(&db.pool).await;
     for sql in [
         "UPDATE events SET payload = '{}'",
         "DELETE FROM events",
@@ -382,7 +408,7 @@ async fn the_log_refuses_update_delete_and_truncate_even_for_its_owner() {
         "UPDATE log_epoch SET epoch = gen_random_uuid()",
         "TRUNCATE log_epoch",
     ] {
-        let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err();
+        let err = sqlx::query(sql).execute(&db.owner).await.unwrap_err();
         assert_eq!(
             mira_eventlog::db::sqlstate(&err).as_deref(),
             Some("42501"),
@@ -390,55 +416,90 @@ async fn the_log_refuses_update_delete_and_truncate_even_for_its_owner() {
         );
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
-    // The application role has no such grants at all.
-    let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL ROLE mira_app").execute(&mut *tx).await.unwrap();
+    assert!(audit.verify(&db.pool).await.is_ok());
+}
+
+/// The processes' login role (DATABASE_URL) reads and appends, and can do nothing else to the
+/// log: not change or remove rows, and not switch off or drop the guards.
+#[tokio::test]
+async fn the_application_role_cannot_touch_the_log_or_its_guards() {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    run_job(&cqrs(&log, "lab"), "lab", "j-1").await;
+    let audit = Audit::new();
+    settle(&db.pool).await;
+    audit.checkpoint(&db.pool).await;
+    assert!(!mira_eventlog::migrate::can_disable_guards(&db.pool).await.unwrap());
+    assert!(mira_eventlog::migrate::can_disable_guards(&db.owner).await.unwrap());
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&mut *tx)
+        .fetch_one(&db.pool)
         .await
         .unwrap();
     assert_eq!(n, 5);
-    sqlx::query("SAVEPOINT s").execute(&mut *tx).await.unwrap();
-    for sql in [
-        "UPDATE events SET payload = '{}'",
-        "DELETE FROM events",
-        "TRUNCATE events",
-    ] {
-        let err = sqlx::query(sql).execute(&mut *tx).await.unwrap_err();
-        assert!(err.to_string().contains("permission denied"), "{sql}: {err}");
-        sqlx::query("ROLLBACK TO SAVEPOINT s").execute(&mut *tx).await.unwrap();
+    for table in ["events", "checkpoints", "log_epoch"] {
+        let trigger: String = sqlx::query_scalar(
+            "SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal LIMIT 1",
+        )
+        .bind(table)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        for sql in [
+            format!("ALTER TABLE {table} DISABLE TRIGGER ALL"),
+            format!("ALTER TABLE {table} DISABLE TRIGGER {trigger}"),
+            format!("DROP TRIGGER {trigger} ON {table}"),
+            format!("UPDATE {table} SET created_at = now()"),
+            format!("DELETE FROM {table}"),
+            format!("TRUNCATE {table}"),
+            format!("ALTER TABLE {table} OWNER TO {}", mira_eventlog::testing::APP_ROLE),
+            "SET session_replication_role = replica".to_owned(),
+        ] {
+            let sql = sql.replace("UPDATE events SET created_at", "UPDATE events SET recorded_at");
+            let err = sqlx::query(&sql).execute(&db.pool).await.unwrap_err();
+            assert_eq!(
+                mira_eventlog::db::sqlstate(&err).as_deref(),
+                Some("42501"),
+                "{sql} must be refused: {err}"
+            );
+        }
     }
-    tx.rollback().await.unwrap();
-    assert!(verify::verify(&db.pool, &key.verifying_key()).await.is_ok());
+    // Nothing changed: same rows, and the log still verifies.
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.owner)
+        .await
+        .unwrap();
+    assert_eq!(n, 5);
+    assert!(audit.verify(&db.pool).await.is_ok());
 }
 
 /// Three jobs of five events each, and a checkpoint covering them.
-async fn checkpointed_log() -> (TestDb, EventLog, AuditKey) {
+async fn checkpointed_log() -> (TestDb, EventLog, Audit) {
     let db = TestDb::new().await;
     let log = EventLog::new(db.pool.clone());
     let c = cqrs(&log, "lab");
     for id in ["j-1", "j-2", "j-3"] {
         run_job(&c, "lab", id).await;
     }
-    let (key, _) = audit_key();
+    let audit = Audit::new();
     settle(&db.pool).await;
-    let info = checkpoint::write(&db.pool, &key).await.unwrap();
+    let info = audit.checkpoint(&db.pool).await;
     assert_eq!((info.seq, info.event_count, info.new_events), (1, 15, 15));
-    let report = verify::verify(&db.pool, &key.verifying_key()).await.unwrap();
+    let report = audit.verify(&db.pool).await.unwrap();
     assert_eq!((report.events, report.checkpoints, report.uncheckpointed), (15, 1, 0));
-    (db, log, key)
+    assert_eq!(report.witnessed_checkpoint, Some(1));
+    (db, log, audit)
 }
 
 #[tokio::test]
 async fn tamper_a_changed_payload_byte_is_named() {
-    let (db, _log, key) = checkpointed_log().await;
+    let (db, _log, audit) = checkpointed_log().await;
     let pos = positions_of(&db.pool, "j-2").await[2];
     tamper(
-        &db.pool,
+        &db.owner,
         &format!("UPDATE events SET payload = overlay(payload placing 'X' from 3 for 1) WHERE global_position = {pos}"),
     )
     .await;
-    let v = verify_err(&db.pool, &key).await;
+    let v = verify_err(&db.pool, &audit).await;
     assert_eq!(
         (v.position, v.event_id),
         (pos, Some(event_id_at(&db.pool, pos).await)),
@@ -449,11 +510,11 @@ async fn tamper_a_changed_payload_byte_is_named() {
 
 #[tokio::test]
 async fn tamper_a_deleted_event_in_a_stream_is_named() {
-    let (db, _log, key) = checkpointed_log().await;
+    let (db, _log, audit) = checkpointed_log().await;
     let pos = positions_of(&db.pool, "j-2").await[2];
     let id = event_id_at(&db.pool, pos).await;
-    tamper(&db.pool, &format!("DELETE FROM events WHERE global_position = {pos}")).await;
-    let v = verify_err(&db.pool, &key).await;
+    tamper(&db.owner, &format!("DELETE FROM events WHERE global_position = {pos}")).await;
+    let v = verify_err(&db.pool, &audit).await;
     assert_eq!((v.position, v.event_id), (pos, Some(id)), "{v}");
     assert!(v.reason.contains("missing"), "{v}");
 }
@@ -463,24 +524,22 @@ async fn tamper_a_deleted_event_without_a_checkpoint_breaks_the_chain() {
     let db = TestDb::new().await;
     let log = EventLog::new(db.pool.clone());
     run_job(&cqrs(&log, "lab"), "lab", "j-1").await;
-    let (key, _) = audit_key();
+    let audit = Audit::new();
     let pos = positions_of(&db.pool, "j-1").await;
     settle(&db.pool).await;
     tamper(
-        &db.pool,
+        &db.owner,
         &format!("DELETE FROM events WHERE global_position = {}", pos[1]),
     )
     .await;
-    let v = verify_err(&db.pool, &key).await;
+    let v = verify_err(&db.pool, &audit).await;
     assert_eq!(v.position, pos[2], "{v}");
     assert!(v.reason.contains("jumps from sequence 1 to 3"), "{v}");
 }
 
-#[tokio::test]
-async fn tamper_a_rehashed_chain_is_caught_by_the_signed_checkpoint() {
-    let (db, log, key) = checkpointed_log().await;
-    // Rewrite j-2's progress event (its fourth), then recompute its hash and every later
-    // hash of j-2.
+/// Rewrites j-2's progress event (its fourth), then recomputes its hash and every later hash
+/// of j-2, as a superuser would. Returns the rewritten event's position and id.
+async fn rewrite_and_rehash_j2(db: &TestDb, log: &EventLog) -> (i64, uuid::Uuid) {
     let k = 3;
     let mut events = log.read_stream(None, "Job", "j-2", 0).await.unwrap();
     events[k].payload = events[k].payload.replace("\"done\":1", "\"done\":2");
@@ -497,44 +556,123 @@ async fn tamper_a_rehashed_chain_is_caught_by_the_signed_checkpoint() {
             events[i].global_position
         ));
     }
-    tamper(&db.pool, &sql).await;
-    // The chains alone now look intact…
+    tamper(&db.owner, &sql).await;
+    // The chains alone now look intact.
     let rows = log.read_stream(None, "Job", "j-2", 0).await.unwrap();
     assert!(rows.iter().all(|e| e.recompute_hash() == e.hash));
-    // …but the signed checkpoint names the altered event.
-    let v = verify_err(&db.pool, &key).await;
-    assert_eq!(
-        (v.position, v.event_id),
-        (events[k].global_position, Some(events[k].event_id)),
-        "{v}"
-    );
+    (events[k].global_position, events[k].event_id)
+}
+
+#[tokio::test]
+async fn tamper_a_rehashed_chain_is_caught_by_the_signed_checkpoint() {
+    let (db, log, audit) = checkpointed_log().await;
+    let (pos, id) = rewrite_and_rehash_j2(&db, &log).await;
+    // The signed checkpoint names the altered event.
+    let v = verify_err(&db.pool, &audit).await;
+    assert_eq!((v.position, v.event_id), (pos, Some(id)), "{v}");
     assert!(v.reason.contains("checkpoint 1"), "{v}");
 }
 
 #[tokio::test]
+async fn tamper_deleting_every_checkpoint_and_rehashing_is_caught_by_the_witness() {
+    let (db, log, audit) = checkpointed_log().await;
+    rewrite_and_rehash_j2(&db, &log).await;
+    tamper(&db.owner, "DELETE FROM checkpoints").await;
+    let v = verify_err(&db.pool, &audit).await;
+    assert!(
+        v.reason.contains("checkpoint 1 is in the witness") && v.reason.contains("missing from the database"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn tamper_deleting_the_newest_checkpoint_and_the_events_after_it_is_caught_by_the_witness() {
+    let (db, log, audit) = checkpointed_log().await;
+    let first_end: i64 = sqlx::query_scalar("SELECT upto_position FROM checkpoints WHERE seq = 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
+    settle(&db.pool).await;
+    assert_eq!(audit.checkpoint(&db.pool).await.seq, 2);
+    tamper(
+        &db.owner,
+        &format!("DELETE FROM checkpoints WHERE seq = 2; DELETE FROM events WHERE global_position > {first_end}"),
+    )
+    .await;
+    let v = verify_err(&db.pool, &audit).await;
+    assert!(
+        v.reason.contains("checkpoint 2 is in the witness") && v.reason.contains("missing from the database"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn a_witness_without_the_database_checkpoints_is_refused() {
+    let (db, _log, audit) = checkpointed_log().await;
+    let elsewhere = Audit::new();
+    let err = verify::verify(&db.pool, &audit.key.verifying_key(), &elsewhere.witness)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("holds no checkpoint but the database has 1"), "{err}");
+}
+
+#[tokio::test]
+async fn tamper_an_event_moved_below_a_checkpoint_is_not_covered() {
+    let (db, log, audit) = checkpointed_log().await;
+    run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
+    settle(&db.pool).await;
+    let pos = positions_of(&db.pool, "j-4").await[0];
+    // Its hash does not cover tx_id: moved first in follow order, every chain still holds.
+    tamper(&db.owner, &format!("UPDATE events SET tx_id = '3' WHERE global_position = {pos}")).await;
+    let v = verify_err(&db.pool, &audit).await;
+    assert_eq!((v.position, v.event_id), (pos, Some(event_id_at(&db.pool, pos).await)), "{v}");
+    assert!(v.reason.contains("not covered by checkpoint 1"), "{v}");
+}
+
+#[tokio::test]
+async fn a_long_log_is_covered_by_checkpoints_of_bounded_span() {
+    let (db, log, audit) = checkpointed_log().await;
+    for id in ["j-4", "j-5"] {
+        run_job(&cqrs(&log, "lab"), "lab", id).await;
+    }
+    settle(&db.pool).await;
+    let info = checkpoint::write_spans(&db.pool, &audit.key, &audit.witness, 4).await.unwrap();
+    // 10 new events in spans of 4, 4 and 2.
+    assert_eq!((info.written, info.new_events, info.seq, info.event_count), (3, 10, 4, 25));
+    let spans: Vec<i64> = sqlx::query_scalar("SELECT length(leaves)::bigint / 56 FROM checkpoints ORDER BY seq")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(spans, [15, 4, 4, 2]);
+    let r = audit.verify(&db.pool).await.unwrap();
+    assert_eq!((r.events, r.checkpoints, r.uncheckpointed, r.witnessed_checkpoint), (25, 4, 0, Some(4)));
+}
+
+#[tokio::test]
 async fn tamper_a_deleted_tail_after_a_checkpoint_is_named() {
-    let (db, _log, key) = checkpointed_log().await;
+    let (db, _log, audit) = checkpointed_log().await;
     let tail = positions_of(&db.pool, "j-3").await;
     let first_gone = tail[3];
     let id = event_id_at(&db.pool, first_gone).await;
     tamper(
-        &db.pool,
+        &db.owner,
         &format!("DELETE FROM events WHERE global_position >= {first_gone}"),
     )
     .await;
-    let v = verify_err(&db.pool, &key).await;
+    let v = verify_err(&db.pool, &audit).await;
     assert_eq!((v.position, v.event_id), (first_gone, Some(id)), "{v}");
     assert!(v.reason.contains("missing"), "{v}");
 }
 
 #[tokio::test]
 async fn a_checkpoint_signed_by_another_key_is_refused() {
-    let (db, log, key) = checkpointed_log().await;
+    let (db, log, audit) = checkpointed_log().await;
     run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
-    let (forger, _) = audit_key();
+    let forger = Audit::new();
     settle(&db.pool).await;
-    checkpoint::write(&db.pool, &forger).await.unwrap();
-    let v = verify_err(&db.pool, &key).await;
+    checkpoint::write(&db.pool, &forger.key, &audit.witness).await.unwrap();
+    let v = verify_err(&db.pool, &audit).await;
     assert!(
         v.reason.contains("checkpoint 2") && v.reason.contains("signature"),
         "{v}"
@@ -543,16 +681,16 @@ async fn a_checkpoint_signed_by_another_key_is_refused() {
 
 #[tokio::test]
 async fn checkpoints_chain_and_count_incrementally() {
-    let (db, log, key) = checkpointed_log().await;
+    let (db, log, audit) = checkpointed_log().await;
     run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
     settle(&db.pool).await;
-    let r = verify::verify(&db.pool, &key.verifying_key()).await.unwrap();
+    let r = audit.verify(&db.pool).await.unwrap();
     assert_eq!((r.events, r.uncheckpointed), (20, 5));
-    let info = checkpoint::write(&db.pool, &key).await.unwrap();
+    let info = audit.checkpoint(&db.pool).await;
     assert_eq!((info.seq, info.event_count, info.new_events), (2, 20, 5));
-    let empty = checkpoint::write(&db.pool, &key).await.unwrap();
+    let empty = audit.checkpoint(&db.pool).await;
     assert_eq!((empty.seq, empty.new_events), (3, 0));
-    let r = verify::verify(&db.pool, &key.verifying_key()).await.unwrap();
+    let r = audit.verify(&db.pool).await.unwrap();
     assert_eq!((r.events, r.checkpoints, r.uncheckpointed), (20, 3, 0));
     let rows = sqlx::query("SELECT count(*) AS n FROM checkpoints")
         .fetch_one(&db.pool)

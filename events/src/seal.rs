@@ -39,6 +39,10 @@ pub enum KeyringError {
     Corrupt(String),
     #[error("keyring storage failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0} is not a Mira keyring (no KEYRING file there): run `mira keys init`")]
+    NotInitialised(PathBuf),
+    #[error("the key service failed: {0}")]
+    Service(String),
 }
 
 /// Holds one data key per subject.
@@ -110,11 +114,33 @@ pub struct LocalKeyring {
     dir: PathBuf,
 }
 
+/// The file that marks a directory as a keyring: a missing or mistyped directory is an error,
+/// never a new, empty keyring whose keys open nothing sealed before.
+pub const KEYRING_MARKER: &str = "KEYRING";
+
 impl LocalKeyring {
+    /// The keyring in `dir`, which `mira keys init` created.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, KeyringError> {
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir)?;
+        if !dir.join(KEYRING_MARKER).is_file() {
+            return Err(KeyringError::NotInitialised(dir));
+        }
         Ok(Self { dir })
+    }
+
+    /// `mira keys init`: creates the keyring in `dir` unless it is one already. Returns whether
+    /// it was created now.
+    pub fn init(dir: impl AsRef<Path>) -> Result<(Self, bool), KeyringError> {
+        let dir = dir.as_ref().to_path_buf();
+        let marker = dir.join(KEYRING_MARKER);
+        if marker.is_file() {
+            return Ok((Self { dir }, false));
+        }
+        fs::create_dir_all(&dir)?;
+        #[cfg(unix)]
+        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        fs::write(&marker, format!("mira keyring {}\n", uuid::Uuid::new_v4()))?;
+        Ok((Self { dir }, true))
     }
 
     fn path(&self, subject: &str) -> PathBuf {
@@ -199,10 +225,15 @@ mod tests {
     #[tokio::test]
     async fn seal_open_erase() {
         let dir = temp_dir();
-        let ring = LocalKeyring::open(&dir).unwrap();
+        assert!(matches!(LocalKeyring::open(&dir), Err(KeyringError::NotInitialised(_))));
+        let (ring, created) = LocalKeyring::init(&dir).unwrap();
+        assert!(created);
+        assert!(!LocalKeyring::init(&dir).unwrap().1);
+        let ring2 = LocalKeyring::open(&dir).unwrap();
         let s = seal(&ring, "slide:1", "name", "Patient 42 biopsy").await.unwrap();
         assert!(!s.ct.contains("Patient"));
         assert_eq!(open(&ring, &s, "name").await.unwrap(), "Patient 42 biopsy");
+        assert_eq!(open(&ring2, &s, "name").await.unwrap(), "Patient 42 biopsy");
         // Bound to its field and subject.
         assert!(matches!(
             open(&ring, &s, "file_name").await,

@@ -16,6 +16,9 @@ use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 
+/// The login role the processes of `mira dev`'s private cluster connect as.
+pub const APP_ROLE: &str = "mira_service";
+
 /// The identity key's file in a data directory.
 const IDENTITY_KEY: &str = "identity-rsa.pem";
 
@@ -329,7 +332,11 @@ impl Cluster {
     }
 
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        self.url_as("postgres", database)
+    }
+
+    pub fn url_as(&self, role: &str, database: &str) -> String {
+        format!("postgres://{role}@127.0.0.1:{}/{database}", self.port)
     }
 
     pub fn stop(&mut self) {
@@ -431,8 +438,16 @@ pub async fn run(
         if !exists {
             sqlx::query("CREATE DATABASE mira").execute(&admin).await?;
         }
+        // The processes connect as a login role that owns nothing; `postgres` owns the schema
+        // and only migrates (ADR 0012).
+        sqlx::raw_sql(&format!(
+            "DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        ))
+        .execute(&admin)
+        .await?;
         admin.close().await;
-        env.insert("DATABASE_URL".into(), c.url("mira"));
+        env.insert("Database__MigrationUrl".into(), c.url("mira"));
+        env.insert("DATABASE_URL".into(), c.url_as(APP_ROLE, "mira"));
         cluster = Some(c);
     }
     let at = |p: &str| data.join(p).display().to_string();
@@ -442,6 +457,7 @@ pub async fn run(
         ("Storage__LocalDir", at("blobs")),
         ("Keyring__LocalDir", at("keyring")),
         ("Audit__SigningKeyFile", at("audit-signing.key")),
+        ("Audit__WitnessDir", at("witness")),
         ("AWS__Cognito__Issuer", ISSUER.to_owned()),
         ("AWS__Cognito__ClientId", AUDIENCE.to_owned()),
         ("AWS__Cognito__JwksUrl", format!("http://{addr}{JWKS_PATH}")),
@@ -449,23 +465,35 @@ pub async fn run(
         env.insert(k.into(), v);
     }
     let settings = crate::config::Settings::load(file, env)?;
-    let pool = mira_eventlog::db::connect(
-        settings.database_url()?,
+    let (max, timeout) = (
         settings.database.max_connections,
         Duration::from_secs(settings.database.connect_timeout_seconds),
-    )
-    .await?;
-    mira_eventlog::migrate::run(&pool).await?;
+    );
+    let owner = mira_eventlog::db::connect(settings.migration_url()?, max, timeout).await?;
+    mira_eventlog::migrate::run(&owner).await?;
+    crate::database::grant_runtime_roles(&settings, &owner).await?;
+    owner.close().await;
+    // Keys are created here, on the first start, and nowhere else (`mira keys init`).
+    let keys = mira_keys::init(&settings).await?;
+    for l in keys.lines.iter().filter(|l| l.contains("(created)")) {
+        tracing::info!("created {l}");
+    }
+    let pool = mira_eventlog::db::connect(settings.database_url()?, max, timeout).await?;
     let mut worker = spawn_worker(&settings, &data);
     let url = format!("http://{addr}");
     let data_arg = shell_quote(&data.display().to_string());
     let mut lines = vec![
         format!("Mira is running at {url}"),
         format!("  data directory: {}", data.display()),
+        format!(
+            "  audit: checkpoints signed with {} and copied to {}",
+            settings.audit.signing_key_file.display(),
+            settings.audit.witness_dir.as_deref().unwrap_or(Path::new("?")).display()
+        ),
     ];
     match &cluster {
         Some(c) => lines.push(format!(
-            "  database: private PostgreSQL cluster in {} (port {})",
+            "  database: private PostgreSQL cluster in {} (port {}); the processes connect as {APP_ROLE}, which owns nothing",
             c.dir.display(),
             c.port
         )),

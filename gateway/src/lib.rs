@@ -10,6 +10,8 @@ pub mod audit;
 pub mod bench;
 pub mod bench_e2e;
 pub mod blob;
+pub mod database;
+pub use database::{grant_runtime_roles, warn_if_owner};
 pub use mira_config as config;
 pub use mira_eventlog::commands;
 pub mod dev;

@@ -11,7 +11,6 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use mira_bus::Bus;
-use mira_eventlog::checkpoint::{self, AuditKey};
 use mira_eventlog::{verify, EventLog};
 use mira_gateway::config::{MessagingProvider, Settings};
 use mira_gateway::{audit, bench, commands::Commands, telemetry};
@@ -32,11 +31,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Apply the database schema (idempotent).
+    /// Apply the database schema (idempotent), as the owner (Database__MigrationUrl, else
+    /// DATABASE_URL), and grant the runtime roles to DATABASE_URL's role when it is another.
     Migrate {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Create the keys the settings name, where they do not exist yet: the checkpoint signing
+    /// key, the local keyring and the witness directory. No other command creates a key.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
     },
     /// Verify, checkpoint, replay and export the event log.
     Audit {
@@ -111,6 +117,16 @@ enum DevCommand {
         /// Hours until the token expires.
         #[arg(long, default_value_t = 12)]
         hours: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create what is missing; keep what exists (idempotent). Prints the public audit key.
+    Init {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -292,14 +308,22 @@ impl std::fmt::Display for Verdict {
 }
 impl std::error::Error for Verdict {}
 
-async fn pool(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
-    let url = settings.database_url()?;
+async fn connect(settings: &Settings, url: &str) -> anyhow::Result<sqlx::PgPool> {
     Ok(mira_eventlog::db::connect(
         url,
         settings.database.max_connections,
         Duration::from_secs(settings.database.connect_timeout_seconds),
     )
     .await?)
+}
+
+/// The application's pool (DATABASE_URL). Says so when its role could switch the log's guards
+/// off: processes should connect as a role that owns nothing (Database__MigrationUrl is for
+/// `mira migrate`).
+async fn pool(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
+    let pool = connect(settings, settings.database_url()?).await?;
+    mira_gateway::warn_if_owner(&pool).await;
+    Ok(pool)
 }
 
 async fn aws_config(settings: &Settings) -> aws_config::SdkConfig {
@@ -394,14 +418,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev { .. } => unreachable!("handled above"),
         Command::Migrate { json } => {
-            let pool = pool(&settings).await?;
-            let applied = mira_eventlog::migrate::run(&pool).await?;
+            let owner = connect(&settings, settings.migration_url()?)
+                .await
+                .context("Database__MigrationUrl (or DATABASE_URL)")?;
+            let applied = mira_eventlog::migrate::run(&owner).await?;
+            let granted = mira_gateway::grant_runtime_roles(&settings, &owner).await?;
             if json {
-                print_json(&serde_json::json!({ "applied": applied }));
-            } else if applied.is_empty() {
-                println!("schema is up to date");
+                print_json(&serde_json::json!({ "applied": applied, "granted_to": granted }));
             } else {
-                println!("applied migrations {applied:?}");
+                if applied.is_empty() {
+                    println!("schema is up to date");
+                } else {
+                    println!("applied migrations {applied:?}");
+                }
+                if let Some(role) = granted {
+                    println!("granted the runtime roles to {role}");
+                }
+            }
+        }
+        Command::Keys {
+            command: KeysCommand::Init { json },
+        } => {
+            let report = mira_keys::init(&settings).await?;
+            if json {
+                print_json(&report);
+            } else {
+                for l in &report.lines {
+                    println!("{l}");
+                }
             }
         }
         Command::Audit { command } => audit_command(&settings, command).await?,
@@ -435,13 +479,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay => {
             let pool = pool(&settings).await?;
             let bus = aws_bus(&settings).await?;
-            let key = AuditKey::load_or_create(&settings.audit.signing_key_file)?;
+            let checkpoints = mira_keys::checkpointer(&settings).await?;
             let cfg = mira_bus::relay::RelayConfig {
                 checkpoint_every_events: settings.audit.checkpoint_every_events,
                 checkpoint_every: Duration::from_secs(settings.audit.checkpoint_every_seconds),
                 ..Default::default()
             };
-            let relay = mira_bus::relay::Relay::new(EventLog::new(pool), bus.publisher(), cfg, Some(Arc::new(key)));
+            let relay = mira_bus::relay::Relay::new(EventLog::new(pool), bus.publisher(), cfg, Some(checkpoints));
             relay.run(settings.database_url()?, shutdown_on_signals()).await?;
         }
         Command::Bench {
@@ -490,9 +534,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Handlers => {
             let pool = pool(&settings).await?;
             let bus = aws_bus(&settings).await?;
-            let keyring = mira_events::LocalKeyring::open(&settings.keyring.local_dir)
-                .with_context(|| format!("Keyring__LocalDir {}", settings.keyring.local_dir.display()))?;
-            let commands = Commands::new(EventLog::new(pool.clone()), Arc::new(keyring));
+            let keyring = mira_keys::keyring(&settings, &pool).await?;
+            let commands = Commands::new(EventLog::new(pool.clone()), keyring);
             mira_handlers::run(
                 pool,
                 commands,
@@ -554,7 +597,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !report.swapped {
                 return Err(Verdict(format!(
-                    "{} differences between the live and the rebuilt {name}; the live model was kept",
+                    "{} differences between the live and the rebuilt {name} (the first {} above); the live model was kept",
+                    report.difference_count,
                     report.differences.len()
                 ))
                 .into());
@@ -639,9 +683,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let pool = pool(&settings).await?;
-            let keyring = mira_events::LocalKeyring::open(&settings.keyring.local_dir)
-                .with_context(|| format!("Keyring__LocalDir {}", settings.keyring.local_dir.display()))?;
-            let cmds = Commands::new(EventLog::new(pool), Arc::new(keyring));
+            let keyring = mira_keys::keyring(&settings, &pool).await?;
+            let cmds = Commands::new(EventLog::new(pool), keyring);
             let r = bench::append(&cmds, commands, concurrency).await?;
             if json {
                 print_json(&r);
@@ -711,22 +754,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn audit_command(settings: &Settings, command: AuditCommand) -> anyhow::Result<()> {
-    let public_key = |flag: Option<PathBuf>| -> anyhow::Result<ed25519_dalek::VerifyingKey> {
-        let path = flag.unwrap_or_else(|| settings.public_key_file());
-        Ok(checkpoint::load_verifying_key(&path)?)
-    };
     match command {
         AuditCommand::Verify { public_key: flag, json } => {
-            let key = public_key(flag)?;
+            let key = mira_keys::verifying_key(settings, flag.as_deref()).await?;
+            // Without a witness, deleted checkpoints cannot be told from none: not verified.
+            let witness = mira_keys::witness(settings)
+                .await
+                .map_err(|e| Verdict(format!("log verification FAILED: {e:#}")))?;
             let pool = pool(settings).await?;
-            match verify::verify(&pool, &key).await {
+            match verify::verify(&pool, &key, witness.as_ref()).await {
                 Ok(r) => {
                     if json {
                         print_json(&serde_json::json!({ "ok": true, "report": r }));
                     } else {
                         println!(
-                            "log intact: {} events, {} checkpoints ({} events not yet checkpointed), {:.2} s, {:.0} events/s",
-                            r.events, r.checkpoints, r.uncheckpointed, r.seconds, r.events_per_second
+                            "log intact: {} events, {} checkpoints ({} events not yet checkpointed; newest witnessed checkpoint {} in {}), {:.2} s, {:.0} events/s",
+                            r.events,
+                            r.checkpoints,
+                            r.uncheckpointed,
+                            r.witnessed_checkpoint.map_or("none".to_owned(), |s| s.to_string()),
+                            r.witness,
+                            r.seconds,
+                            r.events_per_second
                         );
                     }
                 }
@@ -742,15 +791,22 @@ async fn audit_command(settings: &Settings, command: AuditCommand) -> anyhow::Re
             }
         }
         AuditCommand::Checkpoint { json } => {
-            let key = AuditKey::load_or_create(&settings.audit.signing_key_file)?;
+            let checkpoints = mira_keys::checkpointer(settings).await?;
             let pool = pool(settings).await?;
-            let info = checkpoint::write(&pool, &key).await?;
+            let info = checkpoints.write(&pool).await?;
             if json {
                 print_json(&info);
             } else {
                 println!(
-                    "checkpoint {} covers {} events through position {} ({} new), digest {}, key {}",
-                    info.seq, info.event_count, info.upto_position, info.new_events, info.digest, info.key_id
+                    "checkpoint {} covers {} events through position {} ({} new, {} checkpoints written), digest {}, key {}, witnessed in {}",
+                    info.seq,
+                    info.event_count,
+                    info.upto_position,
+                    info.new_events,
+                    info.written,
+                    info.digest,
+                    info.key_id,
+                    info.witness
                 );
             }
         }
@@ -780,7 +836,7 @@ async fn audit_command(settings: &Settings, command: AuditCommand) -> anyhow::Re
             out,
             public_key: flag,
         } => {
-            let key = public_key(flag)?;
+            let key = mira_keys::verifying_key(settings, flag.as_deref()).await?;
             let pool = pool(settings).await?;
             let summary = match &out {
                 Some(path) => {

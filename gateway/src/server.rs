@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mira_bus::Bus;
-use mira_eventlog::checkpoint::AuditKey;
 use mira_eventlog::EventLog;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -103,10 +102,7 @@ pub async fn state(
     dev_jwks: Option<serde_json::Value>,
 ) -> anyhow::Result<AppState> {
     let auth = Arc::new(JwksVerifier::new(settings.auth_config()?));
-    let keyring: Arc<dyn mira_events::Keyring> = Arc::new(
-        mira_events::LocalKeyring::open(&settings.keyring.local_dir)
-            .with_context(|| format!("Keyring__LocalDir {}", settings.keyring.local_dir.display()))?,
-    );
+    let keyring = mira_keys::keyring(settings, &pool).await?;
     let (blobs, local_blobs) = blob_store(settings, public_url).await?;
     Ok(AppState::new(Inner {
         commands: Commands::new(EventLog::new(pool.clone()), keyring.clone()),
@@ -158,7 +154,7 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(bus) = &bus {
         if roles.contains(&Role::Relay) {
-            let key = AuditKey::load_or_create(&settings.audit.signing_key_file)?;
+            let checkpoints = mira_keys::checkpointer(settings).await?;
             let in_memory = settings.messaging.provider == MessagingProvider::InMemory;
             let cfg = mira_bus::relay::RelayConfig {
                 // The in-memory bus has a relay (and cursor) of its own: see below.
@@ -170,8 +166,7 @@ pub async fn run(
                 idle_poll: Duration::from_millis(10),
                 ..Default::default()
             };
-            let relay =
-                mira_bus::relay::Relay::new(EventLog::new(pool.clone()), bus.publisher(), cfg, Some(Arc::new(key)));
+            let relay = mira_bus::relay::Relay::new(EventLog::new(pool.clone()), bus.publisher(), cfg, Some(checkpoints));
             if in_memory {
                 // Messages in flight when the last process stopped died with it, taken by a
                 // consumer or not: publish everything again; consumers skip what they applied.

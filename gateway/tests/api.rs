@@ -265,6 +265,7 @@ async fn spawn_app_with(storage: Storage, extra: &[(&str, &str)]) -> App {
         ("AWS__Cognito__JwksUrl", jwks),
         ("Keyring__LocalDir", dir.join("keyring").display().to_string()),
         ("Audit__SigningKeyFile", dir.join("audit.key").display().to_string()),
+        ("Audit__WitnessDir", dir.join("witness").display().to_string()),
         ("Storage__LocalDir", dir.join("blobs").display().to_string()),
         ("Storage__MultipartThresholdBytes", (6 * 1024 * 1024).to_string()),
         ("Storage__PartSizeBytes", (5 * 1024 * 1024).to_string()),
@@ -294,6 +295,7 @@ async fn spawn_app_with(storage: Storage, extra: &[(&str, &str)]) -> App {
         env.insert((*k).to_owned(), (*v).to_owned());
     }
     let settings = Settings::load(None, env).expect("test settings are valid");
+    mira_keys::init(&settings).await.expect("mira keys init");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
@@ -1956,12 +1958,14 @@ async fn events_the_in_memory_bus_held_at_shutdown_reach_the_projection_after_a_
         ("AWS__Cognito__JwksUrl", "http://127.0.0.1:9/jwks.json".to_owned()),
         ("Keyring__LocalDir", dir.join("keyring").display().to_string()),
         ("Audit__SigningKeyFile", dir.join("audit.key").display().to_string()),
+        ("Audit__WitnessDir", dir.join("witness").display().to_string()),
         ("Storage__LocalDir", dir.join("blobs").display().to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let settings = Settings::load(None, env).unwrap();
+    mira_keys::init(&settings).await.unwrap();
     let start = |roles: Vec<mira_gateway::server::Role>| {
         let (settings, pool, stop) = (settings.clone(), db.pool.clone(), CancellationToken::new());
         let s = stop.clone();

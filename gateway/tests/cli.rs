@@ -68,6 +68,7 @@ impl Env {
             .env("Database__ConnectTimeoutSeconds", "3")
             .env("Audit__SigningKeyFile", self.dir.join("audit.key"))
             .env("Keyring__LocalDir", self.dir.join("keyring"))
+            .env("Audit__WitnessDir", self.dir.join("witness"))
             .envs(self.extra.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.dir);
         c
@@ -75,6 +76,13 @@ impl Env {
 
     fn mira(&self, args: &[&str]) -> Output {
         self.command(args).output().unwrap()
+    }
+
+    /// `mira keys init`, as an operator runs it once.
+    fn keys(self) -> Self {
+        let out = self.mira(&["keys", "init"]);
+        assert!(out.status.success(), "mira keys init: {}", stderr(&out));
+        self
     }
 }
 
@@ -89,7 +97,7 @@ fn stderr(o: &Output) -> String {
 fn commands(db: &TestDb, dir: &Path) -> Commands {
     Commands::new(
         EventLog::new(db.pool.clone()),
-        std::sync::Arc::new(LocalKeyring::open(dir.join("keyring")).unwrap()),
+        std::sync::Arc::new(LocalKeyring::init(dir.join("keyring")).unwrap().0),
     )
 }
 
@@ -123,8 +131,10 @@ fn a_wrong_or_unreachable_database_is_one_line_and_non_zero() {
         "mysql://nope",
     ] {
         let env = Env::new(url);
-        // `verify` needs a public key before it connects; give it one.
-        std::fs::write(env.dir.join("audit.key.pub"), "11".repeat(32)).unwrap();
+        // Keys and the witness exist, so every command gets as far as the database.
+        mira_eventlog::AuditKey::init(&env.dir.join("audit.key")).unwrap();
+        LocalKeyring::init(env.dir.join("keyring")).unwrap();
+        std::fs::create_dir_all(env.dir.join("witness")).unwrap();
         for args in SUBCOMMANDS {
             let out = env.mira(args);
             let err = stderr(&out);
@@ -163,7 +173,10 @@ async fn migrate_is_idempotent_through_the_cli() {
     let first = env.mira(&["migrate", "--json"]);
     assert!(first.status.success(), "{}", stderr(&first));
     let all: Vec<i64> = mira_eventlog::migrate::MIGRATIONS.iter().map(|m| m.0).collect();
-    assert_eq!(stdout(&first).trim(), serde_json::json!({ "applied": all }).to_string());
+    assert_eq!(
+        stdout(&first).trim(),
+        serde_json::json!({ "applied": all, "granted_to": null }).to_string()
+    );
     let again = env.mira(&["migrate"]);
     assert!(again.status.success());
     assert_eq!(stdout(&again).trim(), "schema is up to date");
@@ -257,7 +270,7 @@ fn python() -> String {
 #[tokio::test]
 async fn verify_checkpoint_and_an_export_that_reverifies_outside_mira() {
     let db = TestDb::new().await;
-    let env = Env::new(&db.url);
+    let env = Env::new(&db.url).keys();
     let c = commands(&db, &env.dir);
     for _ in 0..3 {
         let id = JobId::new();
@@ -354,7 +367,7 @@ async fn verify_checkpoint_and_an_export_that_reverifies_outside_mira() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    let mut tx = db.pool.begin().await.unwrap();
+    let mut tx = db.owner.begin().await.unwrap();
     sqlx::query("SET LOCAL session_replication_role = replica")
         .execute(&mut *tx)
         .await
@@ -374,7 +387,7 @@ async fn verify_checkpoint_and_an_export_that_reverifies_outside_mira() {
 #[tokio::test]
 async fn bench_append_runs_real_commands() {
     let db = TestDb::new().await;
-    let env = Env::new(&db.url);
+    let env = Env::new(&db.url).keys();
     let out = env.mira(&["bench", "append", "--commands", "50", "--concurrency", "4", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let r: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
@@ -391,9 +404,204 @@ async fn bench_append_runs_real_commands() {
         .unwrap();
     assert_eq!(succeeded, 10);
     settle(&db.pool).await;
-    let key = mira_eventlog::AuditKey::load_or_create(&env.dir.join("audit.key")).unwrap();
-    mira_eventlog::checkpoint::write(&db.pool, &key).await.unwrap();
+    assert!(env.mira(&["audit", "checkpoint"]).status.success());
     assert!(env.mira(&["audit", "verify"]).status.success());
+}
+
+// ---- keys, witness and roles ------------------------------------------------------------
+
+/// Asserts a one-line failure with `code` whose line names every one of `names`.
+fn assert_fails_naming(out: &Output, code: i32, names: &[&str]) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    for n in names {
+        assert!(err.contains(n), "the error should name {n}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn keys_are_created_by_keys_init_and_nowhere_else() {
+    let db = TestDb::new().await;
+    let env = Env::new(&db.url);
+    // Before `mira keys init`: every command that needs a key fails, naming the setting, and
+    // creates nothing.
+    assert_fails_naming(&env.mira(&["audit", "checkpoint"]), 2, &["Audit__SigningKeyFile", "mira keys init"]);
+    assert_fails_naming(
+        &env.mira(&["bench", "append", "--commands", "5"]),
+        2,
+        &["Keyring__LocalDir", "mira keys init"],
+    );
+    assert_fails_naming(&env.mira(&["audit", "verify"]), 2, &["Audit__SigningKeyFile"]);
+    assert!(!env.dir.join("audit.key").exists() && !env.dir.join("keyring").exists());
+    let init = env.mira(&["keys", "init", "--json"]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let report: serde_json::Value = serde_json::from_str(stdout(&init).trim()).unwrap();
+    let lines = report["lines"].to_string();
+    assert!(lines.contains("created"), "{lines}");
+    let secret = std::fs::read_to_string(env.dir.join("audit.key")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(env.dir.join("audit.key.pub")).unwrap(),
+        report["public_key"].as_str().unwrap()
+    );
+    // A second init keeps everything.
+    let again = env.mira(&["keys", "init"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(!stdout(&again).contains("(created)"), "{}", stdout(&again));
+    assert_eq!(std::fs::read_to_string(env.dir.join("audit.key")).unwrap(), secret);
+    let ck = env.mira(&["audit", "checkpoint"]);
+    assert!(ck.status.success(), "{}", stderr(&ck));
+    assert!(env.mira(&["audit", "verify"]).status.success());
+    // Without a witness, verification fails and names both settings.
+    let no_witness = env.command(&["audit", "verify"]).env_remove("Audit__WitnessDir").output().unwrap();
+    assert_fails_naming(&no_witness, 1, &["Audit__WitnessBucket", "Audit__WitnessDir"]);
+    // A keyring directory that is not one (a typo, another host's empty mount) is refused.
+    let stray = env.dir.join("not-a-keyring");
+    std::fs::create_dir_all(&stray).unwrap();
+    let out = env
+        .command(&["bench", "append", "--commands", "5"])
+        .env("Keyring__LocalDir", &stray)
+        .output()
+        .unwrap();
+    assert_fails_naming(&out, 2, &["Keyring__LocalDir", "not a Mira keyring"]);
+}
+
+/// Rewrites the payload of the event at `pos` and re-hashes the rest of its stream, as a
+/// superuser would.
+async fn rewrite_and_rehash(db: &TestDb, pos: i64) {
+    let log = EventLog::new(db.pool.clone());
+    let (t, id): (String, String) =
+        sqlx::query_as("SELECT aggregate_type, aggregate_id FROM events WHERE global_position = $1")
+            .bind(pos)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let mut events = log.read_stream(None, &t, &id, 0).await.unwrap();
+    let k = events.iter().position(|e| e.global_position == pos).unwrap();
+    events[k].payload = events[k].payload.replace("254", "255");
+    let mut tx = db.owner.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for i in k..events.len() {
+        if i > 0 {
+            events[i].prev_hash = events[i - 1].hash;
+        }
+        events[i].hash = events[i].recompute_hash();
+        sqlx::query("UPDATE events SET payload = $1, prev_hash = $2, hash = $3 WHERE global_position = $4")
+            .bind(&events[i].payload)
+            .bind(&events[i].prev_hash[..])
+            .bind(&events[i].hash[..])
+            .bind(events[i].global_position)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+async fn submit_jobs(db: &TestDb, env: &Env, n: usize) {
+    let c = commands(db, &env.dir);
+    for _ in 0..n {
+        let id = JobId::new();
+        let submit = JobCommand::Submit {
+            slide_id: SlideId::new(),
+            kind: "wsi.preprocess".into(),
+            params: serde_json::json!({"tile_size": 254}),
+            max_attempts: 3,
+        };
+        c.job(&ctx(), id, submit).await.unwrap();
+        c.job(&ctx(), id, JobCommand::Queue { now: Utc::now() }).await.unwrap();
+    }
+    settle(&db.pool).await;
+}
+
+#[tokio::test]
+async fn verify_catches_deleted_checkpoints_through_the_witness() {
+    let db = TestDb::new().await;
+    let env = Env::new(&db.url).keys();
+    submit_jobs(&db, &env, 3).await;
+    assert!(env.mira(&["audit", "checkpoint"]).status.success());
+    let first_end: i64 = sqlx::query_scalar("SELECT max(global_position) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    submit_jobs(&db, &env, 2).await;
+    assert!(env.mira(&["audit", "checkpoint"]).status.success());
+    assert!(env.mira(&["audit", "verify"]).status.success());
+    let tamper = |sql: String| {
+        let owner = db.owner.clone();
+        async move {
+            let mut tx = owner.begin().await.unwrap();
+            sqlx::query("SET LOCAL session_replication_role = replica")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::raw_sql(&sql).execute(&mut *tx).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+
+    // The trailing checkpoint and the events after the one before it, gone.
+    tamper(format!(
+        "BEGIN; DELETE FROM checkpoints WHERE seq = 2; DELETE FROM events WHERE global_position > {first_end}; COMMIT"
+    ))
+    .await;
+    let out = env.mira(&["audit", "verify"]);
+    assert_fails_naming(&out, 1, &["checkpoint 2", "missing from the database"]);
+
+    // Every checkpoint gone, and an event rewritten with its stream re-hashed: the chains hold,
+    // no signature is left to disagree, and the witness still says what was there.
+    tamper("DELETE FROM checkpoints".into()).await;
+    let first: i64 = sqlx::query_scalar("SELECT min(global_position) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    rewrite_and_rehash(&db, first).await;
+    let out = env.mira(&["audit", "verify"]);
+    assert_fails_naming(&out, 1, &["checkpoint 2", "missing from the database"]);
+}
+
+#[tokio::test]
+async fn migrate_runs_as_the_owner_and_grants_the_application_role() {
+    let db = TestDb::empty().await;
+    let role = mira_eventlog::testing::APP_ROLE;
+    // The login role exists (the operator creates it); it owns nothing.
+    sqlx::raw_sql(&format!(
+        "DO $$ BEGIN CREATE ROLE {role} LOGIN PASSWORD '{role}'; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+    ))
+    .execute(&db.owner)
+    .await
+    .unwrap();
+    let app_url = mira_eventlog::testing::with_user(&db.owner_url, role, role);
+    let env = Env::new(&app_url).set("Database__MigrationUrl", &db.owner_url);
+    let out = env.mira(&["migrate", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["granted_to"], role);
+    let owner: String = sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE tablename = 'events'")
+        .fetch_one(&db.owner)
+        .await
+        .unwrap();
+    assert_ne!(owner, role);
+    // The application's role runs the platform's commands…
+    let env = env.unset("Database__MigrationUrl").keys();
+    let out = env.mira(&["bench", "append", "--commands", "10"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("owns the event log"), "{}", stderr(&out));
+    for args in [
+        &["audit", "checkpoint"][..],
+        &["audit", "verify"],
+        &["projections", "rebuild", "read_models", "--verify"],
+    ] {
+        let out = env.mira(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    // …and the owner, connecting as DATABASE_URL, is told it should not.
+    let out = Env::new(&db.owner_url).keys().mira(&["projections", "status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("owns the event log"), "{}", stderr(&out));
 }
 
 // ---- fan-out ----------------------------------------------------------------------------
@@ -408,7 +616,8 @@ async fn bus_init_is_idempotent_and_the_relay_publishes_checkpoints_and_stops_on
     let db = TestDb::new().await;
     let env = Env::new(&db.url)
         .on_moto(&moto())
-        .set("Audit__CheckpointEveryEvents", "4");
+        .set("Audit__CheckpointEveryEvents", "4")
+        .keys();
     let first = env.mira(&["bus", "init", "--json"]);
     assert!(first.status.success(), "{}", stderr(&first));
     let again = env.mira(&["bus", "init", "--json"]);

@@ -526,9 +526,8 @@ pub async fn run(
         Duration::from_secs(settings.database.connect_timeout_seconds),
     )
     .await?;
-    let keyring = mira_events::LocalKeyring::open(&settings.keyring.local_dir)
-        .with_context(|| format!("Keyring__LocalDir {}", settings.keyring.local_dir.display()))?;
-    let commands = Commands::new(EventLog::new(pool.clone()), Arc::new(keyring));
+    let keyring = mira_keys::keyring(&settings, &pool).await?;
+    let commands = Commands::new(EventLog::new(pool.clone()), keyring);
     let store = Store::from_settings(&settings).await?;
     let scratch = std::env::temp_dir().join(format!("mira-worker-{worker_id}"));
     let worker = Arc::new(

@@ -44,7 +44,7 @@ impl World {
         let dir = std::env::temp_dir().join(format!("mira-handlers-keys-{}", uuid::Uuid::new_v4()));
         let commands = Commands::new(
             EventLog::new(db.pool.clone()),
-            Arc::new(LocalKeyring::open(dir).unwrap()),
+            Arc::new(LocalKeyring::init(dir).unwrap().0),
         );
         let bus = MemoryBus::new(Duration::from_secs(5), 5);
         let mut cfg = ConsumerConfig::for_group(Group::Handlers);

@@ -39,7 +39,10 @@ pub struct RebuildReport {
     pub events: u64,
     pub seconds: f64,
     pub events_per_second: f64,
+    /// The first differences found, one line each (at most [`MAX_DIFFERENCE_LINES`]).
     pub differences: Vec<String>,
+    /// All differences found.
+    pub difference_count: u64,
     pub swapped: bool,
 }
 
@@ -51,54 +54,86 @@ async fn apply_batch(
     p.apply_batch(conn, events).await
 }
 
-/// The rows of `schema` as JSON, in key order, per table.
-async fn snapshot(conn: &mut PgConnection, schema: &str) -> Result<Vec<(String, Vec<serde_json::Value>)>, sqlx::Error> {
-    let mut out = Vec::new();
-    for (t, key) in [
-        ("jobs", "job_id"),
-        ("slides", "slide_id"),
-        ("job_timeline", "job_id, sequence"),
-        ("usage", "tenant_id"),
-    ] {
-        let rows: Vec<serde_json::Value> =
-            sqlx::query_scalar(&format!("SELECT to_jsonb(r) FROM {schema}.{t} r ORDER BY {key}"))
-                .fetch_all(&mut *conn)
-                .await?;
-        out.push((t.to_owned(), rows));
-    }
-    Ok(out)
-}
+/// Each read-model table, its key as text that sorts (bytewise) the way the key does, and the
+/// key's order.
+const TABLES: &[(&str, &str, &str)] = &[
+    ("jobs", "job_id::text", "job_id"),
+    ("slides", "slide_id::text", "slide_id"),
+    (
+        "job_timeline",
+        "job_id::text || '#' || lpad(sequence::text, 20, '0')",
+        "job_id, sequence",
+    ),
+    ("usage", "tenant_id", "tenant_id COLLATE \"C\""),
+];
 
-fn row_key(t: &str, v: &serde_json::Value) -> String {
-    match t {
-        "jobs" => v["job_id"].to_string(),
-        "slides" => v["slide_id"].to_string(),
-        "job_timeline" => format!("{}#{}", v["job_id"], v["sequence"]),
-        _ => v["tenant_id"].to_string(),
-    }
-}
+/// Rows fetched from each side at a time: the comparison holds two chunks, whatever the size
+/// of the models.
+const CHUNK: i64 = 1_000;
 
-/// Differences between two read-model schemas, one line each.
-pub async fn compare(conn: &mut PgConnection, live: &str, rebuilt: &str) -> Result<Vec<String>, sqlx::Error> {
-    let (a, b) = (snapshot(conn, live).await?, snapshot(conn, rebuilt).await?);
-    let mut diffs = Vec::new();
-    for ((t, la), (_, lb)) in a.iter().zip(&b) {
-        let ma: std::collections::BTreeMap<String, &serde_json::Value> =
-            la.iter().map(|v| (row_key(t, v), v)).collect();
-        let mb: std::collections::BTreeMap<String, &serde_json::Value> =
-            lb.iter().map(|v| (row_key(t, v), v)).collect();
-        for (k, va) in &ma {
-            match mb.get(k) {
-                None => diffs.push(format!("{t} {k}: only in the live model")),
-                Some(vb) if vb != va => diffs.push(format!("{t} {k}: live {va} != rebuilt {vb}")),
-                _ => {}
+/// At most this many differences are kept as lines; all are counted.
+pub const MAX_DIFFERENCE_LINES: usize = 100;
+
+/// Differences between two read-model schemas: up to [`MAX_DIFFERENCE_LINES`] lines, and the
+/// count of all. Both schemas are read in key order, a chunk at a time, with cursors in the
+/// caller's transaction.
+pub async fn compare(conn: &mut PgConnection, live: &str, rebuilt: &str) -> Result<(Vec<String>, u64), sqlx::Error> {
+    let mut lines = Vec::new();
+    let mut count = 0u64;
+    let mut note = |line: String| {
+        count += 1;
+        if lines.len() < MAX_DIFFERENCE_LINES {
+            lines.push(line);
+        }
+    };
+    for (t, key, order) in TABLES {
+        for (cursor, schema) in [("mira_cmp_live", live), ("mira_cmp_rebuilt", rebuilt)] {
+            sqlx::query(&format!(
+                "DECLARE {cursor} NO SCROLL CURSOR FOR SELECT {key} AS k, to_jsonb(r) AS v FROM {schema}.{t} r ORDER BY {order}"
+            ))
+            .execute(&mut *conn)
+            .await?;
+        }
+        let fetch = |cursor: &'static str| format!("FETCH {CHUNK} FROM {cursor}");
+        let mut a: std::collections::VecDeque<(String, serde_json::Value)> = Default::default();
+        let mut b: std::collections::VecDeque<(String, serde_json::Value)> = Default::default();
+        let (mut a_done, mut b_done) = (false, false);
+        loop {
+            if a.is_empty() && !a_done {
+                a.extend(sqlx::query_as::<_, (String, serde_json::Value)>(&fetch("mira_cmp_live")).fetch_all(&mut *conn).await?);
+                a_done = a.is_empty();
+            }
+            if b.is_empty() && !b_done {
+                b.extend(sqlx::query_as::<_, (String, serde_json::Value)>(&fetch("mira_cmp_rebuilt")).fetch_all(&mut *conn).await?);
+                b_done = b.is_empty();
+            }
+            match (a.front(), b.front()) {
+                (None, None) => break,
+                (Some((ka, _)), Some((kb, _))) if ka == kb => {
+                    let ((k, va), (_, vb)) = (a.pop_front().expect("front"), b.pop_front().expect("front"));
+                    if va != vb {
+                        note(format!("{t} {k}: live {va} != rebuilt {vb}"));
+                    }
+                }
+                (Some((ka, _)), Some((kb, _))) if ka.as_bytes() < kb.as_bytes() => {
+                    let (k, _) = a.pop_front().expect("front");
+                    note(format!("{t} {k}: only in the live model"));
+                }
+                (Some(_), None) => {
+                    let (k, _) = a.pop_front().expect("front");
+                    note(format!("{t} {k}: only in the live model"));
+                }
+                (_, Some(_)) => {
+                    let (k, _) = b.pop_front().expect("front");
+                    note(format!("{t} {k}: only in the rebuilt model"));
+                }
             }
         }
-        for k in mb.keys().filter(|k| !ma.contains_key(*k)) {
-            diffs.push(format!("{t} {k}: only in the rebuilt model"));
-        }
+        sqlx::query("CLOSE mira_cmp_live; CLOSE mira_cmp_rebuilt")
+            .execute(&mut *conn)
+            .await?;
     }
-    Ok(diffs)
+    Ok((lines, count))
 }
 
 /// Rebuilds the read models. With `verify`, compares before swapping and does not swap when
@@ -109,13 +144,9 @@ pub async fn rebuild(
     mut progress: impl FnMut(&Progress),
 ) -> Result<RebuildReport, HandlerError> {
     let started = Instant::now();
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS {BUILD} CASCADE"))
-        .execute(pool)
-        .await?;
-    sqlx::query("SELECT mira_create_read_models($1)")
-        .bind(BUILD)
-        .execute(pool)
-        .await?;
+    // Schema work runs as the owner, through functions that do one fixed thing each (the
+    // processes' role owns nothing; migration 0007).
+    sqlx::query("SELECT mira_rebuild_prepare()").execute(pool).await?;
     let log = EventLog::new(pool.clone());
     let projector = Projector::into_schema(BUILD);
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
@@ -157,29 +188,27 @@ pub async fn rebuild(
         apply_batch(&mut tx, &projector, &batch).await?;
         done += batch.len() as u64;
     }
-    // Applying switched to the projector's role; schema changes need the owner's.
-    sqlx::query("RESET ROLE").execute(&mut *tx).await?;
-    let differences = if verify {
+    // The projector's role reads both models whole (no tenant policy) and may run the swap.
+    sqlx::query("SET LOCAL ROLE mira_projector").execute(&mut *tx).await?;
+    let (differences, difference_count) = if verify {
         compare(&mut tx, LIVE, BUILD).await?
     } else {
-        Vec::new()
+        (Vec::new(), 0)
     };
-    let swapped = differences.is_empty();
+    let swapped = difference_count == 0;
     if swapped {
-        let retired = format!("rm_retired_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(&format!("ALTER SCHEMA {LIVE} RENAME TO {retired}"))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!("ALTER SCHEMA {BUILD} RENAME TO {LIVE}"))
-            .execute(&mut *tx)
+        let retired: String = sqlx::query_scalar("SELECT mira_rebuild_swap()")
+            .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
-        sqlx::query(&format!("DROP SCHEMA {retired} CASCADE"))
+        sqlx::query("SELECT mira_rebuild_drop($1)")
+            .bind(&retired)
             .execute(pool)
             .await?;
     } else {
         tx.rollback().await?;
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS {BUILD} CASCADE"))
+        sqlx::query("SELECT mira_rebuild_drop($1)")
+            .bind(BUILD)
             .execute(pool)
             .await?;
     }
@@ -189,6 +218,7 @@ pub async fn rebuild(
         seconds,
         events_per_second: done as f64 / seconds.max(1e-9),
         differences,
+        difference_count,
         swapped,
     })
 }

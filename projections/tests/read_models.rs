@@ -38,7 +38,7 @@ impl Rng {
 async fn random_history(log: &EventLog, tenants: &[&str], jobs: usize, seed: u64) {
     let mut rng = Rng(seed);
     let keyring =
-        Arc::new(LocalKeyring::open(std::env::temp_dir().join(format!("mira-rm-{}", uuid::Uuid::new_v4()))).unwrap());
+        Arc::new(LocalKeyring::init(std::env::temp_dir().join(format!("mira-rm-{}", uuid::Uuid::new_v4()))).unwrap().0);
     for t in tenants {
         let ctx = CommandContext::new(tenant(t), Actor::user(format!("{t}-user")));
         let jc: CqrsFramework<Job, _> = CqrsFramework::new(
