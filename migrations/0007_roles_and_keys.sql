@@ -57,3 +57,4 @@ CREATE TABLE data_keys (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 GRANT SELECT, INSERT, DELETE ON data_keys TO mira_app;
+GRANT SELECT ON mira_schema_migrations TO mira_app;

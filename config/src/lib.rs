@@ -667,7 +667,11 @@ mod tests {
         assert_eq!(s.audit.signing_key_file, cwd.join(".mira/audit-signing.key"));
         assert_eq!(s.keyring.local_dir, cwd.join(".mira/keyring"));
         assert!(s.storage.local_dir.is_absolute());
-        let s = Settings::load(None, env(&[("Audit__WitnessDir", "w"), ("Audit__PublicKeyFile", "/k.pub")])).unwrap();
+        let s = Settings::load(
+            None,
+            env(&[("Audit__WitnessDir", "w"), ("Audit__PublicKeyFile", "/k.pub")]),
+        )
+        .unwrap();
         assert_eq!(s.audit.witness_dir, Some(cwd.join("w")));
         assert_eq!(s.audit.public_key_file.as_deref(), Some(Path::new("/k.pub")));
     }

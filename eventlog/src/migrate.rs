@@ -13,7 +13,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, "api", include_str!("../../migrations/0004_api.sql")),
     (5, "handlers", include_str!("../../migrations/0005_handlers.sql")),
     (6, "appenders", include_str!("../../migrations/0006_appenders.sql")),
-    (7, "roles_and_keys", include_str!("../../migrations/0007_roles_and_keys.sql")),
+    (
+        7,
+        "roles_and_keys",
+        include_str!("../../migrations/0007_roles_and_keys.sql"),
+    ),
 ];
 
 /// The roles a running process needs, granted to the login role it connects as.
@@ -22,7 +26,11 @@ pub const RUNTIME_ROLES: &[&str] = &["mira_app", "mira_api", "mira_projector"];
 /// Grants the runtime roles to `login` (the role in `DATABASE_URL`), run by the owner after
 /// migrating. The login role owns nothing: it cannot alter, disable or drop the log's guards.
 pub async fn grant_runtime(owner: &PgPool, login: &str) -> Result<(), sqlx::Error> {
-    let sql = format!("GRANT {} TO \"{}\"", RUNTIME_ROLES.join(", "), login.replace('"', "\"\""));
+    let sql = format!(
+        "GRANT {} TO \"{}\"",
+        RUNTIME_ROLES.join(", "),
+        login.replace('"', "\"\"")
+    );
     sqlx::query(&sql).execute(owner).await?;
     Ok(())
 }
@@ -78,15 +86,22 @@ pub async fn run(pool: &PgPool) -> Result<Vec<i64>, MigrateError> {
 }
 
 async fn apply(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>, MigrateError> {
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS mira_schema_migrations (
+    // Only when missing: CREATE needs the owner's rights even when the table exists, and the
+    // application's role may check that the schema is up to date.
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('public.mira_schema_migrations') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS mira_schema_migrations (
             version bigint PRIMARY KEY,
             name text NOT NULL,
             checksum bytea NOT NULL,
             applied_at timestamptz NOT NULL DEFAULT now())",
-    )
-    .execute(&mut *conn)
-    .await?;
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
     let mut applied = Vec::new();
     for (version, name, sql) in MIGRATIONS {
         let checksum = Sha256::digest(sql.as_bytes()).to_vec();

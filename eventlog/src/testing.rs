@@ -77,14 +77,13 @@ impl TestDb {
         .expect("the application login role exists");
         // Roles and memberships are cluster-wide: tests running at once race to grant them.
         for attempt in 0.. {
-            let granted: bool = sqlx::query_scalar(
-                "SELECT bool_and(pg_has_role($1, r, 'MEMBER')) FROM unnest($2::text[]) r",
-            )
-            .bind(APP_ROLE)
-            .bind(crate::migrate::RUNTIME_ROLES)
-            .fetch_one(&db.owner)
-            .await
-            .expect("membership query");
+            let granted: bool =
+                sqlx::query_scalar("SELECT bool_and(pg_has_role($1, r, 'MEMBER')) FROM unnest($2::text[]) r")
+                    .bind(APP_ROLE)
+                    .bind(crate::migrate::RUNTIME_ROLES)
+                    .fetch_one(&db.owner)
+                    .await
+                    .expect("membership query");
             if granted {
                 break;
             }
@@ -177,8 +176,14 @@ mod tests {
     #[test]
     fn replaces_the_user_of_a_url() {
         use super::with_user;
-        assert_eq!(with_user("postgres://postgres@h:1/db", "a", "b"), "postgres://a:b@h:1/db");
-        assert_eq!(with_user("postgres://p:q@h:1/db?x=1", "a", "b"), "postgres://a:b@h:1/db?x=1");
+        assert_eq!(
+            with_user("postgres://postgres@h:1/db", "a", "b"),
+            "postgres://a:b@h:1/db"
+        );
+        assert_eq!(
+            with_user("postgres://p:q@h:1/db?x=1", "a", "b"),
+            "postgres://a:b@h:1/db?x=1"
+        );
         assert_eq!(with_user("postgres://h:1/db", "a", "b"), "postgres://a:b@h:1/db");
     }
 

@@ -9,8 +9,8 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework, EventStore};
 use mira_aggregates::{Job, JobCommand, JobError};
 use mira_eventlog::checkpoint::{self, AuditKey, CheckpointInfo};
-use mira_eventlog::witness::DirWitness;
 use mira_eventlog::testing::{settle, TestDb};
+use mira_eventlog::witness::DirWitness;
 use mira_eventlog::{verify, Cursor, EventLog, NewEvent, PgEventRepository};
 use mira_events::canonical::ZERO_HASH;
 use mira_events::{Actor, CommandContext, SlideId, TenantId};
@@ -144,7 +144,7 @@ async fn event_id_at(pool: &PgPool, position: i64) -> uuid::Uuid {
 #[tokio::test]
 async fn migrations_are_idempotent() {
     let db = TestDb::new().await;
-    assert!(mira_eventlog::migrate::run(&db.pool).await.unwrap().is_empty());
+    assert!(mira_eventlog::migrate::run(&db.owner).await.unwrap().is_empty());
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM mira_schema_migrations")
         .fetch_one(&db.pool)
         .await
@@ -614,7 +614,10 @@ async fn a_witness_without_the_database_checkpoints_is_refused() {
     let err = verify::verify(&db.pool, &audit.key.verifying_key(), &elsewhere.witness)
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("holds no checkpoint but the database has 1"), "{err}");
+    assert!(
+        err.to_string().contains("holds no checkpoint but the database has 1"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -624,9 +627,17 @@ async fn tamper_an_event_moved_below_a_checkpoint_is_not_covered() {
     settle(&db.pool).await;
     let pos = positions_of(&db.pool, "j-4").await[0];
     // Its hash does not cover tx_id: moved first in follow order, every chain still holds.
-    tamper(&db.owner, &format!("UPDATE events SET tx_id = '3' WHERE global_position = {pos}")).await;
+    tamper(
+        &db.owner,
+        &format!("UPDATE events SET tx_id = '3' WHERE global_position = {pos}"),
+    )
+    .await;
     let v = verify_err(&db.pool, &audit).await;
-    assert_eq!((v.position, v.event_id), (pos, Some(event_id_at(&db.pool, pos).await)), "{v}");
+    assert_eq!(
+        (v.position, v.event_id),
+        (pos, Some(event_id_at(&db.pool, pos).await)),
+        "{v}"
+    );
     assert!(v.reason.contains("not covered by checkpoint 1"), "{v}");
 }
 
@@ -637,16 +648,24 @@ async fn a_long_log_is_covered_by_checkpoints_of_bounded_span() {
         run_job(&cqrs(&log, "lab"), "lab", id).await;
     }
     settle(&db.pool).await;
-    let info = checkpoint::write_spans(&db.pool, &audit.key, &audit.witness, 4).await.unwrap();
+    let info = checkpoint::write_spans(&db.pool, &audit.key, &audit.witness, 4)
+        .await
+        .unwrap();
     // 10 new events in spans of 4, 4 and 2.
-    assert_eq!((info.written, info.new_events, info.seq, info.event_count), (3, 10, 4, 25));
+    assert_eq!(
+        (info.written, info.new_events, info.seq, info.event_count),
+        (3, 10, 4, 25)
+    );
     let spans: Vec<i64> = sqlx::query_scalar("SELECT length(leaves)::bigint / 56 FROM checkpoints ORDER BY seq")
         .fetch_all(&db.pool)
         .await
         .unwrap();
     assert_eq!(spans, [15, 4, 4, 2]);
     let r = audit.verify(&db.pool).await.unwrap();
-    assert_eq!((r.events, r.checkpoints, r.uncheckpointed, r.witnessed_checkpoint), (25, 4, 0, Some(4)));
+    assert_eq!(
+        (r.events, r.checkpoints, r.uncheckpointed, r.witnessed_checkpoint),
+        (25, 4, 0, Some(4))
+    );
 }
 
 #[tokio::test]

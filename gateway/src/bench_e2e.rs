@@ -46,6 +46,7 @@ async fn measure(env: Vec<(String, String)>, jobs: usize, scratch: &std::path::P
         ("Storage__LocalDir", at("blobs")),
         ("Keyring__LocalDir", at("keyring")),
         ("Audit__SigningKeyFile", at("audit.key")),
+        ("Audit__WitnessDir", at("witness")),
         ("AWS__Cognito__Issuer", crate::dev::ISSUER.to_owned()),
         ("AWS__Cognito__ClientId", crate::dev::AUDIENCE.to_owned()),
         (
@@ -64,8 +65,10 @@ async fn measure(env: Vec<(String, String)>, jobs: usize, scratch: &std::path::P
         }
         crate::config::MessagingProvider::InMemory => "in-memory",
     };
+    crate::database::migrate(&settings).await?;
+    // The rig's own throwaway keys, in its scratch directory.
+    mira_keys::init(&settings).await?;
     let pool = mira_eventlog::db::connect(settings.database_url()?, 20, Duration::from_secs(5)).await?;
-    mira_eventlog::migrate::run(&pool).await?;
     let stop = CancellationToken::new();
     let options = crate::server::Options::everything(Some(idp.jwks().clone()));
     let s = stop.clone();

@@ -9,6 +9,23 @@ use sqlx::PgPool;
 
 use crate::config::Settings;
 
+/// What `mira migrate` does: applies the schema as the owner (`Database__MigrationUrl`, else
+/// `DATABASE_URL`), then grants the runtime roles to `DATABASE_URL`'s role when it is another.
+/// Returns the migrations applied now and the role granted to.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<(Vec<i64>, Option<String>)> {
+    let owner = mira_eventlog::db::connect(
+        settings.migration_url()?,
+        1,
+        Duration::from_secs(settings.database.connect_timeout_seconds),
+    )
+    .await
+    .context("Database__MigrationUrl (or DATABASE_URL)")?;
+    let applied = mira_eventlog::migrate::run(&owner).await?;
+    let granted = grant_runtime_roles(settings, &owner).await?;
+    owner.close().await;
+    Ok((applied, granted))
+}
+
 /// After migrating as `owner`: grants the runtime roles to `DATABASE_URL`'s role when that is
 /// another role. Returns the role granted to, if any.
 pub async fn grant_runtime_roles(settings: &Settings, owner: &PgPool) -> anyhow::Result<Option<String>> {

@@ -469,10 +469,7 @@ pub async fn run(
         settings.database.max_connections,
         Duration::from_secs(settings.database.connect_timeout_seconds),
     );
-    let owner = mira_eventlog::db::connect(settings.migration_url()?, max, timeout).await?;
-    mira_eventlog::migrate::run(&owner).await?;
-    crate::database::grant_runtime_roles(&settings, &owner).await?;
-    owner.close().await;
+    crate::database::migrate(&settings).await?;
     // Keys are created here, on the first start, and nowhere else (`mira keys init`).
     let keys = mira_keys::init(&settings).await?;
     for l in keys.lines.iter().filter(|l| l.contains("(created)")) {
@@ -488,7 +485,12 @@ pub async fn run(
         format!(
             "  audit: checkpoints signed with {} and copied to {}",
             settings.audit.signing_key_file.display(),
-            settings.audit.witness_dir.as_deref().unwrap_or(Path::new("?")).display()
+            settings
+                .audit
+                .witness_dir
+                .as_deref()
+                .unwrap_or(Path::new("?"))
+                .display()
         ),
     ];
     match &cluster {

@@ -418,11 +418,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev { .. } => unreachable!("handled above"),
         Command::Migrate { json } => {
-            let owner = connect(&settings, settings.migration_url()?)
-                .await
-                .context("Database__MigrationUrl (or DATABASE_URL)")?;
-            let applied = mira_eventlog::migrate::run(&owner).await?;
-            let granted = mira_gateway::grant_runtime_roles(&settings, &owner).await?;
+            let (applied, granted) = mira_gateway::database::migrate(&settings).await?;
             if json {
                 print_json(&serde_json::json!({ "applied": applied, "granted_to": granted }));
             } else {

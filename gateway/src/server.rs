@@ -166,7 +166,8 @@ pub async fn run(
                 idle_poll: Duration::from_millis(10),
                 ..Default::default()
             };
-            let relay = mira_bus::relay::Relay::new(EventLog::new(pool.clone()), bus.publisher(), cfg, Some(checkpoints));
+            let relay =
+                mira_bus::relay::Relay::new(EventLog::new(pool.clone()), bus.publisher(), cfg, Some(checkpoints));
             if in_memory {
                 // Messages in flight when the last process stopped died with it, taken by a
                 // consumer or not: publish everything again; consumers skip what they applied.

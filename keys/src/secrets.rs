@@ -18,7 +18,12 @@ async fn fetch(sm: &aws_sdk_secretsmanager::Client, id: &str) -> anyhow::Result<
                 .context("the secret has no string value (expected 64 hex digits)")?;
             Ok(Some(AuditKey::from_hex("the secret", s)?))
         }
-        Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_not_found_exception()) => Ok(None),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()) =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(anyhow::anyhow!("{}", DisplayErrorContext(&e))),
     }
 }

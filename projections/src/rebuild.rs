@@ -100,11 +100,19 @@ pub async fn compare(conn: &mut PgConnection, live: &str, rebuilt: &str) -> Resu
         let (mut a_done, mut b_done) = (false, false);
         loop {
             if a.is_empty() && !a_done {
-                a.extend(sqlx::query_as::<_, (String, serde_json::Value)>(&fetch("mira_cmp_live")).fetch_all(&mut *conn).await?);
+                a.extend(
+                    sqlx::query_as::<_, (String, serde_json::Value)>(&fetch("mira_cmp_live"))
+                        .fetch_all(&mut *conn)
+                        .await?,
+                );
                 a_done = a.is_empty();
             }
             if b.is_empty() && !b_done {
-                b.extend(sqlx::query_as::<_, (String, serde_json::Value)>(&fetch("mira_cmp_rebuilt")).fetch_all(&mut *conn).await?);
+                b.extend(
+                    sqlx::query_as::<_, (String, serde_json::Value)>(&fetch("mira_cmp_rebuilt"))
+                        .fetch_all(&mut *conn)
+                        .await?,
+                );
                 b_done = b.is_empty();
             }
             match (a.front(), b.front()) {
@@ -129,9 +137,9 @@ pub async fn compare(conn: &mut PgConnection, live: &str, rebuilt: &str) -> Resu
                 }
             }
         }
-        sqlx::query("CLOSE mira_cmp_live; CLOSE mira_cmp_rebuilt")
-            .execute(&mut *conn)
-            .await?;
+        for cursor in ["mira_cmp_live", "mira_cmp_rebuilt"] {
+            sqlx::query(&format!("CLOSE {cursor}")).execute(&mut *conn).await?;
+        }
     }
     Ok((lines, count))
 }

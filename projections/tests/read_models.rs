@@ -37,8 +37,11 @@ impl Rng {
 /// A random but valid-or-refused mix of commands over `jobs` jobs and a few slides.
 async fn random_history(log: &EventLog, tenants: &[&str], jobs: usize, seed: u64) {
     let mut rng = Rng(seed);
-    let keyring =
-        Arc::new(LocalKeyring::init(std::env::temp_dir().join(format!("mira-rm-{}", uuid::Uuid::new_v4()))).unwrap().0);
+    let keyring = Arc::new(
+        LocalKeyring::init(std::env::temp_dir().join(format!("mira-rm-{}", uuid::Uuid::new_v4())))
+            .unwrap()
+            .0,
+    );
     for t in tenants {
         let ctx = CommandContext::new(tenant(t), Actor::user(format!("{t}-user")));
         let jc: CqrsFramework<Job, _> = CqrsFramework::new(
@@ -185,7 +188,7 @@ async fn read_models_converge_to_a_replay_despite_duplicates_and_reordering() {
     task.await.unwrap().unwrap();
     assert!(mira_bus::consumer::list_parked(&db.pool).await.unwrap().is_empty());
 
-    let replayed = replay_into(&db.pool, "rm_check").await.unwrap();
+    let replayed = replay_into(&db.owner, "rm_check").await.unwrap();
     assert_eq!(replayed as usize, events.len());
     for (t, key) in [
         ("jobs", "job_id"),
@@ -193,8 +196,8 @@ async fn read_models_converge_to_a_replay_despite_duplicates_and_reordering() {
         ("job_timeline", "job_id, sequence"),
         ("usage", "tenant_id"),
     ] {
-        let live = table(&db.pool, "rm", t, key).await;
-        let rebuilt = table(&db.pool, "rm_check", t, key).await;
+        let live = table(&db.owner, "rm", t, key).await;
+        let rebuilt = table(&db.owner, "rm_check", t, key).await;
         assert!(!live.is_empty(), "{t} is empty");
         assert_eq!(live.len(), rebuilt.len(), "{t}: row counts differ");
         for (a, b) in live.iter().zip(&rebuilt) {
@@ -238,11 +241,11 @@ async fn a_tenant_sees_only_its_rows_even_through_a_superuser_connection() {
         }
     }
     let is_super: bool = sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
-        .fetch_one(&db.pool)
+        .fetch_one(&db.owner)
         .await
         .unwrap();
     assert!(is_super, "this test connects as a superuser on purpose");
-    let rm = ReadModels::new(db.pool.clone());
+    let rm = ReadModels::new(db.owner.clone());
 
     // A query with no tenant filter sees only tenant A.
     let mut tx = rm.begin(&tenant("lab-a")).await.unwrap();
@@ -269,7 +272,7 @@ async fn a_tenant_sees_only_its_rows_even_through_a_superuser_connection() {
     assert_eq!(mira_eventlog::db::sqlstate(&err).as_deref(), Some("42501"), "{err}");
     tx.rollback().await.unwrap();
     let b_job: uuid::Uuid = sqlx::query_scalar("SELECT job_id FROM rm.jobs WHERE tenant_id = 'lab-b' LIMIT 1")
-        .fetch_one(&db.pool)
+        .fetch_one(&db.owner)
         .await
         .unwrap();
     assert!(
@@ -305,7 +308,7 @@ async fn a_tenant_sees_only_its_rows_even_through_a_superuser_connection() {
         "uploaded"
     );
     // With no tenant set, the query fails instead of returning everything.
-    let mut tx = db.pool.begin().await.unwrap();
+    let mut tx = db.owner.begin().await.unwrap();
     sqlx::query("SET LOCAL ROLE mira_api").execute(&mut *tx).await.unwrap();
     let err = sqlx::query("SELECT count(*) FROM rm.jobs")
         .fetch_one(&mut *tx)
@@ -404,7 +407,7 @@ async fn rebuild_under_load_never_shows_a_partial_model_and_ends_complete() {
     stop.cancel();
     relay_task.await.unwrap();
     consumer_task.await.unwrap().unwrap();
-    replay_into(&db.pool, "rm_check").await.unwrap();
+    replay_into(&db.owner, "rm_check").await.unwrap();
     for (t, key) in [
         ("jobs", "job_id"),
         ("slides", "slide_id"),
@@ -412,14 +415,14 @@ async fn rebuild_under_load_never_shows_a_partial_model_and_ends_complete() {
         ("usage", "tenant_id"),
     ] {
         assert_eq!(
-            table(&db.pool, "rm", t, key).await,
-            table(&db.pool, "rm_check", t, key).await,
+            table(&db.owner, "rm", t, key).await,
+            table(&db.owner, "rm_check", t, key).await,
             "{t} differs"
         );
     }
     // An interrupted rebuild's leftovers do not stop the next one, and --verify finds nothing.
     sqlx::query("SELECT mira_create_read_models('rm_rebuild')")
-        .execute(&db.pool)
+        .execute(&db.owner)
         .await
         .unwrap();
     let again = mira_projections::rebuild::rebuild(&db.pool, true, |_| {})
