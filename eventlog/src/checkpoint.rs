@@ -145,7 +145,7 @@ pub fn key_id(key: &VerifyingKey) -> String {
 
 /// The most events one checkpoint covers: its leaves (56 bytes each) are one `bytea`, read and
 /// written whole, so a long log is covered by a series of checkpoints of bounded size.
-pub const MAX_SPAN: i64 = 100_000;
+pub const MAX_SPAN: i64 = 20_000;
 
 /// One checkpoint row, without its leaves (see [`load_leaves`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

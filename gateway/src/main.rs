@@ -255,6 +255,16 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a large synthetic log fast (one real job, cloned with valid hashes, by COPY), for
+    /// scale tests of `audit verify` and `projections rebuild`. Scratch databases only.
+    Seed {
+        /// Jobs to write (five events each).
+        #[arg(long, default_value_t = 1000)]
+        jobs: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Events/s of a full read-model rebuild against a plain sequential read of the log.
     Rebuild {
         /// Machine-readable output.
@@ -696,6 +706,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     r.events_per_second,
                     r.latency_p50_ms,
                     r.latency_p99_ms
+                );
+            }
+        }
+        Command::Bench {
+            command: BenchCommand::Seed { jobs, json },
+        } => {
+            let pool = pool(&settings).await?;
+            let keyring = mira_keys::keyring(&settings, &pool).await?;
+            let cmds = Commands::new(EventLog::new(pool), keyring);
+            let r = bench::seed(&cmds, jobs).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "seeded {} jobs, {} events in {:.1} s ({:.0} events/s)",
+                    r.jobs, r.events, r.seconds, r.events_per_second
                 );
             }
         }
