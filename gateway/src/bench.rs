@@ -364,7 +364,11 @@ pub async fn seed(commands: &Commands, jobs: u64) -> anyhow::Result<SeedReport> 
         .log()
         .read_stream(None, "Job", &template_id.to_string(), 0)
         .await?;
-    anyhow::ensure!(template.len() == COMMANDS_PER_JOB as usize, "the template job has {} events", template.len());
+    anyhow::ensure!(
+        template.len() == COMMANDS_PER_JOB as usize,
+        "the template job has {} events",
+        template.len()
+    );
     const PER_TX: u64 = 50_000;
     let mut written = template.len() as u64;
     let mut remaining = jobs.saturating_sub(1);

@@ -958,6 +958,35 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
     );
     let pg = cluster_dir(&printed);
     assert!(pg.join("postmaster.pid").exists());
+    // Every process of mira dev (the gateway and the worker) connects as the role that owns
+    // nothing; the keys and the witness were made by its `keys init`.
+    let port: u16 = printed
+        .split("(port ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .expect("the banner names the cluster's port");
+    let admin = mira_eventlog::db::connect(
+        &format!("postgres://postgres@127.0.0.1:{port}/mira"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let users: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT usename::text FROM pg_stat_activity WHERE datname = 'mira' AND pid <> pg_backend_pid() AND usename IS NOT NULL",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(users, ["mira_service"], "{printed}");
+    admin.close().await;
+    assert!(
+        printed.contains("connect as mira_service, which owns nothing"),
+        "{printed}"
+    );
+    let signing_key = std::fs::read_to_string(data.join("audit-signing.key")).unwrap();
+    assert!(data.join("keyring/KEYRING").is_file() && data.join("witness").is_dir());
     interrupt(child);
     assert!(
         !pg.join("postmaster.pid").exists(),
@@ -965,6 +994,11 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
     );
 
     let (child, url, _) = start();
+    assert_eq!(
+        std::fs::read_to_string(data.join("audit-signing.key")).unwrap(),
+        signing_key,
+        "a restart keeps the signing key"
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let list: serde_json::Value = http
