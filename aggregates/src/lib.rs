@@ -14,4 +14,4 @@ pub mod job;
 pub mod slide;
 
 pub use job::{manifest_key, results_prefix, retry_backoff, Job, JobCommand, JobError, JobStatus};
-pub use slide::{Slide, SlideCommand, SlideError, SlideServices, SlideStatus};
+pub use slide::{copy_key, Slide, SlideCommand, SlideError, SlideServices, SlideStatus};

@@ -41,8 +41,19 @@ pub struct Slide {
     pub size_bytes: u64,
     pub content_type: String,
     pub object_key: String,
+    /// The SHA-256 the client declared when registering, checked when the slide is verified.
+    #[serde(default)]
+    pub sha256: Option<String>,
     pub metadata: Option<SlideMetadata>,
     pub rejection: Option<String>,
+}
+
+/// Where an uploaded slide's immutable copy lives: `POST …/uploaded` copies the upload there
+/// before recording `SlideUploaded`, and the worker verifies and processes only the copy. No
+/// URL is ever issued for it, so the bytes verified are the bytes processed, even if the upload
+/// URL is used again before it expires.
+pub fn copy_key(object_key: &str) -> String {
+    format!("immutable/{}", object_key.strip_prefix("slides/").unwrap_or(object_key))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -260,9 +271,11 @@ impl Aggregate for Slide {
                 size_bytes,
                 content_type,
                 object_key,
+                sha256,
                 ..
             } => {
                 self.status = SlideStatus::Registered;
+                self.sha256 = sha256;
                 self.slide_id = Some(slide_id);
                 self.name = Some(name);
                 self.size_bytes = size_bytes;
@@ -280,6 +293,15 @@ impl Aggregate for Slide {
             }
             SlideEvent::SlideDeleted { .. } => self.status = SlideStatus::Deleted,
         }
+    }
+}
+
+#[cfg(test)]
+mod copy_key_tests {
+    #[test]
+    fn the_copy_lives_apart_from_every_upload_key() {
+        assert_eq!(super::copy_key("slides/lab/0191"), "immutable/lab/0191");
+        assert!(!super::copy_key("slides/lab/0191").starts_with("slides/"));
     }
 }
 

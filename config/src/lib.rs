@@ -210,6 +210,9 @@ pub struct StorageSettings {
     pub multipart_threshold_bytes: u64,
     /// Part size of multipart uploads (at least 5 MiB, S3's minimum).
     pub part_size_bytes: u64,
+    /// Uploaded slides up to this size are copied to their immutable key with one CopyObject;
+    /// larger ones part by part (S3's single-copy limit is 5 GiB, the default).
+    pub copy_single_max_bytes: u64,
 }
 
 impl Default for StorageSettings {
@@ -220,6 +223,7 @@ impl Default for StorageSettings {
             public_url: None,
             multipart_threshold_bytes: 64 * 1024 * 1024,
             part_size_bytes: 16 * 1024 * 1024,
+            copy_single_max_bytes: 5 << 30,
         }
     }
 }
@@ -518,6 +522,12 @@ impl Settings {
             return invalid(
                 "Storage__PartSizeBytes",
                 "must be at least 5 MiB (5242880), S3's minimum part size",
+            );
+        }
+        if self.storage.copy_single_max_bytes == 0 || self.storage.copy_single_max_bytes > 5 << 30 {
+            return invalid(
+                "Storage__CopySingleMaxBytes",
+                "must be 1 to 5368709120 (5 GiB, S3's limit)",
             );
         }
         if self.storage.multipart_threshold_bytes == 0 {

@@ -65,6 +65,9 @@ pub struct UploadPolicy {
     pub multipart_threshold: u64,
     /// The part size asked for; raised when a file would need more than 10,000 parts.
     pub part_size: u64,
+    /// Objects up to this size are copied with one CopyObject (S3 allows 5 GiB); larger ones
+    /// part by part.
+    pub copy_single_max: u64,
 }
 
 impl UploadPolicy {
@@ -86,6 +89,9 @@ pub trait BlobStore: Send + Sync {
     async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[CompletedPart]) -> Result<(), BlobError>;
     /// The object's size, or `None` when it does not exist.
     async fn size_of(&self, key: &str) -> Result<Option<u64>, BlobError>;
+    /// Copies `from` to `to` (replacing it) and returns the copy's size; `None` when `from`
+    /// does not exist. `mira dev`'s store and S3 both copy server-side.
+    async fn copy(&self, from: &str, to: &str) -> Result<Option<u64>, BlobError>;
     /// A short-lived URL to download `key`.
     async fn download_url(&self, key: &str) -> Result<String, BlobError>;
     /// Is the store reachable (for `/readyz`)?
@@ -135,6 +141,74 @@ impl S3Blobs {
 
     pub fn client(&self) -> &aws_sdk_s3::Client {
         &self.client
+    }
+
+    /// A server-side copy of an object larger than one CopyObject may be (5 GiB), part by part.
+    async fn copy_in_parts(&self, source: &str, to: &str, size: u64) -> Result<(), BlobError> {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as S3Part};
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(to)
+            .send()
+            .await
+            .map_err(s3err)?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| BlobError::Storage("CreateMultipartUpload returned no upload id".into()))?
+            .to_owned();
+        let part = self.policy.part_size_for(size);
+        let mut parts = Vec::new();
+        let result: Result<(), BlobError> = async {
+            for (i, start) in (0..size).step_by(part as usize).enumerate() {
+                let end = (start + part).min(size) - 1;
+                let out = self
+                    .client
+                    .upload_part_copy()
+                    .bucket(&self.bucket)
+                    .key(to)
+                    .upload_id(&upload_id)
+                    .part_number(i as i32 + 1)
+                    .copy_source(source)
+                    .copy_source_range(format!("bytes={start}-{end}"))
+                    .send()
+                    .await
+                    .map_err(s3err)?;
+                let etag = out
+                    .copy_part_result()
+                    .and_then(|r| r.e_tag())
+                    .ok_or_else(|| BlobError::Storage("UploadPartCopy returned no ETag".into()))?;
+                parts.push(S3Part::builder().part_number(i as i32 + 1).e_tag(etag).build());
+            }
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(to)
+                .upload_id(&upload_id)
+                .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                .send()
+                .await
+                .map(|_| ())
+                .or_else(|e| match e {
+                    // As in complete_multipart: a 2xx with a body the SDK cannot parse; the
+                    // caller checks the copy's size.
+                    aws_sdk_s3::error::SdkError::ServiceError(se) if se.raw().status().is_success() => Ok(()),
+                    e => Err(s3err(e)),
+                })
+        }
+        .await;
+        if result.is_err() {
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(to)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+        }
+        result
     }
 
     fn presigning(&self) -> Result<aws_sdk_s3::presigning::PresigningConfig, BlobError> {
@@ -287,6 +361,29 @@ impl BlobStore for S3Blobs {
         }
     }
 
+    async fn copy(&self, from: &str, to: &str) -> Result<Option<u64>, BlobError> {
+        let Some(size) = self.size_of(from).await? else {
+            return Ok(None);
+        };
+        let source = format!("{}/{}", self.bucket, from);
+        if size <= self.policy.copy_single_max {
+            self.client
+                .copy_object()
+                .bucket(&self.bucket)
+                .key(to)
+                .copy_source(&source)
+                .send()
+                .await
+                .map_err(s3err)?;
+        } else {
+            self.copy_in_parts(&source, to, size).await?;
+        }
+        self.size_of(to)
+            .await?
+            .ok_or_else(|| BlobError::Storage(format!("the copy {to} is missing after copying")))
+            .map(Some)
+    }
+
     async fn download_url(&self, key: &str) -> Result<String, BlobError> {
         let req = self
             .client
@@ -343,6 +440,9 @@ pub struct SignedQuery {
     /// The type the slide was registered with: a single PUT must carry it (signed).
     #[serde(rename = "X-Mira-Content-Type")]
     pub content_type: Option<String>,
+    /// The most bytes a PUT may carry: the declared size, or the part size (signed).
+    #[serde(rename = "X-Mira-Max-Bytes")]
+    pub max_bytes: Option<u64>,
 }
 
 /// The media type an object is served with, from its key's extension: a job's results
@@ -405,23 +505,30 @@ impl LocalBlobs {
         })
     }
 
-    fn mac(&self, method: &str, key: &str, expires: i64, part: Option<(&str, u32)>, ct: Option<&str>) -> Hmac<Sha256> {
+    fn mac(
+        &self,
+        method: &str,
+        key: &str,
+        expires: i64,
+        part: Option<(&str, u32)>,
+        ct: Option<&str>,
+        max: Option<u64>,
+    ) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
         let (upload, n) = part.unwrap_or(("", 0));
         mac.update(format!("mira-blob-v1\n{method}\n{key}\n{expires}\n{upload}\n{n}").as_bytes());
         if let Some(ct) = ct {
             mac.update(format!("\ncontent-type:{ct}").as_bytes());
         }
+        if let Some(max) = max {
+            mac.update(format!("\nmax-bytes:{max}").as_bytes());
+        }
         mac
     }
 
-    fn sign(&self, method: &str, key: &str, expires: i64, part: Option<(&str, u32)>, ct: Option<&str>) -> String {
-        hex::encode(self.mac(method, key, expires, part, ct).finalize().into_bytes())
-    }
-
-    fn url(&self, method: &str, key: &str, part: Option<(&str, u32)>, ct: Option<&str>) -> String {
+    fn url(&self, method: &str, key: &str, part: Option<(&str, u32)>, ct: Option<&str>, max: Option<u64>) -> String {
         let expires = expires_at(self.policy.expires).timestamp();
-        let sig = self.sign(method, key, expires, part, ct);
+        let sig = hex::encode(self.mac(method, key, expires, part, ct, max).finalize().into_bytes());
         let mut url = format!(
             "{}/blobs/{key}?X-Mira-Expires={expires}&X-Mira-Signature={sig}",
             self.base_url
@@ -432,6 +539,9 @@ impl LocalBlobs {
         if let Some(ct) = ct {
             // Registered types are tokens (letters, digits, `/.+-`); `+` would read as a space.
             url.push_str(&format!("&X-Mira-Content-Type={}", ct.replace('+', "%2B")));
+        }
+        if let Some(max) = max {
+            url.push_str(&format!("&X-Mira-Max-Bytes={max}"));
         }
         url
     }
@@ -450,7 +560,7 @@ impl LocalBlobs {
             _ => return Err("uploadId and partNumber go together".into()),
         };
         let given = hex::decode(sig).map_err(|_| "bad signature".to_string())?;
-        self.mac(method, key, expires, part, q.content_type.as_deref())
+        self.mac(method, key, expires, part, q.content_type.as_deref(), q.max_bytes)
             .verify_slice(&given)
             .map_err(|_| "bad signature".to_string())?;
         if Utc::now().timestamp() > expires {
@@ -486,26 +596,33 @@ impl LocalBlobs {
     }
 
     /// Writes an uploaded stream to `target` atomically (temporary file, then rename) and
-    /// returns its ETag: the hex SHA-256 of the bytes, quoted.
-    pub async fn write_stream<S, E>(&self, target: &Path, mut body: S) -> Result<String, String>
+    /// returns its ETag: the hex SHA-256 of the bytes, quoted. A body longer than `max` is
+    /// refused as soon as it passes it, and nothing is kept.
+    pub async fn write_stream<S, E>(&self, target: &Path, mut body: S, max: Option<u64>) -> Result<String, WriteError>
     where
         S: futures_core::Stream<Item = Result<axum::body::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         use tokio::io::AsyncWriteExt;
+        let other = |e: std::io::Error| WriteError::Other(e.to_string());
         if let Some(parent) = target.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(|e| e.to_string())?;
+            tokio::fs::create_dir_all(parent).await.map_err(other)?;
         }
         let tmp = target.with_extension(format!("upload-{}", uuid::Uuid::new_v4().simple()));
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| e.to_string())?;
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(other)?;
         let mut hash = Sha256::new();
-        let result: Result<(), String> = async {
+        let mut written = 0u64;
+        let result: Result<(), WriteError> = async {
             while let Some(chunk) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_next(cx)).await {
-                let chunk = chunk.map_err(|e| format!("upload interrupted: {e}"))?;
+                let chunk = chunk.map_err(|e| WriteError::Other(format!("upload interrupted: {e}")))?;
+                written += chunk.len() as u64;
+                if let Some(max) = max.filter(|m| written > *m) {
+                    return Err(WriteError::TooLarge(max));
+                }
                 hash.update(&chunk);
-                file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+                file.write_all(&chunk).await.map_err(other)?;
             }
-            file.sync_all().await.map_err(|e| e.to_string())?;
+            file.sync_all().await.map_err(other)?;
             Ok(())
         }
         .await;
@@ -514,9 +631,17 @@ impl LocalBlobs {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
-        tokio::fs::rename(&tmp, target).await.map_err(|e| e.to_string())?;
+        tokio::fs::rename(&tmp, target).await.map_err(other)?;
         Ok(format!("\"{}\"", hex::encode(hash.finalize())))
     }
+}
+
+/// Why an upload to the local store was not kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteError {
+    /// The body passed the signed limit.
+    TooLarge(u64),
+    Other(String),
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -548,7 +673,7 @@ impl BlobStore for LocalBlobs {
         if size <= self.policy.multipart_threshold {
             return Ok(UploadPlan::Single {
                 method: "PUT".into(),
-                url: self.url("PUT", key, None, Some(content_type)),
+                url: self.url("PUT", key, None, Some(content_type), Some(size)),
                 headers: BTreeMap::from([("content-type".to_owned(), content_type.to_owned())]),
                 expires_at: expires_at(self.policy.expires),
             });
@@ -562,7 +687,7 @@ impl BlobStore for LocalBlobs {
         let parts = (1..=count)
             .map(|n| PartUrl {
                 part_number: n,
-                url: self.url("PUT", key, Some((&upload_id, n)), None),
+                url: self.url("PUT", key, Some((&upload_id, n)), None, Some(part_size)),
             })
             .collect();
         Ok(UploadPlan::Multipart {
@@ -675,8 +800,34 @@ impl BlobStore for LocalBlobs {
         }
     }
 
+    async fn copy(&self, from: &str, to: &str) -> Result<Option<u64>, BlobError> {
+        if !valid_key(from) || !valid_key(to) {
+            return Err(BlobError::Storage(format!("invalid object key {from:?} or {to:?}")));
+        }
+        let (src, dst) = (self.path_of(from), self.path_of(to));
+        tokio::task::spawn_blocking(move || -> std::io::Result<Option<u64>> {
+            if !src.is_file() {
+                return Ok(None);
+            }
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            // A new file (never a hard link: the upload could be rewritten in place), synced,
+            // then renamed into place.
+            let tmp = dst.with_extension(format!("copy-{}", uuid::Uuid::new_v4().simple()));
+            let mut out = std::fs::File::create(&tmp)?;
+            let n = std::io::copy(&mut std::fs::File::open(&src)?, &mut out)?;
+            out.sync_all()?;
+            std::fs::rename(&tmp, &dst)?;
+            Ok(Some(n))
+        })
+        .await
+        .map_err(|e| BlobError::Storage(e.to_string()))?
+        .map_err(io)
+    }
+
     async fn download_url(&self, key: &str) -> Result<String, BlobError> {
-        Ok(self.url("GET", key, None, None))
+        Ok(self.url("GET", key, None, None, None))
     }
 
     async fn ready(&self) -> Result<(), BlobError> {
@@ -694,6 +845,7 @@ mod tests {
             expires: Duration::from_secs(60),
             multipart_threshold: 10,
             part_size: 5 * 1024 * 1024,
+            copy_single_max: 5 << 30,
         };
         (LocalBlobs::open(&dir, "http://x", policy).unwrap(), dir)
     }
@@ -708,7 +860,7 @@ mod tests {
     #[test]
     fn signed_urls_verify_and_tampering_is_refused() {
         let (s, dir) = store();
-        let url = s.url("PUT", "a/b", None, None);
+        let url = s.url("PUT", "a/b", None, None, None);
         let q = query(&url);
         assert!(s.check("PUT", "a/b", &q).is_ok());
         assert!(s.check("GET", "a/b", &q).is_err(), "signed for PUT only");
@@ -718,10 +870,14 @@ mod tests {
         assert!(s.check("PUT", "a/b", &later).is_err(), "the expiry is signed");
         let mut old = q.clone();
         old.expires = Some(Utc::now().timestamp() - 10);
-        old.signature = Some(s.sign("PUT", "a/b", old.expires.unwrap(), None, None));
+        old.signature = Some(hex::encode(
+            s.mac("PUT", "a/b", old.expires.unwrap(), None, None, None)
+                .finalize()
+                .into_bytes(),
+        ));
         assert_eq!(s.check("PUT", "a/b", &old).unwrap_err(), "the URL has expired");
         // The registered type is signed: a URL cannot be reused for another type.
-        let typed = query(&s.url("PUT", "a/b", None, Some("image/tiff")));
+        let typed = query(&s.url("PUT", "a/b", None, Some("image/tiff"), None));
         assert_eq!(typed.content_type.as_deref(), Some("image/tiff"));
         assert!(s.check("PUT", "a/b", &typed).is_ok());
         let mut retyped = typed.clone();
@@ -730,6 +886,15 @@ mod tests {
         let mut untyped = typed.clone();
         untyped.content_type = None;
         assert!(s.check("PUT", "a/b", &untyped).is_err(), "the type cannot be dropped");
+        // So is the size limit: it can be neither raised nor dropped.
+        let capped = query(&s.url("PUT", "a/b", None, None, Some(100)));
+        assert_eq!(capped.max_bytes, Some(100));
+        assert!(s.check("PUT", "a/b", &capped).is_ok());
+        for max in [Some(101), None] {
+            let mut raised = capped.clone();
+            raised.max_bytes = max;
+            assert!(s.check("PUT", "a/b", &raised).is_err(), "the limit is signed ({max:?})");
+        }
         // A reopened store keeps its secret, so URLs survive a restart.
         let again = LocalBlobs::open(&dir, "http://x", s.policy).unwrap();
         assert!(again.check("PUT", "a/b", &q).is_ok());

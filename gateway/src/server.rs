@@ -66,6 +66,7 @@ pub async fn blob_store(
         expires: Duration::from_secs(60 * settings.aws.s3.presigned_url_expiration_minutes as u64),
         multipart_threshold: settings.storage.multipart_threshold_bytes,
         part_size: settings.storage.part_size_bytes,
+        copy_single_max: settings.storage.copy_single_max_bytes,
     };
     Ok(match settings.storage.provider {
         StorageProvider::Local => {

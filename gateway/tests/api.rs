@@ -795,7 +795,8 @@ async fn upload_flows(app: &App) {
 
 #[tokio::test]
 async fn uploads_through_presigned_s3_urls_single_and_multipart() {
-    let app = spawn_app(Storage::S3).await;
+    // Slides over 6 MiB are copied to their immutable key part by part (UploadPartCopy).
+    let app = spawn_app_with(Storage::S3, &[("Storage__CopySingleMaxBytes", "6291456")]).await;
     upload_flows(&app).await;
     // The objects really are in the bucket with their sizes.
     let s3 = aws_sdk_s3::Client::from_conf(
@@ -809,9 +810,45 @@ async fn uploads_through_presigned_s3_urls_single_and_multipart() {
         .send()
         .await
         .unwrap();
-    let mut sizes: Vec<i64> = list.contents().iter().filter_map(|o| o.size()).collect();
+    let mut sizes: Vec<(String, i64)> = list
+        .contents()
+        .iter()
+        .filter_map(|o| Some((o.key()?.split('/').next()?.to_owned(), o.size()?)))
+        .collect();
     sizes.sort();
-    assert_eq!(sizes, vec![999, 100_000, 11 * 1024 * 1024]);
+    // The uploads, and the immutable copies of the two whose size was right.
+    let big = 11 * 1024 * 1024;
+    let expected = [
+        ("immutable", 100_000),
+        ("immutable", big),
+        ("slides", 999),
+        ("slides", 100_000),
+        ("slides", big),
+    ];
+    assert_eq!(
+        sizes,
+        expected.iter().map(|(p, n)| (p.to_string(), *n)).collect::<Vec<_>>()
+    );
+    // The multipart copy has the upload's bytes.
+    let mut bodies = Vec::new();
+    for prefix in ["slides/", "immutable/"] {
+        let key = list
+            .contents()
+            .iter()
+            .find(|o| o.size() == Some(big) && o.key().is_some_and(|k| k.starts_with(prefix)))
+            .and_then(|o| o.key())
+            .unwrap()
+            .to_owned();
+        let o = s3
+            .get_object()
+            .bucket(app.bucket.as_deref().unwrap())
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        bodies.push(o.body.collect().await.unwrap().into_bytes());
+    }
+    assert!(bodies[0] == bodies[1], "the copy differs from the upload");
     app.stop().await;
 }
 
@@ -854,11 +891,51 @@ async fn uploads_through_the_local_store_single_and_multipart() {
         .send(app.http.put(&retyped).header("content-type", "text/html").body("abc"))
         .await;
     assert_problem(&r, StatusCode::FORBIDDEN);
+    // More bytes than the slide declared are refused, whether the length is announced or the
+    // body is chunked, and nothing is kept.
+    let r = app
+        .send(app.http.put(&url).header("content-type", "image/tiff").body("abcd"))
+        .await;
+    assert_problem(&r, StatusCode::PAYLOAD_TOO_LARGE);
+    let target = url.split_once(&app.base).unwrap().1;
+    let chunked = raw_request(
+        &app,
+        &format!(
+            "PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Type: image/tiff\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(chunked.starts_with("HTTP/1.1 413"), "{chunked}");
+    let id = r_id(&app, &t, &url).await;
+    let r = app.post(&t, &format!("/api/slides/{id}/uploaded"), json!({})).await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("never uploaded"),
+        "{}",
+        r.body
+    );
     let r = app
         .send(app.http.put(&url).header("content-type", "image/tiff").body("abc"))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     app.stop().await;
+}
+
+/// The slide id in a local upload URL (`/blobs/slides/<tenant>/<id>?…`).
+async fn r_id(_app: &App, _t: &str, url: &str) -> String {
+    url.split('?').next().unwrap().rsplit('/').next().unwrap().to_owned()
+}
+
+/// Sends `request` as written, byte for byte, and returns the whole response as text: no
+/// client normalises its path or its framing on the way.
+async fn raw_request(app: &App, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1731,6 +1808,82 @@ async fn a_long_job_does_not_hold_back_anyone_elses_updates() {
     app.stop().await;
 }
 
+/// The upload URL still works after `uploaded` (until it expires), and a declared checksum
+/// must hold: the worker verifies and processes the copy taken at `uploaded`, never the upload
+/// key, and refuses bytes that are not the declared ones.
+#[tokio::test]
+async fn a_replaced_upload_is_never_processed_and_a_declared_checksum_is_checked() {
+    use sha2::Digest;
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let bytes = cmu_slide();
+    let register = |name: &'static str, sha: String| {
+        app.post(
+            &t,
+            "/api/slides",
+            json!({"name": name, "size_bytes": bytes.len(), "content_type": "image/tiff", "sha256": sha}),
+        )
+    };
+    let right = hex::encode(sha2::Sha256::digest(&bytes));
+    let zeros = vec![0u8; bytes.len()];
+    // A: the declared checksum is right; after `uploaded`, the upload is overwritten with zeros
+    // through the same, still valid URL, before any worker looks at it.
+    let a = register("replaced", right.clone()).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    let a_id = a.body["slide_id"].as_str().unwrap().to_owned();
+    put_upload(&app.http, &a.body["upload"], &bytes).await;
+    let done = app.post(&t, &format!("/api/slides/{a_id}/uploaded"), json!({})).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    put_upload(&app.http, &a.body["upload"], &zeros).await;
+    // B: the declared checksum is not the uploaded bytes'.
+    let b = register("mislabelled", hex::encode(sha2::Sha256::digest(&zeros))).await;
+    let b_id = b.body["slide_id"].as_str().unwrap().to_owned();
+    put_upload(&app.http, &b.body["upload"], &bytes).await;
+    let done = app.post(&t, &format!("/api/slides/{b_id}/uploaded"), json!({})).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+
+    let mut worker = spawn_worker(&app, &[]);
+    let a_now = eventually("A verified", || async {
+        let s = app.get(&t, &format!("/api/slides/{a_id}")).await.body;
+        (s["status"] != "uploaded").then_some(s)
+    })
+    .await;
+    assert_eq!(
+        a_now["status"], "verified",
+        "the worker read the replaced upload: {a_now}"
+    );
+    assert_eq!(a_now["metadata"]["width"], 2220);
+    let b_now = eventually("B rejected", || async {
+        let s = app.get(&t, &format!("/api/slides/{b_id}")).await.body;
+        (s["status"] != "uploaded").then_some(s)
+    })
+    .await;
+    assert_eq!(b_now["status"], "rejected", "{b_now}");
+    assert!(
+        b_now["rejection"].as_str().unwrap_or_default().contains("SHA-256"),
+        "{b_now}"
+    );
+
+    // A job on A runs on the verified bytes.
+    let r = app
+        .post(
+            &t,
+            "/api/jobs",
+            json!({"slide_id": a_id, "kind": "wsi.preprocess", "params": {"format": "png"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let job = r.body["job_id"].as_str().unwrap().to_owned();
+    let detail = eventually("the job on A finishes", || async {
+        let d = app.get(&t, &format!("/api/jobs/{job}")).await.body;
+        matches!(d["status"].as_str(), Some("succeeded" | "failed")).then_some(d)
+    })
+    .await;
+    assert_eq!(detail["status"], "succeeded", "{detail}");
+    let _ = worker.kill().await;
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     let app = spawn_app(Storage::Local).await;
@@ -1919,9 +2072,11 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
         (s["status"] == "rejected").then_some(s)
     })
     .await;
+    let reason = slide_now["rejection"].as_str().unwrap_or_default();
+    assert!(!reason.is_empty(), "{slide_now}");
     assert!(
-        !slide_now["rejection"].as_str().unwrap_or_default().is_empty(),
-        "{slide_now}"
+        !reason.contains(&app.dir.display().to_string()) && reason.contains("the uploaded file"),
+        "the reason names a path on the worker: {reason}"
     );
     // Once the verdict is in, a job on the slide is refused.
     let r = app.post(&t, "/api/jobs", job_on_cut).await;

@@ -174,10 +174,30 @@ impl Worker {
         }
         let scratch = self.scratch.join(format!("verify-{id}"));
         tokio::fs::create_dir_all(&scratch).await.map_err(failed)?;
-        let path = self.store.fetch(&slide.object_key, &scratch).await.map_err(failed)?;
-        let opened = tokio::task::spawn_blocking(move || crate::slide::Slide::open(&path).map(|s| s.metadata()))
+        let path = self
+            .store
+            .fetch(&mira_aggregates::copy_key(&slide.object_key), &scratch)
             .await
             .map_err(failed)?;
+        let declared = slide.sha256.clone();
+        // Reasons reach the API: they name the upload, never where this worker keeps it.
+        let where_ = path.display().to_string();
+        let opened = tokio::task::spawn_blocking(move || {
+            // The declared checksum first: a slide that is not the bytes the client meant is
+            // refused however well it opens.
+            if let Some(want) = declared {
+                let got = crate::slide::sha256_of(&path).map_err(|e| crate::slide::SlideError::Io(e.to_string()))?;
+                if !got.eq_ignore_ascii_case(&want) {
+                    return Err(crate::slide::SlideError::Checksum {
+                        declared: want,
+                        actual: got,
+                    });
+                }
+            }
+            crate::slide::Slide::open(&path).map(|s| s.metadata())
+        })
+        .await
+        .map_err(failed)?;
         let _ = tokio::fs::remove_dir_all(&scratch).await;
         match &opened {
             Ok((m, _)) => {
@@ -191,7 +211,7 @@ impl Worker {
                 sensitive_properties: private.as_object().is_some_and(|o| !o.is_empty()).then_some(private),
             },
             Err(why) => SlideCommand::Reject {
-                reason: why.to_string(),
+                reason: why.to_string().replace(&where_, "the uploaded file"),
             },
         };
         match self
@@ -327,7 +347,7 @@ impl Worker {
             .map_err(|e| (e.to_string(), true))?;
         let input = self
             .store
-            .fetch(&slide.object_key, &scratch)
+            .fetch(&mira_aggregates::copy_key(&slide.object_key), &scratch)
             .await
             .map_err(|e| (format!("cannot fetch the slide: {e:#}"), true))?;
         let out = scratch.join("out");

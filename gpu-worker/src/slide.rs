@@ -25,6 +25,27 @@ pub enum SlideError {
     Inconsistent(String),
     #[error("reading the slide failed: {0}")]
     Read(String),
+    #[error("the uploaded bytes are not the slide that was registered: SHA-256 {actual}, declared {declared}")]
+    Checksum { declared: String, actual: String },
+    #[error("reading the uploaded file failed: {0}")]
+    Io(String),
+}
+
+/// The SHA-256 of a file, as lowercase hex, read in 1 MiB blocks.
+pub fn sha256_of(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 pub struct Slide {

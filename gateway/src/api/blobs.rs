@@ -50,10 +50,30 @@ pub async fn upload(
     let target = store
         .put_target(&key, &q)
         .map_err(|why| ApiError::bad_request(format!("upload refused: {why}")))?;
+    let too_large = |max: u64| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            format!("upload refused: this URL takes at most {max} bytes (the declared size)"),
+        )
+    };
+    // A declared length over the limit is refused before a byte is read.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let (Some(max), Some(len)) = (q.max_bytes, declared) {
+        if len > max {
+            return Err(too_large(max));
+        }
+    }
     let etag = store
-        .write_stream(&target, body.into_data_stream())
+        .write_stream(&target, body.into_data_stream(), q.max_bytes)
         .await
-        .map_err(|e| ApiError::bad_request(format!("upload failed: {e}")))?;
+        .map_err(|e| match e {
+            crate::blob::WriteError::TooLarge(max) => too_large(max),
+            crate::blob::WriteError::Other(e) => ApiError::bad_request(format!("upload failed: {e}")),
+        })?;
     let mut res = StatusCode::OK.into_response();
     if let Ok(v) = HeaderValue::from_str(&etag) {
         res.headers_mut().insert(header::ETAG, v);

@@ -187,8 +187,9 @@ pub struct Uploaded {
     pub upload_id: Option<String>,
 }
 
-/// `POST /api/slides/{id}/uploaded`: completes a multipart upload if parts are given, checks
-/// that the object exists with the declared size, then records `SlideUploaded`.
+/// `POST /api/slides/{id}/uploaded`: completes a multipart upload if parts are given, copies
+/// the upload to the slide's immutable key, checks the copy's size against the declared one,
+/// then records `SlideUploaded`.
 pub async fn uploaded(
     State(state): State<AppState>,
     who: Identity,
@@ -240,18 +241,32 @@ pub async fn uploaded(
             .await
             .map_err(blob_error)?;
     }
-    let size = state
+    let missing = || {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "upload-missing",
+            "the slide was never uploaded: PUT it to the upload URL first",
+        )
+    };
+    let uploaded = state
         .blobs
         .size_of(&slide.object_key)
         .await
         .map_err(blob_error)?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "upload-missing",
-                "the slide was never uploaded: PUT it to the upload URL first",
-            )
-        })?;
+        .ok_or_else(missing)?;
+    // The immutable copy the worker verifies and processes: the upload URL stays valid until it
+    // expires, and what it could still replace is never read again. An upload of the wrong
+    // size is refused below without a copy.
+    let size = if uploaded == slide.size_bytes {
+        state
+            .blobs
+            .copy(&slide.object_key, &mira_aggregates::copy_key(&slide.object_key))
+            .await
+            .map_err(blob_error)?
+            .ok_or_else(missing)?
+    } else {
+        uploaded
+    };
     state
         .commands
         .slide(&who.context(None), id, SlideCommand::MarkUploaded { size_bytes: size })
