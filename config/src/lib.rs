@@ -240,6 +240,9 @@ pub struct ApiSettings {
     pub token_leeway_seconds: u64,
     /// The JWKS is fetched again for an unknown `kid` at most this often.
     pub jwks_min_refresh_seconds: u64,
+    /// An `Idempotency-Key` names its resource for this long; then the key may be used again
+    /// and the stored fingerprint is deleted.
+    pub idempotency_retention_hours: u64,
 }
 
 impl Default for ApiSettings {
@@ -249,6 +252,7 @@ impl Default for ApiSettings {
             job_max_attempts: 3,
             token_leeway_seconds: 60,
             jwks_min_refresh_seconds: 30,
+            idempotency_retention_hours: 24,
         }
     }
 }
@@ -541,6 +545,9 @@ impl Settings {
         }
         if !(5..=86_400).contains(&self.worker.lease_seconds) {
             return invalid("Worker__LeaseSeconds", "must be 5 to 86400");
+        }
+        if !(1..=24 * 366).contains(&self.api.idempotency_retention_hours) {
+            return invalid("Api__IdempotencyRetentionHours", "must be 1 to 8784 (a year)");
         }
         if self.api.max_body_bytes < 1024 {
             return invalid("Api__MaxBodyBytes", "must be at least 1024");

@@ -18,6 +18,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "roles_and_keys",
         include_str!("../../migrations/0007_roles_and_keys.sql"),
     ),
+    (
+        8,
+        "api_hardening",
+        include_str!("../../migrations/0008_api_hardening.sql"),
+    ),
 ];
 
 /// The roles a running process needs, granted to the login role it connects as.

@@ -119,7 +119,9 @@ pub async fn state(
             max_body_bytes: settings.api.max_body_bytes as usize,
             job_max_attempts: settings.api.job_max_attempts,
             ws_send_timeout: Duration::from_secs(settings.realtime.send_timeout_seconds),
+            idempotency_retention: Duration::from_secs(3600 * settings.api.idempotency_retention_hours),
         },
+        idempotency_key: Default::default(),
         hub,
         dev_jwks,
     }))
@@ -153,6 +155,25 @@ pub async fn run(
     )
     .await?;
     let mut tasks = tokio::task::JoinSet::new();
+    {
+        // Expired idempotency fingerprints go: every gateway sweeps, every ten minutes; the
+        // deletes are idempotent, so several gateways sweeping at once is harmless.
+        let (pool, stop) = (pool.clone(), shutdown.clone());
+        let retention = state.limits.idempotency_retention;
+        tasks.spawn(async move {
+            loop {
+                match crate::api::idempotency::sweep(&pool, retention).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(rows = n, "expired idempotency keys deleted"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping expired idempotency keys failed"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
+            }
+        });
+    }
     if let Some(bus) = &bus {
         if roles.contains(&Role::Relay) {
             let checkpoints = mira_keys::checkpointer(settings).await?;

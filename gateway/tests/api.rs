@@ -1124,6 +1124,134 @@ async fn an_idempotency_key_gives_one_job_and_refuses_a_different_body() {
     app.stop().await;
 }
 
+/// Idempotency fingerprints cover bodies with patient data: they are keyed (HMAC with the
+/// keyring's key), expire, and are confined to their tenant by row-level security.
+#[tokio::test]
+async fn idempotency_fingerprints_are_keyed_expire_and_stay_in_their_tenant() {
+    use hmac::Mac;
+    use sha2::Digest;
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let body = json!({"name": "Jane Roe, left breast", "size_bytes": 10, "content_type": "image/tiff"});
+    let register = |key: &'static str, body: Value| {
+        app.send(
+            app.http
+                .post(format!("{}/api/slides", app.base))
+                .bearer_auth(&t)
+                .header("idempotency-key", key)
+                .json(&body),
+        )
+    };
+    let first = register("k-phi", body.clone()).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    let stored: String = sqlx::query_scalar("SELECT request_hmac FROM api_idempotency WHERE key = 'k-phi'")
+        .fetch_one(&app.db.owner)
+        .await
+        .unwrap();
+    // Not a plain hash of anything the request held…
+    // The request as the gateway understood it, fields in its own order.
+    let canonical =
+        br#"{"name":"Jane Roe, left breast","size_bytes":10,"content_type":"image/tiff","sha256":null,"file_name":null}"#
+            .to_vec();
+    for plain in [
+        canonical.clone(),
+        serde_json::to_vec(&body).unwrap(),
+        b"Jane Roe, left breast".to_vec(),
+    ] {
+        assert_ne!(stored, hex::encode(sha2::Sha256::digest(&plain)));
+    }
+    // …but an HMAC under the keyring's idempotency key.
+    let ring = mira_events::LocalKeyring::open(app.dir.join("keyring")).unwrap();
+    let key = mira_events::Keyring::key_for(&ring, mira_gateway::api::idempotency::KEY_SUBJECT)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 64);
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(b"mira.idempotency.v1\nslides\n");
+    mac.update(&canonical);
+    assert_eq!(
+        stored,
+        hex::encode(mac.finalize().into_bytes()),
+        "keyed with the keyring's key"
+    );
+
+    // Another tenant's gateway transaction sees none of lab-a's rows.
+    let mut tx = app.db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE mira_api").execute(&mut *tx).await.unwrap();
+    sqlx::query("SELECT set_config('mira.tenant_id', 'lab-b', true)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM api_idempotency")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(seen, 0);
+    tx.rollback().await.unwrap();
+
+    // Within the retention a different body is refused; after it, the key is free again.
+    let changed = json!({"name": "another", "size_bytes": 10, "content_type": "image/tiff"});
+    assert_problem(
+        &register("k-phi", changed.clone()).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    );
+    sqlx::query("UPDATE api_idempotency SET created_at = now() - interval '25 hours' WHERE key = 'k-phi'")
+        .execute(&app.db.owner)
+        .await
+        .unwrap();
+    let reused = register("k-phi", changed).await;
+    assert_eq!(reused.status, StatusCode::CREATED, "{}", reused.body);
+    assert_ne!(reused.body["slide_id"], first.body["slide_id"]);
+    // And the sweeper deletes what expired.
+    register("k-old", body.clone()).await;
+    sqlx::query("UPDATE api_idempotency SET created_at = now() - interval '25 hours' WHERE key = 'k-old'")
+        .execute(&app.db.owner)
+        .await
+        .unwrap();
+    let swept = mira_gateway::api::idempotency::sweep(&app.db.pool, Duration::from_secs(24 * 3600))
+        .await
+        .unwrap();
+    assert_eq!(swept, 1);
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM api_idempotency ORDER BY key")
+        .fetch_all(&app.db.owner)
+        .await
+        .unwrap();
+    assert_eq!(left, ["k-phi"]);
+    app.stop().await;
+}
+
+/// Every table with a tenant_id, except the log itself, is under forced row-level security.
+#[tokio::test]
+async fn every_tenant_table_but_the_log_is_under_forced_row_level_security() {
+    let db = TestDb::new().await;
+    let tables: Vec<(String, String, bool, bool)> = sqlx::query_as(
+        "SELECT n.nspname::text, c.relname::text, c.relrowsecurity, c.relforcerowsecurity \
+         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE a.attname = 'tenant_id' AND NOT a.attisdropped AND c.relkind IN ('r', 'p') \
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2",
+    )
+    .fetch_all(&db.owner)
+    .await
+    .unwrap();
+    let names: Vec<String> = tables.iter().map(|(n, t, _, _)| format!("{n}.{t}")).collect();
+    for expected in [
+        "public.api_idempotency",
+        "public.handler_waiting",
+        "public.events",
+        "rm.jobs",
+        "rm.slides",
+    ] {
+        assert!(names.contains(&expected.to_owned()), "{names:?}");
+    }
+    let unguarded: Vec<&String> = tables
+        .iter()
+        .zip(&names)
+        .filter(|((_, _, rls, forced), name)| name.as_str() != "public.events" && !(*rls && *forced))
+        .map(|(_, name)| name)
+        .collect();
+    assert!(unguarded.is_empty(), "tenant tables without forced RLS: {unguarded:?}");
+}
+
 async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
     let mut out = Vec::new();
     let handles: Vec<_> = fs.collect();

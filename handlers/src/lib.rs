@@ -169,6 +169,9 @@ impl Lifecycle {
 #[async_trait::async_trait]
 impl Handler for Lifecycle {
     async fn apply(&self, tx: &mut PgConnection, e: &StoredEvent) -> Result<(), HandlerError> {
+        // The handlers work across tenants: as `mira_app`, whose policies say so (the login
+        // role is also `mira_api`, whose policies confine it to one tenant).
+        sqlx::query("SET LOCAL ROLE mira_app").execute(&mut *tx).await?;
         match e.aggregate_type.as_str() {
             "Job" => match decode::<JobEvent>(e)? {
                 JobEvent::JobSubmitted { slide_id, .. } => self.submitted(tx, e, slide_id).await,

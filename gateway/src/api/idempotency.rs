@@ -1,14 +1,25 @@
 //! `Idempotency-Key` (DESIGN §7). A key is scoped to the caller (tenant and subject) and the
-//! endpoint. The first request with a key records the SHA-256 of its canonical body and the id
-//! of the resource it creates; a repeat with the same body gets the same resource, a repeat
-//! with another body gets 422.
+//! endpoint. The first request with a key records a keyed fingerprint of its canonical body
+//! and the id of the resource it creates; a repeat with the same body gets the same resource,
+//! a repeat with another body gets 422.
+//!
+//! Bodies carry patient data (a slide's name), so the fingerprint is an HMAC-SHA256 under a
+//! key from the keyring (subject [`KEY_SUBJECT`]), never a plain hash that a short name could
+//! be guessed back from. A key names its resource for `Api__IdempotencyRetentionHours`; after
+//! that it may be used again, and the gateway deletes expired rows.
 
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use sqlx::PgPool;
 
 use super::auth::Identity;
 use super::problem::ApiError;
+
+/// The keyring subject whose data key keys the fingerprints.
+pub const KEY_SUBJECT: &str = "mira:api-idempotency";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -26,13 +37,50 @@ impl Claim {
     }
 }
 
-/// SHA-256 of the request as the gateway understood it (field order fixed by the type).
-pub fn fingerprint(request: &impl Serialize) -> String {
-    let bytes = serde_json::to_vec(request).unwrap_or_default();
-    hex::encode(Sha256::digest(bytes))
+/// HMAC-SHA256 of the request as the gateway understood it (field order fixed by the type),
+/// bound to the endpoint.
+pub fn fingerprint(key: &[u8; 32], scope: &str, request: &impl Serialize) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(b"mira.idempotency.v1\n");
+    mac.update(scope.as_bytes());
+    mac.update(b"\n");
+    mac.update(&serde_json::to_vec(request).unwrap_or_default());
+    hex::encode(mac.finalize().into_bytes())
 }
 
-/// Claims `key` for a new resource `fresh`, or finds what it already named.
+/// [`claim`] for a request of `state`'s gateway: the fingerprint keyed with the keyring's
+/// idempotency key, the retention from the settings.
+pub async fn claim_request(
+    state: &super::AppState,
+    who: &Identity,
+    scope: &str,
+    key: &str,
+    request: &impl Serialize,
+    fresh: uuid::Uuid,
+) -> Result<Claim, ApiError> {
+    let mac_key = state
+        .idempotency_key
+        .get_or_try_init(|| async { state.keyring.key_for(KEY_SUBJECT).await })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "the idempotency key is unavailable");
+            ApiError::unavailable("the keyring")
+        })?;
+    let fp = fingerprint(mac_key, scope, request);
+    claim(
+        &state.pool,
+        who,
+        scope,
+        key,
+        &fp,
+        fresh,
+        state.limits.idempotency_retention,
+    )
+    .await
+}
+
+/// Claims `key` for a new resource `fresh`, or finds what it already named. Works as
+/// `mira_api` confined to the caller's tenant.
 pub async fn claim(
     pool: &PgPool,
     who: &Identity,
@@ -40,10 +88,22 @@ pub async fn claim(
     key: &str,
     fingerprint: &str,
     fresh: uuid::Uuid,
+    retention: Duration,
 ) -> Result<Claim, ApiError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL ROLE mira_api").execute(&mut *tx).await?;
+    sqlx::query("SELECT set_config('mira.tenant_id', $1, true)")
+        .bind(who.tenant.as_str())
+        .execute(&mut *tx)
+        .await?;
+    // New, or an expired row taken over.
     let inserted: Option<uuid::Uuid> = sqlx::query_scalar(
-        "INSERT INTO api_idempotency (tenant_id, subject, scope, key, request_sha256, resource_id) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING resource_id",
+        "INSERT INTO api_idempotency (tenant_id, subject, scope, key, request_hmac, resource_id) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (tenant_id, subject, scope, key) DO UPDATE \
+           SET request_hmac = EXCLUDED.request_hmac, resource_id = EXCLUDED.resource_id, created_at = now() \
+           WHERE api_idempotency.created_at < now() - make_interval(secs => $7) \
+         RETURNING resource_id",
     )
     .bind(who.tenant.as_str())
     .bind(&who.subject)
@@ -51,22 +111,25 @@ pub async fn claim(
     .bind(key)
     .bind(fingerprint)
     .bind(fresh)
-    .fetch_optional(pool)
+    .bind(retention.as_secs_f64())
+    .fetch_optional(&mut *tx)
     .await?;
     if let Some(id) = inserted {
+        tx.commit().await?;
         return Ok(Claim::New(id));
     }
-    let (sha, id): (String, uuid::Uuid) = sqlx::query_as(
-        "SELECT request_sha256, resource_id FROM api_idempotency \
+    let (hmac, id): (String, uuid::Uuid) = sqlx::query_as(
+        "SELECT request_hmac, resource_id FROM api_idempotency \
          WHERE tenant_id = $1 AND subject = $2 AND scope = $3 AND key = $4",
     )
     .bind(who.tenant.as_str())
     .bind(&who.subject)
     .bind(scope)
     .bind(key)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
-    if sha != fingerprint {
+    tx.commit().await?;
+    if hmac != fingerprint {
         return Err(ApiError::new(
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
             "idempotency-key-reused",
@@ -74,4 +137,17 @@ pub async fn claim(
         ));
     }
     Ok(Claim::Replay(id))
+}
+
+/// Deletes rows older than `retention`, across tenants (as `mira_app`). Returns how many.
+pub async fn sweep(pool: &PgPool, retention: Duration) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL ROLE mira_app").execute(&mut *tx).await?;
+    let n = sqlx::query("DELETE FROM api_idempotency WHERE created_at < now() - make_interval(secs => $1)")
+        .bind(retention.as_secs_f64())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    tx.commit().await?;
+    Ok(n)
 }

@@ -55,12 +55,12 @@ pub async fn create(
     let fresh = JobId::new();
     let claim = match &key {
         Some(k) => {
-            let fp = idempotency::fingerprint(&Accepted {
+            let accepted = Accepted {
                 slide_id: body.slide_id,
                 kind: &body.kind,
                 params: &params,
-            });
-            idempotency::claim(&state.pool, &who, "jobs", k, &fp, fresh.as_uuid()).await?
+            };
+            idempotency::claim_request(&state, &who, "jobs", k, &accepted, fresh.as_uuid()).await?
         }
         None => Claim::New(fresh.as_uuid()),
     };

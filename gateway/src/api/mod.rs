@@ -55,6 +55,8 @@ pub struct Inner {
     pub hub: Option<ws::Hub>,
     /// `mira dev`'s local identity provider's JWKS.
     pub dev_jwks: Option<serde_json::Value>,
+    /// The key of the idempotency fingerprints, from the keyring on first use.
+    pub idempotency_key: tokio::sync::OnceCell<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +67,8 @@ pub struct Limits {
     pub job_max_attempts: u32,
     /// A WebSocket client that takes longer than this for one message is closed.
     pub ws_send_timeout: std::time::Duration,
+    /// How long an `Idempotency-Key` names its resource.
+    pub idempotency_retention: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -73,6 +77,7 @@ impl Default for Limits {
             max_body_bytes: 64 * 1024,
             job_max_attempts: 3,
             ws_send_timeout: std::time::Duration::from_secs(10),
+            idempotency_retention: std::time::Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -117,10 +117,7 @@ pub async fn create(
     body.validate()?;
     let fresh = SlideId::new();
     let claim = match &key {
-        Some(k) => {
-            let fp = idempotency::fingerprint(&body);
-            idempotency::claim(&state.pool, &who, "slides", k, &fp, fresh.as_uuid()).await?
-        }
+        Some(k) => idempotency::claim_request(&state, &who, "slides", k, &body, fresh.as_uuid()).await?,
         None => Claim::New(fresh.as_uuid()),
     };
     let id = SlideId(claim.id());
