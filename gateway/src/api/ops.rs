@@ -15,28 +15,28 @@ pub async fn healthz() -> Json<serde_json::Value> {
 
 /// 200 when the database, the blob store and (when this process has one) the bus answer;
 /// otherwise 503 naming what failed.
+/// Readiness, for load balancers and anonymous probes: which dependency is down, nothing about
+/// why (the reason goes to the log, where operators read it).
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let mut checks = serde_json::Map::new();
     let mut ok = true;
+    let mut note = |name: &str, result: Result<(), String>| {
+        let verdict = match result {
+            Ok(()) => "ok",
+            Err(why) => {
+                tracing::warn!(dependency = name, error = %why, "not ready");
+                ok = false;
+                "down"
+            }
+        };
+        checks.insert(name.into(), json!(verdict));
+    };
     let db = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool).await;
-    ok &= db.is_ok();
-    checks.insert(
-        "database".into(),
-        json!(db.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())),
-    );
-    let blobs = state.blobs.ready().await;
-    ok &= blobs.is_ok();
-    checks.insert(
-        "blob_store".into(),
-        json!(blobs.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())),
-    );
+    note("database", db.map(|_| ()).map_err(|e| e.to_string()));
+    note("blob_store", state.blobs.ready().await.map_err(|e| e.to_string()));
     if let Some(bus) = &state.bus {
         let r = bus.queue(mira_bus::Group::Projections).dead_letter_count().await;
-        ok &= r.is_ok();
-        checks.insert(
-            "bus".into(),
-            json!(r.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())),
-        );
+        note("bus", r.map(|_| ()).map_err(|e| e.to_string()));
     }
     let status = if ok {
         StatusCode::OK
@@ -47,9 +47,10 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let gauges = super::metrics::database_gauges(&state.pool)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("cannot read the database: {e}")))?;
+    let gauges = super::metrics::database_gauges(&state.pool).await.map_err(|e| {
+        tracing::warn!(error = %e, "metrics: cannot read the database");
+        ApiError::unavailable("the database is unavailable")
+    })?;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render(&gauges),

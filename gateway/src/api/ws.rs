@@ -138,6 +138,9 @@ fn token(headers: &HeaderMap, q: &WsQuery) -> Option<String> {
     offered.or_else(|| q.access_token.clone())
 }
 
+/// The largest message a client may send.
+pub const MAX_CLIENT_MESSAGE: usize = 4096;
+
 pub async fn handler(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -160,6 +163,10 @@ pub async fn handler(
     let since = q.since;
     Ok(upgrade
         .protocols([PROTOCOL])
+        // Clients have nothing to say on this socket (it only pushes); a message beyond a few
+        // kilobytes closes it instead of being buffered and ignored.
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket: WebSocket| async move {
             let (sink, stream) = socket.split();
             let end = session(sink, stream, Source(state), who, since, rx, cfg.ws_send_timeout).await;
