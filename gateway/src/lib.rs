@@ -5,6 +5,9 @@
 //! the WebSocket and `mira dev` arrive with the gateway issue. `main` only parses arguments
 //! and calls into this library, so tests drive the same code.
 
+// The OpenAPI document is one `json!` literal, deeper than the default limit.
+#![recursion_limit = "512"]
+
 pub mod api;
 pub mod audit;
 pub mod bench;

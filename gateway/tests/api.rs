@@ -945,6 +945,17 @@ async fn raw_request(app: &App, request: &str) -> String {
 async fn bad_input_gets_problem_json_4xx() {
     let app = spawn_app(Storage::Local).await;
     let t = app.token("lab-a", &["pathologist"]);
+    // A NUL character in a query value (PostgreSQL's text refuses it) is the caller's error.
+    let auditor = app.token("lab-a", &["auditor"]);
+    for path in [
+        "/api/audit/events?actor=a%00b",
+        "/api/jobs?submitted_by=%00",
+        "/api/audit/events?aggregate_id=%00",
+    ] {
+        let r = app.get(if path.contains("audit") { &auditor } else { &t }, path).await;
+        assert_problem(&r, StatusCode::BAD_REQUEST);
+        assert!(r.body["detail"].as_str().unwrap().contains("NUL"), "{path}: {}", r.body);
+    }
     let url = format!("{}/api/jobs", app.base);
     let send = |body: String, ct: &'static str| {
         app.http

@@ -102,7 +102,8 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     }
 }
 
-/// Query strings, with problem+json rejections.
+/// Query strings, with problem+json rejections: 400 when a value does not parse or holds a
+/// NUL character.
 #[derive(Debug)]
 pub struct ApiQuery<T>(pub T);
 
@@ -110,8 +111,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+        let v = axum::extract::Query::<T>::try_from_uri(&parts.uri)
             .map(|axum::extract::Query(v)| ApiQuery(v))
-            .map_err(|e| ApiError::bad_request(format!("query string: {}", e.body_text())))
+            .map_err(|e| ApiError::bad_request(format!("query string: {}", e.body_text())))?;
+        // No value of Mira's holds a NUL character, and PostgreSQL's text refuses one. A URI
+        // cannot carry a raw NUL, so `%00` is the only way one arrives.
+        if parts.uri.query().is_some_and(|q| q.contains("%00")) {
+            return Err(ApiError::bad_request("query string: a value holds a NUL character"));
+        }
+        Ok(v)
     }
 }

@@ -120,6 +120,11 @@ impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match mira_eventlog::db::sqlstate(&e).as_deref() {
             Some("40001") | Some("40P01") => Self::conflict("the request raced another; retry it"),
+            // Text PostgreSQL cannot store or read as the type asked (a NUL character, a value
+            // out of range): the request's fault, whichever path it came by.
+            Some("22021") | Some("22P02") | Some("22003") | Some("22008") | Some("22007") => {
+                Self::bad_request("a value in the request cannot be used (a NUL character, or out of range)")
+            }
             _ => Self::internal(e),
         }
     }

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# An outside fuzzer against the API as a user meets it: schemathesis drives every operation of
+# `/api/openapi.json` on a fresh `mira dev`, with a token holding every group (so no operation
+# answers only 401/403) and some data in place (a slide and a job, so ids resolve). It fails on
+# a server error, a status the document does not list, or a response that breaks its schema.
+# A fixed seed, and a time budget of MIRA_FUZZ_SECONDS (120). Needs the debug `mira` and
+# `mira-worker` and the test virtualenv (scripts/test runs it after the suite).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+target=${CARGO_TARGET_DIR:-/var/tmp/mira-target}
+mira=$target/debug/mira
+st=$(dirname "${MIRA_PYTHON:?run through scripts/test, which sets MIRA_PYTHON}")/st
+fail() { printf 'api-fuzz: FAIL: %s\n' "$*" >&2; exit 1; }
+[ -x "$mira" ] || fail "build mira first ($mira)"
+[ -x "$st" ] || fail "no schemathesis in the test virtualenv ($st)"
+
+work=$(mktemp -d /tmp/mira-fuzz.XXXXXX)
+export XDG_RUNTIME_DIR=$work/run
+mkdir -p "$XDG_RUNTIME_DIR" "$work/dev"
+dev_pid=
+cleanup() {
+  if [ -n "$dev_pid" ] && kill -0 "$dev_pid" 2>/dev/null; then
+    kill -INT "$dev_pid"; wait "$dev_pid" || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port=$("$MIRA_PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+base=http://127.0.0.1:$port
+(cd "$work/dev" && exec "$mira" dev --listen "127.0.0.1:$port" > "$work/dev.log" 2>&1) &
+dev_pid=$!
+for _ in $(seq 1 600); do
+  grep -q "Ctrl-C" "$work/dev.log" 2>/dev/null && break
+  kill -0 "$dev_pid" 2>/dev/null || { cat "$work/dev.log" >&2; fail "mira dev exited"; }
+  sleep 0.1
+done
+grep -q "Ctrl-C" "$work/dev.log" || { cat "$work/dev.log" >&2; fail "mira dev did not come up within 60 s"; }
+token=$("$mira" dev token --data-dir "$work/dev/.mira" --groups pathologist,auditor,admin)
+
+# Some data: a registered and uploaded slide (the worker rejects it: not a slide) and a job on it.
+slide=$(curl -fsS -H "Authorization: Bearer $token" -H 'content-type: application/json' \
+  -d '{"name":"fuzz","size_bytes":3,"content_type":"image/tiff"}' "$base/api/slides")
+url=$("$MIRA_PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["upload"]["url"])' <<<"$slide")
+id=$("$MIRA_PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["slide_id"])' <<<"$slide")
+curl -fsS -X PUT -H 'content-type: image/tiff' --data-binary abc "$url" >/dev/null
+curl -fsS -H "Authorization: Bearer $token" -H 'content-type: application/json' -d '{}' "$base/api/slides/$id/uploaded" >/dev/null
+curl -fsS -H "Authorization: Bearer $token" -H 'content-type: application/json' \
+  -d "{\"slide_id\":\"$id\",\"kind\":\"wsi.preprocess\"}" "$base/api/jobs" >/dev/null
+
+echo "api-fuzz: schemathesis on $base/api/openapi.json for ${MIRA_FUZZ_SECONDS:-120} s (seed ${MIRA_FUZZ_SEED:-1})"
+set +e
+(cd "$work" && "$st" run "$base/api/openapi.json" \
+  --checks not_a_server_error,status_code_conformance,response_schema_conformance \
+  --seed "${MIRA_FUZZ_SEED:-1}" --max-time "${MIRA_FUZZ_SECONDS:-120}" \
+  --generation-allow-x00 true --generation-database none \
+  -H "Authorization: Bearer $token" --no-color) > "$work/st.log" 2>&1
+rc=$?
+set -e
+summary=$(grep -E '^=+ .* in [0-9.]+s =+$' "$work/st.log" | tail -n 1)
+if [ "$rc" != 0 ]; then
+  grep -v '^\s*$' "$work/st.log" | sed -n '/FAILURES/,/SUMMARY/p' | head -n 80 >&2
+  echo "--- mira dev:" >&2; tail -n 20 "$work/dev.log" >&2
+  fail "schemathesis: ${summary:-exit $rc}"
+fi
+echo "api-fuzz: ok: $(grep -E 'generated' "$work/st.log" | tail -n 1 | xargs) ${summary}"
