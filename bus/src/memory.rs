@@ -174,25 +174,50 @@ impl Queue for MemoryQueue {
     }
 }
 
-/// The topic and its queues.
+/// The topic and the queues that have a consumer in this process. A queue nothing reads would
+/// hold every event it admits for as long as the process lives, so only the groups named when
+/// the bus is made get a queue; asking for another gets an empty, detached queue that receives
+/// nothing (and says so in the log).
 #[derive(Debug, Clone)]
 pub struct MemoryBus {
     queues: Arc<HashMap<&'static str, Arc<MemoryQueue>>>,
+    visibility: Duration,
+    max_receives: u32,
 }
 
 impl MemoryBus {
-    pub fn new(visibility: Duration, max_receives: u32) -> Self {
-        let queues = Group::ALL
+    /// A bus with a queue for each of `consumers`: the groups this process consumes.
+    pub fn new(visibility: Duration, max_receives: u32, consumers: &[Group]) -> Self {
+        let queues = consumers
             .iter()
             .map(|g| (g.suffix(), Arc::new(MemoryQueue::new(visibility, max_receives))))
             .collect();
         Self {
             queues: Arc::new(queues),
+            visibility,
+            max_receives,
         }
     }
 
+    /// The groups that have a queue.
+    pub fn groups(&self) -> Vec<Group> {
+        Group::ALL
+            .into_iter()
+            .filter(|g| self.queues.contains_key(g.suffix()))
+            .collect()
+    }
+
     pub fn memory_queue(&self, g: Group) -> Arc<MemoryQueue> {
-        self.queues[g.suffix()].clone()
+        match self.queues.get(g.suffix()) {
+            Some(q) => q.clone(),
+            None => {
+                tracing::error!(
+                    group = ?g,
+                    "no in-memory queue for this group: it was not declared as consumed here; it receives nothing"
+                );
+                Arc::new(MemoryQueue::new(self.visibility, self.max_receives))
+            }
+        }
     }
 }
 
@@ -201,8 +226,8 @@ impl Publisher for MemoryBus {
     async fn publish(&self, batch: &[EventMessage]) -> Result<Vec<usize>, BusError> {
         for m in batch {
             for g in Group::ALL {
-                if g.admits(m) {
-                    self.queues[g.suffix()].send(m.group_id(), m.event_id.to_string(), m.to_body());
+                if let Some(q) = self.queues.get(g.suffix()).filter(|_| g.admits(m)) {
+                    q.send(m.group_id(), m.event_id.to_string(), m.to_body());
                 }
             }
         }
@@ -260,6 +285,16 @@ mod tests {
         assert_eq!(q.dead_letter_count().await.unwrap(), 1);
         assert_eq!(q.redrive_dead_letters().await.unwrap(), 1);
         assert_eq!(q.receive(1, Duration::ZERO).await.unwrap()[0].body, "x");
+    }
+
+    #[tokio::test]
+    async fn only_consumed_groups_have_queues() {
+        let bus = MemoryBus::new(Duration::from_secs(1), 3, &[Group::GpuJobs]);
+        assert_eq!(bus.groups(), [Group::GpuJobs]);
+        // Asking for another group gives a queue that nothing publishes to.
+        let stray = bus.memory_queue(Group::Projections);
+        assert!(!Arc::ptr_eq(&stray, &bus.memory_queue(Group::Projections)));
+        assert_eq!(bus.groups(), [Group::GpuJobs], "no queue was added");
     }
 
     #[tokio::test]

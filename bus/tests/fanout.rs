@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 // ---- the two buses ------------------------------------------------------------------------
 
 async fn memory_bus() -> Arc<dyn Bus> {
-    Arc::new(MemoryBus::new(Duration::from_secs(2), 20))
+    Arc::new(MemoryBus::new(Duration::from_secs(2), 20, &Group::ALL))
 }
 
 fn moto_endpoint() -> String {

@@ -65,6 +65,65 @@ pub struct Settings {
     pub api: ApiSettings,
     #[serde(rename = "Worker")]
     pub worker: WorkerSettings,
+    #[serde(rename = "Roles")]
+    pub roles: RolesSettings,
+}
+
+/// A background role a `mira` process can run beside the API (`mira serve --with`, or
+/// `Roles__Enabled` in a container), or alone (`mira relay`, `mira projector`, `mira handlers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Relay,
+    Projector,
+    Handlers,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Relay, Role::Projector, Role::Handlers];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Relay => "relay",
+            Role::Projector => "projector",
+            Role::Handlers => "handlers",
+        }
+    }
+
+    /// A comma-separated list (`relay,projector`); empty is none.
+    pub fn parse_list(s: &str) -> Result<Vec<Role>, String> {
+        let mut out = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let r: Role = part.parse()?;
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.name() == s.trim().to_ascii_lowercase())
+            .ok_or_else(|| format!("{s:?} is not a role (relay, projector, handlers)"))
+    }
+}
+
+/// Which roles `mira serve` runs beside the API when `--with` is not given.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct RolesSettings {
+    /// Comma-separated: `relay,projector,handlers`.
+    pub enabled: String,
 }
 
 /// `mira-worker run` (DESIGN §8).
@@ -386,6 +445,7 @@ const SECTIONS: &[&str] = &[
     "Realtime",
     "Api",
     "Worker",
+    "Roles",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -546,6 +606,9 @@ impl Settings {
         if !(5..=86_400).contains(&self.worker.lease_seconds) {
             return invalid("Worker__LeaseSeconds", "must be 5 to 86400");
         }
+        if let Err(why) = Role::parse_list(&self.roles.enabled) {
+            return invalid("Roles__Enabled", &why);
+        }
         if !(1..=24 * 366).contains(&self.api.idempotency_retention_hours) {
             return invalid("Api__IdempotencyRetentionHours", "must be 1 to 8784 (a year)");
         }
@@ -632,6 +695,37 @@ impl Settings {
         })
     }
 
+    /// The roles `Roles__Enabled` names (validated when the settings were read).
+    pub fn enabled_roles(&self) -> Vec<Role> {
+        Role::parse_list(&self.roles.enabled).unwrap_or_default()
+    }
+
+    /// A pool on `DATABASE_URL`, sized and timed out as `Database__*` say.
+    pub async fn connect(&self) -> Result<mira_eventlog::db::PgPool, mira_eventlog::DbError> {
+        let url = self
+            .database_url()
+            .map_err(|e| mira_eventlog::DbError::BadUrl(e.to_string()))?;
+        mira_eventlog::db::connect(
+            url,
+            self.database.max_connections,
+            std::time::Duration::from_secs(self.database.connect_timeout_seconds),
+        )
+        .await
+    }
+
+    /// How a relay named `name` runs: checkpoints as `Audit__*` say; an idle relay asks for
+    /// new events every 10 ms (one index probe that finds nothing, cheap for PostgreSQL, and
+    /// it bounds how long an event waits).
+    pub fn relay_config(&self, name: &str) -> mira_bus::relay::RelayConfig {
+        mira_bus::relay::RelayConfig {
+            name: name.to_owned(),
+            checkpoint_every_events: self.audit.checkpoint_every_events,
+            checkpoint_every: std::time::Duration::from_secs(self.audit.checkpoint_every_seconds),
+            idle_poll: std::time::Duration::from_millis(10),
+            ..Default::default()
+        }
+    }
+
     /// The bus names (DESIGN §2).
     pub fn bus_names(&self) -> mira_bus::Names {
         mira_bus::Names {
@@ -691,6 +785,18 @@ mod tests {
         .unwrap();
         assert_eq!(s.audit.witness_dir, Some(cwd.join("w")));
         assert_eq!(s.audit.public_key_file.as_deref(), Some(Path::new("/k.pub")));
+    }
+
+    #[test]
+    fn roles_come_from_a_setting_too() {
+        let s = Settings::load(None, env(&[("Roles__Enabled", "relay, Projector,handlers,relay")])).unwrap();
+        assert_eq!(s.enabled_roles(), [Role::Relay, Role::Projector, Role::Handlers]);
+        assert!(Settings::load(None, env(&[])).unwrap().enabled_roles().is_empty());
+        let err = Settings::load(None, env(&[("Roles__Enabled", "relay,worker")])).unwrap_err();
+        assert!(
+            err.to_string().contains("Roles__Enabled") && err.to_string().contains("worker"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+pub use sqlx::PgPool;
 
 pub const UNIQUE_VIOLATION: &str = "23505";
 pub const SERIALIZATION_FAILURE: &str = "40001";

@@ -18,5 +18,6 @@ pub use database::{grant_runtime_roles, warn_if_owner};
 pub use mira_config as config;
 pub use mira_eventlog::commands;
 pub mod dev;
+pub mod roles;
 pub mod server;
 pub mod telemetry;

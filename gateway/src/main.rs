@@ -78,9 +78,10 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         listen: String,
-        /// Also run these roles here (comma-separated): relay, projector, handlers.
-        #[arg(long = "with", value_enum, value_delimiter = ',', value_name = "ROLES")]
-        with: Vec<mira_gateway::server::Role>,
+        /// Also run these roles here (comma-separated): relay, projector, handlers. Without it,
+        /// the roles Roles__Enabled names (none by default).
+        #[arg(long = "with", value_parser = parse_role, value_delimiter = ',', value_name = "ROLES")]
+        with: Option<Vec<mira_gateway::roles::Role>>,
     },
     /// Follow the log and publish every event to the SNS topic (one active relay at a time).
     Relay,
@@ -301,6 +302,10 @@ enum BenchCommand {
     },
 }
 
+fn parse_role(s: &str) -> Result<mira_gateway::roles::Role, String> {
+    s.parse()
+}
+
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
@@ -477,22 +482,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let options = mira_gateway::server::Options {
-                roles: with,
-                dev_jwks: None,
+                roles: with.unwrap_or_else(|| settings.enabled_roles()),
+                ..Default::default()
             };
             mira_gateway::server::run(&settings, pool, listener, &options, shutdown_on_signals()).await?;
         }
         Command::Relay => {
-            let pool = pool(&settings).await?;
-            let bus = aws_bus(&settings).await?;
-            let checkpoints = mira_keys::checkpointer(&settings).await?;
-            let cfg = mira_bus::relay::RelayConfig {
-                checkpoint_every_events: settings.audit.checkpoint_every_events,
-                checkpoint_every: Duration::from_secs(settings.audit.checkpoint_every_seconds),
-                ..Default::default()
-            };
-            let relay = mira_bus::relay::Relay::new(EventLog::new(pool), bus.publisher(), cfg, Some(checkpoints));
-            relay.run(settings.database_url()?, shutdown_on_signals()).await?;
+            mira_gateway::roles::run_alone(&settings, &[mira_gateway::roles::Role::Relay], shutdown_on_signals())
+                .await?
         }
         Command::Bench {
             command: BenchCommand::E2e { jobs, json },
@@ -527,28 +524,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Projector => {
-            let pool = pool(&settings).await?;
-            let bus = aws_bus(&settings).await?;
-            let consumer = mira_bus::consumer::Consumer::new(
-                EventLog::new(pool),
-                bus.queue(mira_bus::Group::Projections),
-                Arc::new(mira_projections::Projector::default()),
-                mira_bus::consumer::ConsumerConfig::for_group(mira_bus::Group::Projections),
-            );
-            consumer.run(shutdown_on_signals()).await?;
-        }
-        Command::Handlers => {
-            let pool = pool(&settings).await?;
-            let bus = aws_bus(&settings).await?;
-            let keyring = mira_keys::keyring(&settings, &pool).await?;
-            let commands = Commands::new(EventLog::new(pool.clone()), keyring);
-            mira_handlers::run(
-                pool,
-                commands,
-                bus.queue(mira_bus::Group::Handlers),
+            mira_gateway::roles::run_alone(
+                &settings,
+                &[mira_gateway::roles::Role::Projector],
                 shutdown_on_signals(),
             )
-            .await?;
+            .await?
+        }
+        Command::Handlers => {
+            mira_gateway::roles::run_alone(&settings, &[mira_gateway::roles::Role::Handlers], shutdown_on_signals())
+                .await?
         }
         Command::Projections {
             command: ProjectionsCommand::List { json },
@@ -739,7 +724,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (bus, provider): (Arc<dyn Bus>, &str) =
                 if in_memory || settings.messaging.provider == MessagingProvider::InMemory {
                     (
-                        Arc::new(mira_bus::memory::MemoryBus::new(Duration::from_secs(30), 10)),
+                        Arc::new(mira_bus::memory::MemoryBus::new(
+                            Duration::from_secs(30),
+                            10,
+                            &mira_bus::Group::ALL,
+                        )),
                         "in-memory",
                     )
                 } else {

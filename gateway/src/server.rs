@@ -18,13 +18,7 @@ use crate::blob::{BlobStore, LocalBlobs, S3Blobs, UploadPolicy};
 use crate::commands::Commands;
 use crate::config::{MessagingProvider, Settings, StorageProvider};
 
-/// Background roles that can share the API's process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
-    Relay,
-    Projector,
-    Handlers,
-}
+pub use crate::roles::Role;
 
 /// What runs beside the API.
 #[derive(Debug, Clone, Default)]
@@ -32,28 +26,46 @@ pub struct Options {
     pub roles: Vec<Role>,
     /// `mira dev`'s local JWKS, served at [`crate::dev::JWKS_PATH`].
     pub dev_jwks: Option<serde_json::Value>,
+    /// An in-memory bus made by the caller (to watch its queues); default: one from the
+    /// settings and the roles.
+    pub bus: Option<mira_bus::memory::MemoryBus>,
 }
 
 impl Options {
     /// Every role in this process, as `mira dev` runs it.
     pub fn everything(dev_jwks: Option<serde_json::Value>) -> Self {
         Self {
-            roles: vec![Role::Relay, Role::Projector, Role::Handlers],
+            roles: Role::ALL.to_vec(),
             dev_jwks,
+            bus: None,
         }
     }
 }
 
 /// The bus this process uses: SNS/SQS, or a fresh in-memory bus (which only carries events
-/// between roles of this same process).
-pub async fn bus(settings: &Settings) -> anyhow::Result<Arc<dyn Bus>> {
+/// between roles of this same process) with a queue for each consuming role in `roles`.
+pub async fn bus(settings: &Settings, roles: &[Role]) -> anyhow::Result<Arc<dyn Bus>> {
     Ok(match settings.messaging.provider {
         MessagingProvider::Aws => {
             let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
             Arc::new(mira_bus::aws::AwsBus::connect(&sdk, &settings.bus_names(), None).await?)
         }
-        MessagingProvider::InMemory => Arc::new(mira_bus::memory::MemoryBus::new(Duration::from_secs(30), 10)),
+        MessagingProvider::InMemory => Arc::new(in_memory_bus(roles)),
     })
+}
+
+/// The in-memory bus for `roles`: queues for the projector and the handlers when they run
+/// here, none for the worker (which runs its own).
+pub fn in_memory_bus(roles: &[Role]) -> mira_bus::memory::MemoryBus {
+    let consumed: Vec<mira_bus::Group> = roles
+        .iter()
+        .filter_map(|r| match r {
+            Role::Projector => Some(mira_bus::Group::Projections),
+            Role::Handlers => Some(mira_bus::Group::Handlers),
+            Role::Relay => None,
+        })
+        .collect();
+    mira_bus::memory::MemoryBus::new(Duration::from_secs(30), 10, &consumed)
 }
 
 /// The blob store the settings name. `public_url` is where clients reach this gateway (for
@@ -142,7 +154,10 @@ pub async fn run(
     let bus = if roles.is_empty() && settings.messaging.provider == MessagingProvider::InMemory {
         None
     } else {
-        Some(bus(settings).await?)
+        match &options.bus {
+            Some(b) => Some(Arc::new(b.clone()) as Arc<dyn Bus>),
+            None => Some(bus(settings, roles).await?),
+        }
     };
     let hub = crate::api::ws::Hub::start(pool.clone(), settings.realtime.client_buffer as usize, shutdown.clone());
     let state = state(
@@ -175,50 +190,14 @@ pub async fn run(
         });
     }
     if let Some(bus) = &bus {
-        if roles.contains(&Role::Relay) {
-            let checkpoints = mira_keys::checkpointer(settings).await?;
-            let in_memory = settings.messaging.provider == MessagingProvider::InMemory;
-            let cfg = mira_bus::relay::RelayConfig {
-                // The in-memory bus has a relay (and cursor) of its own: see below.
-                name: if in_memory { "in-memory".into() } else { "main".into() },
-                checkpoint_every_events: settings.audit.checkpoint_every_events,
-                checkpoint_every: Duration::from_secs(settings.audit.checkpoint_every_seconds),
-                // An idle relay asks for new events every 10 ms: one index probe that finds
-                // nothing, cheap for PostgreSQL, and it bounds how long an event waits.
-                idle_poll: Duration::from_millis(10),
-                ..Default::default()
-            };
-            let relay =
-                mira_bus::relay::Relay::new(EventLog::new(pool.clone()), bus.publisher(), cfg, Some(checkpoints));
-            if in_memory {
-                // Messages in flight when the last process stopped died with it, taken by a
-                // consumer or not: publish everything again; consumers skip what they applied.
-                relay.forget_cursor().await?;
-            }
-            let url = settings.database_url()?.to_owned();
-            let stop = shutdown.clone();
-            tasks.spawn(async move { relay.run(&url, stop).await.context("relay") });
-        }
-        if roles.contains(&Role::Projector) {
-            let consumer = mira_bus::consumer::Consumer::new(
-                EventLog::new(pool.clone()),
-                bus.queue(mira_bus::Group::Projections),
-                Arc::new(mira_projections::Projector::default()),
-                mira_bus::consumer::ConsumerConfig::for_group(mira_bus::Group::Projections),
-            );
-            let stop = shutdown.clone();
-            tasks.spawn(async move { consumer.run(stop).await.context("projector") });
-        }
-        if roles.contains(&Role::Handlers) {
-            let queue = bus.queue(mira_bus::Group::Handlers);
-            let commands = Commands::new(EventLog::new(pool.clone()), state.keyring.clone());
-            let stop = shutdown.clone();
-            let pool = pool.clone();
-            tasks.spawn(async move {
-                mira_handlers::run(pool, commands, queue, stop)
-                    .await
-                    .context("handlers")
-            });
+        let ctx = crate::roles::RoleContext {
+            settings: settings.clone(),
+            pool: pool.clone(),
+            bus: bus.clone(),
+            keyring: state.keyring.clone(),
+        };
+        for role in roles {
+            crate::roles::spawn(*role, &ctx, &mut tasks, &shutdown).await?;
         }
     }
     tracing::info!(%addr, ?roles, "serving");

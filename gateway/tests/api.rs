@@ -308,7 +308,7 @@ async fn spawn_app_with(storage: Storage, extra: &[(&str, &str)]) -> App {
     ];
     let options = mira_gateway::server::Options {
         roles: roles.to_vec(),
-        dev_jwks: None,
+        ..Default::default()
     };
     let task = tokio::spawn(async move { mira_gateway::server::run(&settings, pool, listener, &options, s).await });
     App {
@@ -2314,7 +2314,10 @@ async fn events_the_in_memory_bus_held_at_shutdown_reach_the_projection_after_a_
         let s = stop.clone();
         let task = tokio::spawn(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let options = mira_gateway::server::Options { roles, dev_jwks: None };
+            let options = mira_gateway::server::Options {
+                roles,
+                ..Default::default()
+            };
             mira_gateway::server::run(&settings, pool, listener, &options, s).await
         });
         (stop, task)
@@ -2374,6 +2377,75 @@ async fn events_the_in_memory_bus_held_at_shutdown_reach_the_projection_after_a_
         (count().await == 1).then_some(Value::Null)
     })
     .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `mira dev`'s in-memory bus keeps nothing it does not deliver: only the projector's and the
+/// handlers' queues exist in the gateway (the worker runs its own bus), and after 20,000
+/// commands every queue has drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_memory_bus_has_only_consumed_queues_and_they_drain() {
+    use mira_gateway::server::Role;
+    let db = TestDb::new().await;
+    let dir = std::env::temp_dir().join(format!("mira-drain-{}", uuid::Uuid::new_v4()));
+    let env: BTreeMap<String, String> = [
+        ("DATABASE_URL", db.url.clone()),
+        ("AWS__Cognito__Issuer", "urn:test".to_owned()),
+        ("AWS__Cognito__ClientId", "test".to_owned()),
+        ("AWS__Cognito__JwksUrl", "http://127.0.0.1:9/jwks.json".to_owned()),
+        ("Keyring__LocalDir", dir.join("keyring").display().to_string()),
+        ("Audit__SigningKeyFile", dir.join("audit.key").display().to_string()),
+        ("Audit__WitnessDir", dir.join("witness").display().to_string()),
+        ("Storage__LocalDir", dir.join("blobs").display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let settings = Settings::load(None, env).unwrap();
+    mira_keys::init(&settings).await.unwrap();
+    let roles = vec![Role::Relay, Role::Projector, Role::Handlers];
+    let bus = mira_gateway::server::in_memory_bus(&roles);
+    assert_eq!(
+        bus.groups(),
+        [mira_bus::Group::Projections, mira_bus::Group::Handlers],
+        "no queue without a consumer"
+    );
+    let stop = CancellationToken::new();
+    let options = mira_gateway::server::Options {
+        roles,
+        bus: Some(bus.clone()),
+        ..Default::default()
+    };
+    let (s, pool) = (stop.clone(), db.pool.clone());
+    let task = tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        mira_gateway::server::run(&settings, pool, listener, &options, s).await
+    });
+    let commands = mira_gateway::commands::Commands::new(
+        mira_eventlog::EventLog::new(db.pool.clone()),
+        Arc::new(mira_events::LocalKeyring::open(dir.join("keyring")).unwrap()),
+    );
+    let r = mira_gateway::bench::append(&commands, 20_000, 4).await.unwrap();
+    assert_eq!(r.commands, 20_000);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let depths: Vec<usize> = bus.groups().iter().map(|g| bus.memory_queue(*g).depth()).collect();
+        let projected: i64 = sqlx::query_scalar("SELECT coalesce(max(last_position), 0) FROM projection_positions")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        let last: i64 = sqlx::query_scalar("SELECT max(global_position) FROM events")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if depths.iter().all(|d| *d == 0) && projected == last {
+            break;
+        }
+        assert!(Instant::now() < deadline, "queues still hold {depths:?} messages");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     stop.cancel();
     task.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(dir);

@@ -612,6 +612,77 @@ async fn migrate_runs_as_the_owner_and_grants_the_application_role() {
     assert!(stderr(&out).contains("owns the event log"), "{}", stderr(&out));
 }
 
+/// One image, its roles chosen by a setting: `mira serve` with `Roles__Enabled` runs the relay,
+/// the projector and the handlers beside the API, and a job goes through them.
+#[tokio::test]
+async fn serve_runs_the_roles_that_roles_enabled_names() {
+    let db = TestDb::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = Env::new(&db.url)
+        .set("Roles__Enabled", "relay,projector,handlers")
+        .set("Messaging__Provider", "InMemory")
+        .set("AWS__Cognito__Issuer", "urn:test")
+        .set("AWS__Cognito__ClientId", "test")
+        .set("AWS__Cognito__JwksUrl", "http://127.0.0.1:9/jwks.json")
+        .keys();
+    let mut serve = env
+        .command(&["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("Storage__LocalDir", env.dir.join("blobs"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A job on a slide that does not exist: the relay publishes it, the handlers fail it, the
+    // projector shows it failed.
+    let c = commands(&db, &env.dir);
+    let id = JobId::new();
+    let submit = JobCommand::Submit {
+        slide_id: SlideId::new(),
+        kind: "wsi.preprocess".into(),
+        params: serde_json::json!({}),
+        max_attempts: 3,
+    };
+    c.job(&ctx(), id, submit).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT status, failure FROM rm.jobs WHERE job_id = $1")
+                .bind(id.as_uuid())
+                .fetch_optional(&db.owner)
+                .await
+                .unwrap();
+        if let Some((s, failure)) = &status {
+            if s == "failed" {
+                assert!(failure.as_deref().unwrap_or_default().contains("slide"), "{status:?}");
+                break;
+            }
+        }
+        assert!(serve.try_wait().unwrap().is_none(), "mira serve exited");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job did not go through: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let term = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert_eq!(serve.wait().unwrap().code(), Some(0), "SIGTERM drains, then exits 0");
+    // A role that does not exist is refused at start, naming the setting.
+    let out = env
+        .set("Roles__Enabled", "relay,worker")
+        .mira(&["serve", "--listen", "127.0.0.1:0"]);
+    assert_fails_naming(&out, 2, &["Roles__Enabled", "worker"]);
+}
+
 // ---- fan-out ----------------------------------------------------------------------------
 
 fn moto() -> String {

@@ -540,12 +540,7 @@ pub async fn run(
     device: Device,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let pool = mira_eventlog::db::connect(
-        settings.database_url()?,
-        settings.database.max_connections,
-        Duration::from_secs(settings.database.connect_timeout_seconds),
-    )
-    .await?;
+    let pool = settings.connect().await?;
     let keyring = mira_keys::keyring(&settings, &pool).await?;
     let commands = Commands::new(EventLog::new(pool.clone()), keyring);
     let store = Store::from_settings(&settings).await?;
@@ -572,15 +567,12 @@ pub async fn run(
                 .queue(Group::GpuJobs)
         }
         MessagingProvider::InMemory => {
-            let bus = mira_bus::memory::MemoryBus::new(Duration::from_secs(120), 10);
+            let bus = mira_bus::memory::MemoryBus::new(Duration::from_secs(120), 10, &[Group::GpuJobs]);
             let r = mira_bus::relay::Relay::new(
                 EventLog::new(pool.clone()),
                 Arc::new(bus.clone()),
-                mira_bus::relay::RelayConfig {
-                    name: "worker".into(),
-                    idle_poll: Duration::from_millis(10),
-                    ..Default::default()
-                },
+                // No checkpoints: the platform's own relay writes them.
+                settings.relay_config("worker"),
                 None,
             );
             // What the last worker's bus held died with it; its consumer records skip the rest.

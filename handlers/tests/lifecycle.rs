@@ -46,7 +46,7 @@ impl World {
             EventLog::new(db.pool.clone()),
             Arc::new(LocalKeyring::init(dir).unwrap().0),
         );
-        let bus = MemoryBus::new(Duration::from_secs(5), 5);
+        let bus = MemoryBus::new(Duration::from_secs(5), 5, &[mira_bus::Group::Handlers]);
         let mut cfg = ConsumerConfig::for_group(Group::Handlers);
         cfg.wait = Duration::from_millis(50);
         let consumer = Consumer::new(

@@ -153,7 +153,7 @@ async fn read_models_converge_to_a_replay_despite_duplicates_and_reordering() {
     assert!(events.len() > 120, "only {} events", events.len());
 
     // Deliver everything out of order, most of it twice.
-    let bus = MemoryBus::new(Duration::from_secs(5), 10);
+    let bus = MemoryBus::new(Duration::from_secs(5), 10, &[mira_bus::Group::Projections]);
     let mut msgs: Vec<EventMessage> = events.iter().map(EventMessage::from).collect();
     let mut rng = Rng(99);
     for i in (1..msgs.len()).rev() {
@@ -324,7 +324,7 @@ async fn rebuild_under_load_never_shows_a_partial_model_and_ends_complete() {
     let db = TestDb::new().await;
     let log = EventLog::new(db.pool.clone());
     random_history(&log, &["lab-a", "lab-b"], 10, 3).await;
-    let bus = MemoryBus::new(Duration::from_secs(5), 10);
+    let bus = MemoryBus::new(Duration::from_secs(5), 10, &[mira_bus::Group::Projections]);
     let stop = CancellationToken::new();
     // The live system: relay and projector.
     let relay = Relay::new(log.clone(), bus.publisher(), RelayConfig::default(), None);

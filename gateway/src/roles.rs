@@ -1,0 +1,108 @@
+//! Each background role started one way, wherever it runs: beside the API (`mira serve --with`
+//! or `Roles__Enabled`, and `mira dev`), or alone (`mira relay`, `mira projector`, `mira
+//! handlers`). The worker's private relay takes its configuration from the same
+//! [`Settings::relay_config`].
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use mira_bus::Bus;
+use mira_eventlog::EventLog;
+use mira_events::Keyring;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::commands::Commands;
+pub use crate::config::Role;
+use crate::config::{MessagingProvider, Settings};
+
+/// What every role needs.
+#[derive(Clone)]
+pub struct RoleContext {
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub bus: Arc<dyn Bus>,
+    pub keyring: Arc<dyn Keyring>,
+}
+
+/// Starts `role` on `tasks`, stopping on `shutdown`.
+pub async fn spawn(
+    role: Role,
+    ctx: &RoleContext,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let stop = shutdown.clone();
+    let log = EventLog::new(ctx.pool.clone());
+    match role {
+        Role::Relay => {
+            let checkpoints = mira_keys::checkpointer(&ctx.settings).await?;
+            let in_memory = ctx.settings.messaging.provider == MessagingProvider::InMemory;
+            // The in-memory bus has a relay (and cursor) of its own.
+            let cfg = ctx.settings.relay_config(if in_memory { "in-memory" } else { "main" });
+            let relay = mira_bus::relay::Relay::new(log, ctx.bus.publisher(), cfg, Some(checkpoints));
+            if in_memory {
+                // Messages in flight when the last process stopped died with it, taken by a
+                // consumer or not: publish everything again; consumers skip what they applied.
+                relay.forget_cursor().await?;
+            }
+            let url = ctx.settings.database_url()?.to_owned();
+            tasks.spawn(async move { relay.run(&url, stop).await.context("relay") });
+        }
+        Role::Projector => {
+            let consumer = mira_bus::consumer::Consumer::new(
+                log,
+                ctx.bus.queue(mira_bus::Group::Projections),
+                Arc::new(mira_projections::Projector::default()),
+                mira_bus::consumer::ConsumerConfig::for_group(mira_bus::Group::Projections),
+            );
+            tasks.spawn(async move { consumer.run(stop).await.context("projector") });
+        }
+        Role::Handlers => {
+            let queue = ctx.bus.queue(mira_bus::Group::Handlers);
+            let commands = Commands::new(log, ctx.keyring.clone());
+            let pool = ctx.pool.clone();
+            tasks.spawn(async move {
+                mira_handlers::run(pool, commands, queue, stop)
+                    .await
+                    .context("handlers")
+            });
+        }
+    }
+    tracing::info!(role = %role, "role started");
+    Ok(())
+}
+
+/// Runs `roles` alone in this process (no API) on SNS/SQS, until `shutdown`; a role that fails
+/// stops the others.
+pub async fn run_alone(settings: &Settings, roles: &[Role], shutdown: CancellationToken) -> anyhow::Result<()> {
+    if settings.messaging.provider != MessagingProvider::Aws {
+        anyhow::bail!(
+            "Messaging__Provider is InMemory: the in-memory bus lives inside one process (`mira dev`); set Messaging__Provider=Aws to use SNS and SQS"
+        );
+    }
+    let pool = settings.connect().await?;
+    crate::database::warn_if_owner(&pool).await;
+    let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
+    let bus: Arc<dyn Bus> = Arc::new(mira_bus::aws::AwsBus::connect(&sdk, &settings.bus_names(), None).await?);
+    let keyring = mira_keys::keyring(settings, &pool).await?;
+    let ctx = RoleContext {
+        settings: settings.clone(),
+        pool,
+        bus,
+        keyring,
+    };
+    let mut tasks = JoinSet::new();
+    for r in roles {
+        spawn(*r, &ctx, &mut tasks, &shutdown).await?;
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r.context("a role panicked").and_then(|r| r) {
+            shutdown.cancel();
+            while tasks.join_next().await.is_some() {}
+            return Err(e);
+        }
+    }
+    Ok(())
+}
