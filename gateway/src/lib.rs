@@ -1,9 +1,8 @@
-//! `mira-gateway` is Mira's front door and its operator tooling: the `mira` binary.
-//!
-//! Today it holds the configuration, the `mira migrate`, `mira audit …` and
-//! `mira bench append` commands, and the command path they share ([`commands`]). The HTTP API,
-//! the WebSocket and `mira dev` arrive with the gateway issue. `main` only parses arguments
-//! and calls into this library, so tests drive the same code.
+//! `mira-gateway` is Mira's front door and its operator tooling, the library behind the `mira`
+//! binary: the HTTP API and WebSocket ([`api`], [`server`]), each background role started one
+//! way ([`roles`]), `mira dev` ([`dev`]), the blob stores ([`blob`]), the database roles
+//! ([`database`]), audit replay ([`audit`]) and the benchmarks. The binary's own `src/main.rs`
+//! parses arguments; `src/cli/` dispatches each subcommand and prints its tables.
 
 // The OpenAPI document is one `json!` literal, deeper than the default limit.
 #![recursion_limit = "512"]
