@@ -143,21 +143,27 @@ impl S3Blobs {
         &self.client
     }
 
-    /// A server-side copy of an object larger than one CopyObject may be (5 GiB), part by part.
-    async fn copy_in_parts(&self, source: &str, to: &str, size: u64) -> Result<(), BlobError> {
-        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as S3Part};
+    /// Starts a multipart upload of `key`; returns its id.
+    async fn create_multipart(&self, key: &str, content_type: Option<&str>) -> Result<String, BlobError> {
         let created = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
-            .key(to)
+            .key(key)
+            .set_content_type(content_type.map(str::to_owned))
             .send()
             .await
             .map_err(s3err)?;
-        let upload_id = created
+        created
             .upload_id()
-            .ok_or_else(|| BlobError::Storage("CreateMultipartUpload returned no upload id".into()))?
-            .to_owned();
+            .map(str::to_owned)
+            .ok_or_else(|| BlobError::Storage("CreateMultipartUpload returned no upload id".into()))
+    }
+
+    /// A server-side copy of an object larger than one CopyObject may be (5 GiB), part by part.
+    async fn copy_in_parts(&self, source: &str, to: &str, size: u64) -> Result<(), BlobError> {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as S3Part};
+        let upload_id = self.create_multipart(to, None).await?;
         let part = self.policy.part_size_for(size);
         let mut parts = Vec::new();
         let result: Result<(), BlobError> = async {
@@ -246,19 +252,7 @@ impl BlobStore for S3Blobs {
                 expires_at: expires_at(self.policy.expires),
             });
         }
-        let created = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_type(content_type)
-            .send()
-            .await
-            .map_err(s3err)?;
-        let upload_id = created
-            .upload_id()
-            .ok_or_else(|| BlobError::Storage("CreateMultipartUpload returned no upload id".into()))?
-            .to_owned();
+        let upload_id = self.create_multipart(key, Some(content_type)).await?;
         let part_size = self.policy.part_size_for(size);
         let count = size.div_ceil(part_size).max(1) as u32;
         let mut parts = Vec::with_capacity(count as usize);

@@ -2294,21 +2294,7 @@ async fn events_the_in_memory_bus_held_at_shutdown_reach_the_projection_after_a_
     let db = TestDb::new().await;
     let dir = std::env::temp_dir().join(format!("mira-restart-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    let env: BTreeMap<String, String> = [
-        ("DATABASE_URL", db.url.clone()),
-        ("AWS__Cognito__Issuer", "urn:test".to_owned()),
-        ("AWS__Cognito__ClientId", "test".to_owned()),
-        ("AWS__Cognito__JwksUrl", "http://127.0.0.1:9/jwks.json".to_owned()),
-        ("Keyring__LocalDir", dir.join("keyring").display().to_string()),
-        ("Audit__SigningKeyFile", dir.join("audit.key").display().to_string()),
-        ("Audit__WitnessDir", dir.join("witness").display().to_string()),
-        ("Storage__LocalDir", dir.join("blobs").display().to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let settings = Settings::load(None, env).unwrap();
-    mira_keys::init(&settings).await.unwrap();
+    let settings = local_settings(&db, &dir).await;
     let start = |roles: Vec<mira_gateway::server::Role>| {
         let (settings, pool, stop) = (settings.clone(), db.pool.clone(), CancellationToken::new());
         let s = stop.clone();
@@ -2390,21 +2376,7 @@ async fn the_in_memory_bus_has_only_consumed_queues_and_they_drain() {
     use mira_gateway::server::Role;
     let db = TestDb::new().await;
     let dir = std::env::temp_dir().join(format!("mira-drain-{}", uuid::Uuid::new_v4()));
-    let env: BTreeMap<String, String> = [
-        ("DATABASE_URL", db.url.clone()),
-        ("AWS__Cognito__Issuer", "urn:test".to_owned()),
-        ("AWS__Cognito__ClientId", "test".to_owned()),
-        ("AWS__Cognito__JwksUrl", "http://127.0.0.1:9/jwks.json".to_owned()),
-        ("Keyring__LocalDir", dir.join("keyring").display().to_string()),
-        ("Audit__SigningKeyFile", dir.join("audit.key").display().to_string()),
-        ("Audit__WitnessDir", dir.join("witness").display().to_string()),
-        ("Storage__LocalDir", dir.join("blobs").display().to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let settings = Settings::load(None, env).unwrap();
-    mira_keys::init(&settings).await.unwrap();
+    let settings = local_settings(&db, &dir).await;
     let roles = vec![Role::Relay, Role::Projector, Role::Handlers];
     let bus = mira_gateway::server::in_memory_bus(&roles);
     assert_eq!(
@@ -2449,4 +2421,25 @@ async fn the_in_memory_bus_has_only_consumed_queues_and_they_drain() {
     stop.cancel();
     task.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Settings for a gateway on `db` with its keys, witness and blobs in `dir` (keys made), no
+/// identity provider to speak of.
+async fn local_settings(db: &TestDb, dir: &std::path::Path) -> Settings {
+    let env: BTreeMap<String, String> = [
+        ("DATABASE_URL", db.url.clone()),
+        ("AWS__Cognito__Issuer", "urn:test".to_owned()),
+        ("AWS__Cognito__ClientId", "test".to_owned()),
+        ("AWS__Cognito__JwksUrl", "http://127.0.0.1:9/jwks.json".to_owned()),
+        ("Keyring__LocalDir", dir.join("keyring").display().to_string()),
+        ("Audit__SigningKeyFile", dir.join("audit.key").display().to_string()),
+        ("Audit__WitnessDir", dir.join("witness").display().to_string()),
+        ("Storage__LocalDir", dir.join("blobs").display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let settings = Settings::load(None, env).unwrap();
+    mira_keys::init(&settings).await.unwrap();
+    settings
 }

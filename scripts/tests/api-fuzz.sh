@@ -14,28 +14,12 @@ fail() { printf 'api-fuzz: FAIL: %s\n' "$*" >&2; exit 1; }
 [ -x "$mira" ] || fail "build mira first ($mira)"
 [ -x "$st" ] || fail "no schemathesis in the test virtualenv ($st)"
 
+. "$repo/scripts/lib/mira-dev.sh"
 work=$(mktemp -d /tmp/mira-fuzz.XXXXXX)
-export XDG_RUNTIME_DIR=$work/run
-mkdir -p "$XDG_RUNTIME_DIR" "$work/dev"
-dev_pid=
-cleanup() {
-  if [ -n "$dev_pid" ] && kill -0 "$dev_pid" 2>/dev/null; then
-    kill -INT "$dev_pid"; wait "$dev_pid" || true
-  fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
+trap 'mira_dev_stop || true; rm -rf "$work"' EXIT
 port=$("$MIRA_PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base=http://127.0.0.1:$port
-(cd "$work/dev" && exec "$mira" dev --listen "127.0.0.1:$port" > "$work/dev.log" 2>&1) &
-dev_pid=$!
-for _ in $(seq 1 600); do
-  grep -q "Ctrl-C" "$work/dev.log" 2>/dev/null && break
-  kill -0 "$dev_pid" 2>/dev/null || { cat "$work/dev.log" >&2; fail "mira dev exited"; }
-  sleep 0.1
-done
-grep -q "Ctrl-C" "$work/dev.log" || { cat "$work/dev.log" >&2; fail "mira dev did not come up within 60 s"; }
+mira_dev_start "$work" "$port"
 token=$("$mira" dev token --data-dir "$work/dev/.mira" --groups pathologist,auditor,admin)
 
 # Some data: a registered and uploaded slide (the worker rejects it: not a slide) and a job on it.

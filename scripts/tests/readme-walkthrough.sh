@@ -10,17 +10,11 @@ mira=$target/debug/mira
 fail() { printf 'readme-walkthrough: FAIL: %s\n' "$*" >&2; exit 1; }
 [ -x "$mira" ] && [ -x "$target/debug/mira-worker" ] || fail "build mira and mira-worker first ($mira)"
 
+. "$repo/scripts/lib/mira-dev.sh"
 work=$(mktemp -d /tmp/mira-walkthrough.XXXXXX)
-export XDG_RUNTIME_DIR=$work/run HOME=${HOME:-/root}
-mkdir -p "$XDG_RUNTIME_DIR" "$work/dev" "$work/user"
-dev_pid=
-cleanup() {
-  if [ -n "$dev_pid" ] && kill -0 "$dev_pid" 2>/dev/null; then
-    kill -INT "$dev_pid"; wait "$dev_pid" || true
-  fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
+export HOME=${HOME:-/root}
+mkdir -p "$work/user"
+trap 'mira_dev_stop || true; rm -rf "$work"' EXIT
 
 # The block, as the README has it; only the port (a free one) and the target directory differ.
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -30,14 +24,7 @@ readme_addr=127.0.0.1:8080 readme_target=/var/tmp/mira-target
 block=${block//"$readme_addr"/127.0.0.1:$port}
 block=${block//"$readme_target"/$target}
 
-(cd "$work/dev" && exec "$mira" dev --listen "127.0.0.1:$port" > "$work/dev.log" 2>&1) &
-dev_pid=$!
-for _ in $(seq 1 600); do
-  grep -q "Ctrl-C" "$work/dev.log" 2>/dev/null && break
-  kill -0 "$dev_pid" 2>/dev/null || { cat "$work/dev.log" >&2; fail "mira dev exited"; }
-  sleep 0.1
-done
-grep -q "Ctrl-C" "$work/dev.log" || { cat "$work/dev.log" >&2; fail "mira dev did not come up within 60 s"; }
+mira_dev_start "$work" "$port"
 
 echo "readme-walkthrough: mira dev is up on 127.0.0.1:$port; running the README's block from $work/user"
 export SLIDE=${MIRA_TESTDATA:-$HOME/.cache/mira-testdata}/CMU-1-Small-Region.svs
@@ -46,8 +33,7 @@ if ! (cd "$work/user" && timeout 300 bash -euo pipefail ${WALKTHROUGH_TRACE:+-x}
   echo "--- mira dev:" >&2; tail -n 30 "$work/dev.log" >&2
   fail "the README's block failed"
 fi
-kill -INT "$dev_pid"; wait "$dev_pid" || fail "mira dev did not stop cleanly on Ctrl-C"
-dev_pid=
+mira_dev_stop || fail "mira dev did not stop cleanly on Ctrl-C"
 sed 's/^/  | /' "$work/transcript"
 if [ -n "${WALKTHROUGH_SHOW_DEV:-}" ]; then
   echo "--- what mira dev printed:"

@@ -121,7 +121,8 @@ pub struct ListQuery {
     pub cursor: Option<String>,
 }
 
-const STATUSES: &[&str] = &[
+/// A job's statuses, as the API shows them (and the OpenAPI document lists them).
+pub const STATUSES: &[&str] = &[
     "submitted",
     "queued",
     "running",

@@ -102,7 +102,7 @@ pub fn spec() -> Value {
                          "responses": with(ok("202", "JobStatus"), &problems(true, false, &["404", "409"]))},
                 "get": {"summary": "List jobs, newest first",
                         "parameters": query_params(&[
-                            ("status", json!({"enum": JOB_STATUSES})),
+                            ("status", json!({"enum": super::jobs::STATUSES})),
                             ("slide_id", json!({"type": "string", "format": "uuid"})),
                             ("submitted_by", json!({"type": "string"})),
                             ("since", time.clone()),
@@ -211,7 +211,7 @@ pub fn spec() -> Value {
                               "properties": {"job_id": {"type": "string"}, "status": {"type": "string"}}},
                 "Job": {"type": "object", "required": ["job_id", "slide_id", "kind", "status", "attempt", "max_attempts", "position"],
                         "properties": {"job_id": {"type": "string"}, "slide_id": {"type": "string"}, "kind": {"type": "string"}, "params": {"type": "object"},
-                        "status": {"enum": JOB_STATUSES},
+                        "status": {"enum": super::jobs::STATUSES},
                         "attempt": {"type": "integer"}, "max_attempts": {"type": "integer"}, "progress": {"type": ["object", "null"]},
                         "failure": {"type": ["string", "null"]}, "position": {"type": "integer"}}},
                 "JobPage": {"type": "object", "required": ["items"],
@@ -229,18 +229,6 @@ pub fn spec() -> Value {
         }
     })
 }
-
-/// A job's statuses, as the API shows them.
-const JOB_STATUSES: [&str; 8] = [
-    "submitted",
-    "queued",
-    "running",
-    "retry_scheduled",
-    "cancel_requested",
-    "succeeded",
-    "failed",
-    "cancelled",
-];
 
 pub async fn document() -> Json<Value> {
     Json(spec())
