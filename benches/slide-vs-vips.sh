@@ -3,7 +3,7 @@
 # the same 12000×12000 pyramidal JPEG TIFF (made once from CMU-1-Small-Region with vips), the
 # same tile size, overlap and JPEG quality, interleaved; prints each run, the medians and the
 # ratio vips/mira (above 1: mira is faster). Each run also times mira-worker with
-# MIRA_SLIDE_READER=openslide (every pixel through OpenSlide's read_region, ADR 0009).
+# Worker__SlideReader=OpenSlide (every pixel through OpenSlide's read_region, ADR 0009).
 #
 #   benches/slide-vs-vips.sh [RUNS]        (default 3; needs scripts/bootstrap's test data)
 set -euo pipefail
@@ -41,7 +41,7 @@ for i in $(seq "$RUNS"); do
   m=$(secs "$WORKER" process "$BIG" --out "$out/mira" --format jpeg --tile-size 254 --overlap 1 --quality 80)
   v=$(secs vips dzsave "$BIG" "$out/vips" --tile-size 254 --overlap 1 --suffix .jpeg[Q=80])
   rm -rf "$out"/*
-  o=$(secs env MIRA_SLIDE_READER=openslide "$WORKER" process "$BIG" --out "$out/mira" --format jpeg --tile-size 254 --overlap 1 --quality 80)
+  o=$(secs env Worker__SlideReader=OpenSlide "$WORKER" process "$BIG" --out "$out/mira" --format jpeg --tile-size 254 --overlap 1 --quality 80)
   echo "run $i: mira-worker ${m} s, vips dzsave ${v} s, mira-worker reading through OpenSlide ${o} s"
   mira+=("$m"); vips+=("$v"); osr+=("$o")
 done

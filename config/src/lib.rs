@@ -136,6 +136,16 @@ pub struct WorkerSettings {
     /// A pause after every band of slide rows, in milliseconds: 0 in production. It makes a
     /// small slide take as long as a large one, for tests and demonstrations of a long job.
     pub band_pause_millis: u64,
+    /// How slides are read: `Auto` (tiled JPEG TIFF levels straight from the file where a
+    /// sample proves them equal to OpenSlide) or `OpenSlide` (everything through OpenSlide).
+    pub slide_reader: SlideReader,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum SlideReader {
+    #[default]
+    Auto,
+    OpenSlide,
 }
 
 impl Default for WorkerSettings {
@@ -143,6 +153,7 @@ impl Default for WorkerSettings {
         Self {
             lease_seconds: 60,
             band_pause_millis: 0,
+            slide_reader: SlideReader::Auto,
         }
     }
 }

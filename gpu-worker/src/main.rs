@@ -112,6 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 overlap <= tile_size / 4,
                 "--overlap must be at most a quarter of --tile-size"
             );
+            let settings = mira_config::Settings::load(None, std::env::vars())?;
             let opts = Options {
                 tile_size,
                 overlap,
@@ -120,6 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tissue: !no_tissue,
                 normalize,
                 device: pick_device()?,
+                reader: settings.worker.slide_reader.into(),
             };
             let s = process::process(&slide, &out, &opts, |done, total| {
                 if !json {
@@ -145,7 +147,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Kernels { arch } => kernels(arch)?,
         Command::Inspect { slide } => {
-            let s = mira_gpu_worker::slide::Slide::open(&slide)?;
+            let settings = mira_config::Settings::load(None, std::env::vars())?;
+            let s = mira_gpu_worker::slide::Slide::open_with(&slide, settings.worker.slide_reader.into())?;
             let (meta, private) = s.metadata();
             println!(
                 "{}",

@@ -55,6 +55,8 @@ pub struct Options {
     /// Also write a stain-normalised pyramid (`normalized.dzi`, `normalized_files/`).
     pub normalize: Normalize,
     pub device: Device,
+    /// How the slide is read (`Worker__SlideReader`).
+    pub reader: crate::slide::Reader,
 }
 
 impl Options {
@@ -68,6 +70,7 @@ impl Options {
             tissue: true,
             normalize: Normalize::None,
             device: Device::Cpu,
+            reader: crate::slide::Reader::Auto,
         }
     }
 }
@@ -221,7 +224,7 @@ pub fn process_until(
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let device = opts.device.clone();
-    let slide = Slide::open(slide_path)?;
+    let slide = Slide::open_with(slide_path, opts.reader)?;
     let (w, h) = slide.dimensions();
     let geometry = Geometry::new(w, h, opts.tile_size, opts.overlap);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;

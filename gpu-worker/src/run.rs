@@ -114,6 +114,7 @@ pub struct Worker {
     scratch: PathBuf,
     /// `Worker__BandPauseMillis`: a pause after every band (tests of long jobs).
     band_pause: Duration,
+    reader: crate::slide::Reader,
 }
 
 impl std::fmt::Debug for Worker {
@@ -154,12 +155,19 @@ impl Worker {
             lease,
             scratch,
             band_pause: Duration::ZERO,
+            reader: crate::slide::Reader::Auto,
         }
     }
 
     /// Pauses after every band of rows, so a small slide runs as long as a large one.
     pub fn with_band_pause(mut self, pause: Duration) -> Self {
         self.band_pause = pause;
+        self
+    }
+
+    /// Reads slides this way (`Worker__SlideReader`).
+    pub fn with_reader(mut self, reader: crate::slide::Reader) -> Self {
+        self.reader = reader;
         self
     }
 
@@ -180,6 +188,7 @@ impl Worker {
             .await
             .map_err(failed)?;
         let declared = slide.sha256.clone();
+        let reader = self.reader;
         // Reasons reach the API: they name the upload, never where this worker keeps it.
         let where_ = path.display().to_string();
         let opened = tokio::task::spawn_blocking(move || {
@@ -194,7 +203,7 @@ impl Worker {
                     });
                 }
             }
-            crate::slide::Slide::open(&path).map(|s| s.metadata())
+            crate::slide::Slide::open_with(&path, reader).map(|s| s.metadata())
         })
         .await
         .map_err(failed)?;
@@ -366,6 +375,7 @@ impl Worker {
                 Normalize::Reinhard => process::Normalize::Reinhard,
             },
             device: self.device.clone(),
+            reader: self.reader,
         };
         // Heartbeats extend the lease, report progress and notice cancellation.
         let stop = Arc::new(AtomicBool::new(false));
@@ -554,7 +564,8 @@ pub async fn run(
             scratch,
             device,
         )
-        .with_band_pause(Duration::from_millis(settings.worker.band_pause_millis)),
+        .with_band_pause(Duration::from_millis(settings.worker.band_pause_millis))
+        .with_reader(settings.worker.slide_reader.into()),
     );
     let mut cfg = ConsumerConfig::for_group(Group::GpuJobs);
     cfg.batch = 1;

@@ -2,7 +2,7 @@
 //!
 //! Levels of generic TIFF and Aperio slides stored as tiled JPEG are read straight from the
 //! file ([`crate::tiff`]) once a sample of each has decoded to exactly OpenSlide's pixels;
-//! `MIRA_SLIDE_READER=openslide` turns that off.
+//! `Worker__SlideReader=OpenSlide` turns that off.
 //!
 //! OpenSlide hands back premultiplied ARGB as native-endian `u32`s, so the bytes are B, G, R,
 //! A; pixels are composited over white as OpenSlide's own DeepZoom does. A read at a level that
@@ -84,12 +84,12 @@ pub enum Reader {
     OpenSlide,
 }
 
-impl Reader {
-    /// `MIRA_SLIDE_READER`: `openslide`, or `auto` (the default).
-    pub fn from_env() -> Self {
-        match std::env::var("MIRA_SLIDE_READER").as_deref() {
-            Ok("openslide") => Self::OpenSlide,
-            _ => Self::Auto,
+impl From<mira_config::SlideReader> for Reader {
+    /// `Worker__SlideReader`, read with the other settings.
+    fn from(r: mira_config::SlideReader) -> Self {
+        match r {
+            mira_config::SlideReader::Auto => Self::Auto,
+            mira_config::SlideReader::OpenSlide => Self::OpenSlide,
         }
     }
 }
@@ -105,8 +105,10 @@ fn sensitive(name: &str) -> bool {
 }
 
 impl Slide {
+    /// Opens with the default reader ([`Reader::Auto`]); [`Slide::open_with`] takes the one
+    /// the settings name.
     pub fn open(path: &Path) -> Result<Self, SlideError> {
-        Self::open_with(path, Reader::from_env())
+        Self::open_with(path, Reader::Auto)
     }
 
     pub fn open_with(path: &Path, reader: Reader) -> Result<Self, SlideError> {

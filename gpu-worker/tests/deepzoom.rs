@@ -70,6 +70,19 @@ fn a_generated_three_level_pyramid_matches_openslides_deepzoom_generator() {
     let meta = worker(&["inspect", tif.to_str().unwrap()]);
     let meta: serde_json::Value = serde_json::from_slice(&meta.stdout).unwrap();
     assert_eq!(meta["metadata"]["levels"].as_array().unwrap().len(), 3, "{meta}");
+    assert_eq!(meta["readers"][0], "tiff-jpeg", "{meta}");
+    // The reader is a setting, read with the others.
+    let forced = Command::new(env!("CARGO_BIN_EXE_mira-worker"))
+        .args(["inspect", tif.to_str().unwrap()])
+        .env("Worker__SlideReader", "OpenSlide")
+        .output()
+        .unwrap();
+    let forced: serde_json::Value = serde_json::from_slice(&forced.stdout).unwrap();
+    assert_eq!(
+        forced["readers"],
+        serde_json::json!(["openslide", "openslide", "openslide"]),
+        "{forced}"
+    );
     compare_with_reference(&tif, "pyramid-out", 10, &[10, 9, 8, 6]);
     let _ = std::fs::remove_dir_all(dir);
 }
