@@ -68,7 +68,7 @@ async fn measure(env: Vec<(String, String)>, jobs: usize, scratch: &std::path::P
     crate::database::migrate(&settings).await?;
     // The rig's own throwaway keys, in its scratch directory.
     mira_keys::init(&settings).await?;
-    let pool = mira_eventlog::db::connect(settings.database_url()?, 20, Duration::from_secs(5)).await?;
+    let pool = settings.connect().await?;
     let stop = CancellationToken::new();
     let options = crate::server::Options::everything(Some(idp.jwks().clone()));
     let s = stop.clone();

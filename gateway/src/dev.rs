@@ -465,17 +465,13 @@ pub async fn run(
         env.insert(k.into(), v);
     }
     let settings = crate::config::Settings::load(file, env)?;
-    let (max, timeout) = (
-        settings.database.max_connections,
-        Duration::from_secs(settings.database.connect_timeout_seconds),
-    );
     crate::database::migrate(&settings).await?;
     // Keys are created here, on the first start, and nowhere else (`mira keys init`).
     let keys = mira_keys::init(&settings).await?;
     for l in keys.lines.iter().filter(|l| l.contains("(created)")) {
         tracing::info!("created {l}");
     }
-    let pool = mira_eventlog::db::connect(settings.database_url()?, max, timeout).await?;
+    let pool = settings.connect().await?;
     let mut worker = spawn_worker(&settings, &data);
     let url = format!("http://{addr}");
     let data_arg = shell_quote(&data.display().to_string());

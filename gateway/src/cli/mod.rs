@@ -37,20 +37,11 @@ impl std::fmt::Display for Verdict {
 }
 impl std::error::Error for Verdict {}
 
-async fn connect(settings: &Settings, url: &str) -> anyhow::Result<sqlx::PgPool> {
-    Ok(mira_eventlog::db::connect(
-        url,
-        settings.database.max_connections,
-        Duration::from_secs(settings.database.connect_timeout_seconds),
-    )
-    .await?)
-}
-
 /// The application's pool (DATABASE_URL). Says so when its role could switch the log's guards
 /// off: processes should connect as a role that owns nothing (Database__MigrationUrl is for
 /// `mira migrate`).
 async fn pool(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
-    let pool = connect(settings, settings.database_url()?).await?;
+    let pool = settings.connect().await?;
     mira_gateway::warn_if_owner(&pool).await;
     Ok(pool)
 }
