@@ -87,6 +87,19 @@ impl WitnessRecord {
         hex::decode(&self.signature).ok()?.try_into().ok()
     }
 
+    /// A second write of a witnessed checkpoint: fine when it is the same record, refused when
+    /// it is another under the same number.
+    pub fn same_as(&self, existing: &WitnessRecord, witness: &str) -> Result<(), WitnessError> {
+        if existing == self {
+            Ok(())
+        } else {
+            Err(WitnessError::Conflict {
+                witness: witness.to_owned(),
+                seq: self.seq,
+            })
+        }
+    }
+
     pub fn digest_bytes(&self) -> Option<Hash32> {
         hex::decode(&self.digest).ok()?.try_into().ok()
     }
@@ -167,14 +180,7 @@ impl Witness for DirWitness {
 
     async fn put(&self, record: &WitnessRecord) -> Result<(), WitnessError> {
         if let Some(existing) = self.read(record.seq)? {
-            return if &existing == record {
-                Ok(())
-            } else {
-                Err(WitnessError::Conflict {
-                    witness: self.describe(),
-                    seq: record.seq,
-                })
-            };
+            return record.same_as(&existing, &self.describe());
         }
         use std::io::Write;
         let path = self.dir.join(WitnessRecord::name(record.seq));
@@ -193,8 +199,8 @@ impl Witness for DirWitness {
         match linked {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match self.read(record.seq)? {
-                Some(existing) if &existing == record => Ok(()),
-                _ => Err(WitnessError::Conflict {
+                Some(existing) => record.same_as(&existing, &self.describe()),
+                None => Err(WitnessError::Conflict {
                     witness: self.describe(),
                     seq: record.seq,
                 }),

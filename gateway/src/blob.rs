@@ -122,18 +122,10 @@ fn s3err<E: std::error::Error + 'static>(e: aws_sdk_s3::error::SdkError<E>) -> B
 }
 
 impl S3Blobs {
-    /// A client for `bucket`. With an emulator endpoint (`AWS_ENDPOINT_URL`), path-style
-    /// addressing: virtual-hosted buckets need DNS the emulator does not have.
+    /// A client for `bucket` ([`mira_keys::s3_client`]).
     pub fn new(sdk: &aws_config::SdkConfig, region: Option<&str>, bucket: String, policy: UploadPolicy) -> Self {
-        let mut b = aws_sdk_s3::config::Builder::from(sdk);
-        if sdk.endpoint_url().is_some() {
-            b = b.force_path_style(true);
-        }
-        if let Some(r) = region {
-            b = b.region(aws_sdk_s3::config::Region::new(r.to_owned()));
-        }
         Self {
-            client: aws_sdk_s3::Client::from_conf(b.build()),
+            client: mira_keys::s3_client(sdk, region),
             bucket,
             policy,
         }

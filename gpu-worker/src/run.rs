@@ -52,12 +52,8 @@ impl Store {
             StorageProvider::Local => Self::Local(s.storage.local_dir.clone()),
             StorageProvider::S3 => {
                 let sdk = mira_bus::aws::sdk_config(s.aws.region.as_deref()).await;
-                let mut b = aws_sdk_s3::config::Builder::from(&sdk);
-                if sdk.endpoint_url().is_some() {
-                    b = b.force_path_style(true);
-                }
                 Self::S3 {
-                    client: aws_sdk_s3::Client::from_conf(b.build()),
+                    client: mira_keys::s3_client(&sdk, s.aws.s3.region.as_deref()),
                     bucket: s.aws.s3.bucket_name.clone().context("AWS__S3__BucketName is not set")?,
                 }
             }

@@ -14,18 +14,24 @@ pub struct S3Witness {
     prefix: String,
 }
 
+/// An S3 client for Mira's buckets (slides, results, the witness): in `region` when given,
+/// and with an emulator endpoint (`AWS_ENDPOINT_URL`) path-style addressing, since
+/// virtual-hosted buckets need DNS an emulator does not have.
+pub fn s3_client(sdk: &aws_config::SdkConfig, region: Option<&str>) -> aws_sdk_s3::Client {
+    let mut b = aws_sdk_s3::config::Builder::from(sdk);
+    if sdk.endpoint_url().is_some() {
+        b = b.force_path_style(true);
+    }
+    if let Some(r) = region {
+        b = b.region(aws_sdk_s3::config::Region::new(r.to_owned()));
+    }
+    aws_sdk_s3::Client::from_conf(b.build())
+}
+
 impl S3Witness {
-    /// With an emulator endpoint (`AWS_ENDPOINT_URL`), path-style addressing.
     pub fn new(sdk: &aws_config::SdkConfig, region: Option<&str>, bucket: String, prefix: String) -> Self {
-        let mut b = aws_sdk_s3::config::Builder::from(sdk);
-        if sdk.endpoint_url().is_some() {
-            b = b.force_path_style(true);
-        }
-        if let Some(r) = region {
-            b = b.region(aws_sdk_s3::config::Region::new(r.to_owned()));
-        }
         Self {
-            client: aws_sdk_s3::Client::from_conf(b.build()),
+            client: s3_client(sdk, region),
             bucket,
             prefix,
         }
@@ -62,14 +68,7 @@ impl Witness for S3Witness {
     async fn put(&self, record: &WitnessRecord) -> Result<(), WitnessError> {
         let key = format!("{}{}", self.prefix, WitnessRecord::name(record.seq));
         if let Some(existing) = self.get(&key).await? {
-            return if &existing == record {
-                Ok(())
-            } else {
-                Err(WitnessError::Conflict {
-                    witness: self.describe(),
-                    seq: record.seq,
-                })
-            };
+            return record.same_as(&existing, &self.describe());
         }
         self.client
             .put_object()
