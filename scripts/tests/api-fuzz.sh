@@ -22,15 +22,17 @@ base=http://127.0.0.1:$port
 mira_dev_start "$work" "$port"
 token=$("$mira" dev token --data-dir "$work/dev/.mira" --groups pathologist,auditor,admin)
 
-# Some data: a registered and uploaded slide (the worker rejects it: not a slide) and a job on it.
+# Some data: a job, and the slide it is on, uploaded (the worker rejects it: not a slide, and
+# the job fails with it).
 slide=$(curl -fsS -H "Authorization: Bearer $token" -H 'content-type: application/json' \
   -d '{"name":"fuzz","size_bytes":3,"content_type":"image/tiff"}' "$base/api/slides")
 url=$("$MIRA_PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["upload"]["url"])' <<<"$slide")
 id=$("$MIRA_PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["slide_id"])' <<<"$slide")
-curl -fsS -X PUT -H 'content-type: image/tiff' --data-binary abc "$url" >/dev/null
-curl -fsS -H "Authorization: Bearer $token" -H 'content-type: application/json' -d '{}' "$base/api/slides/$id/uploaded" >/dev/null
+# The job first: once the worker has rejected the slide, a job on it is refused (409).
 curl -fsS -H "Authorization: Bearer $token" -H 'content-type: application/json' \
   -d "{\"slide_id\":\"$id\",\"kind\":\"wsi.preprocess\"}" "$base/api/jobs" >/dev/null
+curl -fsS -X PUT -H 'content-type: image/tiff' --data-binary abc "$url" >/dev/null
+curl -fsS -H "Authorization: Bearer $token" -H 'content-type: application/json' -d '{}' "$base/api/slides/$id/uploaded" >/dev/null
 
 echo "api-fuzz: schemathesis on $base/api/openapi.json for ${MIRA_FUZZ_SECONDS:-120} s (seed ${MIRA_FUZZ_SEED:-1})"
 set +e
