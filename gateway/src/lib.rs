@@ -11,7 +11,7 @@ pub mod api;
 pub mod audit;
 pub mod bench;
 pub mod bench_e2e;
-pub mod blob;
+pub use mira_blobs as blob;
 pub mod database;
 pub use database::{grant_runtime_roles, warn_if_owner};
 pub use mira_config as config;

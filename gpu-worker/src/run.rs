@@ -53,7 +53,7 @@ impl Store {
             StorageProvider::S3 => {
                 let sdk = mira_bus::aws::sdk_config(s.aws.region.as_deref()).await;
                 Self::S3 {
-                    client: mira_keys::s3_client(&sdk, s.aws.s3.region.as_deref()),
+                    client: mira_blobs::s3_client(&sdk, s.aws.s3.region.as_deref()),
                     bucket: s.aws.s3.bucket_name.clone().context("AWS__S3__BucketName is not set")?,
                 }
             }

@@ -27,8 +27,6 @@ pub mod kms;
 pub mod s3_witness;
 pub mod secrets;
 
-pub use s3_witness::s3_client;
-
 /// The AWS configuration every key source shares (region from `AWS__Region`; endpoint and
 /// credentials from the SDK's own variables, `AWS_ENDPOINT_URL` for an emulator).
 pub async fn aws(settings: &Settings) -> aws_config::SdkConfig {

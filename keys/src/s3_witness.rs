@@ -14,24 +14,10 @@ pub struct S3Witness {
     prefix: String,
 }
 
-/// An S3 client for Mira's buckets (slides, results, the witness): in `region` when given,
-/// and with an emulator endpoint (`AWS_ENDPOINT_URL`) path-style addressing, since
-/// virtual-hosted buckets need DNS an emulator does not have.
-pub fn s3_client(sdk: &aws_config::SdkConfig, region: Option<&str>) -> aws_sdk_s3::Client {
-    let mut b = aws_sdk_s3::config::Builder::from(sdk);
-    if sdk.endpoint_url().is_some() {
-        b = b.force_path_style(true);
-    }
-    if let Some(r) = region {
-        b = b.region(aws_sdk_s3::config::Region::new(r.to_owned()));
-    }
-    aws_sdk_s3::Client::from_conf(b.build())
-}
-
 impl S3Witness {
     pub fn new(sdk: &aws_config::SdkConfig, region: Option<&str>, bucket: String, prefix: String) -> Self {
         Self {
-            client: s3_client(sdk, region),
+            client: mira_blobs::s3_client(sdk, region),
             bucket,
             prefix,
         }

@@ -1,7 +1,8 @@
-//! Blob storage for slides and results. Two providers behind one trait: S3 (presigned URLs,
-//! single PUT or multipart) and the local store of `mira dev`, which issues URLs of the same
-//! shape that the gateway signs and verifies itself (HMAC-SHA256 over method, key, expiry and
-//! part, with an expiry), so a client uploads the same way to both.
+//! `mira-blobs`: blob storage for slides and results. Two providers behind one trait: S3
+//! (presigned URLs, single PUT or multipart, server-side copies) and the local store of `mira
+//! dev`, which issues URLs of the same shape that the gateway signs and verifies itself
+//! (HMAC-SHA256 over method, key, expiry, part, type and size limit), so a client uploads the
+//! same way to both. [`s3_client`] is the one way Mira's processes make an S3 client.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,20 @@ use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+/// An S3 client for Mira's buckets (slides, results, the witness): in `region` when given,
+/// and with an emulator endpoint (`AWS_ENDPOINT_URL`) path-style addressing, since
+/// virtual-hosted buckets need DNS an emulator does not have.
+pub fn s3_client(sdk: &aws_config::SdkConfig, region: Option<&str>) -> aws_sdk_s3::Client {
+    let mut b = aws_sdk_s3::config::Builder::from(sdk);
+    if sdk.endpoint_url().is_some() {
+        b = b.force_path_style(true);
+    }
+    if let Some(r) = region {
+        b = b.region(aws_sdk_s3::config::Region::new(r.to_owned()));
+    }
+    aws_sdk_s3::Client::from_conf(b.build())
+}
 
 /// How the client uploads a slide.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -122,10 +137,10 @@ fn s3err<E: std::error::Error + 'static>(e: aws_sdk_s3::error::SdkError<E>) -> B
 }
 
 impl S3Blobs {
-    /// A client for `bucket` ([`mira_keys::s3_client`]).
+    /// A client for `bucket` ([`s3_client`]).
     pub fn new(sdk: &aws_config::SdkConfig, region: Option<&str>, bucket: String, policy: UploadPolicy) -> Self {
         Self {
-            client: mira_keys::s3_client(sdk, region),
+            client: s3_client(sdk, region),
             bucket,
             policy,
         }
@@ -586,7 +601,7 @@ impl LocalBlobs {
     /// refused as soon as it passes it, and nothing is kept.
     pub async fn write_stream<S, E>(&self, target: &Path, mut body: S, max: Option<u64>) -> Result<String, WriteError>
     where
-        S: futures_core::Stream<Item = Result<axum::body::Bytes, E>> + Unpin,
+        S: futures_core::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         use tokio::io::AsyncWriteExt;
