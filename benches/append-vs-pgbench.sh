@@ -17,7 +17,7 @@ ADMIN=${MIRA_BENCH_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mira-target}
 if [ -z "${MIRA_BIN:-}" ]; then
-  cargo build --release --locked -q -p mira-gateway
+  cargo build --release --locked -q -p mira-cli
   MIRA_BIN=$CARGO_TARGET_DIR/release/mira
 fi
 

@@ -18,7 +18,7 @@ LARGE=${2:-3000000}
 ADMIN=${MIRA_BENCH_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mira-target}
 if [ -z "${MIRA_BIN:-}" ]; then
-  cargo build --release --locked -q -p mira-gateway
+  cargo build --release --locked -q -p mira-cli
   MIRA_BIN=$CARGO_TARGET_DIR/release/mira
 fi
 DB=mira_audit_mem_$$

@@ -1,8 +1,7 @@
-//! `mira-gateway` is Mira's front door and its operator tooling, the library behind the `mira`
-//! binary: the HTTP API and WebSocket ([`api`], [`server`]), each background role started one
-//! way ([`roles`]), `mira dev` ([`dev`]), the blob stores ([`blob`]), the database roles
-//! ([`database`]), audit replay ([`audit`]) and the benchmarks. The binary's own `src/main.rs`
-//! parses arguments; `src/cli/` dispatches each subcommand and prints its tables.
+//! `mira-gateway` is Mira's front door and the library behind the `mira` binary (crate
+//! `cli/`): the HTTP API and WebSocket ([`api`], [`server`]), each background role started one
+//! way ([`roles`]), `mira dev` ([`dev`]), the blob stores (re-exported from `mira-blobs` as
+//! [`blob`]), the database roles ([`database`]), audit replay ([`audit`]) and the benchmarks.
 
 // The OpenAPI document is one `json!` literal, deeper than the default limit.
 #![recursion_limit = "512"]

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use mira_gateway::telemetry;
 
-use cli::args::{Cli, Command};
+use commands::args::{Cli, Command};
 
-mod cli;
+mod commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -24,12 +24,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(cli::run(cli)) {
+    match rt.block_on(commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let line = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
             eprintln!("mira: {line}");
-            if e.is::<cli::Verdict>() {
+            if e.is::<commands::Verdict>() {
                 ExitCode::from(1)
             } else {
                 ExitCode::from(2)
