@@ -27,6 +27,76 @@ pub fn s3_client(sdk: &aws_config::SdkConfig, region: Option<&str>) -> aws_sdk_s
     aws_sdk_s3::Client::from_conf(b.build())
 }
 
+/// Reading and writing whole objects, for the worker: the store's directory in `mira dev` (the
+/// directory the gateway's local store writes), or a bucket.
+#[derive(Clone, Debug)]
+pub enum ObjectStore {
+    Local(PathBuf),
+    S3 { client: aws_sdk_s3::Client, bucket: String },
+}
+
+impl ObjectStore {
+    pub fn s3(sdk: &aws_config::SdkConfig, region: Option<&str>, bucket: String) -> Self {
+        Self::S3 {
+            client: s3_client(sdk, region),
+            bucket,
+        }
+    }
+
+    /// A local path holding the object (downloaded into `scratch` when it lives in S3).
+    pub async fn fetch(&self, key: &str, scratch: &Path) -> Result<PathBuf, BlobError> {
+        if !valid_key(key) {
+            return Err(BlobError::Storage(format!("invalid object key {key:?}")));
+        }
+        match self {
+            Self::Local(dir) => Ok(dir.join(key)),
+            Self::S3 { client, bucket } => {
+                let path = scratch.join("slide");
+                let obj = client
+                    .get_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(s3err)?;
+                let mut body = obj.body.into_async_read();
+                let mut file = tokio::fs::File::create(&path).await.map_err(io)?;
+                tokio::io::copy(&mut body, &mut file).await.map_err(io)?;
+                Ok(path)
+            }
+        }
+    }
+
+    /// Writes `bytes` as `key`, whole or not at all.
+    pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), BlobError> {
+        if !valid_key(key) {
+            return Err(BlobError::Storage(format!("invalid object key {key:?}")));
+        }
+        match self {
+            Self::Local(dir) => {
+                let path = dir.join(key);
+                if let Some(p) = path.parent() {
+                    tokio::fs::create_dir_all(p).await.map_err(io)?;
+                }
+                let tmp = path.with_extension(format!("part-{}", uuid::Uuid::new_v4().simple()));
+                tokio::fs::write(&tmp, bytes).await.map_err(io)?;
+                tokio::fs::rename(&tmp, &path).await.map_err(io)
+            }
+            Self::S3 { client, bucket } => {
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .body(bytes.into())
+                    .send()
+                    .await
+                    .map_err(s3err)?;
+                Ok(())
+            }
+        }
+    }
+}
+
 /// How the client uploads a slide.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]

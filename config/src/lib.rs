@@ -737,6 +737,19 @@ impl Settings {
         }
     }
 
+    /// The relay named `name` over `log` into `publisher`, configured as [`Self::relay_config`]:
+    /// the one way a relay is made, by the platform's roles and by the worker's private relay.
+    /// `checkpoints`: who signs and witnesses checkpoints, if this relay writes them.
+    pub fn relay(
+        &self,
+        name: &str,
+        log: mira_eventlog::EventLog,
+        publisher: std::sync::Arc<dyn mira_bus::Publisher>,
+        checkpoints: Option<mira_eventlog::checkpoint::Checkpointer>,
+    ) -> mira_bus::relay::Relay {
+        mira_bus::relay::Relay::new(log, publisher, self.relay_config(name), checkpoints)
+    }
+
     /// The bus names (DESIGN §2).
     pub fn bus_names(&self) -> mira_bus::Names {
         mira_bus::Names {

@@ -40,8 +40,8 @@ pub async fn spawn(
             let checkpoints = mira_keys::checkpointer(&ctx.settings).await?;
             let in_memory = ctx.settings.messaging.provider == MessagingProvider::InMemory;
             // The in-memory bus has a relay (and cursor) of its own.
-            let cfg = ctx.settings.relay_config(if in_memory { "in-memory" } else { "main" });
-            let relay = mira_bus::relay::Relay::new(log, ctx.bus.publisher(), cfg, Some(checkpoints));
+            let name = if in_memory { "in-memory" } else { "main" };
+            let relay = ctx.settings.relay(name, log, ctx.bus.publisher(), Some(checkpoints));
             if in_memory {
                 // Messages in flight when the last process stopped died with it, taken by a
                 // consumer or not: publish everything again; consumers skip what they applied.

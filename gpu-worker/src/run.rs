@@ -12,7 +12,7 @@
 //! duplicate and does nothing. With `Messaging__Provider=InMemory` (`mira dev`) the worker runs
 //! its own relay, named `worker`, into a private in-memory bus.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,79 +32,30 @@ use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
+use mira_blobs::ObjectStore;
+
 use crate::kernels::Device;
 use crate::process::{self, Format, Options};
 
-/// Where slides come from and results go.
-#[derive(Clone)]
-pub enum Store {
-    /// The local blob store of `mira dev`: the same directory the gateway writes.
-    Local(PathBuf),
-    S3 {
-        client: aws_sdk_s3::Client,
-        bucket: String,
-    },
-}
-
-impl Store {
-    pub async fn from_settings(s: &Settings) -> anyhow::Result<Self> {
-        Ok(match s.storage.provider {
-            StorageProvider::Local => Self::Local(s.storage.local_dir.clone()),
-            StorageProvider::S3 => {
-                let sdk = mira_bus::aws::sdk_config(s.aws.region.as_deref()).await;
-                Self::S3 {
-                    client: mira_blobs::s3_client(&sdk, s.aws.s3.region.as_deref()),
-                    bucket: s.aws.s3.bucket_name.clone().context("AWS__S3__BucketName is not set")?,
-                }
-            }
-        })
-    }
-
-    /// A local path holding the object (downloaded into `scratch` when it lives in S3).
-    async fn fetch(&self, key: &str, scratch: &Path) -> anyhow::Result<PathBuf> {
-        match self {
-            Self::Local(dir) => Ok(dir.join(key)),
-            Self::S3 { client, bucket } => {
-                let path = scratch.join("slide");
-                let obj = client.get_object().bucket(bucket).key(key).send().await?;
-                let mut body = obj.body.into_async_read();
-                let mut file = tokio::fs::File::create(&path).await?;
-                tokio::io::copy(&mut body, &mut file).await?;
-                Ok(path)
-            }
+/// Where slides come from and results go ([`mira_blobs::ObjectStore`]), as the settings say.
+async fn store_from_settings(s: &Settings) -> anyhow::Result<ObjectStore> {
+    Ok(match s.storage.provider {
+        StorageProvider::Local => ObjectStore::Local(s.storage.local_dir.clone()),
+        StorageProvider::S3 => {
+            let sdk = mira_bus::aws::sdk_config(s.aws.region.as_deref()).await;
+            ObjectStore::s3(
+                &sdk,
+                s.aws.s3.region.as_deref(),
+                s.aws.s3.bucket_name.clone().context("AWS__S3__BucketName is not set")?,
+            )
         }
-    }
-
-    async fn put(&self, key: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
-        match self {
-            Self::Local(dir) => {
-                let path = dir.join(key);
-                if let Some(p) = path.parent() {
-                    tokio::fs::create_dir_all(p).await?;
-                }
-                let tmp = path.with_extension("part");
-                tokio::fs::write(&tmp, bytes).await?;
-                tokio::fs::rename(&tmp, &path).await?;
-                Ok(())
-            }
-            Self::S3 { client, bucket } => {
-                client
-                    .put_object()
-                    .bucket(bucket)
-                    .key(key)
-                    .body(bytes.into())
-                    .send()
-                    .await?;
-                Ok(())
-            }
-        }
-    }
+    })
 }
 
 pub struct Worker {
     commands: Commands,
     device: Device,
-    store: Store,
+    store: ObjectStore,
     worker_id: String,
     lease: Duration,
     scratch: PathBuf,
@@ -137,7 +88,7 @@ fn ctx(e: &StoredEvent, tenant: &TenantId, worker: &str) -> CommandContext {
 impl Worker {
     pub fn new(
         commands: Commands,
-        store: Store,
+        store: ObjectStore,
         worker_id: String,
         lease: Duration,
         scratch: PathBuf,
@@ -549,7 +500,7 @@ pub async fn run(
     let pool = settings.connect().await?;
     let keyring = mira_keys::keyring(&settings, &pool).await?;
     let commands = Commands::new(EventLog::new(pool.clone()), keyring);
-    let store = Store::from_settings(&settings).await?;
+    let store = store_from_settings(&settings).await?;
     let scratch = std::env::temp_dir().join(format!("mira-worker-{worker_id}"));
     let worker = Arc::new(
         Worker::new(
@@ -575,13 +526,8 @@ pub async fn run(
         }
         MessagingProvider::InMemory => {
             let bus = mira_bus::memory::MemoryBus::new(Duration::from_secs(120), 10, &[Group::GpuJobs]);
-            let r = mira_bus::relay::Relay::new(
-                EventLog::new(pool.clone()),
-                Arc::new(bus.clone()),
-                // No checkpoints: the platform's own relay writes them.
-                settings.relay_config("worker"),
-                None,
-            );
+            // No checkpoints: the platform's own relay writes them.
+            let r = settings.relay("worker", EventLog::new(pool.clone()), Arc::new(bus.clone()), None);
             // What the last worker's bus held died with it; its consumer records skip the rest.
             r.forget_cursor().await?;
             let url = settings.database_url()?.to_owned();
