@@ -6,9 +6,9 @@
 //! transition is reproducible in a test.
 //!
 //! Every refused transition returns a typed error and writes nothing. The errors map to HTTP
-//! statuses in the gateway: `Invalid` → 422; `NotFound` → 404; `AlreadyExists`,
-//! `InvalidTransition`, `StaleAttempt`, `NotDue`, `LeaseNotExpired`, `CancelRequested` and
-//! `SizeMismatch` → 409.
+//! statuses in the gateway: `Invalid` and `SizeMismatch` → 422; `NotFound` → 404;
+//! `AlreadyExists`, `InvalidTransition`, `StaleAttempt`, `NotDue`, `LeaseNotExpired` and
+//! `CancelRequested` → 409.
 
 pub mod job;
 pub mod slide;

@@ -6,7 +6,6 @@
 //! * [`consumer`]: the runtime every consumer shares: batches, visibility extension, the
 //!   effect and its record committed in one transaction before the delete, per-aggregate
 //!   order with gaps filled from the log, parking of poisoned aggregates, redrive.
-//! * [`due`]: the durable due-time table for delayed work (retry backoff, lease expiry).
 //! * [`memory`]: the in-memory bus of `mira dev` and the unit tests.
 //! * [`aws`]: SNS FIFO topic and SQS FIFO queues; `mira bus init` builds the topology.
 //!
@@ -15,7 +14,6 @@
 
 pub mod aws;
 pub mod consumer;
-pub mod due;
 pub mod memory;
 pub mod message;
 pub mod relay;

@@ -1,6 +1,6 @@
-//! Wiring for `mira serve` (and, later, `mira dev`): builds the application state from the
-//! settings and runs the API with the roles asked for (`--with relay,projector,handlers`) in one
-//! process, all stopped by one cancellation token.
+//! Wiring for `mira serve` and `mira dev`: builds the application state from the settings and
+//! runs the API with the roles asked for (`--with`, or `Roles__Enabled`) in one process, all
+//! stopped by one cancellation token. Each role is started by [`crate::roles`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;

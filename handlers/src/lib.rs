@@ -14,6 +14,8 @@
 //! run twice after a crash does no harm, and a row that comes too early (a lease extended
 //! meanwhile) moves to the time the aggregate names.
 
+pub mod due;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +23,6 @@ use chrono::{DateTime, Utc};
 use cqrs_es::AggregateError;
 use mira_aggregates::{JobCommand, JobError, SlideStatus};
 use mira_bus::consumer::{Handler, HandlerError};
-use mira_bus::due;
 use mira_eventlog::commands::Commands;
 use mira_eventlog::StoredEvent;
 use mira_events::{Actor, CommandContext, JobEvent, JobId, Metadata, SlideEvent, SlideId, TenantId};
