@@ -97,6 +97,15 @@ impl ReadModels {
         Self { pool }
     }
 
+    /// How far the read models have applied the log: the projector's last position (0 before
+    /// its first event).
+    pub async fn position(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT coalesce((SELECT last_position FROM projection_positions WHERE projection = $1), 0)")
+            .bind(crate::projector::NAME)
+            .fetch_one(&self.pool)
+            .await
+    }
+
     /// A transaction confined to `tenant` by row-level security.
     pub async fn begin(&self, tenant: &TenantId) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;

@@ -283,11 +283,7 @@ impl Rows for Source {
     }
 
     async fn position(&self) -> Result<i64, String> {
-        sqlx::query_scalar("SELECT coalesce((SELECT last_position FROM projection_positions WHERE projection = $1), 0)")
-            .bind(mira_projections::projector::NAME)
-            .fetch_one(&self.0.pool)
-            .await
-            .map_err(|e| e.to_string())
+        self.0.read.position().await.map_err(|e| e.to_string())
     }
 }
 
