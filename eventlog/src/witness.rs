@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::checkpoint::Checkpoint;
-use crate::store::Cursor;
 
 /// A checkpoint's signed fields and signature, as the witness keeps them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,13 +50,6 @@ impl WitnessRecord {
             digest: hex::encode(c.digest),
             key_id: c.key_id.clone(),
             signature: hex::encode(c.signature),
-        }
-    }
-
-    pub fn upto(&self) -> Cursor {
-        Cursor {
-            tx_id: self.upto_tx,
-            position: self.upto_position,
         }
     }
 
