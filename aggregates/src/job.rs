@@ -54,7 +54,36 @@ impl JobStatus {
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
     }
+
+    /// Every status a submitted job can be in: what the API shows and filters on (`new` is
+    /// the state before the first event, never stored).
+    pub const SHOWN: [JobStatus; 8] = [
+        Self::Submitted,
+        Self::Queued,
+        Self::Running,
+        Self::RetryScheduled,
+        Self::CancelRequested,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    /// The status named `s` among [`Self::SHOWN`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::SHOWN.into_iter().find(|x| x.as_str() == s)
+    }
 }
+
+impl utoipa::PartialSchema for JobStatus {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .enum_values(Some(Self::SHOWN.iter().map(|s| s.as_str())))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for JobStatus {}
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Job {

@@ -31,7 +31,27 @@ impl SlideStatus {
             Self::Deleted => "deleted",
         }
     }
+
+    /// Every status a registered slide can be in: what the API shows.
+    pub const SHOWN: [SlideStatus; 5] = [
+        Self::Registered,
+        Self::Uploaded,
+        Self::Verified,
+        Self::Rejected,
+        Self::Deleted,
+    ];
 }
+
+impl utoipa::PartialSchema for SlideStatus {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .enum_values(Some(Self::SHOWN.iter().map(|s| s.as_str())))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for SlideStatus {}
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Slide {

@@ -20,7 +20,7 @@ use crate::{Bus, BusError, Delivery, Publisher, Queue};
 /// How many receives before SQS moves a message to the DLQ. The consumer parks an aggregate
 /// sooner (`park_after_receives`) when an effect keeps failing, so this catches messages the
 /// consumer cannot read, messages whose event the log does not hold, and slow work after a
-/// committed effect that keeps failing (`Handler::after_commit`).
+/// committed effect that keeps failing (`Apply::after_commit`).
 pub const MAX_RECEIVE_COUNT: u32 = 10;
 
 fn chain(e: &dyn std::error::Error) -> String {

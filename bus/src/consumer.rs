@@ -4,7 +4,7 @@
 //! in the log by id, in the consumer's transaction, and goes on only when the log holds the
 //! same event. A message whose event is not in the log is left for the dead-letter queue; it
 //! never parks or advances an aggregate. Then, in that transaction, it locks the consumer's
-//! record of the aggregate, applies the event's effect through the [`Handler`] and advances
+//! record of the aggregate, applies the event's effect through its [`Apply`] and advances
 //! the record; only after the commit is the message deleted. So duplicates, redelivery and
 //! crashes change nothing: a redelivered event is at or below the record and is skipped.
 //!
@@ -12,7 +12,7 @@
 //! runtime read the missing events from the log itself and apply them first, in order.
 //!
 //! Slow work (a download, a GPU job) never runs in the transaction (DESIGN §4.1): the
-//! handler's [`Handler::after_commit`] runs it once the record committed, outside any
+//! consumer's [`Apply::after_commit`] runs it once the record committed, outside any
 //! transaction, before the message is deleted.
 //!
 //! An event whose effect keeps failing parks its aggregate for this consumer after
@@ -33,7 +33,7 @@ use crate::{Delivery, Group, Queue};
 
 /// Why an event could not be applied.
 #[derive(Debug, thiserror::Error)]
-pub enum HandlerError {
+pub enum ApplyError {
     #[error("{0}")]
     Failed(String),
     #[error("database: {0}")]
@@ -47,15 +47,15 @@ pub enum HandlerError {
 /// own short transactions, and must be safe to repeat, since a crash before the record
 /// commits delivers the event again.
 #[async_trait::async_trait]
-pub trait Handler: Send + Sync {
-    async fn apply(&self, tx: &mut PgConnection, event: &StoredEvent) -> Result<(), HandlerError>;
+pub trait Apply: Send + Sync {
+    async fn apply(&self, tx: &mut PgConnection, event: &StoredEvent) -> Result<(), ApplyError>;
 
     /// Slow work the event calls for, run outside any transaction after the effect and the
     /// record committed, and before the message is deleted. It also runs for a redelivered
     /// event that was already applied (a crash may have cut the work short), so it must judge
     /// from the log whether the work is still due. An error leaves the message to be delivered
     /// again.
-    async fn after_commit(&self, _event: &StoredEvent) -> Result<(), HandlerError> {
+    async fn after_commit(&self, _event: &StoredEvent) -> Result<(), ApplyError> {
         Ok(())
     }
 }
@@ -131,7 +131,7 @@ impl Outcome {
 pub struct Consumer {
     log: EventLog,
     queue: Arc<dyn Queue>,
-    handler: Arc<dyn Handler>,
+    effect: Arc<dyn Apply>,
     cfg: ConsumerConfig,
 }
 
@@ -156,11 +156,11 @@ pub struct Parked {
 }
 
 impl Consumer {
-    pub fn new(log: EventLog, queue: Arc<dyn Queue>, handler: Arc<dyn Handler>, cfg: ConsumerConfig) -> Self {
+    pub fn new(log: EventLog, queue: Arc<dyn Queue>, effect: Arc<dyn Apply>, cfg: ConsumerConfig) -> Self {
         Self {
             log,
             queue,
-            handler,
+            effect,
             cfg,
         }
     }
@@ -187,6 +187,7 @@ impl Consumer {
     }
 
     /// Processes one delivery and deletes it once settled (or releases it for a retry).
+    #[tracing::instrument(name = "consume", skip_all, fields(consumer = %self.cfg.name, receive_count = d.receive_count))]
     pub async fn handle(&self, d: &Delivery) -> Outcome {
         let outcome = self.process_extending(d).await;
         let done = if outcome.settled() {
@@ -217,7 +218,7 @@ impl Consumer {
         outcome
     }
 
-    /// Applies the delivery's effect and commits it, then runs the handler's slow work outside
+    /// Applies the delivery's effect and commits it, then runs its slow work outside
     /// the transaction; does not delete the message.
     pub async fn process(&self, d: &Delivery) -> Outcome {
         let msg = match EventMessage::from_body(&d.body) {
@@ -230,7 +231,7 @@ impl Consumer {
         match self.apply(&msg).await {
             Ok((o, follow)) => {
                 for e in &follow {
-                    if let Err(err) = self.handler.after_commit(e).await {
+                    if let Err(err) = self.effect.after_commit(e).await {
                         tracing::warn!(consumer = %self.cfg.name, aggregate = %e.aggregate_id, sequence = e.sequence, error = %err, "work after the effect failed; the message will be delivered again");
                         return Outcome::Retry;
                     }
@@ -283,8 +284,9 @@ impl Consumer {
     /// Returns the outcome and the events whose slow work is to follow, or the failing
     /// sequence and error when an effect fails; the transaction is then rolled back and
     /// nothing of it stays.
-    async fn apply(&self, msg: &EventMessage) -> Result<(Outcome, Vec<StoredEvent>), (i64, HandlerError)> {
-        let db = |e: sqlx::Error| (msg.sequence, HandlerError::Db(e));
+    #[tracing::instrument(name = "consume.apply", skip_all, fields(aggregate_id = %msg.aggregate_id, sequence = msg.sequence))]
+    async fn apply(&self, msg: &EventMessage) -> Result<(Outcome, Vec<StoredEvent>), (i64, ApplyError)> {
+        let db = |e: sqlx::Error| (msg.sequence, ApplyError::Db(e));
         // The log is the truth; the message only says where to look. Until the message matched
         // the log, a failure is only retried: parking what a message names, unchecked, would let
         // anyone who can publish park a real aggregate.
@@ -334,7 +336,7 @@ impl Consumer {
             if missing.len() as i64 != msg.sequence - last {
                 return Err((
                     msg.sequence,
-                    HandlerError::Failed(format!(
+                    ApplyError::Failed(format!(
                         "the log lacks events {}..{} of this aggregate",
                         last + 1,
                         msg.sequence
@@ -345,7 +347,7 @@ impl Consumer {
             missing
         };
         for e in &events {
-            self.handler.apply(&mut tx, e).await.map_err(|err| (e.sequence, err))?;
+            self.effect.apply(&mut tx, e).await.map_err(|err| (e.sequence, err))?;
         }
         self.advance(&mut tx, &msg.aggregate_type, &msg.aggregate_id, msg.sequence)
             .await
@@ -414,7 +416,7 @@ impl Consumer {
     /// Redrives every parked aggregate of this consumer whose redrive was requested: replays
     /// its events from the log, after the last applied one, and un-parks it. An aggregate whose
     /// effect still fails stays parked. Returns the aggregates un-parked.
-    pub async fn redrive_requested(&self) -> Result<u64, HandlerError> {
+    pub async fn redrive_requested(&self) -> Result<u64, ApplyError> {
         let rows = sqlx::query(
             "SELECT aggregate_type, aggregate_id FROM consumer_streams \
              WHERE consumer = $1 AND parked_at IS NOT NULL AND redrive_requested IS NOT NULL",
@@ -431,7 +433,7 @@ impl Consumer {
                     // The slow work of what was replayed, as for a delivery; its messages were
                     // set aside and deleted, so nothing else would run it.
                     for e in &applied {
-                        if let Err(err) = self.handler.after_commit(e).await {
+                        if let Err(err) = self.effect.after_commit(e).await {
                             tracing::error!(consumer = %self.cfg.name, aggregate = %id, sequence = e.sequence, error = %err, "work after a redriven event failed");
                         }
                     }
@@ -455,14 +457,14 @@ impl Consumer {
     }
 
     /// Replays a parked aggregate from the log and un-parks it; returns the events applied.
-    async fn redrive_one(&self, aggregate_type: &str, aggregate_id: &str) -> Result<Vec<StoredEvent>, HandlerError> {
+    async fn redrive_one(&self, aggregate_type: &str, aggregate_id: &str) -> Result<Vec<StoredEvent>, ApplyError> {
         let mut tx = self.pool().begin().await?;
         let (last, _) = self.lock_stream(&mut tx, aggregate_type, aggregate_id).await?;
         let mut events = self.log.read_stream(None, aggregate_type, aggregate_id, last).await?;
         let upto = events.last().map_or(last, |e| e.sequence);
         events.retain(|e| self.cfg.group.admits(&EventMessage::from(e)));
         for e in &events {
-            self.handler.apply(&mut tx, e).await?;
+            self.effect.apply(&mut tx, e).await?;
         }
         self.advance(&mut tx, aggregate_type, aggregate_id, upto).await?;
         sqlx::query(

@@ -46,6 +46,21 @@ pub struct RelayConfig {
     pub max_backoff: Duration,
 }
 
+impl RelayConfig {
+    /// How a relay named `name` runs: checkpoints as `Audit__*` say; an idle relay asks for
+    /// new events every 10 ms (one index probe that finds nothing, cheap for PostgreSQL, and
+    /// it bounds how long an event waits).
+    pub fn from_settings(settings: &mira_config::Settings, name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            checkpoint_every_events: settings.audit.checkpoint_every_events,
+            checkpoint_every: Duration::from_secs(settings.audit.checkpoint_every_seconds),
+            idle_poll: Duration::from_millis(10),
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
@@ -90,6 +105,20 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
+    /// The relay named `name` over `log` into `publisher`, configured as
+    /// [`RelayConfig::from_settings`]: the one way a relay is made, by the platform's roles and
+    /// by the worker's private relay. `checkpoints`: who signs and witnesses checkpoints, if
+    /// this relay writes them.
+    pub fn from_settings(
+        settings: &mira_config::Settings,
+        name: &str,
+        log: EventLog,
+        publisher: Arc<dyn Publisher>,
+        checkpoints: Option<mira_eventlog::checkpoint::Checkpointer>,
+    ) -> Self {
+        Self::new(log, publisher, RelayConfig::from_settings(settings, name), checkpoints)
+    }
+
     pub fn new(
         log: EventLog,
         publisher: Arc<dyn Publisher>,

@@ -55,6 +55,16 @@ pub struct Names {
     pub queue_prefix: String,
 }
 
+impl Names {
+    /// The names `settings` give.
+    pub fn from_settings(settings: &mira_config::Settings) -> Self {
+        Self {
+            topic: settings.aws.sns.topic_name.clone(),
+            queue_prefix: settings.aws.sqs.queue_prefix.clone(),
+        }
+    }
+}
+
 impl Default for Names {
     fn default() -> Self {
         Self {

@@ -9,7 +9,7 @@ use chrono::Utc;
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::CqrsFramework;
 use mira_aggregates::{Job, JobCommand, Slide, SlideCommand, SlideServices};
-use mira_bus::consumer::{self, Consumer, ConsumerConfig, Handler, HandlerError, Outcome};
+use mira_bus::consumer::{self, Apply, ApplyError, Consumer, ConsumerConfig, Outcome};
 use mira_bus::memory::MemoryBus;
 use mira_bus::relay::{Relay, RelayConfig};
 use mira_bus::{aws, Bus, EventMessage, Group, Names};
@@ -73,10 +73,10 @@ struct Recorder {
 }
 
 #[async_trait::async_trait]
-impl Handler for Recorder {
-    async fn apply(&self, tx: &mut PgConnection, e: &StoredEvent) -> Result<(), HandlerError> {
+impl Apply for Recorder {
+    async fn apply(&self, tx: &mut PgConnection, e: &StoredEvent) -> Result<(), ApplyError> {
         if self.poison.lock().unwrap().contains(&e.aggregate_id) {
-            return Err(HandlerError::Failed(format!(
+            return Err(ApplyError::Failed(format!(
                 "cannot apply {} of {}",
                 e.event_type, e.aggregate_id
             )));
@@ -93,7 +93,7 @@ impl Handler for Recorder {
     }
 
     /// Slow work: recorded under `<consumer>:after`, outside the effect's transaction.
-    async fn after_commit(&self, e: &StoredEvent) -> Result<(), HandlerError> {
+    async fn after_commit(&self, e: &StoredEvent) -> Result<(), ApplyError> {
         sqlx::query("INSERT INTO test_effects (consumer, aggregate_id, sequence, event_id, event_type) VALUES ($1, $2, $3, $4, $5)")
             .bind(format!("{}:after", self.consumer))
             .bind(&e.aggregate_id)

@@ -626,8 +626,8 @@ impl Settings {
         if self.api.max_body_bytes < 1024 {
             return invalid("Api__MaxBodyBytes", "must be at least 1024");
         }
-        if !(1..=mira_aggregates::job::MAX_ATTEMPTS_LIMIT).contains(&self.api.job_max_attempts) {
-            return invalid("Api__JobMaxAttempts", "must be 1 to 20");
+        if self.api.job_max_attempts == 0 {
+            return invalid("Api__JobMaxAttempts", "must be at least 1");
         }
         for (setting, url) in [
             ("DATABASE_URL", &self.database_url),
@@ -709,60 +709,6 @@ impl Settings {
     /// The roles `Roles__Enabled` names (validated when the settings were read).
     pub fn enabled_roles(&self) -> Vec<Role> {
         Role::parse_list(&self.roles.enabled).unwrap_or_default()
-    }
-
-    /// A pool on `DATABASE_URL`, sized and timed out as `Database__*` say.
-    pub async fn connect(&self) -> Result<mira_eventlog::db::PgPool, mira_eventlog::DbError> {
-        let url = self
-            .database_url()
-            .map_err(|e| mira_eventlog::DbError::BadUrl(e.to_string()))?;
-        mira_eventlog::db::connect(
-            url,
-            self.database.max_connections,
-            std::time::Duration::from_secs(self.database.connect_timeout_seconds),
-        )
-        .await
-    }
-
-    /// How a relay named `name` runs: checkpoints as `Audit__*` say; an idle relay asks for
-    /// new events every 10 ms (one index probe that finds nothing, cheap for PostgreSQL, and
-    /// it bounds how long an event waits).
-    pub fn relay_config(&self, name: &str) -> mira_bus::relay::RelayConfig {
-        mira_bus::relay::RelayConfig {
-            name: name.to_owned(),
-            checkpoint_every_events: self.audit.checkpoint_every_events,
-            checkpoint_every: std::time::Duration::from_secs(self.audit.checkpoint_every_seconds),
-            idle_poll: std::time::Duration::from_millis(10),
-            ..Default::default()
-        }
-    }
-
-    /// The relay named `name` over `log` into `publisher`, configured as [`Self::relay_config`]:
-    /// the one way a relay is made, by the platform's roles and by the worker's private relay.
-    /// `checkpoints`: who signs and witnesses checkpoints, if this relay writes them.
-    pub fn relay(
-        &self,
-        name: &str,
-        log: mira_eventlog::EventLog,
-        publisher: std::sync::Arc<dyn mira_bus::Publisher>,
-        checkpoints: Option<mira_eventlog::checkpoint::Checkpointer>,
-    ) -> mira_bus::relay::Relay {
-        mira_bus::relay::Relay::new(log, publisher, self.relay_config(name), checkpoints)
-    }
-
-    /// The bus names (DESIGN §2).
-    pub fn bus_names(&self) -> mira_bus::Names {
-        mira_bus::Names {
-            topic: self.aws.sns.topic_name.clone(),
-            queue_prefix: self.aws.sqs.queue_prefix.clone(),
-        }
-    }
-
-    pub fn public_key_file(&self) -> PathBuf {
-        self.audit
-            .public_key_file
-            .clone()
-            .unwrap_or_else(|| mira_eventlog::checkpoint::public_key_path(&self.audit.signing_key_file))
     }
 }
 
@@ -864,7 +810,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(s.bus_names().queue(mira_bus::Group::Handlers), "lab-handlers.fifo");
+        assert_eq!(s.aws.sqs.queue_prefix, "lab-");
         assert_eq!(s.messaging.provider, MessagingProvider::Aws);
         assert_eq!(s.aws.region.as_deref(), Some("eu-west-1"));
         let err = Settings::load(None, env(&[("DATABASE_URL", "mysql://x")])).unwrap_err();

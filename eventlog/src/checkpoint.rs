@@ -164,6 +164,22 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The copy of this checkpoint a witness keeps.
+    pub fn witness_record(&self) -> WitnessRecord {
+        WitnessRecord {
+            seq: self.seq,
+            epoch: self.epoch,
+            created_at_micros: self.created_at.timestamp_micros(),
+            upto_tx: self.upto.tx_id,
+            upto_position: self.upto.position,
+            event_count: self.event_count,
+            prev_digest: hex::encode(self.prev_digest),
+            digest: hex::encode(self.digest),
+            key_id: self.key_id.clone(),
+            signature: hex::encode(self.signature),
+        }
+    }
+
     pub fn canonical(&self) -> CanonicalCheckpoint {
         CanonicalCheckpoint {
             epoch: self.epoch,
@@ -297,7 +313,7 @@ pub async fn write_spans(
     }
     let ck = newest.expect("the first round always writes a checkpoint");
     witness
-        .put(&WitnessRecord::of(&ck))
+        .put(&ck.witness_record())
         .await
         .map_err(|source| CheckpointError::Witness { seq: ck.seq, source })?;
     Ok(CheckpointInfo {

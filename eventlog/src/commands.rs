@@ -52,6 +52,7 @@ impl Commands {
         &self.log
     }
 
+    #[tracing::instrument(name = "command.job", skip_all, fields(tenant = %ctx.tenant.as_str(), job_id = %id))]
     pub async fn job(
         &self,
         ctx: &CommandContext,
@@ -80,6 +81,7 @@ impl Commands {
         load(&self.log, tenant, &id.to_string()).await
     }
 
+    #[tracing::instrument(name = "command.slide", skip_all, fields(tenant = %ctx.tenant.as_str(), slide_id = %id))]
     pub async fn slide(
         &self,
         ctx: &CommandContext,

@@ -20,6 +20,17 @@ pub enum DbError {
 
 /// A pool for `url`. Fails within `timeout` when the server is unreachable, with an error
 /// that names the host and database but never the password.
+/// A pool on `DATABASE_URL`, sized and timed out as `Database__*` say.
+pub async fn connect_with(settings: &mira_config::Settings) -> Result<PgPool, DbError> {
+    let url = settings.database_url().map_err(|e| DbError::BadUrl(e.to_string()))?;
+    connect(
+        url,
+        settings.database.max_connections,
+        Duration::from_secs(settings.database.connect_timeout_seconds),
+    )
+    .await
+}
+
 pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<PgPool, DbError> {
     let opts: PgConnectOptions = url
         .parse()

@@ -30,5 +30,5 @@ pub mod witness;
 pub use checkpoint::{AuditKey, CheckpointInfo};
 pub use db::DbError;
 pub use repo::PgEventRepository;
-pub use store::{AppendError, Cursor, EventLog, NewEvent, StoredEvent};
+pub use store::{AppendError, Cursor, EventFilter, EventLog, NewEvent, StoredEvent};
 pub use verify::{VerifyReport, Violation};

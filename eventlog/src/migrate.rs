@@ -23,6 +23,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "api_hardening",
         include_str!("../../migrations/0008_api_hardening.sql"),
     ),
+    (
+        9,
+        "one_row_type",
+        include_str!("../../migrations/0009_one_row_type.sql"),
+    ),
 ];
 
 /// The roles a running process needs, granted to the login role it connects as.

@@ -183,7 +183,7 @@ fn check_witness(
                 cks.len()
             ),
         )),
-        Some(c) if WitnessRecord::of(c) != *w => Err(violation(
+        Some(c) if c.witness_record() != *w => Err(violation(
             w.upto_position,
             None,
             format!(

@@ -17,8 +17,6 @@ use mira_events::canonical::Hash32;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::checkpoint::Checkpoint;
-
 /// A checkpoint's signed fields and signature, as the witness keeps them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WitnessRecord {
@@ -38,21 +36,6 @@ pub struct WitnessRecord {
 }
 
 impl WitnessRecord {
-    pub fn of(c: &Checkpoint) -> Self {
-        Self {
-            seq: c.seq,
-            epoch: c.epoch,
-            created_at_micros: c.created_at.timestamp_micros(),
-            upto_tx: c.upto.tx_id,
-            upto_position: c.upto.position,
-            event_count: c.event_count,
-            prev_digest: hex::encode(c.prev_digest),
-            digest: hex::encode(c.digest),
-            key_id: c.key_id.clone(),
-            signature: hex::encode(c.signature),
-        }
-    }
-
     /// The object name: numbers sort as text, so the last name is the newest checkpoint.
     pub fn name(seq: i64) -> String {
         format!("checkpoint-{seq:020}.json")

@@ -147,12 +147,12 @@ struct LatencyProbe {
 }
 
 #[async_trait::async_trait]
-impl mira_bus::consumer::Handler for LatencyProbe {
+impl mira_bus::consumer::Apply for LatencyProbe {
     async fn apply(
         &self,
         _tx: &mut sqlx::PgConnection,
         e: &mira_eventlog::StoredEvent,
-    ) -> Result<(), mira_bus::consumer::HandlerError> {
+    ) -> Result<(), mira_bus::consumer::ApplyError> {
         let ms = (Utc::now() - e.recorded_at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
         self.samples.lock().expect("samples lock").push(ms);
         Ok(())
@@ -219,7 +219,7 @@ pub async fn fanout(
         let mut cfg = ConsumerConfig::for_group(g);
         cfg.name = format!("bench-{run}-{}", g.suffix());
         cfg.wait = Duration::from_millis(500);
-        let handler: Arc<dyn mira_bus::consumer::Handler> = if g == mira_bus::Group::Projections {
+        let handler: Arc<dyn mira_bus::consumer::Apply> = if g == mira_bus::Group::Projections {
             Arc::new(LatencyProbe {
                 samples: samples.clone(),
             })

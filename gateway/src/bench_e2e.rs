@@ -51,7 +51,7 @@ async fn measure(env: Vec<(String, String)>, jobs: usize, scratch: &std::path::P
         ("AWS__Cognito__ClientId", crate::dev::AUDIENCE.to_owned()),
         (
             "AWS__Cognito__JwksUrl",
-            format!("http://{addr}{}", crate::dev::JWKS_PATH),
+            format!("http://{addr}{}", crate::api::DEV_JWKS_PATH),
         ),
     ] {
         env.insert(k.into(), v);
@@ -60,7 +60,7 @@ async fn measure(env: Vec<(String, String)>, jobs: usize, scratch: &std::path::P
     let bus = match settings.messaging.provider {
         crate::config::MessagingProvider::Aws => {
             let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
-            mira_bus::aws::init(&sdk, &settings.bus_names()).await?;
+            mira_bus::aws::init(&sdk, &mira_bus::Names::from_settings(&settings)).await?;
             "sns-sqs"
         }
         crate::config::MessagingProvider::InMemory => "in-memory",
@@ -68,7 +68,7 @@ async fn measure(env: Vec<(String, String)>, jobs: usize, scratch: &std::path::P
     crate::database::migrate(&settings).await?;
     // The rig's own throwaway keys, in its scratch directory.
     mira_keys::init(&settings).await?;
-    let pool = settings.connect().await?;
+    let pool = mira_eventlog::db::connect_with(&settings).await?;
     let stop = CancellationToken::new();
     let options = crate::server::Options::everything(Some(idp.jwks().clone()));
     let s = stop.clone();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::PgPool;
 
-use crate::config::Settings;
+use mira_config::Settings;
 
 /// What `mira migrate` does: applies the schema as the owner (`Database__MigrationUrl`, else
 /// `DATABASE_URL`), then grants the runtime roles to `DATABASE_URL`'s role when it is another.

@@ -25,8 +25,7 @@ const IDENTITY_KEY: &str = "identity-rsa.pem";
 /// The local identity provider's issuer and app client id. Fixed, so tokens outlive restarts.
 pub const ISSUER: &str = "urn:mira:dev";
 pub const AUDIENCE: &str = "mira-dev";
-/// Where the gateway serves the local JWKS.
-pub const JWKS_PATH: &str = "/dev/jwks.json";
+use crate::api::DEV_JWKS_PATH;
 
 // ---------------------------------------------------------------------------------------------
 // The local identity provider
@@ -460,7 +459,7 @@ pub async fn run(
         ("Audit__WitnessDir", at("witness")),
         ("AWS__Cognito__Issuer", ISSUER.to_owned()),
         ("AWS__Cognito__ClientId", AUDIENCE.to_owned()),
-        ("AWS__Cognito__JwksUrl", format!("http://{addr}{JWKS_PATH}")),
+        ("AWS__Cognito__JwksUrl", format!("http://{addr}{DEV_JWKS_PATH}")),
     ] {
         env.insert(k.into(), v);
     }
@@ -471,7 +470,7 @@ pub async fn run(
     for l in keys.lines.iter().filter(|l| l.contains("(created)")) {
         tracing::info!("created {l}");
     }
-    let pool = settings.connect().await?;
+    let pool = mira_eventlog::db::connect_with(&settings).await?;
     let mut worker = spawn_worker(&settings, &data);
     let url = format!("http://{addr}");
     let data_arg = shell_quote(&data.display().to_string());

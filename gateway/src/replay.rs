@@ -30,7 +30,8 @@ pub enum ReplayError {
     Decode { position: i64, reason: String },
 }
 
-enum State {
+/// An aggregate being replayed.
+enum Replaying {
     Job(Job),
     Slide(Slide),
 }
@@ -50,27 +51,23 @@ pub async fn replay(
     as_of: DateTime<Utc>,
     aggregate_id: Option<&str>,
 ) -> Result<Vec<Replayed>, ReplayError> {
-    let sql = format!(
-        "SELECT {} FROM events WHERE recorded_at <= $1 AND ($2::text IS NULL OR aggregate_id = $2) \
-         AND aggregate_type IN ('Job', 'Slide') ORDER BY aggregate_type, aggregate_id, sequence",
-        mira_eventlog::store::COLUMNS
-    );
-    let rows = sqlx::query(&sql).bind(as_of).bind(aggregate_id).fetch_all(pool).await?;
-    let mut states: BTreeMap<(String, String), (State, StoredEvent)> = BTreeMap::new();
-    for row in &rows {
-        let e = mira_eventlog::store::from_row(row)?;
+    let events = mira_eventlog::EventLog::new(pool.clone())
+        .streams_as_of(&[Job::TYPE, Slide::TYPE], aggregate_id, as_of)
+        .await?;
+    let mut states: BTreeMap<(String, String), (Replaying, StoredEvent)> = BTreeMap::new();
+    for e in events {
         let key = (e.aggregate_type.clone(), e.aggregate_id.clone());
         let entry = states.entry(key).or_insert_with(|| {
             let s = if e.aggregate_type == Job::TYPE {
-                State::Job(Job::default())
+                Replaying::Job(Job::default())
             } else {
-                State::Slide(Slide::default())
+                Replaying::Slide(Slide::default())
             };
             (s, e.clone())
         });
         match &mut entry.0 {
-            State::Job(j) => j.apply(decode::<JobEvent>(&e)?),
-            State::Slide(s) => s.apply(decode::<SlideEvent>(&e)?),
+            Replaying::Job(j) => j.apply(decode::<JobEvent>(&e)?),
+            Replaying::Slide(s) => s.apply(decode::<SlideEvent>(&e)?),
         }
         entry.1 = e;
     }
@@ -83,8 +80,8 @@ pub async fn replay(
             sequence: last.sequence,
             as_of_event: last.recorded_at,
             state: match state {
-                State::Job(j) => serde_json::to_value(j),
-                State::Slide(s) => serde_json::to_value(s),
+                Replaying::Job(j) => serde_json::to_value(j),
+                Replaying::Slide(s) => serde_json::to_value(s),
             }
             .unwrap_or(serde_json::Value::Null),
         })

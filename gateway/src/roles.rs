@@ -41,7 +41,8 @@ pub async fn spawn(
             let in_memory = ctx.settings.messaging.provider == MessagingProvider::InMemory;
             // The in-memory bus has a relay (and cursor) of its own.
             let name = if in_memory { "in-memory" } else { "main" };
-            let relay = ctx.settings.relay(name, log, ctx.bus.publisher(), Some(checkpoints));
+            let relay =
+                mira_bus::relay::Relay::from_settings(&ctx.settings, name, log, ctx.bus.publisher(), Some(checkpoints));
             if in_memory {
                 // Messages in flight when the last process stopped died with it, taken by a
                 // consumer or not: publish everything again; consumers skip what they applied.
@@ -82,10 +83,11 @@ pub async fn run_alone(settings: &Settings, roles: &[Role], shutdown: Cancellati
             "Messaging__Provider is InMemory: the in-memory bus lives inside one process (`mira dev`); set Messaging__Provider=Aws to use SNS and SQS"
         );
     }
-    let pool = settings.connect().await?;
+    let pool = mira_eventlog::db::connect_with(settings).await?;
     crate::database::warn_if_owner(&pool).await;
     let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
-    let bus: Arc<dyn Bus> = Arc::new(mira_bus::aws::AwsBus::connect(&sdk, &settings.bus_names(), None).await?);
+    let bus: Arc<dyn Bus> =
+        Arc::new(mira_bus::aws::AwsBus::connect(&sdk, &mira_bus::Names::from_settings(settings), None).await?);
     let keyring = mira_keys::keyring(settings, &pool).await?;
     let ctx = RoleContext {
         settings: settings.clone(),

@@ -13,7 +13,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::auth::JwksVerifier;
-use crate::api::{AppState, Inner, Limits};
+use crate::api::{AppState, Limits, Services};
 use crate::blob::{BlobStore, LocalBlobs, S3Blobs, UploadPolicy};
 use crate::commands::Commands;
 use crate::config::{MessagingProvider, Settings, StorageProvider};
@@ -24,7 +24,7 @@ pub use crate::roles::Role;
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     pub roles: Vec<Role>,
-    /// `mira dev`'s local JWKS, served at [`crate::dev::JWKS_PATH`].
+    /// `mira dev`'s local JWKS, served at [`crate::api::DEV_JWKS_PATH`].
     pub dev_jwks: Option<serde_json::Value>,
     /// An in-memory bus made by the caller (to watch its queues); default: one from the
     /// settings and the roles.
@@ -48,7 +48,7 @@ pub async fn bus(settings: &Settings, roles: &[Role]) -> anyhow::Result<Arc<dyn 
     Ok(match settings.messaging.provider {
         MessagingProvider::Aws => {
             let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
-            Arc::new(mira_bus::aws::AwsBus::connect(&sdk, &settings.bus_names(), None).await?)
+            Arc::new(mira_bus::aws::AwsBus::connect(&sdk, &mira_bus::Names::from_settings(settings), None).await?)
         }
         MessagingProvider::InMemory => Arc::new(in_memory_bus(roles)),
     })
@@ -105,19 +105,29 @@ pub async fn blob_store(
     })
 }
 
+/// `Api__JobMaxAttempts`, within what the Job aggregate allows.
+fn job_max_attempts(settings: &Settings) -> anyhow::Result<u32> {
+    let (n, limit) = (settings.api.job_max_attempts, mira_aggregates::job::MAX_ATTEMPTS_LIMIT);
+    if !(1..=limit).contains(&n) {
+        anyhow::bail!("Api__JobMaxAttempts is {n}: it must be 1 to {limit}");
+    }
+    Ok(n)
+}
+
 /// The API's state from the settings.
 pub async fn state(
     settings: &Settings,
     pool: PgPool,
     public_url: &str,
     bus: Option<Arc<dyn Bus>>,
-    hub: Option<crate::api::ws::Hub>,
+    hub: Option<crate::api::hub::Hub>,
     dev_jwks: Option<serde_json::Value>,
 ) -> anyhow::Result<AppState> {
+    let job_max_attempts = job_max_attempts(settings)?;
     let auth = Arc::new(JwksVerifier::new(settings.auth_config()?));
     let keyring = mira_keys::keyring(settings, &pool).await?;
     let (blobs, local_blobs) = blob_store(settings, public_url).await?;
-    Ok(AppState::new(Inner {
+    Ok(AppState::new(Services {
         commands: Commands::new(EventLog::new(pool.clone()), keyring.clone()),
         read: mira_projections::ReadModels::new(pool.clone()),
         pool,
@@ -129,7 +139,7 @@ pub async fn state(
         metrics: Default::default(),
         limits: Limits {
             max_body_bytes: settings.api.max_body_bytes as usize,
-            job_max_attempts: settings.api.job_max_attempts,
+            job_max_attempts,
             ws_send_timeout: Duration::from_secs(settings.realtime.send_timeout_seconds),
             idempotency_retention: Duration::from_secs(3600 * settings.api.idempotency_retention_hours),
         },
@@ -159,7 +169,7 @@ pub async fn run(
             None => Some(bus(settings, roles).await?),
         }
     };
-    let hub = crate::api::ws::Hub::start(pool.clone(), settings.realtime.client_buffer as usize, shutdown.clone());
+    let hub = crate::api::hub::Hub::start(pool.clone(), settings.realtime.client_buffer as usize, shutdown.clone());
     let state = state(
         settings,
         pool.clone(),
@@ -223,4 +233,17 @@ pub async fn run(
         r.context("a background role panicked")??;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn job_max_attempts_is_checked_against_the_aggregate() {
+        let settings = |n: &str| {
+            crate::config::Settings::load(None, vec![("Api__JobMaxAttempts".to_string(), n.to_string())]).unwrap()
+        };
+        assert_eq!(super::job_max_attempts(&settings("20")).unwrap(), 20);
+        let e = super::job_max_attempts(&settings("21")).unwrap_err().to_string();
+        assert!(e.contains("Api__JobMaxAttempts") && e.contains("1 to 20"), "{e}");
+    }
 }

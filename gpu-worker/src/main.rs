@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mira_events::params::parse_name;
 use mira_gpu_worker::kernels::{self, Device};
-use mira_gpu_worker::process::{self, Format, Options};
+use mira_gpu_worker::process::{self, Options, TileFormat};
 
 #[derive(Parser)]
 #[command(name = "mira-worker", version, about = "Mira's slide-processing worker")]
@@ -24,9 +25,9 @@ enum Command {
         /// Output directory.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// Tile encoding.
-        #[arg(long, value_enum, default_value = "jpeg")]
-        format: Format,
+        /// Tile encoding: jpeg or png.
+        #[arg(long, default_value = "jpeg", value_parser = parse_name::<TileFormat>)]
+        format: TileFormat,
         /// Tile edge in pixels, without overlap.
         #[arg(long, default_value_t = 254, value_parser = clap::value_parser!(u32).range(16..=4096))]
         tile_size: u32,
@@ -36,8 +37,8 @@ enum Command {
         /// JPEG quality.
         #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(1..=100))]
         quality: u8,
-        /// Also write a stain-normalised pyramid (`normalized.dzi`).
-        #[arg(long, value_enum, default_value = "none")]
+        /// Also write a stain-normalised pyramid (`normalized.dzi`): none, macenko or reinhard.
+        #[arg(long, default_value = "none", value_parser = parse_name::<process::Normalize>)]
         normalize: process::Normalize,
         /// Skip the tissue mask and the tiles' tissue fractions.
         #[arg(long)]

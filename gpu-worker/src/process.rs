@@ -19,36 +19,13 @@ use crate::slide::Slide;
 use crate::stain::{Macenko, Normalizer, Reinhard};
 use crate::tissue::{rgb_mean_std, Mask, Thumbnail, TileStats};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    Jpeg,
-    Png,
-}
-
-impl Format {
-    pub fn ext(self) -> &'static str {
-        match self {
-            Self::Jpeg => "jpeg",
-            Self::Png => "png",
-        }
-    }
-}
-
-/// `--normalize`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Normalize {
-    None,
-    Macenko,
-    Reinhard,
-}
+pub use mira_events::params::{Normalize, TileFormat};
 
 #[derive(Debug, Clone)]
 pub struct Options {
     pub tile_size: u32,
     pub overlap: u32,
-    pub format: Format,
+    pub format: TileFormat,
     pub quality: u8,
     /// Build the tissue mask (`mask.png`) and give each tile its tissue fraction.
     pub tissue: bool,
@@ -61,7 +38,7 @@ pub struct Options {
 
 impl Options {
     /// The job defaults of DESIGN §8 on the CPU.
-    pub fn new(format: Format) -> Self {
+    pub fn new(format: TileFormat) -> Self {
         Self {
             tile_size: 254,
             overlap: 1,
@@ -129,9 +106,9 @@ thread_local! {
     static JPEG: std::cell::RefCell<Option<turbojpeg::Compressor>> = const { std::cell::RefCell::new(None) };
 }
 
-pub fn encode(format: Format, quality: u8, w: u32, h: u32, rgb: &[u8]) -> anyhow::Result<Vec<u8>> {
+pub fn encode(format: TileFormat, quality: u8, w: u32, h: u32, rgb: &[u8]) -> anyhow::Result<Vec<u8>> {
     match format {
-        Format::Png => {
+        TileFormat::Png => {
             let mut out = Vec::new();
             let mut enc = png::Encoder::new(&mut out, w, h);
             enc.set_color(png::ColorType::Rgb);
@@ -140,7 +117,7 @@ pub fn encode(format: Format, quality: u8, w: u32, h: u32, rgb: &[u8]) -> anyhow
             enc.write_header()?.write_image_data(rgb)?;
             Ok(out)
         }
-        Format::Jpeg => JPEG.with(|cell| {
+        TileFormat::Jpeg => JPEG.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
                 let mut c = turbojpeg::Compressor::new()?;

@@ -21,12 +21,12 @@ use anyhow::Context;
 use chrono::Utc;
 use cqrs_es::AggregateError;
 use mira_aggregates::{JobCommand, JobError, JobStatus, SlideCommand, SlideError, SlideStatus};
-use mira_bus::consumer::{Consumer, ConsumerConfig, Handler, HandlerError};
+use mira_bus::consumer::{Apply, ApplyError, Consumer, ConsumerConfig};
 use mira_bus::{Bus, Group};
 use mira_config::{MessagingProvider, Settings, StorageProvider};
 use mira_eventlog::commands::Commands;
 use mira_eventlog::{EventLog, StoredEvent};
-use mira_events::params::{Normalize, PreprocessParams, TileFormat};
+use mira_events::params::JobSpec;
 use mira_events::{Actor, CommandContext, JobEvent, JobId, Metadata, SlideId, TenantId, Usage};
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use mira_blobs::ObjectStore;
 
 use crate::kernels::Device;
-use crate::process::{self, Format, Options};
+use crate::process::{self, Options};
 
 /// Where slides come from and results go ([`mira_blobs::ObjectStore`]), as the settings say.
 async fn store_from_settings(s: &Settings) -> anyhow::Result<ObjectStore> {
@@ -70,8 +70,8 @@ impl std::fmt::Debug for Worker {
     }
 }
 
-fn failed(e: impl std::fmt::Display) -> HandlerError {
-    HandlerError::Failed(e.to_string())
+fn failed(e: impl std::fmt::Display) -> ApplyError {
+    ApplyError::Failed(e.to_string())
 }
 
 fn ctx(e: &StoredEvent, tenant: &TenantId, worker: &str) -> CommandContext {
@@ -118,7 +118,8 @@ impl Worker {
         self
     }
 
-    async fn verify(&self, e: &StoredEvent) -> Result<(), HandlerError> {
+    #[tracing::instrument(name = "worker.verify", skip_all, fields(slide_id = %e.aggregate_id))]
+    async fn verify(&self, e: &StoredEvent) -> Result<(), ApplyError> {
         let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
         let id = SlideId::parse(&e.aggregate_id).map_err(failed)?;
         let Some(slide) = self.commands.load_slide(&tenant, id).await.map_err(failed)? else {
@@ -192,7 +193,8 @@ impl Worker {
     /// The consumer's effect for `JobQueued`: take the attempt's lease with `JobStarted`, in the
     /// command's own short transaction. A job no longer queued at that attempt (a duplicate, a
     /// job another worker took) is left alone.
-    async fn take_lease(&self, e: &StoredEvent, attempt: u32) -> Result<(), HandlerError> {
+    #[tracing::instrument(name = "worker.lease", skip_all, fields(job_id = %e.aggregate_id, attempt))]
+    async fn take_lease(&self, e: &StoredEvent, attempt: u32) -> Result<(), ApplyError> {
         let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
         let id = JobId::parse(&e.aggregate_id).map_err(failed)?;
         let Some(job) = self.commands.load_job(&tenant, id).await.map_err(failed)? else {
@@ -225,7 +227,8 @@ impl Worker {
     /// time, so it never starts a second run; another worker, or this one after a restart
     /// (a new id: ids are unique to the process), finds someone else's lease and leaves it to
     /// expire.
-    async fn run_job(&self, e: &StoredEvent, attempt: u32) -> Result<(), HandlerError> {
+    #[tracing::instrument(name = "worker.job", skip_all, fields(job_id = %e.aggregate_id, attempt))]
+    async fn run_job(&self, e: &StoredEvent, attempt: u32) -> Result<(), ApplyError> {
         let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
         let id = JobId::parse(&e.aggregate_id).map_err(failed)?;
         let c = ctx(e, &tenant, &self.worker_id);
@@ -242,7 +245,7 @@ impl Worker {
         let outcome = self.attempt(&c, &tenant, id, attempt, &job).await;
         let now = Utc::now();
         let command = match outcome {
-            Ok(Done::Succeeded { key, sha256, bytes }) => JobCommand::Succeed {
+            Ok(AttemptEnd::Succeeded { key, sha256, bytes }) => JobCommand::Succeed {
                 attempt,
                 manifest_key: key,
                 manifest_sha256: sha256,
@@ -252,8 +255,8 @@ impl Worker {
                     bytes_written: bytes,
                 },
             },
-            Ok(Done::Cancelled) => JobCommand::ConfirmCancelled { attempt },
-            Ok(Done::Superseded) => return Ok(()),
+            Ok(AttemptEnd::Cancelled) => JobCommand::ConfirmCancelled { attempt },
+            Ok(AttemptEnd::Superseded) => return Ok(()),
             Err((reason, retryable)) => JobCommand::Fail {
                 attempt,
                 reason,
@@ -279,6 +282,7 @@ impl Worker {
     }
 
     /// One attempt: returns how it ended, or (reason, retryable).
+    #[tracing::instrument(name = "worker.attempt", skip_all, fields(job_id = %id, attempt, kind = %job.kind))]
     async fn attempt(
         &self,
         c: &CommandContext,
@@ -286,9 +290,10 @@ impl Worker {
         id: JobId,
         attempt: u32,
         job: &mira_aggregates::Job,
-    ) -> Result<Done, (String, bool)> {
-        let params: PreprocessParams =
-            serde_json::from_value(job.params.clone()).map_err(|e| (format!("invalid job parameters: {e}"), false))?;
+    ) -> Result<AttemptEnd, (String, bool)> {
+        // The kind decides what runs; a kind or parameters this worker cannot read fail the
+        // job for good (a retry would read the same).
+        let spec = JobSpec::from_stored(&job.kind, &job.params).map_err(|e| (e, false))?;
         let slide_id = job.slide_id.ok_or(("the job names no slide".to_string(), false))?;
         let slide = self
             .commands
@@ -307,22 +312,17 @@ impl Worker {
             .await
             .map_err(|e| (format!("cannot fetch the slide: {e:#}"), true))?;
         let out = scratch.join("out");
-        let opts = Options {
-            tile_size: params.tile_size,
-            overlap: params.overlap,
-            format: match params.format {
-                TileFormat::Jpeg => Format::Jpeg,
-                TileFormat::Png => Format::Png,
+        let opts = match &spec {
+            JobSpec::Preprocess(p) => Options {
+                tile_size: p.tile_size,
+                overlap: p.overlap,
+                format: p.format,
+                quality: p.quality,
+                tissue: p.tissue,
+                normalize: p.normalize,
+                device: self.device.clone(),
+                reader: self.reader,
             },
-            quality: params.quality,
-            tissue: params.tissue,
-            normalize: match params.normalize {
-                Normalize::None => process::Normalize::None,
-                Normalize::Macenko => process::Normalize::Macenko,
-                Normalize::Reinhard => process::Normalize::Reinhard,
-            },
-            device: self.device.clone(),
-            reader: self.reader,
         };
         // Heartbeats extend the lease, report progress and notice cancellation.
         let stop = Arc::new(AtomicBool::new(false));
@@ -402,11 +402,11 @@ impl Worker {
         finished.cancel();
         let _ = beat.await;
         if superseded.load(Ordering::SeqCst) {
-            return Ok(Done::Superseded);
+            return Ok(AttemptEnd::Superseded);
         }
         let summary = match result {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) if e.is::<process::Stopped>() => return Ok(Done::Cancelled),
+            Ok(Err(e)) if e.is::<process::Stopped>() => return Ok(AttemptEnd::Cancelled),
             Ok(Err(e)) => {
                 // The slide or its stains will not change: only other failures are worth a retry.
                 let retryable = e.downcast_ref::<crate::slide::SlideError>().is_none()
@@ -442,11 +442,12 @@ impl Worker {
             .map_err(|e| (format!("cannot store results: {e:#}"), true))?;
         let _ = tokio::fs::remove_dir_all(&scratch).await;
         tracing::info!(job_id = %id, attempt, tiles = summary.tiles, mp_per_s = summary.megapixels_per_second, "pyramid stored");
-        Ok(Done::Succeeded { key, sha256, bytes })
+        Ok(AttemptEnd::Succeeded { key, sha256, bytes })
     }
 }
 
-enum Done {
+/// How an attempt ended, when it did not fail.
+enum AttemptEnd {
     Succeeded {
         key: String,
         sha256: String,
@@ -457,11 +458,11 @@ enum Done {
     Superseded,
 }
 
-fn queued_attempt(e: &StoredEvent) -> Result<Option<u32>, HandlerError> {
+fn queued_attempt(e: &StoredEvent) -> Result<Option<u32>, ApplyError> {
     if (e.aggregate_type.as_str(), e.event_type.as_str()) != ("Job", "JobQueued") {
         return Ok(None);
     }
-    match mira_eventlog::repo::decode::<JobEvent>(e).map_err(HandlerError::Failed)? {
+    match mira_eventlog::repo::decode::<JobEvent>(e).map_err(ApplyError::Failed)? {
         JobEvent::JobQueued { attempt } => Ok(Some(attempt)),
         _ => Ok(None),
     }
@@ -470,15 +471,15 @@ fn queued_attempt(e: &StoredEvent) -> Result<Option<u32>, HandlerError> {
 /// The consumer's transaction holds only the lease and the record; downloads, verification
 /// and the pipeline run after it committed (DESIGN §4.1).
 #[async_trait::async_trait]
-impl Handler for Worker {
-    async fn apply(&self, _tx: &mut PgConnection, e: &StoredEvent) -> Result<(), HandlerError> {
+impl Apply for Worker {
+    async fn apply(&self, _tx: &mut PgConnection, e: &StoredEvent) -> Result<(), ApplyError> {
         match queued_attempt(e)? {
             Some(attempt) => self.take_lease(e, attempt).await,
             None => Ok(()),
         }
     }
 
-    async fn after_commit(&self, e: &StoredEvent) -> Result<(), HandlerError> {
+    async fn after_commit(&self, e: &StoredEvent) -> Result<(), ApplyError> {
         if (e.aggregate_type.as_str(), e.event_type.as_str()) == ("Slide", "SlideUploaded") {
             return self.verify(e).await;
         }
@@ -497,7 +498,7 @@ pub async fn run(
     device: Device,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let pool = settings.connect().await?;
+    let pool = mira_eventlog::db::connect_with(&settings).await?;
     let keyring = mira_keys::keyring(&settings, &pool).await?;
     let commands = Commands::new(EventLog::new(pool.clone()), keyring);
     let store = store_from_settings(&settings).await?;
@@ -520,14 +521,20 @@ pub async fn run(
     let queue = match settings.messaging.provider {
         MessagingProvider::Aws => {
             let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
-            mira_bus::aws::AwsBus::connect(&sdk, &settings.bus_names(), None)
+            mira_bus::aws::AwsBus::connect(&sdk, &mira_bus::Names::from_settings(&settings), None)
                 .await?
                 .queue(Group::GpuJobs)
         }
         MessagingProvider::InMemory => {
             let bus = mira_bus::memory::MemoryBus::new(Duration::from_secs(120), 10, &[Group::GpuJobs]);
             // No checkpoints: the platform's own relay writes them.
-            let r = settings.relay("worker", EventLog::new(pool.clone()), Arc::new(bus.clone()), None);
+            let r = mira_bus::relay::Relay::from_settings(
+                &settings,
+                "worker",
+                EventLog::new(pool.clone()),
+                Arc::new(bus.clone()),
+                None,
+            );
             // What the last worker's bus held died with it; its consumer records skip the rest.
             r.forget_cursor().await?;
             let url = settings.database_url()?.to_owned();

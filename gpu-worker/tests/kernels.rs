@@ -178,7 +178,7 @@ fn the_pipeline_on_the_gpu_writes_what_the_cpu_writes() {
     let run = |device: Device, name: &str| {
         let out = std::env::temp_dir().join(format!("mira-gpu-pipeline-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
-        let mut opts = mira_gpu_worker::process::Options::new(mira_gpu_worker::process::Format::Png);
+        let mut opts = mira_gpu_worker::process::Options::new(mira_gpu_worker::process::TileFormat::Png);
         opts.device = device;
         opts.normalize = mira_gpu_worker::process::Normalize::Macenko;
         let s = mira_gpu_worker::process::process(&slide, &out, &opts, |_, _| {}).unwrap();

@@ -22,7 +22,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use cqrs_es::AggregateError;
 use mira_aggregates::{JobCommand, JobError, SlideStatus};
-use mira_bus::consumer::{Handler, HandlerError};
+use mira_bus::consumer::{Apply, ApplyError};
 use mira_eventlog::commands::Commands;
 use mira_eventlog::StoredEvent;
 use mira_events::{Actor, CommandContext, JobEvent, JobId, Metadata, SlideEvent, SlideId, TenantId};
@@ -40,7 +40,7 @@ pub const LEASE: &str = "job.lease";
 /// What a due row carries: enough to send the command as the system, in the trace and
 /// correlation of the event that caused it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Work {
+pub struct DueCommand {
     pub tenant: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
@@ -51,12 +51,12 @@ pub struct Work {
     pub traceparent: String,
 }
 
-fn failed(e: impl std::fmt::Display) -> HandlerError {
-    HandlerError::Failed(e.to_string())
+fn failed(e: impl std::fmt::Display) -> ApplyError {
+    ApplyError::Failed(e.to_string())
 }
 
-fn decode<E: serde::de::DeserializeOwned>(e: &StoredEvent) -> Result<E, HandlerError> {
-    mira_eventlog::repo::decode(e).map_err(HandlerError::Failed)
+fn decode<E: serde::de::DeserializeOwned>(e: &StoredEvent) -> Result<E, ApplyError> {
+    mira_eventlog::repo::decode(e).map_err(ApplyError::Failed)
 }
 
 /// The consumer of the `handlers` queue.
@@ -76,9 +76,9 @@ impl Lifecycle {
         Self { commands }
     }
 
-    fn work(e: &StoredEvent, attempt: Option<u32>, reason: Option<String>) -> Result<Work, HandlerError> {
+    fn due_command(e: &StoredEvent, attempt: Option<u32>, reason: Option<String>) -> Result<DueCommand, ApplyError> {
         let meta: Metadata = serde_json::from_str(&e.metadata).map_err(failed)?;
-        Ok(Work {
+        Ok(DueCommand {
             tenant: e.tenant_id.clone(),
             attempt,
             reason,
@@ -93,15 +93,15 @@ impl Lifecycle {
         kind: &str,
         job: &str,
         at: DateTime<Utc>,
-        w: &Work,
-    ) -> Result<(), HandlerError> {
+        w: &DueCommand,
+    ) -> Result<(), ApplyError> {
         let payload = serde_json::to_string(w).map_err(failed)?;
         due::schedule(tx, kind, job, at, &payload).await?;
         Ok(())
     }
 
     /// Serialises everything the handlers do about one slide's waiting jobs.
-    async fn lock_slide(tx: &mut PgConnection, slide: &SlideId) -> Result<(), HandlerError> {
+    async fn lock_slide(tx: &mut PgConnection, slide: &SlideId) -> Result<(), ApplyError> {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('mira.slide:' || $1, 0))")
             .bind(slide.to_string())
             .execute(tx)
@@ -111,7 +111,7 @@ impl Lifecycle {
 
     /// A job entered `submitted` (first submission or a user's retry): queue it if its slide
     /// is verified, fail it if the slide is gone, otherwise wait for the verdict.
-    async fn submitted(&self, tx: &mut PgConnection, e: &StoredEvent, slide: SlideId) -> Result<(), HandlerError> {
+    async fn submitted(&self, tx: &mut PgConnection, e: &StoredEvent, slide: SlideId) -> Result<(), ApplyError> {
         let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
         Self::lock_slide(tx, &slide).await?;
         // Under the lock the log is the truth: a verdict committed before this load is seen
@@ -120,15 +120,29 @@ impl Lifecycle {
         let now = Utc::now();
         match state.map(|s| (s.status, s.rejection)) {
             Some((SlideStatus::Verified, _)) => {
-                Self::schedule(tx, QUEUE, &e.aggregate_id, now, &Self::work(e, None, None)?).await
+                Self::schedule(tx, QUEUE, &e.aggregate_id, now, &Self::due_command(e, None, None)?).await
             }
             Some((SlideStatus::Rejected, why)) => {
                 let reason = format!("the slide was rejected: {}", why.unwrap_or_default());
-                Self::schedule(tx, FAIL, &e.aggregate_id, now, &Self::work(e, None, Some(reason))?).await
+                Self::schedule(
+                    tx,
+                    FAIL,
+                    &e.aggregate_id,
+                    now,
+                    &Self::due_command(e, None, Some(reason))?,
+                )
+                .await
             }
             Some((SlideStatus::Deleted, _)) | None => {
                 let reason = "the slide no longer exists".to_owned();
-                Self::schedule(tx, FAIL, &e.aggregate_id, now, &Self::work(e, None, Some(reason))?).await
+                Self::schedule(
+                    tx,
+                    FAIL,
+                    &e.aggregate_id,
+                    now,
+                    &Self::due_command(e, None, Some(reason))?,
+                )
+                .await
             }
             Some(_) => {
                 sqlx::query(
@@ -151,7 +165,7 @@ impl Lifecycle {
         e: &StoredEvent,
         kind: &str,
         reason: Option<String>,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<(), ApplyError> {
         let slide = SlideId::parse(&e.aggregate_id).map_err(failed)?;
         Self::lock_slide(tx, &slide).await?;
         let jobs: Vec<uuid::Uuid> =
@@ -159,7 +173,7 @@ impl Lifecycle {
                 .bind(slide.as_uuid())
                 .fetch_all(&mut *tx)
                 .await?;
-        let w = Self::work(e, None, reason)?;
+        let w = Self::due_command(e, None, reason)?;
         for job in jobs {
             Self::schedule(tx, kind, &job.to_string(), Utc::now(), &w).await?;
         }
@@ -168,8 +182,8 @@ impl Lifecycle {
 }
 
 #[async_trait::async_trait]
-impl Handler for Lifecycle {
-    async fn apply(&self, tx: &mut PgConnection, e: &StoredEvent) -> Result<(), HandlerError> {
+impl Apply for Lifecycle {
+    async fn apply(&self, tx: &mut PgConnection, e: &StoredEvent) -> Result<(), ApplyError> {
         // The handlers work across tenants: as `mira_app`, whose policies say so (the login
         // role is also `mira_api`, whose policies confine it to one tenant).
         sqlx::query("SET LOCAL ROLE mira_app").execute(&mut *tx).await?;
@@ -189,7 +203,14 @@ impl Handler for Lifecycle {
                     self.submitted(tx, e, slide).await
                 }
                 JobEvent::JobRetryScheduled { not_before, .. } => {
-                    Self::schedule(tx, QUEUE, &e.aggregate_id, not_before, &Self::work(e, None, None)?).await
+                    Self::schedule(
+                        tx,
+                        QUEUE,
+                        &e.aggregate_id,
+                        not_before,
+                        &Self::due_command(e, None, None)?,
+                    )
+                    .await
                 }
                 JobEvent::JobStarted {
                     attempt, lease_until, ..
@@ -200,7 +221,7 @@ impl Handler for Lifecycle {
                         LEASE,
                         &e.aggregate_id,
                         lease_until,
-                        &Self::work(e, Some(attempt), None)?,
+                        &Self::due_command(e, Some(attempt), None)?,
                     )
                     .await
                 }
@@ -287,7 +308,7 @@ impl DueRunner {
                 let commands = commands.clone();
                 async move {
                     let job = item.key.clone();
-                    let (w, id) = match (serde_json::from_str::<Work>(&item.payload), JobId::parse(&job)) {
+                    let (w, id) = match (serde_json::from_str::<DueCommand>(&item.payload), JobId::parse(&job)) {
                         (Ok(w), Ok(id)) => (w, id),
                         _ => {
                             tracing::error!(kind = item.kind, key = job, "unreadable due row dropped");

@@ -2,7 +2,7 @@
 //! per-tenant usage, in PostgreSQL schema `rm`, and the projector that keeps them equal to a
 //! replay of the log.
 //!
-//! * [`projector`]: a consumer [`Handler`](mira_bus::consumer::Handler). It folds each event
+//! * [`projector`]: a consumer [`Apply`](mira_bus::consumer::Apply). It folds each event
 //!   into the row through the aggregate's own `apply` (the row keeps the aggregate state), so
 //!   the read model can never disagree with the domain about a transition. It writes as
 //!   `mira_projector` and sends `NOTIFY mira_read_models` with the tenant, the entity and the
@@ -14,6 +14,7 @@
 pub mod projector;
 pub mod query;
 pub mod rebuild;
+pub mod views;
 
 pub use projector::Projector;
 pub use query::ReadModels;

@@ -4,42 +4,23 @@
 //! its tenant.
 
 use chrono::{DateTime, Utc};
+use mira_aggregates::JobStatus;
 use mira_events::TenantId;
 use serde::Serialize;
+use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::views::{JobView, SlideView, Table, TimelineEntry};
 
 #[derive(Debug, Clone)]
 pub struct ReadModels {
     pool: PgPool,
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct JobRow {
-    pub job_id: uuid::Uuid,
-    pub tenant_id: String,
-    pub slide_id: uuid::Uuid,
-    pub kind: String,
-    pub params: serde_json::Value,
-    pub status: String,
-    pub attempt: i32,
-    pub max_attempts: i32,
-    pub worker_id: Option<String>,
-    pub lease_until: Option<DateTime<Utc>>,
-    pub progress_done: Option<i64>,
-    pub progress_total: Option<i64>,
-    pub failure: Option<String>,
-    pub manifest_key: Option<String>,
-    pub manifest_sha256: Option<String>,
-    pub submitted_by: String,
-    pub submitted_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub position: i64,
-}
-
 /// Filters for the job list; all optional.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
-    pub status: Option<String>,
+    pub status: Option<JobStatus>,
     pub slide_id: Option<uuid::Uuid>,
     pub submitted_by: Option<String>,
     pub submitted_after: Option<DateTime<Utc>>,
@@ -59,38 +40,16 @@ pub struct Page<T> {
     pub next: Option<JobCursor>,
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct TimelineRow {
-    pub sequence: i64,
-    pub event_id: uuid::Uuid,
-    pub event_type: String,
-    pub actor_kind: String,
-    pub actor_id: String,
-    pub recorded_at: DateTime<Utc>,
-    pub hash: String,
-    pub position: i64,
+/// A view's rows as JSON, without the aggregate state nobody reads here.
+fn rows_of(table: &str) -> String {
+    format!("SELECT to_jsonb(t) - 'state' FROM rm.{table} t")
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct SlideRow {
-    pub slide_id: uuid::Uuid,
-    pub tenant_id: String,
-    pub status: String,
-    /// The sealed display name; the gateway opens it with the keyring.
-    pub name: serde_json::Value,
-    pub size_bytes: i64,
-    pub content_type: String,
-    pub object_key: String,
-    pub metadata: Option<serde_json::Value>,
-    pub rejection: Option<String>,
-    pub registered_by: String,
-    pub registered_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub position: i64,
-}
+type Rows<T> = Vec<Json<T>>;
 
-const SLIDE_COLUMNS: &str = "slide_id, tenant_id, status, name, size_bytes, content_type, object_key, metadata, \
-    rejection, registered_by, registered_at, updated_at, position";
+fn unwrap<T>(rows: Rows<T>) -> Vec<T> {
+    rows.into_iter().map(|r| r.0).collect()
+}
 
 impl ReadModels {
     pub fn new(pool: PgPool) -> Self {
@@ -117,14 +76,44 @@ impl ReadModels {
         Ok(tx)
     }
 
-    pub async fn job(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Option<JobRow>, sqlx::Error> {
+    /// The tenant's row of `V` with key `id`.
+    async fn one<V: Table + Send + Unpin + 'static>(
+        &self,
+        tenant: &TenantId,
+        id: uuid::Uuid,
+    ) -> Result<Option<V>, sqlx::Error> {
         let mut tx = self.begin(tenant).await?;
-        let row = sqlx::query_as::<_, JobRow>(&format!("SELECT {JOB_COLUMNS} FROM rm.jobs WHERE job_id = $1"))
+        let row: Option<Json<V>> = sqlx::query_scalar(&format!("{} WHERE {} = $1", rows_of(V::TABLE), V::KEY))
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(row)
+        Ok(row.map(|r| r.0))
+    }
+
+    /// The tenant's rows of `V` whose read-model position is after `position`, oldest change
+    /// first: what a WebSocket client that saw `position` has missed.
+    async fn since<V: Table + Send + Unpin + 'static>(
+        &self,
+        tenant: &TenantId,
+        position: i64,
+        limit: i64,
+    ) -> Result<Vec<V>, sqlx::Error> {
+        let mut tx = self.begin(tenant).await?;
+        let rows: Rows<V> = sqlx::query_scalar(&format!(
+            "{} WHERE position > $1 ORDER BY position LIMIT $2",
+            rows_of(V::TABLE)
+        ))
+        .bind(position)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(unwrap(rows))
+    }
+
+    pub async fn job(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Option<JobView>, sqlx::Error> {
+        self.one(tenant, id).await
     }
 
     /// Newest first, `limit` per page.
@@ -134,16 +123,17 @@ impl ReadModels {
         filter: &JobFilter,
         after: Option<JobCursor>,
         limit: i64,
-    ) -> Result<Page<JobRow>, sqlx::Error> {
+    ) -> Result<Page<JobView>, sqlx::Error> {
         let mut tx = self.begin(tenant).await?;
-        let items = sqlx::query_as::<_, JobRow>(&format!(
-            "SELECT {JOB_COLUMNS} FROM rm.jobs WHERE ($1::text IS NULL OR status = $1) \
+        let items: Rows<JobView> = sqlx::query_scalar(&format!(
+            "{} WHERE ($1::text IS NULL OR status = $1) \
              AND ($2::uuid IS NULL OR slide_id = $2) AND ($3::text IS NULL OR submitted_by = $3) \
              AND ($4::timestamptz IS NULL OR submitted_at >= $4) AND ($5::timestamptz IS NULL OR submitted_at < $5) \
              AND ($6::timestamptz IS NULL OR (submitted_at, job_id) < ($6, $7)) \
-             ORDER BY submitted_at DESC, job_id DESC LIMIT $8"
+             ORDER BY submitted_at DESC, job_id DESC LIMIT $8",
+            rows_of(JobView::TABLE)
         ))
-        .bind(&filter.status)
+        .bind(filter.status.map(JobStatus::as_str))
         .bind(filter.slide_id)
         .bind(&filter.submitted_by)
         .bind(filter.submitted_after)
@@ -154,6 +144,7 @@ impl ReadModels {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
+        let items = unwrap(items);
         let next = (items.len() as i64 == limit)
             .then(|| {
                 items.last().map(|j| JobCursor {
@@ -165,14 +156,8 @@ impl ReadModels {
         Ok(Page { items, next })
     }
 
-    pub async fn slide(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Option<SlideRow>, sqlx::Error> {
-        let mut tx = self.begin(tenant).await?;
-        let row = sqlx::query_as::<_, SlideRow>(&format!("SELECT {SLIDE_COLUMNS} FROM rm.slides WHERE slide_id = $1"))
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(row)
+    pub async fn slide(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Option<SlideView>, sqlx::Error> {
+        self.one(tenant, id).await
     }
 
     /// Newest first; `before` is the `registered_at` and id of the last slide of the previous page.
@@ -181,11 +166,12 @@ impl ReadModels {
         tenant: &TenantId,
         before: Option<(DateTime<Utc>, uuid::Uuid)>,
         limit: i64,
-    ) -> Result<Vec<SlideRow>, sqlx::Error> {
+    ) -> Result<Vec<SlideView>, sqlx::Error> {
         let mut tx = self.begin(tenant).await?;
-        let rows = sqlx::query_as::<_, SlideRow>(&format!(
-            "SELECT {SLIDE_COLUMNS} FROM rm.slides WHERE ($1::timestamptz IS NULL OR (registered_at, slide_id) < ($1, $2)) \
-             ORDER BY registered_at DESC, slide_id DESC LIMIT $3"
+        let rows: Rows<SlideView> = sqlx::query_scalar(&format!(
+            "{} WHERE ($1::timestamptz IS NULL OR (registered_at, slide_id) < ($1, $2)) \
+             ORDER BY registered_at DESC, slide_id DESC LIMIT $3",
+            rows_of(SlideView::TABLE)
         ))
         .bind(before.map(|b| b.0))
         .bind(before.map(|b| b.1))
@@ -193,57 +179,34 @@ impl ReadModels {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(rows)
+        Ok(unwrap(rows))
     }
 
-    /// Jobs whose read-model position is after `position`, oldest change first: what a
-    /// WebSocket client that saw `position` has missed.
-    pub async fn jobs_since(&self, tenant: &TenantId, position: i64, limit: i64) -> Result<Vec<JobRow>, sqlx::Error> {
-        let mut tx = self.begin(tenant).await?;
-        let rows = sqlx::query_as::<_, JobRow>(&format!(
-            "SELECT {JOB_COLUMNS} FROM rm.jobs WHERE position > $1 ORDER BY position LIMIT $2"
-        ))
-        .bind(position)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(rows)
+    /// Jobs changed after `position`, oldest change first.
+    pub async fn jobs_since(&self, tenant: &TenantId, position: i64, limit: i64) -> Result<Vec<JobView>, sqlx::Error> {
+        self.since(tenant, position, limit).await
     }
 
-    /// Slides whose read-model position is after `position`, oldest change first.
+    /// Slides changed after `position`, oldest change first.
     pub async fn slides_since(
         &self,
         tenant: &TenantId,
         position: i64,
         limit: i64,
-    ) -> Result<Vec<SlideRow>, sqlx::Error> {
-        let mut tx = self.begin(tenant).await?;
-        let rows = sqlx::query_as::<_, SlideRow>(&format!(
-            "SELECT {SLIDE_COLUMNS} FROM rm.slides WHERE position > $1 ORDER BY position LIMIT $2"
-        ))
-        .bind(position)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(rows)
+    ) -> Result<Vec<SlideView>, sqlx::Error> {
+        self.since(tenant, position, limit).await
     }
 
-    pub async fn timeline(&self, tenant: &TenantId, job: uuid::Uuid) -> Result<Vec<TimelineRow>, sqlx::Error> {
+    pub async fn timeline(&self, tenant: &TenantId, job: uuid::Uuid) -> Result<Vec<TimelineEntry>, sqlx::Error> {
         let mut tx = self.begin(tenant).await?;
-        let rows = sqlx::query_as::<_, TimelineRow>(
-            "SELECT sequence, event_id, event_type, actor_kind, actor_id, recorded_at, hash, position \
-             FROM rm.job_timeline WHERE job_id = $1 ORDER BY sequence",
-        )
+        let rows: Rows<TimelineEntry> = sqlx::query_scalar(&format!(
+            "{} WHERE job_id = $1 ORDER BY sequence",
+            rows_of(TimelineEntry::TABLE)
+        ))
         .bind(job)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(rows)
+        Ok(unwrap(rows))
     }
 }
-
-const JOB_COLUMNS: &str = "job_id, tenant_id, slide_id, kind, params, status, attempt, max_attempts, worker_id, \
-    lease_until, progress_done, progress_total, failure, manifest_key, manifest_sha256, submitted_by, submitted_at, \
-    updated_at, position";

@@ -14,7 +14,7 @@
 
 use std::time::Instant;
 
-use mira_bus::consumer::HandlerError;
+use mira_bus::consumer::ApplyError;
 use mira_eventlog::{Cursor, EventLog};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
@@ -50,7 +50,7 @@ async fn apply_batch(
     conn: &mut PgConnection,
     p: &Projector,
     events: &[mira_eventlog::StoredEvent],
-) -> Result<(), HandlerError> {
+) -> Result<(), ApplyError> {
     p.apply_batch(conn, events).await
 }
 
@@ -150,7 +150,7 @@ pub async fn rebuild(
     pool: &PgPool,
     verify: bool,
     mut progress: impl FnMut(&Progress),
-) -> Result<RebuildReport, HandlerError> {
+) -> Result<RebuildReport, ApplyError> {
     let started = Instant::now();
     // Schema work runs as the owner, through functions that do one fixed thing each (the
     // processes' role owns nothing; migration 0007).

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 
-use super::{parse_role, parse_time};
+use super::common::{parse_role, parse_time};
 
 #[derive(Parser)]
 #[command(

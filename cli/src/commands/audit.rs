@@ -2,11 +2,11 @@
 
 use anyhow::Context;
 use mira_eventlog::verify;
-use mira_gateway::audit;
 use mira_gateway::config::Settings;
+use mira_gateway::replay;
 
 use super::args::AuditCommand;
-use super::{pool, print_json, Verdict};
+use super::common::{pool, print_json, Verdict};
 
 pub async fn run(settings: &Settings, command: AuditCommand) -> anyhow::Result<()> {
     match command {
@@ -67,7 +67,7 @@ pub async fn run(settings: &Settings, command: AuditCommand) -> anyhow::Result<(
         }
         AuditCommand::Replay { as_of, aggregate, json } => {
             let pool = pool(settings).await?;
-            let states = audit::replay(&pool, as_of, aggregate.as_deref()).await?;
+            let states = replay::replay(&pool, as_of, aggregate.as_deref()).await?;
             if aggregate.is_some() && states.is_empty() {
                 anyhow::bail!(
                     "no events of aggregate {} at or before {as_of}",

@@ -10,7 +10,7 @@ use mira_gateway::commands::Commands;
 use mira_gateway::config::{MessagingProvider, Settings};
 
 use super::args::BenchCommand;
-use super::{aws_bus, pool, print_json};
+use super::common::{aws_bus, pool, print_json};
 
 pub async fn bench(settings: &Settings, command: BenchCommand) -> anyhow::Result<()> {
     match command {

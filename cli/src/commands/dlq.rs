@@ -4,7 +4,7 @@ use mira_bus::Bus;
 use mira_gateway::config::{MessagingProvider, Settings};
 
 use super::args::DlqCommand;
-use super::{aws_bus, pool, print_json};
+use super::common::{aws_bus, pool, print_json};
 
 pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()> {
     match command {
@@ -40,7 +40,10 @@ pub async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<()>
                     );
                 }
                 for (g, n) in &dead {
-                    println!("dead-letter queue {}: {n} messages", settings.bus_names().dlq(*g));
+                    println!(
+                        "dead-letter queue {}: {n} messages",
+                        mira_bus::Names::from_settings(settings).dlq(*g)
+                    );
                 }
             }
         }

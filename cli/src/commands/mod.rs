@@ -5,90 +5,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
-use mira_gateway::config::{MessagingProvider, Settings};
+use mira_gateway::config::Settings;
 
 pub mod args;
 mod audit;
 mod bench;
+mod common;
 mod dlq;
 mod projections;
 
 use args::{BusCommand, Cli, Command, DevCommand, KeysCommand};
-
-pub fn parse_role(s: &str) -> Result<mira_gateway::roles::Role, String> {
-    s.parse()
-}
-
-pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| format!("not an RFC 3339 instant ({e}), for example 2026-11-25T18:00:00Z"))
-}
-
-/// A failure that is a verdict, not an error.
-#[derive(Debug)]
-pub struct Verdict(pub String);
-
-impl std::fmt::Display for Verdict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-impl std::error::Error for Verdict {}
-
-/// The application's pool (DATABASE_URL). Says so when its role could switch the log's guards
-/// off: processes should connect as a role that owns nothing (Database__MigrationUrl is for
-/// `mira migrate`).
-async fn pool(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
-    let pool = settings.connect().await?;
-    mira_gateway::warn_if_owner(&pool).await;
-    Ok(pool)
-}
-
-async fn aws_config(settings: &Settings) -> aws_config::SdkConfig {
-    mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await
-}
-
-async fn aws_bus(settings: &Settings) -> anyhow::Result<mira_bus::aws::AwsBus> {
-    if settings.messaging.provider != MessagingProvider::Aws {
-        anyhow::bail!(
-            "Messaging__Provider is InMemory: the in-memory bus lives inside one process (`mira dev`); set Messaging__Provider=Aws to use SNS and SQS"
-        );
-    }
-    Ok(mira_bus::aws::AwsBus::connect(&aws_config(settings).await, &settings.bus_names(), None).await?)
-}
-
-/// Cancelled on SIGTERM or Ctrl-C, so work in hand can drain.
-fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
-    let token = tokio_util::sync::CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    t.cancel();
-                    return;
-                }
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        t.cancel();
-    });
-    token
-}
-
-fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string(v).unwrap_or_default());
-}
+pub use common::Verdict;
+use common::{aws_config, pool, print_json, shutdown_on_signals};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // `mira dev` layers its own defaults before the file and the environment.
@@ -168,7 +96,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bus {
             command: BusCommand::Init { json },
         } => {
-            let info = mira_bus::aws::init(&aws_config(&settings).await, &settings.bus_names()).await?;
+            let info =
+                mira_bus::aws::init(&aws_config(&settings).await, &mira_bus::Names::from_settings(&settings)).await?;
             if json {
                 print_json(&info);
             } else {

@@ -3,7 +3,7 @@
 use mira_gateway::config::Settings;
 
 use super::args::ProjectionsCommand;
-use super::{pool, print_json, Verdict};
+use super::common::{pool, print_json, Verdict};
 
 pub async fn projections(settings: &Settings, command: ProjectionsCommand) -> anyhow::Result<()> {
     match command {

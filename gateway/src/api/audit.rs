@@ -11,7 +11,7 @@ use super::auth::{Identity, Role};
 use super::extract::ApiQuery;
 use super::problem::{ApiError, ApiResult};
 use super::slides::page_limit;
-use super::AppState;
+use super::state::AppState;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,26 +33,18 @@ pub async fn events(
 ) -> ApiResult<Json<serde_json::Value>> {
     who.require(&[Role::Auditor])?;
     let limit = page_limit(q.limit)?;
-    let rows = sqlx::query(&format!(
-        "SELECT {} FROM events WHERE tenant_id = $1 AND global_position > $2 \
-         AND ($3::timestamptz IS NULL OR recorded_at >= $3) AND ($4::timestamptz IS NULL OR recorded_at <= $4) \
-         AND ($5::text IS NULL OR aggregate_id = $5) \
-         AND ($6::text IS NULL OR (metadata::jsonb -> 'actor' ->> 'id') = $6) \
-         ORDER BY global_position LIMIT $7",
-        mira_eventlog::store::COLUMNS
-    ))
-    .bind(who.tenant.as_str())
-    .bind(q.after.unwrap_or(0))
-    .bind(q.from)
-    .bind(q.to)
-    .bind(&q.aggregate_id)
-    .bind(&q.actor)
-    .bind(limit)
-    .fetch_all(&state.pool)
-    .await?;
-    let mut items = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let e = mira_eventlog::store::from_row(row)?;
+    let filter = mira_eventlog::EventFilter {
+        after: q.after,
+        from: q.from,
+        to: q.to,
+        aggregate_id: q.aggregate_id,
+        actor: q.actor,
+    };
+    let events = mira_eventlog::EventLog::new(state.pool.clone())
+        .tenant_events(&who.tenant, &filter, limit)
+        .await?;
+    let mut items = Vec::with_capacity(events.len());
+    for e in &events {
         let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).map_err(ApiError::internal);
         items.push(json!({
             "global_position": e.global_position,

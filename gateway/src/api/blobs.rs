@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::extract::ApiQuery;
 use super::problem::ApiError;
-use super::AppState;
+use super::state::AppState;
 use crate::blob::SignedQuery;
 
 fn local(state: &AppState) -> Result<&crate::blob::LocalBlobs, ApiError> {

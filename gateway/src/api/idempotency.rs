@@ -51,7 +51,7 @@ pub fn fingerprint(key: &[u8; 32], scope: &str, request: &impl Serialize) -> Str
 /// [`claim`] for a request of `state`'s gateway: the fingerprint keyed with the keyring's
 /// idempotency key, the retention from the settings.
 pub async fn claim_request(
-    state: &super::AppState,
+    state: &super::state::AppState,
     who: &Identity,
     scope: &str,
     key: &str,

@@ -5,10 +5,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use mira_aggregates::{JobCommand, JobError, SlideStatus};
-use mira_events::params::{PreprocessParams, WSI_PREPROCESS};
+use mira_aggregates::{JobCommand, JobError, JobStatus, SlideStatus};
+use mira_events::params::JobSpec;
 use mira_events::{JobId, SlideId};
 use mira_projections::query::{JobCursor, JobFilter};
+use mira_projections::views::JobView;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -17,7 +18,7 @@ use super::extract::{parse_id, ApiJson, ApiQuery, IdempotencyKey};
 use super::idempotency::{self, Claim};
 use super::problem::{ApiError, ApiResult};
 use super::slides::{decode_cursor, encode_cursor, page_limit};
-use super::{AppState, READERS, WRITERS};
+use super::state::{AppState, READERS, WRITERS};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,8 +33,8 @@ pub struct NewJob {
 #[derive(Debug, Serialize)]
 struct Accepted<'a> {
     slide_id: SlideId,
-    kind: &'a str,
-    params: &'a PreprocessParams,
+    #[serde(flatten)]
+    spec: &'a JobSpec,
 }
 
 /// `POST /api/jobs`: 202 `{job_id, status}`. A job on a slide that is not verified yet is
@@ -45,20 +46,13 @@ pub async fn create(
     ApiJson(body): ApiJson<NewJob>,
 ) -> ApiResult<Response> {
     who.require(WRITERS)?;
-    if body.kind != WSI_PREPROCESS {
-        return Err(ApiError::invalid(format!(
-            "kind: {:?} is not a job kind; the one kind is {WSI_PREPROCESS:?}",
-            body.kind
-        )));
-    }
-    let params = PreprocessParams::from_request(body.params.as_ref()).map_err(ApiError::invalid)?;
+    let spec = JobSpec::from_request(&body.kind, body.params.as_ref()).map_err(ApiError::invalid)?;
     let fresh = JobId::new();
     let claim = match &key {
         Some(k) => {
             let accepted = Accepted {
                 slide_id: body.slide_id,
-                kind: &body.kind,
-                params: &params,
+                spec: &spec,
             };
             idempotency::claim_request(&state, &who, "jobs", k, &accepted, fresh.as_uuid()).await?
         }
@@ -83,8 +77,8 @@ pub async fn create(
             id,
             JobCommand::Submit {
                 slide_id: body.slide_id,
-                kind: body.kind.clone(),
-                params: serde_json::to_value(&params).map_err(ApiError::internal)?,
+                kind: spec.kind().to_owned(),
+                params: spec.params(),
                 max_attempts: state.limits.job_max_attempts,
             },
         )
@@ -121,32 +115,22 @@ pub struct ListQuery {
     pub cursor: Option<String>,
 }
 
-/// A job's statuses, as the API shows them (and the OpenAPI document lists them).
-pub const STATUSES: &[&str] = &[
-    "submitted",
-    "queued",
-    "running",
-    "retry_scheduled",
-    "cancel_requested",
-    "succeeded",
-    "failed",
-    "cancelled",
-];
-
 pub async fn list(
     State(state): State<AppState>,
     who: Identity,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
     who.require(READERS)?;
-    if let Some(s) = &q.status {
-        if !STATUSES.contains(&s.as_str()) {
-            return Err(ApiError::bad_request(format!(
-                "status: {s:?} is not one of {}",
-                STATUSES.join(", ")
-            )));
-        }
-    }
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            JobStatus::parse(s).ok_or_else(|| {
+                let all: Vec<&str> = JobStatus::SHOWN.iter().map(|s| s.as_str()).collect();
+                ApiError::bad_request(format!("status: {s:?} is not one of {}", all.join(", ")))
+            })
+        })
+        .transpose()?;
     let slide_id = q
         .slide_id
         .as_deref()
@@ -155,7 +139,7 @@ pub async fn list(
     let limit = page_limit(q.limit)?;
     let after: Option<JobCursor> = q.cursor.as_deref().map(decode_cursor).transpose()?;
     let filter = JobFilter {
-        status: q.status,
+        status,
         slide_id: slide_id.map(|s| s.as_uuid()),
         submitted_by: q.submitted_by,
         submitted_after: q.since,
@@ -163,46 +147,24 @@ pub async fn list(
     };
     let page = state.read.jobs(&who.tenant, &filter, after, limit).await?;
     Ok(Json(json!({
-        "items": page.items.iter().map(view).collect::<Vec<_>>(),
+        "items": page.items,
         "next": page.next.map(|c| encode_cursor(&c)),
     })))
-}
-
-pub fn view(j: &mira_projections::query::JobRow) -> serde_json::Value {
-    json!({
-        "job_id": j.job_id,
-        "slide_id": j.slide_id,
-        "kind": j.kind,
-        "params": j.params,
-        "status": j.status,
-        "attempt": j.attempt,
-        "max_attempts": j.max_attempts,
-        "worker_id": j.worker_id,
-        "lease_until": j.lease_until,
-        "progress": j.progress_total.map(|t| json!({"done": j.progress_done.unwrap_or(0), "total": t})),
-        "failure": j.failure,
-        "manifest_key": j.manifest_key,
-        "manifest_sha256": j.manifest_sha256,
-        "submitted_by": j.submitted_by,
-        "submitted_at": j.submitted_at,
-        "updated_at": j.updated_at,
-        "position": j.position,
-    })
 }
 
 pub async fn get_one(
     State(state): State<AppState>,
     who: Identity,
     Path(raw): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<JobView>> {
     who.require(READERS)?;
     let id = parse_id(&raw, "job", JobId::parse)?;
-    let row = state
+    let job = state
         .read
         .job(&who.tenant, id.as_uuid())
         .await?
         .ok_or(ApiError::not_found("job"))?;
-    Ok(Json(view(&row)))
+    Ok(Json(job))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,8 +239,8 @@ pub async fn results(
     let manifest = row
         .manifest_key
         .as_deref()
-        .filter(|_| row.status == "succeeded")
-        .ok_or_else(|| ApiError::conflict(format!("the job is {}: it has no results", row.status)))?;
+        .filter(|_| row.status == JobStatus::Succeeded)
+        .ok_or_else(|| ApiError::conflict(format!("the job is {}: it has no results", row.status.as_str())))?;
     // The log refuses a manifest outside the job's own attempt prefix; a read model is checked
     // again all the same, so nothing outside the job is ever signed.
     let attempt = u32::try_from(row.attempt).unwrap_or(0);

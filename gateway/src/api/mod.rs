@@ -1,11 +1,12 @@
-//! The HTTP API (DESIGN §7): routes, shared state and the request pipeline (request id, trace
-//! span, body limit, metrics). Handlers live in the submodules; every error is an
-//! [`problem::ApiError`].
+//! The HTTP API (DESIGN §7): routes and the request pipeline (request id, trace span, body
+//! limit, metrics). Each resource's endpoints live in its submodule, the state they share in
+//! [`state`]; every error is an [`problem::ApiError`].
 
 pub mod audit;
 pub mod auth;
 pub mod blobs;
 pub mod extract;
+pub mod hub;
 pub mod idempotency;
 pub mod jobs;
 pub mod metrics;
@@ -13,152 +14,19 @@ pub mod openapi;
 pub mod ops;
 pub mod problem;
 pub mod slides;
+pub mod state;
 pub mod ws;
 
-use std::sync::Arc;
-
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
-use axum::http::request::Parts;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use mira_events::Keyring;
-use mira_projections::ReadModels;
-use sqlx::PgPool;
 use tracing::Instrument;
 
-use crate::blob::{BlobStore, LocalBlobs};
-use crate::commands::Commands;
-use auth::{Identity, JwksVerifier, Role};
 use problem::ApiError;
-
-/// Everything a request handler needs. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-pub struct Inner {
-    pub pool: PgPool,
-    pub commands: Commands,
-    pub read: ReadModels,
-    pub auth: Arc<JwksVerifier>,
-    pub blobs: Arc<dyn BlobStore>,
-    /// Set when blobs are the local store: the gateway then serves its signed URLs.
-    pub local_blobs: Option<Arc<LocalBlobs>>,
-    pub keyring: Arc<dyn Keyring>,
-    /// Checked by `/readyz` when the process runs with a bus.
-    pub bus: Option<Arc<dyn mira_bus::Bus>>,
-    pub metrics: metrics::Metrics,
-    pub limits: Limits,
-    /// Live read-model changes for `/ws`; `None` when this process does not serve them.
-    pub hub: Option<ws::Hub>,
-    /// `mira dev`'s local identity provider's JWKS.
-    pub dev_jwks: Option<serde_json::Value>,
-    /// The key of the idempotency fingerprints, from the keyring on first use.
-    pub idempotency_key: tokio::sync::OnceCell<[u8; 32]>,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Largest JSON body accepted; larger gets 413.
-    pub max_body_bytes: usize,
-    /// Attempts a submitted job may use.
-    pub job_max_attempts: u32,
-    /// A WebSocket client that takes longer than this for one message is closed.
-    pub ws_send_timeout: std::time::Duration,
-    /// How long an `Idempotency-Key` names its resource.
-    pub idempotency_retention: std::time::Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_body_bytes: 64 * 1024,
-            job_max_attempts: 3,
-            ws_send_timeout: std::time::Duration::from_secs(10),
-            idempotency_retention: std::time::Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
-impl std::ops::Deref for AppState {
-    type Target = Inner;
-    fn deref(&self) -> &Inner {
-        &self.0
-    }
-}
-
-impl AppState {
-    pub fn new(inner: Inner) -> Self {
-        Self(Arc::new(inner))
-    }
-}
-
-impl std::fmt::Debug for AppState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AppState")
-    }
-}
-
-/// The caller, from `Authorization: Bearer <ID token>`. Any failure is a 401 that says which
-/// check failed (RFC 6750).
-impl FromRequestParts<AppState> for Identity {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
-            .ok_or(ApiError::unauthenticated())?;
-        match state.auth.verify(token).await {
-            Ok(id) => {
-                tracing::Span::current().record("tenant_id", id.tenant.as_str());
-                Ok(id)
-            }
-            Err(e) => {
-                tracing::debug!(reason = %e, "token refused");
-                Err(ApiError::invalid_token(e.reason()))
-            }
-        }
-    }
-}
-
-impl Identity {
-    /// The context of a command this caller sends.
-    pub fn context(&self, idempotency_key: Option<&str>) -> mira_events::CommandContext {
-        let c = mira_events::CommandContext::new(self.tenant.clone(), mira_events::Actor::user(self.subject.clone()));
-        match idempotency_key {
-            Some(k) => c.with_idempotency_key(k),
-            None => c,
-        }
-    }
-
-    /// 403 unless the caller holds one of `roles`.
-    pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
-        if self.has_any(roles) {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden(format!(
-                "this needs one of the roles {}",
-                roles
-                    .iter()
-                    .map(|r| serde_json::to_value(r)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )))
-        }
-    }
-}
-
-pub const WRITERS: &[Role] = &[Role::Pathologist, Role::Admin];
-pub const READERS: &[Role] = &[Role::Pathologist, Role::Auditor, Role::Admin];
+pub use state::{AppState, Limits, Services, READERS, WRITERS};
 
 /// The request id: the caller's `x-request-id` if it is sane, else a new UUIDv7. Every
 /// request runs in a span carrying it, and the response returns it.
@@ -219,6 +87,9 @@ async fn pipeline(State(state): State<AppState>, mut req: Request, next: Next) -
     res
 }
 
+/// Where the gateway serves `mira dev`'s local JWKS (404 outside `mira dev`).
+pub const DEV_JWKS_PATH: &str = "/dev/jwks.json";
+
 async fn dev_jwks(State(state): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
     state.dev_jwks.clone().map(axum::Json).ok_or_else(|| {
         ApiError::new(
@@ -249,7 +120,7 @@ pub const ALLOWED_METHODS: &[(&str, &str)] = &[
     ("/api/openapi.json", "GET, HEAD"),
     ("/blobs/{*key}", "GET, HEAD, PUT"),
     ("/ws", "GET, HEAD"),
-    (crate::dev::JWKS_PATH, "GET, HEAD"),
+    (DEV_JWKS_PATH, "GET, HEAD"),
     ("/healthz", "GET, HEAD"),
     ("/readyz", "GET, HEAD"),
     ("/metrics", "GET, HEAD"),
@@ -277,7 +148,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .merge(blobs)
         .route("/ws", get(ws::handler))
-        .route(crate::dev::JWKS_PATH, get(dev_jwks))
+        .route(DEV_JWKS_PATH, get(dev_jwks))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -1,8 +1,32 @@
-//! The OpenAPI 3.1 document served at `/api/openapi.json`. Written by hand next to the
-//! routes; a test checks that every route of the router is described and nothing else.
+//! The OpenAPI 3.1 document served at `/api/openapi.json`. The paths are written here next to
+//! the routes (a test checks that every route of the router is described and nothing else);
+//! the schemas of what the read models return (`Job`, `Slide`, `TimelineEntry`) and of the job
+//! kinds' parameters are derived from those types, so a column or a parameter is described
+//! where it is defined. `openapi.snapshot.json` holds the document; a test compares them.
 
 use axum::Json;
+use mira_aggregates::JobStatus;
+use mira_events::params::{JobSpec, PreprocessParams};
+use mira_projections::views::{JobView, SlideView, TimelineEntry};
 use serde_json::{json, Value};
+use utoipa::OpenApi;
+
+/// The schemas derived from Mira's types.
+#[derive(OpenApi)]
+#[openapi(components(schemas(JobView, SlideView, TimelineEntry, PreprocessParams)))]
+struct Derived;
+
+fn derived_schemas() -> serde_json::Map<String, Value> {
+    let doc = serde_json::to_value(Derived::openapi()).unwrap_or_default();
+    match doc.pointer("/components/schemas") {
+        Some(Value::Object(m)) => m.clone(),
+        _ => serde_json::Map::new(),
+    }
+}
+
+fn statuses() -> Vec<&'static str> {
+    JobStatus::SHOWN.iter().map(|s| s.as_str()).collect()
+}
 
 fn problem_responses(codes: &[&str]) -> Value {
     let mut m = serde_json::Map::new();
@@ -70,6 +94,14 @@ fn slide_types() -> Value {
 }
 
 pub fn spec() -> Value {
+    let mut doc = hand_written();
+    if let Some(Value::Object(schemas)) = doc.pointer_mut("/components/schemas") {
+        schemas.extend(derived_schemas());
+    }
+    doc
+}
+
+fn hand_written() -> Value {
     let page_limit = json!({"type": "integer", "minimum": 1, "maximum": 500});
     let time = json!({"type": "string", "format": "date-time"});
     let text = json!({"type": "string", "minLength": 1, "maxLength": 255});
@@ -102,7 +134,7 @@ pub fn spec() -> Value {
                          "responses": with(ok("202", "JobStatus"), &problems(true, false, &["404", "409"]))},
                 "get": {"summary": "List jobs, newest first",
                         "parameters": query_params(&[
-                            ("status", json!({"enum": super::jobs::STATUSES})),
+                            ("status", json!({"type": "string", "enum": statuses()})),
                             ("slide_id", json!({"type": "string", "format": "uuid"})),
                             ("submitted_by", json!({"type": "string"})),
                             ("since", time.clone()),
@@ -192,34 +224,19 @@ pub fn spec() -> Value {
                                                       "properties": {"part_number": {"type": "integer", "minimum": 1, "maximum": 10000}, "etag": {"type": "string"}}}}}},
                 "SlideStatus": {"type": "object", "required": ["slide_id", "status"],
                                 "properties": {"slide_id": {"type": "string"}, "status": {"type": "string"}, "size_bytes": {"type": "integer"}}},
-                "Slide": {"type": "object", "required": ["slide_id", "status", "size_bytes", "content_type", "position"],
-                          "properties": {"slide_id": {"type": "string"}, "status": {"enum": ["registered", "uploaded", "verified", "rejected", "deleted"]},
-                          "name": {"type": ["string", "null"]}, "size_bytes": {"type": "integer"}, "content_type": {"type": "string"},
-                          "metadata": {"type": ["object", "null"]}, "rejection": {"type": ["string", "null"]}, "position": {"type": "integer"}}},
                 "SlidePage": {"type": "object", "required": ["items"],
                               "properties": {"items": {"type": "array", "items": {"$ref": "#/components/schemas/Slide"}}, "next": {"type": ["string", "null"]}}},
                 "NewJob": {"type": "object", "additionalProperties": false, "required": ["slide_id", "kind"],
-                           "properties": {"slide_id": {"type": "string", "format": "uuid"}, "kind": {"const": "wsi.preprocess"},
-                                          "params": {"type": ["object", "null"], "additionalProperties": false, "properties": {
-                                              "tile_size": {"type": "integer", "minimum": 16, "maximum": 4096, "default": 254},
-                                              "overlap": {"type": "integer", "minimum": 0, "default": 1},
-                                              "format": {"enum": ["jpeg", "png"], "default": "jpeg"},
-                                              "quality": {"type": "integer", "minimum": 1, "maximum": 100, "default": 80},
-                                              "tissue": {"type": "boolean", "default": true}, "normalize": {"enum": ["none", "macenko", "reinhard"], "default": "none"}}}}},
+                           "properties": {"slide_id": {"type": "string", "format": "uuid"}, "kind": {"type": "string", "enum": JobSpec::KINDS},
+                                          "params": {"oneOf": [{"$ref": "#/components/schemas/PreprocessParams"}, {"type": "null"}],
+                                                     "description": "The kind's parameters; absent or null means every default."}}},
                 "Cancel": {"type": "object", "additionalProperties": false, "properties": {"reason": {"type": "string", "maxLength": 1000}}},
                 "JobStatus": {"type": "object", "required": ["job_id", "status"],
                               "properties": {"job_id": {"type": "string"}, "status": {"type": "string"}}},
-                "Job": {"type": "object", "required": ["job_id", "slide_id", "kind", "status", "attempt", "max_attempts", "position"],
-                        "properties": {"job_id": {"type": "string"}, "slide_id": {"type": "string"}, "kind": {"type": "string"}, "params": {"type": "object"},
-                        "status": {"enum": super::jobs::STATUSES},
-                        "attempt": {"type": "integer"}, "max_attempts": {"type": "integer"}, "progress": {"type": ["object", "null"]},
-                        "failure": {"type": ["string", "null"]}, "position": {"type": "integer"}}},
                 "JobPage": {"type": "object", "required": ["items"],
                             "properties": {"items": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}, "next": {"type": ["string", "null"]}}},
                 "Timeline": {"type": "object", "required": ["job_id", "events"],
-                             "properties": {"job_id": {"type": "string"}, "events": {"type": "array", "items": {"type": "object", "properties": {
-                    "sequence": {"type": "integer"}, "event_id": {"type": "string"}, "event_type": {"type": "string"}, "actor_kind": {"type": "string"},
-                    "actor_id": {"type": "string"}, "recorded_at": {"type": "string"}, "hash": {"type": "string"}, "position": {"type": "integer"}}}}}},
+                             "properties": {"job_id": {"type": "string"}, "events": {"type": "array", "items": {"$ref": "#/components/schemas/TimelineEntry"}}}},
                 "AuditPage": {"type": "object", "required": ["items"],
                               "properties": {"items": {"type": "array", "items": {"type": "object"}}, "next": {"type": ["integer", "null"]}}},
                 "Readiness": {"type": "object", "required": ["ready", "checks"],
@@ -232,4 +249,214 @@ pub fn spec() -> Value {
 
 pub async fn document() -> Json<Value> {
     Json(spec())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::Value;
+
+    /// The document as it was written by hand, before its schemas were derived from the types.
+    const SNAPSHOT: &str = include_str!("openapi.snapshot.json");
+
+    /// What the derived document changes against the snapshot, one line per difference: the
+    /// hand-written schemas had drifted from what the API returns, and the derived ones say
+    /// what the types say.
+    const CHANGES: &[&str] = &[
+        // The hand-written `Job` left out fields the API has always returned.
+        "schema Job: property lease_until added",
+        "schema Job: property manifest_key added",
+        "schema Job: property manifest_sha256 added",
+        "schema Job: property submitted_at added",
+        "schema Job: property submitted_by added",
+        "schema Job: property updated_at added",
+        "schema Job: property worker_id added",
+        // Fields the API always sends are required.
+        "schema Job: required params added",
+        "schema Job: required submitted_at added",
+        "schema Job: required submitted_by added",
+        "schema Job: required updated_at added",
+        // The hand-written `Slide` left out who registered it and when.
+        "schema Slide: property registered_at added",
+        "schema Slide: property registered_by added",
+        "schema Slide: property updated_at added",
+        "schema Slide: required registered_at added",
+        "schema Slide: required registered_by added",
+        "schema Slide: required updated_at added",
+        // The kinds are `JobSpec::KINDS` (an enum of one, where it was a `const`); the kind's
+        // parameters (the same fields, ranges and defaults) and a timeline entry are schemas of
+        // their own now.
+        "schema NewJob: property kind: enum changed",
+        "schema PreprocessParams added",
+        "schema TimelineEntry added",
+        "schema Timeline: property events: enum changed",
+    ];
+
+    fn object(v: &Value) -> serde_json::Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    fn names(v: Option<&Value>) -> BTreeSet<String> {
+        match v {
+            Some(Value::Object(m)) => m.keys().cloned().collect(),
+            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect(),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    /// What a property allows, as far as this comparison goes: its enum or const, or its
+    /// reference, or its items' reference.
+    fn shape(p: &Value) -> String {
+        let pick = |k: &str| p.get(k).map(|v| v.to_string()).unwrap_or_default();
+        format!(
+            "{}|{}|{}|{}",
+            pick("enum"),
+            pick("const"),
+            pick("$ref"),
+            p.pointer("/items/$ref").map(|v| v.to_string()).unwrap_or_default()
+        )
+    }
+
+    /// The differences between two documents in paths, operations, response statuses and
+    /// schemas (names, properties, required properties, and what each property allows).
+    fn differences(before: &Value, after: &Value) -> Vec<String> {
+        let mut out = Vec::new();
+        let (bp, ap) = (object(&before["paths"]), object(&after["paths"]));
+        for path in names(before.get("paths")).union(&names(after.get("paths"))) {
+            let (bo, ao) = (bp.get(path), ap.get(path));
+            for method in names(bo).union(&names(ao)) {
+                let b = bo.and_then(|o| o.get(method));
+                let a = ao.and_then(|o| o.get(method));
+                match (b, a) {
+                    (Some(b), Some(a)) => {
+                        let (bs, as_) = (names(b.get("responses")), names(a.get("responses")));
+                        for s in bs.difference(&as_) {
+                            out.push(format!("{method} {path}: status {s} removed"));
+                        }
+                        for s in as_.difference(&bs) {
+                            out.push(format!("{method} {path}: status {s} added"));
+                        }
+                    }
+                    (Some(_), None) => out.push(format!("{method} {path} removed")),
+                    (None, Some(_)) => out.push(format!("{method} {path} added")),
+                    (None, None) => {}
+                }
+            }
+        }
+        let (bs, as_) = (
+            object(&before["components"]["schemas"]),
+            object(&after["components"]["schemas"]),
+        );
+        for name in names(before["components"].get("schemas")).union(&names(after["components"].get("schemas"))) {
+            let (b, a) = match (bs.get(name), as_.get(name)) {
+                (Some(b), Some(a)) => (b, a),
+                (Some(_), None) => {
+                    out.push(format!("schema {name} removed"));
+                    continue;
+                }
+                (None, Some(_)) => {
+                    out.push(format!("schema {name} added"));
+                    continue;
+                }
+                (None, None) => continue,
+            };
+            let (bprops, aprops) = (object(&b["properties"]), object(&a["properties"]));
+            for p in names(b.get("properties")).union(&names(a.get("properties"))) {
+                match (bprops.get(p), aprops.get(p)) {
+                    (Some(_), None) => out.push(format!("schema {name}: property {p} removed")),
+                    (None, Some(_)) => out.push(format!("schema {name}: property {p} added")),
+                    (Some(x), Some(y)) if shape(x) != shape(y) => {
+                        out.push(format!("schema {name}: property {p}: enum changed"))
+                    }
+                    _ => {}
+                }
+            }
+            let (br, ar) = (names(b.get("required")), names(a.get("required")));
+            for r in br.difference(&ar) {
+                out.push(format!("schema {name}: required {r} removed"));
+            }
+            for r in ar.difference(&br) {
+                out.push(format!("schema {name}: required {r} added"));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn the_document_equals_the_snapshot_but_for_the_listed_changes() {
+        let before: Value = serde_json::from_str(SNAPSHOT).unwrap();
+        let found = differences(&before, &super::spec());
+        let mut expected: Vec<String> = CHANGES.iter().map(|s| s.to_string()).collect();
+        expected.sort();
+        assert_eq!(
+            found, expected,
+            "the OpenAPI document changed: list the change here or undo it"
+        );
+        // The parameters moved into their own schema with the same fields, ranges and defaults.
+        let (old, new) = (
+            &before["components"]["schemas"]["NewJob"]["properties"]["params"],
+            &super::spec()["components"]["schemas"]["PreprocessParams"],
+        );
+        assert_eq!(names(old.get("properties")), names(new.get("properties")));
+        for (name, was) in object(&old["properties"]) {
+            let now = &new["properties"][&name];
+            for k in ["default", "minimum", "maximum"] {
+                assert_eq!(was.get(k), now.get(k), "params.{name}.{k}: {now}");
+            }
+            let values = now.get("enum").or_else(|| now.pointer("/oneOf/0/enum"));
+            assert_eq!(was.get("enum"), values, "params.{name}: {now}");
+        }
+        assert_eq!(old["additionalProperties"], new["additionalProperties"]);
+    }
+
+    #[test]
+    fn the_comparison_sees_a_status_a_property_and_an_enum() {
+        let before: Value = serde_json::from_str(SNAPSHOT).unwrap();
+        let mut after = before.clone();
+        after["paths"]["/api/jobs"]["post"]["responses"]
+            .as_object_mut()
+            .unwrap()
+            .remove("409");
+        after["components"]["schemas"]["Cancel"]["properties"]["why"] = serde_json::json!({});
+        after["components"]["schemas"]["NewSlide"]["properties"]["content_type"]["enum"] = serde_json::json!(["x"]);
+        assert_eq!(
+            differences(&before, &after),
+            vec![
+                "post /api/jobs: status 409 removed".to_string(),
+                "schema Cancel: property why added".into(),
+                "schema NewSlide: property content_type: enum changed".into(),
+            ]
+        );
+    }
+
+    #[test]
+    fn statuses_and_kinds_come_from_their_types() {
+        let doc = super::spec();
+        let shown: Vec<&str> = mira_aggregates::JobStatus::SHOWN.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            doc["components"]["schemas"]["Job"]["properties"]["status"]["enum"],
+            serde_json::json!(shown)
+        );
+        let filter = doc["paths"]["/api/jobs"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "status")
+            .unwrap();
+        assert_eq!(filter["schema"]["enum"], serde_json::json!(shown));
+        assert_eq!(
+            doc["components"]["schemas"]["NewJob"]["properties"]["kind"]["enum"],
+            serde_json::json!(mira_events::params::JobSpec::KINDS)
+        );
+        let params = &doc["components"]["schemas"]["PreprocessParams"];
+        assert_eq!(params["properties"]["tile_size"]["minimum"], 16, "{params}");
+        // An inline enum with a default comes wrapped in a one-element `oneOf`.
+        let format = &params["properties"]["format"];
+        let values = format.get("enum").unwrap_or(&format["oneOf"][0]["enum"]);
+        assert_eq!(values, &serde_json::json!(["jpeg", "png"]), "{params}");
+        assert_eq!(format["default"], "jpeg", "{params}");
+        assert_eq!(params["additionalProperties"], false, "{params}");
+    }
 }

@@ -7,7 +7,7 @@ use axum::Json;
 use serde_json::json;
 
 use super::problem::ApiError;
-use super::AppState;
+use super::state::AppState;
 
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))

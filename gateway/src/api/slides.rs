@@ -8,6 +8,7 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use mira_aggregates::{SlideCommand, SlideStatus};
 use mira_events::SlideId;
+use mira_projections::views::{SlideName, SlideView};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -15,7 +16,7 @@ use super::auth::Identity;
 use super::extract::{parse_id, ApiJson, ApiQuery, IdempotencyKey};
 use super::idempotency::{self, Claim};
 use super::problem::{ApiError, ApiResult};
-use super::{AppState, READERS, WRITERS};
+use super::state::{AppState, READERS, WRITERS};
 use crate::blob::{BlobError, CompletedPart};
 
 /// The media types a slide may be registered with: what OpenSlide opens (the TIFF family and
@@ -76,23 +77,6 @@ impl NewSlide {
         }
         Ok(())
     }
-}
-
-/// A slide as the API shows it.
-#[derive(Debug, Serialize)]
-pub struct SlideView {
-    pub slide_id: uuid::Uuid,
-    pub status: String,
-    pub name: Option<String>,
-    pub size_bytes: i64,
-    pub content_type: String,
-    pub metadata: Option<serde_json::Value>,
-    pub rejection: Option<String>,
-    pub registered_by: String,
-    pub registered_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    /// The read model's log position for this slide.
-    pub position: i64,
 }
 
 fn object_key(who: &Identity, id: SlideId) -> String {
@@ -272,26 +256,15 @@ pub async fn uploaded(
     Ok(Json(json!({"slide_id": id, "status": "uploaded", "size_bytes": size})))
 }
 
-pub async fn view(state: &AppState, row: mira_projections::query::SlideRow) -> SlideView {
-    let name = match serde_json::from_value::<mira_events::Sealed>(row.name.clone()) {
-        Ok(sealed) => mira_events::seal::open(state.keyring.as_ref(), &sealed, "name")
+/// The slide as the API shows it: its name opened (`null` once its subject is erased).
+pub async fn view(state: &AppState, mut slide: SlideView) -> SlideView {
+    slide.name = SlideName::Open(match &slide.name {
+        SlideName::Sealed(sealed) => mira_events::seal::open(state.keyring.as_ref(), sealed, "name")
             .await
             .ok(),
-        Err(_) => None,
-    };
-    SlideView {
-        slide_id: row.slide_id,
-        status: row.status,
-        name,
-        size_bytes: row.size_bytes,
-        content_type: row.content_type,
-        metadata: row.metadata,
-        rejection: row.rejection,
-        registered_by: row.registered_by,
-        registered_at: row.registered_at,
-        updated_at: row.updated_at,
-        position: row.position,
-    }
+        SlideName::Open(name) => name.clone(),
+    });
+    slide
 }
 
 pub async fn get_one(

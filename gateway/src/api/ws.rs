@@ -1,6 +1,6 @@
 //! `GET /ws` (DESIGN §7): live `job.updated` and `slide.updated` for the caller's tenant.
 //!
-//! One [`Hub`] per gateway process listens on the projector's `NOTIFY` channel, so every
+//! One [`Hub`](super::hub::Hub) per gateway process listens on the projector's `NOTIFY` channel, so every
 //! instance sees every change whichever instance's projector made it. `NOTIFY` payloads
 //! bypass row-level security; each socket keeps only its own tenant's changes and reads the
 //! row itself through the tenant-scoped query layer. Every message carries the read model's
@@ -12,7 +12,6 @@
 //! The session is written over `Sink`/`Stream`, so its rules are tested without a socket.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -23,12 +22,12 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
 
 use super::auth::Identity;
 use super::extract::ApiQuery;
+use super::hub::{Change, Signal};
 use super::problem::{ApiError, ApiResult};
-use super::{AppState, READERS};
+use super::state::{AppState, READERS};
 
 /// The subprotocol a client offers alongside its token.
 pub const PROTOCOL: &str = "mira.v1";
@@ -38,84 +37,6 @@ pub const CLOSE_SLOW: u16 = 4008;
 pub const CLOSE_EXPIRED: u16 = 4001;
 /// Rows of each kind read per catch-up query.
 pub const CATCH_UP_PAGE: i64 = 1000;
-
-/// One read-model change, as the projector announces it.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct Change {
-    pub tenant: String,
-    pub entity: String,
-    pub id: String,
-    pub position: i64,
-}
-
-#[derive(Debug, Clone)]
-pub enum Signal {
-    Change(Arc<Change>),
-    /// The listener lost its connection: changes may have been missed, so sessions read
-    /// again from their last position.
-    Resync,
-}
-
-/// The process's one listener on the projector's channel.
-#[derive(Debug, Clone)]
-pub struct Hub {
-    tx: broadcast::Sender<Signal>,
-}
-
-impl Hub {
-    /// Starts listening. `capacity` bounds how far a socket may fall behind.
-    pub fn start(pool: sqlx::PgPool, capacity: usize, shutdown: CancellationToken) -> Self {
-        let (tx, _) = broadcast::channel(capacity.max(1));
-        let hub = Self { tx: tx.clone() };
-        tokio::spawn(async move {
-            loop {
-                let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot listen for read-model changes; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                            _ = shutdown.cancelled() => return,
-                        }
-                    }
-                };
-                if let Err(e) = listener.listen(mira_projections::projector::CHANNEL).await {
-                    tracing::warn!(error = %e, "LISTEN failed; retrying");
-                    continue;
-                }
-                // Anything committed while no listener ran is caught up by the sessions.
-                let _ = tx.send(Signal::Resync);
-                loop {
-                    let next = tokio::select! {
-                        n = listener.try_recv() => n,
-                        _ = shutdown.cancelled() => return,
-                    };
-                    match next {
-                        Ok(Some(n)) => match serde_json::from_str::<Change>(n.payload()) {
-                            Ok(c) => {
-                                let _ = tx.send(Signal::Change(Arc::new(c)));
-                            }
-                            Err(e) => tracing::warn!(error = %e, "unreadable read-model notification"),
-                        },
-                        // The connection dropped; the listener reconnects on the next call.
-                        Ok(None) => {
-                            let _ = tx.send(Signal::Resync);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "read-model listener failed; reconnecting");
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-        hub
-    }
-
-    pub fn subscribe(&self) -> broadcast::Receiver<Signal> {
-        self.tx.subscribe()
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -231,7 +152,7 @@ impl Rows for Source {
             "job" => Ok(s.read.job(&who.tenant, id).await.map_err(|e| e.to_string())?.map(|j| {
                 (
                     j.position,
-                    json!({"type": "job.updated", "position": j.position, "job": super::jobs::view(&j)}),
+                    json!({"type": "job.updated", "position": j.position, "job": j}),
                 )
             })),
             "slide" => match s.read.slide(&who.tenant, id).await.map_err(|e| e.to_string())? {
@@ -259,7 +180,7 @@ impl Rows for Source {
                 (
                     format!("job:{}", j.job_id),
                     j.position,
-                    json!({"type": "job.updated", "position": j.position, "job": super::jobs::view(j)}),
+                    json!({"type": "job.updated", "position": j.position, "job": j}),
                 )
             })
             .collect())
@@ -436,6 +357,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::sync::Mutex;
 
     /// Jobs at positions 1..=position (the last ones), and slides at `slides` positions.

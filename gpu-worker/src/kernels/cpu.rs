@@ -416,14 +416,27 @@ pub fn lab_mean_std(rgb: &[u8]) -> ([f64; 3], [f64; 3]) {
 }
 
 /// The 2× pyramid reduction along rows: `out[y][i] = Σ_k w[i][k] · src[y][lo_i + k]`, in
-/// 22-bit fixed point with rounding, per channel. The weights are [`crate::deepzoom::Reduce2`]'s.
-pub fn reduce_rows(r: &crate::deepzoom::Reduce2, src: &[u8], width: usize) -> Vec<u8> {
+/// 22-bit fixed point with rounding, per channel. The weights are [`super::reduce::Reduce2`]'s.
+pub fn reduce_rows(r: &super::reduce::Reduce2, src: &[u8], width: usize) -> Vec<u8> {
     let out_w = r.output_len();
     let mut out = vec![0u8; src.len() / (width * 3) * out_w * 3];
     src.par_chunks_exact(width * 3)
         .zip(out.par_chunks_exact_mut(out_w * 3))
         .for_each(|(row, o)| r.row_into(row, o));
     out
+}
+
+/// A deterministic pseudo-random buffer (xorshift), so the check needs no test data.
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 use cudarc::nvrtc::Ptx;
 
 use super::cpu::{self, OdSums};
-use crate::deepzoom::Reduce2;
+use super::reduce::Reduce2;
 
 /// The kernel sources, compiled at start.
 pub const SOURCES: [(&str, &str); 3] = [
@@ -561,7 +561,7 @@ impl Gpu {
         let _g = self.guard();
         let s = &self.stream;
         let n = pixels as u64;
-        let host = super::noise(pixels * 4, 9);
+        let host = cpu::noise(pixels * 4, 9);
         let bgra = s.memcpy_stod(&host).map_err(drv)?;
         let rgb_h: Vec<u8> = host[..pixels * 3].to_vec();
         let mut rgb = s.memcpy_stod(&rgb_h).map_err(drv)?;

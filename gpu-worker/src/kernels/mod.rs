@@ -10,11 +10,13 @@ pub mod cpu;
 // The one module that must call C: cudarc's driver and NVRTC entry points are `unsafe fn`.
 #[allow(unsafe_code)]
 pub mod gpu;
+pub mod reduce;
 
 use std::sync::Arc;
 
-use crate::deepzoom::Reduce2;
+pub use cpu::noise;
 use cpu::OdSums;
+use reduce::Reduce2;
 
 /// `MIRA_GPU`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,19 +205,6 @@ pub struct Agreement {
     pub kernel: &'static str,
     pub detail: String,
     pub ok: bool,
-}
-
-/// A deterministic pseudo-random buffer (xorshift), so the check needs no test data.
-pub fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// Every kernel on `rgb` (and on BGRA made from it) on both paths, compared with the stated
