@@ -11,6 +11,7 @@
 //! `CancelRequested` → 409.
 
 pub mod job;
+mod schema;
 pub mod slide;
 
 pub use job::{manifest_key, results_prefix, retry_backoff, Job, JobCommand, JobError, JobStatus};

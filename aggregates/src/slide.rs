@@ -44,10 +44,7 @@ impl SlideStatus {
 
 impl utoipa::PartialSchema for SlideStatus {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        utoipa::openapi::schema::ObjectBuilder::new()
-            .schema_type(utoipa::openapi::schema::Type::String)
-            .enum_values(Some(Self::SHOWN.iter().map(|s| s.as_str())))
-            .into()
+        crate::schema::status_schema(Self::SHOWN.iter().map(|s| s.as_str()))
     }
 }
 

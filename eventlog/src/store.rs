@@ -148,14 +148,21 @@ pub fn from_row(row: &PgRow) -> Result<StoredEvent, sqlx::Error> {
     })
 }
 
+/// Stored events from fetched rows.
+fn rows(rows: Vec<PgRow>) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    rows.iter().map(from_row).collect()
+}
+
 /// Now, at the log's precision (microseconds).
 pub fn now_micros() -> DateTime<Utc> {
     let now = Utc::now();
     DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
 }
 
-/// Which of a tenant's events an auditor asks for; every filter is optional.
-#[derive(Debug, Clone, Default)]
+/// Which of a tenant's events an auditor asks for (the query of `GET /api/audit/events`);
+/// every filter is optional.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EventFilter {
     /// Only events after this global position.
     pub after: Option<i64>,
@@ -164,6 +171,8 @@ pub struct EventFilter {
     pub aggregate_id: Option<String>,
     /// The actor's id (a user's `sub`, a worker id).
     pub actor: Option<String>,
+    /// Events per page; the caller checks it (`tenant_events` takes the limit it settled on).
+    pub limit: Option<i64>,
 }
 
 /// Handle on the log. Cheap to clone.
@@ -314,10 +323,8 @@ impl EventLog {
             .bind(after_sequence)
             .bind(tenant.map(TenantId::as_str))
             .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(from_row)
-            .collect()
+            .await
+            .and_then(rows)
     }
 
     /// One tenant's events after global position `f.after`, in log order, filtered by time,
@@ -343,10 +350,8 @@ impl EventLog {
         .bind(&f.actor)
         .bind(limit)
         .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(from_row)
-        .collect()
+        .await
+        .and_then(rows)
     }
 
     /// Every event of `aggregate_types` (or of the one aggregate `aggregate_id`) recorded at or
@@ -365,10 +370,8 @@ impl EventLog {
         .bind(aggregate_id)
         .bind(aggregate_types)
         .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(from_row)
-        .collect()
+        .await
+        .and_then(rows)
     }
 
     /// The settled watermark: every transaction id below it has finished, so no event can

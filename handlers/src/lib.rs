@@ -118,32 +118,12 @@ impl Lifecycle {
         // here; one committed after it finds the waiting row below.
         let state = self.commands.load_slide(&tenant, slide).await.map_err(failed)?;
         let now = Utc::now();
-        match state.map(|s| (s.status, s.rejection)) {
+        let reason = match state.map(|s| (s.status, s.rejection)) {
             Some((SlideStatus::Verified, _)) => {
-                Self::schedule(tx, QUEUE, &e.aggregate_id, now, &Self::due_command(e, None, None)?).await
+                return Self::schedule(tx, QUEUE, &e.aggregate_id, now, &Self::due_command(e, None, None)?).await
             }
-            Some((SlideStatus::Rejected, why)) => {
-                let reason = format!("the slide was rejected: {}", why.unwrap_or_default());
-                Self::schedule(
-                    tx,
-                    FAIL,
-                    &e.aggregate_id,
-                    now,
-                    &Self::due_command(e, None, Some(reason))?,
-                )
-                .await
-            }
-            Some((SlideStatus::Deleted, _)) | None => {
-                let reason = "the slide no longer exists".to_owned();
-                Self::schedule(
-                    tx,
-                    FAIL,
-                    &e.aggregate_id,
-                    now,
-                    &Self::due_command(e, None, Some(reason))?,
-                )
-                .await
-            }
+            Some((SlideStatus::Rejected, why)) => format!("the slide was rejected: {}", why.unwrap_or_default()),
+            Some((SlideStatus::Deleted, _)) | None => "the slide no longer exists".to_owned(),
             Some(_) => {
                 sqlx::query(
                     "INSERT INTO handler_waiting (slide_id, job_id, tenant_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -153,9 +133,17 @@ impl Lifecycle {
                 .bind(&e.tenant_id)
                 .execute(tx)
                 .await?;
-                Ok(())
+                return Ok(());
             }
-        }
+        };
+        Self::schedule(
+            tx,
+            FAIL,
+            &e.aggregate_id,
+            now,
+            &Self::due_command(e, None, Some(reason))?,
+        )
+        .await
     }
 
     /// A slide's verdict: release its waiting jobs.

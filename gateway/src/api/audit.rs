@@ -3,8 +3,6 @@
 
 use axum::extract::State;
 use axum::Json;
-use chrono::{DateTime, Utc};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{Identity, Role};
@@ -13,33 +11,13 @@ use super::problem::{ApiError, ApiResult};
 use super::slides::page_limit;
 use super::state::AppState;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuditQuery {
-    /// Only events after this global position (the `next` of the previous page).
-    pub after: Option<i64>,
-    pub from: Option<DateTime<Utc>>,
-    pub to: Option<DateTime<Utc>>,
-    pub aggregate_id: Option<String>,
-    /// The actor's id (a user's `sub`, a worker id).
-    pub actor: Option<String>,
-    pub limit: Option<i64>,
-}
-
 pub async fn events(
     State(state): State<AppState>,
     who: Identity,
-    ApiQuery(q): ApiQuery<AuditQuery>,
+    ApiQuery(filter): ApiQuery<mira_eventlog::EventFilter>,
 ) -> ApiResult<Json<serde_json::Value>> {
     who.require(&[Role::Auditor])?;
-    let limit = page_limit(q.limit)?;
-    let filter = mira_eventlog::EventFilter {
-        after: q.after,
-        from: q.from,
-        to: q.to,
-        aggregate_id: q.aggregate_id,
-        actor: q.actor,
-    };
+    let limit = page_limit(filter.limit)?;
     let events = mira_eventlog::EventLog::new(state.pool.clone())
         .tenant_events(&who.tenant, &filter, limit)
         .await?;
