@@ -5,30 +5,8 @@
 use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
 
-/// (version, name, SQL), in order.
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (1, "event_log", include_str!("../../migrations/0001_event_log.sql")),
-    (2, "fanout", include_str!("../../migrations/0002_fanout.sql")),
-    (3, "read_models", include_str!("../../migrations/0003_read_models.sql")),
-    (4, "api", include_str!("../../migrations/0004_api.sql")),
-    (5, "handlers", include_str!("../../migrations/0005_handlers.sql")),
-    (6, "appenders", include_str!("../../migrations/0006_appenders.sql")),
-    (
-        7,
-        "roles_and_keys",
-        include_str!("../../migrations/0007_roles_and_keys.sql"),
-    ),
-    (
-        8,
-        "api_hardening",
-        include_str!("../../migrations/0008_api_hardening.sql"),
-    ),
-    (
-        9,
-        "one_row_type",
-        include_str!("../../migrations/0009_one_row_type.sql"),
-    ),
-];
+/// (version, name, SQL), in order: every file of `migrations/`, embedded by `build.rs`.
+pub const MIGRATIONS: &[(i64, &str, &str)] = include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
 
 /// The roles a running process needs, granted to the login role it connects as.
 pub const RUNTIME_ROLES: &[&str] = &["mira_app", "mira_api", "mira_projector"];
