@@ -97,4 +97,17 @@ mod tests {
         assert_eq!(n.dlq(Group::Handlers), "mira-handlers-dlq.fifo");
         assert_eq!(n.topic, "mira-events.fifo");
     }
+
+    #[test]
+    fn names_come_from_the_settings() {
+        let settings = mira_config::Settings::load(
+            None,
+            [("AWS__SQS__QueuePrefix", "lab-"), ("AWS__SNS__TopicName", "lab-events.fifo")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )
+        .unwrap();
+        let n = Names::from_settings(&settings);
+        assert_eq!(n.queue(Group::Handlers), "lab-handlers.fifo");
+        assert_eq!(n.topic, "lab-events.fifo");
+    }
 }
