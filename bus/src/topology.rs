@@ -102,8 +102,11 @@ mod tests {
     fn names_come_from_the_settings() {
         let settings = mira_config::Settings::load(
             None,
-            [("AWS__SQS__QueuePrefix", "lab-"), ("AWS__SNS__TopicName", "lab-events.fifo")]
-                .map(|(k, v)| (k.to_owned(), v.to_owned())),
+            [
+                ("AWS__SQS__QueuePrefix", "lab-"),
+                ("AWS__SNS__TopicName", "lab-events.fifo"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
         )
         .unwrap();
         let n = Names::from_settings(&settings);
