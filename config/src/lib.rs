@@ -67,6 +67,24 @@ pub struct Settings {
     pub worker: WorkerSettings,
     #[serde(rename = "Roles")]
     pub roles: RolesSettings,
+    #[serde(rename = "Web")]
+    pub web: WebSettings,
+}
+
+/// The browser app (DESIGN §10), served by the gateway at `/`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct WebSettings {
+    /// The built app (`web/dist`): read at run time, so building the gateway never needs npm.
+    /// Unset, `/` answers that no app is served.
+    pub dir: Option<PathBuf>,
+    /// The Cognito Hosted UI's domain (`https://<prefix>.auth.<region>.amazoncognito.com`),
+    /// for the app's sign-in; with `AWS__Cognito__ClientId`.
+    pub cognito_domain: Option<String>,
+    /// Where the Hosted UI sends the browser back (the app's `/signed-in`).
+    pub redirect_url: Option<String>,
+    /// `mira dev`'s sign-in page answers loopback clients only unless this is true.
+    pub allow_remote_dev_sign_in: bool,
 }
 
 /// A background role a `mira` process can run beside the API (`mira serve --with`, or
@@ -457,6 +475,7 @@ const SECTIONS: &[&str] = &[
     "Api",
     "Worker",
     "Roles",
+    "Web",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -550,6 +569,9 @@ impl Settings {
             abs(p);
         }
         if let Some(p) = &mut self.audit.witness_dir {
+            abs(p);
+        }
+        if let Some(p) = &mut self.web.dir {
             abs(p);
         }
     }

@@ -36,7 +36,7 @@ pub async fn run(env: Vec<(String, String)>, jobs: usize) -> anyhow::Result<E2eR
 }
 
 async fn measure(env: Vec<(String, String)>, jobs: usize, scratch: &std::path::Path) -> anyhow::Result<E2eReport> {
-    let idp = crate::dev::DevIdp::open_or_create(scratch)?;
+    let idp = std::sync::Arc::new(crate::dev::DevIdp::open_or_create(scratch)?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let mut env: std::collections::BTreeMap<String, String> = env.into_iter().collect();
@@ -70,7 +70,7 @@ async fn measure(env: Vec<(String, String)>, jobs: usize, scratch: &std::path::P
     mira_keys::init(&settings).await?;
     let pool = mira_eventlog::db::connect_with(&settings).await?;
     let stop = CancellationToken::new();
-    let options = crate::server::Options::everything(Some(idp.jwks().clone()));
+    let options = crate::server::Options::everything(Some(idp.clone()));
     let s = stop.clone();
     let server = tokio::spawn(async move { crate::server::run(&settings, pool, listener, &options, s).await });
     let outcome = drive(&idp, addr, jobs).await;

@@ -115,6 +115,16 @@ impl DevIdp {
     }
 }
 
+impl crate::api::DevIdentity for DevIdp {
+    fn jwks(&self) -> &serde_json::Value {
+        DevIdp::jwks(self)
+    }
+
+    fn token(&self, sub: &str, tenant: &str, groups: &[String], ttl: Duration) -> anyhow::Result<String> {
+        DevIdp::token(self, sub, tenant, groups, ttl)
+    }
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(p) = path.parent() {
@@ -463,6 +473,8 @@ pub async fn run(
     ] {
         env.insert(k.into(), v);
     }
+    // The browser app: `web/dist` of the directory `mira dev` runs from, unless set.
+    env.entry("Web__Dir".into()).or_insert_with(|| "web/dist".to_owned());
     let settings = crate::config::Settings::load(file, env)?;
     crate::database::migrate(&settings).await?;
     // Keys are created here, on the first start, and nowhere else (`mira keys init`).
@@ -503,7 +515,16 @@ pub async fn run(
         )),
         Err(why) => lines.push(format!("  worker: not running ({why}); uploaded slides wait for one")),
     }
-    lines.push("  sign in with a token from the local identity provider:".to_owned());
+    match settings.web.dir.as_deref().filter(|d| d.join("index.html").is_file()) {
+        Some(_) => lines.push(format!(
+            "  the browser app: open {url}/ and sign in with any user name, tenant and role"
+        )),
+        None => lines.push(format!(
+            "  the browser app is not built ({} has no index.html): scripts/dev builds it",
+            settings.web.dir.as_deref().unwrap_or(Path::new("Web__Dir")).display()
+        )),
+    }
+    lines.push("  or sign in with a token from the local identity provider:".to_owned());
     let exe = std::env::current_exe()
         .map(|p| shell_quote(&p.display().to_string()))
         .unwrap_or_else(|_| "mira".into());
@@ -525,7 +546,7 @@ pub async fn run(
             );
         });
     }
-    let options = crate::server::Options::everything(Some(idp.jwks().clone()));
+    let options = crate::server::Options::everything(Some(std::sync::Arc::new(idp)));
     let result = crate::server::run(&settings, pool.clone(), listener, &options, shutdown).await;
     forget_running();
     if let Ok(w) = &mut worker {

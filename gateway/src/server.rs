@@ -21,11 +21,12 @@ use crate::config::{MessagingProvider, Settings, StorageProvider};
 pub use crate::roles::Role;
 
 /// What runs beside the API.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Options {
     pub roles: Vec<Role>,
-    /// `mira dev`'s local JWKS, served at [`crate::api::DEV_JWKS_PATH`].
-    pub dev_jwks: Option<serde_json::Value>,
+    /// `mira dev`'s local identity provider: its JWKS is served at
+    /// [`crate::api::DEV_JWKS_PATH`], its sign-in at `/dev/sign-in`.
+    pub dev_identity: Option<Arc<dyn crate::api::DevIdentity>>,
     /// An in-memory bus made by the caller (to watch its queues); default: one from the
     /// settings and the roles.
     pub bus: Option<mira_bus::memory::MemoryBus>,
@@ -33,10 +34,10 @@ pub struct Options {
 
 impl Options {
     /// Every role in this process, as `mira dev` runs it.
-    pub fn everything(dev_jwks: Option<serde_json::Value>) -> Self {
+    pub fn everything(dev_identity: Option<Arc<dyn crate::api::DevIdentity>>) -> Self {
         Self {
             roles: Role::ALL.to_vec(),
-            dev_jwks,
+            dev_identity,
             bus: None,
         }
     }
@@ -121,7 +122,7 @@ pub async fn state(
     public_url: &str,
     bus: Option<Arc<dyn Bus>>,
     hub: Option<crate::api::hub::Hub>,
-    dev_jwks: Option<serde_json::Value>,
+    dev_identity: Option<Arc<dyn crate::api::DevIdentity>>,
 ) -> anyhow::Result<AppState> {
     let job_max_attempts = job_max_attempts(settings)?;
     let auth = Arc::new(JwksVerifier::new(settings.auth_config()?));
@@ -145,8 +146,44 @@ pub async fn state(
         },
         idempotency_key: Default::default(),
         hub,
-        dev_jwks,
+        dev_identity,
+        web: web_config(settings),
     }))
+}
+
+/// The browser app's directory and sign-in, from `Web__*` and `AWS__Cognito__ClientId`.
+pub fn web_config(settings: &Settings) -> crate::api::WebConfig {
+    let cognito = match (
+        &settings.web.cognito_domain,
+        &settings.aws.cognito.client_id,
+        &settings.web.redirect_url,
+    ) {
+        (Some(domain), Some(client_id), Some(redirect_url)) => Some(crate::api::CognitoSignIn {
+            domain: domain.trim_end_matches('/').to_owned(),
+            client_id: client_id.clone(),
+            redirect_url: redirect_url.clone(),
+        }),
+        _ => None,
+    };
+    let mut connect_origins = Vec::new();
+    if let Some(c) = &cognito {
+        connect_origins.push(c.domain.clone());
+    }
+    if settings.storage.provider == crate::config::StorageProvider::S3 {
+        // Uploads go to presigned URLs of the bucket's own origin.
+        connect_origins.push("https://*.amazonaws.com".to_owned());
+    }
+    if let Some(ws) = &settings.realtime.web_socket_url {
+        // `wss://host:port/path` → `wss://host:port`.
+        connect_origins.push(ws.split('/').take(3).collect::<Vec<_>>().join("/"));
+    }
+    crate::api::WebConfig {
+        dir: settings.web.dir.clone(),
+        cognito,
+        ws_url: settings.realtime.web_socket_url.clone(),
+        connect_origins,
+        allow_remote_dev_sign_in: settings.web.allow_remote_dev_sign_in,
+    }
 }
 
 /// Runs the API on `listener` plus `roles`, until `shutdown`. Roles drain their work in hand
@@ -176,7 +213,7 @@ pub async fn run(
         &public_url,
         bus.clone(),
         Some(hub),
-        options.dev_jwks.clone(),
+        options.dev_identity.clone(),
     )
     .await?;
     let mut tasks = tokio::task::JoinSet::new();

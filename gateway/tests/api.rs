@@ -2438,3 +2438,126 @@ async fn local_settings(db: &TestDb, dir: &std::path::Path) -> Settings {
     mira_keys::init(&settings).await.unwrap();
     settings
 }
+
+/// A raw HTTP/1.1 GET, so the path reaches the server exactly as written (an HTTP client
+/// would resolve `..` first). Returns the status line and the body.
+async fn raw_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out.lines().next().unwrap_or_default().to_owned();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
+
+#[tokio::test]
+async fn the_app_is_served_with_its_policy_and_mira_dev_signs_people_in() {
+    let db = TestDb::new().await;
+    let dir = std::env::temp_dir().join(format!("mira-web-{}", uuid::Uuid::new_v4()));
+    let web = dir.join("app");
+    std::fs::create_dir_all(web.join("assets")).unwrap();
+    std::fs::write(web.join("index.html"), "<!doctype html><title>Mira</title>").unwrap();
+    std::fs::write(web.join("assets/app-1a2b3c.js"), "console.log('mira')").unwrap();
+    std::fs::write(dir.join("secret.txt"), "outside the app").unwrap();
+    std::os::unix::fs::symlink(dir.join("secret.txt"), web.join("leak.txt")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let base = format!("http://{addr}");
+    let mut settings = local_settings(&db, &dir).await;
+    settings.web.dir = Some(web.clone());
+    settings.aws.cognito.issuer = Some(mira_gateway::dev::ISSUER.to_owned());
+    settings.aws.cognito.client_id = Some(mira_gateway::dev::AUDIENCE.to_owned());
+    settings.aws.cognito.jwks_url = Some(format!("{base}{}", mira_gateway::api::DEV_JWKS_PATH));
+    let idp = Arc::new(mira_gateway::dev::DevIdp::open_or_create(&dir).unwrap());
+    let options = mira_gateway::server::Options {
+        dev_identity: Some(idp),
+        ..Default::default()
+    };
+    let stop = CancellationToken::new();
+    let (s, pool) = (stop.clone(), db.pool.clone());
+    let task = tokio::spawn(async move { mira_gateway::server::run(&settings, pool, listener, &options, s).await });
+    let http = reqwest::Client::new();
+    let get = |p: &str| http.get(format!("{base}{p}")).send();
+
+    let index = get("/").await.unwrap();
+    assert_eq!(index.status(), StatusCode::OK);
+    let h = index.headers().clone();
+    assert_eq!(h["content-type"], "text/html; charset=utf-8");
+    assert_eq!(h["cache-control"], "no-cache");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    let csp = h["content-security-policy"].to_str().unwrap().to_owned();
+    assert!(
+        csp.contains("script-src 'self';") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert!(index.text().await.unwrap().contains("<title>Mira</title>"));
+
+    let asset = get("/assets/app-1a2b3c.js").await.unwrap();
+    assert_eq!(asset.status(), StatusCode::OK);
+    assert_eq!(asset.headers()["content-type"], "text/javascript; charset=utf-8");
+    assert_eq!(asset.headers()["cache-control"], "public, max-age=31536000, immutable");
+
+    // A client route is the app; a missing file is not.
+    let route = get("/jobs/0190d2a4").await.unwrap();
+    assert_eq!(route.status(), StatusCode::OK);
+    assert!(route.text().await.unwrap().contains("<title>Mira</title>"));
+    assert_eq!(get("/assets/missing.js").await.unwrap().status(), StatusCode::NOT_FOUND);
+    // Nothing outside the directory: not through a link, not through `..` as sent.
+    assert_eq!(get("/leak.txt").await.unwrap().status(), StatusCode::NOT_FOUND);
+    for path in [
+        "/assets/../../secret.txt",
+        "/../secret.txt",
+        "/assets/..%2f..%2fsecret.txt",
+    ] {
+        let (status, body) = raw_get(addr, path).await;
+        assert!(status.contains(" 404 "), "{path}: {status}");
+        assert!(!body.contains("outside the app"), "{path}: {body}");
+    }
+    // The API's own paths never fall back to the app.
+    let unknown = get("/api/nothing").await.unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    assert_eq!(unknown.headers()["content-type"], "application/problem+json");
+
+    let config: Value = get("/api/app-config").await.unwrap().json().await.unwrap();
+    assert_eq!(config["auth"]["mode"], "dev", "{config}");
+
+    // mira dev's sign-in: a token the API takes, for the tenant and roles asked.
+    let signed: Value = http
+        .post(format!("{base}/dev/sign-in"))
+        .json(&json!({"user": "ada", "tenant": "lab-a", "roles": ["pathologist"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = signed["id_token"].as_str().expect("a token").to_owned();
+    let jobs = http
+        .get(format!("{base}/api/jobs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(jobs.status(), StatusCode::OK);
+    let audit = http
+        .get(format!("{base}/api/audit/events"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(audit.status(), StatusCode::FORBIDDEN, "a pathologist is no auditor");
+    let refused = http
+        .post(format!("{base}/dev/sign-in"))
+        .json(&json!({"user": "ada", "tenant": "lab-a", "roles": ["root"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -15,6 +15,7 @@ pub mod ops;
 pub mod problem;
 pub mod slides;
 pub mod state;
+pub mod web;
 pub mod ws;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -26,7 +27,7 @@ use axum::Router;
 use tracing::Instrument;
 
 use problem::ApiError;
-pub use state::{AppState, Limits, Services, READERS, WRITERS};
+pub use state::{AppState, CognitoSignIn, DevIdentity, Limits, Services, WebConfig, READERS, WRITERS};
 
 /// The request id: the caller's `x-request-id` if it is sane, else a new UUIDv7. Every
 /// request runs in a span carrying it, and the response returns it.
@@ -91,17 +92,37 @@ async fn pipeline(State(state): State<AppState>, mut req: Request, next: Next) -
 pub const DEV_JWKS_PATH: &str = "/dev/jwks.json";
 
 async fn dev_jwks(State(state): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    state.dev_jwks.clone().map(axum::Json).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            "no local identity provider: this is not mira dev",
-        )
-    })
+    state
+        .dev_identity
+        .as_ref()
+        .map(|d| axum::Json(d.jwks().clone()))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "no local identity provider: this is not mira dev",
+            )
+        })
 }
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint")
+}
+
+/// Paths the API, the blob store, the socket, `mira dev` and operations own: an unknown one is
+/// the API's 404, never the app.
+const NOT_THE_APP: &[&str] = &["/api", "/blobs", "/ws", "/dev", "/healthz", "/readyz", "/metrics"];
+
+/// Anything no route takes: the API's 404 under its own paths, else the browser app.
+async fn fallback(state: State<AppState>, method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let p = uri.path();
+    if NOT_THE_APP
+        .iter()
+        .any(|prefix| p == *prefix || p.strip_prefix(prefix).is_some_and(|r| r.starts_with('/')))
+    {
+        return not_found().await.into_response();
+    }
+    web::serve(state, method, uri).await
 }
 
 /// The methods each route of [`router`] takes, for the `Allow` of a 405 (axum adds none to
@@ -118,9 +139,11 @@ pub const ALLOWED_METHODS: &[(&str, &str)] = &[
     ("/api/jobs/{id}/results/{*path}", "GET, HEAD"),
     ("/api/audit/events", "GET, HEAD"),
     ("/api/openapi.json", "GET, HEAD"),
+    ("/api/app-config", "GET, HEAD"),
     ("/blobs/{*key}", "GET, HEAD, PUT"),
     ("/ws", "GET, HEAD"),
     (DEV_JWKS_PATH, "GET, HEAD"),
+    ("/dev/sign-in", "POST"),
     ("/healthz", "GET, HEAD"),
     ("/readyz", "GET, HEAD"),
     ("/metrics", "GET, HEAD"),
@@ -140,6 +163,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/{id}/results/{*path}", get(jobs::results))
         .route("/api/audit/events", get(audit::events))
         .route("/api/openapi.json", get(openapi::document))
+        .route("/api/app-config", get(web::app_config))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));
     let blobs = Router::new()
         .route("/blobs/{*key}", get(blobs::download).put(blobs::upload))
@@ -149,10 +173,11 @@ pub fn router(state: AppState) -> Router {
         .merge(blobs)
         .route("/ws", get(ws::handler))
         .route(DEV_JWKS_PATH, get(dev_jwks))
+        .route("/dev/sign-in", post(web::dev_sign_in))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .fallback(not_found)
+        .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(state.clone(), pipeline))
         .with_state(state)
 }
@@ -164,7 +189,10 @@ pub async fn serve(
     state: AppState,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }

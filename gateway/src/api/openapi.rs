@@ -180,6 +180,11 @@ fn hand_written() -> Value {
                         "responses": with(ok("200", "AuditPage"), &problems(false, false, &[]))}
             },
             "/api/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI"}}}},
+            "/api/app-config": {"get": {"summary": "How the browser app signs in, and its WebSocket URL", "security": [],
+                                        "responses": ok("200", "AppConfig")}},
+            "/dev/sign-in": {"post": {"summary": "mira dev only: an ID token for any user, tenant and roles (loopback clients only unless Web__AllowRemoteDevSignIn)",
+                                      "security": [], "requestBody": json_body("DevSignIn"),
+                                      "responses": with(ok("200", "DevToken"), &["400", "403", "404", "413", "422"])}},
             "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Readiness: which of the database, blob store and bus is down", "security": [],
                                 "responses": {"200": {"description": "ready", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}},
@@ -239,6 +244,19 @@ fn hand_written() -> Value {
                              "properties": {"job_id": {"type": "string"}, "events": {"type": "array", "items": {"$ref": "#/components/schemas/TimelineEntry"}}}},
                 "AuditPage": {"type": "object", "required": ["items"],
                               "properties": {"items": {"type": "array", "items": {"type": "object"}}, "next": {"type": ["integer", "null"]}}},
+                "AppConfig": {"type": "object", "required": ["auth", "ws_url"],
+                              "properties": {"auth": {"oneOf": [
+                                  {"type": "object", "required": ["mode"], "properties": {"mode": {"enum": ["dev", "none"]}}},
+                                  {"type": "object", "required": ["mode", "domain", "client_id", "redirect_url"],
+                                   "properties": {"mode": {"const": "cognito"}, "domain": {"type": "string"},
+                                                  "client_id": {"type": "string"}, "redirect_url": {"type": "string"}}}]},
+                                             "ws_url": {"type": ["string", "null"]}}},
+                "DevSignIn": {"type": "object", "additionalProperties": false, "required": ["user", "tenant", "roles"],
+                              "properties": {"user": {"type": "string", "minLength": 1, "maxLength": 128},
+                                             "tenant": {"type": "string"},
+                                             "roles": {"type": "array", "items": {"enum": ["pathologist", "auditor", "admin"]}}}},
+                "DevToken": {"type": "object", "required": ["id_token", "expires_at"],
+                             "properties": {"id_token": {"type": "string"}, "expires_at": {"type": "string", "format": "date-time"}}},
                 "Readiness": {"type": "object", "required": ["ready", "checks"],
                               "properties": {"ready": {"type": "boolean"},
                                              "checks": {"type": "object", "additionalProperties": {"enum": ["ok", "down"]}}}}
@@ -263,6 +281,12 @@ mod tests {
     /// What the derived document changes against the snapshot, one line per difference,
     /// apart from additions to what the API returns (see [`additive`]).
     const CHANGES: &[&str] = &[
+        // The browser app's sign-in (DESIGN §10).
+        "get /api/app-config added",
+        "post /dev/sign-in added",
+        "schema AppConfig added",
+        "schema DevSignIn added",
+        "schema DevToken added",
         // The kinds are `JobSpec::KINDS` (an enum of one, where it was a `const`); the kind's
         // parameters (the same fields, ranges and defaults: checked below) and a timeline entry
         // are schemas of their own now.

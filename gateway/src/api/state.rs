@@ -1,6 +1,7 @@
 //! What every endpoint shares ([`AppState`]), who may call what ([`READERS`],
 //! [`WRITERS`]), and how the caller is known ([`Identity`] from the bearer token).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
@@ -34,10 +35,42 @@ pub struct Services {
     pub limits: Limits,
     /// Live read-model changes for `/ws`; `None` when this process does not serve them.
     pub hub: Option<hub::Hub>,
-    /// `mira dev`'s local identity provider's JWKS.
-    pub dev_jwks: Option<serde_json::Value>,
+    /// `mira dev`'s local identity provider: its JWKS and its sign-in.
+    pub dev_identity: Option<Arc<dyn DevIdentity>>,
+    /// The browser app and how it signs in.
+    pub web: WebConfig,
     /// The key of the idempotency fingerprints, from the keyring on first use.
     pub idempotency_key: tokio::sync::OnceCell<[u8; 32]>,
+}
+
+/// What the API needs of `mira dev`'s local identity provider.
+pub trait DevIdentity: Send + Sync {
+    fn jwks(&self) -> &serde_json::Value;
+    /// An ID token shaped like Cognito's, valid for `ttl`.
+    fn token(&self, sub: &str, tenant: &str, groups: &[String], ttl: std::time::Duration) -> anyhow::Result<String>;
+}
+
+/// How the app signs in and where it finds the live updates.
+#[derive(Debug, Clone, Default)]
+pub struct WebConfig {
+    /// The built app; `None` serves no app.
+    pub dir: Option<PathBuf>,
+    /// The Hosted UI's domain, the app client and the redirect URL, when signing in with
+    /// Cognito.
+    pub cognito: Option<CognitoSignIn>,
+    /// `Realtime__WebSocketUrl`, when the socket is not this gateway's `/ws`.
+    pub ws_url: Option<String>,
+    /// Origins the app may connect to besides its own (the blob store's, the Hosted UI's).
+    pub connect_origins: Vec<String>,
+    /// `mira dev`'s sign-in answers only loopback clients unless this is set.
+    pub allow_remote_dev_sign_in: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CognitoSignIn {
+    pub domain: String,
+    pub client_id: String,
+    pub redirect_url: String,
 }
 
 #[derive(Debug, Clone, Copy)]

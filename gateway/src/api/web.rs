@@ -1,0 +1,262 @@
+//! The browser app (DESIGN §10), served at `/` from the directory `Web__Dir` names (the Vite
+//! build, `web/dist`), read at run time so that building the gateway never needs npm.
+//!
+//! * A file of the build is served with its content type. Vite's hashed `assets/` are cached
+//!   for a year (`immutable`); everything else is revalidated (`no-cache`).
+//! * A path that names no file and has no extension is a client route: `index.html` answers.
+//! * Every answer carries a strict Content-Security-Policy: scripts, styles and frames from
+//!   this origin only, connections to this origin (and the blob store's and the Hosted UI's
+//!   origins when those are elsewhere), no plugins, no framing, no `<base>`.
+//! * A path is served only when every segment is plain (`[A-Za-z0-9._-]`, not starting with a
+//!   dot) and the file resolves inside the directory: no `..`, no encoded separators, no
+//!   symbolic link out.
+//!
+//! `GET /api/app-config` tells the app how to sign in: with `mira dev`'s local sign-in
+//! (`POST /dev/sign-in`, loopback clients only unless `Web__AllowRemoteDevSignIn`) or with the
+//! Cognito Hosted UI (authorization code with PKCE).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::problem::ApiError;
+use super::state::AppState;
+
+/// The Content-Security-Policy of every answer from the app's directory.
+pub fn content_security_policy(connect_origins: &[String]) -> String {
+    let mut connect = vec!["'self'".to_owned()];
+    connect.extend(connect_origins.iter().cloned());
+    format!(
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; \
+         font-src 'self'; connect-src {}; worker-src 'self' blob:; manifest-src 'self'; \
+         base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'",
+        connect.join(" ")
+    )
+}
+
+fn content_type(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()).unwrap_or_default() {
+        "html" => "text/html; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "json" | "map" => "application/json",
+        "svg" => "image/svg+xml",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "ico" => "image/x-icon",
+        "woff2" => "font/woff2",
+        "txt" => "text/plain; charset=utf-8",
+        "wasm" => "application/wasm",
+        _ => "application/octet-stream",
+    }
+}
+
+/// The relative file a request path names, or `None` when any segment is not plain.
+pub fn plain_path(raw: &str) -> Option<PathBuf> {
+    let rest = raw.strip_prefix('/')?;
+    if rest.is_empty() {
+        return Some(PathBuf::from("index.html"));
+    }
+    let mut out = PathBuf::new();
+    for seg in rest.split('/') {
+        let plain = !seg.is_empty()
+            && !seg.starts_with('.')
+            && seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        if !plain {
+            return None;
+        }
+        out.push(seg);
+    }
+    Some(out)
+}
+
+fn not_found() -> Response {
+    ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such page").into_response()
+}
+
+/// `GET /…` outside the API: a file of the app, or `index.html` for a client route.
+pub async fn serve(State(state): State<AppState>, method: Method, uri: axum::http::Uri) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return not_found();
+    }
+    let Some(dir) = state.web.dir.as_deref() else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no-app",
+            "this gateway serves no browser app: Web__Dir names none (scripts/dev builds web/ into web/dist)",
+        )
+        .into_response();
+    };
+    let Some(rel) = plain_path(uri.path()) else {
+        return not_found();
+    };
+    let client_route = rel.extension().is_none();
+    let (file, rel) = match resolve(dir, &rel).await {
+        Some(f) => (f, rel),
+        None if client_route => match resolve(dir, Path::new("index.html")).await {
+            Some(f) => (f, PathBuf::from("index.html")),
+            None => return not_found(),
+        },
+        None => return not_found(),
+    };
+    let body = match tokio::fs::read(&file).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(file = %file.display(), error = %e, "cannot read a file of the app");
+            return not_found();
+        }
+    };
+    let cache = if rel.starts_with("assets") {
+        "public, max-age=31536000, immutable"
+    } else {
+        "no-cache"
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(&rel)));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    if let Ok(v) = HeaderValue::from_str(&content_security_policy(&state.web.connect_origins)) {
+        headers.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    if method == Method::HEAD {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        return (StatusCode::OK, headers).into_response();
+    }
+    (StatusCode::OK, headers, body).into_response()
+}
+
+/// `rel` inside `dir`, when it is a file there and does not resolve outside it.
+async fn resolve(dir: &Path, rel: &Path) -> Option<PathBuf> {
+    let root = tokio::fs::canonicalize(dir).await.ok()?;
+    let file = tokio::fs::canonicalize(dir.join(rel)).await.ok()?;
+    let meta = tokio::fs::metadata(&file).await.ok()?;
+    (file.starts_with(&root) && meta.is_file()).then_some(file)
+}
+
+/// `GET /api/app-config`: how the app signs in, and the WebSocket URL.
+pub async fn app_config(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let auth = match (&state.dev_identity, &state.web.cognito) {
+        (Some(_), _) => serde_json::json!({"mode": "dev"}),
+        (None, Some(c)) => {
+            serde_json::json!({"mode": "cognito", "domain": c.domain, "client_id": c.client_id, "redirect_url": c.redirect_url})
+        }
+        (None, None) => serde_json::json!({"mode": "none"}),
+    };
+    Json(serde_json::json!({"auth": auth, "ws_url": state.web.ws_url}))
+}
+
+/// What `mira dev`'s sign-in asks for.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevSignIn {
+    pub user: String,
+    pub tenant: String,
+    pub roles: Vec<String>,
+}
+
+/// How long a token from `mira dev`'s sign-in lasts; the app signs in again before it ends.
+pub const DEV_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+/// Whether a client at `peer` may use `mira dev`'s sign-in: a loopback one, or any when
+/// `allow_remote`. An unknown peer is not loopback.
+fn sign_in_allowed(peer: Option<SocketAddr>, allow_remote: bool) -> bool {
+    allow_remote || peer.is_some_and(|p| p.ip().is_loopback())
+}
+
+/// `POST /dev/sign-in` (only in `mira dev`): an ID token for any user, tenant and roles, so a
+/// person can try each role. Loopback clients only, unless `Web__AllowRemoteDevSignIn`.
+pub async fn dev_sign_in(State(state): State<AppState>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(idp) = state.dev_identity.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no local identity provider: this is not mira dev",
+        ));
+    };
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    if !sign_in_allowed(peer, state.web.allow_remote_dev_sign_in) {
+        return Err(ApiError::forbidden(
+            "mira dev signs in loopback clients only (Web__AllowRemoteDevSignIn=true allows others)",
+        ));
+    }
+    let body = axum::body::to_bytes(req.into_body(), 16 * 1024)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", "the body is too large"))?;
+    let who: DevSignIn = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("sign-in: {e}")))?;
+    let user = who.user.trim();
+    if user.is_empty() || user.len() > 128 {
+        return Err(ApiError::invalid("user: 1 to 128 characters"));
+    }
+    for r in &who.roles {
+        if !["pathologist", "auditor", "admin"].contains(&r.as_str()) {
+            return Err(ApiError::invalid(format!(
+                "roles: {r:?} is not one of pathologist, auditor, admin"
+            )));
+        }
+    }
+    let token = idp
+        .token(user, &who.tenant, &who.roles, DEV_TOKEN_TTL)
+        .map_err(|e| ApiError::invalid(format!("tenant: {e:#}")))?;
+    let expires_at = chrono::Utc::now() + chrono::Duration::from_std(DEV_TOKEN_TTL).unwrap_or_default();
+    Ok(Json(serde_json::json!({"id_token": token, "expires_at": expires_at})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_paths_are_served() {
+        assert_eq!(plain_path("/"), Some(PathBuf::from("index.html")));
+        assert_eq!(
+            plain_path("/assets/app-1a2b.js"),
+            Some(PathBuf::from("assets/app-1a2b.js"))
+        );
+        assert_eq!(plain_path("/jobs/0190-ab"), Some(PathBuf::from("jobs/0190-ab")));
+        for bad in [
+            "/../etc/passwd",
+            "/assets/../../x",
+            "/.env",
+            "/a//b",
+            "/a%2f..",
+            "/a\\b",
+            "x",
+        ] {
+            assert_eq!(plain_path(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_loopback_clients_sign_in_unless_allowed() {
+        let at = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        assert!(sign_in_allowed(at("127.0.0.1:5"), false));
+        assert!(sign_in_allowed(at("[::1]:5"), false));
+        assert!(!sign_in_allowed(at("192.168.1.9:5"), false));
+        assert!(!sign_in_allowed(None, false));
+        assert!(sign_in_allowed(at("192.168.1.9:5"), true));
+    }
+
+    #[test]
+    fn the_policy_allows_this_origin_and_the_named_ones_only() {
+        let p = content_security_policy(&["https://bucket.s3.eu-west-1.amazonaws.com".into()]);
+        assert!(p.contains("script-src 'self';"), "{p}");
+        assert!(
+            p.contains("connect-src 'self' https://bucket.s3.eu-west-1.amazonaws.com;"),
+            "{p}"
+        );
+        assert!(
+            p.contains("frame-ancestors 'none'") && p.contains("object-src 'none'"),
+            "{p}"
+        );
+        assert!(!p.contains("unsafe"), "{p}");
+    }
+}
