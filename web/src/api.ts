@@ -1,0 +1,165 @@
+// The gateway's API (DESIGN §7): JSON in, JSON out, errors as RFC 9457 problem+json, which
+// become an `ApiError` whose message a person can read.
+
+export class ApiError extends Error {
+  constructor(
+    readonly status: number,
+    readonly type: string,
+    readonly title: string,
+    readonly detail: string,
+  ) {
+    super(detail || title || `HTTP ${status}`);
+  }
+}
+
+/** Who is signed in, as the token says. */
+export type Identity = { user: string; tenant: string; roles: string[] };
+
+type Hooks = {
+  /** The current ID token, or null when signed out. */
+  token: () => string | null;
+  /** Called on a 401: the token is no good any more. */
+  unauthorized: (why: string) => void;
+};
+
+let hooks: Hooks = { token: () => null, unauthorized: () => {} };
+
+export function setHooks(h: Hooks): void {
+  hooks = h;
+}
+
+export function bearer(): Record<string, string> {
+  const t = hooks.token();
+  return t ? { Authorization: `Bearer ${t}` } : {};
+}
+
+/** A problem+json body (or anything else) as an `ApiError`. */
+export async function problemOf(res: Response): Promise<ApiError> {
+  let body: { type?: string; title?: string; detail?: string } = {};
+  try {
+    body = await res.json();
+  } catch {
+    // Not JSON: the status says what there is to say.
+  }
+  const title = body.title ?? res.statusText;
+  let detail = body.detail ?? "";
+  if (res.status === 403 && !detail) detail = "your roles do not allow this";
+  return new ApiError(res.status, body.type ?? "about:blank", title, detail);
+}
+
+export type RequestOptions = {
+  method?: string;
+  body?: unknown;
+  headers?: Record<string, string>;
+  signal?: AbortSignal;
+};
+
+/** Calls the API; throws an `ApiError` for any status that is not 2xx. */
+export async function api<T>(path: string, opts: RequestOptions = {}): Promise<T> {
+  const headers: Record<string, string> = {
+    Accept: "application/json",
+    ...bearer(),
+    ...(opts.headers ?? {}),
+  };
+  let body: string | undefined;
+  if (opts.body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(opts.body);
+  }
+  const res = await fetch(path, { method: opts.method ?? "GET", headers, body, signal: opts.signal });
+  if (!res.ok) {
+    const e = await problemOf(res);
+    if (res.status === 401) hooks.unauthorized(e.message);
+    throw e;
+  }
+  if (res.status === 204) return undefined as T;
+  const text = await res.text();
+  return (text ? JSON.parse(text) : undefined) as T;
+}
+
+/** The claims of a JWT, unverified (the gateway verifies it; the app only shows them). */
+export function claimsOf(token: string): Record<string, unknown> {
+  const part = token.split(".")[1] ?? "";
+  const b64 = part.replace(/-/g, "+").replace(/_/g, "/");
+  const json = decodeURIComponent(
+    Array.from(atob(b64.padEnd(b64.length + ((4 - (b64.length % 4)) % 4), "=")))
+      .map((c) => `%${c.charCodeAt(0).toString(16).padStart(2, "0")}`)
+      .join(""),
+  );
+  return JSON.parse(json);
+}
+
+export function identityOf(token: string): Identity & { exp: number } {
+  const c = claimsOf(token);
+  return {
+    user: String(c["cognito:username"] ?? c.sub ?? ""),
+    tenant: String(c["custom:tenant"] ?? ""),
+    roles: Array.isArray(c["cognito:groups"]) ? (c["cognito:groups"] as string[]) : [],
+    exp: Number(c.exp ?? 0),
+  };
+}
+
+// The API's shapes (gateway/src/api/openapi.rs; the read models' views).
+
+export type Progress = { done: number; total: number };
+
+export type Job = {
+  job_id: string;
+  slide_id: string;
+  kind: string;
+  params: Record<string, unknown>;
+  status: string;
+  attempt: number;
+  max_attempts: number;
+  worker_id: string | null;
+  lease_until: string | null;
+  progress: Progress | null;
+  failure: string | null;
+  manifest_key: string | null;
+  manifest_sha256: string | null;
+  submitted_by: string;
+  submitted_at: string;
+  updated_at: string;
+  position: number;
+};
+
+export type Slide = {
+  slide_id: string;
+  status: string;
+  name: string | null;
+  size_bytes: number;
+  content_type: string;
+  metadata: Record<string, unknown> | null;
+  rejection: string | null;
+  registered_by: string;
+  registered_at: string;
+  updated_at: string;
+  position: number;
+};
+
+export type Page<T> = { items: T[]; next: string | null };
+
+export type TimelineEntry = {
+  sequence: number;
+  event_id: string;
+  event_type: string;
+  actor_kind: string;
+  actor_id: string;
+  recorded_at: string;
+  hash: string;
+  position: number;
+};
+
+export type AppConfig = {
+  auth:
+    | { mode: "dev" | "none" }
+    | { mode: "cognito"; domain: string; client_id: string; redirect_url: string };
+  ws_url: string | null;
+};
+
+export const WRITERS = ["pathologist", "admin"];
+export const AUDITORS = ["auditor"];
+
+export function holds(identity: Identity | null, roles: string[]): boolean {
+  return !!identity && identity.roles.some((r) => roles.includes(r));
+}

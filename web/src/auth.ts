@@ -1,0 +1,106 @@
+// The session: the ID token in memory, renewed before it expires, and signing in and out in
+// either of the two ways `GET /api/app-config` names (mira dev's sign-in, or Cognito).
+
+import { type AppConfig, claimsOf, type Identity, identityOf } from "./api";
+import {
+  authorizeUrl,
+  type CognitoConfig,
+  challengeOf,
+  codeExchange,
+  createVerifier,
+  postToken,
+  refreshDelay,
+  refreshExchange,
+} from "./pkce";
+
+export type Session = Identity & { token: string; exp: number };
+
+type Listener = (s: Session | null) => void;
+
+let current: Session | null = null;
+let refreshToken: string | null = null;
+let timer: ReturnType<typeof setTimeout> | undefined;
+let renew: (() => Promise<void>) | null = null;
+const listeners = new Set<Listener>();
+
+export function session(): Session | null {
+  return current;
+}
+
+export function onSession(l: Listener): () => void {
+  listeners.add(l);
+  return () => listeners.delete(l);
+}
+
+function set(token: string | null): void {
+  clearTimeout(timer);
+  current = token ? { ...identityOf(token), token } : null;
+  for (const l of listeners) l(current);
+  if (current && renew) {
+    const iat = Number(claimsOf(current.token).iat ?? current.exp - 3600);
+    const again = renew;
+    timer = setTimeout(
+      () => {
+        again().catch(() => set(null));
+      },
+      refreshDelay(iat, current.exp, Date.now()),
+    );
+  }
+}
+
+/** mira dev: a token for any user, tenant and role. */
+export async function devSignIn(user: string, tenant: string, roles: string[]): Promise<void> {
+  const get = async () => {
+    const res = await fetch("/dev/sign-in", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ user, tenant, roles }),
+    });
+    const body = await res.json().catch(() => ({}));
+    if (!res.ok) throw new Error(body.detail ?? `sign-in failed (${res.status})`);
+    return body.id_token as string;
+  };
+  renew = async () => set(await get());
+  set(await get());
+}
+
+const VERIFIER = "mira.pkce.verifier";
+const STATE = "mira.pkce.state";
+
+/** Cognito: off to the Hosted UI. */
+export async function cognitoSignIn(cfg: CognitoConfig): Promise<void> {
+  const verifier = createVerifier();
+  const state = createVerifier();
+  sessionStorage.setItem(VERIFIER, verifier);
+  sessionStorage.setItem(STATE, state);
+  location.assign(authorizeUrl(cfg, await challengeOf(verifier), state));
+}
+
+/** Cognito: back from the Hosted UI with `?code=&state=`. */
+export async function cognitoCallback(cfg: CognitoConfig, params: URLSearchParams): Promise<void> {
+  const verifier = sessionStorage.getItem(VERIFIER);
+  const state = sessionStorage.getItem(STATE);
+  sessionStorage.removeItem(VERIFIER);
+  sessionStorage.removeItem(STATE);
+  const code = params.get("code");
+  if (!verifier || !code || params.get("state") !== state)
+    throw new Error("the sign-in did not come back as sent: try again");
+  const t = await postToken(codeExchange(cfg, code, verifier));
+  refreshToken = t.refresh_token ?? null;
+  renew = async () => {
+    if (!refreshToken) throw new Error("no refresh token");
+    set((await postToken(refreshExchange(cfg, refreshToken))).id_token);
+  };
+  set(t.id_token);
+}
+
+export function signOut(config: AppConfig | null): void {
+  renew = null;
+  refreshToken = null;
+  set(null);
+  if (config?.auth.mode === "cognito") {
+    const a = config.auth;
+    const q = new URLSearchParams({ client_id: a.client_id, logout_uri: new URL("/", location.href).href });
+    location.assign(`${a.domain}/logout?${q}`);
+  }
+}

@@ -1,0 +1,106 @@
+// The live feed: `GET /ws` with the token as a subprotocol. Every message carries the read
+// models' position; after a dropped connection the feed reconnects with `?since=<position>`,
+// so the server first sends everything that changed meanwhile. The state says whether the
+// page is live or catching up.
+
+export type FeedState = "connecting" | "live" | "reconnecting" | "closed";
+
+export type FeedMessage = { type: string; position: number; job?: unknown; slide?: unknown };
+
+export type WebSocketLike = {
+  onopen: ((e: unknown) => void) | null;
+  onmessage: ((e: { data: unknown }) => void) | null;
+  onclose: ((e: { code: number }) => void) | null;
+  onerror: ((e: unknown) => void) | null;
+  close(code?: number): void;
+};
+
+export type FeedOptions = {
+  /** The socket URL, `ws://host/ws` or `Realtime__WebSocketUrl`. */
+  url: string;
+  token: () => string | null;
+  onMessage: (m: FeedMessage) => void;
+  onState: (s: FeedState) => void;
+  open?: (url: string, protocols: string[]) => WebSocketLike;
+  /** Wait before the n-th reconnect (from 1), in ms. */
+  backoff?: (n: number) => number;
+  schedule?: (f: () => void, ms: number) => void;
+};
+
+export class LiveFeed {
+  position = 0;
+  private socket: WebSocketLike | null = null;
+  private stopped = false;
+  private failures = 0;
+  private state: FeedState = "connecting";
+
+  constructor(private readonly o: FeedOptions) {}
+
+  start(): void {
+    this.stopped = false;
+    this.connect();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.socket?.close(1000);
+    this.setState("closed");
+  }
+
+  /** Drops the connection as a network failure would (the page then catches up). */
+  drop(): void {
+    this.socket?.close(4000);
+  }
+
+  private setState(s: FeedState): void {
+    if (s !== this.state) {
+      this.state = s;
+      this.o.onState(s);
+    }
+  }
+
+  /** The URL of the next connection: with `since` once a position is known. */
+  nextUrl(): string {
+    if (!this.position) return this.o.url;
+    const sep = this.o.url.includes("?") ? "&" : "?";
+    return `${this.o.url}${sep}since=${this.position}`;
+  }
+
+  private connect(): void {
+    const token = this.o.token();
+    if (!token || this.stopped) return;
+    const open = this.o.open ?? ((u: string, p: string[]) => new WebSocket(u, p) as unknown as WebSocketLike);
+    const s = open(this.nextUrl(), ["mira.v1", token]);
+    this.socket = s;
+    s.onopen = () => {
+      this.failures = 0;
+      this.setState("live");
+    };
+    s.onmessage = (e) => {
+      let m: FeedMessage;
+      try {
+        m = JSON.parse(String(e.data));
+      } catch {
+        return;
+      }
+      if (typeof m.position === "number" && m.position > this.position) this.position = m.position;
+      this.o.onMessage(m);
+    };
+    s.onerror = () => {};
+    s.onclose = () => {
+      if (this.socket !== s) return;
+      this.socket = null;
+      if (this.stopped) return;
+      this.failures += 1;
+      this.setState("reconnecting");
+      const wait = (this.o.backoff ?? ((n) => Math.min(10_000, 250 * 2 ** (n - 1))))(this.failures);
+      (this.o.schedule ?? ((f, ms) => setTimeout(f, ms)))(() => this.connect(), wait);
+    };
+  }
+}
+
+/** The socket URL for a page at `location`, unless the API names another. */
+export function socketUrl(loc: { protocol: string; host: string }, configured: string | null): string {
+  if (configured) return configured;
+  return `${loc.protocol === "https:" ? "wss:" : "ws:"}//${loc.host}/ws`;
+}

@@ -1,0 +1,150 @@
+import { useCallback, useEffect, useState } from "preact/hooks";
+import { AUDITORS, api, holds } from "../api";
+import type { Session } from "../auth";
+import { shortHash, time } from "../format";
+
+type AuditEvent = {
+  global_position: number;
+  event_id: string;
+  aggregate_type: string;
+  aggregate_id: string;
+  sequence: number;
+  event_type: string;
+  recorded_at: string;
+  metadata: { actor?: { kind?: string; id?: string } };
+  hash: string;
+  payload: unknown;
+};
+
+type Filters = { aggregate_id: string; event_type: string; from: string; to: string };
+
+function query(f: Filters, after: number | null): string {
+  const q = new URLSearchParams({ limit: "200" });
+  if (after) q.set("after", String(after));
+  if (f.aggregate_id.trim()) q.set("aggregate_id", f.aggregate_id.trim());
+  if (f.from) q.set("from", new Date(f.from).toISOString());
+  if (f.to) q.set("to", new Date(f.to).toISOString());
+  return `/api/audit/events?${q}`;
+}
+
+export function AuditPage(props: { who: Session }) {
+  const [filters, setFilters] = useState<Filters>({ aggregate_id: "", event_type: "", from: "", to: "" });
+  const [events, setEvents] = useState<AuditEvent[]>([]);
+  const [next, setNext] = useState<number | null>(null);
+  const [error, setError] = useState("");
+
+  const load = useCallback(
+    async (after: number | null) => {
+      setError("");
+      try {
+        const page = await api<{ items: AuditEvent[]; next: number | null }>(query(filters, after));
+        setEvents((e) => (after ? [...e, ...page.items] : page.items));
+        setNext(page.next);
+      } catch (e) {
+        setError((e as Error).message);
+      }
+    },
+    [filters],
+  );
+
+  useEffect(() => {
+    if (holds(props.who, AUDITORS)) load(null);
+  }, []);
+
+  if (!holds(props.who, AUDITORS)) return <p role="alert">The audit trail needs the auditor role.</p>;
+  const shown = events.filter((e) => !filters.event_type || e.event_type === filters.event_type);
+
+  /** Every event the filters select, as JSON Lines, downloaded. */
+  const exportAll = async () => {
+    const all: AuditEvent[] = [];
+    let after: number | null = null;
+    do {
+      const page: { items: AuditEvent[]; next: number | null } = await api(query(filters, after));
+      all.push(...page.items.filter((e) => !filters.event_type || e.event_type === filters.event_type));
+      after = page.next;
+    } while (after);
+    const blob = new Blob([all.map((e) => JSON.stringify(e)).join("\n")], { type: "application/x-ndjson" });
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = `mira-audit-${props.who.tenant}.jsonl`;
+    a.click();
+    setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+  };
+
+  const set = (k: keyof Filters) => (e: Event) =>
+    setFilters({ ...filters, [k]: (e.currentTarget as HTMLInputElement).value });
+  return (
+    <section aria-labelledby="audit-title">
+      <h1 id="audit-title">Audit trail</h1>
+      <form
+        class="filters"
+        onSubmit={(e) => {
+          e.preventDefault();
+          load(null);
+        }}
+      >
+        <label>
+          Aggregate id
+          <input value={filters.aggregate_id} onInput={set("aggregate_id")} />
+        </label>
+        <label>
+          Event type
+          <input value={filters.event_type} onInput={set("event_type")} placeholder="JobSucceeded" />
+        </label>
+        <label>
+          From
+          <input type="datetime-local" value={filters.from} onInput={set("from")} />
+        </label>
+        <label>
+          To
+          <input type="datetime-local" value={filters.to} onInput={set("to")} />
+        </label>
+        <button type="submit">Filter</button>
+        <button type="button" onClick={() => exportAll().catch((e) => setError((e as Error).message))}>
+          Export (JSON Lines)
+        </button>
+      </form>
+      {error && (
+        <p role="alert" class="error">
+          {error}
+        </p>
+      )}
+      <table>
+        <caption class="visually-hidden">The tenant's events from the log</caption>
+        <thead>
+          <tr>
+            <th scope="col">Position</th>
+            <th scope="col">Time</th>
+            <th scope="col">Aggregate</th>
+            <th scope="col">Event</th>
+            <th scope="col">Actor</th>
+            <th scope="col">Hash</th>
+          </tr>
+        </thead>
+        <tbody>
+          {shown.map((e) => (
+            <tr key={e.event_id}>
+              <td>{e.global_position}</td>
+              <td>{time(e.recorded_at)}</td>
+              <td>
+                {e.aggregate_type} {e.aggregate_id.slice(0, 8)} #{e.sequence}
+              </td>
+              <td>{e.event_type}</td>
+              <td>
+                {e.metadata.actor?.kind}: {e.metadata.actor?.id}
+              </td>
+              <td>
+                <code title={e.hash}>{shortHash(e.hash)}</code>
+              </td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      {next && (
+        <button type="button" onClick={() => load(next)}>
+          Load more
+        </button>
+      )}
+    </section>
+  );
+}

@@ -1,0 +1,122 @@
+import { useCallback, useEffect, useState } from "preact/hooks";
+import { ApiError, api, type Job, type TimelineEntry } from "../api";
+import { Link, useLive } from "../app";
+import type { Session } from "../auth";
+import { shortHash, time } from "../format";
+import type { FeedMessage } from "../live";
+import { JobActions, JobProgress } from "./jobs";
+import { Badge } from "./slides";
+
+export function JobPage(props: { id: string; who: Session }) {
+  const [job, setJob] = useState<Job | null>(null);
+  const [events, setEvents] = useState<TimelineEntry[]>([]);
+  const [error, setError] = useState("");
+  const [copied, setCopied] = useState("");
+
+  const load = useCallback(async () => {
+    try {
+      const [j, t] = await Promise.all([
+        api<Job>(`/api/jobs/${props.id}`),
+        api<{ events: TimelineEntry[] }>(`/api/jobs/${props.id}/events`),
+      ]);
+      setJob(j);
+      setEvents(t.events);
+    } catch (e) {
+      setError(
+        e instanceof ApiError && e.status === 404
+          ? "Not found: no such job in your tenant."
+          : (e as Error).message,
+      );
+    }
+  }, [props.id]);
+
+  useEffect(() => {
+    load();
+  }, [load]);
+
+  useLive(
+    useCallback(
+      (m: FeedMessage) => {
+        if (m.type === "job.updated" && (m.job as Job | undefined)?.job_id === props.id) load();
+      },
+      [props.id, load],
+    ),
+  );
+
+  if (error)
+    return (
+      <p role="alert" class="error">
+        {error}
+      </p>
+    );
+  if (!job) return <p>Loading…</p>;
+  return (
+    <section aria-labelledby="job-title">
+      <h1 id="job-title">Job {job.job_id.slice(0, 8)}</h1>
+      <dl class="facts">
+        <dt>Status</dt>
+        <dd>
+          <Badge status={job.status} /> <JobProgress job={job} />
+        </dd>
+        <dt>Kind</dt>
+        <dd>
+          {job.kind} <code>{JSON.stringify(job.params)}</code>
+        </dd>
+        <dt>Attempt</dt>
+        <dd>
+          {job.attempt} of {job.max_attempts}
+        </dd>
+        <dt>Submitted</dt>
+        <dd>
+          {time(job.submitted_at)} by {job.submitted_by}
+        </dd>
+        {job.failure && (
+          <>
+            <dt>Failure</dt>
+            <dd>{job.failure}</dd>
+          </>
+        )}
+      </dl>
+      <p>
+        <JobActions job={job} who={props.who} onChange={setJob} />
+        {job.status === "succeeded" && <Link href={`/jobs/${job.job_id}/view`}>Open the viewer</Link>}
+      </p>
+      <h2>Timeline</h2>
+      <table>
+        <caption class="visually-hidden">The job's events from the log, oldest first</caption>
+        <thead>
+          <tr>
+            <th scope="col">#</th>
+            <th scope="col">Time</th>
+            <th scope="col">Event</th>
+            <th scope="col">Actor</th>
+            <th scope="col">Hash</th>
+          </tr>
+        </thead>
+        <tbody>
+          {events.map((e) => (
+            <tr key={e.event_id} data-event={e.event_type}>
+              <td>{e.sequence}</td>
+              <td>{time(e.recorded_at)}</td>
+              <td>{e.event_type}</td>
+              <td>
+                {e.actor_kind}: {e.actor_id}
+              </td>
+              <td>
+                <code title={e.hash}>{shortHash(e.hash)}</code>{" "}
+                <button
+                  type="button"
+                  class="small"
+                  aria-label={`Copy the hash of event ${e.sequence}`}
+                  onClick={() => navigator.clipboard?.writeText(e.hash).then(() => setCopied(e.hash))}
+                >
+                  {copied === e.hash ? "Copied" : "Copy"}
+                </button>
+              </td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+    </section>
+  );
+}

@@ -1,0 +1,186 @@
+import { useCallback, useEffect, useState } from "preact/hooks";
+import { api, holds, type Job, type Page, WRITERS } from "../api";
+import { Link, useLive } from "../app";
+import type { Session } from "../auth";
+import { percent, time } from "../format";
+import type { FeedMessage } from "../live";
+import { Badge } from "./slides";
+
+const ACTIVE = ["submitted", "queued", "running", "retry_scheduled"];
+export const STATUSES = [
+  "submitted",
+  "queued",
+  "running",
+  "retry_scheduled",
+  "cancel_requested",
+  "succeeded",
+  "failed",
+  "cancelled",
+];
+
+export function JobProgress(props: { job: Job }) {
+  const p = props.job.progress;
+  if (props.job.status === "succeeded") return <span>done</span>;
+  if (!p) return <span class="muted">—</span>;
+  const pct = percent(p.done, p.total);
+  return (
+    <span class="progress">
+      <progress max={100} value={pct} aria-label={`Job ${props.job.job_id.slice(0, 8)} progress`} />
+      <span>{pct} %</span>
+    </span>
+  );
+}
+
+export function JobActions(props: { job: Job; who: Session; onChange: (j: Job) => void }) {
+  const [error, setError] = useState("");
+  if (!holds(props.who, WRITERS)) return null;
+  const act = async (what: "cancel" | "retry") => {
+    setError("");
+    try {
+      await api(`/api/jobs/${props.job.job_id}/${what}`, {
+        method: "POST",
+        body: what === "cancel" ? {} : undefined,
+      });
+      props.onChange(await api<Job>(`/api/jobs/${props.job.job_id}`));
+    } catch (e) {
+      setError((e as Error).message);
+    }
+  };
+  return (
+    <span class="actions">
+      {ACTIVE.includes(props.job.status) && (
+        <button type="button" onClick={() => act("cancel")}>
+          Cancel
+        </button>
+      )}
+      {["failed", "cancelled"].includes(props.job.status) && (
+        <button type="button" onClick={() => act("retry")}>
+          Retry
+        </button>
+      )}
+      {error && (
+        <span role="alert" class="error">
+          {error}
+        </span>
+      )}
+    </span>
+  );
+}
+
+export function JobsPage(props: { who: Session }) {
+  const [jobs, setJobs] = useState<Job[]>([]);
+  const [next, setNext] = useState<string | null>(null);
+  const [status, setStatus] = useState("");
+  const [error, setError] = useState("");
+
+  const load = useCallback(
+    async (cursor: string | null) => {
+      try {
+        const q = new URLSearchParams({ limit: "50" });
+        if (cursor) q.set("cursor", cursor);
+        if (status) q.set("status", status);
+        const page = await api<Page<Job>>(`/api/jobs?${q}`);
+        setJobs((j) => (cursor ? [...j, ...page.items] : page.items));
+        setNext(page.next);
+      } catch (e) {
+        setError((e as Error).message);
+      }
+    },
+    [status],
+  );
+
+  useEffect(() => {
+    load(null);
+  }, [load]);
+
+  const upsert = useCallback(
+    (j: Job) =>
+      setJobs((all) => {
+        const i = all.findIndex((x) => x.job_id === j.job_id);
+        if (i >= 0 && all[i].position > j.position) return all;
+        if (status && j.status !== status) return all.filter((x) => x.job_id !== j.job_id);
+        if (i < 0) return [j, ...all].sort((a, b) => b.submitted_at.localeCompare(a.submitted_at));
+        const copy = [...all];
+        copy[i] = j;
+        return copy;
+      }),
+    [status],
+  );
+
+  useLive(
+    useCallback(
+      (m: FeedMessage) => {
+        if (m.type === "job.updated" && m.job) upsert(m.job as Job);
+      },
+      [upsert],
+    ),
+  );
+
+  return (
+    <section aria-labelledby="jobs-title">
+      <h1 id="jobs-title">Jobs</h1>
+      <label class="search">
+        Status
+        <select value={status} onChange={(e) => setStatus(e.currentTarget.value)}>
+          <option value="">any</option>
+          {STATUSES.map((s) => (
+            <option key={s} value={s}>
+              {s.replace(/_/g, " ")}
+            </option>
+          ))}
+        </select>
+      </label>
+      {error && (
+        <p role="alert" class="error">
+          {error}
+        </p>
+      )}
+      <table>
+        <caption class="visually-hidden">Jobs, newest first; they update live</caption>
+        <thead>
+          <tr>
+            <th scope="col">Job</th>
+            <th scope="col">Status</th>
+            <th scope="col">Progress</th>
+            <th scope="col">Attempt</th>
+            <th scope="col">Submitted</th>
+            <th scope="col">
+              <span class="visually-hidden">Actions</span>
+            </th>
+          </tr>
+        </thead>
+        <tbody>
+          {jobs.map((j) => (
+            <tr key={j.job_id} data-job={j.job_id} data-status={j.status}>
+              <td>
+                <Link href={`/jobs/${j.job_id}`}>{j.job_id.slice(0, 8)}</Link>{" "}
+                <span class="muted">{String(j.params.normalize ?? "")}</span>
+              </td>
+              <td>
+                <Badge status={j.status} />
+                {j.failure && <div class="reason">{j.failure}</div>}
+              </td>
+              <td>
+                <JobProgress job={j} />
+              </td>
+              <td>
+                {j.attempt} of {j.max_attempts}
+              </td>
+              <td>{time(j.submitted_at)}</td>
+              <td>
+                <JobActions job={j} who={props.who} onChange={upsert} />
+                {j.status === "succeeded" && <Link href={`/jobs/${j.job_id}/view`}>View</Link>}
+              </td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      {jobs.length === 0 && <p class="muted">No jobs yet: process a slide from the Slides page.</p>}
+      {next && (
+        <button type="button" onClick={() => load(next)}>
+          Load more
+        </button>
+      )}
+    </section>
+  );
+}

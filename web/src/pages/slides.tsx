@@ -1,0 +1,228 @@
+import { useCallback, useEffect, useRef, useState } from "preact/hooks";
+import { api, holds, type Page, type Slide, WRITERS } from "../api";
+import { navigate, useLive } from "../app";
+import type { Session } from "../auth";
+import { bytes, time } from "../format";
+import type { FeedMessage } from "../live";
+import { planUpload, runUpload, slideContentType, type UploadAnswer, type UploadProgress } from "../upload";
+import { JobForm } from "./jobform";
+
+export function Badge(props: { status: string }) {
+  return <span class={`badge badge-${props.status}`}>{props.status.replace(/_/g, " ")}</span>;
+}
+
+type Upload = {
+  name: string;
+  progress: UploadProgress;
+  cancel: AbortController;
+  error?: string;
+  done?: boolean;
+};
+
+export function SlidesPage(props: { who: Session }) {
+  const [slides, setSlides] = useState<Slide[]>([]);
+  const [next, setNext] = useState<string | null>(null);
+  const [error, setError] = useState("");
+  const [query, setQuery] = useState("");
+  const [upload, setUpload] = useState<Upload | null>(null);
+  const [processing, setProcessing] = useState<string | null>(null);
+  const [dragging, setDragging] = useState(false);
+  const input = useRef<HTMLInputElement>(null);
+  const canWrite = holds(props.who, WRITERS);
+
+  const load = useCallback(async (cursor: string | null) => {
+    try {
+      const q = new URLSearchParams({ limit: "50" });
+      if (cursor) q.set("cursor", cursor);
+      const page = await api<Page<Slide>>(`/api/slides?${q}`);
+      setSlides((s) => (cursor ? [...s, ...page.items] : page.items));
+      setNext(page.next);
+    } catch (e) {
+      setError((e as Error).message);
+    }
+  }, []);
+
+  useEffect(() => {
+    load(null);
+  }, [load]);
+
+  useLive(
+    useCallback((m: FeedMessage) => {
+      if (m.type !== "slide.updated" || !m.slide) return;
+      const s = m.slide as Slide;
+      setSlides((all) => {
+        const i = all.findIndex((x) => x.slide_id === s.slide_id);
+        if (i < 0) return [s, ...all];
+        const copy = [...all];
+        copy[i] = s;
+        return copy;
+      });
+    }, []),
+  );
+
+  const start = async (file: File) => {
+    const cancel = new AbortController();
+    const state: Upload = {
+      name: file.name,
+      progress: { sent: 0, total: file.size, bytesPerSecond: 0 },
+      cancel,
+    };
+    setUpload(state);
+    try {
+      const created = await api<{ slide_id: string; upload: UploadAnswer }>("/api/slides", {
+        method: "POST",
+        body: {
+          name: file.name,
+          size_bytes: file.size,
+          content_type: slideContentType(file.name),
+          file_name: file.name,
+        },
+        headers: { "Idempotency-Key": crypto.randomUUID() },
+      });
+      const plan = planUpload(file.size, created.upload);
+      const done = await runUpload(file, plan, {
+        signal: cancel.signal,
+        onProgress: (p) => setUpload((u) => (u && u.cancel === cancel ? { ...u, progress: p } : u)),
+      });
+      await api(`/api/slides/${created.slide_id}/uploaded`, {
+        method: "POST",
+        body: plan.kind === "multipart" ? { upload_id: plan.uploadId, parts: done.parts } : {},
+      });
+      setUpload((u) => (u && u.cancel === cancel ? { ...u, done: true } : u));
+      load(null);
+    } catch (e) {
+      const err = e as Error;
+      const message = err.name === "AbortError" ? "Cancelled." : err.message;
+      setUpload((u) => (u && u.cancel === cancel ? { ...u, error: message } : u));
+    }
+  };
+
+  const shown = slides.filter((s) => !query || (s.name ?? "").toLowerCase().includes(query.toLowerCase()));
+  const p = upload?.progress;
+  const pct = p?.total ? Math.floor((p.sent / p.total) * 100) : 0;
+
+  return (
+    <section aria-labelledby="slides-title">
+      <h1 id="slides-title">Slides</h1>
+      {canWrite && (
+        // biome-ignore lint/a11y/noStaticElementInteractions: dropping a file adds to the file picker inside, which the keyboard reaches.
+        <div
+          class={`dropzone${dragging ? " dragging" : ""}`}
+          onDragOver={(e) => {
+            e.preventDefault();
+            setDragging(true);
+          }}
+          onDragLeave={() => setDragging(false)}
+          onDrop={(e) => {
+            e.preventDefault();
+            setDragging(false);
+            const f = e.dataTransfer?.files?.[0];
+            if (f) start(f);
+          }}
+        >
+          <p>Drop a slide here, or</p>
+          <label class="button">
+            Choose a slide file
+            <input
+              ref={input}
+              type="file"
+              class="visually-hidden"
+              accept=".svs,.tif,.tiff,.ndpi,.scn,.mrxs,.vms,.bif"
+              onChange={(e) => {
+                const f = e.currentTarget.files?.[0];
+                if (f) start(f);
+                e.currentTarget.value = "";
+              }}
+            />
+          </label>
+        </div>
+      )}
+      {upload && (
+        <div class="upload" aria-live="polite">
+          <p>
+            {upload.done ? "Uploaded" : upload.error ? "Upload stopped" : "Uploading"}{" "}
+            <strong>{upload.name}</strong>
+          </p>
+          <progress max={100} value={pct} aria-label={`Upload of ${upload.name}`} data-percent={pct} />
+          <p class="muted">
+            {pct} % · {bytes(p?.sent ?? 0)} of {bytes(p?.total ?? 0)} ·{" "}
+            {bytes(Math.round(p?.bytesPerSecond ?? 0))}/s
+          </p>
+          {!upload.done && !upload.error && (
+            <button type="button" onClick={() => upload.cancel.abort()}>
+              Cancel upload
+            </button>
+          )}
+          {upload.error && (
+            <p role="alert" class="error">
+              {upload.error}
+            </p>
+          )}
+        </div>
+      )}
+      <label class="search">
+        Search by name
+        <input type="search" value={query} onInput={(e) => setQuery(e.currentTarget.value)} />
+      </label>
+      {error && (
+        <p role="alert" class="error">
+          {error}
+        </p>
+      )}
+      <table>
+        <caption class="visually-hidden">Slides, newest first</caption>
+        <thead>
+          <tr>
+            <th scope="col">Name</th>
+            <th scope="col">Status</th>
+            <th scope="col">Size</th>
+            <th scope="col">Registered</th>
+            <th scope="col">
+              <span class="visually-hidden">Actions</span>
+            </th>
+          </tr>
+        </thead>
+        <tbody>
+          {shown.map((s) => (
+            <tr key={s.slide_id} data-slide={s.slide_id}>
+              <td>{s.name ?? <em>name erased</em>}</td>
+              <td>
+                <Badge status={s.status} />
+                {s.rejection && <div class="reason">{s.rejection}</div>}
+              </td>
+              <td>{bytes(s.size_bytes)}</td>
+              <td>{time(s.registered_at)}</td>
+              <td>
+                {canWrite && ["uploaded", "verified"].includes(s.status) && (
+                  <button
+                    type="button"
+                    onClick={() => setProcessing(processing === s.slide_id ? null : s.slide_id)}
+                  >
+                    Process
+                  </button>
+                )}
+              </td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      {shown.length === 0 && <p class="muted">No slides yet.</p>}
+      {next && (
+        <button type="button" onClick={() => load(next)}>
+          Load more
+        </button>
+      )}
+      {processing && (
+        <JobForm
+          slideId={processing}
+          slideName={slides.find((s) => s.slide_id === processing)?.name ?? processing}
+          onDone={() => {
+            setProcessing(null);
+            navigate("/jobs");
+          }}
+          onCancel={() => setProcessing(null)}
+        />
+      )}
+    </section>
+  );
+}
