@@ -13,7 +13,8 @@ export default defineConfig({
     rollupOptions: {
       output: {
         // OpenSeadragon is loaded only by the viewer: its own chunk, outside the app's budget.
-        manualChunks: (id: string) => (id.includes("node_modules/openseadragon") ? "openseadragon" : undefined),
+        manualChunks: (id: string) =>
+          id.includes("node_modules/openseadragon") ? "openseadragon" : undefined,
       },
     },
   },

@@ -17,8 +17,12 @@ import AxeBuilder from "@axe-core/playwright";
 import { chromium } from "playwright-core";
 
 const web = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
-const bin = process.env.MIRA_BIN ?? join(process.env.CARGO_TARGET_DIR ?? "/var/tmp/mira-target", "debug/mira");
-const slidePath = join(process.env.MIRA_TESTDATA ?? join(process.env.HOME ?? "", ".cache/mira-testdata"), "CMU-1-Small-Region.svs");
+const bin =
+  process.env.MIRA_BIN ?? join(process.env.CARGO_TARGET_DIR ?? "/var/tmp/mira-target", "debug/mira");
+const slidePath = join(
+  process.env.MIRA_TESTDATA ?? join(process.env.HOME ?? "", ".cache/mira-testdata"),
+  "CMU-1-Small-Region.svs",
+);
 const shots = resolve(process.env.MIRA_SCREENSHOTS ?? join(web, "test-results/screenshots"));
 const chromiumPath = process.env.MIRA_CHROMIUM ?? "/usr/bin/chromium";
 
@@ -53,10 +57,18 @@ before(async () => {
   mkdirSync(shots, { recursive: true });
   const port = await freePort();
   base = `http://127.0.0.1:${port}`;
-  const env = { ...process.env, Web__Dir: join(web, "dist"), XDG_RUNTIME_DIR: join(work, "run"), Worker__BandPauseMillis: "250" };
+  const env = {
+    ...process.env,
+    Web__Dir: join(web, "dist"),
+    XDG_RUNTIME_DIR: join(work, "run"),
+    Worker__BandPauseMillis: "250",
+  };
   delete env.DATABASE_URL;
   mkdirSync(env.XDG_RUNTIME_DIR, { recursive: true });
-  dev = spawn(bin, ["dev", "--listen", `127.0.0.1:${port}`, "--data-dir", join(work, "data")], { env, stdio: ["ignore", "pipe", "pipe"] });
+  dev = spawn(bin, ["dev", "--listen", `127.0.0.1:${port}`, "--data-dir", join(work, "data")], {
+    env,
+    stdio: ["ignore", "pipe", "pipe"],
+  });
   dev.stdout.on("data", (d) => (devLog += d));
   dev.stderr.on("data", (d) => (devLog += d));
   await until("mira dev to come up", () => devLog.includes("Ctrl-C") || dev.exitCode !== null, 120_000);
@@ -142,10 +154,16 @@ describe("the browser app", { concurrency: false }, () => {
     });
     await page.locator('input[type="file"]').setInputFiles(slidePath);
     const bar = page.getByRole("progressbar", { name: /Upload of CMU-1-Small-Region.svs/ });
-    await until("the upload to finish", async () => (await page.getByText("Uploaded CMU-1-Small-Region.svs").count()) > 0);
+    await until(
+      "the upload to finish",
+      async () => (await page.getByText("Uploaded CMU-1-Small-Region.svs").count()) > 0,
+    );
     assert.equal(await bar.getAttribute("data-percent"), "100");
     const row = page.locator("tr", { hasText: "CMU-1-Small-Region.svs" });
-    await until("the slide to be verified", async () => (await row.locator(".badge").textContent()) === "verified");
+    await until(
+      "the slide to be verified",
+      async () => (await row.locator(".badge").textContent()) === "verified",
+    );
     state.slideRow = row;
     await axe(page, "the slide list");
     await shot(page, "slide-list");
@@ -159,12 +177,18 @@ describe("the browser app", { concurrency: false }, () => {
       const note = (el) => {
         const id = el.getAttribute("data-job");
         const s = el.getAttribute("data-status");
-        const seen = (window.__statuses[id] ??= []);
+        window.__statuses[id] = window.__statuses[id] ?? [];
+        const seen = window.__statuses[id];
         if (seen[seen.length - 1] !== s) seen.push(s);
       };
       new MutationObserver(() => {
         for (const el of document.querySelectorAll("tr[data-job]")) note(el);
-      }).observe(document.body, { subtree: true, childList: true, attributes: true, attributeFilter: ["data-status"] });
+      }).observe(document.body, {
+        subtree: true,
+        childList: true,
+        attributes: true,
+        attributeFilter: ["data-status"],
+      });
     });
     await state.slideRow.getByRole("button", { name: "Process" }).click();
     await page.getByLabel("Stain normalisation").selectOption("macenko");
@@ -182,7 +206,11 @@ describe("the browser app", { concurrency: false }, () => {
     state.aSockets[state.aSockets.length - 1].close();
     await page.getByText("Reconnecting…").waitFor({ timeout: 10_000 });
     await page.getByText("Live", { exact: true }).waitFor({ timeout: 20_000 });
-    await until("the job to succeed", async () => (await row.getAttribute("data-status")) === "succeeded", 180_000);
+    await until(
+      "the job to succeed",
+      async () => (await row.getAttribute("data-status")) === "succeeded",
+      180_000,
+    );
     const seen = await page.evaluate((id) => window.__statuses[id], state.jobId);
     const order = ["submitted", "queued", "running", "succeeded"];
     assert.deepEqual(
@@ -248,7 +276,10 @@ describe("the browser app", { concurrency: false }, () => {
     writeFileSync(fake, "these are notes, not a slide\n".repeat(100));
     await page.locator('input[type="file"]').setInputFiles(fake);
     const row = page.locator("tr", { hasText: "notes.svs" });
-    await until("the text file to be rejected", async () => (await row.locator(".badge").textContent()) === "rejected");
+    await until(
+      "the text file to be rejected",
+      async () => (await row.locator(".badge").textContent()) === "rejected",
+    );
     const reason = await row.locator(".reason").textContent();
     assert.ok(reason && reason.length > 5, `reason: ${reason}`);
   });
@@ -267,7 +298,8 @@ describe("the browser app", { concurrency: false }, () => {
 process.on("exit", () => {
   if (process.exitCode) {
     writeFileSync(join(work, "mira-dev.log"), devLog);
-    console.error(`mira dev's log: ${join(work, "mira-dev.log")}\n${devLog.split("\n").slice(-40).join("\n")}`);
+    console.error(
+      `mira dev's log: ${join(work, "mira-dev.log")}\n${devLog.split("\n").slice(-40).join("\n")}`,
+    );
   }
 });
-
