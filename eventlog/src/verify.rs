@@ -328,6 +328,23 @@ async fn misplaced(pool: &PgPool, seq: i64, leaf: (i64, Uuid), log: (i64, Uuid))
     })
 }
 
+/// What is wrong with `e` as the event after (`last_seq`, `last_hash`) of its stream, if
+/// anything: its hash re-derived, its sequence, its `prev_hash`.
+fn chain_fault(e: &crate::StoredEvent, last_seq: i64, last_hash: Hash32) -> Option<String> {
+    if e.recompute_hash() != e.hash {
+        Some("stored fields do not match the event's hash (altered)".to_owned())
+    } else if e.sequence != last_seq + 1 {
+        Some(format!(
+            "{} {} jumps from sequence {last_seq} to {}: events are missing",
+            e.aggregate_type, e.aggregate_id, e.sequence
+        ))
+    } else if e.prev_hash != last_hash {
+        Some("prev_hash does not match the previous event of its aggregate".to_owned())
+    } else {
+        None
+    }
+}
+
 /// Walks every aggregate's stream in order: re-derives each hash and checks sequence and
 /// `prev_hash`. Returns the violation with the lowest position, if any.
 async fn chain_pass(pool: &PgPool) -> Result<Option<Violation>, sqlx::Error> {
@@ -363,19 +380,7 @@ async fn chain_pass(pool: &PgPool) -> Result<Option<Violation>, sqlx::Error> {
                 Some((t, id, s, h)) if *t == e.aggregate_type && *id == e.aggregate_id => (*s, *h),
                 _ => (0, ZERO_HASH),
             };
-            let found = if e.recompute_hash() != e.hash {
-                Some("stored fields do not match the event's hash (altered)".to_owned())
-            } else if e.sequence != last_seq + 1 {
-                Some(format!(
-                    "{} {} jumps from sequence {last_seq} to {}: events are missing",
-                    e.aggregate_type, e.aggregate_id, e.sequence
-                ))
-            } else if e.prev_hash != last_hash {
-                Some("prev_hash does not match the previous event of its aggregate".to_owned())
-            } else {
-                None
-            };
-            if let Some(reason) = found {
+            if let Some(reason) = chain_fault(&e, last_seq, last_hash) {
                 if first.as_ref().is_none_or(|v| e.global_position < v.position) {
                     first = Some(violation(e.global_position, Some(e.event_id), reason));
                 }
@@ -413,5 +418,100 @@ pub async fn verify(pool: &PgPool, key: &VerifyingKey, witness: &dyn Witness) ->
         witness: witness.describe(),
         seconds,
         events_per_second: events as f64 / seconds.max(1e-9),
+    })
+}
+
+/// What [`verify_stream`] found for one aggregate.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StreamReport {
+    pub events: u64,
+    /// Of them, those under a signed checkpoint, matched to its leaves.
+    pub checkpointed: u64,
+    pub checkpoints: u64,
+    /// The newest checkpoint the witness holds, matched in the database.
+    pub witnessed_checkpoint: Option<i64>,
+    pub seconds: f64,
+}
+
+/// Verifies one aggregate's events with the checks of [`verify`] that they alone can answer:
+/// every checkpoint's signature and chain, the newest witnessed checkpoint, each event's hash
+/// re-derived, the stream's sequence and `prev_hash` from its first event, and each event under
+/// a checkpoint matched to that checkpoint's signed leaves (whose digest is re-folded). What
+/// only the whole log shows (an event slipped into another stream, leaves naming events that
+/// are gone) is `mira audit verify`'s. `tenant` confines the read to one tenant's stream.
+pub async fn verify_stream(
+    pool: &PgPool,
+    key: &VerifyingKey,
+    witness: &dyn Witness,
+    tenant: Option<&mira_events::TenantId>,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<StreamReport, VerifyError> {
+    let started = Instant::now();
+    let cks = checkpoint::load_headers(pool).await?;
+    check_headers(&cks, key).map_err(VerifyError::Violation)?;
+    let newest = witness.newest().await?;
+    check_witness(&cks, newest.as_ref(), &witness.describe(), key).map_err(VerifyError::Violation)?;
+    let events = crate::EventLog::new(pool.clone())
+        .read_stream(tenant, aggregate_type, aggregate_id, 0)
+        .await?;
+    let (mut last_seq, mut last_hash) = (0, ZERO_HASH);
+    let mut leaves: std::collections::HashMap<i64, Vec<u8>> = std::collections::HashMap::new();
+    let mut checkpointed = 0u64;
+    for e in &events {
+        if let Some(reason) = chain_fault(e, last_seq, last_hash) {
+            return Err(VerifyError::Violation(violation(
+                e.global_position,
+                Some(e.event_id),
+                reason,
+            )));
+        }
+        (last_seq, last_hash) = (e.sequence, e.hash);
+        // The checkpoint whose range holds this event, if one does yet.
+        let Some(c) = cks.get(cks.partition_point(|c| c.upto < e.cursor())) else {
+            continue;
+        };
+        if !leaves.contains_key(&c.seq) {
+            let bytes = checkpoint::load_leaves(pool, c.seq).await?;
+            if bytes.len() as i64 != c.leaves_len || fold_leaves(c.prev_digest, &bytes) != c.digest {
+                return Err(VerifyError::Violation(violation(
+                    c.upto.position,
+                    None,
+                    format!("checkpoint {}'s leaves do not match its signed digest", c.seq),
+                )));
+            }
+            leaves.insert(c.seq, bytes);
+        }
+        let leaf = leaves[&c.seq].chunks_exact(LEAF_LEN).find(|l| {
+            i64::from_be_bytes(l[..8].try_into().expect("8 bytes")) == e.global_position
+                && l[8..24] == *e.event_id.as_bytes()
+        });
+        match leaf {
+            None => {
+                return Err(VerifyError::Violation(violation(
+                    e.global_position,
+                    Some(e.event_id),
+                    format!("event is not covered by checkpoint {} (inserted or moved)", c.seq),
+                )))
+            }
+            Some(l) if l[24..] != e.hash => {
+                return Err(VerifyError::Violation(violation(
+                    e.global_position,
+                    Some(e.event_id),
+                    format!(
+                        "hash differs from the one signed in checkpoint {} (altered and re-hashed)",
+                        c.seq
+                    ),
+                )))
+            }
+            Some(_) => checkpointed += 1,
+        }
+    }
+    Ok(StreamReport {
+        events: events.len() as u64,
+        checkpointed,
+        checkpoints: cks.len() as u64,
+        witnessed_checkpoint: newest.map(|w| w.seq),
+        seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -925,3 +925,64 @@ async fn outside_read_committed_the_bound_does_not_pass_a_running_transaction() 
     rr.rollback().await.unwrap();
     holder.rollback().await.unwrap();
 }
+
+async fn verify_stream(db: &TestDb, audit: &Audit, id: &str) -> Result<verify::StreamReport, verify::VerifyError> {
+    verify::verify_stream(
+        &db.pool,
+        &audit.key.verifying_key(),
+        &audit.witness,
+        Some(&tenant("lab")),
+        "Job",
+        id,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn one_stream_verifies_and_its_tampering_is_named() {
+    let (db, log, audit) = checkpointed_log().await;
+    run_job(&cqrs(&log, "lab"), "lab", "j-5").await;
+    let r = verify_stream(&db, &audit, "j-2").await.unwrap();
+    assert_eq!((r.events, r.checkpointed, r.witnessed_checkpoint), (5, 5, Some(1)));
+    // Events after the last checkpoint are held by their chain alone.
+    let r = verify_stream(&db, &audit, "j-5").await.unwrap();
+    assert_eq!((r.events, r.checkpointed), (5, 0));
+    // Another tenant's stream reads as empty.
+    let other = verify::verify_stream(
+        &db.pool,
+        &audit.key.verifying_key(),
+        &audit.witness,
+        Some(&tenant("lab-x")),
+        "Job",
+        "j-2",
+    )
+    .await
+    .unwrap();
+    assert_eq!(other.events, 0);
+    // A rewritten and re-hashed event: its chain holds, the signed leaf does not.
+    let (pos, id) = rewrite_and_rehash_j2(&db, &log).await;
+    match verify_stream(&db, &audit, "j-2").await {
+        Err(verify::VerifyError::Violation(v)) => {
+            assert_eq!((v.position, v.event_id), (pos, Some(id)), "{v}");
+            assert!(v.reason.contains("signed in checkpoint 1"), "{v}");
+        }
+        other => panic!("j-2 must not verify: {other:?}"),
+    }
+    assert!(
+        verify_stream(&db, &audit, "j-1").await.is_ok(),
+        "other streams still verify"
+    );
+    // A changed byte in a stream no checkpoint covers yet: its hash.
+    let pos5 = positions_of(&db.pool, "j-5").await[1];
+    tamper(
+        &db.owner,
+        &format!(
+            "UPDATE events SET payload = overlay(payload placing 'X' from 3 for 1) WHERE global_position = {pos5}"
+        ),
+    )
+    .await;
+    match verify_stream(&db, &audit, "j-5").await {
+        Err(verify::VerifyError::Violation(v)) => assert!(v.position == pos5 && v.reason.contains("altered"), "{v}"),
+        other => panic!("j-5 must not verify: {other:?}"),
+    }
+}

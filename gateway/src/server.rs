@@ -148,6 +148,10 @@ pub async fn state(
         hub,
         dev_identity,
         web: web_config(settings),
+        audit: mira_keys::audit_verifier(settings)
+            .await
+            .map(Arc::new)
+            .map_err(|e| format!("{e:#}")),
     }))
 }
 

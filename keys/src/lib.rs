@@ -86,6 +86,49 @@ pub async fn witness(settings: &Settings) -> anyhow::Result<Arc<dyn Witness>> {
     }
 }
 
+/// What a verification needs: the trusted public key and the witness.
+pub struct AuditVerifier {
+    pub key: VerifyingKey,
+    pub witness: Arc<dyn Witness>,
+}
+
+impl std::fmt::Debug for AuditVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditVerifier")
+            .field("witness", &self.witness.describe())
+            .finish()
+    }
+}
+
+impl AuditVerifier {
+    /// One aggregate's events verified (`mira_eventlog::verify::verify_stream`).
+    pub async fn verify_stream(
+        &self,
+        pool: &PgPool,
+        tenant: &mira_events::TenantId,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<mira_eventlog::verify::StreamReport, mira_eventlog::verify::VerifyError> {
+        mira_eventlog::verify::verify_stream(
+            pool,
+            &self.key,
+            self.witness.as_ref(),
+            Some(tenant),
+            aggregate_type,
+            aggregate_id,
+        )
+        .await
+    }
+}
+
+/// The public key and the witness from the settings, as `mira audit verify` reads them.
+pub async fn audit_verifier(settings: &Settings) -> anyhow::Result<AuditVerifier> {
+    Ok(AuditVerifier {
+        key: verifying_key(settings, None).await?,
+        witness: witness(settings).await?,
+    })
+}
+
 /// The signing key and the witness, for the relay and `mira audit checkpoint`.
 pub async fn checkpointer(settings: &Settings) -> anyhow::Result<Checkpointer> {
     Ok(Checkpointer {

@@ -220,6 +220,42 @@ pub async fn events(
     Ok(Json(json!({"job_id": id, "events": rows})))
 }
 
+/// `GET /api/jobs/{id}/verify`: whether the log verifies for this job's events, with the
+/// checks of `mira audit verify` that one stream can answer (`verify_stream`). A failed
+/// verification is an answer (`verified: false` and why), not an error; 503 when this
+/// gateway has no audit key or witness to verify against.
+pub async fn verify(
+    State(state): State<AppState>,
+    who: Identity,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    who.require(READERS)?;
+    let id = parse_id(&raw, "job", JobId::parse)?;
+    if state.read.job(&who.tenant, id.as_uuid()).await?.is_none() {
+        return Err(ApiError::not_found("job"));
+    }
+    let audit = state.audit.as_ref().map_err(|why| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("this gateway cannot verify the log: {why}"),
+        )
+    })?;
+    let answer = match audit
+        .verify_stream(&state.pool, &who.tenant, "Job", &id.to_string())
+        .await
+    {
+        Ok(r) => json!({"job_id": id, "verified": true, "events": r.events, "checkpointed": r.checkpointed,
+                         "checkpoints": r.checkpoints, "witnessed_checkpoint": r.witnessed_checkpoint}),
+        Err(mira_eventlog::verify::VerifyError::Violation(v)) => {
+            tracing::error!(job_id = %id, violation = %v, "a job's events do not verify");
+            json!({"job_id": id, "verified": false, "reason": v.reason, "position": v.position, "event_id": v.event_id})
+        }
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    Ok(Json(answer))
+}
+
 /// `GET /api/jobs/{id}/results/{path}`: the manifest, the `.dzi` and the tiles of a succeeded
 /// job, as a redirect to a short-lived URL (presigned in S3, signed by the local store in
 /// `mira dev`). Only the succeeded attempt's prefix is reachable, so objects of a failed attempt

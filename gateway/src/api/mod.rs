@@ -136,6 +136,7 @@ pub const ALLOWED_METHODS: &[(&str, &str)] = &[
     ("/api/jobs/{id}/cancel", "POST"),
     ("/api/jobs/{id}/retry", "POST"),
     ("/api/jobs/{id}/events", "GET, HEAD"),
+    ("/api/jobs/{id}/verify", "GET, HEAD"),
     ("/api/jobs/{id}/results/{*path}", "GET, HEAD"),
     ("/api/audit/events", "GET, HEAD"),
     ("/api/openapi.json", "GET, HEAD"),
@@ -160,6 +161,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/jobs/{id}/retry", post(jobs::retry))
         .route("/api/jobs/{id}/events", get(jobs::events))
+        .route("/api/jobs/{id}/verify", get(jobs::verify))
         .route("/api/jobs/{id}/results/{*path}", get(jobs::results))
         .route("/api/audit/events", get(audit::events))
         .route("/api/openapi.json", get(openapi::document))

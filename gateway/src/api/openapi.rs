@@ -161,6 +161,11 @@ fn hand_written() -> Value {
                 "get": {"summary": "The job's history with actors and hashes", "parameters": [id_param("id")],
                         "responses": with(ok("200", "Timeline"), &problems(false, true, &[]))}
             },
+            "/api/jobs/{id}/verify": {
+                "get": {"summary": "Whether the log verifies for the job's events (the checks of mira audit verify one stream can answer)",
+                        "parameters": [id_param("id")],
+                        "responses": with(ok("200", "StreamVerification"), &problems(false, true, &[]))}
+            },
             "/api/jobs/{id}/results/{path}": {
                 "get": {"summary": "A result object of a succeeded job (manifest.json, slide.dzi, slide_files/…): a redirect to a short-lived URL",
                         "parameters": [id_param("id"), {"name": "path", "in": "path", "required": true, "schema": {"type": "string"}}],
@@ -255,6 +260,12 @@ fn hand_written() -> Value {
                               "properties": {"user": {"type": "string", "minLength": 1, "maxLength": 128},
                                              "tenant": {"type": "string"},
                                              "roles": {"type": "array", "items": {"enum": ["pathologist", "auditor", "admin"]}}}},
+                "StreamVerification": {"type": "object", "required": ["job_id", "verified"],
+                                       "properties": {"job_id": {"type": "string"}, "verified": {"type": "boolean"},
+                                                      "events": {"type": "integer"}, "checkpointed": {"type": "integer"},
+                                                      "checkpoints": {"type": "integer"}, "witnessed_checkpoint": {"type": ["integer", "null"]},
+                                                      "reason": {"type": "string"}, "position": {"type": "integer"},
+                                                      "event_id": {"type": ["string", "null"]}}},
                 "DevToken": {"type": "object", "required": ["id_token", "expires_at"],
                              "properties": {"id_token": {"type": "string"}, "expires_at": {"type": "string", "format": "date-time"}}},
                 "Readiness": {"type": "object", "required": ["ready", "checks"],
@@ -287,6 +298,9 @@ mod tests {
         "schema AppConfig added",
         "schema DevSignIn added",
         "schema DevToken added",
+        // The job page's verified badge.
+        "get /api/jobs/{id}/verify added",
+        "schema StreamVerification added",
         // The kinds are `JobSpec::KINDS` (an enum of one, where it was a `const`); the kind's
         // parameters (the same fields, ranges and defaults: checked below) and a timeline entry
         // are schemas of their own now.

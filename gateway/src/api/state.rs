@@ -39,6 +39,8 @@ pub struct Services {
     pub dev_identity: Option<Arc<dyn DevIdentity>>,
     /// The browser app and how it signs in.
     pub web: WebConfig,
+    /// The audit key and witness for `GET /api/jobs/{id}/verify`, or why there are none.
+    pub audit: Result<Arc<mira_keys::AuditVerifier>, String>,
     /// The key of the idempotency fingerprints, from the keyring on first use.
     pub idempotency_key: tokio::sync::OnceCell<[u8; 32]>,
 }

@@ -7,6 +7,45 @@ import type { FeedMessage } from "../live";
 import { JobActions, JobProgress } from "./jobs";
 import { Badge } from "./slides";
 
+type Verification = {
+  verified: boolean;
+  events?: number;
+  checkpointed?: number;
+  witnessed_checkpoint?: number | null;
+  reason?: string;
+  position?: number;
+};
+
+/** Whether the log verifies for this job's events (`GET /api/jobs/{id}/verify`). */
+export function VerifiedBadge(props: { id: string; version: number }) {
+  const [v, setV] = useState<Verification | null>(null);
+  const [error, setError] = useState("");
+  useEffect(() => {
+    api<Verification>(`/api/jobs/${props.id}/verify`).then(setV, (e) => setError((e as Error).message));
+  }, [props.id, props.version]);
+  if (error)
+    return (
+      <span class="badge badge-unknown" title={error}>
+        log not verified: {error}
+      </span>
+    );
+  if (!v) return <span class="badge">verifying the log…</span>;
+  if (!v.verified)
+    return (
+      <span class="badge badge-failed" role="alert">
+        log does not verify: {v.reason} (position {v.position})
+      </span>
+    );
+  const detail = `${v.events} events re-hashed and chained; ${v.checkpointed} under signed checkpoints${
+    v.witnessed_checkpoint ? `; the witness holds checkpoint ${v.witnessed_checkpoint}` : ""
+  }`;
+  return (
+    <span class="badge badge-succeeded" data-verified="yes" title={detail}>
+      log verified <span class="visually-hidden">: {detail}</span>
+    </span>
+  );
+}
+
 export function JobPage(props: { id: string; who: Session }) {
   const [job, setJob] = useState<Job | null>(null);
   const [events, setEvents] = useState<TimelineEntry[]>([]);
@@ -81,7 +120,9 @@ export function JobPage(props: { id: string; who: Session }) {
         <JobActions job={job} who={props.who} onChange={setJob} />
         {job.status === "succeeded" && <Link href={`/jobs/${job.job_id}/view`}>Open the viewer</Link>}
       </p>
-      <h2>Timeline</h2>
+      <h2>
+        Timeline <VerifiedBadge id={job.job_id} version={events.length} />
+      </h2>
       <table>
         <caption class="visually-hidden">The job's events from the log, oldest first</caption>
         <thead>

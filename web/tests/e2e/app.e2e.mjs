@@ -222,7 +222,7 @@ describe("the browser app", { concurrency: false }, () => {
     assert.equal(await page.evaluate(() => window.__loaded), "once", "the page did not reload");
   });
 
-  it("shows the job's timeline with hashes", async () => {
+  it("shows the job's timeline with hashes and the log's verified badge", async () => {
     const page = state.a;
     await page.getByRole("link", { name: state.jobId.slice(0, 8) }).click();
     await page.getByRole("heading", { name: `Job ${state.jobId.slice(0, 8)}` }).waitFor();
@@ -231,6 +231,7 @@ describe("the browser app", { concurrency: false }, () => {
     }
     const hash = await page.locator('tr[data-event="JobSucceeded"] code').getAttribute("title");
     assert.match(hash, /^[0-9a-f]{64}$/);
+    await page.locator('[data-verified="yes"]').waitFor({ timeout: 20_000 });
     await axe(page, "the job page");
     await shot(page, "job-page");
   });
