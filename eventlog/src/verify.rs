@@ -471,7 +471,7 @@ pub async fn verify_stream(
         let Some(c) = cks.get(cks.partition_point(|c| c.upto < e.cursor())) else {
             continue;
         };
-        if !leaves.contains_key(&c.seq) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = leaves.entry(c.seq) {
             let bytes = checkpoint::load_leaves(pool, c.seq).await?;
             if bytes.len() as i64 != c.leaves_len || fold_leaves(c.prev_digest, &bytes) != c.digest {
                 return Err(VerifyError::Violation(violation(
@@ -480,7 +480,7 @@ pub async fn verify_stream(
                     format!("checkpoint {}'s leaves do not match its signed digest", c.seq),
                 )));
             }
-            leaves.insert(c.seq, bytes);
+            slot.insert(bytes);
         }
         let leaf = leaves[&c.seq].chunks_exact(LEAF_LEN).find(|l| {
             i64::from_be_bytes(l[..8].try_into().expect("8 bytes")) == e.global_position
