@@ -17,11 +17,14 @@ use crate::message::EventMessage;
 use crate::topology::{Group, Names};
 use crate::{Bus, BusError, Delivery, Publisher, Queue};
 
-/// How many receives before SQS moves a message to the DLQ. The consumer parks an aggregate
-/// sooner (`park_after_receives`) when an effect keeps failing, so this catches messages the
-/// consumer cannot read, messages whose event the log does not hold, and slow work after a
-/// committed effect that keeps failing (`Apply::after_commit`).
-pub const MAX_RECEIVE_COUNT: u32 = 10;
+/// How many receives before SQS moves a message to the DLQ (`bus/topology.json`'s
+/// `dead_letter.max_receive_count`). The consumer parks an aggregate sooner
+/// (`park_after_receives`) when an effect keeps failing, so this catches messages the consumer
+/// cannot read, messages whose event the log does not hold, and slow work after a committed
+/// effect that keeps failing (`Apply::after_commit`).
+pub fn max_receive_count() -> u32 {
+    crate::topology::topology().dead_letter.max_receive_count
+}
 
 fn chain(e: &dyn std::error::Error) -> String {
     // The SDK's Display is terse; walk the sources for the reason.
@@ -156,13 +159,13 @@ async fn create_queue(
         .ok_or_else(|| BusError::Transport(format!("no URL for queue {name}")))
 }
 
+/// Every queue's attributes, from `bus/topology.json`.
 fn fifo_attrs() -> HashMap<QueueAttributeName, String> {
-    HashMap::from([
-        (QueueAttributeName::FifoQueue, "true".to_owned()),
-        (QueueAttributeName::DeduplicationScope, "messageGroup".to_owned()),
-        (QueueAttributeName::FifoThroughputLimit, "perMessageGroupId".to_owned()),
-        (QueueAttributeName::VisibilityTimeout, "30".to_owned()),
-    ])
+    crate::topology::topology()
+        .queue_attributes
+        .iter()
+        .map(|(k, v)| (QueueAttributeName::from(k.as_str()), v.clone()))
+        .collect()
 }
 
 /// Creates (or finds) the whole topology. Safe to run again: it converges on the same one.
@@ -179,8 +182,14 @@ pub async fn init(config: &aws_config::SdkConfig, names: &Names) -> Result<Topol
     let topic = sns
         .create_topic()
         .name(&names.topic)
-        .attributes("FifoTopic", "true")
-        .attributes("ContentBasedDeduplication", "false")
+        .set_attributes(Some(
+            crate::topology::topology()
+                .topic
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ))
         .send()
         .await
         .map_err(sdk)?;
@@ -196,10 +205,12 @@ pub async fn init(config: &aws_config::SdkConfig, names: &Names) -> Result<Topol
         let mut attrs = fifo_attrs();
         attrs.insert(
             QueueAttributeName::RedrivePolicy,
-            serde_json::json!({ "deadLetterTargetArn": dlq_arn, "maxReceiveCount": MAX_RECEIVE_COUNT.to_string() })
+            serde_json::json!({ "deadLetterTargetArn": dlq_arn, "maxReceiveCount": max_receive_count().to_string() })
                 .to_string(),
         );
-        let url = create_queue(sqs, &names.queue(g), HashMap::new()).await?;
+        // Created FIFO with the file's attributes (SQS fixes `FifoQueue` at creation), then given
+        // its redrive and policy, which need the ARNs.
+        let url = create_queue(sqs, &names.queue(g), fifo_attrs()).await?;
         let arn = queue_arn(sqs, &url).await?;
         // Let the topic deliver to the queue.
         attrs.insert(
@@ -230,7 +241,13 @@ pub async fn init(config: &aws_config::SdkConfig, names: &Names) -> Result<Topol
                 .topic_arn(&topic_arn)
                 .protocol("sqs")
                 .endpoint(&arn)
-                .attributes("RawMessageDelivery", "true")
+                .set_attributes(Some(
+                    crate::topology::topology()
+                        .subscription_attributes
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                ))
                 .return_subscription_arn(true)
                 .send()
                 .await

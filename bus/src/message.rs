@@ -63,6 +63,39 @@ fn hash32(s: &str, id: uuid::Uuid) -> Result<[u8; 32], MessageError> {
 }
 
 impl EventMessage {
+    /// The value of a message attribute the relay publishes (`bus/topology.json`'s
+    /// `message_attributes`), for the in-process filters.
+    pub fn attribute(&self, name: &str) -> Option<&str> {
+        match name {
+            "event_type" => Some(&self.event_type),
+            "aggregate_type" => Some(&self.aggregate_type),
+            "tenant_id" => Some(&self.tenant_id),
+            _ => None,
+        }
+    }
+
+    /// A message with placeholder fields, for tests of routing.
+    #[cfg(test)]
+    pub fn example() -> Self {
+        Self {
+            v: 1,
+            event_id: uuid::Uuid::nil(),
+            tenant_id: "lab".into(),
+            aggregate_type: "Job".into(),
+            aggregate_id: "j".into(),
+            sequence: 1,
+            global_position: 1,
+            tx_id: 1,
+            event_type: "JobSubmitted".into(),
+            event_version: "1".into(),
+            recorded_at: chrono::Utc::now(),
+            payload: "{}".into(),
+            metadata: "{}".into(),
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+
     pub fn to_body(&self) -> String {
         serde_json::to_string(self).expect("an event message always serialises")
     }

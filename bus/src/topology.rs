@@ -1,13 +1,59 @@
 //! The fan-out topology of DESIGN §5.2: one FIFO topic, and one FIFO queue per consumer group,
-//! each with its filter and its dead-letter queue. `mira bus init` and Pulumi create exactly
-//! this; the in-memory bus applies the same filters.
+//! each with its filter and its dead-letter queue. It is one data file, `bus/topology.json`,
+//! compiled in here: `mira bus init` creates exactly it, the in-memory bus applies its filters,
+//! and the Pulumi program (`pulumi/`) reads the same file.
 
-use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use serde::{Deserialize, Serialize};
 
 use crate::message::EventMessage;
 
+/// `bus/topology.json` as written.
+pub const TOPOLOGY_JSON: &str = include_str!("../topology.json");
+
+/// The topology file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Topology {
+    pub topic: TopicSpec,
+    pub queue_attributes: BTreeMap<String, String>,
+    pub dead_letter: DeadLetterSpec,
+    pub subscription_attributes: BTreeMap<String, String>,
+    /// The message attributes every published event carries (what filter policies can name).
+    pub message_attributes: Vec<String>,
+    pub queues: Vec<QueueSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct TopicSpec {
+    pub default_name: String,
+    pub attributes: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct DeadLetterSpec {
+    pub suffix: String,
+    pub max_receive_count: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct QueueSpec {
+    pub group: Group,
+    /// The SNS filter policy on message attributes; `null` for every event.
+    pub filter_policy: Option<BTreeMap<String, Vec<String>>>,
+}
+
+/// The topology, parsed once. The file is part of the build: a malformed one fails the tests
+/// (`the_topology_file_is_whole`), never a running process.
+pub fn topology() -> &'static Topology {
+    static T: LazyLock<Topology> =
+        LazyLock::new(|| serde_json::from_str(TOPOLOGY_JSON).unwrap_or_else(|e| panic!("bus/topology.json: {e}")));
+    &T
+}
+
 /// A consumer group's queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Group {
     /// Every event.
@@ -29,21 +75,25 @@ impl Group {
         }
     }
 
-    /// The SNS filter policy on message attributes, or `None` for everything.
-    pub fn filter_policy(self) -> Option<serde_json::Value> {
-        match self {
-            Group::Projections => None,
-            Group::GpuJobs => Some(serde_json::json!({ "event_type": ["JobQueued", "SlideUploaded"] })),
-            Group::Handlers => Some(serde_json::json!({ "aggregate_type": ["Job", "Slide"] })),
-        }
+    fn spec(self) -> Option<&'static QueueSpec> {
+        topology().queues.iter().find(|q| q.group == self)
     }
 
-    /// The same filter, applied in process.
+    /// The SNS filter policy on message attributes, or `None` for everything.
+    pub fn filter_policy(self) -> Option<serde_json::Value> {
+        self.spec()
+            .and_then(|q| q.filter_policy.as_ref())
+            .map(|p| serde_json::to_value(p).unwrap_or_default())
+    }
+
+    /// The same filter, applied in process: every attribute the policy names has one of its
+    /// values.
     pub fn admits(self, m: &EventMessage) -> bool {
-        match self {
-            Group::Projections => true,
-            Group::GpuJobs => m.event_type == "JobQueued" || m.event_type == "SlideUploaded",
-            Group::Handlers => m.aggregate_type == "Job" || m.aggregate_type == "Slide",
+        match self.spec().and_then(|q| q.filter_policy.as_ref()) {
+            None => true,
+            Some(policy) => policy
+                .iter()
+                .all(|(attr, values)| m.attribute(attr).is_some_and(|v| values.iter().any(|x| x == v))),
         }
     }
 }
@@ -68,7 +118,7 @@ impl Names {
 impl Default for Names {
     fn default() -> Self {
         Self {
-            topic: "mira-events.fifo".into(),
+            topic: topology().topic.default_name.clone(),
             queue_prefix: "mira-".into(),
         }
     }
@@ -82,7 +132,12 @@ impl Names {
 
     /// `<prefix>projections-dlq.fifo`: `-dlq` after the queue name, `.fifo` kept last.
     pub fn dlq(&self, g: Group) -> String {
-        format!("{}{}-dlq.fifo", self.queue_prefix, g.suffix())
+        format!(
+            "{}{}{}.fifo",
+            self.queue_prefix,
+            g.suffix(),
+            topology().dead_letter.suffix
+        )
     }
 }
 
@@ -96,6 +151,35 @@ mod tests {
         assert_eq!(n.queue(Group::GpuJobs), "mira-gpu-jobs.fifo");
         assert_eq!(n.dlq(Group::Handlers), "mira-handlers-dlq.fifo");
         assert_eq!(n.topic, "mira-events.fifo");
+    }
+
+    #[test]
+    fn the_topology_file_is_whole() {
+        let t = topology();
+        let groups: Vec<Group> = t.queues.iter().map(|q| q.group).collect();
+        assert_eq!(groups, Group::ALL, "one queue per group, in order");
+        for q in &t.queues {
+            for attr in q.filter_policy.iter().flat_map(|p| p.keys()) {
+                assert!(t.message_attributes.contains(attr), "{attr} is not published");
+            }
+        }
+        assert_eq!(t.queue_attributes["FifoQueue"], "true");
+        assert!(t.dead_letter.max_receive_count >= 1);
+    }
+
+    #[test]
+    fn the_in_process_filters_are_the_files() {
+        let m = |event_type: &str, aggregate_type: &str| EventMessage {
+            event_type: event_type.into(),
+            aggregate_type: aggregate_type.into(),
+            ..EventMessage::example()
+        };
+        assert!(Group::GpuJobs.admits(&m("JobQueued", "Job")));
+        assert!(Group::GpuJobs.admits(&m("SlideUploaded", "Slide")));
+        assert!(!Group::GpuJobs.admits(&m("JobSubmitted", "Job")));
+        assert!(Group::Handlers.admits(&m("JobSubmitted", "Job")));
+        assert!(!Group::Handlers.admits(&m("KeyRotated", "Tenant")));
+        assert!(Group::Projections.admits(&m("KeyRotated", "Tenant")));
     }
 
     #[test]

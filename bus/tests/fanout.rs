@@ -551,3 +551,76 @@ both_buses!(
     out_of_order_and_duplicate_delivery_converges,
     a_forged_message_changes_nothing_and_is_dead_lettered,
 );
+
+/// What `mira bus init` creates on moto, read back attribute by attribute, is the topology
+/// file: the topic's attributes, each queue's and dead-letter queue's attributes and redrive
+/// count, each subscription's attributes and filter policy.
+#[tokio::test]
+async fn bus_init_creates_exactly_the_topology_file() {
+    let config = moto_config().await;
+    let names = unique_names();
+    let info = aws::init(&config, &names).await.unwrap();
+    let file: serde_json::Value = serde_json::from_str(mira_bus::topology::TOPOLOGY_JSON).unwrap();
+    let sns = aws_sdk_sns::Client::new(&config);
+    let sqs = aws_sdk_sqs::Client::new(&config);
+    let topic = sns
+        .get_topic_attributes()
+        .topic_arn(&info.topic_arn)
+        .send()
+        .await
+        .unwrap();
+    let topic_attrs = topic.attributes().unwrap();
+    for (k, v) in file["topic"]["attributes"].as_object().unwrap() {
+        assert_eq!(topic_attrs.get(k).map(String::as_str), v.as_str(), "topic {k}");
+    }
+    let specs = file["queues"].as_array().unwrap();
+    assert_eq!(info.queues.len(), specs.len());
+    for (q, spec) in info.queues.iter().zip(specs) {
+        assert_eq!(serde_json::to_value(q.group).unwrap(), spec["group"]);
+        for (url, what) in [(&q.url, "queue"), (&q.dlq_url, "dead-letter queue")] {
+            let got = sqs
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+                .send()
+                .await
+                .unwrap();
+            let attrs = got.attributes().unwrap();
+            for (k, v) in file["queue_attributes"].as_object().unwrap() {
+                let key = aws_sdk_sqs::types::QueueAttributeName::from(k.as_str());
+                assert_eq!(attrs.get(&key).map(String::as_str), v.as_str(), "{what} {url}: {k}");
+            }
+            if what == "queue" {
+                let redrive: serde_json::Value = serde_json::from_str(
+                    attrs
+                        .get(&aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy)
+                        .unwrap(),
+                )
+                .unwrap();
+                assert_eq!(redrive["deadLetterTargetArn"], q.dlq_arn.as_str());
+                assert_eq!(
+                    redrive["maxReceiveCount"].to_string().trim_matches('"'),
+                    file["dead_letter"]["max_receive_count"].to_string()
+                );
+            }
+        }
+        assert_eq!(q.dlq_url.rsplit('/').next().unwrap(), names.dlq(q.group));
+        let sub = sns
+            .get_subscription_attributes()
+            .subscription_arn(&q.subscription_arn)
+            .send()
+            .await
+            .unwrap();
+        let sub_attrs = sub.attributes().unwrap();
+        for (k, v) in file["subscription_attributes"].as_object().unwrap() {
+            assert_eq!(sub_attrs.get(k).map(String::as_str), v.as_str(), "subscription {k}");
+        }
+        let filter: Option<serde_json::Value> = sub_attrs.get("FilterPolicy").map(|f| serde_json::from_str(f).unwrap());
+        assert_eq!(
+            filter.unwrap_or(serde_json::Value::Null),
+            spec["filter_policy"],
+            "{:?}",
+            q.group
+        );
+    }
+}

@@ -330,7 +330,7 @@ async fn misplaced(pool: &PgPool, seq: i64, leaf: (i64, Uuid), log: (i64, Uuid))
 
 /// What is wrong with `e` as the event after (`last_seq`, `last_hash`) of its stream, if
 /// anything: its hash re-derived, its sequence, its `prev_hash`.
-fn chain_fault(e: &crate::StoredEvent, last_seq: i64, last_hash: Hash32) -> Option<String> {
+fn chain_fault(e: &crate::store::StoredEvent, last_seq: i64, last_hash: Hash32) -> Option<String> {
     if e.recompute_hash() != e.hash {
         Some("stored fields do not match the event's hash (altered)".to_owned())
     } else if e.sequence != last_seq + 1 {
@@ -452,7 +452,7 @@ pub async fn verify_stream(
     check_headers(&cks, key).map_err(VerifyError::Violation)?;
     let newest = witness.newest().await?;
     check_witness(&cks, newest.as_ref(), &witness.describe(), key).map_err(VerifyError::Violation)?;
-    let events = crate::EventLog::new(pool.clone())
+    let events = crate::store::EventLog::new(pool.clone())
         .read_stream(tenant, aggregate_type, aggregate_id, 0)
         .await?;
     let (mut last_seq, mut last_hash) = (0, ZERO_HASH);

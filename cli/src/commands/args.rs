@@ -132,6 +132,13 @@ pub enum BusCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The topology `init` creates and the Pulumi program deploys (bus/topology.json), with
+    /// the names these settings give.
+    Topology {
+        /// The topology file as it is, JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -94,6 +94,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Audit { command } => audit::run(&settings, command).await?,
         Command::Bus {
+            command: BusCommand::Topology { json },
+        } => {
+            if json {
+                print!("{}", mira_bus::topology::TOPOLOGY_JSON);
+            } else {
+                let names = mira_bus::Names::from_settings(&settings);
+                let t = mira_bus::topology::topology();
+                println!("topic {} {:?}", names.topic, t.topic.attributes);
+                for q in &t.queues {
+                    println!(
+                        "queue {} (dead letters: {} after {} receives), filter {}",
+                        names.queue(q.group),
+                        names.dlq(q.group),
+                        t.dead_letter.max_receive_count,
+                        q.group
+                            .filter_policy()
+                            .map_or("none: every event".to_owned(), |f| f.to_string())
+                    );
+                }
+            }
+        }
+        Command::Bus {
             command: BusCommand::Init { json },
         } => {
             let info =
