@@ -177,7 +177,8 @@ pub trait BlobStore: Send + Sync {
     /// Copies `from` to `to` (replacing it) and returns the copy's size; `None` when `from`
     /// does not exist. `mira dev`'s store and S3 both copy server-side.
     async fn copy(&self, from: &str, to: &str) -> Result<Option<u64>, BlobError>;
-    /// A short-lived URL to download `key`.
+    /// A short-lived URL to download the result object `key` (from the results bucket, where
+    /// one is set apart).
     async fn download_url(&self, key: &str) -> Result<String, BlobError>;
     /// Is the store reachable (for `/readyz`)?
     async fn ready(&self) -> Result<(), BlobError>;
@@ -193,6 +194,8 @@ fn expires_at(d: Duration) -> DateTime<Utc> {
 pub struct S3Blobs {
     client: aws_sdk_s3::Client,
     bucket: String,
+    /// Where results are read from (`AWS__S3__ResultsBucketName`); `bucket` unless set.
+    results_bucket: String,
     policy: UploadPolicy,
 }
 
@@ -211,9 +214,18 @@ impl S3Blobs {
     pub fn new(sdk: &aws_config::SdkConfig, region: Option<&str>, bucket: String, policy: UploadPolicy) -> Self {
         Self {
             client: s3_client(sdk, region),
+            results_bucket: bucket.clone(),
             bucket,
             policy,
         }
+    }
+
+    /// Results live in `bucket` (the worker writes them there).
+    pub fn with_results_bucket(mut self, bucket: Option<String>) -> Self {
+        if let Some(b) = bucket {
+            self.results_bucket = b;
+        }
+        self
     }
 
     pub fn client(&self) -> &aws_sdk_s3::Client {
@@ -459,7 +471,7 @@ impl BlobStore for S3Blobs {
         let req = self
             .client
             .get_object()
-            .bucket(&self.bucket)
+            .bucket(&self.results_bucket)
             .key(key)
             .response_content_type(content_type_of(key))
             .presigned(self.presigning()?)
@@ -909,6 +921,30 @@ impl BlobStore for LocalBlobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn results_are_presigned_from_the_results_bucket() {
+        let sdk = aws_config::SdkConfig::builder()
+            .region(aws_config::Region::new("eu-west-1"))
+            .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(
+                aws_sdk_s3::config::Credentials::new("k", "s", None, None, "test"),
+            ))
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        let policy = UploadPolicy {
+            expires: Duration::from_secs(900),
+            multipart_threshold: 1 << 30,
+            part_size: 64 << 20,
+            copy_single_max: 5 << 30,
+        };
+        let one = S3Blobs::new(&sdk, None, "lab-uploads".into(), policy);
+        let url = one.download_url("results/lab/j/1/slide.dzi").await.unwrap();
+        assert!(url.contains("lab-uploads"), "{url}");
+        let two =
+            S3Blobs::new(&sdk, None, "lab-uploads".into(), policy).with_results_bucket(Some("lab-results".into()));
+        let url = two.download_url("results/lab/j/1/slide.dzi").await.unwrap();
+        assert!(url.contains("lab-results") && !url.contains("lab-uploads"), "{url}");
+    }
 
     fn store() -> (LocalBlobs, PathBuf) {
         let dir = std::env::temp_dir().join(format!("mira-blobs-{}", uuid::Uuid::new_v4()));

@@ -236,7 +236,10 @@ impl Default for SqsSettings {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
 pub struct S3Settings {
+    /// Uploads and the slides' immutable copies.
     pub bucket_name: Option<String>,
+    /// Where the worker writes results and the API presigns them; unset, `bucket_name`.
+    pub results_bucket_name: Option<String>,
     pub region: Option<String>,
     pub presigned_url_expiration_minutes: u32,
 }
@@ -245,6 +248,7 @@ impl Default for S3Settings {
     fn default() -> Self {
         Self {
             bucket_name: None,
+            results_bucket_name: None,
             region: None,
             presigned_url_expiration_minutes: 15,
         }

@@ -99,7 +99,10 @@ pub async fn blob_store(
                 .context("AWS__S3__BucketName is not set (Storage__Provider is S3)")?;
             let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
             (
-                Arc::new(S3Blobs::new(&sdk, settings.aws.s3.region.as_deref(), bucket, policy)),
+                Arc::new(
+                    S3Blobs::new(&sdk, settings.aws.s3.region.as_deref(), bucket, policy)
+                        .with_results_bucket(settings.aws.s3.results_bucket_name.clone()),
+                ),
                 None,
             )
         }

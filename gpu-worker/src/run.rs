@@ -37,16 +37,21 @@ use mira_blobs::ObjectStore;
 use crate::kernels::Device;
 use crate::process::{self, Options};
 
-/// Where slides come from and results go ([`mira_blobs::ObjectStore`]), as the settings say.
-async fn store_from_settings(s: &Settings) -> anyhow::Result<ObjectStore> {
+/// Where slides come from and where results go ([`mira_blobs::ObjectStore`]), as the settings
+/// say: `AWS__S3__BucketName`, and `AWS__S3__ResultsBucketName` (the same bucket unless set).
+async fn stores_from_settings(s: &Settings) -> anyhow::Result<(ObjectStore, ObjectStore)> {
     Ok(match s.storage.provider {
-        StorageProvider::Local => ObjectStore::Local(s.storage.local_dir.clone()),
+        StorageProvider::Local => (
+            ObjectStore::Local(s.storage.local_dir.clone()),
+            ObjectStore::Local(s.storage.local_dir.clone()),
+        ),
         StorageProvider::S3 => {
             let sdk = mira_bus::aws::sdk_config(s.aws.region.as_deref()).await;
-            ObjectStore::s3(
-                &sdk,
-                s.aws.s3.region.as_deref(),
-                s.aws.s3.bucket_name.clone().context("AWS__S3__BucketName is not set")?,
+            let slides = s.aws.s3.bucket_name.clone().context("AWS__S3__BucketName is not set")?;
+            let results = s.aws.s3.results_bucket_name.clone().unwrap_or_else(|| slides.clone());
+            (
+                ObjectStore::s3(&sdk, s.aws.s3.region.as_deref(), slides),
+                ObjectStore::s3(&sdk, s.aws.s3.region.as_deref(), results),
             )
         }
     })
@@ -55,7 +60,10 @@ async fn store_from_settings(s: &Settings) -> anyhow::Result<ObjectStore> {
 pub struct Worker {
     commands: Commands,
     device: Device,
+    /// Where the slides' immutable copies are read.
     store: ObjectStore,
+    /// Where results are written.
+    results: ObjectStore,
     worker_id: String,
     lease: Duration,
     scratch: PathBuf,
@@ -97,6 +105,7 @@ impl Worker {
         Self {
             commands,
             device,
+            results: store.clone(),
             store,
             worker_id,
             lease,
@@ -104,6 +113,12 @@ impl Worker {
             band_pause: Duration::ZERO,
             reader: crate::slide::Reader::Auto,
         }
+    }
+
+    /// Writes results to `results` instead of the slides' store.
+    pub fn with_results_store(mut self, results: ObjectStore) -> Self {
+        self.results = results;
+        self
     }
 
     /// Pauses after every band of rows, so a small slide runs as long as a large one.
@@ -428,7 +443,7 @@ impl Worker {
                 .await
                 .map_err(|e| (e.to_string(), true))?;
             bytes += data.len() as u64;
-            self.store
+            self.results
                 .put(&format!("{prefix}{key}"), data)
                 .await
                 .map_err(|e| (format!("cannot store results: {e:#}"), true))?;
@@ -436,7 +451,7 @@ impl Worker {
         let sha256 = hex::encode(Sha256::digest(&manifest));
         bytes += manifest.len() as u64;
         let key = mira_aggregates::manifest_key(tenant, id, attempt);
-        self.store
+        self.results
             .put(&key, manifest)
             .await
             .map_err(|e| (format!("cannot store results: {e:#}"), true))?;
@@ -501,7 +516,7 @@ pub async fn run(
     let pool = mira_eventlog::db::connect_with(&settings).await?;
     let keyring = mira_keys::keyring(&settings, &pool).await?;
     let commands = Commands::new(EventLog::new(pool.clone()), keyring);
-    let store = store_from_settings(&settings).await?;
+    let (store, results) = stores_from_settings(&settings).await?;
     let scratch = std::env::temp_dir().join(format!("mira-worker-{worker_id}"));
     let worker = Arc::new(
         Worker::new(
@@ -512,6 +527,7 @@ pub async fn run(
             scratch,
             device,
         )
+        .with_results_store(results)
         .with_band_pause(Duration::from_millis(settings.worker.band_pause_millis))
         .with_reader(settings.worker.slide_reader.into()),
     );

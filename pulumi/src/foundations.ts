@@ -1,0 +1,497 @@
+// Mira's AWS foundations (DESIGN §11): network, data, messaging, storage, identity, keys,
+// registries and the services' roles. Plain `@pulumi/aws` resources only, so that a test under
+// Pulumi's mocks sees everything that is created.
+
+import * as aws from "@pulumi/aws";
+import * as pulumi from "@pulumi/pulumi";
+import { loadTopology, queueArgs } from "./topology";
+
+export type FoundationsConfig = {
+  /** Names every resource: `mira-<stack>-…`. */
+  stack: string;
+  region: string;
+  /** The SPA's origin: CORS on the uploads and results buckets, Cognito's callback. */
+  appOrigin: string;
+  cognitoDomainPrefix: string;
+  multiAz: boolean;
+  deletionProtection: boolean;
+  dbInstanceClass: string;
+  witnessRetentionDays: number;
+  ecrKeepImages: number;
+  /** Availability zones used (two at least). */
+  azs: string[];
+};
+
+const tags = (stack: string, part: string) => ({ app: "mira", stack, part });
+
+function key(name: string, stack: string, description: string, policy?: pulumi.Input<string>) {
+  const k = new aws.kms.Key(name, {
+    description,
+    enableKeyRotation: true,
+    deletionWindowInDays: 30,
+    policy,
+    tags: tags(stack, "keys"),
+  });
+  new aws.kms.Alias(`${name}-alias`, { name: `alias/mira-${stack}-${name.replace(/-key$/, "")}`, targetKeyId: k.keyId });
+  return k;
+}
+
+/** A private, encrypted, versioned bucket that refuses plain HTTP. */
+function bucket(
+  name: string,
+  stack: string,
+  kmsKey: aws.kms.Key,
+  opts: { objectLockDays?: number; corsOrigin?: string } = {},
+) {
+  const b = new aws.s3.Bucket(name, {
+    bucket: `mira-${stack}-${name}`,
+    objectLockEnabled: opts.objectLockDays !== undefined,
+    forceDestroy: false,
+    tags: tags(stack, "storage"),
+  });
+  new aws.s3.BucketPublicAccessBlock(`${name}-public-access`, {
+    bucket: b.id,
+    blockPublicAcls: true,
+    blockPublicPolicy: true,
+    ignorePublicAcls: true,
+    restrictPublicBuckets: true,
+  });
+  new aws.s3.BucketServerSideEncryptionConfiguration(`${name}-encryption`, {
+    bucket: b.id,
+    rules: [{ applyServerSideEncryptionByDefault: { sseAlgorithm: "aws:kms", kmsMasterKeyId: kmsKey.arn }, bucketKeyEnabled: true }],
+  });
+  new aws.s3.BucketVersioning(`${name}-versioning`, { bucket: b.id, versioningConfiguration: { status: "Enabled" } });
+  new aws.s3.BucketPolicy(`${name}-tls-only`, {
+    bucket: b.id,
+    policy: pulumi.jsonStringify({
+      Version: "2012-10-17",
+      Statement: [
+        {
+          Sid: "TlsOnly",
+          Effect: "Deny",
+          Principal: "*",
+          Action: "s3:*",
+          Resource: [b.arn, pulumi.interpolate`${b.arn}/*`],
+          Condition: { Bool: { "aws:SecureTransport": "false" } },
+        },
+      ],
+    }),
+  });
+  new aws.s3.BucketLifecycleConfiguration(`${name}-lifecycle`, {
+    bucket: b.id,
+    rules: [{ id: "abort-incomplete-multipart", status: "Enabled", filter: {}, abortIncompleteMultipartUpload: { daysAfterInitiation: 7 } }],
+  });
+  if (opts.objectLockDays !== undefined) {
+    new aws.s3.BucketObjectLockConfiguration(`${name}-object-lock`, {
+      bucket: b.id,
+      rule: { defaultRetention: { mode: "COMPLIANCE", days: opts.objectLockDays } },
+    });
+  }
+  if (opts.corsOrigin) {
+    new aws.s3.BucketCorsConfiguration(`${name}-cors`, {
+      bucket: b.id,
+      corsRules: [
+        { allowedOrigins: [opts.corsOrigin], allowedMethods: ["GET", "HEAD", "PUT"], allowedHeaders: ["*"], exposeHeaders: ["ETag"], maxAgeSeconds: 3600 },
+      ],
+    });
+  }
+  return b;
+}
+
+type Statement = { Effect: "Allow"; Action: string[]; Resource: pulumi.Input<string>[] };
+
+/** A role assumed by `principal`, with exactly `statements`. */
+function role(name: string, stack: string, principal: { Service: string }, statements: Statement[], extraAssume: string[] = []) {
+  const r = new aws.iam.Role(name, {
+    name: `mira-${stack}-${name}`,
+    assumeRolePolicy: JSON.stringify({
+      Version: "2012-10-17",
+      Statement: [{ Effect: "Allow", Principal: principal, Action: ["sts:AssumeRole", ...extraAssume] }],
+    }),
+    tags: tags(stack, "iam"),
+  });
+  new aws.iam.RolePolicy(`${name}-policy`, {
+    role: r.id,
+    policy: pulumi.jsonStringify({ Version: "2012-10-17", Statement: statements }),
+  });
+  return r;
+}
+
+export function foundations(cfg: FoundationsConfig) {
+  const s = cfg.stack;
+  const topology = loadTopology();
+
+  // ---- keys -------------------------------------------------------------------------------
+  const phiKey = key("phi-key", s, "Mira: the patient-data keyring's data keys (AWS__KMS__KeyId)");
+  const rdsKey = key("rds-key", s, "Mira: RDS storage and its master secret");
+  const s3Key = key("s3-key", s, "Mira: the buckets");
+  const messagingKey = key(
+    "messaging-key",
+    s,
+    "Mira: the topic and the queues",
+    pulumi.output(aws.getCallerIdentityOutput()).apply((id) =>
+      JSON.stringify({
+        Version: "2012-10-17",
+        Statement: [
+          { Sid: "Account", Effect: "Allow", Principal: { AWS: `arn:aws:iam::${id.accountId}:root` }, Action: "kms:*", Resource: "*" },
+          {
+            Sid: "SnsDeliversToEncryptedQueues",
+            Effect: "Allow",
+            Principal: { Service: "sns.amazonaws.com" },
+            Action: ["kms:GenerateDataKey*", "kms:Decrypt"],
+            Resource: "*",
+          },
+        ],
+      }),
+    ),
+  );
+
+  // ---- network ----------------------------------------------------------------------------
+  const vpc = new aws.ec2.Vpc("vpc", {
+    cidrBlock: "10.40.0.0/16",
+    enableDnsHostnames: true,
+    enableDnsSupport: true,
+    tags: { ...tags(s, "network"), Name: `mira-${s}` },
+  });
+  const subnets = (kind: string, offset: number) =>
+    cfg.azs.map(
+      (az, i) =>
+        new aws.ec2.Subnet(`${kind}-${i}`, {
+          vpcId: vpc.id,
+          availabilityZone: az,
+          cidrBlock: `10.40.${offset + i}.0/24`,
+          mapPublicIpOnLaunch: kind === "public",
+          tags: { ...tags(s, "network"), Name: `mira-${s}-${kind}-${az}`, tier: kind },
+        }),
+    );
+  const publicSubnets = subnets("public", 0);
+  const dataSubnets = subnets("data", 10);
+  const computeSubnets = subnets("compute", 20);
+  const igw = new aws.ec2.InternetGateway("igw", { vpcId: vpc.id, tags: tags(s, "network") });
+  const publicRoutes = new aws.ec2.RouteTable("public-routes", {
+    vpcId: vpc.id,
+    routes: [{ cidrBlock: "0.0.0.0/0", gatewayId: igw.id }],
+    tags: tags(s, "network"),
+  });
+  publicSubnets.forEach((sn, i) => new aws.ec2.RouteTableAssociation(`public-${i}-routes`, { subnetId: sn.id, routeTableId: publicRoutes.id }));
+  const privateRoutes = new aws.ec2.RouteTable("private-routes", { vpcId: vpc.id, tags: tags(s, "network") });
+  [...dataSubnets, ...computeSubnets].forEach(
+    (sn, i) => new aws.ec2.RouteTableAssociation(`private-${i}-routes`, { subnetId: sn.id, routeTableId: privateRoutes.id }),
+  );
+  const computeSg = new aws.ec2.SecurityGroup("compute-sg", {
+    vpcId: vpc.id,
+    description: "Mira's API, roles and workers",
+    egress: [{ protocol: "-1", fromPort: 0, toPort: 0, cidrBlocks: ["0.0.0.0/0"] }],
+    tags: tags(s, "network"),
+  });
+  const databaseSg = new aws.ec2.SecurityGroup("database-sg", {
+    vpcId: vpc.id,
+    description: "Mira's database: PostgreSQL from the compute group only",
+    ingress: [{ protocol: "tcp", fromPort: 5432, toPort: 5432, securityGroups: [computeSg.id] }],
+    tags: tags(s, "network"),
+  });
+  const endpointSg = new aws.ec2.SecurityGroup("endpoints-sg", {
+    vpcId: vpc.id,
+    description: "VPC endpoints: HTTPS from the compute group only",
+    ingress: [{ protocol: "tcp", fromPort: 443, toPort: 443, securityGroups: [computeSg.id] }],
+    tags: tags(s, "network"),
+  });
+  new aws.ec2.VpcEndpoint("s3-endpoint", {
+    vpcId: vpc.id,
+    serviceName: `com.amazonaws.${cfg.region}.s3`,
+    vpcEndpointType: "Gateway",
+    routeTableIds: [privateRoutes.id],
+    tags: tags(s, "network"),
+  });
+  for (const svc of ["sqs", "sns", "kms", "secretsmanager", "ecr.api", "ecr.dkr", "logs"]) {
+    new aws.ec2.VpcEndpoint(`${svc.replace(".", "-")}-endpoint`, {
+      vpcId: vpc.id,
+      serviceName: `com.amazonaws.${cfg.region}.${svc}`,
+      vpcEndpointType: "Interface",
+      privateDnsEnabled: true,
+      subnetIds: computeSubnets.map((x) => x.id),
+      securityGroupIds: [endpointSg.id],
+      tags: tags(s, "network"),
+    });
+  }
+
+  // ---- messaging (bus/topology.json) -------------------------------------------------------
+  const topicName = `mira-${s}-events.fifo`;
+  const queuePrefix = `mira-${s}-`;
+  const t = topology.topic.attributes;
+  const topic = new aws.sns.Topic("events", {
+    name: topicName,
+    fifoTopic: t.FifoTopic === "true",
+    contentBasedDeduplication: t.ContentBasedDeduplication === "true",
+    kmsMasterKeyId: messagingKey.id,
+    tags: tags(s, "messaging"),
+  });
+  const queues: Record<string, { queue: aws.sqs.Queue; dlq: aws.sqs.Queue }> = {};
+  for (const spec of topology.queues) {
+    const attrs = queueArgs(topology.queue_attributes);
+    const dlq = new aws.sqs.Queue(`${spec.group}-dlq`, {
+      name: `${queuePrefix}${spec.group}${topology.dead_letter.suffix}.fifo`,
+      ...attrs,
+      kmsMasterKeyId: messagingKey.id,
+      messageRetentionSeconds: 1_209_600,
+      tags: tags(s, "messaging"),
+    });
+    const queue = new aws.sqs.Queue(spec.group, {
+      name: `${queuePrefix}${spec.group}.fifo`,
+      ...attrs,
+      kmsMasterKeyId: messagingKey.id,
+      redrivePolicy: pulumi.jsonStringify({ deadLetterTargetArn: dlq.arn, maxReceiveCount: topology.dead_letter.max_receive_count }),
+      tags: tags(s, "messaging"),
+    });
+    new aws.sqs.QueuePolicy(`${spec.group}-from-topic`, {
+      queueUrl: queue.url,
+      policy: pulumi.jsonStringify({
+        Version: "2012-10-17",
+        Statement: [
+          {
+            Effect: "Allow",
+            Principal: { Service: "sns.amazonaws.com" },
+            Action: "sqs:SendMessage",
+            Resource: queue.arn,
+            Condition: { ArnEquals: { "aws:SourceArn": topic.arn } },
+          },
+        ],
+      }),
+    });
+    new aws.sns.TopicSubscription(`${spec.group}-subscription`, {
+      topic: topic.arn,
+      protocol: "sqs",
+      endpoint: queue.arn,
+      rawMessageDelivery: topology.subscription_attributes.RawMessageDelivery === "true",
+      filterPolicy: spec.filter_policy ? JSON.stringify(spec.filter_policy) : undefined,
+    });
+    queues[spec.group] = { queue, dlq };
+  }
+
+  // ---- storage ----------------------------------------------------------------------------
+  const uploads = bucket("uploads", s, s3Key, { corsOrigin: cfg.appOrigin });
+  const results = bucket("results", s, s3Key, { corsOrigin: cfg.appOrigin });
+  const frontend = bucket("frontend", s, s3Key);
+  const witness = bucket("witness", s, s3Key, { objectLockDays: cfg.witnessRetentionDays });
+
+  // ---- secrets ----------------------------------------------------------------------------
+  // The application's login role is made by `mira migrate`; its credentials live here for the
+  // services. The audit signing key is written by `mira keys init` (Audit__SigningKeySecretId).
+  const dbAppSecret = new aws.secretsmanager.Secret("db-app", {
+    name: `mira-${s}/database/app`,
+    kmsKeyId: rdsKey.arn,
+    description: "Mira's application login role (made by mira migrate): DATABASE_URL for the services",
+    tags: tags(s, "secrets"),
+  });
+  const signingKeySecret = new aws.secretsmanager.Secret("audit-signing-key", {
+    name: `mira-${s}/audit/signing-key`,
+    kmsKeyId: phiKey.arn,
+    description: "Mira's checkpoint signing key (written once by mira keys init)",
+    tags: tags(s, "secrets"),
+  });
+
+  // ---- database ---------------------------------------------------------------------------
+  const dbSubnets = new aws.rds.SubnetGroup("db-subnets", { subnetIds: dataSubnets.map((x) => x.id), tags: tags(s, "data") });
+  const dbParams = new aws.rds.ParameterGroup("db-params", {
+    family: "postgres16",
+    description: "Mira: log slow statements, lock waits and long-idle transactions",
+    parameters: [
+      { name: "log_min_duration_statement", value: "1000" },
+      { name: "log_lock_waits", value: "1" },
+      { name: "idle_in_transaction_session_timeout", value: "600000" },
+      { name: "rds.force_ssl", value: "1" },
+    ],
+    tags: tags(s, "data"),
+  });
+  const db = new aws.rds.Instance("db", {
+    identifier: `mira-${s}`,
+    engine: "postgres",
+    engineVersion: "16",
+    instanceClass: cfg.dbInstanceClass,
+    allocatedStorage: 100,
+    maxAllocatedStorage: 1000,
+    storageType: "gp3",
+    storageEncrypted: true,
+    kmsKeyId: rdsKey.arn,
+    dbName: "mira",
+    username: "mira_owner",
+    manageMasterUserPassword: true,
+    masterUserSecretKmsKeyId: rdsKey.arn,
+    multiAz: cfg.multiAz,
+    dbSubnetGroupName: dbSubnets.name,
+    vpcSecurityGroupIds: [databaseSg.id],
+    parameterGroupName: dbParams.name,
+    publiclyAccessible: false,
+    backupRetentionPeriod: 14,
+    deletionProtection: cfg.deletionProtection,
+    copyTagsToSnapshot: true,
+    finalSnapshotIdentifier: `mira-${s}-final`,
+    skipFinalSnapshot: false,
+    performanceInsightsEnabled: true,
+    performanceInsightsKmsKeyId: rdsKey.arn,
+    tags: tags(s, "data"),
+  });
+
+  // ---- identity ---------------------------------------------------------------------------
+  const pool = new aws.cognito.UserPool("users", {
+    name: `mira-${s}`,
+    usernameAttributes: ["email"],
+    autoVerifiedAttributes: ["email"],
+    mfaConfiguration: "OPTIONAL",
+    softwareTokenMfaConfiguration: { enabled: true },
+    passwordPolicy: { minimumLength: 12, requireLowercase: true, requireUppercase: true, requireNumbers: true, requireSymbols: false },
+    schemas: [{ name: "tenant", attributeDataType: "String", mutable: true, stringAttributeConstraints: { minLength: "1", maxLength: "64" } }],
+    adminCreateUserConfig: { allowAdminCreateUserOnly: true },
+    tags: tags(s, "identity"),
+  });
+  for (const g of ["pathologist", "auditor", "admin"]) {
+    new aws.cognito.UserGroup(`group-${g}`, { name: g, userPoolId: pool.id, description: `Mira's ${g} role (DESIGN §7)` });
+  }
+  const client = new aws.cognito.UserPoolClient("spa", {
+    name: `mira-${s}-spa`,
+    userPoolId: pool.id,
+    generateSecret: false,
+    allowedOauthFlowsUserPoolClient: true,
+    allowedOauthFlows: ["code"],
+    allowedOauthScopes: ["openid", "email", "profile"],
+    callbackUrls: [`${cfg.appOrigin}/signed-in`],
+    logoutUrls: [`${cfg.appOrigin}/`],
+    supportedIdentityProviders: ["COGNITO"],
+    explicitAuthFlows: ["ALLOW_REFRESH_TOKEN_AUTH", "ALLOW_USER_SRP_AUTH"],
+    preventUserExistenceErrors: "ENABLED",
+    // Users read their tenant; only administrators (through the pool) set it.
+    readAttributes: ["email", "email_verified", "custom:tenant"],
+    writeAttributes: ["email"],
+    idTokenValidity: 60,
+    accessTokenValidity: 60,
+    refreshTokenValidity: 12,
+    tokenValidityUnits: { idToken: "minutes", accessToken: "minutes", refreshToken: "hours" },
+  });
+  const domain = new aws.cognito.UserPoolDomain("hosted-ui", { domain: cfg.cognitoDomainPrefix, userPoolId: pool.id });
+
+  // ---- registries -------------------------------------------------------------------------
+  const repos: Record<string, aws.ecr.Repository> = {};
+  for (const name of ["mira-api", "mira-wsi-worker"]) {
+    const repo = new aws.ecr.Repository(name, {
+      name,
+      imageTagMutability: "IMMUTABLE",
+      imageScanningConfiguration: { scanOnPush: true },
+      encryptionConfigurations: [{ encryptionType: "KMS", kmsKey: s3Key.arn }],
+      tags: tags(s, "registry"),
+    });
+    new aws.ecr.LifecyclePolicy(`${name}-lifecycle`, {
+      repository: repo.name,
+      policy: JSON.stringify({
+        rules: [
+          {
+            rulePriority: 1,
+            description: `keep the last ${cfg.ecrKeepImages} images`,
+            selection: { tagStatus: "any", countType: "imageCountMoreThan", countNumber: cfg.ecrKeepImages },
+            action: { type: "expire" },
+          },
+        ],
+      }),
+    });
+    repos[name] = repo;
+  }
+
+  // ---- roles: exactly what each process calls ------------------------------------------------
+  const obj = (b: aws.s3.Bucket, prefix = "") => pulumi.interpolate`${b.arn}/${prefix}*`;
+  const consume = (q: aws.sqs.Queue): Statement => ({
+    Effect: "Allow",
+    Action: ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes", "sqs:GetQueueUrl"],
+    Resource: [q.arn],
+  });
+  const secrets = (...ss: aws.secretsmanager.Secret[]): Statement => ({
+    Effect: "Allow",
+    Action: ["secretsmanager:GetSecretValue"],
+    Resource: ss.map((x) => x.arn),
+  });
+  const kms = (actions: string[], ...ks: aws.kms.Key[]): Statement => ({ Effect: "Allow", Action: actions, Resource: ks.map((k) => k.arn) });
+  const witnessRead: Statement = { Effect: "Allow", Action: ["s3:GetObject", "s3:ListBucket"], Resource: [witness.arn, obj(witness)] };
+
+  // The API: presigned uploads and downloads, the immutable copy at `uploaded`, sealing names,
+  // and the witness to verify against; it publishes and consumes nothing.
+  const apiRole = role("api", s, { Service: "ecs-tasks.amazonaws.com" }, [
+    {
+      Effect: "Allow",
+      Action: ["s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+      Resource: [obj(uploads)],
+    },
+    { Effect: "Allow", Action: ["s3:GetObject"], Resource: [obj(results)] },
+    witnessRead,
+    kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, rdsKey),
+    secrets(dbAppSecret),
+  ]);
+  // The relay, the projector and the handlers: publish, consume their two queues, write
+  // checkpoints to the witness (never delete), sign with the key in Secrets Manager.
+  const rolesRole = role("roles", s, { Service: "ecs-tasks.amazonaws.com" }, [
+    { Effect: "Allow", Action: ["sns:Publish"], Resource: [topic.arn] },
+    consume(queues.projections.queue),
+    consume(queues.handlers.queue),
+    { Effect: "Allow", Action: ["s3:PutObject", "s3:GetObject", "s3:ListBucket"], Resource: [witness.arn, obj(witness)] },
+    kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, rdsKey, messagingKey),
+    secrets(dbAppSecret, signingKeySecret),
+  ]);
+  // The worker's pods (EKS Pod Identity): the gpu-jobs queue only, the immutable copies of
+  // uploads read, results written.
+  const workerRole = role(
+    "worker",
+    s,
+    { Service: "pods.eks.amazonaws.com" },
+    [
+      consume(queues["gpu-jobs"].queue),
+      { Effect: "Allow", Action: ["s3:GetObject"], Resource: [obj(uploads, "immutable/")] },
+      { Effect: "Allow", Action: ["s3:PutObject", "s3:AbortMultipartUpload"], Resource: [obj(results)] },
+      kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, rdsKey, messagingKey),
+      secrets(dbAppSecret),
+    ],
+    ["sts:TagSession"],
+  );
+
+  // ---- the settings each service gets (DESIGN §2), from the resources ------------------------
+  const common = {
+    AWS__Region: pulumi.output(cfg.region),
+    AWS__SNS__TopicName: topic.name,
+    AWS__SQS__QueuePrefix: pulumi.output(queuePrefix),
+    AWS__Cognito__UserPoolId: pool.id,
+    AWS__Cognito__ClientId: client.id,
+    AWS__S3__BucketName: uploads.bucket,
+    AWS__S3__ResultsBucketName: results.bucket,
+    AWS__KMS__KeyId: phiKey.arn,
+    Audit__WitnessBucket: witness.bucket,
+    Messaging__Provider: pulumi.output("Aws"),
+    Storage__Provider: pulumi.output("S3"),
+  };
+  const settings = {
+    api: {
+      ...common,
+      Web__CognitoDomain: pulumi.interpolate`https://${domain.domain}.auth.${cfg.region}.amazoncognito.com`,
+      Web__RedirectUrl: pulumi.output(`${cfg.appOrigin}/signed-in`),
+    },
+    roles: { ...common, Audit__SigningKeySecretId: signingKeySecret.arn },
+    worker: { ...common },
+  };
+
+  return {
+    network: {
+      vpcId: vpc.id,
+      publicSubnetIds: publicSubnets.map((x) => x.id),
+      computeSubnetIds: computeSubnets.map((x) => x.id),
+      dataSubnetIds: dataSubnets.map((x) => x.id),
+      computeSecurityGroupId: computeSg.id,
+      databaseSecurityGroupId: databaseSg.id,
+    },
+    database: { endpoint: db.endpoint, masterSecretArn: db.masterUserSecrets.apply((x) => x?.[0]?.secretArn), appSecretArn: dbAppSecret.arn },
+    messaging: {
+      topicArn: topic.arn,
+      queueUrls: Object.fromEntries(Object.entries(queues).map(([g, q]) => [g, q.queue.url])),
+      dlqUrls: Object.fromEntries(Object.entries(queues).map(([g, q]) => [g, q.dlq.url])),
+    },
+    buckets: { uploads: uploads.bucket, results: results.bucket, frontend: frontend.bucket, witness: witness.bucket },
+    identity: { userPoolId: pool.id, clientId: client.id, domain: domain.domain },
+    registries: Object.fromEntries(Object.entries(repos).map(([n, r]) => [n, r.repositoryUrl])),
+    roles: { api: apiRole.arn, roles: rolesRole.arn, worker: workerRole.arn },
+    settings,
+  };
+}

@@ -1,0 +1,174 @@
+// What the tests require of the program, as functions over the recorded resources that return
+// the problems found: each test runs them on the program, and on a broken copy to show they
+// can fail.
+
+import { loadTopology } from "../src/topology";
+import { ofType, type Recorded } from "./harness";
+
+const T = {
+  bucket: "aws:s3/bucket:Bucket",
+  access: "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock",
+  policy: "aws:s3/bucketPolicy:BucketPolicy",
+  sse: "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration",
+  topic: "aws:sns/topic:Topic",
+  sub: "aws:sns/topicSubscription:TopicSubscription",
+  queue: "aws:sqs/queue:Queue",
+  db: "aws:rds/instance:Instance",
+  sg: "aws:ec2/securityGroup:SecurityGroup",
+  rolePolicy: "aws:iam/rolePolicy:RolePolicy",
+};
+export { T };
+
+/** The SNS/SQS resources are the topology file, exactly. */
+export function messagingProblems(rs: Recorded[], prefix = "mira-test-"): string[] {
+  const t = loadTopology();
+  const p: string[] = [];
+  const topics = ofType(rs, T.topic);
+  if (topics.length !== 1) p.push(`${topics.length} topics`);
+  for (const topic of topics) {
+    if (String(topic.inputs.fifoTopic) !== t.topic.attributes.FifoTopic) p.push("topic FifoTopic");
+    if (String(topic.inputs.contentBasedDeduplication ?? false) !== t.topic.attributes.ContentBasedDeduplication)
+      p.push("topic ContentBasedDeduplication");
+  }
+  const queues = ofType(rs, T.queue);
+  const subs = ofType(rs, T.sub);
+  if (queues.length !== 2 * t.queues.length) p.push(`${queues.length} queues for ${t.queues.length} groups`);
+  if (subs.length !== t.queues.length) p.push(`${subs.length} subscriptions`);
+  const same = (q: Recorded, what: string) => {
+    const a = t.queue_attributes;
+    if (String(q.inputs.fifoQueue) !== a.FifoQueue) p.push(`${what}: FifoQueue`);
+    if (q.inputs.deduplicationScope !== a.DeduplicationScope) p.push(`${what}: DeduplicationScope`);
+    if (q.inputs.fifoThroughputLimit !== a.FifoThroughputLimit) p.push(`${what}: FifoThroughputLimit`);
+    if (String(q.inputs.visibilityTimeoutSeconds) !== a.VisibilityTimeout) p.push(`${what}: VisibilityTimeout`);
+  };
+  for (const spec of t.queues) {
+    const name = `${prefix}${spec.group}.fifo`;
+    const dlqName = `${prefix}${spec.group}${t.dead_letter.suffix}.fifo`;
+    const q = queues.find((x) => x.inputs.name === name);
+    const dlq = queues.find((x) => x.inputs.name === dlqName);
+    if (!q || !dlq) {
+      p.push(`${spec.group}: no queue ${name} or ${dlqName}`);
+      continue;
+    }
+    same(q, name);
+    same(dlq, dlqName);
+    const redrive = JSON.parse(q.inputs.redrivePolicy ?? "{}");
+    if (redrive.deadLetterTargetArn !== dlq.state.arn) p.push(`${name}: redrive target`);
+    if (Number(redrive.maxReceiveCount) !== t.dead_letter.max_receive_count) p.push(`${name}: maxReceiveCount`);
+    const sub = subs.find((x) => x.inputs.endpoint === q.state.arn);
+    if (!sub) {
+      p.push(`${name}: no subscription`);
+      continue;
+    }
+    if (String(sub.inputs.rawMessageDelivery) !== t.subscription_attributes.RawMessageDelivery) p.push(`${name}: RawMessageDelivery`);
+    const filter = sub.inputs.filterPolicy ? JSON.parse(sub.inputs.filterPolicy) : null;
+    if (JSON.stringify(filter) !== JSON.stringify(spec.filter_policy)) p.push(`${name}: filter policy ${JSON.stringify(filter)}`);
+  }
+  return p;
+}
+
+const byBucket = (rs: Recorded[], type: string, b: Recorded) => ofType(rs, type).filter((x) => x.inputs.bucket === `${b.name}-id`);
+
+/** Nothing is public: buckets block public access and refuse plain HTTP; the database is private. */
+export function publicProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  for (const b of ofType(rs, T.bucket)) {
+    const block = byBucket(rs, T.access, b)[0];
+    const all = block && ["blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls", "restrictPublicBuckets"].every((k) => block.inputs[k] === true);
+    if (!all) p.push(`bucket ${b.name}: public access not blocked`);
+    const tls = byBucket(rs, T.policy, b).some((pol) =>
+      JSON.parse(pol.inputs.policy).Statement.some(
+        (s: any) => s.Effect === "Deny" && s.Principal === "*" && s.Condition?.Bool?.["aws:SecureTransport"] === "false",
+      ),
+    );
+    if (!tls) p.push(`bucket ${b.name}: no TLS-only policy`);
+  }
+  for (const db of ofType(rs, T.db)) {
+    if (db.inputs.publiclyAccessible !== false) p.push(`database ${db.name}: publicly accessible`);
+    const groups = ofType(rs, T.sg).filter((g) => (db.inputs.vpcSecurityGroupIds ?? []).includes(`${g.name}-id`));
+    const compute = ofType(rs, T.sg).find((g) => g.name === "compute-sg");
+    for (const g of groups) {
+      for (const rule of g.inputs.ingress ?? []) {
+        if ((rule.cidrBlocks ?? []).length || (rule.ipv6CidrBlocks ?? []).length) p.push(`${g.name}: admits addresses`);
+        if ((rule.securityGroups ?? []).some((x: string) => x !== `${compute?.name}-id`)) p.push(`${g.name}: admits another group`);
+      }
+    }
+    if (groups.length === 0) p.push(`database ${db.name}: no security group`);
+  }
+  return p;
+}
+
+/** Encryption at rest on RDS, S3, SQS and SNS. */
+export function encryptionProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  for (const db of ofType(rs, T.db)) if (db.inputs.storageEncrypted !== true || !db.inputs.kmsKeyId) p.push(`database ${db.name}`);
+  for (const b of ofType(rs, T.bucket)) {
+    const sse = byBucket(rs, T.sse, b)[0];
+    if (sse?.inputs.rules?.[0]?.applyServerSideEncryptionByDefault?.sseAlgorithm !== "aws:kms") p.push(`bucket ${b.name}`);
+  }
+  for (const q of ofType(rs, T.queue)) if (!q.inputs.kmsMasterKeyId && q.inputs.sqsManagedSseEnabled !== true) p.push(`queue ${q.name}`);
+  for (const t of ofType(rs, T.topic)) if (!t.inputs.kmsMasterKeyId) p.push(`topic ${t.name}`);
+  return p;
+}
+
+type Statement = { Effect: string; Action: string[]; Resource: string[] };
+
+export function statementsOf(rs: Recorded[], role: string): Statement[] {
+  const pol = ofType(rs, T.rolePolicy).find((x) => x.inputs.role === `${role}-id`);
+  return pol ? JSON.parse(pol.inputs.policy).Statement : [];
+}
+
+/** The worker: no wildcard service actions, reads only the gpu-jobs queue, writes nothing to uploads. */
+export function workerProblems(statements: Statement[], prefix = "mira-test-"): string[] {
+  const p: string[] = [];
+  const gpuJobs = `:${prefix}gpu-jobs.fifo`;
+  for (const s of statements) {
+    for (const a of s.Action) {
+      if (a === "*" || a.endsWith(":*")) p.push(`wildcard action ${a}`);
+      if (a.startsWith("sqs:") && s.Resource.some((r) => !r.endsWith(gpuJobs))) p.push(`${a} beyond gpu-jobs: ${s.Resource}`);
+      if (/^s3:(Put|Delete|Abort|Restore|Replicate)/.test(a) && s.Resource.some((r) => r.includes(":mira-test-uploads"))) {
+        p.push(`${a} on the uploads bucket`);
+      }
+    }
+  }
+  if (!statements.some((s) => s.Action.includes("sqs:ReceiveMessage"))) p.push("cannot read its queue");
+  return p;
+}
+
+/** The API: never deletes from the witness bucket. */
+export function apiProblems(statements: Statement[]): string[] {
+  const p: string[] = [];
+  for (const s of statements) {
+    for (const a of s.Action) {
+      const onWitness = s.Resource.some((r) => r.includes(":mira-test-witness"));
+      if (onWitness && (a === "s3:*" || a === "*" || a.startsWith("s3:Delete") || a.startsWith("s3:PutObjectRetention") || a.startsWith("s3:BypassGovernance"))) {
+        p.push(`${a} on the witness bucket`);
+      }
+      if (a === "*" || a.endsWith(":*")) p.push(`wildcard action ${a}`);
+    }
+  }
+  return p;
+}
+
+/** The settings each service gets: every value the resources' own, none a literal. */
+export function settingsProblems(settings: Record<string, Record<string, string>>, rs: Recorded[]): string[] {
+  const state = (type: string, name: string) => rs.find((r) => r.type === type && r.name === name)?.state ?? {};
+  const expected: Record<string, string> = {
+    AWS__Cognito__UserPoolId: "users-id",
+    AWS__Cognito__ClientId: "spa-id",
+    AWS__S3__BucketName: state(T.bucket, "uploads").bucket,
+    AWS__S3__ResultsBucketName: state(T.bucket, "results").bucket,
+    AWS__SNS__TopicName: state(T.topic, "events").name,
+    AWS__KMS__KeyId: state("aws:kms/key:Key", "phi-key").arn,
+    Audit__WitnessBucket: state(T.bucket, "witness").bucket,
+  };
+  const p: string[] = [];
+  for (const [service, map] of Object.entries(settings)) {
+    for (const [k, v] of Object.entries(expected)) if (map[k] !== v) p.push(`${service}: ${k} is ${map[k]}, not ${v}`);
+    const prefix = map.AWS__SQS__QueuePrefix;
+    for (const g of loadTopology().queues) {
+      if (!ofType(rs, T.queue).some((q) => q.inputs.name === `${prefix}${g.group}.fifo`)) p.push(`${service}: no queue ${prefix}${g.group}.fifo`);
+    }
+  }
+  return p;
+}

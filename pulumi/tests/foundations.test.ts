@@ -1,0 +1,79 @@
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import { apiProblems, encryptionProblems, messagingProblems, publicProblems, settingsProblems, statementsOf, T, workerProblems } from "./checks";
+import { ofType, type Recorded, run } from "./harness";
+
+const clone = (rs: Recorded[]): Recorded[] => JSON.parse(JSON.stringify(rs));
+
+describe("the foundations", () => {
+  it("make the SNS/SQS topology of bus/topology.json, exactly", async () => {
+    const { resources } = await run();
+    assert.deepEqual(messagingProblems(resources), []);
+    // Broken: a filter dropped and a redrive count changed.
+    const broken = clone(resources);
+    const sub = ofType(broken, T.sub).find((s) => s.inputs.filterPolicy);
+    delete sub!.inputs.filterPolicy;
+    const q = ofType(broken, T.queue).find((x) => x.inputs.redrivePolicy)!;
+    q.inputs.redrivePolicy = JSON.stringify({ ...JSON.parse(q.inputs.redrivePolicy), maxReceiveCount: 99 });
+    const found = messagingProblems(broken);
+    assert.ok(found.some((x) => x.includes("filter policy")) && found.some((x) => x.includes("maxReceiveCount")), String(found));
+  });
+
+  it("make nothing public", async () => {
+    const { resources } = await run();
+    assert.equal(ofType(resources, T.bucket).length, 4);
+    assert.deepEqual(publicProblems(resources), []);
+    const broken = clone(resources);
+    const uploadsBlock = ofType(broken, T.access).findIndex((x) => x.inputs.bucket === "uploads-id");
+    broken.splice(broken.indexOf(ofType(broken, T.access)[uploadsBlock]), 1);
+    ofType(broken, T.db)[0].inputs.publiclyAccessible = true;
+    ofType(broken, T.sg).find((g) => g.name === "database-sg")!.inputs.ingress[0].cidrBlocks = ["0.0.0.0/0"];
+    assert.deepEqual(publicProblems(broken).sort(), [
+      "bucket uploads: public access not blocked",
+      "database db: publicly accessible",
+      "database-sg: admits addresses",
+    ]);
+  });
+
+  it("encrypt at rest on RDS, S3, SQS and SNS", async () => {
+    const { resources } = await run();
+    assert.deepEqual(encryptionProblems(resources), []);
+    const broken = clone(resources);
+    delete ofType(broken, T.topic)[0].inputs.kmsMasterKeyId;
+    ofType(broken, T.db)[0].inputs.storageEncrypted = false;
+    assert.deepEqual(encryptionProblems(broken).sort(), ["database db", "topic events"]);
+  });
+
+  it("give each service its settings from the resources", async () => {
+    const { out, resources } = await run();
+    assert.deepEqual(settingsProblems(out.settings, resources), []);
+    assert.equal(out.settings.roles.Audit__SigningKeySecretId, resources.find((r) => r.name === "audit-signing-key")!.state.arn);
+    assert.equal(out.settings.api.Messaging__Provider, "Aws");
+    // Broken: a literal bucket name, and a queue prefix that names no queue.
+    const broken = { ...out.settings, api: { ...out.settings.api, AWS__S3__BucketName: "mira-uploads", AWS__SQS__QueuePrefix: "mira-" } };
+    const found = settingsProblems(broken, resources);
+    assert.ok(found.some((x) => x.startsWith("api: AWS__S3__BucketName")) && found.some((x) => x.includes("no queue mira-projections.fifo")), String(found));
+  });
+
+  it("give the worker and the API least privilege", async () => {
+    const { resources } = await run();
+    const worker = statementsOf(resources, "worker");
+    const api = statementsOf(resources, "api");
+    assert.ok(worker.length > 0 && api.length > 0);
+    assert.deepEqual(workerProblems(worker), []);
+    assert.deepEqual(apiProblems(api), []);
+    // Broken: the worker with s3:* on the uploads bucket and every queue; the API deleting from the witness.
+    const badWorker = [...worker, { Effect: "Allow", Action: ["s3:*", "sqs:ReceiveMessage"], Resource: ["arn:aws:s3:eu-west-1:1:mira-test-uploads/*", "arn:aws:sqs:eu-west-1:1:mira-test-handlers.fifo"] }];
+    const w = workerProblems(badWorker);
+    assert.ok(w.some((x) => x.includes("wildcard action s3:*")) && w.some((x) => x.includes("beyond gpu-jobs")) && w.some((x) => x.includes("uploads")), String(w));
+    const badApi = [...api, { Effect: "Allow", Action: ["s3:DeleteObjectVersion"], Resource: ["arn:aws:s3:eu-west-1:1:mira-test-witness/*"] }];
+    assert.deepEqual(apiProblems(badApi), ["s3:DeleteObjectVersion on the witness bucket"]);
+  });
+
+  it("count what they create", async () => {
+    const { resources } = await run();
+    // Printed for the record (the note quotes it).
+    console.log(`resources: ${resources.length}`);
+    assert.ok(resources.length > 80);
+  });
+});
