@@ -367,17 +367,11 @@ async fn verify_checkpoint_and_an_export_that_reverifies_outside_mira() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    let mut tx = db.owner.begin().await.unwrap();
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE events SET payload = replace(payload, '254', '255') WHERE global_position = $1")
-        .bind(pos)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    mira_eventlog::testing::tamper(
+        &db.owner,
+        &format!("UPDATE events SET payload = replace(payload, '254', '255') WHERE global_position = {pos}"),
+    )
+    .await;
     let bad = env.mira(&["audit", "verify"]);
     assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
     assert!(stderr(&bad).contains(&format!("position {pos}")), "{}", stderr(&bad));

@@ -169,6 +169,21 @@ pub async fn settle(pool: &PgPool) {
     }
 }
 
+/// Runs `sql` on `owner` (a superuser's pool) with the log's append-only triggers switched off,
+/// as an attacker with the database's keys would: for the tamper tests.
+pub async fn tamper(owner: &PgPool, sql: &str) {
+    let mut tx = owner.begin().await.expect("a transaction");
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .expect("replica mode (a superuser)");
+    sqlx::raw_sql(sql)
+        .execute(&mut *tx)
+        .await
+        .expect("the tampering statement");
+    tx.commit().await.expect("commit");
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

@@ -115,16 +115,7 @@ async fn positions_of(pool: &PgPool, aggregate_id: &str) -> Vec<i64> {
         .unwrap()
 }
 
-/// Runs `sql` as a superuser with the append-only triggers switched off, as an attacker would.
-async fn tamper(pool: &PgPool, sql: &str) {
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::raw_sql(sql).execute(&mut *tx).await.unwrap();
-    tx.commit().await.unwrap();
-}
+use mira_eventlog::testing::tamper;
 
 async fn verify_err(pool: &PgPool, audit: &Audit) -> verify::Violation {
     match audit.verify(pool).await {

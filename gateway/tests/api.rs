@@ -2589,17 +2589,11 @@ async fn a_jobs_events_verify_and_a_tampered_one_is_named() {
         .fetch_one(&app.db.owner)
         .await
         .unwrap();
-    let mut tx = app.db.owner.begin().await.unwrap();
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE events SET payload = overlay(payload placing 'X' from 3 for 1) WHERE global_position = $1")
-        .bind(pos)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    mira_eventlog::testing::tamper(
+        &app.db.owner,
+        &format!("UPDATE events SET payload = overlay(payload placing 'X' from 3 for 1) WHERE global_position = {pos}"),
+    )
+    .await;
     let bad = app.get(&t, &path).await;
     assert_eq!(bad.status, StatusCode::OK, "{}", bad.body);
     assert_eq!(bad.body["verified"], false, "{}", bad.body);

@@ -2,6 +2,7 @@ import { useCallback, useEffect, useState } from "preact/hooks";
 import { AUDITORS, api, holds } from "../api";
 import type { Session } from "../auth";
 import { shortHash, time } from "../format";
+import { TableHead } from "../table";
 
 type AuditEvent = {
   global_position: number;
@@ -110,17 +111,10 @@ export function AuditPage(props: { who: Session }) {
         </p>
       )}
       <table>
-        <caption class="visually-hidden">The tenant's events from the log</caption>
-        <thead>
-          <tr>
-            <th scope="col">Position</th>
-            <th scope="col">Time</th>
-            <th scope="col">Aggregate</th>
-            <th scope="col">Event</th>
-            <th scope="col">Actor</th>
-            <th scope="col">Hash</th>
-          </tr>
-        </thead>
+        <TableHead
+          caption="The tenant's events from the log"
+          columns={["Position", "Time", "Aggregate", "Event", "Actor", "Hash"]}
+        />
         <tbody>
           {shown.map((e) => (
             <tr key={e.event_id}>

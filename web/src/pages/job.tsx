@@ -4,6 +4,7 @@ import { Link, useLive } from "../app";
 import type { Session } from "../auth";
 import { shortHash, time } from "../format";
 import type { FeedMessage } from "../live";
+import { TableHead } from "../table";
 import { JobActions, JobProgress } from "./jobs";
 import { Badge } from "./slides";
 
@@ -124,16 +125,10 @@ export function JobPage(props: { id: string; who: Session }) {
         Timeline <VerifiedBadge id={job.job_id} version={events.length} />
       </h2>
       <table>
-        <caption class="visually-hidden">The job's events from the log, oldest first</caption>
-        <thead>
-          <tr>
-            <th scope="col">#</th>
-            <th scope="col">Time</th>
-            <th scope="col">Event</th>
-            <th scope="col">Actor</th>
-            <th scope="col">Hash</th>
-          </tr>
-        </thead>
+        <TableHead
+          caption="The job's events from the log, oldest first"
+          columns={["#", "Time", "Event", "Actor", "Hash"]}
+        />
         <tbody>
           {events.map((e) => (
             <tr key={e.event_id} data-event={e.event_type}>

@@ -4,6 +4,7 @@ import { Link, useLive } from "../app";
 import type { Session } from "../auth";
 import { percent, time } from "../format";
 import type { FeedMessage } from "../live";
+import { TableHead } from "../table";
 import { Badge } from "./slides";
 
 const ACTIVE = ["submitted", "queued", "running", "retry_scheduled"];
@@ -136,19 +137,11 @@ export function JobsPage(props: { who: Session }) {
         </p>
       )}
       <table>
-        <caption class="visually-hidden">Jobs, newest first; they update live</caption>
-        <thead>
-          <tr>
-            <th scope="col">Job</th>
-            <th scope="col">Status</th>
-            <th scope="col">Progress</th>
-            <th scope="col">Attempt</th>
-            <th scope="col">Submitted</th>
-            <th scope="col">
-              <span class="visually-hidden">Actions</span>
-            </th>
-          </tr>
-        </thead>
+        <TableHead
+          caption="Jobs, newest first; they update live"
+          columns={["Job", "Status", "Progress", "Attempt", "Submitted"]}
+          actions
+        />
         <tbody>
           {jobs.map((j) => (
             <tr key={j.job_id} data-job={j.job_id} data-status={j.status}>

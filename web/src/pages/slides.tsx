@@ -4,6 +4,7 @@ import { navigate, useLive } from "../app";
 import type { Session } from "../auth";
 import { bytes, time } from "../format";
 import type { FeedMessage } from "../live";
+import { TableHead } from "../table";
 import { planUpload, runUpload, slideContentType, type UploadAnswer, type UploadProgress } from "../upload";
 import { JobForm } from "./jobform";
 
@@ -170,18 +171,11 @@ export function SlidesPage(props: { who: Session }) {
         </p>
       )}
       <table>
-        <caption class="visually-hidden">Slides, newest first</caption>
-        <thead>
-          <tr>
-            <th scope="col">Name</th>
-            <th scope="col">Status</th>
-            <th scope="col">Size</th>
-            <th scope="col">Registered</th>
-            <th scope="col">
-              <span class="visually-hidden">Actions</span>
-            </th>
-          </tr>
-        </thead>
+        <TableHead
+          caption="Slides, newest first"
+          columns={["Name", "Status", "Size", "Registered"]}
+          actions
+        />
         <tbody>
           {shown.map((s) => (
             <tr key={s.slide_id} data-slide={s.slide_id}>
