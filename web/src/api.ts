@@ -137,8 +137,6 @@ export type Slide = {
   position: number;
 };
 
-export type Page<T> = { items: T[]; next: string | null };
-
 export type TimelineEntry = {
   sequence: number;
   event_id: string;

@@ -2,6 +2,7 @@ import { useCallback, useEffect, useState } from "preact/hooks";
 import { AUDITORS, api, holds } from "../api";
 import type { Session } from "../auth";
 import { shortHash, time } from "../format";
+import { usePages } from "../pages";
 import { TableHead } from "../table";
 
 type AuditEvent = {
@@ -30,23 +31,8 @@ function query(f: Filters, after: number | null): string {
 
 export function AuditPage(props: { who: Session }) {
   const [filters, setFilters] = useState<Filters>({ aggregate_id: "", event_type: "", from: "", to: "" });
-  const [events, setEvents] = useState<AuditEvent[]>([]);
-  const [next, setNext] = useState<number | null>(null);
-  const [error, setError] = useState("");
-
-  const load = useCallback(
-    async (after: number | null) => {
-      setError("");
-      try {
-        const page = await api<{ items: AuditEvent[]; next: number | null }>(query(filters, after));
-        setEvents((e) => (after ? [...e, ...page.items] : page.items));
-        setNext(page.next);
-      } catch (e) {
-        setError((e as Error).message);
-      }
-    },
-    [filters],
-  );
+  const auditUrl = useCallback((after: number | null) => query(filters, after), [filters]);
+  const { items: events, next, error, setError, load } = usePages<AuditEvent, number>(auditUrl);
 
   useEffect(() => {
     if (holds(props.who, AUDITORS)) load(null);

@@ -1,9 +1,10 @@
 import { useCallback, useEffect, useState } from "preact/hooks";
-import { api, holds, type Job, type Page, WRITERS } from "../api";
+import { api, holds, type Job, WRITERS } from "../api";
 import { Link, useLive } from "../app";
 import type { Session } from "../auth";
 import { percent, time } from "../format";
 import type { FeedMessage } from "../live";
+import { usePages } from "../pages";
 import { TableHead } from "../table";
 import { Badge } from "./slides";
 
@@ -69,26 +70,17 @@ export function JobActions(props: { job: Job; who: Session; onChange: (j: Job) =
 }
 
 export function JobsPage(props: { who: Session }) {
-  const [jobs, setJobs] = useState<Job[]>([]);
-  const [next, setNext] = useState<string | null>(null);
   const [status, setStatus] = useState("");
-  const [error, setError] = useState("");
-
-  const load = useCallback(
-    async (cursor: string | null) => {
-      try {
-        const q = new URLSearchParams({ limit: "50" });
-        if (cursor) q.set("cursor", cursor);
-        if (status) q.set("status", status);
-        const page = await api<Page<Job>>(`/api/jobs?${q}`);
-        setJobs((j) => (cursor ? [...j, ...page.items] : page.items));
-        setNext(page.next);
-      } catch (e) {
-        setError((e as Error).message);
-      }
+  const jobsUrl = useCallback(
+    (cursor: string | null) => {
+      const q = new URLSearchParams({ limit: "50" });
+      if (cursor) q.set("cursor", cursor);
+      if (status) q.set("status", status);
+      return `/api/jobs?${q}`;
     },
     [status],
   );
+  const { items: jobs, setItems: setJobs, next, error, load } = usePages<Job, string>(jobsUrl);
 
   useEffect(() => {
     load(null);

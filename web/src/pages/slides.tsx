@@ -1,9 +1,10 @@
 import { useCallback, useEffect, useRef, useState } from "preact/hooks";
-import { api, holds, type Page, type Slide, WRITERS } from "../api";
+import { api, holds, type Slide, WRITERS } from "../api";
 import { navigate, useLive } from "../app";
 import type { Session } from "../auth";
 import { bytes, time } from "../format";
 import type { FeedMessage } from "../live";
+import { usePages } from "../pages";
 import { TableHead } from "../table";
 import { planUpload, runUpload, slideContentType, type UploadAnswer, type UploadProgress } from "../upload";
 import { JobForm } from "./jobform";
@@ -21,27 +22,18 @@ type Upload = {
 };
 
 export function SlidesPage(props: { who: Session }) {
-  const [slides, setSlides] = useState<Slide[]>([]);
-  const [next, setNext] = useState<string | null>(null);
-  const [error, setError] = useState("");
+  const slidesUrl = useCallback((cursor: string | null) => {
+    const q = new URLSearchParams({ limit: "50" });
+    if (cursor) q.set("cursor", cursor);
+    return `/api/slides?${q}`;
+  }, []);
+  const { items: slides, setItems: setSlides, next, error, load } = usePages<Slide, string>(slidesUrl);
   const [query, setQuery] = useState("");
   const [upload, setUpload] = useState<Upload | null>(null);
   const [processing, setProcessing] = useState<string | null>(null);
   const [dragging, setDragging] = useState(false);
   const input = useRef<HTMLInputElement>(null);
   const canWrite = holds(props.who, WRITERS);
-
-  const load = useCallback(async (cursor: string | null) => {
-    try {
-      const q = new URLSearchParams({ limit: "50" });
-      if (cursor) q.set("cursor", cursor);
-      const page = await api<Page<Slide>>(`/api/slides?${q}`);
-      setSlides((s) => (cursor ? [...s, ...page.items] : page.items));
-      setNext(page.next);
-    } catch (e) {
-      setError((e as Error).message);
-    }
-  }, []);
 
   useEffect(() => {
     load(null);

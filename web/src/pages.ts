@@ -1,0 +1,27 @@
+// A list the API pages: the items loaded so far, the cursor of the next page, and the last
+// error as a message. `load(null)` reloads the first page; `load(next)` appends the next one.
+
+import { useCallback, useState } from "preact/hooks";
+import { api } from "./api";
+
+export type Paged<T, C> = { items: T[]; next: C | null };
+
+export function usePages<T, C>(url: (cursor: C | null) => string) {
+  const [items, setItems] = useState<T[]>([]);
+  const [next, setNext] = useState<C | null>(null);
+  const [error, setError] = useState("");
+  const load = useCallback(
+    async (cursor: C | null) => {
+      setError("");
+      try {
+        const page = await api<Paged<T, C>>(url(cursor));
+        setItems((all) => (cursor ? [...all, ...page.items] : page.items));
+        setNext(page.next);
+      } catch (e) {
+        setError((e as Error).message);
+      }
+    },
+    [url],
+  );
+  return { items, setItems, next, error, setError, load };
+}
