@@ -376,16 +376,18 @@ impl Publisher for SnsPublisher {
         }
         let mut req = self.sns.publish_batch().topic_arn(&self.topic_arn);
         for (i, m) in batch.iter().enumerate() {
-            let entry = PublishBatchRequestEntry::builder()
+            let mut entry = PublishBatchRequestEntry::builder()
                 .id(i.to_string())
                 .message(m.to_body())
                 .message_group_id(m.group_id())
-                .message_deduplication_id(m.event_id.to_string())
-                .message_attributes("event_type", attr(&m.event_type))
-                .message_attributes("aggregate_type", attr(&m.aggregate_type))
-                .message_attributes("tenant_id", attr(&m.tenant_id))
-                .build()
-                .map_err(transport)?;
+                .message_deduplication_id(m.event_id.to_string());
+            // The attributes the filter policies can name (bus/topology.json).
+            for name in &crate::topology::topology().message_attributes {
+                if let Some(v) = m.attribute(name) {
+                    entry = entry.message_attributes(name.clone(), attr(v));
+                }
+            }
+            let entry = entry.build().map_err(transport)?;
             req = req.publish_batch_request_entries(entry);
         }
         let out = req.send().await.map_err(sdk)?;

@@ -163,6 +163,13 @@ mod tests {
                 assert!(t.message_attributes.contains(attr), "{attr} is not published");
             }
         }
+        // Every attribute the file names is one a message carries (and the relay publishes).
+        for attr in &t.message_attributes {
+            assert!(
+                EventMessage::example().attribute(attr).is_some(),
+                "messages carry no {attr}"
+            );
+        }
         assert_eq!(t.queue_attributes["FifoQueue"], "true");
         assert!(t.dead_letter.max_receive_count >= 1);
     }
