@@ -22,7 +22,7 @@ export type FoundationsConfig = {
   azs: string[];
 };
 
-const tags = (stack: string, part: string) => ({ app: "mira", stack, part });
+export const tags = (stack: string, part: string) => ({ app: "mira", stack, part });
 
 function key(name: string, stack: string, description: string, policy?: pulumi.Input<string>) {
   const k = new aws.kms.Key(name, {
@@ -41,7 +41,7 @@ function bucket(
   name: string,
   stack: string,
   kmsKey: aws.kms.Key,
-  opts: { objectLockDays?: number; corsOrigin?: string } = {},
+  opts: { objectLockDays?: number; corsOrigin?: string; policyElsewhere?: boolean } = {},
 ) {
   const b = new aws.s3.Bucket(name, {
     bucket: `mira-${stack}-${name}`,
@@ -61,22 +61,11 @@ function bucket(
     rules: [{ applyServerSideEncryptionByDefault: { sseAlgorithm: "aws:kms", kmsMasterKeyId: kmsKey.arn }, bucketKeyEnabled: true }],
   });
   new aws.s3.BucketVersioning(`${name}-versioning`, { bucket: b.id, versioningConfiguration: { status: "Enabled" } });
-  new aws.s3.BucketPolicy(`${name}-tls-only`, {
-    bucket: b.id,
-    policy: pulumi.jsonStringify({
-      Version: "2012-10-17",
-      Statement: [
-        {
-          Sid: "TlsOnly",
-          Effect: "Deny",
-          Principal: "*",
-          Action: "s3:*",
-          Resource: [b.arn, pulumi.interpolate`${b.arn}/*`],
-          Condition: { Bool: { "aws:SecureTransport": "false" } },
-        },
-      ],
-    }),
-  });
+  // A bucket has one policy: where another part adds statements (the frontend's CloudFront
+  // read), that part writes it, starting from tlsOnly().
+  if (!opts.policyElsewhere) {
+    new aws.s3.BucketPolicy(`${name}-tls-only`, { bucket: b.id, policy: pulumi.jsonStringify({ Version: "2012-10-17", Statement: [tlsOnly(b)] }) });
+  }
   new aws.s3.BucketLifecycleConfiguration(`${name}-lifecycle`, {
     bucket: b.id,
     rules: [{ id: "abort-incomplete-multipart", status: "Enabled", filter: {}, abortIncompleteMultipartUpload: { daysAfterInitiation: 7 } }],
@@ -98,16 +87,37 @@ function bucket(
   return b;
 }
 
-type Statement = { Effect: "Allow"; Action: string[]; Resource: pulumi.Input<string>[] };
+/** Refuses plain HTTP to the bucket: the first statement of every bucket's policy. */
+export function tlsOnly(b: aws.s3.Bucket) {
+  return {
+    Sid: "TlsOnly",
+    Effect: "Deny",
+    Principal: "*",
+    Action: "s3:*",
+    Resource: [b.arn, pulumi.interpolate`${b.arn}/*`],
+    Condition: { Bool: { "aws:SecureTransport": "false" } },
+  };
+}
 
-/** A role assumed by `principal`, with exactly `statements`. */
-function role(name: string, stack: string, principal: { Service: string }, statements: Statement[], extraAssume: string[] = []) {
+export type Statement = { Effect: "Allow"; Action: string[]; Resource: pulumi.Input<string>[] };
+
+/** A role assumed by `principal` (a service, or a trust policy written out), with exactly `statements`. */
+export function role(
+  name: string,
+  stack: string,
+  principal: { Service: string } | pulumi.Input<string>,
+  statements: Statement[],
+  extraAssume: string[] = [],
+) {
   const r = new aws.iam.Role(name, {
     name: `mira-${stack}-${name}`,
-    assumeRolePolicy: JSON.stringify({
-      Version: "2012-10-17",
-      Statement: [{ Effect: "Allow", Principal: principal, Action: ["sts:AssumeRole", ...extraAssume] }],
-    }),
+    assumeRolePolicy:
+      typeof principal === "object" && "Service" in principal
+        ? JSON.stringify({
+            Version: "2012-10-17",
+            Statement: [{ Effect: "Allow", Principal: principal, Action: ["sts:AssumeRole", ...extraAssume] }],
+          })
+        : principal,
     tags: tags(stack, "iam"),
   });
   new aws.iam.RolePolicy(`${name}-policy`, {
@@ -124,7 +134,28 @@ export function foundations(cfg: FoundationsConfig) {
   // ---- keys -------------------------------------------------------------------------------
   const phiKey = key("phi-key", s, "Mira: the patient-data keyring's data keys (AWS__KMS__KeyId)");
   const rdsKey = key("rds-key", s, "Mira: RDS storage and its master secret");
-  const s3Key = key("s3-key", s, "Mira: the buckets");
+  // CloudFront (origin access control) decrypts the SPA's objects for this account's distributions.
+  const s3Key = key(
+    "s3-key",
+    s,
+    "Mira: the buckets",
+    pulumi.output(aws.getCallerIdentityOutput()).apply((id) =>
+      JSON.stringify({
+        Version: "2012-10-17",
+        Statement: [
+          { Sid: "Account", Effect: "Allow", Principal: { AWS: `arn:aws:iam::${id.accountId}:root` }, Action: "kms:*", Resource: "*" },
+          {
+            Sid: "CloudFrontReadsTheFrontend",
+            Effect: "Allow",
+            Principal: { Service: "cloudfront.amazonaws.com" },
+            Action: ["kms:Decrypt"],
+            Resource: "*",
+            Condition: { ArnLike: { "AWS:SourceArn": `arn:aws:cloudfront::${id.accountId}:distribution/*` } },
+          },
+        ],
+      }),
+    ),
+  );
   const messagingKey = key(
     "messaging-key",
     s,
@@ -135,9 +166,10 @@ export function foundations(cfg: FoundationsConfig) {
         Statement: [
           { Sid: "Account", Effect: "Allow", Principal: { AWS: `arn:aws:iam::${id.accountId}:root` }, Action: "kms:*", Resource: "*" },
           {
+            // SNS into the encrypted queues; CloudWatch alarms into the encrypted alarm topic.
             Sid: "SnsDeliversToEncryptedQueues",
             Effect: "Allow",
-            Principal: { Service: "sns.amazonaws.com" },
+            Principal: { Service: ["sns.amazonaws.com", "cloudwatch.amazonaws.com"] },
             Action: ["kms:GenerateDataKey*", "kms:Decrypt"],
             Resource: "*",
           },
@@ -174,7 +206,15 @@ export function foundations(cfg: FoundationsConfig) {
     tags: tags(s, "network"),
   });
   publicSubnets.forEach((sn, i) => new aws.ec2.RouteTableAssociation(`public-${i}-routes`, { subnetId: sn.id, routeTableId: publicRoutes.id }));
-  const privateRoutes = new aws.ec2.RouteTable("private-routes", { vpcId: vpc.id, tags: tags(s, "network") });
+  // Private subnets reach AWS through the endpoints below, and the public registries the
+  // cluster's add-ons come from (KEDA, the autoscaler, NVIDIA's plugin, ADOT) through one NAT.
+  const natIp = new aws.ec2.Eip("nat-ip", { domain: "vpc", tags: tags(s, "network") });
+  const nat = new aws.ec2.NatGateway("nat", { allocationId: natIp.id, subnetId: publicSubnets[0].id, tags: tags(s, "network") }, { dependsOn: [igw] });
+  const privateRoutes = new aws.ec2.RouteTable("private-routes", {
+    vpcId: vpc.id,
+    routes: [{ cidrBlock: "0.0.0.0/0", natGatewayId: nat.id }],
+    tags: tags(s, "network"),
+  });
   [...dataSubnets, ...computeSubnets].forEach(
     (sn, i) => new aws.ec2.RouteTableAssociation(`private-${i}-routes`, { subnetId: sn.id, routeTableId: privateRoutes.id }),
   );
@@ -203,7 +243,7 @@ export function foundations(cfg: FoundationsConfig) {
     routeTableIds: [privateRoutes.id],
     tags: tags(s, "network"),
   });
-  for (const svc of ["sqs", "sns", "kms", "secretsmanager", "ecr.api", "ecr.dkr", "logs"]) {
+  for (const svc of ["sqs", "sns", "kms", "secretsmanager", "ecr.api", "ecr.dkr", "logs", "sts"]) {
     new aws.ec2.VpcEndpoint(`${svc.replace(".", "-")}-endpoint`, {
       vpcId: vpc.id,
       serviceName: `com.amazonaws.${cfg.region}.${svc}`,
@@ -271,7 +311,7 @@ export function foundations(cfg: FoundationsConfig) {
   // ---- storage ----------------------------------------------------------------------------
   const uploads = bucket("uploads", s, s3Key, { corsOrigin: cfg.appOrigin });
   const results = bucket("results", s, s3Key, { corsOrigin: cfg.appOrigin });
-  const frontend = bucket("frontend", s, s3Key);
+  const frontend = bucket("frontend", s, s3Key, { policyElsewhere: true });
   const witness = bucket("witness", s, s3Key, { objectLockDays: cfg.witnessRetentionDays });
 
   // ---- secrets ----------------------------------------------------------------------------
@@ -433,21 +473,15 @@ export function foundations(cfg: FoundationsConfig) {
     kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, rdsKey, messagingKey),
     secrets(dbAppSecret, signingKeySecret),
   ]);
-  // The worker's pods (EKS Pod Identity): the gpu-jobs queue only, the immutable copies of
-  // uploads read, results written.
-  const workerRole = role(
-    "worker",
-    s,
-    { Service: "pods.eks.amazonaws.com" },
-    [
-      consume(queues["gpu-jobs"].queue),
-      { Effect: "Allow", Action: ["s3:GetObject"], Resource: [obj(uploads, "immutable/")] },
-      { Effect: "Allow", Action: ["s3:PutObject", "s3:AbortMultipartUpload"], Resource: [obj(results)] },
-      kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, rdsKey, messagingKey),
-      secrets(dbAppSecret),
-    ],
-    ["sts:TagSession"],
-  );
+  // The worker's pods: the gpu-jobs queue only, the immutable copies of uploads read, results
+  // written. Its role is made with the cluster (fleet.ts), whose service account it trusts (IRSA).
+  const workerStatements: Statement[] = [
+    consume(queues["gpu-jobs"].queue),
+    { Effect: "Allow", Action: ["s3:GetObject"], Resource: [obj(uploads, "immutable/")] },
+    { Effect: "Allow", Action: ["s3:PutObject", "s3:AbortMultipartUpload"], Resource: [obj(results)] },
+    kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, rdsKey, messagingKey),
+    secrets(dbAppSecret),
+  ];
 
   // ---- the settings each service gets (DESIGN §2), from the resources ------------------------
   const common = {
@@ -491,7 +525,24 @@ export function foundations(cfg: FoundationsConfig) {
     buckets: { uploads: uploads.bucket, results: results.bucket, frontend: frontend.bucket, witness: witness.bucket },
     identity: { userPoolId: pool.id, clientId: client.id, domain: domain.domain },
     registries: Object.fromEntries(Object.entries(repos).map(([n, r]) => [n, r.repositoryUrl])),
-    roles: { api: apiRole.arn, roles: rolesRole.arn, worker: workerRole.arn },
+    roles: { api: apiRole.arn, roles: rolesRole.arn },
     settings,
+    /** What the compute, fleet and edge parts build on (not stack outputs). */
+    parts: {
+      vpc,
+      publicSubnets,
+      computeSubnets,
+      computeSg,
+      topic,
+      queues,
+      buckets: { uploads, results, frontend, witness },
+      keys: { phiKey, rdsKey, s3Key, messagingKey },
+      secrets: { dbAppSecret, signingKeySecret },
+      db,
+      repos,
+      apiRole,
+      rolesRole,
+      workerStatements,
+    },
   };
 }

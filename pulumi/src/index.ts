@@ -1,13 +1,13 @@
 // The stack's program: `Pulumi.<stack>.yaml` configures it (see Pulumi.dev.yaml, Pulumi.prod.yaml).
 
 import * as pulumi from "@pulumi/pulumi";
-import { foundations } from "./foundations";
+import { program } from "./program";
 
 const config = new pulumi.Config("mira");
 const aws = new pulumi.Config("aws");
 const region = aws.require("region");
 
-const out = foundations({
+const out = program({
   stack: pulumi.getStack(),
   region,
   appOrigin: config.require("appOrigin"),
@@ -18,6 +18,28 @@ const out = foundations({
   witnessRetentionDays: config.getNumber("witnessRetentionDays") ?? 2555,
   ecrKeepImages: config.getNumber("ecrKeepImages") ?? 30,
   azs: config.getObject<string[]>("azs") ?? [`${region}a`, `${region}b`],
+  imageTag: config.get("imageTag") ?? "bootstrap",
+  albCertificateArn: config.require("albCertificateArn"),
+  albDomain: config.require("albDomain"),
+  originVerifySecret: config.requireSecret("originVerifySecret"),
+  cdnAliases: config.getObject<string[]>("cdnAliases") ?? [],
+  cdnCertificateArn: config.get("cdnCertificateArn"),
+  apiTasks: config.getNumber("apiTasks") ?? 2,
+  handlerTasks: config.getNumber("handlerTasks") ?? 2,
+  taskCpu: config.getNumber("taskCpu") ?? 1024,
+  taskMemory: config.getNumber("taskMemory") ?? 2048,
+  kubernetesVersion: config.get("kubernetesVersion") ?? "1.34",
+  eksPublicAccessCidrs: config.getObject<string[]>("eksPublicAccessCidrs") ?? [],
+  gpuInstanceType: config.get("gpuInstanceType") ?? "g6.xlarge",
+  gpuNodesMax: config.getNumber("gpuNodesMax") ?? 4,
+  systemInstanceType: config.get("systemInstanceType") ?? "t3.large",
+  workerMaxReplicas: config.getNumber("workerMaxReplicas") ?? 4,
+  workerQueueLength: config.getNumber("workerQueueLength") ?? 1,
+  workerLeaseSeconds: config.getNumber("workerLeaseSeconds") ?? 60,
+  kedaVersion: config.get("kedaVersion") ?? "2.20.2",
+  alarmEmail: config.get("alarmEmail"),
+  githubRepository: config.require("githubRepository"),
+  githubOidcProviderArn: config.get("githubOidcProviderArn"),
 });
 
 export const network = out.network;
@@ -29,3 +51,9 @@ export const registries = out.registries;
 export const roles = out.roles;
 /** One settings map per service, every value from a resource. */
 export const settings = out.settings;
+export const compute = out.compute;
+export const fleet = out.fleet;
+export const edge = out.edge;
+export const observability = out.observability;
+/** What .github/workflows/deploy.yml reads (docs/runbooks/deploy.md). */
+export const deploy = out.deploy;

@@ -23,6 +23,21 @@ pulumi.runtime.setMocks(
         state.endpoint = `${name}.cluster.${REGION}.rds.amazonaws.com:5432`;
         state.masterUserSecrets = [{ secretArn: `arn:aws:secretsmanager:${REGION}:${ACCOUNT}:secret:rds-master` }];
       }
+      if (a.type === "aws:eks/cluster:Cluster") {
+        state.endpoint = `https://${name}.gr7.${REGION}.eks.amazonaws.com`;
+        state.certificateAuthority = { data: "LS0tLS1CRUdJTi1DRVJUSUZJQ0FURS0tLS0t" };
+        state.identities = [{ oidcs: [{ issuer: `https://oidc.eks.${REGION}.amazonaws.com/id/MIRATEST` }] }];
+      }
+      if (a.type === "aws:lb/loadBalancer:LoadBalancer") {
+        state.arnSuffix = `app/${name}/0123456789abcdef`;
+        state.dnsName = `${name}-123.${REGION}.elb.amazonaws.com`;
+      }
+      if (a.type === "aws:cloudfront/distribution:Distribution") {
+        state.arn = `arn:aws:cloudfront::${ACCOUNT}:distribution/${a.name}-id`;
+        state.domainName = "d111111abcdef8.cloudfront.net";
+      }
+      if (a.type === "aws:s3/bucket:Bucket") state.bucketRegionalDomainName = `${name}.s3.${REGION}.amazonaws.com`;
+      if (a.type === "aws:ecs/taskDefinition:TaskDefinition") state.arn = `arn:aws:ecs:${REGION}:${ACCOUNT}:task-definition/${a.inputs.family}:1`;
       recorded.push({ type: a.type, name: a.name, inputs: a.inputs, state });
       return { id: `${a.name}-id`, state };
     },
@@ -30,6 +45,7 @@ pulumi.runtime.setMocks(
       if (a.token === "aws:index/getCallerIdentity:getCallerIdentity") {
         return { accountId: ACCOUNT, arn: `arn:aws:iam::${ACCOUNT}:user/test`, userId: "test", id: ACCOUNT };
       }
+      if (a.token === "aws:ec2/getManagedPrefixList:getManagedPrefixList") return { ...a.inputs, id: "pl-cloudfront" };
       return a.inputs;
     },
   },
@@ -42,33 +58,72 @@ export function value<T>(o: pulumi.Output<T> | T): Promise<T> {
   return pulumi.Output.isInstance(o) ? new Promise((ok) => (o as pulumi.Output<T>).apply(ok)) : Promise.resolve(o as T);
 }
 
+/** The configuration the tests run the program with. */
+export const CONFIG = {
+  stack: "test",
+  region: REGION,
+  appOrigin: "https://mira.example.org",
+  cognitoDomainPrefix: "mira-test",
+  multiAz: true,
+  deletionProtection: true,
+  dbInstanceClass: "db.r7g.large",
+  witnessRetentionDays: 2555,
+  ecrKeepImages: 30,
+  azs: [`${REGION}a`, `${REGION}b`],
+  imageTag: "test",
+  albCertificateArn: `arn:aws:acm:${REGION}:${ACCOUNT}:certificate/alb`,
+  albDomain: "origin.mira.example.org",
+  originVerifySecret: "origin-secret",
+  cdnAliases: [],
+  apiTasks: 2,
+  handlerTasks: 2,
+  taskCpu: 1024,
+  taskMemory: 2048,
+  kubernetesVersion: "1.34",
+  eksPublicAccessCidrs: ["203.0.113.0/24"],
+  gpuInstanceType: "g6.xlarge",
+  gpuNodesMax: 4,
+  systemInstanceType: "t3.large",
+  workerMaxReplicas: 4,
+  workerQueueLength: 1,
+  workerLeaseSeconds: 60,
+  kedaVersion: "2.20.2",
+  githubRepository: "mira-lab/mira",
+};
+
 /** Runs the program once; later calls return the same records. */
 let ran: Promise<{ out: any; resources: Recorded[] }> | null = null;
 export function run() {
   ran ??= (async () => {
-    const { foundations } = await import("../src/foundations");
-    const out = foundations({
-      stack: "test",
-      region: REGION,
-      appOrigin: "https://mira.example.org",
-      cognitoDomainPrefix: "mira-test",
-      multiAz: true,
-      deletionProtection: true,
-      dbInstanceClass: "db.r7g.large",
-      witnessRetentionDays: 2555,
-      ecrKeepImages: 30,
-      azs: [`${REGION}a`, `${REGION}b`],
-    });
+    const { program } = await import("../src/program");
+    const out = program(CONFIG);
     const settings = {
       api: await resolveMap(out.settings.api),
       roles: await resolveMap(out.settings.roles),
       worker: await resolveMap(out.settings.worker),
     };
     // Let every resource registration finish.
-    await new Promise((r) => setTimeout(r, 200));
-    return { out: { ...out, settings }, resources: recorded };
+    await new Promise((r) => setTimeout(r, 300));
+    return { out: { ...out, settings, raw: out }, resources: recorded };
   })();
   return ran;
+}
+
+/** The stack's outputs as `pulumi stack output --json` would print them (every Output resolved). */
+export async function stackOutputs(): Promise<Record<string, any>> {
+  const { out } = await run();
+  return resolveDeep(out.raw);
+}
+
+async function resolveDeep(v: any): Promise<any> {
+  if (pulumi.Output.isInstance(v)) return resolveDeep(await value(v));
+  if (Array.isArray(v)) return Promise.all(v.map(resolveDeep));
+  if (v && typeof v === "object") {
+    const o: Record<string, any> = {};
+    for (const [k, x] of Object.entries(v)) o[k] = await resolveDeep(x);
+    return o;
+  }
+  return v;
 }
 
 async function resolveMap(m: Record<string, pulumi.Output<string>>): Promise<Record<string, string>> {

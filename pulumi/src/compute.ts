@@ -1,0 +1,283 @@
+// The API and the roles on ECS Fargate (issue 20), from the `mira-api` image: the gateway behind
+// an ALB that only CloudFront reaches, the relay (exactly one task), the projector and the
+// handlers as roles of the same image chosen by `Roles__Enabled`, and a one-off task that runs
+// `mira migrate`. Each task carries the ADOT collector beside Mira's container.
+
+import * as aws from "@pulumi/aws";
+import * as pulumi from "@pulumi/pulumi";
+import { type foundations, role, tags } from "./foundations";
+import { ADOT_IMAGE, APP_PORT, type Observability } from "./observability";
+
+type Found = ReturnType<typeof foundations>;
+
+export type ComputeConfig = {
+  stack: string;
+  region: string;
+  imageTag: string;
+  albCertificateArn: string;
+  originVerifySecret: pulumi.Input<string>;
+  apiTasks: number;
+  handlerTasks: number;
+  taskCpu: number;
+  taskMemory: number;
+};
+
+/** The header CloudFront adds to every request it sends to the ALB. */
+export const ORIGIN_HEADER = "X-Mira-Origin-Verify";
+/** The paths the ALB forwards to Mira (CloudFront sends it exactly these). */
+export const API_PATHS = ["/api/*", "/ws"];
+
+/** The ECS services: which roles each runs (`Roles__Enabled`), and how many tasks. */
+export function serviceSpecs(cfg: ComputeConfig) {
+  return {
+    api: { roles: "", tasks: cfg.apiTasks, taskRole: "api" as const },
+    // Exactly one relay: it publishes the log's events in order, and two would race.
+    relay: { roles: "relay", tasks: 1, taskRole: "roles" as const },
+    projector: { roles: "projector", tasks: 1, taskRole: "roles" as const },
+    handlers: { roles: "handlers", tasks: cfg.handlerTasks, taskRole: "roles" as const },
+  };
+}
+
+export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
+  const s = cfg.stack;
+  const p = f.parts;
+  const image = pulumi.interpolate`${p.repos["mira-api"].repositoryUrl}:${cfg.imageTag}`;
+
+  const cluster = new aws.ecs.Cluster("cluster", {
+    name: `mira-${s}`,
+    settings: [{ name: "containerInsights", value: "enabled" }],
+    tags: tags(s, "compute"),
+  });
+  const logs = new aws.cloudwatch.LogGroup("service-logs", { name: `/mira/${s}/services`, retentionInDays: 90, tags: tags(s, "compute") });
+
+  // The owner's connection, for `mira migrate` only (DESIGN §2: Database__MigrationUrl). The
+  // operator writes it once from the RDS master secret (docs/runbooks/deploy.md).
+  const migrationSecret = new aws.secretsmanager.Secret("db-migration", {
+    name: `mira-${s}/database/migration`,
+    kmsKeyId: p.keys.rdsKey.arn,
+    description: "Mira's owner connection (Database__MigrationUrl) for the migration task only",
+    tags: tags(s, "secrets"),
+  });
+
+  // ECS itself (pulling the image, writing logs, reading the secrets it injects).
+  const execution = role("task-execution", s, { Service: "ecs-tasks.amazonaws.com" }, [
+    { Effect: "Allow", Action: ["ecr:GetAuthorizationToken"], Resource: ["*"] },
+    {
+      Effect: "Allow",
+      Action: ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
+      Resource: [p.repos["mira-api"].arn],
+    },
+    { Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: [pulumi.interpolate`${logs.arn}:*`] },
+    { Effect: "Allow", Action: ["secretsmanager:GetSecretValue"], Resource: [p.secrets.dbAppSecret.arn, migrationSecret.arn] },
+    { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.rdsKey.arn, p.keys.s3Key.arn] },
+  ]);
+  // The collector's writes go with each task role (EMF log group, X-Ray).
+  for (const [n, r] of [
+    ["api", p.apiRole],
+    ["roles", p.rolesRole],
+  ] as const) {
+    new aws.iam.RolePolicy(`${n}-telemetry`, { role: r.id, policy: pulumi.jsonStringify({ Version: "2012-10-17", Statement: obs.telemetryStatements }) });
+  }
+  const migrateRole = role("migrate", s, { Service: "ecs-tasks.amazonaws.com" }, [
+    { Effect: "Allow", Action: ["secretsmanager:GetSecretValue"], Resource: [p.secrets.dbAppSecret.arn] },
+    { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.rdsKey.arn] },
+  ]);
+
+  const env = (m: Record<string, pulumi.Input<string>>) =>
+    Object.entries(m)
+      .sort(([a], [b]) => a.localeCompare(b))
+      .map(([name, value]) => ({ name, value }));
+  const logConfig = (prefix: string) => ({
+    logDriver: "awslogs",
+    options: { "awslogs-group": logs.name, "awslogs-region": cfg.region, "awslogs-stream-prefix": prefix },
+  });
+
+  const taskDefinition = (name: string, taskRole: aws.iam.Role, settings: Record<string, pulumi.Input<string>>, command: string[]) =>
+    new aws.ecs.TaskDefinition(`${name}-task`, {
+      family: `mira-${s}-${name}`,
+      requiresCompatibilities: ["FARGATE"],
+      networkMode: "awsvpc",
+      cpu: String(cfg.taskCpu),
+      memory: String(cfg.taskMemory),
+      runtimePlatform: { operatingSystemFamily: "LINUX", cpuArchitecture: "X86_64" },
+      executionRoleArn: execution.arn,
+      taskRoleArn: taskRole.arn,
+      containerDefinitions: pulumi.jsonStringify([
+        {
+          name: "mira",
+          image,
+          essential: true,
+          command,
+          portMappings: [{ containerPort: APP_PORT, protocol: "tcp", name: "http" }],
+          environment: env({
+            ...settings,
+            Logging__Format: "json",
+            Tracing__XRay__Enabled: "true",
+            Tracing__XRay__ServiceName: `mira-${name}`,
+            OTEL_SERVICE_NAME: `mira-${name}`,
+            OTEL_EXPORTER_OTLP_ENDPOINT: "http://127.0.0.1:4317",
+            OTEL_EXPORTER_OTLP_PROTOCOL: "grpc",
+          }),
+          secrets: [{ name: "DATABASE_URL", valueFrom: p.secrets.dbAppSecret.arn }],
+          readonlyRootFilesystem: true,
+          user: "10001",
+          stopTimeout: 120,
+          logConfiguration: logConfig(name),
+          dependsOn: [{ containerName: "adot", condition: "START" }],
+        },
+        {
+          name: "adot",
+          image: ADOT_IMAGE,
+          essential: false,
+          command: ["--config=env:AOT_CONFIG_CONTENT"],
+          environment: [{ name: "AOT_CONFIG_CONTENT", value: obs.collector }],
+          logConfiguration: logConfig(`${name}-adot`),
+        },
+      ]),
+      tags: tags(s, "compute"),
+    });
+
+  // ---- the ALB: HTTPS only, idle timeout long enough for WebSockets, CloudFront's header required
+  const albSg = new aws.ec2.SecurityGroup("alb-sg", {
+    vpcId: p.vpc.id,
+    description: "Mira's ALB: HTTPS from CloudFront's origin-facing addresses only",
+    ingress: [
+      {
+        protocol: "tcp",
+        fromPort: 443,
+        toPort: 443,
+        prefixListIds: [aws.ec2.getManagedPrefixListOutput({ name: "com.amazonaws.global.cloudfront.origin-facing" }).id],
+      },
+    ],
+    egress: [{ protocol: "tcp", fromPort: APP_PORT, toPort: APP_PORT, securityGroups: [p.computeSg.id] }],
+    tags: tags(s, "compute"),
+  });
+  new aws.ec2.SecurityGroupRule("compute-from-alb", {
+    type: "ingress",
+    securityGroupId: p.computeSg.id,
+    sourceSecurityGroupId: albSg.id,
+    protocol: "tcp",
+    fromPort: APP_PORT,
+    toPort: APP_PORT,
+    description: "the ALB to Mira's API",
+  });
+  const alb = new aws.lb.LoadBalancer("alb", {
+    name: `mira-${s}`,
+    loadBalancerType: "application",
+    internal: false,
+    securityGroups: [albSg.id],
+    subnets: p.publicSubnets.map((x) => x.id),
+    idleTimeout: 3600,
+    dropInvalidHeaderFields: true,
+    tags: tags(s, "compute"),
+  });
+  const target = new aws.lb.TargetGroup("api-targets", {
+    name: `mira-${s}-api`,
+    port: APP_PORT,
+    protocol: "HTTP",
+    targetType: "ip",
+    vpcId: p.vpc.id,
+    deregistrationDelay: 30,
+    healthCheck: { path: "/readyz", matcher: "200", interval: 15, healthyThreshold: 2, unhealthyThreshold: 3, timeout: 5 },
+    tags: tags(s, "compute"),
+  });
+  const https = new aws.lb.Listener("https", {
+    loadBalancerArn: alb.arn,
+    port: 443,
+    protocol: "HTTPS",
+    sslPolicy: "ELBSecurityPolicy-TLS13-1-2-2021-06",
+    certificateArn: cfg.albCertificateArn,
+    defaultActions: [{ type: "fixed-response", fixedResponse: { contentType: "text/plain", statusCode: "403", messageBody: "Forbidden" } }],
+    tags: tags(s, "compute"),
+  });
+  new aws.lb.ListenerRule("api-from-cloudfront", {
+    listenerArn: https.arn,
+    priority: 10,
+    conditions: [{ httpHeader: { httpHeaderName: ORIGIN_HEADER, values: [cfg.originVerifySecret] } }, { pathPattern: { values: API_PATHS } }],
+    actions: [{ type: "forward", targetGroupArn: target.arn }],
+    tags: tags(s, "compute"),
+  });
+
+  // ---- the services -------------------------------------------------------------------------
+  const network = { subnets: p.computeSubnets.map((x) => x.id), securityGroups: [p.computeSg.id], assignPublicIp: false };
+  const services: Record<string, aws.ecs.Service> = {};
+  const taskDefinitions: Record<string, aws.ecs.TaskDefinition> = {};
+  for (const [name, spec] of Object.entries(serviceSpecs(cfg))) {
+    const settings = spec.taskRole === "api" ? f.settings.api : { ...f.settings.roles, Roles__Enabled: pulumi.output(spec.roles) };
+    const td = taskDefinition(name, spec.taskRole === "api" ? p.apiRole : p.rolesRole, settings, ["serve", "--listen", `0.0.0.0:${APP_PORT}`]);
+    taskDefinitions[name] = td;
+    const single = name === "relay";
+    services[name] = new aws.ecs.Service(
+      name,
+      {
+        name: `mira-${s}-${name}`,
+        cluster: cluster.arn,
+        taskDefinition: td.arn,
+        desiredCount: spec.tasks,
+        launchType: "FARGATE",
+        platformVersion: "LATEST",
+        networkConfiguration: network,
+        // The relay stops before its successor starts: never two at once.
+        deploymentMaximumPercent: single ? 100 : 200,
+        deploymentMinimumHealthyPercent: single ? 0 : 100,
+        deploymentCircuitBreaker: { enable: true, rollback: true },
+        loadBalancers: name === "api" ? [{ targetGroupArn: target.arn, containerName: "mira", containerPort: APP_PORT }] : undefined,
+        healthCheckGracePeriodSeconds: name === "api" ? 60 : undefined,
+        enableExecuteCommand: false,
+        propagateTags: "SERVICE",
+        tags: tags(s, "compute"),
+      },
+      // Deploys move the image (a new task-definition revision, docs/runbooks/deploy.md); a
+      // later `pulumi up` must not move it back.
+      { dependsOn: name === "api" ? [https] : [], ignoreChanges: ["taskDefinition"] },
+    );
+  }
+  const migrationTask = new aws.ecs.TaskDefinition("migrate-task", {
+    family: `mira-${s}-migrate`,
+    requiresCompatibilities: ["FARGATE"],
+    networkMode: "awsvpc",
+    cpu: "512",
+    memory: "1024",
+    executionRoleArn: execution.arn,
+    taskRoleArn: migrateRole.arn,
+    containerDefinitions: pulumi.jsonStringify([
+      {
+        name: "mira",
+        image,
+        essential: true,
+        command: ["migrate"],
+        environment: env({ AWS__Region: cfg.region, Logging__Format: "json" }),
+        secrets: [
+          { name: "Database__MigrationUrl", valueFrom: migrationSecret.arn },
+          { name: "DATABASE_URL", valueFrom: p.secrets.dbAppSecret.arn },
+        ],
+        readonlyRootFilesystem: true,
+        user: "10001",
+        logConfiguration: logConfig("migrate"),
+      },
+    ]),
+    tags: tags(s, "compute"),
+  });
+
+  const serviceNames = Object.fromEntries(Object.entries(services).map(([n, x]) => [n, x.name]));
+  return {
+    cluster,
+    alb,
+    services,
+    serviceNames,
+    taskDefinitions,
+    migrationTask,
+    executionRole: execution,
+    migrateRole,
+    migrationSecret,
+    outputs: {
+      cluster: cluster.name,
+      albDnsName: alb.dnsName,
+      services: serviceNames,
+      migrationTaskFamily: migrationTask.family,
+      migrationSecretArn: migrationSecret.arn,
+    },
+  };
+}
+
+export type Compute = ReturnType<typeof compute>;

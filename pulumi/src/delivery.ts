@@ -1,0 +1,106 @@
+// What the workflows under .github/workflows assume (issue 21): GitHub's OIDC provider, a deploy
+// role for deploy.yml that can push the two images, run the migration task, roll the ECS
+// services and the worker Deployment, publish the SPA and invalidate CloudFront, and nothing
+// else; a read-only role for `pulumi preview` on pull requests; and the role `pulumi up` runs
+// as on main. No long-lived keys anywhere.
+
+import * as aws from "@pulumi/aws";
+import * as pulumi from "@pulumi/pulumi";
+import type { Compute } from "./compute";
+import type { Edge } from "./edge";
+import type { Fleet } from "./fleet";
+import { type foundations, role, tags } from "./foundations";
+
+type Found = ReturnType<typeof foundations>;
+
+export type DeliveryConfig = { stack: string; region: string; githubRepository: string; githubOidcProviderArn?: string };
+
+const GITHUB = "token.actions.githubusercontent.com";
+
+export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e: Edge) {
+  const s = cfg.stack;
+  const p = f.parts;
+  const providerArn =
+    cfg.githubOidcProviderArn ??
+    new aws.iam.OpenIdConnectProvider("github-oidc", { url: `https://${GITHUB}`, clientIdLists: ["sts.amazonaws.com"], tags: tags(s, "delivery") }).arn;
+  /** Trusts this repository's workflows, on `subjects` (main only, or pull requests too). */
+  const github = (subjects: string[]) =>
+    pulumi.output(providerArn).apply((arn) =>
+      JSON.stringify({
+        Version: "2012-10-17",
+        Statement: [
+          {
+            Effect: "Allow",
+            Principal: { Federated: arn },
+            Action: "sts:AssumeRoleWithWebIdentity",
+            Condition: {
+              StringEquals: { [`${GITHUB}:aud`]: "sts.amazonaws.com" },
+              StringLike: { [`${GITHUB}:sub`]: subjects.map((x) => `repo:${cfg.githubRepository}:${x}`) },
+            },
+          },
+        ],
+      }),
+    );
+  const onMain = ["ref:refs/heads/main", "environment:production"];
+
+  const repos = Object.values(p.repos);
+  const deployRole = role("deploy", s, github(onMain), [
+    { Effect: "Allow", Action: ["ecr:GetAuthorizationToken"], Resource: ["*"] },
+    {
+      Effect: "Allow",
+      Action: [
+        "ecr:BatchCheckLayerAvailability",
+        "ecr:BatchGetImage",
+        "ecr:CompleteLayerUpload",
+        "ecr:DescribeImages",
+        "ecr:InitiateLayerUpload",
+        "ecr:PutImage",
+        "ecr:UploadLayerPart",
+      ],
+      Resource: repos.map((r) => r.arn),
+    },
+    // Task-definition revisions cannot be scoped to a family by ARN.
+    { Effect: "Allow", Action: ["ecs:DescribeTaskDefinition", "ecs:RegisterTaskDefinition"], Resource: ["*"] },
+    {
+      Effect: "Allow",
+      Action: ["ecs:UpdateService", "ecs:DescribeServices"],
+      Resource: Object.values(c.services).map((x) => x.id),
+    },
+    {
+      Effect: "Allow",
+      Action: ["ecs:RunTask"],
+      Resource: [pulumi.interpolate`arn:aws:ecs:${cfg.region}:*:task-definition/${c.migrationTask.family}:*`],
+    },
+    { Effect: "Allow", Action: ["ecs:DescribeTasks"], Resource: ["*"] },
+    {
+      Effect: "Allow",
+      Action: ["iam:PassRole"],
+      Resource: [c.executionRole.arn, c.migrateRole.arn, p.apiRole.arn, p.rolesRole.arn],
+    },
+    { Effect: "Allow", Action: ["eks:DescribeCluster"], Resource: [k.cluster.arn] },
+    { Effect: "Allow", Action: ["s3:ListBucket"], Resource: [p.buckets.frontend.arn] },
+    { Effect: "Allow", Action: ["s3:PutObject", "s3:DeleteObject"], Resource: [pulumi.interpolate`${p.buckets.frontend.arn}/*`] },
+    { Effect: "Allow", Action: ["kms:GenerateDataKey", "kms:Decrypt"], Resource: [p.keys.s3Key.arn] },
+    { Effect: "Allow", Action: ["cloudfront:CreateInvalidation", "cloudfront:GetInvalidation"], Resource: [e.distribution.arn] },
+    { Effect: "Allow", Action: ["logs:GetLogEvents"], Resource: ["*"] },
+  ]);
+  // Kubernetes: the deploy role edits the mira namespace and nothing else.
+  new aws.eks.AccessEntry("deploy-access", { clusterName: k.cluster.name, principalArn: deployRole.arn, type: "STANDARD" });
+  new aws.eks.AccessPolicyAssociation("deploy-edit-mira", {
+    clusterName: k.cluster.name,
+    principalArn: deployRole.arn,
+    policyArn: "arn:aws:eks::aws:cluster-access-policy/AmazonEKSEditPolicy",
+    accessScope: { type: "namespace", namespaces: [k.namespace] },
+  });
+
+  const previewRole = new aws.iam.Role("infra-preview", {
+    name: `mira-${s}-infra-preview`,
+    assumeRolePolicy: github(["pull_request", ...onMain]),
+    tags: tags(s, "delivery"),
+  });
+  new aws.iam.RolePolicyAttachment("infra-preview-read", { role: previewRole.name, policyArn: "arn:aws:iam::aws:policy/ReadOnlyAccess" });
+  const infraRole = new aws.iam.Role("infra", { name: `mira-${s}-infra`, assumeRolePolicy: github(onMain), tags: tags(s, "delivery") });
+  new aws.iam.RolePolicyAttachment("infra-admin", { role: infraRole.name, policyArn: "arn:aws:iam::aws:policy/AdministratorAccess" });
+
+  return { deployRole, previewRole, infraRole };
+}

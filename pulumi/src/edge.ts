@@ -1,0 +1,144 @@
+// CloudFront in front of everything (issue 20): the SPA from the frontend bucket through origin
+// access control, `/api/*` and `/ws` to the ALB uncached (WebSocket upgrades pass), security
+// headers on every answer. Paths without a file extension get the SPA's index.html from a
+// viewer-request function, not from an error page, so the API's own 403s and 404s stay theirs.
+
+import * as aws from "@pulumi/aws";
+import * as pulumi from "@pulumi/pulumi";
+import { API_PATHS, type Compute, ORIGIN_HEADER } from "./compute";
+import { type foundations, tags, tlsOnly } from "./foundations";
+
+type Found = ReturnType<typeof foundations>;
+
+export type EdgeConfig = {
+  stack: string;
+  albDomain: string;
+  originVerifySecret: pulumi.Input<string>;
+  cdnAliases: string[];
+  cdnCertificateArn?: string;
+};
+
+/** AWS's managed policies (the same ids in every account). */
+export const MANAGED = {
+  cachingOptimized: "658327ea-f89d-4fab-a63d-7e88639e58f6",
+  cachingDisabled: "4135ea2d-6df8-44a3-9df3-4b5a84be39ad",
+  allViewerExceptHostHeader: "b689b0a8-53d0-40ab-baf2-68738e2966ac",
+};
+
+/** The SPA's router: a path without a file extension is a page of the app. */
+export const SPA_ROUTER = `function handler(event) {
+  var r = event.request;
+  if (!/\\.[A-Za-z0-9]+$/.test(r.uri)) { r.uri = "/index.html"; }
+  return r;
+}`;
+
+export function edge(cfg: EdgeConfig, f: Found, _c: Compute) {
+  const s = cfg.stack;
+  const frontend = f.parts.buckets.frontend;
+  const oac = new aws.cloudfront.OriginAccessControl("frontend-oac", {
+    name: `mira-${s}-frontend`,
+    description: "CloudFront reads Mira's SPA from the frontend bucket",
+    originAccessControlOriginType: "s3",
+    signingBehavior: "always",
+    signingProtocol: "sigv4",
+  });
+  const headers = new aws.cloudfront.ResponseHeadersPolicy("security-headers", {
+    name: `mira-${s}-security-headers`,
+    securityHeadersConfig: {
+      strictTransportSecurity: { accessControlMaxAgeSec: 63_072_000, includeSubdomains: true, preload: true, override: true },
+      contentTypeOptions: { override: true },
+      frameOptions: { frameOption: "DENY", override: true },
+      referrerPolicy: { referrerPolicy: "strict-origin-when-cross-origin", override: true },
+      contentSecurityPolicy: {
+        // The SPA talks to its own origin, to S3 (presigned uploads and results) and to Cognito.
+        contentSecurityPolicy:
+          "default-src 'self'; connect-src 'self' wss: https://*.amazonaws.com https://*.amazoncognito.com; img-src 'self' data: blob: https://*.amazonaws.com; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; base-uri 'self'; object-src 'none'",
+        override: true,
+      },
+    },
+  });
+  const router = new aws.cloudfront.Function("spa-router", {
+    name: `mira-${s}-spa-router`,
+    runtime: "cloudfront-js-2.0",
+    comment: "Mira's SPA: pages without a file extension are index.html",
+    publish: true,
+    code: SPA_ROUTER,
+  });
+
+  const api = (pathPattern: string) => ({
+    pathPattern,
+    targetOriginId: "api",
+    viewerProtocolPolicy: "https-only",
+    allowedMethods: ["GET", "HEAD", "OPTIONS", "PUT", "POST", "PATCH", "DELETE"],
+    cachedMethods: ["GET", "HEAD"],
+    cachePolicyId: MANAGED.cachingDisabled,
+    // Every header but Host (so Upgrade and Sec-WebSocket-* reach the ALB), every cookie and query.
+    originRequestPolicyId: MANAGED.allViewerExceptHostHeader,
+    responseHeadersPolicyId: headers.id,
+    compress: false,
+  });
+  const distribution = new aws.cloudfront.Distribution("cdn", {
+    enabled: true,
+    isIpv6Enabled: true,
+    httpVersion: "http2and3",
+    comment: `Mira ${s}`,
+    aliases: cfg.cdnAliases.length ? cfg.cdnAliases : undefined,
+    defaultRootObject: "index.html",
+    priceClass: "PriceClass_100",
+    origins: [
+      { originId: "spa", domainName: frontend.bucketRegionalDomainName, originAccessControlId: oac.id },
+      {
+        originId: "api",
+        domainName: cfg.albDomain,
+        customOriginConfig: {
+          httpPort: 80,
+          httpsPort: 443,
+          originProtocolPolicy: "https-only",
+          originSslProtocols: ["TLSv1.2"],
+          // WebSocket connections stay open: CloudFront's longest origin wait.
+          originReadTimeout: 60,
+          originKeepaliveTimeout: 60,
+        },
+        customHeaders: [{ name: ORIGIN_HEADER, value: cfg.originVerifySecret }],
+      },
+    ],
+    defaultCacheBehavior: {
+      targetOriginId: "spa",
+      viewerProtocolPolicy: "redirect-to-https",
+      allowedMethods: ["GET", "HEAD"],
+      cachedMethods: ["GET", "HEAD"],
+      cachePolicyId: MANAGED.cachingOptimized,
+      responseHeadersPolicyId: headers.id,
+      compress: true,
+      functionAssociations: [{ eventType: "viewer-request", functionArn: router.arn }],
+    },
+    orderedCacheBehaviors: API_PATHS.map(api),
+    restrictions: { geoRestriction: { restrictionType: "none" } },
+    viewerCertificate: cfg.cdnCertificateArn
+      ? { acmCertificateArn: cfg.cdnCertificateArn, sslSupportMethod: "sni-only", minimumProtocolVersion: "TLSv1.2_2021" }
+      : { cloudfrontDefaultCertificate: true },
+    tags: tags(s, "edge"),
+  });
+  // The frontend bucket's one policy: plain HTTP refused, and reads by this distribution only.
+  new aws.s3.BucketPolicy("frontend-tls-only", {
+    bucket: frontend.id,
+    policy: pulumi.jsonStringify({
+      Version: "2012-10-17",
+      Statement: [
+        tlsOnly(frontend),
+        {
+          Sid: "CloudFrontReads",
+          Effect: "Allow",
+          Principal: { Service: "cloudfront.amazonaws.com" },
+          Action: "s3:GetObject",
+          Resource: pulumi.interpolate`${frontend.arn}/*`,
+          Condition: { StringEquals: { "AWS:SourceArn": distribution.arn } },
+        },
+      ],
+    }),
+  });
+  const publicUrl = cfg.cdnAliases.length ? pulumi.output(`https://${cfg.cdnAliases[0]}`) : pulumi.interpolate`https://${distribution.domainName}`;
+  return { distribution, publicUrl, outputs: { distributionId: distribution.id, domainName: distribution.domainName, publicUrl } };
+}
+
+export type Edge = ReturnType<typeof edge>;

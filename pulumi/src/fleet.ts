@@ -1,0 +1,398 @@
+// The GPU fleet on EKS (issue 20): a cluster with a small system node group and a tainted GPU
+// node group (NVIDIA AMI) that scales from zero, the worker as a Deployment of the
+// `mira-wsi-worker` image under a service account bound to the worker's role (IRSA), KEDA
+// scaling it on the gpu-jobs queue, the cluster autoscaler adding GPU nodes for pending pods,
+// and NVIDIA's device plugin advertising `nvidia.com/gpu`.
+
+import * as aws from "@pulumi/aws";
+import * as k8s from "@pulumi/kubernetes";
+import * as pulumi from "@pulumi/pulumi";
+import { type foundations, role, tags } from "./foundations";
+
+type Found = ReturnType<typeof foundations>;
+
+export type FleetConfig = {
+  stack: string;
+  region: string;
+  imageTag: string;
+  kubernetesVersion: string;
+  eksPublicAccessCidrs: string[];
+  gpuInstanceType: string;
+  gpuNodesMax: number;
+  systemInstanceType: string;
+  workerMaxReplicas: number;
+  workerQueueLength: number;
+  workerLeaseSeconds: number;
+  kedaVersion: string;
+};
+
+export const CHARTS = {
+  keda: { repo: "https://kedacore.github.io/charts", chart: "keda" },
+  autoscaler: { repo: "https://kubernetes.github.io/autoscaler", chart: "cluster-autoscaler", version: "9.46.6" },
+  devicePlugin: { repo: "https://nvidia.github.io/k8s-device-plugin", chart: "nvidia-device-plugin", version: "0.17.1" },
+};
+const GPU_TAINT = { key: "nvidia.com/gpu", value: "true", effect: "NO_SCHEDULE" };
+const GPU_LABEL = { "mira.io/pool": "gpu" };
+const AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.27.50";
+
+const managed = (name: string) => `arn:aws:iam::aws:policy/${name}`;
+
+export function fleet(cfg: FleetConfig, f: Found) {
+  const s = cfg.stack;
+  const p = f.parts;
+  const namespace = "mira";
+  const deploymentName = "mira-wsi-worker";
+  const containerName = "worker";
+
+  // ---- the cluster ----------------------------------------------------------------------------
+  const clusterRole = new aws.iam.Role("eks-cluster", {
+    name: `mira-${s}-eks-cluster`,
+    assumeRolePolicy: JSON.stringify({
+      Version: "2012-10-17",
+      Statement: [{ Effect: "Allow", Principal: { Service: "eks.amazonaws.com" }, Action: ["sts:AssumeRole", "sts:TagSession"] }],
+    }),
+    tags: tags(s, "fleet"),
+  });
+  new aws.iam.RolePolicyAttachment("eks-cluster-policy", { role: clusterRole.name, policyArn: managed("AmazonEKSClusterPolicy") });
+  const cluster = new aws.eks.Cluster("eks", {
+    name: `mira-${s}`,
+    version: cfg.kubernetesVersion,
+    roleArn: clusterRole.arn,
+    vpcConfig: {
+      subnetIds: p.computeSubnets.map((x) => x.id),
+      securityGroupIds: [p.computeSg.id],
+      endpointPrivateAccess: true,
+      endpointPublicAccess: cfg.eksPublicAccessCidrs.length > 0,
+      publicAccessCidrs: cfg.eksPublicAccessCidrs.length > 0 ? cfg.eksPublicAccessCidrs : undefined,
+    },
+    accessConfig: { authenticationMode: "API", bootstrapClusterCreatorAdminPermissions: true },
+    encryptionConfig: { provider: { keyArn: p.keys.phiKey.arn }, resources: ["secrets"] },
+    enabledClusterLogTypes: ["api", "audit", "authenticator"],
+    tags: tags(s, "fleet"),
+  });
+  const issuer = cluster.identities.apply((ids) => ids[0].oidcs![0].issuer!);
+  const oidc = new aws.iam.OpenIdConnectProvider("eks-oidc", { url: issuer, clientIdLists: ["sts.amazonaws.com"], tags: tags(s, "fleet") });
+
+  /** A trust policy for one Kubernetes service account of this cluster (IRSA). */
+  const irsa = (ns: string, sa: string) =>
+    pulumi.all([oidc.arn, issuer]).apply(([arn, url]) => {
+      const host = url.replace(/^https:\/\//, "");
+      return JSON.stringify({
+        Version: "2012-10-17",
+        Statement: [
+          {
+            Effect: "Allow",
+            Principal: { Federated: arn },
+            Action: "sts:AssumeRoleWithWebIdentity",
+            Condition: { StringEquals: { [`${host}:sub`]: `system:serviceaccount:${ns}:${sa}`, [`${host}:aud`]: "sts.amazonaws.com" } },
+          },
+        ],
+      });
+    });
+
+  // ---- nodes: a small system group, and GPUs from zero --------------------------------------
+  const nodeRole = new aws.iam.Role("eks-nodes", {
+    name: `mira-${s}-eks-nodes`,
+    assumeRolePolicy: JSON.stringify({
+      Version: "2012-10-17",
+      Statement: [{ Effect: "Allow", Principal: { Service: "ec2.amazonaws.com" }, Action: "sts:AssumeRole" }],
+    }),
+    tags: tags(s, "fleet"),
+  });
+  ["AmazonEKSWorkerNodePolicy", "AmazonEC2ContainerRegistryReadOnly", "AmazonEKS_CNI_Policy"].forEach(
+    (pol, i) => new aws.iam.RolePolicyAttachment(`eks-nodes-${i}`, { role: nodeRole.name, policyArn: managed(pol) }),
+  );
+  const system = new aws.eks.NodeGroup("system-nodes", {
+    clusterName: cluster.name,
+    nodeGroupName: "system",
+    nodeRoleArn: nodeRole.arn,
+    subnetIds: p.computeSubnets.map((x) => x.id),
+    amiType: "AL2023_x86_64_STANDARD",
+    instanceTypes: [cfg.systemInstanceType],
+    scalingConfig: { minSize: 2, desiredSize: 2, maxSize: 3 },
+    updateConfig: { maxUnavailable: 1 },
+    tags: tags(s, "fleet"),
+  });
+  const gpuNodeGroupName = "gpu";
+  const gpu = new aws.eks.NodeGroup(
+    "gpu-nodes",
+    {
+      clusterName: cluster.name,
+      nodeGroupName: gpuNodeGroupName,
+      nodeRoleArn: nodeRole.arn,
+      subnetIds: p.computeSubnets.map((x) => x.id),
+      amiType: "AL2023_x86_64_NVIDIA",
+      instanceTypes: [cfg.gpuInstanceType],
+      diskSize: 200,
+      scalingConfig: { minSize: 0, desiredSize: 0, maxSize: cfg.gpuNodesMax },
+      labels: GPU_LABEL,
+      taints: [GPU_TAINT],
+      tags: {
+        ...tags(s, "fleet"),
+        // What the autoscaler needs to scale this group up from zero nodes.
+        "k8s.io/cluster-autoscaler/enabled": "true",
+        [`k8s.io/cluster-autoscaler/mira-${s}`]: "owned",
+        "k8s.io/cluster-autoscaler/node-template/label/mira.io/pool": "gpu",
+        "k8s.io/cluster-autoscaler/node-template/taint/nvidia.com/gpu": "true:NoSchedule",
+        "k8s.io/cluster-autoscaler/node-template/resources/nvidia.com/gpu": "1",
+      },
+    },
+    // The autoscaler owns the desired size.
+    { ignoreChanges: ["scalingConfig.desiredSize"] },
+  );
+
+  // ---- Kubernetes ------------------------------------------------------------------------------
+  const kubeconfig = pulumi.all([cluster.name, cluster.endpoint, cluster.certificateAuthority]).apply(([name, endpoint, ca]) =>
+    JSON.stringify({
+      apiVersion: "v1",
+      kind: "Config",
+      clusters: [{ name, cluster: { server: endpoint, "certificate-authority-data": ca.data } }],
+      contexts: [{ name, context: { cluster: name, user: name } }],
+      "current-context": name,
+      users: [
+        {
+          name,
+          user: { exec: { apiVersion: "client.authentication.k8s.io/v1beta1", command: "aws", args: ["eks", "get-token", "--cluster-name", name, "--region", cfg.region] } },
+        },
+      ],
+    }),
+  );
+  const provider = new k8s.Provider("eks", { kubeconfig, enableServerSideApply: true }, { dependsOn: [system] });
+  const k = { provider };
+
+  const ns = new k8s.core.v1.Namespace("mira-namespace", { metadata: { name: namespace, labels: { "pod-security.kubernetes.io/enforce": "restricted" } } }, k);
+
+  const devicePlugin = new k8s.helm.v3.Release(
+    "nvidia-device-plugin",
+    {
+      name: "nvidia-device-plugin",
+      chart: CHARTS.devicePlugin.chart,
+      version: CHARTS.devicePlugin.version,
+      repositoryOpts: { repo: CHARTS.devicePlugin.repo },
+      namespace: "kube-system",
+      values: {
+        nodeSelector: GPU_LABEL,
+        tolerations: [{ key: GPU_TAINT.key, operator: "Exists", effect: "NoSchedule" }],
+      },
+    },
+    k,
+  );
+
+  const autoscalerRole = role(
+    "cluster-autoscaler",
+    s,
+    irsa("kube-system", "cluster-autoscaler"),
+    [
+      {
+        Effect: "Allow",
+        Action: [
+          "autoscaling:DescribeAutoScalingGroups",
+          "autoscaling:DescribeAutoScalingInstances",
+          "autoscaling:DescribeLaunchConfigurations",
+          "autoscaling:DescribeScalingActivities",
+          "autoscaling:DescribeTags",
+          "ec2:DescribeImages",
+          "ec2:DescribeInstanceTypes",
+          "ec2:DescribeLaunchTemplateVersions",
+          "ec2:GetInstanceTypesFromInstanceRequirements",
+          "eks:DescribeNodegroup",
+        ],
+        Resource: ["*"],
+      },
+      {
+        Effect: "Allow",
+        Action: ["autoscaling:SetDesiredCapacity", "autoscaling:TerminateInstanceInAutoScalingGroup"],
+        Resource: ["*"],
+      },
+    ],
+  );
+  new k8s.helm.v3.Release(
+    "cluster-autoscaler",
+    {
+      name: "cluster-autoscaler",
+      chart: CHARTS.autoscaler.chart,
+      version: CHARTS.autoscaler.version,
+      repositoryOpts: { repo: CHARTS.autoscaler.repo },
+      namespace: "kube-system",
+      values: {
+        cloudProvider: "aws",
+        awsRegion: cfg.region,
+        autoDiscovery: { clusterName: cluster.name },
+        rbac: { serviceAccount: { name: "cluster-autoscaler", annotations: { "eks.amazonaws.com/role-arn": autoscalerRole.arn } } },
+        extraArgs: { "balance-similar-node-groups": true, "skip-nodes-with-system-pods": false, "scale-down-unneeded-time": "5m" },
+      },
+    },
+    k,
+  );
+
+  // KEDA reads the gpu-jobs queue's depth with its own identity (IRSA on its operator).
+  const gpuJobs = p.queues["gpu-jobs"].queue;
+  const kedaRole = role("keda-operator", s, irsa("keda", "keda-operator"), [
+    { Effect: "Allow", Action: ["sqs:GetQueueAttributes"], Resource: [gpuJobs.arn] },
+    { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.messagingKey.arn] },
+  ]);
+  const keda = new k8s.helm.v3.Release(
+    "keda",
+    {
+      name: "keda",
+      chart: CHARTS.keda.chart,
+      version: cfg.kedaVersion,
+      repositoryOpts: { repo: CHARTS.keda.repo },
+      namespace: "keda",
+      createNamespace: true,
+      values: {
+        serviceAccount: { operator: { name: "keda-operator", annotations: { "eks.amazonaws.com/role-arn": kedaRole.arn } } },
+        podIdentity: { aws: { irsa: { enabled: true, roleArn: kedaRole.arn } } },
+      },
+    },
+    k,
+  );
+
+  // ---- the worker ------------------------------------------------------------------------------
+  const workerRole = role("worker", s, irsa(namespace, deploymentName), p.workerStatements);
+  const workerSettings = {
+    ...f.settings.worker,
+    Worker__LeaseSeconds: pulumi.output(String(cfg.workerLeaseSeconds)),
+    Logging__Format: pulumi.output("json"),
+  };
+  const sa = new k8s.core.v1.ServiceAccount(
+    "worker-sa",
+    { metadata: { name: deploymentName, namespace, annotations: { "eks.amazonaws.com/role-arn": workerRole.arn } } },
+    { ...k, dependsOn: [ns] },
+  );
+  const labels = { app: deploymentName };
+  const restricted = {
+    runAsNonRoot: true,
+    runAsUser: 10001,
+    allowPrivilegeEscalation: false,
+    readOnlyRootFilesystem: true,
+    capabilities: { drop: ["ALL"] },
+    seccompProfile: { type: "RuntimeDefault" },
+  };
+  const deployment = new k8s.apps.v1.Deployment(
+    "worker",
+    {
+      metadata: { name: deploymentName, namespace, labels },
+      spec: {
+        // KEDA owns the replica count (0 to workerMaxReplicas).
+        selector: { matchLabels: labels },
+        strategy: { type: "RollingUpdate", rollingUpdate: { maxSurge: 1, maxUnavailable: 0 } },
+        template: {
+          metadata: { labels },
+          spec: {
+            serviceAccountName: sa.metadata.name,
+            // The job in hand finishes on a scale-in or a deploy: longer than the lease.
+            terminationGracePeriodSeconds: cfg.workerLeaseSeconds + 60,
+            nodeSelector: GPU_LABEL,
+            tolerations: [{ key: GPU_TAINT.key, operator: "Exists", effect: "NoSchedule" }],
+            securityContext: { runAsNonRoot: true, runAsUser: 10001, fsGroup: 10001, seccompProfile: { type: "RuntimeDefault" } },
+            // The database URL comes from Secrets Manager with the pod's own role, into memory.
+            initContainers: [
+              {
+                name: "database-url",
+                image: AWS_CLI_IMAGE,
+                command: ["/bin/sh", "-c", 'aws secretsmanager get-secret-value --secret-id "$SECRET" --query SecretString --output text > /run/mira/database-url'],
+                env: [
+                  { name: "SECRET", value: p.secrets.dbAppSecret.arn },
+                  { name: "AWS_REGION", value: cfg.region },
+                ],
+                securityContext: restricted,
+                volumeMounts: [{ name: "secrets", mountPath: "/run/mira" }],
+                resources: { requests: { cpu: "50m", memory: "64Mi" }, limits: { memory: "256Mi" } },
+              },
+            ],
+            containers: [
+              {
+                name: containerName,
+                image: pulumi.interpolate`${p.repos["mira-wsi-worker"].repositoryUrl}:${cfg.imageTag}`,
+                command: ["/bin/sh", "-c", 'DATABASE_URL="$(cat /run/mira/database-url)"; export DATABASE_URL; exec mira-worker run'],
+                env: Object.entries(workerSettings)
+                  .sort(([a], [b]) => a.localeCompare(b))
+                  .map(([name, value]) => ({ name, value })),
+                resources: {
+                  requests: { cpu: "3", memory: "12Gi", "ephemeral-storage": "50Gi" },
+                  limits: { "nvidia.com/gpu": "1", memory: "14Gi", "ephemeral-storage": "150Gi" },
+                },
+                securityContext: restricted,
+                volumeMounts: [
+                  { name: "secrets", mountPath: "/run/mira", readOnly: true },
+                  { name: "scratch", mountPath: "/tmp" },
+                ],
+              },
+            ],
+            volumes: [
+              { name: "secrets", emptyDir: { medium: "Memory", sizeLimit: "1Mi" } },
+              { name: "scratch", emptyDir: { sizeLimit: "150Gi" } },
+            ],
+          },
+        },
+      },
+    },
+    // Deploys move the image (kubectl set image, docs/runbooks/deploy.md).
+    { ...k, dependsOn: [ns, devicePlugin], ignoreChanges: ["spec.template.spec.containers[0].image", "spec.replicas"] },
+  );
+  new k8s.policy.v1.PodDisruptionBudget(
+    "worker-pdb",
+    { metadata: { name: deploymentName, namespace }, spec: { maxUnavailable: 1, selector: { matchLabels: labels } } },
+    { ...k, dependsOn: [ns] },
+  );
+  const triggerAuth = new k8s.apiextensions.CustomResource(
+    "keda-aws-auth",
+    {
+      apiVersion: "keda.sh/v1alpha1",
+      kind: "TriggerAuthentication",
+      metadata: { name: "keda-aws", namespace },
+      spec: { podIdentity: { provider: "aws" } },
+    },
+    { ...k, dependsOn: [keda, ns] },
+  );
+  const scaledObject = new k8s.apiextensions.CustomResource(
+    "worker-scaler",
+    {
+      apiVersion: "keda.sh/v1alpha1",
+      kind: "ScaledObject",
+      metadata: { name: deploymentName, namespace },
+      spec: {
+        scaleTargetRef: { name: deploymentName },
+        minReplicaCount: 0,
+        maxReplicaCount: cfg.workerMaxReplicas,
+        pollingInterval: 15,
+        // A job takes minutes: wait before scaling in to zero.
+        cooldownPeriod: 600,
+        triggers: [
+          {
+            type: "aws-sqs-queue",
+            authenticationRef: { name: "keda-aws" },
+            metadata: {
+              queueURL: gpuJobs.url,
+              queueLength: String(cfg.workerQueueLength),
+              awsRegion: cfg.region,
+              // Jobs being worked on count too, so a busy worker is not scaled away.
+              scaleOnInFlight: "true",
+            },
+          },
+        ],
+      },
+    },
+    { ...k, dependsOn: [keda, deployment, triggerAuth] },
+  );
+
+  return {
+    cluster,
+    gpu,
+    workerRole,
+    workerSettings,
+    namespace,
+    deploymentName,
+    containerName,
+    scaledObject,
+    outputs: {
+      cluster: cluster.name,
+      gpuNodeGroup: pulumi.output(gpuNodeGroupName),
+      workerNamespace: pulumi.output(namespace),
+      workerDeployment: pulumi.output(deploymentName),
+    },
+  };
+}
+
+export type Fleet = ReturnType<typeof fleet>;
