@@ -1,0 +1,112 @@
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import { ofType, run, stackOutputs } from "./harness";
+import {
+  bucketProblems,
+  imageProblems,
+  loadWorkflows,
+  runbook,
+  stackReadProblems,
+  stackReads,
+  variableProblems,
+  type Workflow,
+  workflow,
+} from "./workflows";
+
+const ECR = "aws:ecr/repository:Repository";
+
+/** A copy of a workflow with its text edited, parsed again. */
+function edited(w: Workflow, ...edits: [string, string][]): Workflow {
+  let text = w.text;
+  for (const [from, to] of edits) {
+    assert.ok(text.includes(from), `${w.file} has no ${from}`);
+    text = text.split(from).join(to);
+  }
+  return workflow(w.file, text);
+}
+
+const deployOf = (ws: Workflow[]) => ws.find((w) => w.file === "deploy.yml")!;
+
+describe("the workflows", () => {
+  it("read only stack outputs that the program exports", async () => {
+    const out = await stackOutputs();
+    const ws = loadWorkflows();
+    const deploy = deployOf(ws);
+    assert.ok(stackReads(deploy).length >= 19, "deploy.yml reads its names in the stack step");
+    assert.deepEqual(stackReadProblems(ws, out), []);
+    // Broken: a renamed cluster output and a truncated bucket, a reference to an output the
+    // stack step does not read, and a second place that reads the outputs.
+    const broken = edited(
+      deploy,
+      [".deploy.ecsCluster'", ".deploy.ecsClusterName'"],
+      ["'.buckets.frontend'", "'.buckets.front'"],
+      ["steps.stack.outputs.publicUrl }}", "steps.stack.outputs.publicURL }}"],
+      ["npm run build\n", 'npm run build\n          jq -r .deploy.publicUrl "$RUNNER_TEMP/stack.json"\n'],
+    );
+    assert.deepEqual(stackReadProblems([broken], out).sort(), [
+      "deploy.yml: ecsCluster reads .deploy.ecsClusterName, which the program does not export",
+      "deploy.yml: frontendBucket reads .buckets.front, which the program does not export",
+      "deploy.yml: step \"Build the browser app\" reads the stack's outputs outside the stack step",
+      "deploy.yml: steps.stack.outputs.publicURL is read by no line of the stack step",
+    ]);
+  });
+
+  it("push both images, tagged with the commit, to exactly the program's ECR repositories", async () => {
+    const out = await stackOutputs();
+    const { resources } = await run();
+    const ecr = ofType(resources, ECR).map((r) => r.state.repositoryUrl);
+    assert.deepEqual(ecr.sort(), Object.values(out.registries).sort());
+    const deploy = deployOf(loadWorkflows());
+    assert.deepEqual(imageProblems(deploy, out, ecr), []);
+    // Broken: the worker's image read from a repository the program does not have, and the
+    // API's tagged `latest`.
+    const wrongRepo = edited(deploy, ['registries["mira-wsi-worker"]', 'registries["mira-worker"]']);
+    const found = imageProblems(wrongRepo, out, ecr);
+    assert.ok(found.some((x) => x.includes("docker build $WORKER_REPOSITORY:$GITHUB_SHA: not a repository")), String(found));
+    assert.ok(found.some((x) => x.includes("the program's ECR repositories are")), String(found));
+    const latest = edited(deploy, ['-t "$API_REPOSITORY:$GITHUB_SHA"', '-t "$API_REPOSITORY:latest"']);
+    assert.deepEqual(imageProblems(latest, out, ecr), ["deploy.yml: docker build $API_REPOSITORY:latest: the tag is not the commit"]);
+    // Broken: the worker Deployment given the API's image, and the API image pushed to the
+    // worker's repository.
+    const swapped = edited(
+      deploy,
+      ["IMAGE: ${{ steps.stack.outputs.workerRepository }}", "IMAGE: ${{ steps.stack.outputs.apiRepository }}"],
+      ['-f images/mira-api/Dockerfile --build-arg MIRA_COMMIT="$GITHUB_SHA" -t "$API_REPOSITORY', '-f images/mira-api/Dockerfile --build-arg MIRA_COMMIT="$GITHUB_SHA" -t "$WORKER_REPOSITORY'],
+    );
+    const s = imageProblems(swapped, out, ecr);
+    assert.ok(s.some((x) => x.includes('step "Roll the worker Deployment onto the new image" deploys') && x.includes("not the mira-wsi-worker image")), String(s));
+    assert.ok(s.some((x) => x.includes("the image of images/mira-api goes to .registries[\"mira-wsi-worker\"]")), String(s));
+  });
+
+  it("upload the browser app to the frontend bucket only", async () => {
+    const out = await stackOutputs();
+    const deploy = deployOf(loadWorkflows());
+    assert.deepEqual(bucketProblems(deploy, out), []);
+    // Broken: the app synced to the uploads bucket.
+    const broken = edited(deploy, ["output frontendBucket '.buckets.frontend'", "output frontendBucket '.buckets.uploads'"]);
+    const found = bucketProblems(broken, out);
+    assert.equal(found.length, 2, String(found));
+    assert.ok(found.every((x) => x.includes("which is .buckets.uploads, not .buckets.frontend")), String(found));
+  });
+
+  it("assume roles given by variables that the runbook documents from the stack's outputs", async () => {
+    const out = await stackOutputs();
+    const ws = loadWorkflows();
+    const book = runbook();
+    assert.deepEqual(variableProblems(ws, book, out), []);
+    // Broken: an undocumented role variable, a documented role from an output that does not
+    // exist, and long-lived keys.
+    const infra = ws.find((w) => w.file === "deploy-infra.yml")!;
+    const undocumented = edited(infra, ["vars.AWS_INFRA_ROLE_ARN", "vars.AWS_ADMIN_ROLE_ARN"]);
+    assert.deepEqual(variableProblems([undocumented], book, out), ["deploy-infra.yml: vars.AWS_ADMIN_ROLE_ARN has no row in docs/runbooks/deploy.md"]);
+    assert.ok(book.includes("`.deploy.githubRoleArn`"));
+    const wrongBook = book.split("`.deploy.githubRoleArn`").join("`.deploy.githubRole`");
+    assert.deepEqual(variableProblems(ws, wrongBook, out), ["docs/runbooks/deploy.md: AWS_DEPLOY_ROLE_ARN is .deploy.githubRole, which the program does not export"]);
+    const keys = edited(deployOf(ws), ["role-to-assume: ${{ vars.AWS_DEPLOY_ROLE_ARN }}", "aws-access-key-id: ${{ secrets.AWS_ACCESS_KEY_ID }}"]);
+    assert.deepEqual(variableProblems([keys], book, out).sort(), [
+      "deploy.yml: aws-access-key-id: long-lived keys",
+      "deploy.yml: role-to-assume (none) is not a variable",
+      "deploy.yml: secrets.AWS_ACCESS_KEY_ID has no row in docs/runbooks/deploy.md",
+    ]);
+  });
+});

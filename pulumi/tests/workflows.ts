@@ -1,0 +1,246 @@
+// What the workflows under .github/workflows take from the stack, compared with what the
+// program exports. As in checks.ts, each property is a function that returns the problems it
+// finds, so that a test can run it on the real files and on a broken copy.
+//
+// The convention the workflows keep (deploy.yml says it too): the stack's outputs are read in
+// one step, `id: stack`, one `output NAME 'JQ PATH'` line per value, and every later step takes
+// them as `${{ steps.stack.outputs.NAME }}` through its `env:`.
+
+import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
+import { parse } from "yaml";
+
+export type Step = { id?: string; name?: string; uses?: string; run?: string; env?: Record<string, string>; with?: Record<string, string> };
+export type Workflow = { file: string; text: string; env: Record<string, string>; steps: Step[] };
+/** One value the stack step reads: its output name, the jq expression, and the path it starts with. */
+export type Read = { name: string; expr: string; path: string[] | null };
+
+/** The repository's root, found from this file (tests/ or bin/tests/). */
+export function repoRoot(): string {
+  for (let d = __dirname; d !== dirname(d); d = dirname(d)) if (existsSync(join(d, ".github", "workflows"))) return d;
+  throw new Error(".github/workflows not found above pulumi/");
+}
+
+export function workflow(file: string, text: string): Workflow {
+  const doc = parse(text);
+  const steps: Step[] = [];
+  let env: Record<string, string> = { ...(doc.env ?? {}) };
+  for (const job of Object.values<any>(doc.jobs ?? {})) {
+    env = { ...env, ...(job.env ?? {}) };
+    steps.push(...(job.steps ?? []));
+  }
+  return { file, text, env, steps };
+}
+
+export function loadWorkflows(root = repoRoot()): Workflow[] {
+  const dir = join(root, ".github", "workflows");
+  return readdirSync(dir)
+    .filter((f) => /\.ya?ml$/.test(f))
+    .sort()
+    .map((f) => workflow(f, readFileSync(join(dir, f), "utf8")));
+}
+
+export const runbook = (root = repoRoot()) => readFileSync(join(root, "docs", "runbooks", "deploy.md"), "utf8");
+
+/** `.a.b["c-d"]` → ["a", "b", "c-d"]; null when the expression does not start with such a path. */
+export function jqPath(expr: string): string[] | null {
+  const head = expr.split("|")[0].trim();
+  const path: string[] = [];
+  const token = /\.([A-Za-z_][A-Za-z0-9_]*)|\.?\[\s*"([^"]+)"\s*\]/y;
+  let at = 0;
+  while (at < head.length) {
+    token.lastIndex = at;
+    const m = token.exec(head);
+    if (!m) return null;
+    path.push(m[1] ?? m[2]);
+    at = token.lastIndex;
+  }
+  return path.length ? path : null;
+}
+
+export const show = (path: string[]) => path.map((p) => (/^[A-Za-z_]\w*$/.test(p) ? `.${p}` : `["${p}"]`)).join("");
+
+export function lookup(obj: any, path: string[]): any {
+  return path.reduce((o, k) => (o != null && typeof o === "object" ? o[k] : undefined), obj);
+}
+
+const isEmpty = (v: any) =>
+  v === undefined || v === null || v === "" || (Array.isArray(v) && v.length === 0) || (typeof v === "object" && !Array.isArray(v) && Object.keys(v).length === 0);
+
+/** The `output NAME 'PATH'` lines of the step `stack`. */
+export function stackReads(w: Workflow): Read[] {
+  const step = w.steps.find((s) => s.id === "stack");
+  const reads: Read[] = [];
+  for (const line of (step?.run ?? "").split("\n")) {
+    const m = /^\s*output\s+(\w+)\s+'([^']+)'\s*$/.exec(line);
+    if (m) reads.push({ name: m[1], expr: m[2], path: jqPath(m[2]) });
+  }
+  return reads;
+}
+
+/** `${{ steps.stack.outputs.NAME }}` → NAME, wherever it stands in a value. */
+const stackRefs = (s: string) => [...s.matchAll(/\$\{\{\s*steps\.stack\.outputs\.([\w-]+)\s*\}\}/g)].map((m) => m[1]);
+
+/**
+ * Every stack output a workflow reads exists (and is not empty) in the program's exports; every
+ * `steps.stack.outputs.X` it uses is read by the stack step; nothing else reads the outputs.
+ */
+export function stackReadProblems(workflows: Workflow[], outputs: Record<string, any>): string[] {
+  const p: string[] = [];
+  for (const w of workflows) {
+    const reads = stackReads(w);
+    for (const r of reads) {
+      if (!r.path) p.push(`${w.file}: ${r.name} reads ${r.expr}, which does not start with a path`);
+      else if (isEmpty(lookup(outputs, r.path))) p.push(`${w.file}: ${r.name} reads ${show(r.path)}, which the program does not export`);
+    }
+    const names = new Set(reads.map((r) => r.name));
+    for (const ref of new Set(stackRefs(w.text))) if (!names.has(ref)) p.push(`${w.file}: steps.stack.outputs.${ref} is read by no line of the stack step`);
+    for (const s of w.steps) {
+      if (s.id !== "stack" && /pulumi\s+stack\s+output|stack\.json/.test(s.run ?? "")) p.push(`${w.file}: step "${s.name}" reads the stack's outputs outside the stack step`);
+    }
+  }
+  return p;
+}
+
+/** A run block's commands: continuation lines joined, each line cut into shell words at ;, &&, || and |. */
+function commands(run: string): string[][] {
+  const out: string[][] = [];
+  for (const line of run.replace(/\\\n/g, " ").split("\n")) {
+    let words: string[] = [];
+    for (const m of line.matchAll(/"([^"]*)"|'([^']*)'|(;|&&|\|\||\|)|([^\s"';|&]+)/g)) {
+      if (m[3] !== undefined) {
+        out.push(words);
+        words = [];
+      } else words.push(m[1] ?? m[2] ?? m[4]);
+    }
+    out.push(words);
+  }
+  return out.filter((c) => c.length);
+}
+
+/** `$VAR…` (or `${VAR}…`) at the start of a word → VAR. */
+const leadingVar = (word: string) => /^\$\{?(\w+)\}?/.exec(word)?.[1];
+
+/** What a shell variable of a step holds, when it is a stack output: the read behind it. */
+function readOf(w: Workflow, reads: Read[], step: Step, variable: string | undefined): Read | undefined {
+  const value = variable === undefined ? undefined : (step.env?.[variable] ?? w.env[variable]);
+  const name = value === undefined ? undefined : stackRefs(value)[0];
+  return reads.find((r) => r.name === name);
+}
+
+const same = (a: string[] | null | undefined, b: string[]) => !!a && a.length === b.length && a.every((x, i) => x === b[i]);
+const COMMIT = /^\$\{?GITHUB_SHA\}?$|^\$\{\{\s*github\.sha\s*\}\}$/;
+
+/**
+ * The images: each of the program's repositories gets the image built from
+ * images/<repository>/Dockerfile, tagged with the commit, and pushed; nothing else is pushed;
+ * the ECS task definitions get the API's image and the worker Deployment the worker's.
+ */
+export function imageProblems(w: Workflow, outputs: Record<string, any>, ecrUrls: string[]): string[] {
+  const p: string[] = [];
+  const reads = stackReads(w);
+  const registries: Record<string, string> = outputs.registries ?? {};
+  const built = new Map<string, string>(); // image directory → repository URL
+  const pushed = new Set<string>();
+  for (const step of w.steps) {
+    for (const c of commands(step.run ?? "")) {
+      if (c[0] !== "docker" || (c[1] !== "build" && c[1] !== "push")) continue;
+      const ref = c[1] === "push" ? c[2] : c[c.indexOf("-t") + 1];
+      const [, tag] = (ref ?? "").split(":");
+      const read = readOf(w, reads, step, leadingVar(ref ?? ""));
+      const url = read?.path ? lookup(outputs, read.path) : undefined;
+      if (!read || !url) {
+        p.push(`${w.file}: docker ${c[1]} ${ref}: not a repository from the stack's outputs`);
+        continue;
+      }
+      if (!COMMIT.test(tag ?? "")) p.push(`${w.file}: docker ${c[1]} ${ref}: the tag is not the commit`);
+      if (c[1] === "push") {
+        pushed.add(url);
+        continue;
+      }
+      const image = /^images\/([\w-]+)\/Dockerfile$/.exec(c[c.indexOf("-f") + 1] ?? "")?.[1];
+      if (!image) {
+        p.push(`${w.file}: docker build ${ref}: not from images/<name>/Dockerfile`);
+        continue;
+      }
+      if (!same(read.path, ["registries", image])) p.push(`${w.file}: the image of images/${image} goes to ${show(read.path!)}, not ${show(["registries", image])}`);
+      built.set(image, url);
+    }
+  }
+  const sorted = (xs: Iterable<string>) => [...xs].sort().join(", ");
+  if (sorted(built.keys()) !== sorted(Object.keys(registries))) p.push(`${w.file}: builds ${sorted(built.keys())}; the program's repositories are ${sorted(Object.keys(registries))}`);
+  if (sorted(pushed) !== sorted(ecrUrls)) p.push(`${w.file}: pushes to ${sorted(pushed)}; the program's ECR repositories are ${sorted(ecrUrls)}`);
+  for (const url of pushed) if (![...built.values()].includes(url)) p.push(`${w.file}: pushes to ${url}, which it builds no image for`);
+  // What each step deploys: `${{ steps.stack.outputs.X }}:${{ github.sha }}`.
+  for (const step of w.steps) {
+    for (const value of Object.values(step.env ?? {})) {
+      const m = /^\$\{\{\s*steps\.stack\.outputs\.(\w+)\s*\}\}:(.*)$/.exec(value);
+      if (!m) continue;
+      const read = reads.find((r) => r.name === m[1]);
+      const url = read?.path ? lookup(outputs, read.path) : undefined;
+      if (!COMMIT.test(m[2])) p.push(`${w.file}: step "${step.name}" deploys ${value}: the tag is not the commit`);
+      if (!url || !pushed.has(url)) p.push(`${w.file}: step "${step.name}" deploys ${value}, which this workflow does not push`);
+      const wants = /kubectl\b[^\n]*\bset\s+image/.test(step.run ?? "") ? "mira-wsi-worker" : /register-revision/.test(step.run ?? "") ? "mira-api" : null;
+      if (wants && url !== registries[wants]) p.push(`${w.file}: step "${step.name}" deploys ${value}, not the ${wants} image`);
+    }
+  }
+  return p;
+}
+
+/** The browser app goes to the program's frontend bucket, and to no other. */
+export function bucketProblems(w: Workflow, outputs: Record<string, any>): string[] {
+  const p: string[] = [];
+  const reads = stackReads(w);
+  let synced = false;
+  for (const step of w.steps) {
+    for (const c of commands(step.run ?? "")) {
+      for (const word of c.filter((x) => x.startsWith("s3://"))) {
+        const read = readOf(w, reads, step, leadingVar(word.slice("s3://".length)));
+        if (!read?.path || !same(read.path, ["buckets", "frontend"])) {
+          p.push(`${w.file}: step "${step.name}" writes to ${word}, which is ${read?.path ? show(read.path) : "no stack output"}, not .buckets.frontend`);
+        } else if (isEmpty(lookup(outputs, read.path))) p.push(`${w.file}: .buckets.frontend is not exported`);
+        if (c[0] === "aws" && c[1] === "s3" && c[2] === "sync") synced = true;
+      }
+    }
+  }
+  if (!synced) p.push(`${w.file}: syncs nothing to the frontend bucket`);
+  return p;
+}
+
+/**
+ * The roles and the rest: every role a workflow assumes is a variable (no key, no literal ARN);
+ * every variable and secret a workflow uses has its row in the runbook's table; a role's row
+ * names the stack output that gives it, and the program exports it.
+ */
+export function variableProblems(workflows: Workflow[], book: string, outputs: Record<string, any>): string[] {
+  const p: string[] = [];
+  const rows = new Map<string, string>();
+  for (const line of book.split("\n")) {
+    const m = /^\|\s*`([A-Z][A-Z0-9_]*)`\s*\|/.exec(line);
+    if (m) rows.set(m[1], line);
+  }
+  for (const w of workflows) {
+    const roles = new Set<string>();
+    for (const s of w.steps) {
+      if (!s.uses?.startsWith("aws-actions/configure-aws-credentials@")) continue;
+      for (const k of ["aws-access-key-id", "aws-secret-access-key"]) if (s.with?.[k]) p.push(`${w.file}: ${k}: long-lived keys`);
+      const role = String(s.with?.["role-to-assume"] ?? "");
+      const named = [...role.matchAll(/\bvars\.(\w+)/g)].map((m) => m[1]);
+      if (!named.length || /arn:aws/.test(role)) p.push(`${w.file}: role-to-assume ${role || "(none)"} is not a variable`);
+      for (const n of named) roles.add(n);
+    }
+    for (const m of w.text.matchAll(/\b(vars|secrets)\.(\w+)/g)) {
+      const [, kind, name] = m;
+      if (kind === "secrets" && name === "GITHUB_TOKEN") continue;
+      if (!rows.has(name)) p.push(`${w.file}: ${kind}.${name} has no row in docs/runbooks/deploy.md`);
+    }
+    for (const name of roles) {
+      const row = rows.get(name);
+      if (!row) continue;
+      const paths = [...row.matchAll(/`(\.[^`]+)`/g)].map((m) => jqPath(m[1])).filter((x): x is string[] => !!x);
+      if (!paths.length) p.push(`docs/runbooks/deploy.md: ${name}'s row names no stack output`);
+      for (const path of paths) if (isEmpty(lookup(outputs, path))) p.push(`docs/runbooks/deploy.md: ${name} is ${show(path)}, which the program does not export`);
+    }
+  }
+  return [...new Set(p)];
+}
