@@ -14,6 +14,7 @@ N=${1:-5000}
 REPEATS=${2:-3}
 CONCURRENCIES=${3:-"1 16"}
 ADMIN=${MIRA_BENCH_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+# shellcheck disable=SC2012 # PostgreSQL's directories are named by version numbers: nothing for ls to mangle.
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/mira-target}
 if [ -z "${MIRA_BIN:-}" ]; then

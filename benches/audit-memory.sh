@@ -54,8 +54,8 @@ for size in "$SMALL" "$LARGE"; do
   have=$(events)
   "$MIRA_BIN" audit checkpoint >/dev/null
   "$MIRA_BIN" projections rebuild read_models >/dev/null 2>&1
-  read -r RSS[verify,$size] SECS[verify,$size] < <(measure "$MIRA_BIN" audit verify)
-  read -r RSS[rebuild,$size] SECS[rebuild,$size] < <(measure "$MIRA_BIN" projections rebuild read_models --verify)
+  read -r "RSS[verify,$size]" "SECS[verify,$size]" < <(measure "$MIRA_BIN" audit verify)
+  read -r "RSS[rebuild,$size]" "SECS[rebuild,$size]" < <(measure "$MIRA_BIN" projections rebuild read_models --verify)
   N[$size]=$have
 done
 echo "| command | events (small) | peak MiB | events/s | events (large) | peak MiB | events/s | large − small MiB |"

@@ -25,7 +25,8 @@ token=$("$MIRA_BIN" dev token --data-dir "$work/dev/.mira")
 rss() { # kB of the gateway and of its worker child
   local g w
   g=$(awk '/VmRSS/{print $2}' /proc/$dev/status)
-  w=$(for c in $(cat /proc/$dev/task/*/children 2>/dev/null); do [ "$(cat /proc/$c/comm)" = mira-worker ] && awk '/VmRSS/{print $2}' /proc/$c/status; done | head -n 1)
+  # shellcheck disable=SC2013 # `children` is one line of space-separated PIDs: splitting it into words is the point.
+  w=$(for c in $(cat /proc/$dev/task/*/children 2>/dev/null); do [ "$(cat "/proc/$c/comm")" = mira-worker ] && awk '/VmRSS/{print $2}' "/proc/$c/status"; done | head -n 1)
   echo "$g ${w:-0}"
 }
 echo "| slides registered | mira dev (gateway) MiB | mira-worker MiB | together MiB |"

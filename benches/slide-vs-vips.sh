@@ -37,10 +37,10 @@ trap 'rm -rf "$out"' EXIT
 secs() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); awk "BEGIN { printf \"%.2f\", $e - $s }"; }
 mira=(); vips=(); osr=()
 for i in $(seq "$RUNS"); do
-  rm -rf "$out"/*
+  rm -rf "${out:?}"/*
   m=$(secs "$WORKER" process "$BIG" --out "$out/mira" --format jpeg --tile-size 254 --overlap 1 --quality 80)
   v=$(secs vips dzsave "$BIG" "$out/vips" --tile-size 254 --overlap 1 --suffix .jpeg[Q=80])
-  rm -rf "$out"/*
+  rm -rf "${out:?}"/*
   o=$(secs env Worker__SlideReader=OpenSlide "$WORKER" process "$BIG" --out "$out/mira" --format jpeg --tile-size 254 --overlap 1 --quality 80)
   echo "run $i: mira-worker ${m} s, vips dzsave ${v} s, mira-worker reading through OpenSlide ${o} s"
   mira+=("$m"); vips+=("$v"); osr+=("$o")

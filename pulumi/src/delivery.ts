@@ -13,7 +13,15 @@ import { type foundations, role, tags } from "./foundations";
 
 type Found = ReturnType<typeof foundations>;
 
-export type DeliveryConfig = { stack: string; region: string; githubRepository: string; githubOidcProviderArn?: string };
+export type DeliveryConfig = {
+  stack: string;
+  region: string;
+  githubRepository: string;
+  githubOidcProviderArn?: string;
+  /** The Pulumi state bucket (s3:// backend) and the alias of its secrets-provider key (awskms://). */
+  pulumiStateBucket?: string;
+  pulumiSecretsKeyAlias?: string;
+};
 
 const GITHUB = "token.actions.githubusercontent.com";
 
@@ -41,7 +49,26 @@ export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e:
         ],
       }),
     );
-  const onMain = ["ref:refs/heads/main", "environment:production"];
+  // Pushes to main only (the workflows use no GitHub environment, whose subject would differ).
+  const onMain = ["ref:refs/heads/main"];
+  /** Reading the stack's state: `pulumi stack output` and `pulumi preview` (which also takes the lock). */
+  const state: { Effect: "Allow"; Action: string[]; Resource: pulumi.Input<string>[]; Condition?: object }[] = cfg.pulumiStateBucket
+    ? [
+        { Effect: "Allow", Action: ["s3:ListBucket"], Resource: [`arn:aws:s3:::${cfg.pulumiStateBucket}`] },
+        { Effect: "Allow", Action: ["s3:GetObject"], Resource: [`arn:aws:s3:::${cfg.pulumiStateBucket}/.pulumi/*`] },
+        ...(cfg.pulumiSecretsKeyAlias
+          ? [
+              {
+                Effect: "Allow" as const,
+                Action: ["kms:Decrypt"],
+                // A key is named by its alias in a condition (an alias ARN does not grant Decrypt).
+                Resource: ["*"],
+                Condition: { "ForAnyValue:StringEquals": { "kms:ResourceAliases": cfg.pulumiSecretsKeyAlias } },
+              },
+            ]
+          : []),
+      ]
+    : [];
 
   const repos = Object.values(p.repos);
   const deployRole = role("deploy", s, github(onMain), [
@@ -60,7 +87,7 @@ export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e:
       Resource: repos.map((r) => r.arn),
     },
     // Task-definition revisions cannot be scoped to a family by ARN.
-    { Effect: "Allow", Action: ["ecs:DescribeTaskDefinition", "ecs:RegisterTaskDefinition"], Resource: ["*"] },
+    { Effect: "Allow", Action: ["ecs:DescribeTaskDefinition", "ecs:RegisterTaskDefinition", "ecs:TagResource"], Resource: ["*"] },
     {
       Effect: "Allow",
       Action: ["ecs:UpdateService", "ecs:DescribeServices"],
@@ -83,6 +110,7 @@ export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e:
     { Effect: "Allow", Action: ["kms:GenerateDataKey", "kms:Decrypt"], Resource: [p.keys.s3Key.arn] },
     { Effect: "Allow", Action: ["cloudfront:CreateInvalidation", "cloudfront:GetInvalidation"], Resource: [e.distribution.arn] },
     { Effect: "Allow", Action: ["logs:GetLogEvents"], Resource: ["*"] },
+    ...state,
   ]);
   // Kubernetes: the deploy role edits the mira namespace and nothing else.
   new aws.eks.AccessEntry("deploy-access", { clusterName: k.cluster.name, principalArn: deployRole.arn, type: "STANDARD" });
@@ -99,6 +127,18 @@ export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e:
     tags: tags(s, "delivery"),
   });
   new aws.iam.RolePolicyAttachment("infra-preview-read", { role: previewRole.name, policyArn: "arn:aws:iam::aws:policy/ReadOnlyAccess" });
+  if (cfg.pulumiStateBucket) {
+    new aws.iam.RolePolicy("infra-preview-state", {
+      role: previewRole.id,
+      policy: JSON.stringify({
+        Version: "2012-10-17",
+        Statement: [
+          ...state,
+          { Effect: "Allow", Action: ["s3:PutObject", "s3:DeleteObject"], Resource: [`arn:aws:s3:::${cfg.pulumiStateBucket}/.pulumi/locks/*`] },
+        ],
+      }),
+    });
+  }
   const infraRole = new aws.iam.Role("infra", { name: `mira-${s}-infra`, assumeRolePolicy: github(onMain), tags: tags(s, "delivery") });
   new aws.iam.RolePolicyAttachment("infra-admin", { role: infraRole.name, policyArn: "arn:aws:iam::aws:policy/AdministratorAccess" });
 

@@ -274,7 +274,8 @@ export function fleet(cfg: FleetConfig, f: Found) {
     {
       metadata: { name: deploymentName, namespace, labels },
       spec: {
-        // KEDA owns the replica count (0 to workerMaxReplicas).
+        // None until KEDA sees work; from then on KEDA owns the count (0 to workerMaxReplicas).
+        replicas: 0,
         selector: { matchLabels: labels },
         strategy: { type: "RollingUpdate", rollingUpdate: { maxSurge: 1, maxUnavailable: 0 } },
         template: {

@@ -40,6 +40,8 @@ const out = program({
   alarmEmail: config.get("alarmEmail"),
   githubRepository: config.require("githubRepository"),
   githubOidcProviderArn: config.get("githubOidcProviderArn"),
+  pulumiStateBucket: config.get("pulumiStateBucket"),
+  pulumiSecretsKeyAlias: config.get("pulumiSecretsKeyAlias"),
 });
 
 export const network = out.network;

@@ -42,6 +42,8 @@ export type ProgramConfig = FoundationsConfig & {
   githubRepository: string;
   /** An existing GitHub OIDC provider in the account; without it, one is made. */
   githubOidcProviderArn?: string;
+  pulumiStateBucket?: string;
+  pulumiSecretsKeyAlias?: string;
 };
 
 export function program(cfg: ProgramConfig) {

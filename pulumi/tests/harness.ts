@@ -89,6 +89,8 @@ export const CONFIG = {
   workerLeaseSeconds: 60,
   kedaVersion: "2.20.2",
   githubRepository: "mira-lab/mira",
+  pulumiStateBucket: "mira-pulumi-state-123456789012",
+  pulumiSecretsKeyAlias: "alias/mira-pulumi",
 };
 
 /** Runs the program once; later calls return the same records. */

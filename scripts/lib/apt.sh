@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Installing Debian packages without giving up when another apt or dpkg holds its lock, as on a
 # fresh VM where unattended upgrades run at boot. Sourced by scripts/bootstrap and scripts/dev.
 #

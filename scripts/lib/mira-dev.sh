@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Starting and stopping a throwaway `mira dev` for the scripts' own tests. Source it; it
 # needs $mira (the binary) and a fail function. `mira_dev_start WORK PORT` runs `mira dev` in
 # WORK/dev with its runtime record under WORK/run, logs to WORK/dev.log, waits up to 60 s for
@@ -8,6 +9,7 @@ mira_dev_start() {
   local work=$1 port=$2
   export XDG_RUNTIME_DIR=$work/run
   mkdir -p "$XDG_RUNTIME_DIR" "$work/dev"
+  # shellcheck disable=SC2154 # $mira is set by the script that sources this file (see above).
   (cd "$work/dev" && exec "$mira" dev --listen "127.0.0.1:$port" > "$work/dev.log" 2>&1) &
   dev_pid=$!
   for _ in $(seq 1 600); do

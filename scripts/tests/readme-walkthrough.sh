@@ -8,7 +8,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 target=${CARGO_TARGET_DIR:-/var/tmp/mira-target}
 mira=$target/debug/mira
 fail() { printf 'readme-walkthrough: FAIL: %s\n' "$*" >&2; exit 1; }
-[ -x "$mira" ] && [ -x "$target/debug/mira-worker" ] || fail "build mira and mira-worker first ($mira)"
+{ [ -x "$mira" ] && [ -x "$target/debug/mira-worker" ]; } || fail "build mira and mira-worker first ($mira)"
 
 . "$repo/scripts/lib/mira-dev.sh"
 work=$(mktemp -d /tmp/mira-walkthrough.XXXXXX)

@@ -20,7 +20,7 @@ done
 osd_bytes=$(gzip -9c dist/assets/openseadragon-*.js | wc -c)
 echo "web: bundle: the app $(( app_bytes / 1024 )) kB gzip (budget 300 kB), OpenSeadragon $(( osd_bytes / 1024 )) kB gzip"
 [ "$app_bytes" -le $(( 300 * 1024 )) ] || fail "the app's bundle is over its 300 kB gzip budget"
-[ -x "$CARGO_TARGET_DIR/debug/mira" ] && [ -x "$CARGO_TARGET_DIR/debug/mira-worker" ] || \
+{ [ -x "$CARGO_TARGET_DIR/debug/mira" ] && [ -x "$CARGO_TARGET_DIR/debug/mira-worker" ]; } || \
   fail "mira and mira-worker are not built in $CARGO_TARGET_DIR (the Rust suite builds them)"
 MIRA_BIN="$CARGO_TARGET_DIR/debug/mira" MIRA_SCREENSHOTS="$PWD/test-results/screenshots" npm run --silent e2e
 echo "web: ok (screenshots in web/test-results/screenshots)"
