@@ -977,3 +977,21 @@ async fn one_stream_verifies_and_its_tampering_is_named() {
         other => panic!("j-5 must not verify: {other:?}"),
     }
 }
+
+/// Production PostgreSQL refuses plain connections (RDS with `rds.force_ssl`), so Mira's
+/// connections speak TLS when the URL asks for it. The test server offers TLS (Debian's default
+/// snakeoil certificate); `sslmode=require` must end in an encrypted session, not in
+/// "TLS upgrade required but SQLx was built without TLS support".
+#[tokio::test]
+async fn connections_speak_tls_when_the_url_requires_it() {
+    let base = std::env::var("MIRA_TEST_DATABASE_URL").expect("MIRA_TEST_DATABASE_URL");
+    let url = format!("{base}{}sslmode=require", if base.contains('?') { '&' } else { '?' });
+    let pool = PgPool::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("a TLS connection to the test database failed: {e}"));
+    let ssl: bool = sqlx::query_scalar("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(ssl, "the session is not encrypted");
+}
