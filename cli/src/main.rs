@@ -16,7 +16,10 @@ fn main() -> ExitCode {
     // `mira dev` is watched in a terminal: a line per request and per lifecycle step. Every
     // other command keeps its output to what it was asked for.
     let dev_run = matches!(&cli.command, Command::Dev { command: None, .. });
-    telemetry::init(if dev_run { telemetry::DEV_FILTER } else { "warn" });
+    if let Err(e) = telemetry::init(if dev_run { telemetry::DEV_FILTER } else { "warn" }) {
+        eprintln!("mira: {e}");
+        return ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

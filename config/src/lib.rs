@@ -1,7 +1,7 @@
 //! `mira-config`: the settings every Mira process reads (DESIGN §2): typed defaults, then an
 //! optional TOML file, then the environment, with `__` separating nesting levels (`Audit__SigningKeyFile`). Only Mira's own sections
-//! are read from the environment, plus `DATABASE_URL`. A bad value fails at start with the
-//! setting's name; secrets never print.
+//! are read from the environment, plus `DATABASE_URL` and `MIRA_COMMIT`. A bad value fails at
+//! start with the setting's name; secrets never print.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -45,6 +45,11 @@ impl fmt::Debug for Secret {
 pub struct Settings {
     #[serde(rename = "DATABASE_URL")]
     pub database_url: Option<Secret>,
+    /// The commit this release was built from, as `GET /api/version` reports it: the images
+    /// set it from their `MIRA_COMMIT` build argument; unset or empty, the endpoint says
+    /// `unknown`. Deployments wait until the API answers the commit they rolled out.
+    #[serde(rename = "MIRA_COMMIT")]
+    pub commit: Option<String>,
     #[serde(rename = "Database")]
     pub database: DatabaseSettings,
     #[serde(rename = "Audit")]
@@ -482,6 +487,31 @@ const SECTIONS: &[&str] = &[
     "Web",
 ];
 
+/// How a process writes its log lines (`Logging__Format`): read on its own, before the other
+/// settings, because logging starts first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One human-readable line per record (the default).
+    Text,
+    /// One JSON object per line, for CloudWatch Logs Insights and other collectors.
+    Json,
+}
+
+impl LogFormat {
+    /// `Logging__Format` from `env`: `text` (the default when unset or empty) or `json`.
+    pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        match env("Logging__Format").as_deref().map(str::trim) {
+            None | Some("") => Ok(Self::Text),
+            Some(v) if v.eq_ignore_ascii_case("text") => Ok(Self::Text),
+            Some(v) if v.eq_ignore_ascii_case("json") => Ok(Self::Json),
+            Some(v) => Err(ConfigError::Invalid {
+                setting: "Logging__Format".into(),
+                reason: format!("must be text or json, not {v:?}"),
+            }),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read the configuration file {path}: {reason}")]
@@ -518,7 +548,12 @@ impl Settings {
         };
         let env: BTreeMap<String, String> = env.into_iter().collect();
         for (key, raw) in &env {
-            if key == "DATABASE_URL" {
+            // An image built without a commit sets `MIRA_COMMIT=`: that says none.
+            if key == "MIRA_COMMIT" && raw.is_empty() {
+                continue;
+            }
+            // Taken as they are: a commit of digits alone is still a string.
+            if key == "DATABASE_URL" || key == "MIRA_COMMIT" {
                 table.insert(key.clone(), toml::Value::String(raw.clone()));
                 continue;
             }
@@ -671,6 +706,14 @@ impl Settings {
                 "set either Audit__WitnessBucket or Audit__WitnessDir, not both",
             );
         }
+        if let Some(commit) = &self.commit {
+            if commit.len() > 64 || !commit.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+                return invalid(
+                    "MIRA_COMMIT",
+                    "must be at most 64 of A-Z, a-z, 0-9, '.', '_' and '-' (a commit id)",
+                );
+            }
+        }
         if self.audit.witness_bucket.as_deref() == Some("") {
             return invalid("Audit__WitnessBucket", "must not be empty");
         }
@@ -740,6 +783,21 @@ impl Settings {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_log_format_is_text_unless_json_and_anything_else_names_the_setting() {
+        use super::LogFormat;
+        let with = |v: Option<&str>| {
+            let v = v.map(str::to_owned);
+            LogFormat::from_env(move |k| if k == "Logging__Format" { v.clone() } else { None })
+        };
+        assert_eq!(with(None).unwrap(), LogFormat::Text);
+        assert_eq!(with(Some("")).unwrap(), LogFormat::Text);
+        assert_eq!(with(Some("JSON")).unwrap(), LogFormat::Json);
+        assert_eq!(with(Some("text")).unwrap(), LogFormat::Text);
+        let err = with(Some("yaml")).unwrap_err().to_string();
+        assert!(err.contains("Logging__Format") && err.contains("yaml"), "{err}");
+    }
+
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -841,6 +899,26 @@ mod tests {
         assert_eq!(s.aws.region.as_deref(), Some("eu-west-1"));
         let err = Settings::load(None, env(&[("DATABASE_URL", "mysql://x")])).unwrap_err();
         assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn the_commit_is_read_as_text_and_checked() {
+        assert_eq!(Settings::load(None, env(&[])).unwrap().commit, None);
+        assert_eq!(Settings::load(None, env(&[("MIRA_COMMIT", "")])).unwrap().commit, None);
+        let s = Settings::load(None, env(&[("MIRA_COMMIT", "0123456")])).unwrap();
+        assert_eq!(s.commit.as_deref(), Some("0123456"));
+        let sha = "3b168db2f0c4e1a9d8e7f6a5b4c3d2e1f0a9b8c7";
+        assert_eq!(
+            Settings::load(None, env(&[("MIRA_COMMIT", sha)]))
+                .unwrap()
+                .commit
+                .as_deref(),
+            Some(sha)
+        );
+        for bad in [" ", "a b", "x\"y", "é", &"f".repeat(65)] {
+            let err = Settings::load(None, env(&[("MIRA_COMMIT", bad)])).unwrap_err();
+            assert!(err.to_string().contains("MIRA_COMMIT"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

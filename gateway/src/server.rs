@@ -148,6 +148,7 @@ pub async fn state(
             idempotency_retention: Duration::from_secs(3600 * settings.api.idempotency_retention_hours),
         },
         idempotency_key: Default::default(),
+        version: crate::api::Version::new(settings.commit.as_deref()),
         hub,
         dev_identity,
         web: web_config(settings),

@@ -40,7 +40,7 @@ fn aws_env() {
         let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
     });
     if std::env::var_os("TEST_LOG").is_some() {
-        mira_gateway::telemetry::init("info");
+        mira_gateway::telemetry::init("info").expect("logging starts");
     }
 }
 
@@ -626,6 +626,13 @@ async fn a_missing_role_is_403_and_no_token_is_401() {
     assert_eq!(
         r.headers["www-authenticate"], "Bearer",
         "no error code without a token (RFC 6750 §3.1)"
+    );
+    // The running version needs no token; without MIRA_COMMIT its commit is unknown.
+    let r = app.send(app.http.get(format!("{}/api/version", app.base))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body,
+        json!({"version": env!("CARGO_PKG_VERSION"), "commit": "unknown"})
     );
 }
 
@@ -1362,9 +1369,24 @@ async fn jobs_list_detail_cancel_retry_and_history() {
 
 #[tokio::test]
 async fn health_readiness_metrics_and_the_openapi_document() {
-    let app = spawn_app(Storage::Local).await;
+    // A commit of digits alone stays text.
+    let app = spawn_app_with(Storage::Local, &[("MIRA_COMMIT", "0123456")]).await;
     let get = |p: &str| app.send(app.http.get(format!("{}{p}", app.base)));
     assert_eq!(get("/healthz").await.status, StatusCode::OK);
+    // What a deployment polls (through CloudFront's /api path) until its commit answers:
+    // anonymous, and never cached on the way.
+    let version = get("/api/version").await;
+    assert_eq!(version.status, StatusCode::OK, "{}", version.body);
+    assert_eq!(
+        version.body,
+        json!({"version": env!("CARGO_PKG_VERSION"), "commit": "0123456"})
+    );
+    assert_eq!(version.headers["cache-control"], "no-store");
+    assert!(
+        version.content_type.starts_with("application/json"),
+        "{}",
+        version.content_type
+    );
     let ready = get("/readyz").await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
     assert_eq!(ready.body["checks"]["database"], "ok");
@@ -1391,6 +1413,19 @@ async fn health_readiness_metrics_and_the_openapi_document() {
                 !(r.status == StatusCode::NOT_FOUND && r.body["detail"] == "no such endpoint")
                     && r.status != StatusCode::METHOD_NOT_ALLOWED,
                 "{method} {path} is documented but not routed"
+            );
+        }
+    }
+    // Every API route is documented, with each method it takes.
+    for (route, allow) in mira_gateway::api::ALLOWED_METHODS {
+        if !route.starts_with("/api/") {
+            continue;
+        }
+        let path = route.replace("{*", "{");
+        for method in allow.split(", ").filter(|m| *m != "HEAD") {
+            assert!(
+                doc["paths"][&path][method.to_lowercase()].is_object(),
+                "{method} {route} is routed but not documented"
             );
         }
     }

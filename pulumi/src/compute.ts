@@ -102,6 +102,7 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
       runtimePlatform: { operatingSystemFamily: "LINUX", cpuArchitecture: "X86_64" },
       executionRoleArn: execution.arn,
       taskRoleArn: taskRole.arn,
+      volumes: [{ name: "tmp" }],
       containerDefinitions: pulumi.jsonStringify([
         {
           name: "mira",
@@ -120,6 +121,8 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
           }),
           secrets: [{ name: "DATABASE_URL", valueFrom: p.secrets.dbAppSecret.arn }],
           readonlyRootFilesystem: true,
+          // The root is read-only; scratch space is the task's own ephemeral storage.
+          mountPoints: [{ sourceVolume: "tmp", containerPath: "/tmp" }],
           user: "10001",
           stopTimeout: 120,
           logConfiguration: logConfig(name),

@@ -27,7 +27,7 @@ use axum::Router;
 use tracing::Instrument;
 
 use problem::ApiError;
-pub use state::{AppState, CognitoSignIn, DevIdentity, Limits, Services, WebConfig, READERS, WRITERS};
+pub use state::{AppState, CognitoSignIn, DevIdentity, Limits, Services, Version, WebConfig, READERS, WRITERS};
 
 /// The request id: the caller's `x-request-id` if it is sane, else a new UUIDv7. Every
 /// request runs in a span carrying it, and the response returns it.
@@ -141,6 +141,7 @@ pub const ALLOWED_METHODS: &[(&str, &str)] = &[
     ("/api/audit/events", "GET, HEAD"),
     ("/api/openapi.json", "GET, HEAD"),
     ("/api/app-config", "GET, HEAD"),
+    ("/api/version", "GET, HEAD"),
     ("/blobs/{*key}", "GET, HEAD, PUT"),
     ("/ws", "GET, HEAD"),
     (DEV_JWKS_PATH, "GET, HEAD"),
@@ -166,6 +167,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/audit/events", get(audit::events))
         .route("/api/openapi.json", get(openapi::document))
         .route("/api/app-config", get(web::app_config))
+        .route("/api/version", get(ops::version))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));
     let blobs = Router::new()
         .route("/blobs/{*key}", get(blobs::download).put(blobs::upload))

@@ -187,6 +187,8 @@ fn hand_written() -> Value {
             "/api/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI"}}}},
             "/api/app-config": {"get": {"summary": "How the browser app signs in, and its WebSocket URL", "security": [],
                                         "responses": ok("200", "AppConfig")}},
+            "/api/version": {"get": {"summary": "The running version and the commit it was built from (MIRA_COMMIT, else unknown)", "security": [],
+                                     "responses": ok("200", "Version")}},
             "/dev/sign-in": {"post": {"summary": "mira dev only: an ID token for any user, tenant and roles (loopback clients only unless Web__AllowRemoteDevSignIn)",
                                       "security": [], "requestBody": json_body("DevSignIn"),
                                       "responses": with(ok("200", "DevToken"), &["400", "403", "404", "413", "422"])}},
@@ -268,6 +270,8 @@ fn hand_written() -> Value {
                                                       "event_id": {"type": ["string", "null"]}}},
                 "DevToken": {"type": "object", "required": ["id_token", "expires_at"],
                              "properties": {"id_token": {"type": "string"}, "expires_at": {"type": "string", "format": "date-time"}}},
+                "Version": {"type": "object", "additionalProperties": false, "required": ["version", "commit"],
+                            "properties": {"version": {"type": "string"}, "commit": {"type": "string"}}},
                 "Readiness": {"type": "object", "required": ["ready", "checks"],
                               "properties": {"ready": {"type": "boolean"},
                                              "checks": {"type": "object", "additionalProperties": {"enum": ["ok", "down"]}}}}
@@ -308,6 +312,9 @@ mod tests {
         "schema PreprocessParams added",
         "schema TimelineEntry added",
         "schema Timeline: property events: enum changed",
+        // The running release, which a deployment polls through CloudFront's /api path.
+        "get /api/version added",
+        "schema Version added",
     ];
 
     /// The schemas of what the read models return, derived from their view types.

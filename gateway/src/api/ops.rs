@@ -1,4 +1,5 @@
-//! Operations endpoints: liveness, readiness (database, blob store, bus) and metrics.
+//! Operations endpoints: liveness, readiness (database, blob store, bus), metrics and the
+//! running version.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -44,6 +45,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(json!({"ready": ok, "checks": checks}))).into_response()
+}
+
+/// `GET /api/version`, anonymous: the version and the commit (`MIRA_COMMIT`) this process
+/// runs. Under `/api` so that it is reached through the same CloudFront path as the API (a
+/// deployment polls it until the new commit answers); never cached on the way.
+pub async fn version(State(state): State<AppState>) -> Response {
+    ([(header::CACHE_CONTROL, "no-store")], Json(state.version.clone())).into_response()
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {

@@ -43,6 +43,26 @@ pub struct Services {
     pub audit: Result<Arc<mira_keys::AuditVerifier>, String>,
     /// The key of the idempotency fingerprints, from the keyring on first use.
     pub idempotency_key: tokio::sync::OnceCell<[u8; 32]>,
+    /// What `GET /api/version` answers.
+    pub version: Version,
+}
+
+/// The release this process runs: its version and the commit it was built from, which a
+/// deployment polls for until every task answers the one it rolled out.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Version {
+    pub version: &'static str,
+    /// `MIRA_COMMIT`, or `unknown` when the build did not say.
+    pub commit: String,
+}
+
+impl Version {
+    pub fn new(commit: Option<&str>) -> Self {
+        Self {
+            version: env!("CARGO_PKG_VERSION"),
+            commit: commit.filter(|c| !c.is_empty()).unwrap_or("unknown").to_owned(),
+        }
+    }
 }
 
 /// What the API needs of `mira dev`'s local identity provider.
