@@ -74,7 +74,8 @@ for image in mira-api mira-wsi-worker; do
   [ "$installed" = "$listed" ] || fail "$df installs the package stages '$installed', $dir/packages lists '$listed'"
   # Cargo runs only inside steps.sh, from the lockfile.
   if grep -Eq '^[^#]*\bcargo[[:space:]]+(build|install)' "$df"; then fail "$df runs cargo itself: build in steps.sh build-bin"; fi
-  grep -q 'cargo build --release --locked' "$dir/steps.sh" || fail "$dir/steps.sh build-bin does not build --release --locked"
+  grep -q '^    build_bin ' "$dir/steps.sh" || fail "$dir/steps.sh build-bin does not build with build_bin"
+  grep -q 'cargo build --release --locked' images/lib.sh || fail "images/lib.sh build_bin does not build --release --locked"
   # The final stage: a numeric non-root user, the binary as ENTRYPOINT, MIRA_COMMIT.
   final=$(final_stage "$df")
   user=$(grep '^USER ' <<<"$final" | tail -n 1 | awk '{print $2}')

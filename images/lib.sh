@@ -101,3 +101,12 @@ check_no_compiler() {
 check_ca_bundle() {
   [ -s /etc/ssl/certs/ca-certificates.crt ] || die "no CA bundle at /etc/ssl/certs/ca-certificates.crt (ca-certificates)"
 }
+
+# build_bin PACKAGE BIN OUT: BIN of the workspace's PACKAGE, a release build from the lockfile,
+# installed as OUT/BIN (inside the image's builder stage only: CI never builds a release).
+build_bin() {
+  local repo
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  (cd "$repo" && cargo build --release --locked -p "$1" --bin "$2")
+  install -D -m 0755 "${CARGO_TARGET_DIR:-$repo/target}/release/$2" "$3/$2"
+}

@@ -67,9 +67,7 @@ case $cmd in
     ;;
   build-bin)
     [ $# -eq 1 ] || die "usage: steps.sh build-bin OUT"
-    repo=$(cd "$HERE/../.." && pwd)
-    (cd "$repo" && cargo build --release --locked -p mira-cli --bin mira)
-    install -D -m 0755 "${CARGO_TARGET_DIR:-$repo/target}/release/mira" "$1/mira"
+    build_bin mira-cli mira "$1"
     ;;
   stage)
     [ $# -eq 3 ] || die "usage: steps.sh stage BIN WEBDIST ROOT"

@@ -39,9 +39,7 @@ case $cmd in
     ;;
   build-bin)
     [ $# -eq 1 ] || die "usage: steps.sh build-bin OUT"
-    repo=$(cd "$HERE/../.." && pwd)
-    (cd "$repo" && cargo build --release --locked -p mira-gpu-worker --bin mira-worker)
-    install -D -m 0755 "${CARGO_TARGET_DIR:-$repo/target}/release/mira-worker" "$1/mira-worker"
+    build_bin mira-gpu-worker mira-worker "$1"
     ;;
   stage)
     [ $# -eq 2 ] || die "usage: steps.sh stage BIN ROOT"

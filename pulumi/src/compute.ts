@@ -13,8 +13,11 @@ type Found = ReturnType<typeof foundations>;
 export type ComputeConfig = {
   stack: string;
   region: string;
+  /** The image tag the task definitions start from; deploys move it (docs/runbooks/deploy.md). */
   imageTag: string;
+  /** ACM certificate (in the stack's region) for the ALB's HTTPS listener. */
   albCertificateArn: string;
+  /** The header value CloudFront sends to the ALB; the ALB answers 403 without it. A secret. */
   originVerifySecret: pulumi.Input<string>;
   apiTasks: number;
   handlerTasks: number;

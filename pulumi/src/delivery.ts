@@ -16,7 +16,9 @@ type Found = ReturnType<typeof foundations>;
 export type DeliveryConfig = {
   stack: string;
   region: string;
+  /** `owner/name` of the repository whose workflows deploy (GitHub OIDC). */
   githubRepository: string;
+  /** An existing GitHub OIDC provider in the account; without it, one is made. */
   githubOidcProviderArn?: string;
   /** The Pulumi state bucket (s3:// backend) and the alias of its secrets-provider key (awskms://). */
   pulumiStateBucket?: string;

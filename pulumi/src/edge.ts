@@ -12,8 +12,10 @@ type Found = ReturnType<typeof foundations>;
 
 export type EdgeConfig = {
   stack: string;
+  /** The name on the ALB's certificate that resolves to the ALB: CloudFront's API origin. */
   albDomain: string;
   originVerifySecret: pulumi.Input<string>;
+  /** CloudFront's own names and certificate (ACM in us-east-1); without them, the default *.cloudfront.net name. */
   cdnAliases: string[];
   cdnCertificateArn?: string;
 };

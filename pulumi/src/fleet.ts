@@ -16,12 +16,15 @@ export type FleetConfig = {
   region: string;
   imageTag: string;
   kubernetesVersion: string;
+  /** Addresses allowed to reach the cluster's API endpoint (the deploy runners, operators). */
   eksPublicAccessCidrs: string[];
   gpuInstanceType: string;
   gpuNodesMax: number;
   systemInstanceType: string;
   workerMaxReplicas: number;
+  /** Jobs waiting per worker before KEDA adds one. */
   workerQueueLength: number;
+  /** Equal to the worker's Worker__LeaseSeconds; the grace period outlasts it. */
   workerLeaseSeconds: number;
   kedaVersion: string;
 };

@@ -24,7 +24,22 @@ export type FoundationsConfig = {
 
 export const tags = (stack: string, part: string) => ({ app: "mira", stack, part });
 
-function key(name: string, stack: string, description: string, policy?: pulumi.Input<string>) {
+/**
+ * A KMS key with rotation. Its policy lets the account administer it (as the default policy
+ * does) plus `grants`: statements for AWS services, given the account id.
+ */
+function key(name: string, stack: string, description: string, grants?: (account: string) => object[]) {
+  const policy = grants
+    ? pulumi.output(aws.getCallerIdentityOutput()).apply((id) =>
+        JSON.stringify({
+          Version: "2012-10-17",
+          Statement: [
+            { Sid: "Account", Effect: "Allow", Principal: { AWS: `arn:aws:iam::${id.accountId}:root` }, Action: "kms:*", Resource: "*" },
+            ...grants(id.accountId),
+          ],
+        }),
+      )
+    : undefined;
   const k = new aws.kms.Key(name, {
     description,
     enableKeyRotation: true,
@@ -135,48 +150,26 @@ export function foundations(cfg: FoundationsConfig) {
   const phiKey = key("phi-key", s, "Mira: the patient-data keyring's data keys (AWS__KMS__KeyId)");
   const rdsKey = key("rds-key", s, "Mira: RDS storage and its master secret");
   // CloudFront (origin access control) decrypts the SPA's objects for this account's distributions.
-  const s3Key = key(
-    "s3-key",
-    s,
-    "Mira: the buckets",
-    pulumi.output(aws.getCallerIdentityOutput()).apply((id) =>
-      JSON.stringify({
-        Version: "2012-10-17",
-        Statement: [
-          { Sid: "Account", Effect: "Allow", Principal: { AWS: `arn:aws:iam::${id.accountId}:root` }, Action: "kms:*", Resource: "*" },
-          {
-            Sid: "CloudFrontReadsTheFrontend",
-            Effect: "Allow",
-            Principal: { Service: "cloudfront.amazonaws.com" },
-            Action: ["kms:Decrypt"],
-            Resource: "*",
-            Condition: { ArnLike: { "AWS:SourceArn": `arn:aws:cloudfront::${id.accountId}:distribution/*` } },
-          },
-        ],
-      }),
-    ),
-  );
-  const messagingKey = key(
-    "messaging-key",
-    s,
-    "Mira: the topic and the queues",
-    pulumi.output(aws.getCallerIdentityOutput()).apply((id) =>
-      JSON.stringify({
-        Version: "2012-10-17",
-        Statement: [
-          { Sid: "Account", Effect: "Allow", Principal: { AWS: `arn:aws:iam::${id.accountId}:root` }, Action: "kms:*", Resource: "*" },
-          {
-            // SNS into the encrypted queues; CloudWatch alarms into the encrypted alarm topic.
-            Sid: "SnsDeliversToEncryptedQueues",
-            Effect: "Allow",
-            Principal: { Service: ["sns.amazonaws.com", "cloudwatch.amazonaws.com"] },
-            Action: ["kms:GenerateDataKey*", "kms:Decrypt"],
-            Resource: "*",
-          },
-        ],
-      }),
-    ),
-  );
+  const s3Key = key("s3-key", s, "Mira: the buckets", (account) => [
+    {
+      Sid: "CloudFrontReadsTheFrontend",
+      Effect: "Allow",
+      Principal: { Service: "cloudfront.amazonaws.com" },
+      Action: ["kms:Decrypt"],
+      Resource: "*",
+      Condition: { ArnLike: { "AWS:SourceArn": `arn:aws:cloudfront::${account}:distribution/*` } },
+    },
+  ]);
+  const messagingKey = key("messaging-key", s, "Mira: the topic and the queues", () => [
+    {
+      // SNS into the encrypted queues; CloudWatch alarms into the encrypted alarm topic.
+      Sid: "SnsDeliversToEncryptedQueues",
+      Effect: "Allow",
+      Principal: { Service: ["sns.amazonaws.com", "cloudwatch.amazonaws.com"] },
+      Action: ["kms:GenerateDataKey*", "kms:Decrypt"],
+      Resource: "*",
+    },
+  ]);
 
   // ---- network ----------------------------------------------------------------------------
   const vpc = new aws.ec2.Vpc("vpc", {

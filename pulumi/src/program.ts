@@ -3,48 +3,22 @@
 // the stack's configuration into a ProgramConfig; the tests pass one directly.
 
 import * as pulumi from "@pulumi/pulumi";
-import { compute } from "./compute";
-import { delivery } from "./delivery";
-import { edge } from "./edge";
-import { fleet } from "./fleet";
+import { type ComputeConfig, compute } from "./compute";
+import { type DeliveryConfig, delivery } from "./delivery";
+import { type EdgeConfig, edge } from "./edge";
+import { type FleetConfig, fleet } from "./fleet";
 import { type FoundationsConfig, foundations } from "./foundations";
 import { observability } from "./observability";
 
-export type ProgramConfig = FoundationsConfig & {
-  /** The image tag the task definitions and the worker Deployment start from; deploys move it (docs/runbooks/deploy.md). */
-  imageTag: string;
-  /** ACM certificate (in the stack's region) for the ALB's HTTPS listener, and the name on it that resolves to the ALB. */
-  albCertificateArn: string;
-  albDomain: string;
-  /** The header value CloudFront sends to the ALB; the ALB answers 403 without it. A secret. */
-  originVerifySecret: pulumi.Input<string>;
-  /** CloudFront's own names and certificate (ACM in us-east-1); without them, the default *.cloudfront.net name. */
-  cdnAliases: string[];
-  cdnCertificateArn?: string;
-  apiTasks: number;
-  handlerTasks: number;
-  taskCpu: number;
-  taskMemory: number;
-  kubernetesVersion: string;
-  /** Addresses allowed to reach the cluster's API endpoint (the deploy runners, operators). */
-  eksPublicAccessCidrs: string[];
-  gpuInstanceType: string;
-  gpuNodesMax: number;
-  systemInstanceType: string;
-  workerMaxReplicas: number;
-  /** Jobs waiting per worker before KEDA adds one. */
-  workerQueueLength: number;
-  workerLeaseSeconds: number;
-  kedaVersion: string;
-  /** Where the alarms go (an e-mail address confirms its subscription); none: only the topic. */
-  alarmEmail?: string;
-  /** `owner/name` of the repository whose workflows deploy (GitHub OIDC). */
-  githubRepository: string;
-  /** An existing GitHub OIDC provider in the account; without it, one is made. */
-  githubOidcProviderArn?: string;
-  pulumiStateBucket?: string;
-  pulumiSecretsKeyAlias?: string;
-};
+/** Each part's settings (documented where the part reads them), and the few only the program joins. */
+export type ProgramConfig = FoundationsConfig &
+  ComputeConfig &
+  FleetConfig &
+  EdgeConfig &
+  DeliveryConfig & {
+    /** Where the alarms go (an e-mail address confirms its subscription); none: only the topic. */
+    alarmEmail?: string;
+  };
 
 export function program(cfg: ProgramConfig) {
   const f = foundations(cfg);
