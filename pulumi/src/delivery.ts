@@ -125,7 +125,8 @@ export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e:
 
   const previewRole = new aws.iam.Role("infra-preview", {
     name: `mira-${s}-infra-preview`,
-    assumeRolePolicy: github(["pull_request", ...onMain]),
+    // Pull requests' previews run in the GitHub environment `infra-preview` (required reviewers).
+    assumeRolePolicy: github(["environment:infra-preview"]),
     tags: tags(s, "delivery"),
   });
   new aws.iam.RolePolicyAttachment("infra-preview-read", { role: previewRole.name, policyArn: "arn:aws:iam::aws:policy/ReadOnlyAccess" });
@@ -141,7 +142,21 @@ export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e:
       }),
     });
   }
-  const infraRole = new aws.iam.Role("infra", { name: `mira-${s}-infra`, assumeRolePolicy: github(onMain), tags: tags(s, "delivery") });
+  // `pulumi up` runs in the GitHub environment `infra`, whose deployments only main may make.
+  const infraRole = new aws.iam.Role("infra", { name: `mira-${s}-infra`, assumeRolePolicy: github(["environment:infra"]), tags: tags(s, "delivery") });
+  // Kubernetes: the infra role applies everything; the preview role reads.
+  for (const [name, r, policy] of [
+    ["infra", infraRole, "AmazonEKSClusterAdminPolicy"],
+    ["infra-preview", previewRole, "AmazonEKSViewPolicy"],
+  ] as const) {
+    new aws.eks.AccessEntry(`${name}-access`, { clusterName: k.cluster.name, principalArn: r.arn, type: "STANDARD" });
+    new aws.eks.AccessPolicyAssociation(`${name}-${policy}`, {
+      clusterName: k.cluster.name,
+      principalArn: r.arn,
+      policyArn: `arn:aws:eks::aws:cluster-access-policy/${policy}`,
+      accessScope: { type: "cluster" },
+    });
+  }
   new aws.iam.RolePolicyAttachment("infra-admin", { role: infraRole.name, policyArn: "arn:aws:iam::aws:policy/AdministratorAccess" });
 
   return { deployRole, previewRole, infraRole };

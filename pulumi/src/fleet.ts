@@ -26,6 +26,11 @@ export type FleetConfig = {
   workerQueueLength: number;
   /** Equal to the worker's Worker__LeaseSeconds; the grace period outlasts it. */
   workerLeaseSeconds: number;
+  /**
+   * How long a worker told to stop (a scale-in, a deploy, a node drain) may take to finish the
+   * job in hand before it is killed: longer than the lease, and than a long slide's job.
+   */
+  workerDrainSeconds: number;
   kedaVersion: string;
 };
 
@@ -73,6 +78,23 @@ export function fleet(cfg: FleetConfig, f: Found) {
     enabledClusterLogTypes: ["api", "audit", "authenticator"],
     tags: tags(s, "fleet"),
   });
+  // Nodes and pods carry the cluster's security group: the database and the VPC endpoints admit
+  // it as they admit the compute group.
+  const clusterSg = cluster.vpcConfig.apply((v) => v.clusterSecurityGroupId!);
+  for (const [name, group, port] of [
+    ["database-from-eks", p.databaseSg, 5432],
+    ["endpoints-from-eks", p.endpointSg, 443],
+  ] as const) {
+    new aws.ec2.SecurityGroupRule(name, {
+      type: "ingress",
+      securityGroupId: group.id,
+      sourceSecurityGroupId: clusterSg,
+      protocol: "tcp",
+      fromPort: port,
+      toPort: port,
+      description: "EKS nodes and pods (the cluster security group)",
+    });
+  }
   const issuer = cluster.identities.apply((ids) => ids[0].oidcs![0].issuer!);
   const oidc = new aws.iam.OpenIdConnectProvider("eks-oidc", { url: issuer, clientIdLists: ["sts.amazonaws.com"], tags: tags(s, "fleet") });
 
@@ -203,9 +225,11 @@ export function fleet(cfg: FleetConfig, f: Found) {
         Resource: ["*"],
       },
       {
+        // Only this cluster's groups (the tag EKS puts on its node groups' Auto Scaling groups).
         Effect: "Allow",
         Action: ["autoscaling:SetDesiredCapacity", "autoscaling:TerminateInstanceInAutoScalingGroup"],
         Resource: ["*"],
+        Condition: { StringEquals: { [`aws:ResourceTag/k8s.io/cluster-autoscaler/mira-${s}`]: "owned" } },
       },
     ],
   );
@@ -275,18 +299,19 @@ export function fleet(cfg: FleetConfig, f: Found) {
   const deployment = new k8s.apps.v1.Deployment(
     "worker",
     {
-      metadata: { name: deploymentName, namespace, labels },
+      // KEDA owns the replica count (0 to workerMaxReplicas), so the program sets none; and the
+      // program does not wait for pods, which exist only while there is work.
+      metadata: { name: deploymentName, namespace, labels, annotations: { "pulumi.com/skipAwait": "true" } },
       spec: {
-        // None until KEDA sees work; from then on KEDA owns the count (0 to workerMaxReplicas).
-        replicas: 0,
         selector: { matchLabels: labels },
-        strategy: { type: "RollingUpdate", rollingUpdate: { maxSurge: 1, maxUnavailable: 0 } },
+        // One at a time and no surge: a full fleet has no spare GPU node for an extra pod.
+        strategy: { type: "RollingUpdate", rollingUpdate: { maxSurge: 0, maxUnavailable: 1 } },
         template: {
           metadata: { labels },
           spec: {
             serviceAccountName: sa.metadata.name,
-            // The job in hand finishes on a scale-in or a deploy: longer than the lease.
-            terminationGracePeriodSeconds: cfg.workerLeaseSeconds + 60,
+            // The job in hand finishes on a scale-in or a deploy.
+            terminationGracePeriodSeconds: Math.max(cfg.workerDrainSeconds, cfg.workerLeaseSeconds + 60),
             nodeSelector: GPU_LABEL,
             tolerations: [{ key: GPU_TAINT.key, operator: "Exists", effect: "NoSchedule" }],
             securityContext: { runAsNonRoot: true, runAsUser: 10001, fsGroup: 10001, seccompProfile: { type: "RuntimeDefault" } },
@@ -332,8 +357,9 @@ export function fleet(cfg: FleetConfig, f: Found) {
         },
       },
     },
-    // Deploys move the image (kubectl set image, docs/runbooks/deploy.md).
-    { ...k, dependsOn: [ns, devicePlugin], ignoreChanges: ["spec.template.spec.containers[0].image", "spec.replicas"] },
+    // Deploys move the image (kubectl set image); deploy-infra.yml passes the running tag as
+    // mira:imageTag, so a `pulumi up` applies the same one (docs/runbooks/deploy.md).
+    { ...k, dependsOn: [ns, devicePlugin] },
   );
   new k8s.policy.v1.PodDisruptionBudget(
     "worker-pdb",

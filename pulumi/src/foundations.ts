@@ -114,7 +114,7 @@ export function tlsOnly(b: aws.s3.Bucket) {
   };
 }
 
-export type Statement = { Effect: "Allow"; Action: string[]; Resource: pulumi.Input<string>[] };
+export type Statement = { Effect: "Allow"; Action: string[]; Resource: pulumi.Input<string>[]; Condition?: object };
 
 /** A role assumed by `principal` (a service, or a trust policy written out), with exactly `statements`. */
 export function role(
@@ -160,7 +160,7 @@ export function foundations(cfg: FoundationsConfig) {
       Condition: { ArnLike: { "AWS:SourceArn": `arn:aws:cloudfront::${account}:distribution/*` } },
     },
   ]);
-  const messagingKey = key("messaging-key", s, "Mira: the topic and the queues", () => [
+  const messagingKey = key("messaging-key", s, "Mira: the topic and the queues", (account) => [
     {
       // SNS into the encrypted queues; CloudWatch alarms into the encrypted alarm topic.
       Sid: "SnsDeliversToEncryptedQueues",
@@ -168,6 +168,7 @@ export function foundations(cfg: FoundationsConfig) {
       Principal: { Service: ["sns.amazonaws.com", "cloudwatch.amazonaws.com"] },
       Action: ["kms:GenerateDataKey*", "kms:Decrypt"],
       Resource: "*",
+      Condition: { StringEquals: { "aws:SourceAccount": account } },
     },
   ]);
 
@@ -442,19 +443,30 @@ export function foundations(cfg: FoundationsConfig) {
   });
   const kms = (actions: string[], ...ks: aws.kms.Key[]): Statement => ({ Effect: "Allow", Action: actions, Resource: ks.map((k) => k.arn) });
   const witnessRead: Statement = { Effect: "Allow", Action: ["s3:GetObject", "s3:ListBucket"], Resource: [witness.arn, obj(witness)] };
+  // Every process that speaks to the bus finds the topic and all six queues by name at start
+  // (mira_bus::aws::lookup): a URL is all it learns of the queues it does not consume.
+  const allQueues = Object.values(queues).flatMap((q) => [q.queue.arn, q.dlq.arn]);
+  const lookup: Statement[] = [
+    { Effect: "Allow", Action: ["sns:ListTopics"], Resource: ["*"] },
+    { Effect: "Allow", Action: ["sqs:GetQueueUrl"], Resource: allQueues },
+  ];
 
   // The API: presigned uploads and downloads, the immutable copy at `uploaded`, sealing names,
-  // and the witness to verify against; it publishes and consumes nothing.
+  // and the witness to verify against; it publishes and consumes nothing. /readyz asks for the
+  // uploads bucket (HeadBucket) and the projections' dead-letter depth. DATABASE_URL comes
+  // from ECS (the execution role), not from this role.
   const apiRole = role("api", s, { Service: "ecs-tasks.amazonaws.com" }, [
     {
       Effect: "Allow",
       Action: ["s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
       Resource: [obj(uploads)],
     },
+    { Effect: "Allow", Action: ["s3:ListBucket"], Resource: [uploads.arn] },
     { Effect: "Allow", Action: ["s3:GetObject"], Resource: [obj(results)] },
     witnessRead,
-    kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, rdsKey),
-    secrets(dbAppSecret),
+    ...lookup,
+    { Effect: "Allow", Action: ["sqs:GetQueueAttributes"], Resource: [queues.projections.dlq.arn] },
+    kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey),
   ]);
   // The relay, the projector and the handlers: publish, consume their two queues, write
   // checkpoints to the witness (never delete), sign with the key in Secrets Manager.
@@ -463,13 +475,17 @@ export function foundations(cfg: FoundationsConfig) {
     consume(queues.projections.queue),
     consume(queues.handlers.queue),
     { Effect: "Allow", Action: ["s3:PutObject", "s3:GetObject", "s3:ListBucket"], Resource: [witness.arn, obj(witness)] },
-    kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, rdsKey, messagingKey),
-    secrets(dbAppSecret, signingKeySecret),
+    ...lookup,
+    // /readyz: every `mira serve` asks for the projections' dead-letter depth.
+    { Effect: "Allow", Action: ["sqs:GetQueueAttributes"], Resource: [queues.projections.dlq.arn] },
+    kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, messagingKey),
+    secrets(signingKeySecret),
   ]);
   // The worker's pods: the gpu-jobs queue only, the immutable copies of uploads read, results
   // written. Its role is made with the cluster (fleet.ts), whose service account it trusts (IRSA).
   const workerStatements: Statement[] = [
     consume(queues["gpu-jobs"].queue),
+    ...lookup,
     { Effect: "Allow", Action: ["s3:GetObject"], Resource: [obj(uploads, "immutable/")] },
     { Effect: "Allow", Action: ["s3:PutObject", "s3:AbortMultipartUpload"], Resource: [obj(results)] },
     kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, rdsKey, messagingKey),
@@ -526,6 +542,8 @@ export function foundations(cfg: FoundationsConfig) {
       publicSubnets,
       computeSubnets,
       computeSg,
+      databaseSg,
+      endpointSg,
       topic,
       queues,
       buckets: { uploads, results, frontend, witness },

@@ -36,6 +36,7 @@ const out = program({
   workerMaxReplicas: config.getNumber("workerMaxReplicas") ?? 4,
   workerQueueLength: config.getNumber("workerQueueLength") ?? 1,
   workerLeaseSeconds: config.getNumber("workerLeaseSeconds") ?? 60,
+  workerDrainSeconds: config.getNumber("workerDrainSeconds") ?? 1800,
   kedaVersion: config.get("kedaVersion") ?? "2.20.2",
   alarmEmail: config.get("alarmEmail"),
   githubRepository: config.require("githubRepository"),

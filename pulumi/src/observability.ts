@@ -177,7 +177,7 @@ export function observability(cfg: { stack: string; region: string; alarmEmail?:
           albMetric("target", "HTTPCode_Target_5XX_Count"),
           albMetric("elb", "HTTPCode_ELB_5XX_Count"),
           albMetric("requests", "RequestCount"),
-          { id: "rate", expression: "100 * (FILL(target, 0) + FILL(elb, 0)) / MAX([requests, 1])", label: "5xx %", returnData: true },
+          { id: "rate", expression: "IF(requests > 0, 100 * (FILL(target, 0) + FILL(elb, 0)) / requests, 0)", label: "5xx %", returnData: true },
         ],
         evaluationPeriods: 1,
         threshold: 5,

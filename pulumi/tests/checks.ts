@@ -115,8 +115,10 @@ export function encryptionProblems(rs: Recorded[]): string[] {
 type Statement = { Effect: string; Action: string[]; Resource: string[] };
 
 export function statementsOf(rs: Recorded[], role: string): Statement[] {
-  const pol = ofType(rs, T.rolePolicy).find((x) => x.inputs.role === `${role}-id`);
-  return pol ? JSON.parse(pol.inputs.policy).Statement : [];
+  // Every inline policy of the role (its own, and the collector's telemetry).
+  return ofType(rs, T.rolePolicy)
+    .filter((x) => x.inputs.role === `${role}-id`)
+    .flatMap((pol) => JSON.parse(pol.inputs.policy).Statement);
 }
 
 /** The worker: no wildcard service actions, reads only the gpu-jobs queue, writes nothing to uploads. */
@@ -126,7 +128,8 @@ export function workerProblems(statements: Statement[], prefix = "mira-test-"): 
   for (const s of statements) {
     for (const a of s.Action) {
       if (a === "*" || a.endsWith(":*")) p.push(`wildcard action ${a}`);
-      if (a.startsWith("sqs:") && s.Resource.some((r) => !r.endsWith(gpuJobs))) p.push(`${a} beyond gpu-jobs: ${s.Resource}`);
+      // Finding a queue's URL by name is what every bus client does at start; nothing more.
+      if (a.startsWith("sqs:") && a !== "sqs:GetQueueUrl" && s.Resource.some((r) => !r.endsWith(gpuJobs))) p.push(`${a} beyond gpu-jobs: ${s.Resource}`);
       if (/^s3:(Put|Delete|Abort|Restore|Replicate)/.test(a) && s.Resource.some((r) => r.includes(":mira-test-uploads"))) {
         p.push(`${a} on the uploads bucket`);
       }
@@ -170,6 +173,26 @@ export function settingsProblems(settings: Record<string, Record<string, string>
     for (const g of loadTopology().queues) {
       if (!ofType(rs, T.queue).some((q) => q.inputs.name === `${prefix}${g.group}.fifo`)) p.push(`${service}: no queue ${prefix}${g.group}.fifo`);
     }
+  }
+  return p;
+}
+
+/**
+ * What every bus client calls at start (mira_bus::aws::lookup: ListTopics, then GetQueueUrl for
+ * each queue and dead-letter queue) and, for a process serving /readyz, what readiness asks.
+ */
+export function startupProblems(rs: Recorded[], role: string, servesReadyz: boolean): string[] {
+  const st = statementsOf(rs, role);
+  const allows = (action: string, resource: string) =>
+    st.some((s) => s.Action.includes(action) && s.Resource.some((r) => r === "*" || r === resource));
+  const p: string[] = [];
+  if (!allows("sns:ListTopics", "*")) p.push(`${role}: cannot list topics`);
+  for (const q of ofType(rs, T.queue)) if (!allows("sqs:GetQueueUrl", q.state.arn)) p.push(`${role}: cannot find ${q.inputs.name}`);
+  if (servesReadyz) {
+    const uploads = ofType(rs, T.bucket).find((b) => b.name === "uploads")!;
+    if (!allows("s3:ListBucket", uploads.state.arn)) p.push(`${role}: /readyz cannot reach the uploads bucket`);
+    const dlq = ofType(rs, T.queue).find((q) => String(q.inputs.name).endsWith("projections-dlq.fifo"))!;
+    if (!allows("sqs:GetQueueAttributes", dlq.state.arn)) p.push(`${role}: /readyz cannot read the projections' dead-letter depth`);
   }
   return p;
 }

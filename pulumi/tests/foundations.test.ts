@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { apiProblems, encryptionProblems, messagingProblems, publicProblems, settingsProblems, statementsOf, T, workerProblems } from "./checks";
+import { apiProblems, encryptionProblems, messagingProblems, publicProblems, settingsProblems, startupProblems, statementsOf, T, workerProblems } from "./checks";
 import { ofType, type Recorded, run } from "./harness";
 
 const clone = (rs: Recorded[]): Recorded[] => JSON.parse(JSON.stringify(rs));
@@ -68,6 +68,25 @@ describe("the foundations", () => {
     assert.ok(w.some((x) => x.includes("wildcard action s3:*")) && w.some((x) => x.includes("beyond gpu-jobs")) && w.some((x) => x.includes("uploads")), String(w));
     const badApi = [...api, { Effect: "Allow", Action: ["s3:DeleteObjectVersion"], Resource: ["arn:aws:s3:eu-west-1:1:mira-test-witness/*"] }];
     assert.deepEqual(apiProblems(badApi), ["s3:DeleteObjectVersion on the witness bucket"]);
+  });
+
+  it("let every process find the bus, and the API answer /readyz", async () => {
+    const { resources } = await run();
+    assert.deepEqual(startupProblems(resources, "api", true), []);
+    assert.deepEqual(startupProblems(resources, "worker", false), []);
+    // The roles' role serves no ALB, but its /readyz asks the same of the bus.
+    assert.deepEqual(startupProblems(resources, "roles", false), []);
+    // Broken: the API without ListTopics, GetQueueUrl on one dead-letter queue, or ListBucket.
+    const broken = clone(resources);
+    const pol = ofType(broken, T.rolePolicy).find((x) => x.name === "api-policy")!;
+    const st = JSON.parse(pol.inputs.policy).Statement.filter((x: any) => !x.Action.includes("sns:ListTopics") && !x.Action.includes("s3:ListBucket"));
+    for (const x of st) if (x.Action.includes("sqs:GetQueueUrl")) x.Resource = x.Resource.filter((r: string) => !r.endsWith("handlers-dlq.fifo"));
+    pol.inputs.policy = JSON.stringify({ Statement: st });
+    assert.deepEqual(startupProblems(broken, "api", true), [
+      "api: cannot list topics",
+      "api: cannot find mira-test-handlers-dlq.fifo",
+      "api: /readyz cannot reach the uploads bucket",
+    ]);
   });
 
   it("count what they create", async () => {

@@ -27,6 +27,7 @@ pulumi.runtime.setMocks(
         state.endpoint = `https://${name}.gr7.${REGION}.eks.amazonaws.com`;
         state.certificateAuthority = { data: "LS0tLS1CRUdJTi1DRVJUSUZJQ0FURS0tLS0t" };
         state.identities = [{ oidcs: [{ issuer: `https://oidc.eks.${REGION}.amazonaws.com/id/MIRATEST` }] }];
+        state.vpcConfig = { ...a.inputs.vpcConfig, clusterSecurityGroupId: "sg-eks-cluster" };
       }
       if (a.type === "aws:lb/loadBalancer:LoadBalancer") {
         state.arnSuffix = `app/${name}/0123456789abcdef`;
@@ -87,6 +88,7 @@ export const CONFIG = {
   workerMaxReplicas: 4,
   workerQueueLength: 1,
   workerLeaseSeconds: 60,
+  workerDrainSeconds: 1800,
   kedaVersion: "2.20.2",
   githubRepository: "mira-lab/mira",
   pulumiStateBucket: "mira-pulumi-state-123456789012",
