@@ -5,7 +5,7 @@
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
-import { API_PATHS, type Compute, ORIGIN_HEADER } from "./compute";
+import { API_PATHS, ORIGIN_HEADER } from "./compute";
 import { type foundations, tags, tlsOnly } from "./foundations";
 
 type Found = ReturnType<typeof foundations>;
@@ -34,7 +34,7 @@ export const SPA_ROUTER = `function handler(event) {
   return r;
 }`;
 
-export function edge(cfg: EdgeConfig, f: Found, _c: Compute) {
+export function edge(cfg: EdgeConfig, f: Found) {
   const s = cfg.stack;
   const frontend = f.parts.buckets.frontend;
   const oac = new aws.cloudfront.OriginAccessControl("frontend-oac", {

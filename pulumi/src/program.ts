@@ -25,7 +25,7 @@ export function program(cfg: ProgramConfig) {
   const obs = observability(cfg, f);
   const c = compute(cfg, f, obs);
   const k = fleet(cfg, f);
-  const e = edge(cfg, f, c);
+  const e = edge(cfg, f);
   obs.alarms(c, k);
   const d = delivery(cfg, f, c, k, e);
   return {
