@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mira_eventlog::checkpoint::{CheckpointError, Checkpointer};
+use mira_eventlog::checkpoint::{CheckpointError, CheckpointInfo, Checkpointer};
 use mira_eventlog::{Cursor, EventLog, StoredEvent};
 use sqlx::{Connection, PgConnection, Row};
 use tokio_util::sync::CancellationToken;
@@ -253,6 +253,12 @@ impl Relay {
         tracing::info!(name = %self.cfg.name, "relay active");
         let mut since_checkpoint = 0u64;
         let mut last_checkpoint = Instant::now();
+        // Checkpoints are written beside publishing, one at a time: a witness that is slow or
+        // unreachable delays checkpoints, never fan-out.
+        let mut writing: Option<tokio::task::JoinHandle<Result<CheckpointInfo, CheckpointError>>> = None;
+        // After a witness conflict, the epoch it happened in: checkpointing stays stopped until
+        // an operator starts a new epoch (`mira audit new-epoch`) or restarts the relay.
+        let mut stopped_in: Option<uuid::Uuid> = None;
         while !shutdown.is_cancelled() {
             if lock.ping().await.is_err() {
                 return Err(RelayError::LostLock);
@@ -270,23 +276,53 @@ impl Relay {
                 since_checkpoint += p.events;
             }
             if let Some(checkpoints) = &self.checkpoints {
-                let due = since_checkpoint >= self.cfg.checkpoint_every_events
-                    || (since_checkpoint > 0 && last_checkpoint.elapsed() >= self.cfg.checkpoint_every);
-                if due {
-                    match checkpoints.write(self.log.pool()).await {
-                        Ok(info) => tracing::info!(
+                if writing.as_ref().is_some_and(|h| h.is_finished()) {
+                    let r = writing.take().expect("checked").await;
+                    match r {
+                        Ok(Ok(info)) => tracing::info!(
                             seq = info.seq,
+                            written = info.written,
+                            rolled_forward = info.rolled_forward,
                             events = info.event_count,
                             witness = %info.witness,
                             "checkpoint written"
                         ),
-                        // In the database, not yet witnessed: the next checkpoint's copy covers
-                        // it. Fan-out goes on; the operator is told loudly.
-                        Err(CheckpointError::Witness { seq, source }) => {
-                            tracing::error!(seq, error = %source, "checkpoint not copied to the witness")
+                        Ok(Err(e @ CheckpointError::Conflict { .. })) => {
+                            let epochs = mira_eventlog::checkpoint::db_epochs(self.log.pool()).await?;
+                            stopped_in = Some(epochs.last().map_or(uuid::Uuid::nil(), |e| e.epoch));
+                            tracing::error!(
+                                error = %e,
+                                conflicts = checkpoints.health.conflicts(),
+                                "WITNESS CONFLICT: checkpointing stopped, publishing goes on; see docs/runbooks/verify.md"
+                            );
                         }
-                        Err(CheckpointError::Db(e)) => return Err(e.into()),
+                        // Nothing was written; the next round tries again.
+                        Ok(Err(e @ CheckpointError::Witness { .. })) => {
+                            tracing::error!(error = %e, "checkpoint not written: the witness did not take it")
+                        }
+                        Ok(Err(CheckpointError::Db(e))) => return Err(e.into()),
+                        Err(e) => tracing::error!(error = %e, "the checkpoint writer panicked"),
                     }
+                }
+                let due = since_checkpoint >= self.cfg.checkpoint_every_events
+                    || (since_checkpoint > 0 && last_checkpoint.elapsed() >= self.cfg.checkpoint_every);
+                if let Some(epoch) = stopped_in.filter(|_| due) {
+                    let now = mira_eventlog::checkpoint::db_epochs(self.log.pool()).await?.pop().map(|e| e.epoch);
+                    if now.is_some_and(|n| n != epoch) {
+                        tracing::warn!("a new epoch was started: checkpointing resumes");
+                        stopped_in = None;
+                    } else {
+                        tracing::error!(
+                            conflicts = checkpoints.health.conflicts(),
+                            "checkpointing is stopped after a witness conflict; see docs/runbooks/verify.md"
+                        );
+                        since_checkpoint = 0;
+                        last_checkpoint = Instant::now();
+                    }
+                }
+                if due && writing.is_none() && stopped_in.is_none() {
+                    let (c, pool) = (checkpoints.clone(), self.log.pool().clone());
+                    writing = Some(tokio::spawn(async move { c.write(&pool).await }));
                     since_checkpoint = 0;
                     last_checkpoint = Instant::now();
                 }
@@ -296,6 +332,14 @@ impl Relay {
                     _ = tokio::time::sleep(self.cfg.idle_poll) => {}
                     _ = shutdown.cancelled() => {}
                 }
+            }
+        }
+        if let Some(mut h) = writing {
+            // A checkpoint half written (in the witness, not the database) is rolled forward
+            // by the next writer; waiting briefly keeps that rare, and a hung witness does not
+            // hold the drain.
+            if tokio::time::timeout(Duration::from_secs(2), &mut h).await.is_err() {
+                h.abort();
             }
         }
         let _ = sqlx::query("SELECT pg_advisory_unlock($1)")

@@ -624,3 +624,145 @@ async fn bus_init_creates_exactly_the_topology_file() {
         );
     }
 }
+
+// ---- the relay and the witness (ADR 0019) -------------------------------------------------
+
+/// Polls `f` until it holds, for at most 60 s (a deadline, not a speed limit).
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn scalar(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// A relay writing a checkpoint after every published batch, to `witness`.
+fn checkpointing_relay(
+    w: &World,
+    witness: Arc<dyn mira_eventlog::witness::Witness>,
+) -> (Relay, Arc<mira_eventlog::checkpoint::WitnessHealth>, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("mira-relay-audit-{}", uuid::Uuid::new_v4()));
+    let (key, _) = mira_eventlog::checkpoint::AuditKey::init(&dir.join("audit.key")).unwrap();
+    let c = mira_eventlog::checkpoint::Checkpointer::new(Arc::new(key), witness);
+    let health = c.health.clone();
+    let cfg = RelayConfig {
+        checkpoint_every_events: 1,
+        idle_poll: Duration::from_millis(10),
+        ..Default::default()
+    };
+    (Relay::new(w.log.clone(), w.bus.publisher(), cfg, Some(c)), health, dir)
+}
+
+async fn published_all(w: &World) -> bool {
+    let max = scalar(&w.db.pool, "SELECT coalesce(max(global_position), 0) FROM events").await;
+    scalar(&w.db.pool, "SELECT coalesce(max(position), 0) FROM relay_cursor").await >= max
+}
+
+async fn checkpointed_all(w: &World) -> bool {
+    let max = scalar(&w.db.pool, "SELECT coalesce(max(global_position), 0) FROM events").await;
+    scalar(&w.db.pool, "SELECT coalesce(max(upto_position), 0) FROM checkpoints").await >= max
+}
+
+#[tokio::test]
+async fn the_relay_stops_checkpointing_on_a_witness_conflict_and_publishing_goes_on() {
+    let w = World::new(memory_bus().await).await;
+    let wdir = std::env::temp_dir().join(format!("mira-relay-witness-{}", uuid::Uuid::new_v4()));
+    let witness = Arc::new(mira_eventlog::witness::DirWitness::create_dir(&wdir).unwrap());
+    let (relay, health, _dir) = checkpointing_relay(&w, witness);
+    let stop = CancellationToken::new();
+    let url = w.db.url.clone();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(&url, stop).await }
+    });
+    w.commands(2, 0).await;
+    eventually("checkpoint 1", || checkpointed_all(&w)).await;
+    let (first, first_end) = (
+        scalar(&w.db.pool, "SELECT max(seq) FROM checkpoints").await,
+        scalar(&w.db.pool, "SELECT max(upto_position) FROM checkpoints").await,
+    );
+    w.commands(2, 0).await;
+    eventually("a later checkpoint", || checkpointed_all(&w)).await;
+    assert!(health.last_success_unix() > 0);
+    // The superuser deletes the tail and the checkpoints that covered it.
+    let mut tx = w.db.owner.begin().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SET LOCAL session_replication_role = replica; DELETE FROM checkpoints WHERE seq > {first}; \
+         DELETE FROM events WHERE global_position > {first_end}"
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    // Work goes on: the relay meets the witness's other checkpoint and stops checkpointing.
+    w.commands(2, 0).await;
+    eventually("the conflict", || async { health.conflicts() == 1 }).await;
+    eventually("publishing", || published_all(&w)).await;
+    w.commands(2, 0).await;
+    eventually("publishing after the conflict", || published_all(&w)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(health.conflicts(), 1, "checkpointing stays stopped: no second attempt");
+    assert_eq!(
+        scalar(&w.db.pool, "SELECT max(seq) FROM checkpoints").await,
+        first,
+        "no checkpoint row was written after the conflict"
+    );
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
+
+/// A witness that never answers.
+#[derive(Debug)]
+struct Silent;
+
+#[async_trait::async_trait]
+impl mira_eventlog::witness::Witness for Silent {
+    fn describe(&self) -> String {
+        "a witness that never answers".into()
+    }
+    async fn create(&self, _: &str, _: &[u8]) -> Result<mira_eventlog::witness::Created, mira_eventlog::witness::WitnessError> {
+        std::future::pending().await
+    }
+    async fn get(&self, _: &str) -> Result<Option<Vec<u8>>, mira_eventlog::witness::WitnessError> {
+        std::future::pending().await
+    }
+    async fn epochs(&self) -> Result<Vec<uuid::Uuid>, mira_eventlog::witness::WitnessError> {
+        std::future::pending().await
+    }
+    async fn list(
+        &self,
+        _: Option<uuid::Uuid>,
+        _: &str,
+        _: usize,
+    ) -> Result<Vec<mira_eventlog::witness::Listed>, mira_eventlog::witness::WitnessError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_witness_that_hangs_never_holds_publishing_back() {
+    let w = World::new(memory_bus().await).await;
+    let (relay, health, _dir) = checkpointing_relay(&w, Arc::new(Silent));
+    let stop = CancellationToken::new();
+    let url = w.db.url.clone();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(&url, stop).await }
+    });
+    for _ in 0..3 {
+        w.commands(2, 0).await;
+        eventually("publishing while the witness hangs", || published_all(&w)).await;
+    }
+    assert_eq!(scalar(&w.db.pool, "SELECT count(*) FROM checkpoints").await, 0);
+    assert_eq!((health.conflicts(), health.last_success_unix()), (0, 0));
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}

@@ -448,6 +448,9 @@ pub struct AuditSettings {
     pub witness_bucket: Option<String>,
     /// The key prefix in `WitnessBucket`.
     pub witness_prefix: String,
+    /// Each call to the witness bucket gives up after this many seconds (connecting included),
+    /// so a witness that hangs delays only the checkpoint, never the relay's publishing.
+    pub witness_timeout_seconds: u64,
     /// The trusted public key for `mira audit verify`. Default: `<SigningKeyFile>.pub`.
     pub public_key_file: Option<PathBuf>,
     /// The relay writes a checkpoint after this many events…
@@ -464,6 +467,7 @@ impl Default for AuditSettings {
             witness_dir: None,
             witness_bucket: None,
             witness_prefix: "checkpoints/".into(),
+            witness_timeout_seconds: 10,
             public_key_file: None,
             checkpoint_every_events: 1000,
             checkpoint_every_seconds: 60,
@@ -716,6 +720,9 @@ impl Settings {
         }
         if self.audit.witness_bucket.as_deref() == Some("") {
             return invalid("Audit__WitnessBucket", "must not be empty");
+        }
+        if !(1..=300).contains(&self.audit.witness_timeout_seconds) {
+            return invalid("Audit__WitnessTimeoutSeconds", "must be 1 to 300");
         }
         Ok(())
     }

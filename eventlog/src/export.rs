@@ -36,9 +36,8 @@ pub async fn export(
     to: Option<DateTime<Utc>>,
     out: &mut dyn Write,
 ) -> Result<ExportSummary, ExportError> {
-    let epoch: uuid::Uuid = sqlx::query_scalar("SELECT epoch FROM log_epoch")
-        .fetch_one(pool)
-        .await?;
+    // The current epoch; each checkpoint line carries the epoch it was signed in.
+    let epoch = checkpoint::db_epochs(pool).await?.pop().expect("a first epoch").epoch;
     let header = json!({
         "kind": "header",
         "format": "mira.audit.export.v1",
@@ -82,8 +81,10 @@ pub async fn export(
             events += 1;
         }
     }
-    let cks = checkpoint::load_headers(pool).await?;
-    for c in &cks {
+    let mut headers = checkpoint::Headers::all(pool);
+    let mut checkpoints = 0u64;
+    while let Some(c) = headers.next().await? {
+        checkpoints += 1;
         let leaves = checkpoint::load_leaves(pool, c.seq).await?;
         let line = json!({
             "kind": "checkpoint",
@@ -104,6 +105,6 @@ pub async fn export(
     out.flush()?;
     Ok(ExportSummary {
         events,
-        checkpoints: cks.len() as u64,
+        checkpoints,
     })
 }

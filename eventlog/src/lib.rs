@@ -26,6 +26,7 @@ pub mod store;
 pub mod testing;
 pub mod verify;
 pub mod witness;
+pub mod witness_check;
 
 pub use checkpoint::{AuditKey, CheckpointInfo};
 pub use db::DbError;

@@ -1,7 +1,8 @@
 //! `mira audit verify`: re-derives every hash, follows every aggregate's chain, checks every
-//! checkpoint's signature, digest and leaves against the log, and checks the newest checkpoint
-//! against the copy outside the database (the witness). It reports the first bad event by
-//! position and id.
+//! checkpoint's signature, digest and leaves against the log, and compares every record of the
+//! witness (every version of every object) with the database and every checkpoint of the
+//! database with the witness (`witness_check`). It reports the first bad event by position and
+//! id.
 //!
 //! What each attack looks like here:
 //! * a changed byte: the recomputed hash differs from the stored one;
@@ -10,12 +11,17 @@
 //! * a change with every later hash recomputed: the chain holds, but the hash differs from the
 //!   signed checkpoint's leaf;
 //! * a deleted tail: the last checkpoint's leaves name events that are no longer there;
-//! * deleted checkpoints (all, or the newest ones with the events after them), then re-hashed
-//!   events: the newest witnessed checkpoint is missing from the database;
+//! * deleted checkpoints (all, some, or the newest ones with the events after them), then
+//!   re-hashed events, then new checkpoints numbered past the deleted ones: a witnessed
+//!   checkpoint is missing from the database or differs from it (every record counts, not only
+//!   the newest);
+//! * a checkpoint row slipped in without the witness: it is in the database, not the witness;
+//! * a witness record replaced or hidden (S3): a second version or a delete marker;
 //! * an event slipped in below a checkpoint's end: no checkpoint covers it.
 //!
-//! Memory does not grow with the log: checkpoints are read one at a time (each covers at most
-//! [`checkpoint::MAX_SPAN`] events), the checkpoint pass reads only positions, ids and hashes
+//! Memory does not grow with the log: checkpoint headers are read a page at a time and
+//! leaves one checkpoint at a time (each covers at most [`checkpoint::MAX_SPAN`] events), the
+//! witness is listed a page at a time beside them, the checkpoint pass reads only positions, ids and hashes
 //! in follow order, and the chain pass walks the stream index one aggregate after another,
 //! holding only the current aggregate's head.
 //!
@@ -25,13 +31,13 @@
 use std::time::Instant;
 
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
-use mira_events::canonical::{fold_leaves, CanonicalCheckpoint, Hash32, LEAF_LEN, ZERO_HASH};
+use mira_events::canonical::{fold_leaves, Hash32, LEAF_LEN, ZERO_HASH};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::store::{from_row, read_leaves_below, watermark, Cursor, COLUMNS};
-use crate::witness::{Witness, WitnessError, WitnessRecord};
+use crate::witness::{Witness, WitnessError};
 
 /// The first thing found wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,8 +68,13 @@ pub struct VerifyReport {
     pub checkpoints: u64,
     /// Events after the last checkpoint, protected by their chains only.
     pub uncheckpointed: u64,
-    /// The newest checkpoint the witness holds, matched in the database.
+    /// The newest checkpoint of the log's current epoch that the witness holds, matched in the
+    /// database.
     pub witnessed_checkpoint: Option<i64>,
+    /// Witness records compared with the database.
+    pub witness_records: u64,
+    /// Every epoch the database or the witness knows, oldest first.
+    pub epochs: Vec<crate::witness_check::EpochSummary>,
     pub witness: String,
     pub seconds: f64,
     pub events_per_second: f64,
@@ -79,7 +90,7 @@ pub enum VerifyError {
     Witness(#[from] WitnessError),
 }
 
-fn violation(position: i64, event_id: Option<Uuid>, reason: String) -> Violation {
+pub(crate) fn violation(position: i64, event_id: Option<Uuid>, reason: String) -> Violation {
     Violation {
         position,
         event_id,
@@ -87,112 +98,67 @@ fn violation(position: i64, event_id: Option<Uuid>, reason: String) -> Violation
     }
 }
 
-/// Checks the checkpoints among themselves, without their leaves: sequence, signature, digest
-/// chain, counts.
-fn check_headers(cks: &[Checkpoint], key: &VerifyingKey) -> Result<(), Violation> {
-    let mut prev_digest = ZERO_HASH;
-    let mut prev_count = 0i64;
-    let mut prev_upto = Cursor::START;
-    for (i, c) in cks.iter().enumerate() {
+/// What the header checks carry from one checkpoint to the next.
+struct HeaderState {
+    seq: i64,
+    digest: Hash32,
+    count: i64,
+    upto: Cursor,
+}
+
+impl HeaderState {
+    const START: Self = Self {
+        seq: 0,
+        digest: ZERO_HASH,
+        count: 0,
+        upto: Cursor::START,
+    };
+
+    /// Checks `c` as the checkpoint after the previous, without its leaves: number, signature,
+    /// digest chain, count.
+    fn check(&mut self, c: &Checkpoint, key: &VerifyingKey) -> Result<(), Violation> {
         let bad = |reason: String| violation(c.upto.position, None, reason);
-        if c.seq != i as i64 + 1 {
+        if c.seq != self.seq + 1 {
             return Err(bad(format!(
                 "checkpoint {} follows checkpoint {}: checkpoints are missing",
-                c.seq, i
+                c.seq, self.seq
             )));
         }
-        let sig = Signature::from_bytes(&c.signature);
-        if key.verify(&c.canonical().bytes(), &sig).is_err() {
+        if key.verify(&c.canonical().bytes(), &Signature::from_bytes(&c.signature)).is_err() {
             return Err(bad(format!(
                 "checkpoint {} has a signature that the audit key did not make",
                 c.seq
             )));
         }
-        if c.prev_digest != prev_digest {
-            return Err(bad(format!("checkpoint {} does not continue checkpoint {}", c.seq, i)));
+        if c.prev_digest != self.digest {
+            return Err(bad(format!("checkpoint {} does not continue checkpoint {}", c.seq, self.seq)));
         }
         if c.leaves_len % LEAF_LEN as i64 != 0
-            || c.event_count != prev_count + c.leaves_len / LEAF_LEN as i64
-            || c.upto < prev_upto
+            || c.event_count != self.count + c.leaves_len / LEAF_LEN as i64
+            || c.upto < self.upto
         {
-            return Err(bad(format!(
-                "checkpoint {}'s leaves do not match its signed count",
-                c.seq
-            )));
+            return Err(bad(format!("checkpoint {}'s leaves do not match its signed count", c.seq)));
         }
-        prev_digest = c.digest;
-        prev_count = c.event_count;
-        prev_upto = c.upto;
+        *self = Self {
+            seq: c.seq,
+            digest: c.digest,
+            count: c.event_count,
+            upto: c.upto,
+        };
+        Ok(())
     }
-    Ok(())
 }
 
-/// The newest witnessed checkpoint must be in the database, unchanged.
-fn check_witness(
-    cks: &[Checkpoint],
-    newest: Option<&WitnessRecord>,
-    witness: &str,
-    key: &VerifyingKey,
-) -> Result<(), Violation> {
-    let Some(w) = newest else {
-        return match cks.last() {
-            None => Ok(()),
-            Some(last) => Err(violation(
-                last.upto.position,
-                None,
-                format!(
-                    "the witness ({witness}) holds no checkpoint but the database has {}: it is not the witness the relay writes to, or it was emptied",
-                    cks.len()
-                ),
-            )),
-        };
-    };
-    let witnessed = CanonicalCheckpoint {
-        epoch: w.epoch,
-        seq: w.seq,
-        created_at_micros: w.created_at_micros,
-        upto_tx: w.upto_tx,
-        upto_position: w.upto_position,
-        event_count: w.event_count,
-        prev_digest: hex::decode(&w.prev_digest)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .unwrap_or([0xff; 32]),
-        digest: w.digest_bytes().unwrap_or([0xff; 32]),
-    };
-    let signed = w
-        .signature_bytes()
-        .is_some_and(|s| key.verify(&witnessed.bytes(), &Signature::from_bytes(&s)).is_ok());
-    if !signed {
-        return Err(violation(
-            w.upto_position,
-            None,
-            format!(
-                "the witnessed checkpoint {} ({witness}) has a signature that the audit key did not make",
-                w.seq
-            ),
-        ));
+/// Every checkpoint's header in order, a page at a time. Returns how many there are.
+async fn header_pass(pool: &PgPool, key: &VerifyingKey) -> Result<Result<u64, Violation>, sqlx::Error> {
+    let mut headers = checkpoint::Headers::all(pool);
+    let mut state = HeaderState::START;
+    while let Some(c) = headers.next().await? {
+        if let Err(v) = state.check(&c, key) {
+            return Ok(Err(v));
+        }
     }
-    match cks.iter().find(|c| c.seq == w.seq) {
-        None => Err(violation(
-            w.upto_position,
-            None,
-            format!(
-                "checkpoint {} is in the witness ({witness}) but missing from the database: checkpoints were deleted (the database has {})",
-                w.seq,
-                cks.len()
-            ),
-        )),
-        Some(c) if c.witness_record() != *w => Err(violation(
-            w.upto_position,
-            None,
-            format!(
-                "checkpoint {} in the database differs from its witnessed copy ({witness})",
-                w.seq
-            ),
-        )),
-        Some(_) => Ok(()),
-    }
+    Ok(Ok(state.seq as u64))
 }
 
 /// One checkpoint's leaves, checked against its signed digest.
@@ -213,11 +179,13 @@ impl Leaves {
     }
 }
 
-/// Walks the log in follow order against the checkpoints' leaves. Returns the events seen and
-/// how many no checkpoint covers yet.
-async fn checkpoint_pass(pool: &PgPool, cks: &[Checkpoint]) -> Result<Result<(u64, u64), Violation>, sqlx::Error> {
-    let last_upto = cks.last().map(|c| c.upto);
-    let mut next_ck = 0usize;
+/// Walks the log in follow order against the checkpoints' leaves, reading one checkpoint at a
+/// time. Returns the events seen and how many no checkpoint covers yet.
+async fn checkpoint_pass(pool: &PgPool) -> Result<Result<(u64, u64), Violation>, sqlx::Error> {
+    let last_upto = checkpoint::load_header(pool, checkpoint::last_seq(pool).await?)
+        .await?
+        .map(|c| (c.seq, c.upto));
+    let mut checkpoints = checkpoint::WithLeaves::all(pool);
     let mut current: Option<Leaves> = None;
     let wm = watermark(pool).await?;
     let mut cursor = Cursor::START;
@@ -229,10 +197,8 @@ async fn checkpoint_pass(pool: &PgPool, cks: &[Checkpoint]) -> Result<Result<(u6
         for e in batch {
             events += 1;
             // The checkpoint that should cover this event, loading the next when one is done.
-            while current.as_ref().is_none_or(|l| l.next >= l.bytes.len()) && next_ck < cks.len() {
-                let c = &cks[next_ck];
-                next_ck += 1;
-                let bytes = checkpoint::load_leaves(pool, c.seq).await?;
+            while current.as_ref().is_none_or(|l| l.next >= l.bytes.len()) {
+                let Some((c, bytes)) = checkpoints.next().await? else { break };
                 if bytes.len() as i64 != c.leaves_len || fold_leaves(c.prev_digest, &bytes) != c.digest {
                     return Ok(Err(violation(
                         c.upto.position,
@@ -247,7 +213,10 @@ async fn checkpoint_pass(pool: &PgPool, cks: &[Checkpoint]) -> Result<Result<(u6
                 });
             }
             let pos = e.cursor.position;
-            match current.as_mut().and_then(|l| l.peek().map(|p| (l.seq, p))) {
+            match current
+                .as_mut()
+                .and_then(|l| l.peek().map(|p| (l.seq, p)))
+            {
                 Some((seq, (lpos, lid, lhash))) => {
                     if lpos != pos || lid != e.event_id {
                         return Ok(Err(misplaced(pool, seq, (lpos, lid), (pos, e.event_id)).await?));
@@ -264,13 +233,13 @@ async fn checkpoint_pass(pool: &PgPool, cks: &[Checkpoint]) -> Result<Result<(u6
                     }
                 }
                 None => {
-                    if last_upto.is_some_and(|u| e.cursor <= u) {
+                    if let Some((last_seq, upto)) = last_upto.filter(|(_, u)| e.cursor <= *u) {
+                        let _ = upto;
                         return Ok(Err(violation(
                             pos,
                             Some(e.event_id),
                             format!(
-                                "event is older than the end of checkpoint {} but no checkpoint covers it (inserted)",
-                                cks.len()
+                                "event is older than the end of checkpoint {last_seq} but no checkpoint covers it (inserted)"
                             ),
                         )));
                     }
@@ -288,9 +257,7 @@ async fn checkpoint_pass(pool: &PgPool, cks: &[Checkpoint]) -> Result<Result<(u6
                 format!("event is missing: checkpoint {seq} covers it, the log ends before it"),
             )));
         }
-        let Some(c) = cks.get(next_ck) else { break };
-        next_ck += 1;
-        let bytes = checkpoint::load_leaves(pool, c.seq).await?;
+        let Some((c, bytes)) = checkpoints.next().await? else { break };
         current = Some(Leaves {
             seq: c.seq,
             bytes,
@@ -394,14 +361,16 @@ async fn chain_pass(pool: &PgPool) -> Result<Option<Violation>, sqlx::Error> {
     Ok(first)
 }
 
-/// Verifies the whole log against `key`, the trusted public audit key, and `witness`.
+/// Verifies the whole log against `key`, the trusted public audit key, and `witness`: every
+/// checkpoint's header, every record the witness holds (every version), every event against
+/// the checkpoints' leaves, every aggregate's chain.
 pub async fn verify(pool: &PgPool, key: &VerifyingKey, witness: &dyn Witness) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
-    let cks = checkpoint::load_headers(pool).await?;
-    check_headers(&cks, key).map_err(VerifyError::Violation)?;
-    let newest = witness.newest().await?;
-    check_witness(&cks, newest.as_ref(), &witness.describe(), key).map_err(VerifyError::Violation)?;
-    let by_checkpoint = checkpoint_pass(pool, &cks).await?;
+    let checkpoints = header_pass(pool, key).await?.map_err(VerifyError::Violation)?;
+    let sweep = crate::witness_check::sweep(pool, key, witness)
+        .await?
+        .map_err(VerifyError::Violation)?;
+    let by_checkpoint = checkpoint_pass(pool).await?;
     let by_chain = chain_pass(pool).await?;
     let (events, uncheckpointed) = match (by_checkpoint, by_chain) {
         (Err(a), Some(b)) => return Err(VerifyError::Violation(if b.position < a.position { b } else { a })),
@@ -412,9 +381,11 @@ pub async fn verify(pool: &PgPool, key: &VerifyingKey, witness: &dyn Witness) ->
     let seconds = started.elapsed().as_secs_f64();
     Ok(VerifyReport {
         events,
-        checkpoints: cks.len() as u64,
+        checkpoints,
         uncheckpointed,
-        witnessed_checkpoint: newest.map(|w| w.seq),
+        witnessed_checkpoint: sweep.newest_witnessed,
+        witness_records: sweep.records,
+        epochs: sweep.epochs,
         witness: witness.describe(),
         seconds,
         events_per_second: events as f64 / seconds.max(1e-9),
@@ -427,18 +398,21 @@ pub struct StreamReport {
     pub events: u64,
     /// Of them, those under a signed checkpoint, matched to its leaves.
     pub checkpointed: u64,
+    /// The checkpoints that cover them, each checked against the witness.
     pub checkpoints: u64,
-    /// The newest checkpoint the witness holds, matched in the database.
+    /// The log's newest checkpoint, matched in the witness (with nothing witnessed after it).
     pub witnessed_checkpoint: Option<i64>,
     pub seconds: f64,
 }
 
-/// Verifies one aggregate's events with the checks of [`verify`] that they alone can answer:
-/// every checkpoint's signature and chain, the newest witnessed checkpoint, each event's hash
-/// re-derived, the stream's sequence and `prev_hash` from its first event, and each event under
-/// a checkpoint matched to that checkpoint's signed leaves (whose digest is re-folded). What
-/// only the whole log shows (an event slipped into another stream, leaves naming events that
-/// are gone) is `mira audit verify`'s. `tenant` confines the read to one tenant's stream.
+/// Verifies one aggregate's events with the checks of [`verify`] that they alone can answer,
+/// reading only the checkpoints that cover them and the newest: each event's hash re-derived,
+/// the stream's sequence and `prev_hash` from its first event, each event under a checkpoint
+/// matched to that checkpoint's signed leaves (whose digest is re-folded and whose signature
+/// is checked), each such checkpoint and the newest compared with their witness records, and
+/// nothing witnessed after the newest. What only the whole log shows (an event slipped into
+/// another stream, a checkpoint deleted in the middle, every record of the witness) is `mira
+/// audit verify`'s. `tenant` confines the read to one tenant's stream.
 pub async fn verify_stream(
     pool: &PgPool,
     key: &VerifyingKey,
@@ -448,16 +422,14 @@ pub async fn verify_stream(
     aggregate_id: &str,
 ) -> Result<StreamReport, VerifyError> {
     let started = Instant::now();
-    let cks = checkpoint::load_headers(pool).await?;
-    check_headers(&cks, key).map_err(VerifyError::Violation)?;
-    let newest = witness.newest().await?;
-    check_witness(&cks, newest.as_ref(), &witness.describe(), key).map_err(VerifyError::Violation)?;
+    let mut records = crate::witness_check::Records::new(key, witness);
     let events = crate::store::EventLog::new(pool.clone())
         .read_stream(tenant, aggregate_type, aggregate_id, 0)
         .await?;
     let (mut last_seq, mut last_hash) = (0, ZERO_HASH);
-    let mut leaves: std::collections::HashMap<i64, Vec<u8>> = std::collections::HashMap::new();
+    let mut current: Option<(Checkpoint, Vec<u8>)> = None;
     let mut checkpointed = 0u64;
+    let mut checkpoints = 0u64;
     for e in &events {
         if let Some(reason) = chain_fault(e, last_seq, last_hash) {
             return Err(VerifyError::Violation(violation(
@@ -468,10 +440,18 @@ pub async fn verify_stream(
         }
         (last_seq, last_hash) = (e.sequence, e.hash);
         // The checkpoint whose range holds this event, if one does yet.
-        let Some(c) = cks.get(cks.partition_point(|c| c.upto < e.cursor())) else {
-            continue;
-        };
-        if let std::collections::hash_map::Entry::Vacant(slot) = leaves.entry(c.seq) {
+        if current.as_ref().is_none_or(|(c, _)| c.upto < e.cursor()) {
+            let Some(c) = checkpoint::covering(pool, e.cursor()).await? else {
+                current = None;
+                continue;
+            };
+            if key.verify(&c.canonical().bytes(), &Signature::from_bytes(&c.signature)).is_err() {
+                return Err(VerifyError::Violation(violation(
+                    c.upto.position,
+                    None,
+                    format!("checkpoint {} has a signature that the audit key did not make", c.seq),
+                )));
+            }
             let bytes = checkpoint::load_leaves(pool, c.seq).await?;
             if bytes.len() as i64 != c.leaves_len || fold_leaves(c.prev_digest, &bytes) != c.digest {
                 return Err(VerifyError::Violation(violation(
@@ -480,9 +460,12 @@ pub async fn verify_stream(
                     format!("checkpoint {}'s leaves do not match its signed digest", c.seq),
                 )));
             }
-            slot.insert(bytes);
+            records.check(&c).await?.map_err(VerifyError::Violation)?;
+            checkpoints += 1;
+            current = Some((c, bytes));
         }
-        let leaf = leaves[&c.seq].chunks_exact(LEAF_LEN).find(|l| {
+        let (c, bytes) = current.as_ref().expect("set above");
+        let leaf = bytes.chunks_exact(LEAF_LEN).find(|l| {
             i64::from_be_bytes(l[..8].try_into().expect("8 bytes")) == e.global_position
                 && l[8..24] == *e.event_id.as_bytes()
         });
@@ -507,11 +490,13 @@ pub async fn verify_stream(
             Some(_) => checkpointed += 1,
         }
     }
+    let newest = records.newest(pool).await?.map_err(VerifyError::Violation)?;
     Ok(StreamReport {
         events: events.len() as u64,
         checkpointed,
-        checkpoints: cks.len() as u64,
-        witnessed_checkpoint: newest.map(|w| w.seq),
+        checkpoints,
+        witnessed_checkpoint: newest,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
+

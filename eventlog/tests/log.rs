@@ -8,7 +8,7 @@ use chrono::Utc;
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, CqrsFramework, EventStore};
 use mira_aggregates::{Job, JobCommand, JobError};
-use mira_eventlog::checkpoint::{self, AuditKey, CheckpointInfo};
+use mira_eventlog::checkpoint::{self, AuditKey, CheckpointError, CheckpointInfo, CrashAt};
 use mira_eventlog::testing::{settle, TestDb};
 use mira_eventlog::witness::DirWitness;
 use mira_eventlog::{verify, Cursor, EventLog, NewEvent, PgEventRepository};
@@ -88,7 +88,7 @@ impl Audit {
         let dir = std::env::temp_dir().join(format!("mira-audit-{}", uuid::Uuid::new_v4()));
         let (key, created) = AuditKey::init(&dir.join("audit.key")).unwrap();
         assert!(created);
-        let witness = DirWitness::create(&dir.join("witness")).unwrap();
+        let witness = DirWitness::create_dir(&dir.join("witness")).unwrap();
         Self { key, witness, dir }
     }
 
@@ -571,7 +571,7 @@ async fn tamper_deleting_every_checkpoint_and_rehashing_is_caught_by_the_witness
     tamper(&db.owner, "DELETE FROM checkpoints").await;
     let v = verify_err(&db.pool, &audit).await;
     assert!(
-        v.reason.contains("checkpoint 1 is in the witness") && v.reason.contains("missing from the database"),
+        v.reason.contains("checkpoint 1 of epoch") && v.reason.contains("missing from the database"),
         "{v}"
     );
 }
@@ -593,7 +593,7 @@ async fn tamper_deleting_the_newest_checkpoint_and_the_events_after_it_is_caught
     .await;
     let v = verify_err(&db.pool, &audit).await;
     assert!(
-        v.reason.contains("checkpoint 2 is in the witness") && v.reason.contains("missing from the database"),
+        v.reason.contains("checkpoint 2 of epoch") && v.reason.contains("missing from the database"),
         "{v}"
     );
 }
@@ -639,7 +639,7 @@ async fn a_long_log_is_covered_by_checkpoints_of_bounded_span() {
         run_job(&cqrs(&log, "lab"), "lab", id).await;
     }
     settle(&db.pool).await;
-    let info = checkpoint::write_spans(&db.pool, &audit.key, &audit.witness, 4)
+    let info = checkpoint::write_spans(&db.pool, &audit.key, &audit.witness, 4, CrashAt::Never)
         .await
         .unwrap();
     // 10 new events in spans of 4, 4 and 2.
@@ -681,7 +681,11 @@ async fn a_checkpoint_signed_by_another_key_is_refused() {
     run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
     let forger = Audit::new();
     settle(&db.pool).await;
-    checkpoint::write(&db.pool, &forger.key, &audit.witness).await.unwrap();
+    // The forger cannot write to the real witness (its epoch record is not the forger's), so
+    // it writes to a witness of its own and inserts the row.
+    let err = checkpoint::write(&db.pool, &forger.key, &audit.witness).await.unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    checkpoint::write(&db.pool, &forger.key, &forger.witness).await.unwrap();
     let v = verify_err(&db.pool, &audit).await;
     assert!(
         v.reason.contains("checkpoint 2") && v.reason.contains("signature"),
@@ -994,4 +998,310 @@ async fn connections_speak_tls_when_the_url_requires_it() {
         .await
         .unwrap();
     assert!(ssl, "the session is not encrypted");
+}
+
+// ---- the witness counts every checkpoint (ADR 0019) ---------------------------------------
+
+async fn checkpoint_rows(pool: &PgPool) -> Vec<i64> {
+    sqlx::query_scalar("SELECT seq FROM checkpoints ORDER BY seq")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+async fn upto_of(pool: &PgPool, seq: i64) -> i64 {
+    sqlx::query_scalar("SELECT upto_position FROM checkpoints WHERE seq = $1")
+        .bind(seq)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Two checkpoints, then what a superuser does: the events after the first and the second
+/// checkpoint's row deleted. Returns where the deleted events began.
+async fn deleted_tail(db: &TestDb, log: &EventLog, audit: &Audit) -> i64 {
+    run_job(&cqrs(log, "lab"), "lab", "j-4").await;
+    settle(&db.pool).await;
+    assert_eq!(audit.checkpoint(&db.pool).await.seq, 2);
+    audit.verify(&db.pool).await.unwrap();
+    let first_end = upto_of(&db.pool, 1).await;
+    tamper(
+        &db.owner,
+        &format!("DELETE FROM checkpoints WHERE seq = 2; DELETE FROM events WHERE global_position > {first_end}"),
+    )
+    .await;
+    first_end + 1
+}
+
+#[tokio::test]
+async fn checkpoints_numbered_past_deleted_ones_are_refused_and_verify_keeps_naming_the_gap() {
+    let (db, log, audit) = checkpointed_log().await;
+    let first_missing = deleted_tail(&db, &log, &audit).await;
+    let v = verify_err(&db.pool, &audit).await;
+    assert_eq!(v.position, first_missing, "{v}");
+
+    // Work goes on; the next checkpoint would be numbered 2 again: the witness holds another
+    // 2, so nothing is written, and that is the tamper signal.
+    for (i, id) in ["j-5", "j-6"].into_iter().enumerate() {
+        run_job(&cqrs(&log, "lab"), "lab", id).await;
+        settle(&db.pool).await;
+        let err = checkpoint::write(&db.pool, &audit.key, &audit.witness).await.unwrap_err();
+        match &err {
+            CheckpointError::Conflict { seq, reason } => {
+                assert_eq!(*seq, 2, "round {i}: {err}");
+                assert!(reason.contains("different checkpoint 2"), "{reason}");
+            }
+            other => panic!("round {i}: expected a conflict, got {other}"),
+        }
+        assert_eq!(checkpoint_rows(&db.pool).await, [1], "round {i}: no row is left behind");
+    }
+    let v = verify_err(&db.pool, &audit).await;
+    assert_eq!(v.position, first_missing, "{v}");
+    assert!(
+        v.reason.contains("checkpoint 2 of epoch") && v.reason.contains("missing from the database"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn a_checkpointer_that_counts_conflicts_and_successes() {
+    let (db, log, audit) = checkpointed_log().await;
+    deleted_tail(&db, &log, &audit).await;
+    run_job(&cqrs(&log, "lab"), "lab", "j-5").await;
+    settle(&db.pool).await;
+    let c = checkpoint::Checkpointer::new(
+        Arc::new(AuditKey::from_hex("k", &audit.key.secret_hex()).unwrap()),
+        Arc::new(audit.witness.clone()),
+    );
+    assert!(c.write(&db.pool).await.unwrap_err().is_conflict());
+    assert_eq!((c.health.conflicts(), c.health.last_success_unix()), (1, 0));
+}
+
+#[tokio::test]
+async fn a_deleted_middle_checkpoint_is_caught() {
+    let (db, log, audit) = checkpointed_log().await;
+    for id in ["j-4", "j-5"] {
+        run_job(&cqrs(&log, "lab"), "lab", id).await;
+        settle(&db.pool).await;
+        audit.checkpoint(&db.pool).await;
+    }
+    tamper(&db.owner, "DELETE FROM checkpoints WHERE seq = 2").await;
+    let v = verify_err(&db.pool, &audit).await;
+    assert!(v.reason.contains("checkpoint 3 follows checkpoint 1"), "{v}");
+    // Renumbered to close the gap: the witness still has the real 2 and 3.
+    tamper(&db.owner, "UPDATE checkpoints SET seq = 2 WHERE seq = 3").await;
+    let v = verify_err(&db.pool, &audit).await;
+    assert!(v.reason.contains("checkpoint 2"), "{v}");
+}
+
+#[tokio::test]
+async fn checkpoints_re_signed_under_a_new_key_do_not_match_the_witness() {
+    let (db, log, audit) = checkpointed_log().await;
+    run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
+    settle(&db.pool).await;
+    audit.checkpoint(&db.pool).await;
+    // The attacker re-signs every row with a key of its own and hands the verifier that key.
+    let forger = Audit::new();
+    let rows = sqlx::query(
+        "SELECT seq, epoch, created_at, upto_tx::text::bigint AS upto_tx, upto_position, event_count, prev_digest, digest FROM checkpoints",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let mut sql = String::new();
+    for r in rows {
+        let ck = mira_events::canonical::CanonicalCheckpoint {
+            epoch: r.get("epoch"),
+            seq: r.get("seq"),
+            created_at_micros: r.get::<chrono::DateTime<Utc>, _>("created_at").timestamp_micros(),
+            upto_tx: r.get("upto_tx"),
+            upto_position: r.get("upto_position"),
+            event_count: r.get("event_count"),
+            prev_digest: r.get::<Vec<u8>, _>("prev_digest").try_into().unwrap(),
+            digest: r.get::<Vec<u8>, _>("digest").try_into().unwrap(),
+        };
+        let sig = forger.key.sign(&ck.bytes());
+        sql.push_str(&format!(
+            "UPDATE checkpoints SET signature = '\\x{}', key_id = '{}' WHERE seq = {};",
+            hex::encode(sig),
+            checkpoint::key_id(&forger.key.verifying_key()),
+            ck.seq
+        ));
+    }
+    tamper(&db.owner, &sql).await;
+    let err = verify::verify(&db.pool, &forger.key.verifying_key(), &audit.witness)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("signature that the audit key did not make"), "{err}");
+}
+
+#[tokio::test]
+async fn a_crash_between_the_witness_and_the_insert_rolls_forward_without_an_alarm() {
+    let (db, log, audit) = checkpointed_log().await;
+    run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
+    settle(&db.pool).await;
+    let err = checkpoint::write_spans(&db.pool, &audit.key, &audit.witness, checkpoint::MAX_SPAN, CrashAt::AfterWitness)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CheckpointError::Witness { seq: 2, .. }), "{err}");
+    assert_eq!(checkpoint_rows(&db.pool).await, [1]);
+    // Before the next writer comes, verify sees a witnessed checkpoint the database lacks.
+    assert!(verify_err(&db.pool, &audit).await.reason.contains("checkpoint 2 of epoch"));
+    // More events meanwhile: the orphan covers only what it covered, the rest goes in 3.
+    run_job(&cqrs(&log, "lab"), "lab", "j-5").await;
+    settle(&db.pool).await;
+    let info = audit.checkpoint(&db.pool).await;
+    assert_eq!((info.rolled_forward, info.written, info.seq, info.event_count), (1, 2, 3, 25));
+    assert_eq!(upto_of(&db.pool, 2).await, *positions_of(&db.pool, "j-4").await.last().unwrap());
+    let r = audit.verify(&db.pool).await.unwrap();
+    assert_eq!((r.checkpoints, r.witness_records, r.witnessed_checkpoint), (3, 3, Some(3)));
+}
+
+#[tokio::test]
+async fn a_record_in_the_witness_that_is_not_ours_is_a_conflict_not_a_roll_forward() {
+    let (db, log, audit) = checkpointed_log().await;
+    run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
+    settle(&db.pool).await;
+    checkpoint::write_spans(&db.pool, &audit.key, &audit.witness, MAX_SPAN_FOR_TESTS, CrashAt::AfterWitness)
+        .await
+        .unwrap_err();
+    // The orphan's digest no longer folds from the log: an event it covered was altered.
+    let pos = positions_of(&db.pool, "j-4").await[1];
+    tamper(
+        &db.owner,
+        &format!("UPDATE events SET hash = '\\x{}' WHERE global_position = {pos}", "ab".repeat(32)),
+    )
+    .await;
+    let err = checkpoint::write(&db.pool, &audit.key, &audit.witness).await.unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    assert!(err.to_string().contains("do not fold"), "{err}");
+    assert_eq!(checkpoint_rows(&db.pool).await, [1]);
+}
+
+const MAX_SPAN_FOR_TESTS: i64 = checkpoint::MAX_SPAN;
+
+#[tokio::test]
+async fn a_restore_then_a_new_epoch_verifies_and_reports_both_epochs() {
+    let (db, log, audit) = checkpointed_log().await;
+    // A point-in-time restore looks to the log exactly like the deleted tail.
+    deleted_tail(&db, &log, &audit).await;
+    run_job(&cqrs(&log, "lab"), "lab", "j-5").await;
+    settle(&db.pool).await;
+    assert!(checkpoint::write(&db.pool, &audit.key, &audit.witness)
+        .await
+        .unwrap_err()
+        .is_conflict());
+    // The operator records it.
+    let e = checkpoint::new_epoch(&db.pool, &audit.key, &audit.witness, "restored to 12:00 (ticket 42)")
+        .await
+        .unwrap();
+    assert_eq!(e.after_seq, 1);
+    let info = audit.checkpoint(&db.pool).await;
+    assert_eq!((info.seq, info.epoch), (2, e.epoch));
+    let r = audit.verify(&db.pool).await.unwrap();
+    let epochs: Vec<_> = r
+        .epochs
+        .iter()
+        .map(|x| (x.epoch, x.in_log, x.current, x.first_seq, x.last_seq, x.records, x.abandoned))
+        .collect();
+    assert_eq!(
+        epochs,
+        [
+            (e.previous, true, false, 1, Some(1), 2, 1),
+            (e.epoch, true, true, 2, None, 1, 0)
+        ]
+    );
+    assert_eq!(r.epochs[1].reason.as_deref(), Some("restored to 12:00 (ticket 42)"));
+    // A second restore, to before the new epoch: its record stays in the witness as a branch.
+    tamper(
+        &db.owner,
+        "DELETE FROM checkpoints WHERE seq = 2; DELETE FROM log_epochs",
+    )
+    .await;
+    let v = verify_err(&db.pool, &audit).await;
+    assert!(v.reason.contains("checkpoint 2 of epoch"), "{v}");
+    let e3 = checkpoint::new_epoch(&db.pool, &audit.key, &audit.witness, "restored again")
+        .await
+        .unwrap();
+    audit.checkpoint(&db.pool).await;
+    let r = audit.verify(&db.pool).await.unwrap();
+    assert_eq!(r.epochs.len(), 3, "{:?}", r.epochs);
+    assert!(r.epochs.iter().any(|x| x.epoch == e.epoch && !x.in_log && x.records == 1));
+    assert!(r.epochs.iter().any(|x| x.epoch == e3.epoch && x.current));
+}
+
+#[tokio::test]
+async fn an_epoch_the_database_started_without_the_witness_is_refused() {
+    let (db, _log, audit) = checkpointed_log().await;
+    let other = Audit::new();
+    // Started against another witness: this one never heard of it.
+    checkpoint::new_epoch(&db.pool, &audit.key, &other.witness, "elsewhere")
+        .await
+        .unwrap();
+    let v = verify_err(&db.pool, &audit).await;
+    assert!(v.reason.contains("has no record of it"), "{v}");
+    let err = checkpoint::write(&db.pool, &audit.key, &audit.witness).await.unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+}
+
+#[tokio::test]
+async fn a_checkpoint_row_the_witness_never_saw_is_caught() {
+    let (db, log, audit) = checkpointed_log().await;
+    run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
+    settle(&db.pool).await;
+    // Written (signed, with the real key) to a witness that is not the one verify reads.
+    let other = Audit::new();
+    std::fs::create_dir_all(other.witness.path()).unwrap();
+    let elsewhere = DirWitness::open(other.witness.path()).unwrap();
+    // Copy the epoch record, so the writer accepts the other witness.
+    let epoch = checkpoint::db_epochs(&db.pool).await.unwrap()[0].epoch;
+    let rec = mira_eventlog::witness::Witness::get(&audit.witness, &mira_eventlog::witness::EpochRecord::name(epoch))
+        .await
+        .unwrap()
+        .unwrap();
+    mira_eventlog::witness::Witness::create(&elsewhere, &mira_eventlog::witness::EpochRecord::name(epoch), &rec)
+        .await
+        .unwrap();
+    checkpoint::write(&db.pool, &audit.key, &elsewhere).await.unwrap();
+    let v = verify_err(&db.pool, &audit).await;
+    assert!(
+        v.reason.contains("checkpoint 2 is in the database but not in the witness"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn records_from_before_epoch_folders_still_count_and_cut_over() {
+    let (db, log, audit) = checkpointed_log().await;
+    // A log from before this change: its records at the top of the witness, no epoch record.
+    let epoch = checkpoint::db_epochs(&db.pool).await.unwrap()[0].epoch;
+    let dir = audit.witness.path().to_path_buf();
+    std::fs::rename(
+        dir.join(epoch.to_string()).join(mira_eventlog::witness::checkpoint_file(1)),
+        dir.join(mira_eventlog::witness::checkpoint_file(1)),
+    )
+    .unwrap();
+    std::fs::remove_dir_all(dir.join(epoch.to_string())).unwrap();
+    // A checkpoint the old writer made and never copied (a catch-up gap).
+    run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
+    settle(&db.pool).await;
+    let other = Audit::new();
+    let before = other.witness.clone();
+    let k = AuditKey::from_hex("k", &audit.key.secret_hex()).unwrap();
+    checkpoint::write(&db.pool, &k, &before).await.unwrap();
+    let r = audit.verify(&db.pool).await.unwrap();
+    assert_eq!((r.checkpoints, r.witness_records, r.witnessed_checkpoint), (2, 1, Some(1)));
+    // The first write under the new rule records the cut-over: from 3 on, every checkpoint.
+    run_job(&cqrs(&log, "lab"), "lab", "j-5").await;
+    settle(&db.pool).await;
+    assert_eq!(audit.checkpoint(&db.pool).await.seq, 3);
+    let r = audit.verify(&db.pool).await.unwrap();
+    assert_eq!((r.witness_records, r.epochs[0].witness_from), (2, Some(3)));
+    // The old record still counts: every checkpoint row gone, it is the first named.
+    tamper(&db.owner, "DELETE FROM checkpoints").await;
+    let v = verify_err(&db.pool, &audit).await;
+    assert!(
+        v.reason.contains("checkpoint 1 (at the top of the witness") && v.reason.contains("missing from the database"),
+        "{v}"
+    );
 }

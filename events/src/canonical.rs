@@ -21,6 +21,7 @@ pub const ZERO_HASH: Hash32 = [0u8; 32];
 
 pub const EVENT_TAG: &[u8] = b"mira.event.v1";
 pub const CHECKPOINT_TAG: &[u8] = b"mira.checkpoint.v1";
+pub const EPOCH_TAG: &[u8] = b"mira.epoch.v1";
 
 /// Size of one checkpoint leaf: position (8) ‖ event id (16) ‖ hash (32).
 pub const LEAF_LEN: usize = 56;
@@ -127,6 +128,39 @@ impl CanonicalCheckpoint {
     }
 }
 
+/// The fields of an epoch record that its signature covers: where an epoch of the log begins
+/// (the first, or one started by `mira audit new-epoch` after a restore) and from which
+/// checkpoint on every checkpoint of it is witnessed. `previous` is `None` for the log's first
+/// epoch, written as an empty field.
+#[derive(Debug, Clone, Copy)]
+pub struct CanonicalEpoch<'a> {
+    pub epoch: Uuid,
+    pub previous: Option<Uuid>,
+    /// The last checkpoint of the previous epoch this one continues (0: none).
+    pub after_seq: i64,
+    /// That checkpoint's digest (32 zero bytes: none).
+    pub after_digest: Hash32,
+    /// Every checkpoint numbered from here on is witnessed.
+    pub witness_from: i64,
+    pub created_at_micros: i64,
+    pub reason: &'a str,
+}
+
+impl CanonicalEpoch<'_> {
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160 + self.reason.len());
+        field(&mut out, EPOCH_TAG);
+        field(&mut out, self.epoch.as_bytes());
+        field(&mut out, self.previous.as_ref().map_or(&[][..], |p| p.as_bytes()));
+        field(&mut out, &self.after_seq.to_be_bytes());
+        field(&mut out, &self.after_digest);
+        field(&mut out, &self.witness_from.to_be_bytes());
+        field(&mut out, &self.created_at_micros.to_be_bytes());
+        field(&mut out, self.reason.as_bytes());
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +210,15 @@ mod tests {
             prev_digest: ZERO_HASH,
             digest,
         };
+        let ep = CanonicalEpoch {
+            epoch: Uuid::from_bytes([10; 16]),
+            previous: Some(ck.epoch),
+            after_seq: ck.seq,
+            after_digest: ck.digest,
+            witness_from: ck.seq + 1,
+            created_at_micros: 1_767_225_700_000_000,
+            reason: "restored to 2026-01-01T00:01:00Z",
+        };
         let ev = |e: &CanonicalEvent, prev: &Hash32, h: &Hash32| {
             json!({
                 "event_id": e.event_id.to_string(),
@@ -207,6 +250,16 @@ mod tests {
                 "prev_digest": hex::encode(ck.prev_digest),
                 "digest": hex::encode(ck.digest),
                 "canonical_bytes": hex::encode(ck.bytes()),
+            },
+            "epoch": {
+                "epoch": ep.epoch.to_string(),
+                "previous": ep.previous.map(|p| p.to_string()),
+                "after_seq": ep.after_seq,
+                "after_digest": hex::encode(ep.after_digest),
+                "witness_from": ep.witness_from,
+                "created_at_micros": ep.created_at_micros,
+                "reason": ep.reason,
+                "canonical_bytes": hex::encode(ep.bytes()),
             }
         })
     }

@@ -24,6 +24,8 @@ pub struct RoleContext {
     pub pool: PgPool,
     pub bus: Arc<dyn Bus>,
     pub keyring: Arc<dyn Keyring>,
+    /// How the relay's witness fares, for `/metrics`.
+    pub witness_health: Arc<mira_eventlog::checkpoint::WitnessHealth>,
 }
 
 /// Starts `role` on `tasks`, stopping on `shutdown`.
@@ -37,7 +39,8 @@ pub async fn spawn(
     let log = EventLog::new(ctx.pool.clone());
     match role {
         Role::Relay => {
-            let checkpoints = mira_keys::checkpointer(&ctx.settings).await?;
+            let mut checkpoints = mira_keys::checkpointer(&ctx.settings).await?;
+            checkpoints.health = ctx.witness_health.clone();
             let in_memory = ctx.settings.messaging.provider == MessagingProvider::InMemory;
             // The in-memory bus has a relay (and cursor) of its own.
             let name = if in_memory { "in-memory" } else { "main" };
@@ -94,6 +97,7 @@ pub async fn run_alone(settings: &Settings, roles: &[Role], shutdown: Cancellati
         pool,
         bus,
         keyring,
+        witness_health: Default::default(),
     };
     let mut tasks = JoinSet::new();
     for r in roles {

@@ -250,7 +250,11 @@ pub async fn run(
             pool: pool.clone(),
             bus: bus.clone(),
             keyring: state.keyring.clone(),
+            witness_health: Default::default(),
         };
+        if roles.contains(&crate::roles::Role::Relay) {
+            let _ = state.metrics.witness.set(ctx.witness_health.clone());
+        }
         for role in roles {
             crate::roles::spawn(*role, &ctx, &mut tasks, &shutdown).await?;
         }

@@ -76,6 +76,7 @@ pub async fn witness(settings: &Settings) -> anyhow::Result<Arc<dyn Witness>> {
             settings.aws.s3.region.as_deref(),
             bucket.clone(),
             a.witness_prefix.clone(),
+            std::time::Duration::from_secs(a.witness_timeout_seconds),
         ))),
         (None, Some(dir)) => Ok(Arc::new(
             DirWitness::open(dir).with_context(|| format!("Audit__WitnessDir {}", dir.display()))?,
@@ -131,10 +132,10 @@ pub async fn audit_verifier(settings: &Settings) -> anyhow::Result<AuditVerifier
 
 /// The signing key and the witness, for the relay and `mira audit checkpoint`.
 pub async fn checkpointer(settings: &Settings) -> anyhow::Result<Checkpointer> {
-    Ok(Checkpointer {
-        key: Arc::new(signing_key(settings).await?),
-        witness: witness(settings).await?,
-    })
+    Ok(Checkpointer::new(
+        Arc::new(signing_key(settings).await?),
+        witness(settings).await?,
+    ))
 }
 
 /// The keyring for patient data. Fails naming the setting when the local keyring is missing.
@@ -209,16 +210,12 @@ pub async fn init(settings: &Settings) -> anyhow::Result<InitReport> {
     match (&settings.audit.witness_bucket, &settings.audit.witness_dir) {
         (Some(_), _) => {
             let w = witness(settings).await?;
-            let newest = w.newest().await.with_context(|| "Audit__WitnessBucket")?;
-            lines.push(format!(
-                "witness: {} (answers; newest checkpoint {})",
-                w.describe(),
-                newest.map_or("none".to_owned(), |r| r.seq.to_string())
-            ));
+            let epochs = w.epochs().await.with_context(|| "Audit__WitnessBucket")?;
+            lines.push(format!("witness: {} (answers; {} epochs)", w.describe(), epochs.len()));
         }
         (None, Some(dir)) => {
             let existed = dir.is_dir();
-            DirWitness::create(dir).with_context(|| format!("Audit__WitnessDir {}", dir.display()))?;
+            DirWitness::create_dir(dir).with_context(|| format!("Audit__WitnessDir {}", dir.display()))?;
             lines.push(format!(
                 "witness: directory {} ({})",
                 dir.display(),

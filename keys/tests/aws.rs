@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use mira_config::Settings;
 use mira_eventlog::testing::TestDb;
-use mira_eventlog::witness::{Witness, WitnessError, WitnessRecord};
+use mira_eventlog::witness::{checkpoint_file, Created, Listed, Witness, WitnessError, WitnessRecord};
+use mira_eventlog::NewEvent;
 use mira_events::KeyringError;
 
 fn moto() -> String {
@@ -117,30 +118,19 @@ async fn the_signing_key_lives_in_secrets_manager_and_is_never_made_by_a_load() 
     );
 }
 
-fn record(seq: i64, digest: &str) -> WitnessRecord {
-    WitnessRecord {
-        seq,
-        epoch: uuid::Uuid::nil(),
-        created_at_micros: 1,
-        upto_tx: 2,
-        upto_position: 3,
-        event_count: 4,
-        prev_digest: "00".repeat(32),
-        digest: digest.repeat(32),
-        key_id: "k".into(),
-        signature: "00".repeat(64),
-    }
-}
-
-#[tokio::test]
-async fn the_witness_bucket_keeps_each_checkpoint_once() {
-    let mut env = aws_env();
-    let bucket = format!("mira-witness-{}", tag());
-    let s3 = aws_sdk_s3::Client::from_conf(
+async fn s3() -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&sdk().await)
             .force_path_style(true)
             .build(),
-    );
+    )
+}
+
+/// A versioned bucket with Object Lock, as production's witness, and settings naming it.
+async fn witness_bucket() -> (aws_sdk_s3::Client, String, Settings) {
+    let mut env = aws_env();
+    let bucket = format!("mira-witness-{}", tag());
+    let s3 = s3().await;
     s3.create_bucket()
         .bucket(&bucket)
         .object_lock_enabled_for_bucket(true)
@@ -148,23 +138,204 @@ async fn the_witness_bucket_keeps_each_checkpoint_once() {
         .await
         .unwrap();
     env.push(("Audit__WitnessBucket".into(), bucket.clone()));
-    let settings = Settings::load(None, env).unwrap();
+    env.push(("Audit__WitnessTimeoutSeconds".into(), "2".into()));
+    (s3, bucket, Settings::load(None, env).unwrap())
+}
+
+fn names(v: &[Listed]) -> Vec<(&str, u32, u32)> {
+    v.iter().map(|l| (l.name.as_str(), l.versions, l.delete_markers)).collect()
+}
+
+#[tokio::test]
+async fn the_witness_bucket_creates_each_record_once_and_lists_every_version() {
+    let (s3, bucket, settings) = witness_bucket().await;
     let w: Arc<dyn Witness> = mira_keys::witness(&settings).await.unwrap();
     assert!(w.describe().starts_with(&format!("s3://{bucket}/checkpoints/")));
-    assert_eq!(w.newest().await.unwrap(), None);
+    let epoch = uuid::Uuid::new_v4();
+    assert!(w.epochs().await.unwrap().is_empty());
     for seq in [3, 12, 7] {
-        w.put(&record(seq, "aa")).await.unwrap();
+        let r = w.create(&WitnessRecord::name(epoch, seq), b"a").await.unwrap();
+        assert_eq!(r, Created::New, "{seq}");
     }
-    w.put(&record(12, "aa")).await.unwrap();
-    assert_eq!(w.newest().await.unwrap(), Some(record(12, "aa")));
-    assert!(matches!(
-        w.put(&record(12, "bb")).await,
-        Err(WitnessError::Conflict { seq: 12, .. })
-    ));
-    let listed = s3.list_objects_v2().bucket(&bucket).send().await.unwrap();
-    let keys: Vec<&str> = listed.contents().iter().filter_map(|o| o.key()).collect();
-    assert_eq!(keys.len(), 3, "{keys:?}");
-    assert!(keys.contains(&"checkpoints/checkpoint-00000000000000000012.json"));
+    // If-None-Match: * — the second write of a name changes nothing and says what is there.
+    assert_eq!(
+        w.create(&WitnessRecord::name(epoch, 12), b"b").await.unwrap(),
+        Created::Exists(b"a".to_vec())
+    );
+    assert_eq!(w.get(&WitnessRecord::name(epoch, 12)).await.unwrap().unwrap(), b"a");
+    assert_eq!(w.epochs().await.unwrap(), [epoch]);
+    let (c3, c7, c12) = (checkpoint_file(3), checkpoint_file(7), checkpoint_file(12));
+    assert_eq!(
+        names(&w.list(Some(epoch), "", 1000).await.unwrap()),
+        [(c3.as_str(), 1, 0), (c7.as_str(), 1, 0), (c12.as_str(), 1, 0)]
+    );
+    assert_eq!(names(&w.list(Some(epoch), "", 1).await.unwrap()), [(c3.as_str(), 1, 0)]);
+    assert_eq!(names(&w.list(Some(epoch), &c3, 1).await.unwrap()), [(c7.as_str(), 1, 0)]);
+    // What Object Lock still lets a writer do is visible: a second version, a delete marker.
+    s3.put_object()
+        .bucket(&bucket)
+        .key(format!("checkpoints/{}", WitnessRecord::name(epoch, 7)))
+        .body(b"c".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    s3.delete_object()
+        .bucket(&bucket)
+        .key(format!("checkpoints/{}", WitnessRecord::name(epoch, 12)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&w.list(Some(epoch), "", 1000).await.unwrap()),
+        [(c3.as_str(), 1, 0), (c7.as_str(), 2, 0), (c12.as_str(), 1, 1)]
+    );
+    assert!(w.list(None, "", 1000).await.unwrap().is_empty());
+}
+
+/// Jobs' worth of events: `n` aggregates of three.
+async fn append(db: &TestDb, n: usize) {
+    let log = mira_eventlog::EventLog::new(db.pool.clone());
+    let t = mira_events::TenantId::parse("lab").unwrap();
+    for _ in 0..n {
+        let id = uuid::Uuid::new_v4().to_string();
+        let events: Vec<NewEvent> = (1..=3)
+            .map(|s| NewEvent {
+                aggregate_type: "Test".into(),
+                aggregate_id: id.clone(),
+                sequence: s,
+                event_type: "Tick".into(),
+                event_version: "1".into(),
+                payload: "{}".into(),
+                metadata: "{}".into(),
+            })
+            .collect();
+        log.append(&t, &events).await.unwrap();
+    }
+    mira_eventlog::testing::settle(&db.pool).await;
+}
+
+async fn tamper(db: &TestDb, sql: &str) {
+    mira_eventlog::testing::tamper(&db.owner, sql).await;
+}
+
+async fn verify_fails(db: &TestDb, settings: &Settings) -> String {
+    let v = mira_keys::audit_verifier(settings).await.unwrap();
+    match mira_eventlog::verify::verify(&db.pool, &v.key, v.witness.as_ref()).await {
+        Err(mira_eventlog::verify::VerifyError::Violation(v)) => v.to_string(),
+        other => panic!("verify should fail, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn on_an_object_lock_bucket_deleted_checkpoints_stay_missing_and_hidden_records_are_found() {
+    let (s3, bucket, settings) = witness_bucket().await;
+    let dir = std::env::temp_dir().join(format!("mira-witness-keys-{}", tag()));
+    let key_file = dir.join("audit.key");
+    mira_eventlog::checkpoint::AuditKey::init(&key_file).unwrap();
+    let mut env: Vec<(String, String)> = aws_env();
+    env.push(("Audit__WitnessBucket".into(), bucket.clone()));
+    env.push(("Audit__SigningKeyFile".into(), key_file.display().to_string()));
+    let settings = Settings::load(None, env).unwrap_or(settings);
+    let db = TestDb::new().await;
+    let c = mira_keys::checkpointer(&settings).await.unwrap();
+    let v = mira_keys::audit_verifier(&settings).await.unwrap();
+    append(&db, 10).await;
+    assert_eq!(c.write(&db.pool).await.unwrap().seq, 1);
+    let first_end: i64 = sqlx::query_scalar("SELECT upto_position FROM checkpoints WHERE seq = 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    append(&db, 10).await;
+    assert_eq!(c.write(&db.pool).await.unwrap().seq, 2);
+    let r = mira_eventlog::verify::verify(&db.pool, &v.key, v.witness.as_ref()).await.unwrap();
+    assert_eq!((r.checkpoints, r.witness_records), (2, 2));
+
+    tamper(
+        &db,
+        &format!("DELETE FROM checkpoints WHERE seq = 2; DELETE FROM events WHERE global_position > {first_end}"),
+    )
+    .await;
+    for _ in 0..2 {
+        append(&db, 5).await;
+        let err = c.write(&db.pool).await.unwrap_err();
+        assert!(err.is_conflict(), "{err}");
+    }
+    assert_eq!(c.health.conflicts(), 2);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM checkpoints").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(n, 1, "a conflict leaves no checkpoint row");
+    let line = verify_fails(&db, &settings).await;
+    assert!(
+        line.contains(&format!("position {}", first_end + 1)) && line.contains("missing from the database"),
+        "{line}"
+    );
+
+    // A delete marker over a record hides it from a plain listing, not from verify.
+    let epoch = mira_eventlog::checkpoint::db_epochs(&db.pool).await.unwrap()[0].epoch;
+    s3.delete_object()
+        .bucket(&bucket)
+        .key(format!("checkpoints/{}", WitnessRecord::name(epoch, 2)))
+        .send()
+        .await
+        .unwrap();
+    let line = verify_fails(&db, &settings).await;
+    assert!(line.contains("checkpoint 2 of epoch") && line.contains("1 delete markers"), "{line}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test]
+async fn a_delete_marker_over_the_newest_record_is_a_finding() {
+    let (s3, bucket, settings) = witness_bucket().await;
+    let dir = std::env::temp_dir().join(format!("mira-witness-keys-{}", tag()));
+    let key_file = dir.join("audit.key");
+    mira_eventlog::checkpoint::AuditKey::init(&key_file).unwrap();
+    let mut env: Vec<(String, String)> = aws_env();
+    env.push(("Audit__WitnessBucket".into(), bucket.clone()));
+    env.push(("Audit__SigningKeyFile".into(), key_file.display().to_string()));
+    let settings = Settings::load(None, env).unwrap_or(settings);
+    let db = TestDb::new().await;
+    let c = mira_keys::checkpointer(&settings).await.unwrap();
+    append(&db, 3).await;
+    c.write(&db.pool).await.unwrap();
+    let epoch = mira_eventlog::checkpoint::db_epochs(&db.pool).await.unwrap()[0].epoch;
+    s3.delete_object()
+        .bucket(&bucket)
+        .key(format!("checkpoints/{}", WitnessRecord::name(epoch, 1)))
+        .send()
+        .await
+        .unwrap();
+    let line = verify_fails(&db, &settings).await;
+    assert!(line.contains("checkpoint 1 of epoch") && line.contains("delete markers"), "{line}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test]
+async fn a_witness_bucket_that_never_answers_fails_within_its_deadline() {
+    // Accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _keep = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s);
+        }
+    });
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(format!("http://{addr}"))
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new("t", "t", None, None, "test"))
+        .load()
+        .await;
+    let w = mira_keys::s3_witness::S3Witness::new(
+        &sdk,
+        None,
+        "hangs".into(),
+        "checkpoints/".into(),
+        std::time::Duration::from_secs(1),
+    );
+    let started = std::time::Instant::now();
+    let err = w.create("x/epoch.json", b"{}").await.unwrap_err();
+    assert!(matches!(err, WitnessError::Io { .. }), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
 }
 
 #[tokio::test]

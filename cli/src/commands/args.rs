@@ -212,6 +212,17 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Start a new epoch of the log after its last checkpoint: after a point-in-time restore,
+    /// whose repeated checkpoint numbers the witness refuses (a witness conflict). Writes a
+    /// signed epoch record to the witness, then to the database; `verify` reports every epoch.
+    NewEpoch {
+        /// Why: the restore's time, its ticket, who approved it. Kept in the witness for good.
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rebuild Job and Slide state as of an instant, from the log alone.
     Replay {
         /// The instant, RFC 3339 (for example 2026-11-25T18:00:00.123456Z).
@@ -261,6 +272,10 @@ pub enum BenchCommand {
         /// Jobs to write (five events each).
         #[arg(long, default_value_t = 1000)]
         jobs: u64,
+        /// Then checkpoint the whole log in checkpoints of this many events each, every one
+        /// witnessed, inserted in bulk (a log of many checkpoints for the verify benchmark).
+        #[arg(long, value_name = "EVENTS", value_parser = clap::value_parser!(i64).range(1..=20_000))]
+        checkpoint_span: Option<i64>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,

@@ -1,7 +1,9 @@
 //! `mira audit …`: verify, checkpoint, replay, export.
 
 use anyhow::Context;
+use mira_eventlog::checkpoint::{self, CheckpointError};
 use mira_eventlog::verify;
+use mira_eventlog::witness_check::EpochSummary;
 use mira_gateway::config::Settings;
 use mira_gateway::replay;
 
@@ -20,18 +22,22 @@ pub async fn run(settings: &Settings, command: AuditCommand) -> anyhow::Result<(
             match verify::verify(&pool, &key, witness.as_ref()).await {
                 Ok(r) => {
                     if json {
-                        print_json(&serde_json::json!({ "ok": true, "report": r }));
+                        print_json(&serde_json::json!({ "ok": true, "report": r, "peak_rss_kib": peak_rss_kib() }));
                     } else {
                         println!(
-                            "log intact: {} events, {} checkpoints ({} events not yet checkpointed; newest witnessed checkpoint {} in {}), {:.2} s, {:.0} events/s",
+                            "log intact: {} events, {} checkpoints ({} events not yet checkpointed); {} witness records in {} all match (newest witnessed checkpoint {}), {:.2} s, {:.0} events/s",
                             r.events,
                             r.checkpoints,
                             r.uncheckpointed,
-                            r.witnessed_checkpoint.map_or("none".to_owned(), |s| s.to_string()),
+                            r.witness_records,
                             r.witness,
+                            r.witnessed_checkpoint.map_or("none".to_owned(), |s| s.to_string()),
                             r.seconds,
                             r.events_per_second
                         );
+                        for e in &r.epochs {
+                            println!("  {}", epoch_line(e));
+                        }
                     }
                 }
                 Err(verify::VerifyError::Violation(v)) => {
@@ -48,20 +54,49 @@ pub async fn run(settings: &Settings, command: AuditCommand) -> anyhow::Result<(
         AuditCommand::Checkpoint { json } => {
             let checkpoints = mira_keys::checkpointer(settings).await?;
             let pool = pool(settings).await?;
-            let info = checkpoints.write(&pool).await?;
+            let info = match checkpoints.write(&pool).await {
+                Ok(info) => info,
+                // The tamper signal: exit 1, like a failed verification.
+                Err(e @ CheckpointError::Conflict { .. }) => return Err(Verdict(e.to_string()).into()),
+                Err(e) => return Err(e.into()),
+            };
             if json {
                 print_json(&info);
             } else {
                 println!(
-                    "checkpoint {} covers {} events through position {} ({} new, {} checkpoints written), digest {}, key {}, witnessed in {}",
+                    "checkpoint {} covers {} events through position {} ({} new, {} checkpoints written{}), digest {}, key {}, each witnessed in {}",
                     info.seq,
                     info.event_count,
                     info.upto_position,
                     info.new_events,
                     info.written,
+                    match info.rolled_forward {
+                        0 => String::new(),
+                        n => format!(", {n} rolled forward from the witness"),
+                    },
                     info.digest,
                     info.key_id,
                     info.witness
+                );
+            }
+        }
+        AuditCommand::NewEpoch { reason, json } => {
+            if reason.trim().is_empty() {
+                anyhow::bail!("--reason must say why a new epoch starts (for example the restore's time and ticket)");
+            }
+            let checkpoints = mira_keys::checkpointer(settings).await?;
+            let pool = pool(settings).await?;
+            let r = checkpoint::new_epoch(&pool, &checkpoints.key, checkpoints.witness.as_ref(), &reason).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "epoch {} started after checkpoint {} of epoch {}; its record is in {}. Checkpoints from {} on belong to it; restart the relay if it stopped on a conflict.",
+                    r.epoch,
+                    r.after_seq,
+                    r.previous,
+                    r.witness,
+                    r.after_seq + 1
                 );
             }
         }
@@ -113,4 +148,47 @@ pub async fn run(settings: &Settings, command: AuditCommand) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+/// One line per epoch for `mira audit verify`.
+fn epoch_line(e: &EpochSummary) -> String {
+    let range = match e.last_seq {
+        Some(l) => format!("checkpoints {}..={l}", e.first_seq),
+        None if e.in_log => format!("checkpoints from {}", e.first_seq),
+        None => "a branch the log does not follow".to_owned(),
+    };
+    let mut line = format!(
+        "epoch {}{}: {range}, {} witness records",
+        e.epoch,
+        if e.current { " (current)" } else { "" },
+        e.records
+    );
+    if e.abandoned > 0 {
+        line.push_str(&format!(
+            ", {} of them numbered past where the log left the epoch (abandoned by a restore)",
+            e.abandoned
+        ));
+    }
+    match e.witness_from {
+        Some(w) if w > e.first_seq => line.push_str(&format!("; every checkpoint witnessed from {w} on")),
+        None if e.in_log => line.push_str("; no epoch record yet (written with the next checkpoint)"),
+        _ => {}
+    }
+    if let Some(r) = &e.reason {
+        line.push_str(&format!("; started: {r}"));
+    }
+    line
+}
+
+/// This process's peak resident memory (Linux), for the memory bound `verify` keeps.
+fn peak_rss_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }

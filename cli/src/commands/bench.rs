@@ -68,17 +68,36 @@ pub async fn bench(settings: &Settings, command: BenchCommand) -> anyhow::Result
                 );
             }
         }
-        BenchCommand::Seed { jobs, json } => {
+        BenchCommand::Seed {
+            jobs,
+            checkpoint_span,
+            json,
+        } => {
             let pool = pool(settings).await?;
             let keyring = mira_keys::keyring(settings, &pool).await?;
-            let cmds = Commands::new(EventLog::new(pool), keyring);
+            let cmds = Commands::new(EventLog::new(pool.clone()), keyring);
             let r = bench::seed(&cmds, jobs).await?;
+            let checkpoints = match checkpoint_span {
+                Some(span) => {
+                    let c = mira_keys::checkpointer(settings).await?;
+                    mira_eventlog::checkpoint::seed_spans(&pool, &c.key, c.witness.as_ref(), span).await?
+                }
+                None => 0,
+            };
             if json {
-                print_json(&r);
+                print_json(&serde_json::json!({"seed": r, "checkpoints": checkpoints}));
             } else {
                 println!(
-                    "seeded {} jobs, {} events in {:.1} s ({:.0} events/s)",
-                    r.jobs, r.events, r.seconds, r.events_per_second
+                    "seeded {} jobs, {} events in {:.1} s ({:.0} events/s){}",
+                    r.jobs,
+                    r.events,
+                    r.seconds,
+                    r.events_per_second,
+                    if checkpoint_span.is_some() {
+                        format!("; {checkpoints} checkpoints written")
+                    } else {
+                        String::new()
+                    }
                 );
             }
         }

@@ -12,6 +12,8 @@ use axum::http::StatusCode;
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), (u64, f64)>>,
+    /// Set when this process runs the relay, which writes checkpoints to the witness.
+    pub witness: std::sync::OnceLock<std::sync::Arc<mira_eventlog::checkpoint::WitnessHealth>>,
 }
 
 impl Metrics {
@@ -43,6 +45,14 @@ impl Metrics {
                 "mira_http_request_seconds_sum{{route=\"{}\",status=\"{status}\"}} {secs}",
                 escape(route)
             );
+        }
+        if let Some(w) = self.witness.get() {
+            out.push_str("# HELP mira_witness_conflicts_total Witness conflicts met while writing checkpoints: the tamper signal; checkpointing stops.\n");
+            out.push_str("# TYPE mira_witness_conflicts_total counter\n");
+            let _ = writeln!(out, "mira_witness_conflicts_total {}", w.conflicts());
+            out.push_str("# HELP mira_witness_last_success_timestamp_seconds When the witness last took a checkpoint (Unix seconds; 0: not since this process started).\n");
+            out.push_str("# TYPE mira_witness_last_success_timestamp_seconds gauge\n");
+            let _ = writeln!(out, "mira_witness_last_success_timestamp_seconds {}", w.last_success_unix());
         }
         let mut last = "";
         for g in gauges {
