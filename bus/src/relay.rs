@@ -255,7 +255,7 @@ impl Relay {
         let mut last_checkpoint = Instant::now();
         // Checkpoints are written beside publishing, one at a time: a witness that is slow or
         // unreachable delays checkpoints, never fan-out.
-        let mut writing: Option<tokio::task::JoinHandle<Result<CheckpointInfo, CheckpointError>>> = None;
+        let mut writing: Option<tokio::task::JoinHandle<Result<Option<CheckpointInfo>, CheckpointError>>> = None;
         // After a witness conflict, the epoch it happened in: checkpointing stays stopped until
         // an operator starts a new epoch (`mira audit new-epoch`) or restarts the relay.
         let mut stopped_in: Option<uuid::Uuid> = None;
@@ -279,7 +279,8 @@ impl Relay {
                 if writing.as_ref().is_some_and(|h| h.is_finished()) {
                     let r = writing.take().expect("checked").await;
                     match r {
-                        Ok(Ok(info)) => tracing::info!(
+                        Ok(Ok(None)) => {}
+                        Ok(Ok(Some(info))) => tracing::info!(
                             seq = info.seq,
                             written = info.written,
                             rolled_forward = info.rolled_forward,
@@ -322,8 +323,17 @@ impl Relay {
                 }
                 if due && writing.is_none() && stopped_in.is_none() {
                     let (c, pool) = (checkpoints.clone(), self.log.pool().clone());
-                    writing = Some(tokio::spawn(async move { c.write(&pool).await }));
+                    writing = Some(tokio::spawn(async move { c.write(&pool).await.map(Some) }));
                     since_checkpoint = 0;
+                    last_checkpoint = Instant::now();
+                } else if since_checkpoint == 0
+                    && writing.is_none()
+                    && stopped_in.is_none()
+                    && last_checkpoint.elapsed() >= self.cfg.checkpoint_every
+                {
+                    // Nothing to checkpoint: show that the witness still answers.
+                    let (c, pool) = (checkpoints.clone(), self.log.pool().clone());
+                    writing = Some(tokio::spawn(async move { c.probe(&pool).await.map(|()| None) }));
                     last_checkpoint = Instant::now();
                 }
             }

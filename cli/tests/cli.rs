@@ -68,7 +68,10 @@ impl Env {
             .env("Database__ConnectTimeoutSeconds", "3")
             .env("Audit__SigningKeyFile", self.dir.join("audit.key"))
             .env("Keyring__LocalDir", self.dir.join("keyring"))
-            .env("Audit__WitnessDir", self.dir.join("witness"))
+            .envs(
+                (!self.extra.iter().any(|(k, _)| k == "Audit__WitnessBucket"))
+                    .then(|| ("Audit__WitnessDir", self.dir.join("witness").display().to_string())),
+            )
             .envs(self.extra.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.dir);
         c
@@ -109,6 +112,7 @@ const SUBCOMMANDS: &[&[&str]] = &[
     &["migrate"],
     &["audit", "verify"],
     &["audit", "checkpoint"],
+    &["audit", "new-epoch", "--reason", "restored"],
     &["audit", "replay", "--as-of", "2026-01-01T00:00:00Z"],
     &["audit", "export"],
     &["bench", "append", "--commands", "5"],
@@ -562,7 +566,8 @@ async fn verify_catches_deleted_checkpoints_through_the_witness() {
         .unwrap();
     rewrite_and_rehash(&db, first).await;
     let out = env.mira(&["audit", "verify"]);
-    assert_fails_naming(&out, 1, &["checkpoint 2", "missing from the database"]);
+    // Every record counts: the first of them is the first named.
+    assert_fails_naming(&out, 1, &["checkpoint 1 of epoch", "missing from the database"]);
 }
 
 #[tokio::test]
@@ -1129,4 +1134,209 @@ async fn bench_e2e_measures_post_to_websocket_latency() {
         .await
         .unwrap();
     assert_eq!(submitted, 5);
+}
+
+// ---- the witness counts every checkpoint (ADR 0019) ---------------------------------------
+
+async fn owner_tamper(db: &TestDb, sql: &str) {
+    mira_eventlog::testing::tamper(&db.owner, sql).await;
+}
+
+/// The attack of a superuser who deletes the tail and a checkpoint, then lets the log run on.
+async fn deleted_tail_then_more_checkpoints(db: &TestDb, env: &Env) {
+    let ok = |args: &[&str]| {
+        let out = env.mira(args);
+        assert!(out.status.success(), "mira {args:?}: {}", stderr(&out));
+        out
+    };
+    ok(&["bench", "append", "--commands", "100"]);
+    ok(&["audit", "checkpoint"]);
+    let first_end: i64 = sqlx::query_scalar("SELECT upto_position FROM checkpoints WHERE seq = 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    ok(&["bench", "append", "--commands", "100"]);
+    ok(&["audit", "checkpoint"]);
+    ok(&["audit", "verify"]);
+    owner_tamper(
+        db,
+        &format!("DELETE FROM events WHERE global_position > {first_end}; DELETE FROM checkpoints WHERE seq = 2"),
+    )
+    .await;
+    assert_fails_naming(&env.mira(&["audit", "verify"]), 1, &["checkpoint 2 of epoch", "missing from the database"]);
+    for _ in 0..2 {
+        ok(&["bench", "append", "--commands", "20"]);
+        let out = env.mira(&["audit", "checkpoint"]);
+        assert_fails_naming(&out, 1, &["WITNESS CONFLICT at checkpoint 2", "no checkpoint was written"]);
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM checkpoints")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 1, "a conflict leaves no checkpoint row");
+    }
+    assert_fails_naming(
+        &env.mira(&["audit", "verify"]),
+        1,
+        &[&format!("at position {}:", first_end + 1), "checkpoint 2 of epoch", "missing from the database"],
+    );
+}
+
+#[tokio::test]
+async fn the_deleted_tail_attack_is_caught_for_good_on_a_witness_directory() {
+    let db = TestDb::new().await;
+    let env = Env::new(&db.url).keys();
+    deleted_tail_then_more_checkpoints(&db, &env).await;
+}
+
+#[tokio::test]
+async fn the_deleted_tail_attack_is_caught_for_good_on_an_object_lock_bucket() {
+    let db = TestDb::new().await;
+    let bucket = format!("mira-cli-witness-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    // moto checks no signatures: a plain PUT makes the bucket, versioned with Object Lock.
+    let made = Command::new("curl")
+        .args(["-sSf", "-X", "PUT", "-H", "x-amz-bucket-object-lock-enabled: true"])
+        .arg(format!("{}/{bucket}", moto()))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    let env = Env::new(&db.url)
+        .on_moto(&moto())
+        .set("Messaging__Provider", "InMemory")
+        .set("Audit__WitnessBucket", &bucket)
+        .keys();
+    deleted_tail_then_more_checkpoints(&db, &env).await;
+}
+
+#[tokio::test]
+async fn a_restore_recorded_with_new_epoch_verifies_and_names_both_epochs() {
+    let db = TestDb::new().await;
+    let env = Env::new(&db.url).keys();
+    let ok = |args: &[&str]| {
+        let out = env.mira(args);
+        assert!(out.status.success(), "mira {args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    ok(&["bench", "append", "--commands", "10"]);
+    ok(&["audit", "checkpoint"]);
+    ok(&["bench", "append", "--commands", "10"]);
+    ok(&["audit", "checkpoint"]);
+    // What a point-in-time restore to checkpoint 1 leaves.
+    owner_tamper(
+        &db,
+        "DELETE FROM events WHERE global_position > (SELECT upto_position FROM checkpoints WHERE seq = 1); \
+         DELETE FROM checkpoints WHERE seq = 2",
+    )
+    .await;
+    ok(&["bench", "append", "--commands", "5"]);
+    assert_eq!(env.mira(&["audit", "checkpoint"]).status.code(), Some(1));
+    let out = env.mira(&["audit", "new-epoch", "--reason", " "]);
+    assert!(!out.status.success() && stderr(&out).contains("--reason"), "{}", stderr(&out));
+    let said = ok(&["audit", "new-epoch", "--reason", "restored to 09:00 after disk loss, ticket OPS-7"]);
+    assert!(said.contains("after checkpoint 1"), "{said}");
+    ok(&["audit", "checkpoint"]);
+    let report = ok(&["audit", "verify"]);
+    assert!(report.starts_with("log intact:"), "{report}");
+    assert!(report.contains("1 of them numbered past where the log left the epoch"), "{report}");
+    assert!(report.contains("(current)") && report.contains("ticket OPS-7"), "{report}");
+    let v: serde_json::Value = serde_json::from_str(ok(&["audit", "verify", "--json"]).trim()).unwrap();
+    assert_eq!(v["report"]["epochs"].as_array().unwrap().len(), 2, "{v}");
+}
+
+#[tokio::test]
+async fn a_catch_up_of_fifty_thousand_events_witnesses_every_checkpoint_it_writes() {
+    let db = TestDb::new().await;
+    let env = Env::new(&db.url).keys();
+    let out = env.mira(&["bench", "seed", "--jobs", "10000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.mira(&["audit", "checkpoint", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!((info["written"].as_i64(), info["new_events"].as_i64()), (Some(3), Some(50_000)), "{info}");
+    let epoch = info["epoch"].as_str().unwrap();
+    let mut records: Vec<String> = std::fs::read_dir(env.dir.join("witness").join(epoch))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    records.sort();
+    assert_eq!(
+        records,
+        [
+            "checkpoint-00000000000000000001.json",
+            "checkpoint-00000000000000000002.json",
+            "checkpoint-00000000000000000003.json",
+            "epoch.json"
+        ]
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(stdout(&env.mira(&["audit", "verify", "--json"])).trim()).unwrap();
+    assert_eq!(v["report"]["witness_records"], 3, "{v}");
+}
+
+/// `mira audit verify --json`'s peak resident memory, in KiB, and its events/s.
+fn verify_memory(env: &Env) -> (u64, f64) {
+    let out = env.mira(&["audit", "verify", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    (
+        v["peak_rss_kib"].as_u64().expect("Linux reports VmHWM"),
+        v["report"]["events_per_second"].as_f64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn verify_memory_does_not_grow_with_the_number_of_checkpoints() {
+    // One log of 100,000 events, copied, checkpointed once in 1,000 checkpoints and once in
+    // 100,000 (witness directories on tmpfs where there is one: 100,000 fsyncs are not what
+    // is measured).
+    let a = TestDb::new().await;
+    let env_a = Env::new(&a.url).keys();
+    let out = env_a.mira(&["bench", "seed", "--jobs", "20000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let b_name = format!("{}_copy", a.name);
+    let admin = mira_eventlog::db::connect(&mira_eventlog::testing::admin_url(), 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    a.pool.close().await;
+    a.owner.close().await;
+    sqlx::query(&format!("CREATE DATABASE {b_name} TEMPLATE {}", a.name))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let b_url = a.url.replace(&a.name, &b_name);
+    let shm = Path::new("/dev/shm");
+    let witness = |tag: &str| {
+        let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+        let d = base.join(format!("mira-witness-{tag}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    let (wa, wb) = (witness("1k"), witness("100k"));
+    let env_a = env_a.set("Audit__WitnessDir", &wa.display().to_string());
+    let env_b = Env::new(&b_url).set("Audit__WitnessDir", &wb.display().to_string()).keys();
+    // The same signing key for both copies.
+    for f in ["audit.key", "audit.key.pub"] {
+        std::fs::copy(env_a.dir.join(f), env_b.dir.join(f)).unwrap();
+    }
+    let n = |env: &Env, span: &str| {
+        let out = env.mira(&["bench", "seed", "--jobs", "0", "--checkpoint-span", span, "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(stdout(&out).trim()).unwrap()["checkpoints"].as_i64().unwrap()
+    };
+    assert_eq!(n(&env_a, "100"), 1_000);
+    assert_eq!(n(&env_b, "1"), 100_000);
+    let (small, small_rate) = verify_memory(&env_a);
+    let (large, large_rate) = verify_memory(&env_b);
+    eprintln!(
+        "verify: 1,000 checkpoints {small} KiB peak, {small_rate:.0} events/s; 100,000 checkpoints {large} KiB peak, {large_rate:.0} events/s"
+    );
+    assert!(
+        large < small + 8 * 1024,
+        "100,000 checkpoints took {large} KiB at peak, 1,000 took {small} KiB"
+    );
+    sqlx::query(&format!("DROP DATABASE {b_name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(wa);
+    let _ = std::fs::remove_dir_all(wb);
 }

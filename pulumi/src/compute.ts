@@ -1,7 +1,8 @@
 // The API and the roles on ECS Fargate (issue 20), from the `mira-api` image: the gateway behind
 // an ALB that only CloudFront reaches, the relay (exactly one task), the projector and the
-// handlers as roles of the same image chosen by `Roles__Enabled`, and a one-off task that runs
-// `mira migrate`. Each task carries the ADOT collector beside Mira's container.
+// handlers as roles of the same image chosen by `Roles__Enabled`, a one-off task that runs
+// `mira migrate`, and `mira audit verify` every day (EventBridge Scheduler). Each service's task
+// carries the ADOT collector beside Mira's container.
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
@@ -23,7 +24,12 @@ export type ComputeConfig = {
   handlerTasks: number;
   taskCpu: number;
   taskMemory: number;
+  /** When `mira audit verify` runs (EventBridge Scheduler, UTC). Default: every day at 03:30. */
+  auditVerifySchedule?: string;
 };
+
+/** The full verification's default schedule: daily, at a quiet hour (UTC). */
+export const AUDIT_VERIFY_SCHEDULE = "cron(30 3 * * ? *)";
 
 /** The header CloudFront adds to every request it sends to the ALB. */
 export const ORIGIN_HEADER = "X-Mira-Origin-Verify";
@@ -52,6 +58,13 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
     tags: tags(s, "compute"),
   });
   const logs = new aws.cloudwatch.LogGroup("service-logs", { name: `/mira/${s}/services`, retentionInDays: 90, tags: tags(s, "compute") });
+  // The daily verification's own log group: its verdict lines are what the verification alarms
+  // count (observability.ts), and a year of them is the record that the log was verified.
+  const verifyLogs = new aws.cloudwatch.LogGroup("audit-verify-logs", {
+    name: `/mira/${s}/audit-verify`,
+    retentionInDays: 400,
+    tags: tags(s, "compute"),
+  });
 
   // The owner's connection, for `mira migrate` only (DESIGN §2: Database__MigrationUrl). The
   // operator writes it once from the RDS master secret (docs/runbooks/deploy.md).
@@ -70,7 +83,11 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
       Action: ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
       Resource: [p.repos["mira-api"].arn],
     },
-    { Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: [pulumi.interpolate`${logs.arn}:*`] },
+    {
+      Effect: "Allow",
+      Action: ["logs:CreateLogStream", "logs:PutLogEvents"],
+      Resource: [pulumi.interpolate`${logs.arn}:*`, pulumi.interpolate`${verifyLogs.arn}:*`],
+    },
     { Effect: "Allow", Action: ["secretsmanager:GetSecretValue"], Resource: [p.secrets.dbAppSecret.arn, migrationSecret.arn] },
     { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.rdsKey.arn, p.keys.s3Key.arn] },
   ]);
@@ -90,9 +107,9 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
     Object.entries(m)
       .sort(([a], [b]) => a.localeCompare(b))
       .map(([name, value]) => ({ name, value }));
-  const logConfig = (prefix: string) => ({
+  const logConfig = (prefix: string, group: pulumi.Input<string> = logs.name) => ({
     logDriver: "awslogs",
-    options: { "awslogs-group": logs.name, "awslogs-region": cfg.region, "awslogs-stream-prefix": prefix },
+    options: { "awslogs-group": group, "awslogs-region": cfg.region, "awslogs-stream-prefix": prefix },
   });
 
   const taskDefinition = (name: string, taskRole: aws.iam.Role, settings: Record<string, pulumi.Input<string>>, command: string[]) =>
@@ -265,6 +282,86 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
     tags: tags(s, "compute"),
   });
 
+  // ---- the daily full verification (DESIGN §4.3, docs/runbooks/verify.md) ---------------------
+  // `mira audit verify` re-derives every hash, checks every checkpoint's signature and compares
+  // every witness record, every version, with the database. It exits 0 with `log intact: …`,
+  // 1 with `log verification FAILED: …`; the alarms on both lines are in observability.ts.
+  // Its role reads and never writes: the witness (every version; the objects are under the
+  // buckets' key), and the trusted public key. Mira reads that key from Audit__PublicKeyFile
+  // (a file, which a Fargate task does not have) or derives it from Audit__SigningKeySecretId,
+  // so the verifier reads the signing-key secret itself: the private half too. Accepted here;
+  // a setting that takes the public key alone would let this role drop the secret.
+  // DATABASE_URL comes from ECS (the execution role), as for every other task.
+  const verifyRole = role("audit-verify", s, { Service: "ecs-tasks.amazonaws.com" }, [
+    p.witnessRead,
+    { Effect: "Allow", Action: ["secretsmanager:GetSecretValue"], Resource: [p.secrets.signingKeySecret.arn] },
+    { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.s3Key.arn, p.keys.phiKey.arn] },
+  ]);
+  const verifyTask = new aws.ecs.TaskDefinition("audit-verify-task", {
+    family: `mira-${s}-audit-verify`,
+    requiresCompatibilities: ["FARGATE"],
+    networkMode: "awsvpc",
+    cpu: String(cfg.taskCpu),
+    memory: String(cfg.taskMemory),
+    runtimePlatform: { operatingSystemFamily: "LINUX", cpuArchitecture: "X86_64" },
+    executionRoleArn: execution.arn,
+    taskRoleArn: verifyRole.arn,
+    containerDefinitions: pulumi.jsonStringify([
+      {
+        name: "mira",
+        image,
+        essential: true,
+        command: ["audit", "verify"],
+        environment: env({
+          AWS__Region: cfg.region,
+          Audit__WitnessBucket: f.settings.roles.Audit__WitnessBucket,
+          Audit__SigningKeySecretId: f.settings.roles.Audit__SigningKeySecretId,
+          Logging__Format: "json",
+        }),
+        secrets: [{ name: "DATABASE_URL", valueFrom: p.secrets.dbAppSecret.arn }],
+        readonlyRootFilesystem: true,
+        user: "10001",
+        logConfiguration: logConfig("audit-verify", verifyLogs.name),
+      },
+    ]),
+    tags: tags(s, "compute"),
+  });
+  // The schedule names the family, not a revision: RunTask takes its latest ACTIVE revision, so
+  // a revision registered later with a newer image (as deploy.yml does for `migrate`) is the
+  // one that runs.
+  const verifyFamilyArn = verifyTask.arn.apply((arn) => arn.replace(/:\d+$/, ""));
+  const schedulerRole = role("audit-verify-scheduler", s, { Service: "scheduler.amazonaws.com" }, [
+    {
+      Effect: "Allow",
+      Action: ["ecs:RunTask"],
+      Resource: [verifyFamilyArn, pulumi.interpolate`${verifyFamilyArn}:*`],
+      Condition: { ArnEquals: { "ecs:cluster": cluster.arn } },
+    },
+    { Effect: "Allow", Action: ["iam:PassRole"], Resource: [execution.arn, verifyRole.arn] },
+  ]);
+  const verifySchedule = new aws.scheduler.Schedule("audit-verify", {
+    name: `mira-${s}-audit-verify`,
+    description: "Mira: mira audit verify, the whole log against its hashes, signatures and the witness (docs/runbooks/verify.md)",
+    scheduleExpression: cfg.auditVerifySchedule ?? AUDIT_VERIFY_SCHEDULE,
+    scheduleExpressionTimezone: "UTC",
+    flexibleTimeWindow: { mode: "OFF" },
+    target: {
+      arn: cluster.arn,
+      roleArn: schedulerRole.arn,
+      ecsParameters: {
+        taskDefinitionArn: verifyFamilyArn,
+        launchType: "FARGATE",
+        platformVersion: "LATEST",
+        taskCount: 1,
+        // The private compute subnets, in the group the database admits.
+        networkConfiguration: { subnets: p.computeSubnets.map((x) => x.id), securityGroups: [p.computeSg.id], assignPublicIp: false },
+      },
+      // A RunTask that fails (capacity, throttling) is tried again within the hour; a run that
+      // starts and does not print `log intact` is the alarms' business.
+      retryPolicy: { maximumRetryAttempts: 3, maximumEventAgeInSeconds: 3600 },
+    },
+  });
+
   const serviceNames = Object.fromEntries(Object.entries(services).map(([n, x]) => [n, x.name]));
   return {
     cluster,
@@ -276,12 +373,16 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
     executionRole: execution,
     migrateRole,
     migrationSecret,
+    verify: { task: verifyTask, role: verifyRole, logGroup: verifyLogs, schedule: verifySchedule, schedulerRole },
     outputs: {
       cluster: cluster.name,
       albDnsName: alb.dnsName,
       services: serviceNames,
       migrationTaskFamily: migrationTask.family,
       migrationSecretArn: migrationSecret.arn,
+      auditVerifyTaskFamily: verifyTask.family,
+      auditVerifySchedule: verifySchedule.name,
+      auditVerifyLogGroup: verifyLogs.name,
     },
   };
 }

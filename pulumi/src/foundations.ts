@@ -56,7 +56,7 @@ function bucket(
   name: string,
   stack: string,
   kmsKey: aws.kms.Key,
-  opts: { objectLockDays?: number; corsOrigin?: string; policyElsewhere?: boolean } = {},
+  opts: { objectLockDays?: number; corsOrigin?: string; policyElsewhere?: boolean; statements?: (b: aws.s3.Bucket) => object[] } = {},
 ) {
   const b = new aws.s3.Bucket(name, {
     bucket: `mira-${stack}-${name}`,
@@ -77,9 +77,15 @@ function bucket(
   });
   new aws.s3.BucketVersioning(`${name}-versioning`, { bucket: b.id, versioningConfiguration: { status: "Enabled" } });
   // A bucket has one policy: where another part adds statements (the frontend's CloudFront
-  // read), that part writes it, starting from tlsOnly().
+  // read), that part writes it, starting from tlsOnly(). `statements` follow tlsOnly() in this
+  // one (the witness's create-only rule). The logical name stays `-tls-only` whatever follows:
+  // renamed, Pulumi would put the new policy, then delete the old one, and the bucket would be
+  // left with none.
   if (!opts.policyElsewhere) {
-    new aws.s3.BucketPolicy(`${name}-tls-only`, { bucket: b.id, policy: pulumi.jsonStringify({ Version: "2012-10-17", Statement: [tlsOnly(b)] }) });
+    new aws.s3.BucketPolicy(`${name}-tls-only`, {
+      bucket: b.id,
+      policy: pulumi.jsonStringify({ Version: "2012-10-17", Statement: [tlsOnly(b), ...(opts.statements?.(b) ?? [])] }),
+    });
   }
   new aws.s3.BucketLifecycleConfiguration(`${name}-lifecycle`, {
     bucket: b.id,
@@ -111,6 +117,25 @@ export function tlsOnly(b: aws.s3.Bucket) {
     Action: "s3:*",
     Resource: [b.arn, pulumi.interpolate`${b.arn}/*`],
     Condition: { Bool: { "aws:SecureTransport": "false" } },
+  };
+}
+
+/**
+ * The witness takes only create-only writes: a PutObject without `If-None-Match: *` is refused,
+ * so no principal, however privileged its role, writes a second version over a checkpoint record
+ * (Object Lock keeps the first; this keeps the key's current version the first one too). The
+ * relay writes every record with `If-None-Match: *` (keys/src/s3_witness.rs). Multipart uploads
+ * and copies into the bucket are refused with it (CreateMultipartUpload and CopyObject carry no
+ * such header): a record is one small PutObject.
+ */
+export function createOnly(b: aws.s3.Bucket) {
+  return {
+    Sid: "CreateOnlyWrites",
+    Effect: "Deny",
+    Principal: "*",
+    Action: "s3:PutObject",
+    Resource: pulumi.interpolate`${b.arn}/*`,
+    Condition: { Null: { "s3:if-none-match": "true" } },
   };
 }
 
@@ -306,7 +331,7 @@ export function foundations(cfg: FoundationsConfig) {
   const uploads = bucket("uploads", s, s3Key, { corsOrigin: cfg.appOrigin });
   const results = bucket("results", s, s3Key, { corsOrigin: cfg.appOrigin });
   const frontend = bucket("frontend", s, s3Key, { policyElsewhere: true });
-  const witness = bucket("witness", s, s3Key, { objectLockDays: cfg.witnessRetentionDays });
+  const witness = bucket("witness", s, s3Key, { objectLockDays: cfg.witnessRetentionDays, statements: (b) => [createOnly(b)] });
 
   // ---- secrets ----------------------------------------------------------------------------
   // The application's login role is made by `mira migrate`; its credentials live here for the
@@ -442,7 +467,12 @@ export function foundations(cfg: FoundationsConfig) {
     Resource: ss.map((x) => x.arn),
   });
   const kms = (actions: string[], ...ks: aws.kms.Key[]): Statement => ({ Effect: "Allow", Action: actions, Resource: ks.map((k) => k.arn) });
-  const witnessRead: Statement = { Effect: "Allow", Action: ["s3:GetObject", "s3:ListBucket"], Resource: [witness.arn, obj(witness)] };
+  // Verifying reads every version of every witness record (ListObjectVersions, then GETs).
+  const witnessRead: Statement = {
+    Effect: "Allow",
+    Action: ["s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket", "s3:ListBucketVersions"],
+    Resource: [witness.arn, obj(witness)],
+  };
   // Every process that speaks to the bus finds the topic and all six queues by name at start
   // (mira_bus::aws::lookup): a URL is all it learns of the queues it does not consume.
   const allQueues = Object.values(queues).flatMap((q) => [q.queue.arn, q.dlq.arn]);
@@ -469,12 +499,14 @@ export function foundations(cfg: FoundationsConfig) {
     kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey),
   ]);
   // The relay, the projector and the handlers: publish, consume their two queues, write
-  // checkpoints to the witness (never delete), sign with the key in Secrets Manager.
+  // checkpoints to the witness (create-only, never delete), sign with the key in Secrets Manager.
+  // Listing versions: before the first epoch's record is written, the checkpointer lists the
+  // witness's records, every version (eventlog/src/checkpoint.rs, epoch_record).
   const rolesRole = role("roles", s, { Service: "ecs-tasks.amazonaws.com" }, [
     { Effect: "Allow", Action: ["sns:Publish"], Resource: [topic.arn] },
     consume(queues.projections.queue),
     consume(queues.handlers.queue),
-    { Effect: "Allow", Action: ["s3:PutObject", "s3:GetObject", "s3:ListBucket"], Resource: [witness.arn, obj(witness)] },
+    { Effect: "Allow", Action: ["s3:PutObject", "s3:GetObject", "s3:ListBucket", "s3:ListBucketVersions"], Resource: [witness.arn, obj(witness)] },
     ...lookup,
     // /readyz: every `mira serve` asks for the projections' dead-letter depth.
     { Effect: "Allow", Action: ["sqs:GetQueueAttributes"], Resource: [queues.projections.dlq.arn] },
@@ -554,6 +586,7 @@ export function foundations(cfg: FoundationsConfig) {
       apiRole,
       rolesRole,
       workerStatements,
+      witnessRead,
     },
   };
 }

@@ -39,6 +39,8 @@ const out = program({
   workerDrainSeconds: config.getNumber("workerDrainSeconds") ?? 1800,
   kedaVersion: config.get("kedaVersion") ?? "2.20.2",
   alarmEmail: config.get("alarmEmail"),
+  witnessStaleSeconds: config.getNumber("witnessStaleSeconds"),
+  auditVerifySchedule: config.get("auditVerifySchedule"),
   githubRepository: config.require("githubRepository"),
   githubOidcProviderArn: config.get("githubOidcProviderArn"),
   pulumiStateBucket: config.get("pulumiStateBucket"),

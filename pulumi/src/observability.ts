@@ -49,7 +49,14 @@ export function adotConfig(namespace: string, logGroup: string, region: string) 
           { dimensions: [["projection"]], metric_name_selectors: ["^mira_projection_lag_seconds$", "^mira_projection_lag_events$", "^mira_projection_position$"] },
           // The log's follow watermark: appenders holding it back.
           { dimensions: [[]], metric_name_selectors: ["^mira_log_watermark_lag_seconds$", "^mira_log_watermark_lag_events$"] },
+          // The checkpoint witness, as the relay sees it (only the relay serves these): its
+          // conflicts (the tamper signal) and when it last answered.
+          { dimensions: [[]], metric_name_selectors: ["^mira_witness_conflicts_total$", "^mira_witness_last_success_timestamp_seconds$"] },
         ],
+        // The exporter turns a counter into the increase since its previous scrape. Kept, the
+        // first scrape counts too: a conflict before the collector's first scrape (a relay that
+        // starts into a tampered witness) is not swallowed as the baseline.
+        retain_initial_value_of_delta_metric: true,
       },
       awsxray: { region, indexed_attributes: ["tenant", "job_id"] },
     },
@@ -64,7 +71,22 @@ export function adotConfig(namespace: string, logGroup: string, region: string) 
 
 type Found = ReturnType<typeof foundations>;
 
-export function observability(cfg: { stack: string; region: string; alarmEmail?: string }, f: Found) {
+/** How long the witness may go without answering the relay before `witness-stale` rings (seconds). */
+export const WITNESS_STALE_SECONDS = 900;
+
+export type ObservabilityConfig = {
+  stack: string;
+  region: string;
+  alarmEmail?: string;
+  /**
+   * `witness-stale` rings when the witness has not answered the relay for longer than this.
+   * It must exceed the relay's checkpoint interval (Audit__CheckpointEverySeconds, 60 by
+   * default): an idle relay asks the witness once an interval. Default 900.
+   */
+  witnessStaleSeconds?: number;
+};
+
+export function observability(cfg: ObservabilityConfig, f: Found) {
   const s = cfg.stack;
   const namespace = `Mira/${s}`;
   const metricsLogGroup = new aws.cloudwatch.LogGroup("metrics-logs", {
@@ -164,6 +186,91 @@ export function observability(cfg: { stack: string; region: string; alarmEmail?:
         treatMissingData: "breaching",
       }),
     );
+    // The checkpoint witness (DESIGN §4.3), from the relay's /metrics. A conflict is the tamper
+    // signal: the witness holds a record the database does not match; the relay has stopped
+    // checkpointing and goes on publishing. The counter arrives as its increase per scrape, so
+    // the alarm holds for a day after the increase (one datapoint in 288 five-minute periods).
+    made.push(
+      alarm("witness-conflict", {
+        alarmDescription:
+          "Witness conflict (mira_witness_conflicts_total > 0): the tamper signal: checkpointing stopped, publishing goes on. See docs/runbooks/verify.md.",
+        namespace,
+        metricName: "mira_witness_conflicts_total",
+        statistic: "Maximum",
+        period: 300,
+        evaluationPeriods: 288,
+        datapointsToAlarm: 1,
+        threshold: 0,
+        comparisonOperator: "GreaterThanThreshold",
+        treatMissingData: "notBreaching",
+      }),
+    );
+    // The witness has not answered the relay (a checkpoint written, or an idle relay's probe once
+    // a checkpoint interval) for too long: checkpoints are not being witnessed, or checkpointing
+    // stopped after a conflict, or there is no relay. The age is the minute's timestamp less the
+    // newest success seen in it; 0 (no success since the relay started) reads as very old. Five
+    // minutes in a row, so a relay's restart (0 until its first probe) does not ring it; no data
+    // (no relay) counts as breaching.
+    const staleSeconds = cfg.witnessStaleSeconds ?? WITNESS_STALE_SECONDS;
+    made.push(
+      alarm("witness-stale", {
+        alarmDescription: `The checkpoint witness has not answered the relay for over ${staleSeconds} s (or no relay reports): checkpoints are not witnessed. See docs/runbooks/verify.md.`,
+        metricQueries: [
+          {
+            id: "m1",
+            metric: { namespace, metricName: "mira_witness_last_success_timestamp_seconds", stat: "Maximum", period: 60 },
+            returnData: false,
+          },
+          { id: "age", expression: "EPOCH(m1) - m1", label: "seconds since the witness last answered", returnData: true },
+        ],
+        evaluationPeriods: 5,
+        datapointsToAlarm: 5,
+        threshold: staleSeconds,
+        comparisonOperator: "GreaterThanThreshold",
+        treatMissingData: "breaching",
+      }),
+    );
+
+    // The daily `mira audit verify` (compute.ts): its verdict lines, counted from its log group.
+    const verdict = (name: string, pattern: string, metricName: string) =>
+      new aws.cloudwatch.LogMetricFilter(name, {
+        name: `mira-${s}-${name}`,
+        logGroupName: c.verify.logGroup.name,
+        pattern,
+        metricTransformation: { name: metricName, namespace, value: "1", unit: "Count" },
+      });
+    verdict("audit-verify-intact", '"log intact"', "mira_audit_verify_intact");
+    verdict("audit-verify-failed", '"log verification FAILED"', "mira_audit_verify_failed");
+    made.push(
+      // No `log intact` in 26 hours: the daily run failed, could not run (exit 2), did not start,
+      // or was never scheduled. Hours without a run are missing data, and breaching.
+      alarm("audit-verify-overdue", {
+        alarmDescription: "mira audit verify has not printed `log intact` for 26 hours: the log is not being verified. See docs/runbooks/verify.md.",
+        namespace,
+        metricName: "mira_audit_verify_intact",
+        statistic: "Sum",
+        period: 3600,
+        evaluationPeriods: 26,
+        datapointsToAlarm: 26,
+        threshold: 1,
+        comparisonOperator: "LessThanThreshold",
+        treatMissingData: "breaching",
+      }),
+      // The verification found the log altered: held for a day (one datapoint in 24 hours).
+      alarm("audit-verify-failed", {
+        alarmDescription: "mira audit verify printed `log verification FAILED`: the log or its witness was altered. See docs/runbooks/verify.md.",
+        namespace,
+        metricName: "mira_audit_verify_failed",
+        statistic: "Sum",
+        period: 3600,
+        evaluationPeriods: 24,
+        datapointsToAlarm: 1,
+        threshold: 0,
+        comparisonOperator: "GreaterThanThreshold",
+        treatMissingData: "notBreaching",
+      }),
+    );
+
     // The ALB's 5xx rate: over 5 % of requests in 5 minutes, answered by Mira or by the ALB itself.
     const lb = { LoadBalancer: c.alb.arnSuffix };
     const albMetric = (id: string, metricName: string) => ({

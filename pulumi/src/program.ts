@@ -18,6 +18,8 @@ export type ProgramConfig = FoundationsConfig &
   DeliveryConfig & {
     /** Where the alarms go (an e-mail address confirms its subscription); none: only the topic. */
     alarmEmail?: string;
+    /** How long the witness may not answer the relay before `witness-stale` rings (observability.ts). */
+    witnessStaleSeconds?: number;
   };
 
 export function program(cfg: ProgramConfig) {

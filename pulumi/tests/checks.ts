@@ -196,3 +196,55 @@ export function startupProblems(rs: Recorded[], role: string, servesReadyz: bool
   }
   return p;
 }
+
+const asList = <T>(x: T | T[] | undefined): T[] => (x === undefined ? [] : Array.isArray(x) ? x : [x]);
+
+/**
+ * The witness (the bucket with Object Lock): its policy keeps refusing plain HTTP and refuses
+ * every PutObject without `If-None-Match` (the condition key `s3:if-none-match` absent), so a
+ * record is written once; the process that writes checkpoints writes and lists every version,
+ * and the ones that verify read every version; nobody deletes, or changes a record's retention.
+ */
+export function witnessProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  const witness = ofType(rs, T.bucket).find((b) => b.inputs.objectLockEnabled === true);
+  if (!witness) return ["no bucket with Object Lock"];
+  const arn = witness.state.arn;
+  const objects = `${arn}/*`;
+  const statements: any[] = byBucket(rs, T.policy, witness).flatMap((pol) => JSON.parse(pol.inputs.policy).Statement);
+  if (!statements.some((s) => s.Effect === "Deny" && s.Condition?.Bool?.["aws:SecureTransport"] === "false")) p.push(`${witness.name}: no TLS-only statement`);
+  const createOnly = statements.some(
+    (s) =>
+      s.Effect === "Deny" &&
+      s.Principal === "*" &&
+      asList(s.Action).some((a: string) => a === "s3:PutObject" || a === "s3:*") &&
+      asList(s.Resource).includes(objects) &&
+      JSON.stringify(s.Condition) === JSON.stringify({ Null: { "s3:if-none-match": "true" } }),
+  );
+  if (!createOnly) p.push(`${witness.name}: a PutObject without If-None-Match is not denied`);
+
+  const can = (role: string, action: string, resource: string) =>
+    statementsOf(rs, role).some((s: any) => s.Effect === "Allow" && asList(s.Action).includes(action) && asList(s.Resource).includes(resource));
+  // The relay, which writes checkpoints (the roles' role), and the verifiers (the API, per job; the daily task).
+  const need: [string, string, string][] = [
+    ["roles", "s3:PutObject", objects],
+    ["roles", "s3:GetObject", objects],
+    ["roles", "s3:ListBucket", arn],
+    ["roles", "s3:ListBucketVersions", arn],
+  ];
+  for (const verifier of ["api", "audit-verify"]) {
+    need.push([verifier, "s3:GetObject", objects], [verifier, "s3:GetObjectVersion", objects], [verifier, "s3:ListBucket", arn], [verifier, "s3:ListBucketVersions", arn]);
+  }
+  for (const [role, action, resource] of need) if (!can(role, action, resource)) p.push(`${role}: cannot ${action} on the witness`);
+  for (const pol of ofType(rs, T.rolePolicy)) {
+    for (const s of JSON.parse(pol.inputs.policy).Statement as any[]) {
+      if (s.Effect !== "Allow" || !asList(s.Resource).some((r: string) => r === arn || r === objects || r === "*")) continue;
+      for (const a of asList<string>(s.Action)) {
+        if (/^s3:(\*|Delete|PutObjectRetention|PutObjectLegalHold|BypassGovernanceRetention|PutBucketPolicy|PutBucketVersioning|PutObjectLockConfiguration)/.test(a)) {
+          p.push(`${pol.name}: ${a} on the witness`);
+        }
+      }
+    }
+  }
+  return p;
+}

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { apiProblems, encryptionProblems, messagingProblems, publicProblems, settingsProblems, startupProblems, statementsOf, T, workerProblems } from "./checks";
+import { apiProblems, encryptionProblems, messagingProblems, publicProblems, settingsProblems, startupProblems, statementsOf, T, witnessProblems, workerProblems } from "./checks";
 import { ofType, type Recorded, run } from "./harness";
 
 const clone = (rs: Recorded[]): Recorded[] => JSON.parse(JSON.stringify(rs));
@@ -87,6 +87,35 @@ describe("the foundations", () => {
       "api: cannot find mira-test-handlers-dlq.fifo",
       "api: /readyz cannot reach the uploads bucket",
     ]);
+  });
+
+  it("make the witness create-only, written by the relay and read in every version by the verifiers", async () => {
+    const { resources } = await run();
+    assert.deepEqual(witnessProblems(resources), []);
+    const policyOf = (rs: Recorded[]) => ofType(rs, T.policy).find((x) => x.name === "witness-tls-only")!;
+    const statements = (rs: Recorded[]) => JSON.parse(policyOf(rs).inputs.policy).Statement as any[];
+    const rewrite = (rs: Recorded[], f: (st: any[]) => any[]) => {
+      policyOf(rs).inputs.policy = JSON.stringify({ Version: "2012-10-17", Statement: f(statements(rs)) });
+    };
+    // Broken: the policy without the create-only statement (TLS-only kept).
+    const without = clone(resources);
+    rewrite(without, (st) => st.filter((x) => !x.Condition?.Null));
+    assert.deepEqual(witnessProblems(without), ["witness: a PutObject without If-None-Match is not denied"]);
+    // Broken: the condition that denies nothing (Null false: only requests that carry the header).
+    const inverted = clone(resources);
+    rewrite(inverted, (st) => st.map((x) => (x.Condition?.Null ? { ...x, Condition: { Null: { "s3:if-none-match": "false" } } } : x)));
+    assert.deepEqual(witnessProblems(inverted), ["witness: a PutObject without If-None-Match is not denied"]);
+    // Broken: the relay's role without ListBucketVersions, the API deleting a version.
+    const roles = clone(resources);
+    const pol = ofType(roles, T.rolePolicy).find((x) => x.name === "roles-policy")!;
+    const st = JSON.parse(pol.inputs.policy).Statement.map((x: any) => ({ ...x, Action: x.Action.filter((a: string) => a !== "s3:ListBucketVersions") }));
+    pol.inputs.policy = JSON.stringify({ Statement: st });
+    const api = ofType(roles, T.rolePolicy).find((x) => x.name === "api-policy")!;
+    const witness = ofType(roles, T.bucket).find((b) => b.name === "witness")!.state.arn;
+    api.inputs.policy = JSON.stringify({
+      Statement: [...JSON.parse(api.inputs.policy).Statement, { Effect: "Allow", Action: ["s3:DeleteObjectVersion"], Resource: [`${witness}/*`] }],
+    });
+    assert.deepEqual(witnessProblems(roles), ["roles: cannot s3:ListBucketVersions on the witness", "api-policy: s3:DeleteObjectVersion on the witness"]);
   });
 
   it("count what they create", async () => {

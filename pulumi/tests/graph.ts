@@ -15,6 +15,7 @@ const BY_SERVICE: Record<string, string> = {
   kms: "keys",
   lb: "compute",
   s3: "storage",
+  scheduler: "compute",
   sns: "messaging",
   sqs: "messaging",
 };

@@ -2,7 +2,22 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { CONFIG, ofType, type Recorded, run } from "./harness";
 import { validateK8s } from "./k8s/validate";
-import { adotConfigs, adotProduces, alarmProblems, cdnProblems, exportedMetrics, K, kubernetesObjects, relayProblems, scalerProblems, workerProblems } from "./operations";
+import { WITNESS_STALE_SECONDS } from "../src/observability";
+import {
+  adotConfigs,
+  adotProduces,
+  alarmProblems,
+  cdnProblems,
+  exportedMetrics,
+  K,
+  kubernetesObjects,
+  relayProblems,
+  scalerProblems,
+  verifyProblems,
+  WITNESS_METRICS,
+  witnessAlarmProblems,
+  workerProblems,
+} from "./operations";
 
 const clone = (rs: Recorded[]): Recorded[] => JSON.parse(JSON.stringify(rs));
 const find = (rs: Recorded[], type: string) => ofType(rs, type)[0];
@@ -91,6 +106,80 @@ describe("compute and operations", () => {
     // Broken: a DLQ alarm dropped.
     const noDlq = clone(resources).filter((r) => r.name !== "gpu-jobs-dlq-not-empty");
     assert.deepEqual(alarmProblems(noDlq, exported), ["no alarm on mira-test-gpu-jobs-dlq.fifo not being empty"]);
+  });
+
+  it("alarm on a witness conflict at once, and on a witness silent for too long", async () => {
+    const { resources } = await run();
+    const exported = exportedMetrics();
+    assert.ok(exported.includes(WITNESS_METRICS.conflicts) && exported.includes(WITNESS_METRICS.lastSuccess), String(exported));
+    const relay = ofType(resources, K.taskDef).filter((t) => t.inputs.family.endsWith("-relay"));
+    const produced = adotProduces(adotConfigs(resources, relay)[0], exported);
+    assert.ok(produced.has(`Mira/test/${WITNESS_METRICS.conflicts}`) && produced.has(`Mira/test/${WITNESS_METRICS.lastSuccess}`), String([...produced]));
+    assert.deepEqual(witnessAlarmProblems(resources, exported, WITNESS_STALE_SECONDS), []);
+    assert.deepEqual(alarmProblems(resources, exported), []);
+    // Broken: the relay's collector without the witness's metrics, the conflict alarm on a
+    // count over 1, the stale alarm quiet when the relay is gone.
+    const broken = clone(resources);
+    for (const td of ofType(broken, K.taskDef)) {
+      td.inputs.containerDefinitions = td.inputs.containerDefinitions
+        .replaceAll(`^${WITNESS_METRICS.conflicts}$`, "^mira_witness_conflicts$")
+        .replaceAll(`^${WITNESS_METRICS.lastSuccess}$`, "^mira_witness_last_success$");
+    }
+    ofType(broken, K.alarm).find((a) => a.name === "witness-conflict")!.inputs.threshold = 1;
+    ofType(broken, K.alarm).find((a) => a.name === "witness-stale")!.inputs.treatMissingData = "notBreaching";
+    assert.deepEqual(witnessAlarmProblems(broken, exported, WITNESS_STALE_SECONDS), [
+      `the relay's collector does not write ${WITNESS_METRICS.conflicts}`,
+      `the relay's collector does not write ${WITNESS_METRICS.lastSuccess}`,
+      "alarm witness-conflict: not on any value above 0 (GreaterThanThreshold 1)",
+      "alarm witness-stale: missing data is notBreaching, not breaching (no metric means no relay)",
+    ]);
+    // Broken: the stale alarm on the timestamp itself, not its age, and with a dimension the
+    // collector does not publish (the generic check sees the dimension too).
+    const timestamp = clone(resources);
+    const stale = ofType(timestamp, K.alarm).find((a) => a.name === "witness-stale")!.inputs;
+    stale.metricQueries = stale.metricQueries.map((q: any) =>
+      q.metric ? { ...q, returnData: true, metric: { ...q.metric, dimensions: { service: "relay" } } } : { ...q, returnData: false },
+    );
+    assert.deepEqual(witnessAlarmProblems(timestamp, exported, WITNESS_STALE_SECONDS), [
+      'alarm witness-stale: dimensions {"service":"relay"}',
+      "alarm witness-stale: does not alarm on the age EPOCH(m1) - m1 (m1)",
+    ]);
+    assert.deepEqual(alarmProblems(timestamp, exported), [
+      `alarm witness-stale: Mira/test/${WITNESS_METRICS.lastSuccess} with dimensions [service] is not what the collector publishes`,
+    ]);
+  });
+
+  it("verify the whole log every day, read-only, and alarm when it fails or does not run", async () => {
+    const { resources } = await run();
+    assert.deepEqual(verifyProblems(resources), []);
+    const td = ofType(resources, K.taskDef).find((t) => t.inputs.family === "mira-test-audit-verify")!;
+    assert.deepEqual(JSON.parse(td.inputs.containerDefinitions)[0].command, ["audit", "verify"]);
+    // Broken: the task running `audit checkpoint`, its role without ListBucketVersions and
+    // writing to the witness, the schedule in no security group.
+    const broken = clone(resources);
+    const btd = ofType(broken, K.taskDef).find((t) => t.inputs.family === "mira-test-audit-verify")!;
+    btd.inputs.containerDefinitions = btd.inputs.containerDefinitions.replace('"command":["audit","verify"]', '"command":["audit","checkpoint"]');
+    const pol = ofType(broken, K.rolePolicy).find((x) => x.name === "audit-verify-policy")!;
+    const st = JSON.parse(pol.inputs.policy).Statement.map((x: any) => ({ ...x, Action: x.Action.map((a: string) => (a === "s3:ListBucketVersions" ? "s3:PutObject" : a)) }));
+    pol.inputs.policy = JSON.stringify({ Statement: st });
+    ofType(broken, K.schedule)[0].inputs.target.ecsParameters.networkConfiguration.securityGroups = [];
+    assert.deepEqual(verifyProblems(broken), [
+      "security groups  do not reach the database",
+      'the task runs ["audit","checkpoint"], not ["audit","verify"]',
+      "the task cannot list the witness's versions",
+      "the verifier's role may s3:PutObject",
+    ]);
+    // Broken: the overdue alarm quiet on missing data, over a day only; the failure not counted.
+    const alarms = clone(resources);
+    const overdue = ofType(alarms, K.alarm).find((a) => a.name === "audit-verify-overdue")!.inputs;
+    overdue.treatMissingData = "notBreaching";
+    overdue.evaluationPeriods = overdue.datapointsToAlarm = 24;
+    const noFailed = alarms.filter((r) => !(r.type === K.metricFilter && String(r.inputs.pattern).includes("FAILED")));
+    assert.deepEqual(verifyProblems(noFailed), [
+      'no metric filter counts "log verification FAILED" in /mira/test/audit-verify',
+      "alarm audit-verify-overdue: rings after 86400 s without a run, not 26 hours",
+      "alarm audit-verify-overdue: missing data is notBreaching, not breaching",
+    ]);
   });
 
   it("send /api/* and /ws to the ALB and the rest to the bucket", async () => {

@@ -21,6 +21,14 @@ export const K = {
   listenerRule: "aws:lb/listenerRule:ListenerRule",
   listener: "aws:lb/listener:Listener",
   nodeGroup: "aws:eks/nodeGroup:NodeGroup",
+  schedule: "aws:scheduler/schedule:Schedule",
+  metricFilter: "aws:cloudwatch/logMetricFilter:LogMetricFilter",
+  rolePolicy: "aws:iam/rolePolicy:RolePolicy",
+  topic: "aws:sns/topic:Topic",
+  bucket: "aws:s3/bucket:Bucket",
+  sg: "aws:ec2/securityGroup:SecurityGroup",
+  subnet: "aws:ec2/subnet:Subnet",
+  secret: "aws:secretsmanager/secret:Secret",
 };
 
 /** The Kubernetes objects the program would apply: every `kubernetes:*` resource but Helm releases and providers. */
@@ -111,10 +119,15 @@ export function relayProblems(rs: Recorded[]): string[] {
   return p;
 }
 
-/** The metric names Mira's /metrics serves (gateway/src/api/metrics.rs). */
+/**
+ * The metric names Mira's /metrics serves (gateway/src/api/metrics.rs): the gauges' names as
+ * string literals, and the names its own `# TYPE` lines declare (the witness's, the requests').
+ */
 export function exportedMetrics(): string[] {
   const src = fs.readFileSync(path.resolve(__dirname, "../../../gateway/src/api/metrics.rs"), "utf8");
-  return [...new Set([...src.matchAll(/"(mira_[a-z_]+)"/g)].map((m) => m[1]))].sort();
+  const literal = [...src.matchAll(/"(mira_[a-z_]+)"/g)].map((m) => m[1]);
+  const typed = [...src.matchAll(/# TYPE (mira_[a-z_]+) (?:counter|gauge)/g)].map((m) => m[1]);
+  return [...new Set([...literal, ...typed])].sort();
 }
 
 /** (namespace, metric) pairs the ADOT collector's config writes to CloudWatch from `exported`. */
@@ -135,13 +148,41 @@ export function adotProduces(config: any, exported: string[]): Set<string> {
   return out;
 }
 
+/** For each (namespace, metric) the collector writes from `exported`: the dimension sets it publishes it with. */
+export function adotDimensions(config: any, exported: string[]): Map<string, string[][]> {
+  const out = new Map<string, string[][]>();
+  if (adotProduces(config, exported).size === 0) return out;
+  const emf = config.exporters.awsemf;
+  for (const decl of emf.metric_declarations ?? []) {
+    for (const sel of decl.metric_name_selectors ?? []) {
+      for (const m of exported) {
+        if (!new RegExp(sel).test(m)) continue;
+        const key = `${emf.namespace}/${m}`;
+        out.set(key, [...(out.get(key) ?? []), ...(decl.dimensions ?? [[]])]);
+      }
+    }
+  }
+  return out;
+}
+
 /** The collector configurations in the task definitions (AOT_CONFIG_CONTENT of each `adot` container). */
-export function adotConfigs(rs: Recorded[]): any[] {
-  return ofType(rs, K.taskDef)
+export function adotConfigs(rs: Recorded[], taskDefs: Recorded[] = ofType(rs, K.taskDef)): any[] {
+  return taskDefs
     .flatMap(containersOf)
     .filter((c) => c.name === "adot")
     .map((c) => JSON.parse(envOf(c).AOT_CONFIG_CONTENT));
 }
+
+/** (namespace, metric) pairs the log metric filters write to CloudWatch. */
+export function filterProduces(rs: Recorded[]): Set<string> {
+  return new Set(ofType(rs, K.metricFilter).map((f) => `${f.inputs.metricTransformation.namespace}/${f.inputs.metricTransformation.name}`));
+}
+
+/** The metrics an alarm reads: its own, or those of its metric queries (each with its dimensions). */
+const metricsOf = (a: Recorded): { id?: string; namespace: string; metricName: string; dims: Record<string, string>; stat?: string }[] =>
+  a.inputs.metricName
+    ? [{ namespace: a.inputs.namespace, metricName: a.inputs.metricName, dims: a.inputs.dimensions ?? {}, stat: a.inputs.statistic }]
+    : (a.inputs.metricQueries ?? []).filter((q: any) => q.metric).map((q: any) => ({ id: q.id, ...q.metric, dims: q.metric.dimensions ?? {} }));
 
 /** Every alarm on a metric of Mira's own is one the collector produces; the required alarms exist. */
 export function alarmProblems(rs: Recorded[], exported: string[]): string[] {
@@ -149,15 +190,25 @@ export function alarmProblems(rs: Recorded[], exported: string[]): string[] {
   const configs = adotConfigs(rs);
   if (configs.length === 0) return ["no ADOT collector in any task"];
   const produced = new Set(configs.flatMap((c) => [...adotProduces(c, exported)]));
+  const fromLogs = filterProduces(rs);
+  const dimensions = new Map<string, string[][]>();
+  for (const c of configs) for (const [k, v] of adotDimensions(c, exported)) dimensions.set(k, [...(dimensions.get(k) ?? []), ...v]);
   const alarms = ofType(rs, K.alarm);
-  const metricsOf = (a: Recorded) =>
-    a.inputs.metricName
-      ? [{ namespace: a.inputs.namespace, metricName: a.inputs.metricName, dims: a.inputs.dimensions ?? {} }]
-      : (a.inputs.metricQueries ?? []).filter((q: any) => q.metric).map((q: any) => ({ ...q.metric, dims: q.metric.dimensions ?? {} }));
   for (const a of alarms) {
     for (const m of metricsOf(a)) {
       if (m.namespace.startsWith("AWS/")) continue;
-      if (!produced.has(`${m.namespace}/${m.metricName}`)) p.push(`alarm ${a.name}: ${m.namespace}/${m.metricName} is produced by no ADOT configuration`);
+      const key = `${m.namespace}/${m.metricName}`;
+      if (fromLogs.has(key)) continue;
+      if (!produced.has(key)) {
+        p.push(`alarm ${a.name}: ${key} is produced by no ADOT configuration`);
+        continue;
+      }
+      // CloudWatch matches a metric by its dimensions, all of them: an alarm naming others
+      // than the collector publishes watches a metric nobody writes.
+      const want = Object.keys(m.dims).sort().join(",");
+      if (!(dimensions.get(key) ?? []).some((set) => [...set].sort().join(",") === want)) {
+        p.push(`alarm ${a.name}: ${key} with dimensions [${want}] is not what the collector publishes`);
+      }
     }
   }
   const all = alarms.flatMap(metricsOf);
@@ -169,6 +220,166 @@ export function alarmProblems(rs: Recorded[], exported: string[]): string[] {
   for (const q of queues) if (!has("ApproximateAgeOfOldestMessage", (m) => m.dims.QueueName === q.state.name)) p.push(`no alarm on ${q.inputs.name}'s oldest message`);
   if (!has("HTTPCode_Target_5XX_Count") || !has("RequestCount")) p.push("no alarm on the ALB's 5xx rate");
   if (ofType(rs, "aws:cloudwatch/dashboard:Dashboard").length !== 1) p.push("no dashboard");
+  return p;
+}
+
+/** The names of the witness's metrics on the relay's /metrics (gateway/src/api/metrics.rs). */
+export const WITNESS_METRICS = { conflicts: "mira_witness_conflicts_total", lastSuccess: "mira_witness_last_success_timestamp_seconds" };
+
+const alarmTopicArn = (rs: Recorded[]) => ofType(rs, K.topic).find((t) => t.name === "alarms")?.state.arn;
+
+/**
+ * The witness's alarms: the relay's collector writes both witness metrics (without dimensions,
+ * as the alarms read them); `witness-conflict` rings on any datapoint above 0, `witness-stale`
+ * on the age `EPOCH(m) - m` of the last success above `staleSeconds`, no data breaching; both
+ * into the alarm topic.
+ */
+export function witnessAlarmProblems(rs: Recorded[], exported: string[], staleSeconds: number): string[] {
+  const p: string[] = [];
+  for (const m of Object.values(WITNESS_METRICS)) if (!exported.includes(m)) p.push(`Mira's /metrics does not serve ${m}`);
+  const relay = ofType(rs, K.taskDef).filter((td) => envOf(containersOf(td).find((c) => c.name === "mira") ?? {}).Roles__Enabled === "relay");
+  const configs = adotConfigs(rs, relay);
+  if (configs.length === 0) return [...p, "no collector beside the relay"];
+  const namespace = configs[0].exporters?.awsemf?.namespace;
+  const dims = new Map<string, string[][]>();
+  for (const c of configs) for (const [k, v] of adotDimensions(c, exported)) dims.set(k, v);
+  for (const m of Object.values(WITNESS_METRICS)) {
+    const sets = dims.get(`${namespace}/${m}`);
+    if (!sets) p.push(`the relay's collector does not write ${m}`);
+    else if (!sets.some((s) => s.length === 0)) p.push(`the relay's collector writes ${m} only with dimensions ${JSON.stringify(sets)}`);
+  }
+  if (configs.some((c) => c.exporters?.awsemf?.retain_initial_value_of_delta_metric !== true)) {
+    p.push("the collector drops a counter's first value: a conflict before its first scrape would not count");
+  }
+  const alarms = ofType(rs, K.alarm);
+  const topic = alarmTopicArn(rs);
+  const reads = (a: Recorded, metric: string) => metricsOf(a).filter((m) => m.metricName === metric && m.namespace === namespace);
+
+  const conflict = alarms.find((a) => reads(a, WITNESS_METRICS.conflicts).length > 0);
+  if (!conflict) p.push(`no alarm on ${WITNESS_METRICS.conflicts}`);
+  else {
+    const a = conflict.inputs;
+    const m = reads(conflict, WITNESS_METRICS.conflicts)[0];
+    if (Object.keys(m.dims).length) p.push(`alarm ${conflict.name}: dimensions ${JSON.stringify(m.dims)}`);
+    if (a.comparisonOperator !== "GreaterThanThreshold" || a.threshold !== 0) p.push(`alarm ${conflict.name}: not on any value above 0 (${a.comparisonOperator} ${a.threshold})`);
+    if (!["Maximum", "Sum"].includes(a.statistic)) p.push(`alarm ${conflict.name}: statistic ${a.statistic} can hide one conflict`);
+    if ((a.datapointsToAlarm ?? a.evaluationPeriods) !== 1) p.push(`alarm ${conflict.name}: needs ${a.datapointsToAlarm ?? a.evaluationPeriods} datapoints, not any one`);
+    if (a.treatMissingData === "breaching") p.push(`alarm ${conflict.name}: rings on missing data (that is witness-stale's business)`);
+    if (!/runbooks\/verify\.md/.test(a.alarmDescription ?? "")) p.push(`alarm ${conflict.name}: its description does not point to docs/runbooks/verify.md`);
+    if (!(a.alarmActions ?? []).includes(topic)) p.push(`alarm ${conflict.name}: not into the alarm topic`);
+  }
+
+  const stale = alarms.find((a) => reads(a, WITNESS_METRICS.lastSuccess).length > 0);
+  if (!stale) p.push(`no alarm on ${WITNESS_METRICS.lastSuccess}`);
+  else {
+    const a = stale.inputs;
+    const m = reads(stale, WITNESS_METRICS.lastSuccess)[0];
+    if (Object.keys(m.dims).length) p.push(`alarm ${stale.name}: dimensions ${JSON.stringify(m.dims)}`);
+    const out = (a.metricQueries ?? []).filter((q: any) => q.returnData);
+    const age = new RegExp(`^\\s*EPOCH\\(\\s*${m.id}\\s*\\)\\s*-\\s*${m.id}\\s*$`);
+    if (out.length !== 1 || !age.test(out[0].expression ?? "")) p.push(`alarm ${stale.name}: does not alarm on the age EPOCH(${m.id}) - ${m.id} (${out.map((q: any) => q.expression ?? q.id)})`);
+    if (m.stat !== "Maximum") p.push(`alarm ${stale.name}: reads the last success with ${m.stat}, not Maximum`);
+    if (a.comparisonOperator !== "GreaterThanThreshold" || a.threshold !== staleSeconds) p.push(`alarm ${stale.name}: not on an age above ${staleSeconds} s (${a.comparisonOperator} ${a.threshold})`);
+    if (a.treatMissingData !== "breaching") p.push(`alarm ${stale.name}: missing data is ${a.treatMissingData ?? "missing"}, not breaching (no metric means no relay)`);
+    if (!(a.alarmActions ?? []).includes(topic)) p.push(`alarm ${stale.name}: not into the alarm topic`);
+  }
+  return p;
+}
+
+type Stmt = { Effect: string; Action: string | string[]; Resource: string | string[]; Condition?: any };
+const list = <T>(x: T | T[] | undefined): T[] => (x === undefined ? [] : Array.isArray(x) ? x : [x]);
+const policyOf = (rs: Recorded[], role: Recorded | undefined): Stmt[] =>
+  role ? ofType(rs, K.rolePolicy).filter((x) => x.inputs.role === `${role.name}-id`).flatMap((pol) => JSON.parse(pol.inputs.policy).Statement) : [];
+const allows = (st: Stmt[], action: string, resource: string) =>
+  st.some((s) => s.Effect === "Allow" && list(s.Action).includes(action) && list(s.Resource).some((r) => r === "*" || r === resource));
+
+/**
+ * The daily `mira audit verify`: a schedule runs, in the private subnets and the group the
+ * database admits, the latest revision of a task definition whose container runs
+ * `audit verify` with the witness, the key and DATABASE_URL; its task role reads the witness's
+ * every version and writes nothing; its log group's verdict lines are counted, and an alarm
+ * rings when `log intact` is missing for 26 hours (missing data breaching) and when
+ * `log verification FAILED` appears.
+ */
+export function verifyProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  const schedules = ofType(rs, K.schedule);
+  if (schedules.length !== 1) return [`${schedules.length} schedules`];
+  const sch = schedules[0].inputs;
+  const cluster = ofType(rs, "aws:ecs/cluster:Cluster")[0];
+  if (sch.target.arn !== cluster?.state.arn) p.push(`the schedule targets ${sch.target.arn}, not the cluster`);
+  if (!/^(cron|rate)\(/.test(sch.scheduleExpression ?? "")) p.push(`schedule expression ${sch.scheduleExpression}`);
+  const ecs = sch.target.ecsParameters ?? {};
+  if (ecs.launchType !== "FARGATE") p.push(`launch type ${ecs.launchType}`);
+  const net = ecs.networkConfiguration ?? {};
+  if (net.assignPublicIp !== false) p.push("the task gets a public address");
+  const compute = ofType(rs, K.subnet).filter((sn) => sn.inputs.tags?.tier === "compute").map((sn) => `${sn.name}-id`);
+  if (!(net.subnets?.length > 0) || !net.subnets.every((x: string) => compute.includes(x))) p.push(`subnets ${net.subnets} are not the private compute subnets`);
+  const db = ofType(rs, K.sg).find((g) => g.name === "database-sg");
+  const admitted = (db?.inputs.ingress ?? []).filter((r: any) => r.fromPort <= 5432 && r.toPort >= 5432).flatMap((r: any) => r.securityGroups ?? []);
+  if (!(net.securityGroups ?? []).some((g: string) => admitted.includes(g))) p.push(`security groups ${net.securityGroups} do not reach the database`);
+
+  const td = ofType(rs, K.taskDef).find((t) => t.state.arn === ecs.taskDefinitionArn || t.state.arn.replace(/:\d+$/, "") === ecs.taskDefinitionArn);
+  if (!td) return [...p, `the schedule runs ${ecs.taskDefinitionArn}, no task definition of the program`];
+  const mira = containersOf(td).find((c) => c.name === "mira");
+  if (JSON.stringify(mira?.command) !== JSON.stringify(["audit", "verify"])) p.push(`the task runs ${JSON.stringify(mira?.command)}, not ["audit","verify"]`);
+  const env = envOf(mira ?? {});
+  const witness = ofType(rs, K.bucket).find((b) => b.name === "witness")!;
+  const signingKey = ofType(rs, K.secret).find((x) => x.name === "audit-signing-key")!;
+  const dbApp = ofType(rs, K.secret).find((x) => x.name === "db-app")!;
+  if (env.Audit__WitnessBucket !== witness.state.bucket) p.push(`Audit__WitnessBucket is ${env.Audit__WitnessBucket}`);
+  if (env.Audit__SigningKeySecretId !== signingKey.state.arn && !env.Audit__PublicKeyFile) p.push("no trusted key: neither Audit__SigningKeySecretId nor Audit__PublicKeyFile");
+  const dbUrl = (mira?.secrets ?? []).find((x: any) => x.name === "DATABASE_URL");
+  if (dbUrl?.valueFrom !== dbApp.state.arn) p.push("DATABASE_URL is not the application's database secret");
+  const roleByArn = (arn: string) => ofType(rs, K.role).find((r) => r.state.arn === arn);
+  if (dbUrl && !allows(policyOf(rs, roleByArn(td.inputs.executionRoleArn)), "secretsmanager:GetSecretValue", dbUrl.valueFrom)) p.push("ECS cannot read DATABASE_URL's secret");
+
+  const role = roleByArn(td.inputs.taskRoleArn);
+  const st = policyOf(rs, role);
+  if (!role) p.push("the task has no role of the program");
+  if (!allows(st, "s3:ListBucketVersions", witness.state.arn)) p.push("the task cannot list the witness's versions");
+  if (!allows(st, "s3:ListBucket", witness.state.arn)) p.push("the task cannot list the witness");
+  for (const a of ["s3:GetObject", "s3:GetObjectVersion"]) if (!allows(st, a, `${witness.state.arn}/*`)) p.push(`the task cannot ${a} in the witness`);
+  if (env.Audit__SigningKeySecretId && !allows(st, "secretsmanager:GetSecretValue", signingKey.state.arn)) p.push("the task cannot read the signing key's secret");
+  for (const s of st) {
+    for (const a of list(s.Action)) {
+      if (a === "*" || a.endsWith(":*") || /^s3:(Put|Delete|Abort|Restore|Replicate|Bypass)/.test(a) || /^(sns|sqs):/.test(a) || /^kms:(Encrypt|GenerateDataKey)/.test(a)) {
+        p.push(`the verifier's role may ${a}`);
+      }
+    }
+  }
+  const scheduler = roleByArn(sch.target.roleArn);
+  const sst = policyOf(rs, scheduler);
+  if (!allows(sst, "ecs:RunTask", ecs.taskDefinitionArn)) p.push("the scheduler cannot run the task");
+  for (const arn of [td.inputs.taskRoleArn, td.inputs.executionRoleArn]) if (!allows(sst, "iam:PassRole", arn)) p.push(`the scheduler cannot pass ${arn}`);
+
+  const group = mira?.logConfiguration?.options?.["awslogs-group"];
+  const filters = ofType(rs, K.metricFilter).filter((f) => f.inputs.logGroupName === group);
+  const topic = alarmTopicArn(rs);
+  const counted = (phrase: string) => filters.find((f) => String(f.inputs.pattern).includes(`"${phrase}"`))?.inputs.metricTransformation;
+  const alarmOn = (mt: any) => ofType(rs, K.alarm).find((a) => a.inputs.namespace === mt?.namespace && a.inputs.metricName === mt?.name);
+  const intact = counted("log intact");
+  const failed = counted("log verification FAILED");
+  if (!intact) p.push(`no metric filter counts "log intact" in ${group}`);
+  if (!failed) p.push(`no metric filter counts "log verification FAILED" in ${group}`);
+  const overdue = intact && alarmOn(intact);
+  if (intact && !overdue) p.push(`no alarm on ${intact.name}`);
+  if (overdue) {
+    const a = overdue.inputs;
+    const window = a.period * (a.datapointsToAlarm ?? a.evaluationPeriods);
+    if (a.comparisonOperator !== "LessThanThreshold" || a.threshold !== 1 || a.statistic !== "Sum") p.push(`alarm ${overdue.name}: not on fewer than 1 (${a.statistic} ${a.comparisonOperator} ${a.threshold})`);
+    if (window !== 26 * 3600 || (a.datapointsToAlarm ?? a.evaluationPeriods) !== a.evaluationPeriods) p.push(`alarm ${overdue.name}: rings after ${window} s without a run, not 26 hours`);
+    if (a.treatMissingData !== "breaching") p.push(`alarm ${overdue.name}: missing data is ${a.treatMissingData}, not breaching`);
+    if (!(a.alarmActions ?? []).includes(topic)) p.push(`alarm ${overdue.name}: not into the alarm topic`);
+  }
+  const bad = failed && alarmOn(failed);
+  if (failed && !bad) p.push(`no alarm on ${failed.name}`);
+  if (bad) {
+    const a = bad.inputs;
+    if (a.comparisonOperator !== "GreaterThanThreshold" || a.threshold !== 0) p.push(`alarm ${bad.name}: not on any failure (${a.comparisonOperator} ${a.threshold})`);
+    if ((a.datapointsToAlarm ?? a.evaluationPeriods) !== 1) p.push(`alarm ${bad.name}: needs more than one failure`);
+    if (!(a.alarmActions ?? []).includes(topic)) p.push(`alarm ${bad.name}: not into the alarm topic`);
+  }
   return p;
 }
 
