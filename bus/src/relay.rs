@@ -308,7 +308,10 @@ impl Relay {
                 let due = since_checkpoint >= self.cfg.checkpoint_every_events
                     || (since_checkpoint > 0 && last_checkpoint.elapsed() >= self.cfg.checkpoint_every);
                 if let Some(epoch) = stopped_in.filter(|_| due) {
-                    let now = mira_eventlog::checkpoint::db_epochs(self.log.pool()).await?.pop().map(|e| e.epoch);
+                    let now = mira_eventlog::checkpoint::db_epochs(self.log.pool())
+                        .await?
+                        .pop()
+                        .map(|e| e.epoch);
                     if now.is_some_and(|n| n != epoch) {
                         tracing::warn!("a new epoch was started: checkpointing resumes");
                         stopped_in = None;

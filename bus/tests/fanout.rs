@@ -728,7 +728,11 @@ impl mira_eventlog::witness::Witness for Silent {
     fn describe(&self) -> String {
         "a witness that never answers".into()
     }
-    async fn create(&self, _: &str, _: &[u8]) -> Result<mira_eventlog::witness::Created, mira_eventlog::witness::WitnessError> {
+    async fn create(
+        &self,
+        _: &str,
+        _: &[u8],
+    ) -> Result<mira_eventlog::witness::Created, mira_eventlog::witness::WitnessError> {
         std::future::pending().await
     }
     async fn get(&self, _: &str) -> Result<Option<Vec<u8>>, mira_eventlog::witness::WitnessError> {

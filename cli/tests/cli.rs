@@ -1163,11 +1163,19 @@ async fn deleted_tail_then_more_checkpoints(db: &TestDb, env: &Env) {
         &format!("DELETE FROM events WHERE global_position > {first_end}; DELETE FROM checkpoints WHERE seq = 2"),
     )
     .await;
-    assert_fails_naming(&env.mira(&["audit", "verify"]), 1, &["checkpoint 2 of epoch", "missing from the database"]);
+    assert_fails_naming(
+        &env.mira(&["audit", "verify"]),
+        1,
+        &["checkpoint 2 of epoch", "missing from the database"],
+    );
     for _ in 0..2 {
         ok(&["bench", "append", "--commands", "20"]);
         let out = env.mira(&["audit", "checkpoint"]);
-        assert_fails_naming(&out, 1, &["WITNESS CONFLICT at checkpoint 2", "no checkpoint was written"]);
+        assert_fails_naming(
+            &out,
+            1,
+            &["WITNESS CONFLICT at checkpoint 2", "no checkpoint was written"],
+        );
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM checkpoints")
             .fetch_one(&db.pool)
             .await
@@ -1177,7 +1185,11 @@ async fn deleted_tail_then_more_checkpoints(db: &TestDb, env: &Env) {
     assert_fails_naming(
         &env.mira(&["audit", "verify"]),
         1,
-        &[&format!("at position {}:", first_end + 1), "checkpoint 2 of epoch", "missing from the database"],
+        &[
+            &format!("at position {}:", first_end + 1),
+            "checkpoint 2 of epoch",
+            "missing from the database",
+        ],
     );
 }
 
@@ -1230,14 +1242,29 @@ async fn a_restore_recorded_with_new_epoch_verifies_and_names_both_epochs() {
     ok(&["bench", "append", "--commands", "5"]);
     assert_eq!(env.mira(&["audit", "checkpoint"]).status.code(), Some(1));
     let out = env.mira(&["audit", "new-epoch", "--reason", " "]);
-    assert!(!out.status.success() && stderr(&out).contains("--reason"), "{}", stderr(&out));
-    let said = ok(&["audit", "new-epoch", "--reason", "restored to 09:00 after disk loss, ticket OPS-7"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("--reason"),
+        "{}",
+        stderr(&out)
+    );
+    let said = ok(&[
+        "audit",
+        "new-epoch",
+        "--reason",
+        "restored to 09:00 after disk loss, ticket OPS-7",
+    ]);
     assert!(said.contains("after checkpoint 1"), "{said}");
     ok(&["audit", "checkpoint"]);
     let report = ok(&["audit", "verify"]);
     assert!(report.starts_with("log intact:"), "{report}");
-    assert!(report.contains("1 of them numbered past where the log left the epoch"), "{report}");
-    assert!(report.contains("(current)") && report.contains("ticket OPS-7"), "{report}");
+    assert!(
+        report.contains("1 of them numbered past where the log left the epoch"),
+        "{report}"
+    );
+    assert!(
+        report.contains("(current)") && report.contains("ticket OPS-7"),
+        "{report}"
+    );
     let v: serde_json::Value = serde_json::from_str(ok(&["audit", "verify", "--json"]).trim()).unwrap();
     assert_eq!(v["report"]["epochs"].as_array().unwrap().len(), 2, "{v}");
 }
@@ -1251,7 +1278,11 @@ async fn a_catch_up_of_fifty_thousand_events_witnesses_every_checkpoint_it_write
     let out = env.mira(&["audit", "checkpoint", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let info: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
-    assert_eq!((info["written"].as_i64(), info["new_events"].as_i64()), (Some(3), Some(50_000)), "{info}");
+    assert_eq!(
+        (info["written"].as_i64(), info["new_events"].as_i64()),
+        (Some(3), Some(50_000)),
+        "{info}"
+    );
     let epoch = info["epoch"].as_str().unwrap();
     let mut records: Vec<String> = std::fs::read_dir(env.dir.join("witness").join(epoch))
         .unwrap()
@@ -1267,8 +1298,7 @@ async fn a_catch_up_of_fifty_thousand_events_witnesses_every_checkpoint_it_write
             "epoch.json"
         ]
     );
-    let v: serde_json::Value =
-        serde_json::from_str(stdout(&env.mira(&["audit", "verify", "--json"])).trim()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout(&env.mira(&["audit", "verify", "--json"])).trim()).unwrap();
     assert_eq!(v["report"]["witness_records"], 3, "{v}");
 }
 
@@ -1305,14 +1335,20 @@ async fn verify_memory_does_not_grow_with_the_number_of_checkpoints() {
     let b_url = a.url.replace(&a.name, &b_name);
     let shm = Path::new("/dev/shm");
     let witness = |tag: &str| {
-        let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
         let d = base.join(format!("mira-witness-{tag}-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&d).unwrap();
         d
     };
     let (wa, wb) = (witness("1k"), witness("100k"));
     let env_a = env_a.set("Audit__WitnessDir", &wa.display().to_string());
-    let env_b = Env::new(&b_url).set("Audit__WitnessDir", &wb.display().to_string()).keys();
+    let env_b = Env::new(&b_url)
+        .set("Audit__WitnessDir", &wb.display().to_string())
+        .keys();
     // The same signing key for both copies.
     for f in ["audit.key", "audit.key.pub"] {
         std::fs::copy(env_a.dir.join(f), env_b.dir.join(f)).unwrap();
@@ -1320,7 +1356,9 @@ async fn verify_memory_does_not_grow_with_the_number_of_checkpoints() {
     let n = |env: &Env, span: &str| {
         let out = env.mira(&["bench", "seed", "--jobs", "0", "--checkpoint-span", span, "--json"]);
         assert!(out.status.success(), "{}", stderr(&out));
-        serde_json::from_str::<serde_json::Value>(stdout(&out).trim()).unwrap()["checkpoints"].as_i64().unwrap()
+        serde_json::from_str::<serde_json::Value>(stdout(&out).trim()).unwrap()["checkpoints"]
+            .as_i64()
+            .unwrap()
     };
     assert_eq!(n(&env_a, "100"), 1_000);
     assert_eq!(n(&env_b, "1"), 100_000);

@@ -453,6 +453,10 @@ pub struct AuditSettings {
     pub witness_timeout_seconds: u64,
     /// The trusted public key for `mira audit verify`. Default: `<SigningKeyFile>.pub`.
     pub public_key_file: Option<PathBuf>,
+    /// The trusted public key itself (64 hex digits, as `mira keys init` prints it): for a
+    /// verifier that must not read the signing key's secret (the scheduled verification, the
+    /// API's per-job check on AWS).
+    pub public_key: Option<String>,
     /// The relay writes a checkpoint after this many events…
     pub checkpoint_every_events: u64,
     /// …or after this many seconds, whichever comes first.
@@ -469,6 +473,7 @@ impl Default for AuditSettings {
             witness_prefix: "checkpoints/".into(),
             witness_timeout_seconds: 10,
             public_key_file: None,
+            public_key: None,
             checkpoint_every_events: 1000,
             checkpoint_every_seconds: 60,
         }
@@ -720,6 +725,14 @@ impl Settings {
         }
         if self.audit.witness_bucket.as_deref() == Some("") {
             return invalid("Audit__WitnessBucket", "must not be empty");
+        }
+        if let Some(k) = &self.audit.public_key {
+            if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return invalid(
+                    "Audit__PublicKey",
+                    "must be 64 hex digits (the public key `mira keys init` prints)",
+                );
+            }
         }
         if !(1..=300).contains(&self.audit.witness_timeout_seconds) {
             return invalid("Audit__WitnessTimeoutSeconds", "must be 1 to 300");

@@ -394,7 +394,9 @@ pub async fn db_epochs(pool: &PgPool) -> Result<Vec<DbEpoch>, sqlx::Error> {
 
 /// [`db_epochs`] on a connection (inside a transaction).
 pub async fn db_epochs_on(e: &mut sqlx::PgConnection) -> Result<Vec<DbEpoch>, sqlx::Error> {
-    let first: Uuid = sqlx::query_scalar("SELECT epoch FROM log_epoch").fetch_one(&mut *e).await?;
+    let first: Uuid = sqlx::query_scalar("SELECT epoch FROM log_epoch")
+        .fetch_one(&mut *e)
+        .await?;
     let mut out = vec![DbEpoch {
         epoch: first,
         record: None,
@@ -617,13 +619,19 @@ async fn epoch_record(
         if r.epoch != epoch.epoch || !r.signed_by(&key.verifying_key()) {
             return Err(conflict(
                 next_seq,
-                format!("the witness's record of epoch {} is not one this audit key signed", epoch.epoch),
+                format!(
+                    "the witness's record of epoch {} is not one this audit key signed",
+                    epoch.epoch
+                ),
             ));
         }
         if epoch.record.as_ref().is_some_and(|db| *db != r) {
             return Err(conflict(
                 next_seq,
-                format!("epoch {} in the database differs from its record in the witness", epoch.epoch),
+                format!(
+                    "epoch {} in the database differs from its record in the witness",
+                    epoch.epoch
+                ),
             ));
         }
         Ok(r)
@@ -816,14 +824,18 @@ async fn write_one(
     if let Created::Exists(bytes) = created {
         let theirs = WitnessRecord::from_bytes(&name, &bytes).map_err(|e| conflict(seq, e.to_string()))?;
         if theirs != mine {
-            let (their_ck, their_leaves) = roll_forward(&mut tx, key, &theirs, (epoch.epoch, seq), (from, count, prev_digest))
-                .await?
-                .map_err(|why| {
-                    conflict(
-                        seq,
-                        format!("the witness already holds a different checkpoint {seq} of epoch {}: {why}", epoch.epoch),
-                    )
-                })?;
+            let (their_ck, their_leaves) =
+                roll_forward(&mut tx, key, &theirs, (epoch.epoch, seq), (from, count, prev_digest))
+                    .await?
+                    .map_err(|why| {
+                        conflict(
+                            seq,
+                            format!(
+                                "the witness already holds a different checkpoint {seq} of epoch {}: {why}",
+                                epoch.epoch
+                            ),
+                        )
+                    })?;
             tracing::warn!(
                 seq,
                 epoch = %epoch.epoch,
@@ -867,7 +879,10 @@ async fn roll_forward(
     (from, count, prev_digest): (Cursor, i64, Hash32),
 ) -> Result<Result<(Checkpoint, Vec<u8>), String>, sqlx::Error> {
     if theirs.epoch != epoch || theirs.seq != seq {
-        return Ok(Err(format!("it names checkpoint {} of epoch {}", theirs.seq, theirs.epoch)));
+        return Ok(Err(format!(
+            "it names checkpoint {} of epoch {}",
+            theirs.seq, theirs.epoch
+        )));
     }
     if !theirs.signed_by(&key.verifying_key()) || theirs.key_id != key_id(&key.verifying_key()) {
         return Ok(Err("it is not signed by this audit key".into()));
@@ -990,7 +1005,12 @@ pub async fn new_epoch(
 /// witnessed first, but inserted a thousand rows per statement instead of one transaction
 /// each. Returns how many were written. Not for a live log: it holds the writers' lock
 /// throughout and reads below one watermark.
-pub async fn seed_spans(pool: &PgPool, key: &AuditKey, witness: &dyn Witness, span: i64) -> Result<i64, CheckpointError> {
+pub async fn seed_spans(
+    pool: &PgPool,
+    key: &AuditKey,
+    witness: &dyn Witness,
+    span: i64,
+) -> Result<i64, CheckpointError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(LOCK_KEY)

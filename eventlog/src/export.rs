@@ -103,8 +103,5 @@ pub async fn export(
         writeln!(out, "{line}")?;
     }
     out.flush()?;
-    Ok(ExportSummary {
-        events,
-        checkpoints,
-    })
+    Ok(ExportSummary { events, checkpoints })
 }

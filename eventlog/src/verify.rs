@@ -124,20 +124,29 @@ impl HeaderState {
                 c.seq, self.seq
             )));
         }
-        if key.verify(&c.canonical().bytes(), &Signature::from_bytes(&c.signature)).is_err() {
+        if key
+            .verify(&c.canonical().bytes(), &Signature::from_bytes(&c.signature))
+            .is_err()
+        {
             return Err(bad(format!(
                 "checkpoint {} has a signature that the audit key did not make",
                 c.seq
             )));
         }
         if c.prev_digest != self.digest {
-            return Err(bad(format!("checkpoint {} does not continue checkpoint {}", c.seq, self.seq)));
+            return Err(bad(format!(
+                "checkpoint {} does not continue checkpoint {}",
+                c.seq, self.seq
+            )));
         }
         if c.leaves_len % LEAF_LEN as i64 != 0
             || c.event_count != self.count + c.leaves_len / LEAF_LEN as i64
             || c.upto < self.upto
         {
-            return Err(bad(format!("checkpoint {}'s leaves do not match its signed count", c.seq)));
+            return Err(bad(format!(
+                "checkpoint {}'s leaves do not match its signed count",
+                c.seq
+            )));
         }
         *self = Self {
             seq: c.seq,
@@ -198,7 +207,9 @@ async fn checkpoint_pass(pool: &PgPool) -> Result<Result<(u64, u64), Violation>,
             events += 1;
             // The checkpoint that should cover this event, loading the next when one is done.
             while current.as_ref().is_none_or(|l| l.next >= l.bytes.len()) {
-                let Some((c, bytes)) = checkpoints.next().await? else { break };
+                let Some((c, bytes)) = checkpoints.next().await? else {
+                    break;
+                };
                 if bytes.len() as i64 != c.leaves_len || fold_leaves(c.prev_digest, &bytes) != c.digest {
                     return Ok(Err(violation(
                         c.upto.position,
@@ -213,10 +224,7 @@ async fn checkpoint_pass(pool: &PgPool) -> Result<Result<(u64, u64), Violation>,
                 });
             }
             let pos = e.cursor.position;
-            match current
-                .as_mut()
-                .and_then(|l| l.peek().map(|p| (l.seq, p)))
-            {
+            match current.as_mut().and_then(|l| l.peek().map(|p| (l.seq, p))) {
                 Some((seq, (lpos, lid, lhash))) => {
                     if lpos != pos || lid != e.event_id {
                         return Ok(Err(misplaced(pool, seq, (lpos, lid), (pos, e.event_id)).await?));
@@ -257,7 +265,9 @@ async fn checkpoint_pass(pool: &PgPool) -> Result<Result<(u64, u64), Violation>,
                 format!("event is missing: checkpoint {seq} covers it, the log ends before it"),
             )));
         }
-        let Some((c, bytes)) = checkpoints.next().await? else { break };
+        let Some((c, bytes)) = checkpoints.next().await? else {
+            break;
+        };
         current = Some(Leaves {
             seq: c.seq,
             bytes,
@@ -445,7 +455,10 @@ pub async fn verify_stream(
                 current = None;
                 continue;
             };
-            if key.verify(&c.canonical().bytes(), &Signature::from_bytes(&c.signature)).is_err() {
+            if key
+                .verify(&c.canonical().bytes(), &Signature::from_bytes(&c.signature))
+                .is_err()
+            {
                 return Err(VerifyError::Violation(violation(
                     c.upto.position,
                     None,
@@ -499,4 +512,3 @@ pub async fn verify_stream(
         seconds: started.elapsed().as_secs_f64(),
     })
 }
-

@@ -337,7 +337,9 @@ impl Witness for DirWitness {
         let mut keep = std::collections::BinaryHeap::new();
         for entry in entries {
             let entry = entry.map_err(|e| self.io(e))?;
-            let Ok(name) = entry.file_name().into_string() else { continue };
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
             if name.starts_with('.') || name.as_str() <= after || entry.file_type().map_err(|e| self.io(e))?.is_dir() {
                 continue;
             }

@@ -144,7 +144,9 @@ impl Folder<'_> {
         // The end of the last database checkpoint passed: where missing events would start.
         let mut last_end = match self.first {
             1 => 0,
-            n => checkpoint::load_header(pool, n - 1).await?.map_or(0, |h| h.upto.position),
+            n => checkpoint::load_header(pool, n - 1)
+                .await?
+                .map_or(0, |h| h.upto.position),
         };
         let mut after = String::new();
         loop {
@@ -185,7 +187,11 @@ impl Folder<'_> {
                 if seq < self.first {
                     return bad(
                         last_end,
-                        format!("{} is in the witness but the epoch begins at checkpoint {}", self.describe(seq), self.first),
+                        format!(
+                            "{} is in the witness but the epoch begins at checkpoint {}",
+                            self.describe(seq),
+                            self.first
+                        ),
                     );
                 }
                 let name = match self.folder {
@@ -195,7 +201,12 @@ impl Folder<'_> {
                 let rec = match self.witness.get(&name).await? {
                     Some(bytes) => match WitnessRecord::from_bytes(&name, &bytes) {
                         Ok(r) => r,
-                        Err(e) => return bad(last_end, format!("{} is unreadable in the witness: {e}", self.describe(seq))),
+                        Err(e) => {
+                            return bad(
+                                last_end,
+                                format!("{} is unreadable in the witness: {e}", self.describe(seq)),
+                            )
+                        }
                     },
                     None => {
                         return bad(
@@ -281,12 +292,21 @@ pub async fn sweep(pool: &PgPool, key: &VerifyingKey, witness: &dyn Witness) -> 
                 )
             }
             (Some(db), Some(w)) if db != w => {
-                return bad(0, format!("epoch {} in the database differs from its record in the witness", e.epoch))
+                return bad(
+                    0,
+                    format!(
+                        "epoch {} in the database differs from its record in the witness",
+                        e.epoch
+                    ),
+                )
             }
             (None, Some(w)) if w.previous.is_some() || w.after_seq != 0 => {
                 return bad(
                     0,
-                    format!("the witness's record of the log's first epoch {} says it continues another", e.epoch),
+                    format!(
+                        "the witness's record of the log's first epoch {} says it continues another",
+                        e.epoch
+                    ),
                 )
             }
             _ => {}
@@ -335,16 +355,14 @@ pub async fn sweep(pool: &PgPool, key: &VerifyingKey, witness: &dyn Witness) -> 
         summary.records += legacy.records;
         summary.abandoned += legacy.abandoned;
         let newest = stats.newest.max(legacy.newest);
-        if i == 0 {
-            if rec.is_none() && summary.records == 0 && db_last > 0 && lineage.len() == 1 {
-                return bad(
-                    0,
-                    format!(
-                        "the witness ({}) holds no checkpoint but the database has {db_last}: it is not the witness the relay writes to, or it was emptied",
-                        witness.describe()
-                    ),
-                );
-            }
+        if i == 0 && rec.is_none() && summary.records == 0 && db_last > 0 && lineage.len() == 1 {
+            return bad(
+                0,
+                format!(
+                    "the witness ({}) holds no checkpoint but the database has {db_last}: it is not the witness the relay writes to, or it was emptied",
+                    witness.describe()
+                ),
+            );
         }
         out.records += summary.records;
         if current {

@@ -683,7 +683,9 @@ async fn a_checkpoint_signed_by_another_key_is_refused() {
     settle(&db.pool).await;
     // The forger cannot write to the real witness (its epoch record is not the forger's), so
     // it writes to a witness of its own and inserts the row.
-    let err = checkpoint::write(&db.pool, &forger.key, &audit.witness).await.unwrap_err();
+    let err = checkpoint::write(&db.pool, &forger.key, &audit.witness)
+        .await
+        .unwrap_err();
     assert!(err.is_conflict(), "{err}");
     checkpoint::write(&db.pool, &forger.key, &forger.witness).await.unwrap();
     let v = verify_err(&db.pool, &audit).await;
@@ -1045,7 +1047,9 @@ async fn checkpoints_numbered_past_deleted_ones_are_refused_and_verify_keeps_nam
     for (i, id) in ["j-5", "j-6"].into_iter().enumerate() {
         run_job(&cqrs(&log, "lab"), "lab", id).await;
         settle(&db.pool).await;
-        let err = checkpoint::write(&db.pool, &audit.key, &audit.witness).await.unwrap_err();
+        let err = checkpoint::write(&db.pool, &audit.key, &audit.witness)
+            .await
+            .unwrap_err();
         match &err {
             CheckpointError::Conflict { seq, reason } => {
                 assert_eq!(*seq, 2, "round {i}: {err}");
@@ -1132,7 +1136,10 @@ async fn checkpoints_re_signed_under_a_new_key_do_not_match_the_witness() {
     let err = verify::verify(&db.pool, &forger.key.verifying_key(), &audit.witness)
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("signature that the audit key did not make"), "{err}");
+    assert!(
+        err.to_string().contains("signature that the audit key did not make"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -1140,21 +1147,39 @@ async fn a_crash_between_the_witness_and_the_insert_rolls_forward_without_an_ala
     let (db, log, audit) = checkpointed_log().await;
     run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
     settle(&db.pool).await;
-    let err = checkpoint::write_spans(&db.pool, &audit.key, &audit.witness, checkpoint::MAX_SPAN, CrashAt::AfterWitness)
-        .await
-        .unwrap_err();
+    let err = checkpoint::write_spans(
+        &db.pool,
+        &audit.key,
+        &audit.witness,
+        checkpoint::MAX_SPAN,
+        CrashAt::AfterWitness,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, CheckpointError::Witness { seq: 2, .. }), "{err}");
     assert_eq!(checkpoint_rows(&db.pool).await, [1]);
     // Before the next writer comes, verify sees a witnessed checkpoint the database lacks.
-    assert!(verify_err(&db.pool, &audit).await.reason.contains("checkpoint 2 of epoch"));
+    assert!(verify_err(&db.pool, &audit)
+        .await
+        .reason
+        .contains("checkpoint 2 of epoch"));
     // More events meanwhile: the orphan covers only what it covered, the rest goes in 3.
     run_job(&cqrs(&log, "lab"), "lab", "j-5").await;
     settle(&db.pool).await;
     let info = audit.checkpoint(&db.pool).await;
-    assert_eq!((info.rolled_forward, info.written, info.seq, info.event_count), (1, 2, 3, 25));
-    assert_eq!(upto_of(&db.pool, 2).await, *positions_of(&db.pool, "j-4").await.last().unwrap());
+    assert_eq!(
+        (info.rolled_forward, info.written, info.seq, info.event_count),
+        (1, 2, 3, 25)
+    );
+    assert_eq!(
+        upto_of(&db.pool, 2).await,
+        *positions_of(&db.pool, "j-4").await.last().unwrap()
+    );
     let r = audit.verify(&db.pool).await.unwrap();
-    assert_eq!((r.checkpoints, r.witness_records, r.witnessed_checkpoint), (3, 3, Some(3)));
+    assert_eq!(
+        (r.checkpoints, r.witness_records, r.witnessed_checkpoint),
+        (3, 3, Some(3))
+    );
 }
 
 #[tokio::test]
@@ -1162,17 +1187,28 @@ async fn a_record_in_the_witness_that_is_not_ours_is_a_conflict_not_a_roll_forwa
     let (db, log, audit) = checkpointed_log().await;
     run_job(&cqrs(&log, "lab"), "lab", "j-4").await;
     settle(&db.pool).await;
-    checkpoint::write_spans(&db.pool, &audit.key, &audit.witness, MAX_SPAN_FOR_TESTS, CrashAt::AfterWitness)
-        .await
-        .unwrap_err();
+    checkpoint::write_spans(
+        &db.pool,
+        &audit.key,
+        &audit.witness,
+        MAX_SPAN_FOR_TESTS,
+        CrashAt::AfterWitness,
+    )
+    .await
+    .unwrap_err();
     // The orphan's digest no longer folds from the log: an event it covered was altered.
     let pos = positions_of(&db.pool, "j-4").await[1];
     tamper(
         &db.owner,
-        &format!("UPDATE events SET hash = '\\x{}' WHERE global_position = {pos}", "ab".repeat(32)),
+        &format!(
+            "UPDATE events SET hash = '\\x{}' WHERE global_position = {pos}",
+            "ab".repeat(32)
+        ),
     )
     .await;
-    let err = checkpoint::write(&db.pool, &audit.key, &audit.witness).await.unwrap_err();
+    let err = checkpoint::write(&db.pool, &audit.key, &audit.witness)
+        .await
+        .unwrap_err();
     assert!(err.is_conflict(), "{err}");
     assert!(err.to_string().contains("do not fold"), "{err}");
     assert_eq!(checkpoint_rows(&db.pool).await, [1]);
@@ -1202,7 +1238,17 @@ async fn a_restore_then_a_new_epoch_verifies_and_reports_both_epochs() {
     let epochs: Vec<_> = r
         .epochs
         .iter()
-        .map(|x| (x.epoch, x.in_log, x.current, x.first_seq, x.last_seq, x.records, x.abandoned))
+        .map(|x| {
+            (
+                x.epoch,
+                x.in_log,
+                x.current,
+                x.first_seq,
+                x.last_seq,
+                x.records,
+                x.abandoned,
+            )
+        })
         .collect();
     assert_eq!(
         epochs,
@@ -1226,7 +1272,10 @@ async fn a_restore_then_a_new_epoch_verifies_and_reports_both_epochs() {
     audit.checkpoint(&db.pool).await;
     let r = audit.verify(&db.pool).await.unwrap();
     assert_eq!(r.epochs.len(), 3, "{:?}", r.epochs);
-    assert!(r.epochs.iter().any(|x| x.epoch == e.epoch && !x.in_log && x.records == 1));
+    assert!(r
+        .epochs
+        .iter()
+        .any(|x| x.epoch == e.epoch && !x.in_log && x.records == 1));
     assert!(r.epochs.iter().any(|x| x.epoch == e3.epoch && x.current));
 }
 
@@ -1240,7 +1289,9 @@ async fn an_epoch_the_database_started_without_the_witness_is_refused() {
         .unwrap();
     let v = verify_err(&db.pool, &audit).await;
     assert!(v.reason.contains("has no record of it"), "{v}");
-    let err = checkpoint::write(&db.pool, &audit.key, &audit.witness).await.unwrap_err();
+    let err = checkpoint::write(&db.pool, &audit.key, &audit.witness)
+        .await
+        .unwrap_err();
     assert!(err.is_conflict(), "{err}");
 }
 
@@ -1265,7 +1316,8 @@ async fn a_checkpoint_row_the_witness_never_saw_is_caught() {
     checkpoint::write(&db.pool, &audit.key, &elsewhere).await.unwrap();
     let v = verify_err(&db.pool, &audit).await;
     assert!(
-        v.reason.contains("checkpoint 2 is in the database but not in the witness"),
+        v.reason
+            .contains("checkpoint 2 is in the database but not in the witness"),
         "{v}"
     );
 }
@@ -1277,7 +1329,8 @@ async fn records_from_before_epoch_folders_still_count_and_cut_over() {
     let epoch = checkpoint::db_epochs(&db.pool).await.unwrap()[0].epoch;
     let dir = audit.witness.path().to_path_buf();
     std::fs::rename(
-        dir.join(epoch.to_string()).join(mira_eventlog::witness::checkpoint_file(1)),
+        dir.join(epoch.to_string())
+            .join(mira_eventlog::witness::checkpoint_file(1)),
         dir.join(mira_eventlog::witness::checkpoint_file(1)),
     )
     .unwrap();
@@ -1290,7 +1343,10 @@ async fn records_from_before_epoch_folders_still_count_and_cut_over() {
     let k = AuditKey::from_hex("k", &audit.key.secret_hex()).unwrap();
     checkpoint::write(&db.pool, &k, &before).await.unwrap();
     let r = audit.verify(&db.pool).await.unwrap();
-    assert_eq!((r.checkpoints, r.witness_records, r.witnessed_checkpoint), (2, 1, Some(1)));
+    assert_eq!(
+        (r.checkpoints, r.witness_records, r.witnessed_checkpoint),
+        (2, 1, Some(1))
+    );
     // The first write under the new rule records the cut-over: from 3 on, every checkpoint.
     run_job(&cqrs(&log, "lab"), "lab", "j-5").await;
     settle(&db.pool).await;
@@ -1304,4 +1360,83 @@ async fn records_from_before_epoch_folders_still_count_and_cut_over() {
         v.reason.contains("checkpoint 1 (at the top of the witness") && v.reason.contains("missing from the database"),
         "{v}"
     );
+}
+
+/// A witness that counts what is asked of it.
+#[derive(Debug)]
+struct Counting {
+    inner: DirWitness,
+    gets: std::sync::atomic::AtomicUsize,
+    lists: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl mira_eventlog::witness::Witness for Counting {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    async fn create(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<mira_eventlog::witness::Created, mira_eventlog::witness::WitnessError> {
+        self.inner.create(name, bytes).await
+    }
+    async fn get(&self, name: &str) -> Result<Option<Vec<u8>>, mira_eventlog::witness::WitnessError> {
+        self.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.get(name).await
+    }
+    async fn epochs(&self) -> Result<Vec<uuid::Uuid>, mira_eventlog::witness::WitnessError> {
+        self.lists.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.epochs().await
+    }
+    async fn list(
+        &self,
+        folder: Option<uuid::Uuid>,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<mira_eventlog::witness::Listed>, mira_eventlog::witness::WitnessError> {
+        self.lists.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.list(folder, after, limit).await
+    }
+}
+
+#[tokio::test]
+async fn the_per_job_check_reads_the_records_it_needs_and_the_newest_never_the_whole_witness() {
+    let (db, log, audit) = checkpointed_log().await;
+    for id in ["j-4", "j-5", "j-6", "j-7"] {
+        run_job(&cqrs(&log, "lab"), "lab", id).await;
+        settle(&db.pool).await;
+        audit.checkpoint(&db.pool).await;
+    }
+    let counting = Counting {
+        inner: audit.witness.clone(),
+        gets: Default::default(),
+        lists: Default::default(),
+    };
+    let r = verify::verify_stream(&db.pool, &audit.key.verifying_key(), &counting, None, "Job", "j-2")
+        .await
+        .unwrap();
+    // j-2 lies under checkpoint 1 of 5: its record, the newest's, the epoch record, one probe.
+    assert_eq!((r.checkpoints, r.checkpointed, r.witnessed_checkpoint), (1, 5, Some(5)));
+    let gets = counting.gets.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(gets <= 4, "{gets} records read");
+    assert_eq!(counting.lists.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // The attack on the newest is seen by the per-job check too.
+    let end = upto_of(&db.pool, 4).await;
+    tamper(
+        &db.owner,
+        &format!("DELETE FROM checkpoints WHERE seq = 5; DELETE FROM events WHERE global_position > {end}"),
+    )
+    .await;
+    match verify::verify_stream(&db.pool, &audit.key.verifying_key(), &counting, None, "Job", "j-2").await {
+        Err(verify::VerifyError::Violation(v)) => {
+            assert!(
+                v.reason.contains("checkpoint 5 of epoch") && v.reason.contains("missing"),
+                "{v}"
+            );
+            assert_eq!(v.position, end + 1, "{v}");
+        }
+        other => panic!("j-2's check must see the deleted checkpoint: {other:?}"),
+    }
 }

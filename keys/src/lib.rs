@@ -45,12 +45,19 @@ pub async fn signing_key(settings: &Settings) -> anyhow::Result<AuditKey> {
     AuditKey::load(path).with_context(|| format!("Audit__SigningKeyFile {}", path.display()))
 }
 
-/// The trusted public key for verification: `flag`, else `Audit__PublicKeyFile`, else the
-/// public half of the Secrets Manager key when `Audit__SigningKeySecretId` is set, else the
+/// The trusted public key for verification: `flag`, else `Audit__PublicKey`, else
+/// `Audit__PublicKeyFile`, else the public half of the Secrets Manager key when `Audit__SigningKeySecretId` is set, else the
 /// `.pub` beside `Audit__SigningKeyFile`.
 pub async fn verifying_key(settings: &Settings, flag: Option<&Path>) -> anyhow::Result<VerifyingKey> {
     if let Some(p) = flag {
         return checkpoint::load_verifying_key(p).with_context(|| format!("--public-key {}", p.display()));
+    }
+    if let Some(k) = &settings.audit.public_key {
+        let bytes: [u8; 32] = hex::decode(k)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .context("Audit__PublicKey is not 64 hex digits")?;
+        return VerifyingKey::from_bytes(&bytes).context("Audit__PublicKey is not an Ed25519 public key");
     }
     if let Some(p) = &settings.audit.public_key_file {
         return checkpoint::load_verifying_key(p).with_context(|| format!("Audit__PublicKeyFile {}", p.display()));

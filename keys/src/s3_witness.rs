@@ -96,20 +96,25 @@ impl Witness for S3Witness {
         match r {
             Ok(_) => Ok(Created::New),
             // 412: something is there. What it is decides (ours from before a crash, or not).
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => {
-                match self.get(name).await? {
-                    Some(existing) => Ok(Created::Exists(existing)),
-                    None => Err(self.io(format!(
-                        "{name}: refused as existing, yet nothing can be read there (a delete marker over it?)"
-                    ))),
-                }
-            }
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => match self.get(name).await? {
+                Some(existing) => Ok(Created::Exists(existing)),
+                None => Err(self.io(format!(
+                    "{name}: refused as existing, yet nothing can be read there (a delete marker over it?)"
+                ))),
+            },
             Err(e) => Err(self.sdk(e)),
         }
     }
 
     async fn get(&self, name: &str) -> Result<Option<Vec<u8>>, WitnessError> {
-        match self.client.get_object().bucket(&self.bucket).key(self.key(name)).send().await {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.key(name))
+            .send()
+            .await
+        {
             Ok(out) => {
                 let bytes = out.body.collect().await.map_err(|e| self.io(e))?;
                 Ok(Some(bytes.into_bytes().to_vec()))
@@ -137,7 +142,11 @@ impl Witness for S3Witness {
                 .await
                 .map_err(|e| self.sdk(e))?;
             for p in page.common_prefixes() {
-                let name = p.prefix().unwrap_or_default().strip_prefix(&self.prefix).unwrap_or_default();
+                let name = p
+                    .prefix()
+                    .unwrap_or_default()
+                    .strip_prefix(&self.prefix)
+                    .unwrap_or_default();
                 if let Ok(e) = Uuid::parse_str(name.trim_end_matches('/')) {
                     if !out.contains(&e) {
                         out.push(e);
@@ -171,7 +180,9 @@ impl Witness for S3Witness {
                 .await
                 .map_err(|e| self.sdk(e))?;
             let mut entry = |key: Option<&str>, marker: bool| {
-                let Some(name) = key.and_then(|k| k.strip_prefix(&prefix)) else { return };
+                let Some(name) = key.and_then(|k| k.strip_prefix(&prefix)) else {
+                    return;
+                };
                 if name <= after {
                     return;
                 }

@@ -116,6 +116,15 @@ async fn the_signing_key_lives_in_secrets_manager_and_is_never_made_by_a_load() 
         mira_keys::verifying_key(&settings, None).await.unwrap(),
         made.verifying_key()
     );
+    // One that must not read the secret is given the public key itself.
+    let public = hex::encode(made.verifying_key().as_bytes());
+    let given = Settings::load(None, vec![("Audit__PublicKey".to_owned(), public)]).unwrap();
+    assert_eq!(
+        mira_keys::verifying_key(&given, None).await.unwrap(),
+        made.verifying_key()
+    );
+    let err = Settings::load(None, vec![("Audit__PublicKey".to_owned(), "00ff".to_owned())]).unwrap_err();
+    assert!(err.to_string().contains("Audit__PublicKey"), "{err}");
 }
 
 async fn s3() -> aws_sdk_s3::Client {
@@ -143,7 +152,9 @@ async fn witness_bucket() -> (aws_sdk_s3::Client, String, Settings) {
 }
 
 fn names(v: &[Listed]) -> Vec<(&str, u32, u32)> {
-    v.iter().map(|l| (l.name.as_str(), l.versions, l.delete_markers)).collect()
+    v.iter()
+        .map(|l| (l.name.as_str(), l.versions, l.delete_markers))
+        .collect()
 }
 
 #[tokio::test]
@@ -170,7 +181,10 @@ async fn the_witness_bucket_creates_each_record_once_and_lists_every_version() {
         [(c3.as_str(), 1, 0), (c7.as_str(), 1, 0), (c12.as_str(), 1, 0)]
     );
     assert_eq!(names(&w.list(Some(epoch), "", 1).await.unwrap()), [(c3.as_str(), 1, 0)]);
-    assert_eq!(names(&w.list(Some(epoch), &c3, 1).await.unwrap()), [(c7.as_str(), 1, 0)]);
+    assert_eq!(
+        names(&w.list(Some(epoch), &c3, 1).await.unwrap()),
+        [(c7.as_str(), 1, 0)]
+    );
     // What Object Lock still lets a writer do is visible: a second version, a delete marker.
     s3.put_object()
         .bucket(&bucket)
@@ -247,7 +261,9 @@ async fn on_an_object_lock_bucket_deleted_checkpoints_stay_missing_and_hidden_re
         .unwrap();
     append(&db, 10).await;
     assert_eq!(c.write(&db.pool).await.unwrap().seq, 2);
-    let r = mira_eventlog::verify::verify(&db.pool, &v.key, v.witness.as_ref()).await.unwrap();
+    let r = mira_eventlog::verify::verify(&db.pool, &v.key, v.witness.as_ref())
+        .await
+        .unwrap();
     assert_eq!((r.checkpoints, r.witness_records), (2, 2));
 
     tamper(
@@ -261,7 +277,10 @@ async fn on_an_object_lock_bucket_deleted_checkpoints_stay_missing_and_hidden_re
         assert!(err.is_conflict(), "{err}");
     }
     assert_eq!(c.health.conflicts(), 2);
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM checkpoints").fetch_one(&db.pool).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM checkpoints")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(n, 1, "a conflict leaves no checkpoint row");
     let line = verify_fails(&db, &settings).await;
     assert!(
@@ -278,7 +297,10 @@ async fn on_an_object_lock_bucket_deleted_checkpoints_stay_missing_and_hidden_re
         .await
         .unwrap();
     let line = verify_fails(&db, &settings).await;
-    assert!(line.contains("checkpoint 2 of epoch") && line.contains("1 delete markers"), "{line}");
+    assert!(
+        line.contains("checkpoint 2 of epoch") && line.contains("1 delete markers"),
+        "{line}"
+    );
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -304,7 +326,10 @@ async fn a_delete_marker_over_the_newest_record_is_a_finding() {
         .await
         .unwrap();
     let line = verify_fails(&db, &settings).await;
-    assert!(line.contains("checkpoint 1 of epoch") && line.contains("delete markers"), "{line}");
+    assert!(
+        line.contains("checkpoint 1 of epoch") && line.contains("delete markers"),
+        "{line}"
+    );
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -335,7 +360,11 @@ async fn a_witness_bucket_that_never_answers_fails_within_its_deadline() {
     let started = std::time::Instant::now();
     let err = w.create("x/epoch.json", b"{}").await.unwrap_err();
     assert!(matches!(err, WitnessError::Io { .. }), "{err}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]

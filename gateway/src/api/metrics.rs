@@ -52,7 +52,11 @@ impl Metrics {
             let _ = writeln!(out, "mira_witness_conflicts_total {}", w.conflicts());
             out.push_str("# HELP mira_witness_last_success_timestamp_seconds When the witness last took a checkpoint (Unix seconds; 0: not since this process started).\n");
             out.push_str("# TYPE mira_witness_last_success_timestamp_seconds gauge\n");
-            let _ = writeln!(out, "mira_witness_last_success_timestamp_seconds {}", w.last_success_unix());
+            let _ = writeln!(
+                out,
+                "mira_witness_last_success_timestamp_seconds {}",
+                w.last_success_unix()
+            );
         }
         let mut last = "";
         for g in gauges {
