@@ -280,6 +280,7 @@ impl Relay {
                     let r = writing.take().expect("checked").await;
                     match r {
                         Ok(Ok(None)) => {}
+                        Ok(Ok(Some(info))) if info.written == 0 => {}
                         Ok(Ok(Some(info))) => tracing::info!(
                             seq = info.seq,
                             written = info.written,
@@ -326,7 +327,7 @@ impl Relay {
                 }
                 if due && writing.is_none() && stopped_in.is_none() {
                     let (c, pool) = (checkpoints.clone(), self.log.pool().clone());
-                    writing = Some(tokio::spawn(async move { c.write(&pool).await.map(Some) }));
+                    writing = Some(tokio::spawn(async move { c.write_due(&pool).await.map(Some) }));
                     since_checkpoint = 0;
                     last_checkpoint = Instant::now();
                 } else if since_checkpoint == 0

@@ -644,21 +644,32 @@ async fn scalar(pool: &sqlx::PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
-/// A relay writing a checkpoint after every published batch, to `witness`.
-fn checkpointing_relay(
-    w: &World,
-    witness: Arc<dyn mira_eventlog::witness::Witness>,
-) -> (Relay, Arc<mira_eventlog::checkpoint::WitnessHealth>, std::path::PathBuf) {
+/// A checkpointer of its own (key in a directory of the test's) writing to `witness`.
+fn checkpointer(witness: Arc<dyn mira_eventlog::witness::Witness>) -> mira_eventlog::checkpoint::Checkpointer {
     let dir = std::env::temp_dir().join(format!("mira-relay-audit-{}", uuid::Uuid::new_v4()));
     let (key, _) = mira_eventlog::checkpoint::AuditKey::init(&dir.join("audit.key")).unwrap();
-    let c = mira_eventlog::checkpoint::Checkpointer::new(Arc::new(key), witness);
-    let health = c.health.clone();
+    mira_eventlog::checkpoint::Checkpointer::new(Arc::new(key), witness)
+}
+
+/// A relay writing a checkpoint after every published batch, running until the returned
+/// token is cancelled.
+fn run_checkpointing_relay(
+    w: &World,
+    c: &mira_eventlog::checkpoint::Checkpointer,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), mira_bus::relay::RelayError>>,
+) {
     let cfg = RelayConfig {
         checkpoint_every_events: 1,
         idle_poll: Duration::from_millis(10),
         ..Default::default()
     };
-    (Relay::new(w.log.clone(), w.bus.publisher(), cfg, Some(c)), health, dir)
+    let relay = Relay::new(w.log.clone(), w.bus.publisher(), cfg, Some(c.clone()));
+    let stop = CancellationToken::new();
+    let url = w.db.url.clone();
+    let s = stop.clone();
+    (stop, tokio::spawn(async move { relay.run(&url, s).await }))
 }
 
 async fn published_all(w: &World) -> bool {
@@ -676,13 +687,9 @@ async fn the_relay_stops_checkpointing_on_a_witness_conflict_and_publishing_goes
     let w = World::new(memory_bus().await).await;
     let wdir = std::env::temp_dir().join(format!("mira-relay-witness-{}", uuid::Uuid::new_v4()));
     let witness = Arc::new(mira_eventlog::witness::DirWitness::create_dir(&wdir).unwrap());
-    let (relay, health, _dir) = checkpointing_relay(&w, witness);
-    let stop = CancellationToken::new();
-    let url = w.db.url.clone();
-    let running = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(&url, stop).await }
-    });
+    let c = checkpointer(witness);
+    let health = c.health.clone();
+    let (stop, running) = run_checkpointing_relay(&w, &c);
     w.commands(2, 0).await;
     eventually("checkpoint 1", || checkpointed_all(&w)).await;
     let (first, first_end) = (
@@ -692,7 +699,10 @@ async fn the_relay_stops_checkpointing_on_a_witness_conflict_and_publishing_goes
     w.commands(2, 0).await;
     eventually("a later checkpoint", || checkpointed_all(&w)).await;
     assert!(health.last_success_unix() > 0);
-    // The superuser deletes the tail and the checkpoints that covered it.
+    // The relay stops (no checkpoint is half done while the rows go); the superuser deletes
+    // the tail and the checkpoints that covered it; the relay starts again.
+    stop.cancel();
+    running.await.unwrap().unwrap();
     let mut tx = w.db.owner.begin().await.unwrap();
     sqlx::raw_sql(&format!(
         "SET LOCAL session_replication_role = replica; DELETE FROM checkpoints WHERE seq > {first}; \
@@ -702,6 +712,7 @@ async fn the_relay_stops_checkpointing_on_a_witness_conflict_and_publishing_goes
     .await
     .unwrap();
     tx.commit().await.unwrap();
+    let (stop, running) = run_checkpointing_relay(&w, &c);
     // Work goes on: the relay meets the witness's other checkpoint and stops checkpointing.
     w.commands(2, 0).await;
     eventually("the conflict", || async { health.conflicts() == 1 }).await;
@@ -754,13 +765,9 @@ impl mira_eventlog::witness::Witness for Silent {
 #[tokio::test]
 async fn a_witness_that_hangs_never_holds_publishing_back() {
     let w = World::new(memory_bus().await).await;
-    let (relay, health, _dir) = checkpointing_relay(&w, Arc::new(Silent));
-    let stop = CancellationToken::new();
-    let url = w.db.url.clone();
-    let running = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(&url, stop).await }
-    });
+    let c = checkpointer(Arc::new(Silent));
+    let health = c.health.clone();
+    let (stop, running) = run_checkpointing_relay(&w, &c);
     for _ in 0..3 {
         w.commands(2, 0).await;
         eventually("publishing while the witness hangs", || published_all(&w)).await;

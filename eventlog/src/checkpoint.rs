@@ -533,6 +533,13 @@ impl Checkpointer {
         r
     }
 
+    /// [`write_due`]: for the relay, which never writes an empty checkpoint.
+    pub async fn write_due(&self, pool: &PgPool) -> Result<CheckpointInfo, CheckpointError> {
+        let r = write_due(pool, &self.key, self.witness.as_ref()).await;
+        self.health.record(&r);
+        r
+    }
+
     /// Asks the witness for the current epoch's record, so that an idle log's relay still
     /// shows the witness answering (`mira_witness_last_success_timestamp_seconds`).
     pub async fn probe(&self, pool: &PgPool) -> Result<(), CheckpointError> {
@@ -563,6 +570,28 @@ pub async fn write_spans(
     max_span: i64,
     crash: CrashAt,
 ) -> Result<CheckpointInfo, CheckpointError> {
+    write_inner(pool, key, witness, max_span, crash, true).await
+}
+
+/// What the relay writes: checkpoints covering the settled events no checkpoint covers yet
+/// (or a record a stopped writer left in the witness), and none when there are none
+/// (`written` 0).
+pub async fn write_due(
+    pool: &PgPool,
+    key: &AuditKey,
+    witness: &dyn Witness,
+) -> Result<CheckpointInfo, CheckpointError> {
+    write_inner(pool, key, witness, MAX_SPAN, CrashAt::Never, false).await
+}
+
+async fn write_inner(
+    pool: &PgPool,
+    key: &AuditKey,
+    witness: &dyn Witness,
+    max_span: i64,
+    crash: CrashAt,
+    even_if_empty: bool,
+) -> Result<CheckpointInfo, CheckpointError> {
     let mut info = CheckpointInfo {
         seq: 0,
         epoch: Uuid::nil(),
@@ -576,7 +605,8 @@ pub async fn write_spans(
         witness: witness.describe(),
     };
     loop {
-        let Some((ck, rolled)) = write_one(pool, key, witness, max_span, info.written == 0, crash).await? else {
+        let first = even_if_empty && info.written == 0;
+        let Some((ck, rolled)) = write_one(pool, key, witness, max_span, first, crash).await? else {
             break;
         };
         let n = ck.leaves_len / LEAF_LEN as i64;

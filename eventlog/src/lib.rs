@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod commands;
 pub mod db;
 pub mod export;
+pub mod finding;
 pub mod migrate;
 pub mod repo;
 pub mod store;

@@ -36,31 +36,10 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::checkpoint::{self, Checkpoint};
+use crate::finding::violation;
+pub use crate::finding::{VerifyError, Violation};
 use crate::store::{from_row, read_leaves_below, watermark, Cursor, COLUMNS};
-use crate::witness::{Witness, WitnessError};
-
-/// The first thing found wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
-    /// Global position of the first bad event (for a checkpoint fault: the last position it
-    /// covers).
-    pub position: i64,
-    pub event_id: Option<Uuid>,
-    pub reason: String,
-}
-
-impl std::fmt::Display for Violation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.event_id {
-            Some(id) => write!(
-                f,
-                "first bad event at position {} (id {id}): {}",
-                self.position, self.reason
-            ),
-            None => write!(f, "at position {}: {}", self.position, self.reason),
-        }
-    }
-}
+use crate::witness::Witness;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct VerifyReport {
@@ -78,24 +57,6 @@ pub struct VerifyReport {
     pub witness: String,
     pub seconds: f64,
     pub events_per_second: f64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum VerifyError {
-    #[error("{0}")]
-    Violation(Violation),
-    #[error("database error while verifying: {0}")]
-    Db(#[from] sqlx::Error),
-    #[error("{0}")]
-    Witness(#[from] WitnessError),
-}
-
-pub(crate) fn violation(position: i64, event_id: Option<Uuid>, reason: String) -> Violation {
-    Violation {
-        position,
-        event_id,
-        reason,
-    }
 }
 
 /// What the header checks carry from one checkpoint to the next.

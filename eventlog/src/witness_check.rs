@@ -23,7 +23,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::checkpoint::{self, Checkpoint, Headers};
-use crate::verify::{violation, VerifyError, Violation};
+use crate::finding::{violation, VerifyError, Violation};
 use crate::witness::{checkpoint_file, parse_checkpoint_file, EpochRecord, Witness, WitnessRecord};
 
 /// One epoch as `verify` found it.

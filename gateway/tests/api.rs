@@ -1494,6 +1494,29 @@ async fn metrics_export_projection_lag_and_the_watermark_lag() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn the_relay_exports_how_its_witness_fares() {
+    let app = spawn_app_with(
+        Storage::Local,
+        &[
+            ("Audit__CheckpointEveryEvents", "1"),
+            ("Audit__CheckpointEverySeconds", "1"),
+        ],
+    )
+    .await;
+    let t = app.token("lab-a", &["pathologist"]);
+    app.upload_slide(&t, b"bytes").await;
+    let metrics = eventually("a witnessed checkpoint in /metrics", || async {
+        let text = app.metrics().await;
+        (metric(&text, "mira_witness_last_success_timestamp_seconds") > 1.7e9).then_some(Value::String(text))
+    })
+    .await;
+    let text = metrics.as_str().unwrap();
+    assert!(text.contains("# TYPE mira_witness_conflicts_total counter"), "{text}");
+    assert_eq!(metric(text, "mira_witness_conflicts_total"), 0.0, "{text}");
+    app.stop().await;
+}
+
 /// The value of a Prometheus sample in `text`, or -1.
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()

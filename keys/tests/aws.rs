@@ -206,6 +206,18 @@ async fn the_witness_bucket_creates_each_record_once_and_lists_every_version() {
     assert!(w.list(None, "", 1000).await.unwrap().is_empty());
 }
 
+/// A witness bucket and a signing key file of the test's own, and settings naming both.
+async fn signed_witness_bucket() -> (aws_sdk_s3::Client, String, Settings, std::path::PathBuf) {
+    let (s3, bucket, _) = witness_bucket().await;
+    let dir = std::env::temp_dir().join(format!("mira-witness-keys-{}", tag()));
+    let key_file = dir.join("audit.key");
+    mira_eventlog::checkpoint::AuditKey::init(&key_file).unwrap();
+    let mut env: Vec<(String, String)> = aws_env();
+    env.push(("Audit__WitnessBucket".into(), bucket.clone()));
+    env.push(("Audit__SigningKeyFile".into(), key_file.display().to_string()));
+    (s3, bucket, Settings::load(None, env).unwrap(), dir)
+}
+
 /// Jobs' worth of events: `n` aggregates of three.
 async fn append(db: &TestDb, n: usize) {
     let log = mira_eventlog::EventLog::new(db.pool.clone());
@@ -242,14 +254,7 @@ async fn verify_fails(db: &TestDb, settings: &Settings) -> String {
 
 #[tokio::test]
 async fn on_an_object_lock_bucket_deleted_checkpoints_stay_missing_and_hidden_records_are_found() {
-    let (s3, bucket, settings) = witness_bucket().await;
-    let dir = std::env::temp_dir().join(format!("mira-witness-keys-{}", tag()));
-    let key_file = dir.join("audit.key");
-    mira_eventlog::checkpoint::AuditKey::init(&key_file).unwrap();
-    let mut env: Vec<(String, String)> = aws_env();
-    env.push(("Audit__WitnessBucket".into(), bucket.clone()));
-    env.push(("Audit__SigningKeyFile".into(), key_file.display().to_string()));
-    let settings = Settings::load(None, env).unwrap_or(settings);
+    let (s3, bucket, settings, dir) = signed_witness_bucket().await;
     let db = TestDb::new().await;
     let c = mira_keys::checkpointer(&settings).await.unwrap();
     let v = mira_keys::audit_verifier(&settings).await.unwrap();
@@ -306,14 +311,7 @@ async fn on_an_object_lock_bucket_deleted_checkpoints_stay_missing_and_hidden_re
 
 #[tokio::test]
 async fn a_delete_marker_over_the_newest_record_is_a_finding() {
-    let (s3, bucket, settings) = witness_bucket().await;
-    let dir = std::env::temp_dir().join(format!("mira-witness-keys-{}", tag()));
-    let key_file = dir.join("audit.key");
-    mira_eventlog::checkpoint::AuditKey::init(&key_file).unwrap();
-    let mut env: Vec<(String, String)> = aws_env();
-    env.push(("Audit__WitnessBucket".into(), bucket.clone()));
-    env.push(("Audit__SigningKeyFile".into(), key_file.display().to_string()));
-    let settings = Settings::load(None, env).unwrap_or(settings);
+    let (s3, bucket, settings, dir) = signed_witness_bucket().await;
     let db = TestDb::new().await;
     let c = mira_keys::checkpointer(&settings).await.unwrap();
     append(&db, 3).await;

@@ -287,16 +287,31 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
   // every witness record, every version, with the database. It exits 0 with `log intact: …`,
   // 1 with `log verification FAILED: …`; the alarms on both lines are in observability.ts.
   // Its role reads and never writes: the witness (every version; the objects are under the
-  // buckets' key), and the trusted public key. Mira reads that key from Audit__PublicKeyFile
-  // (a file, which a Fargate task does not have) or derives it from Audit__SigningKeySecretId,
-  // so the verifier reads the signing-key secret itself: the private half too. Accepted here;
-  // a setting that takes the public key alone would let this role drop the secret.
+  // buckets' key), and the trusted public key:
+  // * with `mira:auditPublicKey` (what `mira keys init` printed), the task is given the key as
+  //   Audit__PublicKey and its role cannot read the signing key's secret;
+  // * without it, the task derives the key from Audit__SigningKeySecretId: its role reads the
+  //   signing-key secret, the private half too. A stack made from nothing has no key to give
+  //   until `mira keys init` ran (docs/runbooks/deploy.md, "First deploy"); set the config
+  //   then, and the next `pulumi up` takes the secret away from this role.
   // DATABASE_URL comes from ECS (the execution role), as for every other task.
-  const verifyRole = role("audit-verify", s, { Service: "ecs-tasks.amazonaws.com" }, [
-    p.witnessRead,
-    { Effect: "Allow", Action: ["secretsmanager:GetSecretValue"], Resource: [p.secrets.signingKeySecret.arn] },
-    { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.s3Key.arn, p.keys.phiKey.arn] },
-  ]);
+  const publicKey = p.auditPublicKey;
+  const verifyRole = role(
+    "audit-verify",
+    s,
+    { Service: "ecs-tasks.amazonaws.com" },
+    publicKey
+      ? [p.witnessRead, { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.s3Key.arn] }]
+      : [
+          p.witnessRead,
+          { Effect: "Allow", Action: ["secretsmanager:GetSecretValue"], Resource: [p.secrets.signingKeySecret.arn] },
+          // The secret is under the patient-data key.
+          { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.s3Key.arn, p.keys.phiKey.arn] },
+        ],
+  );
+  const trustedKey: Record<string, pulumi.Input<string>> = publicKey
+    ? { Audit__PublicKey: publicKey }
+    : { Audit__SigningKeySecretId: f.settings.roles.Audit__SigningKeySecretId };
   const verifyTask = new aws.ecs.TaskDefinition("audit-verify-task", {
     family: `mira-${s}-audit-verify`,
     requiresCompatibilities: ["FARGATE"],
@@ -315,7 +330,7 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
         environment: env({
           AWS__Region: cfg.region,
           Audit__WitnessBucket: f.settings.roles.Audit__WitnessBucket,
-          Audit__SigningKeySecretId: f.settings.roles.Audit__SigningKeySecretId,
+          ...trustedKey,
           Logging__Format: "json",
         }),
         secrets: [{ name: "DATABASE_URL", valueFrom: p.secrets.dbAppSecret.arn }],
@@ -327,8 +342,8 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
     tags: tags(s, "compute"),
   });
   // The schedule names the family, not a revision: RunTask takes its latest ACTIVE revision, so
-  // a revision registered later with a newer image (as deploy.yml does for `migrate`) is the
-  // one that runs.
+  // the revision each deploy registers with its image (deploy.yml, as for `migrate`) is the one
+  // that runs.
   const verifyFamilyArn = verifyTask.arn.apply((arn) => arn.replace(/:\d+$/, ""));
   const schedulerRole = role("audit-verify-scheduler", s, { Service: "scheduler.amazonaws.com" }, [
     {

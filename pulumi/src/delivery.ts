@@ -1,8 +1,9 @@
 // What the workflows under .github/workflows assume (issue 21): GitHub's OIDC provider, a deploy
 // role for deploy.yml that can push the two images, run the migration task, roll the ECS
-// services and the worker Deployment, publish the SPA and invalidate CloudFront, and nothing
-// else; a read-only role for `pulumi preview` on pull requests; and the role `pulumi up` runs
-// as on main. No long-lived keys anywhere.
+// services and the worker Deployment, register the daily verification's task definition with
+// the new image, publish the SPA and invalidate CloudFront, and nothing else; a read-only role
+// for `pulumi preview` on pull requests; and the role `pulumi up` runs as on main. No
+// long-lived keys anywhere.
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
@@ -101,10 +102,12 @@ export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e:
       Resource: [pulumi.interpolate`arn:aws:ecs:${cfg.region}:*:task-definition/${c.migrationTask.family}:*`],
     },
     { Effect: "Allow", Action: ["ecs:DescribeTasks"], Resource: ["*"] },
+    // Registering a revision passes its roles: the services', the migration's, and the daily
+    // verification's (deploy.yml registers its family with each new image; the schedule runs it).
     {
       Effect: "Allow",
       Action: ["iam:PassRole"],
-      Resource: [c.executionRole.arn, c.migrateRole.arn, p.apiRole.arn, p.rolesRole.arn],
+      Resource: [c.executionRole.arn, c.migrateRole.arn, c.verify.role.arn, p.apiRole.arn, p.rolesRole.arn],
     },
     { Effect: "Allow", Action: ["eks:DescribeCluster"], Resource: [k.cluster.arn] },
     { Effect: "Allow", Action: ["s3:ListBucket"], Resource: [p.buckets.frontend.arn] },

@@ -20,7 +20,22 @@ export type FoundationsConfig = {
   ecrKeepImages: number;
   /** Availability zones used (two at least). */
   azs: string[];
+  /**
+   * The trusted public audit key, 64 hex digits, as `mira keys init` prints it ("public audit
+   * key: …"). Set: the verifiers (the daily `mira audit verify`, the API's per-job check) get it
+   * as `Audit__PublicKey` and never read the signing key's secret. Unset: see compute.ts.
+   */
+  auditPublicKey?: string;
 };
+
+/** `mira:auditPublicKey`, checked: 64 hex digits (what Mira's `Audit__PublicKey` accepts), or none. */
+export function checkAuditPublicKey(key: string | undefined): string | undefined {
+  if (key === undefined) return undefined;
+  if (!/^[0-9a-fA-F]{64}$/.test(key)) {
+    throw new Error(`mira:auditPublicKey must be 64 hex digits, the "public audit key" that mira keys init prints; got ${JSON.stringify(key)}`);
+  }
+  return key;
+}
 
 export const tags = (stack: string, part: string) => ({ app: "mira", stack, part });
 
@@ -169,6 +184,8 @@ export function role(
 
 export function foundations(cfg: FoundationsConfig) {
   const s = cfg.stack;
+  // Checked before anything is made: a bad key stops the program here.
+  const auditPublicKey = checkAuditPublicKey(cfg.auditPublicKey);
   const topology = loadTopology();
 
   // ---- keys -------------------------------------------------------------------------------
@@ -538,11 +555,15 @@ export function foundations(cfg: FoundationsConfig) {
     Messaging__Provider: pulumi.output("Aws"),
     Storage__Provider: pulumi.output("S3"),
   };
+  // The API verifies a job's events (`GET /api/jobs/{id}/verify`) against a trusted public key:
+  // `mira:auditPublicKey` when the stack has it. Without it the API has no key (it must not read
+  // the signing key's secret), and that endpoint answers 503: it has nothing to verify against.
   const settings = {
     api: {
       ...common,
       Web__CognitoDomain: pulumi.interpolate`https://${domain.domain}.auth.${cfg.region}.amazoncognito.com`,
       Web__RedirectUrl: pulumi.output(`${cfg.appOrigin}/signed-in`),
+      ...(auditPublicKey ? { Audit__PublicKey: pulumi.output(auditPublicKey) } : {}),
     },
     roles: { ...common, Audit__SigningKeySecretId: signingKeySecret.arn },
     worker: { ...common },
@@ -581,6 +602,7 @@ export function foundations(cfg: FoundationsConfig) {
       buckets: { uploads, results, frontend, witness },
       keys: { phiKey, rdsKey, s3Key, messagingKey },
       secrets: { dbAppSecret, signingKeySecret },
+      auditPublicKey,
       db,
       repos,
       apiRole,

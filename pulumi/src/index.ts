@@ -41,6 +41,8 @@ const out = program({
   alarmEmail: config.get("alarmEmail"),
   witnessStaleSeconds: config.getNumber("witnessStaleSeconds"),
   auditVerifySchedule: config.get("auditVerifySchedule"),
+  // Optional: the public audit key `mira keys init` printed (64 hex digits; the program checks).
+  auditPublicKey: config.get("auditPublicKey"),
   githubRepository: config.require("githubRepository"),
   githubOidcProviderArn: config.get("githubOidcProviderArn"),
   pulumiStateBucket: config.get("pulumiStateBucket"),

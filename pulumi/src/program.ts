@@ -53,6 +53,7 @@ export function program(cfg: ProgramConfig) {
       ecsCluster: c.cluster.name,
       ecsServices: c.serviceNames,
       migrationTaskFamily: c.migrationTask.family,
+      auditVerifyTaskFamily: c.verify.task.family,
       taskSubnetIds: f.network.computeSubnetIds,
       taskSecurityGroupId: f.network.computeSecurityGroupId,
       eksCluster: k.cluster.name,

@@ -2,6 +2,7 @@
 // its inputs, so the tests can read what would be created.
 
 import * as pulumi from "@pulumi/pulumi";
+import type { ProgramConfig } from "../src/program";
 
 export type Recorded = { type: string; name: string; inputs: Record<string, any>; state: Record<string, any> };
 
@@ -60,7 +61,7 @@ export function value<T>(o: pulumi.Output<T> | T): Promise<T> {
 }
 
 /** The configuration the tests run the program with. */
-export const CONFIG = {
+export const CONFIG: ProgramConfig = {
   stack: "test",
   region: REGION,
   appOrigin: "https://mira.example.org",
@@ -95,12 +96,19 @@ export const CONFIG = {
   pulumiSecretsKeyAlias: "alias/mira-pulumi",
 };
 
-/** Runs the program once; later calls return the same records. */
+/**
+ * Runs the program once, with CONFIG or `cfg`; later calls return the same records. Once per
+ * process (node --test runs each file in its own): a test of another configuration goes in a
+ * file of its own, which passes that configuration to every run().
+ */
 let ran: Promise<{ out: any; resources: Recorded[] }> | null = null;
-export function run() {
+let ranWith: ProgramConfig | null = null;
+export function run(cfg: ProgramConfig = CONFIG) {
+  if (ranWith !== null && ranWith !== cfg) throw new Error("the program already ran with another configuration in this process: use a test file of its own");
+  ranWith = cfg;
   ran ??= (async () => {
     const { program } = await import("../src/program");
-    const out = program(CONFIG);
+    const out = program(cfg);
     const settings = {
       api: await resolveMap(out.settings.api),
       roles: await resolveMap(out.settings.roles),
@@ -114,8 +122,8 @@ export function run() {
 }
 
 /** The stack's outputs as `pulumi stack output --json` would print them (every Output resolved). */
-export async function stackOutputs(): Promise<Record<string, any>> {
-  const { out } = await run();
+export async function stackOutputs(cfg: ProgramConfig = CONFIG): Promise<Record<string, any>> {
+  const { out } = await run(cfg);
   return resolveDeep(out.raw);
 }
 

@@ -13,6 +13,7 @@ import {
   kubernetesObjects,
   relayProblems,
   scalerProblems,
+  trustedKeyProblems,
   verifyProblems,
   WITNESS_METRICS,
   witnessAlarmProblems,
@@ -179,6 +180,25 @@ describe("compute and operations", () => {
       'no metric filter counts "log verification FAILED" in /mira/test/audit-verify',
       "alarm audit-verify-overdue: rings after 86400 s without a run, not 26 hours",
       "alarm audit-verify-overdue: missing data is notBreaching, not breaching",
+    ]);
+  });
+
+  it("without mira:auditPublicKey, let the verification derive its key from the secret, and give the API none", async () => {
+    const { resources } = await run();
+    assert.equal(CONFIG.auditPublicKey, undefined);
+    assert.deepEqual(trustedKeyProblems(resources, undefined), []);
+    // Broken: the verification without the secret's grant, the API given the secret's id.
+    const broken = clone(resources);
+    const pol = ofType(broken, K.rolePolicy).find((x) => x.name === "audit-verify-policy")!;
+    const st = JSON.parse(pol.inputs.policy).Statement.filter((x: any) => !x.Action.includes("secretsmanager:GetSecretValue"));
+    pol.inputs.policy = JSON.stringify({ Statement: st });
+    const api = ofType(broken, K.taskDef).find((t) => t.inputs.family === "mira-test-api")!;
+    const containers = JSON.parse(api.inputs.containerDefinitions);
+    containers[0].environment.push({ name: "Audit__SigningKeySecretId", value: "arn:aws:secretsmanager:eu-west-1:123456789012:mira-test/audit/signing-key" });
+    api.inputs.containerDefinitions = JSON.stringify(containers);
+    assert.deepEqual(trustedKeyProblems(broken, undefined), [
+      "the verification's role cannot read the signing key's secret",
+      "the API is given Audit__SigningKeySecretId",
     ]);
   });
 

@@ -296,7 +296,7 @@ const allows = (st: Stmt[], action: string, resource: string) =>
 /**
  * The daily `mira audit verify`: a schedule runs, in the private subnets and the group the
  * database admits, the latest revision of a task definition whose container runs
- * `audit verify` with the witness, the key and DATABASE_URL; its task role reads the witness's
+ * `audit verify` with the witness, a trusted key and DATABASE_URL; its task role reads the witness's
  * every version and writes nothing; its log group's verdict lines are counted, and an alarm
  * rings when `log intact` is missing for 26 hours (missing data breaching) and when
  * `log verification FAILED` appears.
@@ -328,7 +328,9 @@ export function verifyProblems(rs: Recorded[]): string[] {
   const signingKey = ofType(rs, K.secret).find((x) => x.name === "audit-signing-key")!;
   const dbApp = ofType(rs, K.secret).find((x) => x.name === "db-app")!;
   if (env.Audit__WitnessBucket !== witness.state.bucket) p.push(`Audit__WitnessBucket is ${env.Audit__WitnessBucket}`);
-  if (env.Audit__SigningKeySecretId !== signingKey.state.arn && !env.Audit__PublicKeyFile) p.push("no trusted key: neither Audit__SigningKeySecretId nor Audit__PublicKeyFile");
+  if (!env.Audit__PublicKey && env.Audit__SigningKeySecretId !== signingKey.state.arn && !env.Audit__PublicKeyFile) {
+    p.push("no trusted key: neither Audit__PublicKey, Audit__SigningKeySecretId nor Audit__PublicKeyFile");
+  }
   const dbUrl = (mira?.secrets ?? []).find((x: any) => x.name === "DATABASE_URL");
   if (dbUrl?.valueFrom !== dbApp.state.arn) p.push("DATABASE_URL is not the application's database secret");
   const roleByArn = (arn: string) => ofType(rs, K.role).find((r) => r.state.arn === arn);
@@ -379,6 +381,44 @@ export function verifyProblems(rs: Recorded[]): string[] {
     if (a.comparisonOperator !== "GreaterThanThreshold" || a.threshold !== 0) p.push(`alarm ${bad.name}: not on any failure (${a.comparisonOperator} ${a.threshold})`);
     if ((a.datapointsToAlarm ?? a.evaluationPeriods) !== 1) p.push(`alarm ${bad.name}: needs more than one failure`);
     if (!(a.alarmActions ?? []).includes(topic)) p.push(`alarm ${bad.name}: not into the alarm topic`);
+  }
+  return p;
+}
+
+/**
+ * The trusted public key, as `mira:auditPublicKey` (`key`) says. With a key, the daily
+ * verification and the API are given it as `Audit__PublicKey`, neither gets
+ * `Audit__SigningKeySecretId`, and neither role can read the signing key's secret (nor decrypt
+ * with the patient-data key it is under, which the verification needs for nothing else).
+ * Without one, the verification derives the key from the secret (`Audit__SigningKeySecretId`,
+ * which its role reads) and the API has no key at all; the API never reads the secret.
+ */
+export function trustedKeyProblems(rs: Recorded[], key: string | undefined): string[] {
+  const p: string[] = [];
+  const secret = ofType(rs, K.secret).find((x) => x.name === "audit-signing-key")!.state.arn;
+  const phiKey = ofType(rs, "aws:kms/key:Key").find((x) => x.name === "phi-key")!.state.arn;
+  const roleByArn = (arn: string) => ofType(rs, K.role).find((r) => r.state.arn === arn);
+  for (const [who, family] of [
+    ["the verification", "-audit-verify"],
+    ["the API", "-api"],
+  ] as const) {
+    const td = ofType(rs, K.taskDef).find((t) => String(t.inputs.family).endsWith(family));
+    if (!td) {
+      p.push(`${who}: no task definition *${family}`);
+      continue;
+    }
+    const env = envOf(containersOf(td).find((c) => c.name === "mira") ?? {});
+    const st = policyOf(rs, roleByArn(td.inputs.taskRoleArn));
+    const readsSecret = allows(st, "secretsmanager:GetSecretValue", secret);
+    if (env.Audit__PublicKey !== key) p.push(`${who}: Audit__PublicKey is ${env.Audit__PublicKey ?? "not set"}, not ${key ?? "unset"}`);
+    if (key || who === "the API") {
+      if ("Audit__SigningKeySecretId" in env) p.push(`${who} is given Audit__SigningKeySecretId`);
+      if (readsSecret) p.push(`${who}'s role can read the signing key's secret`);
+      if (who === "the verification" && allows(st, "kms:Decrypt", phiKey)) p.push(`${who}'s role can decrypt with the patient-data key`);
+    } else {
+      if (env.Audit__SigningKeySecretId !== secret) p.push(`${who}: Audit__SigningKeySecretId is ${env.Audit__SigningKeySecretId ?? "not set"}, not the signing key's secret`);
+      if (!readsSecret) p.push(`${who}'s role cannot read the signing key's secret`);
+    }
   }
   return p;
 }

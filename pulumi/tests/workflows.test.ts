@@ -1,10 +1,11 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { ofType, run, stackOutputs } from "./harness";
+import { ofType, type Recorded, run, stackOutputs } from "./harness";
 import {
   bucketProblems,
   imageProblems,
   loadWorkflows,
+  registrationProblems,
   runbook,
   stackReadProblems,
   stackReads,
@@ -32,7 +33,7 @@ describe("the workflows", () => {
     const out = await stackOutputs();
     const ws = loadWorkflows();
     const deploy = deployOf(ws);
-    assert.ok(stackReads(deploy).length >= 19, "deploy.yml reads its names in the stack step");
+    assert.ok(stackReads(deploy).length >= 20, "deploy.yml reads its names in the stack step");
     assert.deepEqual(stackReadProblems(ws, out), []);
     // Broken: a renamed cluster output and a truncated bucket, a reference to an output the
     // stack step does not read, and a second place that reads the outputs.
@@ -76,6 +77,32 @@ describe("the workflows", () => {
     const s = imageProblems(swapped, out, ecr);
     assert.ok(s.some((x) => x.includes('step "Roll the worker Deployment onto the new image" deploys') && x.includes("not the mira-wsi-worker image")), String(s));
     assert.ok(s.some((x) => x.includes("the image of images/mira-api goes to .registries[\"mira-wsi-worker\"]")), String(s));
+  });
+
+  it("register every task definition of the API's image with the new image, as a role that may pass its roles", async () => {
+    const out = await stackOutputs();
+    const { resources } = await run();
+    const deploy = deployOf(loadWorkflows());
+    const role = out.deploy.githubRoleArn;
+    assert.deepEqual(registrationProblems(deploy, out, resources, role), []);
+    // Broken: the daily verification's step dropped, or given the migration's family.
+    const dropped = { ...deploy, steps: deploy.steps.filter((s) => s.name !== "Point the daily verification at the new image") };
+    assert.equal(dropped.steps.length, deploy.steps.length - 1);
+    const stale = ["deploy.yml: mira-test-audit-verify runs the mira-api image, and no step registers a revision of it with the new one"];
+    assert.deepEqual(registrationProblems(dropped, out, resources, role), stale);
+    const wrong = edited(deploy, ["FAMILY: ${{ steps.stack.outputs.auditVerifyFamily }}", "FAMILY: ${{ steps.stack.outputs.migrationFamily }}"]);
+    assert.deepEqual(registrationProblems(wrong, out, resources, role), stale);
+    // Broken: the deploy role without iam:PassRole on the verification's task role.
+    const broken: Recorded[] = JSON.parse(JSON.stringify(resources));
+    const verifyRole = ofType(broken, "aws:iam/role:Role").find((r) => r.name === "audit-verify")!.state.arn;
+    const pol = ofType(broken, "aws:iam/rolePolicy:RolePolicy").find((x) => x.name === "deploy-policy")!;
+    const st = JSON.parse(pol.inputs.policy).Statement.map((x: any) =>
+      x.Action.includes("iam:PassRole") ? { ...x, Resource: x.Resource.filter((r: string) => r !== verifyRole) } : x,
+    );
+    pol.inputs.policy = JSON.stringify({ Statement: st });
+    assert.deepEqual(registrationProblems(deploy, out, broken, role), [
+      `deploy.yml: the deploy role cannot pass ${verifyRole}, so it cannot register mira-test-audit-verify`,
+    ]);
   });
 
   it("upload the browser app to the frontend bucket only", async () => {

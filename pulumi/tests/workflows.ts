@@ -9,6 +9,7 @@
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { parse } from "yaml";
+import type { Recorded } from "./harness";
 
 export type Step = { id?: string; name?: string; uses?: string; run?: string; env?: Record<string, string>; with?: Record<string, string> };
 export type Workflow = { file: string; text: string; env: Record<string, string>; steps: Step[] };
@@ -243,4 +244,68 @@ export function variableProblems(workflows: Workflow[], book: string, outputs: R
     }
   }
   return [...new Set(p)];
+}
+
+const ofType = (rs: Recorded[], type: string) => rs.filter((r) => r.type === type);
+const list = <T>(x: T | T[] | undefined): T[] => (x === undefined ? [] : Array.isArray(x) ? x : [x]);
+
+/**
+ * The task definitions follow the deploys: every family of the program whose container `mira`
+ * runs the mira-api image gets a new revision from a step that runs register-revision.sh. Its
+ * FAMILY is either a stack output that names the family, or a shell variable, taken from the
+ * services the step rolls (the family each one runs). The deploy role (`deployRoleArn`) may pass
+ * the roles of every family it registers (RegisterTaskDefinition passes the task role and the
+ * execution role).
+ */
+export function registrationProblems(w: Workflow, outputs: Record<string, any>, rs: Recorded[], deployRoleArn: string): string[] {
+  const p: string[] = [];
+  const reads = stackReads(w);
+  const taskDefs = ofType(rs, "aws:ecs/taskDefinition:TaskDefinition");
+  const services = ofType(rs, "aws:ecs/service:Service");
+  const families = new Map(taskDefs.map((td) => [String(td.inputs.family), td]));
+  const registered = new Set<string>();
+  for (const step of w.steps) {
+    for (const c of commands(step.run ?? "")) {
+      const at = c.findIndex((word) => word.endsWith("register-revision.sh"));
+      if (at < 0) continue;
+      const variable = leadingVar(c[at + 1] ?? "");
+      const read = readOf(w, reads, step, variable);
+      if (read) {
+        const family = read.path ? lookup(outputs, read.path) : undefined;
+        if (families.has(family)) registered.add(family);
+        else p.push(`${w.file}: step "${step.name}" registers ${read.expr} (${family}), no task definition family of the program`);
+        continue;
+      }
+      // The families the step's services run.
+      const names = Object.values(step.env ?? {}).flatMap((v) => stackRefs(String(v)));
+      const rolled = names.map((n) => reads.find((r) => r.name === n)).map((r) => (r?.path ? lookup(outputs, r.path) : undefined));
+      const own = services.filter((svc) => rolled.includes(svc.inputs.name));
+      if (own.length === 0) p.push(`${w.file}: step "${step.name}" registers $${variable}, neither a stack output nor a service's family`);
+      for (const svc of own) {
+        const td = taskDefs.find((t) => t.state.arn === svc.inputs.taskDefinition);
+        if (td) registered.add(String(td.inputs.family));
+      }
+    }
+  }
+  const api = outputs.registries?.["mira-api"];
+  for (const [family, td] of families) {
+    const mira = JSON.parse(td.inputs.containerDefinitions).find((c: any) => c.name === "mira");
+    if (mira && api && String(mira.image).startsWith(`${api}:`) && !registered.has(family)) {
+      p.push(`${w.file}: ${family} runs the mira-api image, and no step registers a revision of it with the new one`);
+    }
+  }
+  const role = ofType(rs, "aws:iam/role:Role").find((r) => r.state.arn === deployRoleArn);
+  if (!role) return [...p, `${deployRoleArn} is no role of the program`];
+  const statements: any[] = ofType(rs, "aws:iam/rolePolicy:RolePolicy")
+    .filter((x) => x.inputs.role === `${role.name}-id`)
+    .flatMap((pol) => JSON.parse(pol.inputs.policy).Statement);
+  const passes = (arn: string) =>
+    statements.some((st) => st.Effect === "Allow" && list(st.Action).includes("iam:PassRole") && list(st.Resource).some((r: string) => r === "*" || r === arn));
+  for (const family of [...registered].sort()) {
+    const td = families.get(family)!;
+    for (const arn of [td.inputs.taskRoleArn, td.inputs.executionRoleArn]) {
+      if (arn && !passes(arn)) p.push(`${w.file}: the deploy role cannot pass ${arn}, so it cannot register ${family}`);
+    }
+  }
+  return p;
 }
