@@ -1353,6 +1353,20 @@ async fn records_from_before_epoch_folders_still_count_and_cut_over() {
     assert_eq!(audit.checkpoint(&db.pool).await.seq, 3);
     let r = audit.verify(&db.pool).await.unwrap();
     assert_eq!((r.witness_records, r.epochs[0].witness_from), (2, Some(3)));
+    // Below the cut-over a writer never numbers a checkpoint again: 2 was written before it.
+    let end1 = upto_of(&db.pool, 1).await;
+    tamper(
+        &db.owner,
+        &format!("DELETE FROM checkpoints WHERE seq > 1; DELETE FROM events WHERE global_position > {end1}"),
+    )
+    .await;
+    run_job(&cqrs(&log, "lab"), "lab", "j-6").await;
+    settle(&db.pool).await;
+    let err = checkpoint::write(&db.pool, &audit.key, &audit.witness)
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict() && err.to_string().contains("up to 2"), "{err}");
+    assert_eq!(checkpoint_rows(&db.pool).await, [1]);
     // The old record still counts: every checkpoint row gone, it is the first named.
     tamper(&db.owner, "DELETE FROM checkpoints").await;
     let v = verify_err(&db.pool, &audit).await;
