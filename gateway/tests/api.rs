@@ -2617,9 +2617,76 @@ async fn the_app_is_served_with_its_policy_and_mira_dev_signs_people_in() {
         .await
         .unwrap();
     assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // DNS rebinding: a page of another site reaches 127.0.0.1 under its own name. Sent over a
+    // raw socket, so that no client rewrites the headers.
+    let port = addr.port();
+    let body = r#"{"user": "ada", "tenant": "lab-b", "roles": ["admin"]}"#;
+    for (host, origin, content_type, expect) in [
+        (
+            format!("rebind.attacker.example:{port}"),
+            Some(format!("http://rebind.attacker.example:{port}")),
+            "text/plain",
+            " 403 ",
+        ),
+        (
+            format!("rebind.attacker.example:{port}"),
+            None,
+            "application/json",
+            " 403 ",
+        ),
+        (
+            format!("127.0.0.1:{port}"),
+            Some("http://evil.example".to_owned()),
+            "application/json",
+            " 403 ",
+        ),
+        (format!("127.0.0.1:{port}"), None, "text/plain", " 403 "),
+        (
+            format!("localhost:{port}"),
+            Some(format!("http://localhost:{port}")),
+            "application/json",
+            " 200 ",
+        ),
+        (format!("[::1]:{port}"), None, "application/json", " 200 "),
+    ] {
+        let (status, answer) = raw_post(addr, "/dev/sign-in", &host, origin.as_deref(), content_type, body).await;
+        assert!(
+            status.contains(expect),
+            "{host} {origin:?} {content_type}: {status} {answer}"
+        );
+        assert_eq!(answer.contains("id_token"), expect == " 200 ", "{answer}");
+    }
     stop.cancel();
     task.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A POST over a raw socket, headers exactly as given; returns the status line and the body.
+async fn raw_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    host: &str,
+    origin: Option<&str>,
+    content_type: &str,
+    body: &str,
+) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\n{origin}Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out.lines().next().unwrap_or_default().to_owned();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
 }
 
 #[tokio::test]

@@ -172,6 +172,48 @@ fn sign_in_allowed(peer: Option<SocketAddr>, allow_remote: bool) -> bool {
     allow_remote || peer.is_some_and(|p| p.ip().is_loopback())
 }
 
+/// The host part of a `Host` header (`127.0.0.1:8080` → `127.0.0.1`, `[::1]:8080` → `::1`).
+fn host_name(host: &str) -> &str {
+    match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    }
+}
+
+/// Why a request to a `/dev/*` route is refused, if it is. A loopback peer is not enough: a
+/// page on any site can make a browser send requests to 127.0.0.1 under the page's own name
+/// (DNS rebinding). So the request must also be addressed to a loopback name (unless
+/// `allow_remote`), come from that same origin when it says where it comes from, and, for the
+/// sign-in, be JSON, which a cross-site page cannot send without a preflight this gateway
+/// never grants.
+pub fn dev_refusal(headers: &HeaderMap, peer: Option<SocketAddr>, allow_remote: bool, json: bool) -> Option<String> {
+    if !sign_in_allowed(peer, allow_remote) {
+        return Some("mira dev signs in loopback clients only (Web__AllowRemoteDevSignIn=true allows others)".into());
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    if !allow_remote && !matches!(host_name(host), "127.0.0.1" | "localhost" | "::1") {
+        return Some(format!(
+            "mira dev answers /dev/ requests addressed to 127.0.0.1, localhost or [::1] only, not {host:?} (DNS rebinding)"
+        ));
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        if origin.as_bytes() != format!("http://{host}").as_bytes() {
+            return Some("mira dev answers /dev/ requests from its own origin only".into());
+        }
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    if json && !content_type.starts_with("application/json") {
+        return Some("mira dev's sign-in takes application/json only".into());
+    }
+    None
+}
+
 /// `POST /dev/sign-in` (only in `mira dev`): an ID token for any user, tenant and roles, so a
 /// person can try each role. Loopback clients only, unless `Web__AllowRemoteDevSignIn`.
 pub async fn dev_sign_in(State(state): State<AppState>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
@@ -183,10 +225,8 @@ pub async fn dev_sign_in(State(state): State<AppState>, req: Request) -> Result<
         ));
     };
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    if !sign_in_allowed(peer, state.web.allow_remote_dev_sign_in) {
-        return Err(ApiError::forbidden(
-            "mira dev signs in loopback clients only (Web__AllowRemoteDevSignIn=true allows others)",
-        ));
+    if let Some(why) = dev_refusal(req.headers(), peer, state.web.allow_remote_dev_sign_in, true) {
+        return Err(ApiError::forbidden(why));
     }
     let body = axum::body::to_bytes(req.into_body(), 16 * 1024)
         .await
@@ -233,6 +273,51 @@ mod tests {
         ] {
             assert_eq!(plain_path(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn dev_routes_refuse_other_names_other_origins_and_forms() {
+        let peer = Some("127.0.0.1:5".parse::<SocketAddr>().unwrap());
+        let req = |host: &str, origin: Option<&str>, ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, host.parse().unwrap());
+            if let Some(o) = origin {
+                h.insert(header::ORIGIN, o.parse().unwrap());
+            }
+            h.insert(header::CONTENT_TYPE, ct.parse().unwrap());
+            h
+        };
+        let json = "application/json";
+        for host in ["127.0.0.1:8080", "localhost:8080", "[::1]:8080"] {
+            let origin = format!("http://{host}");
+            assert_eq!(
+                dev_refusal(&req(host, Some(&origin), json), peer, false, true),
+                None,
+                "{host}"
+            );
+            assert_eq!(dev_refusal(&req(host, None, json), peer, false, true), None, "{host}");
+        }
+        let rebound = "rebind.attacker.example:8080";
+        assert!(dev_refusal(
+            &req(rebound, Some("http://rebind.attacker.example:8080"), "text/plain"),
+            peer,
+            false,
+            true
+        )
+        .is_some());
+        assert!(dev_refusal(&req(rebound, None, json), peer, false, true).is_some());
+        assert!(dev_refusal(
+            &req("127.0.0.1:8080", Some("http://evil.example"), json),
+            peer,
+            false,
+            true
+        )
+        .is_some());
+        assert!(dev_refusal(&req("127.0.0.1:8080", None, "text/plain"), peer, false, true).is_some());
+        assert!(dev_refusal(&req("127.0.0.1.evil.example:8080", None, json), peer, false, true).is_some());
+        // Exposed on purpose: any name, still same-origin and JSON.
+        assert_eq!(dev_refusal(&req("lab-box:8080", None, json), peer, true, true), None);
+        assert!(dev_refusal(&req("lab-box:8080", None, "text/plain"), peer, true, true).is_some());
     }
 
     #[test]
