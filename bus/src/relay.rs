@@ -299,6 +299,10 @@ impl Relay {
                             );
                         }
                         // Nothing was written; the next round tries again.
+                        // A probe of an idle witness (no checkpoint was due).
+                        Ok(Err(CheckpointError::Witness { seq: 0, source })) => {
+                            tracing::error!(error = %source, "the witness did not answer")
+                        }
                         Ok(Err(e @ CheckpointError::Witness { .. })) => {
                             tracing::error!(error = %e, "checkpoint not written: the witness did not take it")
                         }

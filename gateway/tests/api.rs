@@ -933,8 +933,13 @@ async fn uploads_through_the_local_store_single_and_multipart() {
 /// Sends `request` as written, byte for byte, and returns the whole response as text: no
 /// client normalises its path or its framing on the way.
 async fn raw_request(app: &App, request: &str) -> String {
+    raw_to(app.base.trim_start_matches("http://"), request).await
+}
+
+/// Sends `request` to `addr` over a raw socket, bytes exactly as given (no client rewrites a
+/// path or a header); returns all that came back within 10 s.
+async fn raw_to(addr: &str, request: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = app.base.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
     let mut out = Vec::new();
@@ -2502,13 +2507,16 @@ async fn local_settings(db: &TestDb, dir: &std::path::Path) -> Settings {
 /// A raw HTTP/1.1 GET, so the path reaches the server exactly as written (an HTTP client
 /// would resolve `..` first). Returns the status line and the body.
 async fn raw_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
+    raw_exchange(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// [`raw_to`], split into the status line and the body.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> (String, String) {
+    let out = raw_to(&addr.to_string(), request).await;
     let status = out.lines().next().unwrap_or_default().to_owned();
     let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     (status, body)
@@ -2670,23 +2678,15 @@ async fn raw_post(
     content_type: &str,
     body: &str,
 ) -> (String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
-    s.write_all(
-        format!(
+    raw_exchange(
+        addr,
+        &format!(
             "POST {path} HTTP/1.1\r\nHost: {host}\r\n{origin}Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
-        )
-        .as_bytes(),
+        ),
     )
     .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out.lines().next().unwrap_or_default().to_owned();
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    (status, body)
 }
 
 #[tokio::test]
