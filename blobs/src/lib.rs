@@ -112,13 +112,23 @@ pub enum UploadPlan {
     },
 }
 
+/// A multipart upload, and the signed URLs of one page of its parts: the first page when the
+/// slide is registered, the others as the client asks for them
+/// (`GET /api/slides/{id}/upload/parts?upload_id=&from=`), so that a declared size never
+/// makes an answer larger than a page.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MultipartPlan {
     pub upload_id: String,
     pub part_size: u64,
+    /// How many parts the upload has; the last one holds what is left.
+    pub part_count: u32,
+    /// Parts `from` to at most `from + PART_URL_PAGE - 1`.
     pub parts: Vec<PartUrl>,
     pub expires_at: DateTime<Utc>,
 }
+
+/// The most part URLs in one answer.
+pub const PART_URL_PAGE: u32 = 100;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PartUrl {
@@ -168,6 +178,36 @@ pub trait BlobStore: Send + Sync {
     fn provider(&self) -> &'static str;
     /// URLs for uploading `size` bytes to `key`.
     async fn plan_upload(&self, key: &str, size: u64, content_type: &str) -> Result<UploadPlan, BlobError>;
+    /// The page of part URLs from part `from` of the multipart upload `upload_id` of `key`,
+    /// for an object of `size` bytes. `from` must be 1 to the upload's part count.
+    async fn part_page(&self, key: &str, upload_id: &str, size: u64, from: u32) -> Result<MultipartPlan, BlobError> {
+        let part_size = self.policy().part_size_for(size);
+        let part_count = size.div_ceil(part_size).max(1) as u32;
+        if from == 0 || from > part_count {
+            return Err(BlobError::Rejected(format!(
+                "from: the upload has parts 1 to {part_count}"
+            )));
+        }
+        let last = part_count.min(from.saturating_add(PART_URL_PAGE - 1));
+        let mut parts = Vec::with_capacity((last - from + 1) as usize);
+        for n in from..=last {
+            parts.push(PartUrl {
+                part_number: n,
+                url: self.part_url(key, upload_id, n, part_size).await?,
+            });
+        }
+        Ok(MultipartPlan {
+            upload_id: upload_id.to_owned(),
+            part_size,
+            part_count,
+            parts,
+            expires_at: expires_at(self.policy().expires),
+        })
+    }
+    /// The signed URL of part `n` of an upload.
+    async fn part_url(&self, key: &str, upload_id: &str, n: u32, part_size: u64) -> Result<String, BlobError>;
+    /// The sizes and expiry this store plans uploads with.
+    fn policy(&self) -> &UploadPolicy;
     /// Multipart uploads in progress for `key`, newest last.
     async fn uploads_in_progress(&self, key: &str) -> Result<Vec<String>, BlobError>;
     /// Assembles a multipart upload from its parts.
@@ -342,33 +382,27 @@ impl BlobStore for S3Blobs {
             });
         }
         let upload_id = self.create_multipart(key, Some(content_type)).await?;
-        let part_size = self.policy.part_size_for(size);
-        let count = size.div_ceil(part_size).max(1) as u32;
-        let mut parts = Vec::with_capacity(count as usize);
-        for n in 1..=count {
-            let req = self
-                .client
-                .upload_part()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(&upload_id)
-                .part_number(n as i32)
-                .presigned(self.presigning()?)
-                .await
-                .map_err(s3err)?;
-            parts.push(PartUrl {
-                part_number: n,
-                url: req.uri().to_owned(),
-            });
-        }
         Ok(UploadPlan::Multipart {
-            multipart: MultipartPlan {
-                upload_id,
-                part_size,
-                parts,
-                expires_at: expires_at(self.policy.expires),
-            },
+            multipart: self.part_page(key, &upload_id, size, 1).await?,
         })
+    }
+
+    async fn part_url(&self, key: &str, upload_id: &str, n: u32, _part_size: u64) -> Result<String, BlobError> {
+        let req = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(n as i32)
+            .presigned(self.presigning()?)
+            .await
+            .map_err(s3err)?;
+        Ok(req.uri().to_owned())
+    }
+
+    fn policy(&self) -> &UploadPolicy {
+        &self.policy
     }
 
     async fn uploads_in_progress(&self, key: &str) -> Result<Vec<String>, BlobError> {
@@ -559,6 +593,39 @@ fn valid_upload_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// What a local URL's signature covers: every field in a fixed order, each present or absent
+/// (`-`) and length-prefixed, so no value can be moved into another field and still verify
+/// (a size limit folded into the content type, say).
+fn signed_string(
+    method: &str,
+    key: &str,
+    expires: i64,
+    part: Option<(&str, u32)>,
+    ct: Option<&str>,
+    max: Option<u64>,
+) -> Vec<u8> {
+    let expires = expires.to_string();
+    let part_number = part.map(|(_, n)| n.to_string());
+    let max = max.map(|m| m.to_string());
+    let fields: [(&str, Option<&str>); 7] = [
+        ("method", Some(method)),
+        ("key", Some(key)),
+        ("expires", Some(&expires)),
+        ("upload-id", part.map(|(id, _)| id)),
+        ("part-number", part_number.as_deref()),
+        ("content-type", ct),
+        ("max-bytes", max.as_deref()),
+    ];
+    let mut out = b"mira-blob-v2\n".to_vec();
+    for (name, value) in fields {
+        match value {
+            Some(v) => out.extend_from_slice(format!("{name}+{}:{v}\n", v.len()).as_bytes()),
+            None => out.extend_from_slice(format!("{name}-\n").as_bytes()),
+        }
+    }
+    out
+}
+
 impl LocalBlobs {
     /// Opens (creating) the store in `dir`; the signing secret lives in `dir/.mira-secret`.
     pub fn open(dir: impl AsRef<Path>, base_url: impl Into<String>, policy: UploadPolicy) -> std::io::Result<Self> {
@@ -598,14 +665,7 @@ impl LocalBlobs {
         max: Option<u64>,
     ) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
-        let (upload, n) = part.unwrap_or(("", 0));
-        mac.update(format!("mira-blob-v1\n{method}\n{key}\n{expires}\n{upload}\n{n}").as_bytes());
-        if let Some(ct) = ct {
-            mac.update(format!("\ncontent-type:{ct}").as_bytes());
-        }
-        if let Some(max) = max {
-            mac.update(format!("\nmax-bytes:{max}").as_bytes());
-        }
+        mac.update(&signed_string(method, key, expires, part, ct, max));
         mac
     }
 
@@ -765,22 +825,20 @@ impl BlobStore for LocalBlobs {
         let dir = self.upload_dir(&upload_id);
         tokio::fs::create_dir_all(&dir).await.map_err(io)?;
         tokio::fs::write(dir.join("key"), key).await.map_err(io)?;
-        let part_size = self.policy.part_size_for(size);
-        let count = size.div_ceil(part_size).max(1) as u32;
-        let parts = (1..=count)
-            .map(|n| PartUrl {
-                part_number: n,
-                url: self.url("PUT", key, Some((&upload_id, n)), None, Some(part_size)),
-            })
-            .collect();
         Ok(UploadPlan::Multipart {
-            multipart: MultipartPlan {
-                upload_id,
-                part_size,
-                parts,
-                expires_at: expires_at(self.policy.expires),
-            },
+            multipart: self.part_page(key, &upload_id, size, 1).await?,
         })
+    }
+
+    async fn part_url(&self, key: &str, upload_id: &str, n: u32, part_size: u64) -> Result<String, BlobError> {
+        if !valid_upload_id(upload_id) {
+            return Err(BlobError::Rejected("upload_id: not an upload of this store".into()));
+        }
+        Ok(self.url("PUT", key, Some((upload_id, n)), None, Some(part_size)))
+    }
+
+    fn policy(&self) -> &UploadPolicy {
+        &self.policy
     }
 
     async fn uploads_in_progress(&self, key: &str) -> Result<Vec<String>, BlobError> {
@@ -1002,6 +1060,21 @@ mod tests {
             raised.max_bytes = max;
             assert!(s.check("PUT", "a/b", &raised).is_err(), "the limit is signed ({max:?})");
         }
+        // The fields cannot be moved into each other: a limit folded into the type, with the
+        // limit itself dropped, signs differently.
+        let both = query(&s.url("PUT", "a/b", None, Some("image/tiff"), Some(100)));
+        assert!(s.check("PUT", "a/b", &both).is_ok());
+        let mut folded = both.clone();
+        folded.content_type = Some("image/tiff\nmax-bytes:100".into());
+        folded.max_bytes = None;
+        assert!(s.check("PUT", "a/b", &folded).is_err(), "a limit folded into the type");
+        let mut shifted = both.clone();
+        shifted.content_type = Some("image/tiff\nmax-bytes+3:100".into());
+        shifted.max_bytes = None;
+        assert!(
+            s.check("PUT", "a/b", &shifted).is_err(),
+            "a v2 field folded into the type"
+        );
         // A reopened store keeps its secret, so URLs survive a restart.
         let again = LocalBlobs::open(&dir, "http://x", s.policy).unwrap();
         assert!(again.check("PUT", "a/b", &q).is_ok());

@@ -914,6 +914,276 @@ async fn projections_list_status_and_rebuild() {
     assert!(stderr(&unknown).contains("no projection named"));
 }
 
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+fn slide_upload_url(body: &serde_json::Value) -> String {
+    body["upload"]["url"]
+        .as_str()
+        .expect("a single-PUT upload URL")
+        .to_owned()
+}
+
+/// A `mira dev` started as a person would, with `extra` in its environment; returns it, its
+/// URL and its banner once it is up, or its stderr if it exits first.
+fn start_dev(dir: &Path, data: &Path, extra: &[(&str, &str)]) -> Result<(std::process::Child, String, String), String> {
+    use std::io::BufRead;
+    let runtime = dir.join("run");
+    std::fs::create_dir_all(&runtime).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mira"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", dir)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .envs(extra.iter().copied())
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    let mut url = None;
+    loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                printed.push(line.clone());
+                if let Some(u) = line.strip_prefix("Mira is running at ") {
+                    url = Some(u.to_owned());
+                }
+                if line.contains("Ctrl-C") {
+                    break;
+                }
+            }
+            _ => {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                let _ = child.wait();
+                return Err(err);
+            }
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("mira dev: {l}");
+        }
+    });
+    Ok((child, url.expect("mira dev prints its URL"), printed.join("\n")))
+}
+
+/// Ctrl-C, as a terminal sends it; returns how long `mira dev` took to exit.
+fn interrupt_dev(child: &mut std::process::Child) -> Duration {
+    let t0 = std::time::Instant::now();
+    assert!(Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "Ctrl-C ends mira dev cleanly: {status:?}");
+    t0.elapsed()
+}
+
+async fn dev_token(url: &str) -> String {
+    let r: serde_json::Value = reqwest::Client::new()
+        .post(format!("{url}/dev/sign-in"))
+        .json(&serde_json::json!({"user": "ada", "tenant": "lab-dev", "roles": ["pathologist"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["id_token"].as_str().unwrap().to_owned()
+}
+
+/// Keys are made on a data directory's first start only: with its signing key gone, `mira
+/// dev` refuses to start, names the file, and makes nothing.
+#[tokio::test]
+async fn mira_dev_refuses_to_remake_a_missing_signing_key() {
+    let dir = std::env::temp_dir().join(format!("mira-dev-keys-{}", uuid::Uuid::new_v4()));
+    let data = dir.join(".mira");
+    let (mut child, _, _) = start_dev(&dir, &data, &[]).unwrap();
+    interrupt_dev(&mut child);
+    let key = data.join("audit-signing.key");
+    assert!(key.is_file());
+    std::fs::remove_file(&key).unwrap();
+    let err = start_dev(&dir, &data, &[]).expect_err("mira dev refuses to start");
+    let last = err.trim_end().lines().last().unwrap_or_default().to_owned();
+    assert!(
+        last.contains(&key.display().to_string()) && last.contains("mira keys init"),
+        "{err}"
+    );
+    assert!(!key.exists(), "no new key was made");
+    // The witness and keyring are checked the same way.
+    std::fs::write(&key, "restored").unwrap();
+    std::fs::remove_dir_all(data.join("witness")).unwrap();
+    let err = start_dev(&dir, &data, &[]).expect_err("mira dev refuses to start");
+    assert!(err.contains(&data.join("witness").display().to_string()), "{err}");
+    assert!(!data.join("witness").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A DATABASE_URL left in the shell (it may name a shared database) is not migrated: mira dev
+/// says so and uses its own cluster.
+#[tokio::test]
+async fn mira_dev_leaves_a_database_url_of_the_shell_untouched() {
+    let other = TestDb::empty().await;
+    let tables = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema NOT IN ('pg_catalog', 'information_schema')",
+        )
+        .fetch_one(&other.owner)
+        .await
+        .unwrap()
+    };
+    assert_eq!(tables().await, 0);
+    let dir = std::env::temp_dir().join(format!("mira-dev-env-{}", uuid::Uuid::new_v4()));
+    let data = dir.join(".mira");
+    let (mut child, url, printed) = start_dev(
+        &dir,
+        &data,
+        &[
+            ("DATABASE_URL", &other.owner_url),
+            ("Database__MigrationUrl", &other.owner_url),
+        ],
+    )
+    .unwrap();
+    assert!(
+        printed.contains("DATABASE_URL is set in this shell; mira dev ignores it"),
+        "{printed}"
+    );
+    assert!(printed.contains("private PostgreSQL cluster"), "{printed}");
+    let t = dev_token(&url).await;
+    let r = reqwest::Client::new()
+        .get(format!("{url}/api/slides"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    interrupt_dev(&mut child);
+    assert_eq!(tables().await, 0, "the shell's database was not migrated");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Ctrl-C in the middle of a long job: mira dev is gone within the worker's drain bound and a
+/// few seconds; the abandoned attempt's lease runs out and the job is retried after a restart.
+#[tokio::test]
+async fn ctrl_c_during_a_long_job_stops_within_the_drain_and_the_job_is_retried() {
+    let dir = std::env::temp_dir().join(format!("mira-dev-drain-{}", uuid::Uuid::new_v4()));
+    let data = dir.join(".mira");
+    let slide = std::fs::read(
+        Path::new(&std::env::var("MIRA_TESTDATA").expect("MIRA_TESTDATA: run through scripts/test"))
+            .join("CMU-1-Small-Region.svs"),
+    )
+    .unwrap();
+    let slow = [
+        ("Worker__BandPauseMillis", "2000"),
+        ("Worker__LeaseSeconds", "5"),
+        ("Worker__DrainSeconds", "2"),
+    ];
+    let (mut child, url, _) = start_dev(&dir, &data, &slow).unwrap();
+    let http = reqwest::Client::new();
+    let t = dev_token(&url).await;
+    let r: serde_json::Value = http
+        .post(format!("{url}/api/slides"))
+        .bearer_auth(&t)
+        .json(&serde_json::json!({"name": "long", "size_bytes": slide.len(), "content_type": "image/tiff"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = r["slide_id"].as_str().unwrap().to_owned();
+    let up = http
+        .put(slide_upload_url(&r))
+        .header("content-type", "image/tiff")
+        .body(slide.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(up.status().is_success());
+    let done = http
+        .post(format!("{url}/api/slides/{id}/uploaded"))
+        .bearer_auth(&t)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 200);
+    let job: serde_json::Value = http
+        .post(format!("{url}/api/jobs"))
+        .bearer_auth(&t)
+        .json(&serde_json::json!({"slide_id": id, "kind": "wsi.preprocess"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job_id = job["job_id"].as_str().unwrap().to_owned();
+    let job_now = |url: String, t: String| {
+        let http = http.clone();
+        let job_id = job_id.clone();
+        async move {
+            http.get(format!("{url}/api/jobs/{job_id}"))
+                .bearer_auth(&t)
+                .send()
+                .await
+                .ok()?
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let j = job_now(url.clone(), t.clone()).await.unwrap_or_default();
+        if j["status"] == "running" && j["progress"]["done"].as_i64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the job never ran: {j}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = interrupt_dev(&mut child);
+    eprintln!("mira dev stopped {took:?} after Ctrl-C with a job running (drain 2 s)");
+    assert!(
+        took < Duration::from_secs(2 + 8),
+        "stopped within the drain and a few seconds: {took:?}"
+    );
+
+    let (mut child, url, _) = start_dev(&dir, &data, &[("Worker__LeaseSeconds", "5")]).unwrap();
+    let t = dev_token(&url).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let j = loop {
+        let j = job_now(url.clone(), t.clone()).await.unwrap_or_default();
+        if j["status"] == "succeeded" {
+            break j;
+        }
+        assert!(
+            !["failed", "cancelled"].contains(&j["status"].as_str().unwrap_or("")),
+            "{j}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job was not retried to success: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(j["attempt"].as_i64().unwrap() >= 2, "a second attempt did it: {j}");
+    interrupt_dev(&mut child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `mira dev` with no DATABASE_URL, started as the README says: it prints its URL and how to
 /// sign in; its tokens work; Ctrl-C stops it and its private PostgreSQL; a second start keeps
 /// the data.
@@ -1021,6 +1291,7 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
         .await
         .unwrap();
     assert_eq!(slide.status(), 201);
+    let slide_body: serde_json::Value = slide.json().await.unwrap();
     // Without a token, 401: the local identity provider is the only way in.
     assert_eq!(
         http.get(format!("{url}/api/slides")).send().await.unwrap().status(),
@@ -1036,13 +1307,95 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
         .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|p| p.parse().ok())
         .expect("the banner names the cluster's port");
-    let admin = mira_eventlog::db::connect(
+    // Every login needs the password: without it, refused; `mira dev url` gives one that works.
+    let no_password = mira_eventlog::db::connect(
         &format!("postgres://postgres@127.0.0.1:{port}/mira"),
         1,
         Duration::from_secs(5),
     )
-    .await
-    .unwrap();
+    .await;
+    assert!(no_password.is_err(), "a login without the password is refused");
+    let dev_url = Command::new(env!("CARGO_BIN_EXE_mira"))
+        .args(["dev", "url", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(dev_url.status.success(), "{}", stderr(&dev_url));
+    let owner_url = stdout(&dev_url).trim().to_owned();
+    assert!(
+        owner_url.starts_with("postgres://postgres:") && owner_url.ends_with(&format!(":{port}/mira")),
+        "{owner_url}"
+    );
+    let admin = mira_eventlog::db::connect(&owner_url, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // Another local user reads nothing mira dev keeps and cannot log in (it would need the
+    // password, which only this user can read).
+    {
+        let up = http
+            .put(slide_upload_url(&slide_body))
+            .header("content-type", "image/tiff")
+            .body(&b"abc"[..])
+            .send()
+            .await
+            .unwrap();
+        assert!(up.status().is_success(), "{}", up.status());
+    }
+    if is_root() && Path::new("/usr/sbin/runuser").exists() {
+        let as_nobody = |args: &[&str]| {
+            Command::new("/usr/sbin/runuser")
+                .args(["-u", "nobody", "--"])
+                .args(args)
+                .env("PGCONNECT_TIMEOUT", "5")
+                .output()
+                .unwrap()
+        };
+        let mut files = Vec::new();
+        let mut dirs = vec![data.clone()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if p == pg {
+                    continue;
+                }
+                if p.is_dir() {
+                    dirs.push(p);
+                } else {
+                    files.push(p);
+                }
+            }
+        }
+        let blobs: Vec<_> = files.iter().filter(|f| f.starts_with(data.join("blobs"))).collect();
+        assert!(!blobs.is_empty(), "the uploaded slide is a blob file");
+        for f in files.iter().filter(|f| f.extension().is_none_or(|x| x != "pub")) {
+            let o = as_nobody(&["cat", f.to_str().unwrap()]);
+            assert!(!o.status.success(), "nobody read {}", f.display());
+        }
+        let o = as_nobody(&["ls", data.join("blobs").to_str().unwrap()]);
+        assert!(!o.status.success(), "nobody listed the blobs");
+        let psql = as_nobody(&[
+            "psql",
+            "-w",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "mira",
+            "-c",
+            "select 1",
+        ]);
+        assert!(!psql.status.success(), "nobody logged in: {}", stdout(&psql));
+        assert!(
+            stderr(&psql).contains("password"),
+            "refused for want of the password: {}",
+            stderr(&psql)
+        );
+    } else {
+        eprintln!("not root (or no runuser): the other-user checks are skipped");
+    }
     let users: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT usename::text FROM pg_stat_activity WHERE datname = 'mira' AND pid <> pg_backend_pid() AND usename IS NOT NULL",
     )

@@ -162,6 +162,10 @@ pub struct WorkerSettings {
     /// How slides are read: `Auto` (tiled JPEG TIFF levels straight from the file where a
     /// sample proves them equal to OpenSlide) or `OpenSlide` (everything through OpenSlide).
     pub slide_reader: SlideReader,
+    /// On SIGTERM or Ctrl-C, the job in hand gets this long to finish; past it the attempt is
+    /// abandoned (its lease expires and the job is retried) and the process exits. Set it
+    /// below the pod's or task's stop grace period; `mira dev` uses 5.
+    pub drain_seconds: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -177,6 +181,7 @@ impl Default for WorkerSettings {
             lease_seconds: 60,
             band_pause_millis: 0,
             slide_reader: SlideReader::Auto,
+            drain_seconds: 25,
         }
     }
 }
@@ -340,6 +345,29 @@ pub struct ApiSettings {
     /// An `Idempotency-Key` names its resource for this long; then the key may be used again
     /// and the stored fingerprint is deleted.
     pub idempotency_retention_hours: u64,
+    /// A connection must send a request's whole header block within this long of opening (or
+    /// of starting the request), else it is closed (slowloris).
+    pub header_read_timeout_seconds: u64,
+    /// A connection with no bytes in or out for this long is closed once no request is in
+    /// flight. Behind a load balancer, keep it above the balancer's own idle timeout.
+    pub idle_timeout_seconds: u64,
+    /// The most connections served at once; more wait in the listen backlog until one closes.
+    /// WebSockets leave this count once upgraded (they have their own buffer and send timeout).
+    pub max_connections: u32,
+    /// Requests per second allowed to one client (by address, see `ForwardedForHops`), with
+    /// bursts of twice that; more get 429 with `Retry-After`. 0 turns the limit off.
+    pub requests_per_second: u32,
+    /// How many proxies in front of the gateway append to `X-Forwarded-For` (1 behind a load
+    /// balancer): the client is the address that many entries from the right. 0: the peer.
+    pub forwarded_for_hops: u32,
+    /// On shutdown, connections with a request in flight get this long to finish.
+    pub shutdown_grace_seconds: u64,
+    /// Where `/metrics` is served: an address of its own (`127.0.0.1:9464`), which operators'
+    /// scrapers reach and clients do not. Unset: `/metrics` is on the API's listener only with
+    /// `MetricsToken`, and 404 without.
+    pub metrics_listen: Option<String>,
+    /// A bearer token `/metrics` on the API's listener asks for.
+    pub metrics_token: Option<Secret>,
 }
 
 impl Default for ApiSettings {
@@ -350,6 +378,14 @@ impl Default for ApiSettings {
             token_leeway_seconds: 60,
             jwks_min_refresh_seconds: 30,
             idempotency_retention_hours: 24,
+            header_read_timeout_seconds: 10,
+            idle_timeout_seconds: 75,
+            max_connections: 1024,
+            requests_per_second: 100,
+            forwarded_for_hops: 0,
+            shutdown_grace_seconds: 10,
+            metrics_listen: None,
+            metrics_token: None,
         }
     }
 }
@@ -698,6 +734,26 @@ impl Settings {
         }
         if self.api.job_max_attempts == 0 {
             return invalid("Api__JobMaxAttempts", "must be at least 1");
+        }
+        if !(1..=3600).contains(&self.api.header_read_timeout_seconds) {
+            return invalid("Api__HeaderReadTimeoutSeconds", "must be 1 to 3600");
+        }
+        if !(1..=86_400).contains(&self.api.idle_timeout_seconds) {
+            return invalid("Api__IdleTimeoutSeconds", "must be 1 to 86400");
+        }
+        if self.api.max_connections == 0 {
+            return invalid("Api__MaxConnections", "must be at least 1");
+        }
+        if self.api.forwarded_for_hops > 8 {
+            return invalid("Api__ForwardedForHops", "must be 0 to 8");
+        }
+        if let Some(t) = &self.api.metrics_token {
+            if t.expose().len() < 16 {
+                return invalid("Api__MetricsToken", "must be at least 16 characters");
+            }
+        }
+        if self.worker.drain_seconds > 3600 {
+            return invalid("Worker__DrainSeconds", "must be 0 to 3600");
         }
         for (setting, url) in [
             ("DATABASE_URL", &self.database_url),

@@ -125,6 +125,11 @@ impl crate::api::DevIdentity for DevIdp {
     }
 }
 
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(p) = path.parent() {
@@ -141,7 +146,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // The private PostgreSQL cluster
 
-/// A PostgreSQL cluster owned by `mira dev`, stopped when dropped.
+/// A PostgreSQL cluster owned by `mira dev`, stopped when dropped. It listens on loopback
+/// only and asks every login for a password (scram-sha-256), made at `initdb` and kept in
+/// [`PASSWORDS`] (mode 0600): on a shared machine, another local user cannot log in.
 #[derive(Debug)]
 pub struct Cluster {
     pub dir: PathBuf,
@@ -150,6 +157,76 @@ pub struct Cluster {
     /// (uid, gid) of `postgres` when running as root: initdb refuses root.
     run_as: Option<(u32, u32)>,
     started: bool,
+    /// The passwords of `postgres` and [`APP_ROLE`]; `None` for a cluster made before mira dev
+    /// set passwords (trust), until [`Cluster::secure`] sets them.
+    pub passwords: Option<Passwords>,
+}
+
+/// The cluster's passwords, in the data directory.
+pub const PASSWORDS: &str = "postgres.passwords";
+
+/// The passwords of the private cluster's two login roles.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Passwords {
+    pub owner: String,
+    pub service: String,
+}
+
+impl std::fmt::Debug for Passwords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passwords(***)")
+    }
+}
+
+impl Passwords {
+    fn generate() -> anyhow::Result<Self> {
+        let one = || -> anyhow::Result<String> {
+            let mut b = [0u8; 24];
+            getrandom::getrandom(&mut b).map_err(|e| anyhow::anyhow!("cannot generate a password: {e}"))?;
+            Ok(hex::encode(b))
+        };
+        Ok(Self {
+            owner: one()?,
+            service: one()?,
+        })
+    }
+
+    /// `data_dir`'s passwords, if it has them.
+    pub fn load(data_dir: &Path) -> anyhow::Result<Option<Self>> {
+        let path = data_dir.join(PASSWORDS);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let mut owner = None;
+        let mut service = None;
+        for line in text.lines() {
+            match line.split_once(' ') {
+                Some(("postgres", pw)) => owner = Some(pw.trim().to_owned()),
+                Some((APP_ROLE, pw)) => service = Some(pw.trim().to_owned()),
+                _ => {}
+            }
+        }
+        match (owner, service) {
+            (Some(owner), Some(service)) if !owner.is_empty() && !service.is_empty() => {
+                Ok(Some(Self { owner, service }))
+            }
+            _ => bail!(
+                "{} is damaged: it must name the passwords of postgres and {APP_ROLE}",
+                path.display()
+            ),
+        }
+    }
+
+    fn save(&self, data_dir: &Path) -> anyhow::Result<()> {
+        let path = data_dir.join(PASSWORDS);
+        write_private(
+            &path,
+            format!("postgres {}\n{APP_ROLE} {}\n", self.owner, self.service).as_bytes(),
+        )
+        .with_context(|| format!("cannot write {}", path.display()))
+    }
 }
 
 /// The highest `/usr/lib/postgresql/<N>/bin` with N ≥ 15.
@@ -216,7 +293,7 @@ impl Cluster {
             .unwrap_or(false)
     }
 
-    /// Finds or creates the cluster for `data_dir` (initdb on first use).
+    /// Finds or creates the cluster for `data_dir` (initdb on first use, with a password).
     pub fn prepare(data_dir: &Path) -> anyhow::Result<Self> {
         let (_, bin) = find_postgres()?;
         let run_as = if is_root() { Some(postgres_user()?) } else { None };
@@ -254,8 +331,22 @@ impl Cluster {
             port: 0,
             run_as,
             started: false,
+            passwords: Passwords::load(data_dir)?,
         };
         if !cluster.dir.join("PG_VERSION").exists() {
+            let passwords = Passwords::generate()?;
+            // initdb reads the owner's password from a file the cluster's user can read:
+            // one of its own, in a directory only it can enter, removed once initdb is done.
+            let scratch = cluster.dir.with_file_name(format!(".initdb-{}", std::process::id()));
+            std::fs::create_dir_all(&scratch)?;
+            let pwfile = scratch.join("pw");
+            write_private(&pwfile, passwords.owner.as_bytes())?;
+            if let Some((uid, gid)) = run_as {
+                for p in [&scratch, &pwfile] {
+                    std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
+                }
+            }
+            set_mode(&scratch, 0o700)?;
             let out = cluster
                 .command("initdb")
                 .args(["-D"])
@@ -263,15 +354,22 @@ impl Cluster {
                 .args([
                     "-U",
                     "postgres",
-                    "--auth=trust",
+                    "--auth=scram-sha-256",
                     "-E",
                     "UTF8",
                     "--locale=C",
                     "--no-instructions",
                 ])
+                .arg(format!("--pwfile={}", pwfile.display()))
                 .output()
-                .context("cannot run initdb")?;
-            if !out.status.success() {
+                .context("cannot run initdb");
+            let _ = std::fs::remove_dir_all(&scratch);
+            let out = out?;
+            if out.status.success() {
+                let _ = std::fs::remove_file(data_dir.join(PASSWORDS));
+                passwords.save(data_dir)?;
+                cluster.passwords = Some(passwords);
+            } else {
                 bail!(
                     "initdb failed: {}",
                     String::from_utf8_lossy(&out.stderr)
@@ -281,8 +379,74 @@ impl Cluster {
                 );
             }
         }
+        if cluster.passwords.is_none() && !cluster.trusts() {
+            bail!(
+                "{} is missing: the PostgreSQL cluster in {} asks for the passwords it held; restore the file, or move that cluster away to start afresh",
+                data_dir.join(PASSWORDS).display(),
+                cluster.dir.display()
+            );
+        }
         cluster.port = 0;
         Ok(cluster)
+    }
+
+    /// Does the cluster still let logins in without a password (made by an older mira dev)?
+    fn trusts(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("pg_hba.conf"))
+            .map(|t| {
+                t.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.starts_with('#'))
+                    .any(|l| l.split_whitespace().last() == Some("trust"))
+            })
+            .unwrap_or(false)
+    }
+
+    /// A cluster an older mira dev made with `trust`: give its roles passwords, then make
+    /// every login ask for one (scram-sha-256) and reload. Runs on the started cluster.
+    pub async fn secure(&mut self, data_dir: &Path) -> anyhow::Result<()> {
+        if self.passwords.is_some() {
+            return Ok(());
+        }
+        let passwords = Passwords::generate()?;
+        let admin =
+            mira_eventlog::db::connect(&self.url_with("postgres", None, "postgres"), 1, Duration::from_secs(10))
+                .await?;
+        sqlx::raw_sql(&format!(
+            "SET password_encryption = 'scram-sha-256'; ALTER ROLE postgres PASSWORD '{}'; \
+             DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+             ALTER ROLE {APP_ROLE} PASSWORD '{}'",
+            passwords.owner, passwords.service
+        ))
+        .execute(&admin)
+        .await?;
+        admin.close().await;
+        let _ = std::fs::remove_file(data_dir.join(PASSWORDS));
+        passwords.save(data_dir)?;
+        let hba = self.dir.join("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            "# mira dev: loopback only, every login with a password\n\
+             host all all 127.0.0.1/32 scram-sha-256\n\
+             host all all ::1/128 scram-sha-256\n",
+        )
+        .with_context(|| format!("cannot write {}", hba.display()))?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&hba, Some(uid), Some(gid))?;
+        }
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.dir)
+            .arg("reload")
+            .output()
+            .context("cannot run pg_ctl reload")?;
+        if !out.status.success() {
+            bail!("pg_ctl reload failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        tracing::info!("the private cluster now asks every login for a password ({PASSWORDS})");
+        self.passwords = Some(passwords);
+        Ok(())
     }
 
     /// Removes a `postmaster.pid` left by a server that is gone.
@@ -340,12 +504,23 @@ impl Cluster {
         Ok(())
     }
 
+    /// The owner's URL of `database`, with its password.
     pub fn url(&self, database: &str) -> String {
-        self.url_as("postgres", database)
+        let pw = self.passwords.as_ref().map(|p| p.owner.as_str());
+        self.url_with("postgres", pw, database)
     }
 
-    pub fn url_as(&self, role: &str, database: &str) -> String {
-        format!("postgres://{role}@127.0.0.1:{}/{database}", self.port)
+    /// [`APP_ROLE`]'s URL of `database`, with its password.
+    pub fn service_url(&self, database: &str) -> String {
+        let pw = self.passwords.as_ref().map(|p| p.service.as_str());
+        self.url_with(APP_ROLE, pw, database)
+    }
+
+    fn url_with(&self, role: &str, password: Option<&str>, database: &str) -> String {
+        match password {
+            Some(pw) => format!("postgres://{role}:{pw}@127.0.0.1:{}/{database}", self.port),
+            None => format!("postgres://{role}@127.0.0.1:{}/{database}", self.port),
+        }
     }
 
     pub fn stop(&mut self) {
@@ -364,6 +539,21 @@ impl Cluster {
             Ok(s) if s.success() => self.started = false,
             other => tracing::error!(?other, dir = %self.dir.display(), "PostgreSQL did not stop"),
         }
+    }
+}
+
+impl Cluster {
+    /// Stops the server without waiting for its clients (a second Ctrl-C).
+    fn stop_now(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-m", "immediate", "-w", "-t", "10", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        self.started = false;
     }
 }
 
@@ -411,10 +601,73 @@ fn claim_data_dir(data_dir: &Path) -> anyhow::Result<()> {
 pub struct DevOptions {
     pub data_dir: PathBuf,
     pub listen: String,
+    /// A non-loopback `listen` is refused without it: it exposes the local sign-in.
+    pub expose_sign_in: bool,
+    /// A database to use instead of the private cluster (`--database-url`).
+    pub database_url: Option<String>,
 }
 
+/// The files `keys init` makes in a data directory, which only the first start may make.
+fn key_files(data: &Path) -> [PathBuf; 3] {
+    [
+        data.join("audit-signing.key"),
+        data.join("keyring").join("KEYRING"),
+        data.join("witness"),
+    ]
+}
+
+/// The mark of a data directory whose keys were made (by its first start).
+const KEYS_MADE: &str = "keys.made";
+
+/// Keys are made once, on a data directory's first start; afterwards a missing one stops
+/// `mira dev` (a new signing key would make every older checkpoint look forged).
+fn check_keys(data: &Path) -> anyhow::Result<bool> {
+    let first = !data.join(KEYS_MADE).exists();
+    if first {
+        return Ok(true);
+    }
+    for f in key_files(data) {
+        if !f.exists() {
+            bail!(
+                "{} is missing: mira dev made its keys on this data directory's first start and will not make new ones \
+                 (checkpoints signed by the old key would then look forged); restore it, or make a new key knowingly \
+                 with `mira keys init` (Audit__SigningKeyFile, Keyring__LocalDir, Audit__WitnessDir naming {})",
+                f.display(),
+                data.display()
+            );
+        }
+    }
+    Ok(false)
+}
+
+/// Only the user who runs `mira dev` reads what it keeps: the data directory can be entered
+/// (0711: the cluster's user reaches its directory inside) but not listed, and the keys, the
+/// keyring, the witness and the blobs are the user's alone.
+fn restrict(data: &Path) -> anyhow::Result<()> {
+    set_mode(data, 0o711).with_context(|| format!("cannot restrict {}", data.display()))?;
+    for d in ["keyring", "witness", "blobs"] {
+        let p = data.join(d);
+        std::fs::create_dir_all(&p)?;
+        set_mode(&p, 0o700).with_context(|| format!("cannot restrict {}", p.display()))?;
+    }
+    // Every file at the top (keys, passwords, marks), the public audit key excepted.
+    for e in std::fs::read_dir(data)?.flatten() {
+        let p = e.path();
+        let public = p.extension().is_some_and(|x| x == "pub");
+        if e.file_type().is_ok_and(|t| t.is_file()) && !public {
+            set_mode(&p, 0o600).with_context(|| format!("cannot restrict {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// How long `mira dev`'s worker may take over the job in hand on Ctrl-C
+/// (`Worker__DrainSeconds`, unless set).
+const DEV_DRAIN_SECONDS: u64 = 5;
+
 /// Runs the platform until `shutdown`. `announce` receives the lines to show the user once
-/// everything is up. The private cluster, if any, is stopped on every way out.
+/// everything is up. The private cluster, if any, is stopped on every way out. A second
+/// signal after `shutdown` stops everything at once.
 pub async fn run(
     file: Option<&Path>,
     env: Vec<(String, String)>,
@@ -425,41 +678,73 @@ pub async fn run(
     std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("cannot create {}", opts.data_dir.display()))?;
     let data = std::fs::canonicalize(&opts.data_dir)?;
     claim_data_dir(&data)?;
+    let first_start = check_keys(&data)?;
     let idp = DevIdp::open_or_create(&data)?;
     let listener = tokio::net::TcpListener::bind(&opts.listen)
         .await
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
     let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() && !opts.expose_sign_in {
+        bail!(
+            "--listen {} is not a loopback address: anyone who reaches it could sign in as any user, tenant and role; \
+             pass --expose-sign-in to do that knowingly",
+            opts.listen
+        );
+    }
     let mut env: std::collections::BTreeMap<String, String> = env.into_iter().collect();
+    // Only a database named on the command line: a DATABASE_URL left in the shell may name a
+    // shared or production database, which mira dev would migrate.
+    let inherited = env.remove("DATABASE_URL").is_some() | env.remove("Database__MigrationUrl").is_some();
+    let mut notes = Vec::new();
+    if inherited && opts.database_url.is_none() {
+        notes.push(
+            "  note: DATABASE_URL is set in this shell; mira dev ignores it and uses its private cluster (--database-url URL uses another database)"
+                .to_owned(),
+        );
+    }
     let mut cluster = None;
-    if !env.contains_key("DATABASE_URL") {
-        let d = data.clone();
-        let c = tokio::task::spawn_blocking(move || -> anyhow::Result<Cluster> {
-            let mut c = Cluster::prepare(&d)?;
-            c.start()?;
-            Ok(c)
-        })
-        .await??;
-        let admin = mira_eventlog::db::connect(&c.url("postgres"), 1, Duration::from_secs(10)).await?;
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'mira')")
-            .fetch_one(&admin)
-            .await?;
-        if !exists {
-            sqlx::query("CREATE DATABASE mira").execute(&admin).await?;
+    match &opts.database_url {
+        Some(url) => {
+            env.insert("DATABASE_URL".into(), url.clone());
         }
-        // The processes connect as a login role that owns nothing; `postgres` owns the schema
-        // and only migrates (ADR 0012).
-        sqlx::raw_sql(&format!(
-            "DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
-        ))
-        .execute(&admin)
-        .await?;
-        admin.close().await;
-        env.insert("Database__MigrationUrl".into(), c.url("mira"));
-        env.insert("DATABASE_URL".into(), c.url_as(APP_ROLE, "mira"));
-        cluster = Some(c);
+        None => {
+            let d = data.clone();
+            let mut c = tokio::task::spawn_blocking(move || -> anyhow::Result<Cluster> {
+                let mut c = Cluster::prepare(&d)?;
+                c.start()?;
+                Ok(c)
+            })
+            .await??;
+            c.secure(&data).await?;
+            let service_pw = c.passwords.as_ref().map(|p| p.service.clone()).unwrap_or_default();
+            let admin = mira_eventlog::db::connect(&c.url("postgres"), 1, Duration::from_secs(10)).await?;
+            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'mira')")
+                .fetch_one(&admin)
+                .await?;
+            if !exists {
+                sqlx::query("CREATE DATABASE mira").execute(&admin).await?;
+            }
+            // The processes connect as a login role that owns nothing; `postgres` owns the
+            // schema and only migrates (ADR 0012).
+            sqlx::raw_sql(&format!(
+                "DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+                 ALTER ROLE {APP_ROLE} PASSWORD '{service_pw}'"
+            ))
+            .execute(&admin)
+            .await?;
+            admin.close().await;
+            env.insert("Database__MigrationUrl".into(), c.url("mira"));
+            env.insert("DATABASE_URL".into(), c.service_url("mira"));
+            cluster = Some(c);
+        }
     }
     let at = |p: &str| data.join(p).display().to_string();
+    // The gateway fetches the local JWKS from itself, at a loopback name it answers.
+    let jwks_host = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
     for (k, v) in [
         ("Messaging__Provider", "InMemory".to_owned()),
         ("Storage__Provider", "Local".to_owned()),
@@ -469,19 +754,36 @@ pub async fn run(
         ("Audit__WitnessDir", at("witness")),
         ("AWS__Cognito__Issuer", ISSUER.to_owned()),
         ("AWS__Cognito__ClientId", AUDIENCE.to_owned()),
-        ("AWS__Cognito__JwksUrl", format!("http://{addr}{DEV_JWKS_PATH}")),
+        ("AWS__Cognito__JwksUrl", format!("http://{jwks_host}{DEV_JWKS_PATH}")),
     ] {
         env.insert(k.into(), v);
     }
+    if opts.expose_sign_in {
+        env.insert("Web__AllowRemoteDevSignIn".into(), "true".into());
+    }
     // The browser app: `web/dist` of the directory `mira dev` runs from, unless set.
     env.entry("Web__Dir".into()).or_insert_with(|| "web/dist".to_owned());
+    // Metrics on a loopback port of their own, as operators scrape them.
+    if !env.contains_key("Api__MetricsListen") {
+        let port = StdListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        env.insert("Api__MetricsListen".into(), format!("127.0.0.1:{port}"));
+    }
+    env.entry("Api__ShutdownGraceSeconds".into())
+        .or_insert_with(|| "2".to_owned());
+    env.entry("Worker__DrainSeconds".into())
+        .or_insert_with(|| DEV_DRAIN_SECONDS.to_string());
     let settings = crate::config::Settings::load(file, env)?;
     crate::database::migrate(&settings).await?;
-    // Keys are created here, on the first start, and nowhere else (`mira keys init`).
-    let keys = mira_keys::init(&settings).await?;
-    for l in keys.lines.iter().filter(|l| l.contains("(created)")) {
-        tracing::info!("created {l}");
+    // Keys are made here on the data directory's first start, and nowhere else
+    // (`mira keys init`); later starts use them or stop (see `check_keys`).
+    if first_start {
+        let keys = mira_keys::init(&settings).await?;
+        for l in keys.lines.iter().filter(|l| l.contains("(created)")) {
+            tracing::info!("created {l}");
+        }
+        std::fs::write(data.join(KEYS_MADE), chrono::Utc::now().to_rfc3339())?;
     }
+    restrict(&data)?;
     let pool = mira_eventlog::db::connect_with(&settings).await?;
     let mut worker = spawn_worker(&settings, &data);
     let url = format!("http://{addr}");
@@ -500,13 +802,20 @@ pub async fn run(
                 .display()
         ),
     ];
+    let exe = std::env::current_exe()
+        .map(|p| shell_quote(&p.display().to_string()))
+        .unwrap_or_else(|_| "mira".into());
     match &cluster {
         Some(c) => lines.push(format!(
-            "  database: private PostgreSQL cluster in {} (port {}); the processes connect as {APP_ROLE}, which owns nothing",
+            "  database: private PostgreSQL cluster in {} (port {}), a password for every login; the processes connect as {APP_ROLE}, which owns nothing; `{exe} dev url` prints a URL for psql",
             c.dir.display(),
             c.port
         )),
-        None => lines.push("  database: DATABASE_URL".to_owned()),
+        None => lines.push("  database: the one --database-url names".to_owned()),
+    }
+    lines.extend(notes);
+    if let Some(m) = &settings.api.metrics_listen {
+        lines.push(format!("  metrics: http://{m}/metrics"));
     }
     match &worker {
         Ok(w) => lines.push(format!(
@@ -525,32 +834,57 @@ pub async fn run(
         )),
     }
     lines.push("  or sign in with a token from the local identity provider:".to_owned());
-    let exe = std::env::current_exe()
-        .map(|p| shell_quote(&p.display().to_string()))
-        .unwrap_or_else(|_| "mira".into());
     lines.push(format!("    TOKEN=$({exe} dev token)"));
     lines.push(format!(
         "    (from any directory; or `{exe} dev token --data-dir {data_arg}`)"
     ));
     lines.push(format!("    curl -H \"Authorization: Bearer $TOKEN\" {url}/api/jobs"));
-    lines.push("  Ctrl-C stops everything; the data stays for the next start.".to_owned());
+    lines.push("  Ctrl-C stops everything (a second Ctrl-C at once); the data stays for the next start.".to_owned());
     record_running(&data, &url);
     announce(&lines);
+    let drain = settings.worker.drain_seconds;
     {
-        let (stopping, pg) = (shutdown.clone(), cluster.is_some());
+        let (stopping, pg) = (
+            shutdown.clone(),
+            cluster.as_ref().map(|c| (c.dir.clone(), c.bin.clone(), c.run_as)),
+        );
+        let worker_pid = worker.as_ref().ok().and_then(|w| w.id());
+        let data = data.clone();
         tokio::spawn(async move {
             stopping.cancelled().await;
             eprintln!(
-                "mira dev: stopping: the API and WebSocket, relay, projector, handlers and the worker (the job in hand finishes first){}",
-                if pg { ", then PostgreSQL" } else { "" }
+                "mira dev: stopping: the API and WebSocket, relay, projector, handlers and the worker (the job in hand gets {drain} s, Worker__DrainSeconds){}; Ctrl-C again stops at once",
+                if pg.is_some() { ", then PostgreSQL" } else { "" }
             );
+            // Give the first signal a moment to be the only one (a terminal's Ctrl-C can
+            // arrive as SIGINT from the terminal and from a wrapper at once).
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            second_signal().await;
+            eprintln!("mira dev: stopping at once");
+            if let Some(pid) = worker_pid {
+                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+            if let Some((dir, bin, run_as)) = pg {
+                let mut c = Cluster {
+                    dir,
+                    bin,
+                    port: 0,
+                    run_as,
+                    started: true,
+                    passwords: None,
+                };
+                c.stop_now();
+            }
+            forget_running();
+            let _ = std::fs::remove_file(data.join("mira-dev.pid"));
+            std::process::exit(130);
         });
     }
     let options = crate::server::Options::everything(Some(std::sync::Arc::new(idp)));
     let result = crate::server::run(&settings, pool.clone(), listener, &options, shutdown).await;
     forget_running();
     if let Ok(w) = &mut worker {
-        stop_worker(w).await;
+        stop_worker(w, Duration::from_secs(drain + 5)).await;
     }
     pool.close().await;
     if let Some(mut c) = cluster {
@@ -558,6 +892,20 @@ pub async fn run(
     }
     let _ = std::fs::remove_file(data.join("mira-dev.pid"));
     result
+}
+
+/// The next SIGINT or SIGTERM.
+async fn second_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
 }
 
 /// Starts `mira-worker run` (found beside this `mira`) as a child on the same database,
@@ -574,26 +922,28 @@ fn spawn_worker(settings: &crate::config::Settings, data: &Path) -> Result<tokio
     }
     cmd.arg("run")
         .env("DATABASE_URL", settings.database_url().map_err(|e| e.to_string())?)
+        .env_remove("Database__MigrationUrl")
         .env("Messaging__Provider", "InMemory")
         .env("Storage__Provider", "Local")
         .env("Storage__LocalDir", data.join("blobs"))
         .env("Keyring__LocalDir", data.join("keyring"))
+        .env("Worker__DrainSeconds", settings.worker.drain_seconds.to_string())
+        // A group of its own: a terminal's Ctrl-C reaches `mira dev` alone, which then stops
+        // the worker (SIGTERM, and SIGKILL on a second Ctrl-C or past the drain).
+        .process_group(0)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", bin.display()))
 }
 
-/// SIGTERM, then up to 60 s for the job in hand, then SIGKILL.
-async fn stop_worker(child: &mut tokio::process::Child) {
+/// SIGTERM, then up to `bound` (the worker's drain and a margin), then SIGKILL.
+async fn stop_worker(child: &mut tokio::process::Child, bound: Duration) {
     if let Some(pid) = child.id() {
         let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     }
-    if tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("the worker did not stop within 60 s; killing it");
+    if tokio::time::timeout(bound, child.wait()).await.is_err() {
+        tracing::warn!(bound_s = bound.as_secs(), "the worker did not stop in time; killing it");
         let _ = child.kill().await;
     }
 }
@@ -697,4 +1047,45 @@ fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
+}
+
+/// `mira dev url`: a connection URL, with its password, to the private cluster of the running
+/// `mira dev` of `data_dir` (the owner's, or with `service` the processes' role's).
+pub fn database_url(data_dir: &Path, service: bool) -> anyhow::Result<String> {
+    let passwords = Passwords::load(data_dir)?.with_context(|| {
+        format!(
+            "{} has no {PASSWORDS}: its mira dev runs on another database (--database-url), or has not started yet",
+            data_dir.display()
+        )
+    })?;
+    let cluster = match std::fs::read_to_string(data_dir.join("postgres.location")) {
+        Ok(p) => PathBuf::from(p.trim()),
+        Err(_) => data_dir.join("postgres"),
+    };
+    // postmaster.pid: pid, data directory, start time, port, …
+    let pid_file = cluster.join("postmaster.pid");
+    let text = std::fs::read_to_string(&pid_file).with_context(|| {
+        format!(
+            "the private cluster in {} is not running (no postmaster.pid): start `mira dev` first",
+            cluster.display()
+        )
+    })?;
+    let mut fields = text.lines();
+    let pid = fields.next().unwrap_or_default().trim().to_owned();
+    let port: u16 = fields
+        .nth(2)
+        .and_then(|p| p.trim().parse().ok())
+        .with_context(|| format!("{} names no port", pid_file.display()))?;
+    if !process_alive(&pid, &["postgres", "postmaster"]) {
+        bail!(
+            "the private cluster in {} is not running: start `mira dev` first",
+            cluster.display()
+        );
+    }
+    let (role, pw) = if service {
+        (APP_ROLE, passwords.service)
+    } else {
+        ("postgres", passwords.owner)
+    };
+    Ok(format!("postgres://{role}:{pw}@127.0.0.1:{port}/mira"))
 }

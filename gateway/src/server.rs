@@ -146,9 +146,19 @@ pub async fn state(
             job_max_attempts,
             ws_send_timeout: Duration::from_secs(settings.realtime.send_timeout_seconds),
             idempotency_retention: Duration::from_secs(3600 * settings.api.idempotency_retention_hours),
+            conn: crate::api::limits::ConnLimits::from_settings(settings),
         },
         idempotency_key: Default::default(),
+        cursor_key: Default::default(),
         version: crate::api::Version::new(settings.commit.as_deref()),
+        rate_limiter: crate::api::limits::RateLimiter::new(
+            settings.api.requests_per_second,
+            settings.api.forwarded_for_hops,
+        ),
+        metrics_access: match (&settings.api.metrics_listen, &settings.api.metrics_token) {
+            (_, Some(t)) => crate::api::MetricsAccess::Token(t.clone()),
+            _ => crate::api::MetricsAccess::Elsewhere,
+        },
         hub,
         dev_identity,
         web: web_config(settings),
@@ -258,6 +268,19 @@ pub async fn run(
         for role in roles {
             crate::roles::spawn(*role, &ctx, &mut tasks, &shutdown).await?;
         }
+    }
+    if let Some(at) = &settings.api.metrics_listen {
+        let l = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("Api__MetricsListen: cannot listen on {at}"))?;
+        tracing::info!(addr = %l.local_addr()?, "serving /metrics");
+        let (router, stop) = (crate::api::metrics_router(state.clone()), shutdown.clone());
+        let conn = state.limits.conn;
+        tasks.spawn(async move {
+            crate::api::limits::serve(l, router, conn, stop)
+                .await
+                .context("the metrics listener")
+        });
     }
     tracing::info!(%addr, ?roles, "serving");
     let api = crate::api::serve(listener, state, shutdown.clone());

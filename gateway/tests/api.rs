@@ -228,6 +228,9 @@ enum Storage {
     S3,
 }
 
+/// `Api__MetricsToken` of the test gateways.
+const METRICS_TOKEN: &str = "metrics-token-of-the-tests";
+
 struct App {
     base: String,
     http: reqwest::Client,
@@ -270,6 +273,9 @@ async fn spawn_app_with(storage: Storage, extra: &[(&str, &str)]) -> App {
         ("Storage__MultipartThresholdBytes", (6 * 1024 * 1024).to_string()),
         ("Storage__PartSizeBytes", (5 * 1024 * 1024).to_string()),
         ("Api__MaxBodyBytes", "4096".into()),
+        // Tests send bursts from one address; the limit has a test of its own.
+        ("Api__RequestsPerSecond", "0".into()),
+        ("Api__MetricsToken", METRICS_TOKEN.into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -292,7 +298,12 @@ async fn spawn_app_with(storage: Storage, extra: &[(&str, &str)]) -> App {
         bucket = Some(name);
     }
     for (k, v) in extra {
-        env.insert((*k).to_owned(), (*v).to_owned());
+        // An empty value unsets a default of the tests.
+        if v.is_empty() {
+            env.remove(*k);
+        } else {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
     }
     let settings = Settings::load(None, env).expect("test settings are valid");
     mira_keys::init(&settings).await.expect("mira keys init");
@@ -392,10 +403,11 @@ impl App {
         id
     }
 
-    /// `/metrics`, as Prometheus would read it.
+    /// `/metrics`, as Prometheus would read it (with `Api__MetricsToken`).
     async fn metrics(&self) -> String {
         self.http
             .get(format!("{}/metrics", self.base))
+            .bearer_auth(METRICS_TOKEN)
             .send()
             .await
             .unwrap()
@@ -1692,11 +1704,11 @@ async fn a_manifest_outside_the_jobs_attempt_prefix_is_never_served() {
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(app: &App, token: &str, since: Option<i64>) -> Socket {
+async fn connect(app: &App, token: &str, since: Option<&str>) -> Socket {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let ws = app.base.replace("http://", "ws://");
     let url = match since {
-        Some(p) => format!("{ws}/ws?since={p}"),
+        Some(c) => format!("{ws}/ws?since={c}"),
         None => format!("{ws}/ws"),
     };
     let mut req = url.into_client_request().unwrap();
@@ -1759,9 +1771,14 @@ async fn the_websocket_pushes_the_tenants_changes_and_resumes_from_a_position() 
         .await;
     let job_id = job.body["job_id"].as_str().unwrap().to_owned();
     // Changes of different aggregates may arrive in either order.
-    let (mut uploaded, mut submitted) = (None, None);
+    let (mut uploaded, mut submitted, mut last) = (None, None, None);
     while uploaded.is_none() || submitted.is_none() {
         let m = next_json(&mut sa).await;
+        // Each message carries an opaque cursor, never the log's global position.
+        assert!(m.get("position").is_none(), "{m}");
+        let cursor = m["cursor"].as_str().expect("a cursor").to_owned();
+        assert!(cursor.parse::<i64>().is_err(), "{cursor}");
+        last = Some(cursor);
         if m["type"] == "slide.updated" && m["slide"]["status"] == "uploaded" {
             assert_eq!(m["slide"]["slide_id"], slide.as_str());
             uploaded = Some(m);
@@ -1770,17 +1787,28 @@ async fn the_websocket_pushes_the_tenants_changes_and_resumes_from_a_position() 
             submitted = Some(m);
         }
     }
-    let seen = submitted.unwrap()["position"]
-        .as_i64()
-        .unwrap()
-        .max(uploaded.unwrap()["position"].as_i64().unwrap());
-    assert!(seen > 0);
+    let seen = last.unwrap();
 
     // B's first change is its own: nothing of A's was sent to it.
     app.upload_slide(&b, b"b's bytes").await;
     let m = next_json(&mut sb).await;
     assert_eq!(m["type"], "slide.updated", "{m}");
     assert_ne!(m["slide"]["slide_id"], slide.as_str());
+    let b_cursor = m["cursor"].as_str().unwrap().to_owned();
+
+    // A cursor opens only for its tenant, unchanged; a bare position is not a cursor.
+    let mut flipped = seen.clone().into_bytes();
+    flipped[20] = if flipped[20] == b'A' { b'B' } else { b'A' };
+    for since in [b_cursor.clone(), String::from_utf8(flipped).unwrap(), "7".to_owned()] {
+        let url = format!(
+            "{}/ws?access_token={a}&since={since}",
+            app.base.replace("http://", "ws://")
+        );
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(res)) => assert_eq!(res.status(), 400, "{since}"),
+            other => panic!("expected a 400 for since={since}, got {other:?}"),
+        }
+    }
 
     // A goes away; meanwhile its job is cancelled; A comes back from the position it saw.
     drop(sa);
@@ -1791,11 +1819,13 @@ async fn the_websocket_pushes_the_tenants_changes_and_resumes_from_a_position() 
         (j["status"] == "cancelled").then_some(j)
     })
     .await;
-    let mut again = connect(&app, &a, Some(seen)).await;
+    let mut again = connect(&app, &a, Some(&seen)).await;
     assert_eq!(next_json(&mut again).await["type"], "hello");
-    let m = until(&mut again, "the missed cancellation", |m| m["type"] == "job.updated").await;
-    assert_eq!(m["job"]["status"], "cancelled", "{m}");
-    assert_eq!(m["position"], projected["position"]);
+    let m = until(&mut again, "the missed cancellation", |m| {
+        m["type"] == "job.updated" && m["job"]["status"] == "cancelled"
+    })
+    .await;
+    assert_eq!(m["job"]["position"], projected["position"]);
 
     // A bad token never gets a socket.
     let bad = format!("{}/ws?access_token=not.a.token", app.base.replace("http://", "ws://"));
@@ -2656,6 +2686,20 @@ async fn the_app_is_served_with_its_policy_and_mira_dev_signs_people_in() {
             " 200 ",
         ),
         (format!("[::1]:{port}"), None, "application/json", " 200 "),
+        // A loopback name with another port: a rebound name pointing at 127.0.0.1 with the
+        // page's own port, or another local server's origin.
+        (
+            format!("127.0.0.1:{}", port.wrapping_add(1)),
+            None,
+            "application/json",
+            " 403 ",
+        ),
+        (
+            "localhost".to_owned(),
+            Some("http://localhost".to_owned()),
+            "application/json",
+            " 403 ",
+        ),
     ] {
         let (status, answer) = raw_post(addr, "/dev/sign-in", &host, origin.as_deref(), content_type, body).await;
         assert!(
@@ -2663,6 +2707,20 @@ async fn the_app_is_served_with_its_policy_and_mira_dev_signs_people_in() {
             "{host} {origin:?} {content_type}: {status} {answer}"
         );
         assert_eq!(answer.contains("id_token"), expect == " 200 ", "{answer}");
+    }
+    // The JWKS, a GET, takes the same care about names and ports.
+    for (host, expect) in [
+        (format!("127.0.0.1:{port}"), " 200 "),
+        (format!("rebind.attacker.example:{port}"), " 403 "),
+        (format!("127.0.0.1:{}", port.wrapping_add(1)), " 403 "),
+    ] {
+        let (status, answer) = raw_exchange(
+            addr,
+            &format!("GET /dev/jwks.json HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(status.contains(expect), "{host}: {status} {answer}");
+        assert_eq!(answer.contains("\"keys\""), expect == " 200 ", "{answer}");
     }
     stop.cancel();
     task.await.unwrap().unwrap();
@@ -2727,4 +2785,328 @@ async fn a_jobs_events_verify_and_a_tampered_one_is_named() {
     assert_eq!(bad.body["position"], pos, "{}", bad.body);
     assert!(bad.body["reason"].as_str().unwrap().contains("altered"), "{}", bad.body);
     app.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile clients (ADR 0020)
+
+/// Whether the server closed `s` within `within` (end of stream or a reset), sending what
+/// `drip` gives every 500 ms meanwhile.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration, drip: Option<&[u8]>) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                if let Some(d) = drip {
+                    if s.write_all(d).await.is_err() {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_and_idle_connections_are_cut_and_a_full_listener_still_serves() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(
+        Storage::Local,
+        &[
+            ("Api__HeaderReadTimeoutSeconds", "2"),
+            ("Api__IdleTimeoutSeconds", "3"),
+            ("Api__MaxConnections", "600"),
+        ],
+    )
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    eventually("the gateway answers", || async {
+        app.http
+            .get(format!("{}/healthz", app.base))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+            .map(|_| json!(true))
+    })
+    .await;
+    // A slowloris client: a header byte every half second is cut off at the header timeout.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let t0 = Instant::now();
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(8), Some(b"X")).await,
+        "a client dripping its headers is cut off"
+    );
+    eprintln!("slowloris cut after {:?}", t0.elapsed());
+    // A connection that sends nothing at all.
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(8), None).await);
+    // A keep-alive connection left idle after its request.
+    let mut kept = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert!(
+        closed_within(&mut kept, Duration::from_secs(10), None).await,
+        "an idle keep-alive connection is closed"
+    );
+
+    // 500 idle connections open: a normal request is still served.
+    let mut idle = Vec::new();
+    for _ in 0..500 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let t = app.token("lab-a", &["pathologist"]);
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(30), app.get(&t, "/api/slides"))
+        .await
+        .expect("served while 500 connections idle");
+    assert_eq!(r.status, StatusCode::OK);
+    eprintln!("a request beside 500 idle connections took {:?}", t0.elapsed());
+    drop(idle);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_new_clients_wait_until_the_timeouts_make_room() {
+    let app = spawn_app_with(
+        Storage::Local,
+        &[("Api__HeaderReadTimeoutSeconds", "2"), ("Api__MaxConnections", "5")],
+    )
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    eventually("the gateway answers", || async {
+        app.http
+            .get(format!("{}/healthz", app.base))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+            .map(|_| json!(true))
+    })
+    .await;
+    let mut hogs = Vec::new();
+    for _ in 0..5 {
+        hogs.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    // The sixth waits in the backlog until a hog is cut at the header timeout, then is served.
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        app.http.get(format!("{}/healthz", app.base)).send(),
+    )
+    .await
+    .expect("served once the hogs are cut")
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "it waited for room: {:?}",
+        t0.elapsed()
+    );
+    drop(hogs);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_past_its_rate_gets_429_and_health_checks_never_do() {
+    let app = spawn_app_with(Storage::Local, &[("Api__RequestsPerSecond", "5")]).await;
+    eventually("the gateway answers", || async {
+        app.http
+            .get(format!("{}/healthz", app.base))
+            .send()
+            .await
+            .ok()
+            .map(|_| json!(true))
+    })
+    .await;
+    let mut limited = None;
+    for _ in 0..40 {
+        let r = app.send(app.http.get(format!("{}/api/version", app.base))).await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(r);
+            break;
+        }
+    }
+    let r = limited.expect("a burst past twice the rate is limited");
+    assert!(
+        r.content_type.starts_with("application/problem+json"),
+        "{}",
+        r.content_type
+    );
+    let wait: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&wait), "{wait}");
+    for _ in 0..40 {
+        let r = app.http.get(format!("{}/healthz", app.base)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "health checks are not limited");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn answers_are_not_sniffed_and_authenticated_ones_not_stored() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    for path in ["/api/slides", "/api/jobs", "/api/jobs/not-an-id", "/api/nope"] {
+        let r = app.get(&t, path).await;
+        assert_eq!(r.headers["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(r.headers["cache-control"], "no-store", "{path}: {}", r.status);
+    }
+    // Refusals too, and a blob of the local store.
+    let r = app.send(app.http.get(format!("{}/api/slides", app.base))).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers["x-content-type-options"], "nosniff");
+    assert_eq!(r.headers["cache-control"], "no-store");
+    let r = app
+        .send(app.http.get(format!("{}/blobs/slides/x?X-Mira-Expires=1", app.base)))
+        .await;
+    assert_eq!(r.headers["x-content-type-options"], "nosniff");
+    // /api/version keeps its own policy.
+    let r = app.send(app.http.get(format!("{}/api/version", app.base))).await;
+    assert_eq!(r.headers["cache-control"], "no-store");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_very_long_subject_with_an_idempotency_key_is_served() {
+    let app = spawn_app(Storage::Local).await;
+    let mut c = claims(&app.cognito, "lab-a", &["pathologist"]);
+    c["sub"] = json!("s".repeat(3000));
+    let t = sign(&c, TEST_KID);
+    let register = || {
+        app.send(
+            app.http
+                .post(format!("{}/api/slides", app.base))
+                .bearer_auth(&t)
+                .header("idempotency-key", "long-subject")
+                .json(&json!({"name": "long", "size_bytes": 10, "content_type": "image/tiff"})),
+        )
+    };
+    let a = register().await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    let b = register().await;
+    assert_eq!(a.body["slide_id"], b.body["slide_id"], "the key still names one slide");
+    // The row is keyed by the digest the migration computes in SQL, too.
+    let (sql, rust): (Vec<u8>, Vec<u8>) = sqlx::query_as(
+        "SELECT sha256(convert_to('mira.idempotency-key.v1' || E'\\n' \
+           || octet_length(tenant_id) || ':' || tenant_id || E'\\n' \
+           || octet_length(subject) || ':' || subject || E'\\n' \
+           || octet_length(scope) || ':' || scope || E'\\n' \
+           || octet_length(key) || ':' || key || E'\\n', 'UTF8')), key_digest \
+         FROM api_idempotency WHERE key = 'long-subject'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(sql, rust);
+    assert_eq!(
+        rust,
+        mira_gateway::api::idempotency::key_digest("lab-a", &"s".repeat(3000), "slides", "long-subject")
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_huge_declared_slide_gets_its_part_urls_a_page_at_a_time() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let five_tib: u64 = 5 * 1024 * 1024 * 1024 * 1024;
+    let r = app
+        .http
+        .post(format!("{}/api/slides", app.base))
+        .bearer_auth(&t)
+        .json(&json!({"name": "huge", "size_bytes": five_tib, "content_type": "image/tiff"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let text = r.text().await.unwrap();
+    assert!(text.len() < 64 * 1024, "the answer is a page, not {} bytes", text.len());
+    let body: Value = serde_json::from_str(&text).unwrap();
+    let id = body["slide_id"].as_str().unwrap();
+    let mp = &body["upload"]["multipart"];
+    assert_eq!(mp["part_count"], 10_000);
+    assert_eq!(mp["parts"].as_array().unwrap().len(), 100);
+    assert_eq!(mp["parts"][99]["part_number"], 100);
+    let upload_id = mp["upload_id"].as_str().unwrap();
+    let page = |from: &str, upload: &str| {
+        let path = format!("/api/slides/{id}/upload/parts?upload_id={upload}&from={from}");
+        let (app, t) = (&app, &t);
+        async move { app.get(t, &path).await }
+    };
+    let p = page("9950", upload_id).await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.body);
+    let parts = p.body["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 51);
+    assert_eq!(parts[0]["part_number"], 9950);
+    assert_eq!(parts[50]["part_number"], 10_000);
+    assert_eq!(p.body["part_size"], mp["part_size"]);
+    assert_problem(&page("10001", upload_id).await, StatusCode::BAD_REQUEST);
+    assert_problem(&page("0", upload_id).await, StatusCode::BAD_REQUEST);
+    assert_problem(
+        &page("1", "0190aaaabbbbccccdddd").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    );
+    // Another tenant does not see the slide.
+    let other = app.token("lab-b", &["pathologist"]);
+    let r = app
+        .get(
+            &other,
+            &format!("/api/slides/{id}/upload/parts?upload_id={upload_id}&from=1"),
+        )
+        .await;
+    assert_problem(&r, StatusCode::NOT_FOUND);
+    // A page's URL uploads that part.
+    let url = parts[0]["url"].as_str().unwrap();
+    assert!(url.contains("partNumber=9950"), "{url}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_answer_only_their_token_here_and_anyone_on_their_own_listener() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let app = spawn_app_with(Storage::Local, &[("Api__MetricsListen", &listen)]).await;
+    let scraped = eventually("/metrics on its own listener", || async {
+        let r = reqwest::get(format!("http://{listen}/metrics")).await.ok()?;
+        (r.status() == 200).then_some(json!(r.text().await.ok()?))
+    })
+    .await;
+    assert!(scraped.as_str().unwrap().contains("mira_"), "{scraped}");
+    // Its own listener serves nothing else.
+    let r = reqwest::get(format!("http://{listen}/api/version")).await.unwrap();
+    assert_eq!(r.status(), 404);
+    // On the API's listener: a tenant's token is not the metrics token.
+    let t = app.token("lab-a", &["admin"]);
+    assert_problem(&app.get(&t, "/metrics").await, StatusCode::UNAUTHORIZED);
+    assert_problem(
+        &app.send(app.http.get(format!("{}/metrics", app.base))).await,
+        StatusCode::UNAUTHORIZED,
+    );
+    assert!(app.metrics().await.contains("mira_"));
+    app.stop().await;
+    // Without a token, /metrics is not on the API's listener at all.
+    let plain = spawn_app_with(Storage::Local, &[("Api__MetricsToken", "")]).await;
+    let r = eventually("the gateway answers", || async {
+        let r = plain.http.get(format!("{}/metrics", plain.base)).send().await.ok()?;
+        Some(json!(r.status().as_u16()))
+    })
+    .await;
+    assert_eq!(r, 404);
+    plain.stop().await;
 }

@@ -84,19 +84,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("{}-{}-{nonce}", host.trim(), std::process::id())
             });
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(async move {
+            let r = rt.block_on(async move {
                 let shutdown = tokio_util::sync::CancellationToken::new();
                 let s = shutdown.clone();
                 tokio::spawn(async move {
-                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                    tokio::select! {
-                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                        _ = tokio::signal::ctrl_c() => {}
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let (Ok(mut int), Ok(mut term)) =
+                        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+                    else {
+                        return;
+                    };
+                    let mut seen = 0;
+                    loop {
+                        tokio::select! {
+                            _ = int.recv() => {}
+                            _ = term.recv() => {}
+                        }
+                        seen += 1;
+                        if seen == 1 {
+                            s.cancel();
+                        } else {
+                            // A second signal: stop now, whatever is in hand (its lease expires).
+                            eprintln!("mira-worker: stopping at once");
+                            std::process::exit(130);
+                        }
                     }
-                    s.cancel();
                 });
                 mira_gpu_worker::run::run(settings, id, device, shutdown).await
-            })?;
+            });
+            // An abandoned attempt may still be running on a blocking thread: do not wait for it.
+            rt.shutdown_background();
+            r?;
         }
         Command::Process {
             slide,

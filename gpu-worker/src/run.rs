@@ -561,7 +561,22 @@ pub async fn run(
     };
     tracing::info!("worker ready");
     let consumer = Consumer::new(EventLog::new(pool), queue, worker, cfg);
-    let r = consumer.run(shutdown.clone()).await;
+    let drain = Duration::from_secs(settings.worker.drain_seconds);
+    let consuming = consumer.run(shutdown.clone());
+    tokio::pin!(consuming);
+    // On a signal the job in hand gets `Worker__DrainSeconds`; past that the attempt is
+    // abandoned: nothing more is recorded for it, its lease runs out, and the lifecycle
+    // handlers give the job to another attempt.
+    let r = tokio::select! {
+        r = &mut consuming => r,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
+            tracing::warn!(
+                drain_s = drain.as_secs(),
+                "the job in hand did not finish within Worker__DrainSeconds: abandoning the attempt (its lease expires and the job is retried)"
+            );
+            Ok(())
+        }
+    };
     shutdown.cancel();
     if let Some(r) = relay {
         r.await??;

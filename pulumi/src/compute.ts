@@ -2,12 +2,13 @@
 // an ALB that only CloudFront reaches, the relay (exactly one task), the projector and the
 // handlers as roles of the same image chosen by `Roles__Enabled`, a one-off task that runs
 // `mira migrate`, and `mira audit verify` every day (EventBridge Scheduler). Each service's task
-// carries the ADOT collector beside Mira's container.
+// carries the ADOT collector beside Mira's container, which scrapes Mira's /metrics on the
+// task's loopback (Api__MetricsListen, METRICS_LISTEN): never on the API's port.
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
 import { type foundations, role, tags } from "./foundations";
-import { ADOT_IMAGE, APP_PORT, type Observability } from "./observability";
+import { ADOT_IMAGE, APP_PORT, METRICS_LISTEN, type Observability } from "./observability";
 
 type Found = ReturnType<typeof foundations>;
 
@@ -132,6 +133,14 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
           portMappings: [{ containerPort: APP_PORT, protocol: "tcp", name: "http" }],
           environment: env({
             ...settings,
+            // /metrics on loopback only, where the collector below scrapes it (same network
+            // namespace in awsvpc mode); on APP_PORT, which the ALB reaches, it answers 404.
+            // No security group or target group opens this port.
+            Api__MetricsListen: METRICS_LISTEN,
+            // Requests per client (ADR 0020): the client is the address CloudFront saw, two
+            // X-Forwarded-For entries from the right (CloudFront appends the viewer, the ALB
+            // appends CloudFront); entries further left are the client's own to write.
+            ...(name === "api" ? { Api__ForwardedForHops: "2" } : {}),
             Logging__Format: "json",
             Tracing__XRay__Enabled: "true",
             Tracing__XRay__ServiceName: `mira-${name}`,

@@ -1,7 +1,7 @@
 // Operations (issue 20): Mira's Prometheus gauges reach CloudWatch through the ADOT collector
-// running beside each ECS task (scraping /metrics, writing EMF), traces go to X-Ray through
-// the same collector, and the alarms and the dashboard read both those metrics and the ones
-// AWS publishes itself (SQS, the ALB).
+// running beside each ECS task (scraping /metrics on the task's loopback, writing EMF), traces
+// go to X-Ray through the same collector, and the alarms and the dashboard read both those
+// metrics and the ones AWS publishes itself (SQS, the ALB).
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
@@ -10,13 +10,23 @@ import type { Fleet } from "./fleet";
 import { type foundations, tags } from "./foundations";
 
 export const ADOT_IMAGE = "public.ecr.aws/aws-observability/aws-otel-collector:v0.43.3";
-/** Where Mira's process listens in its task (the ALB's target port, and what ADOT scrapes). */
+/** Where Mira's process listens in its task (the ALB's target port). */
 export const APP_PORT = 8080;
+/**
+ * Where Mira serves /metrics in its task, and what ADOT scrapes: a listener of its own on
+ * loopback (`Api__MetricsListen`). With it set, /metrics answers 404 on APP_PORT, so nothing
+ * the ALB reaches serves it. The collector shares the task's network namespace (awsvpc), so
+ * 127.0.0.1 reaches it; no security group or load balancer opens this port.
+ */
+export const METRICS_PORT = 9464;
+/** The value of `Api__MetricsListen` in every task the collector scrapes. */
+export const METRICS_LISTEN = `127.0.0.1:${METRICS_PORT}`;
 
 /**
  * The collector's configuration (JSON, which the collector reads as YAML): scrape Mira's
- * /metrics every 30 s and write the gauges listed here to CloudWatch as EMF, under
- * `namespace`; receive OTLP traces on loopback and send them to X-Ray.
+ * /metrics on its loopback metrics listener (METRICS_LISTEN) every 30 s and write the gauges
+ * listed here to CloudWatch as EMF, under `namespace`; receive OTLP traces on loopback and
+ * send them to X-Ray.
  */
 export function adotConfig(namespace: string, logGroup: string, region: string) {
   return {
@@ -28,7 +38,7 @@ export function adotConfig(namespace: string, logGroup: string, region: string) 
               job_name: "mira",
               scrape_interval: "30s",
               metrics_path: "/metrics",
-              static_configs: [{ targets: [`127.0.0.1:${APP_PORT}`] }],
+              static_configs: [{ targets: [METRICS_LISTEN] }],
             },
           ],
         },

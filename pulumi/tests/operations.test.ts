@@ -11,6 +11,8 @@ import {
   exportedMetrics,
   K,
   kubernetesObjects,
+  METRICS_LISTEN,
+  metricsListenProblems,
   relayProblems,
   scalerProblems,
   trustedKeyProblems,
@@ -107,6 +109,81 @@ describe("compute and operations", () => {
     // Broken: a DLQ alarm dropped.
     const noDlq = clone(resources).filter((r) => r.name !== "gpu-jobs-dlq-not-empty");
     assert.deepEqual(alarmProblems(noDlq, exported), ["no alarm on mira-test-gpu-jobs-dlq.fifo not being empty"]);
+  });
+
+  it("serve /metrics only on each task's loopback, where its collector scrapes it", async () => {
+    const { resources } = await run();
+    assert.equal(METRICS_LISTEN, "127.0.0.1:9464");
+    assert.deepEqual(metricsListenProblems(resources), []);
+    // Every collector scrapes 127.0.0.1:9464, and each task it runs in is a `mira` service.
+    const scraped = ofType(resources, K.taskDef).filter((td) => JSON.parse(td.inputs.containerDefinitions).some((c: any) => c.name === "adot"));
+    assert.deepEqual(scraped.map((td) => td.inputs.family).sort(), ["mira-test-api", "mira-test-handlers", "mira-test-projector", "mira-test-relay"]);
+    for (const td of scraped) {
+      const containers = JSON.parse(td.inputs.containerDefinitions);
+      const mira = containers.find((c: any) => c.name === "mira");
+      assert.deepEqual(mira.command, ["serve", "--listen", "0.0.0.0:8080"], td.inputs.family);
+      assert.equal(mira.environment.find((e: any) => e.name === "Api__MetricsListen")?.value, "127.0.0.1:9464", td.inputs.family);
+      // Behind CloudFront and the ALB, the API counts requests per viewer (two hops from the
+      // right of X-Forwarded-For), not per CloudFront edge.
+      const hops = mira.environment.find((e: any) => e.name === "Api__ForwardedForHops")?.value;
+      assert.equal(hops, td.inputs.family === "mira-test-api" ? "2" : undefined, td.inputs.family);
+    }
+    for (const c of adotConfigs(resources)) {
+      assert.deepEqual(
+        c.receivers.prometheus.config.scrape_configs.map((x: any) => [x.metrics_path, x.static_configs.flatMap((sc: any) => sc.targets)]),
+        [["/metrics", ["127.0.0.1:9464"]]],
+      );
+    }
+    // Broken: the collectors back on the API's port, the relay without Api__MetricsListen (its
+    // /metrics on the API's port again) and the handlers' pointing elsewhere.
+    const broken = clone(resources);
+    for (const td of ofType(broken, K.taskDef)) td.inputs.containerDefinitions = td.inputs.containerDefinitions.replaceAll("127.0.0.1:9464", "127.0.0.1:8080");
+    assert.deepEqual(metricsListenProblems(broken), [
+      "mira-test-api: the collector's job mira scrapes 127.0.0.1:8080, not 127.0.0.1:9464",
+      "mira-test-api: Api__MetricsListen is 127.0.0.1:8080, not 127.0.0.1:9464",
+      "mira-test-relay: the collector's job mira scrapes 127.0.0.1:8080, not 127.0.0.1:9464",
+      "mira-test-relay: Api__MetricsListen is 127.0.0.1:8080, not 127.0.0.1:9464",
+      "mira-test-projector: the collector's job mira scrapes 127.0.0.1:8080, not 127.0.0.1:9464",
+      "mira-test-projector: Api__MetricsListen is 127.0.0.1:8080, not 127.0.0.1:9464",
+      "mira-test-handlers: the collector's job mira scrapes 127.0.0.1:8080, not 127.0.0.1:9464",
+      "mira-test-handlers: Api__MetricsListen is 127.0.0.1:8080, not 127.0.0.1:9464",
+    ]);
+    // The alarms see it too: a collector scraping the API's port produces nothing.
+    assert.ok(alarmProblems(broken, exportedMetrics()).length > 0);
+    const unset = clone(resources);
+    const byFamily = (rs: Recorded[], f: string) => ofType(rs, K.taskDef).find((t) => t.inputs.family === f)!;
+    for (const [family, edit] of [
+      ["mira-test-relay", (e: any[]) => e.filter((x) => x.name !== "Api__MetricsListen")],
+      ["mira-test-handlers", (e: any[]) => e.map((x) => (x.name === "Api__MetricsListen" ? { ...x, value: "0.0.0.0:9464" } : x))],
+    ] as const) {
+      const td = byFamily(unset, family);
+      const containers = JSON.parse(td.inputs.containerDefinitions);
+      containers[0].environment = edit(containers[0].environment);
+      td.inputs.containerDefinitions = JSON.stringify(containers);
+    }
+    assert.deepEqual(metricsListenProblems(unset), [
+      "mira-test-relay: Api__MetricsListen is not set, not 127.0.0.1:9464",
+      "mira-test-handlers: Api__MetricsListen is 0.0.0.0:9464, not 127.0.0.1:9464",
+    ]);
+    // Broken: the metrics port opened to the VPC, in a group's rules, as a rule of its own, to
+    // all traffic, and as a port mapping and a target group's health check.
+    const open = clone(resources);
+    const computeSg = ofType(open, K.sg).find((g) => g.name === "compute-sg")!;
+    computeSg.inputs.ingress = [{ protocol: "tcp", fromPort: 9464, toPort: 9464, cidrBlocks: ["10.0.0.0/16"] }];
+    find(open, K.sgRule).inputs.toPort = 9500;
+    ofType(open, K.sg).find((g) => g.name === "alb-sg")!.inputs.ingress.push({ protocol: "-1", fromPort: 0, toPort: 0, cidrBlocks: ["0.0.0.0/0"] });
+    const api = byFamily(open, "mira-test-api");
+    const containers = JSON.parse(api.inputs.containerDefinitions);
+    containers[0].portMappings.push({ containerPort: 9464, protocol: "tcp" });
+    api.inputs.containerDefinitions = JSON.stringify(containers);
+    find(open, K.targetGroup).inputs.healthCheck.path = "/metrics";
+    assert.deepEqual(metricsListenProblems(open), [
+      "mira-test-api: container mira maps port 9464",
+      "security group compute-sg: ingress tcp 9464-9464 admits 9464",
+      "security group alb-sg: ingress -1 0-0 admits 9464",
+      "security group rule compute-from-alb: ingress tcp 8080-9500 admits 9464",
+      "target group api-targets: health check on /metrics",
+    ]);
   });
 
   it("alarm on a witness conflict at once, and on a witness silent for too long", async () => {

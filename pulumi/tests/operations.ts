@@ -27,6 +27,9 @@ export const K = {
   topic: "aws:sns/topic:Topic",
   bucket: "aws:s3/bucket:Bucket",
   sg: "aws:ec2/securityGroup:SecurityGroup",
+  sgRule: "aws:ec2/securityGroupRule:SecurityGroupRule",
+  sgIngress: "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule",
+  targetGroup: "aws:lb/targetGroup:TargetGroup",
   subnet: "aws:ec2/subnet:Subnet",
   secret: "aws:secretsmanager/secret:Secret",
 };
@@ -130,13 +133,25 @@ export function exportedMetrics(): string[] {
   return [...new Set([...literal, ...typed])].sort();
 }
 
+/**
+ * Where Mira serves /metrics in its task (`Api__MetricsListen`), and where the collector
+ * scrapes it: loopback, a port of its own. Written out here, not imported from the program, so
+ * that a change of either side shows.
+ */
+export const METRICS_LISTEN = "127.0.0.1:9464";
+export const METRICS_PORT = 9464;
+
+/** The collector's scrape configs that read Mira's /metrics, and their targets. */
+const miraScrapes = (config: any): { job: string; targets: string[] }[] =>
+  (config.receivers?.prometheus?.config?.scrape_configs ?? [])
+    .filter((s: any) => (s.metrics_path ?? "/metrics") === "/metrics")
+    .map((s: any) => ({ job: s.job_name, targets: (s.static_configs ?? []).flatMap((c: any) => c.targets ?? []) }));
+
 /** (namespace, metric) pairs the ADOT collector's config writes to CloudWatch from `exported`. */
 export function adotProduces(config: any, exported: string[]): Set<string> {
   const out = new Set<string>();
   const pipelines = Object.values(config.service?.pipelines ?? {}) as any[];
-  const scrapesMira = (config.receivers?.prometheus?.config?.scrape_configs ?? []).some(
-    (s: any) => s.metrics_path === "/metrics" && s.static_configs?.some((c: any) => c.targets?.some((t: string) => t.endsWith(":8080"))),
-  );
+  const scrapesMira = miraScrapes(config).some((s) => s.targets.includes(METRICS_LISTEN));
   const wired = pipelines.some((pl) => pl.receivers?.includes("prometheus") && pl.exporters?.includes("awsemf"));
   const emf = config.exporters?.awsemf;
   if (!scrapesMira || !wired || !emf) return out;
@@ -171,6 +186,73 @@ export function adotConfigs(rs: Recorded[], taskDefs: Recorded[] = ofType(rs, K.
     .flatMap(containersOf)
     .filter((c) => c.name === "adot")
     .map((c) => JSON.parse(envOf(c).AOT_CONFIG_CONTENT));
+}
+
+/** Whether a security group rule's protocol and port range admit TCP `port`. */
+const admitsPort = (r: any, port: number) => {
+  const proto = String(r.protocol ?? r.ipProtocol ?? "").toLowerCase();
+  if (proto === "-1" || proto === "all") return true;
+  if (proto !== "tcp" && proto !== "6") return false;
+  return Number(r.fromPort) <= port && port <= Number(r.toPort);
+};
+
+/**
+ * /metrics only on the task's loopback: every collector scrapes exactly METRICS_LISTEN at
+ * /metrics (not the API's port); every `mira` container in a task with a collector sets
+ * `Api__MetricsListen` to it (so that /metrics answers 404 on the API's port) and maps no
+ * container port to it; no security group ingress rule, load balancer, target group, health
+ * check or service's load-balancer mapping opens the metrics port or /metrics.
+ */
+export function metricsListenProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  const scraped = ofType(rs, K.taskDef).filter((td) => containersOf(td).some((c) => c.name === "adot"));
+  if (scraped.length === 0) p.push("no task definition has a collector");
+  for (const td of scraped) {
+    const family = td.inputs.family;
+    const containers = containersOf(td);
+    if (td.inputs.networkMode !== "awsvpc") p.push(`${family}: network mode ${td.inputs.networkMode}, the collector does not share Mira's loopback`);
+    for (const c of containers.filter((x) => x.name === "adot")) {
+      const scrapes = miraScrapes(JSON.parse(envOf(c).AOT_CONFIG_CONTENT));
+      if (scrapes.length === 0) p.push(`${family}: the collector scrapes no /metrics`);
+      for (const s of scrapes) {
+        if (JSON.stringify(s.targets) !== JSON.stringify([METRICS_LISTEN])) p.push(`${family}: the collector's job ${s.job} scrapes ${s.targets.join(",")}, not ${METRICS_LISTEN}`);
+      }
+    }
+    const miras = containers.filter((x) => x.name === "mira");
+    if (miras.length === 0) p.push(`${family}: a collector and no mira container`);
+    for (const m of miras) {
+      const listen = envOf(m).Api__MetricsListen;
+      if (listen !== METRICS_LISTEN) p.push(`${family}: Api__MetricsListen is ${listen ?? "not set"}, not ${METRICS_LISTEN}`);
+    }
+    for (const c of containers) {
+      for (const pm of c.portMappings ?? []) {
+        if (pm.containerPort === METRICS_PORT || pm.hostPort === METRICS_PORT) p.push(`${family}: container ${c.name} maps port ${METRICS_PORT}`);
+      }
+    }
+  }
+  for (const g of ofType(rs, K.sg)) {
+    for (const r of g.inputs.ingress ?? []) if (admitsPort(r, METRICS_PORT)) p.push(`security group ${g.name}: ingress ${r.protocol} ${r.fromPort}-${r.toPort} admits ${METRICS_PORT}`);
+  }
+  for (const r of ofType(rs, K.sgRule)) {
+    if (r.inputs.type === "ingress" && admitsPort(r.inputs, METRICS_PORT)) p.push(`security group rule ${r.name}: ingress ${r.inputs.protocol} ${r.inputs.fromPort}-${r.inputs.toPort} admits ${METRICS_PORT}`);
+  }
+  for (const r of ofType(rs, K.sgIngress)) {
+    if (admitsPort(r.inputs, METRICS_PORT)) p.push(`ingress rule ${r.name}: ${r.inputs.ipProtocol} ${r.inputs.fromPort}-${r.inputs.toPort} admits ${METRICS_PORT}`);
+  }
+  for (const l of ofType(rs, K.listener)) if (Number(l.inputs.port) === METRICS_PORT) p.push(`listener ${l.name} on ${METRICS_PORT}`);
+  for (const t of ofType(rs, K.targetGroup)) {
+    const hc = t.inputs.healthCheck ?? {};
+    if (Number(t.inputs.port) === METRICS_PORT || String(hc.port) === String(METRICS_PORT)) p.push(`target group ${t.name} on ${METRICS_PORT}`);
+    if (String(hc.path ?? "").startsWith("/metrics")) p.push(`target group ${t.name}: health check on ${hc.path}`);
+  }
+  for (const svc of ofType(rs, K.service)) {
+    for (const lb of svc.inputs.loadBalancers ?? []) if (lb.containerPort === METRICS_PORT) p.push(`service ${svc.name}: the load balancer reaches port ${METRICS_PORT}`);
+  }
+  for (const rule of ofType(rs, K.listenerRule)) {
+    const paths = (rule.inputs.conditions ?? []).flatMap((c: any) => c.pathPattern?.values ?? []);
+    if (paths.some((x: string) => x === "*" || x === "/*" || x.startsWith("/metrics"))) p.push(`listener rule ${rule.name} forwards ${paths.join(",")}`);
+  }
+  return p;
 }
 
 /** (namespace, metric) pairs the log metric filters write to CloudWatch. */

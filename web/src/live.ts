@@ -1,11 +1,11 @@
-// The live feed: `GET /ws` with the token as a subprotocol. Every message carries the read
-// models' position; after a dropped connection the feed reconnects with `?since=<position>`,
-// so the server first sends everything that changed meanwhile. The state says whether the
-// page is live or catching up.
+// The live feed: `GET /ws` with the token as a subprotocol. Every message carries an opaque
+// resume cursor; after a dropped connection the feed reconnects with `?since=<cursor>` of the
+// last message it took, so the server first sends everything that changed meanwhile. The
+// state says whether the page is live or catching up.
 
 export type FeedState = "connecting" | "live" | "reconnecting" | "closed";
 
-export type FeedMessage = { type: string; position: number; job?: unknown; slide?: unknown };
+export type FeedMessage = { type: string; cursor?: string; job?: unknown; slide?: unknown };
 
 export type WebSocketLike = {
   onopen: ((e: unknown) => void) | null;
@@ -28,7 +28,8 @@ export type FeedOptions = {
 };
 
 export class LiveFeed {
-  position = 0;
+  /** Where the next connection resumes: the cursor of the last message taken. */
+  cursor: string | null = null;
   private socket: WebSocketLike | null = null;
   private stopped = false;
   private failures = 0;
@@ -59,11 +60,11 @@ export class LiveFeed {
     }
   }
 
-  /** The URL of the next connection: with `since` once a position is known. */
+  /** The URL of the next connection: with `since` once a cursor is known. */
   nextUrl(): string {
-    if (!this.position) return this.o.url;
+    if (!this.cursor) return this.o.url;
     const sep = this.o.url.includes("?") ? "&" : "?";
-    return `${this.o.url}${sep}since=${this.position}`;
+    return `${this.o.url}${sep}since=${encodeURIComponent(this.cursor)}`;
   }
 
   private connect(): void {
@@ -83,7 +84,10 @@ export class LiveFeed {
       } catch {
         return;
       }
-      if (typeof m.position === "number" && m.position > this.position) this.position = m.position;
+      // Cursors are opaque: the last one taken is where to resume. A `hello` says where the
+      // server stands before it catches up, so it counts only on a first connection (a drop
+      // in the middle of a catch-up must resume before what was not sent yet).
+      if (typeof m.cursor === "string" && (m.type !== "hello" || this.cursor === null)) this.cursor = m.cursor;
       this.o.onMessage(m);
     };
     s.onerror = () => {};

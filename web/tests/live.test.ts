@@ -41,31 +41,50 @@ function feed() {
 }
 
 describe("LiveFeed", () => {
-  it("offers the token as a subprotocol and tracks the position", () => {
+  it("offers the token as a subprotocol and keeps the last cursor", () => {
     const { f, sockets, states, messages } = feed();
     f.start();
     expect(sockets[0].url).toBe("ws://h/ws");
     expect(sockets[0].protocols).toEqual(["mira.v1", "a.b.c"]);
     sockets[0].onopen?.({});
-    sockets[0].send({ type: "job.updated", position: 7 });
-    sockets[0].send({ type: "slide.updated", position: 5 });
-    expect(f.position).toBe(7);
+    sockets[0].send({ type: "job.updated", cursor: "c7" });
+    sockets[0].send({ type: "slide.updated", cursor: "c5" });
+    expect(f.cursor).toBe("c5");
     expect(messages).toHaveLength(2);
     expect(states).toEqual(["live"]);
   });
 
-  it("reconnects after a drop with since= the last position, and is live again", () => {
+  it("reconnects after a drop with since= the last cursor, and is live again", () => {
     const { f, sockets, states, pending } = feed();
     f.start();
     sockets[0].onopen?.({});
-    sockets[0].send({ type: "job.updated", position: 41 });
+    sockets[0].send({ type: "hello", cursor: "h0" });
+    sockets[0].send({ type: "job.updated", cursor: "a+b/41=" });
     f.drop();
     expect(states).toEqual(["live", "reconnecting"]);
     expect(pending).toHaveLength(1);
     pending[0]();
-    expect(sockets[1].url).toBe("ws://h/ws?since=41");
+    expect(sockets[1].url).toBe("ws://h/ws?since=a%2Bb%2F41%3D");
     sockets[1].onopen?.({});
     expect(states).toEqual(["live", "reconnecting", "live"]);
+  });
+
+  it("does not resume from a hello in the middle of a catch-up", () => {
+    const { f, sockets, pending } = feed();
+    f.start();
+    sockets[0].onopen?.({});
+    sockets[0].send({ type: "hello", cursor: "h0" });
+    expect(f.cursor).toBe("h0");
+    sockets[0].send({ type: "job.updated", cursor: "j1" });
+    f.drop();
+    pending[0]();
+    sockets[1].onopen?.({});
+    // The server stands further on, but the catch-up after j1 has not arrived yet.
+    sockets[1].send({ type: "hello", cursor: "h9" });
+    expect(f.cursor).toBe("j1");
+    f.drop();
+    pending[1]();
+    expect(sockets[2].url).toBe("ws://h/ws?since=j1");
   });
 
   it("stays closed once stopped", () => {

@@ -59,9 +59,17 @@ pub enum Command {
         /// without it uses ./.mira if it has a key, else the running `mira dev`'s).
         #[arg(long, global = true, value_name = "DIR")]
         data_dir: Option<PathBuf>,
-        /// Address to listen on.
+        /// Address to listen on: a loopback one, unless --expose-sign-in.
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         listen: String,
+        /// Listen on a non-loopback --listen, knowing what it exposes: the local sign-in, which
+        /// gives anyone who reaches it a token for any user, tenant and role.
+        #[arg(long)]
+        expose_sign_in: bool,
+        /// Use this database instead of the private cluster (mira dev migrates it). A
+        /// DATABASE_URL in the environment is ignored: it may name a shared database.
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
         #[command(subcommand)]
         command: Option<DevCommand>,
     },
@@ -110,6 +118,14 @@ pub enum DevCommand {
         /// Hours until the token expires.
         #[arg(long, default_value_t = 12)]
         hours: u64,
+    },
+    /// Print a connection URL (with its password) to the running `mira dev`'s private
+    /// PostgreSQL cluster, for psql and other processes.
+    Url {
+        /// The role the processes connect as (`mira_service`, which owns nothing) instead of
+        /// the cluster's owner (`postgres`).
+        #[arg(long)]
+        service: bool,
     },
 }
 

@@ -23,6 +23,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Dev {
         data_dir,
         listen,
+        expose_sign_in,
+        database_url,
         command,
     } = &cli.command
     {
@@ -38,10 +40,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{t}");
                 Ok(())
             }
+            Some(DevCommand::Url { service }) => {
+                let dir = mira_gateway::dev::token_data_dir(data_dir.as_deref())?;
+                println!("{}", mira_gateway::dev::database_url(&dir, *service)?);
+                Ok(())
+            }
             None => {
                 let opts = mira_gateway::dev::DevOptions {
                     data_dir: data_dir.clone().unwrap_or_else(|| PathBuf::from(".mira")),
                     listen: listen.clone(),
+                    expose_sign_in: *expose_sign_in,
+                    database_url: database_url.clone(),
                 };
                 mira_gateway::dev::run(
                     cli.config.as_deref(),

@@ -48,6 +48,21 @@ pub fn fingerprint(key: &[u8; 32], scope: &str, request: &impl Serialize) -> Str
     hex::encode(mac.finalize().into_bytes())
 }
 
+/// What a row is keyed by: SHA-256 over the tenant, the subject, the endpoint and the key,
+/// each length-prefixed (migrations/0011 computes the same in SQL). Bounded, whatever the
+/// length of a token's `sub`.
+pub fn key_digest(tenant: &str, subject: &str, scope: &str, key: &str) -> Vec<u8> {
+    use sha2::Digest;
+    let mut h = Sha256::new();
+    h.update(b"mira.idempotency-key.v1\n");
+    for part in [tenant, subject, scope, key] {
+        h.update(format!("{}:", part.len()).as_bytes());
+        h.update(part.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().to_vec()
+}
+
 /// [`claim`] for a request of `state`'s gateway: the fingerprint keyed with the keyring's
 /// idempotency key, the retention from the settings.
 pub async fn claim_request(
@@ -97,10 +112,11 @@ pub async fn claim(
         .execute(&mut *tx)
         .await?;
     // New, or an expired row taken over.
+    let digest = key_digest(who.tenant.as_str(), &who.subject, scope, key);
     let inserted: Option<uuid::Uuid> = sqlx::query_scalar(
-        "INSERT INTO api_idempotency (tenant_id, subject, scope, key, request_hmac, resource_id) \
-         VALUES ($1, $2, $3, $4, $5, $6) \
-         ON CONFLICT (tenant_id, subject, scope, key) DO UPDATE \
+        "INSERT INTO api_idempotency (tenant_id, subject, scope, key, request_hmac, resource_id, key_digest) \
+         VALUES ($1, $2, $3, $4, $5, $6, $8) \
+         ON CONFLICT (tenant_id, key_digest) DO UPDATE \
            SET request_hmac = EXCLUDED.request_hmac, resource_id = EXCLUDED.resource_id, created_at = now() \
            WHERE api_idempotency.created_at < now() - make_interval(secs => $7) \
          RETURNING resource_id",
@@ -112,6 +128,7 @@ pub async fn claim(
     .bind(fingerprint)
     .bind(fresh)
     .bind(retention.as_secs_f64())
+    .bind(&digest)
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(id) = inserted {
@@ -119,13 +136,10 @@ pub async fn claim(
         return Ok(Claim::New(id));
     }
     let (hmac, id): (String, uuid::Uuid) = sqlx::query_as(
-        "SELECT request_hmac, resource_id FROM api_idempotency \
-         WHERE tenant_id = $1 AND subject = $2 AND scope = $3 AND key = $4",
+        "SELECT request_hmac, resource_id FROM api_idempotency WHERE tenant_id = $1 AND key_digest = $2",
     )
     .bind(who.tenant.as_str())
-    .bind(&who.subject)
-    .bind(scope)
-    .bind(key)
+    .bind(&digest)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;

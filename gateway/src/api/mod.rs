@@ -9,6 +9,7 @@ pub mod extract;
 pub mod hub;
 pub mod idempotency;
 pub mod jobs;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod ops;
@@ -27,7 +28,9 @@ use axum::Router;
 use tracing::Instrument;
 
 use problem::ApiError;
-pub use state::{AppState, CognitoSignIn, DevIdentity, Limits, Services, Version, WebConfig, READERS, WRITERS};
+pub use state::{
+    AppState, CognitoSignIn, DevIdentity, Limits, MetricsAccess, Services, Version, WebConfig, READERS, WRITERS,
+};
 
 /// The request id: the caller's `x-request-id` if it is sane, else a new UUIDv7. Every
 /// request runs in a span carrying it, and the response returns it.
@@ -40,6 +43,8 @@ async fn pipeline(State(state): State<AppState>, mut req: Request, next: Next) -
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let authenticated = req.headers().contains_key(header::AUTHORIZATION)
+        || req.uri().query().is_some_and(|q| q.contains("access_token="));
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -85,24 +90,49 @@ async fn pipeline(State(state): State<AppState>, mut req: Request, next: Next) -
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert("x-request-id", v);
     }
+    secure_headers(&path, authenticated, &mut res);
     res
+}
+
+/// Headers every answer carries: `nosniff` always (an uploaded file or an error must never be
+/// read as HTML or script); `no-store` on every answer to a request that carried credentials
+/// and did not set its own cache policy, so a shared or browser cache never keeps one tenant's
+/// data (the results' tiles are redirects, short-lived by their signed URL: ADR 0020).
+fn secure_headers(path: &str, authenticated: bool, res: &mut Response) {
+    let h = res.headers_mut();
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    let api = path == "/api" || path.starts_with("/api/") || path.starts_with("/dev/");
+    if (authenticated || api) && !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
 }
 
 /// Where the gateway serves `mira dev`'s local JWKS (404 outside `mira dev`).
 pub const DEV_JWKS_PATH: &str = "/dev/jwks.json";
 
-async fn dev_jwks(State(state): State<AppState>) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    state
-        .dev_identity
-        .as_ref()
-        .map(|d| axum::Json(d.jwks().clone()))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not-found",
-                "no local identity provider: this is not mira dev",
-            )
-        })
+async fn dev_jwks(State(state): State<AppState>, req: Request) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let Some(idp) = state.dev_identity.as_ref() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no local identity provider: this is not mira dev",
+        ));
+    };
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let served_on = req.extensions().get::<limits::ServedOn>().map(|s| s.0);
+    if let Some(why) = web::dev_refusal(
+        req.headers(),
+        peer,
+        served_on,
+        state.web.allow_remote_dev_sign_in,
+        false,
+    ) {
+        return Err(ApiError::forbidden(why));
+    }
+    Ok(axum::Json(idp.jwks().clone()))
 }
 
 async fn not_found() -> ApiError {
@@ -131,6 +161,7 @@ pub const ALLOWED_METHODS: &[(&str, &str)] = &[
     ("/api/slides", "GET, HEAD, POST"),
     ("/api/slides/{id}", "GET, HEAD"),
     ("/api/slides/{id}/uploaded", "POST"),
+    ("/api/slides/{id}/upload/parts", "GET, HEAD"),
     ("/api/jobs", "GET, HEAD, POST"),
     ("/api/jobs/{id}", "GET, HEAD"),
     ("/api/jobs/{id}/cancel", "POST"),
@@ -157,6 +188,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/slides", post(slides::create).get(slides::list))
         .route("/api/slides/{id}", get(slides::get_one))
         .route("/api/slides/{id}/uploaded", post(slides::uploaded))
+        .route("/api/slides/{id}/upload/parts", get(slides::part_page))
         .route("/api/jobs", post(jobs::create).get(jobs::list))
         .route("/api/jobs/{id}", get(jobs::get_one))
         .route("/api/jobs/{id}/cancel", post(jobs::cancel))
@@ -182,21 +214,29 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .fallback(fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.rate_limiter.clone(),
+            limits::rate_limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), pipeline))
         .with_state(state)
 }
 
-/// Serves `router` on an already-bound listener until `shutdown` fires, then lets requests
-/// in flight finish.
+/// The metrics listener's whole surface (`Api__MetricsListen`): `GET /metrics`.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(ops::metrics_listener))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Serves `router` on an already-bound listener, within the connection limits, until
+/// `shutdown` fires; then requests in flight get `Api__ShutdownGraceSeconds` to finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+    let conn = state.limits.conn;
+    limits::serve(listener, router(state), conn, shutdown).await
 }

@@ -39,8 +39,11 @@ fn problem_responses(codes: &[&str]) -> Value {
     Value::Object(m)
 }
 
+/// `ok` and the problems listed, and 429, which any client past `Api__RequestsPerSecond` gets.
 fn with(mut ok: Value, problems: &[&str]) -> Value {
-    if let (Some(o), Value::Object(p)) = (ok.as_object_mut(), problem_responses(problems)) {
+    let mut problems = problems.to_vec();
+    problems.push("429");
+    if let (Some(o), Value::Object(p)) = (ok.as_object_mut(), problem_responses(&problems)) {
         o.extend(p);
     }
     ok
@@ -129,6 +132,13 @@ fn hand_written() -> Value {
                          "requestBody": {"required": false, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Uploaded"}}}},
                          "responses": with(ok("200", "SlideStatus"), &problems(true, true, &["409"]))}
             },
+            "/api/slides/{id}/upload/parts": {
+                "get": {"summary": "The next page of part URLs of the slide's multipart upload (at most 100 each)",
+                        "parameters": [id_param("id"),
+                                       {"name": "upload_id", "in": "query", "required": true, "schema": {"type": "string"}},
+                                       {"name": "from", "in": "query", "required": true, "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}],
+                        "responses": with(ok("200", "PartPage"), &problems(false, true, &["409", "422"]))}
+            },
             "/api/jobs": {
                 "post": {"summary": "Submit a job", "parameters": [idempotency()], "requestBody": json_body("NewJob"),
                          "responses": with(ok("202", "JobStatus"), &problems(true, false, &["404", "409"]))},
@@ -184,7 +194,7 @@ fn hand_written() -> Value {
                         ]),
                         "responses": with(ok("200", "AuditPage"), &problems(false, false, &[]))}
             },
-            "/api/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI"}}}},
+            "/api/openapi.json": {"get": {"summary": "This document", "security": [], "responses": with(json!({"200": {"description": "OpenAPI"}}), &[])}},
             "/api/app-config": {"get": {"summary": "How the browser app signs in, and its WebSocket URL", "security": [],
                                         "responses": ok("200", "AppConfig")}},
             "/api/version": {"get": {"summary": "The running version and the commit it was built from (MIRA_COMMIT, else unknown)", "security": [],
@@ -196,8 +206,8 @@ fn hand_written() -> Value {
             "/readyz": {"get": {"summary": "Readiness: which of the database, blob store and bus is down", "security": [],
                                 "responses": {"200": {"description": "ready", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}},
                                               "503": {"description": "not ready", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
-                                 "responses": with(json!({"200": {"description": "text format"}}), &["503"])}},
+            "/metrics": {"get": {"summary": "Prometheus metrics: here only with Api__MetricsToken as a bearer token (404 without it); operators scrape Api__MetricsListen", "security": [],
+                                 "responses": with(json!({"200": {"description": "text format"}}), &["401", "404", "503"])}},
             "/blobs/{key}": {
                 "put": {"summary": "Upload to a signed URL of the local blob store (mira dev)", "security": [],
                         "parameters": [{"name": "key", "in": "path", "required": true, "schema": {"type": "string"}}],
@@ -225,11 +235,15 @@ fn hand_written() -> Value {
                                                      "headers": {"type": "object", "additionalProperties": {"type": "string"}},
                                                      "expires_at": {"type": "string", "format": "date-time"}}},
                                      {"type": "object", "additionalProperties": false, "required": ["multipart"],
-                                      "properties": {"multipart": {"type": "object", "required": ["upload_id", "part_size", "parts", "expires_at"], "properties": {
-                                         "upload_id": {"type": "string"}, "part_size": {"type": "integer"}, "expires_at": {"type": "string", "format": "date-time"},
-                                         "parts": {"type": "array", "items": {"type": "object", "required": ["part_number", "url"],
-                                                   "properties": {"part_number": {"type": "integer"}, "url": {"type": "string"}}}}}}}},
+                                      "properties": {"multipart": {"$ref": "#/components/schemas/PartPage"}}},
                                      {"type": "null"}]}}},
+                "PartPage": {"type": "object", "required": ["upload_id", "part_size", "part_count", "parts", "expires_at"],
+                             "description": "A multipart upload and the URLs of one page of its parts (at most 100); ask for the rest from GET /api/slides/{id}/upload/parts",
+                             "properties": {
+                                 "upload_id": {"type": "string"}, "part_size": {"type": "integer"}, "part_count": {"type": "integer", "minimum": 1, "maximum": 10000},
+                                 "expires_at": {"type": "string", "format": "date-time"},
+                                 "parts": {"type": "array", "maxItems": 100, "items": {"type": "object", "required": ["part_number", "url"],
+                                           "properties": {"part_number": {"type": "integer"}, "url": {"type": "string"}}}}}},
                 "Uploaded": {"type": "object", "additionalProperties": false,
                              "properties": {"upload_id": {"type": "string"},
                                             "parts": {"type": "array", "items": {"type": "object", "required": ["part_number", "etag"],

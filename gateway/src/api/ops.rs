@@ -54,7 +54,55 @@ pub async fn version(State(state): State<AppState>) -> Response {
     ([(header::CACHE_CONTROL, "no-store")], Json(state.version.clone())).into_response()
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+/// `GET /metrics` on the API's listener: only with `Api__MetricsToken`'s bearer token; else
+/// 404, naming where the metrics are.
+pub async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
+    use super::state::MetricsAccess;
+    match &state.metrics_access {
+        MetricsAccess::Elsewhere => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "metrics are not served on the API's listener: see Api__MetricsListen (or Api__MetricsToken)",
+            ))
+        }
+        MetricsAccess::Token(token) => {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            use subtle_eq::ConstantTimeEq;
+            if !given.as_bytes().ct_eq(token.expose().as_bytes()) {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "/metrics here takes Api__MetricsToken as a bearer token",
+                ));
+            }
+        }
+    }
+    render_metrics(&state).await
+}
+
+/// `GET /metrics` on `Api__MetricsListen`: anyone who reaches that address.
+pub async fn metrics_listener(State(state): State<AppState>) -> Result<Response, ApiError> {
+    render_metrics(&state).await
+}
+
+mod subtle_eq {
+    /// Equality in time that does not depend on where the inputs differ.
+    pub trait ConstantTimeEq {
+        fn ct_eq(&self, other: &Self) -> bool;
+    }
+    impl ConstantTimeEq for [u8] {
+        fn ct_eq(&self, other: &[u8]) -> bool {
+            self.len() == other.len() && self.iter().zip(other).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        }
+    }
+}
+
+async fn render_metrics(state: &AppState) -> Result<Response, ApiError> {
     let gauges = super::metrics::database_gauges(&state.pool).await.map_err(|e| {
         tracing::warn!(error = %e, "metrics: cannot read the database");
         ApiError::unavailable("the database is unavailable")

@@ -256,6 +256,57 @@ pub async fn uploaded(
     Ok(Json(json!({"slide_id": id, "status": "uploaded", "size_bytes": size})))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartPageQuery {
+    pub upload_id: String,
+    pub from: u32,
+}
+
+/// `GET /api/slides/{id}/upload/parts?upload_id=&from=`: the next page of part URLs of the
+/// slide's multipart upload, asked for as the client needs them.
+pub async fn part_page(
+    State(state): State<AppState>,
+    who: Identity,
+    Path(raw): Path<String>,
+    ApiQuery(q): ApiQuery<PartPageQuery>,
+) -> ApiResult<Json<crate::blob::MultipartPlan>> {
+    who.require(WRITERS)?;
+    let id = parse_id(&raw, "slide", SlideId::parse)?;
+    let slide = state
+        .commands
+        .load_slide(&who.tenant, id)
+        .await?
+        .ok_or(ApiError::not_found("slide"))?;
+    if slide.status != SlideStatus::Registered {
+        return Err(ApiError::conflict(format!(
+            "the slide is {}: its upload is over",
+            slide.status.as_str()
+        )));
+    }
+    let uploads = state
+        .blobs
+        .uploads_in_progress(&slide.object_key)
+        .await
+        .map_err(blob_error)?;
+    if !uploads.contains(&q.upload_id) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "upload-missing",
+            "upload_id: no multipart upload of this slide has that id",
+        ));
+    }
+    let page = state
+        .blobs
+        .part_page(&slide.object_key, &q.upload_id, slide.size_bytes, q.from)
+        .await
+        .map_err(|e| match e {
+            BlobError::Rejected(m) => ApiError::bad_request(m),
+            other => blob_error(other),
+        })?;
+    Ok(Json(page))
+}
+
 /// The slide as the API shows it: its name opened (`null` once its subject is erased).
 pub async fn view(state: &AppState, mut slide: SlideView) -> SlideView {
     slide.name = SlideName::Open(match &slide.name {

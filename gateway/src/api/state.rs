@@ -43,8 +43,25 @@ pub struct Services {
     pub audit: Result<Arc<mira_keys::AuditVerifier>, String>,
     /// The key of the idempotency fingerprints, from the keyring on first use.
     pub idempotency_key: tokio::sync::OnceCell<[u8; 32]>,
+    /// The key that seals WebSocket resume cursors, from the keyring on first use.
+    pub cursor_key: tokio::sync::OnceCell<[u8; 32]>,
     /// What `GET /api/version` answers.
     pub version: Version,
+    /// Requests per client (`Api__RequestsPerSecond`); `None`: no limit.
+    pub rate_limiter: Option<Arc<super::limits::RateLimiter>>,
+    /// Who may read `/metrics` on the API's listener.
+    pub metrics_access: MetricsAccess,
+}
+
+/// Where `/metrics` answers (`Api__MetricsListen`, `Api__MetricsToken`): a tenant must not
+/// watch the volume of every other tenant's work.
+#[derive(Debug, Clone, Default)]
+pub enum MetricsAccess {
+    /// Not on the API's listener: on `Api__MetricsListen`, or nowhere.
+    #[default]
+    Elsewhere,
+    /// On the API's listener, for `Authorization: Bearer <token>`.
+    Token(mira_config::Secret),
 }
 
 /// The release this process runs: its version and the commit it was built from, which a
@@ -105,6 +122,8 @@ pub struct Limits {
     pub ws_send_timeout: std::time::Duration,
     /// How long an `Idempotency-Key` names its resource.
     pub idempotency_retention: std::time::Duration,
+    /// The listener's connection limits.
+    pub conn: super::limits::ConnLimits,
 }
 
 impl Default for Limits {
@@ -114,6 +133,7 @@ impl Default for Limits {
             job_max_attempts: 3,
             ws_send_timeout: std::time::Duration::from_secs(10),
             idempotency_retention: std::time::Duration::from_secs(24 * 3600),
+            conn: Default::default(),
         }
     }
 }

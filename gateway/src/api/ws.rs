@@ -3,11 +3,14 @@
 //! One [`Hub`](super::hub::Hub) per gateway process listens on the projector's `NOTIFY` channel, so every
 //! instance sees every change whichever instance's projector made it. `NOTIFY` payloads
 //! bypass row-level security; each socket keeps only its own tenant's changes and reads the
-//! row itself through the tenant-scoped query layer. Every message carries the read model's
-//! position: a client that reconnects with `?since=<position>` first gets the current state of
-//! everything that changed after it, then the live stream. Buffers are bounded: a socket that
-//! falls more than `Realtime__ClientBuffer` changes behind, or does not take a message within
-//! `Realtime__SendTimeoutSeconds`, is closed with code 4008 and reconnects with `since`.
+//! row itself through the tenant-scoped query layer. Every message carries a resume `cursor`:
+//! a client that reconnects with `?since=<cursor>` first gets the current state of everything
+//! that changed after it, then the live stream. The cursor is the read model's position sealed
+//! under a key from the keyring (ChaCha20-Poly1305, bound to the tenant): opaque, so a tenant
+//! cannot read the volume of every other tenant's work from it, and any gateway opens it.
+//! Buffers are bounded: a socket that falls more than `Realtime__ClientBuffer` changes behind,
+//! or does not take a message within `Realtime__SendTimeoutSeconds`, is closed with code 4008
+//! and reconnects with `since`.
 //!
 //! The session is written over `Sink`/`Stream`, so its rules are tested without a socket.
 
@@ -42,8 +45,97 @@ pub const CATCH_UP_PAGE: i64 = 1000;
 #[serde(deny_unknown_fields)]
 pub struct WsQuery {
     pub access_token: Option<String>,
-    /// Resume after this read-model position.
-    pub since: Option<i64>,
+    /// Resume after this cursor (one a message of this API carried).
+    pub since: Option<String>,
+}
+
+/// The keyring subject whose data key seals resume cursors.
+pub const CURSOR_KEY_SUBJECT: &str = "mira:ws-cursor";
+
+/// Seals and opens resume cursors: `base64url(nonce ‖ ChaCha20-Poly1305(position))`, with the
+/// tenant as associated data.
+pub struct Cursors {
+    cipher: chacha20poly1305::ChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for Cursors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cursors")
+    }
+}
+
+impl Cursors {
+    pub fn new(key: &[u8; 32]) -> Self {
+        use chacha20poly1305::KeyInit;
+        Self {
+            cipher: chacha20poly1305::ChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(key)),
+        }
+    }
+
+    pub fn seal(&self, tenant: &str, position: i64) -> String {
+        use base64::Engine;
+        use chacha20poly1305::aead::{Aead, Payload};
+        let mut nonce = [0u8; 12];
+        if getrandom::getrandom(&mut nonce).is_err() {
+            // Never reached on Linux; a fixed nonce would only make two cursors comparable.
+            nonce = [0u8; 12];
+        }
+        let sealed = self
+            .cipher
+            .encrypt(
+                chacha20poly1305::Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &position.to_be_bytes(),
+                    aad: tenant.as_bytes(),
+                },
+            )
+            .unwrap_or_default();
+        let mut out = nonce.to_vec();
+        out.extend(sealed);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
+    }
+
+    /// The position a cursor of `tenant` holds; `None` for anything this API did not give
+    /// that tenant.
+    pub fn open(&self, tenant: &str, cursor: &str) -> Option<i64> {
+        use base64::Engine;
+        use chacha20poly1305::aead::{Aead, Payload};
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).ok()?;
+        if raw.len() != 12 + 8 + 16 {
+            return None;
+        }
+        let (nonce, sealed) = raw.split_at(12);
+        let plain = self
+            .cipher
+            .decrypt(
+                chacha20poly1305::Nonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: tenant.as_bytes(),
+                },
+            )
+            .ok()?;
+        Some(i64::from_be_bytes(plain.try_into().ok()?))
+    }
+
+    /// A message as the client gets it: its `position` replaced by a sealed `cursor`.
+    fn outgoing(&self, tenant: &str, msg: Message) -> Message {
+        let Message::Text(text) = &msg else {
+            return msg;
+        };
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(text.as_str()) else {
+            return msg;
+        };
+        let Some(p) = v
+            .as_object_mut()
+            .and_then(|o| o.remove("position"))
+            .and_then(|p| p.as_i64())
+        else {
+            return msg;
+        };
+        v["cursor"] = serde_json::Value::String(self.seal(tenant, p));
+        Message::Text(v.to_string().into())
+    }
 }
 
 /// The token from `Sec-WebSocket-Protocol` (`mira.v1, <token>`) or `?access_token=`.
@@ -79,9 +171,25 @@ pub async fn handler(
         .hub
         .clone()
         .ok_or_else(|| ApiError::unavailable("live updates are not running"))?;
+    let key = state
+        .cursor_key
+        .get_or_try_init(|| async { state.keyring.key_for(CURSOR_KEY_SUBJECT).await })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "the cursor key is unavailable");
+            ApiError::unavailable("the keyring")
+        })?;
+    let cursors = std::sync::Arc::new(Cursors::new(key));
+    let since = match q.since.as_deref() {
+        None => None,
+        Some(c) => Some(
+            cursors
+                .open(who.tenant.as_str(), c)
+                .ok_or_else(|| ApiError::bad_request("since: not a cursor this API gave you"))?,
+        ),
+    };
     let rx = hub.subscribe();
     let cfg = state.limits;
-    let since = q.since;
     Ok(upgrade
         .protocols([PROTOCOL])
         // Clients have nothing to say on this socket (it only pushes); a message beyond a few
@@ -90,6 +198,10 @@ pub async fn handler(
         .max_frame_size(MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket: WebSocket| async move {
             let (sink, stream) = socket.split();
+            let tenant = who.tenant.as_str().to_owned();
+            let sink = sink.with(move |m: Message| {
+                futures_util::future::ready(Ok::<_, axum::Error>(cursors.outgoing(&tenant, m)))
+            });
             let end = session(sink, stream, Source(state), who, since, rx, cfg.ws_send_timeout).await;
             tracing::debug!(?end, "WebSocket closed");
         })
@@ -340,12 +452,12 @@ where
         Ok(e) | Err(e) => e,
     };
     match end {
-        End::Slow => close_with(&mut sink, CLOSE_SLOW, "too slow: reconnect with ?since=<last position>").await,
+        End::Slow => close_with(&mut sink, CLOSE_SLOW, "too slow: reconnect with ?since=<last cursor>").await,
         End::Expired => {
             close_with(
                 &mut sink,
                 CLOSE_EXPIRED,
-                "token expired: reconnect with a fresh token and ?since=<last position>",
+                "token expired: reconnect with a fresh token and ?since=<last cursor>",
             )
             .await
         }
@@ -358,6 +470,37 @@ where
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn cursors_are_opaque_and_open_only_for_their_tenant() {
+        let c = Cursors::new(&[7u8; 32]);
+        let a = c.seal("lab-a", 41);
+        let b = c.seal("lab-a", 41);
+        assert_ne!(a, b, "two cursors of one position differ");
+        assert!(!a.contains("41"), "{a}");
+        assert_eq!(c.open("lab-a", &a), Some(41));
+        assert_eq!(c.open("lab-b", &a), None, "another tenant's cursor");
+        assert_eq!(c.open("lab-a", "41"), None, "a bare position");
+        let mut forged = a.clone().into_bytes();
+        let last = forged.len() - 1;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        assert_eq!(
+            c.open("lab-a", std::str::from_utf8(&forged).unwrap()),
+            None,
+            "a changed cursor"
+        );
+        assert_eq!(Cursors::new(&[8u8; 32]).open("lab-a", &a), None, "another key");
+        let out = c.outgoing(
+            "lab-a",
+            Message::Text(r#"{"type":"job.updated","position":41,"job":{}}"#.into()),
+        );
+        let Message::Text(t) = out else {
+            panic!("text stays text")
+        };
+        let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+        assert!(v.get("position").is_none(), "{v}");
+        assert_eq!(c.open("lab-a", v["cursor"].as_str().unwrap()), Some(41));
+    }
     use std::sync::Mutex;
 
     /// Jobs at positions 1..=position (the last ones), and slides at `slides` positions.

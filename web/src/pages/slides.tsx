@@ -6,7 +6,14 @@ import { bytes, time } from "../format";
 import type { FeedMessage } from "../live";
 import { usePages } from "../pages";
 import { TableHead } from "../table";
-import { planUpload, runUpload, slideContentType, type UploadAnswer, type UploadProgress } from "../upload";
+import {
+  partPages,
+  planUpload,
+  runUpload,
+  slideContentType,
+  type UploadAnswer,
+  type UploadProgress,
+} from "../upload";
 import { JobForm } from "./jobform";
 
 export function Badge(props: { status: string }) {
@@ -75,6 +82,7 @@ export function SlidesPage(props: { who: Session }) {
       const plan = planUpload(file.size, created.upload);
       const done = await runUpload(file, plan, {
         signal: cancel.signal,
+        pages: plan.uploadId ? partPages(created.slide_id, plan.uploadId) : undefined,
         onProgress: (p) => setUpload((u) => (u && u.cancel === cancel ? { ...u, progress: p } : u)),
       });
       await api(`/api/slides/${created.slide_id}/uploaded`, {
