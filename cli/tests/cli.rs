@@ -1086,7 +1086,8 @@ async fn ctrl_c_during_a_long_job_stops_within_the_drain_and_the_job_is_retried(
     )
     .unwrap();
     let slow = [
-        ("Worker__BandPauseMillis", "2000"),
+        // The CMU slide is a few bands: paused this long after each, the job takes a minute.
+        ("Worker__BandPauseMillis", "15000"),
         ("Worker__LeaseSeconds", "5"),
         ("Worker__DrainSeconds", "2"),
     ];
@@ -1148,7 +1149,7 @@ async fn ctrl_c_during_a_long_job_stops_within_the_drain_and_the_job_is_retried(
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
         let j = job_now(url.clone(), t.clone()).await.unwrap_or_default();
-        if j["status"] == "running" && j["progress"]["done"].as_i64().unwrap_or(0) > 0 {
+        if j["status"] == "running" {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the job never ran: {j}");

@@ -2900,11 +2900,13 @@ async fn at_the_connection_cap_new_clients_wait_until_the_timeouts_make_room() {
     for _ in 0..5 {
         hogs.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
     }
-    // The sixth waits in the backlog until a hog is cut at the header timeout, then is served.
+    // A new client (not the pooled connection above) waits in the backlog until a hog is cut
+    // at the header timeout, then is served.
     let t0 = Instant::now();
+    let fresh = reqwest::Client::new();
     let r = tokio::time::timeout(
         Duration::from_secs(20),
-        app.http.get(format!("{}/healthz", app.base)).send(),
+        fresh.get(format!("{}/healthz", app.base)).send(),
     )
     .await
     .expect("served once the hogs are cut")

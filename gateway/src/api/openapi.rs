@@ -329,6 +329,28 @@ mod tests {
         // The running release, which a deployment polls through CloudFront's /api path.
         "get /api/version added",
         "schema Version added",
+        // Hostile clients (ADR 0020): part URLs a page at a time; 429 past a client's rate;
+        // /metrics only with its token here (else 404).
+        "get /api/slides/{id}/upload/parts added",
+        "schema PartPage added",
+        "get /metrics: status 401 added",
+        "get /metrics: status 404 added",
+        "get /api/audit/events: status 429 added",
+        "get /api/jobs/{id}/events: status 429 added",
+        "get /api/jobs/{id}/results/{path}: status 429 added",
+        "get /api/jobs/{id}: status 429 added",
+        "get /api/jobs: status 429 added",
+        "get /api/openapi.json: status 429 added",
+        "get /api/slides/{id}: status 429 added",
+        "get /api/slides: status 429 added",
+        "get /blobs/{key}: status 429 added",
+        "get /metrics: status 429 added",
+        "post /api/jobs/{id}/cancel: status 429 added",
+        "post /api/jobs/{id}/retry: status 429 added",
+        "post /api/jobs: status 429 added",
+        "post /api/slides/{id}/uploaded: status 429 added",
+        "post /api/slides: status 429 added",
+        "put /blobs/{key}: status 429 added",
     ];
 
     /// The schemas of what the read models return, derived from their view types.
