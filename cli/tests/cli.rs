@@ -1074,29 +1074,11 @@ async fn mira_dev_leaves_a_database_url_of_the_shell_untouched() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Ctrl-C in the middle of a long job: mira dev is gone within the worker's drain bound and a
-/// few seconds; the abandoned attempt's lease runs out and the job is retried after a restart.
-#[tokio::test]
-async fn ctrl_c_during_a_long_job_stops_within_the_drain_and_the_job_is_retried() {
-    let dir = std::env::temp_dir().join(format!("mira-dev-drain-{}", uuid::Uuid::new_v4()));
-    let data = dir.join(".mira");
-    let slide = std::fs::read(
-        Path::new(&std::env::var("MIRA_TESTDATA").expect("MIRA_TESTDATA: run through scripts/test"))
-            .join("CMU-1-Small-Region.svs"),
-    )
-    .unwrap();
-    let slow = [
-        // The CMU slide is a few bands: paused this long after each, the job takes a minute.
-        ("Worker__BandPauseMillis", "15000"),
-        ("Worker__LeaseSeconds", "5"),
-        ("Worker__DrainSeconds", "2"),
-    ];
-    let (mut child, url, _) = start_dev(&dir, &data, &slow).unwrap();
-    let http = reqwest::Client::new();
-    let t = dev_token(&url).await;
+/// Registers and uploads `slide`, then submits a preprocessing job on it; returns its id.
+async fn submit_cmu_job(http: &reqwest::Client, url: &str, t: &str, slide: &[u8]) -> String {
     let r: serde_json::Value = http
         .post(format!("{url}/api/slides"))
-        .bearer_auth(&t)
+        .bearer_auth(t)
         .json(&serde_json::json!({"name": "long", "size_bytes": slide.len(), "content_type": "image/tiff"}))
         .send()
         .await
@@ -1108,14 +1090,14 @@ async fn ctrl_c_during_a_long_job_stops_within_the_drain_and_the_job_is_retried(
     let up = http
         .put(slide_upload_url(&r))
         .header("content-type", "image/tiff")
-        .body(slide.clone())
+        .body(slide.to_vec())
         .send()
         .await
         .unwrap();
     assert!(up.status().is_success());
     let done = http
         .post(format!("{url}/api/slides/{id}/uploaded"))
-        .bearer_auth(&t)
+        .bearer_auth(t)
         .json(&serde_json::json!({}))
         .send()
         .await
@@ -1123,7 +1105,7 @@ async fn ctrl_c_during_a_long_job_stops_within_the_drain_and_the_job_is_retried(
     assert_eq!(done.status(), 200);
     let job: serde_json::Value = http
         .post(format!("{url}/api/jobs"))
-        .bearer_auth(&t)
+        .bearer_auth(t)
         .json(&serde_json::json!({"slide_id": id, "kind": "wsi.preprocess"}))
         .send()
         .await
@@ -1131,7 +1113,98 @@ async fn ctrl_c_during_a_long_job_stops_within_the_drain_and_the_job_is_retried(
         .json()
         .await
         .unwrap();
-    let job_id = job["job_id"].as_str().unwrap().to_owned();
+    job["job_id"].as_str().unwrap().to_owned()
+}
+
+fn cmu_bytes() -> Vec<u8> {
+    std::fs::read(
+        Path::new(&std::env::var("MIRA_TESTDATA").expect("MIRA_TESTDATA: run through scripts/test"))
+            .join("CMU-1-Small-Region.svs"),
+    )
+    .unwrap()
+}
+
+/// Waits until the job is running.
+async fn until_running(http: &reqwest::Client, url: &str, t: &str, job_id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let j: serde_json::Value = match http.get(format!("{url}/api/jobs/{job_id}")).bearer_auth(t).send().await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        };
+        if j["status"] == "running" {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the job never ran: {j}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A second Ctrl-C stops everything at once: the worker in the middle of its job (whatever
+/// its drain) and PostgreSQL.
+#[tokio::test]
+async fn a_second_ctrl_c_stops_everything_at_once() {
+    let dir = std::env::temp_dir().join(format!("mira-dev-twice-{}", uuid::Uuid::new_v4()));
+    let data = dir.join(".mira");
+    let slow = [("Worker__BandPauseMillis", "15000"), ("Worker__DrainSeconds", "300")];
+    let (mut child, url, printed) = start_dev(&dir, &data, &slow).unwrap();
+    let worker_pid: u32 = printed
+        .split("mira-worker (pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .expect("the banner names the worker's pid");
+    let pg = printed
+        .lines()
+        .find_map(|l| l.split("cluster in ").nth(1))
+        .and_then(|r| r.split(" (port").next())
+        .map(PathBuf::from)
+        .expect("the banner names the cluster");
+    let http = reqwest::Client::new();
+    let t = dev_token(&url).await;
+    let job_id = submit_cmu_job(&http, &url, &t, &cmu_bytes()).await;
+    until_running(&http, &url, &t, &job_id).await;
+    let t0 = std::time::Instant::now();
+    let int = || {
+        assert!(Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success())
+    };
+    int();
+    std::thread::sleep(Duration::from_secs(1));
+    int();
+    let status = child.wait().unwrap();
+    let took = t0.elapsed();
+    eprintln!("mira dev stopped {took:?} after two Ctrl-Cs (drain 300 s)");
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(!pg.join("postmaster.pid").exists(), "PostgreSQL stopped");
+    std::thread::sleep(Duration::from_millis(500));
+    let stat = std::fs::read_to_string(format!("/proc/{worker_pid}/stat")).unwrap_or_default();
+    assert!(stat.is_empty() || stat.contains(") Z"), "the worker is gone: {stat}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Ctrl-C in the middle of a long job: mira dev is gone within the worker's drain bound and a
+/// few seconds; the abandoned attempt's lease runs out and the job is retried after a restart.
+#[tokio::test]
+async fn ctrl_c_during_a_long_job_stops_within_the_drain_and_the_job_is_retried() {
+    let dir = std::env::temp_dir().join(format!("mira-dev-drain-{}", uuid::Uuid::new_v4()));
+    let data = dir.join(".mira");
+    let slide = cmu_bytes();
+    let slow = [
+        // The CMU slide is a few bands: paused this long after each, the job takes a minute.
+        ("Worker__BandPauseMillis", "15000"),
+        ("Worker__LeaseSeconds", "5"),
+        ("Worker__DrainSeconds", "2"),
+    ];
+    let (mut child, url, _) = start_dev(&dir, &data, &slow).unwrap();
+    let http = reqwest::Client::new();
+    let t = dev_token(&url).await;
+    let job_id = submit_cmu_job(&http, &url, &t, &slide).await;
+
     let job_now = |url: String, t: String| {
         let http = http.clone();
         let job_id = job_id.clone();

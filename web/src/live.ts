@@ -87,7 +87,8 @@ export class LiveFeed {
       // Cursors are opaque: the last one taken is where to resume. A `hello` says where the
       // server stands before it catches up, so it counts only on a first connection (a drop
       // in the middle of a catch-up must resume before what was not sent yet).
-      if (typeof m.cursor === "string" && (m.type !== "hello" || this.cursor === null)) this.cursor = m.cursor;
+      if (typeof m.cursor === "string" && (m.type !== "hello" || this.cursor === null))
+        this.cursor = m.cursor;
       this.o.onMessage(m);
     };
     s.onerror = () => {};
