@@ -926,9 +926,47 @@ fn slide_upload_url(body: &serde_json::Value) -> String {
         .to_owned()
 }
 
+/// A `mira dev` of a test: stopped with two Ctrl-Cs (everything at once) when the test ends,
+/// passed or not, so that no platform outlives its test.
+#[derive(Debug)]
+struct Dev(std::process::Child);
+
+impl std::ops::Deref for Dev {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Dev {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let pid = self.0.id().to_string();
+            for _ in 0..2 {
+                let _ = Command::new("kill").args(["-INT", &pid]).status();
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            for _ in 0..50 {
+                if !matches!(self.0.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A `mira dev` started as a person would, with `extra` in its environment; returns it, its
 /// URL and its banner once it is up, or its stderr if it exits first.
-fn start_dev(dir: &Path, data: &Path, extra: &[(&str, &str)]) -> Result<(std::process::Child, String, String), String> {
+fn start_dev(dir: &Path, data: &Path, extra: &[(&str, &str)]) -> Result<(Dev, String, String), String> {
     use std::io::BufRead;
     let runtime = dir.join("run");
     std::fs::create_dir_all(&runtime).unwrap();
@@ -975,11 +1013,11 @@ fn start_dev(dir: &Path, data: &Path, extra: &[(&str, &str)]) -> Result<(std::pr
             eprintln!("mira dev: {l}");
         }
     });
-    Ok((child, url.expect("mira dev prints its URL"), printed.join("\n")))
+    Ok((Dev(child), url.expect("mira dev prints its URL"), printed.join("\n")))
 }
 
 /// Ctrl-C, as a terminal sends it; returns how long `mira dev` took to exit.
-fn interrupt_dev(child: &mut std::process::Child) -> Duration {
+fn interrupt_dev(child: &mut Dev) -> Duration {
     let t0 = std::time::Instant::now();
     assert!(Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -1804,4 +1842,52 @@ async fn verify_memory_does_not_grow_with_the_number_of_checkpoints() {
         .unwrap();
     let _ = std::fs::remove_dir_all(wa);
     let _ = std::fs::remove_dir_all(wb);
+}
+
+/// A cluster an older `mira dev` made (every login trusted, no passwords) is given passwords
+/// on its next start, and then refuses a login without one.
+#[tokio::test]
+async fn an_older_trusting_dev_cluster_is_given_passwords() {
+    let dir = std::env::temp_dir().join(format!("mira-dev-trust-{}", uuid::Uuid::new_v4()));
+    let data = dir.join(".mira");
+    let (mut child, _, printed) = start_dev(&dir, &data, &[]).unwrap();
+    interrupt_dev(&mut child);
+    let pg = printed
+        .lines()
+        .find_map(|l| l.split("cluster in ").nth(1))
+        .and_then(|r| r.split(" (port").next())
+        .map(PathBuf::from)
+        .unwrap();
+    // As an older mira dev left it.
+    std::fs::write(
+        pg.join("pg_hba.conf"),
+        "host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n",
+    )
+    .unwrap();
+    std::fs::remove_file(data.join("postgres.passwords")).unwrap();
+    let (mut child, url, printed) = start_dev(&dir, &data, &[]).unwrap();
+    let port: u16 = printed
+        .split("(port ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    assert!(data.join("postgres.passwords").is_file());
+    let trusted = mira_eventlog::db::connect(
+        &format!("postgres://postgres@127.0.0.1:{port}/mira"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(trusted.is_err(), "a login without the password is refused now");
+    let t = dev_token(&url).await;
+    let r = reqwest::Client::new()
+        .get(format!("{url}/api/slides"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the platform runs on the secured cluster");
+    interrupt_dev(&mut child);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -928,6 +928,7 @@ fn spawn_worker(settings: &crate::config::Settings, data: &Path) -> Result<tokio
         .env("Storage__LocalDir", data.join("blobs"))
         .env("Keyring__LocalDir", data.join("keyring"))
         .env("Worker__DrainSeconds", settings.worker.drain_seconds.to_string())
+        .env("MIRA_EXIT_WITH_PARENT", std::process::id().to_string())
         // A group of its own: a terminal's Ctrl-C reaches `mira dev` alone, which then stops
         // the worker (SIGTERM, and SIGKILL on a second Ctrl-C or past the drain).
         .process_group(0)

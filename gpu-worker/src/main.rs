@@ -110,6 +110,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                     }
                 });
+                // Started by `mira dev` (in a process group of its own): stop with it, even when
+                // it is killed without a chance to stop this worker.
+                if let Some(parent) = std::env::var("MIRA_EXIT_WITH_PARENT")
+                    .ok()
+                    .and_then(|p| p.parse::<u32>().ok())
+                {
+                    let s = shutdown.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                            if std::os::unix::process::parent_id() != parent {
+                                eprintln!("mira-worker: mira dev (pid {parent}) is gone; stopping");
+                                s.cancel();
+                                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                                std::process::exit(1);
+                            }
+                        }
+                    });
+                }
                 mira_gpu_worker::run::run(settings, id, device, shutdown).await
             });
             // An abandoned attempt may still be running on a blocking thread: do not wait for it.
