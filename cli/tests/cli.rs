@@ -1066,6 +1066,16 @@ async fn mira_dev_refuses_to_remake_a_missing_signing_key() {
     let err = start_dev(&dir, &data, &[]).expect_err("mira dev refuses to start");
     assert!(err.contains(&data.join("witness").display().to_string()), "{err}");
     assert!(!data.join("witness").exists());
+    // A non-loopback address without --expose-sign-in: refused, naming the flag, nothing made.
+    let elsewhere = dir.join("exposed");
+    let o = Command::new(env!("CARGO_BIN_EXE_mira"))
+        .args(["dev", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(&elsewhere)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--expose-sign-in"), "{}", stderr(&o));
+    assert!(!elsewhere.exists(), "nothing was made");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -675,11 +675,7 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
     announce: impl FnOnce(&[String]),
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("cannot create {}", opts.data_dir.display()))?;
-    let data = std::fs::canonicalize(&opts.data_dir)?;
-    claim_data_dir(&data)?;
-    let first_start = check_keys(&data)?;
-    let idp = DevIdp::open_or_create(&data)?;
+    // The address first: a refusal makes nothing.
     let listener = tokio::net::TcpListener::bind(&opts.listen)
         .await
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
@@ -691,6 +687,11 @@ pub async fn run(
             opts.listen
         );
     }
+    std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("cannot create {}", opts.data_dir.display()))?;
+    let data = std::fs::canonicalize(&opts.data_dir)?;
+    claim_data_dir(&data)?;
+    let first_start = check_keys(&data)?;
+    let idp = DevIdp::open_or_create(&data)?;
     let mut env: std::collections::BTreeMap<String, String> = env.into_iter().collect();
     // Only a database named on the command line: a DATABASE_URL left in the shell may name a
     // shared or production database, which mira dev would migrate.
