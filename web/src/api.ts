@@ -120,7 +120,6 @@ export type Job = {
   submitted_by: string;
   submitted_at: string;
   updated_at: string;
-  position: number;
 };
 
 export type Slide = {
@@ -134,7 +133,6 @@ export type Slide = {
   registered_by: string;
   registered_at: string;
   updated_at: string;
-  position: number;
 };
 
 export type TimelineEntry = {

@@ -147,7 +147,7 @@ pub async fn list(
     };
     let page = state.read.jobs(&who.tenant, &filter, after, limit).await?;
     Ok(Json(json!({
-        "items": page.items,
+        "items": page.items.iter().map(super::public_view).collect::<Vec<_>>(),
         "next": page.next.map(|c| encode_cursor(&c)),
     })))
 }
@@ -156,15 +156,15 @@ pub async fn get_one(
     State(state): State<AppState>,
     who: Identity,
     Path(raw): Path<String>,
-) -> ApiResult<Json<JobView>> {
+) -> ApiResult<Json<serde_json::Value>> {
     who.require(READERS)?;
     let id = parse_id(&raw, "job", JobId::parse)?;
-    let job = state
+    let job: JobView = state
         .read
         .job(&who.tenant, id.as_uuid())
         .await?
         .ok_or(ApiError::not_found("job"))?;
-    Ok(Json(job))
+    Ok(Json(super::public_view(&job)))
 }
 
 #[derive(Debug, Default, Deserialize)]

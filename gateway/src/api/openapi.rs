@@ -18,10 +18,22 @@ struct Derived;
 
 fn derived_schemas() -> serde_json::Map<String, Value> {
     let doc = serde_json::to_value(Derived::openapi()).unwrap_or_default();
-    match doc.pointer("/components/schemas") {
+    let mut schemas = match doc.pointer("/components/schemas") {
         Some(Value::Object(m)) => m.clone(),
         _ => serde_json::Map::new(),
+    };
+    // The API shows jobs and slides without the log's global position (`api::public_view`).
+    for name in ["Job", "Slide"] {
+        if let Some(s) = schemas.get_mut(name) {
+            if let Some(p) = s.get_mut("properties").and_then(Value::as_object_mut) {
+                p.remove("position");
+            }
+            if let Some(r) = s.get_mut("required").and_then(Value::as_array_mut) {
+                r.retain(|f| f != "position");
+            }
+        }
     }
+    schemas
 }
 
 fn statuses() -> Vec<&'static str> {
@@ -335,6 +347,11 @@ mod tests {
         "schema PartPage added",
         "get /metrics: status 401 added",
         "get /metrics: status 404 added",
+        // Views without the log's global position (ADR 0020).
+        "schema Job: property position removed",
+        "schema Job: required position removed",
+        "schema Slide: property position removed",
+        "schema Slide: required position removed",
         "get /api/audit/events: status 429 added",
         "get /api/jobs/{id}/events: status 429 added",
         "get /api/jobs/{id}/results/{path}: status 429 added",

@@ -264,14 +264,17 @@ impl Rows for Source {
             "job" => Ok(s.read.job(&who.tenant, id).await.map_err(|e| e.to_string())?.map(|j| {
                 (
                     j.position,
-                    json!({"type": "job.updated", "position": j.position, "job": j}),
+                    json!({"type": "job.updated", "position": j.position, "job": super::public_view(&j)}),
                 )
             })),
             "slide" => match s.read.slide(&who.tenant, id).await.map_err(|e| e.to_string())? {
                 Some(r) => {
                     let p = r.position;
                     let v = super::slides::view(s, r).await;
-                    Ok(Some((p, json!({"type": "slide.updated", "position": p, "slide": v}))))
+                    Ok(Some((
+                        p,
+                        json!({"type": "slide.updated", "position": p, "slide": super::public_view(&v)}),
+                    )))
                 }
                 None => Ok(None),
             },
@@ -292,7 +295,7 @@ impl Rows for Source {
                 (
                     format!("job:{}", j.job_id),
                     j.position,
-                    json!({"type": "job.updated", "position": j.position, "job": j}),
+                    json!({"type": "job.updated", "position": j.position, "job": super::public_view(&j)}),
                 )
             })
             .collect())
@@ -310,7 +313,11 @@ impl Rows for Source {
             let key = format!("slide:{}", r.slide_id);
             let p = r.position;
             let v = super::slides::view(s, r).await;
-            out.push((key, p, json!({"type": "slide.updated", "position": p, "slide": v})));
+            out.push((
+                key,
+                p,
+                json!({"type": "slide.updated", "position": p, "slide": super::public_view(&v)}),
+            ));
         }
         Ok(out)
     }

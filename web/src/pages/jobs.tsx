@@ -90,7 +90,8 @@ export function JobsPage(props: { who: Session }) {
     (j: Job) =>
       setJobs((all) => {
         const i = all.findIndex((x) => x.job_id === j.job_id);
-        if (i >= 0 && all[i].position > j.position) return all;
+        // A job's events are recorded in order: a state older than the one shown is dropped.
+        if (i >= 0 && Date.parse(all[i].updated_at) > Date.parse(j.updated_at)) return all;
         if (status && j.status !== status) return all.filter((x) => x.job_id !== j.job_id);
         if (i < 0) return [j, ...all].sort((a, b) => b.submitted_at.localeCompare(a.submitted_at));
         const copy = [...all];
