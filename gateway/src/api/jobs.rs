@@ -147,7 +147,7 @@ pub async fn list(
     };
     let page = state.read.jobs(&who.tenant, &filter, after, limit).await?;
     Ok(Json(json!({
-        "items": page.items.iter().map(super::public_view).collect::<Vec<_>>(),
+        "items": page.items.iter().map(super::public::public_view).collect::<Vec<_>>(),
         "next": page.next.map(|c| encode_cursor(&c)),
     })))
 }
@@ -164,7 +164,7 @@ pub async fn get_one(
         .job(&who.tenant, id.as_uuid())
         .await?
         .ok_or(ApiError::not_found("job"))?;
-    Ok(Json(super::public_view(&job)))
+    Ok(Json(super::public::public_view(&job)))
 }
 
 #[derive(Debug, Default, Deserialize)]

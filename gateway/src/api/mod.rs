@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod ops;
 pub mod problem;
+pub mod public;
 pub mod slides;
 pub mod state;
 pub mod web;
@@ -105,17 +106,6 @@ fn secure_headers(path: &str, authenticated: bool, res: &mut Response) {
     if (authenticated || api) && !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
-}
-
-/// A job or slide view as a tenant gets it: without the read model's `position`, which is the
-/// log's global position: its steps would show the volume of every other tenant's work
-/// (ADR 0020). Live updates resume from opaque cursors instead.
-pub fn public_view<T: serde::Serialize>(view: &T) -> serde_json::Value {
-    let mut v = serde_json::to_value(view).unwrap_or_default();
-    if let Some(o) = v.as_object_mut() {
-        o.remove("position");
-    }
-    v
 }
 
 /// Where the gateway serves `mira dev`'s local JWKS (404 outside `mira dev`).

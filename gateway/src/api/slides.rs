@@ -330,7 +330,7 @@ pub async fn get_one(
         .slide(&who.tenant, id.as_uuid())
         .await?
         .ok_or(ApiError::not_found("slide"))?;
-    Ok(Json(super::public_view(&view(&state, row).await)))
+    Ok(Json(super::public::public_view(&view(&state, row).await)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,7 +374,7 @@ pub async fn list(
         .flatten();
     let mut items = Vec::with_capacity(rows.len());
     for r in rows {
-        items.push(super::public_view(&view(&state, r).await));
+        items.push(super::public::public_view(&view(&state, r).await));
     }
     Ok(Json(json!({"items": items, "next": next})))
 }

@@ -264,7 +264,7 @@ impl Rows for Source {
             "job" => Ok(s.read.job(&who.tenant, id).await.map_err(|e| e.to_string())?.map(|j| {
                 (
                     j.position,
-                    json!({"type": "job.updated", "position": j.position, "job": super::public_view(&j)}),
+                    json!({"type": "job.updated", "position": j.position, "job": super::public::public_view(&j)}),
                 )
             })),
             "slide" => match s.read.slide(&who.tenant, id).await.map_err(|e| e.to_string())? {
@@ -273,7 +273,7 @@ impl Rows for Source {
                     let v = super::slides::view(s, r).await;
                     Ok(Some((
                         p,
-                        json!({"type": "slide.updated", "position": p, "slide": super::public_view(&v)}),
+                        json!({"type": "slide.updated", "position": p, "slide": super::public::public_view(&v)}),
                     )))
                 }
                 None => Ok(None),
@@ -295,7 +295,7 @@ impl Rows for Source {
                 (
                     format!("job:{}", j.job_id),
                     j.position,
-                    json!({"type": "job.updated", "position": j.position, "job": super::public_view(&j)}),
+                    json!({"type": "job.updated", "position": j.position, "job": super::public::public_view(&j)}),
                 )
             })
             .collect())
@@ -316,7 +316,7 @@ impl Rows for Source {
             out.push((
                 key,
                 p,
-                json!({"type": "slide.updated", "position": p, "slide": super::public_view(&v)}),
+                json!({"type": "slide.updated", "position": p, "slide": super::public::public_view(&v)}),
             ));
         }
         Ok(out)
