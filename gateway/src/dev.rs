@@ -771,6 +771,10 @@ pub async fn run(
     }
     env.entry("Api__ShutdownGraceSeconds".into())
         .or_insert_with(|| "2".to_owned());
+    // One person on one machine: the viewer's tiles come through this gateway too (a redirect
+    // and the local store's GET for each), so the per-client rate is a local one's.
+    env.entry("Api__RequestsPerSecond".into())
+        .or_insert_with(|| "1000".to_owned());
     env.entry("Worker__DrainSeconds".into())
         .or_insert_with(|| DEV_DRAIN_SECONDS.to_string());
     let settings = crate::config::Settings::load(file, env)?;
