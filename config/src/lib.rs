@@ -345,11 +345,14 @@ pub struct ApiSettings {
     /// An `Idempotency-Key` names its resource for this long; then the key may be used again
     /// and the stored fingerprint is deleted.
     pub idempotency_retention_hours: u64,
-    /// A connection must send a request's whole header block within this long of opening (or
-    /// of starting the request), else it is closed (slowloris).
+    /// A connection must send a request's whole header block within this long of opening, or
+    /// of its previous answer on a kept-alive connection, else it is closed (slowloris; so it
+    /// also bounds the wait between requests). Behind a load balancer, keep it above the
+    /// balancer's idle timeout (Pulumi: 3660 behind the ALB's 3600).
     pub header_read_timeout_seconds: u64,
     /// A connection with no bytes in or out for this long is closed once no request is in
-    /// flight. Behind a load balancer, keep it above the balancer's own idle timeout.
+    /// flight. Behind a load balancer, keep it above the balancer's own idle timeout (Pulumi:
+    /// 3660 behind the ALB's 3600).
     pub idle_timeout_seconds: u64,
     /// The most connections served at once; more wait in the listen backlog until one closes.
     /// WebSockets leave this count once upgraded (they have their own buffer and send timeout).
@@ -735,8 +738,8 @@ impl Settings {
         if self.api.job_max_attempts == 0 {
             return invalid("Api__JobMaxAttempts", "must be at least 1");
         }
-        if !(1..=3600).contains(&self.api.header_read_timeout_seconds) {
-            return invalid("Api__HeaderReadTimeoutSeconds", "must be 1 to 3600");
+        if !(1..=86_400).contains(&self.api.header_read_timeout_seconds) {
+            return invalid("Api__HeaderReadTimeoutSeconds", "must be 1 to 86400");
         }
         if !(1..=86_400).contains(&self.api.idle_timeout_seconds) {
             return invalid("Api__IdleTimeoutSeconds", "must be 1 to 86400");

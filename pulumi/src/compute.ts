@@ -141,6 +141,11 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
             // X-Forwarded-For entries from the right (CloudFront appends the viewer, the ALB
             // appends CloudFront); entries further left are the client's own to write.
             ...(name === "api" ? { Api__ForwardedForHops: "2" } : {}),
+            // The header read timeout also bounds the wait between requests on a kept-alive
+            // connection, as the idle timeout does: both above the ALB's idle timeout (3600 s,
+            // for WebSockets), so the ALB closes first (never a 502 on a connection the task
+            // just closed). The ALB forwards whole requests only: slow clients never reach here.
+            ...(name === "api" ? { Api__HeaderReadTimeoutSeconds: "3660", Api__IdleTimeoutSeconds: "3660" } : {}),
             Logging__Format: "json",
             Tracing__XRay__Enabled: "true",
             Tracing__XRay__ServiceName: `mira-${name}`,

@@ -127,6 +127,17 @@ describe("compute and operations", () => {
       // right of X-Forwarded-For), not per CloudFront edge.
       const hops = mira.environment.find((e: any) => e.name === "Api__ForwardedForHops")?.value;
       assert.equal(hops, td.inputs.family === "mira-test-api" ? "2" : undefined, td.inputs.family);
+      // Kept-alive connections from the ALB outlive its idle timeout (the task never closes one
+      // first).
+      const alb = ofType(resources, "aws:lb/loadBalancer:LoadBalancer")[0];
+      for (const setting of ["Api__HeaderReadTimeoutSeconds", "Api__IdleTimeoutSeconds"]) {
+        const v = mira.environment.find((e: any) => e.name === setting)?.value;
+        if (td.inputs.family === "mira-test-api") {
+          assert.ok(Number(v) > alb.inputs.idleTimeout, `${setting} ${v} must exceed the ALB's ${alb.inputs.idleTimeout}`);
+        } else {
+          assert.equal(v, undefined, `${td.inputs.family} ${setting}`);
+        }
+      }
     }
     for (const c of adotConfigs(resources)) {
       assert.deepEqual(
