@@ -303,6 +303,13 @@ impl Job {
                     got: attempt,
                 });
             }
+            // A cancellation stops the attempt: its heartbeats and progress are refused, so the
+            // worker stops at once instead of renewing a lease nobody wants.
+            if self.status == S::CancelRequested
+                && matches!(command, JobCommand::Heartbeat { .. } | JobCommand::Progress { .. })
+            {
+                return Err(JobError::CancelRequested);
+            }
             let allowed = match command {
                 JobCommand::Start { .. } => self.status == S::Queued,
                 JobCommand::Succeed { .. } => self.status == S::Running,

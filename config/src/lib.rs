@@ -166,6 +166,9 @@ pub struct WorkerSettings {
     /// abandoned (its lease expires and the job is retried) and the process exits. Set it
     /// below the pod's or task's stop grace period; `mira dev` uses 5.
     pub drain_seconds: u64,
+    /// A running job's progress is recorded at most this often (and only when it moved): the
+    /// log is read by people, and a row per second per job buried the timeline.
+    pub progress_seconds: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -182,6 +185,7 @@ impl Default for WorkerSettings {
             band_pause_millis: 0,
             slide_reader: SlideReader::Auto,
             drain_seconds: 25,
+            progress_seconds: 10,
         }
     }
 }
@@ -754,6 +758,9 @@ impl Settings {
             if t.expose().len() < 16 {
                 return invalid("Api__MetricsToken", "must be at least 16 characters");
             }
+        }
+        if !(1..=3600).contains(&self.worker.progress_seconds) {
+            return invalid("Worker__ProgressSeconds", "must be 1 to 3600");
         }
         if self.worker.drain_seconds > 3600 {
             return invalid("Worker__DrainSeconds", "must be 0 to 3600");

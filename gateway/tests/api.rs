@@ -3117,3 +3117,91 @@ async fn metrics_answer_only_their_token_here_and_anyone_on_their_own_listener()
     assert_eq!(r, 404);
     plain.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Running jobs (issue 29, first part)
+
+/// The job's events, in order.
+async fn job_events(app: &App, job: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT event_type FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+        .bind(job)
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+async fn job_status_until(app: &App, t: &str, job: &str, wanted: &[&str], within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let j = app.get(t, &format!("/api/jobs/{job}")).await.body;
+        if wanted.iter().any(|w| j["status"] == *w) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "the job is not {wanted:?}: {j}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_running_job_stops_within_seconds_and_the_worker_takes_the_next() {
+    let app = spawn_app(Storage::Local).await;
+    let bytes = tall_slide(&app.dir, 8);
+    let _worker = spawn_worker(&app, &[("Worker__BandPauseMillis", "1000")]);
+    let t = app.token("lab-a", &["pathologist"]);
+    let slide = app.upload_slide(&t, &bytes).await;
+    eventually("the tall slide verified", || async {
+        let s = app.get(&t, &format!("/api/slides/{slide}")).await.body;
+        (s["status"] == "verified").then_some(s)
+    })
+    .await;
+    let submit = || app.post(&t, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}));
+    let first = submit().await.body["job_id"].as_str().unwrap().to_owned();
+    job_status_until(&app, &t, &first, &["running"], Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let asked = Instant::now();
+    let r = app
+        .post(
+            &t,
+            &format!("/api/jobs/{first}/cancel"),
+            json!({"reason": "wrong stain"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.body["status"], "cancel_requested");
+    let j = job_status_until(
+        &app,
+        &t,
+        &first,
+        &["cancelled", "failed", "succeeded"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let latency = asked.elapsed();
+    eprintln!("cancelled {latency:?} after the request (bands paused 1 s)");
+    assert_eq!(
+        j["status"], "cancelled",
+        "cancelled by the user, not ended otherwise: {j}"
+    );
+    // Nothing of that attempt follows the request but the cancellation itself.
+    let events = job_events(&app, &first).await;
+    let at = events
+        .iter()
+        .position(|e| e == "JobCancelRequested")
+        .expect("the request is in the log");
+    assert_eq!(events[at + 1..], ["JobCancelled"], "{events:?}");
+    // The worker then takes the next job.
+    let second = submit().await.body["job_id"].as_str().unwrap().to_owned();
+    let j = job_status_until(
+        &app,
+        &t,
+        &second,
+        &["succeeded", "failed", "cancelled"],
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(j["status"], "succeeded", "{j}");
+    let events = job_events(&app, &second).await;
+    eprintln!("a job of the tall slide: {} events: {events:?}", events.len());
+    assert!(events.len() <= 15, "no event a second: {events:?}");
+    app.stop().await;
+}

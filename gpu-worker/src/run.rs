@@ -70,6 +70,8 @@ pub struct Worker {
     /// `Worker__BandPauseMillis`: a pause after every band (tests of long jobs).
     band_pause: Duration,
     reader: crate::slide::Reader,
+    /// Progress is recorded at most this often, and only when it moved.
+    progress_every: Duration,
 }
 
 impl std::fmt::Debug for Worker {
@@ -112,6 +114,7 @@ impl Worker {
             scratch,
             band_pause: Duration::ZERO,
             reader: crate::slide::Reader::Auto,
+            progress_every: Duration::from_secs(10),
         }
     }
 
@@ -124,6 +127,12 @@ impl Worker {
     /// Pauses after every band of rows, so a small slide runs as long as a large one.
     pub fn with_band_pause(mut self, pause: Duration) -> Self {
         self.band_pause = pause;
+        self
+    }
+
+    /// `Worker__ProgressSeconds`: progress at most this often.
+    pub fn with_progress_every(mut self, every: Duration) -> Self {
+        self.progress_every = every;
         self
     }
 
@@ -339,45 +348,74 @@ impl Worker {
                 reader: self.reader,
             },
         };
-        // Heartbeats extend the lease, report progress and notice cancellation.
+        // While the attempt runs: the job's state is read every 2 s at most (a read, nothing
+        // appended) to notice a cancellation; the lease is extended every third of its length
+        // (the handlers schedule its expiry from these events); progress is recorded at most
+        // every `Worker__ProgressSeconds` and only when it moved. A refused heartbeat or
+        // progress (cancelled, superseded) stops the attempt too.
         let stop = Arc::new(AtomicBool::new(false));
         let superseded = Arc::new(AtomicBool::new(false));
         let done = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
         let finished = CancellationToken::new();
         let beat = {
-            let (commands, c, lease) = (self.commands.clone(), c.clone(), self.lease);
+            let (commands, c, lease, progress_every) =
+                (self.commands.clone(), c.clone(), self.lease, self.progress_every);
+            let tenant = tenant.clone();
             let (stop, superseded, done, finished) = (stop.clone(), superseded.clone(), done.clone(), finished.clone());
             tokio::spawn(async move {
+                let renew_every = lease / 3;
+                let tick = renew_every.min(Duration::from_secs(2));
+                let (mut renewed, mut progressed) = (tokio::time::Instant::now(), tokio::time::Instant::now());
                 let mut reported = 0;
+                let refused = |e: AggregateError<JobError>| match e {
+                    AggregateError::UserError(JobError::CancelRequested) => stop.store(true, Ordering::SeqCst),
+                    AggregateError::UserError(_) => {
+                        superseded.store(true, Ordering::SeqCst);
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                    e => tracing::warn!(error = %e, "recording the attempt's heartbeat or progress failed"),
+                };
                 loop {
                     tokio::select! {
-                        _ = tokio::time::sleep((lease / 3).min(Duration::from_secs(1))) => {}
+                        _ = tokio::time::sleep(tick) => {}
                         _ = finished.cancelled() => return,
                     }
-                    let until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
-                    match commands
-                        .job(
-                            &c,
-                            id,
-                            JobCommand::Heartbeat {
-                                attempt,
-                                lease_until: until,
-                            },
-                        )
-                        .await
-                    {
-                        Ok(()) => {}
-                        Err(AggregateError::UserError(JobError::CancelRequested)) => stop.store(true, Ordering::SeqCst),
-                        Err(AggregateError::UserError(_)) => {
+                    match commands.load_job(&tenant, id).await {
+                        Ok(Some(job)) if job.status == JobStatus::CancelRequested => {
+                            tracing::info!(job_id = %id, attempt, "cancellation requested: stopping the attempt");
+                            stop.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        Ok(Some(job)) if job.attempt != attempt || !matches!(job.status, JobStatus::Running) => {
                             superseded.store(true, Ordering::SeqCst);
                             stop.store(true, Ordering::SeqCst);
+                            return;
                         }
-                        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "reading the job's state failed"),
+                    }
+                    if renewed.elapsed() >= renew_every {
+                        renewed = tokio::time::Instant::now();
+                        let until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+                        if let Err(e) = commands
+                            .job(
+                                &c,
+                                id,
+                                JobCommand::Heartbeat {
+                                    attempt,
+                                    lease_until: until,
+                                },
+                            )
+                            .await
+                        {
+                            refused(e);
+                        }
                     }
                     let (d, t) = (done.0.load(Ordering::Relaxed), done.1.load(Ordering::Relaxed));
-                    if t > 0 && d > reported {
+                    if t > 0 && d > reported && progressed.elapsed() >= progress_every {
                         reported = d;
-                        let _ = commands
+                        progressed = tokio::time::Instant::now();
+                        if let Err(e) = commands
                             .job(
                                 &c,
                                 id,
@@ -387,7 +425,13 @@ impl Worker {
                                     total: t,
                                 },
                             )
-                            .await;
+                            .await
+                        {
+                            refused(e);
+                        }
+                    }
+                    if stop.load(Ordering::SeqCst) {
+                        return;
                     }
                 }
             })
@@ -529,6 +573,7 @@ pub async fn run(
         )
         .with_results_store(results)
         .with_band_pause(Duration::from_millis(settings.worker.band_pause_millis))
+        .with_progress_every(Duration::from_secs(settings.worker.progress_seconds))
         .with_reader(settings.worker.slide_reader.into()),
     );
     let mut cfg = ConsumerConfig::for_group(Group::GpuJobs);

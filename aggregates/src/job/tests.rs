@@ -406,6 +406,20 @@ fn cancel_while_running_waits_for_the_worker() {
             command: "cancel",
             status: "cancel_requested",
         });
+    // The attempt's heartbeats and progress are refused with CancelRequested: the worker stops.
+    given(requested.clone())
+        .when(JobCommand::Heartbeat {
+            attempt: 1,
+            lease_until: t(90),
+        })
+        .then_expect_error(JobError::CancelRequested);
+    given(requested.clone())
+        .when(JobCommand::Progress {
+            attempt: 1,
+            done: 1,
+            total: 2,
+        })
+        .then_expect_error(JobError::CancelRequested);
     // A lease that runs out while cancelling ends in cancellation, not a retry.
     given(requested)
         .when(JobCommand::ExpireLease { attempt: 1, now: t(60) })
