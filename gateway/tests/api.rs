@@ -3205,3 +3205,64 @@ async fn a_cancelled_running_job_stops_within_seconds_and_the_worker_takes_the_n
     assert!(events.len() <= 15, "no event a second: {events:?}");
     app.stop().await;
 }
+
+/// A job of about a minute: submitted on a fresh gateway and worker with `lease` seconds;
+/// returns the job as it ended, its events and how long it ran.
+async fn minute_job(lease: &'static str) -> (Value, Vec<String>, Duration) {
+    let app = spawn_app(Storage::Local).await;
+    let bytes = tall_slide(&app.dir, 8);
+    let _worker = spawn_worker(
+        &app,
+        &[("Worker__BandPauseMillis", "3000"), ("Worker__LeaseSeconds", lease)],
+    );
+    let t = app.token("lab-a", &["pathologist"]);
+    let slide = app.upload_slide(&t, &bytes).await;
+    eventually("the tall slide verified", || async {
+        let s = app.get(&t, &format!("/api/slides/{slide}")).await.body;
+        (s["status"] == "verified").then_some(s)
+    })
+    .await;
+    let job = app
+        .post(&t, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
+        .await
+        .body["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    job_status_until(&app, &t, &job, &["running"], Duration::from_secs(60)).await;
+    let started = Instant::now();
+    let j = job_status_until(
+        &app,
+        &t,
+        &job,
+        &["succeeded", "failed", "cancelled"],
+        Duration::from_secs(240),
+    )
+    .await;
+    let ran = started.elapsed();
+    let events = job_events(&app, &job).await;
+    app.stop().await;
+    (j, events, ran)
+}
+
+#[tokio::test]
+async fn a_minute_long_job_keeps_its_lease_with_a_few_events() {
+    let ((short, short_events, short_ran), (default, default_events, default_ran)) =
+        tokio::join!(minute_job("10"), minute_job("60"));
+    for (lease, j, events, ran) in [
+        (10, &short, &short_events, short_ran),
+        (60, &default, &default_events, default_ran),
+    ] {
+        let per_minute = events.len() as f64 * 60.0 / ran.as_secs_f64().max(1.0);
+        eprintln!(
+            "lease {lease} s: a job of {ran:?}: {} events ({per_minute:.1} a minute): {events:?}",
+            events.len()
+        );
+        assert_eq!(j["status"], "succeeded", "{j}");
+        assert_eq!(j["attempt"], 1, "the lease was renewed, not lost: {j}");
+    }
+    assert!(short_ran >= Duration::from_secs(30), "a long job: {short_ran:?}");
+    let renewals = short_events.iter().filter(|e| *e == "JobLeaseExtended").count();
+    assert!(renewals >= 3, "a 10 s lease is renewed every ~3 s: {short_events:?}");
+    assert!(default_events.len() <= 15, "{default_events:?}");
+}
