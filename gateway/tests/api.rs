@@ -1721,13 +1721,18 @@ async fn connect(app: &App, token: &str, since: Option<&str>) -> Socket {
     socket
 }
 
-/// The next JSON message, within a deadline.
+/// The next JSON message, within 20 s.
 async fn next_json(s: &mut Socket) -> Value {
+    next_json_within(s, Duration::from_secs(20)).await
+}
+
+/// The next JSON message, within `within`.
+async fn next_json_within(s: &mut Socket, within: Duration) -> Value {
     use futures_util::StreamExt;
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), s.next())
+        let m = tokio::time::timeout(within, s.next())
             .await
-            .expect("a message within 20 s")
+            .expect("a message in time")
             .expect("the socket stays open")
             .expect("a frame");
         if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
@@ -1942,9 +1947,9 @@ fn tall_slide(dir: &std::path::Path, copies: usize) -> Vec<u8> {
 async fn statuses_until(s: &mut Socket, job: &str, last: &str) -> Vec<String> {
     let mut seen: Vec<String> = Vec::new();
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(120), next_json(s))
-            .await
-            .expect("job updates keep coming");
+        // A running job is quiet between its lease renewals (a third of the lease) and its
+        // progress (every 10 s at most): no message a second any more.
+        let m = next_json_within(s, Duration::from_secs(120)).await;
         if m["type"] == "job.updated" && m["job"]["job_id"] == job {
             let st = m["job"]["status"].as_str().unwrap().to_owned();
             if seen.last() != Some(&st) {
