@@ -1311,7 +1311,6 @@ async fn ctrl_c_during_a_long_job_stops_within_the_drain_and_the_job_is_retried(
 /// the data.
 #[tokio::test]
 async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
-    use std::io::BufRead;
     let dir = std::env::temp_dir().join(format!("mira-dev-{}", uuid::Uuid::new_v4()));
     let data = dir.join(".mira");
     // Where `mira dev` records itself, so `mira dev token` finds it from anywhere.
@@ -1319,39 +1318,7 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
     let elsewhere = dir.join("elsewhere");
     std::fs::create_dir_all(&runtime).unwrap();
     std::fs::create_dir_all(&elsewhere).unwrap();
-    let start = || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mira"))
-            .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", &dir)
-            .env("XDG_RUNTIME_DIR", &runtime)
-            .current_dir(&dir)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut printed = Vec::new();
-        let url = loop {
-            let line = lines.next().expect("mira dev prints its URL").unwrap();
-            printed.push(line.clone());
-            if let Some(u) = line.strip_prefix("Mira is running at ") {
-                break u.to_owned();
-            }
-        };
-        loop {
-            let line = lines.next().unwrap().unwrap();
-            printed.push(line.clone());
-            if line.contains("Ctrl-C") {
-                break;
-            }
-        }
-        // Keep draining, as a terminal would.
-        std::thread::spawn(move || for _ in lines {});
-        (child, url, printed.join("\n"))
-    };
+    let start = || start_dev(&dir, &data, &[]).unwrap();
     let token = || {
         let o = Command::new(env!("CARGO_BIN_EXE_mira"))
             .args(["dev", "token", "--tenant", "lab-dev", "--data-dir"])
@@ -1372,14 +1339,8 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
             .output()
             .unwrap()
     };
-    let interrupt = |mut child: std::process::Child| {
-        let ok = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let status = child.wait().unwrap();
-        assert!(status.success(), "Ctrl-C ends mira dev cleanly: {status:?}");
+    let interrupt = |mut child: Dev| {
+        interrupt_dev(&mut child);
     };
     let cluster_dir = |printed: &str| -> PathBuf {
         let line = printed

@@ -403,6 +403,15 @@ impl App {
         id
     }
 
+    /// Waits until the gateway answers `/healthz`.
+    async fn answering(&self) {
+        eventually("the gateway answers", || async {
+            let r = self.http.get(format!("{}/healthz", self.base)).send().await.ok()?;
+            (r.status() == 200).then_some(json!(true))
+        })
+        .await;
+    }
+
     /// `/metrics`, as Prometheus would read it (with `Api__MetricsToken`).
     async fn metrics(&self) -> String {
         self.http
@@ -2837,16 +2846,7 @@ async fn slow_and_idle_connections_are_cut_and_a_full_listener_still_serves() {
     )
     .await;
     let addr = app.base.trim_start_matches("http://").to_owned();
-    eventually("the gateway answers", || async {
-        app.http
-            .get(format!("{}/healthz", app.base))
-            .send()
-            .await
-            .ok()
-            .filter(|r| r.status() == 200)
-            .map(|_| json!(true))
-    })
-    .await;
+    app.answering().await;
     // A slowloris client: a header byte every half second is cut off at the header timeout.
     let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
@@ -2896,16 +2896,7 @@ async fn at_the_connection_cap_new_clients_wait_until_the_timeouts_make_room() {
     )
     .await;
     let addr = app.base.trim_start_matches("http://").to_owned();
-    eventually("the gateway answers", || async {
-        app.http
-            .get(format!("{}/healthz", app.base))
-            .send()
-            .await
-            .ok()
-            .filter(|r| r.status() == 200)
-            .map(|_| json!(true))
-    })
-    .await;
+    app.answering().await;
     let mut hogs = Vec::new();
     for _ in 0..5 {
         hogs.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
@@ -2934,15 +2925,7 @@ async fn at_the_connection_cap_new_clients_wait_until_the_timeouts_make_room() {
 #[tokio::test]
 async fn a_client_past_its_rate_gets_429_and_health_checks_never_do() {
     let app = spawn_app_with(Storage::Local, &[("Api__RequestsPerSecond", "5")]).await;
-    eventually("the gateway answers", || async {
-        app.http
-            .get(format!("{}/healthz", app.base))
-            .send()
-            .await
-            .ok()
-            .map(|_| json!(true))
-    })
-    .await;
+    app.answering().await;
     let mut limited = None;
     for _ in 0..40 {
         let r = app.send(app.http.get(format!("{}/api/version", app.base))).await;

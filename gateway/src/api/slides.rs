@@ -168,6 +168,18 @@ pub struct Uploaded {
     pub upload_id: Option<String>,
 }
 
+/// The caller's slide `raw` from the log, for a writer: 404 when it is not the caller's tenant's.
+async fn writable_slide(state: &AppState, who: &Identity, raw: &str) -> ApiResult<(SlideId, mira_aggregates::Slide)> {
+    who.require(WRITERS)?;
+    let id = parse_id(raw, "slide", SlideId::parse)?;
+    let slide = state
+        .commands
+        .load_slide(&who.tenant, id)
+        .await?
+        .ok_or(ApiError::not_found("slide"))?;
+    Ok((id, slide))
+}
+
 /// `POST /api/slides/{id}/uploaded`: completes a multipart upload if parts are given, copies
 /// the upload to the slide's immutable key, checks the copy's size against the declared one,
 /// then records `SlideUploaded`.
@@ -177,13 +189,7 @@ pub async fn uploaded(
     Path(raw): Path<String>,
     ApiJson(body): ApiJson<Uploaded>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    who.require(WRITERS)?;
-    let id = parse_id(&raw, "slide", SlideId::parse)?;
-    let slide = state
-        .commands
-        .load_slide(&who.tenant, id)
-        .await?
-        .ok_or(ApiError::not_found("slide"))?;
+    let (id, slide) = writable_slide(&state, &who, &raw).await?;
     match slide.status {
         SlideStatus::Registered => {}
         // Already recorded: a repeat of a completed request.
@@ -271,13 +277,7 @@ pub async fn part_page(
     Path(raw): Path<String>,
     ApiQuery(q): ApiQuery<PartPageQuery>,
 ) -> ApiResult<Json<crate::blob::MultipartPlan>> {
-    who.require(WRITERS)?;
-    let id = parse_id(&raw, "slide", SlideId::parse)?;
-    let slide = state
-        .commands
-        .load_slide(&who.tenant, id)
-        .await?
-        .ok_or(ApiError::not_found("slide"))?;
+    let (_, slide) = writable_slide(&state, &who, &raw).await?;
     if slide.status != SlideStatus::Registered {
         return Err(ApiError::conflict(format!(
             "the slide is {}: its upload is over",
