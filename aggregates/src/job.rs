@@ -101,6 +101,9 @@ pub struct Job {
     pub manifest_key: Option<String>,
     pub manifest_sha256: Option<String>,
     pub failure: Option<String>,
+    /// Attempts the worker killed for making no progress (or running past its budget).
+    #[serde(default)]
+    pub stalls: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -144,6 +147,8 @@ pub enum JobCommand {
         attempt: u32,
         reason: String,
         retryable: bool,
+        /// The worker killed the attempt for making no progress: retryable once per job.
+        stalled: bool,
         now: DateTime<Utc>,
     },
     ExpireLease {
@@ -423,18 +428,27 @@ impl Job {
                 attempt,
                 reason,
                 retryable,
+                stalled,
                 now,
             } => {
                 if reason.trim().is_empty() {
                     return Err(JobError::Invalid("a failure needs a reason".into()));
                 }
+                // Work that hung once on this slide and these parameters is tried again; work
+                // that hangs a second time would hang every time, holding a worker each.
+                let (retryable, reason) = if *stalled && self.stalls >= 1 {
+                    (false, format!("{reason}; it stalled before too, so it is not retried"))
+                } else {
+                    (*retryable, reason.clone())
+                };
                 vec![
                     JobEvent::JobAttemptFailed {
                         attempt: *attempt,
                         reason: reason.clone(),
-                        retryable: *retryable,
+                        retryable,
+                        stalled: *stalled,
                     },
-                    self.after_attempt(*retryable, reason, *now),
+                    self.after_attempt(retryable, &reason, *now),
                 ]
             }
             JobCommand::ExpireLease { attempt, now } => {
@@ -535,7 +549,8 @@ impl Aggregate for Job {
                 self.manifest_sha256 = Some(manifest_sha256);
                 self.lease_until = None;
             }
-            JobEvent::JobAttemptFailed { reason, .. } => {
+            JobEvent::JobAttemptFailed { reason, stalled, .. } => {
+                self.stalls += u32::from(stalled);
                 self.failure = Some(reason);
                 self.lease_until = None;
             }

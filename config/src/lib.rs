@@ -70,6 +70,8 @@ pub struct Settings {
     pub api: ApiSettings,
     #[serde(rename = "Worker")]
     pub worker: WorkerSettings,
+    #[serde(rename = "Jobs")]
+    pub jobs: JobsSettings,
     #[serde(rename = "Roles")]
     pub roles: RolesSettings,
     #[serde(rename = "Web")]
@@ -169,6 +171,55 @@ pub struct WorkerSettings {
     /// A running job's progress is recorded at most this often (and only when it moved): the
     /// log is read by people, and a row per second per job buried the timeline.
     pub progress_seconds: u64,
+    /// An attempt that reports no progress for this long is killed (it runs in a child process
+    /// of its own) and fails as retryable; a second stall of the same job is final.
+    pub stall_seconds: u64,
+    /// An attempt still running after this long is killed as a stall is.
+    pub max_attempt_seconds: u64,
+    /// A test hook: when set, the pipeline stops for ever before band N (1 is the first), so
+    /// the stall guard can be seen at work. 0 (the default) in production.
+    pub test_hang_at_band: u64,
+}
+
+/// The job lifecycle the handlers drive (DESIGN §5.3).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "PascalCase")]
+pub struct JobsSettings {
+    /// A job waits this long for its slide to be uploaded and verified, then fails with "the
+    /// slide was never uploaded" (or was not verified in time). Fractions are allowed.
+    #[serde(deserialize_with = "fractional")]
+    pub slide_wait_hours: f64,
+}
+
+/// A number from a file (`24`, `0.5`) or from the environment, where `0.5` arrives as text.
+fn fractional<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum N {
+        Number(f64),
+        Text(String),
+    }
+    match N::deserialize(d)? {
+        N::Number(n) => Ok(n),
+        N::Text(t) => t
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite())
+            .ok_or_else(|| serde::de::Error::custom(format!("{t:?} is not a number of hours"))),
+    }
+}
+
+impl Default for JobsSettings {
+    fn default() -> Self {
+        Self { slide_wait_hours: 24.0 }
+    }
+}
+
+impl JobsSettings {
+    pub fn slide_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.slide_wait_hours * 3600.0)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -186,6 +237,9 @@ impl Default for WorkerSettings {
             slide_reader: SlideReader::Auto,
             drain_seconds: 25,
             progress_seconds: 10,
+            stall_seconds: 300,
+            max_attempt_seconds: 6 * 3600,
+            test_hang_at_band: 0,
         }
     }
 }
@@ -535,6 +589,7 @@ const SECTIONS: &[&str] = &[
     "Realtime",
     "Api",
     "Worker",
+    "Jobs",
     "Roles",
     "Web",
 ];
@@ -762,6 +817,15 @@ impl Settings {
         if !(1..=3600).contains(&self.worker.progress_seconds) {
             return invalid("Worker__ProgressSeconds", "must be 1 to 3600");
         }
+        if !(1..=86_400).contains(&self.worker.stall_seconds) {
+            return invalid("Worker__StallSeconds", "must be 1 to 86400");
+        }
+        if !(60..=7 * 86_400).contains(&self.worker.max_attempt_seconds) {
+            return invalid("Worker__MaxAttemptSeconds", "must be 60 to 604800 (a week)");
+        }
+        if !(self.jobs.slide_wait_hours > 0.0 && self.jobs.slide_wait_hours <= 24.0 * 366.0) {
+            return invalid("Jobs__SlideWaitHours", "must be more than 0 and at most 8784 (a year)");
+        }
         if self.worker.drain_seconds > 3600 {
             return invalid("Worker__DrainSeconds", "must be 0 to 3600");
         }
@@ -985,6 +1049,25 @@ mod tests {
         assert_eq!(s.aws.region.as_deref(), Some("eu-west-1"));
         let err = Settings::load(None, env(&[("DATABASE_URL", "mysql://x")])).unwrap_err();
         assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn the_slide_wait_takes_fractions_of_an_hour_and_the_stall_guard_is_checked() {
+        let s = Settings::load(None, env(&[])).unwrap();
+        assert_eq!(s.jobs.slide_wait(), std::time::Duration::from_secs(24 * 3600));
+        assert_eq!((s.worker.stall_seconds, s.worker.test_hang_at_band), (300, 0));
+        let s = Settings::load(None, env(&[("Jobs__SlideWaitHours", "0.001")])).unwrap();
+        assert_eq!(s.jobs.slide_wait(), std::time::Duration::from_millis(3600));
+        let s = Settings::load(None, env(&[("Jobs__SlideWaitHours", "2")])).unwrap();
+        assert_eq!(s.jobs.slide_wait(), std::time::Duration::from_secs(7200));
+        for bad in ["0", "-1", "soon", "NaN", "inf", "9000"] {
+            let err = Settings::load(None, env(&[("Jobs__SlideWaitHours", bad)])).unwrap_err();
+            assert!(err.to_string().contains("Jobs__SlideWaitHours"), "{bad}: {err}");
+        }
+        for (k, v) in [("Worker__StallSeconds", "0"), ("Worker__MaxAttemptSeconds", "10")] {
+            let err = Settings::load(None, env(&[(k, v)])).unwrap_err();
+            assert!(err.to_string().contains(k), "{err}");
+        }
     }
 
     #[test]

@@ -56,6 +56,11 @@ pub enum JobEvent {
         attempt: u32,
         reason: String,
         retryable: bool,
+        /// The worker killed the attempt: no progress for `Worker__StallSeconds`, or past
+        /// `Worker__MaxAttemptSeconds`. A second such attempt of the job is not retried.
+        /// Absent (false) in events recorded before it existed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stalled: bool,
     },
     /// The attempt's lease expired without a result.
     JobTimedOut {

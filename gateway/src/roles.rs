@@ -67,8 +67,9 @@ pub async fn spawn(
             let queue = ctx.bus.queue(mira_bus::Group::Handlers);
             let commands = Commands::new(log, ctx.keyring.clone());
             let pool = ctx.pool.clone();
+            let slide_wait = ctx.settings.jobs.slide_wait();
             tasks.spawn(async move {
-                mira_handlers::run(pool, commands, queue, stop)
+                mira_handlers::run(pool, commands, queue, slide_wait, stop)
                     .await
                     .context("handlers")
             });

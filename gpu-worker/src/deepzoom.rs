@@ -131,7 +131,8 @@ pub struct Builder<'a, S: TileSink> {
     levels: Vec<Level>,
     sink: &'a S,
     device: Device,
-    pub tiles_done: std::sync::atomic::AtomicU64,
+    /// Tiles made so far, shared so that progress can be read while the builder works.
+    pub tiles_done: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl<'a, S: TileSink> Builder<'a, S> {

@@ -13,6 +13,7 @@
 //! * [`run`]: `mira-worker run`, the consumer of the `gpu-jobs` queue: slide verification and
 //!   jobs, with leases, heartbeats, fencing and results stored under a per-attempt prefix.
 
+pub mod attempt;
 pub mod deepzoom;
 pub mod kernels;
 pub mod process;

@@ -46,6 +46,17 @@ enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// As an attempt of `mira-worker run`: one JSON object per line on standard output
+        /// (each stage as it begins, progress, then the summary or the error and whether a
+        /// retry can help), exit status 3 on a failure.
+        #[arg(long, hide = true)]
+        report: bool,
+        /// Pause after every band (`Worker__BandPauseMillis`).
+        #[arg(long, hide = true, default_value_t = 0)]
+        band_pause_millis: u64,
+        /// A test hook (`Worker__TestHangAtBand`): stop for ever before band N.
+        #[arg(long, hide = true, default_value_t = 0)]
+        hang_at_band: u64,
     },
     /// Compile every CUDA kernel with NVRTC (no GPU needed) and, when a GPU can be used,
     /// check each against its CPU implementation and time it against the device's copy
@@ -70,7 +81,7 @@ enum Command {
     Inspect { slide: PathBuf },
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config, worker_id } => {
             let settings = mira_config::Settings::load(config.as_deref(), std::env::vars())?;
@@ -131,7 +142,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 mira_gpu_worker::run::run(settings, id, device, shutdown).await
             });
-            // An abandoned attempt may still be running on a blocking thread: do not wait for it.
+            // An abandoned attempt's process dies with this one (ADR 0022); do not wait for
+            // anything else left on a blocking thread.
             rt.shutdown_background();
             r?;
         }
@@ -145,6 +157,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             normalize,
             no_tissue,
             json,
+            report,
+            band_pause_millis,
+            hang_at_band,
         } => {
             anyhow::ensure!(
                 overlap <= tile_size / 4,
@@ -161,6 +176,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 device: pick_device()?,
                 reader: settings.worker.slide_reader.into(),
             };
+            if report {
+                return Ok(attempt_report(
+                    &slide,
+                    &out,
+                    &opts,
+                    std::time::Duration::from_millis(band_pause_millis),
+                    hang_at_band,
+                ));
+            }
             let s = process::process(&slide, &out, &opts, |done, total| {
                 if !json {
                     eprint!(
@@ -194,7 +218,60 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mira-worker process --report`: one attempt of `mira-worker run`, in a process of its own
+/// so that the worker can kill it (cancelled, stalled, over its budget) whatever it is stuck
+/// in. Reports on standard output, one JSON object per line, flushed as written.
+fn attempt_report(
+    slide: &std::path::Path,
+    out: &std::path::Path,
+    opts: &Options,
+    pause: std::time::Duration,
+    hang_at_band: u64,
+) -> ExitCode {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let say = |v: serde_json::Value| {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{v}");
+        let _ = o.flush();
+    };
+    let bands = AtomicU64::new(0);
+    let r = process::process_staged(
+        slide,
+        out,
+        opts,
+        |stage| say(serde_json::json!({ "stage": stage })),
+        |done, total| say(serde_json::json!({ "done": done, "total": total })),
+        || {
+            let band = bands.fetch_add(1, Ordering::Relaxed) + 1;
+            if hang_at_band > 0 && band >= hang_at_band {
+                // Stands for a decoder stuck in native code: nothing returns from here.
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                }
+            }
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+            false
+        },
+    );
+    match r {
+        Ok(summary) => {
+            say(serde_json::json!({ "summary": summary }));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            // The slide or its stains will not change: only other failures are worth a retry.
+            let retryable = e.downcast_ref::<mira_gpu_worker::slide::SlideError>().is_none()
+                && e.downcast_ref::<mira_gpu_worker::stain::StainError>().is_none();
+            say(serde_json::json!({ "error": format!("{e:#}"), "retryable": retryable }));
+            ExitCode::from(3)
+        }
+    }
 }
 
 /// `MIRA_GPU` → the device, with the reason logged.
@@ -292,7 +369,7 @@ fn main() -> ExitCode {
         }
     }
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!(
                 "mira-worker: {}",

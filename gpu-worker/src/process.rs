@@ -181,8 +181,22 @@ impl TileSink for Writer<'_> {
 }
 
 /// Runs the pipeline; `progress` gets (tiles done, tiles in all).
-pub fn process(slide_path: &Path, out: &Path, opts: &Options, progress: impl Fn(u64, u64)) -> anyhow::Result<Summary> {
+pub fn process(
+    slide_path: &Path,
+    out: &Path,
+    opts: &Options,
+    progress: impl Fn(u64, u64) + Sync,
+) -> anyhow::Result<Summary> {
     process_until(slide_path, out, opts, progress, || false)
+}
+
+/// Sets its flag when dropped, however the scope it guards ends.
+struct Raise<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Raise<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The run was stopped by `stop` (checked between bands).
@@ -196,11 +210,34 @@ pub fn process_until(
     slide_path: &Path,
     out: &Path,
     opts: &Options,
-    progress: impl Fn(u64, u64),
+    progress: impl Fn(u64, u64) + Sync,
+    stop: impl Fn() -> bool + Sync,
+) -> anyhow::Result<Summary> {
+    process_staged(slide_path, out, opts, |_| {}, progress, stop)
+}
+
+/// The pipeline's stages, as [`process_staged`] names them to whoever watches it (a stalled
+/// attempt is reported with the stage it stalled in).
+pub mod stage {
+    pub const OPENING: &str = "opening the slide";
+    pub const STAINS: &str = "fitting the stain normalisation";
+    pub const PYRAMID: &str = "building the pyramid";
+    pub const MASK: &str = "finishing the tissue mask";
+    pub const WRITING: &str = "writing the statistics and the manifest";
+}
+
+/// As [`process_until`], naming each stage (see [`stage`]) as it begins.
+pub fn process_staged(
+    slide_path: &Path,
+    out: &Path,
+    opts: &Options,
+    begin: impl Fn(&'static str),
+    progress: impl Fn(u64, u64) + Sync,
     stop: impl Fn() -> bool + Sync,
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let device = opts.device.clone();
+    begin(stage::OPENING);
     let slide = Slide::open_with(slide_path, opts.reader)?;
     let (w, h) = slide.dimensions();
     let geometry = Geometry::new(w, h, opts.tile_size, opts.overlap);
@@ -213,6 +250,7 @@ pub fn process_until(
     // normalisation needs them before the first band; the mask alone is built beside the
     // pyramid (below), which needs it only for the statistics written at the end.
     let mask = if opts.normalize != Normalize::None {
+        begin(stage::STAINS);
         let thumb = Thumbnail::read(&slide)?;
         let mask = Mask::build(&device, &thumb)?;
         let normalizer = match opts.normalize {
@@ -250,6 +288,7 @@ pub fn process_until(
     let (files, files_rx) = std::sync::mpsc::sync_channel(512);
     let file_thread = std::thread::spawn(move || write_files(files_rx));
     let build_mask = opts.tissue && early_mask.is_none();
+    begin(stage::PYRAMID);
     let (built, late_mask) = std::thread::scope(|scope| {
         let mask_job = build_mask.then(|| {
             scope.spawn(|| -> anyhow::Result<Mask> {
@@ -282,7 +321,31 @@ pub fn process_until(
             let mut normalized = normalizer
                 .as_ref()
                 .map(|_| Builder::on(geometry.clone(), &normalized_writer, device.clone()));
+            // Progress as tiles are made, every 250 ms while it moves, from a thread of its own:
+            // a band of a wide slide holds many tile rows, and whoever watches for stalls
+            // should hear of each.
+            let counters: Vec<_> = std::iter::once(&builder)
+                .chain(normalized.as_ref())
+                .map(|b| b.tiles_done.clone())
+                .collect();
+            let ended = std::sync::atomic::AtomicBool::new(false);
             std::thread::scope(|scope| -> anyhow::Result<()> {
+                let _ended = Raise(&ended);
+                let (ended, progress) = (&ended, &progress);
+                scope.spawn(move || {
+                    let mut said = 0;
+                    while !ended.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(std::time::Duration::from_millis(250));
+                        let done: u64 = counters
+                            .iter()
+                            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+                            .sum();
+                        if done != said {
+                            progress(done, total);
+                            said = done;
+                        }
+                    }
+                });
                 let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<Vec<u8>>>(2);
                 let (slide, device) = (&slide, &device);
                 scope.spawn(move || {
@@ -304,7 +367,6 @@ pub fn process_until(
                         y += rows;
                     }
                 });
-                let mut last = Instant::now();
                 for band in rx {
                     if stop() {
                         return Err(Stopped.into());
@@ -316,12 +378,6 @@ pub fn process_until(
                         b.push_owned(copy)?;
                     }
                     builder.push_owned(band)?;
-                    if last.elapsed().as_millis() >= 250 {
-                        let done =
-                            |b: &Builder<'_, Writer<'_>>| b.tiles_done.load(std::sync::atomic::Ordering::Relaxed);
-                        progress(done(&builder) + normalized.as_ref().map(done).unwrap_or(0), total);
-                        last = Instant::now();
-                    }
                 }
                 Ok(())
             })?;
@@ -335,6 +391,9 @@ pub fn process_until(
                 .map(|(_, s)| s.into_inner().unwrap_or_else(|p| p.into_inner()))
                 .unwrap_or_default())
         })();
+        if mask_job.is_some() {
+            begin(stage::MASK);
+        }
         let late_mask = mask_job
             .map(|j| {
                 j.join()
@@ -349,6 +408,7 @@ pub fn process_until(
         .join()
         .map_err(|_| anyhow::anyhow!("the file writer panicked"))??;
     let mut stats = built?;
+    begin(stage::WRITING);
     let mask = early_mask.or(late_mask?);
     if let Some(m) = &mask {
         write_object(out, &objects, "mask.png".into(), &m.png()?)?;

@@ -2,7 +2,8 @@
 //!
 //! * `SlideUploaded`: fetch the slide, open it, record `SlideVerified` with its metadata (the
 //!   properties that can name files or people sealed), or `SlideRejected` with the reason.
-//! * `JobQueued`: start the attempt with a lease, run the pipeline, heartbeat (extending the
+//! * `JobQueued`: start the attempt with a lease, run the pipeline in a child process
+//!   ([`crate::attempt`]: killed on cancellation, stall or overrun), heartbeat (extending the
 //!   lease, reporting progress, noticing cancellation) until done, upload the results under
 //!   a prefix of their own for this attempt with the manifest last, then record
 //!   `JobSucceeded` with the manifest's key and hash, or the failure and whether a retry can
@@ -34,8 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 use mira_blobs::ObjectStore;
 
+use crate::attempt::{Ended, Supervisor};
 use crate::kernels::Device;
-use crate::process::{self, Options};
+use crate::process::Options;
 
 /// Where slides come from and where results go ([`mira_blobs::ObjectStore`]), as the settings
 /// say: `AWS__S3__BucketName`, and `AWS__S3__ResultsBucketName` (the same bucket unless set).
@@ -67,8 +69,8 @@ pub struct Worker {
     worker_id: String,
     lease: Duration,
     scratch: PathBuf,
-    /// `Worker__BandPauseMillis`: a pause after every band (tests of long jobs).
-    band_pause: Duration,
+    /// Runs each attempt's pipeline in a child process and watches it.
+    supervisor: Supervisor,
     reader: crate::slide::Reader,
     /// Progress is recorded at most this often, and only when it moved.
     progress_every: Duration,
@@ -112,7 +114,13 @@ impl Worker {
             worker_id,
             lease,
             scratch,
-            band_pause: Duration::ZERO,
+            supervisor: Supervisor {
+                program: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("mira-worker")),
+                stall: Duration::from_secs(300),
+                budget: Duration::from_secs(6 * 3600),
+                band_pause: Duration::ZERO,
+                hang_at_band: 0,
+            },
             reader: crate::slide::Reader::Auto,
             progress_every: Duration::from_secs(10),
         }
@@ -126,7 +134,21 @@ impl Worker {
 
     /// Pauses after every band of rows, so a small slide runs as long as a large one.
     pub fn with_band_pause(mut self, pause: Duration) -> Self {
-        self.band_pause = pause;
+        self.supervisor.band_pause = pause;
+        self
+    }
+
+    /// `Worker__StallSeconds` and `Worker__MaxAttemptSeconds`: an attempt is killed after this
+    /// long without progress, or this long in all.
+    pub fn with_stall_guard(mut self, stall: Duration, budget: Duration) -> Self {
+        self.supervisor.stall = stall;
+        self.supervisor.budget = budget;
+        self
+    }
+
+    /// `Worker__TestHangAtBand`: the pipeline stops for ever before band `band` (tests).
+    pub fn with_hang_at_band(mut self, band: u64) -> Self {
+        self.supervisor.hang_at_band = band;
         self
     }
 
@@ -281,10 +303,15 @@ impl Worker {
             },
             Ok(AttemptEnd::Cancelled) => JobCommand::ConfirmCancelled { attempt },
             Ok(AttemptEnd::Superseded) => return Ok(()),
-            Err((reason, retryable)) => JobCommand::Fail {
+            Err(Failure {
+                reason,
+                retryable,
+                stalled,
+            }) => JobCommand::Fail {
                 attempt,
                 reason,
                 retryable,
+                stalled,
                 now,
             },
         };
@@ -314,7 +341,7 @@ impl Worker {
         id: JobId,
         attempt: u32,
         job: &mira_aggregates::Job,
-    ) -> Result<AttemptEnd, (String, bool)> {
+    ) -> Result<AttemptEnd, Failure> {
         // The kind decides what runs; a kind or parameters this worker cannot read fail the
         // job for good (a retry would read the same).
         let spec = JobSpec::from_stored(&job.kind, &job.params).map_err(|e| (e, false))?;
@@ -353,7 +380,7 @@ impl Worker {
         // (the handlers schedule its expiry from these events); progress is recorded at most
         // every `Worker__ProgressSeconds` and only when it moved. A refused heartbeat or
         // progress (cancelled, superseded) stops the attempt too.
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let superseded = Arc::new(AtomicBool::new(false));
         let done = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
         let finished = CancellationToken::new();
@@ -368,10 +395,10 @@ impl Worker {
                 let (mut renewed, mut progressed) = (tokio::time::Instant::now(), tokio::time::Instant::now());
                 let mut reported = 0;
                 let refused = |e: AggregateError<JobError>| match e {
-                    AggregateError::UserError(JobError::CancelRequested) => stop.store(true, Ordering::SeqCst),
+                    AggregateError::UserError(JobError::CancelRequested) => stop.cancel(),
                     AggregateError::UserError(_) => {
                         superseded.store(true, Ordering::SeqCst);
-                        stop.store(true, Ordering::SeqCst);
+                        stop.cancel();
                     }
                     e => tracing::warn!(error = %e, "recording the attempt's heartbeat or progress failed"),
                 };
@@ -383,12 +410,12 @@ impl Worker {
                     match commands.load_job(&tenant, id).await {
                         Ok(Some(job)) if job.status == JobStatus::CancelRequested => {
                             tracing::info!(job_id = %id, attempt, "cancellation requested: stopping the attempt");
-                            stop.store(true, Ordering::SeqCst);
+                            stop.cancel();
                             return;
                         }
                         Ok(Some(job)) if job.attempt != attempt || !matches!(job.status, JobStatus::Running) => {
                             superseded.store(true, Ordering::SeqCst);
-                            stop.store(true, Ordering::SeqCst);
+                            stop.cancel();
                             return;
                         }
                         Ok(_) => {}
@@ -430,49 +457,32 @@ impl Worker {
                             refused(e);
                         }
                     }
-                    if stop.load(Ordering::SeqCst) {
+                    if stop.is_cancelled() {
                         return;
                     }
                 }
             })
         };
-        let result = {
-            let (stop, done) = (stop.clone(), done.clone());
-            let (input, out, pause) = (input.clone(), out.clone(), self.band_pause);
-            tokio::task::spawn_blocking(move || {
-                process::process_until(
-                    &input,
-                    &out,
-                    &opts,
-                    |d, t| {
-                        done.0.store(d, Ordering::Relaxed);
-                        done.1.store(t, Ordering::Relaxed);
-                    },
-                    || {
-                        if !pause.is_zero() {
-                            std::thread::sleep(pause);
-                        }
-                        stop.load(Ordering::SeqCst)
-                    },
-                )
-            })
-            .await
-        };
+        // The pipeline runs in a child process, killed when the attempt is stopped, stalls or
+        // runs past its budget; nothing the child does can hold this worker.
+        let result = self.supervisor.run(&input, &out, &opts, &done, &stop).await;
         finished.cancel();
         let _ = beat.await;
         if superseded.load(Ordering::SeqCst) {
             return Ok(AttemptEnd::Superseded);
         }
         let summary = match result {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) if e.is::<process::Stopped>() => return Ok(AttemptEnd::Cancelled),
-            Ok(Err(e)) => {
-                // The slide or its stains will not change: only other failures are worth a retry.
-                let retryable = e.downcast_ref::<crate::slide::SlideError>().is_none()
-                    && e.downcast_ref::<crate::stain::StainError>().is_none();
-                return Err((format!("{e:#}"), retryable));
+            Ok(Ended::Done(s)) => s,
+            Ok(Ended::Stopped) => return Ok(AttemptEnd::Cancelled),
+            Ok(Ended::Failed { reason, retryable }) => return Err(Failure::new(reason, retryable)),
+            Ok(Ended::Stalled(reason)) => {
+                return Err(Failure {
+                    reason,
+                    retryable: true,
+                    stalled: true,
+                })
             }
-            Err(e) => return Err((format!("the pipeline crashed: {e}"), true)),
+            Err(e) => return Err(Failure::new(format!("{e:#}"), true)),
         };
         // Upload under this attempt's own prefix; the manifest goes last.
         let prefix = mira_aggregates::results_prefix(tenant, id, attempt);
@@ -500,8 +510,34 @@ impl Worker {
             .await
             .map_err(|e| (format!("cannot store results: {e:#}"), true))?;
         let _ = tokio::fs::remove_dir_all(&scratch).await;
-        tracing::info!(job_id = %id, attempt, tiles = summary.tiles, mp_per_s = summary.megapixels_per_second, "pyramid stored");
+        tracing::info!(job_id = %id, attempt, tiles = %summary["tiles"], mp_per_s = %summary["megapixels_per_second"], "pyramid stored");
         Ok(AttemptEnd::Succeeded { key, sha256, bytes })
+    }
+}
+
+/// Why an attempt failed: the reason recorded, whether a retry can help, and whether it was
+/// killed for making no progress.
+#[derive(Debug)]
+struct Failure {
+    reason: String,
+    retryable: bool,
+    stalled: bool,
+}
+
+/// `(reason, retryable)`, as the steps around the pipeline fail.
+impl From<(String, bool)> for Failure {
+    fn from((reason, retryable): (String, bool)) -> Self {
+        Self::new(reason, retryable)
+    }
+}
+
+impl Failure {
+    fn new(reason: impl Into<String>, retryable: bool) -> Self {
+        Self {
+            reason: reason.into(),
+            retryable,
+            stalled: false,
+        }
     }
 }
 
@@ -573,6 +609,11 @@ pub async fn run(
         )
         .with_results_store(results)
         .with_band_pause(Duration::from_millis(settings.worker.band_pause_millis))
+        .with_stall_guard(
+            Duration::from_secs(settings.worker.stall_seconds),
+            Duration::from_secs(settings.worker.max_attempt_seconds),
+        )
+        .with_hang_at_band(settings.worker.test_hang_at_band)
         .with_progress_every(Duration::from_secs(settings.worker.progress_seconds))
         .with_reader(settings.worker.slide_reader.into()),
     );

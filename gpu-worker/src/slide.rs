@@ -84,6 +84,16 @@ pub enum Reader {
     OpenSlide,
 }
 
+impl Reader {
+    /// The `Worker__SlideReader` value that names it.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Self::Auto => "Auto",
+            Self::OpenSlide => "OpenSlide",
+        }
+    }
+}
+
 impl From<mira_config::SlideReader> for Reader {
     /// `Worker__SlideReader`, read with the other settings.
     fn from(r: mira_config::SlideReader) -> Self {

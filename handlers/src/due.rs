@@ -46,11 +46,16 @@ pub async fn cancel(conn: &mut PgConnection, kind: &str, key: &str) -> Result<()
     Ok(())
 }
 
+/// What [`take_due`]'s effect returns: `None` when the item is done, or the time it is due
+/// again. It may use the transaction it is given.
+pub type Effect<'c> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<DateTime<Utc>>, sqlx::Error>> + Send + 'c>>;
+
 /// Takes up to `limit` items of `kind` due at `now`, and runs `f` on each inside one
 /// transaction that also deletes them, or moves them to the time `f` returns (work that is
 /// not ready yet). If `f` fails, nothing changes and the items stay due. Returns the items
 /// taken.
-pub async fn take_due<F, Fut>(
+pub async fn take_due<F>(
     pool: &PgPool,
     kind: &str,
     now: DateTime<Utc>,
@@ -58,8 +63,7 @@ pub async fn take_due<F, Fut>(
     mut f: F,
 ) -> Result<Vec<DueItem>, sqlx::Error>
 where
-    F: FnMut(&mut PgConnection, DueItem) -> Fut,
-    Fut: std::future::Future<Output = Result<Option<DateTime<Utc>>, sqlx::Error>>,
+    F: for<'c> FnMut(&'c mut PgConnection, DueItem) -> Effect<'c>,
 {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(

@@ -5,7 +5,9 @@
 //! * a retryable failure is queued again once its backoff is over (`JobRetryScheduled` →
 //!   `JobQueued`);
 //! * an attempt whose lease expires times out (`JobTimedOut`), then retries or fails; a job
-//!   whose cancellation was asked for while running is cancelled when its lease runs out.
+//!   whose cancellation was asked for while running is cancelled when its lease runs out;
+//! * a job whose slide is not uploaded and verified within `Jobs__SlideWaitHours` fails with
+//!   "the slide was never uploaded" (or was not verified in time).
 //!
 //! Two halves. [`Lifecycle`] is the consumer of the `handlers` queue: for each event it writes
 //! rows of the durable due-time table in the consumer's own transaction, so an event's effect
@@ -36,6 +38,18 @@ pub const QUEUE: &str = "job.queue";
 pub const FAIL: &str = "job.fail_for_slide";
 /// Expire an attempt's lease.
 pub const LEASE: &str = "job.lease";
+/// Fail a job whose slide did not arrive within `Jobs__SlideWaitHours`.
+pub const SLIDE_WAIT: &str = "job.slide_wait";
+
+/// A duration as people read it: `24 h`, `1.5 h`, `36 s`.
+fn readable(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 3600.0 {
+        format!("{} h", (s / 360.0).round() / 10.0)
+    } else {
+        format!("{} s", s.round())
+    }
+}
 
 /// What a due row carries: enough to send the command as the system, in the trace and
 /// correlation of the event that caused it.
@@ -63,6 +77,8 @@ fn decode<E: serde::de::DeserializeOwned>(e: &StoredEvent) -> Result<E, ApplyErr
 #[derive(Clone)]
 pub struct Lifecycle {
     commands: Commands,
+    /// `Jobs__SlideWaitHours`.
+    slide_wait: Duration,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -73,7 +89,16 @@ impl std::fmt::Debug for Lifecycle {
 
 impl Lifecycle {
     pub fn new(commands: Commands) -> Self {
-        Self { commands }
+        Self {
+            commands,
+            slide_wait: Duration::from_secs(24 * 3600),
+        }
+    }
+
+    /// How long a job waits for its slide (`Jobs__SlideWaitHours`).
+    pub fn with_slide_wait(mut self, wait: Duration) -> Self {
+        self.slide_wait = wait;
+        self
     }
 
     fn due_command(e: &StoredEvent, attempt: Option<u32>, reason: Option<String>) -> Result<DueCommand, ApplyError> {
@@ -131,9 +156,19 @@ impl Lifecycle {
                 .bind(slide.as_uuid())
                 .bind(uuid::Uuid::parse_str(&e.aggregate_id).map_err(failed)?)
                 .bind(&e.tenant_id)
-                .execute(tx)
+                .execute(&mut *tx)
                 .await?;
-                return Ok(());
+                // Not for ever: past the wait the job fails and says why.
+                let until = now + chrono::Duration::from_std(self.slide_wait).map_err(failed)?;
+                let why = format!("the slide was never uploaded (waited {})", readable(self.slide_wait));
+                return Self::schedule(
+                    tx,
+                    SLIDE_WAIT,
+                    &e.aggregate_id,
+                    until,
+                    &Self::due_command(e, None, Some(why))?,
+                )
+                .await;
             }
         };
         Self::schedule(
@@ -156,6 +191,16 @@ impl Lifecycle {
     ) -> Result<(), ApplyError> {
         let slide = SlideId::parse(&e.aggregate_id).map_err(failed)?;
         Self::lock_slide(tx, &slide).await?;
+        // The waits' due rows before the waiting rows: the due runner takes them in that order
+        // too (a due row, then its waiting row), so neither waits for the other in a circle.
+        sqlx::query(
+            "DELETE FROM due_work WHERE kind = $1 AND key IN \
+             (SELECT job_id::text FROM handler_waiting WHERE slide_id = $2)",
+        )
+        .bind(SLIDE_WAIT)
+        .bind(slide.as_uuid())
+        .execute(&mut *tx)
+        .await?;
         let jobs: Vec<uuid::Uuid> =
             sqlx::query_scalar("DELETE FROM handler_waiting WHERE slide_id = $1 RETURNING job_id")
                 .bind(slide.as_uuid())
@@ -278,6 +323,55 @@ fn settle(kind: &str, job: &str, r: Result<(), AggregateError<JobError>>, now: D
     }
 }
 
+/// A job's wait for its slide is over: if it still waits (its row in `handler_waiting`, taken
+/// here in the due row's transaction), it fails with the reason the row carries, or, where the
+/// slide did arrive but was not verified in time, says so.
+async fn slide_wait_over(
+    conn: &mut PgConnection,
+    commands: &Commands,
+    ctx: &CommandContext,
+    id: JobId,
+    w: &DueCommand,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query("SET LOCAL ROLE mira_app").execute(&mut *conn).await?;
+    let waiting: Option<(uuid::Uuid, String)> =
+        sqlx::query_as("DELETE FROM handler_waiting WHERE job_id = $1 RETURNING slide_id, tenant_id")
+            .bind(id.as_uuid())
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((slide, tenant)) = waiting else {
+        // Released by the slide's verdict, or never waiting: nothing to do.
+        sqlx::query("RESET ROLE").execute(&mut *conn).await?;
+        return Ok(None);
+    };
+    let never = w
+        .reason
+        .clone()
+        .unwrap_or_else(|| "the slide was never uploaded".into());
+    let reason = match commands.load_slide(&ctx.tenant, SlideId(slide)).await {
+        Ok(Some(s)) if s.status != SlideStatus::Registered => {
+            never.replace("was never uploaded", "was uploaded but not verified in time")
+        }
+        _ => never,
+    };
+    let r = commands.job(ctx, id, JobCommand::FailForSlide { reason }).await;
+    let again = settle(SLIDE_WAIT, &id.to_string(), r, now);
+    if again.is_some() {
+        // Tried again later: the job still waits.
+        sqlx::query(
+            "INSERT INTO handler_waiting (slide_id, job_id, tenant_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(slide)
+        .bind(id.as_uuid())
+        .bind(tenant)
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query("RESET ROLE").execute(&mut *conn).await?;
+    Ok(again)
+}
+
 impl DueRunner {
     pub fn new(pool: PgPool, commands: Commands) -> Self {
         Self {
@@ -290,11 +384,11 @@ impl DueRunner {
     /// Runs every row due at `now`; returns how many were taken.
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<usize, sqlx::Error> {
         let mut n = 0;
-        for kind in [QUEUE, FAIL, LEASE] {
+        for kind in [QUEUE, FAIL, LEASE, SLIDE_WAIT] {
             let commands = self.commands.clone();
-            let taken = due::take_due(&self.pool, kind, now, 50, move |_, item| {
+            let taken = due::take_due(&self.pool, kind, now, 50, move |conn, item| {
                 let commands = commands.clone();
-                async move {
+                Box::pin(async move {
                     let job = item.key.clone();
                     let (w, id) = match (serde_json::from_str::<DueCommand>(&item.payload), JobId::parse(&job)) {
                         (Ok(w), Ok(id)) => (w, id),
@@ -308,13 +402,16 @@ impl DueRunner {
                         return Ok(None);
                     };
                     let ctx = CommandContext {
-                        tenant,
+                        tenant: tenant.clone(),
                         actor: Actor::system("handlers"),
                         correlation_id: w.correlation_id,
                         causation_id: w.causation_id,
                         traceparent: w.traceparent.clone(),
                         idempotency_key: None,
                     };
+                    if item.kind == SLIDE_WAIT {
+                        return slide_wait_over(conn, &commands, &ctx, id, &w, now).await;
+                    }
                     let command = match item.kind.as_str() {
                         QUEUE => JobCommand::Queue { now },
                         FAIL => JobCommand::FailForSlide {
@@ -330,7 +427,7 @@ impl DueRunner {
                     };
                     let r = commands.job(&ctx, id, command).await;
                     Ok(settle(&item.kind, &job, r, now))
-                }
+                })
             })
             .await?;
             n += taken.len();
@@ -364,12 +461,13 @@ pub async fn run(
     pool: PgPool,
     commands: Commands,
     queue: Arc<dyn mira_bus::Queue>,
+    slide_wait: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), mira_bus::BusError> {
     let consumer = mira_bus::consumer::Consumer::new(
         mira_eventlog::EventLog::new(pool.clone()),
         queue,
-        Arc::new(Lifecycle::new(commands.clone())),
+        Arc::new(Lifecycle::new(commands.clone()).with_slide_wait(slide_wait)),
         mira_bus::consumer::ConsumerConfig::for_group(mira_bus::Group::Handlers),
     );
     let runner = DueRunner::new(pool, commands);

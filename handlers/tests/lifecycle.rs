@@ -114,6 +114,16 @@ impl World {
     }
 
     async fn slide(&self) -> SlideId {
+        let id = self.registered_slide().await;
+        self.commands
+            .slide(&user(), id, SlideCommand::MarkUploaded { size_bytes: 10 })
+            .await
+            .unwrap();
+        id
+    }
+
+    /// A slide whose upload never came.
+    async fn registered_slide(&self) -> SlideId {
         let id = SlideId::new();
         self.commands
             .slide(
@@ -129,10 +139,6 @@ impl World {
                     object_key: format!("slides/lab/{id}"),
                 },
             )
-            .await
-            .unwrap();
-        self.commands
-            .slide(&user(), id, SlideCommand::MarkUploaded { size_bytes: 10 })
             .await
             .unwrap();
         id
@@ -244,6 +250,58 @@ async fn a_job_on_an_unverified_slide_waits_then_is_queued_when_the_slide_is_ver
 }
 
 #[tokio::test]
+async fn a_job_whose_slide_never_arrives_fails_after_the_wait_and_one_verified_in_time_does_not() {
+    let w = World::new().await;
+    let never = w.registered_slide().await;
+    let unverified = w.slide().await;
+    let on_time = w.slide().await;
+    let (j1, j2, j3) = (
+        w.submit(never, 3).await,
+        w.submit(unverified, 3).await,
+        w.submit(on_time, 3).await,
+    );
+    let t0 = Utc::now();
+    w.run_until_quiet(t0).await;
+    w.run_until_quiet(t0 + chrono::Duration::hours(23)).await;
+    for j in [j1, j2, j3] {
+        assert_eq!(w.job(j).await.status, JobStatus::Submitted, "it waits for its slide");
+    }
+    w.verify(on_time).await;
+    w.run_until_quiet(t0).await;
+    assert_eq!(w.job(j3).await.status, JobStatus::Queued);
+    w.run_until_quiet(t0 + chrono::Duration::hours(25)).await;
+    let (a, b) = (w.job(j1).await, w.job(j2).await);
+    assert_eq!(a.status, JobStatus::Failed);
+    assert_eq!(a.failure.as_deref(), Some("the slide was never uploaded (waited 24 h)"));
+    assert_eq!(b.status, JobStatus::Failed);
+    assert_eq!(
+        b.failure.as_deref(),
+        Some("the slide was uploaded but not verified in time (waited 24 h)")
+    );
+    // The job released in time is left alone, and nothing is left waiting or due.
+    assert_eq!(w.events(j3).await.last().map(String::as_str), Some("JobQueued"));
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM handler_waiting) + (SELECT count(*) FROM due_work WHERE kind = 'job.slide_wait')",
+    )
+    .fetch_one(&w.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    // The failure was the system's, and happens once however often the runner looks again.
+    let before = w.events(j1).await.len();
+    w.run_until_quiet(t0 + chrono::Duration::hours(48)).await;
+    assert_eq!(w.events(j1).await.len(), before);
+    let actor: String = sqlx::query_scalar(
+        "SELECT metadata::jsonb -> 'actor' ->> 'id' FROM events WHERE aggregate_id = $1 AND event_type = 'JobFailed'",
+    )
+    .bind(j1.to_string())
+    .fetch_one(&w.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(actor, "handlers");
+}
+
+#[tokio::test]
 async fn a_rejected_slide_fails_its_waiting_jobs_with_the_reason() {
     let w = World::new().await;
     let slide = w.slide().await;
@@ -295,6 +353,7 @@ async fn a_retryable_failure_is_queued_again_after_its_backoff() {
                 attempt,
                 reason: "S3 timed out".into(),
                 retryable: true,
+                stalled: false,
                 now: failed_at,
             },
         )

@@ -117,6 +117,7 @@ async fn random_history(log: &EventLog, tenants: &[&str], jobs: usize, seed: u64
                         attempt,
                         reason: "boom".into(),
                         retryable: true,
+                        stalled: false,
                         now,
                     },
                     6 => JobCommand::Cancel { reason: None },

@@ -18,6 +18,13 @@ export function time(iso: string | null | undefined): string {
   return Number.isNaN(d.getTime()) ? iso : d.toLocaleString();
 }
 
+/** The time of day only, for ranges within one timeline. */
+export function clock(iso: string | null | undefined): string {
+  if (!iso) return "";
+  const d = new Date(iso);
+  return Number.isNaN(d.getTime()) ? iso : d.toLocaleTimeString();
+}
+
 export function shortHash(h: string): string {
   return h.length > 12 ? `${h.slice(0, 8)}…${h.slice(-4)}` : h;
 }

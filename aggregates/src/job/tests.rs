@@ -266,6 +266,7 @@ fn retryable_failure_schedules_a_retry_with_backoff() {
             attempt: 1,
             reason: "oom".into(),
             retryable: true,
+            stalled: false,
             now: t(10),
         })
         .then_expect_events(vec![
@@ -273,6 +274,7 @@ fn retryable_failure_schedules_a_retry_with_backoff() {
                 attempt: 1,
                 reason: "oom".into(),
                 retryable: true,
+                stalled: false,
             },
             JobEvent::JobRetryScheduled {
                 next_attempt: 2,
@@ -288,6 +290,7 @@ fn non_retryable_failure_is_final() {
             attempt: 1,
             reason: "corrupt slide".into(),
             retryable: false,
+            stalled: false,
             now: t(10),
         })
         .then_expect_events(vec![
@@ -295,6 +298,7 @@ fn non_retryable_failure_is_final() {
                 attempt: 1,
                 reason: "corrupt slide".into(),
                 retryable: false,
+                stalled: false,
             },
             JobEvent::JobFailed {
                 reason: "corrupt slide".into(),
@@ -310,6 +314,7 @@ fn the_last_attempt_fails_for_good() {
             attempt: 1,
             reason: "oom".into(),
             retryable: true,
+            stalled: false,
             now: t(10),
         })
         .then_expect_events(vec![
@@ -317,9 +322,79 @@ fn the_last_attempt_fails_for_good() {
                 attempt: 1,
                 reason: "oom".into(),
                 retryable: true,
+                stalled: false,
             },
             JobEvent::JobFailed {
                 reason: "oom (after 1 attempts)".into(),
+            },
+        ]);
+}
+
+#[test]
+fn a_stalled_attempt_is_retried_once_and_a_second_stall_is_final() {
+    let stall = |attempt| JobCommand::Fail {
+        attempt,
+        reason: "no progress for 300 s in stage pyramid".into(),
+        retryable: true,
+        stalled: true,
+        now: t(10),
+    };
+    given(running(1)).when(stall(1)).then_expect_events(vec![
+        JobEvent::JobAttemptFailed {
+            attempt: 1,
+            reason: "no progress for 300 s in stage pyramid".into(),
+            retryable: true,
+            stalled: true,
+        },
+        JobEvent::JobRetryScheduled {
+            next_attempt: 2,
+            not_before: t(20),
+        },
+    ]);
+    let mut once = running(1);
+    once.extend([
+        JobEvent::JobAttemptFailed {
+            attempt: 1,
+            reason: "no progress for 300 s in stage pyramid".into(),
+            retryable: true,
+            stalled: true,
+        },
+        JobEvent::JobRetryScheduled {
+            next_attempt: 2,
+            not_before: t(20),
+        },
+        JobEvent::JobQueued { attempt: 2 },
+        started(2),
+    ]);
+    let second = "no progress for 300 s in stage pyramid; it stalled before too, so it is not retried";
+    given(once.clone()).when(stall(2)).then_expect_events(vec![
+        JobEvent::JobAttemptFailed {
+            attempt: 2,
+            reason: second.into(),
+            retryable: false,
+            stalled: true,
+        },
+        JobEvent::JobFailed { reason: second.into() },
+    ]);
+    // Another kind of failure after a stall is retried as usual.
+    given(once)
+        .when(JobCommand::Fail {
+            attempt: 2,
+            reason: "S3 timed out".into(),
+            retryable: true,
+            stalled: false,
+            now: t(10),
+        })
+        .then_expect_events(vec![
+            JobEvent::JobAttemptFailed {
+                attempt: 2,
+                reason: "S3 timed out".into(),
+                retryable: true,
+                stalled: false,
+            },
+            JobEvent::JobRetryScheduled {
+                next_attempt: 3,
+                not_before: t(30),
             },
         ]);
 }
@@ -332,6 +407,7 @@ fn retry_is_queued_only_when_due() {
             attempt: 1,
             reason: "oom".into(),
             retryable: true,
+            stalled: false,
         },
         JobEvent::JobRetryScheduled {
             next_attempt: 2,
@@ -444,6 +520,7 @@ fn user_retry_after_failure_or_cancellation() {
             attempt: 1,
             reason: "x".into(),
             retryable: false,
+            stalled: false,
         },
         JobEvent::JobFailed { reason: "x".into() },
     ]);
@@ -485,6 +562,7 @@ fn nothing_follows_success() {
             attempt: 1,
             reason: "x".into(),
             retryable: true,
+            stalled: false,
             now: t(0),
         },
     ] {
@@ -536,6 +614,7 @@ fn arb_command() -> impl Strategy<Value = JobCommand> {
                 attempt,
                 reason: "boom".into(),
                 retryable,
+                stalled: false,
                 now,
             }
         }),

@@ -2,9 +2,10 @@ import { useCallback, useEffect, useState } from "preact/hooks";
 import { ApiError, api, type Job, type TimelineEntry } from "../api";
 import { Link, useLive } from "../app";
 import type { Session } from "../auth";
-import { shortHash, time } from "../format";
+import { clock, shortHash, time } from "../format";
 import type { FeedMessage } from "../live";
 import { TableHead } from "../table";
+import { type RoutineRun, routineSummary, span, timelineRows } from "../timeline";
 import { JobActions, JobProgress } from "./jobs";
 import { Badge } from "./slides";
 
@@ -52,6 +53,7 @@ export function JobPage(props: { id: string; who: Session }) {
   const [events, setEvents] = useState<TimelineEntry[]>([]);
   const [error, setError] = useState("");
   const [copied, setCopied] = useState("");
+  const [showAll, setShowAll] = useState(false);
 
   const load = useCallback(async () => {
     try {
@@ -124,35 +126,64 @@ export function JobPage(props: { id: string; who: Session }) {
       <h2>
         Timeline <VerifiedBadge id={job.job_id} version={events.length} />
       </h2>
+      <label class="check">
+        <input type="checkbox" checked={showAll} onChange={(e) => setShowAll(e.currentTarget.checked)} />
+        Show every event
+      </label>
       <table>
         <TableHead
           caption="The job's events from the log, oldest first"
           columns={["#", "Time", "Event", "Actor", "Hash"]}
         />
         <tbody>
-          {events.map((e) => (
-            <tr key={e.event_id} data-event={e.event_type}>
-              <td>{e.sequence}</td>
-              <td>{time(e.recorded_at)}</td>
-              <td>{e.event_type}</td>
-              <td>
-                {e.actor_kind}: {e.actor_id}
-              </td>
-              <td>
-                <code title={e.hash}>{shortHash(e.hash)}</code>{" "}
-                <button
-                  type="button"
-                  class="small"
-                  aria-label={`Copy the hash of event ${e.sequence}`}
-                  onClick={() => navigator.clipboard?.writeText(e.hash).then(() => setCopied(e.hash))}
-                >
-                  {copied === e.hash ? "Copied" : "Copy"}
-                </button>
-              </td>
-            </tr>
-          ))}
+          {timelineRows(events, { showAll }).map((r) =>
+            r.kind === "routine" ? (
+              <RoutineRow key={r.events[0].event_id} run={r} />
+            ) : (
+              <tr key={r.event.event_id} data-event={r.event.event_type}>
+                <td>{r.event.sequence}</td>
+                <td>{time(r.event.recorded_at)}</td>
+                <td>{r.event.event_type}</td>
+                <td>
+                  {r.event.actor_kind}: {r.event.actor_id}
+                </td>
+                <td>
+                  <code title={r.event.hash}>{shortHash(r.event.hash)}</code>{" "}
+                  <button
+                    type="button"
+                    class="small"
+                    aria-label={`Copy the hash of event ${r.event.sequence}`}
+                    onClick={() =>
+                      navigator.clipboard?.writeText(r.event.hash).then(() => setCopied(r.event.hash))
+                    }
+                  >
+                    {copied === r.event.hash ? "Copied" : "Copy"}
+                  </button>
+                </td>
+              </tr>
+            ),
+          )}
         </tbody>
       </table>
     </section>
+  );
+}
+
+/** One row for a run of lease renewals and progress reports: sequence range, times, actors, last hash. */
+function RoutineRow(props: { run: RoutineRun<TimelineEntry> }) {
+  const { run } = props;
+  const first = run.events[0];
+  const last = run.events[run.events.length - 1];
+  const actors = [...new Set(run.events.map((e) => `${e.actor_kind}: ${e.actor_id}`))];
+  return (
+    <tr data-event="lease-extensions" data-count={run.leases} data-progress={run.progress}>
+      <td>{span(first.sequence, last.sequence)}</td>
+      <td>{time(run.firstAt)}</td>
+      <td>{routineSummary(run, clock)}</td>
+      <td>{actors.join(", ")}</td>
+      <td>
+        <code title={last.hash}>{shortHash(last.hash)}</code>
+      </td>
+    </tr>
   );
 }

@@ -62,6 +62,8 @@ before(async () => {
     Web__Dir: join(web, "dist"),
     XDG_RUNTIME_DIR: join(work, "run"),
     Worker__BandPauseMillis: "250",
+    // The job runs for 10 to 30 s: it renews a 6 s lease every 2 s, so its timeline has renewals.
+    Worker__LeaseSeconds: "6",
   };
   delete env.DATABASE_URL;
   mkdirSync(env.XDG_RUNTIME_DIR, { recursive: true });
@@ -231,9 +233,28 @@ describe("the browser app", { concurrency: false }, () => {
     }
     const hash = await page.locator('tr[data-event="JobSucceeded"] code').getAttribute("title");
     assert.match(hash, /^[0-9a-f]{64}$/);
+    // A running attempt's lease renewals and progress reports are grouped by default; the
+    // checkbox shows each one. A lone progress report stays a row of its own.
+    const renewals = page.locator('tr[data-event="JobLeaseExtended"]');
+    const reports = page.locator('tr[data-event="JobProgressed"]');
+    const summaries = page.locator('tr[data-event="lease-extensions"]');
+    assert.equal(await renewals.count(), 0, "no single renewal rows by default");
+    await summaries.first().waitFor();
+    const counts = await summaries.evaluateAll((rows) =>
+      rows.map((r) => ({ leases: Number(r.dataset.count), progress: Number(r.dataset.progress) })),
+    );
+    const total = counts.reduce((a, c) => a + c.leases, 0);
+    const hiddenReports = counts.reduce((a, c) => a + c.progress, 0);
+    assert.ok(total >= 1, `renewal counts: ${JSON.stringify(counts)}`);
+    const loneReports = await reports.count();
     await page.locator('[data-verified="yes"]').waitFor({ timeout: 20_000 });
     await axe(page, "the job page");
     await shot(page, "job-page");
+    await page.getByLabel("Show every event").check();
+    await until("each renewal to have its row", async () => (await renewals.count()) === total);
+    assert.equal(await reports.count(), loneReports + hiddenReports, "each progress report has its row");
+    assert.equal(await summaries.count(), 0);
+    await axe(page, "the job page with its lease renewals");
   });
 
   it("draws the pyramid, the mask overlay and the normalised layer", async () => {
@@ -291,6 +312,7 @@ describe("the browser app", { concurrency: false }, () => {
     await axe(page, "the slide list at 390×844");
     await page.getByRole("link", { name: "Audit" }).click();
     await page.getByRole("heading", { name: "Audit trail" }).waitFor();
+    assert.equal(await page.getByLabel("Show every event").isChecked(), false);
     await axe(page, "the audit trail at 390×844");
     await ctx.close();
   });

@@ -1,0 +1,265 @@
+//! One attempt's pipeline in a child process (`mira-worker process --report`), supervised by
+//! `mira-worker run` (ADR 0022).
+//!
+//! A thread stuck in native code (a decoder looping on a hostile file) can be neither finished
+//! nor stopped from Rust; a process can be killed. The worker kills the child when the job is
+//! cancelled, when it reports no progress for `Worker__StallSeconds`, and when it runs past
+//! `Worker__MaxAttemptSeconds`. The child reads and writes local files only: it gets no
+//! database login, no cloud credentials and no other setting from the worker's environment,
+//! and it dies with the worker (`PR_SET_PDEATHSIG`). Resource limits for hostile slides go in
+//! [`Supervisor::command`] too.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::kernels::Device;
+use crate::process::Options;
+
+/// The environment a child keeps: what locating libraries, logging and the GPU need. The
+/// rest (the database URL, AWS credentials, tokens) stays with the worker.
+const KEPT_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "Logging__Format",
+    "LD_LIBRARY_PATH",
+];
+const KEPT_PREFIXES: &[&str] = &["CUDA_", "NVIDIA_"];
+
+/// How attempts are run and watched.
+#[derive(Debug, Clone)]
+pub struct Supervisor {
+    /// The `mira-worker` binary (the running one).
+    pub program: PathBuf,
+    /// No progress for this long: killed as stalled.
+    pub stall: Duration,
+    /// Running longer than this: killed as over its budget.
+    pub budget: Duration,
+    /// `Worker__BandPauseMillis`.
+    pub band_pause: Duration,
+    /// `Worker__TestHangAtBand`.
+    pub hang_at_band: u64,
+}
+
+/// How a child's attempt ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The pyramid and its manifest are in the output directory.
+    Done(serde_json::Value),
+    /// The pipeline failed and said so.
+    Failed { reason: String, retryable: bool },
+    /// Killed for making no progress, or for running past its budget.
+    Stalled(String),
+    /// Killed because `stop` was cancelled.
+    Stopped,
+}
+
+/// One line of a child's report.
+#[derive(Debug, PartialEq)]
+enum Line {
+    Stage(String),
+    Progress(u64, u64),
+    Summary(serde_json::Value),
+    Error { reason: String, retryable: bool },
+}
+
+fn parse(line: &str) -> Option<Line> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if let Some(s) = v.get("stage").and_then(|s| s.as_str()) {
+        return Some(Line::Stage(s.to_owned()));
+    }
+    if let (Some(d), Some(t)) = (v["done"].as_u64(), v["total"].as_u64()) {
+        return Some(Line::Progress(d, t));
+    }
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Some(Line::Error {
+            reason: e.to_owned(),
+            retryable: v["retryable"].as_bool().unwrap_or(true),
+        });
+    }
+    v.get("summary").map(|s| Line::Summary(s.clone()))
+}
+
+impl Supervisor {
+    /// The child's command line and environment, for this slide and these options.
+    pub fn command(&self, input: &Path, out: &Path, opts: &Options) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(&self.program);
+        c.arg("process")
+            .arg(input)
+            .arg("--out")
+            .arg(out)
+            .args(["--format", opts.format.ext()])
+            .args(["--tile-size", &opts.tile_size.to_string()])
+            .args(["--overlap", &opts.overlap.to_string()])
+            .args(["--quality", &opts.quality.to_string()])
+            .args(["--normalize", opts.normalize.as_str()])
+            .args(["--band-pause-millis", &self.band_pause.as_millis().to_string()])
+            .args(["--hang-at-band", &self.hang_at_band.to_string()])
+            .arg("--report");
+        if !opts.tissue {
+            c.arg("--no-tissue");
+        }
+        c.env_clear();
+        for (k, v) in std::env::vars_os() {
+            let name = k.to_string_lossy();
+            if KEPT_ENV.contains(&name.as_ref()) || KEPT_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                c.env(&k, v);
+            }
+        }
+        // The device the worker chose, not one the child might choose differently.
+        c.env(
+            "MIRA_GPU",
+            if matches!(opts.device, Device::Gpu(_)) {
+                "require"
+            } else {
+                "off"
+            },
+        );
+        c.env("Worker__SlideReader", opts.reader.setting());
+        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        c.kill_on_drop(true);
+        let worker = std::process::id() as libc::pid_t;
+        #[allow(unsafe_code)]
+        // SAFETY: setpgid, prctl, getppid and _exit are async-signal-safe and touch only the
+        // child's own state.
+        unsafe {
+            c.pre_exec(move || {
+                // A group of its own: a Ctrl-C at a terminal, or a signal to the worker's group,
+                // is the worker's to act on (it drains the attempt, then stops it).
+                if libc::setpgid(0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The child dies with the worker, however the worker ends (the signal comes when
+                // the thread that spawned it ends: one of the runtime's, which live as long as
+                // the worker).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The worker ended before the signal was asked for.
+                if libc::getppid() != worker {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        c
+    }
+
+    /// Runs the attempt to its end; `done` gets (tiles done, tiles in all) as the child
+    /// reports them.
+    pub async fn run(
+        &self,
+        input: &Path,
+        out: &Path,
+        opts: &Options,
+        done: &(AtomicU64, AtomicU64),
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Ended> {
+        let started = Instant::now();
+        let mut child = self
+            .command(input, out, opts)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.program.display()))?;
+        let stdout = child.stdout.take().expect("the child's stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut stage = "starting".to_owned();
+        let mut moved = Instant::now();
+        let mut first = true;
+        let mut last: Option<Line> = None;
+        let kill = |why: &str| tracing::warn!(pid = child.id(), "stopping the attempt's process: {why}");
+        let stalled = loop {
+            tokio::select! {
+                line = lines.next_line() => match line {
+                    Ok(Some(l)) => {
+                        if first {
+                            first = false;
+                            tracing::info!(pid = child.id(), startup_ms = started.elapsed().as_millis() as u64, "attempt process started");
+                        }
+                        match parse(&l) {
+                            Some(Line::Stage(s)) => {
+                                stage = s;
+                                moved = Instant::now();
+                            }
+                            Some(Line::Progress(d, t)) => {
+                                if d != done.0.load(Ordering::Relaxed) || t != done.1.load(Ordering::Relaxed) {
+                                    moved = Instant::now();
+                                }
+                                done.0.store(d, Ordering::Relaxed);
+                                done.1.store(t, Ordering::Relaxed);
+                            }
+                            Some(end @ (Line::Summary(_) | Line::Error { .. })) => last = Some(end),
+                            None => tracing::debug!(line = l, "unreadable line from the attempt's process"),
+                        }
+                    }
+                    Ok(None) | Err(_) => break None,
+                },
+                _ = stop.cancelled() => {
+                    kill("the attempt was stopped");
+                    let _ = child.kill().await;
+                    return Ok(Ended::Stopped);
+                }
+                _ = tokio::time::sleep_until(moved + self.stall) => {
+                    let (d, t) = (done.0.load(Ordering::Relaxed), done.1.load(Ordering::Relaxed));
+                    let at = if t > 0 { format!(" (tiles {d} of {t})") } else { String::new() };
+                    break Some(format!("no progress for {} s in stage {stage}{at}", self.stall.as_secs()));
+                }
+                _ = tokio::time::sleep_until(started + self.budget) => {
+                    break Some(format!(
+                        "the attempt ran past Worker__MaxAttemptSeconds ({} s), in stage {stage}",
+                        self.budget.as_secs()
+                    ));
+                }
+            }
+        };
+        if let Some(why) = stalled {
+            kill(&why);
+            let _ = child.kill().await;
+            return Ok(Ended::Stalled(why));
+        }
+        let status = child.wait().await?;
+        Ok(match last {
+            Some(Line::Summary(s)) if status.success() => Ended::Done(s),
+            Some(Line::Error { reason, retryable }) => Ended::Failed { reason, retryable },
+            _ => Ended::Failed {
+                reason: format!("the pipeline's process ended without a result ({status}) in stage {stage}"),
+                retryable: true,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_lines_are_read_and_anything_else_is_ignored() {
+        assert_eq!(
+            parse(r#"{"stage":"building the pyramid"}"#),
+            Some(Line::Stage("building the pyramid".into()))
+        );
+        assert_eq!(parse(r#"{"done":3,"total":9}"#), Some(Line::Progress(3, 9)));
+        assert_eq!(
+            parse(r#"{"error":"not a slide","retryable":false}"#),
+            Some(Line::Error {
+                reason: "not a slide".into(),
+                retryable: false
+            })
+        );
+        assert!(matches!(parse(r#"{"summary":{"tiles":4}}"#), Some(Line::Summary(s)) if s["tiles"] == 4));
+        assert_eq!(parse("tiles 3/9"), None);
+        assert_eq!(parse(r#"{"other":1}"#), None);
+    }
+}
