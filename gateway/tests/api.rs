@@ -3364,10 +3364,11 @@ async fn a_job_for_a_slide_never_uploaded_fails_after_the_wait() {
 /// returns the job as it ended, its events and how long it ran.
 async fn minute_job(lease: &'static str) -> (Value, Vec<String>, Duration) {
     let app = spawn_app(Storage::Local).await;
-    let bytes = tall_slide(&app.dir, 8);
+    // Four bands, each followed by 14 s of pause: about a minute however fast the machine.
+    let bytes = tall_slide(&app.dir, 4);
     let _worker = spawn_worker(
         &app,
-        &[("Worker__BandPauseMillis", "7000"), ("Worker__LeaseSeconds", lease)],
+        &[("Worker__BandPauseMillis", "14000"), ("Worker__LeaseSeconds", lease)],
     );
     let t = app.token("lab-a", &["pathologist"]);
     let slide = app.upload_slide(&t, &bytes).await;
@@ -3428,5 +3429,14 @@ async fn a_minute_long_job_writes_a_few_events_with_the_default_lease() {
     assert_eq!(j["status"], "succeeded", "{j}");
     assert_eq!(j["attempt"], 1, "{j}");
     assert!(ran >= Duration::from_secs(48), "about a minute: {ran:?}");
-    assert!(events.len() <= 15, "{events:?}");
+    // Submitted, queued, started and the outcome, progress every 10 s and a renewal every
+    // 20 s at most: 13 for a minute, at most 15 as the issue asks; a loaded machine that
+    // stretches the job may add one of each per 10 or 20 s more, and no more than that.
+    let secs = ran.as_secs_f64();
+    let cadence = 4 + (secs / 10.0).ceil() as usize + (secs / 20.0).ceil() as usize;
+    assert!(
+        events.len() <= cadence.max(15),
+        "{} events in {ran:?}: {events:?}",
+        events.len()
+    );
 }
