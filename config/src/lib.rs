@@ -179,6 +179,20 @@ pub struct WorkerSettings {
     /// A test hook: when set, the pipeline stops for ever before band N (1 is the first), so
     /// the stall guard can be seen at work. 0 (the default) in production.
     pub test_hang_at_band: u64,
+    /// The most pixels a slide's full-resolution level may declare: about 200,000 × 200,000,
+    /// more than the largest scanners write. A slide declaring more is rejected at
+    /// verification, before any pixel is decoded.
+    pub max_slide_pixels: u64,
+    /// What one attempt may use: a job whose estimated need (from the slide's geometry) is
+    /// larger fails before it starts, and the attempt's process cannot allocate past it (its
+    /// data limit), so a decoder that tries fails the attempt and never the worker.
+    pub memory_budget_bytes: u64,
+    /// An attempt's time budget: 600 s plus this many seconds per gigapixel of the slide, at
+    /// most `Worker__MaxAttemptSeconds`; past it the job fails for good.
+    pub seconds_per_gigapixel: u64,
+    /// A test hook: the attempt's process allocates and fills this many bytes before it starts,
+    /// so the memory limit can be seen at work. 0 (the default) in production.
+    pub test_allocate_bytes: u64,
 }
 
 /// The job lifecycle the handlers drive (DESIGN §5.3).
@@ -240,6 +254,10 @@ impl Default for WorkerSettings {
             stall_seconds: 300,
             max_attempt_seconds: 6 * 3600,
             test_hang_at_band: 0,
+            max_slide_pixels: 40_000_000_000,
+            memory_budget_bytes: 8 << 30,
+            seconds_per_gigapixel: 600,
+            test_allocate_bytes: 0,
         }
     }
 }
@@ -819,6 +837,15 @@ impl Settings {
         }
         if !(1..=86_400).contains(&self.worker.stall_seconds) {
             return invalid("Worker__StallSeconds", "must be 1 to 86400");
+        }
+        if !(1_000_000..=1_000_000_000_000).contains(&self.worker.max_slide_pixels) {
+            return invalid("Worker__MaxSlidePixels", "must be 1000000 to 1000000000000");
+        }
+        if self.worker.memory_budget_bytes < 256 << 20 {
+            return invalid("Worker__MemoryBudgetBytes", "must be at least 268435456 (256 MiB)");
+        }
+        if !(1..=86_400).contains(&self.worker.seconds_per_gigapixel) {
+            return invalid("Worker__SecondsPerGigapixel", "must be 1 to 86400");
         }
         if !(60..=7 * 86_400).contains(&self.worker.max_attempt_seconds) {
             return invalid("Worker__MaxAttemptSeconds", "must be 60 to 604800 (a week)");

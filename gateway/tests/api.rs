@@ -3360,6 +3360,149 @@ async fn a_job_for_a_slide_never_uploaded_fails_after_the_wait() {
     app.stop().await;
 }
 
+/// The hostile TIFFs of ADR 0023 (tools/lying_tiffs.py), by name.
+fn lying_tiffs(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let python = std::env::var("MIRA_PYTHON").expect("MIRA_PYTHON names the tools' Python (scripts/bootstrap)");
+    let out = dir.join("lying");
+    let tool = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/lying_tiffs.py");
+    let o = std::process::Command::new(python).arg(tool).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ["wide_1m.tif", "area_100k.tif", "wide_2g.tif"]
+        .iter()
+        .map(|n| (n.to_string(), std::fs::read(out.join(n)).unwrap()))
+        .collect()
+}
+
+/// A process's peak resident memory, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Three tiny TIFFs that declare huge slides (tiles shared between positions) are rejected at
+/// verification, before a pixel is decoded, with a reason a person understands; the worker's
+/// memory stays small, and an honest slide is still verified.
+#[tokio::test]
+async fn slides_that_lie_about_their_size_are_rejected_at_verification() {
+    let app = spawn_app(Storage::Local).await;
+    let worker = spawn_worker(&app, &[]);
+    let pid = worker.id().unwrap();
+    let t = app.token("lab-a", &["pathologist"]);
+    for (name, bytes) in lying_tiffs(&app.dir) {
+        let id = app.upload_slide(&t, &bytes).await;
+        let started = Instant::now();
+        let s = eventually("the lying slide judged", || async {
+            let s = app.get(&t, &format!("/api/slides/{id}")).await.body;
+            matches!(s["status"].as_str(), Some("rejected" | "verified")).then_some(s)
+        })
+        .await;
+        assert_eq!(s["status"], "rejected", "{name}: {s}");
+        let reason = s["rejection"].as_str().unwrap();
+        assert!(
+            reason.starts_with("the slide is refused: it declares") && reason.contains("pixels per byte"),
+            "{name}: {reason}"
+        );
+        eprintln!(
+            "{name} ({} bytes): rejected within {:?}: {reason}",
+            bytes.len(),
+            started.elapsed()
+        );
+    }
+    let peak = peak_rss(pid);
+    eprintln!("the worker's peak resident memory: {} MiB", peak >> 20);
+    assert!(peak < 1 << 30, "the worker peaked at {peak} bytes");
+    let honest = app.upload_slide(&t, &tall_slide(&app.dir, 2)).await;
+    let s = eventually("the honest slide verified", || async {
+        let s = app.get(&t, &format!("/api/slides/{honest}")).await.body;
+        matches!(s["status"].as_str(), Some("rejected" | "verified")).then_some(s)
+    })
+    .await;
+    assert_eq!(s["status"], "verified", "{s}");
+    drop(worker);
+    app.stop().await;
+}
+
+/// Submits a job on a new slide of `bytes` and waits for its end.
+async fn job_to_the_end(app: &App, t: &str, bytes: &[u8]) -> Value {
+    let slide = app.upload_slide(t, bytes).await;
+    eventually("the slide verified", || async {
+        let s = app.get(t, &format!("/api/slides/{slide}")).await.body;
+        (s["status"] == "verified").then_some(s)
+    })
+    .await;
+    let job = app
+        .post(t, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
+        .await
+        .body["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    job_status_until(
+        app,
+        t,
+        &job,
+        &["succeeded", "failed", "cancelled"],
+        Duration::from_secs(180),
+    )
+    .await
+}
+
+/// A job whose estimated memory is over `Worker__MemoryBudgetBytes` fails before it starts,
+/// for good and with the figures; the worker takes the next job, which fits.
+#[tokio::test]
+async fn a_job_over_the_memory_budget_fails_with_the_figures_and_the_next_one_runs() {
+    let app = spawn_app(Storage::Local).await;
+    let _worker = spawn_worker(&app, &[("Worker__MemoryBudgetBytes", "314572800")]);
+    let t = app.token("lab-a", &["pathologist"]);
+    let j = job_to_the_end(&app, &t, &cmu_slide()).await;
+    assert_eq!(j["status"], "failed", "{j}");
+    assert_eq!(j["attempt"], 1, "not retried: {j}");
+    let failure = j["failure"].as_str().unwrap();
+    assert!(
+        failure.starts_with("the slide needs about ")
+            && failure.contains("2220 pixels wide")
+            && failure.ends_with("more than Worker__MemoryBudgetBytes (300.0 MiB)"),
+        "{failure}"
+    );
+    let j = job_to_the_end(&app, &t, &blank_slide(&app.dir)).await;
+    assert_eq!(j["status"], "succeeded", "{j}");
+    app.stop().await;
+}
+
+/// An attempt that allocates past its data limit (the test hook allocates 4 GiB under a
+/// 1 GiB budget) fails for good with the allocation named; the worker, untouched, runs the
+/// next job.
+#[tokio::test]
+async fn an_attempt_past_its_memory_limit_fails_and_the_worker_runs_the_next_job() {
+    let app = spawn_app(Storage::Local).await;
+    let mut worker = spawn_worker(
+        &app,
+        &[
+            ("Worker__MemoryBudgetBytes", "1073741824"),
+            ("Worker__TestAllocateBytes", "4294967296"),
+        ],
+    );
+    let t = app.token("lab-a", &["pathologist"]);
+    let j = job_to_the_end(&app, &t, &cmu_slide()).await;
+    assert_eq!(j["status"], "failed", "{j}");
+    assert_eq!(j["attempt"], 1, "not retried: {j}");
+    let failure = j["failure"].as_str().unwrap();
+    assert!(
+        failure.starts_with("the attempt ran out of memory (memory allocation of 4294967296 bytes failed"),
+        "{failure}"
+    );
+    assert!(worker.try_wait().unwrap().is_none(), "the worker is still running");
+    // Under a megapixel, the hook leaves the attempt alone.
+    let j = job_to_the_end(&app, &t, &blank_slide(&app.dir)).await;
+    assert_eq!(j["status"], "succeeded", "{j}");
+    app.stop().await;
+}
+
 /// A job of about a minute: submitted on a fresh gateway and worker with `lease` seconds;
 /// returns the job as it ended, its events and how long it ran.
 async fn minute_job(lease: &'static str) -> (Value, Vec<String>, Duration) {

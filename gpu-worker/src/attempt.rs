@@ -51,6 +51,25 @@ pub struct Supervisor {
     pub band_pause: Duration,
     /// `Worker__TestHangAtBand`.
     pub hang_at_band: u64,
+    /// `Worker__MemoryBudgetBytes`: the child's estimate is checked against it, and the child
+    /// cannot allocate past it (`RLIMIT_DATA`).
+    pub memory_budget: u64,
+    /// `Worker__SecondsPerGigapixel`: the attempt's time budget grows with the slide.
+    pub seconds_per_gigapixel: u64,
+    /// `Worker__MaxSlidePixels`.
+    pub max_slide_pixels: u64,
+    /// `Worker__TestAllocateBytes`.
+    pub allocate_bytes: u64,
+}
+
+/// The fixed part of an attempt's time budget.
+pub const BUDGET_BASE_SECONDS: u64 = 600;
+
+/// An attempt's time budget for a slide of `pixels`: 600 s and `per_gigapixel` seconds a
+/// gigapixel, at most `cap`.
+pub fn time_budget(pixels: u64, per_gigapixel: u64, cap: Duration) -> Duration {
+    let secs = BUDGET_BASE_SECONDS as f64 + per_gigapixel as f64 * pixels as f64 / 1e9;
+    Duration::from_secs_f64(secs).min(cap)
 }
 
 /// How a child's attempt ended.
@@ -60,8 +79,10 @@ pub enum Ended {
     Done(serde_json::Value),
     /// The pipeline failed and said so.
     Failed { reason: String, retryable: bool },
-    /// Killed for making no progress, or for running past its budget.
+    /// Killed for making no progress.
     Stalled(String),
+    /// Killed for running past its time budget, or failed for want of memory: never retried.
+    OverBudget(String),
     /// Killed because `stop` was cancelled.
     Stopped,
 }
@@ -107,6 +128,9 @@ impl Supervisor {
             .args(["--normalize", opts.normalize.as_str()])
             .args(["--band-pause-millis", &self.band_pause.as_millis().to_string()])
             .args(["--hang-at-band", &self.hang_at_band.to_string()])
+            .args(["--max-slide-pixels", &self.max_slide_pixels.to_string()])
+            .args(["--memory-budget-bytes", &self.memory_budget.to_string()])
+            .args(["--allocate-bytes", &self.allocate_bytes.to_string()])
             .arg("--report");
         if !opts.tissue {
             c.arg("--no-tissue");
@@ -128,9 +152,13 @@ impl Supervisor {
             },
         );
         c.env("Worker__SlideReader", opts.reader.setting());
-        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         c.kill_on_drop(true);
         let worker = std::process::id() as libc::pid_t;
+        let data = libc::rlimit {
+            rlim_cur: self.memory_budget as libc::rlim_t,
+            rlim_max: self.memory_budget as libc::rlim_t,
+        };
         #[allow(unsafe_code)]
         // SAFETY: setpgid, prctl, getppid and _exit are async-signal-safe and touch only the
         // child's own state.
@@ -147,6 +175,11 @@ impl Supervisor {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // The attempt's memory: heap and private mappings, whoever allocates them
+                // (OpenSlide, libjpeg, CUDA's host side), stop at the budget.
+                if libc::setrlimit(libc::RLIMIT_DATA, &data) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // The worker ended before the signal was asked for.
                 if libc::getppid() != worker {
                     libc::_exit(1);
@@ -157,29 +190,45 @@ impl Supervisor {
         c
     }
 
-    /// Runs the attempt to its end; `done` gets (tiles done, tiles in all) as the child
-    /// reports them.
+    /// Runs the attempt on a slide of `pixels` to its end; `done` gets (tiles done, tiles in
+    /// all) as the child reports them.
     pub async fn run(
         &self,
         input: &Path,
         out: &Path,
         opts: &Options,
+        pixels: u64,
         done: &(AtomicU64, AtomicU64),
         stop: &CancellationToken,
     ) -> anyhow::Result<Ended> {
         let started = Instant::now();
+        let budget = time_budget(pixels, self.seconds_per_gigapixel, self.budget);
         let mut child = self
             .command(input, out, opts)
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.program.display()))?;
         let stdout = child.stdout.take().expect("the child's stdout is piped");
+        // The child's log goes on to the worker's; its last lines explain an abnormal end.
+        let stderr = child.stderr.take().expect("the child's stderr is piped");
+        let said = tokio::spawn(async move {
+            let mut last = std::collections::VecDeque::new();
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                eprintln!("{l}");
+                if last.len() == 8 {
+                    last.pop_front();
+                }
+                last.push_back(l);
+            }
+            last
+        });
         let mut lines = BufReader::new(stdout).lines();
         let mut stage = "starting".to_owned();
         let mut moved = Instant::now();
         let mut first = true;
         let mut last: Option<Line> = None;
         let kill = |why: &str| tracing::warn!(pid = child.id(), "stopping the attempt's process: {why}");
-        let stalled = loop {
+        let killed = loop {
             tokio::select! {
                 line = lines.next_line() => match line {
                     Ok(Some(l)) => {
@@ -213,28 +262,47 @@ impl Supervisor {
                 _ = tokio::time::sleep_until(moved + self.stall) => {
                     let (d, t) = (done.0.load(Ordering::Relaxed), done.1.load(Ordering::Relaxed));
                     let at = if t > 0 { format!(" (tiles {d} of {t})") } else { String::new() };
-                    break Some(format!("no progress for {} s in stage {stage}{at}", self.stall.as_secs()));
+                    break Some(Ended::Stalled(format!("no progress for {} s in stage {stage}{at}", self.stall.as_secs())));
                 }
-                _ = tokio::time::sleep_until(started + self.budget) => {
-                    break Some(format!(
-                        "the attempt ran past Worker__MaxAttemptSeconds ({} s), in stage {stage}",
+                _ = tokio::time::sleep_until(started + budget) => {
+                    break Some(Ended::OverBudget(format!(
+                        "the attempt ran past its time budget of {} s for a slide of {:.2} gigapixels \
+                         ({BUDGET_BASE_SECONDS} s and Worker__SecondsPerGigapixel {} s a gigapixel, at most \
+                         Worker__MaxAttemptSeconds {} s), in stage {stage}",
+                        budget.as_secs(),
+                        pixels as f64 / 1e9,
+                        self.seconds_per_gigapixel,
                         self.budget.as_secs()
-                    ));
+                    )));
                 }
             }
         };
-        if let Some(why) = stalled {
-            kill(&why);
+        if let Some(end) = killed {
+            if let Ended::Stalled(why) | Ended::OverBudget(why) = &end {
+                kill(why);
+            }
             let _ = child.kill().await;
-            return Ok(Ended::Stalled(why));
+            return Ok(end);
         }
         let status = child.wait().await?;
+        let stderr = said.await.unwrap_or_default();
         Ok(match last {
             Some(Line::Summary(s)) if status.success() => Ended::Done(s),
             Some(Line::Error { reason, retryable }) => Ended::Failed { reason, retryable },
-            _ => Ended::Failed {
-                reason: format!("the pipeline's process ended without a result ({status}) in stage {stage}"),
-                retryable: true,
+            _ => match stderr.iter().rev().find(|l| l.contains("memory allocation of")) {
+                // Rust's own words when an allocation fails: the data limit was reached.
+                Some(l) => Ended::OverBudget(format!(
+                    "the attempt ran out of memory ({}; Worker__MemoryBudgetBytes is {}) in stage {stage}",
+                    l.trim().trim_start_matches("mira-worker: "),
+                    crate::slide::readable_bytes(self.memory_budget)
+                )),
+                None => Ended::Failed {
+                    reason: format!(
+                        "the pipeline's process ended without a result ({status}) in stage {stage}{}",
+                        stderr.back().map(|l| format!(": {}", l.trim())).unwrap_or_default()
+                    ),
+                    retryable: true,
+                },
             },
         })
     }
@@ -243,6 +311,14 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_time_budget_grows_with_the_slide_up_to_the_cap() {
+        let cap = Duration::from_secs(21_600);
+        assert_eq!(time_budget(0, 600, cap), Duration::from_secs(600));
+        assert_eq!(time_budget(2_000_000_000, 600, cap), Duration::from_secs(1800));
+        assert_eq!(time_budget(40_000_000_000, 600, cap), cap);
+    }
 
     #[test]
     fn report_lines_are_read_and_anything_else_is_ignored() {

@@ -57,6 +57,16 @@ enum Command {
         /// A test hook (`Worker__TestHangAtBand`): stop for ever before band N.
         #[arg(long, hide = true, default_value_t = 0)]
         hang_at_band: u64,
+        /// `Worker__MaxSlidePixels` (default: the setting).
+        #[arg(long, hide = true)]
+        max_slide_pixels: Option<u64>,
+        /// `Worker__MemoryBudgetBytes` (default: the setting).
+        #[arg(long, hide = true)]
+        memory_budget_bytes: Option<u64>,
+        /// A test hook (`Worker__TestAllocateBytes`): allocate this much first, on a slide of a
+        /// megapixel or more.
+        #[arg(long, hide = true, default_value_t = 0)]
+        allocate_bytes: u64,
     },
     /// Compile every CUDA kernel with NVRTC (no GPU needed) and, when a GPU can be used,
     /// check each against its CPU implementation and time it against the device's copy
@@ -160,6 +170,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             report,
             band_pause_millis,
             hang_at_band,
+            max_slide_pixels,
+            memory_budget_bytes,
+            allocate_bytes,
         } => {
             anyhow::ensure!(
                 overlap <= tile_size / 4,
@@ -175,8 +188,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 normalize,
                 device: pick_device()?,
                 reader: settings.worker.slide_reader.into(),
+                limits: mira_gpu_worker::slide::Limits {
+                    max_pixels: max_slide_pixels.unwrap_or(settings.worker.max_slide_pixels),
+                },
+                memory_budget: memory_budget_bytes.unwrap_or(settings.worker.memory_budget_bytes),
             };
             if report {
+                if allocate_bytes > 0 {
+                    allocate_on_large(&slide, allocate_bytes);
+                }
                 return Ok(attempt_report(
                     &slide,
                     &out,
@@ -210,7 +230,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Kernels { arch } => kernels(arch)?,
         Command::Inspect { slide } => {
             let settings = mira_config::Settings::load(None, std::env::vars())?;
-            let s = mira_gpu_worker::slide::Slide::open_with(&slide, settings.worker.slide_reader.into())?;
+            let s = mira_gpu_worker::slide::Slide::open_limited(
+                &slide,
+                settings.worker.slide_reader.into(),
+                &mira_gpu_worker::slide::Limits {
+                    max_pixels: settings.worker.max_slide_pixels,
+                },
+            )?;
             let (meta, private) = s.metadata();
             println!(
                 "{}",
@@ -267,10 +293,23 @@ fn attempt_report(
         Err(e) => {
             // The slide or its stains will not change: only other failures are worth a retry.
             let retryable = e.downcast_ref::<mira_gpu_worker::slide::SlideError>().is_none()
-                && e.downcast_ref::<mira_gpu_worker::stain::StainError>().is_none();
+                && e.downcast_ref::<mira_gpu_worker::stain::StainError>().is_none()
+                && e.downcast_ref::<process::OverBudget>().is_none();
             say(serde_json::json!({ "error": format!("{e:#}"), "retryable": retryable }));
             ExitCode::from(3)
         }
+    }
+}
+
+/// The `Worker__TestAllocateBytes` hook: on a slide of a megapixel or more, allocate and fill
+/// `bytes` (past the attempt's data limit, this is where it stops).
+fn allocate_on_large(slide: &std::path::Path, bytes: u64) {
+    let large = mira_gpu_worker::slide::Slide::open(slide)
+        .map(|s| s.dimensions())
+        .is_ok_and(|(w, h)| w * h >= 1_000_000);
+    if large {
+        let v = vec![1u8; bytes as usize];
+        std::hint::black_box(&v);
     }
 }
 

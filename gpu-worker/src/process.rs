@@ -34,6 +34,10 @@ pub struct Options {
     pub device: Device,
     /// How the slide is read (`Worker__SlideReader`).
     pub reader: crate::slide::Reader,
+    /// What the slide may declare (`Worker__MaxSlidePixels`).
+    pub limits: crate::slide::Limits,
+    /// `Worker__MemoryBudgetBytes`: a slide whose estimated need is larger is refused.
+    pub memory_budget: u64,
 }
 
 impl Options {
@@ -48,8 +52,71 @@ impl Options {
             normalize: Normalize::None,
             device: Device::Cpu,
             reader: crate::slide::Reader::Auto,
+            limits: crate::slide::Limits::default(),
+            memory_budget: 8 << 30,
         }
     }
+}
+
+/// What the pipeline holds besides its bands: the program, its threads, the decoders' caches,
+/// the thumbnail and the mask.
+pub const BASE_MEMORY: u64 = 256 << 20;
+
+/// Rows of the full-resolution level read at a time: about 32 MiB of BGRA, ending on the
+/// slide's own tile rows (OpenSlide 3.4's tile cache is small, and a stored tile row split
+/// between two bands is decoded twice), never more than the slide has.
+pub fn band_rows(width: u64, height: u64, stored_tile_height: u64) -> u64 {
+    let stored = stored_tile_height.max(1);
+    (((32 << 20) / (width.max(1) * 4)).max(1).div_ceil(stored) * stored).min(height.max(1))
+}
+
+/// The memory an attempt needs, from the geometry alone (ADR 0023): up to four bands of RGB
+/// (two queued behind the reader, one being read, one being cut; BGRA too where OpenSlide
+/// reads it), and every level's rows waiting for their next tile row (at most twice the full
+/// level's, as the levels halve), for each pyramid written; and a row of the thumbnail's
+/// level.
+pub fn memory_need(width: u64, band_rows: u64, tile_size: u64, overlap: u64, normalize: bool) -> u64 {
+    let row = width.saturating_mul(3);
+    let bands = band_rows.saturating_mul(row).saturating_mul(4 + 2);
+    let levels = (tile_size + 2 * overlap).saturating_mul(row).saturating_mul(4);
+    let pyramids = if normalize { 2 } else { 1 };
+    // The thumbnail reads at least a row of its level (as wide as level 0 at most) with a
+    // column map of 8 bytes a pixel.
+    let thumbnail = width.saturating_mul(4 + 3 + 8);
+    BASE_MEMORY
+        .saturating_add(thumbnail)
+        .saturating_add(bands.saturating_add(levels).saturating_mul(pyramids))
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    #[test]
+    fn the_estimate_follows_the_width_and_the_band() {
+        // The CMU region: 2220 wide, read whole (2967 rows), about 380 MiB with the base.
+        let cmu = memory_need(2220, band_rows(2220, 2967, 240), 254, 1, false);
+        assert!((350 << 20..420 << 20).contains(&cmu), "{cmu}");
+        // A normalised pyramid doubles what the bands take, not the base.
+        let both = memory_need(2220, band_rows(2220, 2967, 240), 254, 1, true);
+        assert!(both > cmu && both < 2 * cmu, "{both}");
+        // A slide a million pixels wide reads a stored tile row at a time and needs gigabytes.
+        assert_eq!(band_rows(1_000_000, 40_000, 256), 256);
+        let wide = memory_need(1_000_000, 256, 254, 1, false);
+        assert!(wide > 6 << 30, "{wide}");
+        // 2^31 pixels wide: more than any budget, without overflowing.
+        assert!(memory_need(2_147_483_136, 16, 254, 1, true) > 100 << 30);
+    }
+}
+
+/// The attempt's estimated need is over `Worker__MemoryBudgetBytes`. Not worth a retry.
+#[derive(Debug, thiserror::Error)]
+#[error("the slide needs about {need} of memory to process ({width} pixels wide, {band_rows} rows at a time), more than Worker__MemoryBudgetBytes ({budget})")]
+pub struct OverBudget {
+    pub need: String,
+    pub budget: String,
+    pub width: u64,
+    pub band_rows: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -238,8 +305,26 @@ pub fn process_staged(
     let started = Instant::now();
     let device = opts.device.clone();
     begin(stage::OPENING);
-    let slide = Slide::open_with(slide_path, opts.reader)?;
+    let slide = Slide::open_limited(slide_path, opts.reader, &opts.limits)?;
     let (w, h) = slide.dimensions();
+    let stored = slide.tile_size(0).map(|t| t.1).unwrap_or(opts.tile_size as u64);
+    let band_rows = band_rows(w, h, stored);
+    let need = memory_need(
+        w,
+        band_rows,
+        opts.tile_size as u64,
+        opts.overlap as u64,
+        opts.normalize != Normalize::None,
+    );
+    if need > opts.memory_budget {
+        return Err(OverBudget {
+            need: crate::slide::readable_bytes(need),
+            budget: crate::slide::readable_bytes(opts.memory_budget),
+            width: w,
+            band_rows,
+        }
+        .into());
+    }
     let geometry = Geometry::new(w, h, opts.tile_size, opts.overlap);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     // A manifest from an earlier run no longer describes what is about to be written.
@@ -313,10 +398,6 @@ pub fn process_staged(
                 stats: None,
                 files: files.clone(),
             };
-            // Bands of about 32 MiB of BGRA that end on the slide's own tile rows: OpenSlide 3.4's
-            // tile cache is small, and a stored tile row split between two bands is decoded twice.
-            let stored = slide.tile_size(0).map(|t| t.1).unwrap_or(opts.tile_size as u64);
-            let band_rows = ((32 << 20) / (w * 4)).max(1).div_ceil(stored) * stored;
             let mut builder = Builder::on(geometry.clone(), &writer, device.clone());
             let mut normalized = normalizer
                 .as_ref()

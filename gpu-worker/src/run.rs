@@ -120,6 +120,10 @@ impl Worker {
                 budget: Duration::from_secs(6 * 3600),
                 band_pause: Duration::ZERO,
                 hang_at_band: 0,
+                memory_budget: 8 << 30,
+                seconds_per_gigapixel: 600,
+                max_slide_pixels: crate::slide::Limits::default().max_pixels,
+                allocate_bytes: 0,
             },
             reader: crate::slide::Reader::Auto,
             progress_every: Duration::from_secs(10),
@@ -143,6 +147,21 @@ impl Worker {
     pub fn with_stall_guard(mut self, stall: Duration, budget: Duration) -> Self {
         self.supervisor.stall = stall;
         self.supervisor.budget = budget;
+        self
+    }
+
+    /// `Worker__MaxSlidePixels`, `Worker__MemoryBudgetBytes` and `Worker__SecondsPerGigapixel`
+    /// (ADR 0023).
+    pub fn with_slide_limits(mut self, max_pixels: u64, memory_budget: u64, seconds_per_gigapixel: u64) -> Self {
+        self.supervisor.max_slide_pixels = max_pixels;
+        self.supervisor.memory_budget = memory_budget;
+        self.supervisor.seconds_per_gigapixel = seconds_per_gigapixel;
+        self
+    }
+
+    /// `Worker__TestAllocateBytes`: the attempt's process allocates this much first (tests).
+    pub fn with_allocate_bytes(mut self, bytes: u64) -> Self {
+        self.supervisor.allocate_bytes = bytes;
         self
     }
 
@@ -183,6 +202,9 @@ impl Worker {
             .map_err(failed)?;
         let declared = slide.sha256.clone();
         let reader = self.reader;
+        let limits = crate::slide::Limits {
+            max_pixels: self.supervisor.max_slide_pixels,
+        };
         // Reasons reach the API: they name the upload, never where this worker keeps it.
         let where_ = path.display().to_string();
         let opened = tokio::task::spawn_blocking(move || {
@@ -197,7 +219,7 @@ impl Worker {
                     });
                 }
             }
-            crate::slide::Slide::open_with(&path, reader).map(|s| s.metadata())
+            crate::slide::Slide::open_limited(&path, reader, &limits).map(|s| s.metadata())
         })
         .await
         .map_err(failed)?;
@@ -373,8 +395,17 @@ impl Worker {
                 normalize: p.normalize,
                 device: self.device.clone(),
                 reader: self.reader,
+                limits: crate::slide::Limits {
+                    max_pixels: self.supervisor.max_slide_pixels,
+                },
+                memory_budget: self.supervisor.memory_budget,
             },
         };
+        let pixels = slide
+            .metadata
+            .as_ref()
+            .map(|m| m.width.saturating_mul(m.height))
+            .unwrap_or(0);
         // While the attempt runs: the job's state is read every 2 s at most (a read, nothing
         // appended) to notice a cancellation; the lease is extended every third of its length
         // (the handlers schedule its expiry from these events); progress is recorded at most
@@ -465,7 +496,7 @@ impl Worker {
         };
         // The pipeline runs in a child process, killed when the attempt is stopped, stalls or
         // runs past its budget; nothing the child does can hold this worker.
-        let result = self.supervisor.run(&input, &out, &opts, &done, &stop).await;
+        let result = self.supervisor.run(&input, &out, &opts, pixels, &done, &stop).await;
         finished.cancel();
         let _ = beat.await;
         if superseded.load(Ordering::SeqCst) {
@@ -482,6 +513,7 @@ impl Worker {
                     stalled: true,
                 })
             }
+            Ok(Ended::OverBudget(reason)) => return Err(Failure::new(reason, false)),
             Err(e) => return Err(Failure::new(format!("{e:#}"), true)),
         };
         // Upload under this attempt's own prefix; the manifest goes last.
@@ -614,6 +646,12 @@ pub async fn run(
             Duration::from_secs(settings.worker.max_attempt_seconds),
         )
         .with_hang_at_band(settings.worker.test_hang_at_band)
+        .with_slide_limits(
+            settings.worker.max_slide_pixels,
+            settings.worker.memory_budget_bytes,
+            settings.worker.seconds_per_gigapixel,
+        )
+        .with_allocate_bytes(settings.worker.test_allocate_bytes)
         .with_progress_every(Duration::from_secs(settings.worker.progress_seconds))
         .with_reader(settings.worker.slide_reader.into()),
     );

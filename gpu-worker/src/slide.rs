@@ -29,6 +29,64 @@ pub enum SlideError {
     Checksum { declared: String, actual: String },
     #[error("reading the uploaded file failed: {0}")]
     Io(String),
+    /// The file declares a size it cannot hold, or more than Mira takes (ADR 0023).
+    #[error("the slide is refused: {0}")]
+    Implausible(String),
+}
+
+/// At most this many full-resolution pixels per byte of file. Real slides are JPEG tiles
+/// compressed 10 to 50 times (a few pixels per byte); a level of blank glass compresses to
+/// about 90 pixels per byte. A file declaring over 1,000 is not a slide's honest size: its
+/// tiles are shared between positions, or missing.
+pub const MAX_PIXELS_PER_BYTE: u64 = 1000;
+
+/// What a slide may declare before any pixel of it is decoded (`Worker__MaxSlidePixels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_pixels: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_pixels: 40_000_000_000,
+        }
+    }
+}
+
+fn gigapixels(p: u64) -> String {
+    format!("{:.1} gigapixels", p as f64 / 1e9)
+}
+
+/// Bytes as people read them.
+pub fn readable_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// The declared geometry against the limits and the file's size: nothing is decoded.
+pub fn check_geometry(width: u64, height: u64, file_bytes: u64, limits: &Limits) -> Result<(), SlideError> {
+    let pixels = width.saturating_mul(height);
+    if pixels > limits.max_pixels {
+        return Err(SlideError::Implausible(format!(
+            "it declares {width} × {height} pixels ({}), more than Worker__MaxSlidePixels ({})",
+            gigapixels(pixels),
+            gigapixels(limits.max_pixels)
+        )));
+    }
+    let per_byte = pixels / file_bytes.max(1);
+    if per_byte > MAX_PIXELS_PER_BYTE {
+        return Err(SlideError::Implausible(format!(
+            "it declares {width} × {height} pixels in a file of {}: {per_byte} pixels per byte, where a real \
+             slide holds at most {MAX_PIXELS_PER_BYTE} (its tiles must be shared or missing)",
+            readable_bytes(file_bytes)
+        )));
+    }
+    Ok(())
 }
 
 /// The SHA-256 of a file, as lowercase hex, read in 1 MiB blocks.
@@ -121,10 +179,21 @@ impl Slide {
         Self::open_with(path, Reader::Auto)
     }
 
+    /// Opens with the default [`Limits`].
     pub fn open_with(path: &Path, reader: Reader) -> Result<Self, SlideError> {
-        if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
+        Self::open_limited(path, reader, &Limits::default())
+    }
+
+    /// Opens a slide, refusing one whose declared geometry is out of `limits` or out of
+    /// proportion to the file (ADR 0023), or whose TIFF tile tables point outside the file,
+    /// before any pixel is decoded.
+    pub fn open_limited(path: &Path, reader: Reader, limits: &Limits) -> Result<Self, SlideError> {
+        let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if file_bytes == 0 {
             return Err(SlideError::Unreadable("the file is empty or missing".into()));
         }
+        // The TIFF's own tables first: OpenSlide trusts them.
+        crate::tiff::check_layout(path, limits.max_pixels).map_err(SlideError::Implausible)?;
         let osr = OpenSlide::new(path).map_err(|e| SlideError::Unreadable(e.to_string()))?;
         let count = osr.level_count();
         if count == 0 {
@@ -152,6 +221,7 @@ impl Slide {
         if levels[0].0 == 0 || levels[0].1 == 0 {
             return Err(SlideError::Inconsistent("level 0 is empty".into()));
         }
+        check_geometry(levels[0].0, levels[0].1, file_bytes, limits)?;
         let slide = Self {
             osr,
             levels,

@@ -117,6 +117,128 @@ impl Reader {
     }
 }
 
+/// Checks a TIFF's directories before anything trusts them (ADR 0023): the main chain ends
+/// without looping, and every image in it declares at most `max_pixels`, a tile or strip
+/// table with one entry per tile or strip its size implies, and entries inside the file.
+/// Files that are not TIFFs pass (OpenSlide reads other formats), as do Hamamatsu NDPI files,
+/// whose offsets past 4 GiB wrap by design. Reads only the directories and their tables.
+pub fn check_layout(path: &Path, max_pixels: u64) -> Result<(), String> {
+    let io = |e: std::io::Error| format!("its TIFF directories cannot be read: {e}");
+    let file = Arc::new(File::open(path).map_err(io)?);
+    let len = file.metadata().map_err(io)?.len();
+    let mut head = [0u8; 16];
+    if len < 16 || file.read_exact_at(&mut head, 0).is_err() {
+        return Ok(());
+    }
+    let little = match &head[..2] {
+        b"II" => true,
+        b"MM" => false,
+        _ => return Ok(()),
+    };
+    let mut r = Reader {
+        file,
+        len,
+        little,
+        big: false,
+    };
+    let mut next = match r.uint(&head[2..4]) {
+        42 => r.uint(&head[4..8]),
+        43 => {
+            r.big = true;
+            r.uint(&head[8..16])
+        }
+        _ => return Ok(()),
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut images = Vec::new();
+    while next != 0 {
+        if !seen.insert(next) {
+            return Err("its TIFF directories form a loop".into());
+        }
+        if seen.len() > MAX_DIRECTORIES {
+            return Err(format!("it has more than {MAX_DIRECTORIES} TIFF directories"));
+        }
+        let (entries, after) = r.directory(next).map_err(io)?;
+        images.push(entries);
+        next = after;
+    }
+    // NDPI: offsets past 4 GiB keep only their low 32 bits.
+    if images.iter().flatten().any(|e| e.0 == 65420) {
+        return Ok(());
+    }
+    for (d, entries) in images.iter().enumerate() {
+        check_image(&r, d, entries, max_pixels)?;
+    }
+    Ok(())
+}
+
+fn check_image(r: &Reader, d: usize, entries: &[(u16, u16, u64, Vec<u8>)], max_pixels: u64) -> Result<(), String> {
+    let at = |what: String| format!("TIFF directory {d}: {what}");
+    let get = |tag: u16| -> Result<Option<Vec<u64>>, String> {
+        match entries.iter().find(|e| e.0 == tag) {
+            Some((_, kind, count, value)) => r
+                .values(*kind, *count, value)
+                .map(Some)
+                .map_err(|e| at(format!("tag {tag}: {e}"))),
+            None => Ok(None),
+        }
+    };
+    let one = |tag: u16| -> Result<Option<u64>, String> { Ok(get(tag)?.and_then(|v| v.first().copied())) };
+    let (Some(width), Some(height)) = (one(256)?, one(257)?) else {
+        return Ok(());
+    };
+    if width == 0 || height == 0 {
+        return Err(at(format!("an image of {width} × {height} pixels")));
+    }
+    if width.saturating_mul(height) > max_pixels {
+        return Err(at(format!(
+            "it declares {width} × {height} pixels, more than Worker__MaxSlidePixels ({max_pixels})"
+        )));
+    }
+    let planes = if one(284)? == Some(2) {
+        one(277)?.unwrap_or(1).max(1)
+    } else {
+        1
+    };
+    let (pieces, offsets_tag, counts_tag, what) = match (one(322)?, one(323)?) {
+        (Some(tw), Some(th)) => {
+            if tw == 0 || th == 0 || tw > 65535 || th > 65535 {
+                return Err(at(format!("tiles of {tw} × {th} pixels")));
+            }
+            (width.div_ceil(tw) * height.div_ceil(th) * planes, 324, 325, "tile")
+        }
+        _ => {
+            let rows = one(278)?.unwrap_or(height).clamp(1, height);
+            (height.div_ceil(rows) * planes, 273, 279, "strip")
+        }
+    };
+    if pieces > MAX_ENTRIES {
+        return Err(at(format!("{pieces} {what}s")));
+    }
+    let (Some(offsets), Some(counts)) = (get(offsets_tag)?, get(counts_tag)?) else {
+        return Err(at(format!("no {what} table")));
+    };
+    if offsets.len() as u64 != pieces || counts.len() as u64 != pieces {
+        return Err(at(format!(
+            "{width} × {height} pixels need {pieces} {what}s, but it lists {} offsets and {} sizes",
+            offsets.len(),
+            counts.len()
+        )));
+    }
+    if let Some((i, (o, c))) = offsets
+        .iter()
+        .zip(&counts)
+        .enumerate()
+        .find(|(_, (o, c))| o.checked_add(**c).is_none_or(|end| end > r.len))
+    {
+        return Err(at(format!(
+            "{what} {i} ({c} bytes at {o}) lies outside the file of {} bytes",
+            r.len
+        )));
+    }
+    Ok(())
+}
+
 /// Every tiled, JPEG-compressed, 8-bit RGB/YCbCr image of the file's main directory chain
 /// whose tile table is complete and inside the file. Anything else is skipped, not an error:
 /// OpenSlide reads it.
@@ -341,5 +463,113 @@ impl TiledJpeg {
             }
         });
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A little-endian TIFF of one tiled image: `width` × `height` in 16 × 16 tiles, each
+    /// tile `size` bytes at `offset` (one table entry per tile), then `tail` zero bytes.
+    fn tiff(width: u32, height: u32, offset: u32, size: u32, tail: usize) -> Vec<u8> {
+        let tiles = width.div_ceil(16) * height.div_ceil(16);
+        let entries: [(u16, u16, u32, u32); 6] = [
+            (256, 4, 1, width),
+            (257, 4, 1, height),
+            (322, 3, 1, 16),
+            (323, 3, 1, 16),
+            (324, 4, tiles, 0),
+            (325, 4, tiles, 0),
+        ];
+        let table = 8 + 2 + 12 * entries.len() as u32 + 4;
+        let mut b = b"II*\x00\x08\x00\x00\x00".to_vec();
+        b.extend((entries.len() as u16).to_le_bytes());
+        for (i, (tag, kind, count, value)) in entries.into_iter().enumerate() {
+            let value = match (i, tiles) {
+                (4, 1) => offset,
+                (5, 1) => size,
+                (4, _) => table,
+                (5, _) => table + 4 * tiles,
+                _ => value,
+            };
+            for v in [tag.to_le_bytes().to_vec(), kind.to_le_bytes().to_vec()] {
+                b.extend(v);
+            }
+            b.extend(count.to_le_bytes());
+            b.extend(value.to_le_bytes());
+        }
+        b.extend(0u32.to_le_bytes());
+        if tiles > 1 {
+            for _ in 0..tiles {
+                b.extend(offset.to_le_bytes());
+            }
+            for _ in 0..tiles {
+                b.extend(size.to_le_bytes());
+            }
+        }
+        b.extend(vec![0; tail]);
+        b
+    }
+
+    fn check(bytes: &[u8], max_pixels: u64) -> Result<(), String> {
+        let dir = std::env::temp_dir().join(format!("mira-tiff-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.tif");
+        std::fs::write(&path, bytes).unwrap();
+        let r = check_layout(&path, max_pixels);
+        let _ = tiled_jpeg_images(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    #[test]
+    fn tiles_outside_the_file_and_too_many_pixels_are_refused() {
+        let ok = tiff(32, 32, 100, 50, 200);
+        assert_eq!(check(&ok, 1 << 20), Ok(()));
+        let err = check(&tiff(32, 32, 100, 5000, 200), 1 << 20).unwrap_err();
+        assert!(
+            err.contains("tile 0 (5000 bytes at 100) lies outside the file"),
+            "{err}"
+        );
+        let err = check(&ok, 1000).unwrap_err();
+        assert!(
+            err.contains("32 × 32 pixels, more than Worker__MaxSlidePixels"),
+            "{err}"
+        );
+        // A table shorter than the size needs.
+        let mut short = tiff(32, 32, 100, 50, 200);
+        short[8 + 2 + 12 * 4 + 4..8 + 2 + 12 * 4 + 8].copy_from_slice(&3u32.to_le_bytes());
+        let err = check(&short, 1 << 20).unwrap_err();
+        assert!(err.contains("need 4 tiles, but it lists 3 offsets"), "{err}");
+        // A directory chain that comes back to itself.
+        let mut looped = ok.clone();
+        let next = 8 + 2 + 12 * 6;
+        looped[next..next + 4].copy_from_slice(&8u32.to_le_bytes());
+        assert_eq!(check(&looped, 1 << 20).unwrap_err(), "its TIFF directories form a loop");
+        // Not a TIFF: left to OpenSlide.
+        assert_eq!(check(b"not a tiff at all, just words", 1), Ok(()));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        /// The directory readers take any bytes without panicking or allocating past the file.
+        #[test]
+        fn any_bytes_are_read_or_refused(tail in proptest::collection::vec(any::<u8>(), 0..2048), big in any::<bool>()) {
+            let mut b = if big { b"II+\x00\x08\x00\x00\x00\x10\x00\x00\x00\x00\x00\x00\x00".to_vec() } else { b"II*\x00\x08\x00\x00\x00".to_vec() };
+            b.extend(tail);
+            let _ = check(&b, 1 << 30);
+        }
+
+        /// Mutations of a valid TIFF: each byte of the directory and its tables changed.
+        #[test]
+        fn a_valid_tiff_mutated_is_read_or_refused(at in 0usize..200, to in any::<u8>(), w in 1u32..200, h in 1u32..200) {
+            let mut b = tiff(w, h, 8, 4, 64);
+            let at = at % b.len();
+            b[at] = to;
+            let _ = check(&b, 1 << 30);
+        }
     }
 }

@@ -291,13 +291,17 @@ fn unusable_files_fail_with_a_clear_reason_and_no_manifest() {
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
     let text = dir.join("notes.svs");
     std::fs::write(&text, "a text file, not a slide").unwrap();
-    // A level whose header says 900×880 while its tiles cover 512×500.
+    // A level whose header says 900×880 while its tiles cover 512×500: its tile table is
+    // refused before OpenSlide reads it (ADR 0023).
     let impossible = pyramid(&dir);
     patch_tiff_level(&impossible, 1, 900, 880);
     for (file, expect) in [
         (&truncated, ""),
         (&text, "not a slide OpenSlide can read"),
-        (&impossible, "level 1 (900×880"),
+        (
+            &impossible,
+            "the slide is refused: TIFF directory 1: 900 × 880 pixels need 16 tiles, but it lists 4 offsets",
+        ),
     ] {
         let out = dir.join("out");
         let o = worker(&[
