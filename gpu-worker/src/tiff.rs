@@ -45,6 +45,38 @@ struct Reader {
 }
 
 impl Reader {
+    /// The file's reader and the offset of its first directory, or `None` for a file that is
+    /// not a TIFF (or BigTIFF).
+    fn open(path: &Path) -> std::io::Result<Option<(Self, u64)>> {
+        let file = Arc::new(File::open(path)?);
+        let len = file.metadata()?.len();
+        let mut head = [0u8; 8];
+        if len < 8 {
+            return Ok(None);
+        }
+        file.read_exact_at(&mut head, 0)?;
+        let little = match &head[..2] {
+            b"II" => true,
+            b"MM" => false,
+            _ => return Ok(None),
+        };
+        let mut r = Reader {
+            file,
+            len,
+            little,
+            big: false,
+        };
+        let first = match r.uint(&head[2..4]) {
+            42 => r.uint(&head[4..8]),
+            43 => {
+                r.big = true;
+                r.uint(&r.bytes(8, 8)?)
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some((r, first)))
+    }
+
     fn bytes(&self, offset: u64, n: u64) -> std::io::Result<Vec<u8>> {
         if offset.checked_add(n).is_none_or(|end| end > self.len) {
             return Err(std::io::Error::other(format!(
@@ -124,30 +156,8 @@ impl Reader {
 /// whose offsets past 4 GiB wrap by design. Reads only the directories and their tables.
 pub fn check_layout(path: &Path, max_pixels: u64) -> Result<(), String> {
     let io = |e: std::io::Error| format!("the file is truncated or damaged: its TIFF directories cannot be read ({e})");
-    let file = Arc::new(File::open(path).map_err(io)?);
-    let len = file.metadata().map_err(io)?.len();
-    let mut head = [0u8; 16];
-    if len < 16 || file.read_exact_at(&mut head, 0).is_err() {
+    let Some((r, mut next)) = Reader::open(path).map_err(io)? else {
         return Ok(());
-    }
-    let little = match &head[..2] {
-        b"II" => true,
-        b"MM" => false,
-        _ => return Ok(()),
-    };
-    let mut r = Reader {
-        file,
-        len,
-        little,
-        big: false,
-    };
-    let mut next = match r.uint(&head[2..4]) {
-        42 => r.uint(&head[4..8]),
-        43 => {
-            r.big = true;
-            r.uint(&head[8..16])
-        }
-        _ => return Ok(()),
     };
     let mut seen = std::collections::HashSet::new();
     let mut images = Vec::new();
@@ -243,28 +253,8 @@ fn check_image(r: &Reader, d: usize, entries: &[(u16, u16, u64, Vec<u8>)], max_p
 /// whose tile table is complete and inside the file. Anything else is skipped, not an error:
 /// OpenSlide reads it.
 pub fn tiled_jpeg_images(path: &Path) -> std::io::Result<Vec<TiledJpeg>> {
-    let file = Arc::new(File::open(path)?);
-    let len = file.metadata()?.len();
-    let mut head = [0u8; 16];
-    file.read_exact_at(&mut head[..8], 0)?;
-    let little = match &head[..2] {
-        b"II" => true,
-        b"MM" => false,
-        _ => return Ok(Vec::new()),
-    };
-    let mut r = Reader {
-        file: file.clone(),
-        len,
-        little,
-        big: false,
-    };
-    let mut next = match r.uint(&head[2..4]) {
-        42 => r.uint(&head[4..8]),
-        43 => {
-            r.big = true;
-            r.uint(&r.bytes(8, 8)?)
-        }
-        _ => return Ok(Vec::new()),
+    let Some((r, mut next)) = Reader::open(path)? else {
+        return Ok(Vec::new());
     };
     let mut seen = std::collections::HashSet::new();
     let mut images = Vec::new();
