@@ -40,6 +40,16 @@ SYNC=$(psql "$URL" -qAtc "SHOW synchronous_commit")
 
 psql "$URL" -q <<SQL
 CREATE TABLE bench_rows (LIKE events INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING INDEXES);
+-- The log's triggers assign these (migration 0013); the peer table takes them from defaults.
+DO \$\$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'bench_rows'
+                 AND column_name = 'global_position' AND is_identity = 'YES') THEN
+    ALTER TABLE bench_rows ALTER COLUMN global_position ADD GENERATED ALWAYS AS IDENTITY;
+  END IF;
+END
+\$\$;
+ALTER TABLE bench_rows ALTER COLUMN tx_id SET DEFAULT pg_current_xact_id();
 SQL
 cat > "$WORK/insert.sql" <<SQL
 INSERT INTO bench_rows (event_id, tenant_id, aggregate_type, aggregate_id, sequence, event_type,

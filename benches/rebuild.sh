@@ -22,7 +22,6 @@ export DATABASE_URL=${ADMIN%/*}/$DB
 t0=$(date +%s)
 psql "$DATABASE_URL" -q <<SQL
 BEGIN;
-SELECT mira_register_appender();
 INSERT INTO events (event_id, tenant_id, aggregate_type, aggregate_id, sequence, event_type, event_version,
                     recorded_at, payload, metadata, prev_hash, hash)
 SELECT gen_random_uuid(), 'bench', 'Job', j.id::text, s.seq, s.typ, s.ver, now(),

@@ -63,6 +63,12 @@ pub struct Slide {
     pub sha256: Option<String>,
     pub metadata: Option<SlideMetadata>,
     pub rejection: Option<String>,
+    /// The immutable copy's version id, when the store keeps versions.
+    #[serde(default)]
+    pub version_id: Option<String>,
+    /// The SHA-256 of the copy verification read: what every job must fetch.
+    #[serde(default)]
+    pub verified_sha256: Option<String>,
 }
 
 /// Where an uploaded slide's immutable copy lives: `POST …/uploaded` copies the upload there
@@ -86,9 +92,13 @@ pub enum SlideCommand {
     },
     MarkUploaded {
         size_bytes: u64,
+        /// The immutable copy's version id (S3, versioned bucket).
+        version_id: Option<String>,
     },
     Verify {
         metadata: SlideMetadata,
+        /// The SHA-256 (hex) of the copy the verifier read.
+        sha256: String,
         /// OpenSlide properties that can name files or people; sealed before storage.
         sensitive_properties: Option<serde_json::Value>,
     },
@@ -220,7 +230,7 @@ impl Aggregate for Slide {
                     object_key,
                 }
             }
-            SlideCommand::MarkUploaded { size_bytes } => {
+            SlideCommand::MarkUploaded { size_bytes, version_id } => {
                 if self.status != S::Registered {
                     return Err(self.refuse("mark uploaded"));
                 }
@@ -230,10 +240,11 @@ impl Aggregate for Slide {
                         actual: size_bytes,
                     });
                 }
-                SlideEvent::SlideUploaded { size_bytes }
+                SlideEvent::SlideUploaded { size_bytes, version_id }
             }
             SlideCommand::Verify {
                 mut metadata,
+                sha256,
                 sensitive_properties,
             } => {
                 if self.status != S::Uploaded {
@@ -243,6 +254,9 @@ impl Aggregate for Slide {
                     return Err(SlideError::Invalid(
                         "verified metadata needs dimensions and at least one level".into(),
                     ));
+                }
+                if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(SlideError::Invalid("sha256 must be 64 hexadecimal digits".into()));
                 }
                 let slide_id = self.slide_id.ok_or(SlideError::NotFound)?;
                 metadata.sealed_properties = match sensitive_properties {
@@ -258,7 +272,11 @@ impl Aggregate for Slide {
                     ),
                     None => None,
                 };
-                SlideEvent::SlideVerified { metadata }
+                SlideEvent::SlideVerified {
+                    metadata,
+                    sha256: Some(sha256.to_ascii_lowercase()),
+                    version_id: self.version_id.clone(),
+                }
             }
             SlideCommand::Reject { reason } => {
                 if !matches!(self.status, S::Registered | S::Uploaded) {
@@ -299,10 +317,19 @@ impl Aggregate for Slide {
                 self.content_type = content_type;
                 self.object_key = object_key;
             }
-            SlideEvent::SlideUploaded { .. } => self.status = SlideStatus::Uploaded,
-            SlideEvent::SlideVerified { metadata } => {
+            SlideEvent::SlideUploaded { version_id, .. } => {
+                self.status = SlideStatus::Uploaded;
+                self.version_id = version_id;
+            }
+            SlideEvent::SlideVerified {
+                metadata,
+                sha256,
+                version_id,
+            } => {
                 self.status = SlideStatus::Verified;
                 self.metadata = Some(metadata);
+                self.verified_sha256 = sha256;
+                self.version_id = version_id;
             }
             SlideEvent::SlideRejected { reason } => {
                 self.status = SlideStatus::Rejected;
@@ -453,12 +480,21 @@ mod tests {
         let s = services();
         framework(&s)
             .given(vec![registered(&s).await])
-            .when_async(SlideCommand::MarkUploaded { size_bytes: 100 })
+            .when_async(SlideCommand::MarkUploaded {
+                size_bytes: 100,
+                version_id: Some("v1".into()),
+            })
             .await
-            .then_expect_events(vec![SlideEvent::SlideUploaded { size_bytes: 100 }]);
+            .then_expect_events(vec![SlideEvent::SlideUploaded {
+                size_bytes: 100,
+                version_id: Some("v1".into()),
+            }]);
         framework(&s)
             .given(vec![registered(&s).await])
-            .when_async(SlideCommand::MarkUploaded { size_bytes: 99 })
+            .when_async(SlideCommand::MarkUploaded {
+                size_bytes: 99,
+                version_id: None,
+            })
             .await
             .then_expect_error(SlideError::SizeMismatch {
                 declared: 100,
@@ -466,7 +502,10 @@ mod tests {
             });
         framework(&s)
             .given_no_previous_events()
-            .when_async(SlideCommand::MarkUploaded { size_bytes: 100 })
+            .when_async(SlideCommand::MarkUploaded {
+                size_bytes: 100,
+                version_id: None,
+            })
             .await
             .then_expect_error(SlideError::NotFound);
     }
@@ -477,18 +516,27 @@ mod tests {
         framework(&s)
             .given(vec![
                 registered(&s).await,
-                SlideEvent::SlideUploaded { size_bytes: 100 },
+                SlideEvent::SlideUploaded {
+                    size_bytes: 100,
+                    version_id: Some("v7".into()),
+                },
             ])
             .when_async(SlideCommand::Verify {
                 metadata: meta(),
+                sha256: "AB".repeat(32),
                 sensitive_properties: None,
             })
             .await
-            .then_expect_events(vec![SlideEvent::SlideVerified { metadata: meta() }]);
+            .then_expect_events(vec![SlideEvent::SlideVerified {
+                metadata: meta(),
+                sha256: Some("ab".repeat(32)),
+                version_id: Some("v7".into()),
+            }]);
         framework(&s)
             .given(vec![registered(&s).await])
             .when_async(SlideCommand::Verify {
                 metadata: meta(),
+                sha256: "AB".repeat(32),
                 sensitive_properties: None,
             })
             .await
@@ -504,16 +552,20 @@ mod tests {
         let events = framework(&s)
             .given(vec![
                 registered(&s).await,
-                SlideEvent::SlideUploaded { size_bytes: 100 },
+                SlideEvent::SlideUploaded {
+                    size_bytes: 100,
+                    version_id: Some("v7".into()),
+                },
             ])
             .when_async(SlideCommand::Verify {
                 metadata: meta(),
+                sha256: "AB".repeat(32),
                 sensitive_properties: Some(serde_json::json!({"aperio.Filename": "jdoe"})),
             })
             .await
             .inspect_result()
             .unwrap();
-        let SlideEvent::SlideVerified { metadata } = &events[0] else {
+        let SlideEvent::SlideVerified { metadata, .. } = &events[0] else {
             panic!()
         };
         let sealed = metadata.sealed_properties.as_ref().unwrap();
@@ -531,7 +583,10 @@ mod tests {
         framework(&s)
             .given(vec![
                 registered(&s).await,
-                SlideEvent::SlideUploaded { size_bytes: 100 },
+                SlideEvent::SlideUploaded {
+                    size_bytes: 100,
+                    version_id: Some("v7".into()),
+                },
             ])
             .when_async(SlideCommand::Reject {
                 reason: "not a slide".into(),
@@ -548,8 +603,15 @@ mod tests {
         framework(&s)
             .given(vec![
                 registered(&s).await,
-                SlideEvent::SlideUploaded { size_bytes: 100 },
-                SlideEvent::SlideVerified { metadata: meta() },
+                SlideEvent::SlideUploaded {
+                    size_bytes: 100,
+                    version_id: Some("v7".into()),
+                },
+                SlideEvent::SlideVerified {
+                    metadata: meta(),
+                    sha256: None,
+                    version_id: None,
+                },
             ])
             .when_async(SlideCommand::Reject { reason: "x".into() })
             .await

@@ -43,8 +43,9 @@ impl ObjectStore {
         }
     }
 
-    /// A local path holding the object (downloaded into `scratch` when it lives in S3).
-    pub async fn fetch(&self, key: &str, scratch: &Path) -> Result<PathBuf, BlobError> {
+    /// A local path holding the object (downloaded into `scratch` when it lives in S3): the
+    /// version `version_id` when given (a versioned bucket), else the newest.
+    pub async fn fetch(&self, key: &str, version_id: Option<&str>, scratch: &Path) -> Result<PathBuf, BlobError> {
         if !valid_key(key) {
             return Err(BlobError::Storage(format!("invalid object key {key:?}")));
         }
@@ -56,6 +57,7 @@ impl ObjectStore {
                     .get_object()
                     .bucket(bucket)
                     .key(key)
+                    .set_version_id(version_id.map(str::to_owned))
                     .send()
                     .await
                     .map_err(s3err)?;
@@ -172,6 +174,15 @@ impl UploadPolicy {
     }
 }
 
+/// What a copy made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copied {
+    pub size: u64,
+    /// The copy's version id in a versioned bucket; none on the local store or an unversioned
+    /// bucket.
+    pub version_id: Option<String>,
+}
+
 #[async_trait::async_trait]
 pub trait BlobStore: Send + Sync {
     /// `s3` or `local`.
@@ -214,9 +225,9 @@ pub trait BlobStore: Send + Sync {
     async fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[CompletedPart]) -> Result<(), BlobError>;
     /// The object's size, or `None` when it does not exist.
     async fn size_of(&self, key: &str) -> Result<Option<u64>, BlobError>;
-    /// Copies `from` to `to` (replacing it) and returns the copy's size; `None` when `from`
-    /// does not exist. `mira dev`'s store and S3 both copy server-side.
-    async fn copy(&self, from: &str, to: &str) -> Result<Option<u64>, BlobError>;
+    /// Copies `from` to `to` (replacing it) and returns the copy's size and version; `None`
+    /// when `from` does not exist. `mira dev`'s store and S3 both copy server-side.
+    async fn copy(&self, from: &str, to: &str) -> Result<Option<Copied>, BlobError>;
     /// A short-lived URL to download the result object `key` (from the results bucket, where
     /// one is set apart).
     async fn download_url(&self, key: &str) -> Result<String, BlobError>;
@@ -287,6 +298,21 @@ impl S3Blobs {
             .upload_id()
             .map(str::to_owned)
             .ok_or_else(|| BlobError::Storage("CreateMultipartUpload returned no upload id".into()))
+    }
+
+    /// The object's size and version id; `None` when it does not exist.
+    async fn head(&self, key: &str) -> Result<Option<Copied>, BlobError> {
+        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(h) => Ok(Some(Copied {
+                size: h.content_length().unwrap_or(0).max(0) as u64,
+                version_id: h
+                    .version_id()
+                    .filter(|v| !v.is_empty() && *v != "null")
+                    .map(str::to_owned),
+            })),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) => Err(s3err(e)),
+        }
     }
 
     /// A server-side copy of an object larger than one CopyObject may be (5 GiB), part by part.
@@ -471,14 +497,10 @@ impl BlobStore for S3Blobs {
     }
 
     async fn size_of(&self, key: &str) -> Result<Option<u64>, BlobError> {
-        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
-            Ok(h) => Ok(Some(h.content_length().unwrap_or(0).max(0) as u64)),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
-            Err(e) => Err(s3err(e)),
-        }
+        Ok(self.head(key).await?.map(|c| c.size))
     }
 
-    async fn copy(&self, from: &str, to: &str) -> Result<Option<u64>, BlobError> {
+    async fn copy(&self, from: &str, to: &str) -> Result<Option<Copied>, BlobError> {
         let Some(size) = self.size_of(from).await? else {
             return Ok(None);
         };
@@ -495,7 +517,9 @@ impl BlobStore for S3Blobs {
         } else {
             self.copy_in_parts(&source, to, size).await?;
         }
-        self.size_of(to)
+        // The version the copy made: the gateway serialises the copies of one slide, and no
+        // URL is ever issued for the copy's key, so the newest version is this copy.
+        self.head(to)
             .await?
             .ok_or_else(|| BlobError::Storage(format!("the copy {to} is missing after copying")))
             .map(Some)
@@ -941,12 +965,12 @@ impl BlobStore for LocalBlobs {
         }
     }
 
-    async fn copy(&self, from: &str, to: &str) -> Result<Option<u64>, BlobError> {
+    async fn copy(&self, from: &str, to: &str) -> Result<Option<Copied>, BlobError> {
         if !valid_key(from) || !valid_key(to) {
             return Err(BlobError::Storage(format!("invalid object key {from:?} or {to:?}")));
         }
         let (src, dst) = (self.path_of(from), self.path_of(to));
-        tokio::task::spawn_blocking(move || -> std::io::Result<Option<u64>> {
+        tokio::task::spawn_blocking(move || -> std::io::Result<Option<Copied>> {
             if !src.is_file() {
                 return Ok(None);
             }
@@ -960,7 +984,10 @@ impl BlobStore for LocalBlobs {
             let n = std::io::copy(&mut std::fs::File::open(&src)?, &mut out)?;
             out.sync_all()?;
             std::fs::rename(&tmp, &dst)?;
-            Ok(Some(n))
+            Ok(Some(Copied {
+                size: n,
+                version_id: None,
+            }))
         })
         .await
         .map_err(|e| BlobError::Storage(e.to_string()))?

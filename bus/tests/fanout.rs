@@ -215,7 +215,10 @@ impl World {
             slide_cqrs
                 .execute_with_metadata(
                     &id.to_string(),
-                    SlideCommand::MarkUploaded { size_bytes: 10 },
+                    SlideCommand::MarkUploaded {
+                        size_bytes: 10,
+                        version_id: None,
+                    },
                     self.ctx().to_cqrs(),
                 )
                 .await

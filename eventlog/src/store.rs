@@ -112,12 +112,13 @@ impl From<sqlx::Error> for AppendError {
     }
 }
 
-/// Registers the caller's transaction as an appender of the log: it holds the followers'
-/// bound back until it ends. Must come before the transaction's first write; a second call
-/// in the same transaction does nothing.
-pub async fn register_appender(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT mira_register_appender()").execute(conn).await?;
-    Ok(())
+/// The appending transaction's timestamp, which the log requires as every event's
+/// `recorded_at` (migration 0013): read in the transaction before hashing. Writes nothing, so
+/// the transaction's first write can still be its append.
+pub async fn transaction_time(conn: &mut PgConnection) -> Result<DateTime<Utc>, sqlx::Error> {
+    sqlx::query_scalar("SELECT transaction_timestamp()")
+        .fetch_one(conn)
+        .await
 }
 
 pub const COLUMNS: &str = "global_position, tx_id::text::bigint AS tx_id, event_id, \
@@ -193,9 +194,6 @@ impl EventLog {
     /// Appends `events` (consecutive events of aggregates, in sequence order) in one
     /// transaction.
     pub async fn append(&self, tenant: &TenantId, events: &[NewEvent]) -> Result<Vec<StoredEvent>, AppendError> {
-        // Registering separately from BEGIN (not `BEGIN; SELECT …` in one round trip): a failed
-        // registration then leaves a transaction that sqlx knows to roll back, not an aborted
-        // one it would hand to the next user of the pooled connection.
         let mut tx = self.pool.begin().await?;
         let stored = Self::append_in_tx(&mut tx, tenant, events).await?;
         tx.commit().await?;
@@ -206,15 +204,16 @@ impl EventLog {
     /// Two writers racing for one sequence number: the second gets `Conflict` when it inserts
     /// (the unique stream key), and its transaction writes nothing.
     ///
-    /// The transaction registers as an appender first (DESIGN §4.1, ADR 0010), so it must not
-    /// have written anything before: a transaction that already holds an id gets
-    /// [`AppendError::NotFirstWrite`] and nothing is appended.
+    /// The log registers the transaction as an appender at its first insert (DESIGN §4.1,
+    /// ADR 0010), so the append must be the transaction's first write: a transaction that
+    /// already holds an id and has appended nothing gets [`AppendError::NotFirstWrite`] and
+    /// nothing is appended. Every event's `recorded_at` is the transaction's timestamp.
     pub async fn append_in_tx(
         conn: &mut PgConnection,
         tenant: &TenantId,
         events: &[NewEvent],
     ) -> Result<Vec<StoredEvent>, AppendError> {
-        register_appender(&mut *conn).await?;
+        let recorded_at = transaction_time(&mut *conn).await?;
         let mut stored: Vec<StoredEvent> = Vec::with_capacity(events.len());
         for e in events {
             let conflict = || AppendError::Conflict {
@@ -261,7 +260,7 @@ impl EventLog {
                 sequence: e.sequence as i64,
                 event_type: e.event_type.clone(),
                 event_version: e.event_version.clone(),
-                recorded_at: now_micros(),
+                recorded_at,
                 payload: e.payload.clone(),
                 metadata: e.metadata.clone(),
                 prev_hash,

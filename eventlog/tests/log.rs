@@ -836,37 +836,142 @@ async fn an_open_appender_holds_the_bound_and_is_not_skipped_when_it_commits_mid
     );
 }
 
-#[tokio::test]
-async fn an_unregistered_insert_into_the_log_is_refused() {
-    let db = TestDb::new().await;
-    let err = sqlx::query(
-        "INSERT INTO events (event_id, tenant_id, aggregate_type, aggregate_id, sequence, event_type, \
-         event_version, recorded_at, payload, metadata, prev_hash, hash) \
-         VALUES (gen_random_uuid(), 'lab', 'Test', 'x', 1, 'Tick', '1', now(), '{}', '{}', \
-         decode(repeat('00', 32), 'hex'), decode(repeat('00', 32), 'hex'))",
+/// A raw insert of one `Test` event with the given extra columns and values (`recorded_at`
+/// is among them when `time` is not `now()`).
+fn raw_insert(extra_columns: &str, extra_values: &str, time: &str) -> String {
+    format!(
+        "INSERT INTO events ({extra_columns}event_id, tenant_id, aggregate_type, aggregate_id, sequence, \
+         event_type, event_version, recorded_at, payload, metadata, prev_hash, hash) \
+         VALUES ({extra_values}gen_random_uuid(), 'lab', 'Test', 'raw', 1, 'Tick', '1', {time}, '{{}}', '{{}}', \
+         decode(repeat('00', 32), 'hex'), decode(repeat('00', 32), 'hex'))"
     )
-    .execute(&db.pool)
-    .await
-    .unwrap_err();
-    assert_eq!(mira_eventlog::db::sqlstate(&err).as_deref(), Some("55000"), "{err}");
-    assert!(err.to_string().contains("mira_register_appender"), "{err}");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&db.pool)
+}
+
+async fn count_events(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
         .await
-        .unwrap();
-    assert_eq!(n, 0);
+        .unwrap()
 }
 
 #[tokio::test]
-async fn registering_after_the_transaction_has_an_id_is_refused() {
+async fn the_log_assigns_order_and_time_and_refuses_chosen_values() {
     let db = TestDb::new().await;
-    let mut tx = hold_an_id(&db.pool).await;
-    let err = sqlx::query("SELECT mira_register_appender()")
-        .execute(&mut *tx)
-        .await
-        .unwrap_err();
-    assert_eq!(mira_eventlog::db::sqlstate(&err).as_deref(), Some("55000"), "{err}");
-    tx.rollback().await.unwrap();
+    // As the application's login role: a chosen transaction id, a chosen position (with and
+    // without OVERRIDING SYSTEM VALUE), a time in the past or the future are refused.
+    for (sql, state) in [
+        (raw_insert("tx_id, ", "'3', ", "now()"), "42501"),
+        (raw_insert("global_position, ", "1, ", "now()"), "42501"),
+        (
+            raw_insert("global_position, ", "1, ", "now()").replace(") VALUES", ") OVERRIDING SYSTEM VALUE VALUES"),
+            "42501",
+        ),
+        (raw_insert("", "", "now() - interval '1 hour'"), "23514"),
+        (raw_insert("", "", "clock_timestamp() + interval '1 second'"), "23514"),
+    ] {
+        let err = sqlx::query(&sql).execute(&db.pool).await.unwrap_err();
+        assert_eq!(
+            mira_eventlog::db::sqlstate(&err).as_deref(),
+            Some(state),
+            "{sql}: {err}"
+        );
+    }
+    assert_eq!(count_events(&db.pool).await, 0);
+    // The sequence is the log's alone: the role can neither take nor set a position.
+    for sql in [
+        "SELECT nextval('events_global_position_seq')",
+        "SELECT setval('events_global_position_seq', 1)",
+    ] {
+        let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err();
+        assert_eq!(
+            mira_eventlog::db::sqlstate(&err).as_deref(),
+            Some("42501"),
+            "{sql}: {err}"
+        );
+    }
+    // An honest raw insert, with no registration call: the database registers it, and assigns
+    // the transaction's id and the next position.
+    let mut tx = db.pool.begin().await.unwrap();
+    let (tx_id, position, own): (i64, i64, i64) = sqlx::query_as(&format!(
+        "{} RETURNING tx_id::text::bigint, global_position, pg_current_xact_id()::text::bigint",
+        raw_insert("", "", "now()")
+    ))
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(tx_id, own);
+    assert!(position >= 1);
+    let holds_k: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory' \
+         AND classid = 1835627105 AND objid = 1819240225 AND granted)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert!(holds_k, "the first insert takes the appenders' lock");
+    tx.commit().await.unwrap();
+    assert_eq!(count_events(&db.pool).await, 1);
+}
+
+/// The late-commit attack (ADR 0010): a transaction that has an id before it looks like an
+/// appender (it set the old registration setting, and takes the appenders' lock K itself after
+/// a first write) holds its insert while the followers pass its id. The insert is refused, so
+/// nothing can commit behind their cursors.
+#[tokio::test]
+async fn an_insert_after_a_first_write_is_refused_however_the_transaction_dresses_up() {
+    let db = TestDb::new().await;
+    let log = EventLog::new(db.pool.clone());
+    // (what the transaction does after its first write, whether the followers pass its id)
+    for (dress, passed) in [
+        ("SELECT set_config('mira.appender', 'on', true)", true),
+        ("SELECT 1", true),
+        // Holding K with an id holds the followers back (it cannot be told from an appender),
+        // but still cannot append.
+        ("SELECT pg_advisory_xact_lock_shared(1835627105, 1819240225)", false),
+    ] {
+        let mut attacker = db.pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO due_work (kind, key, due_at) VALUES ('k', 'attack', now())")
+            .execute(&mut *attacker)
+            .await
+            .unwrap();
+        sqlx::query(dress).execute(&mut *attacker).await.unwrap();
+        let id = tx_id(&mut attacker).await;
+        // The followers advance past the attacker's id while it is open.
+        let n = count_events(&db.pool).await as u64;
+        let appended = log.append(&tenant("lab"), &[tick("honest", n + 1)]).await.unwrap();
+        assert!(appended[0].tx_id > id);
+        let seen = log.read_after(Cursor::START, 100).await.unwrap();
+        if passed {
+            assert_eq!(
+                seen.last().map(|e| e.sequence),
+                Some(n as i64 + 1),
+                "the follower passed the open id"
+            );
+            assert!(log.watermark().await.unwrap() > id);
+        } else {
+            assert!(log.watermark().await.unwrap() <= id);
+        }
+        let err = sqlx::query(&raw_insert("", "", "now()"))
+            .execute(&mut *attacker)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            mira_eventlog::db::sqlstate(&err).as_deref(),
+            Some("55000"),
+            "{dress}: {err}"
+        );
+        assert!(err.to_string().contains("first write"), "{err}");
+        attacker.rollback().await.unwrap();
+    }
+    // Only the honest events are in the log.
+    let all = log.read_after(Cursor::START, 100).await.unwrap();
+    assert!(all.iter().all(|e| e.aggregate_id == "honest"), "{all:?}");
+    assert_eq!(all.len(), 3);
+}
+
+#[tokio::test]
+async fn an_append_after_the_transaction_has_an_id_is_refused() {
+    let db = TestDb::new().await;
     // Through the log's own API: a transaction that already wrote cannot append.
     let mut tx = db.pool.begin().await.unwrap();
     sqlx::query("INSERT INTO due_work (kind, key, due_at) VALUES ('k', 'x', now())")
@@ -878,7 +983,7 @@ async fn registering_after_the_transaction_has_an_id_is_refused() {
         .unwrap_err();
     assert!(matches!(err, mira_eventlog::AppendError::NotFirstWrite(_)), "{err}");
     tx.rollback().await.unwrap();
-    // Registered first, the same transaction may write elsewhere and append more than once.
+    // Appending first, the same transaction may write elsewhere and append more than once.
     let mut tx = db.pool.begin().await.unwrap();
     EventLog::append_in_tx(&mut tx, &tenant("lab"), &[tick("a", 1)])
         .await
@@ -891,6 +996,19 @@ async fn registering_after_the_transaction_has_an_id_is_refused() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
+    // A savepoint rolled back takes its append with it: a later insert in the transaction is
+    // no longer preceded by one of its own events.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SAVEPOINT s").execute(&mut *tx).await.unwrap();
+    EventLog::append_in_tx(&mut tx, &tenant("lab"), &[tick("b", 1)])
+        .await
+        .unwrap();
+    sqlx::query("ROLLBACK TO SAVEPOINT s").execute(&mut *tx).await.unwrap();
+    let err = EventLog::append_in_tx(&mut tx, &tenant("lab"), &[tick("b", 1)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, mira_eventlog::AppendError::NotFirstWrite(_)), "{err}");
+    tx.rollback().await.unwrap();
     settle(&db.pool).await;
 }
 

@@ -49,9 +49,20 @@ pub enum SlideEvent {
     },
     SlideUploaded {
         size_bytes: u64,
+        /// The immutable copy's S3 version id (a versioned bucket), which verification and
+        /// every job read; none on the local store.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version_id: Option<String>,
     },
     SlideVerified {
         metadata: SlideMetadata,
+        /// The SHA-256 of the copy that was verified (hex): every job checks the bytes it
+        /// fetches against it. Absent on slides verified before it was recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+        /// The copy's version id, from `SlideUploaded`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version_id: Option<String>,
     },
     SlideRejected {
         reason: String,

@@ -385,7 +385,8 @@ pub async fn seed(commands: &Commands, jobs: u64) -> anyhow::Result<SeedReport> 
         let n = remaining.min(PER_TX / COMMANDS_PER_JOB);
         remaining -= n;
         let mut tx = pool.begin().await?;
-        mira_eventlog::store::register_appender(&mut tx).await?;
+        // The log takes each event's recorded_at from the transaction (migration 0013).
+        let recorded_at = mira_eventlog::store::transaction_time(&mut tx).await?;
         let mut copy = tx
             .copy_in_raw(
                 "COPY events (event_id, tenant_id, aggregate_type, aggregate_id, sequence, event_type, \
@@ -400,7 +401,7 @@ pub async fn seed(commands: &Commands, jobs: u64) -> anyhow::Result<SeedReport> 
                 let mut e = StoredEvent {
                     event_id: uuid::Uuid::now_v7(),
                     aggregate_id: id.clone(),
-                    recorded_at: mira_eventlog::store::now_micros(),
+                    recorded_at,
                     prev_hash: prev,
                     ..t.clone()
                 };

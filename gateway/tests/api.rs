@@ -1473,17 +1473,18 @@ async fn health_readiness_metrics_and_the_openapi_document() {
 async fn metrics_export_projection_lag_and_the_watermark_lag() {
     let app = spawn_app(Storage::Local).await;
     let t = app.token("lab-a", &["pathologist"]);
-    // Hold the watermark: a registered appender with an id stays open while events are
+    // Hold the watermark: an appender stays open, never committing, while events are
     // appended (only appenders hold it; see the fan-out tests below).
     let mut holder = app.db.pool.begin().await.unwrap();
-    sqlx::query("SELECT mira_register_appender()")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO events (event_id, tenant_id, aggregate_type, aggregate_id, sequence, event_type, \
+         event_version, recorded_at, payload, metadata, prev_hash, hash) \
+         VALUES (gen_random_uuid(), 'lab-a', 'Hold', 'h', 1, 'Hold', '1', now(), '{}', '{}', \
+         decode(repeat('00', 32), 'hex'), decode(repeat('00', 32), 'hex'))",
+    )
+    .execute(&mut *holder)
+    .await
+    .unwrap();
     app.upload_slide(&t, b"bytes").await;
     let metrics = eventually("a held watermark in /metrics", || async {
         let text = app.metrics().await;
@@ -3583,4 +3584,235 @@ async fn a_minute_long_job_writes_a_few_events_with_the_default_lease() {
         "{} events in {ran:?}: {events:?}",
         events.len()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The verified copy is what jobs process (issue 30)
+
+/// Holds the copy claim of `slide` the way a completion that is copying holds it; released
+/// when the returned connection is closed.
+async fn hold_copy_claim(app: &App, slide: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+        .bind(format!("mira.slide-copy:{slide}"))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(got);
+    conn
+}
+
+/// Registers a slide of `bytes` and PUTs them; returns its id and upload plan.
+async fn registered_and_put(app: &App, t: &str, bytes: &[u8]) -> (String, Value) {
+    let r = app
+        .post(
+            t,
+            "/api/slides",
+            json!({"name": "swap", "size_bytes": bytes.len(), "content_type": "image/tiff"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let id = r.body["slide_id"].as_str().unwrap().to_owned();
+    assert!(put_upload(&app.http, &r.body["upload"], bytes).await.is_none());
+    (id, r.body["upload"].clone())
+}
+
+/// Two completions of one upload with a byte swap between them: the second, while the first
+/// copies, is refused (409); once the first is recorded, a completion after other bytes were
+/// PUT through the still-valid URL copies nothing; and a copy changed behind the log's back
+/// is refused by the job, for good, with both hashes.
+#[tokio::test]
+async fn a_swapped_upload_is_never_processed_on_the_local_store() {
+    use sha2::Digest;
+    let app = spawn_app(Storage::Local).await;
+    let _worker = spawn_worker(&app, &[]);
+    let t = app.token("lab-a", &["pathologist"]);
+    let bytes = blank_slide(&app.dir);
+    let mut other = bytes.clone();
+    let n = other.len();
+    other[n - 1] ^= 0xff;
+    let (slide, upload) = registered_and_put(&app, &t, &bytes).await;
+    let done = format!("/api/slides/{slide}/uploaded");
+    let claim = hold_copy_claim(&app, &slide).await;
+    let r = app.post(&t, &done, json!({})).await;
+    assert_problem(&r, StatusCode::CONFLICT);
+    assert!(r.body["detail"].as_str().unwrap().contains("in progress"), "{}", r.body);
+    sqlx::Connection::close(claim).await.unwrap();
+    let r = app.post(&t, &done, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(put_upload(&app.http, &upload, &other).await.is_none());
+    let r = app.post(&t, &done, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let copy = app
+        .dir
+        .join("blobs")
+        .join(mira_aggregates::copy_key(&format!("slides/lab-a/{slide}")));
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        bytes,
+        "the copy is the first upload's bytes"
+    );
+    eventually("the slide verified", || async {
+        let s = app.get(&t, &format!("/api/slides/{slide}")).await.body;
+        (s["status"] == "verified").then_some(s)
+    })
+    .await;
+    let job = |slide: String| {
+        let (app, t) = (&app, &t);
+        async move {
+            let id = app
+                .post(t, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
+                .await
+                .body["job_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            job_status_until(
+                app,
+                t,
+                &id,
+                &["succeeded", "failed", "cancelled"],
+                Duration::from_secs(180),
+            )
+            .await
+        }
+    };
+    let j = job(slide.clone()).await;
+    assert_eq!(j["status"], "succeeded", "{j}");
+    // The copy changes behind the log's back: the next job refuses it.
+    std::fs::write(&copy, &other).unwrap();
+    let j = job(slide.clone()).await;
+    assert_eq!(j["status"], "failed", "{j}");
+    assert_eq!(j["attempt"], 1, "not retried: {j}");
+    let failure = j["failure"].as_str().unwrap();
+    assert!(
+        failure.starts_with("the slide's bytes changed after it was verified (verified SHA-256 ")
+            && failure.contains(&hex::encode(sha2::Sha256::digest(&bytes)))
+            && failure.contains(&hex::encode(sha2::Sha256::digest(&other))),
+        "{failure}"
+    );
+    app.stop().await;
+}
+
+/// On S3 (moto, a versioned bucket): a second completion while the first copies is refused,
+/// the copy's version is recorded with `SlideUploaded`, and a completion after a byte swap
+/// through the still-valid URL makes no new version of the copy.
+#[tokio::test]
+async fn a_swapped_upload_makes_no_new_copy_on_s3() {
+    let app = spawn_app(Storage::S3).await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk().await)
+            .force_path_style(true)
+            .build(),
+    );
+    let bucket = app.bucket.clone().unwrap();
+    s3.put_bucket_versioning()
+        .bucket(&bucket)
+        .versioning_configuration(
+            aws_sdk_s3::types::VersioningConfiguration::builder()
+                .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let t = app.token("lab-a", &["pathologist"]);
+    let bytes = b"the first upload's bytes".to_vec();
+    let other = b"the other upload's bytes".to_vec();
+    let (slide, upload) = registered_and_put(&app, &t, &bytes).await;
+    let done = format!("/api/slides/{slide}/uploaded");
+    let claim = hold_copy_claim(&app, &slide).await;
+    assert_problem(&app.post(&t, &done, json!({})).await, StatusCode::CONFLICT);
+    sqlx::Connection::close(claim).await.unwrap();
+    assert_eq!(app.post(&t, &done, json!({})).await.status, StatusCode::OK);
+    assert!(put_upload(&app.http, &upload, &other).await.is_none());
+    assert_eq!(app.post(&t, &done, json!({})).await.status, StatusCode::OK);
+    let recorded: String = sqlx::query_scalar(
+        "SELECT payload::jsonb ->> 'version_id' FROM events WHERE aggregate_id = $1 AND event_type = 'SlideUploaded'",
+    )
+    .bind(&slide)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    let versions = s3
+        .list_object_versions()
+        .bucket(&bucket)
+        .prefix("immutable/")
+        .send()
+        .await
+        .unwrap();
+    let versions: Vec<_> = versions
+        .versions()
+        .iter()
+        .filter(|v| v.key().is_some_and(|k| k.contains(&slide)))
+        .collect();
+    assert_eq!(versions.len(), 1, "one copy, never replaced: {versions:?}");
+    assert_eq!(versions[0].version_id(), Some(recorded.as_str()));
+    let copy = s3
+        .get_object()
+        .bucket(&bucket)
+        .key(versions[0].key().unwrap())
+        .version_id(&recorded)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(copy.body.collect().await.unwrap().into_bytes().as_ref(), &bytes[..]);
+    app.stop().await;
+}
+
+/// `projections rebuild --verify` compares without holding back live delivery: while its
+/// comparison is held open, a new slide reaches the read model and the WebSocket.
+#[tokio::test]
+async fn a_verifying_rebuild_does_not_hold_back_live_delivery() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let first = app.upload_slide(&t, b"before the rebuild").await;
+    eventually("the first slide in the read model", || async {
+        (app.get(&t, &format!("/api/slides/{first}")).await.status == StatusCode::OK).then_some(Value::Null)
+    })
+    .await;
+    let mut socket = connect(&app, &t, None).await;
+    assert_eq!(next_json(&mut socket).await["type"], "hello");
+    let (comparing, is_comparing) = tokio::sync::oneshot::channel::<()>();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let pool = app.db.pool.clone();
+    let rebuild = tokio::spawn(async move {
+        mira_projections::rebuild::rebuild_with(&pool, true, |_| {}, async move {
+            comparing.send(()).unwrap();
+            released.await.unwrap();
+        })
+        .await
+    });
+    tokio::time::timeout(Duration::from_secs(60), is_comparing)
+        .await
+        .expect("the rebuild reaches its comparison")
+        .unwrap();
+    let second = app.upload_slide(&t, b"during the comparison").await;
+    eventually(
+        "the second slide in the read model while the rebuild compares",
+        || async {
+            (app.get(&t, &format!("/api/slides/{second}")).await.status == StatusCode::OK).then_some(Value::Null)
+        },
+    )
+    .await;
+    until(&mut socket, "the second slide on the WebSocket", |m| {
+        m.to_string().contains(&second)
+    })
+    .await;
+    assert!(!rebuild.is_finished(), "the comparison is still held open");
+    release.send(()).unwrap();
+    let report = rebuild.await.unwrap().unwrap();
+    assert!(
+        report.swapped && report.differences.is_empty(),
+        "{:?}",
+        report.differences
+    );
+    for slide in [&first, &second] {
+        assert_eq!(
+            app.get(&t, &format!("/api/slides/{slide}")).await.status,
+            StatusCode::OK
+        );
+    }
+    app.stop().await;
 }

@@ -197,7 +197,11 @@ impl Worker {
         tokio::fs::create_dir_all(&scratch).await.map_err(failed)?;
         let path = self
             .store
-            .fetch(&mira_aggregates::copy_key(&slide.object_key), &scratch)
+            .fetch(
+                &mira_aggregates::copy_key(&slide.object_key),
+                slide.version_id.as_deref(),
+                &scratch,
+            )
             .await
             .map_err(failed)?;
         let declared = slide.sha256.clone();
@@ -208,10 +212,11 @@ impl Worker {
         // Reasons reach the API: they name the upload, never where this worker keeps it.
         let where_ = path.display().to_string();
         let opened = tokio::task::spawn_blocking(move || {
-            // The declared checksum first: a slide that is not the bytes the client meant is
-            // refused however well it opens.
+            // The checksum first, recorded with the verdict so that every job can check it
+            // fetched these bytes; and against the declared one: a slide that is not the bytes
+            // the client meant is refused however well it opens.
+            let got = crate::slide::sha256_of(&path).map_err(|e| crate::slide::SlideError::Io(e.to_string()))?;
             if let Some(want) = declared {
-                let got = crate::slide::sha256_of(&path).map_err(|e| crate::slide::SlideError::Io(e.to_string()))?;
                 if !got.eq_ignore_ascii_case(&want) {
                     return Err(crate::slide::SlideError::Checksum {
                         declared: want,
@@ -219,20 +224,21 @@ impl Worker {
                     });
                 }
             }
-            crate::slide::Slide::open_limited(&path, reader, &limits).map(|s| s.metadata())
+            crate::slide::Slide::open_limited(&path, reader, &limits).map(|s| (s.metadata(), got))
         })
         .await
         .map_err(failed)?;
         let _ = tokio::fs::remove_dir_all(&scratch).await;
         match &opened {
-            Ok((m, _)) => {
+            Ok(((m, _), _)) => {
                 tracing::info!(slide_id = %id, levels = m.levels.len(), "slide verified: {}×{} px", m.width, m.height)
             }
             Err(why) => tracing::info!(slide_id = %id, "slide rejected: {why}"),
         }
         let command = match opened {
-            Ok((metadata, private)) => SlideCommand::Verify {
+            Ok(((metadata, private), sha256)) => SlideCommand::Verify {
                 metadata,
+                sha256,
                 sensitive_properties: private.as_object().is_some_and(|o| !o.is_empty()).then_some(private),
             },
             Err(why) => SlideCommand::Reject {
@@ -381,9 +387,31 @@ impl Worker {
             .map_err(|e| (e.to_string(), true))?;
         let input = self
             .store
-            .fetch(&mira_aggregates::copy_key(&slide.object_key), &scratch)
+            .fetch(
+                &mira_aggregates::copy_key(&slide.object_key),
+                slide.version_id.as_deref(),
+                &scratch,
+            )
             .await
             .map_err(|e| (format!("cannot fetch the slide: {e:#}"), true))?;
+        // The bytes verified are the bytes processed: a copy that changed after verification
+        // fails the job for good (a retry would fetch the same).
+        if let Some(want) = slide.verified_sha256.clone() {
+            let path = input.clone();
+            let got = tokio::task::spawn_blocking(move || crate::slide::sha256_of(&path))
+                .await
+                .map_err(|e| (e.to_string(), true))?
+                .map_err(|e| (format!("cannot read the fetched slide: {e}"), true))?;
+            if !got.eq_ignore_ascii_case(&want) {
+                tracing::error!(job_id = %id, slide_id = %slide_id, verified = %want, fetched = %got, "the slide changed after verification");
+                return Err(Failure::new(
+                    format!(
+                        "the slide's bytes changed after it was verified (verified SHA-256 {want}, fetched {got}): it is not processed"
+                    ),
+                    false,
+                ));
+            }
+        }
         let out = scratch.join("out");
         let opts = match &spec {
             JobSpec::Preprocess(p) => Options {

@@ -116,7 +116,14 @@ impl World {
     async fn slide(&self) -> SlideId {
         let id = self.registered_slide().await;
         self.commands
-            .slide(&user(), id, SlideCommand::MarkUploaded { size_bytes: 10 })
+            .slide(
+                &user(),
+                id,
+                SlideCommand::MarkUploaded {
+                    size_bytes: 10,
+                    version_id: None,
+                },
+            )
             .await
             .unwrap();
         id
@@ -165,6 +172,7 @@ impl World {
                 slide,
                 SlideCommand::Verify {
                     metadata,
+                    sha256: "0".repeat(64),
                     sensitive_properties: None,
                 },
             )

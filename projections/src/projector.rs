@@ -337,7 +337,7 @@ impl Projector {
                     }
                     let md: Metadata = serde_json::from_str(&e.metadata).map_err(failed)?;
                     let event: SlideEvent = decode(e)?;
-                    if let SlideEvent::SlideUploaded { size_bytes } = &event {
+                    if let SlideEvent::SlideUploaded { size_bytes, .. } = &event {
                         usage.entry(e.tenant_id.clone()).or_default().bytes_uploaded += *size_bytes as i64;
                     }
                     fold(&mut slides, e, &md, event)?;

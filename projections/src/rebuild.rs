@@ -4,10 +4,13 @@
 //! 1. Drop what an interrupted rebuild left (`rm_rebuild`), so a rerun starts clean.
 //! 2. Replay the log into `rm_rebuild` in batches, reporting events/s and an ETA.
 //! 3. Catch up with the live log until a round brings little.
-//! 4. Swap: take the projector lock exclusively (in-flight projector transactions finish, new
-//!    ones wait), apply the last events below the watermark, optionally compare with the live
-//!    schema, and rename `rm` away and `rm_rebuild` to `rm`. Readers see the old model until
-//!    the commit and the new one after; never an empty or half-built one.
+//! 4. With `--verify`, compare: hold the projector lock just long enough to bring the rebuilt
+//!    model to the watermark and take one repeatable-read snapshot of both models, then compare
+//!    in that snapshot while live delivery goes on; differences keep the live model.
+//! 5. Swap: take the projector lock exclusively (in-flight projector transactions finish, new
+//!    ones wait), apply the last events below the watermark, and rename `rm` away and
+//!    `rm_rebuild` to `rm`. Readers see the old model until the commit and the new one after;
+//!    never an empty or half-built one.
 //!
 //! Events the live projector applies later and the rebuild already has are skipped by the
 //! projector's per-row sequence guard.
@@ -149,7 +152,18 @@ pub async fn compare(conn: &mut PgConnection, live: &str, rebuilt: &str) -> Resu
 pub async fn rebuild(
     pool: &PgPool,
     verify: bool,
+    progress: impl FnMut(&Progress),
+) -> Result<RebuildReport, ApplyError> {
+    rebuild_with(pool, verify, progress, async {}).await
+}
+
+/// [`rebuild`], awaiting `while_comparing` once the comparison's snapshot is taken and before
+/// it is read: a test holds the comparison open with it to show that live delivery goes on.
+pub async fn rebuild_with(
+    pool: &PgPool,
+    verify: bool,
     mut progress: impl FnMut(&Progress),
+    while_comparing: impl std::future::Future<Output = ()>,
 ) -> Result<RebuildReport, ApplyError> {
     let started = Instant::now();
     // Schema work runs as the owner, through functions that do one fixed thing each (the
@@ -183,6 +197,34 @@ pub async fn rebuild(
             break; // caught up closely enough; the swap takes the rest
         }
     }
+    // The comparison, with --verify: both models read at one point of the log, without holding
+    // anything the relay or the live projector waits on while it reads.
+    let (differences, difference_count) = if verify {
+        let (mut snapshot, at) = comparison_snapshot(pool, &projector, cursor).await?;
+        done += at.1;
+        cursor = at.0;
+        while_comparing.await;
+        let found = compare(&mut snapshot, LIVE, BUILD).await?;
+        snapshot.rollback().await?;
+        found
+    } else {
+        (Vec::new(), 0)
+    };
+    if difference_count > 0 {
+        sqlx::query("SELECT mira_rebuild_drop($1)")
+            .bind(BUILD)
+            .execute(pool)
+            .await?;
+        let seconds = started.elapsed().as_secs_f64();
+        return Ok(RebuildReport {
+            events: done,
+            seconds,
+            events_per_second: done as f64 / seconds.max(1e-9),
+            differences,
+            difference_count,
+            swapped: false,
+        });
+    }
     // The swap.
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -196,30 +238,16 @@ pub async fn rebuild(
         apply_batch(&mut tx, &projector, &batch).await?;
         done += batch.len() as u64;
     }
-    // The projector's role reads both models whole (no tenant policy) and may run the swap.
+    // The projector's role may run the swap.
     sqlx::query("SET LOCAL ROLE mira_projector").execute(&mut *tx).await?;
-    let (differences, difference_count) = if verify {
-        compare(&mut tx, LIVE, BUILD).await?
-    } else {
-        (Vec::new(), 0)
-    };
-    let swapped = difference_count == 0;
-    if swapped {
-        let retired: String = sqlx::query_scalar("SELECT mira_rebuild_swap()")
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        sqlx::query("SELECT mira_rebuild_drop($1)")
-            .bind(&retired)
-            .execute(pool)
-            .await?;
-    } else {
-        tx.rollback().await?;
-        sqlx::query("SELECT mira_rebuild_drop($1)")
-            .bind(BUILD)
-            .execute(pool)
-            .await?;
-    }
+    let retired: String = sqlx::query_scalar("SELECT mira_rebuild_swap()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    sqlx::query("SELECT mira_rebuild_drop($1)")
+        .bind(&retired)
+        .execute(pool)
+        .await?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(RebuildReport {
         events: done,
@@ -227,8 +255,54 @@ pub async fn rebuild(
         events_per_second: done as f64 / seconds.max(1e-9),
         differences,
         difference_count,
-        swapped,
+        swapped: true,
     })
+}
+
+/// A read-only, repeatable-read transaction in which the live model and the rebuilt one stand
+/// at the same point of the log, and (cursor, events applied) after bringing the rebuilt one
+/// there. The swap lock is held only for that catch-up and for taking the snapshot: on a
+/// connection of its own, at session level, so that the catch-up can commit under it; while it
+/// is held no projector transaction is open, so the live model is still. The connection is
+/// closed, not pooled, when it goes, so an error cannot leave the lock behind. The comparison
+/// then reads at leisure while the projector and the relay go on.
+async fn comparison_snapshot(
+    pool: &PgPool,
+    projector: &Projector,
+    mut cursor: Cursor,
+) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, (Cursor, u64)), ApplyError> {
+    let mut hold = pool.acquire().await?;
+    hold.close_on_drop();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(SWAP_LOCK)
+        .execute(&mut *hold)
+        .await?;
+    let mut applied = 0u64;
+    let mut tx = sqlx::Connection::begin(&mut *hold).await?;
+    loop {
+        let batch = mira_eventlog::store::read_after_in(&mut tx, cursor, BATCH).await?;
+        let Some(last) = batch.last() else { break };
+        cursor = last.cursor();
+        apply_batch(&mut tx, projector, &batch).await?;
+        applied += batch.len() as u64;
+    }
+    tx.commit().await?;
+    let mut snapshot = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *snapshot)
+        .await?;
+    // The projector's role reads both models whole (no tenant policy).
+    sqlx::query("SET LOCAL ROLE mira_projector")
+        .execute(&mut *snapshot)
+        .await?;
+    // The snapshot is taken by the transaction's first query, while the lock is held.
+    sqlx::query("SELECT 1").execute(&mut *snapshot).await?;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(SWAP_LOCK)
+        .execute(&mut *hold)
+        .await?;
+    drop(hold);
+    Ok((snapshot, (cursor, applied)))
 }
 
 /// One projection's standing, for `mira projections status`.

@@ -71,7 +71,10 @@ async fn random_history(log: &EventLog, tenants: &[&str], jobs: usize, seed: u64
             .unwrap();
         sc.execute_with_metadata(
             &slide.to_string(),
-            SlideCommand::MarkUploaded { size_bytes: 1000 },
+            SlideCommand::MarkUploaded {
+                size_bytes: 1000,
+                version_id: None,
+            },
             ctx.to_cqrs(),
         )
         .await

@@ -180,16 +180,39 @@ async fn writable_slide(state: &AppState, who: &Identity, raw: &str) -> ApiResul
     Ok((id, slide))
 }
 
+/// Holds the slide's copy claim for as long as the returned connection lives: a session-level
+/// advisory lock on a connection that is closed, never returned to the pool, when dropped, so a
+/// crash or an early return releases it. No transaction is held while the copy runs. `None`
+/// when another request holds it.
+async fn claim_copy(state: &AppState, id: SlideId) -> ApiResult<Option<sqlx::pool::PoolConnection<sqlx::Postgres>>> {
+    let mut conn = state.pool.acquire().await?;
+    conn.close_on_drop();
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+        .bind(format!("mira.slide-copy:{id}"))
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(got.then_some(conn))
+}
+
 /// `POST /api/slides/{id}/uploaded`: completes a multipart upload if parts are given, copies
 /// the upload to the slide's immutable key, checks the copy's size against the declared one,
-/// then records `SlideUploaded`.
+/// then records `SlideUploaded` with the copy's version. One request per slide at a time:
+/// another while a copy is in progress is refused (409), and the claim's holder reads the
+/// slide's state again after taking it, so a copy is never made once `SlideUploaded` is
+/// recorded: what the worker verifies is what every job processes.
 pub async fn uploaded(
     State(state): State<AppState>,
     who: Identity,
     Path(raw): Path<String>,
     ApiJson(body): ApiJson<Uploaded>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (id, slide) = writable_slide(&state, &who, &raw).await?;
+    let (id, _) = writable_slide(&state, &who, &raw).await?;
+    let Some(_claim) = claim_copy(&state, id).await? else {
+        return Err(ApiError::conflict(
+            "another upload completion of this slide is in progress: retry when it has finished",
+        ));
+    };
+    let (_, slide) = writable_slide(&state, &who, &raw).await?;
     match slide.status {
         SlideStatus::Registered => {}
         // Already recorded: a repeat of a completed request.
@@ -244,19 +267,27 @@ pub async fn uploaded(
     // The immutable copy the worker verifies and processes: the upload URL stays valid until it
     // expires, and what it could still replace is never read again. An upload of the wrong
     // size is refused below without a copy.
-    let size = if uploaded == slide.size_bytes {
-        state
+    let (size, version_id) = if uploaded == slide.size_bytes {
+        let copied = state
             .blobs
             .copy(&slide.object_key, &mira_aggregates::copy_key(&slide.object_key))
             .await
             .map_err(blob_error)?
-            .ok_or_else(missing)?
+            .ok_or_else(missing)?;
+        (copied.size, copied.version_id)
     } else {
-        uploaded
+        (uploaded, None)
     };
     state
         .commands
-        .slide(&who.context(None), id, SlideCommand::MarkUploaded { size_bytes: size })
+        .slide(
+            &who.context(None),
+            id,
+            SlideCommand::MarkUploaded {
+                size_bytes: size,
+                version_id,
+            },
+        )
         .await?;
     tracing::info!(slide_id = %id, size, "slide uploaded");
     Ok(Json(json!({"slide_id": id, "status": "uploaded", "size_bytes": size})))
