@@ -177,13 +177,12 @@ async fn migrate_is_idempotent_through_the_cli() {
     let first = env.mira(&["migrate", "--json"]);
     assert!(first.status.success(), "{}", stderr(&first));
     let all: Vec<i64> = mira_eventlog::migrate::MIGRATIONS.iter().map(|m| m.0).collect();
-    assert_eq!(
-        stdout(&first).trim(),
-        serde_json::json!({ "applied": all, "granted_to": null }).to_string()
-    );
+    let v: serde_json::Value = serde_json::from_str(stdout(&first).trim()).unwrap();
+    assert_eq!(v["applied"], serde_json::json!(all));
+    assert_eq!(v["logins"].as_array().map(Vec::len), Some(5), "{v}");
     let again = env.mira(&["migrate"]);
     assert!(again.status.success());
-    assert_eq!(stdout(&again).trim(), "schema is up to date");
+    assert_eq!(stdout(&again).lines().next(), Some("schema is up to date"));
 }
 
 #[tokio::test]
@@ -570,45 +569,95 @@ async fn verify_catches_deleted_checkpoints_through_the_witness() {
     assert_fails_naming(&out, 1, &["checkpoint 1 of epoch", "missing from the database"]);
 }
 
+/// `mira migrate` runs as the owner and makes each process's login: the one its
+/// `Database__Logins__…` URL names, with that password, else `mira_svc_<process>`; each holds
+/// its process's role and no other. A process on another's login is refused at start, with the
+/// setting named.
 #[tokio::test]
-async fn migrate_runs_as_the_owner_and_grants_the_application_role() {
+async fn migrate_makes_each_process_login_holding_its_role_only() {
     let db = TestDb::empty().await;
-    let role = mira_eventlog::testing::APP_ROLE;
-    // The login role exists (the operator creates it); it owns nothing.
-    sqlx::raw_sql(&format!(
-        "DO $$ BEGIN CREATE ROLE {role} LOGIN PASSWORD '{role}'; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
-    ))
-    .execute(&db.owner)
-    .await
-    .unwrap();
-    let app_url = mira_eventlog::testing::with_user(&db.owner_url, role, role);
-    let env = Env::new(&app_url).set("Database__MigrationUrl", &db.owner_url);
+    let worker = format!("t_worker_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let password = "pa:ss@w'rd";
+    let worker_url = mira_eventlog::testing::with_user(&db.owner_url, &worker, "pa%3Ass%40w'rd");
+    let env = Env::new(&db.owner_url)
+        .set("Database__MigrationUrl", &db.owner_url)
+        .set("Database__Logins__Worker", &worker_url);
     let out = env.mira(&["migrate", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
-    assert_eq!(v["granted_to"], role);
+    let logins: Vec<(String, String, bool)> = v["logins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["role"].as_str().unwrap().to_owned(),
+                l["group"].as_str().unwrap().to_owned(),
+                l["password_set"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        logins,
+        [
+            ("mira_svc_api".to_owned(), "mira_api".to_owned(), false),
+            ("mira_svc_relay".to_owned(), "mira_relay".to_owned(), false),
+            ("mira_svc_projector".to_owned(), "mira_projector".to_owned(), false),
+            ("mira_svc_handlers".to_owned(), "mira_handlers".to_owned(), false),
+            (worker.clone(), "mira_worker".to_owned(), true),
+        ]
+    );
+    // The worker's login connects with its password and holds mira_worker alone.
+    let pool = mira_eventlog::db::connect(&worker_url, 1, std::time::Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("the worker's login connects with {password:?}: {e}"));
+    let held: Vec<String> = sqlx::query_scalar(
+        "SELECT r FROM unnest(ARRAY['mira_app','mira_api','mira_relay','mira_projector','mira_handlers','mira_worker']) r \
+         WHERE pg_has_role(current_user, r, 'USAGE') ORDER BY r",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(held, ["mira_worker"]);
+    pool.close().await;
     let owner: String = sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE tablename = 'events'")
         .fetch_one(&db.owner)
         .await
         .unwrap();
-    assert_ne!(owner, role);
-    // The application's role runs the platform's commands…
-    let env = env.unset("Database__MigrationUrl").keys();
-    let out = env.mira(&["bench", "append", "--commands", "10"]);
+    assert_ne!(owner, worker);
+    // Again: nothing to apply, the logins stand.
+    let out = env.mira(&["migrate"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!stderr(&out).contains("owns the event log"), "{}", stderr(&out));
-    for args in [
-        &["audit", "checkpoint"][..],
-        &["audit", "verify"],
-        &["projections", "rebuild", "read_models"],
-    ] {
-        let out = env.mira(args);
-        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
-    }
+    assert!(stdout(&out).contains(&format!(
+        "login {worker} for the worker (holds mira_worker, password set)"
+    )));
+    // The worker's login serving the API and the relay: refused at start, the setting named.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Env::new(&worker_url)
+        .set("Messaging__Provider", "InMemory")
+        .set("AWS__Cognito__Issuer", "urn:test")
+        .set("AWS__Cognito__ClientId", "test")
+        .set("AWS__Cognito__JwksUrl", "http://127.0.0.1:9/jwks.json")
+        .keys()
+        .mira(&["serve", "--with", "relay", "--listen", &format!("127.0.0.1:{port}")]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("does not hold mira_relay: set Database__Logins__Relay"),
+        "{}",
+        stderr(&out)
+    );
     // …and the owner, connecting as DATABASE_URL, is told it should not.
     let out = Env::new(&db.owner_url).keys().mira(&["projections", "status"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("owns the event log"), "{}", stderr(&out));
+    sqlx::raw_sql(&format!("DROP OWNED BY {worker}; DROP ROLE {worker}"))
+        .execute(&db.owner)
+        .await
+        .unwrap();
 }
 
 /// One image, its roles chosen by a setting: `mira serve` with `Roles__Enabled` runs the relay,
@@ -1485,10 +1534,20 @@ async fn mira_dev_runs_on_a_private_cluster_stops_cleanly_and_keeps_its_data() {
     .fetch_all(&admin)
     .await
     .unwrap();
-    assert_eq!(users, ["mira_service"], "{printed}");
+    // Each process as its own login: none as the owner, none as another's.
+    assert!(users.iter().all(|u| u.starts_with("mira_svc_")), "{users:?}");
+    for login in [
+        "mira_svc_api",
+        "mira_svc_relay",
+        "mira_svc_projector",
+        "mira_svc_handlers",
+    ] {
+        assert!(users.iter().any(|u| u == login), "{login} is connected: {users:?}");
+    }
     admin.close().await;
     assert!(
-        printed.contains("connect as mira_service, which owns nothing"),
+        printed
+            .contains("each process connects as its own login (mira_svc_api, mira_svc_worker, …), which owns nothing"),
         "{printed}"
     );
     let signing_key = std::fs::read_to_string(data.join("audit-signing.key")).unwrap();

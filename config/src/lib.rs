@@ -114,6 +114,15 @@ impl Role {
         }
     }
 
+    /// The database login this role works as.
+    pub fn process(self) -> DbProcess {
+        match self {
+            Role::Relay => DbProcess::Relay,
+            Role::Projector => DbProcess::Projector,
+            Role::Handlers => DbProcess::Handlers,
+        }
+    }
+
     /// A comma-separated list (`relay,projector`); empty is none.
     pub fn parse_list(s: &str) -> Result<Vec<Role>, String> {
         let mut out = Vec::new();
@@ -537,6 +546,9 @@ pub struct DatabaseSettings {
     /// The schema owner, for `mira migrate` only (default: `DATABASE_URL`). Every other process
     /// connects with `DATABASE_URL` as a role that owns nothing.
     pub migration_url: Option<Secret>,
+    /// Each process's own login (ADR 0012): `Database__Logins__Api`, `…__Relay`,
+    /// `…__Projector`, `…__Handlers`, `…__Worker`.
+    pub logins: DatabaseLogins,
 }
 
 impl Default for DatabaseSettings {
@@ -545,6 +557,84 @@ impl Default for DatabaseSettings {
             max_connections: 20,
             connect_timeout_seconds: 5,
             migration_url: None,
+            logins: DatabaseLogins::default(),
+        }
+    }
+}
+
+/// The URL each process connects with, as its own login role (ADR 0012). A process that runs
+/// several of them (`mira dev`, `mira serve` with roles) opens one pool per login; one left
+/// unset connects with `DATABASE_URL`. `mira migrate` creates each login from its URL (the
+/// user, and the password when the URL has one), or `mira_svc_<process>` when unset.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
+pub struct DatabaseLogins {
+    pub api: Option<Secret>,
+    pub relay: Option<Secret>,
+    pub projector: Option<Secret>,
+    pub handlers: Option<Secret>,
+    pub worker: Option<Secret>,
+}
+
+/// A process that connects to the database as its own login, holding one group role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DbProcess {
+    Api,
+    Relay,
+    Projector,
+    Handlers,
+    Worker,
+}
+
+impl DbProcess {
+    pub const ALL: [DbProcess; 5] = [Self::Api, Self::Relay, Self::Projector, Self::Handlers, Self::Worker];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::Relay => "relay",
+            Self::Projector => "projector",
+            Self::Handlers => "handlers",
+            Self::Worker => "worker",
+        }
+    }
+
+    /// The group role holding this process's grants (migration 0014).
+    pub fn group_role(self) -> &'static str {
+        match self {
+            Self::Api => "mira_api",
+            Self::Relay => "mira_relay",
+            Self::Projector => "mira_projector",
+            Self::Handlers => "mira_handlers",
+            Self::Worker => "mira_worker",
+        }
+    }
+
+    /// The login `mira migrate` creates when the process's URL does not name one.
+    pub fn default_login(self) -> String {
+        format!("mira_svc_{}", self.name())
+    }
+
+    /// The setting that holds the process's URL.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Self::Api => "Database__Logins__Api",
+            Self::Relay => "Database__Logins__Relay",
+            Self::Projector => "Database__Logins__Projector",
+            Self::Handlers => "Database__Logins__Handlers",
+            Self::Worker => "Database__Logins__Worker",
+        }
+    }
+}
+
+impl DatabaseLogins {
+    pub fn get(&self, p: DbProcess) -> Option<&Secret> {
+        match p {
+            DbProcess::Api => self.api.as_ref(),
+            DbProcess::Relay => self.relay.as_ref(),
+            DbProcess::Projector => self.projector.as_ref(),
+            DbProcess::Handlers => self.handlers.as_ref(),
+            DbProcess::Worker => self.worker.as_ref(),
         }
     }
 }
@@ -740,6 +830,15 @@ impl Settings {
         }
     }
 
+    /// The URL `process` connects with: its `Database__Logins__…`, else `DATABASE_URL`; and
+    /// the setting it came from.
+    pub fn login_url(&self, process: DbProcess) -> Result<(&str, &'static str), ConfigError> {
+        match self.database.logins.get(process) {
+            Some(u) => Ok((u.expose(), process.setting())),
+            None => Ok((self.database_url()?, "DATABASE_URL")),
+        }
+    }
+
     /// The owner's URL for `mira migrate`: `Database__MigrationUrl`, else `DATABASE_URL`.
     pub fn migration_url(&self) -> Result<&str, ConfigError> {
         match &self.database.migration_url {
@@ -856,9 +955,15 @@ impl Settings {
         if self.worker.drain_seconds > 3600 {
             return invalid("Worker__DrainSeconds", "must be 0 to 3600");
         }
+        let l = &self.database.logins;
         for (setting, url) in [
             ("DATABASE_URL", &self.database_url),
             ("Database__MigrationUrl", &self.database.migration_url),
+            ("Database__Logins__Api", &l.api),
+            ("Database__Logins__Relay", &l.relay),
+            ("Database__Logins__Projector", &l.projector),
+            ("Database__Logins__Handlers", &l.handlers),
+            ("Database__Logins__Worker", &l.worker),
         ] {
             if let Some(url) = url {
                 if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {

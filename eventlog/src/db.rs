@@ -71,3 +71,57 @@ pub fn constraint(err: &sqlx::Error) -> Option<String> {
 pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
+
+/// The user and password a `postgres://` URL names, percent-decoded; `None` without a user.
+pub fn url_credentials(url: &str) -> Option<(String, Option<String>)> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    let (user, password) = match userinfo.split_once(':') {
+        Some((u, p)) => (u, Some(p)),
+        None => (userinfo, None),
+    };
+    let user = percent_decode(user)?;
+    if user.is_empty() {
+        return None;
+    }
+    let password = match password {
+        Some(p) => Some(percent_decode(p)?),
+        None => None,
+    };
+    Some((user, password))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod url_tests {
+    #[test]
+    fn credentials_come_out_of_a_url_decoded() {
+        assert_eq!(
+            super::url_credentials("postgres://mira_svc_api:p%40ss%3Aw0rd@db.example:5432/mira?sslmode=require"),
+            Some(("mira_svc_api".into(), Some("p@ss:w0rd".into())))
+        );
+        assert_eq!(
+            super::url_credentials("postgresql://worker@127.0.0.1/mira"),
+            Some(("worker".into(), None))
+        );
+        assert_eq!(super::url_credentials("postgres://127.0.0.1/mira"), None);
+        assert_eq!(super::url_credentials("postgres://u:%zz@h/d"), None);
+    }
+}

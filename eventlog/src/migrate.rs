@@ -8,19 +8,80 @@ use sqlx::{PgPool, Row};
 /// (version, name, SQL), in order: every file of `migrations/`, embedded by `build.rs`.
 pub const MIGRATIONS: &[(i64, &str, &str)] = include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
 
-/// The roles a running process needs, granted to the login role it connects as.
-pub const RUNTIME_ROLES: &[&str] = &["mira_app", "mira_api", "mira_projector"];
+/// Every group role a process holds (migrations 0003, 0014), and `mira_app`, the operator's.
+/// The tests' login holds them all; a deployment's logins hold one each ([`ensure_login`]).
+pub const RUNTIME_ROLES: &[&str] = &[
+    "mira_app",
+    "mira_api",
+    "mira_projector",
+    "mira_relay",
+    "mira_handlers",
+    "mira_worker",
+];
 
-/// Grants the runtime roles to `login` (the role in `DATABASE_URL`), run by the owner after
-/// migrating. The login role owns nothing: it cannot alter, disable or drop the log's guards.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Grants `roles` to `login` (the tests' login, which plays every process).
 pub async fn grant_runtime(owner: &PgPool, login: &str) -> Result<(), sqlx::Error> {
-    let sql = format!(
-        "GRANT {} TO \"{}\"",
-        RUNTIME_ROLES.join(", "),
-        login.replace('"', "\"\"")
-    );
+    let sql = format!("GRANT {} TO {}", RUNTIME_ROLES.join(", "), ident(login));
     sqlx::query(&sql).execute(owner).await?;
     Ok(())
+}
+
+/// Makes `login` a login role holding `group` (one process's grants), creating it when missing,
+/// and sets its password when one is given. Run by the owner after migrating (`mira migrate`).
+/// On RDS the login may also authenticate with IAM (`rds_iam`, when that role exists).
+pub async fn ensure_login(owner: &PgPool, login: &str, group: &str, password: Option<&str>) -> Result<(), sqlx::Error> {
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+        .bind(login)
+        .fetch_one(owner)
+        .await?;
+    if !exists {
+        let create = format!(
+            "DO $$ BEGIN CREATE ROLE {} LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
+            ident(login)
+        );
+        sqlx::raw_sql(&create).execute(owner).await?;
+    }
+    let member: bool = sqlx::query_scalar("SELECT pg_has_role($1, $2, 'MEMBER')")
+        .bind(login)
+        .bind(group)
+        .fetch_one(owner)
+        .await?;
+    if !member {
+        sqlx::query(&format!("GRANT {} TO {}", ident(group), ident(login)))
+            .execute(owner)
+            .await?;
+    }
+    if let Some(pw) = password {
+        // ALTER ROLE takes no parameters: the password as a literal, its quotes doubled.
+        sqlx::query(&format!(
+            "ALTER ROLE {} LOGIN PASSWORD '{}'",
+            ident(login),
+            pw.replace('\'', "''")
+        ))
+        .execute(owner)
+        .await?;
+    }
+    let iam: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_iam')")
+        .fetch_one(owner)
+        .await?;
+    if iam && password.is_none() {
+        sqlx::query(&format!("GRANT rds_iam TO {}", ident(login)))
+            .execute(owner)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Whether the pool's login holds `group` (a member that may use its privileges).
+pub async fn holds_role(pool: &PgPool, group: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_has_role(current_user, $1, 'USAGE')")
+        .bind(group)
+        .fetch_one(pool)
+        .await
 }
 
 /// The role a pool connects as.

@@ -165,11 +165,14 @@ pub struct Cluster {
 /// The cluster's passwords, in the data directory.
 pub const PASSWORDS: &str = "postgres.passwords";
 
-/// The passwords of the private cluster's two login roles.
+/// The passwords of the private cluster's login roles: the owner, the one login of older data
+/// directories ([`APP_ROLE`]), and each process's own (ADR 0012).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Passwords {
     pub owner: String,
     pub service: String,
+    /// Each process's login (`mira_svc_<process>`) and its password.
+    pub logins: std::collections::BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Passwords {
@@ -180,15 +183,32 @@ impl std::fmt::Debug for Passwords {
 
 impl Passwords {
     fn generate() -> anyhow::Result<Self> {
-        let one = || -> anyhow::Result<String> {
-            let mut b = [0u8; 24];
-            getrandom::getrandom(&mut b).map_err(|e| anyhow::anyhow!("cannot generate a password: {e}"))?;
-            Ok(hex::encode(b))
+        let mut p = Self {
+            owner: Self::one()?,
+            service: Self::one()?,
+            logins: Default::default(),
         };
-        Ok(Self {
-            owner: one()?,
-            service: one()?,
-        })
+        p.complete()?;
+        Ok(p)
+    }
+
+    fn one() -> anyhow::Result<String> {
+        let mut b = [0u8; 24];
+        getrandom::getrandom(&mut b).map_err(|e| anyhow::anyhow!("cannot generate a password: {e}"))?;
+        Ok(hex::encode(b))
+    }
+
+    /// Gives every process's login a password (a data directory from before they had their
+    /// own has none); whether any was missing.
+    fn complete(&mut self) -> anyhow::Result<bool> {
+        let mut changed = false;
+        for p in crate::config::DbProcess::ALL {
+            if let std::collections::btree_map::Entry::Vacant(e) = self.logins.entry(p.default_login()) {
+                e.insert(Self::one()?);
+                changed = true;
+            }
+        }
+        Ok(changed)
     }
 
     /// `data_dir`'s passwords, if it has them.
@@ -201,16 +221,20 @@ impl Passwords {
         };
         let mut owner = None;
         let mut service = None;
+        let mut logins = std::collections::BTreeMap::new();
         for line in text.lines() {
             match line.split_once(' ') {
                 Some(("postgres", pw)) => owner = Some(pw.trim().to_owned()),
                 Some((APP_ROLE, pw)) => service = Some(pw.trim().to_owned()),
+                Some((login, pw)) if login.starts_with("mira_svc_") && !pw.trim().is_empty() => {
+                    logins.insert(login.to_owned(), pw.trim().to_owned());
+                }
                 _ => {}
             }
         }
         match (owner, service) {
             (Some(owner), Some(service)) if !owner.is_empty() && !service.is_empty() => {
-                Ok(Some(Self { owner, service }))
+                Ok(Some(Self { owner, service, logins }))
             }
             _ => bail!(
                 "{} is damaged: it must name the passwords of postgres and {APP_ROLE}",
@@ -221,11 +245,11 @@ impl Passwords {
 
     fn save(&self, data_dir: &Path) -> anyhow::Result<()> {
         let path = data_dir.join(PASSWORDS);
-        write_private(
-            &path,
-            format!("postgres {}\n{APP_ROLE} {}\n", self.owner, self.service).as_bytes(),
-        )
-        .with_context(|| format!("cannot write {}", path.display()))
+        let mut text = format!("postgres {}\n{APP_ROLE} {}\n", self.owner, self.service);
+        for (login, pw) in &self.logins {
+            text.push_str(&format!("{login} {pw}\n"));
+        }
+        write_private(&path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
     }
 }
 
@@ -510,10 +534,20 @@ impl Cluster {
         self.url_with("postgres", pw, database)
     }
 
-    /// [`APP_ROLE`]'s URL of `database`, with its password.
-    pub fn service_url(&self, database: &str) -> String {
-        let pw = self.passwords.as_ref().map(|p| p.service.as_str());
-        self.url_with(APP_ROLE, pw, database)
+    /// Each process's login URL of `database`, with its password, and the setting it goes in.
+    pub fn login_urls(&self, database: &str) -> Vec<(&'static str, String)> {
+        crate::config::DbProcess::ALL
+            .iter()
+            .map(|p| {
+                let login = p.default_login();
+                let pw = self
+                    .passwords
+                    .as_ref()
+                    .and_then(|x| x.logins.get(&login))
+                    .map(String::as_str);
+                (p.setting(), self.url_with(&login, pw, database))
+            })
+            .collect()
     }
 
     fn url_with(&self, role: &str, password: Option<&str>, database: &str) -> String {
@@ -717,7 +751,6 @@ pub async fn run(
             })
             .await??;
             c.secure(&data).await?;
-            let service_pw = c.passwords.as_ref().map(|p| p.service.clone()).unwrap_or_default();
             let admin = mira_eventlog::db::connect(&c.url("postgres"), 1, Duration::from_secs(10)).await?;
             let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'mira')")
                 .fetch_one(&admin)
@@ -725,17 +758,22 @@ pub async fn run(
             if !exists {
                 sqlx::query("CREATE DATABASE mira").execute(&admin).await?;
             }
-            // The processes connect as a login role that owns nothing; `postgres` owns the
-            // schema and only migrates (ADR 0012).
-            sqlx::raw_sql(&format!(
-                "DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
-                 ALTER ROLE {APP_ROLE} PASSWORD '{service_pw}'"
-            ))
-            .execute(&admin)
-            .await?;
             admin.close().await;
+            // Each process connects as its own login, holding only its grants: `mira migrate`
+            // below creates them with these passwords (ADR 0012).
+            if let Some(p) = c.passwords.as_mut() {
+                if p.complete()? {
+                    let _ = std::fs::remove_file(data.join(PASSWORDS));
+                    p.save(&data)?;
+                }
+            }
             env.insert("Database__MigrationUrl".into(), c.url("mira"));
-            env.insert("DATABASE_URL".into(), c.service_url("mira"));
+            for (setting, url) in c.login_urls("mira") {
+                if setting == crate::config::DbProcess::Api.setting() {
+                    env.insert("DATABASE_URL".into(), url.clone());
+                }
+                env.insert(setting.into(), url);
+            }
             cluster = Some(c);
         }
     }
@@ -812,7 +850,7 @@ pub async fn run(
         .unwrap_or_else(|_| "mira".into());
     match &cluster {
         Some(c) => lines.push(format!(
-            "  database: private PostgreSQL cluster in {} (port {}), a password for every login; the processes connect as {APP_ROLE}, which owns nothing; `{exe} dev url` prints a URL for psql",
+            "  database: private PostgreSQL cluster in {} (port {}), a password for every login; each process connects as its own login (mira_svc_api, mira_svc_worker, …), which owns nothing; `{exe} dev url` prints a URL for psql",
             c.dir.display(),
             c.port
         )),
@@ -926,7 +964,13 @@ fn spawn_worker(settings: &crate::config::Settings, data: &Path) -> Result<tokio
         cmd.env("RUST_LOG", crate::telemetry::DEV_FILTER);
     }
     cmd.arg("run")
-        .env("DATABASE_URL", settings.database_url().map_err(|e| e.to_string())?)
+        .env(
+            "DATABASE_URL",
+            settings
+                .login_url(crate::config::DbProcess::Worker)
+                .map_err(|e| e.to_string())?
+                .0,
+        )
         .env_remove("Database__MigrationUrl")
         .env("Messaging__Provider", "InMemory")
         .env("Storage__Provider", "Local")
@@ -1089,9 +1133,13 @@ pub fn database_url(data_dir: &Path, service: bool) -> anyhow::Result<String> {
         );
     }
     let (role, pw) = if service {
-        (APP_ROLE, passwords.service)
+        let api = crate::config::DbProcess::Api.default_login();
+        let pw = passwords.logins.get(&api).cloned().with_context(|| {
+            format!("{PASSWORDS} has no password for {api}: start this mira dev once more to give it one")
+        })?;
+        (api, pw)
     } else {
-        ("postgres", passwords.owner)
+        ("postgres".to_owned(), passwords.owner)
     };
     Ok(format!("postgres://{role}:{pw}@127.0.0.1:{port}/mira"))
 }

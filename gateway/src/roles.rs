@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commands::Commands;
 pub use crate::config::Role;
-use crate::config::{MessagingProvider, Settings};
+use crate::config::{DbProcess, MessagingProvider, Settings};
 
 /// What every role needs.
 #[derive(Clone)]
@@ -28,6 +28,17 @@ pub struct RoleContext {
     pub witness_health: Arc<mira_eventlog::checkpoint::WitnessHealth>,
 }
 
+/// The pool `process` works on: its own login's when `Database__Logins__…` names one, else the
+/// process's (`DATABASE_URL`); either way that login must hold the process's group role.
+async fn role_pool(ctx: &RoleContext, process: DbProcess) -> anyhow::Result<sqlx::PgPool> {
+    if ctx.settings.database.logins.get(process).is_some() {
+        crate::database::process_pool(&ctx.settings, process).await
+    } else {
+        crate::database::require_role(&ctx.pool, process, "DATABASE_URL").await?;
+        Ok(ctx.pool.clone())
+    }
+}
+
 /// Starts `role` on `tasks`, stopping on `shutdown`.
 pub async fn spawn(
     role: Role,
@@ -36,7 +47,8 @@ pub async fn spawn(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let stop = shutdown.clone();
-    let log = EventLog::new(ctx.pool.clone());
+    let pool = role_pool(ctx, role.process()).await?;
+    let log = EventLog::new(pool.clone());
     match role {
         Role::Relay => {
             let mut checkpoints = mira_keys::checkpointer(&ctx.settings).await?;
@@ -51,7 +63,7 @@ pub async fn spawn(
                 // consumer or not: publish everything again; consumers skip what they applied.
                 relay.forget_cursor().await?;
             }
-            let url = ctx.settings.database_url()?.to_owned();
+            let url = ctx.settings.login_url(DbProcess::Relay)?.0.to_owned();
             tasks.spawn(async move { relay.run(&url, stop).await.context("relay") });
         }
         Role::Projector => {
@@ -66,7 +78,6 @@ pub async fn spawn(
         Role::Handlers => {
             let queue = ctx.bus.queue(mira_bus::Group::Handlers);
             let commands = Commands::new(log, ctx.keyring.clone());
-            let pool = ctx.pool.clone();
             let slide_wait = ctx.settings.jobs.slide_wait();
             tasks.spawn(async move {
                 mira_handlers::run(pool, commands, queue, slide_wait, stop)

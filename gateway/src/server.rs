@@ -16,7 +16,7 @@ use crate::api::auth::JwksVerifier;
 use crate::api::{AppState, Limits, Services};
 use crate::blob::{BlobStore, LocalBlobs, S3Blobs, UploadPolicy};
 use crate::commands::Commands;
-use crate::config::{MessagingProvider, Settings, StorageProvider};
+use crate::config::{DbProcess, MessagingProvider, Settings, StorageProvider};
 
 pub use crate::roles::Role;
 
@@ -214,6 +214,22 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let roles = &options.roles[..];
+    // The API's login holds mira_api (ADR 0012). A process that runs background roles may serve
+    // on another's login (the relay's, on AWS): it answers health checks and /metrics, and
+    // leaves the API's own upkeep to the API's processes.
+    let api_login = mira_eventlog::migrate::holds_role(&pool, DbProcess::Api.group_role()).await?;
+    if !api_login {
+        let role = mira_eventlog::migrate::current_role(&pool).await.unwrap_or_default();
+        if roles.is_empty() {
+            anyhow::bail!(
+                "the API connects as {role}, which does not hold mira_api: set Database__Logins__Api (or DATABASE_URL) to the API's login (mira_svc_api unless that setting names another; mira migrate creates it)"
+            );
+        }
+        tracing::info!(
+            role,
+            "this process's login is not the API's: it serves health and metrics for its roles, and no API upkeep"
+        );
+    }
     let addr: SocketAddr = listener.local_addr()?;
     let public_url = format!("http://{addr}");
     let bus = if roles.is_empty() && settings.messaging.provider == MessagingProvider::InMemory {
@@ -235,7 +251,7 @@ pub async fn run(
     )
     .await?;
     let mut tasks = tokio::task::JoinSet::new();
-    {
+    if api_login {
         // Expired idempotency fingerprints go: every gateway sweeps, every ten minutes; the
         // deletes are idempotent, so several gateways sweeping at once is harmless.
         let (pool, stop) = (pool.clone(), shutdown.clone());

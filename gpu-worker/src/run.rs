@@ -653,7 +653,23 @@ pub async fn run(
     device: Device,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let pool = mira_eventlog::db::connect_with(&settings).await?;
+    let (url, setting) = settings.login_url(mira_config::DbProcess::Worker)?;
+    let url = url.to_owned();
+    let pool = mira_eventlog::db::connect(
+        &url,
+        settings.database.max_connections,
+        Duration::from_secs(settings.database.connect_timeout_seconds),
+    )
+    .await
+    .with_context(|| setting.to_owned())?;
+    // The worker's own login, holding mira_worker only (ADR 0012): it appends and reads the
+    // log but cannot write the read models or the handlers' tables.
+    if !mira_eventlog::migrate::holds_role(&pool, "mira_worker").await? {
+        let role = mira_eventlog::migrate::current_role(&pool).await.unwrap_or_default();
+        anyhow::bail!(
+            "the worker connects as {role} ({setting}), which does not hold mira_worker: set Database__Logins__Worker (or DATABASE_URL) to the worker's login (mira_svc_worker unless that setting names another; mira migrate creates it)"
+        );
+    }
     let keyring = mira_keys::keyring(&settings, &pool).await?;
     let commands = Commands::new(EventLog::new(pool.clone()), keyring);
     let (store, results) = stores_from_settings(&settings).await?;
@@ -705,8 +721,7 @@ pub async fn run(
             );
             // What the last worker's bus held died with it; its consumer records skip the rest.
             r.forget_cursor().await?;
-            let url = settings.database_url()?.to_owned();
-            let stop = shutdown.clone();
+            let (url, stop) = (url.clone(), shutdown.clone());
             relay = Some(tokio::spawn(async move { r.run(&url, stop).await }));
             bus.queue(Group::GpuJobs)
         }

@@ -217,9 +217,10 @@ impl Lifecycle {
 #[async_trait::async_trait]
 impl Apply for Lifecycle {
     async fn apply(&self, tx: &mut PgConnection, e: &StoredEvent) -> Result<(), ApplyError> {
-        // The handlers work across tenants: as `mira_app`, whose policies say so (the login
-        // role is also `mira_api`, whose policies confine it to one tenant).
-        sqlx::query("SET LOCAL ROLE mira_app").execute(&mut *tx).await?;
+        // The handlers work across tenants: as `mira_handlers`, whose policies say so (a login
+        // that also holds `mira_api`, as the tests' does, is confined to one tenant by its
+        // policies otherwise).
+        sqlx::query("SET LOCAL ROLE mira_handlers").execute(&mut *tx).await?;
         match e.aggregate_type.as_str() {
             "Job" => match decode::<JobEvent>(e)? {
                 JobEvent::JobSubmitted { slide_id, .. } => self.submitted(tx, e, slide_id).await,
@@ -334,7 +335,7 @@ async fn slide_wait_over(
     w: &DueCommand,
     now: DateTime<Utc>,
 ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    sqlx::query("SET LOCAL ROLE mira_app").execute(&mut *conn).await?;
+    sqlx::query("SET LOCAL ROLE mira_handlers").execute(&mut *conn).await?;
     let waiting: Option<(uuid::Uuid, String)> =
         sqlx::query_as("DELETE FROM handler_waiting WHERE job_id = $1 RETURNING slide_id, tenant_id")
             .bind(id.as_uuid())

@@ -7,7 +7,7 @@
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
-import { type foundations, role, tags } from "./foundations";
+import { DB_LOGINS, type DbLogin, type foundations, loginSetting, role, tags } from "./foundations";
 import { ADOT_IMAGE, APP_PORT, METRICS_LISTEN, type Observability } from "./observability";
 
 type Found = ReturnType<typeof foundations>;
@@ -37,16 +37,26 @@ export const ORIGIN_HEADER = "X-Mira-Origin-Verify";
 /** The paths the ALB forwards to Mira (CloudFront sends it exactly these). */
 export const API_PATHS = ["/api/*", "/ws"];
 
-/** The ECS services: which roles each runs (`Roles__Enabled`), and how many tasks. */
+/**
+ * The ECS services: which roles each runs (`Roles__Enabled`), how many tasks, and the database
+ * login it connects as (DATABASE_URL, from that login's secret).
+ */
 export function serviceSpecs(cfg: ComputeConfig) {
   return {
-    api: { roles: "", tasks: cfg.apiTasks, taskRole: "api" as const },
+    api: { roles: "", tasks: cfg.apiTasks, taskRole: "api" as const, login: "api" as DbLogin },
     // Exactly one relay: it publishes the log's events in order, and two would race.
-    relay: { roles: "relay", tasks: 1, taskRole: "roles" as const },
-    projector: { roles: "projector", tasks: 1, taskRole: "roles" as const },
-    handlers: { roles: "handlers", tasks: cfg.handlerTasks, taskRole: "roles" as const },
+    relay: { roles: "relay", tasks: 1, taskRole: "roles" as const, login: "relay" as DbLogin },
+    projector: { roles: "projector", tasks: 1, taskRole: "roles" as const, login: "projector" as DbLogin },
+    handlers: { roles: "handlers", tasks: cfg.handlerTasks, taskRole: "roles" as const, login: "handlers" as DbLogin },
   };
 }
+
+/**
+ * The login the daily `mira audit verify` connects as. It is no process of its own among the
+ * logins `mira migrate` makes (DB_LOGINS): it reads what the relay reads and writes (the whole
+ * log, its checkpoints and epochs), so it connects as the relay.
+ */
+export const VERIFY_LOGIN: DbLogin = "relay";
 
 export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
   const s = cfg.stack;
@@ -76,22 +86,27 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
     tags: tags(s, "secrets"),
   });
 
-  // ECS itself (pulling the image, writing logs, reading the secrets it injects).
-  const execution = role("task-execution", s, { Service: "ecs-tasks.amazonaws.com" }, [
-    { Effect: "Allow", Action: ["ecr:GetAuthorizationToken"], Resource: ["*"] },
-    {
-      Effect: "Allow",
-      Action: ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
-      Resource: [p.repos["mira-api"].arn],
-    },
-    {
-      Effect: "Allow",
-      Action: ["logs:CreateLogStream", "logs:PutLogEvents"],
-      Resource: [pulumi.interpolate`${logs.arn}:*`, pulumi.interpolate`${verifyLogs.arn}:*`],
-    },
-    { Effect: "Allow", Action: ["secretsmanager:GetSecretValue"], Resource: [p.secrets.dbAppSecret.arn, migrationSecret.arn] },
-    { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.rdsKey.arn, p.keys.s3Key.arn] },
-  ]);
+  // ECS itself (pulling the image, writing logs, reading the secrets it injects): one execution
+  // role per task definition family, each reading only the secrets its family injects, so that
+  // no task starts with another process's database login.
+  const logins = p.secrets.dbLogins;
+  const executionRole = (family: string, group: aws.cloudwatch.LogGroup, secrets: aws.secretsmanager.Secret[]) =>
+    role(`${family}-execution`, s, { Service: "ecs-tasks.amazonaws.com" }, [
+      { Effect: "Allow", Action: ["ecr:GetAuthorizationToken"], Resource: ["*"] },
+      {
+        Effect: "Allow",
+        Action: ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
+        Resource: [p.repos["mira-api"].arn],
+      },
+      { Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: [pulumi.interpolate`${group.arn}:*`] },
+      { Effect: "Allow", Action: ["secretsmanager:GetSecretValue"], Resource: secrets.map((x) => x.arn) },
+      // The secrets are under the RDS key, the image under the buckets' key.
+      { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.rdsKey.arn, p.keys.s3Key.arn] },
+    ]);
+  // `mira migrate` makes every login from its URL (Database__Logins__<Process>): its task reads
+  // them all, and the owner's.
+  const migrateExecution = executionRole("migrate", logs, [migrationSecret, ...DB_LOGINS.map((l) => logins[l])]);
+  const verifyExecution = executionRole("audit-verify", verifyLogs, [logins[VERIFY_LOGIN]]);
   // The collector's writes go with each task role (EMF log group, X-Ray).
   for (const [n, r] of [
     ["api", p.apiRole],
@@ -99,8 +114,9 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
   ] as const) {
     new aws.iam.RolePolicy(`${n}-telemetry`, { role: r.id, policy: pulumi.jsonStringify({ Version: "2012-10-17", Statement: obs.telemetryStatements }) });
   }
+  // The task's own role reads no secret: the URLs `mira migrate` needs come from ECS (its
+  // execution role).
   const migrateRole = role("migrate", s, { Service: "ecs-tasks.amazonaws.com" }, [
-    { Effect: "Allow", Action: ["secretsmanager:GetSecretValue"], Resource: [p.secrets.dbAppSecret.arn] },
     { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.rdsKey.arn] },
   ]);
 
@@ -113,7 +129,14 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
     options: { "awslogs-group": group, "awslogs-region": cfg.region, "awslogs-stream-prefix": prefix },
   });
 
-  const taskDefinition = (name: string, taskRole: aws.iam.Role, settings: Record<string, pulumi.Input<string>>, command: string[]) =>
+  const taskDefinition = (
+    name: string,
+    taskRole: aws.iam.Role,
+    execution: aws.iam.Role,
+    login: DbLogin,
+    settings: Record<string, pulumi.Input<string>>,
+    command: string[],
+  ) =>
     new aws.ecs.TaskDefinition(`${name}-task`, {
       family: `mira-${s}-${name}`,
       requiresCompatibilities: ["FARGATE"],
@@ -153,7 +176,8 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
             OTEL_EXPORTER_OTLP_ENDPOINT: "http://127.0.0.1:4317",
             OTEL_EXPORTER_OTLP_PROTOCOL: "grpc",
           }),
-          secrets: [{ name: "DATABASE_URL", valueFrom: p.secrets.dbAppSecret.arn }],
+          // The service's own login.
+          secrets: [{ name: "DATABASE_URL", valueFrom: logins[login].arn }],
           readonlyRootFilesystem: true,
           // The root is read-only; scratch space is the task's own ephemeral storage.
           mountPoints: [{ sourceVolume: "tmp", containerPath: "/tmp" }],
@@ -239,9 +263,16 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
   const network = { subnets: p.computeSubnets.map((x) => x.id), securityGroups: [p.computeSg.id], assignPublicIp: false };
   const services: Record<string, aws.ecs.Service> = {};
   const taskDefinitions: Record<string, aws.ecs.TaskDefinition> = {};
+  const executionRoles: Record<string, aws.iam.Role> = {};
   for (const [name, spec] of Object.entries(serviceSpecs(cfg))) {
     const settings = spec.taskRole === "api" ? f.settings.api : { ...f.settings.roles, Roles__Enabled: pulumi.output(spec.roles) };
-    const td = taskDefinition(name, spec.taskRole === "api" ? p.apiRole : p.rolesRole, settings, ["serve", "--listen", `0.0.0.0:${APP_PORT}`]);
+    const execution = executionRole(name, logs, [logins[spec.login]]);
+    executionRoles[name] = execution;
+    const td = taskDefinition(name, spec.taskRole === "api" ? p.apiRole : p.rolesRole, execution, spec.login, settings, [
+      "serve",
+      "--listen",
+      `0.0.0.0:${APP_PORT}`,
+    ]);
     taskDefinitions[name] = td;
     const single = name === "relay";
     services[name] = new aws.ecs.Service(
@@ -275,7 +306,7 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
     networkMode: "awsvpc",
     cpu: "512",
     memory: "1024",
-    executionRoleArn: execution.arn,
+    executionRoleArn: migrateExecution.arn,
     taskRoleArn: migrateRole.arn,
     containerDefinitions: pulumi.jsonStringify([
       {
@@ -284,9 +315,10 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
         essential: true,
         command: ["migrate"],
         environment: env({ AWS__Region: cfg.region, Logging__Format: "json" }),
+        // The owner, and every process's login to make (no DATABASE_URL: it connects as the owner).
         secrets: [
           { name: "Database__MigrationUrl", valueFrom: migrationSecret.arn },
-          { name: "DATABASE_URL", valueFrom: p.secrets.dbAppSecret.arn },
+          ...DB_LOGINS.map((l) => ({ name: loginSetting(l), valueFrom: logins[l].arn })),
         ],
         readonlyRootFilesystem: true,
         user: "10001",
@@ -308,7 +340,7 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
   //   signing-key secret, the private half too. A stack made from nothing has no key to give
   //   until `mira keys init` ran (docs/runbooks/deploy.md, "First deploy"); set the config
   //   then, and the next `pulumi up` takes the secret away from this role.
-  // DATABASE_URL comes from ECS (the execution role), as for every other task.
+  // DATABASE_URL comes from ECS (its execution role): VERIFY_LOGIN's.
   const publicKey = p.auditPublicKey;
   const verifyRole = role(
     "audit-verify",
@@ -333,7 +365,7 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
     cpu: String(cfg.taskCpu),
     memory: String(cfg.taskMemory),
     runtimePlatform: { operatingSystemFamily: "LINUX", cpuArchitecture: "X86_64" },
-    executionRoleArn: execution.arn,
+    executionRoleArn: verifyExecution.arn,
     taskRoleArn: verifyRole.arn,
     containerDefinitions: pulumi.jsonStringify([
       {
@@ -347,7 +379,7 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
           ...trustedKey,
           Logging__Format: "json",
         }),
-        secrets: [{ name: "DATABASE_URL", valueFrom: p.secrets.dbAppSecret.arn }],
+        secrets: [{ name: "DATABASE_URL", valueFrom: logins[VERIFY_LOGIN].arn }],
         readonlyRootFilesystem: true,
         user: "10001",
         logConfiguration: logConfig("audit-verify", verifyLogs.name),
@@ -366,7 +398,7 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
       Resource: [verifyFamilyArn, pulumi.interpolate`${verifyFamilyArn}:*`],
       Condition: { ArnEquals: { "ecs:cluster": cluster.arn } },
     },
-    { Effect: "Allow", Action: ["iam:PassRole"], Resource: [execution.arn, verifyRole.arn] },
+    { Effect: "Allow", Action: ["iam:PassRole"], Resource: [verifyExecution.arn, verifyRole.arn] },
   ]);
   const verifySchedule = new aws.scheduler.Schedule("audit-verify", {
     name: `mira-${s}-audit-verify`,
@@ -399,7 +431,8 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
     serviceNames,
     taskDefinitions,
     migrationTask,
-    executionRole: execution,
+    /** One per task definition family: the four services', `migrate`, `audit-verify`. */
+    executionRoles: { ...executionRoles, migrate: migrateExecution, "audit-verify": verifyExecution },
     migrateRole,
     migrationSecret,
     verify: { task: verifyTask, role: verifyRole, logGroup: verifyLogs, schedule: verifySchedule, schedulerRole },

@@ -103,11 +103,12 @@ export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e:
     },
     { Effect: "Allow", Action: ["ecs:DescribeTasks"], Resource: ["*"] },
     // Registering a revision passes its roles: the services', the migration's, and the daily
-    // verification's (deploy.yml registers its family with each new image; the schedule runs it).
+    // verification's (deploy.yml registers its family with each new image; the schedule runs it),
+    // each family's execution role with them.
     {
       Effect: "Allow",
       Action: ["iam:PassRole"],
-      Resource: [c.executionRole.arn, c.migrateRole.arn, c.verify.role.arn, p.apiRole.arn, p.rolesRole.arn],
+      Resource: [...Object.values(c.executionRoles).map((r) => r.arn), c.migrateRole.arn, c.verify.role.arn, p.apiRole.arn, p.rolesRole.arn],
     },
     { Effect: "Allow", Action: ["eks:DescribeCluster"], Resource: [k.cluster.arn] },
     { Effect: "Allow", Action: ["s3:ListBucket"], Resource: [p.buckets.frontend.arn] },

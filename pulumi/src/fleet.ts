@@ -315,14 +315,15 @@ export function fleet(cfg: FleetConfig, f: Found) {
             nodeSelector: GPU_LABEL,
             tolerations: [{ key: GPU_TAINT.key, operator: "Exists", effect: "NoSchedule" }],
             securityContext: { runAsNonRoot: true, runAsUser: 10001, fsGroup: 10001, seccompProfile: { type: "RuntimeDefault" } },
-            // The database URL comes from Secrets Manager with the pod's own role, into memory.
+            // The worker's own login (mira_svc_worker), from Secrets Manager with the pod's own
+            // role, into memory. A pod reads it when it starts: a new password needs new pods.
             initContainers: [
               {
                 name: "database-url",
                 image: AWS_CLI_IMAGE,
                 command: ["/bin/sh", "-c", 'aws secretsmanager get-secret-value --secret-id "$SECRET" --query SecretString --output text > /run/mira/database-url'],
                 env: [
-                  { name: "SECRET", value: p.secrets.dbAppSecret.arn },
+                  { name: "SECRET", value: p.secrets.dbLogins.worker.arn },
                   { name: "AWS_REGION", value: cfg.region },
                 ],
                 securityContext: restricted,

@@ -40,6 +40,19 @@ export function checkAuditPublicKey(key: string | undefined): string | undefined
 export const tags = (stack: string, part: string) => ({ app: "mira", stack, part });
 
 /**
+ * The processes that connect to the database, each as its own login role: the four ECS
+ * services and the GPU worker. `mira migrate` creates each login (`mira_svc_<process>`), grants
+ * it its group role (`mira_<process>`) and sets its password from `Database__Logins__<Process>`;
+ * the process reads the same URL as `DATABASE_URL`.
+ */
+export const DB_LOGINS = ["api", "relay", "projector", "handlers", "worker"] as const;
+export type DbLogin = (typeof DB_LOGINS)[number];
+/** The login role a process connects as. */
+export const loginRole = (login: DbLogin) => `mira_svc_${login}`;
+/** The setting `mira migrate` reads a login's URL from: `Database__Logins__Api`, … */
+export const loginSetting = (login: DbLogin) => `Database__Logins__${login[0].toUpperCase()}${login.slice(1)}`;
+
+/**
  * A KMS key with rotation. Its policy lets the account administer it (as the default policy
  * does) plus `grants`: statements for AWS services, given the account id.
  */
@@ -351,14 +364,21 @@ export function foundations(cfg: FoundationsConfig) {
   const witness = bucket("witness", s, s3Key, { objectLockDays: cfg.witnessRetentionDays, statements: (b) => [createOnly(b)] });
 
   // ---- secrets ----------------------------------------------------------------------------
-  // The application's login role is made by `mira migrate`; its credentials live here for the
-  // services. The audit signing key is written by `mira keys init` (Audit__SigningKeySecretId).
-  const dbAppSecret = new aws.secretsmanager.Secret("db-app", {
-    name: `mira-${s}/database/app`,
-    kmsKeyId: rdsKey.arn,
-    description: "Mira's application login role (made by mira migrate): DATABASE_URL for the services",
-    tags: tags(s, "secrets"),
-  });
+  // One login per process (DB_LOGINS): its URL, with its password, is written once by the
+  // operator (docs/runbooks/deploy.md); `mira migrate` makes the login from it, and the process
+  // reads it as DATABASE_URL. The audit signing key is written by `mira keys init`
+  // (Audit__SigningKeySecretId).
+  const dbLogins = Object.fromEntries(
+    DB_LOGINS.map((login) => [
+      login,
+      new aws.secretsmanager.Secret(`db-login-${login}`, {
+        name: `mira-${s}/database/login/${login}`,
+        kmsKeyId: rdsKey.arn,
+        description: `Mira's ${login} login role ${loginRole(login)} (made by mira migrate): DATABASE_URL for the ${login}, ${loginSetting(login)} for mira migrate`,
+        tags: tags(s, "secrets"),
+      }),
+    ]),
+  ) as Record<DbLogin, aws.secretsmanager.Secret>;
   const signingKeySecret = new aws.secretsmanager.Secret("audit-signing-key", {
     name: `mira-${s}/audit/signing-key`,
     kmsKeyId: phiKey.arn,
@@ -538,7 +558,8 @@ export function foundations(cfg: FoundationsConfig) {
     { Effect: "Allow", Action: ["s3:GetObject"], Resource: [obj(uploads, "immutable/")] },
     { Effect: "Allow", Action: ["s3:PutObject", "s3:AbortMultipartUpload"], Resource: [obj(results)] },
     kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, rdsKey, messagingKey),
-    secrets(dbAppSecret),
+    // Its own login only (fleet.ts reads it into DATABASE_URL).
+    secrets(dbLogins.worker),
   ];
 
   // ---- the settings each service gets (DESIGN §2), from the resources ------------------------
@@ -569,6 +590,8 @@ export function foundations(cfg: FoundationsConfig) {
     worker: { ...common },
   };
 
+  const loginArns = Object.fromEntries(DB_LOGINS.map((l) => [l, dbLogins[l].arn])) as Record<DbLogin, pulumi.Output<string>>;
+
   return {
     network: {
       vpcId: vpc.id,
@@ -578,7 +601,12 @@ export function foundations(cfg: FoundationsConfig) {
       computeSecurityGroupId: computeSg.id,
       databaseSecurityGroupId: databaseSg.id,
     },
-    database: { endpoint: db.endpoint, masterSecretArn: db.masterUserSecrets.apply((x) => x?.[0]?.secretArn), appSecretArn: dbAppSecret.arn },
+    database: {
+      endpoint: db.endpoint,
+      masterSecretArn: db.masterUserSecrets.apply((x) => x?.[0]?.secretArn),
+      /** Each process's login secret (DB_LOGINS), which the operator fills once (docs/runbooks/deploy.md). */
+      loginSecretArns: loginArns,
+    },
     messaging: {
       topicArn: topic.arn,
       queueUrls: Object.fromEntries(Object.entries(queues).map(([g, q]) => [g, q.queue.url])),
@@ -601,7 +629,7 @@ export function foundations(cfg: FoundationsConfig) {
       queues,
       buckets: { uploads, results, frontend, witness },
       keys: { phiKey, rdsKey, s3Key, messagingKey },
-      secrets: { dbAppSecret, signingKeySecret },
+      secrets: { dbLogins, signingKeySecret },
       auditPublicKey,
       db,
       repos,

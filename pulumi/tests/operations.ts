@@ -4,6 +4,7 @@
 
 import * as fs from "node:fs";
 import * as path from "node:path";
+import { VERIFY_LOGIN } from "../src/compute";
 import { ofType, type Recorded } from "./harness";
 
 export const K = {
@@ -378,7 +379,7 @@ const allows = (st: Stmt[], action: string, resource: string) =>
 /**
  * The daily `mira audit verify`: a schedule runs, in the private subnets and the group the
  * database admits, the latest revision of a task definition whose container runs
- * `audit verify` with the witness, a trusted key and DATABASE_URL; its task role reads the witness's
+ * `audit verify` with the witness, a trusted key and DATABASE_URL (VERIFY_LOGIN's secret); its task role reads the witness's
  * every version and writes nothing; its log group's verdict lines are counted, and an alarm
  * rings when `log intact` is missing for 26 hours (missing data breaching) and when
  * `log verification FAILED` appears.
@@ -408,13 +409,13 @@ export function verifyProblems(rs: Recorded[]): string[] {
   const env = envOf(mira ?? {});
   const witness = ofType(rs, K.bucket).find((b) => b.name === "witness")!;
   const signingKey = ofType(rs, K.secret).find((x) => x.name === "audit-signing-key")!;
-  const dbApp = ofType(rs, K.secret).find((x) => x.name === "db-app")!;
+  const login = ofType(rs, K.secret).find((x) => x.name === `db-login-${VERIFY_LOGIN}`);
   if (env.Audit__WitnessBucket !== witness.state.bucket) p.push(`Audit__WitnessBucket is ${env.Audit__WitnessBucket}`);
   if (!env.Audit__PublicKey && env.Audit__SigningKeySecretId !== signingKey.state.arn && !env.Audit__PublicKeyFile) {
     p.push("no trusted key: neither Audit__PublicKey, Audit__SigningKeySecretId nor Audit__PublicKeyFile");
   }
   const dbUrl = (mira?.secrets ?? []).find((x: any) => x.name === "DATABASE_URL");
-  if (dbUrl?.valueFrom !== dbApp.state.arn) p.push("DATABASE_URL is not the application's database secret");
+  if (!login || dbUrl?.valueFrom !== login.state.arn) p.push(`DATABASE_URL is not the ${VERIFY_LOGIN} login's secret`);
   const roleByArn = (arn: string) => ofType(rs, K.role).find((r) => r.state.arn === arn);
   if (dbUrl && !allows(policyOf(rs, roleByArn(td.inputs.executionRoleArn)), "secretsmanager:GetSecretValue", dbUrl.valueFrom)) p.push("ECS cannot read DATABASE_URL's secret");
 
@@ -463,6 +464,158 @@ export function verifyProblems(rs: Recorded[]): string[] {
     if (a.comparisonOperator !== "GreaterThanThreshold" || a.threshold !== 0) p.push(`alarm ${bad.name}: not on any failure (${a.comparisonOperator} ${a.threshold})`);
     if ((a.datapointsToAlarm ?? a.evaluationPeriods) !== 1) p.push(`alarm ${bad.name}: needs more than one failure`);
     if (!(a.alarmActions ?? []).includes(topic)) p.push(`alarm ${bad.name}: not into the alarm topic`);
+  }
+  return p;
+}
+
+// ---- the database logins ------------------------------------------------------------------------
+
+/**
+ * The processes that connect to the database, each as its own login, and the setting `mira
+ * migrate` reads each login's URL from (written out here, not taken from the program).
+ */
+export const LOGINS: Record<string, string> = {
+  api: "Database__Logins__Api",
+  relay: "Database__Logins__Relay",
+  projector: "Database__Logins__Projector",
+  handlers: "Database__Logins__Handlers",
+  worker: "Database__Logins__Worker",
+};
+
+const escapeRe = (x: string) => x.replace(/[.+^${}()|[\]\\]/g, "\\$&");
+/** An IAM pattern (`*`, `?`) against a value; actions match without regard to case. */
+const glob = (pattern: string, value: string, caseless = false) =>
+  new RegExp(`^${pattern.split("*").map((part) => part.split("?").map(escapeRe).join(".")).join(".*")}$`, caseless ? "i" : "").test(value);
+/** Whether the statements allow `action` on `resource`, wildcards in either included. */
+const mayDo = (st: Stmt[], action: string, resource: string) =>
+  st.some((x) => x.Effect === "Allow" && list(x.Action).some((a) => glob(a, action, true)) && list(x.Resource).some((r) => glob(r, resource)));
+
+/** The database's secrets: every secret under `mira-<stack>/database/` (the owner's, the logins', any other). */
+const databaseSecrets = (rs: Recorded[]) => ofType(rs, K.secret).filter((x) => /\/database\//.test(String(x.state.name)));
+const loginSecret = (rs: Recorded[], login: string) => ofType(rs, K.secret).find((x) => x.name === `db-login-${login}`);
+/** A secret's ARN as the problems name it: the login's, or its name. */
+const named = (rs: Recorded[], arn: string | undefined) => {
+  if (arn === undefined) return "not set";
+  const login = Object.keys(LOGINS).find((l) => loginSecret(rs, l)?.state.arn === arn);
+  return login ? `the ${login} login's secret` : (ofType(rs, K.secret).find((x) => x.state.arn === arn)?.state.name ?? arn);
+};
+const secretsOf = (c: any): Record<string, string> => Object.fromEntries((c?.secrets ?? []).map((x: any) => [x.name, x.valueFrom]));
+const miraOf = (td: Recorded) => containersOf(td).find((c) => c.name === "mira");
+
+/**
+ * One login per process, each in a Secrets Manager secret of its own under the RDS key; no other
+ * secret under `database/` but the owner's (the migration's).
+ */
+export function loginSecretProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  const rdsKey = ofType(rs, "aws:kms/key:Key").find((k) => k.name === "rds-key")?.state.arn;
+  for (const login of Object.keys(LOGINS)) {
+    const x = loginSecret(rs, login);
+    if (!x) p.push(`no secret for the ${login} login`);
+    else if (x.inputs.kmsKeyId !== rdsKey) p.push(`the ${login} login's secret is not under the RDS key`);
+  }
+  for (const x of databaseSecrets(rs)) {
+    if (x.name !== "db-migration" && !Object.keys(LOGINS).some((l) => x.name === `db-login-${l}`)) p.push(`secret ${x.state.name} is neither the owner's nor a process's login`);
+  }
+  return p;
+}
+
+/**
+ * Each ECS service takes DATABASE_URL from its own process's login: the process is what its
+ * Roles__Enabled names (the API where it names none). Every service process has its service.
+ */
+export function serviceLoginProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  const byArn = new Map(ofType(rs, K.taskDef).map((td) => [td.state.arn, td]));
+  const served = new Set<string>();
+  for (const svc of ofType(rs, K.service)) {
+    const td = byArn.get(svc.inputs.taskDefinition);
+    if (!td) {
+      p.push(`service ${svc.inputs.name}: runs no task definition of the program`);
+      continue;
+    }
+    const mira = miraOf(td);
+    const roles = (envOf(mira ?? {}).Roles__Enabled ?? "").split(",").map((x) => x.trim()).filter(Boolean);
+    if (roles.length > 1) {
+      p.push(`service ${svc.inputs.name}: runs ${roles.join(", ")}, more than one process's login`);
+      continue;
+    }
+    const process = roles[0] ?? "api";
+    served.add(process);
+    const want = loginSecret(rs, process)?.state.arn;
+    const got = secretsOf(mira).DATABASE_URL ?? envOf(mira ?? {}).DATABASE_URL;
+    if (!want || got !== want) p.push(`service ${svc.inputs.name}: DATABASE_URL is ${named(rs, got)}, not the ${process} login's secret`);
+  }
+  for (const process of Object.keys(LOGINS).filter((l) => l !== "worker")) if (!served.has(process)) p.push(`no service runs the ${process}`);
+  return p;
+}
+
+/**
+ * `mira migrate` (the one task definition that runs it) gets the owner's URL as
+ * Database__MigrationUrl and every process's login as Database__Logins__<Process>, each from its
+ * secret, and no DATABASE_URL.
+ */
+export function migrationLoginProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  const tds = ofType(rs, K.taskDef).filter((td) => JSON.stringify(miraOf(td)?.command) === JSON.stringify(["migrate"]));
+  if (tds.length !== 1) return [`${tds.length} task definitions run mira migrate`];
+  const mira = miraOf(tds[0]);
+  const got = secretsOf(mira);
+  const owner = ofType(rs, K.secret).find((x) => x.name === "db-migration")?.state.arn;
+  if (!owner || got.Database__MigrationUrl !== owner) p.push(`Database__MigrationUrl is ${named(rs, got.Database__MigrationUrl)}, not the owner's secret`);
+  for (const [login, setting] of Object.entries(LOGINS)) {
+    const want = loginSecret(rs, login)?.state.arn;
+    if (!want || got[setting] !== want) p.push(`${setting} is ${named(rs, got[setting])}, not the ${login} login's secret`);
+  }
+  for (const name of Object.keys(got)) if (name.startsWith("Database__Logins__") && !Object.values(LOGINS).includes(name)) p.push(`${name} is no process's login`);
+  if ("DATABASE_URL" in got || "DATABASE_URL" in envOf(mira ?? {})) p.push(`mira migrate is given DATABASE_URL (${named(rs, got.DATABASE_URL ?? envOf(mira).DATABASE_URL)})`);
+  return p;
+}
+
+/**
+ * What reads the database's secrets: a task's execution role (ECS, which injects them) reads
+ * exactly the ones its task injects, so no task starts with another process's login; a task's
+ * own role reads none; neither has a managed policy this check cannot read. The worker's pods
+ * read the worker's login, with their role (IRSA), which reads no other.
+ */
+export function secretAccessProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  const dbSecrets = databaseSecrets(rs);
+  const roleByArn = (arn: string) => ofType(rs, K.role).find((r) => r.state.arn === arn);
+  const attached = (r: Recorded) =>
+    ofType(rs, "aws:iam/rolePolicyAttachment:RolePolicyAttachment").filter((a) => a.inputs.role === r.state.name || a.inputs.role === `${r.name}-id`);
+  const readable = (r: Recorded) => dbSecrets.filter((x) => mayDo(policyOf(rs, r), "secretsmanager:GetSecretValue", x.state.arn));
+  for (const td of ofType(rs, K.taskDef)) {
+    const family = td.inputs.family;
+    const injected = new Set(containersOf(td).flatMap((c) => (c.secrets ?? []).map((x: any) => x.valueFrom)));
+    const exec = roleByArn(td.inputs.executionRoleArn);
+    if (!exec) p.push(`${family}: its execution role is no role of the program`);
+    else {
+      if (attached(exec).length) p.push(`${family}: its execution role ${exec.name} has managed policies attached`);
+      const can = readable(exec).map((x) => x.state.arn);
+      for (const arn of injected) if (!can.includes(arn)) p.push(`${family}: its execution role ${exec.name} cannot read ${named(rs, arn)}, which the task injects`);
+      for (const arn of can) if (!injected.has(arn)) p.push(`${family}: its execution role ${exec.name} may read ${named(rs, arn)}`);
+    }
+    const task = roleByArn(td.inputs.taskRoleArn);
+    if (task) {
+      if (attached(task).length) p.push(`${family}: its task role ${task.name} has managed policies attached`);
+      for (const x of readable(task)) p.push(`${family}: its task role ${task.name} may read ${named(rs, x.state.arn)}`);
+    }
+  }
+  const worker = loginSecret(rs, "worker")?.state.arn;
+  const dep = ofType(rs, K.deployment)[0];
+  if (!dep) return [...p, "no worker Deployment"];
+  const pod = dep.inputs.spec.template.spec;
+  const dbArns = new Set(dbSecrets.map((x) => x.state.arn));
+  const read = [...(pod.initContainers ?? []), ...(pod.containers ?? [])].flatMap((c: any) => (c.env ?? []).map((e: any) => e.value)).filter((v: string) => dbArns.has(v));
+  if (!worker || !read.includes(worker)) p.push("the worker's pods do not read the worker login's secret");
+  for (const arn of read) if (arn !== worker) p.push(`the worker's pods read ${named(rs, arn)}`);
+  const role = ofType(rs, K.role).find((r) => r.name === "worker");
+  if (!role) p.push("no worker role");
+  else {
+    const can = readable(role).map((x) => x.state.arn);
+    if (!worker || !can.includes(worker)) p.push("the worker's role cannot read the worker login's secret");
+    for (const arn of can) if (arn !== worker) p.push(`the worker's role may read ${named(rs, arn)}`);
   }
   return p;
 }

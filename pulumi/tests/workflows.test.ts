@@ -7,6 +7,7 @@ import {
   loadWorkflows,
   registrationProblems,
   runbook,
+  runbookOutputProblems,
   stackReadProblems,
   stackReads,
   variableProblems,
@@ -134,6 +135,25 @@ describe("the workflows", () => {
       "deploy.yml: aws-access-key-id: long-lived keys",
       "deploy.yml: role-to-assume (none) is not a variable",
       "deploy.yml: secrets.AWS_ACCESS_KEY_ID has no row in docs/runbooks/deploy.md",
+    ]);
+  });
+
+  it("name in the runbook only stack outputs that the program exports", async () => {
+    const out = await stackOutputs();
+    const book = runbook();
+    assert.deepEqual(runbookOutputProblems(book, out), []);
+    // What it reads: the login secrets by a variable, and the owner's.
+    assert.ok(book.includes(`jq -r --arg l "$login" '.database.loginSecretArns[$l]'`), "the runbook fills the login secrets by their outputs");
+    assert.ok(book.includes("`compute.migrationSecretArn`"));
+    // Broken: the one shared secret named again, in the text and in a jq read; a login read
+    // from an output that does not exist.
+    const broken = book
+      .replace("`database.loginSecretArns`", "`database.appSecretArn`")
+      .replace(`'.database.loginSecretArns[$l]'`, `'.database.loginSecrets[$l]'`)
+      .replace("`compute.migrationSecretArn`", "`compute.migrationSecretArn` (`.database.appSecretArn`)");
+    assert.deepEqual(runbookOutputProblems(broken, out).sort(), [
+      "docs/runbooks/deploy.md: names .database.appSecretArn, which the program does not export",
+      "docs/runbooks/deploy.md: names .database.loginSecrets, which the program does not export",
     ]);
   });
 });

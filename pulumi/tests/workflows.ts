@@ -246,6 +246,29 @@ export function variableProblems(workflows: Workflow[], book: string, outputs: R
   return [...new Set(p)];
 }
 
+/**
+ * The stack outputs the runbook names: what its shell reads with `jq` (the dotted path an
+ * expression starts with: `.database.loginSecretArns[$l]` reads `.database.loginSecretArns`),
+ * and the outputs its text names in backquotes (`.deploy.region`, `database.masterSecretArn`;
+ * a name whose first part is no top-level output, or that ends like a file, is not one). Each
+ * must be something the program exports.
+ */
+export function runbookOutputProblems(book: string, outputs: Record<string, any>): string[] {
+  const names = new Set<string>();
+  for (const m of book.matchAll(/\bjq\s+(?:-\w+\s+|--arg\s+\S+\s+\S+\s+)*'(\.[A-Za-z_][^']*)'/g)) names.add(/^(\.[A-Za-z_]\w*)+/.exec(m[1])![0]);
+  for (const m of book.matchAll(/`(\.?)([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)`/g)) {
+    const first = m[2].split(".")[0];
+    if (!(first in outputs) || /\.(ya?ml|md|ts|sh|json)$/.test(m[2])) continue;
+    names.add(`.${m[2]}`);
+  }
+  const p: string[] = [];
+  for (const name of names) {
+    const path = name.slice(1).split(".");
+    if (isEmpty(lookup(outputs, path))) p.push(`docs/runbooks/deploy.md: names ${name}, which the program does not export`);
+  }
+  return p;
+}
+
 const ofType = (rs: Recorded[], type: string) => rs.filter((r) => r.type === type);
 const list = <T>(x: T | T[] | undefined): T[] => (x === undefined ? [] : Array.isArray(x) ? x : [x]);
 

@@ -122,8 +122,8 @@ pub enum DevCommand {
     /// Print a connection URL (with its password) to the running `mira dev`'s private
     /// PostgreSQL cluster, for psql and other processes.
     Url {
-        /// The role the processes connect as (`mira_service`, which owns nothing) instead of
-        /// the cluster's owner (`postgres`).
+        /// The API's login (`mira_svc_api`, which owns nothing) instead of the cluster's owner
+        /// (`postgres`).
         #[arg(long)]
         service: bool,
     },

@@ -16,7 +16,7 @@ mod projections;
 
 use args::{BusCommand, Cli, Command, DevCommand, KeysCommand};
 pub use common::Verdict;
-use common::{aws_config, pool, print_json, shutdown_on_signals};
+use common::{aws_config, print_json, shutdown_on_signals};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // `mira dev` layers its own defaults before the file and the environment.
@@ -75,17 +75,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev { .. } => unreachable!("handled above"),
         Command::Migrate { json } => {
-            let (applied, granted) = mira_gateway::database::migrate(&settings).await?;
+            let (applied, logins) = mira_gateway::database::migrate(&settings).await?;
             if json {
-                print_json(&serde_json::json!({ "applied": applied, "granted_to": granted }));
+                print_json(&serde_json::json!({ "applied": applied, "logins": logins }));
             } else {
                 if applied.is_empty() {
                     println!("schema is up to date");
                 } else {
                     println!("applied migrations {applied:?}");
                 }
-                if let Some(role) = granted {
-                    println!("granted the runtime roles to {role}");
+                for l in &logins {
+                    let pw = if l.password_set { ", password set" } else { "" };
+                    println!("login {} for the {} (holds {}{pw})", l.role, l.process, l.group);
                 }
             }
         }
@@ -142,7 +143,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Serve { listen, with } => {
-            let pool = pool(&settings).await?;
+            let pool = mira_gateway::database::api_pool(&settings).await?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;

@@ -1,0 +1,83 @@
+-- One role per process (DESIGN §2, ADR 0012): the API, the relay, the projector, the lifecycle
+-- handlers and the worker each connect as their own login role (`mira migrate` creates them:
+-- mira_svc_api, mira_svc_relay, mira_svc_projector, mira_svc_handlers, mira_svc_worker), a
+-- member of one group role below that holds only what that process does. Before, one login
+-- role held mira_app, mira_api and mira_projector at once: the API could write read models
+-- and the projector could append.
+--
+-- | role           | the log                    | its own tables                                      |
+-- |----------------|----------------------------|-----------------------------------------------------|
+-- | mira_api       | read, append; checkpoints, | read models (its tenant's, read-only),              |
+-- |                | epochs read                | api_idempotency, data_keys (read, add)              |
+-- | mira_relay     | read; checkpoints append   | relay_cursor                                        |
+-- | mira_projector | read                       | read models (write), projection_positions,          |
+-- |                |                            | consumer_streams, consumer_set_aside                |
+-- | mira_handlers  | read, append               | consumer_streams, consumer_set_aside, due_work,     |
+-- |                |                            | handler_waiting                                     |
+-- | mira_worker    | read, append               | consumer_streams, consumer_set_aside, data_keys     |
+-- |                |                            | (read, add); relay_cursor (mira dev's private relay)|
+--
+-- mira_app keeps its grants: it is the operator's role for the command line's maintenance
+-- commands (`mira dlq`, `mira audit new-epoch`), and no process's login holds it.
+
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['mira_relay', 'mira_handlers', 'mira_worker'] LOOP
+        BEGIN
+            EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            NULL; -- roles are cluster-wide: another database (or a concurrent migration) made it
+        END;
+    END LOOP;
+    -- The migrating owner works as each of them in the tests and in rebuilds (as 0003 does).
+    EXECUTE format('GRANT mira_relay, mira_handlers, mira_worker TO %I', current_user);
+END
+$$;
+
+-- The API.
+GRANT SELECT, INSERT ON events TO mira_api;
+GRANT SELECT ON checkpoints, log_epoch, log_epochs TO mira_api;
+GRANT SELECT, INSERT ON data_keys TO mira_api;
+-- The sweeper deletes expired idempotency rows of every tenant (Api__IdempotencyRetentionHours
+-- is at least 1); a DELETE with a WHERE reads the rows too, so it may see them. The tenant
+-- policy keeps every other access to one tenant. (The API's login reads the whole log anyway.)
+GRANT DELETE ON api_idempotency TO mira_api;
+CREATE POLICY expired_across_tenants ON api_idempotency FOR DELETE TO mira_api
+    USING (created_at < now() - interval '1 hour');
+CREATE POLICY expired_across_tenants_read ON api_idempotency FOR SELECT TO mira_api
+    USING (created_at < now() - interval '1 hour');
+-- /metrics reads the watermark lag, whose age comes from pg_stat_activity: without this, the
+-- sessions of other roles (the worker's, the handlers') show no transaction start and the lag
+-- reads 0 (ADR 0012).
+DO $$
+BEGIN
+    GRANT pg_read_all_stats TO mira_api;
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE EXCEPTION 'the migrating role % cannot grant pg_read_all_stats to mira_api; without it the watermark-lag metric reads 0 for other roles'' sessions. Migrate as a role that can (the RDS master user, or a superuser).', current_user
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+
+-- The relay (and the checkpointer inside it).
+GRANT SELECT ON events, log_epoch, log_epochs TO mira_relay;
+GRANT SELECT, INSERT ON checkpoints TO mira_relay;
+GRANT SELECT, INSERT, UPDATE, DELETE ON relay_cursor TO mira_relay;
+
+-- The projector: already holds what it needs (0003, 0007).
+
+-- The lifecycle handlers.
+GRANT SELECT, INSERT ON events TO mira_handlers;
+GRANT SELECT, INSERT, UPDATE, DELETE ON consumer_streams, consumer_set_aside, due_work TO mira_handlers;
+GRANT SELECT, INSERT, DELETE ON handler_waiting TO mira_handlers;
+CREATE POLICY handlers_across_tenants ON handler_waiting TO mira_handlers USING (true) WITH CHECK (true);
+-- `mira projections status` and `mira dlq`, run as a one-off task of the handlers' family on AWS
+-- (docs/runbooks/deploy.md).
+GRANT SELECT ON projection_positions TO mira_handlers;
+
+-- The worker.
+GRANT SELECT, INSERT ON events TO mira_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON consumer_streams, consumer_set_aside TO mira_worker;
+GRANT SELECT, INSERT ON data_keys TO mira_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON relay_cursor TO mira_worker;
