@@ -9,7 +9,8 @@
 -- |----------------|----------------------------|-----------------------------------------------------|
 -- | mira_api       | read, append; checkpoints, | read models (its tenant's, read-only),              |
 -- |                | epochs read                | api_idempotency, data_keys (read, add)              |
--- | mira_relay     | read; checkpoints append   | relay_cursor                                        |
+-- | mira_relay     | read; checkpoints, epochs  | relay_cursor                                        |
+-- |                | append                     |                                                     |
 -- | mira_projector | read                       | read models (write), projection_positions,          |
 -- |                |                            | consumer_streams, consumer_set_aside                |
 -- | mira_handlers  | read, append               | consumer_streams, consumer_set_aside, due_work,     |
@@ -40,29 +41,45 @@ $$;
 GRANT SELECT, INSERT ON events TO mira_api;
 GRANT SELECT ON checkpoints, log_epoch, log_epochs TO mira_api;
 GRANT SELECT, INSERT ON data_keys TO mira_api;
--- The sweeper deletes expired idempotency rows of every tenant (Api__IdempotencyRetentionHours
--- is at least 1); a DELETE with a WHERE reads the rows too, so it may see them. The tenant
--- policy keeps every other access to one tenant. (The API's login reads the whole log anyway.)
-GRANT DELETE ON api_idempotency TO mira_api;
-CREATE POLICY expired_across_tenants ON api_idempotency FOR DELETE TO mira_api
-    USING (created_at < now() - interval '1 hour');
-CREATE POLICY expired_across_tenants_read ON api_idempotency FOR SELECT TO mira_api
-    USING (created_at < now() - interval '1 hour');
--- /metrics reads the watermark lag, whose age comes from pg_stat_activity: without this, the
--- sessions of other roles (the worker's, the handlers') show no transaction start and the lag
--- reads 0 (ADR 0012).
+-- The sweeper deletes expired idempotency rows of every tenant through one function that does
+-- that alone (Api__IdempotencyRetentionHours is at least 1, and so is the function's floor);
+-- the tenant policy keeps every other access to one tenant. The function runs as the owner,
+-- which forced row-level security binds too unless it is a superuser: a policy lets it.
+CREATE FUNCTION mira_sweep_idempotency(retention interval) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    DELETE FROM public.api_idempotency WHERE created_at < now() - greatest(retention, interval '1 hour');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+REVOKE ALL ON FUNCTION mira_sweep_idempotency(interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION mira_sweep_idempotency(interval) TO mira_api;
 DO $$
 BEGIN
-    GRANT pg_read_all_stats TO mira_api;
+    EXECUTE format('CREATE POLICY owner_sweeps ON api_idempotency TO %I USING (true) WITH CHECK (true)', current_user);
+END
+$$;
+-- /metrics (served by the API and by each role's service) reads the watermark lag, whose age
+-- comes from pg_stat_activity: without this, the sessions of other roles (the worker's, the
+-- handlers') show no transaction start and the lag reads 0 (ADR 0012).
+DO $$
+BEGIN
+    GRANT pg_read_all_stats TO mira_api, mira_relay, mira_projector, mira_handlers;
 EXCEPTION WHEN insufficient_privilege THEN
-    RAISE EXCEPTION 'the migrating role % cannot grant pg_read_all_stats to mira_api; without it the watermark-lag metric reads 0 for other roles'' sessions. Migrate as a role that can (the RDS master user, or a superuser).', current_user
+    RAISE EXCEPTION 'the migrating role % cannot grant pg_read_all_stats to the roles that serve /metrics; without it the watermark-lag metric reads 0 for other roles'' sessions. Migrate as a role that can (the RDS master user, or a superuser).', current_user
         USING ERRCODE = 'insufficient_privilege';
 END
 $$;
+-- /metrics also reads the projection's position (`mira projections status` does the same).
+GRANT SELECT ON projection_positions TO mira_relay, mira_handlers;
 
--- The relay (and the checkpointer inside it).
-GRANT SELECT ON events, log_epoch, log_epochs TO mira_relay;
-GRANT SELECT, INSERT ON checkpoints TO mira_relay;
+-- The relay (and the checkpointer inside it). `mira audit checkpoint`, `verify` and
+-- `new-epoch` run on its login too (docs/runbooks/deploy.md).
+GRANT SELECT ON events, log_epoch TO mira_relay;
+GRANT SELECT, INSERT ON checkpoints, log_epochs TO mira_relay;
 GRANT SELECT, INSERT, UPDATE, DELETE ON relay_cursor TO mira_relay;
 
 -- The projector: already holds what it needs (0003, 0007).
@@ -72,9 +89,6 @@ GRANT SELECT, INSERT ON events TO mira_handlers;
 GRANT SELECT, INSERT, UPDATE, DELETE ON consumer_streams, consumer_set_aside, due_work TO mira_handlers;
 GRANT SELECT, INSERT, DELETE ON handler_waiting TO mira_handlers;
 CREATE POLICY handlers_across_tenants ON handler_waiting TO mira_handlers USING (true) WITH CHECK (true);
--- `mira projections status` and `mira dlq`, run as a one-off task of the handlers' family on AWS
--- (docs/runbooks/deploy.md).
-GRANT SELECT ON projection_positions TO mira_handlers;
 
 -- The worker.
 GRANT SELECT, INSERT ON events TO mira_worker;

@@ -32,7 +32,8 @@ pub async fn grant_runtime(owner: &PgPool, login: &str) -> Result<(), sqlx::Erro
 
 /// Makes `login` a login role holding `group` (one process's grants), creating it when missing,
 /// and sets its password when one is given. Run by the owner after migrating (`mira migrate`).
-/// On RDS the login may also authenticate with IAM (`rds_iam`, when that role exists).
+/// The password never reaches the server: its SCRAM-SHA-256 verifier is computed here, so no
+/// statement text (`pg_stat_activity`, the server's log) shows it.
 pub async fn ensure_login(owner: &PgPool, login: &str, group: &str, password: Option<&str>) -> Result<(), sqlx::Error> {
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
         .bind(login)
@@ -56,24 +57,70 @@ pub async fn ensure_login(owner: &PgPool, login: &str, group: &str, password: Op
             .await?;
     }
     if let Some(pw) = password {
-        // ALTER ROLE takes no parameters: the password as a literal, its quotes doubled.
-        sqlx::query(&format!(
-            "ALTER ROLE {} LOGIN PASSWORD '{}'",
-            ident(login),
-            pw.replace('\'', "''")
-        ))
-        .execute(owner)
-        .await?;
-    }
-    let iam: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_iam')")
-        .fetch_one(owner)
-        .await?;
-    if iam && password.is_none() {
-        sqlx::query(&format!("GRANT rds_iam TO {}", ident(login)))
+        // ALTER ROLE takes no parameters: the verifier as a literal (base64, `$`, `:` and
+        // digits only, so nothing in it needs quoting).
+        let verifier = scram_verifier(pw).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        sqlx::query(&format!("ALTER ROLE {} LOGIN PASSWORD '{verifier}'", ident(login)))
             .execute(owner)
             .await?;
     }
     Ok(())
+}
+
+/// The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (RFC 5802, RFC 7677): 4096
+/// iterations of PBKDF2-HMAC-SHA-256 over a random 16-byte salt.
+pub fn scram_verifier(password: &str) -> Result<String, getrandom::Error> {
+    let mut salt = [0u8; 16];
+    getrandom::getrandom(&mut salt)?;
+    Ok(scram_verifier_with(password, &salt, 4096))
+}
+
+fn scram_verifier_with(password: &str, salt: &[u8], iterations: u32) -> String {
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    type H = Hmac<Sha256>;
+    let mac = |key: &[u8], data: &[u8]| -> [u8; 32] {
+        let mut m = H::new_from_slice(key).expect("HMAC takes any key length");
+        m.update(data);
+        m.finalize().into_bytes().into()
+    };
+    // PBKDF2, one block: U1 = HMAC(P, salt ‖ 1), Ui = HMAC(P, Ui-1), the result their XOR.
+    let mut u = mac(password.as_bytes(), &[salt, &1u32.to_be_bytes()].concat());
+    let mut salted = u;
+    for _ in 1..iterations {
+        u = mac(password.as_bytes(), &u);
+        for (s, x) in salted.iter_mut().zip(u) {
+            *s ^= x;
+        }
+    }
+    let stored_key = Sha256::digest(mac(&salted, b"Client Key"));
+    let server_key = mac(&salted, b"Server Key");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    format!(
+        "SCRAM-SHA-256${iterations}:{}${}:{}",
+        b64.encode(salt),
+        b64.encode(stored_key),
+        b64.encode(server_key)
+    )
+}
+
+#[cfg(test)]
+mod scram_tests {
+    /// The example of RFC 7677 §3: password "pencil", its salt, 4096 iterations. These keys
+    /// give that exchange's ServerSignature (v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=),
+    /// checked with Python's hashlib.pbkdf2_hmac and hmac.
+    #[test]
+    fn the_verifier_matches_rfc_7677() {
+        use base64::Engine;
+        let salt = base64::engine::general_purpose::STANDARD
+            .decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+            .unwrap();
+        let v = super::scram_verifier_with("pencil", &salt, 4096);
+        assert_eq!(
+            v,
+            "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
+        );
+    }
 }
 
 /// Whether the pool's login holds `group` (a member that may use its privileges).

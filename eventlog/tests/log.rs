@@ -840,7 +840,7 @@ async fn an_open_appender_holds_the_bound_and_is_not_skipped_when_it_commits_mid
 /// is among them when `time` is not `now()`).
 fn raw_insert(extra_columns: &str, extra_values: &str, time: &str) -> String {
     format!(
-        "INSERT INTO events ({extra_columns}event_id, tenant_id, aggregate_type, aggregate_id, sequence, \
+        "INSERT INTO public.events ({extra_columns}event_id, tenant_id, aggregate_type, aggregate_id, sequence, \
          event_type, event_version, recorded_at, payload, metadata, prev_hash, hash) \
          VALUES ({extra_values}gen_random_uuid(), 'lab', 'Test', 'raw', 1, 'Tick', '1', {time}, '{{}}', '{{}}', \
          decode(repeat('00', 32), 'hex'), decode(repeat('00', 32), 'hex'))"
@@ -911,6 +911,41 @@ async fn the_log_assigns_order_and_time_and_refuses_chosen_values() {
     assert!(holds_k, "the first insert takes the appenders' lock");
     tx.commit().await.unwrap();
     assert_eq!(count_events(&db.pool).await, 1);
+    // The release before the database assigned the time registers by calling
+    // mira_register_appender() and hashes its own clock's time: refused on a new log...
+    let legacy = |time: &str| {
+        format!(
+            "SELECT mira_register_appender(); {}",
+            raw_insert("", "", time).replace("'raw', 1,", "gen_random_uuid()::text, 1,")
+        )
+    };
+    let err = sqlx::raw_sql(&legacy("clock_timestamp()"))
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(mira_eventlog::db::sqlstate(&err).as_deref(), Some("23514"), "{err}");
+    // ...and admitted within the leeway on a log that had events before (migration 0013),
+    // while a time outside it still is not.
+    sqlx::query("UPDATE log_rules SET recorded_at_leeway = interval '5 minutes'")
+        .execute(&db.owner)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&legacy("clock_timestamp()"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let err = sqlx::raw_sql(&legacy("now() - interval '1 hour'"))
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(mira_eventlog::db::sqlstate(&err).as_deref(), Some("23514"), "{err}");
+    assert_eq!(count_events(&db.pool).await, 2);
+    // The application's role cannot widen it.
+    let err = sqlx::query("UPDATE log_rules SET recorded_at_leeway = interval '1 year'")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(mira_eventlog::db::sqlstate(&err).as_deref(), Some("42501"), "{err}");
 }
 
 /// The late-commit attack (ADR 0010): a transaction that has an id before it looks like an
@@ -925,6 +960,12 @@ async fn an_insert_after_a_first_write_is_refused_however_the_transaction_dresse
     for (dress, passed) in [
         ("SELECT set_config('mira.appender', 'on', true)", true),
         ("SELECT 1", true),
+        // A temporary table named like the log, holding the transaction's id, must not pass
+        // for an earlier append of its own.
+        (
+            "CREATE TEMP TABLE events (tx_id xid8) ON COMMIT DROP; INSERT INTO events VALUES (pg_current_xact_id())",
+            true,
+        ),
         // Holding K with an id holds the followers back (it cannot be told from an appender),
         // but still cannot append.
         ("SELECT pg_advisory_xact_lock_shared(1835627105, 1819240225)", false),
@@ -934,7 +975,7 @@ async fn an_insert_after_a_first_write_is_refused_however_the_transaction_dresse
             .execute(&mut *attacker)
             .await
             .unwrap();
-        sqlx::query(dress).execute(&mut *attacker).await.unwrap();
+        sqlx::raw_sql(dress).execute(&mut *attacker).await.unwrap();
         let id = tx_id(&mut attacker).await;
         // The followers advance past the attacker's id while it is open.
         let n = count_events(&db.pool).await as u64;
@@ -966,7 +1007,7 @@ async fn an_insert_after_a_first_write_is_refused_however_the_transaction_dresse
     // Only the honest events are in the log.
     let all = log.read_after(Cursor::START, 100).await.unwrap();
     assert!(all.iter().all(|e| e.aggregate_id == "honest"), "{all:?}");
-    assert_eq!(all.len(), 3);
+    assert_eq!(all.len(), 4);
 }
 
 #[tokio::test]

@@ -37,6 +37,10 @@ const APPEND: &str = "INSERT INTO events (event_id, tenant_id, aggregate_type, a
      VALUES (gen_random_uuid(), 'lab', 'Test', gen_random_uuid()::text, 1, 'Tick', '1', now(), '{}', '{}', \
      decode(repeat('00', 32), 'hex'), decode(repeat('00', 32), 'hex'))";
 
+/// What `/metrics` and `mira projections status` read.
+const METRICS: &str = "SELECT count(*) FROM projection_positions; SELECT * FROM mira_appender_lag(); \
+     SELECT count(*) FROM events WHERE global_position > 0";
+
 async fn sqlstate(pool: &PgPool, sql: &str) -> Option<String> {
     match sqlx::raw_sql(sql).execute(pool).await {
         Ok(_) => None,
@@ -115,6 +119,15 @@ async fn each_process_role_holds_only_what_its_process_does() {
         ("mira_handlers", rm_write, true),
         ("mira_handlers", APPEND, false),
         ("mira_handlers", "SELECT count(*) FROM due_work", false),
+        // What /metrics reads, on every login that serves it (`projections status` too).
+        ("mira_api", METRICS, false),
+        ("mira_relay", METRICS, false),
+        ("mira_projector", METRICS, false),
+        ("mira_handlers", METRICS, false),
+        // The idempotency sweep goes through its function, the API's alone.
+        ("mira_api", "SELECT mira_sweep_idempotency(interval '1 day')", false),
+        ("mira_handlers", "SELECT mira_sweep_idempotency(interval '1 day')", true),
+        ("mira_api", "DELETE FROM api_idempotency", true),
     ] {
         let got = sqlstate(&pools[role], sql).await;
         if refused {

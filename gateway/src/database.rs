@@ -110,6 +110,25 @@ pub async fn require_role(pool: &PgPool, process: DbProcess, setting: &str) -> a
             process.default_login(),
         );
     }
+    // A login that holds other processes' roles too (a shared login of an older deployment, a
+    // superuser) works, with grants this process must not have: say so.
+    let mut others = Vec::new();
+    for p in DbProcess::ALL.into_iter().filter(|p| *p != process) {
+        if mira_eventlog::migrate::holds_role(pool, p.group_role()).await? {
+            others.push(p.group_role());
+        }
+    }
+    if !others.is_empty() {
+        let role = mira_eventlog::migrate::current_role(pool).await.unwrap_or_default();
+        tracing::warn!(
+            role,
+            setting,
+            others = others.join(","),
+            "the {} connects as a login that also holds other processes' roles: give it its own login ({})",
+            process.name(),
+            process.setting()
+        );
+    }
     Ok(())
 }
 

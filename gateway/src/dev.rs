@@ -249,7 +249,12 @@ impl Passwords {
         for (login, pw) in &self.logins {
             text.push_str(&format!("{login} {pw}\n"));
         }
-        write_private(&path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+        // A new file renamed over the old: a crash midway leaves the old passwords, not none.
+        let tmp = path.with_extension(format!("new-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        write_private(&tmp, text.as_bytes())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 }
 
@@ -763,7 +768,6 @@ pub async fn run(
             // below creates them with these passwords (ADR 0012).
             if let Some(p) = c.passwords.as_mut() {
                 if p.complete()? {
-                    let _ = std::fs::remove_file(data.join(PASSWORDS));
                     p.save(&data)?;
                 }
             }

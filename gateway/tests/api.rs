@@ -3725,8 +3725,27 @@ async fn a_swapped_upload_makes_no_new_copy_on_s3() {
     let claim = hold_copy_claim(&app, &slide).await;
     assert_problem(&app.post(&t, &done, json!({})).await, StatusCode::CONFLICT);
     sqlx::Connection::close(claim).await.unwrap();
-    assert_eq!(app.post(&t, &done, json!({})).await.status, StatusCode::OK);
+    // Completions racing, then more after other bytes were PUT through the still-valid URL:
+    // each is done (200), refused while another copies (409) or told the server is busy (503),
+    // and only one copy is ever made.
+    let burst = |n: usize| {
+        let (app, t, done) = (&app, &t, &done);
+        async move {
+            let statuses = futures_util::future::join_all((0..n).map(|_| app.post(t, done, json!({})))).await;
+            let statuses: Vec<StatusCode> = statuses.into_iter().map(|r| r.status).collect();
+            assert!(
+                statuses
+                    .iter()
+                    .all(|s| [StatusCode::OK, StatusCode::CONFLICT, StatusCode::SERVICE_UNAVAILABLE].contains(s)),
+                "{statuses:?}"
+            );
+            statuses
+        }
+    };
+    let first = burst(8).await;
+    assert!(first.contains(&StatusCode::OK), "{first:?}");
     assert!(put_upload(&app.http, &upload, &other).await.is_none());
+    burst(8).await;
     assert_eq!(app.post(&t, &done, json!({})).await.status, StatusCode::OK);
     let recorded: String = sqlx::query_scalar(
         "SELECT payload::jsonb ->> 'version_id' FROM events WHERE aggregate_id = $1 AND event_type = 'SlideUploaded'",

@@ -396,7 +396,13 @@ impl Worker {
             .map_err(|e| (format!("cannot fetch the slide: {e:#}"), true))?;
         // The bytes verified are the bytes processed: a copy that changed after verification
         // fails the job for good (a retry would fetch the same).
-        if let Some(want) = slide.verified_sha256.clone() {
+        // A slide verified before the hash was recorded has the one its client declared, which
+        // verification checked the copy against; a slide with neither is processed unchecked.
+        let verified = slide.verified_sha256.clone().or_else(|| slide.sha256.clone());
+        if verified.is_none() {
+            tracing::warn!(job_id = %id, slide_id = %slide_id, "the slide was verified before its hash was recorded and declared none: processed without checking its bytes");
+        }
+        if let Some(want) = verified {
             let path = input.clone();
             let got = tokio::task::spawn_blocking(move || crate::slide::sha256_of(&path))
                 .await

@@ -153,22 +153,12 @@ pub async fn claim(
     Ok(Claim::Replay(id))
 }
 
-/// Deletes rows older than `retention`, across tenants (as `mira_api`, whose policy lets it
-/// delete any tenant's rows past the shortest retention, an hour; migration 0014). Returns how
-/// many.
+/// Deletes rows older than `retention` (an hour at least), across tenants, through the one
+/// function that may (`mira_sweep_idempotency`, migration 0014). Returns how many.
 pub async fn sweep(pool: &PgPool, retention: Duration) -> Result<u64, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL ROLE mira_api").execute(&mut *tx).await?;
-    // No tenant's: the tenant policy matches no row (a tenant id cannot hold parentheses), and
-    // the expiry policy lets the old rows of every tenant go.
-    sqlx::query("SELECT set_config('mira.tenant_id', '(sweep)', true)")
-        .execute(&mut *tx)
-        .await?;
-    let n = sqlx::query("DELETE FROM api_idempotency WHERE created_at < now() - make_interval(secs => $1)")
+    let n: i64 = sqlx::query_scalar("SELECT mira_sweep_idempotency(make_interval(secs => $1))")
         .bind(retention.as_secs_f64())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    tx.commit().await?;
-    Ok(n)
+        .fetch_one(pool)
+        .await?;
+    Ok(n.max(0) as u64)
 }

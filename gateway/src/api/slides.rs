@@ -180,18 +180,41 @@ async fn writable_slide(state: &AppState, who: &Identity, raw: &str) -> ApiResul
     Ok((id, slide))
 }
 
-/// Holds the slide's copy claim for as long as the returned connection lives: a session-level
+/// Holds the slide's copy claim for as long as the returned claim lives: a session-level
 /// advisory lock on a connection that is closed, never returned to the pool, when dropped, so a
 /// crash or an early return releases it. No transaction is held while the copy runs. `None`
 /// when another request holds it.
-async fn claim_copy(state: &AppState, id: SlideId) -> ApiResult<Option<sqlx::pool::PoolConnection<sqlx::Postgres>>> {
+async fn claim_copy(state: &AppState, id: SlideId) -> ApiResult<Option<ClaimedCopy>> {
+    // Each claim holds a pooled connection for the copy's length (minutes for a large
+    // multipart copy): at most COPIES_AT_ONCE at a time, so completions cannot take the pool
+    // every other request needs.
+    let permit = COPY_CLAIMS.try_acquire().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("{COPIES_AT_ONCE} upload completions are in progress on this server: retry shortly"),
+        )
+    })?;
     let mut conn = state.pool.acquire().await?;
     conn.close_on_drop();
     let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
         .bind(format!("mira.slide-copy:{id}"))
         .fetch_one(&mut *conn)
         .await?;
-    Ok(got.then_some(conn))
+    Ok(got.then_some(ClaimedCopy {
+        _conn: conn,
+        _permit: permit,
+    }))
+}
+
+/// Upload completions copying at once, per server.
+const COPIES_AT_ONCE: usize = 4;
+static COPY_CLAIMS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(COPIES_AT_ONCE);
+
+/// A held copy claim: released when dropped.
+struct ClaimedCopy {
+    _conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    _permit: tokio::sync::SemaphorePermit<'static>,
 }
 
 /// `POST /api/slides/{id}/uploaded`: completes a multipart upload if parts are given, copies
