@@ -31,6 +31,7 @@ export DATABASE_URL=$URL Database__MaxConnections=32
 WORK=$(mktemp -d)
 export Keyring__LocalDir=$WORK/keyring Audit__SigningKeyFile=$WORK/audit.key
 "$MIRA_BIN" migrate >/dev/null
+"$MIRA_BIN" keys init >/dev/null
 
 # Warm up and learn the stored row size.
 "$MIRA_BIN" bench append --commands 500 --concurrency 4 --json > "$WORK/warm.json"

@@ -139,7 +139,7 @@ pub async fn warn_if_owner(pool: &PgPool) {
         let role = mira_eventlog::migrate::current_role(pool).await.unwrap_or_default();
         tracing::warn!(
             role,
-            "DATABASE_URL connects as a role that owns the event log or is a superuser: it could disable the log's guards; connect as a role that owns nothing (mira migrate, with Database__MigrationUrl as the owner, grants it what it needs)"
+            "DATABASE_URL connects as a role that owns the event log or is a superuser: it could disable the log's guards; connect as the process's own login, which owns nothing (mira migrate, with Database__MigrationUrl as the owner, creates it: Database__Logins__…)"
         );
     }
 }
