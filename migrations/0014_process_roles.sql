@@ -17,6 +17,7 @@
 -- |                |                            | handler_waiting                                     |
 -- | mira_worker    | read, append               | consumer_streams, consumer_set_aside, data_keys     |
 -- |                |                            | (read, add); relay_cursor (mira dev's private relay)|
+-- |                |                            | its own slow work in due_work                       |
 --
 -- mira_app keeps its grants: it is the operator's role for the command line's maintenance
 -- commands (`mira dlq`, `mira audit new-epoch`), and no process's login holds it.
@@ -89,6 +90,35 @@ GRANT SELECT, INSERT ON events TO mira_handlers;
 GRANT SELECT, INSERT, UPDATE, DELETE ON consumer_streams, consumer_set_aside, due_work TO mira_handlers;
 GRANT SELECT, INSERT, DELETE ON handler_waiting TO mira_handlers;
 CREATE POLICY handlers_across_tenants ON handler_waiting TO mira_handlers USING (true) WITH CHECK (true);
+
+-- The due-time table holds the handlers' timers and each consumer's slow work to try again
+-- (kind `slow-work:<consumer>`, ADR 0025): each role reaches its own kinds only. The operator's
+-- role (and the release before, whose login holds it) reaches all.
+ALTER TABLE due_work ENABLE ROW LEVEL SECURITY;
+CREATE POLICY handlers_timers ON due_work TO mira_handlers
+    USING (kind NOT LIKE 'slow-work:%' OR kind = 'slow-work:handlers')
+    WITH CHECK (kind NOT LIKE 'slow-work:%' OR kind = 'slow-work:handlers');
+CREATE POLICY projector_slow_work ON due_work TO mira_projector
+    USING (kind = 'slow-work:projections') WITH CHECK (kind = 'slow-work:projections');
+CREATE POLICY worker_slow_work ON due_work TO mira_worker
+    USING (kind = 'slow-work:gpu-jobs') WITH CHECK (kind = 'slow-work:gpu-jobs');
+CREATE POLICY operator_all ON due_work TO mira_app USING (true) WITH CHECK (true);
+GRANT SELECT, INSERT, UPDATE, DELETE ON due_work TO mira_projector, mira_worker;
+
+-- /metrics shows each consumer's parked aggregates and slow work waiting for a retry; the
+-- roles that serve it cannot read the consumers' tables, so one function counts them.
+CREATE FUNCTION mira_consumer_health(OUT consumer text, OUT parked bigint, OUT retrying bigint)
+RETURNS SETOF record
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+    WITH p AS (SELECT s.consumer, count(*) AS n FROM public.consumer_streams s
+               WHERE s.parked_at IS NOT NULL GROUP BY 1),
+         r AS (SELECT substr(d.kind, 11) AS consumer, count(*) AS n FROM public.due_work d
+               WHERE d.kind LIKE 'slow-work:%' GROUP BY 1)
+    SELECT coalesce(p.consumer, r.consumer), coalesce(p.n, 0), coalesce(r.n, 0)
+    FROM p FULL JOIN r ON r.consumer = p.consumer
+$$;
+REVOKE ALL ON FUNCTION mira_consumer_health() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION mira_consumer_health() TO mira_api, mira_relay, mira_projector, mira_handlers, mira_app;
 
 -- The worker.
 GRANT SELECT, INSERT ON events TO mira_worker;

@@ -50,7 +50,14 @@ impl ObjectStore {
             return Err(BlobError::Storage(format!("invalid object key {key:?}")));
         }
         match self {
-            Self::Local(dir) => Ok(dir.join(key)),
+            Self::Local(dir) => {
+                let path = dir.join(key);
+                match tokio::fs::metadata(&path).await {
+                    Ok(m) if m.is_file() => Ok(path),
+                    Ok(_) => Err(BlobError::Storage(format!("the object {key} is not a file"))),
+                    Err(e) => Err(BlobError::Storage(format!("the object {key} cannot be read: {e}"))),
+                }
+            }
             Self::S3 { client, bucket } => {
                 let path = scratch.join("slide");
                 let obj = client

@@ -19,6 +19,13 @@
 //! `park_after_receives` deliveries: later events of that aggregate are set aside (recorded,
 //! not dead-lettered one by one) while other aggregates flow on. `mira dlq redrive` requests a
 //! redrive; the consumer then replays the aggregate from the log and un-parks it.
+//!
+//! Slow work that fails (a verification whose slide cannot be read yet, a fetch S3 throttles)
+//! is not redelivered every few hundred milliseconds into the dead-letter queue: its retry is
+//! scheduled in the due-time table (`due_work`, kind `slow-work:<consumer>`) with exponential
+//! backoff (`Messaging__SlowRetry…`) and the message is deleted. The consumer runs what is due
+//! between receives; after the last try the aggregate is parked with the reason, and a redrive
+//! runs the work again (DESIGN §5.3, ADR 0025).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +82,46 @@ pub struct ConsumerConfig {
     /// The queue's filter. Events it does not admit are skipped when a gap is filled from the
     /// log, as they would never have been delivered.
     pub group: Group,
+    /// When failed slow work is tried again, and how often.
+    pub slow_retry: SlowRetry,
+}
+
+/// The backoff of slow work that fails: try `n` (1 the first retry) after
+/// `first · 2^(n-1)`, at most `max`, `attempts` tries in all; then the aggregate is parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlowRetry {
+    pub first: Duration,
+    pub max: Duration,
+    pub attempts: u32,
+}
+
+impl Default for SlowRetry {
+    fn default() -> Self {
+        Self::from_settings(&mira_config::MessagingSettings::default())
+    }
+}
+
+impl SlowRetry {
+    pub fn from_settings(m: &mira_config::MessagingSettings) -> Self {
+        Self {
+            first: Duration::from_secs(m.slow_retry_first_seconds),
+            max: Duration::from_secs(m.slow_retry_max_seconds),
+            attempts: m.slow_retry_attempts,
+        }
+    }
+
+    /// The delay before try `n`.
+    pub fn delay(&self, n: u32) -> Duration {
+        let first = self.first.max(Duration::from_secs(1));
+        first
+            .saturating_mul(1u32 << n.saturating_sub(1).min(30))
+            .min(self.max.max(first))
+    }
+
+    /// Every delay, first to last: the schedule an operator reads.
+    pub fn schedule(&self) -> Vec<Duration> {
+        (1..=self.attempts).map(|n| self.delay(n)).collect()
+    }
 }
 
 impl ConsumerConfig {
@@ -87,6 +134,7 @@ impl ConsumerConfig {
             park_after_receives: 3,
             retry_delay: Duration::from_millis(200),
             group: Group::Projections,
+            slow_retry: SlowRetry::default(),
         }
     }
 
@@ -111,6 +159,9 @@ pub enum Outcome {
     SetAside,
     /// The event kept failing; its aggregate is now parked.
     Parked,
+    /// The effect committed and its slow work failed: a retry is scheduled in the due-time
+    /// table, and the message is done with.
+    Deferred,
     /// The effect failed; the message will be delivered again.
     Retry,
     /// The body is not an event message (or its hash is wrong); left for the dead-letter queue.
@@ -175,6 +226,9 @@ impl Consumer {
             if let Err(e) = self.redrive_requested().await {
                 tracing::warn!(error = %e, "redrive failed");
             }
+            if let Err(e) = self.run_due_slow_work(&shutdown).await {
+                tracing::warn!(error = %e, "running due slow work failed");
+            }
             let batch = tokio::select! {
                 b = self.queue.receive(self.cfg.batch, self.cfg.wait) => b?,
                 _ = shutdown.cancelled() => break,
@@ -232,8 +286,15 @@ impl Consumer {
             Ok((o, follow)) => {
                 for e in &follow {
                     if let Err(err) = self.effect.after_commit(e).await {
-                        tracing::warn!(consumer = %self.cfg.name, aggregate = %e.aggregate_id, sequence = e.sequence, error = %err, "work after the effect failed; the message will be delivered again");
-                        return Outcome::Retry;
+                        // Tried again from the due-time table, with backoff; the message has
+                        // served its purpose. Where that cannot be recorded, the message stays.
+                        return match self.defer(e, 1, &err.to_string()).await {
+                            Ok(()) => Outcome::Deferred,
+                            Err(db) => {
+                                tracing::warn!(consumer = %self.cfg.name, aggregate = %e.aggregate_id, sequence = e.sequence, error = %err, db_error = %db, "work after the effect failed and its retry could not be scheduled; the message will be delivered again");
+                                Outcome::Retry
+                            }
+                        };
                     }
                 }
                 o
@@ -413,6 +474,110 @@ impl Consumer {
         Ok(())
     }
 
+    /// The due-time table's kind for this consumer's slow work.
+    fn slow_kind(&self) -> String {
+        format!("slow-work:{}", self.cfg.name)
+    }
+
+    /// Schedules try `attempt` of `e`'s slow work after its delay.
+    async fn defer(&self, e: &StoredEvent, attempt: u32, error: &str) -> Result<(), sqlx::Error> {
+        let delay = self.cfg.slow_retry.delay(attempt);
+        tracing::warn!(
+            consumer = %self.cfg.name,
+            aggregate = %e.aggregate_id,
+            sequence = e.sequence,
+            attempt,
+            of = self.cfg.slow_retry.attempts,
+            in_s = delay.as_secs(),
+            error,
+            "work after the effect failed; tried again later"
+        );
+        let payload = serde_json::json!({
+            "event_id": e.event_id,
+            "aggregate_type": e.aggregate_type,
+            "aggregate_id": e.aggregate_id,
+            "sequence": e.sequence,
+            "attempt": attempt,
+            "error": error,
+        });
+        sqlx::query(
+            "INSERT INTO due_work (kind, key, due_at, payload) VALUES ($1, $2, now() + make_interval(secs => $3), $4) \
+             ON CONFLICT (kind, key) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload",
+        )
+        .bind(self.slow_kind())
+        .bind(format!("{}/{}/{}", e.aggregate_type, e.aggregate_id, e.sequence))
+        .bind(delay.as_secs_f64())
+        .bind(payload.to_string())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn slow_done(&self, key: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM due_work WHERE kind = $1 AND key = $2")
+            .bind(self.slow_kind())
+            .bind(key)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Runs this consumer's slow work that is due, one item at a time, each outside any
+    /// transaction: an item is claimed by moving its due time past the work's likely length (a
+    /// crash makes it due again; the work judges from the log whether it is still to do), then
+    /// deleted when it succeeds, rescheduled when it fails, or its aggregate parked after the
+    /// last try.
+    pub async fn run_due_slow_work(&self, shutdown: &CancellationToken) -> Result<u32, ApplyError> {
+        let mut ran = 0;
+        while !shutdown.is_cancelled() {
+            let claimed: Option<(String, String)> = sqlx::query_as(
+                "UPDATE due_work SET due_at = now() + interval '15 minutes' \
+                 WHERE kind = $1 AND key = (SELECT key FROM due_work WHERE kind = $1 AND due_at <= now() \
+                                            ORDER BY due_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
+                 RETURNING key, payload",
+            )
+            .bind(self.slow_kind())
+            .fetch_optional(self.pool())
+            .await?;
+            let Some((key, payload)) = claimed else { break };
+            ran += 1;
+            let p: serde_json::Value = serde_json::from_str(&payload).unwrap_or_default();
+            let attempt = p["attempt"].as_u64().unwrap_or(1) as u32;
+            let event_id = p["event_id"].as_str().and_then(|s| s.parse::<uuid::Uuid>().ok());
+
+            let event = match event_id {
+                Some(id) => {
+                    let mut conn = self.pool().acquire().await?;
+                    mira_eventlog::store::read_event(&mut conn, id).await?
+                }
+                None => None,
+            };
+            let Some(e) = event else {
+                tracing::error!(consumer = %self.cfg.name, key, "due slow work names no event of the log; dropped");
+                self.slow_done(&key).await?;
+                continue;
+            };
+            match self.effect.after_commit(&e).await {
+                Ok(()) => {
+                    tracing::info!(consumer = %self.cfg.name, aggregate = %e.aggregate_id, sequence = e.sequence, attempt, "slow work done on a retry");
+                    self.slow_done(&key).await?;
+                }
+                Err(err) if attempt < self.cfg.slow_retry.attempts => {
+                    self.defer(&e, attempt + 1, &err.to_string()).await?;
+                }
+                Err(err) => {
+                    let reason = format!(
+                        "the work after {} {} failed {} times, the last: {err}",
+                        e.event_type, e.sequence, attempt
+                    );
+                    self.park(&EventMessage::from(&e), e.sequence, &reason).await?;
+                    self.slow_done(&key).await?;
+                }
+            }
+        }
+        Ok(ran)
+    }
+
     /// Redrives every parked aggregate of this consumer whose redrive was requested: replays
     /// its events from the log, after the last applied one, and un-parks it. An aggregate whose
     /// effect still fails stays parked. Returns the aggregates un-parked.
@@ -432,9 +597,12 @@ impl Consumer {
                     n += 1;
                     // The slow work of what was replayed, as for a delivery; its messages were
                     // set aside and deleted, so nothing else would run it.
+                    // Work that fails again goes back to the due-time table, tries counted afresh.
                     for e in &applied {
                         if let Err(err) = self.effect.after_commit(e).await {
                             tracing::error!(consumer = %self.cfg.name, aggregate = %id, sequence = e.sequence, error = %err, "work after a redriven event failed");
+                            self.defer(e, 1, &err.to_string()).await?;
+                            break;
                         }
                     }
                 }
@@ -456,10 +624,30 @@ impl Consumer {
         Ok(n)
     }
 
-    /// Replays a parked aggregate from the log and un-parks it; returns the events applied.
+    /// Replays a parked aggregate from the log and un-parks it; returns the events whose slow
+    /// work is to run: those replayed, after the parked event when its effect had committed and
+    /// only its slow work failed.
     async fn redrive_one(&self, aggregate_type: &str, aggregate_id: &str) -> Result<Vec<StoredEvent>, ApplyError> {
         let mut tx = self.pool().begin().await?;
         let (last, _) = self.lock_stream(&mut tx, aggregate_type, aggregate_id).await?;
+        let parked: Option<i64> = sqlx::query_scalar(
+            "SELECT parked_sequence FROM consumer_streams WHERE consumer = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+        )
+        .bind(&self.cfg.name)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let slow = match parked.filter(|p| *p <= last) {
+            Some(p) => self
+                .log
+                .read_stream(None, aggregate_type, aggregate_id, p - 1)
+                .await?
+                .into_iter()
+                .next()
+                .filter(|e| e.sequence == p),
+            None => None,
+        };
         let mut events = self.log.read_stream(None, aggregate_type, aggregate_id, last).await?;
         let upto = events.last().map_or(last, |e| e.sequence);
         events.retain(|e| self.cfg.group.admits(&EventMessage::from(e)));
@@ -484,7 +672,7 @@ impl Consumer {
             .await?;
         tx.commit().await?;
         tracing::info!(consumer = %self.cfg.name, aggregate = %aggregate_id, events = events.len(), "aggregate redriven");
-        Ok(events)
+        Ok(slow.into_iter().chain(events).collect())
     }
 }
 
@@ -532,4 +720,24 @@ pub async fn request_redrive(
     .execute(pool)
     .await?;
     Ok(r.rows_affected())
+}
+
+#[cfg(test)]
+mod slow_retry_tests {
+    use std::time::Duration;
+
+    #[test]
+    fn the_default_schedule_doubles_from_seconds_to_half_an_hour() {
+        let s = super::SlowRetry::default();
+        let secs: Vec<u64> = s.schedule().iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [5, 10, 20, 40, 80, 160, 320, 640, 1280, 1800]);
+        // Far longer than ten minutes of trying before anything is parked.
+        assert!(secs.iter().sum::<u64>() > 4000);
+        let quick = super::SlowRetry {
+            first: Duration::from_secs(1),
+            max: Duration::from_secs(4),
+            attempts: 5,
+        };
+        assert_eq!(quick.schedule(), [1, 2, 4, 4, 4].map(Duration::from_secs));
+    }
 }

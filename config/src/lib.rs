@@ -371,10 +371,29 @@ pub enum MessagingProvider {
     Aws,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
 pub struct MessagingSettings {
     pub provider: MessagingProvider,
+    /// Slow work that fails (a slide's verification, a fetch) is tried again after this many
+    /// seconds, then after twice as long each time up to `SlowRetryMaxSeconds`, at most
+    /// `SlowRetryAttempts` times in all; then its aggregate is parked for that consumer
+    /// (`mira dlq list`, `mira dlq redrive`). The delays live in the due-time table, and the
+    /// message is deleted: nothing is dead-lettered for it.
+    pub slow_retry_first_seconds: u64,
+    pub slow_retry_max_seconds: u64,
+    pub slow_retry_attempts: u32,
+}
+
+impl Default for MessagingSettings {
+    fn default() -> Self {
+        Self {
+            provider: MessagingProvider::default(),
+            slow_retry_first_seconds: 5,
+            slow_retry_max_seconds: 1800,
+            slow_retry_attempts: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -951,6 +970,20 @@ impl Settings {
         }
         if !(self.jobs.slide_wait_hours > 0.0 && self.jobs.slide_wait_hours <= 24.0 * 366.0) {
             return invalid("Jobs__SlideWaitHours", "must be more than 0 and at most 8784 (a year)");
+        }
+        if self.messaging.slow_retry_first_seconds == 0 || self.messaging.slow_retry_first_seconds > 3600 {
+            return invalid("Messaging__SlowRetryFirstSeconds", "must be 1 to 3600");
+        }
+        if self.messaging.slow_retry_max_seconds < self.messaging.slow_retry_first_seconds
+            || self.messaging.slow_retry_max_seconds > 86_400
+        {
+            return invalid(
+                "Messaging__SlowRetryMaxSeconds",
+                "must be at least Messaging__SlowRetryFirstSeconds and at most 86400 (a day)",
+            );
+        }
+        if !(1..=100).contains(&self.messaging.slow_retry_attempts) {
+            return invalid("Messaging__SlowRetryAttempts", "must be 1 to 100");
         }
         if self.worker.drain_seconds > 3600 {
             return invalid("Worker__DrainSeconds", "must be 0 to 3600");

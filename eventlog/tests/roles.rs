@@ -100,7 +100,17 @@ async fn each_process_role_holds_only_what_its_process_does() {
         // The worker cannot write read models, nor the handlers' tables.
         ("mira_worker", rm_write, true),
         ("mira_worker", "UPDATE rm.jobs SET status = 'succeeded'", true),
-        ("mira_worker", "DELETE FROM due_work", true),
+        // It keeps its own slow work in the due-time table, and cannot add a handlers' timer.
+        (
+            "mira_worker",
+            "INSERT INTO due_work (kind, key, due_at) VALUES ('job.lease', 'x', now())",
+            true,
+        ),
+        (
+            "mira_worker",
+            "INSERT INTO due_work (kind, key, due_at) VALUES ('slow-work:gpu-jobs', 'x', now())",
+            false,
+        ),
         ("mira_worker", APPEND, false),
         // The projector cannot append.
         ("mira_projector", APPEND, true),
@@ -136,6 +146,23 @@ async fn each_process_role_holds_only_what_its_process_does() {
             assert_eq!(got, None, "{role}: {sql} must be allowed");
         }
     }
+
+    // Nor see or delete one: a worker's DELETE leaves the handlers' timers where they are.
+    sqlx::query("INSERT INTO due_work (kind, key, due_at) VALUES ('job.lease', 'timer', now())")
+        .execute(&db.owner)
+        .await
+        .unwrap();
+    let deleted = sqlx::query("DELETE FROM due_work")
+        .execute(&pools["mira_worker"])
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(deleted, 1, "the worker deletes its own row only");
+    let timers: i64 = sqlx::query_scalar("SELECT count(*) FROM due_work WHERE kind = 'job.lease'")
+        .fetch_one(&db.owner)
+        .await
+        .unwrap();
+    assert_eq!(timers, 1);
 
     // The API's /metrics reads the age of an appender of another login (the worker's): with
     // pg_read_all_stats it sees that session's transaction start, without it the age reads 0.

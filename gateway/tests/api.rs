@@ -3835,3 +3835,153 @@ async fn a_verifying_rebuild_does_not_hold_back_live_delivery() {
     }
     app.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Slow work that fails is tried again with backoff, then parked (issue 32)
+
+/// Registers and uploads `bytes` with no worker running, then moves the slide's immutable copy
+/// away: the copy the worker will try to verify cannot be read. Returns the slide and where
+/// the copy was and is.
+async fn uploaded_with_copy_hidden(
+    app: &App,
+    t: &str,
+    bytes: &[u8],
+) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let slide = app.upload_slide(t, bytes).await;
+    let copy = app
+        .dir
+        .join("blobs")
+        .join(mira_aggregates::copy_key(&format!("slides/lab-a/{slide}")));
+    let hidden = copy.with_extension("hidden");
+    std::fs::rename(&copy, &hidden).unwrap();
+    (slide, copy, hidden)
+}
+
+async fn slide_status(app: &App, t: &str, slide: &str) -> String {
+    app.get(t, &format!("/api/slides/{slide}")).await.body["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn parked_for(app: &App, slide: &str) -> Option<String> {
+    sqlx::query_scalar(
+        "SELECT parked_reason FROM consumer_streams WHERE consumer = 'gpu-jobs' AND aggregate_id = $1 AND parked_at IS NOT NULL",
+    )
+    .bind(slide)
+    .fetch_optional(&app.db.owner)
+    .await
+    .unwrap()
+    .flatten()
+}
+
+/// A slide whose copy cannot be read for 20 s is verified once it can be, without an
+/// operator: its verification is tried again from the due-time table with backoff, never
+/// redelivered into the dead-letter queue, and nothing is parked.
+#[tokio::test]
+async fn a_copy_unreadable_for_a_while_is_verified_once_readable() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let (slide, copy, hidden) = uploaded_with_copy_hidden(&app, &t, &blank_slide(&app.dir)).await;
+    let hid = Instant::now();
+    let _worker = spawn_worker(
+        &app,
+        &[
+            ("Messaging__SlowRetryFirstSeconds", "1"),
+            ("Messaging__SlowRetryMaxSeconds", "4"),
+            ("Messaging__SlowRetryAttempts", "15"),
+        ],
+    );
+    // The failed verification waits in the due-time table, and /metrics counts it.
+    eventually("the verification waiting for a retry", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM due_work WHERE kind = 'slow-work:gpu-jobs'")
+            .fetch_one(&app.db.owner)
+            .await
+            .unwrap();
+        (n == 1).then_some(Value::Null)
+    })
+    .await;
+    let text = app.metrics().await;
+    assert_eq!(
+        metric(&text, "mira_consumer_slow_work_retrying{consumer=\"gpu-jobs\"}"),
+        1.0,
+        "{text}"
+    );
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(hid.elapsed())).await;
+    assert_eq!(slide_status(&app, &t, &slide).await, "uploaded");
+    std::fs::rename(&hidden, &copy).unwrap();
+    eventually("the slide verified once its copy is readable", || async {
+        (slide_status(&app, &t, &slide).await == "verified").then_some(Value::Null)
+    })
+    .await;
+    assert_eq!(parked_for(&app, &slide).await, None);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM due_work WHERE kind = 'slow-work:gpu-jobs'")
+        .fetch_one(&app.db.owner)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the retry is done with");
+    app.stop().await;
+}
+
+/// One unreadable past the last try is parked with the reason, listed by `mira dlq list`,
+/// and verified after `mira dlq redrive` once readable.
+#[tokio::test]
+async fn slow_work_past_its_last_try_is_parked_and_redriven() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let (slide, copy, hidden) = uploaded_with_copy_hidden(&app, &t, &blank_slide(&app.dir)).await;
+    let _worker = spawn_worker(
+        &app,
+        &[
+            ("Messaging__SlowRetryFirstSeconds", "1"),
+            ("Messaging__SlowRetryMaxSeconds", "1"),
+            ("Messaging__SlowRetryAttempts", "2"),
+        ],
+    );
+    let reason = eventually("the slide's verification parked", || async {
+        parked_for(&app, &slide).await.map(Value::String)
+    })
+    .await;
+    let reason = reason.as_str().unwrap();
+    assert!(
+        reason.contains("SlideUploaded") && reason.contains("failed 2 times") && reason.contains("cannot be read"),
+        "{reason}"
+    );
+    let mira = |args: &[&str]| {
+        let out = std::process::Command::new(worker_binary().with_file_name("mira"))
+            .args(args)
+            .env("DATABASE_URL", &app.db.url)
+            .env("Messaging__Provider", "InMemory")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mira {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed: Value = serde_json::from_str(&mira(&["dlq", "list", "--json"])).unwrap();
+    let parked = listed["parked"].as_array().unwrap();
+    assert!(
+        parked
+            .iter()
+            .any(|p| p["consumer"] == "gpu-jobs" && p["aggregate_id"] == slide.as_str() && p["reason"] == reason),
+        "{listed}"
+    );
+    let text = app.metrics().await;
+    assert_eq!(
+        metric(&text, "mira_consumer_parked_aggregates{consumer=\"gpu-jobs\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(slide_status(&app, &t, &slide).await, "uploaded");
+    std::fs::rename(&hidden, &copy).unwrap();
+    mira(&["dlq", "redrive", "--consumer", "gpu-jobs", "--aggregate", &slide]);
+    eventually("the slide verified after the redrive", || async {
+        (slide_status(&app, &t, &slide).await == "verified").then_some(Value::Null)
+    })
+    .await;
+    assert_eq!(parked_for(&app, &slide).await, None);
+    app.stop().await;
+}

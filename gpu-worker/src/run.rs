@@ -211,11 +211,19 @@ impl Worker {
         };
         // Reasons reach the API: they name the upload, never where this worker keeps it.
         let where_ = path.display().to_string();
+        // The checksum first, recorded with the verdict so that every job can check it fetched
+        // these bytes. A copy that cannot be read (yet) is no verdict on the slide: the work is
+        // tried again later (the consumer's backoff), and the slide is never rejected for it.
+        let got = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || crate::slide::sha256_of(&path))
+                .await
+                .map_err(failed)?
+                .map_err(|e| failed(format!("cannot read the uploaded copy: {e}")))?
+        };
         let opened = tokio::task::spawn_blocking(move || {
-            // The checksum first, recorded with the verdict so that every job can check it
-            // fetched these bytes; and against the declared one: a slide that is not the bytes
-            // the client meant is refused however well it opens.
-            let got = crate::slide::sha256_of(&path).map_err(|e| crate::slide::SlideError::Io(e.to_string()))?;
+            // Against the declared checksum: a slide that is not the bytes the client meant is
+            // refused however well it opens.
             if let Some(want) = declared {
                 if !got.eq_ignore_ascii_case(&want) {
                     return Err(crate::slide::SlideError::Checksum {
@@ -707,6 +715,7 @@ pub async fn run(
     );
     let mut cfg = ConsumerConfig::for_group(Group::GpuJobs);
     cfg.batch = 1;
+    cfg.slow_retry = mira_bus::consumer::SlowRetry::from_settings(&settings.messaging);
     let mut relay = None;
     let queue = match settings.messaging.provider {
         MessagingProvider::Aws => {

@@ -125,6 +125,38 @@ pub async fn database_gauges(pool: &sqlx::PgPool) -> Result<Vec<Gauge>, sqlx::Er
             });
         }
     }
+    // Each consumer's parked aggregates and slow work waiting for a retry (ADR 0025); every
+    // consumer is shown, at zero when it has none.
+    let health: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT consumer, parked, retrying FROM mira_consumer_health()")
+            .fetch_all(pool)
+            .await?;
+    for (name, help, retrying) in [
+        (
+            "mira_consumer_parked_aggregates",
+            "Aggregates parked for a consumer (mira dlq list): their events wait for mira dlq redrive.",
+            false,
+        ),
+        (
+            "mira_consumer_slow_work_retrying",
+            "Slow work that failed and waits in the due-time table for its next try.",
+            true,
+        ),
+    ] {
+        for group in mira_bus::Group::ALL {
+            let consumer = group.suffix();
+            let (p, r) = health
+                .iter()
+                .find(|(c, _, _)| c == consumer)
+                .map_or((0, 0), |(_, p, r)| (*p, *r));
+            g.push(Gauge {
+                name,
+                help,
+                labels: vec![("consumer", consumer.to_owned())],
+                value: if retrying { r } else { p } as f64,
+            });
+        }
+    }
     let w = mira_eventlog::store::watermark_lag(pool).await?;
     g.push(Gauge {
         name: "mira_log_watermark_lag_events",
