@@ -70,6 +70,13 @@ pub async fn ensure_logins(settings: &Settings, owner: &PgPool) -> anyhow::Resul
 /// unless that login holds the process's group role: a process on another's login would fail
 /// later, one permission at a time, or work with grants it must not have.
 pub async fn process_pool(settings: &Settings, process: DbProcess) -> anyhow::Result<PgPool> {
+    let (pool, setting) = login_pool(settings, process).await?;
+    require_role(&pool, process, setting).await?;
+    Ok(pool)
+}
+
+/// A pool on `process`'s login, and the setting its URL came from.
+async fn login_pool(settings: &Settings, process: DbProcess) -> anyhow::Result<(PgPool, &'static str)> {
     let (url, setting) = settings.login_url(process)?;
     let pool = mira_eventlog::db::connect(
         url,
@@ -78,21 +85,13 @@ pub async fn process_pool(settings: &Settings, process: DbProcess) -> anyhow::Re
     )
     .await
     .with_context(|| setting.to_owned())?;
-    require_role(&pool, process, setting).await?;
-    Ok(pool)
+    Ok((pool, setting))
 }
 
 /// The API's pool: `Database__Logins__Api`, else `DATABASE_URL` (`mira serve`; the server
 /// checks that its login holds mira_api).
 pub async fn api_pool(settings: &Settings) -> anyhow::Result<PgPool> {
-    let (url, setting) = settings.login_url(DbProcess::Api)?;
-    let pool = mira_eventlog::db::connect(
-        url,
-        settings.database.max_connections,
-        Duration::from_secs(settings.database.connect_timeout_seconds),
-    )
-    .await
-    .with_context(|| setting.to_owned())?;
+    let (pool, _) = login_pool(settings, DbProcess::Api).await?;
     warn_if_owner(&pool).await;
     Ok(pool)
 }

@@ -3437,6 +3437,11 @@ async fn job_to_the_end(app: &App, t: &str, bytes: &[u8]) -> Value {
         (s["status"] == "verified").then_some(s)
     })
     .await;
+    job_on(app, t, &slide).await
+}
+
+/// Submits a job on the verified `slide` and waits for its end.
+async fn job_on(app: &App, t: &str, slide: &str) -> Value {
     let job = app
         .post(t, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
         .await
@@ -3658,31 +3663,11 @@ async fn a_swapped_upload_is_never_processed_on_the_local_store() {
         (s["status"] == "verified").then_some(s)
     })
     .await;
-    let job = |slide: String| {
-        let (app, t) = (&app, &t);
-        async move {
-            let id = app
-                .post(t, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
-                .await
-                .body["job_id"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            job_status_until(
-                app,
-                t,
-                &id,
-                &["succeeded", "failed", "cancelled"],
-                Duration::from_secs(180),
-            )
-            .await
-        }
-    };
-    let j = job(slide.clone()).await;
+    let j = job_on(&app, &t, &slide).await;
     assert_eq!(j["status"], "succeeded", "{j}");
     // The copy changes behind the log's back: the next job refuses it.
     std::fs::write(&copy, &other).unwrap();
-    let j = job(slide.clone()).await;
+    let j = job_on(&app, &t, &slide).await;
     assert_eq!(j["status"], "failed", "{j}");
     assert_eq!(j["attempt"], 1, "not retried: {j}");
     let failure = j["failure"].as_str().unwrap();
