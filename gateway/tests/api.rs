@@ -3239,29 +3239,9 @@ async fn a_stalled_attempt_is_killed_and_retried_once_while_the_worker_runs_othe
         })
         .await;
     }
-    let stuck = app
-        .post(
-            &a,
-            "/api/jobs",
-            json!({"slide_id": stuck_slide, "kind": "wsi.preprocess"}),
-        )
-        .await
-        .body["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let stuck = submit_job(&app, &a, &stuck_slide).await;
     job_status_until(&app, &a, &stuck, &["running"], Duration::from_secs(60)).await;
-    let other = app
-        .post(
-            &b,
-            "/api/jobs",
-            json!({"slide_id": small_slide, "kind": "wsi.preprocess"}),
-        )
-        .await
-        .body["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let other = submit_job(&app, &b, &small_slide).await;
     let o = job_status_until(
         &app,
         &b,
@@ -3340,13 +3320,7 @@ async fn a_job_for_a_slide_never_uploaded_fails_after_the_wait() {
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let slide = r.body["slide_id"].as_str().unwrap().to_owned();
     let submitted = Instant::now();
-    let job = app
-        .post(&t, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
-        .await
-        .body["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let job = submit_job(&app, &t, &slide).await;
     let j = job_status_until(
         &app,
         &t,
@@ -3440,15 +3414,20 @@ async fn job_to_the_end(app: &App, t: &str, bytes: &[u8]) -> Value {
     job_on(app, t, &slide).await
 }
 
+/// Submits a preprocessing job on `slide`; returns its id.
+async fn submit_job(app: &App, t: &str, slide: &str) -> String {
+    let r = app
+        .post(t, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
+        .await;
+    r.body["job_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a job id: {}", r.body))
+        .to_owned()
+}
+
 /// Submits a job on the verified `slide` and waits for its end.
 async fn job_on(app: &App, t: &str, slide: &str) -> Value {
-    let job = app
-        .post(t, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
-        .await
-        .body["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let job = submit_job(app, t, slide).await;
     job_status_until(
         app,
         t,
@@ -3527,13 +3506,7 @@ async fn minute_job(lease: &'static str) -> (Value, Vec<String>, Duration) {
         (s["status"] == "verified").then_some(s)
     })
     .await;
-    let job = app
-        .post(&t, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
-        .await
-        .body["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let job = submit_job(&app, &t, &slide).await;
     job_status_until(&app, &t, &job, &["running"], Duration::from_secs(60)).await;
     let started = Instant::now();
     let j = job_status_until(
