@@ -58,20 +58,23 @@ pub fn topology() -> &'static Topology {
 pub enum Group {
     /// Every event.
     Projections,
-    /// What gives the worker something to do: queued jobs and uploaded slides to verify.
+    /// What gives the GPU worker something to do: queued jobs.
     GpuJobs,
     /// Job and slide lifecycle events.
     Handlers,
+    /// Uploaded slides to verify (`mira-worker verify`, on CPUs: no upload wakes the GPU fleet).
+    Verify,
 }
 
 impl Group {
-    pub const ALL: [Group; 3] = [Group::Projections, Group::GpuJobs, Group::Handlers];
+    pub const ALL: [Group; 4] = [Group::Projections, Group::GpuJobs, Group::Handlers, Group::Verify];
 
     pub fn suffix(self) -> &'static str {
         match self {
             Group::Projections => "projections",
             Group::GpuJobs => "gpu-jobs",
             Group::Handlers => "handlers",
+            Group::Verify => "verify",
         }
     }
 
@@ -182,7 +185,10 @@ mod tests {
             ..EventMessage::example()
         };
         assert!(Group::GpuJobs.admits(&m("JobQueued", "Job")));
-        assert!(Group::GpuJobs.admits(&m("SlideUploaded", "Slide")));
+        // An upload wakes no GPU node: only the verifier's queue takes it.
+        assert!(!Group::GpuJobs.admits(&m("SlideUploaded", "Slide")));
+        assert!(Group::Verify.admits(&m("SlideUploaded", "Slide")));
+        assert!(!Group::Verify.admits(&m("JobQueued", "Job")));
         assert!(!Group::GpuJobs.admits(&m("JobSubmitted", "Job")));
         assert!(Group::Handlers.admits(&m("JobSubmitted", "Job")));
         assert!(!Group::Handlers.admits(&m("KeyRotated", "Tenant")));

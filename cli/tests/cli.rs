@@ -754,7 +754,7 @@ async fn bus_init_is_idempotent_and_the_relay_publishes_checkpoints_and_stops_on
         serde_json::from_str(&stdout(&again)).unwrap(),
     );
     assert_eq!(a, b, "a second init converges on the same topology");
-    assert_eq!(a["queues"].as_array().unwrap().len(), 3);
+    assert_eq!(a["queues"].as_array().unwrap().len(), 4);
     assert!(a["queues"][1]["url"].as_str().unwrap().ends_with("gpu-jobs.fifo"));
     assert!(a["queues"][1]["dlq_url"]
         .as_str()
@@ -812,7 +812,8 @@ async fn bus_init_is_idempotent_and_the_relay_publishes_checkpoints_and_stops_on
         .load()
         .await;
     let sqs = aws_sdk_sqs::Client::new(&config);
-    for (i, expected) in [(0, "8"), (1, "4"), (2, "8")] {
+    // No slide was uploaded: the verifier's queue holds nothing.
+    for (i, expected) in [(0, "8"), (1, "4"), (2, "8"), (3, "0")] {
         let url = a["queues"][i]["url"].as_str().unwrap();
         let attrs = sqs
             .get_queue_attributes()
@@ -831,7 +832,7 @@ async fn bus_init_is_idempotent_and_the_relay_publishes_checkpoints_and_stops_on
     assert!(list.status.success(), "{}", stderr(&list));
     let v: serde_json::Value = serde_json::from_str(&stdout(&list)).unwrap();
     assert_eq!(v["parked"].as_array().unwrap().len(), 0);
-    assert_eq!(v["dead_letters"].as_array().unwrap().len(), 3);
+    assert_eq!(v["dead_letters"].as_array().unwrap().len(), 4);
 }
 
 fn assert_config_error(out: &Output, setting: &str) {
@@ -1237,6 +1238,83 @@ async fn until_running(http: &reqwest::Client, url: &str, t: &str, job_id: &str)
     }
 }
 
+/// The pid a `mira dev` banner gives after `label`, e.g. `mira-worker (pid `.
+fn banner_pid(printed: &str, label: &str) -> u32 {
+    printed
+        .split(label)
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the banner names {label}: {printed}"))
+}
+
+/// Uploads are verified by `mira dev`'s verifier, a process of its own on the CPU, as on AWS
+/// where no upload wakes a GPU node: with the jobs' worker killed, an upload is verified, and
+/// its job is queued and waits for a worker.
+#[tokio::test]
+async fn an_upload_in_mira_dev_is_verified_while_the_worker_is_stopped() {
+    let dir = std::env::temp_dir().join(format!("mira-dev-verifier-{}", uuid::Uuid::new_v4()));
+    let data = dir.join(".mira");
+    let (mut child, url, printed) = start_dev(&dir, &data, &[]).unwrap();
+    let worker_pid = banner_pid(&printed, "mira-worker (pid ");
+    let verifier_pid = banner_pid(&printed, "mira-worker verify (pid ");
+    assert_ne!(worker_pid, verifier_pid);
+    assert!(Command::new("kill")
+        .args(["-KILL", &worker_pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let gone = || {
+        let stat = std::fs::read_to_string(format!("/proc/{worker_pid}/stat")).unwrap_or_default();
+        stat.is_empty() || stat.contains(") Z")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gone() {
+        assert!(std::time::Instant::now() < deadline, "the worker was not killed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let http = reqwest::Client::new();
+    let t = dev_token(&url).await;
+    let job_id = submit_cmu_job(&http, &url, &t, &cmu_bytes()).await;
+    let get = |path: String| {
+        let (http, t) = (http.clone(), t.clone());
+        async move {
+            match http.get(path).bearer_auth(&t).send().await {
+                Ok(r) => r.json::<serde_json::Value>().await.unwrap_or_default(),
+                Err(_) => serde_json::Value::Null,
+            }
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    // The job's read model follows its command: wait for it to name its slide.
+    let slide_id = loop {
+        let job = get(format!("{url}/api/jobs/{job_id}")).await;
+        if let Some(s) = job["slide_id"].as_str() {
+            break s.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "the job never showed: {job}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    loop {
+        let s = get(format!("{url}/api/slides/{slide_id}")).await;
+        let j = get(format!("{url}/api/jobs/{job_id}")).await;
+        if s["status"] == "verified" && j["status"] == "queued" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slide was not verified without the worker: {s} {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(gone(), "the worker stayed down");
+    // No worker took the job.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(get(format!("{url}/api/jobs/{job_id}")).await["status"], "queued");
+    interrupt_dev(&mut child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A second Ctrl-C stops everything at once: the worker in the middle of its job (whatever
 /// its drain) and PostgreSQL.
 #[tokio::test]
@@ -1245,12 +1323,8 @@ async fn a_second_ctrl_c_stops_everything_at_once() {
     let data = dir.join(".mira");
     let slow = [("Worker__BandPauseMillis", "15000"), ("Worker__DrainSeconds", "300")];
     let (mut child, url, printed) = start_dev(&dir, &data, &slow).unwrap();
-    let worker_pid: u32 = printed
-        .split("mira-worker (pid ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .and_then(|p| p.parse().ok())
-        .expect("the banner names the worker's pid");
+    let worker_pid = banner_pid(&printed, "mira-worker (pid ");
+    let verifier_pid = banner_pid(&printed, "mira-worker verify (pid ");
     let pg = printed
         .lines()
         .find_map(|l| l.split("cluster in ").nth(1))
@@ -1279,8 +1353,13 @@ async fn a_second_ctrl_c_stops_everything_at_once() {
     assert!(took < Duration::from_secs(10), "{took:?}");
     assert!(!pg.join("postmaster.pid").exists(), "PostgreSQL stopped");
     std::thread::sleep(Duration::from_millis(500));
-    let stat = std::fs::read_to_string(format!("/proc/{worker_pid}/stat")).unwrap_or_default();
-    assert!(stat.is_empty() || stat.contains(") Z"), "the worker is gone: {stat}");
+    for pid in [worker_pid, verifier_pid] {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z"),
+            "the worker {pid} is gone: {stat}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -316,7 +316,8 @@ impl Default for SnsSettings {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
 pub struct SqsSettings {
-    /// Queues are `<prefix>projections`, `<prefix>gpu-jobs` and `<prefix>handlers` (`.fifo`).
+    /// Queues are `<prefix>projections`, `<prefix>gpu-jobs`, `<prefix>handlers` and
+    /// `<prefix>verify` (`.fifo`).
     pub queue_prefix: String,
 }
 

@@ -111,6 +111,17 @@ async fn each_process_role_holds_only_what_its_process_does() {
             "INSERT INTO due_work (kind, key, due_at) VALUES ('slow-work:gpu-jobs', 'x', now())",
             false,
         ),
+        // The verifier (`mira-worker verify`) is the worker's login too (migration 0015).
+        (
+            "mira_worker",
+            "INSERT INTO due_work (kind, key, due_at) VALUES ('slow-work:verify', 'x', now())",
+            false,
+        ),
+        (
+            "mira_worker",
+            "INSERT INTO due_work (kind, key, due_at) VALUES ('slow-work:projections', 'x', now())",
+            true,
+        ),
         ("mira_worker", APPEND, false),
         // The projector cannot append.
         ("mira_projector", APPEND, true),
@@ -157,7 +168,10 @@ async fn each_process_role_holds_only_what_its_process_does() {
         .await
         .unwrap()
         .rows_affected();
-    assert_eq!(deleted, 1, "the worker deletes its own row only");
+    assert_eq!(
+        deleted, 2,
+        "the worker deletes its own rows only (its and the verifier's)"
+    );
     let timers: i64 = sqlx::query_scalar("SELECT count(*) FROM due_work WHERE kind = 'job.lease'")
         .fetch_one(&db.owner)
         .await

@@ -832,7 +832,9 @@ pub async fn run(
     }
     restrict(&data)?;
     let pool = mira_eventlog::db::connect_with(&settings).await?;
-    let mut worker = spawn_worker(&settings, &data);
+    let mut worker = spawn_worker(&settings, &data, "run");
+    // Uploads are verified by a process of their own, on CPUs, as on AWS (ADR 0026).
+    let mut verifier = spawn_worker(&settings, &data, "verify");
     let url = format!("http://{addr}");
     let data_arg = shell_quote(&data.display().to_string());
     let mut lines = vec![
@@ -869,7 +871,14 @@ pub async fn run(
             "  worker: mira-worker (pid {}); its first line says whether it runs on the GPU or the CPU, and why",
             w.id().unwrap_or_default()
         )),
-        Err(why) => lines.push(format!("  worker: not running ({why}); uploaded slides wait for one")),
+        Err(why) => lines.push(format!("  worker: not running ({why}); queued jobs wait for one")),
+    }
+    match &verifier {
+        Ok(w) => lines.push(format!(
+            "  verifier: mira-worker verify (pid {}); it checks uploaded slides, on the CPU",
+            w.id().unwrap_or_default()
+        )),
+        Err(why) => lines.push(format!("  verifier: not running ({why}); uploaded slides wait for one")),
     }
     match settings.web.dir.as_deref().filter(|d| d.join("index.html").is_file()) {
         Some(_) => lines.push(format!(
@@ -895,12 +904,15 @@ pub async fn run(
             shutdown.clone(),
             cluster.as_ref().map(|c| (c.dir.clone(), c.bin.clone(), c.run_as)),
         );
-        let worker_pid = worker.as_ref().ok().and_then(|w| w.id());
+        let worker_pids: Vec<u32> = [&worker, &verifier]
+            .into_iter()
+            .filter_map(|w| w.as_ref().ok().and_then(|w| w.id()))
+            .collect();
         let data = data.clone();
         tokio::spawn(async move {
             stopping.cancelled().await;
             eprintln!(
-                "mira dev: stopping: the API and WebSocket, relay, projector, handlers and the worker (the job in hand gets {drain} s, Worker__DrainSeconds){}; Ctrl-C again stops at once",
+                "mira dev: stopping: the API and WebSocket, relay, projector, handlers, the worker and the verifier (the work in hand gets {drain} s, Worker__DrainSeconds){}; Ctrl-C again stops at once",
                 if pg.is_some() { ", then PostgreSQL" } else { "" }
             );
             // Give the first signal a moment to be the only one (a terminal's Ctrl-C can
@@ -908,7 +920,7 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(300)).await;
             second_signal().await;
             eprintln!("mira dev: stopping at once");
-            if let Some(pid) = worker_pid {
+            for pid in worker_pids {
                 let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
             }
             if let Some((dir, bin, run_as)) = pg {
@@ -930,8 +942,14 @@ pub async fn run(
     let options = crate::server::Options::everything(Some(std::sync::Arc::new(idp)));
     let result = crate::server::run(&settings, pool.clone(), listener, &options, shutdown).await;
     forget_running();
-    if let Ok(w) = &mut worker {
-        stop_worker(w, Duration::from_secs(drain + 5)).await;
+    // Both are told at once, and each gets the drain.
+    let bound = Duration::from_secs(drain + 5);
+    match (&mut worker, &mut verifier) {
+        (Ok(w), Ok(v)) => {
+            tokio::join!(stop_worker(w, bound), stop_worker(v, bound));
+        }
+        (Ok(w), Err(_)) | (Err(_), Ok(w)) => stop_worker(w, bound).await,
+        (Err(_), Err(_)) => {}
     }
     pool.close().await;
     if let Some(mut c) = cluster {
@@ -955,9 +973,10 @@ async fn second_signal() {
     }
 }
 
-/// Starts `mira-worker run` (found beside this `mira`) as a child on the same database,
-/// keyring and blob store. The worker feeds itself from the log with a relay of its own.
-fn spawn_worker(settings: &crate::config::Settings, data: &Path) -> Result<tokio::process::Child, String> {
+/// Starts `mira-worker <mode>` (`run`, the jobs; `verify`, the uploads; found beside this
+/// `mira`) as a child on the same database, keyring and blob store. Each feeds itself from
+/// the log with a relay of its own.
+fn spawn_worker(settings: &crate::config::Settings, data: &Path, mode: &str) -> Result<tokio::process::Child, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let bin = exe.with_file_name("mira-worker");
     if !bin.exists() {
@@ -967,7 +986,7 @@ fn spawn_worker(settings: &crate::config::Settings, data: &Path) -> Result<tokio
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", crate::telemetry::DEV_FILTER);
     }
-    cmd.arg("run")
+    cmd.arg(mode)
         .env(
             "DATABASE_URL",
             settings

@@ -1878,10 +1878,42 @@ fn cmu_slide() -> Vec<u8> {
     std::fs::read(std::path::Path::new(&dir).join("CMU-1-Small-Region.svs")).expect("the CMU slide")
 }
 
-/// `mira-worker run` for `app`, on its own in-memory bus and the app's local store.
-fn spawn_worker(app: &App, extra: &[(&str, &str)]) -> tokio::process::Child {
+/// `mira-worker run` (the jobs) and `mira-worker verify` (the uploads) for `app`, each on its
+/// own in-memory bus and the app's local store, as `mira dev` starts them. Reads as the jobs'
+/// worker; both stop when dropped.
+struct Workers {
+    jobs: tokio::process::Child,
+    _verifier: tokio::process::Child,
+}
+
+impl std::ops::Deref for Workers {
+    type Target = tokio::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.jobs
+    }
+}
+
+impl std::ops::DerefMut for Workers {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.jobs
+    }
+}
+
+fn spawn_worker(app: &App, extra: &[(&str, &str)]) -> Workers {
+    Workers {
+        jobs: spawn_worker_as(app, "run", extra),
+        _verifier: spawn_worker_as(app, "verify", extra),
+    }
+}
+
+/// `mira-worker verify` alone: uploads are verified, no job runs.
+fn spawn_verifier(app: &App, extra: &[(&str, &str)]) -> tokio::process::Child {
+    spawn_worker_as(app, "verify", extra)
+}
+
+fn spawn_worker_as(app: &App, mode: &str, extra: &[(&str, &str)]) -> tokio::process::Child {
     let mut cmd = tokio::process::Command::new(worker_binary());
-    cmd.arg("run")
+    cmd.arg(mode)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", &app.db.url)
@@ -3824,7 +3856,7 @@ async fn slide_status(app: &App, t: &str, slide: &str) -> String {
 
 async fn parked_for(app: &App, slide: &str) -> Option<String> {
     sqlx::query_scalar(
-        "SELECT parked_reason FROM consumer_streams WHERE consumer = 'gpu-jobs' AND aggregate_id = $1 AND parked_at IS NOT NULL",
+        "SELECT parked_reason FROM consumer_streams WHERE consumer = 'verify' AND aggregate_id = $1 AND parked_at IS NOT NULL",
     )
     .bind(slide)
     .fetch_optional(&app.db.owner)
@@ -3842,7 +3874,7 @@ async fn a_copy_unreadable_for_a_while_is_verified_once_readable() {
     let t = app.token("lab-a", &["pathologist"]);
     let (slide, copy, hidden) = uploaded_with_copy_hidden(&app, &t, &blank_slide(&app.dir)).await;
     let hid = Instant::now();
-    let _worker = spawn_worker(
+    let _verifier = spawn_verifier(
         &app,
         &[
             ("Messaging__SlowRetryFirstSeconds", "1"),
@@ -3852,7 +3884,7 @@ async fn a_copy_unreadable_for_a_while_is_verified_once_readable() {
     );
     // The failed verification waits in the due-time table, and /metrics counts it.
     eventually("the verification waiting for a retry", || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM due_work WHERE kind = 'slow-work:gpu-jobs'")
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM due_work WHERE kind = 'slow-work:verify'")
             .fetch_one(&app.db.owner)
             .await
             .unwrap();
@@ -3861,7 +3893,7 @@ async fn a_copy_unreadable_for_a_while_is_verified_once_readable() {
     .await;
     let text = app.metrics().await;
     assert_eq!(
-        metric(&text, "mira_consumer_slow_work_retrying{consumer=\"gpu-jobs\"}"),
+        metric(&text, "mira_consumer_slow_work_retrying{consumer=\"verify\"}"),
         1.0,
         "{text}"
     );
@@ -3873,7 +3905,7 @@ async fn a_copy_unreadable_for_a_while_is_verified_once_readable() {
     })
     .await;
     assert_eq!(parked_for(&app, &slide).await, None);
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM due_work WHERE kind = 'slow-work:gpu-jobs'")
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM due_work WHERE kind = 'slow-work:verify'")
         .fetch_one(&app.db.owner)
         .await
         .unwrap();
@@ -3888,7 +3920,7 @@ async fn slow_work_past_its_last_try_is_parked_and_redriven() {
     let app = spawn_app(Storage::Local).await;
     let t = app.token("lab-a", &["pathologist"]);
     let (slide, copy, hidden) = uploaded_with_copy_hidden(&app, &t, &blank_slide(&app.dir)).await;
-    let _worker = spawn_worker(
+    let _verifier = spawn_verifier(
         &app,
         &[
             ("Messaging__SlowRetryFirstSeconds", "1"),
@@ -3924,18 +3956,18 @@ async fn slow_work_past_its_last_try_is_parked_and_redriven() {
     assert!(
         parked
             .iter()
-            .any(|p| p["consumer"] == "gpu-jobs" && p["aggregate_id"] == slide.as_str() && p["reason"] == reason),
+            .any(|p| p["consumer"] == "verify" && p["aggregate_id"] == slide.as_str() && p["reason"] == reason),
         "{listed}"
     );
     let text = app.metrics().await;
     assert_eq!(
-        metric(&text, "mira_consumer_parked_aggregates{consumer=\"gpu-jobs\"}"),
+        metric(&text, "mira_consumer_parked_aggregates{consumer=\"verify\"}"),
         1.0,
         "{text}"
     );
     assert_eq!(slide_status(&app, &t, &slide).await, "uploaded");
     std::fs::rename(&hidden, &copy).unwrap();
-    mira(&["dlq", "redrive", "--consumer", "gpu-jobs", "--aggregate", &slide]);
+    mira(&["dlq", "redrive", "--consumer", "verify", "--aggregate", &slide]);
     eventually("the slide verified after the redrive", || async {
         (slide_status(&app, &t, &slide).await == "verified").then_some(Value::Null)
     })

@@ -76,8 +76,8 @@ enum Command {
         #[arg(long)]
         arch: Option<i32>,
     },
-    /// Take work from the `gpu-jobs` queue until SIGTERM: verify uploaded slides and run
-    /// queued jobs. Settings as for `mira` (DATABASE_URL, Messaging__Provider, Storage__…).
+    /// Take work from the `gpu-jobs` queue until SIGTERM: run queued jobs. Settings as for
+    /// `mira` (DATABASE_URL, Messaging__Provider, Storage__…).
     Run {
         /// Optional TOML settings file, read after the defaults and before the environment.
         #[arg(long, env = "MIRA_CONFIG", value_name = "FILE")]
@@ -87,76 +87,33 @@ enum Command {
         #[arg(long)]
         worker_id: Option<String>,
     },
+    /// Take work from the `verify` queue until SIGTERM: fetch each uploaded slide, hash it,
+    /// open it and record it verified or rejected. On CPUs only (no GPU is looked for), so it
+    /// runs beside the API rather than on the GPU fleet. Settings as for `run`.
+    Verify {
+        /// Optional TOML settings file, read after the defaults and before the environment.
+        #[arg(long, env = "MIRA_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// This verifier's name in the log, unique to the process (default: `verify-`, host
+        /// name, process id and a random part).
+        #[arg(long)]
+        worker_id: Option<String>,
+    },
     /// Open a slide and print the metadata Mira records for it, or why it is refused.
     Inspect { slide: PathBuf },
 }
 
+/// Which queue `run` and `verify` consume.
+#[derive(Clone, Copy)]
+enum Consume {
+    Jobs,
+    Verify,
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { config, worker_id } => {
-            let settings = mira_config::Settings::load(config.as_deref(), std::env::vars())?;
-            let device = pick_device()?;
-            // The log tells a worker which runs are its own by this id (a redelivered job runs
-            // only under its own lease), so it must be unique to the process: containers share
-            // host names and run as pid 1, hence the random part.
-            let id = worker_id.unwrap_or_else(|| {
-                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
-                let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
-                format!("{}-{}-{nonce}", host.trim(), std::process::id())
-            });
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let r = rt.block_on(async move {
-                let shutdown = tokio_util::sync::CancellationToken::new();
-                let s = shutdown.clone();
-                tokio::spawn(async move {
-                    use tokio::signal::unix::{signal, SignalKind};
-                    let (Ok(mut int), Ok(mut term)) =
-                        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-                    else {
-                        return;
-                    };
-                    let mut seen = 0;
-                    loop {
-                        tokio::select! {
-                            _ = int.recv() => {}
-                            _ = term.recv() => {}
-                        }
-                        seen += 1;
-                        if seen == 1 {
-                            s.cancel();
-                        } else {
-                            // A second signal: stop now, whatever is in hand (its lease expires).
-                            eprintln!("mira-worker: stopping at once");
-                            std::process::exit(130);
-                        }
-                    }
-                });
-                // Started by `mira dev` (in a process group of its own): stop with it, even when
-                // it is killed without a chance to stop this worker.
-                if let Some(parent) = std::env::var("MIRA_EXIT_WITH_PARENT")
-                    .ok()
-                    .and_then(|p| p.parse::<u32>().ok())
-                {
-                    let s = shutdown.clone();
-                    tokio::spawn(async move {
-                        loop {
-                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                            if std::os::unix::process::parent_id() != parent {
-                                eprintln!("mira-worker: mira dev (pid {parent}) is gone; stopping");
-                                s.cancel();
-                                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-                                std::process::exit(1);
-                            }
-                        }
-                    });
-                }
-                mira_gpu_worker::run::run(settings, id, device, shutdown).await
-            });
-            // An abandoned attempt's process dies with this one (ADR 0022); do not wait for
-            // anything else left on a blocking thread.
-            rt.shutdown_background();
-            r?;
-        }
+        Command::Run { config, worker_id } => consume(Consume::Jobs, config, worker_id)?,
+        Command::Verify { config, worker_id } => consume(Consume::Verify, config, worker_id)?,
         Command::Process {
             slide,
             out,
@@ -245,6 +202,82 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `mira-worker run` and `mira-worker verify`: consume their queue until SIGTERM.
+fn consume(what: Consume, config: Option<PathBuf>, worker_id: Option<String>) -> anyhow::Result<()> {
+    let settings = mira_config::Settings::load(config.as_deref(), std::env::vars())?;
+    // The verifier opens slides and hashes them on the CPU: it looks for no GPU.
+    let device = match what {
+        Consume::Jobs => pick_device()?,
+        Consume::Verify => Device::Cpu,
+    };
+    // The log tells a worker which runs are its own by this id (a redelivered job runs only
+    // under its own lease), so it must be unique to the process: containers share host names
+    // and run as pid 1, hence the random part.
+    let id = worker_id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
+        let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let role = match what {
+            Consume::Jobs => "",
+            Consume::Verify => "verify-",
+        };
+        format!("{role}{}-{}-{nonce}", host.trim(), std::process::id())
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let r = rt.block_on(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+                return;
+            };
+            let mut seen = 0;
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                seen += 1;
+                if seen == 1 {
+                    s.cancel();
+                } else {
+                    // A second signal: stop now, whatever is in hand (its lease expires).
+                    eprintln!("mira-worker: stopping at once");
+                    std::process::exit(130);
+                }
+            }
+        });
+        // Started by `mira dev` (in a process group of its own): stop with it, even when
+        // it is killed without a chance to stop this worker.
+        if let Some(parent) = std::env::var("MIRA_EXIT_WITH_PARENT")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    if std::os::unix::process::parent_id() != parent {
+                        eprintln!("mira-worker: mira dev (pid {parent}) is gone; stopping");
+                        s.cancel();
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                        std::process::exit(1);
+                    }
+                }
+            });
+        }
+        match what {
+            Consume::Jobs => mira_gpu_worker::run::run(settings, id, device, shutdown).await,
+            Consume::Verify => mira_gpu_worker::run::verify(settings, id, shutdown).await,
+        }
+    });
+    // An abandoned attempt's process dies with this one (ADR 0022); do not wait for
+    // anything else left on a blocking thread.
+    rt.shutdown_background();
+    r?;
+    Ok(())
 }
 
 /// `mira-worker process --report`: one attempt of `mira-worker run`, in a process of its own

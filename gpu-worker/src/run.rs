@@ -1,7 +1,9 @@
-//! `mira-worker run` (DESIGN §8): the consumer of the `gpu-jobs` queue.
+//! `mira-worker run` (DESIGN §8): the consumer of the `gpu-jobs` queue; and `mira-worker
+//! verify`, the consumer of the `verify` queue, on CPUs (ADR 0026).
 //!
-//! * `SlideUploaded`: fetch the slide, open it, record `SlideVerified` with its metadata (the
-//!   properties that can name files or people sealed), or `SlideRejected` with the reason.
+//! * `SlideUploaded` (`verify`): fetch the slide, open it, record `SlideVerified` with its
+//!   metadata (the properties that can name files or people sealed), or `SlideRejected` with
+//!   the reason.
 //! * `JobQueued`: start the attempt with a lease, run the pipeline in a child process
 //!   ([`crate::attempt`]: killed on cancellation, stall or overrun), heartbeat (extending the
 //!   lease, reporting progress, noticing cancellation) until done, upload the results under
@@ -11,7 +13,8 @@
 //!
 //! A delivery for a slide already verified or a job no longer queued at that attempt is a
 //! duplicate and does nothing. With `Messaging__Provider=InMemory` (`mira dev`) the worker runs
-//! its own relay, named `worker`, into a private in-memory bus.
+//! its own relay, named `worker`, into a private in-memory bus, and the verifier one named
+//! `verifier`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -660,13 +663,69 @@ impl Apply for Worker {
 }
 
 /// `mira-worker run` until `shutdown`; the job in hand is finished first. Kernels run on
-/// `device` (see [`crate::kernels::choose`]).
+/// `device` (see [`crate::kernels::choose`]). A `SlideUploaded` that reaches `gpu-jobs` (one
+/// published before the `verify` queue split them) is still verified here.
 pub async fn run(
     settings: Settings,
     worker_id: String,
     device: Device,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let (url, pool, worker) = start(&settings, worker_id, device).await?;
+    consume(
+        &settings,
+        &url,
+        pool,
+        Group::GpuJobs,
+        "worker",
+        Arc::new(worker),
+        shutdown,
+    )
+    .await
+}
+
+/// `mira-worker verify` until `shutdown` (ADR 0026): the consumer of the `verify` queue, on
+/// CPUs. It verifies uploaded slides and nothing else, so no upload wakes a GPU node.
+pub async fn verify(settings: Settings, worker_id: String, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (url, pool, worker) = start(&settings, worker_id, Device::Cpu).await?;
+    let verifier = Verifier(worker);
+    consume(
+        &settings,
+        &url,
+        pool,
+        Group::Verify,
+        "verifier",
+        Arc::new(verifier),
+        shutdown,
+    )
+    .await
+}
+
+/// The verifier: [`Worker`]'s slide verification alone. It takes no lease and runs no job,
+/// whatever reaches its queue.
+struct Verifier(Worker);
+
+#[async_trait::async_trait]
+impl Apply for Verifier {
+    async fn apply(&self, _tx: &mut PgConnection, _e: &StoredEvent) -> Result<(), ApplyError> {
+        Ok(())
+    }
+
+    async fn after_commit(&self, e: &StoredEvent) -> Result<(), ApplyError> {
+        if (e.aggregate_type.as_str(), e.event_type.as_str()) == ("Slide", "SlideUploaded") {
+            return self.0.verify(e).await;
+        }
+        Ok(())
+    }
+}
+
+/// The worker's login (its URL, checked to hold `mira_worker`), and a [`Worker`] on it as the
+/// settings say.
+async fn start(
+    settings: &Settings,
+    worker_id: String,
+    device: Device,
+) -> anyhow::Result<(String, sqlx::PgPool, Worker)> {
     let (url, setting) = settings.login_url(mira_config::DbProcess::Worker)?;
     let url = url.to_owned();
     let pool = mira_eventlog::db::connect(
@@ -677,84 +736,97 @@ pub async fn run(
     .await
     .with_context(|| setting.to_owned())?;
     // The worker's own login, holding mira_worker only (ADR 0012): it appends and reads the
-    // log but cannot write the read models or the handlers' tables.
+    // log but cannot write the read models or the handlers' tables. The verifier uses it too.
     if !mira_eventlog::migrate::holds_role(&pool, "mira_worker").await? {
         let role = mira_eventlog::migrate::current_role(&pool).await.unwrap_or_default();
         anyhow::bail!(
             "the worker connects as {role} ({setting}), which does not hold mira_worker: set Database__Logins__Worker (or DATABASE_URL) to the worker's login (mira_svc_worker unless that setting names another; mira migrate creates it)"
         );
     }
-    let keyring = mira_keys::keyring(&settings, &pool).await?;
+    let keyring = mira_keys::keyring(settings, &pool).await?;
     let commands = Commands::new(EventLog::new(pool.clone()), keyring);
-    let (store, results) = stores_from_settings(&settings).await?;
+    let (store, results) = stores_from_settings(settings).await?;
     let scratch = std::env::temp_dir().join(format!("mira-worker-{worker_id}"));
-    let worker = Arc::new(
-        Worker::new(
-            commands,
-            store,
-            worker_id,
-            Duration::from_secs(settings.worker.lease_seconds),
-            scratch,
-            device,
-        )
-        .with_results_store(results)
-        .with_band_pause(Duration::from_millis(settings.worker.band_pause_millis))
-        .with_stall_guard(
-            Duration::from_secs(settings.worker.stall_seconds),
-            Duration::from_secs(settings.worker.max_attempt_seconds),
-        )
-        .with_hang_at_band(settings.worker.test_hang_at_band)
-        .with_slide_limits(
-            settings.worker.max_slide_pixels,
-            settings.worker.memory_budget_bytes,
-            settings.worker.seconds_per_gigapixel,
-        )
-        .with_allocate_bytes(settings.worker.test_allocate_bytes)
-        .with_progress_every(Duration::from_secs(settings.worker.progress_seconds))
-        .with_reader(settings.worker.slide_reader.into()),
-    );
-    let mut cfg = ConsumerConfig::for_group(Group::GpuJobs);
+    let worker = Worker::new(
+        commands,
+        store,
+        worker_id,
+        Duration::from_secs(settings.worker.lease_seconds),
+        scratch,
+        device,
+    )
+    .with_results_store(results)
+    .with_band_pause(Duration::from_millis(settings.worker.band_pause_millis))
+    .with_stall_guard(
+        Duration::from_secs(settings.worker.stall_seconds),
+        Duration::from_secs(settings.worker.max_attempt_seconds),
+    )
+    .with_hang_at_band(settings.worker.test_hang_at_band)
+    .with_slide_limits(
+        settings.worker.max_slide_pixels,
+        settings.worker.memory_budget_bytes,
+        settings.worker.seconds_per_gigapixel,
+    )
+    .with_allocate_bytes(settings.worker.test_allocate_bytes)
+    .with_progress_every(Duration::from_secs(settings.worker.progress_seconds))
+    .with_reader(settings.worker.slide_reader.into());
+    Ok((url, pool, worker))
+}
+
+/// Consumes `group`'s queue with `apply` until `shutdown`; the work in hand gets
+/// `Worker__DrainSeconds`. With the in-memory bus (`mira dev`) a private relay named
+/// `relay_name` feeds it from the log.
+async fn consume(
+    settings: &Settings,
+    url: &str,
+    pool: sqlx::PgPool,
+    group: Group,
+    relay_name: &str,
+    apply: Arc<dyn Apply>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut cfg = ConsumerConfig::for_group(group);
     cfg.batch = 1;
     cfg.slow_retry = mira_bus::consumer::SlowRetry::from_settings(&settings.messaging);
     let mut relay = None;
     let queue = match settings.messaging.provider {
         MessagingProvider::Aws => {
             let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
-            mira_bus::aws::AwsBus::connect(&sdk, &mira_bus::Names::from_settings(&settings), None)
+            mira_bus::aws::AwsBus::connect(&sdk, &mira_bus::Names::from_settings(settings), None)
                 .await?
-                .queue(Group::GpuJobs)
+                .queue(group)
         }
         MessagingProvider::InMemory => {
-            let bus = mira_bus::memory::MemoryBus::new(Duration::from_secs(120), 10, &[Group::GpuJobs]);
+            let bus = mira_bus::memory::MemoryBus::new(Duration::from_secs(120), 10, &[group]);
             // No checkpoints: the platform's own relay writes them.
             let r = mira_bus::relay::Relay::from_settings(
-                &settings,
-                "worker",
+                settings,
+                relay_name,
                 EventLog::new(pool.clone()),
                 Arc::new(bus.clone()),
                 None,
             );
             // What the last worker's bus held died with it; its consumer records skip the rest.
             r.forget_cursor().await?;
-            let (url, stop) = (url.clone(), shutdown.clone());
+            let (url, stop) = (url.to_owned(), shutdown.clone());
             relay = Some(tokio::spawn(async move { r.run(&url, stop).await }));
-            bus.queue(Group::GpuJobs)
+            bus.queue(group)
         }
     };
-    tracing::info!("worker ready");
-    let consumer = Consumer::new(EventLog::new(pool), queue, worker, cfg);
+    tracing::info!(queue = group.suffix(), "worker ready");
+    let consumer = Consumer::new(EventLog::new(pool), queue, apply, cfg);
     let drain = Duration::from_secs(settings.worker.drain_seconds);
     let consuming = consumer.run(shutdown.clone());
     tokio::pin!(consuming);
-    // On a signal the job in hand gets `Worker__DrainSeconds`; past that the attempt is
+    // On a signal the work in hand gets `Worker__DrainSeconds`; past that a job's attempt is
     // abandoned: nothing more is recorded for it, its lease runs out, and the lifecycle
-    // handlers give the job to another attempt.
+    // handlers give the job to another attempt. A verification abandoned is redelivered.
     let r = tokio::select! {
         r = &mut consuming => r,
         _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
             tracing::warn!(
                 drain_s = drain.as_secs(),
-                "the job in hand did not finish within Worker__DrainSeconds: abandoning the attempt (its lease expires and the job is retried)"
+                "the work in hand did not finish within Worker__DrainSeconds: abandoning it (a job's lease expires and the job is retried)"
             );
             Ok(())
         }

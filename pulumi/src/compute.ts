@@ -90,13 +90,20 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
   // role per task definition family, each reading only the secrets its family injects, so that
   // no task starts with another process's database login.
   const logins = p.secrets.dbLogins;
-  const executionRole = (family: string, group: aws.cloudwatch.LogGroup, secrets: aws.secretsmanager.Secret[]) =>
+  // The image's repository: `mira-api`, but for the slide verifier (verifier.ts), which runs
+  // the worker's.
+  const executionRole = (
+    family: string,
+    group: aws.cloudwatch.LogGroup,
+    secrets: aws.secretsmanager.Secret[],
+    repo: aws.ecr.Repository = p.repos["mira-api"],
+  ) =>
     role(`${family}-execution`, s, { Service: "ecs-tasks.amazonaws.com" }, [
       { Effect: "Allow", Action: ["ecr:GetAuthorizationToken"], Resource: ["*"] },
       {
         Effect: "Allow",
         Action: ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
-        Resource: [p.repos["mira-api"].arn],
+        Resource: [repo.arn],
       },
       { Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: [pulumi.interpolate`${group.arn}:*`] },
       { Effect: "Allow", Action: ["secretsmanager:GetSecretValue"], Resource: secrets.map((x) => x.arn) },
@@ -426,6 +433,12 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
   const serviceNames = Object.fromEntries(Object.entries(services).map(([n, x]) => [n, x.name]));
   return {
     cluster,
+    /** The services' log group (`/mira/<stack>/services`), one stream prefix per service. */
+    logs,
+    /** The private compute subnets, in the group the database and the endpoints admit. */
+    network,
+    /** An execution role for another task family in this cluster (verifier.ts). */
+    executionRole,
     alb,
     services,
     serviceNames,

@@ -1,9 +1,9 @@
 // What the workflows under .github/workflows assume (issue 21): GitHub's OIDC provider, a deploy
 // role for deploy.yml that can push the two images, run the migration task, roll the ECS
-// services and the worker Deployment, register the daily verification's task definition with
-// the new image, publish the SPA and invalidate CloudFront, and nothing else; a read-only role
-// for `pulumi preview` on pull requests; and the role `pulumi up` runs as on main. No
-// long-lived keys anywhere.
+// services (the slide verifier's with the worker's image) and the worker Deployment, register
+// the daily verification's task definition with the new image, publish the SPA and invalidate
+// CloudFront, and nothing else; a read-only role for `pulumi preview` on pull requests; and the
+// role `pulumi up` runs as on main. No long-lived keys anywhere.
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
@@ -11,6 +11,7 @@ import type { Compute } from "./compute";
 import type { Edge } from "./edge";
 import type { Fleet } from "./fleet";
 import { type foundations, role, tags } from "./foundations";
+import type { Verifier } from "./verifier";
 
 type Found = ReturnType<typeof foundations>;
 
@@ -28,7 +29,7 @@ export type DeliveryConfig = {
 
 const GITHUB = "token.actions.githubusercontent.com";
 
-export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e: Edge) {
+export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e: Edge, v: Verifier) {
   const s = cfg.stack;
   const p = f.parts;
   const providerArn =
@@ -94,7 +95,7 @@ export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e:
     {
       Effect: "Allow",
       Action: ["ecs:UpdateService", "ecs:DescribeServices"],
-      Resource: Object.values(c.services).map((x) => x.id),
+      Resource: [...Object.values(c.services), v.service].map((x) => x.id),
     },
     {
       Effect: "Allow",
@@ -102,13 +103,21 @@ export function delivery(cfg: DeliveryConfig, f: Found, c: Compute, k: Fleet, e:
       Resource: [pulumi.interpolate`arn:aws:ecs:${cfg.region}:*:task-definition/${c.migrationTask.family}:*`],
     },
     { Effect: "Allow", Action: ["ecs:DescribeTasks"], Resource: ["*"] },
-    // Registering a revision passes its roles: the services', the migration's, and the daily
-    // verification's (deploy.yml registers its family with each new image; the schedule runs it),
-    // each family's execution role with them.
+    // Registering a revision passes its roles: the services', the slide verifier's, the
+    // migration's, and the daily verification's (deploy.yml registers its family with each new
+    // image; the schedule runs it), each family's execution role with them.
     {
       Effect: "Allow",
       Action: ["iam:PassRole"],
-      Resource: [...Object.values(c.executionRoles).map((r) => r.arn), c.migrateRole.arn, c.verify.role.arn, p.apiRole.arn, p.rolesRole.arn],
+      Resource: [
+        ...Object.values(c.executionRoles).map((r) => r.arn),
+        v.executionRole.arn,
+        c.migrateRole.arn,
+        c.verify.role.arn,
+        v.role.arn,
+        p.apiRole.arn,
+        p.rolesRole.arn,
+      ],
     },
     { Effect: "Allow", Action: ["eks:DescribeCluster"], Resource: [k.cluster.arn] },
     { Effect: "Allow", Action: ["s3:ListBucket"], Resource: [p.buckets.frontend.arn] },

@@ -41,9 +41,10 @@ export const tags = (stack: string, part: string) => ({ app: "mira", stack, part
 
 /**
  * The processes that connect to the database, each as its own login role: the four ECS
- * services and the GPU worker. `mira migrate` creates each login (`mira_svc_<process>`), grants
- * it its group role (`mira_<process>`) and sets its password from `Database__Logins__<Process>`;
- * the process reads the same URL as `DATABASE_URL`.
+ * services and the worker (`mira-worker`: `run` on the GPU fleet, `verify` on ECS). `mira
+ * migrate` creates each login (`mira_svc_<process>`), grants it its group role
+ * (`mira_<process>`) and sets its password from `Database__Logins__<Process>`; the process reads
+ * the same URL as `DATABASE_URL`.
  */
 export const DB_LOGINS = ["api", "relay", "projector", "handlers", "worker"] as const;
 export type DbLogin = (typeof DB_LOGINS)[number];
@@ -510,8 +511,9 @@ export function foundations(cfg: FoundationsConfig) {
     Action: ["s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket", "s3:ListBucketVersions"],
     Resource: [witness.arn, obj(witness)],
   };
-  // Every process that speaks to the bus finds the topic and all six queues by name at start
-  // (mira_bus::aws::lookup): a URL is all it learns of the queues it does not consume.
+  // Every process that speaks to the bus finds the topic and every queue and dead-letter queue
+  // by name at start (mira_bus::aws::lookup): a URL is all it learns of the queues it does not
+  // consume.
   const allQueues = Object.values(queues).flatMap((q) => [q.queue.arn, q.dlq.arn]);
   const lookup: Statement[] = [
     { Effect: "Allow", Action: ["sns:ListTopics"], Resource: ["*"] },
@@ -550,16 +552,32 @@ export function foundations(cfg: FoundationsConfig) {
     kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, messagingKey),
     secrets(signingKeySecret),
   ]);
-  // The worker's pods: the gpu-jobs queue only, the immutable copies of uploads read, results
-  // written. Its role is made with the cluster (fleet.ts), whose service account it trusts (IRSA).
+  // The slides as the worker and the verifier read them: the immutable copy the API made at
+  // `uploaded`, never the upload itself (which its URL could still replace). The copy is read at
+  // the version the log recorded (a GetObject with a versionId: s3:GetObjectVersion).
+  const slideRead: Statement = { Effect: "Allow", Action: ["s3:GetObject", "s3:GetObjectVersion"], Resource: [obj(uploads, "immutable/")] };
+  // The worker's pods: the gpu-jobs queue only, the slides read, results written. Its role is
+  // made with the cluster (fleet.ts), whose service account it trusts (IRSA).
   const workerStatements: Statement[] = [
     consume(queues["gpu-jobs"].queue),
     ...lookup,
-    { Effect: "Allow", Action: ["s3:GetObject"], Resource: [obj(uploads, "immutable/")] },
+    slideRead,
     { Effect: "Allow", Action: ["s3:PutObject", "s3:AbortMultipartUpload"], Resource: [obj(results)] },
     kms(["kms:Decrypt", "kms:GenerateDataKey"], s3Key, phiKey, rdsKey, messagingKey),
     // Its own login only (fleet.ts reads it into DATABASE_URL).
     secrets(dbLogins.worker),
+  ];
+  // The slide verifier (`mira-worker verify` on ECS, verifier.ts): the verify queue only, the
+  // slides read and nothing written to any bucket; the messages under the messaging key, the
+  // slides under the buckets' key, and the keyring's data keys under the patient-data key (it
+  // seals a slide's identifying properties into SlideVerified). Its login comes from ECS (the
+  // execution role), not from this role.
+  const verifierStatements: Statement[] = [
+    consume(queues.verify.queue),
+    ...lookup,
+    slideRead,
+    kms(["kms:Decrypt"], s3Key, messagingKey),
+    kms(["kms:Decrypt", "kms:GenerateDataKey"], phiKey),
   ];
 
   // ---- the settings each service gets (DESIGN §2), from the resources ------------------------
@@ -636,6 +654,7 @@ export function foundations(cfg: FoundationsConfig) {
       apiRole,
       rolesRole,
       workerStatements,
+      verifierStatements,
       witnessRead,
     },
   };

@@ -8,6 +8,7 @@ import * as pulumi from "@pulumi/pulumi";
 import type { Compute } from "./compute";
 import type { Fleet } from "./fleet";
 import { type foundations, tags } from "./foundations";
+import type { Verifier } from "./verifier";
 
 export const ADOT_IMAGE = "public.ecr.aws/aws-observability/aws-otel-collector:v0.43.3";
 /** Where Mira's process listens in its task (the ALB's target port). */
@@ -81,6 +82,15 @@ export function adotConfig(namespace: string, logGroup: string, region: string) 
 
 type Found = ReturnType<typeof foundations>;
 
+/**
+ * How old a queue's oldest message may get before `<group>-oldest-message` rings (seconds). A
+ * job waits for a GPU node to start (the fleet scales from zero) and for the jobs before it; a
+ * slide's verification (the verify queue) starts within minutes, since a verifier always runs;
+ * the other consumers within seconds.
+ */
+export const OLDEST_MESSAGE_SECONDS: Record<string, number> = { "gpu-jobs": 1800, verify: 300 };
+export const oldestMessageSeconds = (group: string) => OLDEST_MESSAGE_SECONDS[group] ?? 300;
+
 /** How long the witness may go without answering the relay before `witness-stale` rings (seconds). */
 export const WITNESS_STALE_SECONDS = 900;
 
@@ -138,7 +148,7 @@ export function observability(cfg: ObservabilityConfig, f: Found) {
       ...args,
     });
 
-  function alarms(c: Compute, k: Fleet) {
+  function alarms(c: Compute, k: Fleet, v: Verifier) {
     const made: aws.cloudwatch.MetricAlarm[] = [];
     // Every dead-letter queue holds nothing: one message there is a job or an event nobody handled.
     for (const [group, q] of Object.entries(f.parts.queues)) {
@@ -165,7 +175,7 @@ export function observability(cfg: ObservabilityConfig, f: Found) {
           statistic: "Maximum",
           period: 60,
           evaluationPeriods: 5,
-          threshold: group === "gpu-jobs" ? 1800 : 300,
+          threshold: oldestMessageSeconds(group),
           comparisonOperator: "GreaterThanThreshold",
         }),
       );
@@ -304,11 +314,17 @@ export function observability(cfg: ObservabilityConfig, f: Found) {
 
     const queueNames = Object.values(f.parts.queues).map((q) => q.queue.name);
     const dlqNames = Object.values(f.parts.queues).map((q) => q.dlq.name);
+    const names = {
+      gpuJobs: f.parts.queues["gpu-jobs"].queue.name,
+      verify: f.parts.queues.verify.queue.name,
+      ecsCluster: c.cluster.name,
+      verifier: v.service.name,
+    };
     new aws.cloudwatch.Dashboard("dashboard", {
       dashboardName: `mira-${s}`,
       dashboardBody: pulumi
-        .all([queueNames, dlqNames, c.alb.arnSuffix, k.cluster.name])
-        .apply(([qs, dlqs, albSuffix, cluster]) => JSON.stringify(dashboard(namespace, cfg.region, qs, dlqs, albSuffix, cluster))),
+        .all([queueNames, dlqNames, c.alb.arnSuffix, k.cluster.name, pulumi.output(names)])
+        .apply(([qs, dlqs, albSuffix, cluster, n]) => JSON.stringify(dashboard(namespace, cfg.region, qs, dlqs, albSuffix, cluster, n))),
     });
     return made;
   }
@@ -325,7 +341,15 @@ export function observability(cfg: ObservabilityConfig, f: Found) {
 
 export type Observability = ReturnType<typeof observability>;
 
-function dashboard(namespace: string, region: string, queues: string[], dlqs: string[], alb: string, cluster: string) {
+function dashboard(
+  namespace: string,
+  region: string,
+  queues: string[],
+  dlqs: string[],
+  alb: string,
+  cluster: string,
+  n: { gpuJobs: string; verify: string; ecsCluster: string; verifier: string },
+) {
   const widget = (title: string, metrics: unknown[][], x: number, y: number, stat = "Maximum") => ({
     type: "metric",
     x,
@@ -351,14 +375,28 @@ function dashboard(namespace: string, region: string, queues: string[], dlqs: st
         12,
         "Sum",
       ),
-      widget("GPU jobs waiting", [["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", queues.find((q) => q.includes("gpu-jobs")) ?? queues[0]]], 12, 12),
+      widget("GPU jobs waiting", [["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", n.gpuJobs]], 12, 12),
+      // The verifier's queue beside its task count (Container Insights): a backlog that does not
+      // bring tasks up, or tasks that do not bring it down.
+      widget(
+        "Slides waiting for verification, and verifier tasks",
+        [
+          ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", n.verify],
+          ["AWS/SQS", "ApproximateNumberOfMessagesNotVisible", "QueueName", n.verify],
+          ["ECS/ContainerInsights", "RunningTaskCount", "ClusterName", n.ecsCluster, "ServiceName", n.verifier],
+        ],
+        0,
+        18,
+      ),
       {
         type: "text",
         x: 0,
-        y: 18,
+        y: 24,
         width: 24,
         height: 2,
-        properties: { markdown: `Mira on EKS cluster \`${cluster}\`: the worker fleet scales on the gpu-jobs queue (KEDA). Runbooks: docs/runbooks/.` },
+        properties: {
+          markdown: `Mira on EKS cluster \`${cluster}\`: the worker fleet scales on the gpu-jobs queue (KEDA); the slide verifier \`${n.verifier}\` (ECS) on the verify queue (Application Auto Scaling). Runbooks: docs/runbooks/.`,
+        },
       },
     ],
   };

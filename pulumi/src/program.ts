@@ -1,6 +1,7 @@
 // The whole stack: the foundations, then what runs on them (ECS for the API and the roles, EKS
-// for the GPU fleet, CloudFront in front, the alarms), then what delivery needs. index.ts reads
-// the stack's configuration into a ProgramConfig; the tests pass one directly.
+// for the GPU fleet, the slide verifier on ECS with the worker's settings, CloudFront in front,
+// the alarms), then what delivery needs. index.ts reads the stack's configuration into a
+// ProgramConfig; the tests pass one directly.
 
 import * as pulumi from "@pulumi/pulumi";
 import { type ComputeConfig, compute } from "./compute";
@@ -9,12 +10,14 @@ import { type EdgeConfig, edge } from "./edge";
 import { type FleetConfig, fleet } from "./fleet";
 import { type FoundationsConfig, foundations } from "./foundations";
 import { observability } from "./observability";
+import { type VerifierConfig, verifier } from "./verifier";
 
 /** Each part's settings (documented where the part reads them), and the few only the program joins. */
 export type ProgramConfig = FoundationsConfig &
   ComputeConfig &
   FleetConfig &
   EdgeConfig &
+  VerifierConfig &
   DeliveryConfig & {
     /** Where the alarms go (an e-mail address confirms its subscription); none: only the topic. */
     alarmEmail?: string;
@@ -27,9 +30,10 @@ export function program(cfg: ProgramConfig) {
   const obs = observability(cfg, f);
   const c = compute(cfg, f, obs);
   const k = fleet(cfg, f);
+  const v = verifier(cfg, f, c, k);
   const e = edge(cfg, f);
-  obs.alarms(c, k);
-  const d = delivery(cfg, f, c, k, e);
+  obs.alarms(c, k, v);
+  const d = delivery(cfg, f, c, k, e, v);
   return {
     network: f.network,
     database: f.database,
@@ -37,10 +41,10 @@ export function program(cfg: ProgramConfig) {
     buckets: f.buckets,
     identity: f.identity,
     registries: f.registries,
-    roles: { ...f.roles, worker: k.workerRole.arn },
+    roles: { ...f.roles, worker: k.workerRole.arn, verifier: v.role.arn },
     /** One settings map per service, every value from a resource. */
     settings: { ...f.settings, worker: k.workerSettings },
-    compute: c.outputs,
+    compute: { ...c.outputs, verifier: v.outputs },
     fleet: k.outputs,
     edge: e.outputs,
     observability: obs.outputs,
@@ -54,6 +58,8 @@ export function program(cfg: ProgramConfig) {
       ecsServices: c.serviceNames,
       migrationTaskFamily: c.migrationTask.family,
       auditVerifyTaskFamily: c.verify.task.family,
+      /** The slide verifier: the worker's image, rolled like the ECS services (its own family). */
+      verifierService: v.service.name,
       taskSubnetIds: f.network.computeSubnetIds,
       taskSecurityGroupId: f.network.computeSecurityGroupId,
       eksCluster: k.cluster.name,

@@ -121,7 +121,10 @@ export function statementsOf(rs: Recorded[], role: string): Statement[] {
     .flatMap((pol) => JSON.parse(pol.inputs.policy).Statement);
 }
 
-/** The worker: no wildcard service actions, reads only the gpu-jobs queue, writes nothing to uploads. */
+/**
+ * The worker: no wildcard service actions, reads only the gpu-jobs queue, writes nothing to
+ * uploads, reads the slides' immutable copies at the version the log recorded.
+ */
 export function workerProblems(statements: Statement[], prefix = "mira-test-"): string[] {
   const p: string[] = [];
   const gpuJobs = `:${prefix}gpu-jobs.fifo`;
@@ -136,6 +139,9 @@ export function workerProblems(statements: Statement[], prefix = "mira-test-"): 
     }
   }
   if (!statements.some((s) => s.Action.includes("sqs:ReceiveMessage"))) p.push("cannot read its queue");
+  for (const a of ["s3:GetObject", "s3:GetObjectVersion"]) {
+    if (!statements.some((s) => s.Action.includes(a) && s.Resource.some((r) => r.endsWith(":mira-test-uploads/immutable/*")))) p.push(`cannot ${a} on the slides' immutable copies`);
+  }
   return p;
 }
 

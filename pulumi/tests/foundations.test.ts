@@ -66,6 +66,10 @@ describe("the foundations", () => {
     const badWorker = [...worker, { Effect: "Allow", Action: ["s3:*", "sqs:ReceiveMessage"], Resource: ["arn:aws:s3:eu-west-1:1:mira-test-uploads/*", "arn:aws:sqs:eu-west-1:1:mira-test-handlers.fifo"] }];
     const w = workerProblems(badWorker);
     assert.ok(w.some((x) => x.includes("wildcard action s3:*")) && w.some((x) => x.includes("beyond gpu-jobs")) && w.some((x) => x.includes("uploads")), String(w));
+    // Broken: the worker reading the copies at their newest version only (a GetObject with the
+    // recorded versionId needs s3:GetObjectVersion).
+    const latest = worker.map((s) => ({ ...s, Action: s.Action.filter((a) => a !== "s3:GetObjectVersion") }));
+    assert.deepEqual(workerProblems(latest), ["cannot s3:GetObjectVersion on the slides' immutable copies"]);
     const badApi = [...api, { Effect: "Allow", Action: ["s3:DeleteObjectVersion"], Resource: ["arn:aws:s3:eu-west-1:1:mira-test-witness/*"] }];
     assert.deepEqual(apiProblems(badApi), ["s3:DeleteObjectVersion on the witness bucket"]);
   });

@@ -5,6 +5,7 @@ import type { Recorded } from "./harness";
 
 /** Resources without tags (policies, attachments, …) go with the part their service belongs to. */
 const BY_SERVICE: Record<string, string> = {
+  appautoscaling: "compute",
   cloudfront: "edge",
   cloudwatch: "observability",
   cognito: "identity",

@@ -4,12 +4,15 @@
 import * as pulumi from "@pulumi/pulumi";
 import type { ProgramConfig } from "../src/program";
 
-export type Recorded = { type: string; name: string; inputs: Record<string, any>; state: Record<string, any> };
+/** A resource as the program registered it: its inputs, the mocks' state, and its `ignoreChanges` option. */
+export type Recorded = { type: string; name: string; inputs: Record<string, any>; state: Record<string, any>; ignoreChanges?: string[] };
 
 export const ACCOUNT = "123456789012";
 export const REGION = "eu-west-1";
 
 export const recorded: Recorded[] = [];
+/** Each resource's `ignoreChanges` (which the mocks are not given), by type and logical name. */
+const ignored = new Map<string, string[]>();
 
 pulumi.runtime.setMocks(
   {
@@ -40,7 +43,7 @@ pulumi.runtime.setMocks(
       }
       if (a.type === "aws:s3/bucket:Bucket") state.bucketRegionalDomainName = `${name}.s3.${REGION}.amazonaws.com`;
       if (a.type === "aws:ecs/taskDefinition:TaskDefinition") state.arn = `arn:aws:ecs:${REGION}:${ACCOUNT}:task-definition/${a.inputs.family}:1`;
-      recorded.push({ type: a.type, name: a.name, inputs: a.inputs, state });
+      recorded.push({ type: a.type, name: a.name, inputs: a.inputs, state, ignoreChanges: ignored.get(`${a.type}::${a.name}`) ?? [] });
       return { id: `${a.name}-id`, state };
     },
     call(a: pulumi.runtime.MockCallArgs) {
@@ -55,6 +58,17 @@ pulumi.runtime.setMocks(
   "test",
   false,
 );
+
+// The mock monitor hands newResource the inputs only: the options a test reads (ignoreChanges)
+// are taken from the registration request on the way in.
+{
+  const monitor = pulumi.runtime.getMonitor() as any;
+  const register = monitor.registerResource.bind(monitor);
+  monitor.registerResource = (req: any, callback: any) => {
+    ignored.set(`${req.getType()}::${req.getName()}`, req.getIgnorechangesList());
+    return register(req, callback);
+  };
+}
 
 export function value<T>(o: pulumi.Output<T> | T): Promise<T> {
   return pulumi.Output.isInstance(o) ? new Promise((ok) => (o as pulumi.Output<T>).apply(ok)) : Promise.resolve(o as T);
@@ -91,6 +105,11 @@ export const CONFIG: ProgramConfig = {
   workerLeaseSeconds: 60,
   workerDrainSeconds: 1800,
   kedaVersion: "2.20.2",
+  verifierTaskCpu: 1024,
+  verifierTaskMemory: 2048,
+  verifierStorageGiB: 50,
+  verifierMinTasks: 1,
+  verifierMaxTasks: 4,
   githubRepository: "mira-lab/mira",
   pulumiStateBucket: "mira-pulumi-state-123456789012",
   pulumiSecretsKeyAlias: "alias/mira-pulumi",

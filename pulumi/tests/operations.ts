@@ -33,6 +33,13 @@ export const K = {
   targetGroup: "aws:lb/targetGroup:TargetGroup",
   subnet: "aws:ec2/subnet:Subnet",
   secret: "aws:secretsmanager/secret:Secret",
+  repo: "aws:ecr/repository:Repository",
+  cluster: "aws:ecs/cluster:Cluster",
+  queue: "aws:sqs/queue:Queue",
+  subscription: "aws:sns/topicSubscription:TopicSubscription",
+  scalingTarget: "aws:appautoscaling/target:Target",
+  scalingPolicy: "aws:appautoscaling/policy:Policy",
+  dashboard: "aws:cloudwatch/dashboard:Dashboard",
 };
 
 /** The Kubernetes objects the program would apply: every `kubernetes:*` resource but Helm releases and providers. */
@@ -42,8 +49,8 @@ export function kubernetesObjects(rs: Recorded[]): any[] {
     .map((r) => ({ ...r.inputs }));
 }
 
-const containersOf = (td: Recorded): any[] => JSON.parse(td.inputs.containerDefinitions);
-const envOf = (c: any): Record<string, string> => Object.fromEntries((c.env ?? c.environment ?? []).map((e: any) => [e.name, e.value]));
+export const containersOf = (td: Recorded): any[] => JSON.parse(td.inputs.containerDefinitions);
+export const envOf = (c: any): Record<string, string> => Object.fromEntries((c.env ?? c.environment ?? []).map((e: any) => [e.name, e.value]));
 
 /** KEDA scales the worker on the gpu-jobs queue, from zero, with AWS pod identity, installed as a Helm release. */
 export function scalerProblems(rs: Recorded[], gpuJobsUrl: string, maxReplicas: number): string[] {
@@ -262,7 +269,7 @@ export function filterProduces(rs: Recorded[]): Set<string> {
 }
 
 /** The metrics an alarm reads: its own, or those of its metric queries (each with its dimensions). */
-const metricsOf = (a: Recorded): { id?: string; namespace: string; metricName: string; dims: Record<string, string>; stat?: string }[] =>
+export const metricsOf = (a: Recorded): { id?: string; namespace: string; metricName: string; dims: Record<string, string>; stat?: string }[] =>
   a.inputs.metricName
     ? [{ namespace: a.inputs.namespace, metricName: a.inputs.metricName, dims: a.inputs.dimensions ?? {}, stat: a.inputs.statistic }]
     : (a.inputs.metricQueries ?? []).filter((q: any) => q.metric).map((q: any) => ({ id: q.id, ...q.metric, dims: q.metric.dimensions ?? {} }));
@@ -309,7 +316,7 @@ export function alarmProblems(rs: Recorded[], exported: string[]): string[] {
 /** The names of the witness's metrics on the relay's /metrics (gateway/src/api/metrics.rs). */
 export const WITNESS_METRICS = { conflicts: "mira_witness_conflicts_total", lastSuccess: "mira_witness_last_success_timestamp_seconds" };
 
-const alarmTopicArn = (rs: Recorded[]) => ofType(rs, K.topic).find((t) => t.name === "alarms")?.state.arn;
+export const alarmTopicArn = (rs: Recorded[]) => ofType(rs, K.topic).find((t) => t.name === "alarms")?.state.arn;
 
 /**
  * The witness's alarms: the relay's collector writes both witness metrics (without dimensions,
@@ -369,9 +376,9 @@ export function witnessAlarmProblems(rs: Recorded[], exported: string[], staleSe
   return p;
 }
 
-type Stmt = { Effect: string; Action: string | string[]; Resource: string | string[]; Condition?: any };
-const list = <T>(x: T | T[] | undefined): T[] => (x === undefined ? [] : Array.isArray(x) ? x : [x]);
-const policyOf = (rs: Recorded[], role: Recorded | undefined): Stmt[] =>
+export type Stmt = { Effect: string; Action: string | string[]; Resource: string | string[]; Condition?: any };
+export const list = <T>(x: T | T[] | undefined): T[] => (x === undefined ? [] : Array.isArray(x) ? x : [x]);
+export const policyOf = (rs: Recorded[], role: Recorded | undefined): Stmt[] =>
   role ? ofType(rs, K.rolePolicy).filter((x) => x.inputs.role === `${role.name}-id`).flatMap((pol) => JSON.parse(pol.inputs.policy).Statement) : [];
 const allows = (st: Stmt[], action: string, resource: string) =>
   st.some((s) => s.Effect === "Allow" && list(s.Action).includes(action) && list(s.Resource).some((r) => r === "*" || r === resource));
@@ -487,7 +494,7 @@ const escapeRe = (x: string) => x.replace(/[.+^${}()|[\]\\]/g, "\\$&");
 const glob = (pattern: string, value: string, caseless = false) =>
   new RegExp(`^${pattern.split("*").map((part) => part.split("?").map(escapeRe).join(".")).join(".*")}$`, caseless ? "i" : "").test(value);
 /** Whether the statements allow `action` on `resource`, wildcards in either included. */
-const mayDo = (st: Stmt[], action: string, resource: string) =>
+export const mayDo = (st: Stmt[], action: string, resource: string) =>
   st.some((x) => x.Effect === "Allow" && list(x.Action).some((a) => glob(a, action, true)) && list(x.Resource).some((r) => glob(r, resource)));
 
 /** The database's secrets: every secret under `mira-<stack>/database/` (the owner's, the logins', any other). */
@@ -521,12 +528,14 @@ export function loginSecretProblems(rs: Recorded[]): string[] {
 }
 
 /**
- * Each ECS service takes DATABASE_URL from its own process's login: the process is what its
+ * Each ECS service takes DATABASE_URL from its own process's login: the process is the worker
+ * where the service runs the worker's image (`mira-worker`, the slide verifier), else what its
  * Roles__Enabled names (the API where it names none). Every service process has its service.
  */
 export function serviceLoginProblems(rs: Recorded[]): string[] {
   const p: string[] = [];
   const byArn = new Map(ofType(rs, K.taskDef).map((td) => [td.state.arn, td]));
+  const workerRepo = ofType(rs, K.repo).find((r) => r.name === "mira-wsi-worker")?.state.repositoryUrl;
   const served = new Set<string>();
   for (const svc of ofType(rs, K.service)) {
     const td = byArn.get(svc.inputs.taskDefinition);
@@ -535,12 +544,13 @@ export function serviceLoginProblems(rs: Recorded[]): string[] {
       continue;
     }
     const mira = miraOf(td);
+    const worker = workerRepo !== undefined && String(mira?.image ?? "").startsWith(`${workerRepo}:`);
     const roles = (envOf(mira ?? {}).Roles__Enabled ?? "").split(",").map((x) => x.trim()).filter(Boolean);
-    if (roles.length > 1) {
-      p.push(`service ${svc.inputs.name}: runs ${roles.join(", ")}, more than one process's login`);
+    if (roles.length > 1 || (worker && roles.length > 0)) {
+      p.push(`service ${svc.inputs.name}: runs ${[...(worker ? ["worker"] : []), ...roles].join(", ")}, more than one process's login`);
       continue;
     }
-    const process = roles[0] ?? "api";
+    const process = worker ? "worker" : (roles[0] ?? "api");
     served.add(process);
     const want = loginSecret(rs, process)?.state.arn;
     const got = secretsOf(mira).DATABASE_URL ?? envOf(mira ?? {}).DATABASE_URL;

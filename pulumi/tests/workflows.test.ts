@@ -6,6 +6,7 @@ import {
   imageProblems,
   loadWorkflows,
   registrationProblems,
+  rolloutProblems,
   runbook,
   runbookOutputProblems,
   stackReadProblems,
@@ -28,6 +29,10 @@ function edited(w: Workflow, ...edits: [string, string][]): Workflow {
 }
 
 const deployOf = (ws: Workflow[]) => ws.find((w) => w.file === "deploy.yml")!;
+/** The slide verifier's step, and the image it registers. */
+const VERIFIER_STEP = "Roll the slide verifier onto the new worker image";
+const VERIFIER_IMAGE = "SERVICE: ${{ steps.stack.outputs.verifierService }}\n          IMAGE: ${{ steps.stack.outputs.workerRepository }}";
+const verifierStep = (w: Workflow) => w.steps.find((s) => s.name === VERIFIER_STEP)!;
 
 describe("the workflows", () => {
   it("read only stack outputs that the program exports", async () => {
@@ -80,7 +85,7 @@ describe("the workflows", () => {
     assert.ok(s.some((x) => x.includes("the image of images/mira-api goes to .registries[\"mira-wsi-worker\"]")), String(s));
   });
 
-  it("register every task definition of the API's image with the new image, as a role that may pass its roles", async () => {
+  it("register every task definition of the program's images with its repository's new image, as a role that may pass its roles", async () => {
     const out = await stackOutputs();
     const { resources } = await run();
     const deploy = deployOf(loadWorkflows());
@@ -93,6 +98,25 @@ describe("the workflows", () => {
     assert.deepEqual(registrationProblems(dropped, out, resources, role), stale);
     const wrong = edited(deploy, ["FAMILY: ${{ steps.stack.outputs.auditVerifyFamily }}", "FAMILY: ${{ steps.stack.outputs.migrationFamily }}"]);
     assert.deepEqual(registrationProblems(wrong, out, resources, role), stale);
+    // Broken: the slide verifier's step dropped, or given the API's image; the verifier rolled
+    // with the API's services (their image).
+    const noVerifier = { ...deploy, steps: deploy.steps.filter((s) => s.name !== VERIFIER_STEP) };
+    assert.equal(noVerifier.steps.length, deploy.steps.length - 1);
+    assert.deepEqual(registrationProblems(noVerifier, out, resources, role), [
+      "deploy.yml: mira-test-verifier runs the mira-wsi-worker image, and no step registers a revision of it with the new one",
+    ]);
+    const apiImage = edited(deploy, [VERIFIER_IMAGE, VERIFIER_IMAGE.replace("workerRepository", "apiRepository")]);
+    assert.deepEqual(registrationProblems(apiImage, out, resources, role), [
+      `deploy.yml: step "${VERIFIER_STEP}" registers mira-test-verifier with the mira-api image, not the mira-wsi-worker image it runs`,
+    ]);
+    const listed = edited(deploy, [
+      "${{ steps.stack.outputs.handlersService }}\n",
+      "${{ steps.stack.outputs.handlersService }}\n            ${{ steps.stack.outputs.verifierService }}\n",
+    ]);
+    const withApi = { ...listed, steps: listed.steps.filter((s) => s.name !== VERIFIER_STEP) };
+    assert.deepEqual(registrationProblems(withApi, out, resources, role), [
+      'deploy.yml: step "Roll the ECS services onto the new image" registers mira-test-verifier with the mira-api image, not the mira-wsi-worker image it runs',
+    ]);
     // Broken: the deploy role without iam:PassRole on the verification's task role.
     const broken: Recorded[] = JSON.parse(JSON.stringify(resources));
     const verifyRole = ofType(broken, "aws:iam/role:Role").find((r) => r.name === "audit-verify")!.state.arn;
@@ -104,6 +128,47 @@ describe("the workflows", () => {
     assert.deepEqual(registrationProblems(deploy, out, broken, role), [
       `deploy.yml: the deploy role cannot pass ${verifyRole}, so it cannot register mira-test-audit-verify`,
     ]);
+  });
+
+  it("roll every ECS service, the slide verifier too, onto its new revision and wait until it runs it", async () => {
+    const out = await stackOutputs();
+    const { resources } = await run();
+    const deploy = deployOf(loadWorkflows());
+    assert.deepEqual(rolloutProblems(deploy, out, resources), []);
+    assert.deepEqual(ofType(resources, "aws:ecs/service:Service").map((x) => x.inputs.name).sort(), [
+      "mira-test-api",
+      "mira-test-handlers",
+      "mira-test-projector",
+      "mira-test-relay",
+      "mira-test-verifier",
+    ]);
+    const where = `deploy.yml: step "${VERIFIER_STEP}" rolls mira-test-verifier`;
+    // Broken: the verifier's step dropped; the handlers left out of the API's services.
+    const noVerifier = { ...deploy, steps: deploy.steps.filter((s) => s.name !== VERIFIER_STEP) };
+    assert.deepEqual(rolloutProblems(noVerifier, out, resources), ["deploy.yml: no step rolls mira-test-verifier (names it from the stack's outputs)"]);
+    const noHandlers = edited(deploy, ["            ${{ steps.stack.outputs.handlersService }}\n", ""]);
+    assert.deepEqual(rolloutProblems(noHandlers, out, resources), ["deploy.yml: no step rolls mira-test-handlers (names it from the stack's outputs)"]);
+    // Broken: the verifier moved onto no new revision, its revision registered and never
+    // deployed, not waited for, not checked after the wait, moved in a cluster named by another
+    // output, or rolled before the migrations.
+    const lines = (verifierStep(deploy).run ?? "").split("\n");
+    const line = (start: string) => `${lines.find((l) => l.startsWith(start))!}\n`;
+    const noRevision = edited(deploy, [line('revision=$(.github/scripts/register-revision.sh "$family" "$IMAGE")'), ""]);
+    assert.deepEqual(rolloutProblems(noRevision, out, resources), [`${where}, and registers no revision`]);
+    const noUpdate = edited(deploy, [line("aws ecs update-service"), ""]);
+    assert.deepEqual(rolloutProblems(noUpdate, out, resources), [`${where}, and does not move it to a revision (aws ecs update-service --task-definition)`]);
+    const noWait = edited(deploy, [line("for _ in 1 2; do aws ecs wait services-stable --cluster \"$CLUSTER\" --services \"$SERVICE\""), ""]);
+    assert.deepEqual(rolloutProblems(noWait, out, resources), [`${where}, and does not wait for it (aws ecs wait services-stable)`]);
+    const noCheck = edited(deploy, [line('now=$(aws ecs describe-services --cluster "$CLUSTER" --services "$SERVICE"'), ""]);
+    assert.deepEqual(rolloutProblems(noCheck, out, resources), [`${where}, and does not check after the wait that it runs the new revision (aws ecs describe-services)`]);
+    const elsewhere = edited(deploy, [
+      "CLUSTER: ${{ steps.stack.outputs.ecsCluster }}\n          SERVICE: ${{ steps.stack.outputs.verifierService }}",
+      "CLUSTER: ${{ steps.stack.outputs.workerNamespace }}\n          SERVICE: ${{ steps.stack.outputs.verifierService }}",
+    ]);
+    assert.deepEqual(rolloutProblems(elsewhere, out, resources), [`${where}, in the cluster ${out.deploy.workerNamespace}, not its own ${out.deploy.ecsCluster}`]);
+    const migrate = deploy.steps.findIndex((s) => s.name === "Run the migrations");
+    const early = { ...deploy, steps: [...deploy.steps.slice(0, migrate), verifierStep(deploy), ...noVerifier.steps.slice(migrate)] };
+    assert.deepEqual(rolloutProblems(early, out, resources), [`${where} before the migrations run`]);
   });
 
   it("upload the browser app to the frontend bucket only", async () => {

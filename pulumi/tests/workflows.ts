@@ -135,7 +135,9 @@ const COMMIT = /^\$\{?GITHUB_SHA\}?$|^\$\{\{\s*github\.sha\s*\}\}$/;
 /**
  * The images: each of the program's repositories gets the image built from
  * images/<repository>/Dockerfile, tagged with the commit, and pushed; nothing else is pushed;
- * the ECS task definitions get the API's image and the worker Deployment the worker's.
+ * every image a step deploys is one of them, and the worker Deployment gets the worker's. (Which
+ * image each task definition family gets is registrationProblems': the API's for most, the
+ * worker's for the slide verifier.)
  */
 export function imageProblems(w: Workflow, outputs: Record<string, any>, ecrUrls: string[]): string[] {
   const p: string[] = [];
@@ -181,8 +183,9 @@ export function imageProblems(w: Workflow, outputs: Record<string, any>, ecrUrls
       const url = read?.path ? lookup(outputs, read.path) : undefined;
       if (!COMMIT.test(m[2])) p.push(`${w.file}: step "${step.name}" deploys ${value}: the tag is not the commit`);
       if (!url || !pushed.has(url)) p.push(`${w.file}: step "${step.name}" deploys ${value}, which this workflow does not push`);
-      const wants = /kubectl\b[^\n]*\bset\s+image/.test(step.run ?? "") ? "mira-wsi-worker" : /register-revision/.test(step.run ?? "") ? "mira-api" : null;
-      if (wants && url !== registries[wants]) p.push(`${w.file}: step "${step.name}" deploys ${value}, not the ${wants} image`);
+      if (/kubectl\b[^\n]*\bset\s+image/.test(step.run ?? "") && url !== registries["mira-wsi-worker"]) {
+        p.push(`${w.file}: step "${step.name}" deploys ${value}, not the mira-wsi-worker image`);
+      }
     }
   }
   return p;
@@ -272,50 +275,67 @@ export function runbookOutputProblems(book: string, outputs: Record<string, any>
 const ofType = (rs: Recorded[], type: string) => rs.filter((r) => r.type === type);
 const list = <T>(x: T | T[] | undefined): T[] => (x === undefined ? [] : Array.isArray(x) ? x : [x]);
 
+/** The repository (a key of `.registries`) whose image a URL or image reference is. */
+const repositoryOf = (registries: Record<string, string>, image: string | undefined) =>
+  image === undefined ? undefined : Object.keys(registries).find((name) => image === registries[name] || image.startsWith(`${registries[name]}:`));
+
 /**
  * The task definitions follow the deploys: every family of the program whose container `mira`
- * runs the mira-api image gets a new revision from a step that runs register-revision.sh. Its
- * FAMILY is either a stack output that names the family, or a shell variable, taken from the
- * services the step rolls (the family each one runs). The deploy role (`deployRoleArn`) may pass
- * the roles of every family it registers (RegisterTaskDefinition passes the task role and the
- * execution role).
+ * runs one of the program's images (the API's: the four services', `migrate`, `audit-verify`;
+ * the worker's: the slide verifier's) gets a new revision with that same repository's image,
+ * from a step that runs register-revision.sh FAMILY IMAGE. Its FAMILY is either a stack output
+ * that names the family, or a shell variable, taken from the services the step rolls (the family
+ * each one runs); its IMAGE a stack output's repository. The deploy role (`deployRoleArn`) may
+ * pass the roles of every family it registers (RegisterTaskDefinition passes the task role and
+ * the execution role).
  */
 export function registrationProblems(w: Workflow, outputs: Record<string, any>, rs: Recorded[], deployRoleArn: string): string[] {
   const p: string[] = [];
   const reads = stackReads(w);
+  const registries: Record<string, string> = outputs.registries ?? {};
   const taskDefs = ofType(rs, "aws:ecs/taskDefinition:TaskDefinition");
   const services = ofType(rs, "aws:ecs/service:Service");
   const families = new Map(taskDefs.map((td) => [String(td.inputs.family), td]));
+  /** The repository a family's `mira` container runs the image of (undefined: none of the program's). */
+  const runs = (family: string) => {
+    const mira = JSON.parse(families.get(family)!.inputs.containerDefinitions).find((c: any) => c.name === "mira");
+    return mira ? repositoryOf(registries, String(mira.image)) : undefined;
+  };
   const registered = new Set<string>();
   for (const step of w.steps) {
     for (const c of commands(step.run ?? "")) {
       const at = c.findIndex((word) => word.endsWith("register-revision.sh"));
       if (at < 0) continue;
+      const imageRead = readOf(w, reads, step, leadingVar(c[at + 2] ?? ""));
+      const image = repositoryOf(registries, imageRead?.path ? lookup(outputs, imageRead.path) : undefined);
+      const stepFamilies: string[] = [];
       const variable = leadingVar(c[at + 1] ?? "");
       const read = readOf(w, reads, step, variable);
       if (read) {
         const family = read.path ? lookup(outputs, read.path) : undefined;
-        if (families.has(family)) registered.add(family);
+        if (families.has(family)) stepFamilies.push(family);
         else p.push(`${w.file}: step "${step.name}" registers ${read.expr} (${family}), no task definition family of the program`);
-        continue;
+      } else {
+        // The families the step's services run.
+        const names = Object.values(step.env ?? {}).flatMap((v) => stackRefs(String(v)));
+        const rolled = names.map((n) => reads.find((r) => r.name === n)).map((r) => (r?.path ? lookup(outputs, r.path) : undefined));
+        const own = services.filter((svc) => rolled.includes(svc.inputs.name));
+        if (own.length === 0) p.push(`${w.file}: step "${step.name}" registers $${variable}, neither a stack output nor a service's family`);
+        for (const svc of own) {
+          const td = taskDefs.find((t) => t.state.arn === svc.inputs.taskDefinition);
+          if (td) stepFamilies.push(String(td.inputs.family));
+        }
       }
-      // The families the step's services run.
-      const names = Object.values(step.env ?? {}).flatMap((v) => stackRefs(String(v)));
-      const rolled = names.map((n) => reads.find((r) => r.name === n)).map((r) => (r?.path ? lookup(outputs, r.path) : undefined));
-      const own = services.filter((svc) => rolled.includes(svc.inputs.name));
-      if (own.length === 0) p.push(`${w.file}: step "${step.name}" registers $${variable}, neither a stack output nor a service's family`);
-      for (const svc of own) {
-        const td = taskDefs.find((t) => t.state.arn === svc.inputs.taskDefinition);
-        if (td) registered.add(String(td.inputs.family));
+      for (const family of stepFamilies) {
+        registered.add(family);
+        const own = runs(family);
+        if (own && image !== own) p.push(`${w.file}: step "${step.name}" registers ${family} with ${image ? `the ${image} image` : c[at + 2]}, not the ${own} image it runs`);
       }
     }
   }
-  const api = outputs.registries?.["mira-api"];
-  for (const [family, td] of families) {
-    const mira = JSON.parse(td.inputs.containerDefinitions).find((c: any) => c.name === "mira");
-    if (mira && api && String(mira.image).startsWith(`${api}:`) && !registered.has(family)) {
-      p.push(`${w.file}: ${family} runs the mira-api image, and no step registers a revision of it with the new one`);
-    }
+  for (const family of families.keys()) {
+    const own = runs(family);
+    if (own && !registered.has(family)) p.push(`${w.file}: ${family} runs the ${own} image, and no step registers a revision of it with the new one`);
   }
   const role = ofType(rs, "aws:iam/role:Role").find((r) => r.state.arn === deployRoleArn);
   if (!role) return [...p, `${deployRoleArn} is no role of the program`];
@@ -329,6 +349,66 @@ export function registrationProblems(w: Workflow, outputs: Record<string, any>, 
     for (const arn of [td.inputs.taskRoleArn, td.inputs.executionRoleArn]) {
       if (arn && !passes(arn)) p.push(`${w.file}: the deploy role cannot pass ${arn}, so it cannot register ${family}`);
     }
+  }
+  return p;
+}
+
+/**
+ * Where `aws ecs VERB…` stands in a command, wherever it starts (`do aws ecs wait …`,
+ * `now=$(aws ecs describe-services …`): the index of the word after the verb, or -1.
+ */
+function ecsCall(c: string[], ...verb: string[]): number {
+  for (let i = 0; i + 2 + verb.length <= c.length; i++) {
+    if ((c[i] === "aws" || c[i].endsWith("$(aws")) && c[i + 1] === "ecs" && verb.every((v, j) => c[i + 2 + j] === v)) return i + 2 + verb.length;
+  }
+  return -1;
+}
+
+/**
+ * The services follow the deploys: every ECS service of the program (the API's four and the
+ * slide verifier) is named, by a stack output, in the `env:` of a step that, as the API's
+ * services' step does, registers a revision (register-revision.sh), moves the service onto it
+ * (`aws ecs update-service --cluster C --task-definition`, C the stack output of the service's
+ * cluster), waits for it (`aws ecs wait services-stable`), and then checks what it runs
+ * (`aws ecs describe-services` after the wait: a circuit breaker's rollback is stable too). The
+ * step comes after the migrations' (`aws ecs run-task`): a service never runs a schema it does
+ * not have.
+ */
+export function rolloutProblems(w: Workflow, outputs: Record<string, any>, rs: Recorded[]): string[] {
+  const p: string[] = [];
+  const reads = stackReads(w);
+  const clusters = ofType(rs, "aws:ecs/cluster:Cluster");
+  const valueOf = (name: string | undefined) => {
+    const r = reads.find((x) => x.name === name);
+    return r?.path ? lookup(outputs, r.path) : undefined;
+  };
+  const migrations = w.steps.findIndex((s) => commands(s.run ?? "").some((c) => ecsCall(c, "run-task") >= 0));
+  for (const svc of ofType(rs, "aws:ecs/service:Service")) {
+    const name = String(svc.inputs.name);
+    const at = w.steps.findIndex((s) => Object.values(s.env ?? {}).some((v) => stackRefs(String(v)).some((n) => valueOf(n) === name)));
+    if (at < 0) {
+      p.push(`${w.file}: no step rolls ${name} (names it from the stack's outputs)`);
+      continue;
+    }
+    const step = w.steps[at];
+    const cs = commands(step.run ?? "");
+    const ecs = (...verb: string[]) => cs.findIndex((c) => ecsCall(c, ...verb) >= 0);
+    const where = `${w.file}: step "${step.name}" rolls ${name}`;
+    if (!cs.some((c) => c.some((word) => word.endsWith("register-revision.sh")))) p.push(`${where}, and registers no revision`);
+    const update = ecs("update-service");
+    if (update < 0 || !cs[update].includes("--task-definition")) p.push(`${where}, and does not move it to a revision (aws ecs update-service --task-definition)`);
+    else {
+      const variable = leadingVar(cs[update][cs[update].indexOf("--cluster") + 1] ?? "");
+      const cluster = valueOf(stackRefs(String((variable && step.env?.[variable]) ?? ""))[0]);
+      const own = clusters.find((x) => x.state.arn === svc.inputs.cluster)?.state.name;
+      if (cluster !== own) p.push(`${where}, in the cluster ${cluster ?? "(no stack output)"}, not its own ${own}`);
+    }
+    const wait = ecs("wait", "services-stable");
+    if (wait < 0) p.push(`${where}, and does not wait for it (aws ecs wait services-stable)`);
+    else if (!cs.slice(wait + 1).some((c) => ecsCall(c, "describe-services") >= 0)) {
+      p.push(`${where}, and does not check after the wait that it runs the new revision (aws ecs describe-services)`);
+    }
+    if (migrations < 0 || at < migrations) p.push(`${where} before the migrations run`);
   }
   return p;
 }
