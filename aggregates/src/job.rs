@@ -17,7 +17,7 @@
 use chrono::{DateTime, Duration, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
-use mira_events::{JobEvent, JobId, SlideId, TenantId, Usage};
+use mira_events::{JobEvent, JobId, Priority, SlideId, TenantId, Usage};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +104,9 @@ pub struct Job {
     /// Attempts the worker killed for making no progress (or running past its budget).
     #[serde(default)]
     pub stalls: u32,
+    /// STAT or routine, from the submission; every attempt is queued with it.
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +116,7 @@ pub enum JobCommand {
         kind: String,
         params: serde_json::Value,
         max_attempts: u32,
+        priority: Priority,
     },
     /// By the handlers: the slide is verified (from `submitted`), or a retry is due.
     Queue {
@@ -331,6 +335,7 @@ impl Job {
                 kind,
                 params,
                 max_attempts,
+                priority,
             } => {
                 if self.status != S::New {
                     return Err(JobError::AlreadyExists);
@@ -351,11 +356,13 @@ impl Job {
                     kind: kind.clone(),
                     params: params.clone(),
                     max_attempts: *max_attempts,
+                    priority: *priority,
                 }]
             }
             JobCommand::Queue { now } => match self.status {
                 S::Submitted => vec![JobEvent::JobQueued {
                     attempt: self.attempt + 1,
+                    priority: self.priority,
                 }],
                 S::RetryScheduled => {
                     let due = self.retry_not_before.unwrap_or(*now);
@@ -364,6 +371,7 @@ impl Job {
                     }
                     vec![JobEvent::JobQueued {
                         attempt: self.attempt + 1,
+                        priority: self.priority,
                     }]
                 }
                 _ => return Err(self.refuse(command)),
@@ -514,15 +522,17 @@ impl Aggregate for Job {
                 kind,
                 params,
                 max_attempts,
+                priority,
             } => {
                 self.status = JobStatus::Submitted;
+                self.priority = priority;
                 self.slide_id = Some(slide_id);
                 self.kind = kind;
                 self.params = params;
                 self.attempt_budget = max_attempts;
                 self.max_attempts = max_attempts;
             }
-            JobEvent::JobQueued { attempt } => {
+            JobEvent::JobQueued { attempt, .. } => {
                 self.status = JobStatus::Queued;
                 self.attempt = attempt;
                 self.retry_not_before = None;

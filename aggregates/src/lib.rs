@@ -15,4 +15,5 @@ mod schema;
 pub mod slide;
 
 pub use job::{manifest_key, results_prefix, retry_backoff, Job, JobCommand, JobError, JobStatus};
+pub use mira_events::Priority;
 pub use slide::{copy_key, Slide, SlideCommand, SlideError, SlideServices, SlideStatus};

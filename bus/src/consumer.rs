@@ -82,6 +82,9 @@ pub struct ConsumerConfig {
     /// The queue's filter. Events it does not admit are skipped when a gap is filled from the
     /// log, as they would never have been delivered.
     pub group: Group,
+    /// Other queues this consumer reads (the GPU worker's `gpu-jobs-stat` beside `gpu-jobs`):
+    /// what their filters admit is admitted too.
+    pub also: Vec<Group>,
     /// When failed slow work is tried again, and how often.
     pub slow_retry: SlowRetry,
 }
@@ -134,8 +137,14 @@ impl ConsumerConfig {
             park_after_receives: 3,
             retry_delay: Duration::from_millis(200),
             group: Group::Projections,
+            also: Vec::new(),
             slow_retry: SlowRetry::default(),
         }
+    }
+
+    /// Whether one of this consumer's queues would have been delivered `m`.
+    pub fn admits(&self, m: &EventMessage) -> bool {
+        self.group.admits(m) || self.also.iter().any(|g| g.admits(m))
     }
 
     /// The consumer of `group`'s queue, named after it.
@@ -404,7 +413,7 @@ impl Consumer {
                     )),
                 ));
             }
-            missing.retain(|e| self.cfg.group.admits(&EventMessage::from(e)));
+            missing.retain(|e| self.cfg.admits(&EventMessage::from(e)));
             missing
         };
         for e in &events {
@@ -650,7 +659,7 @@ impl Consumer {
         };
         let mut events = self.log.read_stream(None, aggregate_type, aggregate_id, last).await?;
         let upto = events.last().map_or(last, |e| e.sequence);
-        events.retain(|e| self.cfg.group.admits(&EventMessage::from(e)));
+        events.retain(|e| self.cfg.admits(&EventMessage::from(e)));
         for e in &events {
             self.effect.apply(&mut tx, e).await?;
         }

@@ -16,6 +16,7 @@ pub mod aws;
 pub mod consumer;
 pub mod memory;
 pub mod message;
+pub mod priority;
 pub mod relay;
 pub mod topology;
 

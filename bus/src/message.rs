@@ -70,8 +70,20 @@ impl EventMessage {
             "event_type" => Some(&self.event_type),
             "aggregate_type" => Some(&self.aggregate_type),
             "tenant_id" => Some(&self.tenant_id),
+            // Routing STAT jobs to their own queue; other events carry none.
+            "priority" => (self.aggregate_type == "Job" && self.event_type == "JobQueued")
+                .then(|| self.queued_priority().as_str()),
             _ => None,
         }
+    }
+
+    /// A `JobQueued`'s priority, from its payload as the upcasters read it (version 1, and
+    /// anything unreadable, is routine: the hash check comes before any use).
+    fn queued_priority(&self) -> mira_events::Priority {
+        serde_json::from_str::<serde_json::Value>(&self.payload)
+            .ok()
+            .and_then(|p| p.get("priority").and_then(|v| v.as_str()).and_then(|s| s.parse().ok()))
+            .unwrap_or_default()
     }
 
     /// A message with placeholder fields, for tests of routing.

@@ -41,7 +41,27 @@ pub struct DeadLetterSpec {
 pub struct QueueSpec {
     pub group: Group,
     /// The SNS filter policy on message attributes; `null` for every event.
-    pub filter_policy: Option<BTreeMap<String, Vec<String>>>,
+    pub filter_policy: Option<BTreeMap<String, Vec<Matcher>>>,
+}
+
+/// One value of a filter policy's attribute: the attribute equals it, or (`{"exists":
+/// false}`) the message has no such attribute. SNS admits a message if any of an attribute's
+/// values matches, for every attribute the policy names.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Matcher {
+    Equals(String),
+    Exists { exists: bool },
+}
+
+impl Matcher {
+    fn matches(&self, value: Option<&str>) -> bool {
+        match (self, value) {
+            (Matcher::Equals(want), Some(v)) => want == v,
+            (Matcher::Equals(_), None) => false,
+            (Matcher::Exists { exists }, v) => *exists == v.is_some(),
+        }
+    }
 }
 
 /// The topology, parsed once. The file is part of the build: a malformed one fails the tests
@@ -58,16 +78,24 @@ pub fn topology() -> &'static Topology {
 pub enum Group {
     /// Every event.
     Projections,
-    /// What gives the GPU worker something to do: queued jobs.
+    /// What gives the GPU worker something to do: queued routine jobs.
     GpuJobs,
     /// Job and slide lifecycle events.
     Handlers,
     /// Uploaded slides to verify (`mira-worker verify`, on CPUs: no upload wakes the GPU fleet).
     Verify,
+    /// Queued STAT jobs: the GPU worker polls it before each receive from `gpu-jobs`.
+    GpuJobsStat,
 }
 
 impl Group {
-    pub const ALL: [Group; 4] = [Group::Projections, Group::GpuJobs, Group::Handlers, Group::Verify];
+    pub const ALL: [Group; 5] = [
+        Group::Projections,
+        Group::GpuJobs,
+        Group::Handlers,
+        Group::Verify,
+        Group::GpuJobsStat,
+    ];
 
     pub fn suffix(self) -> &'static str {
         match self {
@@ -75,6 +103,16 @@ impl Group {
             Group::GpuJobs => "gpu-jobs",
             Group::Handlers => "handlers",
             Group::Verify => "verify",
+            Group::GpuJobsStat => "gpu-jobs-stat",
+        }
+    }
+
+    /// The consumer that takes this queue's messages, under whose name its records are kept:
+    /// the GPU worker's one consumer takes both of its queues.
+    pub fn consumer(self) -> &'static str {
+        match self {
+            Group::GpuJobsStat => Group::GpuJobs.suffix(),
+            g => g.suffix(),
         }
     }
 
@@ -94,9 +132,10 @@ impl Group {
     pub fn admits(self, m: &EventMessage) -> bool {
         match self.spec().and_then(|q| q.filter_policy.as_ref()) {
             None => true,
-            Some(policy) => policy
-                .iter()
-                .all(|(attr, values)| m.attribute(attr).is_some_and(|v| values.iter().any(|x| x == v))),
+            Some(policy) => policy.iter().all(|(attr, values)| {
+                let v = m.attribute(attr);
+                values.iter().any(|x| x.matches(v))
+            }),
         }
     }
 }
@@ -166,12 +205,16 @@ mod tests {
                 assert!(t.message_attributes.contains(attr), "{attr} is not published");
             }
         }
-        // Every attribute the file names is one a message carries (and the relay publishes).
+        // Every attribute the file names is one a message carries (and the relay publishes):
+        // the job's priority on every JobQueued.
+        let queued = EventMessage {
+            event_type: "JobQueued".into(),
+            event_version: "1".into(),
+            payload: r#"{"type":"JobQueued","attempt":1}"#.into(),
+            ..EventMessage::example()
+        };
         for attr in &t.message_attributes {
-            assert!(
-                EventMessage::example().attribute(attr).is_some(),
-                "messages carry no {attr}"
-            );
+            assert!(queued.attribute(attr).is_some(), "messages carry no {attr}");
         }
         assert_eq!(t.queue_attributes["FifoQueue"], "true");
         assert!(t.dead_letter.max_receive_count >= 1);
@@ -185,6 +228,10 @@ mod tests {
             ..EventMessage::example()
         };
         assert!(Group::GpuJobs.admits(&m("JobQueued", "Job")));
+        assert!(
+            !Group::GpuJobsStat.admits(&m("JobQueued", "Job")),
+            "a JobQueued of version 1 is routine"
+        );
         // An upload wakes no GPU node: only the verifier's queue takes it.
         assert!(!Group::GpuJobs.admits(&m("SlideUploaded", "Slide")));
         assert!(Group::Verify.admits(&m("SlideUploaded", "Slide")));
@@ -209,5 +256,48 @@ mod tests {
         let n = Names::from_settings(&settings);
         assert_eq!(n.queue(Group::Handlers), "lab-handlers.fifo");
         assert_eq!(n.topic, "lab-events.fifo");
+    }
+
+    /// Every `JobQueued` carries its job's priority, and STAT and routine jobs reach their own
+    /// queues; one published without the attribute (by the release before) is routine.
+    #[test]
+    fn queued_jobs_are_routed_by_priority() {
+        let queued = |version: &str, payload: &str| EventMessage {
+            event_type: "JobQueued".into(),
+            event_version: version.into(),
+            payload: payload.into(),
+            ..EventMessage::example()
+        };
+        let v1 = queued("1", r#"{"type":"JobQueued","attempt":1}"#);
+        let stat = queued("2", r#"{"type":"JobQueued","attempt":2,"priority":"stat"}"#);
+        let routine = queued("2", r#"{"type":"JobQueued","attempt":1,"priority":"routine"}"#);
+        assert_eq!(v1.attribute("priority"), Some("routine"));
+        assert_eq!(stat.attribute("priority"), Some("stat"));
+        assert_eq!(routine.attribute("priority"), Some("routine"));
+        assert_eq!(
+            EventMessage::example().attribute("priority"),
+            None,
+            "only JobQueued carries one"
+        );
+        for (m, to) in [
+            (&v1, Group::GpuJobs),
+            (&routine, Group::GpuJobs),
+            (&stat, Group::GpuJobsStat),
+        ] {
+            let admitted: Vec<Group> = Group::ALL.into_iter().filter(|g| g.admits(m)).collect();
+            let mut want = vec![Group::Projections, Group::Handlers, to];
+            want.sort_by_key(|g| Group::ALL.iter().position(|x| x == g));
+            assert_eq!(admitted, want, "{}", m.payload);
+        }
+        // A message without the attribute at all (a relay of the release before) is routine.
+        let p = Group::GpuJobs.spec().and_then(|q| q.filter_policy.as_ref()).unwrap();
+        assert!(p["priority"].iter().any(|x| x.matches(None)));
+        assert!(!Group::GpuJobsStat
+            .spec()
+            .and_then(|q| q.filter_policy.as_ref())
+            .unwrap()["priority"]
+            .iter()
+            .any(|x| x.matches(None)));
+        assert_eq!(Group::GpuJobsStat.consumer(), "gpu-jobs");
     }
 }

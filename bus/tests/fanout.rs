@@ -169,13 +169,19 @@ impl World {
             vec![],
             (),
         );
-        for _ in 0..jobs {
+        for n in 0..jobs {
             let id = JobId::new().to_string();
             let submit = JobCommand::Submit {
                 slide_id: SlideId::new(),
                 kind: "wsi.preprocess".into(),
                 params: serde_json::json!({}),
                 max_attempts: 3,
+                // Every other job is STAT: its JobQueued goes to gpu-jobs-stat.
+                priority: if n % 2 == 1 {
+                    mira_aggregates::Priority::Stat
+                } else {
+                    mira_aggregates::Priority::Routine
+                },
             };
             job_cqrs
                 .execute_with_metadata(&id, submit, self.ctx().to_cqrs())
@@ -339,9 +345,22 @@ async fn fanout_each_queue_gets_what_its_filter_admits_exactly_once(bus: Arc<dyn
         assert_exactly_once_in_order(&w.effects(g).await, &expected);
     }
     // gpu-jobs saw only queued jobs, and the verifier's queue only uploaded slides: an upload
-    // wakes no GPU node.
+    // wakes no GPU node. STAT jobs went to their own queue, routine ones to gpu-jobs.
     let kinds: HashSet<String> = w.effects(Group::GpuJobs).await.into_iter().map(|e| e.3).collect();
     assert_eq!(kinds, HashSet::from(["JobQueued".to_string()]));
+    let priority = |e: &StoredEvent| {
+        serde_json::from_str::<serde_json::Value>(&e.payload).unwrap()["priority"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    for (g, want) in [(Group::GpuJobs, "routine"), (Group::GpuJobsStat, "stat")] {
+        let ids: HashSet<uuid::Uuid> = w.effects(g).await.into_iter().map(|e| e.2).collect();
+        assert_eq!(ids.len(), 2, "{g:?}");
+        for e in events.iter().filter(|e| ids.contains(&e.event_id)) {
+            assert_eq!(priority(e), want, "{g:?}");
+        }
+    }
     let kinds: HashSet<String> = w.effects(Group::Verify).await.into_iter().map(|e| e.3).collect();
     assert_eq!(kinds, HashSet::from(["SlideUploaded".to_string()]));
 }

@@ -200,6 +200,7 @@ async fn replay_returns_the_state_between_two_events() {
             kind: "wsi.preprocess".into(),
             params: serde_json::json!({}),
             max_attempts: 3,
+            priority: mira_aggregates::Priority::Routine,
         },
     )
     .await
@@ -285,6 +286,7 @@ async fn verify_checkpoint_and_an_export_that_reverifies_outside_mira() {
                 kind: "wsi.preprocess".into(),
                 params: serde_json::json!({"tile_size": 254}),
                 max_attempts: 3,
+                priority: mira_aggregates::Priority::Routine,
             },
         )
         .await
@@ -515,6 +517,7 @@ async fn submit_jobs(db: &TestDb, env: &Env, n: usize) {
             kind: "wsi.preprocess".into(),
             params: serde_json::json!({"tile_size": 254}),
             max_attempts: 3,
+            priority: mira_aggregates::Priority::Routine,
         };
         c.job(&ctx(), id, submit).await.unwrap();
         c.job(&ctx(), id, JobCommand::Queue { now: Utc::now() }).await.unwrap();
@@ -693,6 +696,7 @@ async fn serve_runs_the_roles_that_roles_enabled_names() {
         kind: "wsi.preprocess".into(),
         params: serde_json::json!({}),
         max_attempts: 3,
+        priority: mira_aggregates::Priority::Routine,
     };
     c.job(&ctx(), id, submit).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -754,7 +758,7 @@ async fn bus_init_is_idempotent_and_the_relay_publishes_checkpoints_and_stops_on
         serde_json::from_str(&stdout(&again)).unwrap(),
     );
     assert_eq!(a, b, "a second init converges on the same topology");
-    assert_eq!(a["queues"].as_array().unwrap().len(), 4);
+    assert_eq!(a["queues"].as_array().unwrap().len(), 5);
     assert!(a["queues"][1]["url"].as_str().unwrap().ends_with("gpu-jobs.fifo"));
     assert!(a["queues"][1]["dlq_url"]
         .as_str()
@@ -769,6 +773,7 @@ async fn bus_init_is_idempotent_and_the_relay_publishes_checkpoints_and_stops_on
             kind: "wsi.preprocess".into(),
             params: serde_json::json!({}),
             max_attempts: 3,
+            priority: mira_aggregates::Priority::Routine,
         };
         c.job(&ctx(), id, submit).await.unwrap();
         c.job(&ctx(), id, JobCommand::Queue { now: Utc::now() }).await.unwrap();
@@ -812,8 +817,8 @@ async fn bus_init_is_idempotent_and_the_relay_publishes_checkpoints_and_stops_on
         .load()
         .await;
     let sqs = aws_sdk_sqs::Client::new(&config);
-    // No slide was uploaded: the verifier's queue holds nothing.
-    for (i, expected) in [(0, "8"), (1, "4"), (2, "8"), (3, "0")] {
+    // No slide was uploaded: the verifier's queue holds nothing; the jobs were routine.
+    for (i, expected) in [(0, "8"), (1, "4"), (2, "8"), (3, "0"), (4, "0")] {
         let url = a["queues"][i]["url"].as_str().unwrap();
         let attrs = sqs
             .get_queue_attributes()
@@ -832,7 +837,7 @@ async fn bus_init_is_idempotent_and_the_relay_publishes_checkpoints_and_stops_on
     assert!(list.status.success(), "{}", stderr(&list));
     let v: serde_json::Value = serde_json::from_str(&stdout(&list)).unwrap();
     assert_eq!(v["parked"].as_array().unwrap().len(), 0);
-    assert_eq!(v["dead_letters"].as_array().unwrap().len(), 4);
+    assert_eq!(v["dead_letters"].as_array().unwrap().len(), 5);
 }
 
 fn assert_config_error(out: &Output, setting: &str) {
@@ -917,6 +922,7 @@ async fn projections_list_status_and_rebuild() {
             kind: "wsi.preprocess".into(),
             params: serde_json::json!({}),
             max_attempts: 3,
+            priority: mira_aggregates::Priority::Routine,
         };
         c.job(&ctx(), JobId::new(), submit).await.unwrap();
     }

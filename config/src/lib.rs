@@ -212,6 +212,27 @@ pub struct JobsSettings {
     /// slide was never uploaded" (or was not verified in time). Fractions are allowed.
     #[serde(deserialize_with = "fractional")]
     pub slide_wait_hours: f64,
+    /// Who may submit a STAT job (`{"priority": "stat"}`): groups of `cognito:groups`,
+    /// comma-separated, of `pathologist` and `admin`; empty for no one. Default `pathologist`.
+    pub stat_groups: String,
+}
+
+impl JobsSettings {
+    /// The groups that may submit STAT jobs ([`JobsSettings::stat_groups`]).
+    pub fn stat_groups(&self) -> Result<Vec<&str>, String> {
+        let mut out = Vec::new();
+        for g in self.stat_groups.split(',').map(str::trim).filter(|g| !g.is_empty()) {
+            match g {
+                "pathologist" | "admin" => out.push(g),
+                other => {
+                    return Err(format!(
+                        "{other:?} is not a group that submits jobs: pathologist, admin, or empty for no one"
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// A number from a file (`24`, `0.5`) or from the environment, where `0.5` arrives as text.
@@ -235,7 +256,10 @@ fn fractional<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
 
 impl Default for JobsSettings {
     fn default() -> Self {
-        Self { slide_wait_hours: 24.0 }
+        Self {
+            slide_wait_hours: 24.0,
+            stat_groups: "pathologist".into(),
+        }
     }
 }
 
@@ -924,6 +948,9 @@ impl Settings {
         }
         if let Err(why) = Role::parse_list(&self.roles.enabled) {
             return invalid("Roles__Enabled", &why);
+        }
+        if let Err(why) = self.jobs.stat_groups() {
+            return invalid("Jobs__StatGroups", &why);
         }
         if !(1..=24 * 366).contains(&self.api.idempotency_retention_hours) {
             return invalid("Api__IdempotencyRetentionHours", "must be 1 to 8784 (a year)");

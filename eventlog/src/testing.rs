@@ -96,6 +96,21 @@ impl TestDb {
                 Err(e) => panic!("cannot grant the runtime roles: {e}"),
             }
         }
+        // Each process's default login (`mira_svc_<process>`), as `mira migrate` makes them on
+        // a cluster: a test whose command migrates as the application role (which may not
+        // create roles) must not depend on an earlier test's migration having made them.
+        for p in mira_config::DbProcess::ALL {
+            for attempt in 0.. {
+                match crate::migrate::ensure_login(&db.owner, &p.default_login(), p.group_role(), None).await {
+                    Ok(()) => break,
+                    Err(e) if attempt < 20 => {
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => panic!("cannot make the login {}: {e}", p.default_login()),
+                }
+            }
+        }
         db.url = with_user(&db.owner_url, APP_ROLE, APP_ROLE);
         db.pool = crate::db::connect(&db.url, 20, Duration::from_secs(10))
             .await

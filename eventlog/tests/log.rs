@@ -41,6 +41,7 @@ fn submit() -> JobCommand {
         kind: "wsi.preprocess".into(),
         params: serde_json::json!({}),
         max_attempts: 3,
+        priority: mira_aggregates::Priority::Routine,
     }
 }
 

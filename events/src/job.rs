@@ -17,19 +17,55 @@ pub struct Usage {
     pub bytes_written: u64,
 }
 
+/// How soon a job should run. A STAT job (a frozen section during surgery) is taken before
+/// every routine one waiting; nothing running is stopped for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    #[default]
+    Routine,
+    Stat,
+}
+
+impl Priority {
+    /// The API's and the message attribute's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Routine => "routine",
+            Self::Stat => "stat",
+        }
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "routine" => Ok(Self::Routine),
+            "stat" => Ok(Self::Stat),
+            other => Err(format!("unknown priority {other:?}: stat or routine")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum JobEvent {
-    /// Version 2. Version 1 had no `max_attempts`; its upcaster supplies the old default.
+    /// Version 3. Version 1 had no `max_attempts`, version 2 no `priority`; their upcasters
+    /// supply the old default and `routine`.
     JobSubmitted {
         slide_id: SlideId,
         kind: String,
         params: serde_json::Value,
         max_attempts: u32,
+        priority: Priority,
     },
-    /// The job may now be taken by a worker, as attempt `attempt`.
+    /// The job may now be taken by a worker, as attempt `attempt`. Version 2: it carries the
+    /// job's priority, which the relay publishes as the `priority` message attribute (version
+    /// 1 reads as routine).
     JobQueued {
         attempt: u32,
+        priority: Priority,
     },
     JobStarted {
         attempt: u32,
@@ -113,7 +149,8 @@ impl DomainEvent for JobEvent {
 
     fn event_version(&self) -> String {
         match self {
-            Self::JobSubmitted { .. } => "2",
+            Self::JobSubmitted { .. } => "3",
+            Self::JobQueued { .. } => "2",
             _ => "1",
         }
         .to_owned()

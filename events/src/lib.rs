@@ -20,7 +20,7 @@ pub mod upcast;
 
 pub use canonical::{chain_hash, CanonicalEvent, Hash32, ZERO_HASH};
 pub use ids::{EventId, IdError, JobId, SlideId, TenantId};
-pub use job::{JobEvent, Usage};
+pub use job::{JobEvent, Priority, Usage};
 pub use metadata::{Actor, ActorKind, CommandContext, Metadata, MetadataError};
 pub use seal::{Keyring, KeyringError, LocalKeyring, Sealed};
 pub use slide::{SlideEvent, SlideLevel, SlideMetadata};

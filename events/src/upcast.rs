@@ -8,18 +8,41 @@ use serde_json::Value;
 pub const V1_DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
 /// Every upcaster, for cqrs-es's event store and for Mira's own readers.
+/// In order: each moves one version to the next, so an event of any version reaches the
+/// current one.
 pub fn upcasters() -> Vec<Box<dyn EventUpcaster>> {
-    vec![Box::new(Upcaster {
-        event_type: "JobSubmitted",
-        from: "1",
-        to: "2",
-        f: |payload| {
-            if let Value::Object(map) = payload {
-                map.entry("max_attempts")
-                    .or_insert(Value::from(V1_DEFAULT_MAX_ATTEMPTS));
-            }
-        },
-    })]
+    vec![
+        Box::new(Upcaster {
+            event_type: "JobSubmitted",
+            from: "1",
+            to: "2",
+            f: |payload| {
+                if let Value::Object(map) = payload {
+                    map.entry("max_attempts")
+                        .or_insert(Value::from(V1_DEFAULT_MAX_ATTEMPTS));
+                }
+            },
+        }),
+        // Jobs submitted before priorities were routine.
+        Box::new(Upcaster {
+            event_type: "JobSubmitted",
+            from: "2",
+            to: "3",
+            f: routine,
+        }),
+        Box::new(Upcaster {
+            event_type: "JobQueued",
+            from: "1",
+            to: "2",
+            f: routine,
+        }),
+    ]
+}
+
+fn routine(payload: &mut Value) {
+    if let Value::Object(map) = payload {
+        map.entry("priority").or_insert(Value::from("routine"));
+    }
 }
 
 /// Moves one event type from one exact version to the next. Versions are plain integers
@@ -75,14 +98,16 @@ mod tests {
         // Without the upcaster the old bytes do not load.
         assert!(serde_json::from_value::<JobEvent>(stored.payload.clone()).is_err());
         let up = upcast(stored);
-        assert_eq!(up.event_version, "2");
+        assert_eq!(up.event_version, "3");
         match serde_json::from_value::<JobEvent>(up.payload).unwrap() {
             JobEvent::JobSubmitted {
                 max_attempts,
                 kind,
                 params,
+                priority,
                 ..
             } => {
+                assert_eq!(priority, crate::Priority::Routine);
                 assert_eq!(max_attempts, V1_DEFAULT_MAX_ATTEMPTS);
                 assert_eq!(kind, "wsi.preprocess");
                 assert_eq!(params["tile_size"], 254);
@@ -98,11 +123,65 @@ mod tests {
             1,
             "Job".into(),
             "JobSubmitted".into(),
-            "2".into(),
-            serde_json::json!({"type":"JobSubmitted","slide_id":"0190d5a4-0000-7000-8000-000000000002","kind":"k","params":{},"max_attempts":7}),
+            "3".into(),
+            serde_json::json!({"type":"JobSubmitted","slide_id":"0190d5a4-0000-7000-8000-000000000002","kind":"k","params":{},"max_attempts":7,"priority":"stat"}),
             Value::Null,
         );
         let up = upcast(stored.clone());
         assert_eq!(up, stored);
+    }
+
+    /// The job events of the published test vectors (`docs/audit/test-vectors.json`), stored
+    /// before priorities existed, still decode, as routine; their bytes are the vectors' own
+    /// (the vectors' test checks their hashes), and the upcast changes only the decoded value.
+    #[test]
+    fn the_vectors_job_events_read_as_routine() {
+        let vectors: Value = serde_json::from_str(include_str!("../../docs/audit/test-vectors.json")).unwrap();
+        let mut seen = Vec::new();
+        let mut walk = vec![&vectors];
+        while let Some(v) = walk.pop() {
+            match v {
+                Value::Object(m) => {
+                    if let (Some(Value::String(t)), Some(Value::String(ver)), Some(Value::String(payload))) =
+                        (m.get("event_type"), m.get("event_version"), m.get("payload"))
+                    {
+                        if t.starts_with("Job") {
+                            let before = payload.clone();
+                            let stored = SerializedEvent::new(
+                                "j".into(),
+                                1,
+                                "Job".into(),
+                                t.clone(),
+                                ver.clone(),
+                                serde_json::from_str(payload).unwrap(),
+                                Value::Null,
+                            );
+                            let e: JobEvent = serde_json::from_value(upcast(stored).payload).unwrap();
+                            let p = match e {
+                                JobEvent::JobSubmitted { priority, .. } | JobEvent::JobQueued { priority, .. } => {
+                                    priority
+                                }
+                                other => panic!("{other:?}"),
+                            };
+                            assert_eq!(p, crate::Priority::Routine, "{t} v{ver}");
+                            assert_eq!(payload, &before);
+                            seen.push((t.clone(), ver.clone()));
+                        }
+                    }
+                    walk.extend(m.values());
+                }
+                Value::Array(a) => walk.extend(a.iter()),
+                _ => {}
+            }
+        }
+        seen.sort();
+        seen.dedup();
+        assert_eq!(
+            seen,
+            [
+                ("JobQueued".to_string(), "1".to_string()),
+                ("JobSubmitted".to_string(), "2".to_string())
+            ]
+        );
     }
 }

@@ -42,6 +42,7 @@ fn job_commands(tenant: &TenantId, id: JobId) -> Vec<JobCommand> {
             kind: BENCH_KIND.into(),
             params: serde_json::json!({}),
             max_attempts: 1,
+            priority: mira_aggregates::Priority::Routine,
         },
         JobCommand::Queue { now },
         JobCommand::Start {

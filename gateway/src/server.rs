@@ -144,6 +144,8 @@ pub async fn state(
         limits: Limits {
             max_body_bytes: settings.api.max_body_bytes as usize,
             job_max_attempts,
+            // Checked when the settings were loaded (Jobs__StatGroups).
+            stat_roles: crate::api::auth::RoleSet::of(settings.jobs.stat_groups().unwrap_or_default()),
             ws_send_timeout: Duration::from_secs(settings.realtime.send_timeout_seconds),
             idempotency_retention: Duration::from_secs(3600 * settings.api.idempotency_retention_hours),
             conn: crate::api::limits::ConnLimits::from_settings(settings),

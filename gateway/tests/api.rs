@@ -1656,6 +1656,7 @@ async fn a_manifest_outside_the_jobs_attempt_prefix_is_never_served() {
             kind: "wsi.preprocess".into(),
             params: json!({}),
             max_attempts: 1,
+            priority: mira_aggregates::Priority::Routine,
         },
         JobCommand::Queue { now },
         JobCommand::Start {
@@ -3973,5 +3974,135 @@ async fn slow_work_past_its_last_try_is_parked_and_redriven() {
     })
     .await;
     assert_eq!(parked_for(&app, &slide).await, None);
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// STAT jobs (issue 33)
+
+/// `priority` on `POST /api/jobs`: a pathologist may submit STAT (the default
+/// `Jobs__StatGroups`), an admin may not and is told which setting says so, an unknown value
+/// is a 422, and a job without one is routine; the job's JSON shows it.
+#[tokio::test]
+async fn stat_jobs_are_submitted_by_the_groups_the_setting_names() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let admin = app.token("lab-a", &["admin"]);
+    let slide = app.upload_slide(&t, &blank_slide(&app.dir)).await;
+    let post = |token: String, priority: Value| {
+        let app = &app;
+        let slide = slide.clone();
+        async move {
+            let mut body = json!({"slide_id": slide, "kind": "wsi.preprocess"});
+            if !priority.is_null() {
+                body["priority"] = priority;
+            }
+            app.post(&token, "/api/jobs", body).await
+        }
+    };
+    let stat = post(t.clone(), json!("stat")).await;
+    assert_eq!(stat.status, StatusCode::ACCEPTED, "{}", stat.body);
+    let refused = post(admin.clone(), json!("stat")).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    let detail = refused.body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("Jobs__StatGroups") && detail.contains("pathologist"),
+        "{detail}"
+    );
+    // The admin may still submit a routine job.
+    let routine = post(admin, Value::Null).await;
+    assert_eq!(routine.status, StatusCode::ACCEPTED, "{}", routine.body);
+    let bad = post(t.clone(), json!("urgent")).await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+    for (r, want) in [(&stat, "stat"), (&routine, "routine")] {
+        let id = r.body["job_id"].as_str().unwrap().to_owned();
+        let j = eventually("the job's view", || async {
+            let j = app.get(&t, &format!("/api/jobs/{id}")).await.body;
+            j.get("priority").is_some().then_some(j)
+        })
+        .await;
+        assert_eq!(j["priority"], want, "{j}");
+    }
+    app.stop().await;
+}
+
+/// With 50 routine jobs queued on one worker, a STAT job queued after them is the next job the
+/// worker starts: no routine job starts between its queueing and its start.
+#[tokio::test]
+async fn a_stat_job_starts_before_fifty_routine_jobs_queued_ahead() {
+    let app = spawn_app(Storage::Local).await;
+    // Every job pauses after each band, so the routine jobs stay queued behind the one running.
+    let _worker = spawn_worker(&app, &[("Worker__BandPauseMillis", "2000")]);
+    let t = app.token("lab-a", &["pathologist"]);
+    let slide = app.upload_slide(&t, &blank_slide(&app.dir)).await;
+    eventually("the slide verified", || async {
+        let s = app.get(&t, &format!("/api/slides/{slide}")).await.body;
+        (s["status"] == "verified").then_some(s)
+    })
+    .await;
+    let mut routine = Vec::new();
+    for _ in 0..50 {
+        routine.push(submit_job(&app, &t, &slide).await);
+    }
+    let queued = |ids: Vec<String>| {
+        let app = &app;
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM events WHERE event_type = 'JobQueued' AND aggregate_id = ANY($1)",
+            )
+            .bind(&ids)
+            .fetch_one(&app.db.owner)
+            .await
+            .unwrap();
+            n
+        }
+    };
+    eventually("the 50 routine jobs queued", || async {
+        (queued(routine.clone()).await == 50).then_some(Value::Null)
+    })
+    .await;
+    let r = app
+        .post(
+            &t,
+            "/api/jobs",
+            json!({"slide_id": slide, "kind": "wsi.preprocess", "priority": "stat"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let stat = r.body["job_id"].as_str().unwrap().to_owned();
+    job_status_until(&app, &t, &stat, &["running", "succeeded"], Duration::from_secs(120)).await;
+    // The log says in which order the jobs were queued and started.
+    let rows: Vec<(String, String, i64, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT aggregate_id, event_type, global_position, recorded_at FROM events \
+         WHERE aggregate_type = 'Job' AND event_type IN ('JobQueued', 'JobStarted') ORDER BY global_position",
+    )
+    .fetch_all(&app.db.owner)
+    .await
+    .unwrap();
+    let stat_queued = rows
+        .iter()
+        .find(|r| r.0 == stat && r.1 == "JobQueued")
+        .expect("the STAT job was queued");
+    let first_start_after = rows
+        .iter()
+        .find(|r| r.1 == "JobStarted" && r.2 > stat_queued.2)
+        .expect("a job started after the STAT job was queued");
+    assert_eq!(
+        first_start_after.0, stat,
+        "the STAT job started next, not {first_start_after:?}"
+    );
+    let started_before: usize = rows
+        .iter()
+        .filter(|r| r.1 == "JobStarted" && r.2 < first_start_after.2)
+        .count();
+    assert!(
+        started_before <= 2,
+        "at most the running job (and one that began before the STAT job was queued) went first: {started_before}"
+    );
+    eprintln!(
+        "STAT job: queued to started in {} ms with {} routine jobs queued ahead of it",
+        (first_start_after.3 - stat_queued.3).num_milliseconds(),
+        50 - started_before
+    );
     app.stop().await;
 }

@@ -635,7 +635,7 @@ fn queued_attempt(e: &StoredEvent) -> Result<Option<u32>, ApplyError> {
         return Ok(None);
     }
     match mira_eventlog::repo::decode::<JobEvent>(e).map_err(ApplyError::Failed)? {
-        JobEvent::JobQueued { attempt } => Ok(Some(attempt)),
+        JobEvent::JobQueued { attempt, .. } => Ok(Some(attempt)),
         _ => Ok(None),
     }
 }
@@ -672,11 +672,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (url, pool, worker) = start(&settings, worker_id, device).await?;
+    // STAT jobs first: `gpu-jobs-stat` is polled before each receive from `gpu-jobs` (ADR 0027).
     consume(
         &settings,
         &url,
         pool,
-        Group::GpuJobs,
+        &[Group::GpuJobsStat, Group::GpuJobs],
         "worker",
         Arc::new(worker),
         shutdown,
@@ -693,7 +694,7 @@ pub async fn verify(settings: Settings, worker_id: String, shutdown: Cancellatio
         &settings,
         &url,
         pool,
-        Group::Verify,
+        &[Group::Verify],
         "verifier",
         Arc::new(verifier),
         shutdown,
@@ -773,31 +774,32 @@ async fn start(
     Ok((url, pool, worker))
 }
 
-/// Consumes `group`'s queue with `apply` until `shutdown`; the work in hand gets
-/// `Worker__DrainSeconds`. With the in-memory bus (`mira dev`) a private relay named
-/// `relay_name` feeds it from the log.
+/// Consumes `groups`' queues with `apply` until `shutdown`, each before the next, under the
+/// last one's consumer ([`Group::consumer`]); the work in hand gets `Worker__DrainSeconds`.
+/// With the in-memory bus (`mira dev`) a private relay named `relay_name` feeds them from the
+/// log.
 async fn consume(
     settings: &Settings,
     url: &str,
     pool: sqlx::PgPool,
-    group: Group,
+    groups: &[Group],
     relay_name: &str,
     apply: Arc<dyn Apply>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let group = *groups.last().context("no queue to consume")?;
     let mut cfg = ConsumerConfig::for_group(group);
+    cfg.also = groups[..groups.len() - 1].to_vec();
     cfg.batch = 1;
     cfg.slow_retry = mira_bus::consumer::SlowRetry::from_settings(&settings.messaging);
     let mut relay = None;
-    let queue = match settings.messaging.provider {
+    let bus: Arc<dyn Bus> = match settings.messaging.provider {
         MessagingProvider::Aws => {
             let sdk = mira_bus::aws::sdk_config(settings.aws.region.as_deref()).await;
-            mira_bus::aws::AwsBus::connect(&sdk, &mira_bus::Names::from_settings(settings), None)
-                .await?
-                .queue(group)
+            Arc::new(mira_bus::aws::AwsBus::connect(&sdk, &mira_bus::Names::from_settings(settings), None).await?)
         }
         MessagingProvider::InMemory => {
-            let bus = mira_bus::memory::MemoryBus::new(Duration::from_secs(120), 10, &[group]);
+            let bus = mira_bus::memory::MemoryBus::new(Duration::from_secs(120), 10, groups);
             // No checkpoints: the platform's own relay writes them.
             let r = mira_bus::relay::Relay::from_settings(
                 settings,
@@ -810,10 +812,17 @@ async fn consume(
             r.forget_cursor().await?;
             let (url, stop) = (url.to_owned(), shutdown.clone());
             relay = Some(tokio::spawn(async move { r.run(&url, stop).await }));
-            bus.queue(group)
+            Arc::new(bus)
         }
     };
-    tracing::info!(queue = group.suffix(), "worker ready");
+    let queue = groups[..groups.len() - 1]
+        .iter()
+        .rev()
+        .fold(bus.queue(group), |then, g| -> Arc<dyn mira_bus::Queue> {
+            Arc::new(mira_bus::priority::FirstThen::new(bus.queue(*g), then))
+        });
+    let names: Vec<&str> = groups.iter().map(|g| g.suffix()).collect();
+    tracing::info!(queues = ?names, "worker ready");
     let consumer = Consumer::new(EventLog::new(pool), queue, apply, cfg);
     let drain = Duration::from_secs(settings.worker.drain_seconds);
     let consuming = consumer.run(shutdown.clone());

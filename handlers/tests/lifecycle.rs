@@ -191,6 +191,7 @@ impl World {
                     kind: "wsi.preprocess".into(),
                     params: serde_json::json!({}),
                     max_attempts,
+                    priority: mira_aggregates::Priority::Routine,
                 },
             )
             .await

@@ -16,7 +16,7 @@
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use mira_aggregates::{Job, JobStatus, Slide, SlideStatus};
-use mira_events::{JobEvent, Sealed, SlideEvent};
+use mira_events::{JobEvent, Priority, Sealed, SlideEvent};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -73,6 +73,9 @@ pub struct JobView {
     pub status: JobStatus,
     pub attempt: i32,
     pub max_attempts: i32,
+    /// `stat` or `routine`. A STAT job is taken before every routine one waiting.
+    #[schema(inline)]
+    pub priority: Priority,
     pub worker_id: Option<String>,
     pub lease_until: Option<DateTime<Utc>>,
     #[schema(inline)]
@@ -112,6 +115,7 @@ impl Entity for JobView {
             status: job.status,
             attempt: job.attempt as i32,
             max_attempts: job.max_attempts as i32,
+            priority: job.priority,
             worker_id: job.worker_id.clone(),
             lease_until: job.lease_until,
             progress: job.progress.map(|(done, total)| Progress {

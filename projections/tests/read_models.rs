@@ -86,6 +86,7 @@ async fn random_history(log: &EventLog, tenants: &[&str], jobs: usize, seed: u64
                 kind: "wsi.preprocess".into(),
                 params: serde_json::json!({}),
                 max_attempts: 2,
+                priority: mira_aggregates::Priority::Routine,
             };
             jc.execute_with_metadata(&id, submit, ctx.to_cqrs()).await.unwrap();
             for _ in 0..12 {

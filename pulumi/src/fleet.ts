@@ -1,13 +1,14 @@
 // The GPU fleet on EKS (issue 20): a cluster with a small system node group and a tainted GPU
 // node group (NVIDIA AMI) that scales from zero, the worker as a Deployment of the
 // `mira-wsi-worker` image under a service account bound to the worker's role (IRSA), KEDA
-// scaling it on the gpu-jobs queue, the cluster autoscaler adding GPU nodes for pending pods,
-// and NVIDIA's device plugin advertising `nvidia.com/gpu`.
+// scaling it on the two GPU queues (gpu-jobs-stat and gpu-jobs, their sum), the cluster
+// autoscaler adding GPU nodes for pending pods, and NVIDIA's device plugin advertising
+// `nvidia.com/gpu`.
 
 import * as aws from "@pulumi/aws";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
-import { type foundations, role, tags } from "./foundations";
+import { type foundations, GPU_QUEUES, role, tags } from "./foundations";
 
 type Found = ReturnType<typeof foundations>;
 
@@ -31,8 +32,21 @@ export type FleetConfig = {
    * job in hand before it is killed: longer than the lease, and than a long slide's job.
    */
   workerDrainSeconds: number;
+  /** KEDA's chart version: 2.12 or later, for the ScaledObject's scalingModifiers (checkKedaVersion). */
   kedaVersion: string;
 };
+
+/**
+ * `mira:kedaVersion`, checked: a pinned x.y.z, 2.12 or later. KEDA gained scalingModifiers (the
+ * sum of the GPU queues, below) in 2.12; an older KEDA's CRD would drop the field, and scale on
+ * the larger of the two queues without a word.
+ */
+export function checkKedaVersion(v: string) {
+  const m = /^(\d+)\.(\d+)\.(\d+)$/.exec(v);
+  if (!m || Number(m[1]) < 2 || (Number(m[1]) === 2 && Number(m[2]) < 12)) {
+    throw new Error(`mira:kedaVersion ${JSON.stringify(v)}: need a chart version x.y.z, 2.12.0 or later (scalingModifiers)`);
+  }
+}
 
 export const CHARTS = {
   keda: { repo: "https://kedacore.github.io/charts", chart: "keda" },
@@ -43,9 +57,18 @@ const GPU_TAINT = { key: "nvidia.com/gpu", value: "true", effect: "NO_SCHEDULE" 
 const GPU_LABEL = { "mira.io/pool": "gpu" };
 const AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.27.50";
 
+/**
+ * Each GPU queue's trigger name in the ScaledObject, which its formula reads it by: an
+ * identifier of KEDA's formula language (no `-`), and neither a prefix of the other: KEDA counts
+ * a trigger's metrics by name prefix, so after `gpu_jobs_stat` it would name `gpu_jobs`'s metric
+ * `gpu_jobs01`, and the formula would find no `gpu_jobs`.
+ */
+export const KEDA_TRIGGERS: Record<(typeof GPU_QUEUES)[number], string> = { "gpu-jobs-stat": "stat", "gpu-jobs": "routine" };
+
 const managed = (name: string) => `arn:aws:iam::aws:policy/${name}`;
 
 export function fleet(cfg: FleetConfig, f: Found) {
+  checkKedaVersion(cfg.kedaVersion);
   const s = cfg.stack;
   const p = f.parts;
   const namespace = "mira";
@@ -252,10 +275,10 @@ export function fleet(cfg: FleetConfig, f: Found) {
     k,
   );
 
-  // KEDA reads the gpu-jobs queue's depth with its own identity (IRSA on its operator).
-  const gpuJobs = p.queues["gpu-jobs"].queue;
+  // KEDA reads the GPU queues' depths with its own identity (IRSA on its operator).
+  const gpuQueues = GPU_QUEUES.map((g) => ({ group: g, queue: p.queues[g].queue }));
   const kedaRole = role("keda-operator", s, irsa("keda", "keda-operator"), [
-    { Effect: "Allow", Action: ["sqs:GetQueueAttributes"], Resource: [gpuJobs.arn] },
+    { Effect: "Allow", Action: ["sqs:GetQueueAttributes"], Resource: gpuQueues.map((q) => q.queue.arn) },
     { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.messagingKey.arn] },
   ]);
   const keda = new k8s.helm.v3.Release(
@@ -390,19 +413,36 @@ export function fleet(cfg: FleetConfig, f: Found) {
         pollingInterval: 15,
         // A job takes minutes: wait before scaling in to zero.
         cooldownPeriod: 600,
-        triggers: [
-          {
-            type: "aws-sqs-queue",
-            authenticationRef: { name: "keda-aws" },
-            metadata: {
-              queueURL: gpuJobs.url,
-              queueLength: String(cfg.workerQueueLength),
-              awsRegion: cfg.region,
-              // Jobs being worked on count too, so a busy worker is not scaled away.
-              scaleOnInFlight: "true",
-            },
+        // One pool of workers takes both GPU queues, so it is sized on their sum: one worker per
+        // workerQueueLength jobs, STAT and routine, waiting or in hand. KEDA's default over two
+        // triggers is the larger of their replica counts, max(routine, STAT): with every worker
+        // busy on routine jobs, a STAT job would add no worker and would wait for a routine job
+        // to end (there is no preemption), though the fleet is below its maximum. With
+        // scalingModifiers, KEDA puts each trigger's raw count (visible plus in flight) into the
+        // formula and gives the HPA one composite metric with this target (each trigger keeps
+        // the same queueLength, as it would have alone); it activates from zero when the sum is
+        // above 0. The price: while KEDA cannot read one of the queues (its role, above, reads
+        // both), the formula has no value and the fleet stays as it is.
+        advanced: {
+          scalingModifiers: {
+            formula: gpuQueues.map((q) => KEDA_TRIGGERS[q.group]).join(" + "),
+            target: String(cfg.workerQueueLength),
+            metricType: "AverageValue",
           },
-        ],
+        },
+        triggers: gpuQueues.map((q) => ({
+          type: "aws-sqs-queue",
+          // The name the formula reads it by.
+          name: KEDA_TRIGGERS[q.group],
+          authenticationRef: { name: "keda-aws" },
+          metadata: {
+            queueURL: q.queue.url,
+            queueLength: String(cfg.workerQueueLength),
+            awsRegion: cfg.region,
+            // Jobs being worked on count too, so a busy worker is not scaled away.
+            scaleOnInFlight: "true",
+          },
+        })),
       },
     },
     { ...k, dependsOn: [keda, deployment, triggerAuth] },

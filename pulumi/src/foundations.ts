@@ -4,7 +4,7 @@
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
-import { loadTopology, queueArgs } from "./topology";
+import { filterPolicy, loadTopology, queueArgs } from "./topology";
 
 export type FoundationsConfig = {
   /** Names every resource: `mira-<stack>-…`. */
@@ -36,6 +36,13 @@ export function checkAuditPublicKey(key: string | undefined): string | undefined
   }
   return key;
 }
+
+/**
+ * The queues the GPU worker (`mira-worker run`, fleet.ts) consumes, and KEDA scales it on:
+ * STAT jobs first (polled without waiting before each receive from the routine queue; a job in
+ * hand is never preempted), then routine ones. Both are groups of bus/topology.json.
+ */
+export const GPU_QUEUES = ["gpu-jobs-stat", "gpu-jobs"] as const;
 
 export const tags = (stack: string, part: string) => ({ app: "mira", stack, part });
 
@@ -353,9 +360,12 @@ export function foundations(cfg: FoundationsConfig) {
       protocol: "sqs",
       endpoint: queue.arn,
       rawMessageDelivery: topology.subscription_attributes.RawMessageDelivery === "true",
-      filterPolicy: spec.filter_policy ? JSON.stringify(spec.filter_policy) : undefined,
+      filterPolicy: filterPolicy(spec, topology),
     });
     queues[spec.group] = { queue, dlq };
+  }
+  for (const g of [...GPU_QUEUES, "projections", "handlers", "verify"]) {
+    if (!queues[g]) throw new Error(`bus/topology.json has no ${g} group, which the program's consumers need`);
   }
 
   // ---- storage ----------------------------------------------------------------------------
@@ -556,10 +566,11 @@ export function foundations(cfg: FoundationsConfig) {
   // `uploaded`, never the upload itself (which its URL could still replace). The copy is read at
   // the version the log recorded (a GetObject with a versionId: s3:GetObjectVersion).
   const slideRead: Statement = { Effect: "Allow", Action: ["s3:GetObject", "s3:GetObjectVersion"], Resource: [obj(uploads, "immutable/")] };
-  // The worker's pods: the gpu-jobs queue only, the slides read, results written. Its role is
+  // The worker's pods: the two GPU queues only (`mira-worker run` polls gpu-jobs-stat, without
+  // waiting, before each receive from gpu-jobs), the slides read, results written. Its role is
   // made with the cluster (fleet.ts), whose service account it trusts (IRSA).
   const workerStatements: Statement[] = [
-    consume(queues["gpu-jobs"].queue),
+    ...GPU_QUEUES.map((g) => consume(queues[g].queue)),
     ...lookup,
     slideRead,
     { Effect: "Allow", Action: ["s3:PutObject", "s3:AbortMultipartUpload"], Resource: [obj(results)] },

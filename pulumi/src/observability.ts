@@ -83,12 +83,19 @@ export function adotConfig(namespace: string, logGroup: string, region: string) 
 type Found = ReturnType<typeof foundations>;
 
 /**
- * How old a queue's oldest message may get before `<group>-oldest-message` rings (seconds). A
- * job waits for a GPU node to start (the fleet scales from zero) and for the jobs before it; a
- * slide's verification (the verify queue) starts within minutes, since a verifier always runs;
- * the other consumers within seconds.
+ * How old a queue's oldest message may get before `<group>-oldest-message` rings (seconds; it
+ * rings once the age has stayed over it for 5 minutes). A routine job waits for a GPU node to
+ * start (the fleet scales from zero) and for the jobs before it. A STAT job (gpu-jobs-stat) is
+ * taken before any routine one, and KEDA counts it at once (fleet.ts), so it waits only for a
+ * worker to be free: after an idle spell, a GPU node to boot and join and the worker's image to
+ * start (3 to 5 minutes, as for the first routine job); with the fleet at its maximum, a job in
+ * hand to end, since none is preempted (minutes for a typical slide). 15 minutes is over both,
+ * and half the routine queue's limit: a STAT job older than that means the workers are down or
+ * stuck, no node can start, or the fleet sits at its maximum on long jobs (then raise
+ * `workerMaxReplicas`). A slide's verification (the verify queue) starts within minutes, since a
+ * verifier always runs; the other consumers within seconds.
  */
-export const OLDEST_MESSAGE_SECONDS: Record<string, number> = { "gpu-jobs": 1800, verify: 300 };
+export const OLDEST_MESSAGE_SECONDS: Record<string, number> = { "gpu-jobs": 1800, "gpu-jobs-stat": 900, verify: 300 };
 export const oldestMessageSeconds = (group: string) => OLDEST_MESSAGE_SECONDS[group] ?? 300;
 
 /** How long the witness may go without answering the relay before `witness-stale` rings (seconds). */
@@ -316,6 +323,7 @@ export function observability(cfg: ObservabilityConfig, f: Found) {
     const dlqNames = Object.values(f.parts.queues).map((q) => q.dlq.name);
     const names = {
       gpuJobs: f.parts.queues["gpu-jobs"].queue.name,
+      statJobs: f.parts.queues["gpu-jobs-stat"].queue.name,
       verify: f.parts.queues.verify.queue.name,
       ecsCluster: c.cluster.name,
       verifier: v.service.name,
@@ -348,7 +356,7 @@ function dashboard(
   dlqs: string[],
   alb: string,
   cluster: string,
-  n: { gpuJobs: string; verify: string; ecsCluster: string; verifier: string },
+  n: { gpuJobs: string; statJobs: string; verify: string; ecsCluster: string; verifier: string },
 ) {
   const widget = (title: string, metrics: unknown[][], x: number, y: number, stat = "Maximum") => ({
     type: "metric",
@@ -375,7 +383,16 @@ function dashboard(
         12,
         "Sum",
       ),
-      widget("GPU jobs waiting", [["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", n.gpuJobs]], 12, 12),
+      // STAT jobs beside routine ones: the same workers take both, STAT first.
+      widget(
+        "GPU jobs waiting: routine and STAT",
+        [
+          ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", n.gpuJobs, { label: "routine" }],
+          ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", n.statJobs, { label: "STAT" }],
+        ],
+        12,
+        12,
+      ),
       // The verifier's queue beside its task count (Container Insights): a backlog that does not
       // bring tasks up, or tasks that do not bring it down.
       widget(
@@ -395,7 +412,7 @@ function dashboard(
         width: 24,
         height: 2,
         properties: {
-          markdown: `Mira on EKS cluster \`${cluster}\`: the worker fleet scales on the gpu-jobs queue (KEDA); the slide verifier \`${n.verifier}\` (ECS) on the verify queue (Application Auto Scaling). Runbooks: docs/runbooks/.`,
+          markdown: `Mira on EKS cluster \`${cluster}\`: the worker fleet scales on the gpu-jobs and gpu-jobs-stat queues together (KEDA, their sum; STAT jobs are taken first, none is preempted); the slide verifier \`${n.verifier}\` (ECS) on the verify queue (Application Auto Scaling). Runbooks: docs/runbooks/.`,
         },
       },
     ],

@@ -5,8 +5,9 @@
 // scales on JobQueued alone (fleet.ts).
 //
 // It runs with the worker's settings and the worker's database login (`mira_svc_worker`: the
-// same binary, the same grants), under a role of its own that reaches nothing of gpu-jobs and
-// writes to no bucket. The worker serves no /metrics, so there is no collector beside it.
+// same binary, the same grants), under a role of its own that reaches nothing of the GPU queues
+// (gpu-jobs, gpu-jobs-stat) and writes to no bucket. The worker serves no /metrics, so there is
+// no collector beside it.
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";

@@ -122,23 +122,30 @@ export function statementsOf(rs: Recorded[], role: string): Statement[] {
 }
 
 /**
- * The worker: no wildcard service actions, reads only the gpu-jobs queue, writes nothing to
- * uploads, reads the slides' immutable copies at the version the log recorded.
+ * The worker: no wildcard service actions, consumes the two GPU queues (gpu-jobs-stat and
+ * gpu-jobs) and no other, writes nothing to uploads, reads the slides' immutable copies at the
+ * version the log recorded.
  */
 export function workerProblems(statements: Statement[], prefix = "mira-test-"): string[] {
   const p: string[] = [];
-  const gpuJobs = `:${prefix}gpu-jobs.fifo`;
+  const gpuQueues = ["gpu-jobs", "gpu-jobs-stat"].map((g) => `:${prefix}${g}.fifo`);
   for (const s of statements) {
     for (const a of s.Action) {
       if (a === "*" || a.endsWith(":*")) p.push(`wildcard action ${a}`);
       // Finding a queue's URL by name is what every bus client does at start; nothing more.
-      if (a.startsWith("sqs:") && a !== "sqs:GetQueueUrl" && s.Resource.some((r) => !r.endsWith(gpuJobs))) p.push(`${a} beyond gpu-jobs: ${s.Resource}`);
+      if (a.startsWith("sqs:") && a !== "sqs:GetQueueUrl" && s.Resource.some((r) => !gpuQueues.some((q) => r.endsWith(q)))) {
+        p.push(`${a} beyond the GPU queues: ${s.Resource}`);
+      }
       if (/^s3:(Put|Delete|Abort|Restore|Replicate)/.test(a) && s.Resource.some((r) => r.includes(":mira-test-uploads"))) {
         p.push(`${a} on the uploads bucket`);
       }
     }
   }
-  if (!statements.some((s) => s.Action.includes("sqs:ReceiveMessage"))) p.push("cannot read its queue");
+  for (const q of gpuQueues) {
+    for (const a of ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueAttributes"]) {
+      if (!statements.some((s) => s.Action.includes(a) && s.Resource.some((r) => r.endsWith(q)))) p.push(`cannot ${a} on ${q.slice(1)}`);
+    }
+  }
   for (const a of ["s3:GetObject", "s3:GetObjectVersion"]) {
     if (!statements.some((s) => s.Action.includes(a) && s.Resource.some((r) => r.endsWith(":mira-test-uploads/immutable/*")))) p.push(`cannot ${a} on the slides' immutable copies`);
   }

@@ -65,7 +65,7 @@ describe("the foundations", () => {
     // Broken: the worker with s3:* on the uploads bucket and every queue; the API deleting from the witness.
     const badWorker = [...worker, { Effect: "Allow", Action: ["s3:*", "sqs:ReceiveMessage"], Resource: ["arn:aws:s3:eu-west-1:1:mira-test-uploads/*", "arn:aws:sqs:eu-west-1:1:mira-test-handlers.fifo"] }];
     const w = workerProblems(badWorker);
-    assert.ok(w.some((x) => x.includes("wildcard action s3:*")) && w.some((x) => x.includes("beyond gpu-jobs")) && w.some((x) => x.includes("uploads")), String(w));
+    assert.ok(w.some((x) => x.includes("wildcard action s3:*")) && w.some((x) => x.includes("beyond the GPU queues")) && w.some((x) => x.includes("uploads")), String(w));
     // Broken: the worker reading the copies at their newest version only (a GetObject with the
     // recorded versionId needs s3:GetObjectVersion).
     const latest = worker.map((s) => ({ ...s, Action: s.Action.filter((a) => a !== "s3:GetObjectVersion") }));

@@ -46,19 +46,51 @@ describe("compute and operations", () => {
     assert.ok(found.some((x) => x.startsWith("ScaledObject/") && x.includes("queueURL")), String(found));
   });
 
-  it("scale the worker on the gpu-jobs queue of the foundations, from zero", async () => {
+  it("scale the worker on the gpu-jobs and gpu-jobs-stat queues of the foundations, from zero, on their sum", async () => {
     const { out, resources } = await run();
-    const url = await new Promise<string>((ok) => out.messaging.queueUrls["gpu-jobs"].apply(ok));
-    assert.match(url, /gpu-jobs\.fifo$/);
-    assert.deepEqual(scalerProblems(resources, url, CONFIG.workerMaxReplicas), []);
+    const urls: Record<string, string> = {};
+    for (const g of ["gpu-jobs", "gpu-jobs-stat"]) urls[g] = await new Promise<string>((ok) => out.messaging.queueUrls[g].apply(ok));
+    assert.match(urls["gpu-jobs"], /gpu-jobs\.fifo$/);
+    assert.match(urls["gpu-jobs-stat"], /gpu-jobs-stat\.fifo$/);
+    const q = CONFIG.workerQueueLength;
+    assert.deepEqual(scalerProblems(resources, urls, CONFIG.workerMaxReplicas, q), []);
+    assert.deepEqual(find(resources, K.scaledObject).inputs.spec.advanced.scalingModifiers, { formula: "stat + routine", target: String(q), metricType: "AverageValue" });
     const broken = clone(resources);
     const so = find(broken, K.scaledObject).inputs.spec;
     so.minReplicaCount = 1;
-    so.triggers[0].metadata.queueURL = url.replace("gpu-jobs", "handlers");
+    so.triggers.find((t: any) => t.metadata.queueURL === urls["gpu-jobs"]).metadata.queueURL = urls["gpu-jobs"].replace("gpu-jobs", "handlers");
     find(broken, K.triggerAuth).inputs.spec.podIdentity = { provider: "aws-eks" };
-    const found = scalerProblems(broken, url, CONFIG.workerMaxReplicas);
-    assert.equal(found.length, 3, String(found));
-    assert.ok(found[0].startsWith("minReplicaCount") && found[1].includes("not the gpu-jobs queue") && found[2].includes("aws-eks"), String(found));
+    const found = scalerProblems(broken, urls, CONFIG.workerMaxReplicas, q);
+    assert.equal(found.length, 4, String(found));
+    assert.ok(
+      found[0].startsWith("minReplicaCount") && found[1].startsWith("0 triggers on the gpu-jobs queue") && found[2].includes("handlers.fifo is not one of") && found[3].includes("aws-eks"),
+      String(found),
+    );
+    // Broken: the STAT queue's trigger dropped (KEDA would not count a STAT job), and the sum
+    // gone (KEDA would scale on the larger of the two).
+    const onlyRoutine = clone(resources);
+    const spec = find(onlyRoutine, K.scaledObject).inputs.spec;
+    spec.triggers = spec.triggers.filter((t: any) => t.metadata.queueURL !== urls["gpu-jobs-stat"]);
+    assert.deepEqual(scalerProblems(onlyRoutine, urls, CONFIG.workerMaxReplicas, q), ["triggers: aws-sqs-queue", `0 triggers on the gpu-jobs-stat queue ${urls["gpu-jobs-stat"]}`]);
+    const maxOf = clone(resources);
+    delete find(maxOf, K.scaledObject).inputs.spec.advanced;
+    assert.deepEqual(scalerProblems(maxOf, urls, CONFIG.workerMaxReplicas, q), ["no scalingModifiers: KEDA scales on the larger of the triggers, not their sum"]);
+    // Broken: names KEDA would confuse (one begins the other), a formula of one queue, the STAT
+    // trigger's own queue length, and its jobs in flight not counted.
+    const confused = clone(resources);
+    const c = find(confused, K.scaledObject).inputs.spec;
+    const stat = c.triggers.find((t: any) => t.metadata.queueURL === urls["gpu-jobs-stat"]);
+    const routine = c.triggers.find((t: any) => t.metadata.queueURL === urls["gpu-jobs"]);
+    [stat.name, routine.name] = ["gpu_jobs_stat", "gpu_jobs"];
+    c.advanced.scalingModifiers.formula = "gpu_jobs";
+    stat.metadata.queueLength = "5";
+    delete stat.metadata.scaleOnInFlight;
+    assert.deepEqual(scalerProblems(confused, urls, CONFIG.workerMaxReplicas, q), [
+      "trigger gpu_jobs_stat: queueLength 5, config says 1",
+      "trigger gpu_jobs_stat: the jobs in flight do not count",
+      "trigger name gpu_jobs begins gpu_jobs_stat: KEDA would pair their metrics wrongly",
+      "formula gpu_jobs is not the sum of the triggers gpu_jobs_stat, gpu_jobs",
+    ]);
   });
 
   it("let the worker finish its job on a scale-in, on a GPU, as its own role", async () => {

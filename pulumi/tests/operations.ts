@@ -52,8 +52,14 @@ export function kubernetesObjects(rs: Recorded[]): any[] {
 export const containersOf = (td: Recorded): any[] => JSON.parse(td.inputs.containerDefinitions);
 export const envOf = (c: any): Record<string, string> => Object.fromEntries((c.env ?? c.environment ?? []).map((e: any) => [e.name, e.value]));
 
-/** KEDA scales the worker on the gpu-jobs queue, from zero, with AWS pod identity, installed as a Helm release. */
-export function scalerProblems(rs: Recorded[], gpuJobsUrl: string, maxReplicas: number): string[] {
+/**
+ * KEDA scales the worker on the GPU queues (`queueUrls`, by group: gpu-jobs and gpu-jobs-stat),
+ * from zero, with AWS pod identity, installed as a Helm release: one aws-sqs-queue trigger per
+ * queue, each with `queueLength` and the jobs in flight counted, and the replica count from
+ * their sum (advanced.scalingModifiers: the formula adds every trigger, by names KEDA can tell
+ * apart, against a target of `queueLength`), not from the larger of the two.
+ */
+export function scalerProblems(rs: Recorded[], queueUrls: Record<string, string>, maxReplicas: number, queueLength: number): string[] {
   const p: string[] = [];
   const sos = ofType(rs, K.scaledObject);
   if (sos.length !== 1) return [`${sos.length} ScaledObjects`];
@@ -65,13 +71,41 @@ export function scalerProblems(rs: Recorded[], gpuJobsUrl: string, maxReplicas: 
   if (so.spec.maxReplicaCount !== maxReplicas) p.push(`maxReplicaCount ${so.spec.maxReplicaCount}, config says ${maxReplicas}`);
   const triggers = so.spec.triggers ?? [];
   const sqs = triggers.filter((t: any) => t.type === "aws-sqs-queue");
-  if (sqs.length !== 1 || triggers.length !== 1) p.push(`triggers: ${triggers.map((t: any) => t.type)}`);
+  const want = Object.entries(queueUrls);
+  if (sqs.length !== want.length || triggers.length !== want.length) p.push(`triggers: ${triggers.map((t: any) => t.type)}`);
+  for (const [group, url] of want) {
+    const n = sqs.filter((t: any) => t.metadata.queueURL === url).length;
+    if (n !== 1) p.push(`${n} triggers on the ${group} queue ${url}`);
+  }
+  const urls = new Set(Object.values(queueUrls));
   for (const t of sqs) {
-    if (t.metadata.queueURL !== gpuJobsUrl) p.push(`queueURL ${t.metadata.queueURL} is not the gpu-jobs queue ${gpuJobsUrl}`);
-    const auth = ofType(rs, K.triggerAuth).find((a) => a.inputs.metadata.name === t.authenticationRef?.name);
-    if (!auth) p.push(`no TriggerAuthentication ${t.authenticationRef?.name}`);
-    else if (auth.inputs.spec?.podIdentity?.provider !== "aws") p.push(`podIdentity ${JSON.stringify(auth.inputs.spec?.podIdentity)}`);
+    if (!urls.has(t.metadata.queueURL)) p.push(`queueURL ${t.metadata.queueURL} is not one of the ${Object.keys(queueUrls).join(", ")} queues`);
+    if (t.metadata.queueLength !== String(queueLength)) p.push(`trigger ${t.name}: queueLength ${t.metadata.queueLength}, config says ${queueLength}`);
+    if (t.metadata.scaleOnInFlight !== "true") p.push(`trigger ${t.name}: the jobs in flight do not count`);
     if ("identityOwner" in t.metadata) p.push("the deprecated identityOwner metadata");
+  }
+  for (const ref of new Set<string | undefined>(sqs.map((t: any) => t.authenticationRef?.name))) {
+    const auth = ofType(rs, K.triggerAuth).find((a) => a.inputs.metadata.name === ref);
+    if (!auth) p.push(`no TriggerAuthentication ${ref}`);
+    else if (auth.inputs.spec?.podIdentity?.provider !== "aws") p.push(`podIdentity ${JSON.stringify(auth.inputs.spec?.podIdentity)}`);
+  }
+  if (sqs.length > 1) {
+    // KEDA pairs a metric with its trigger by name prefix (pkg/scaling/modifiers), so no name
+    // may begin another.
+    const names: string[] = sqs.map((t: any) => t.name ?? "");
+    for (const a of names) {
+      if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(a)) p.push(`trigger name ${JSON.stringify(a)} is no identifier a formula can read`);
+      for (const b of names) if (a !== b && b.startsWith(a)) p.push(`trigger name ${a} begins ${b}: KEDA would pair their metrics wrongly`);
+    }
+    const sm = so.spec.advanced?.scalingModifiers;
+    if (!sm) p.push("no scalingModifiers: KEDA scales on the larger of the triggers, not their sum");
+    else {
+      const terms = String(sm.formula).split("+").map((x) => x.trim());
+      if (JSON.stringify([...terms].sort()) !== JSON.stringify([...names].sort())) p.push(`formula ${sm.formula} is not the sum of the triggers ${names.join(", ")}`);
+      if (sm.target !== String(queueLength)) p.push(`scalingModifiers target ${sm.target}, config says ${queueLength}`);
+      if ((sm.metricType ?? "AverageValue") !== "AverageValue") p.push(`scalingModifiers metricType ${sm.metricType}: not per worker`);
+      if (sm.activationTarget !== undefined && sm.activationTarget !== "0") p.push(`scalingModifiers activationTarget ${sm.activationTarget}: a single job would not wake the fleet`);
+    }
   }
   const keda = ofType(rs, K.release).find((r) => r.inputs.chart === "keda");
   if (!keda) p.push("KEDA is not installed as a helm.v3.Release");

@@ -11,6 +11,7 @@ import {
   admits,
   gpuWakeProblems,
   JOB,
+  STAT_JOB,
   UPLOAD,
   verifierDeployProblems,
   verifierProblems,
@@ -184,14 +185,18 @@ describe("the slide verifier", () => {
 });
 
 describe("the GPU fleet", () => {
-  it("wakes on JobQueued only: KEDA counts gpu-jobs, which admits no SlideUploaded, and the GPU worker consumes nothing else", async () => {
+  it("wakes on JobQueued only: KEDA counts gpu-jobs and gpu-jobs-stat, which admit no SlideUploaded, and the GPU worker consumes nothing else", async () => {
     const { resources } = await run();
     assert.deepEqual(gpuWakeProblems(resources), []);
     // The routing itself, from the file: an upload goes to verify (and to the CPU consumers
-    // that take every slide event), a queued job to gpu-jobs.
+    // that take every slide event), a queued job to gpu-jobs, or to gpu-jobs-stat if STAT.
     const groups = (attrs: Record<string, string>) => loadTopology().queues.filter((q) => admits(q.filter_policy, attrs)).map((q) => q.group);
     assert.deepEqual(groups(UPLOAD), ["projections", "handlers", "verify"]);
     assert.deepEqual(groups(JOB), ["projections", "gpu-jobs", "handlers"]);
+    assert.deepEqual(groups(STAT_JOB), ["projections", "handlers", "gpu-jobs-stat"]);
+    // KEDA counts both GPU queues, and the worker's role takes from both.
+    const counted = ofType(resources, K.scaledObject)[0].inputs.spec.triggers.map((t: any) => t.metadata.queueURL);
+    assert.deepEqual(counted.sort(), ["gpu-jobs", "gpu-jobs-stat"].map((g) => byName(resources, K.queue, g).state.url).sort());
     // Broken: the topology as it was (gpu-jobs admitting uploads), in the file and in the
     // subscription the program made from it.
     const before = loadTopology();
@@ -206,10 +211,11 @@ describe("the GPU fleet", () => {
     const greedy = clone(resources);
     addStatement(greedy, "worker-policy", { Effect: "Allow", Action: consume, Resource: [arnOf(greedy, K.queue, "verify")] });
     assert.deepEqual(gpuWakeProblems(greedy), ["the GPU worker's role takes messages from mira-test-verify.fifo, which KEDA does not count"]);
-    // Broken: KEDA on the verify queue (which admits uploads), and no verifier service left.
+    // Broken: KEDA on the verify queue (which admits uploads) instead of gpu-jobs, and no
+    // verifier service left.
     const wrong = clone(resources).filter((r) => !(r.type === K.service && r.name === "verifier"));
     const so = ofType(wrong, K.scaledObject)[0].inputs.spec;
-    so.triggers[0].metadata.queueURL = byName(wrong, K.queue, "verify").state.url;
+    so.triggers.find((t: any) => t.metadata.queueURL === byName(wrong, K.queue, "gpu-jobs").state.url).metadata.queueURL = byName(wrong, K.queue, "verify").state.url;
     assert.deepEqual(gpuWakeProblems(wrong), [
       "KEDA counts mira-test-verify.fifo, which admits SlideUploaded",
       "the GPU worker's role takes messages from mira-test-gpu-jobs.fifo, which KEDA does not count",

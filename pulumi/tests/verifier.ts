@@ -6,21 +6,30 @@ import { loadTopology, type Topology } from "../src/topology";
 import { ofType, type Recorded } from "./harness";
 import { alarmTopicArn, containersOf, envOf, K, list, mayDo, metricsOf, policyOf, type Stmt } from "./operations";
 
-/** The message attributes the relay publishes for an upload and for a queued job (DESIGN §5.1). */
+/**
+ * The message attributes the relay publishes for an upload and for a queued job (DESIGN §5.1):
+ * a routine job, a STAT one, and a job queued by a relay of the release before `priority`
+ * (which publishes none).
+ */
 export const UPLOAD = { event_type: "SlideUploaded", aggregate_type: "Slide" };
-export const JOB = { event_type: "JobQueued", aggregate_type: "Job" };
+export const JOB = { event_type: "JobQueued", aggregate_type: "Job", priority: "routine" };
+export const STAT_JOB = { event_type: "JobQueued", aggregate_type: "Job", priority: "stat" };
+export const OLD_JOB = { event_type: "JobQueued", aggregate_type: "Job" };
 
 /**
  * Whether an SNS filter policy admits a message with these attributes: every key of the policy
- * present, with one of its values (null: no policy, everything). Only exact strings, the one
- * kind bus/topology.json uses: any other operator is an error here, not a guess.
+ * matched by one of its values (null: no policy, everything). A value is an exact string, which
+ * needs the attribute present and equal, or `{"exists": b}`, which matches when the attribute's
+ * presence is b: the kinds bus/topology.json uses. Any other value is an error here, not a guess.
  */
 export function admits(policy: Record<string, unknown[]> | null | undefined, attrs: Record<string, string>): boolean {
   if (!policy) return true;
   return Object.entries(policy).every(([key, values]) =>
     values.some((v) => {
-      if (typeof v !== "string") throw new Error(`filter policy ${JSON.stringify(policy)}: only exact strings are understood here`);
-      return attrs[key] === v;
+      if (typeof v === "string") return attrs[key] === v;
+      const keys = v !== null && typeof v === "object" ? Object.keys(v) : [];
+      if (keys.length === 1 && keys[0] === "exists" && typeof (v as any).exists === "boolean") return (key in attrs) === (v as any).exists;
+      throw new Error(`filter policy ${JSON.stringify(policy)}: ${JSON.stringify(v)} is not understood here (exact strings and exists only)`);
     }),
   );
 }
@@ -201,18 +210,23 @@ export function verifierScalingProblems(rs: Recorded[], min: number, max: number
 }
 
 /**
- * An upload wakes no GPU node: the gpu-jobs group of bus/topology.json admits JobQueued and not
- * SlideUploaded; every queue KEDA scales the GPU worker on is subscribed with such a filter;
+ * An upload wakes no GPU node: the gpu-jobs and gpu-jobs-stat groups of bus/topology.json admit
+ * JobQueued (routine, STAT) and not SlideUploaded; every queue KEDA scales the GPU worker on is subscribed with such a filter;
  * the GPU worker's role takes messages from exactly those queues (so never from verify); and
  * the ECS verifier takes them from a queue that admits uploads and no queued job.
  */
 export function gpuWakeProblems(rs: Recorded[], topology: Topology = loadTopology()): string[] {
   const p: string[] = [];
-  const spec = topology.queues.find((q) => q.group === "gpu-jobs");
-  if (!spec) p.push("bus/topology.json has no gpu-jobs group");
-  else {
-    if (admits(spec.filter_policy, UPLOAD)) p.push(`bus/topology.json: gpu-jobs admits SlideUploaded (${JSON.stringify(spec.filter_policy)})`);
-    if (!admits(spec.filter_policy, JOB)) p.push(`bus/topology.json: gpu-jobs does not admit JobQueued (${JSON.stringify(spec.filter_policy)})`);
+  for (const [group, job] of [
+    ["gpu-jobs", JOB],
+    ["gpu-jobs-stat", STAT_JOB],
+  ] as const) {
+    const spec = topology.queues.find((q) => q.group === group);
+    if (!spec) p.push(`bus/topology.json has no ${group} group`);
+    else {
+      if (admits(spec.filter_policy, UPLOAD)) p.push(`bus/topology.json: ${group} admits SlideUploaded (${JSON.stringify(spec.filter_policy)})`);
+      if (!admits(spec.filter_policy, job)) p.push(`bus/topology.json: ${group} does not admit ${JSON.stringify(job)} (${JSON.stringify(spec.filter_policy)})`);
+    }
   }
   const urls = ofType(rs, K.scaledObject).flatMap((so) => (so.inputs.spec.triggers ?? []).filter((t: any) => t.type === "aws-sqs-queue").map((t: any) => t.metadata.queueURL));
   if (urls.length === 0) p.push("KEDA scales the GPU worker on no queue");

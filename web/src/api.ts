@@ -103,6 +103,10 @@ export function identityOf(token: string): Identity & { exp: number } {
 
 export type Progress = { done: number; total: number };
 
+/** How soon a job should run: a STAT job (a frozen section during surgery) is taken by the next
+ * free GPU worker before every routine job waiting. Nothing is preempted. */
+export type Priority = "stat" | "routine";
+
 export type Job = {
   job_id: string;
   slide_id: string;
@@ -111,6 +115,7 @@ export type Job = {
   status: string;
   attempt: number;
   max_attempts: number;
+  priority: Priority;
   worker_id: string | null;
   lease_until: string | null;
   progress: Progress | null;
@@ -121,6 +126,36 @@ export type Job = {
   submitted_at: string;
   updated_at: string;
 };
+
+/** The body of `POST /api/jobs`. */
+export type NewJob = {
+  slide_id: string;
+  kind: string;
+  params: Record<string, unknown>;
+  priority?: Priority;
+};
+
+/** A job request. Routine is the API's default, so only STAT is sent: a routine request is the
+ * one the API took before it had priorities. */
+export function newJob(
+  slideId: string,
+  kind: string,
+  params: Record<string, unknown>,
+  priority: Priority,
+): NewJob {
+  const body: NewJob = { slide_id: slideId, kind, params };
+  if (priority === "stat") body.priority = "stat";
+  return body;
+}
+
+/** The reason the API refused a job's priority, or null when the error is about something else.
+ * The gateway names the field first: "priority: STAT jobs may be submitted by pathologist
+ * (Jobs__StatGroups)" (403), or an unknown value (422). */
+export function priorityRefusal(e: unknown): string | null {
+  if (!(e instanceof ApiError) || (e.status !== 403 && e.status !== 422)) return null;
+  const m = e.detail.match(/^priority:\s*(.+)$/s);
+  return m ? m[1].replace(/\.\s*$/, "") : null;
+}
 
 export type Slide = {
   slide_id: string;

@@ -20,6 +20,7 @@ fn submitted(max_attempts: u32) -> JobEvent {
         kind: "wsi.preprocess".into(),
         params: serde_json::json!({}),
         max_attempts,
+        priority: crate::Priority::Routine,
     }
 }
 
@@ -49,7 +50,14 @@ fn succeed(attempt: u32) -> JobCommand {
 }
 
 fn running(attempt: u32) -> Vec<JobEvent> {
-    vec![submitted(3), JobEvent::JobQueued { attempt }, started(attempt)]
+    vec![
+        submitted(3),
+        JobEvent::JobQueued {
+            attempt,
+            priority: crate::Priority::Routine,
+        },
+        started(attempt),
+    ]
 }
 
 fn given(events: Vec<JobEvent>) -> cqrs_es::test::AggregateTestExecutor<Job> {
@@ -65,6 +73,7 @@ fn submit_creates_the_job() {
             kind: "wsi.preprocess".into(),
             params: serde_json::json!({}),
             max_attempts: 3,
+            priority: crate::Priority::Routine,
         })
         .then_expect_events(vec![submitted(3)]);
 }
@@ -76,6 +85,7 @@ fn submit_validates_and_refuses_duplicates() {
         kind: "k".into(),
         params,
         max_attempts,
+        priority: crate::Priority::Routine,
     };
     given(vec![submitted(3)])
         .when(cmd(3, serde_json::json!({})))
@@ -108,13 +118,22 @@ fn commands_on_a_missing_job_are_not_found() {
 fn queue_waits_for_the_slide_then_queues_attempt_one() {
     given(vec![submitted(3)])
         .when(JobCommand::Queue { now: t(0) })
-        .then_expect_events(vec![JobEvent::JobQueued { attempt: 1 }]);
-    given(vec![submitted(3), JobEvent::JobQueued { attempt: 1 }])
-        .when(JobCommand::Queue { now: t(0) })
-        .then_expect_error(JobError::InvalidTransition {
-            command: "queue",
-            status: "queued",
-        });
+        .then_expect_events(vec![JobEvent::JobQueued {
+            attempt: 1,
+            priority: crate::Priority::Routine,
+        }]);
+    given(vec![
+        submitted(3),
+        JobEvent::JobQueued {
+            attempt: 1,
+            priority: crate::Priority::Routine,
+        },
+    ])
+    .when(JobCommand::Queue { now: t(0) })
+    .then_expect_error(JobError::InvalidTransition {
+        command: "queue",
+        status: "queued",
+    });
 }
 
 #[test]
@@ -126,36 +145,54 @@ fn rejected_slide_fails_a_waiting_job() {
         .then_expect_events(vec![JobEvent::JobFailed {
             reason: "slide rejected: not a slide".into(),
         }]);
-    given(vec![submitted(3), JobEvent::JobQueued { attempt: 1 }])
-        .when(JobCommand::FailForSlide { reason: "x".into() })
-        .then_expect_error(JobError::InvalidTransition {
-            command: "fail",
-            status: "queued",
-        });
+    given(vec![
+        submitted(3),
+        JobEvent::JobQueued {
+            attempt: 1,
+            priority: crate::Priority::Routine,
+        },
+    ])
+    .when(JobCommand::FailForSlide { reason: "x".into() })
+    .then_expect_error(JobError::InvalidTransition {
+        command: "fail",
+        status: "queued",
+    });
 }
 
 #[test]
 fn start_takes_the_queued_attempt() {
-    given(vec![submitted(3), JobEvent::JobQueued { attempt: 1 }])
-        .when(JobCommand::Start {
+    given(vec![
+        submitted(3),
+        JobEvent::JobQueued {
             attempt: 1,
-            worker_id: "w1".into(),
-            lease_until: t(60),
-            now: t(0),
-        })
-        .then_expect_events(vec![started(1)]);
+            priority: crate::Priority::Routine,
+        },
+    ])
+    .when(JobCommand::Start {
+        attempt: 1,
+        worker_id: "w1".into(),
+        lease_until: t(60),
+        now: t(0),
+    })
+    .then_expect_events(vec![started(1)]);
 }
 
 #[test]
 fn start_refuses_stale_attempts_and_double_starts() {
-    given(vec![submitted(3), JobEvent::JobQueued { attempt: 1 }])
-        .when(JobCommand::Start {
-            attempt: 2,
-            worker_id: "w".into(),
-            lease_until: t(60),
-            now: t(0),
-        })
-        .then_expect_error(JobError::StaleAttempt { current: 1, got: 2 });
+    given(vec![
+        submitted(3),
+        JobEvent::JobQueued {
+            attempt: 1,
+            priority: crate::Priority::Routine,
+        },
+    ])
+    .when(JobCommand::Start {
+        attempt: 2,
+        worker_id: "w".into(),
+        lease_until: t(60),
+        now: t(0),
+    })
+    .then_expect_error(JobError::StaleAttempt { current: 1, got: 2 });
     given(running(1))
         .when(JobCommand::Start {
             attempt: 1,
@@ -167,14 +204,20 @@ fn start_refuses_stale_attempts_and_double_starts() {
             command: "start",
             status: "running",
         });
-    given(vec![submitted(3), JobEvent::JobQueued { attempt: 1 }])
-        .when(JobCommand::Start {
+    given(vec![
+        submitted(3),
+        JobEvent::JobQueued {
             attempt: 1,
-            worker_id: "w".into(),
-            lease_until: t(0),
-            now: t(0),
-        })
-        .then_expect_error(JobError::Invalid("lease_until must be in the future".into()));
+            priority: crate::Priority::Routine,
+        },
+    ])
+    .when(JobCommand::Start {
+        attempt: 1,
+        worker_id: "w".into(),
+        lease_until: t(0),
+        now: t(0),
+    })
+    .then_expect_error(JobError::Invalid("lease_until must be in the future".into()));
 }
 
 #[test]
@@ -206,15 +249,21 @@ fn heartbeat_and_progress_while_running() {
             total: 10,
         })
         .then_expect_error(JobError::Invalid("progress done exceeds total".into()));
-    given(vec![submitted(3), JobEvent::JobQueued { attempt: 1 }])
-        .when(JobCommand::Heartbeat {
+    given(vec![
+        submitted(3),
+        JobEvent::JobQueued {
             attempt: 1,
-            lease_until: t(120),
-        })
-        .then_expect_error(JobError::InvalidTransition {
-            command: "extend the lease of",
-            status: "queued",
-        });
+            priority: crate::Priority::Routine,
+        },
+    ])
+    .when(JobCommand::Heartbeat {
+        attempt: 1,
+        lease_until: t(120),
+    })
+    .then_expect_error(JobError::InvalidTransition {
+        command: "extend the lease of",
+        status: "queued",
+    });
 }
 
 #[test]
@@ -251,7 +300,10 @@ fn a_stale_attempt_cannot_succeed() {
             next_attempt: 2,
             not_before: t(70),
         },
-        JobEvent::JobQueued { attempt: 2 },
+        JobEvent::JobQueued {
+            attempt: 2,
+            priority: crate::Priority::Routine,
+        },
         started(2),
     ]);
     given(events)
@@ -308,7 +360,14 @@ fn non_retryable_failure_is_final() {
 
 #[test]
 fn the_last_attempt_fails_for_good() {
-    let events = vec![submitted(1), JobEvent::JobQueued { attempt: 1 }, started(1)];
+    let events = vec![
+        submitted(1),
+        JobEvent::JobQueued {
+            attempt: 1,
+            priority: crate::Priority::Routine,
+        },
+        started(1),
+    ];
     given(events)
         .when(JobCommand::Fail {
             attempt: 1,
@@ -354,7 +413,13 @@ fn a_stalled_attempt_is_retried_once_and_a_second_stall_is_final() {
     given(running(1)).when(stall(1)).then_expect_events(first_stall.clone());
     let mut once = running(1);
     once.extend(first_stall);
-    once.extend([JobEvent::JobQueued { attempt: 2 }, started(2)]);
+    once.extend([
+        JobEvent::JobQueued {
+            attempt: 2,
+            priority: crate::Priority::Routine,
+        },
+        started(2),
+    ]);
     let second = "no progress for 300 s in stage pyramid; it stalled before too, so it is not retried";
     given(once.clone()).when(stall(2)).then_expect_events(vec![
         JobEvent::JobAttemptFailed {
@@ -408,7 +473,10 @@ fn retry_is_queued_only_when_due() {
         .then_expect_error(JobError::NotDue(t(20)));
     given(events)
         .when(JobCommand::Queue { now: t(20) })
-        .then_expect_events(vec![JobEvent::JobQueued { attempt: 2 }]);
+        .then_expect_events(vec![JobEvent::JobQueued {
+            attempt: 2,
+            priority: crate::Priority::Routine,
+        }]);
 }
 
 #[test]
@@ -434,7 +502,13 @@ fn expired_lease_times_out_then_retries() {
 fn cancel_before_running_is_immediate() {
     for state in [
         vec![submitted(3)],
-        vec![submitted(3), JobEvent::JobQueued { attempt: 1 }],
+        vec![
+            submitted(3),
+            JobEvent::JobQueued {
+                attempt: 1,
+                priority: crate::Priority::Routine,
+            },
+        ],
     ] {
         given(state)
             .when(JobCommand::Cancel {
@@ -525,7 +599,10 @@ fn user_retry_after_failure_or_cancellation() {
     });
     given(failed)
         .when(JobCommand::Queue { now: t(0) })
-        .then_expect_events(vec![JobEvent::JobQueued { attempt: 2 }]);
+        .then_expect_events(vec![JobEvent::JobQueued {
+            attempt: 2,
+            priority: crate::Priority::Routine,
+        }]);
     given(running(1))
         .when(JobCommand::Retry)
         .then_expect_error(JobError::InvalidTransition {
@@ -579,6 +656,7 @@ fn arb_command() -> impl Strategy<Value = JobCommand> {
             kind: "k".into(),
             params: serde_json::json!({}),
             max_attempts: m,
+            priority: crate::Priority::Routine,
         }),
         now.clone().prop_map(|now| JobCommand::Queue { now }),
         Just(JobCommand::FailForSlide {
@@ -708,4 +786,41 @@ fn a_success_may_name_only_its_own_attempts_manifest() {
     }
     // Other commands carry no keys to check.
     assert_eq!(JobCommand::Queue { now: t(0) }.check_scope(&lab, job), Ok(()));
+}
+
+/// A STAT job is queued STAT on its first attempt and on every retry; the priority comes from
+/// the submission alone.
+#[test]
+fn a_stat_job_is_queued_stat_on_every_attempt() {
+    let stat = JobEvent::JobSubmitted {
+        slide_id: slide(),
+        kind: "wsi.preprocess".into(),
+        params: serde_json::json!({}),
+        max_attempts: 3,
+        priority: crate::Priority::Stat,
+    };
+    given(vec![stat.clone()])
+        .when(JobCommand::Queue { now: t(0) })
+        .then_expect_events(vec![JobEvent::JobQueued {
+            attempt: 1,
+            priority: crate::Priority::Stat,
+        }]);
+    given(vec![
+        stat,
+        JobEvent::JobQueued {
+            attempt: 1,
+            priority: crate::Priority::Stat,
+        },
+        started(1),
+        JobEvent::JobTimedOut { attempt: 1 },
+        JobEvent::JobRetryScheduled {
+            next_attempt: 2,
+            not_before: t(70),
+        },
+    ])
+    .when(JobCommand::Queue { now: t(80) })
+    .then_expect_events(vec![JobEvent::JobQueued {
+        attempt: 2,
+        priority: crate::Priority::Stat,
+    }]);
 }

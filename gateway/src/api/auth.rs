@@ -23,13 +23,50 @@ pub enum Role {
 }
 
 impl Role {
-    fn parse(s: &str) -> Option<Self> {
+    pub fn parse(s: &str) -> Option<Self> {
         match s {
             "pathologist" => Some(Self::Pathologist),
             "auditor" => Some(Self::Auditor),
             "admin" => Some(Self::Admin),
             _ => None,
         }
+    }
+}
+
+/// A set of roles, as a setting names them (`Jobs__StatGroups`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoleSet(u8);
+
+impl RoleSet {
+    pub fn of<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        Self(
+            names
+                .into_iter()
+                .filter_map(Role::parse)
+                .fold(0, |bits, r| bits | 1 << r as u8),
+        )
+    }
+
+    pub fn contains(self, r: Role) -> bool {
+        self.0 & (1 << r as u8) != 0
+    }
+
+    /// Whether `who` holds one of the roles.
+    pub fn admits(self, who: &Identity) -> bool {
+        who.roles.iter().any(|r| self.contains(*r))
+    }
+
+    /// The roles' names, for messages.
+    pub fn names(self) -> Vec<&'static str> {
+        [
+            (Role::Pathologist, "pathologist"),
+            (Role::Auditor, "auditor"),
+            (Role::Admin, "admin"),
+        ]
+        .into_iter()
+        .filter(|(r, _)| self.contains(*r))
+        .map(|(_, n)| n)
+        .collect()
     }
 }
 

@@ -7,7 +7,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use mira_aggregates::{JobCommand, JobError, JobStatus, SlideStatus};
 use mira_events::params::JobSpec;
-use mira_events::{JobId, SlideId};
+use mira_events::{JobId, Priority, SlideId};
 use mira_projections::query::{JobCursor, JobFilter};
 use mira_projections::views::JobView;
 use serde::{Deserialize, Serialize};
@@ -27,14 +27,24 @@ pub struct NewJob {
     pub kind: String,
     #[serde(default)]
     pub params: Option<serde_json::Value>,
+    /// `stat` or `routine` (the default). Who may ask for STAT is `Jobs__StatGroups`.
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 /// The request as accepted, defaults filled in: what the idempotency fingerprint covers.
+/// A routine job's fingerprint is what it was before priorities existed.
 #[derive(Debug, Serialize)]
 struct Accepted<'a> {
     slide_id: SlideId,
     #[serde(flatten)]
     spec: &'a JobSpec,
+    #[serde(skip_serializing_if = "is_routine")]
+    priority: Priority,
+}
+
+fn is_routine(p: &Priority) -> bool {
+    *p == Priority::Routine
 }
 
 /// `POST /api/jobs`: 202 `{job_id, status}`. A job on a slide that is not verified yet is
@@ -46,6 +56,17 @@ pub async fn create(
     ApiJson(body): ApiJson<NewJob>,
 ) -> ApiResult<Response> {
     who.require(WRITERS)?;
+    if body.priority == Priority::Stat && !state.limits.stat_roles.admits(&who) {
+        let names = state.limits.stat_roles.names();
+        return Err(ApiError::forbidden(if names.is_empty() {
+            "priority: no one may submit STAT jobs here (Jobs__StatGroups is empty)".to_owned()
+        } else {
+            format!(
+                "priority: STAT jobs may be submitted by {} (Jobs__StatGroups)",
+                names.join(", ")
+            )
+        }));
+    }
     let spec = JobSpec::from_request(&body.kind, body.params.as_ref()).map_err(ApiError::invalid)?;
     let fresh = JobId::new();
     let claim = match &key {
@@ -53,6 +74,7 @@ pub async fn create(
             let accepted = Accepted {
                 slide_id: body.slide_id,
                 spec: &spec,
+                priority: body.priority,
             };
             idempotency::claim_request(&state, &who, "jobs", k, &accepted, fresh.as_uuid()).await?
         }
@@ -80,6 +102,7 @@ pub async fn create(
                 kind: spec.kind().to_owned(),
                 params: spec.params(),
                 max_attempts: state.limits.job_max_attempts,
+                priority: body.priority,
             },
         )
         .await;

@@ -143,8 +143,9 @@ pub async fn database_gauges(pool: &sqlx::PgPool) -> Result<Vec<Gauge>, sqlx::Er
             true,
         ),
     ] {
-        for group in mira_bus::Group::ALL {
-            let consumer = group.suffix();
+        // One gauge per consumer (the GPU worker's consumer reads two queues).
+        for group in mira_bus::Group::ALL.into_iter().filter(|g| g.consumer() == g.suffix()) {
+            let consumer = group.consumer();
             let (p, r) = health
                 .iter()
                 .find(|(c, _, _)| c == consumer)

@@ -267,7 +267,9 @@ fn hand_written() -> Value {
                 "NewJob": {"type": "object", "additionalProperties": false, "required": ["slide_id", "kind"],
                            "properties": {"slide_id": {"type": "string", "format": "uuid"}, "kind": {"type": "string", "enum": JobSpec::KINDS},
                                           "params": {"oneOf": [{"$ref": "#/components/schemas/PreprocessParams"}, {"type": "null"}],
-                                                     "description": "The kind's parameters; absent or null means every default."}}},
+                                                     "description": "The kind's parameters; absent or null means every default."},
+                                          "priority": {"type": "string", "enum": ["routine", "stat"], "default": "routine",
+                                                       "description": "A STAT job is taken before every routine job waiting; a running job is not stopped for it. Who may ask for STAT is a setting (Jobs__StatGroups; pathologists by default): anyone else gets 403."}}},
                 "Cancel": {"type": "object", "additionalProperties": false, "properties": {"reason": {"type": "string", "maxLength": 1000}}},
                 "JobStatus": {"type": "object", "required": ["job_id", "status"],
                               "properties": {"job_id": {"type": "string"}, "status": {"type": "string"}}},
@@ -331,6 +333,8 @@ mod tests {
         // The job page's verified badge.
         "get /api/jobs/{id}/verify added",
         "schema StreamVerification added",
+        // STAT jobs (issue 33).
+        "schema NewJob: property priority added",
         // The kinds are `JobSpec::KINDS` (an enum of one, where it was a `const`); the kind's
         // parameters (the same fields, ranges and defaults: checked below) and a timeline entry
         // are schemas of their own now.

@@ -118,6 +118,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Attempts a submitted job may use.
     pub job_max_attempts: u32,
+    /// Who may submit a STAT job (`Jobs__StatGroups`).
+    pub stat_roles: super::auth::RoleSet,
     /// A WebSocket client that takes longer than this for one message is closed.
     pub ws_send_timeout: std::time::Duration,
     /// How long an `Idempotency-Key` names its resource.
@@ -131,6 +133,7 @@ impl Default for Limits {
         Self {
             max_body_bytes: 64 * 1024,
             job_max_attempts: 3,
+            stat_roles: super::auth::RoleSet::of(["pathologist"]),
             ws_send_timeout: std::time::Duration::from_secs(10),
             idempotency_retention: std::time::Duration::from_secs(24 * 3600),
             conn: Default::default(),

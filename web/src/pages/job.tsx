@@ -4,6 +4,7 @@ import { Link, useLive } from "../app";
 import type { Session } from "../auth";
 import { clock, shortHash, time } from "../format";
 import type { FeedMessage } from "../live";
+import { PriorityBadge } from "../priority";
 import { TableHead } from "../table";
 import { type RoutineRun, routineSummary, span, timelineRows } from "../timeline";
 import { JobActions, JobProgress } from "./jobs";
@@ -99,6 +100,13 @@ export function JobPage(props: { id: string; who: Session }) {
         <dt>Status</dt>
         <dd>
           <Badge status={job.status} /> <JobProgress job={job} />
+        </dd>
+        <dt>Priority</dt>
+        <dd>
+          <PriorityBadge priority={job.priority} showRoutine />
+          {job.priority === "stat" && (
+            <span class="muted"> taken before routine jobs waiting; it does not stop a running one</span>
+          )}
         </dd>
         <dt>Kind</dt>
         <dd>

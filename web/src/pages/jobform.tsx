@@ -1,5 +1,6 @@
 import { useState } from "preact/hooks";
-import { api } from "../api";
+import { api, newJob, type Priority, priorityRefusal } from "../api";
+import { STAT_NOTE } from "../priority";
 
 export type Params = {
   tile_size: number;
@@ -38,6 +39,11 @@ export function JobForm(props: {
 }) {
   const [p, setP] = useState<Params>(DEFAULTS);
   const [errors, setErrors] = useState<Record<string, string>>({});
+  const [priority, setPriority] = useState<Priority>("routine");
+  // Who may submit STAT is the server's setting (Jobs__StatGroups), which the token does not
+  // carry: everyone offered this form (WRITERS) may ask, and a refusal is shown at the choice,
+  // in the server's words.
+  const [priorityError, setPriorityError] = useState("");
   const [error, setError] = useState("");
   const [busy, setBusy] = useState(false);
   const num = (k: keyof Params) => (e: Event) =>
@@ -54,21 +60,58 @@ export function JobForm(props: {
         if (Object.keys(errs).length) return;
         setBusy(true);
         setError("");
+        setPriorityError("");
         try {
           await api("/api/jobs", {
             method: "POST",
-            body: { slide_id: props.slideId, kind: "wsi.preprocess", params: p },
+            body: newJob(props.slideId, "wsi.preprocess", p, priority),
             headers: { "Idempotency-Key": crypto.randomUUID() },
           });
           props.onDone();
         } catch (err) {
-          setError((err as Error).message);
+          const refused = priorityRefusal(err);
+          if (refused) setPriorityError(refused);
+          else setError((err as Error).message);
         } finally {
           setBusy(false);
         }
       }}
     >
       <h2>Process {props.slideName}</h2>
+      <fieldset
+        class="choice"
+        aria-describedby={priorityError ? "priority-note err-priority" : "priority-note"}
+      >
+        <legend>Priority</legend>
+        {(
+          [
+            ["routine", "Routine"],
+            ["stat", "STAT (frozen section, intraoperative)"],
+          ] as const
+        ).map(([value, label]) => (
+          <label key={value} class="check">
+            <input
+              type="radio"
+              name="priority"
+              value={value}
+              checked={priority === value}
+              onChange={() => {
+                setPriority(value);
+                setPriorityError("");
+              }}
+            />
+            {label}
+          </label>
+        ))}
+        <p id="priority-note" class="muted">
+          {STAT_NOTE}
+        </p>
+        {priorityError && (
+          <p id="err-priority" role="alert" class="error">
+            {priorityError}. Choose Routine to submit it now.
+          </p>
+        )}
+      </fieldset>
       <label>
         Stain normalisation
         <select

@@ -5,6 +5,7 @@ import type { Session } from "../auth";
 import { percent, time } from "../format";
 import type { FeedMessage } from "../live";
 import { usePages } from "../pages";
+import { PriorityBadge } from "../priority";
 import { TableHead } from "../table";
 import { Badge } from "./slides";
 
@@ -137,9 +138,15 @@ export function JobsPage(props: { who: Session }) {
         />
         <tbody>
           {jobs.map((j) => (
-            <tr key={j.job_id} data-job={j.job_id} data-status={j.status}>
+            <tr
+              key={j.job_id}
+              data-job={j.job_id}
+              data-status={j.status}
+              data-priority={j.priority ?? "routine"}
+            >
               <td>
                 <Link href={`/jobs/${j.job_id}`}>{j.job_id.slice(0, 8)}</Link>{" "}
+                <PriorityBadge priority={j.priority} />{" "}
                 <span class="muted">{String(j.params.normalize ?? "")}</span>
               </td>
               <td>

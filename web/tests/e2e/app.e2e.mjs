@@ -64,6 +64,9 @@ before(async () => {
     Worker__BandPauseMillis: "250",
     // The job runs for 10 to 30 s: it renews a 6 s lease every 2 s, so its timeline has renewals.
     Worker__LeaseSeconds: "6",
+    // Pathologists may submit STAT jobs and admins may not (the default, said here because a
+    // test below relies on it).
+    Jobs__StatGroups: "pathologist",
   };
   delete env.DATABASE_URL;
   mkdirSync(env.XDG_RUNTIME_DIR, { recursive: true });
@@ -193,6 +196,7 @@ describe("the browser app", { concurrency: false }, () => {
       });
     });
     await state.slideRow.getByRole("button", { name: "Process" }).click();
+    assert.equal(await page.getByRole("radio", { name: "Routine" }).isChecked(), true, "routine by default");
     await page.getByLabel("Stain normalisation").selectOption("macenko");
     await page.getByLabel("Tile size (pixels)").fill("5000");
     await page.getByRole("button", { name: "Submit job" }).click();
@@ -224,10 +228,63 @@ describe("the browser app", { concurrency: false }, () => {
     assert.equal(await page.evaluate(() => window.__loaded), "once", "the page did not reload");
   });
 
+  it("submits a STAT job, which the list and its page mark STAT and the routine job not", async () => {
+    const page = state.a;
+    await page.getByRole("link", { name: "Slides" }).click();
+    await page.getByRole("heading", { name: "Slides" }).waitFor();
+    await state.slideRow.getByRole("button", { name: "Process" }).click();
+    await page.getByRole("radio", { name: /^STAT/ }).check();
+    await page.getByRole("button", { name: "Submit job" }).click();
+    await page.getByRole("heading", { name: "Jobs" }).waitFor();
+    const rows = page.locator("tr[data-job]");
+    await until("both jobs in the list", async () => (await rows.count()) === 2);
+    const stat = page.locator(`tr[data-job]:not([data-job="${state.jobId}"])`);
+    const routine = page.locator(`tr[data-job="${state.jobId}"]`);
+    state.statJobId = await stat.getAttribute("data-job");
+    assert.equal(await stat.getAttribute("data-priority"), "stat");
+    assert.equal(await stat.locator(".badge-stat").textContent(), "STAT");
+    assert.equal(await routine.getAttribute("data-priority"), "routine");
+    assert.equal(await routine.locator(".badge-stat").count(), 0, "a routine job has no STAT badge");
+    assert.ok(!(await routine.locator("td").first().textContent()).includes("STAT"));
+    await axe(page, "the job list with a STAT job");
+    // It goes through the queue and the worker like any other job.
+    await until(
+      "the STAT job to succeed",
+      async () => (await stat.getAttribute("data-status")) === "succeeded",
+      180_000,
+    );
+    await page.getByRole("link", { name: state.statJobId.slice(0, 8) }).click();
+    await page.getByRole("heading", { name: `Job ${state.statJobId.slice(0, 8)}` }).waitFor();
+    assert.equal(await page.locator('dd [data-priority="stat"]').textContent(), "STAT");
+    await page.getByRole("link", { name: "Jobs" }).click();
+    await page.getByRole("heading", { name: "Jobs" }).waitFor();
+  });
+
+  it("tells an admin, who may not submit STAT jobs here, why, in the server's words", async () => {
+    const { page, ctx } = await context();
+    await signIn(page, "root", "lab-a", "admin");
+    const row = page.locator("tr", { hasText: "CMU-1-Small-Region.svs" });
+    await row.getByRole("button", { name: "Process" }).click();
+    await page.getByRole("radio", { name: /^STAT/ }).check();
+    await page.getByRole("button", { name: "Submit job" }).click();
+    const refusal = page.locator("#err-priority");
+    await refusal.waitFor();
+    assert.match(
+      await refusal.textContent(),
+      /STAT jobs may be submitted by pathologist \(Jobs__StatGroups\)/,
+    );
+    assert.equal(await page.getByRole("form", { name: /^Process/ }).count(), 1, "still on the form");
+    await axe(page, "the job form with a refused priority");
+    await page.getByRole("radio", { name: "Routine" }).check();
+    assert.equal(await refusal.count(), 0, "choosing Routine clears the refusal");
+    await ctx.close();
+  });
+
   it("shows the job's timeline with hashes and the log's verified badge", async () => {
     const page = state.a;
     await page.getByRole("link", { name: state.jobId.slice(0, 8) }).click();
     await page.getByRole("heading", { name: `Job ${state.jobId.slice(0, 8)}` }).waitFor();
+    assert.equal(await page.locator('dd [data-priority="routine"]').textContent(), "routine");
     for (const e of ["JobSubmitted", "JobQueued", "JobStarted", "JobSucceeded"]) {
       await page.locator(`tr[data-event="${e}"]`).first().waitFor();
     }
