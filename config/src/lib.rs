@@ -215,6 +215,12 @@ pub struct JobsSettings {
     /// Who may submit a STAT job (`{"priority": "stat"}`): groups of `cognito:groups`,
     /// comma-separated, of `pathologist` and `admin`; empty for no one. Default `pathologist`.
     pub stat_groups: String,
+    /// Routine jobs queued (admitted to the GPU queue) and not started yet, at most: the
+    /// handlers admit the rest as workers take these, tenants in turn. Default 2.
+    pub admission_window: u32,
+    /// Jobs of one tenant admitted and not finished (queued or running), at most; 0 for no
+    /// limit (the default). STAT jobs are admitted whatever this says.
+    pub max_running_per_tenant: u32,
 }
 
 impl JobsSettings {
@@ -259,6 +265,8 @@ impl Default for JobsSettings {
         Self {
             slide_wait_hours: 24.0,
             stat_groups: "pathologist".into(),
+            admission_window: 2,
+            max_running_per_tenant: 0,
         }
     }
 }
@@ -951,6 +959,9 @@ impl Settings {
         }
         if let Err(why) = self.jobs.stat_groups() {
             return invalid("Jobs__StatGroups", &why);
+        }
+        if !(1..=10_000).contains(&self.jobs.admission_window) {
+            return invalid("Jobs__AdmissionWindow", "must be 1 to 10000");
         }
         if !(1..=24 * 366).contains(&self.api.idempotency_retention_hours) {
             return invalid("Api__IdempotencyRetentionHours", "must be 1 to 8784 (a year)");

@@ -79,8 +79,13 @@ pub async fn spawn(
             let queue = ctx.bus.queue(mira_bus::Group::Handlers);
             let commands = Commands::new(log, ctx.keyring.clone());
             let slide_wait = ctx.settings.jobs.slide_wait();
+            let jobs = &ctx.settings.jobs;
+            let admission = mira_handlers::Admission {
+                window: jobs.admission_window.max(1),
+                max_per_tenant: (jobs.max_running_per_tenant > 0).then_some(jobs.max_running_per_tenant),
+            };
             tasks.spawn(async move {
-                mira_handlers::run(pool, commands, queue, slide_wait, stop)
+                mira_handlers::run(pool, commands, queue, slide_wait, admission, stop)
                     .await
                     .context("handlers")
             });

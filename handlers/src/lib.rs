@@ -27,7 +27,7 @@ use mira_aggregates::{JobCommand, JobError, SlideStatus};
 use mira_bus::consumer::{Apply, ApplyError};
 use mira_eventlog::commands::Commands;
 use mira_eventlog::StoredEvent;
-use mira_events::{Actor, CommandContext, JobEvent, JobId, Metadata, SlideEvent, SlideId, TenantId};
+use mira_events::{Actor, CommandContext, JobEvent, JobId, Metadata, Priority, SlideEvent, SlideId, TenantId};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -60,9 +60,17 @@ pub struct DueCommand {
     pub attempt: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A queue row's job priority: STAT rows are admitted at once (routine when absent, as in
+    /// rows of the release before).
+    #[serde(default, skip_serializing_if = "is_routine")]
+    pub priority: Priority,
     pub correlation_id: uuid::Uuid,
     pub causation_id: uuid::Uuid,
     pub traceparent: String,
+}
+
+fn is_routine(p: &Priority) -> bool {
+    *p == Priority::Routine
 }
 
 fn failed(e: impl std::fmt::Display) -> ApplyError {
@@ -107,6 +115,7 @@ impl Lifecycle {
             tenant: e.tenant_id.clone(),
             attempt,
             reason,
+            priority: Priority::Routine,
             correlation_id: meta.correlation_id,
             causation_id: e.event_id,
             traceparent: meta.traceparent,
@@ -125,6 +134,17 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// The job `e` is about, as the log has it.
+    async fn job(&self, e: &StoredEvent) -> Result<mira_aggregates::Job, ApplyError> {
+        let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
+        let job = JobId::parse(&e.aggregate_id).map_err(failed)?;
+        self.commands
+            .load_job(&tenant, job)
+            .await
+            .map_err(failed)?
+            .ok_or_else(|| failed("no such job"))
+    }
+
     /// Serialises everything the handlers do about one slide's waiting jobs.
     async fn lock_slide(tx: &mut PgConnection, slide: &SlideId) -> Result<(), ApplyError> {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('mira.slide:' || $1, 0))")
@@ -135,8 +155,15 @@ impl Lifecycle {
     }
 
     /// A job entered `submitted` (first submission or a user's retry): queue it if its slide
-    /// is verified, fail it if the slide is gone, otherwise wait for the verdict.
-    async fn submitted(&self, tx: &mut PgConnection, e: &StoredEvent, slide: SlideId) -> Result<(), ApplyError> {
+    /// is verified (through admission, with its `priority`), fail it if the slide is gone,
+    /// otherwise wait for the verdict.
+    async fn submitted(
+        &self,
+        tx: &mut PgConnection,
+        e: &StoredEvent,
+        slide: SlideId,
+        priority: Priority,
+    ) -> Result<(), ApplyError> {
         let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
         Self::lock_slide(tx, &slide).await?;
         // Under the lock the log is the truth: a verdict committed before this load is seen
@@ -145,17 +172,23 @@ impl Lifecycle {
         let now = Utc::now();
         let reason = match state.map(|s| (s.status, s.rejection)) {
             Some((SlideStatus::Verified, _)) => {
-                return Self::schedule(tx, QUEUE, &e.aggregate_id, now, &Self::due_command(e, None, None)?).await
+                let w = DueCommand {
+                    priority,
+                    ..Self::due_command(e, None, None)?
+                };
+                return Self::schedule(tx, QUEUE, &e.aggregate_id, now, &w).await;
             }
             Some((SlideStatus::Rejected, why)) => format!("the slide was rejected: {}", why.unwrap_or_default()),
             Some((SlideStatus::Deleted, _)) | None => "the slide no longer exists".to_owned(),
             Some(_) => {
                 sqlx::query(
-                    "INSERT INTO handler_waiting (slide_id, job_id, tenant_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    "INSERT INTO handler_waiting (slide_id, job_id, tenant_id, priority) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT DO NOTHING",
                 )
                 .bind(slide.as_uuid())
                 .bind(uuid::Uuid::parse_str(&e.aggregate_id).map_err(failed)?)
                 .bind(&e.tenant_id)
+                .bind(priority.as_str())
                 .execute(&mut *tx)
                 .await?;
                 // Not for ever: past the wait the job fails and says why.
@@ -201,13 +234,17 @@ impl Lifecycle {
         .bind(slide.as_uuid())
         .execute(&mut *tx)
         .await?;
-        let jobs: Vec<uuid::Uuid> =
-            sqlx::query_scalar("DELETE FROM handler_waiting WHERE slide_id = $1 RETURNING job_id")
+        let jobs: Vec<(uuid::Uuid, String)> =
+            sqlx::query_as("DELETE FROM handler_waiting WHERE slide_id = $1 RETURNING job_id, priority")
                 .bind(slide.as_uuid())
                 .fetch_all(&mut *tx)
                 .await?;
         let w = Self::due_command(e, None, reason)?;
-        for job in jobs {
+        for (job, priority) in jobs {
+            let w = DueCommand {
+                priority: priority.parse().unwrap_or_default(),
+                ..w.clone()
+            };
             Self::schedule(tx, kind, &job.to_string(), Utc::now(), &w).await?;
         }
         Ok(())
@@ -223,33 +260,37 @@ impl Apply for Lifecycle {
         sqlx::query("SET LOCAL ROLE mira_handlers").execute(&mut *tx).await?;
         match e.aggregate_type.as_str() {
             "Job" => match decode::<JobEvent>(e)? {
-                JobEvent::JobSubmitted { slide_id, .. } => self.submitted(tx, e, slide_id).await,
+                JobEvent::JobSubmitted { slide_id, priority, .. } => self.submitted(tx, e, slide_id, priority).await,
                 JobEvent::JobRetryRequested { .. } => {
-                    let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
-                    let job = JobId::parse(&e.aggregate_id).map_err(failed)?;
-                    let slide = self
-                        .commands
-                        .load_job(&tenant, job)
-                        .await
-                        .map_err(failed)?
-                        .and_then(|j| j.slide_id)
-                        .ok_or_else(|| failed("a retried job has no slide"))?;
-                    self.submitted(tx, e, slide).await
+                    let job = self.job(e).await?;
+                    let slide = job.slide_id.ok_or_else(|| failed("a retried job has no slide"))?;
+                    self.submitted(tx, e, slide, job.priority).await
                 }
                 JobEvent::JobRetryScheduled { not_before, .. } => {
-                    Self::schedule(
-                        tx,
-                        QUEUE,
-                        &e.aggregate_id,
-                        not_before,
-                        &Self::due_command(e, None, None)?,
-                    )
-                    .await
+                    let w = DueCommand {
+                        priority: self.job(e).await?.priority,
+                        ..Self::due_command(e, None, None)?
+                    };
+                    Self::schedule(tx, QUEUE, &e.aggregate_id, not_before, &w).await
                 }
                 JobEvent::JobStarted {
                     attempt, lease_until, ..
+                } => {
+                    // The admitted job is running: it no longer counts against the window.
+                    sqlx::query("UPDATE job_slots SET started = true WHERE job_id = $1")
+                        .bind(uuid::Uuid::parse_str(&e.aggregate_id).map_err(failed)?)
+                        .execute(&mut *tx)
+                        .await?;
+                    Self::schedule(
+                        tx,
+                        LEASE,
+                        &e.aggregate_id,
+                        lease_until,
+                        &Self::due_command(e, Some(attempt), None)?,
+                    )
+                    .await
                 }
-                | JobEvent::JobLeaseExtended { attempt, lease_until } => {
+                JobEvent::JobLeaseExtended { attempt, lease_until } => {
                     Self::schedule(
                         tx,
                         LEASE,
@@ -265,6 +306,11 @@ impl Apply for Lifecycle {
                 | JobEvent::JobFailed { .. }
                 | JobEvent::JobCancelled { .. } => {
                     due::cancel(tx, LEASE, &e.aggregate_id).await?;
+                    // The attempt is over: its slot is free (a retry is admitted again).
+                    sqlx::query("DELETE FROM job_slots WHERE job_id = $1")
+                        .bind(uuid::Uuid::parse_str(&e.aggregate_id).map_err(failed)?)
+                        .execute(&mut *tx)
+                        .await?;
                     Ok(())
                 }
                 JobEvent::JobQueued { .. } | JobEvent::JobProgressed { .. } | JobEvent::JobCancelRequested { .. } => {
@@ -287,6 +333,96 @@ impl Apply for Lifecycle {
     }
 }
 
+/// How ready jobs are admitted to the GPU queues (ADR 0027): STAT at once; routine while
+/// fewer than `window` routine jobs are queued and not started, the tenant admitted least
+/// recently first, none past `max_per_tenant` jobs admitted and not finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// `Jobs__AdmissionWindow`.
+    pub window: u32,
+    /// `Jobs__MaxRunningPerTenant` (0 in the setting: none).
+    pub max_per_tenant: Option<u32>,
+}
+
+impl Default for Admission {
+    /// The settings' defaults: a window of 2, no cap.
+    fn default() -> Self {
+        Self {
+            window: 2,
+            max_per_tenant: None,
+        }
+    }
+}
+
+/// A job ready to be queued: its row in the due-time table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    pub tenant: String,
+    pub priority: Priority,
+}
+
+/// What is admitted and not finished: routine jobs queued and not started, and every admitted
+/// job per tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Slots {
+    pub routine_waiting: u32,
+    pub per_tenant: std::collections::HashMap<String, u32>,
+}
+
+/// Which of `ready` (oldest first) to admit now, by index: every STAT job; then routine jobs
+/// while the window has room, one at a time to the eligible tenant admitted least recently
+/// (`turns`; never admitted goes first), each tenant's oldest first.
+pub fn choose(
+    ready: &[Ready],
+    slots: &Slots,
+    turns: &std::collections::HashMap<String, DateTime<Utc>>,
+    a: Admission,
+) -> Vec<usize> {
+    let mut chosen: Vec<usize> = (0..ready.len())
+        .filter(|&i| ready[i].priority == Priority::Stat)
+        .collect();
+    let mut room = a.window.saturating_sub(slots.routine_waiting);
+    let mut per_tenant = slots.per_tenant.clone();
+    for &i in &chosen {
+        *per_tenant.entry(ready[i].tenant.clone()).or_default() += 1;
+    }
+    // Each tenant's routine jobs, oldest first.
+    let mut queues: std::collections::BTreeMap<&str, std::collections::VecDeque<usize>> = Default::default();
+    for (i, r) in ready
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.priority == Priority::Routine)
+    {
+        queues.entry(r.tenant.as_str()).or_default().push_back(i);
+    }
+    let mut turns = turns.clone();
+    let mut tick = 0i64;
+    while room > 0 {
+        let next = queues
+            .iter()
+            .filter(|(t, q)| {
+                !q.is_empty()
+                    && a.max_per_tenant
+                        .is_none_or(|cap| per_tenant.get(**t).copied().unwrap_or(0) < cap)
+            })
+            .min_by_key(|(t, q)| (turns.get(**t).copied(), q[0]))
+            .map(|(t, _)| t.to_string());
+        let Some(tenant) = next else { break };
+        let i = queues
+            .get_mut(tenant.as_str())
+            .and_then(|q| q.pop_front())
+            .expect("a tenant with a job");
+        chosen.push(i);
+        room -= 1;
+        *per_tenant.entry(tenant.clone()).or_default() += 1;
+        // Later than every turn so far: this tenant goes to the back.
+        tick += 1;
+        let last = turns.values().max().copied().unwrap_or_else(Utc::now);
+        turns.insert(tenant, last.max(Utc::now()) + chrono::Duration::microseconds(tick));
+    }
+    chosen
+}
+
 /// Takes due rows and sends their commands.
 #[derive(Clone)]
 pub struct DueRunner {
@@ -294,6 +430,8 @@ pub struct DueRunner {
     commands: Commands,
     /// How long to wait when nothing was due.
     pub idle_poll: Duration,
+    /// How ready jobs are admitted.
+    pub admission: Admission,
 }
 
 impl std::fmt::Debug for DueRunner {
@@ -379,13 +517,134 @@ impl DueRunner {
             pool,
             commands,
             idle_poll: Duration::from_millis(100),
+            admission: Admission::default(),
         }
+    }
+
+    /// Admits ready jobs (the `job.queue` rows due at `now`) as [`choose`] says, and queues
+    /// them; returns how many rows were settled. One admitter at a time (an advisory lock), so
+    /// two handler tasks never both fill the window.
+    pub async fn admit(&self, now: DateTime<Utc>) -> Result<usize, sqlx::Error> {
+        use sqlx::Row;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('mira.admission', 0))")
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query(
+            "SELECT key, due_at, payload FROM due_work WHERE kind = $1 AND due_at <= $2 \
+             ORDER BY due_at LIMIT 2000 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(QUEUE)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut ready = Vec::new();
+        let mut items = Vec::new();
+        let mut settled = 0;
+        for r in rows {
+            let (key, due_at, payload): (String, DateTime<Utc>, String) =
+                (r.try_get("key")?, r.try_get("due_at")?, r.try_get("payload")?);
+            match (serde_json::from_str::<DueCommand>(&payload), JobId::parse(&key)) {
+                (Ok(w), Ok(id)) if TenantId::parse(&w.tenant).is_ok() => {
+                    ready.push(Ready {
+                        tenant: w.tenant.clone(),
+                        priority: w.priority,
+                    });
+                    items.push((key, due_at, w, id));
+                }
+                _ => {
+                    tracing::error!(kind = QUEUE, key, "unreadable due row dropped");
+                    sqlx::query("DELETE FROM due_work WHERE kind = $1 AND key = $2")
+                        .bind(QUEUE)
+                        .bind(&key)
+                        .execute(&mut *tx)
+                        .await?;
+                    settled += 1;
+                }
+            }
+        }
+        if ready.is_empty() {
+            tx.commit().await?;
+            return Ok(settled);
+        }
+        let mut slots = Slots::default();
+        let held: Vec<(String, String, bool)> = sqlx::query_as("SELECT tenant_id, priority, started FROM job_slots")
+            .fetch_all(&mut *tx)
+            .await?;
+        for (tenant, priority, started) in held {
+            *slots.per_tenant.entry(tenant).or_default() += 1;
+            if priority != "stat" && !started {
+                slots.routine_waiting += 1;
+            }
+        }
+        let turns: std::collections::HashMap<String, DateTime<Utc>> =
+            sqlx::query_as("SELECT tenant_id, last_admitted FROM admission_turns")
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        for i in choose(&ready, &slots, &turns, self.admission) {
+            let (key, due_at, w, id) = &items[i];
+            let ctx = CommandContext {
+                tenant: TenantId::parse(&w.tenant).expect("checked above"),
+                actor: Actor::system("handlers"),
+                correlation_id: w.correlation_id,
+                causation_id: w.causation_id,
+                traceparent: w.traceparent.clone(),
+                idempotency_key: None,
+            };
+            let r = self.commands.job(&ctx, *id, JobCommand::Queue { now }).await;
+            let queued = r.is_ok();
+            match settle(QUEUE, key, r, now) {
+                None => {
+                    sqlx::query("DELETE FROM due_work WHERE kind = $1 AND key = $2 AND due_at = $3")
+                        .bind(QUEUE)
+                        .bind(key)
+                        .bind(due_at)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Some(later) => {
+                    sqlx::query("UPDATE due_work SET due_at = $4 WHERE kind = $1 AND key = $2 AND due_at = $3")
+                        .bind(QUEUE)
+                        .bind(key)
+                        .bind(due_at)
+                        .bind(later)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            settled += 1;
+            if queued {
+                sqlx::query(
+                    "INSERT INTO job_slots (job_id, tenant_id, priority) VALUES ($1, $2, $3) \
+                     ON CONFLICT (job_id) DO UPDATE SET started = false, priority = EXCLUDED.priority, admitted_at = now()",
+                )
+                .bind(id.as_uuid())
+                .bind(&w.tenant)
+                .bind(w.priority.as_str())
+                .execute(&mut *tx)
+                .await?;
+                if w.priority == Priority::Routine {
+                    sqlx::query(
+                        "INSERT INTO admission_turns (tenant_id, last_admitted) VALUES ($1, clock_timestamp()) \
+                         ON CONFLICT (tenant_id) DO UPDATE SET last_admitted = EXCLUDED.last_admitted",
+                    )
+                    .bind(&w.tenant)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(settled)
     }
 
     /// Runs every row due at `now`; returns how many were taken.
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<usize, sqlx::Error> {
         let mut n = 0;
-        for kind in [QUEUE, FAIL, LEASE, SLIDE_WAIT] {
+        n += self.admit(now).await?;
+        for kind in [FAIL, LEASE, SLIDE_WAIT] {
             let commands = self.commands.clone();
             let taken = due::take_due(&self.pool, kind, now, 50, move |conn, item| {
                 let commands = commands.clone();
@@ -463,6 +722,7 @@ pub async fn run(
     commands: Commands,
     queue: Arc<dyn mira_bus::Queue>,
     slide_wait: Duration,
+    admission: Admission,
     shutdown: CancellationToken,
 ) -> Result<(), mira_bus::BusError> {
     let consumer = mira_bus::consumer::Consumer::new(
@@ -471,11 +731,89 @@ pub async fn run(
         Arc::new(Lifecycle::new(commands.clone()).with_slide_wait(slide_wait)),
         mira_bus::consumer::ConsumerConfig::for_group(mira_bus::Group::Handlers),
     );
-    let runner = DueRunner::new(pool, commands);
+    let mut runner = DueRunner::new(pool, commands);
+    runner.admission = admission;
     let stop = shutdown.clone();
     let due = tokio::spawn(async move { runner.run(stop).await });
     let r = consumer.run(shutdown.clone()).await;
     shutdown.cancel();
     let _ = due.await;
     r
+}
+
+#[cfg(test)]
+mod admission_tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn ready(spec: &[(&str, Priority)]) -> Vec<Ready> {
+        spec.iter()
+            .map(|(t, p)| Ready {
+                tenant: (*t).to_owned(),
+                priority: *p,
+            })
+            .collect()
+    }
+
+    const R: Priority = Priority::Routine;
+    const S: Priority = Priority::Stat;
+
+    #[test]
+    fn stat_is_admitted_whatever_the_window() {
+        let r = ready(&[("a", R), ("a", S), ("b", R)]);
+        let full = Slots {
+            routine_waiting: 2,
+            ..Default::default()
+        };
+        assert_eq!(choose(&r, &full, &HashMap::new(), Admission::default()), [1]);
+    }
+
+    #[test]
+    fn a_lone_tenant_fills_the_window_oldest_first() {
+        let r = ready(&[("a", R), ("a", R), ("a", R), ("a", R)]);
+        assert_eq!(
+            choose(&r, &Slots::default(), &HashMap::new(), Admission::default()),
+            [0, 1]
+        );
+        let one_waiting = Slots {
+            routine_waiting: 1,
+            ..Default::default()
+        };
+        assert_eq!(choose(&r, &one_waiting, &HashMap::new(), Admission::default()), [0]);
+    }
+
+    /// Tenant A has forty ready, B two: B, admitted never, goes first, then they alternate.
+    #[test]
+    fn tenants_take_turns() {
+        let mut spec = vec![("a", R); 40];
+        spec.extend([("b", R), ("b", R)]);
+        let r = ready(&spec);
+        let turns = HashMap::from([("a".to_owned(), Utc::now())]);
+        let a = Admission {
+            window: 4,
+            max_per_tenant: None,
+        };
+        let got: Vec<&str> = choose(&r, &Slots::default(), &turns, a)
+            .into_iter()
+            .map(|i| r[i].tenant.as_str())
+            .collect();
+        assert_eq!(got, ["b", "a", "b", "a"]);
+    }
+
+    #[test]
+    fn a_tenant_at_its_cap_waits_and_others_go_on() {
+        let r = ready(&[("a", R), ("a", R), ("b", R)]);
+        let slots = Slots {
+            routine_waiting: 0,
+            per_tenant: HashMap::from([("a".to_owned(), 3)]),
+        };
+        let a = Admission {
+            window: 3,
+            max_per_tenant: Some(3),
+        };
+        assert_eq!(choose(&r, &slots, &HashMap::new(), a), [2]);
+        // STAT is not held back by the cap.
+        let r = ready(&[("a", S)]);
+        assert_eq!(choose(&r, &slots, &HashMap::new(), a), [0]);
+    }
 }

@@ -1,7 +1,8 @@
 // The GPU fleet on EKS (issue 20): a cluster with a small system node group and a tainted GPU
 // node group (NVIDIA AMI) that scales from zero, the worker as a Deployment of the
 // `mira-wsi-worker` image under a service account bound to the worker's role (IRSA), KEDA
-// scaling it on the two GPU queues (gpu-jobs-stat and gpu-jobs, their sum), the cluster
+// scaling it on the sum of the two GPU queues (gpu-jobs-stat and gpu-jobs) and the jobs waiting
+// for the handlers to admit them (mira_jobs_waiting_admission, from CloudWatch), the cluster
 // autoscaler adding GPU nodes for pending pods, and NVIDIA's device plugin advertising
 // `nvidia.com/gpu`.
 
@@ -9,6 +10,7 @@ import * as aws from "@pulumi/aws";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import { type foundations, GPU_QUEUES, role, tags } from "./foundations";
+import { JOBS_WAITING_METRIC, JOBS_WAITING_PRIORITIES, type Observability } from "./observability";
 
 type Found = ReturnType<typeof foundations>;
 
@@ -64,10 +66,16 @@ const AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.27.50";
  * `gpu_jobs01`, and the formula would find no `gpu_jobs`.
  */
 export const KEDA_TRIGGERS: Record<(typeof GPU_QUEUES)[number], string> = { "gpu-jobs-stat": "stat", "gpu-jobs": "routine" };
+/**
+ * The trigger names of the jobs waiting for admission, by priority (the metric's `priority`
+ * dimension), by the same rule: no name begins another of the ScaledObject's (so not
+ * `routine_waiting` beside `routine`, nor `stat_waiting` beside `stat`).
+ */
+export const KEDA_WAITING_TRIGGERS: Record<(typeof JOBS_WAITING_PRIORITIES)[number], string> = { routine: "backlog", stat: "urgent" };
 
 const managed = (name: string) => `arn:aws:iam::aws:policy/${name}`;
 
-export function fleet(cfg: FleetConfig, f: Found) {
+export function fleet(cfg: FleetConfig, f: Found, obs: Pick<Observability, "namespace">) {
   checkKedaVersion(cfg.kedaVersion);
   const s = cfg.stack;
   const p = f.parts;
@@ -275,11 +283,17 @@ export function fleet(cfg: FleetConfig, f: Found) {
     k,
   );
 
-  // KEDA reads the GPU queues' depths with its own identity (IRSA on its operator).
+  // KEDA reads the GPU queues' depths and the jobs waiting for admission with its own identity
+  // (IRSA on its operator).
   const gpuQueues = GPU_QUEUES.map((g) => ({ group: g, queue: p.queues[g].queue }));
   const kedaRole = role("keda-operator", s, irsa("keda", "keda-operator"), [
     { Effect: "Allow", Action: ["sqs:GetQueueAttributes"], Resource: gpuQueues.map((q) => q.queue.arn) },
     { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.messagingKey.arn] },
+    // The aws-cloudwatch triggers' one call. CloudWatch's metric reads name no resource (IAM
+    // knows no metric ARN, and its `cloudwatch:namespace` condition key applies to
+    // PutMetricData only), so this is `*`: KEDA may read every metric of the account, and
+    // writes none.
+    { Effect: "Allow", Action: ["cloudwatch:GetMetricData"], Resource: ["*"] },
   ]);
   const keda = new k8s.helm.v3.Release(
     "keda",
@@ -400,6 +414,53 @@ export function fleet(cfg: FleetConfig, f: Found) {
     },
     { ...k, dependsOn: [keda, ns] },
   );
+  // The jobs waiting for admission, one trigger per priority. The collector publishes the gauge
+  // with its `priority` dimension, so it is two CloudWatch series, and a trigger reads one
+  // metric (namespace, name, dimensions): two triggers, added by the formula like the queues.
+  // Without the dimension both priorities would fall into one series, whose Maximum is the
+  // larger of the two counts, not their sum (and whose Sum adds every task's every scrape).
+  // Every ECS task's collector writes the same count, read from the database, twice a minute:
+  // the Maximum of a minute is that count. KEDA reads the newest minute that has a datapoint in
+  // the last five (the collector's EMF lands a minute or so late). No datapoint in five minutes
+  // means the collectors write nothing (the gauge is written at every scrape, 0 included); the
+  // trigger then reads minMetricValue, 0, and the fleet scales on the queues alone, which the
+  // handlers keep filling as workers take jobs, rather than stopping. The count includes the
+  // jobs Jobs__MaxRunningPerTenant holds back: with one tenant's backlog alone, workers start
+  // for jobs not admitted yet and wait idle (docs/runbooks/deploy.md, Scaling). Each trigger
+  // costs a GetMetricData a poll: the HPA's own reads are answered from that poll
+  // (useCachedMetrics), the count being a minute old anyway.
+  const waiting = JOBS_WAITING_PRIORITIES.map((priority) => ({
+    type: "aws-cloudwatch",
+    name: KEDA_WAITING_TRIGGERS[priority],
+    authenticationRef: { name: "keda-aws" },
+    useCachedMetrics: true,
+    metadata: {
+      namespace: obs.namespace,
+      metricName: JOBS_WAITING_METRIC,
+      dimensionName: "priority",
+      dimensionValue: priority,
+      metricStat: "Maximum",
+      metricStatPeriod: "60",
+      metricCollectionTime: "300",
+      targetMetricValue: String(cfg.workerQueueLength),
+      minMetricValue: "0",
+      awsRegion: cfg.region,
+    },
+  }));
+  const queued = gpuQueues.map((q) => ({
+    type: "aws-sqs-queue",
+    // The name the formula reads it by.
+    name: KEDA_TRIGGERS[q.group],
+    authenticationRef: { name: "keda-aws" },
+    metadata: {
+      queueURL: q.queue.url,
+      queueLength: String(cfg.workerQueueLength),
+      awsRegion: cfg.region,
+      // Jobs being worked on count too, so a busy worker is not scaled away.
+      scaleOnInFlight: "true",
+    },
+  }));
+  const triggers = [...queued, ...waiting];
   const scaledObject = new k8s.apiextensions.CustomResource(
     "worker-scaler",
     {
@@ -413,36 +474,28 @@ export function fleet(cfg: FleetConfig, f: Found) {
         pollingInterval: 15,
         // A job takes minutes: wait before scaling in to zero.
         cooldownPeriod: 600,
-        // One pool of workers takes both GPU queues, so it is sized on their sum: one worker per
-        // workerQueueLength jobs, STAT and routine, waiting or in hand. KEDA's default over two
-        // triggers is the larger of their replica counts, max(routine, STAT): with every worker
-        // busy on routine jobs, a STAT job would add no worker and would wait for a routine job
-        // to end (there is no preemption), though the fleet is below its maximum. With
-        // scalingModifiers, KEDA puts each trigger's raw count (visible plus in flight) into the
-        // formula and gives the HPA one composite metric with this target (each trigger keeps
-        // the same queueLength, as it would have alone); it activates from zero when the sum is
-        // above 0. The price: while KEDA cannot read one of the queues (its role, above, reads
-        // both), the formula has no value and the fleet stays as it is.
+        // One pool of workers takes both GPU queues, so it is sized on all the work there is:
+        // one worker per workerQueueLength jobs, STAT and routine, waiting or in hand. The
+        // handlers admit STAT jobs at once and routine jobs a window at a time
+        // (Jobs__AdmissionWindow), so the queues hold little of a backlog: the rest waits for
+        // admission, and counts too. A job is counted once: waiting for admission until the
+        // handlers queue it, then in its queue (visible or in flight). KEDA's default over
+        // several triggers is the larger of their replica counts: with every worker busy on
+        // routine jobs, a STAT job would add no worker and would wait for a routine job to end
+        // (there is no preemption), though the fleet is below its maximum; and a backlog would
+        // be sized apart from the jobs in hand. With scalingModifiers, KEDA puts each trigger's
+        // raw value into the formula and gives the HPA one composite metric with this target
+        // (each trigger keeps the same target, as it would have alone); it activates from zero
+        // when the sum is above 0. The price: while KEDA cannot read one of them (its role,
+        // above, reads them all), the formula has no value and the fleet stays as it is.
         advanced: {
           scalingModifiers: {
-            formula: gpuQueues.map((q) => KEDA_TRIGGERS[q.group]).join(" + "),
+            formula: triggers.map((t) => t.name).join(" + "),
             target: String(cfg.workerQueueLength),
             metricType: "AverageValue",
           },
         },
-        triggers: gpuQueues.map((q) => ({
-          type: "aws-sqs-queue",
-          // The name the formula reads it by.
-          name: KEDA_TRIGGERS[q.group],
-          authenticationRef: { name: "keda-aws" },
-          metadata: {
-            queueURL: q.queue.url,
-            queueLength: String(cfg.workerQueueLength),
-            awsRegion: cfg.region,
-            // Jobs being worked on count too, so a busy worker is not scaled away.
-            scaleOnInFlight: "true",
-          },
-        })),
+        triggers,
       },
     },
     { ...k, dependsOn: [keda, deployment, triggerAuth] },

@@ -26,7 +26,32 @@ export type FoundationsConfig = {
    * as `Audit__PublicKey` and never read the signing key's secret. Unset: see compute.ts.
    */
   auditPublicKey?: string;
+  /**
+   * The handlers' admission of ready jobs to the GPU queues (ADR 0027), given to the roles'
+   * services as `Jobs__AdmissionWindow` and `Jobs__MaxRunningPerTenant`: routine jobs queued and
+   * not started, at most (1 to 10000; Mira's default 2), and one tenant's jobs admitted and not
+   * finished, at most (0: no limit, Mira's default; STAT jobs are admitted whatever it says).
+   */
+  jobsAdmissionWindow: number;
+  jobsMaxRunningPerTenant: number;
 };
+
+/** Mira's own defaults for the admission settings (config/src/lib.rs, `JobsSettings`). */
+export const JOBS_DEFAULTS = { jobsAdmissionWindow: 2, jobsMaxRunningPerTenant: 0 };
+
+/**
+ * `mira:jobsAdmissionWindow` and `mira:jobsMaxRunningPerTenant`, checked as Mira checks them at
+ * start, so that a value it would refuse stops the preview rather than every handler task.
+ */
+export function checkJobsSettings(window: number, maxPerTenant: number) {
+  if (!Number.isInteger(window) || window < 1 || window > 10_000) {
+    throw new Error(`mira:jobsAdmissionWindow ${JSON.stringify(window)}: routine jobs queued at once, a whole number from 1 to 10000`);
+  }
+  if (!Number.isInteger(maxPerTenant) || maxPerTenant < 0 || maxPerTenant > 0xffff_ffff) {
+    throw new Error(`mira:jobsMaxRunningPerTenant ${JSON.stringify(maxPerTenant)}: one tenant's jobs admitted at once, a whole number, 0 for no limit`);
+  }
+  return { Jobs__AdmissionWindow: String(window), Jobs__MaxRunningPerTenant: String(maxPerTenant) };
+}
 
 /** `mira:auditPublicKey`, checked: 64 hex digits (what Mira's `Audit__PublicKey` accepts), or none. */
 export function checkAuditPublicKey(key: string | undefined): string | undefined {
@@ -207,6 +232,7 @@ export function foundations(cfg: FoundationsConfig) {
   const s = cfg.stack;
   // Checked before anything is made: a bad key stops the program here.
   const auditPublicKey = checkAuditPublicKey(cfg.auditPublicKey);
+  const jobs = checkJobsSettings(cfg.jobsAdmissionWindow, cfg.jobsMaxRunningPerTenant);
   const topology = loadTopology();
 
   // ---- keys -------------------------------------------------------------------------------
@@ -615,7 +641,14 @@ export function foundations(cfg: FoundationsConfig) {
       Web__RedirectUrl: pulumi.output(`${cfg.appOrigin}/signed-in`),
       ...(auditPublicKey ? { Audit__PublicKey: pulumi.output(auditPublicKey) } : {}),
     },
-    roles: { ...common, Audit__SigningKeySecretId: signingKeySecret.arn },
+    // The handlers role reads the admission settings; the relay and the projector, which share
+    // the map, ignore them. The API's tasks run no role and need neither.
+    roles: {
+      ...common,
+      Audit__SigningKeySecretId: signingKeySecret.arn,
+      Jobs__AdmissionWindow: pulumi.output(jobs.Jobs__AdmissionWindow),
+      Jobs__MaxRunningPerTenant: pulumi.output(jobs.Jobs__MaxRunningPerTenant),
+    },
     worker: { ...common },
   };
 

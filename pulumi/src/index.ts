@@ -1,6 +1,7 @@
 // The stack's program: `Pulumi.<stack>.yaml` configures it (see Pulumi.dev.yaml, Pulumi.prod.yaml).
 
 import * as pulumi from "@pulumi/pulumi";
+import { JOBS_DEFAULTS } from "./foundations";
 import { program } from "./program";
 
 const config = new pulumi.Config("mira");
@@ -48,6 +49,8 @@ const out = program({
   auditVerifySchedule: config.get("auditVerifySchedule"),
   // Optional: the public audit key `mira keys init` printed (64 hex digits; the program checks).
   auditPublicKey: config.get("auditPublicKey"),
+  jobsAdmissionWindow: config.getNumber("jobsAdmissionWindow") ?? JOBS_DEFAULTS.jobsAdmissionWindow,
+  jobsMaxRunningPerTenant: config.getNumber("jobsMaxRunningPerTenant") ?? JOBS_DEFAULTS.jobsMaxRunningPerTenant,
   githubRepository: config.require("githubRepository"),
   githubOidcProviderArn: config.get("githubOidcProviderArn"),
   pulumiStateBucket: config.get("pulumiStateBucket"),

@@ -24,6 +24,16 @@ export const METRICS_PORT = 9464;
 export const METRICS_LISTEN = `127.0.0.1:${METRICS_PORT}`;
 
 /**
+ * Jobs ready to run (slide verified, retry due) that the handlers have not admitted to a GPU
+ * queue yet, by label `priority` (`routine`, `stat`): a count every task reads from the database
+ * at each scrape. The GPU queues hold only the admission window (`Jobs__AdmissionWindow` routine
+ * jobs queued and not started), so KEDA reads this beside their depths (fleet.ts).
+ */
+export const JOBS_WAITING_METRIC = "mira_jobs_waiting_admission";
+/** The values of its `priority` label, which the collector keeps as a dimension. */
+export const JOBS_WAITING_PRIORITIES = ["routine", "stat"] as const;
+
+/**
  * The collector's configuration (JSON, which the collector reads as YAML): scrape Mira's
  * /metrics on its loopback metrics listener (METRICS_LISTEN) every 30 s and write the gauges
  * listed here to CloudWatch as EMF, under `namespace`; receive OTLP traces on loopback and
@@ -58,6 +68,9 @@ export function adotConfig(namespace: string, logGroup: string, region: string) 
         metric_declarations: [
           // Per projection (label `projection`): how far each read model is behind the log.
           { dimensions: [["projection"]], metric_name_selectors: ["^mira_projection_lag_seconds$", "^mira_projection_lag_events$", "^mira_projection_position$"] },
+          // Jobs waiting for admission, per priority (label `priority`): one series each, what
+          // KEDA sizes the GPU fleet on beside the queues (fleet.ts).
+          { dimensions: [["priority"]], metric_name_selectors: [`^${JOBS_WAITING_METRIC}$`] },
           // The log's follow watermark: appenders holding it back.
           { dimensions: [[]], metric_name_selectors: ["^mira_log_watermark_lag_seconds$", "^mira_log_watermark_lag_events$"] },
           // The checkpoint witness, as the relay sees it (only the relay serves these): its
@@ -383,12 +396,14 @@ function dashboard(
         12,
         "Sum",
       ),
-      // STAT jobs beside routine ones: the same workers take both, STAT first.
+      // STAT jobs beside routine ones: the same workers take both, STAT first. The queues hold
+      // the jobs the handlers admitted; the rest wait for admission (what KEDA adds to them).
       widget(
-        "GPU jobs waiting: routine and STAT",
+        "GPU jobs waiting: routine and STAT, queued and not yet admitted",
         [
-          ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", n.gpuJobs, { label: "routine" }],
-          ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", n.statJobs, { label: "STAT" }],
+          ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", n.gpuJobs, { label: "routine, queued" }],
+          ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", n.statJobs, { label: "STAT, queued" }],
+          ...JOBS_WAITING_PRIORITIES.map((p) => [namespace, JOBS_WAITING_METRIC, "priority", p, { label: `${p === "stat" ? "STAT" : p}, not yet admitted` }]),
         ],
         12,
         12,
@@ -412,7 +427,7 @@ function dashboard(
         width: 24,
         height: 2,
         properties: {
-          markdown: `Mira on EKS cluster \`${cluster}\`: the worker fleet scales on the gpu-jobs and gpu-jobs-stat queues together (KEDA, their sum; STAT jobs are taken first, none is preempted); the slide verifier \`${n.verifier}\` (ECS) on the verify queue (Application Auto Scaling). Runbooks: docs/runbooks/.`,
+          markdown: `Mira on EKS cluster \`${cluster}\`: the worker fleet scales on the gpu-jobs and gpu-jobs-stat queues and the jobs waiting for admission together (KEDA, their sum; STAT jobs are admitted at once and taken first, none is preempted); the slide verifier \`${n.verifier}\` (ECS) on the verify queue (Application Auto Scaling). Runbooks: docs/runbooks/.`,
         },
       },
     ],

@@ -29,7 +29,7 @@ export function program(cfg: ProgramConfig) {
   const f = foundations(cfg);
   const obs = observability(cfg, f);
   const c = compute(cfg, f, obs);
-  const k = fleet(cfg, f);
+  const k = fleet(cfg, f, obs);
   const v = verifier(cfg, f, c, k);
   const e = edge(cfg, f);
   obs.alarms(c, k, v);

@@ -113,6 +113,9 @@ export const CONFIG: ProgramConfig = {
   githubRepository: "mira-lab/mira",
   pulumiStateBucket: "mira-pulumi-state-123456789012",
   pulumiSecretsKeyAlias: "alias/mira-pulumi",
+  // Not Mira's defaults (2 and 0), so that a test sees these reach the tasks.
+  jobsAdmissionWindow: 3,
+  jobsMaxRunningPerTenant: 4,
 };
 
 /**

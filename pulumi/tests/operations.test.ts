@@ -2,6 +2,9 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { CONFIG, ofType, type Recorded, run } from "./harness";
 import { validateK8s } from "./k8s/validate";
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { checkJobsSettings, JOBS_DEFAULTS } from "../src/foundations";
 import { WITNESS_STALE_SECONDS } from "../src/observability";
 import {
   adotConfigs,
@@ -17,6 +20,8 @@ import {
   scalerProblems,
   trustedKeyProblems,
   verifyProblems,
+  WAITING,
+  waitingScalerProblems,
   WITNESS_METRICS,
   witnessAlarmProblems,
   workerProblems,
@@ -46,7 +51,7 @@ describe("compute and operations", () => {
     assert.ok(found.some((x) => x.startsWith("ScaledObject/") && x.includes("queueURL")), String(found));
   });
 
-  it("scale the worker on the gpu-jobs and gpu-jobs-stat queues of the foundations, from zero, on their sum", async () => {
+  it("scale the worker on the gpu-jobs and gpu-jobs-stat queues of the foundations and the jobs waiting for admission, from zero, on their sum", async () => {
     const { out, resources } = await run();
     const urls: Record<string, string> = {};
     for (const g of ["gpu-jobs", "gpu-jobs-stat"]) urls[g] = await new Promise<string>((ok) => out.messaging.queueUrls[g].apply(ok));
@@ -54,7 +59,11 @@ describe("compute and operations", () => {
     assert.match(urls["gpu-jobs-stat"], /gpu-jobs-stat\.fifo$/);
     const q = CONFIG.workerQueueLength;
     assert.deepEqual(scalerProblems(resources, urls, CONFIG.workerMaxReplicas, q), []);
-    assert.deepEqual(find(resources, K.scaledObject).inputs.spec.advanced.scalingModifiers, { formula: "stat + routine", target: String(q), metricType: "AverageValue" });
+    assert.deepEqual(find(resources, K.scaledObject).inputs.spec.advanced.scalingModifiers, {
+      formula: "stat + routine + backlog + urgent",
+      target: String(q),
+      metricType: "AverageValue",
+    });
     const broken = clone(resources);
     const so = find(broken, K.scaledObject).inputs.spec;
     so.minReplicaCount = 1;
@@ -71,7 +80,11 @@ describe("compute and operations", () => {
     const onlyRoutine = clone(resources);
     const spec = find(onlyRoutine, K.scaledObject).inputs.spec;
     spec.triggers = spec.triggers.filter((t: any) => t.metadata.queueURL !== urls["gpu-jobs-stat"]);
-    assert.deepEqual(scalerProblems(onlyRoutine, urls, CONFIG.workerMaxReplicas, q), ["triggers: aws-sqs-queue", `0 triggers on the gpu-jobs-stat queue ${urls["gpu-jobs-stat"]}`]);
+    assert.deepEqual(scalerProblems(onlyRoutine, urls, CONFIG.workerMaxReplicas, q), [
+      "triggers: aws-sqs-queue,aws-cloudwatch,aws-cloudwatch",
+      `0 triggers on the gpu-jobs-stat queue ${urls["gpu-jobs-stat"]}`,
+      "formula stat + routine + backlog + urgent is not the sum of the triggers routine, backlog, urgent",
+    ]);
     const maxOf = clone(resources);
     delete find(maxOf, K.scaledObject).inputs.spec.advanced;
     assert.deepEqual(scalerProblems(maxOf, urls, CONFIG.workerMaxReplicas, q), ["no scalingModifiers: KEDA scales on the larger of the triggers, not their sum"]);
@@ -89,8 +102,137 @@ describe("compute and operations", () => {
       "trigger gpu_jobs_stat: queueLength 5, config says 1",
       "trigger gpu_jobs_stat: the jobs in flight do not count",
       "trigger name gpu_jobs begins gpu_jobs_stat: KEDA would pair their metrics wrongly",
-      "formula gpu_jobs is not the sum of the triggers gpu_jobs_stat, gpu_jobs",
+      "formula gpu_jobs is not the sum of the triggers gpu_jobs_stat, gpu_jobs, backlog, urgent",
     ]);
+    // Broken: the formula of the queues alone (a backlog waiting for admission would add no
+    // worker), and the routine backlog's trigger named after its queue's.
+    const queuesOnly = clone(resources);
+    const w = find(queuesOnly, K.scaledObject).inputs.spec;
+    w.advanced.scalingModifiers.formula = "stat + routine";
+    assert.deepEqual(scalerProblems(queuesOnly, urls, CONFIG.workerMaxReplicas, q), ["formula stat + routine is not the sum of the triggers stat, routine, backlog, urgent"]);
+    w.triggers.find((t: any) => t.name === "backlog").name = "routine_waiting";
+    w.advanced.scalingModifiers.formula = "stat + routine + routine_waiting + urgent";
+    assert.deepEqual(scalerProblems(queuesOnly, urls, CONFIG.workerMaxReplicas, q), ["trigger name routine begins routine_waiting: KEDA would pair their metrics wrongly"]);
+  });
+
+  it("count the jobs waiting for admission: the collectors write them by priority, KEDA reads each series and may read CloudWatch", async () => {
+    const { resources } = await run();
+    const exported = exportedMetrics();
+    const q = CONFIG.workerQueueLength;
+    assert.ok(exported.includes(WAITING.metric), String(exported));
+    assert.deepEqual(waitingScalerProblems(resources, exported, q), []);
+    // Every collector (the API, the relay, the projector, the handlers: each serves the count
+    // from the database) writes it with the priority dimension.
+    for (const c of adotConfigs(resources)) assert.ok(adotProduces(c, exported).has(`Mira/test/${WAITING.metric}`));
+    const so = find(resources, K.scaledObject).inputs.spec;
+    const cw = so.triggers.filter((t: any) => t.type === "aws-cloudwatch");
+    assert.deepEqual(
+      cw.map((t: any) => [t.name, t.authenticationRef.name, t.useCachedMetrics, t.metadata]),
+      [
+        ["backlog", "keda-aws"],
+        ["urgent", "keda-aws"],
+      ].map(([name, auth], i) => [
+        name,
+        auth,
+        true,
+        {
+          namespace: "Mira/test",
+          metricName: WAITING.metric,
+          dimensionName: "priority",
+          dimensionValue: WAITING.priorities[i],
+          metricStat: "Maximum",
+          metricStatPeriod: "60",
+          metricCollectionTime: "300",
+          targetMetricValue: String(q),
+          minMetricValue: "0",
+          awsRegion: CONFIG.region,
+        },
+      ]),
+    );
+    // Broken: the collectors without the metric (KEDA would read nothing, as 0, for ever).
+    const unwritten = clone(resources);
+    for (const td of ofType(unwritten, K.taskDef)) td.inputs.containerDefinitions = td.inputs.containerDefinitions.replaceAll(`^${WAITING.metric}$`, "^mira_jobs_waiting$");
+    assert.deepEqual(waitingScalerProblems(unwritten, exported, q), [
+      ...Array(4).fill(`a collector does not write ${WAITING.metric}`),
+      `trigger backlog: Mira/test/${WAITING.metric} is written by no collector`,
+      `trigger urgent: Mira/test/${WAITING.metric} is written by no collector`,
+    ]);
+    // Broken: the collectors write it without the dimension (one series for both priorities).
+    const merged = clone(resources);
+    for (const td of ofType(merged, K.taskDef)) {
+      const containers = JSON.parse(td.inputs.containerDefinitions);
+      const adot = containers.find((c: any) => c.name === "adot");
+      if (!adot) continue;
+      const env = adot.environment.find((e: any) => e.name === "AOT_CONFIG_CONTENT");
+      const config = JSON.parse(env.value);
+      for (const d of config.exporters.awsemf.metric_declarations) if (d.metric_name_selectors.includes(`^${WAITING.metric}$`)) d.dimensions = [[]];
+      env.value = JSON.stringify(config);
+      td.inputs.containerDefinitions = JSON.stringify(containers);
+    }
+    assert.deepEqual(waitingScalerProblems(merged, exported, q), [
+      ...Array(4).fill(`a collector writes ${WAITING.metric} with dimensions [[]], not [priority]`),
+      `trigger backlog: Mira/test/${WAITING.metric} with dimensions [priority] is not what the collectors write`,
+      `trigger urgent: Mira/test/${WAITING.metric} with dimensions [priority] is not what the collectors write`,
+    ]);
+    // Broken: the routine backlog summed over every task's datapoints, in 5-minute periods, a
+    // silent CloudWatch read as a job waiting, its own target; the STAT backlog not counted.
+    const wrong = clone(resources);
+    const spec = find(wrong, K.scaledObject).inputs.spec;
+    Object.assign(spec.triggers.find((t: any) => t.name === "backlog").metadata, { metricStat: "Sum", metricStatPeriod: "300", minMetricValue: "1", targetMetricValue: "2" });
+    spec.triggers = spec.triggers.filter((t: any) => t.name !== "urgent");
+    assert.deepEqual(waitingScalerProblems(wrong, exported, q), [
+      "trigger backlog: metricStat Sum adds up every task's datapoints (Maximum or Average reads the count)",
+      "trigger backlog: targetMetricValue 2, config says 1",
+      "trigger backlog: minMetricValue 1: no datapoint would read as jobs waiting",
+      "trigger backlog: metricStatPeriod 300: a backlog seen 5 minutes late",
+      `0 triggers on Mira/test/${WAITING.metric} priority=stat`,
+    ]);
+    const odd = clone(resources);
+    Object.assign(find(odd, K.scaledObject).inputs.spec.triggers.find((t: any) => t.name === "urgent").metadata, { metricStatPeriod: "90" });
+    Object.assign(find(odd, K.scaledObject).inputs.spec.triggers.find((t: any) => t.name === "backlog").metadata, { metricCollectionTime: "90" });
+    assert.deepEqual(waitingScalerProblems(odd, exported, q), [
+      "trigger backlog: metricCollectionTime 90 is not a multiple of the period 60",
+      "trigger urgent: metricStatPeriod 90, which KEDA refuses",
+    ]);
+    // Broken: KEDA's role without the read, or with more of CloudWatch than the read.
+    const blind = clone(resources);
+    const pol = ofType(blind, K.rolePolicy).find((x) => x.name === "keda-operator-policy")!;
+    const st = JSON.parse(pol.inputs.policy).Statement;
+    pol.inputs.policy = JSON.stringify({ Statement: st.filter((x: any) => !x.Action.includes("cloudwatch:GetMetricData")) });
+    assert.deepEqual(waitingScalerProblems(blind, exported, q), ["KEDA cannot cloudwatch:GetMetricData"]);
+    pol.inputs.policy = JSON.stringify({ Statement: [...st, { Effect: "Allow", Action: ["cloudwatch:PutMetricData", "cloudwatch:*"], Resource: ["*"] }] });
+    assert.deepEqual(waitingScalerProblems(blind, exported, q), ["KEDA may cloudwatch:PutMetricData", "KEDA may cloudwatch:*"]);
+  });
+
+  it("give the handlers the admission settings of the stack's config, whose defaults are Mira's", async () => {
+    const { out, resources } = await run();
+    const env = (family: string) => {
+      const td = ofType(resources, K.taskDef).find((t) => t.inputs.family === family)!;
+      return Object.fromEntries(JSON.parse(td.inputs.containerDefinitions)[0].environment.map((e: any) => [e.name, e.value]));
+    };
+    const admission = (e: Record<string, string>) => [e.Roles__Enabled, e.Jobs__AdmissionWindow, e.Jobs__MaxRunningPerTenant];
+    // CONFIG is not the defaults (3 and 4): the values come from the config.
+    assert.deepEqual(admission(env("mira-test-handlers")), ["handlers", "3", "4"]);
+    assert.deepEqual([out.settings.roles.Jobs__AdmissionWindow, out.settings.roles.Jobs__MaxRunningPerTenant], ["3", "4"]);
+    // The API runs no role (no Roles__Enabled), and reads neither.
+    assert.deepEqual(admission(env("mira-test-api")), [undefined, undefined, undefined]);
+    // The program's defaults (index.ts) are Mira's own (config/src/lib.rs, JobsSettings).
+    const lib = fs.readFileSync(path.resolve(__dirname, "../../../config/src/lib.rs"), "utf8");
+    const rustDefault = (field: string) => Number(new RegExp(`\\n\\s*${field}: (\\d+),`).exec(lib)?.[1]);
+    assert.deepEqual(JOBS_DEFAULTS, { jobsAdmissionWindow: rustDefault("admission_window"), jobsMaxRunningPerTenant: rustDefault("max_running_per_tenant") });
+    assert.deepEqual(JOBS_DEFAULTS, { jobsAdmissionWindow: 2, jobsMaxRunningPerTenant: 0 });
+    // What Mira refuses at start stops the program.
+    for (const [w, m] of [
+      [0, 0],
+      [10_001, 0],
+      [1.5, 0],
+      [2, -1],
+      [2, 0.5],
+      [2, 2 ** 32],
+    ]) {
+      assert.throws(() => checkJobsSettings(w, m), /mira:jobs(AdmissionWindow|MaxRunningPerTenant)/, `${w} ${m}`);
+    }
+    assert.deepEqual(checkJobsSettings(10_000, 2 ** 32 - 1), { Jobs__AdmissionWindow: "10000", Jobs__MaxRunningPerTenant: "4294967295" });
   });
 
   it("let the worker finish its job on a scale-in, on a GPU, as its own role", async () => {

@@ -56,8 +56,9 @@ export const envOf = (c: any): Record<string, string> => Object.fromEntries((c.e
  * KEDA scales the worker on the GPU queues (`queueUrls`, by group: gpu-jobs and gpu-jobs-stat),
  * from zero, with AWS pod identity, installed as a Helm release: one aws-sqs-queue trigger per
  * queue, each with `queueLength` and the jobs in flight counted, and the replica count from
- * their sum (advanced.scalingModifiers: the formula adds every trigger, by names KEDA can tell
- * apart, against a target of `queueLength`), not from the larger of the two.
+ * the sum of every trigger, the queues' and the aws-cloudwatch ones (waitingScalerProblems)
+ * (advanced.scalingModifiers: the formula adds every trigger, by names KEDA can tell apart,
+ * against a target of `queueLength`), not from the largest of them.
  */
 export function scalerProblems(rs: Recorded[], queueUrls: Record<string, string>, maxReplicas: number, queueLength: number): string[] {
   const p: string[] = [];
@@ -72,7 +73,8 @@ export function scalerProblems(rs: Recorded[], queueUrls: Record<string, string>
   const triggers = so.spec.triggers ?? [];
   const sqs = triggers.filter((t: any) => t.type === "aws-sqs-queue");
   const want = Object.entries(queueUrls);
-  if (sqs.length !== want.length || triggers.length !== want.length) p.push(`triggers: ${triggers.map((t: any) => t.type)}`);
+  const known = triggers.every((t: any) => t.type === "aws-sqs-queue" || t.type === "aws-cloudwatch");
+  if (sqs.length !== want.length || !known) p.push(`triggers: ${triggers.map((t: any) => t.type)}`);
   for (const [group, url] of want) {
     const n = sqs.filter((t: any) => t.metadata.queueURL === url).length;
     if (n !== 1) p.push(`${n} triggers on the ${group} queue ${url}`);
@@ -84,15 +86,15 @@ export function scalerProblems(rs: Recorded[], queueUrls: Record<string, string>
     if (t.metadata.scaleOnInFlight !== "true") p.push(`trigger ${t.name}: the jobs in flight do not count`);
     if ("identityOwner" in t.metadata) p.push("the deprecated identityOwner metadata");
   }
-  for (const ref of new Set<string | undefined>(sqs.map((t: any) => t.authenticationRef?.name))) {
+  for (const ref of new Set<string | undefined>(triggers.map((t: any) => t.authenticationRef?.name))) {
     const auth = ofType(rs, K.triggerAuth).find((a) => a.inputs.metadata.name === ref);
     if (!auth) p.push(`no TriggerAuthentication ${ref}`);
     else if (auth.inputs.spec?.podIdentity?.provider !== "aws") p.push(`podIdentity ${JSON.stringify(auth.inputs.spec?.podIdentity)}`);
   }
-  if (sqs.length > 1) {
+  if (triggers.length > 1) {
     // KEDA pairs a metric with its trigger by name prefix (pkg/scaling/modifiers), so no name
     // may begin another.
-    const names: string[] = sqs.map((t: any) => t.name ?? "");
+    const names: string[] = triggers.map((t: any) => t.name ?? "");
     for (const a of names) {
       if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(a)) p.push(`trigger name ${JSON.stringify(a)} is no identifier a formula can read`);
       for (const b of names) if (a !== b && b.startsWith(a)) p.push(`trigger name ${a} begins ${b}: KEDA would pair their metrics wrongly`);
@@ -110,6 +112,69 @@ export function scalerProblems(rs: Recorded[], queueUrls: Record<string, string>
   const keda = ofType(rs, K.release).find((r) => r.inputs.chart === "keda");
   if (!keda) p.push("KEDA is not installed as a helm.v3.Release");
   else if (!/^\d+\.\d+\.\d+$/.test(keda.inputs.version ?? "")) p.push(`KEDA's chart version is not pinned: ${keda.inputs.version}`);
+  return p;
+}
+
+/** Mira's gauge of the jobs waiting for admission (gateway/src/api/metrics.rs), by label `priority`. */
+export const WAITING = { metric: "mira_jobs_waiting_admission", priorities: ["routine", "stat"] };
+
+/** Whether KEDA's aws-cloudwatch scaler takes this period (1, 5, 10, 30, or a multiple of 60 seconds). */
+const validPeriod = (n: number) => [1, 5, 10, 30].includes(n) || (n > 0 && n % 60 === 0);
+
+/**
+ * KEDA counts the jobs waiting for admission beside the queues: the collectors write Mira's
+ * gauge to CloudWatch with its `priority` dimension; the ScaledObject has one aws-cloudwatch
+ * trigger per priority on that namespace, metric and dimension, with a statistic that does not
+ * add up the tasks' identical datapoints (Maximum or Average), `queueLength` as its target, 0
+ * when CloudWatch answers nothing, and a period and window KEDA takes (the formula that adds
+ * them is scalerProblems'); every aws-cloudwatch trigger reads a metric the collectors write,
+ * with the dimensions they write it with; KEDA's role may GetMetricData (on `*`: no metric has
+ * an ARN) and nothing else of CloudWatch.
+ */
+export function waitingScalerProblems(rs: Recorded[], exported: string[], queueLength: number): string[] {
+  const p: string[] = [];
+  if (!exported.includes(WAITING.metric)) p.push(`Mira's /metrics does not serve ${WAITING.metric}`);
+  const configs = adotConfigs(rs);
+  if (configs.length === 0) return [...p, "no ADOT collector in any task"];
+  const dims = new Map<string, string[][]>();
+  for (const c of configs) for (const [k, v] of adotDimensions(c, exported)) dims.set(k, [...(dims.get(k) ?? []), ...v]);
+  const namespace = configs[0].exporters?.awsemf?.namespace;
+  for (const c of configs) {
+    const sets = adotDimensions(c, exported).get(`${namespace}/${WAITING.metric}`);
+    if (!sets) p.push(`a collector does not write ${WAITING.metric}`);
+    else if (!sets.some((set) => set.length === 1 && set[0] === "priority")) p.push(`a collector writes ${WAITING.metric} with dimensions ${JSON.stringify(sets)}, not [priority]`);
+  }
+  const triggers: any[] = ofType(rs, K.scaledObject).flatMap((so) => so.inputs.spec.triggers ?? []);
+  const cw = triggers.filter((t) => t.type === "aws-cloudwatch");
+  for (const t of cw) {
+    const m = t.metadata ?? {};
+    const key = `${m.namespace}/${m.metricName}`;
+    const names = String(m.dimensionName ?? "").split(";").filter((x) => x).sort().join(",");
+    if (!dims.has(key)) p.push(`trigger ${t.name}: ${key} is written by no collector`);
+    else if (!dims.get(key)!.some((set) => [...set].sort().join(",") === names)) p.push(`trigger ${t.name}: ${key} with dimensions [${names}] is not what the collectors write`);
+  }
+  for (const priority of WAITING.priorities) {
+    const on = cw.filter((t) => t.metadata?.namespace === namespace && t.metadata?.metricName === WAITING.metric && t.metadata?.dimensionName === "priority" && t.metadata?.dimensionValue === priority);
+    if (on.length !== 1) {
+      p.push(`${on.length} triggers on ${namespace}/${WAITING.metric} priority=${priority}`);
+      continue;
+    }
+    const t = on[0];
+    const m = t.metadata;
+    if (!["Maximum", "Average"].includes(m.metricStat)) p.push(`trigger ${t.name}: metricStat ${m.metricStat} adds up every task's datapoints (Maximum or Average reads the count)`);
+    if (m.targetMetricValue !== String(queueLength)) p.push(`trigger ${t.name}: targetMetricValue ${m.targetMetricValue}, config says ${queueLength}`);
+    if (m.minMetricValue !== "0") p.push(`trigger ${t.name}: minMetricValue ${m.minMetricValue}: no datapoint would read as jobs waiting`);
+    const period = Number(m.metricStatPeriod ?? 300);
+    const window = Number(m.metricCollectionTime ?? 300);
+    if (!validPeriod(period)) p.push(`trigger ${t.name}: metricStatPeriod ${m.metricStatPeriod}, which KEDA refuses`);
+    else if (period > 60) p.push(`trigger ${t.name}: metricStatPeriod ${period}: a backlog seen ${period / 60} minutes late`);
+    else if (!(window >= period && window % period === 0)) p.push(`trigger ${t.name}: metricCollectionTime ${m.metricCollectionTime} is not a multiple of the period ${period}`);
+  }
+  const keda = policyOf(rs, ofType(rs, K.role).find((r) => r.name === "keda-operator"));
+  if (cw.length > 0 && !allows(keda, "cloudwatch:GetMetricData", "*")) p.push("KEDA cannot cloudwatch:GetMetricData");
+  for (const s of keda.filter((x) => x.Effect === "Allow")) {
+    for (const a of list(s.Action)) if (/^cloudwatch:/.test(a) && a !== "cloudwatch:GetMetricData") p.push(`KEDA may ${a}`);
+  }
   return p;
 }
 

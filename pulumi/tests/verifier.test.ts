@@ -194,8 +194,11 @@ describe("the GPU fleet", () => {
     assert.deepEqual(groups(UPLOAD), ["projections", "handlers", "verify"]);
     assert.deepEqual(groups(JOB), ["projections", "gpu-jobs", "handlers"]);
     assert.deepEqual(groups(STAT_JOB), ["projections", "handlers", "gpu-jobs-stat"]);
-    // KEDA counts both GPU queues, and the worker's role takes from both.
-    const counted = ofType(resources, K.scaledObject)[0].inputs.spec.triggers.map((t: any) => t.metadata.queueURL);
+    // KEDA counts both GPU queues (its other triggers read CloudWatch, no queue), and the
+    // worker's role takes from both.
+    const counted = ofType(resources, K.scaledObject)[0]
+      .inputs.spec.triggers.filter((t: any) => t.type === "aws-sqs-queue")
+      .map((t: any) => t.metadata.queueURL);
     assert.deepEqual(counted.sort(), ["gpu-jobs", "gpu-jobs-stat"].map((g) => byName(resources, K.queue, g).state.url).sort());
     // Broken: the topology as it was (gpu-jobs admitting uploads), in the file and in the
     // subscription the program made from it.

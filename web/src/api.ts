@@ -120,6 +120,11 @@ export type Job = {
   lease_until: string | null;
   progress: Progress | null;
   failure: string | null;
+  /** Ready to run (its slide verified, or its retry due) and waiting for the lifecycle handlers
+   * to admit it to a GPU queue: tenants take turns, and only a few routine jobs are queued at a
+   * time (`Jobs__AdmissionWindow`). Only `GET /api/jobs` and `GET /api/jobs/{id}` carry it; a
+   * live `job.updated` does not, and absent means unknown (`status.ts`). */
+  waiting_for_admission?: boolean;
   manifest_key: string | null;
   manifest_sha256: string | null;
   submitted_by: string;

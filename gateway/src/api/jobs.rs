@@ -27,9 +27,10 @@ pub struct NewJob {
     pub kind: String,
     #[serde(default)]
     pub params: Option<serde_json::Value>,
-    /// `stat` or `routine` (the default). Who may ask for STAT is `Jobs__StatGroups`.
+    /// `stat` or `routine` (the default). Who may ask for STAT is `Jobs__StatGroups`. Read as
+    /// text, so that any other value (a number too) is a 422 that names the field.
     #[serde(default)]
-    pub priority: Priority,
+    pub priority: Option<String>,
 }
 
 /// The request as accepted, defaults filled in: what the idempotency fingerprint covers.
@@ -56,7 +57,13 @@ pub async fn create(
     ApiJson(body): ApiJson<NewJob>,
 ) -> ApiResult<Response> {
     who.require(WRITERS)?;
-    if body.priority == Priority::Stat && !state.limits.stat_roles.admits(&who) {
+    let priority: Priority = match body.priority.as_deref() {
+        None => Priority::Routine,
+        Some(p) => p
+            .parse()
+            .map_err(|e: String| ApiError::invalid(format!("priority: {e}")))?,
+    };
+    if priority == Priority::Stat && !state.limits.stat_roles.admits(&who) {
         let names = state.limits.stat_roles.names();
         return Err(ApiError::forbidden(if names.is_empty() {
             "priority: no one may submit STAT jobs here (Jobs__StatGroups is empty)".to_owned()
@@ -74,7 +81,7 @@ pub async fn create(
             let accepted = Accepted {
                 slide_id: body.slide_id,
                 spec: &spec,
-                priority: body.priority,
+                priority,
             };
             idempotency::claim_request(&state, &who, "jobs", k, &accepted, fresh.as_uuid()).await?
         }
@@ -102,7 +109,7 @@ pub async fn create(
                 kind: spec.kind().to_owned(),
                 params: spec.params(),
                 max_attempts: state.limits.job_max_attempts,
-                priority: body.priority,
+                priority,
             },
         )
         .await;
@@ -169,8 +176,9 @@ pub async fn list(
         submitted_before: q.until,
     };
     let page = state.read.jobs(&who.tenant, &filter, after, limit).await?;
+    let waiting = waiting_for_admission(&state, &page.items).await?;
     Ok(Json(json!({
-        "items": page.items.iter().map(super::public::public_view).collect::<Vec<_>>(),
+        "items": page.items.iter().map(|j| shown(j, &waiting)).collect::<Vec<_>>(),
         "next": page.next.map(|c| encode_cursor(&c)),
     })))
 }
@@ -187,7 +195,34 @@ pub async fn get_one(
         .job(&who.tenant, id.as_uuid())
         .await?
         .ok_or(ApiError::not_found("job"))?;
-    Ok(Json(super::public::public_view(&job)))
+    let waiting = waiting_for_admission(&state, std::slice::from_ref(&job)).await?;
+    Ok(Json(shown(&job, &waiting)))
+}
+
+/// Which of `jobs` are ready to run and wait for the handlers to admit them to a GPU queue
+/// (ADR 0027). Only jobs not queued yet can wait; the function answers for the ids given.
+async fn waiting_for_admission(state: &AppState, jobs: &[JobView]) -> ApiResult<std::collections::HashSet<uuid::Uuid>> {
+    let ids: Vec<uuid::Uuid> = jobs
+        .iter()
+        .filter(|j| matches!(j.status, JobStatus::Submitted | JobStatus::RetryScheduled))
+        .map(|j| j.job_id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let found: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT mira_jobs_waiting_for_admission($1)")
+        .bind(&ids)
+        .fetch_all(&state.pool)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(found.into_iter().collect())
+}
+
+/// A job as the API shows it: the view, and whether it waits for its admission.
+fn shown(job: &JobView, waiting: &std::collections::HashSet<uuid::Uuid>) -> serde_json::Value {
+    let mut v = super::public::public_view(job);
+    v["waiting_for_admission"] = json!(waiting.contains(&job.job_id));
+    v
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -158,6 +158,19 @@ pub async fn database_gauges(pool: &sqlx::PgPool) -> Result<Vec<Gauge>, sqlx::Er
             });
         }
     }
+    // Ready jobs the handlers have not admitted yet: what the GPU fleet scales on beside its
+    // queues (KEDA), since the queues hold only the admission window.
+    let (routine, stat): (i64, i64) = sqlx::query_as("SELECT routine, stat FROM mira_jobs_waiting_admission()")
+        .fetch_one(pool)
+        .await?;
+    for (priority, n) in [("routine", routine), ("stat", stat)] {
+        g.push(Gauge {
+            name: "mira_jobs_waiting_admission",
+            help: "Jobs ready to run (slide verified, retry due) that the handlers have not admitted to the GPU queues yet.",
+            labels: vec![("priority", priority.to_owned())],
+            value: n as f64,
+        });
+    }
     let w = mira_eventlog::store::watermark_lag(pool).await?;
     g.push(Gauge {
         name: "mira_log_watermark_lag_events",

@@ -22,6 +22,18 @@ fn derived_schemas() -> serde_json::Map<String, Value> {
         Some(Value::Object(m)) => m.clone(),
         _ => serde_json::Map::new(),
     };
+    // Whether a ready job waits for the handlers' admission: the API adds it to the view
+    // (`api::jobs::shown`; ADR 0027).
+    if let Some(p) = schemas
+        .get_mut("Job")
+        .and_then(|s| s.get_mut("properties"))
+        .and_then(Value::as_object_mut)
+    {
+        p.insert(
+            "waiting_for_admission".into(),
+            json!({"type": "boolean", "description": "Ready to run (its slide verified, or its retry due) and waiting for the lifecycle handlers to admit it to a GPU queue: tenants take turns, and a few routine jobs at a time are queued (Jobs__AdmissionWindow)."}),
+        );
+    }
     // The API shows jobs and slides without the log's global position (`api::public_view`).
     for name in ["Job", "Slide"] {
         if let Some(s) = schemas.get_mut(name) {

@@ -1,13 +1,14 @@
 import { useCallback, useEffect, useState } from "preact/hooks";
-import { ApiError, api, type Job, type TimelineEntry } from "../api";
+import { ApiError, api, type Job, type Slide, type TimelineEntry } from "../api";
 import { Link, useLive } from "../app";
 import type { Session } from "../auth";
 import { clock, shortHash, time } from "../format";
 import type { FeedMessage } from "../live";
 import { PriorityBadge } from "../priority";
+import { statusDetail, withSlide } from "../status";
 import { TableHead } from "../table";
 import { type RoutineRun, routineSummary, span, timelineRows } from "../timeline";
-import { JobActions, JobProgress } from "./jobs";
+import { JobActions, JobProgress, StatusDetailLine } from "./jobs";
 import { Badge } from "./slides";
 
 type Verification = {
@@ -81,6 +82,11 @@ export function JobPage(props: { id: string; who: Session }) {
     useCallback(
       (m: FeedMessage) => {
         if (m.type === "job.updated" && (m.job as Job | undefined)?.job_id === props.id) load();
+        // The job's own update does not come when its slide is verified: the job is then ready.
+        if (m.type === "slide.updated" && m.slide) {
+          const s = m.slide as Slide;
+          setJob((j) => j && withSlide(j, s));
+        }
       },
       [props.id, load],
     ),
@@ -93,6 +99,7 @@ export function JobPage(props: { id: string; who: Session }) {
       </p>
     );
   if (!job) return <p>Loading…</p>;
+  const detail = statusDetail(job);
   return (
     <section aria-labelledby="job-title">
       <h1 id="job-title">Job {job.job_id.slice(0, 8)}</h1>
@@ -100,6 +107,8 @@ export function JobPage(props: { id: string; who: Session }) {
         <dt>Status</dt>
         <dd>
           <Badge status={job.status} /> <JobProgress job={job} />
+          <StatusDetailLine job={job} />
+          {detail && <p class="muted">{detail.explain}</p>}
         </dd>
         <dt>Priority</dt>
         <dd>

@@ -1,11 +1,12 @@
 import { useCallback, useEffect, useState } from "preact/hooks";
-import { api, holds, type Job, WRITERS } from "../api";
+import { api, holds, type Job, type Slide, WRITERS } from "../api";
 import { Link, useLive } from "../app";
 import type { Session } from "../auth";
 import { percent, time } from "../format";
 import type { FeedMessage } from "../live";
 import { usePages } from "../pages";
 import { PriorityBadge } from "../priority";
+import { statusDetail, withLiveUpdate, withSlide } from "../status";
 import { TableHead } from "../table";
 import { Badge } from "./slides";
 
@@ -32,6 +33,16 @@ export function JobProgress(props: { job: Job }) {
       <span>{pct} %</span>
     </span>
   );
+}
+
+/** Why a job that has not started still waits, after its status: words, not colour. */
+export function StatusDetailLine(props: { job: Job }) {
+  const d = statusDetail(props.job);
+  return d ? (
+    <div class="reason" data-detail={d.reason}>
+      {d.short}
+    </div>
+  ) : null;
 }
 
 export function JobActions(props: { job: Job; who: Session; onChange: (j: Job) => void }) {
@@ -94,9 +105,10 @@ export function JobsPage(props: { who: Session }) {
         // A job's events are recorded in order: a state older than the one shown is dropped.
         if (i >= 0 && Date.parse(all[i].updated_at) > Date.parse(j.updated_at)) return all;
         if (status && j.status !== status) return all.filter((x) => x.job_id !== j.job_id);
-        if (i < 0) return [j, ...all].sort((a, b) => b.submitted_at.localeCompare(a.submitted_at));
+        const merged = withLiveUpdate(i >= 0 ? all[i] : undefined, j);
+        if (i < 0) return [merged, ...all].sort((a, b) => b.submitted_at.localeCompare(a.submitted_at));
         const copy = [...all];
-        copy[i] = j;
+        copy[i] = merged;
         return copy;
       }),
     [status],
@@ -106,8 +118,13 @@ export function JobsPage(props: { who: Session }) {
     useCallback(
       (m: FeedMessage) => {
         if (m.type === "job.updated" && m.job) upsert(m.job as Job);
+        // A verified slide makes its submitted jobs ready: they now wait for a GPU slot.
+        if (m.type === "slide.updated" && m.slide) {
+          const s = m.slide as Slide;
+          setJobs((all) => all.map((j) => withSlide(j, s)));
+        }
       },
-      [upsert],
+      [upsert, setJobs],
     ),
   );
 
@@ -151,6 +168,7 @@ export function JobsPage(props: { who: Session }) {
               </td>
               <td>
                 <Badge status={j.status} />
+                <StatusDetailLine job={j} />
                 {j.failure && <div class="reason">{j.failure}</div>}
               </td>
               <td>
