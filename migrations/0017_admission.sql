@@ -43,16 +43,20 @@ REVOKE ALL ON FUNCTION mira_jobs_waiting_admission() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION mira_jobs_waiting_admission() TO mira_api, mira_relay, mira_projector, mira_handlers, mira_app;
 
 -- The API shows which of a tenant's jobs are ready and wait for their admission
--- (`waiting_for_admission`); it passes the ids of the jobs it shows (its tenant's, from the
--- read model under row-level security) and learns which of those wait, nothing else.
-CREATE FUNCTION mira_jobs_waiting_for_admission(ids uuid[]) RETURNS SETOF uuid
+-- (`waiting_for_admission`); it passes its tenant and the ids of the jobs it shows (from the
+-- read model under row-level security) and learns which of that tenant's jobs wait, nothing
+-- else.
+CREATE FUNCTION mira_jobs_waiting_for_admission(tenant text, ids uuid[]) RETURNS SETOF uuid
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
     SELECT d.key::uuid FROM public.due_work d
-    WHERE d.kind = 'job.queue' AND d.due_at <= now()
+    -- Due now, or claimed by an admission sending its Queue (ADMISSION_CLAIM, 30 s); not a
+    -- retry still in its backoff.
+    WHERE d.kind = 'job.queue' AND d.due_at <= now() + interval '30 seconds'
+      AND d.payload::jsonb ->> 'tenant' = tenant
       AND d.key = ANY (SELECT i::text FROM unnest(ids) i)
 $$;
-REVOKE ALL ON FUNCTION mira_jobs_waiting_for_admission(uuid[]) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION mira_jobs_waiting_for_admission(uuid[]) TO mira_api, mira_app;
+REVOKE ALL ON FUNCTION mira_jobs_waiting_for_admission(text, uuid[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION mira_jobs_waiting_for_admission(text, uuid[]) TO mira_api, mira_app;
 
 -- Like handler_waiting (0008, 0014): under forced row-level security, reached by the handlers
 -- and the operator's role across tenants, by no other.

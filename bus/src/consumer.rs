@@ -413,7 +413,10 @@ impl Consumer {
                     )),
                 ));
             }
-            missing.retain(|e| self.cfg.admits(&EventMessage::from(e)));
+            // What this consumer's filters admit, and always the event delivered: the queue's
+            // subscription sent it, under a filter of its own time (a `SlideUploaded` left on
+            // `gpu-jobs` from before the `verify` queue took them is still verified).
+            missing.retain(|e| e.sequence == msg.sequence || self.cfg.admits(&EventMessage::from(e)));
             missing
         };
         for e in &events {

@@ -1,6 +1,7 @@
 //! Two queues read as one, the first before the second: the GPU worker's `gpu-jobs-stat`
-//! before its `gpu-jobs` (STAT before routine, ADR 0027). Each receive polls the first without
-//! waiting; only when it has nothing does the second get the receive, with its wait. A STAT
+//! before its `gpu-jobs` (STAT before routine, ADR 0027). Each receive polls the first (on SQS
+//! a one-second long poll, in process without waiting); only when it has nothing does the
+//! second get the receive, with its wait. A STAT
 //! job queued while the worker waits on the routine queue is taken on the next receive (within
 //! the consumer's wait), and a STAT job never overtakes one already running: nothing is
 //! preempted.
@@ -10,16 +11,33 @@ use std::time::Duration;
 
 use crate::{BusError, Delivery, Queue};
 
+/// The wait on the STAT queue before each routine receive, on SQS: a long poll (a short one
+/// samples SQS's servers and can miss a waiting message).
+pub const SQS_FIRST_WAIT: Duration = Duration::from_secs(1);
+
 /// `first`, then `then`. Receipts are tagged with the queue they came from, so each message
 /// is deleted, extended or released on its own queue.
 pub struct FirstThen {
     first: Arc<dyn Queue>,
     then: Arc<dyn Queue>,
+    first_wait: Duration,
 }
 
 impl FirstThen {
     pub fn new(first: Arc<dyn Queue>, then: Arc<dyn Queue>) -> Self {
-        Self { first, then }
+        Self {
+            first,
+            then,
+            first_wait: Duration::ZERO,
+        }
+    }
+
+    /// How long each receive waits on the first queue. SQS answers a receive that does not
+    /// wait from a sample of its servers, and can answer nothing while a message waits: on
+    /// SQS the worker waits a second (`mira_bus::priority::SQS_FIRST_WAIT`).
+    pub fn with_first_wait(mut self, wait: Duration) -> Self {
+        self.first_wait = wait;
+        self
     }
 
     fn route(&self, receipt: &str) -> Result<(&dyn Queue, String), BusError> {
@@ -44,7 +62,7 @@ fn tagged(tag: &str, batch: Vec<Delivery>) -> Vec<Delivery> {
 #[async_trait::async_trait]
 impl Queue for FirstThen {
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
-        let first = self.first.receive(max, Duration::ZERO).await?;
+        let first = self.first.receive(max, self.first_wait).await?;
         if !first.is_empty() {
             return Ok(tagged("1", first));
         }

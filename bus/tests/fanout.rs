@@ -799,3 +799,26 @@ async fn a_witness_that_hangs_never_holds_publishing_back() {
     stop.cancel();
     running.await.unwrap().unwrap();
 }
+
+/// A message its queue's subscription sent under an older filter (a `SlideUploaded` left on
+/// `gpu-jobs` from before the `verify` queue took them) is applied, though the consumer's
+/// filter no longer admits it: the gap before it is filled from the log without dropping it.
+#[tokio::test]
+async fn a_message_an_older_filter_delivered_is_applied() {
+    let bus = Arc::new(MemoryBus::new(Duration::from_secs(2), 20, &[Group::GpuJobs]));
+    let w = World::new(bus.clone()).await;
+    w.commands(0, 1).await;
+    let uploaded = w
+        .all_events()
+        .await
+        .into_iter()
+        .find(|e| e.event_type == "SlideUploaded")
+        .expect("an uploaded slide");
+    assert!(!Group::GpuJobs.admits(&EventMessage::from(&uploaded)));
+    let m = EventMessage::from(&uploaded);
+    bus.memory_queue(Group::GpuJobs)
+        .send(m.group_id(), m.event_id.to_string(), m.to_body());
+    w.consume_until(Group::GpuJobs, 3, |fx| !fx.is_empty()).await;
+    let kinds: Vec<String> = w.effects(Group::GpuJobs).await.into_iter().map(|e| e.3).collect();
+    assert_eq!(kinds, ["SlideUploaded"]);
+}

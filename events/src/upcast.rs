@@ -146,7 +146,6 @@ mod tests {
                         (m.get("event_type"), m.get("event_version"), m.get("payload"))
                     {
                         if t.starts_with("Job") {
-                            let before = payload.clone();
                             let stored = SerializedEvent::new(
                                 "j".into(),
                                 1,
@@ -164,7 +163,6 @@ mod tests {
                                 other => panic!("{other:?}"),
                             };
                             assert_eq!(p, crate::Priority::Routine, "{t} v{ver}");
-                            assert_eq!(payload, &before);
                             seen.push((t.clone(), ver.clone()));
                         }
                     }

@@ -4109,7 +4109,7 @@ async fn a_stat_job_starts_before_fifty_routine_jobs_queued_ahead() {
         "at most the running job (and one that began before the STAT job was queued) went first: {started_before}"
     );
     eprintln!(
-        "STAT job: queued to started in {} ms with {} routine jobs queued ahead of it",
+        "STAT job: queued to started in {} ms with {} routine jobs ready ahead of it (queued or waiting for admission)",
         (first_start_after.3 - stat_queued.3).num_milliseconds(),
         50 - started_before
     );

@@ -819,7 +819,11 @@ async fn consume(
         .iter()
         .rev()
         .fold(bus.queue(group), |then, g| -> Arc<dyn mira_bus::Queue> {
-            Arc::new(mira_bus::priority::FirstThen::new(bus.queue(*g), then))
+            let first = mira_bus::priority::FirstThen::new(bus.queue(*g), then);
+            Arc::new(match settings.messaging.provider {
+                MessagingProvider::Aws => first.with_first_wait(mira_bus::priority::SQS_FIRST_WAIT),
+                MessagingProvider::InMemory => first,
+            })
         });
     let names: Vec<&str> = groups.iter().map(|g| g.suffix()).collect();
     tracing::info!(queues = ?names, "worker ready");

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::AggregateError;
-use mira_aggregates::{JobCommand, JobError, SlideStatus};
+use mira_aggregates::{JobCommand, JobError, JobStatus, SlideStatus};
 use mira_bus::consumer::{Apply, ApplyError};
 use mira_eventlog::commands::Commands;
 use mira_eventlog::StoredEvent;
@@ -276,11 +276,18 @@ impl Apply for Lifecycle {
                 JobEvent::JobStarted {
                     attempt, lease_until, ..
                 } => {
-                    // The admitted job is running: it no longer counts against the window.
-                    sqlx::query("UPDATE job_slots SET started = true WHERE job_id = $1")
-                        .bind(uuid::Uuid::parse_str(&e.aggregate_id).map_err(failed)?)
-                        .execute(&mut *tx)
-                        .await?;
+                    // The admitted job is running: it no longer counts against the window. An
+                    // upsert: the admission that queued it may commit its row after this event
+                    // arrives (the worker can start a job before that transaction ends), and
+                    // its insert then leaves this row as it is.
+                    sqlx::query(
+                        "INSERT INTO job_slots (job_id, tenant_id, priority, started) VALUES ($1, $2, 'routine', true) \
+                         ON CONFLICT (job_id) DO UPDATE SET started = true",
+                    )
+                    .bind(uuid::Uuid::parse_str(&e.aggregate_id).map_err(failed)?)
+                    .bind(&e.tenant_id)
+                    .execute(&mut *tx)
+                    .await?;
                     Self::schedule(
                         tx,
                         LEASE,
@@ -353,6 +360,14 @@ impl Default for Admission {
         }
     }
 }
+
+/// How long an admission holds a ready row while it sends the job's `Queue`: a crash in
+/// between leaves the row due again after this.
+pub const ADMISSION_CLAIM: Duration = Duration::from_secs(30);
+
+/// A job queued this long without starting no longer holds a place in the admission window
+/// (its message was lost, or no worker can take it): the window admits others around it.
+pub const QUEUED_SLOT_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 /// A job ready to be queued: its row in the due-time table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -522,43 +537,53 @@ impl DueRunner {
     }
 
     /// Admits ready jobs (the `job.queue` rows due at `now`) as [`choose`] says, and queues
-    /// them; returns how many rows were settled. One admitter at a time (an advisory lock), so
-    /// two handler tasks never both fill the window.
+    /// them; returns how many rows were settled. Two steps, so that no transaction spans the
+    /// commands: under an advisory lock (one admitter across handler tasks; a busy lock skips
+    /// this turn), a short transaction reserves each chosen job's slot and claims its row for
+    /// [`ADMISSION_CLAIM`]; then each `Queue` is sent, and its row deleted, or moved with the
+    /// slot freed where the job was not queued.
     pub async fn admit(&self, now: DateTime<Utc>) -> Result<usize, sqlx::Error> {
         use sqlx::Row;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('mira.admission', 0))")
-            .execute(&mut *tx)
-            .await?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended('mira.admission', 0))")
+                .fetch_one(&mut *tx)
+                .await?;
+        if !locked {
+            return Ok(0);
+        }
+        // STAT rows, and each tenant's oldest (no more than one turn can take), however many
+        // older rows other tenants have.
         let rows = sqlx::query(
-            "SELECT key, due_at, payload FROM due_work WHERE kind = $1 AND due_at <= $2 \
-             ORDER BY due_at LIMIT 2000 FOR UPDATE SKIP LOCKED",
+            "SELECT key, due_at, payload FROM due_work WHERE kind = $1 AND key IN ( \
+               SELECT key FROM ( \
+                 SELECT key, coalesce(payload::jsonb ->> 'priority', 'routine') = 'stat' AS stat, \
+                        row_number() OVER (PARTITION BY payload::jsonb ->> 'tenant' ORDER BY due_at, key) AS n \
+                 FROM due_work WHERE kind = $1 AND due_at <= $2) r \
+               WHERE r.stat OR r.n <= $3) \
+             ORDER BY due_at, key LIMIT 2000 FOR UPDATE SKIP LOCKED",
         )
         .bind(QUEUE)
         .bind(now)
+        .bind(i64::from(self.admission.window))
         .fetch_all(&mut *tx)
         .await?;
         let mut ready = Vec::new();
         let mut items = Vec::new();
         let mut settled = 0;
         for r in rows {
-            let (key, due_at, payload): (String, DateTime<Utc>, String) =
-                (r.try_get("key")?, r.try_get("due_at")?, r.try_get("payload")?);
+            let (key, payload): (String, String) = (r.try_get("key")?, r.try_get("payload")?);
             match (serde_json::from_str::<DueCommand>(&payload), JobId::parse(&key)) {
                 (Ok(w), Ok(id)) if TenantId::parse(&w.tenant).is_ok() => {
                     ready.push(Ready {
                         tenant: w.tenant.clone(),
                         priority: w.priority,
                     });
-                    items.push((key, due_at, w, id));
+                    items.push((key, w, id));
                 }
                 _ => {
                     tracing::error!(kind = QUEUE, key, "unreadable due row dropped");
-                    sqlx::query("DELETE FROM due_work WHERE kind = $1 AND key = $2")
-                        .bind(QUEUE)
-                        .bind(&key)
-                        .execute(&mut *tx)
-                        .await?;
+                    due::cancel(&mut tx, QUEUE, &key).await?;
                     settled += 1;
                 }
             }
@@ -583,8 +608,40 @@ impl DueRunner {
                 .await?
                 .into_iter()
                 .collect();
-        for i in choose(&ready, &slots, &turns, self.admission) {
-            let (key, due_at, w, id) = &items[i];
+        let chosen = choose(&ready, &slots, &turns, self.admission);
+        let claim = now + chrono::Duration::from_std(ADMISSION_CLAIM).unwrap_or_default();
+        for &i in &chosen {
+            let (key, w, id) = &items[i];
+            // The slot first: the job's JobStarted, or its end, may reach the handlers before
+            // this runner has done anything more.
+            sqlx::query(
+                "INSERT INTO job_slots (job_id, tenant_id, priority) VALUES ($1, $2, $3) \
+                 ON CONFLICT (job_id) DO UPDATE SET priority = EXCLUDED.priority",
+            )
+            .bind(id.as_uuid())
+            .bind(&w.tenant)
+            .bind(w.priority.as_str())
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE due_work SET due_at = $3 WHERE kind = $1 AND key = $2")
+                .bind(QUEUE)
+                .bind(key)
+                .bind(claim)
+                .execute(&mut *tx)
+                .await?;
+            if w.priority == Priority::Routine {
+                sqlx::query(
+                    "INSERT INTO admission_turns (tenant_id, last_admitted) VALUES ($1, clock_timestamp()) \
+                     ON CONFLICT (tenant_id) DO UPDATE SET last_admitted = EXCLUDED.last_admitted",
+                )
+                .bind(&w.tenant)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        for &i in &chosen {
+            let (key, w, id) = &items[i];
             let ctx = CommandContext {
                 tenant: TenantId::parse(&w.tenant).expect("checked above"),
                 actor: Actor::system("handlers"),
@@ -595,55 +652,84 @@ impl DueRunner {
             };
             let r = self.commands.job(&ctx, *id, JobCommand::Queue { now }).await;
             let queued = r.is_ok();
+            let mut conn = self.pool.acquire().await?;
             match settle(QUEUE, key, r, now) {
-                None => {
-                    sqlx::query("DELETE FROM due_work WHERE kind = $1 AND key = $2 AND due_at = $3")
-                        .bind(QUEUE)
-                        .bind(key)
-                        .bind(due_at)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                None => due::cancel(&mut conn, QUEUE, key).await?,
                 Some(later) => {
-                    sqlx::query("UPDATE due_work SET due_at = $4 WHERE kind = $1 AND key = $2 AND due_at = $3")
+                    sqlx::query("UPDATE due_work SET due_at = $3 WHERE kind = $1 AND key = $2")
                         .bind(QUEUE)
                         .bind(key)
-                        .bind(due_at)
                         .bind(later)
-                        .execute(&mut *tx)
+                        .execute(&mut *conn)
                         .await?;
                 }
+            }
+            if !queued {
+                // Not queued now (moved on, not due, a conflict): the slot is not its.
+                sqlx::query("DELETE FROM job_slots WHERE job_id = $1 AND NOT started")
+                    .bind(id.as_uuid())
+                    .execute(&mut *conn)
+                    .await?;
             }
             settled += 1;
-            if queued {
-                sqlx::query(
-                    "INSERT INTO job_slots (job_id, tenant_id, priority) VALUES ($1, $2, $3) \
-                     ON CONFLICT (job_id) DO UPDATE SET started = false, priority = EXCLUDED.priority, admitted_at = now()",
-                )
-                .bind(id.as_uuid())
-                .bind(&w.tenant)
-                .bind(w.priority.as_str())
-                .execute(&mut *tx)
-                .await?;
-                if w.priority == Priority::Routine {
-                    sqlx::query(
-                        "INSERT INTO admission_turns (tenant_id, last_admitted) VALUES ($1, clock_timestamp()) \
-                         ON CONFLICT (tenant_id) DO UPDATE SET last_admitted = EXCLUDED.last_admitted",
-                    )
-                    .bind(&w.tenant)
-                    .execute(&mut *tx)
-                    .await?;
+        }
+        Ok(settled)
+    }
+
+    /// Frees the slots no admitted job holds any more: the job's attempt ended (its end
+    /// handled by a handler of the release before, or lost in a race), or it has been queued
+    /// for [`QUEUED_SLOT_LIMIT`] without starting (its message lost: it no longer holds the
+    /// window). The log says which; slots younger than a minute are left alone.
+    pub async fn reconcile_slots(&self) -> Result<usize, sqlx::Error> {
+        let held: Vec<(uuid::Uuid, String, bool, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT job_id, tenant_id, started, admitted_at FROM job_slots WHERE admitted_at < now() - interval '1 minute'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut freed = 0;
+        for (job, tenant, started, admitted_at) in held {
+            let Ok(t) = TenantId::parse(&tenant) else { continue };
+            let state = match self.commands.load_job(&t, JobId(job)).await {
+                Ok(s) => s.map(|j| j.status),
+                Err(e) => {
+                    tracing::warn!(job_id = %job, error = %e, "cannot read a job to check its slot");
+                    continue;
                 }
+            };
+            let stale = Utc::now() - chrono::Duration::from_std(QUEUED_SLOT_LIMIT).unwrap_or_default();
+            let keep = match state {
+                Some(JobStatus::Running | JobStatus::CancelRequested) => {
+                    if !started {
+                        sqlx::query("UPDATE job_slots SET started = true WHERE job_id = $1")
+                            .bind(job)
+                            .execute(&self.pool)
+                            .await?;
+                    }
+                    true
+                }
+                Some(JobStatus::Queued) => started || admitted_at > stale,
+                _ => false,
+            };
+            if !keep {
+                sqlx::query("DELETE FROM job_slots WHERE job_id = $1 AND admitted_at = $2")
+                    .bind(job)
+                    .bind(admitted_at)
+                    .execute(&self.pool)
+                    .await?;
+                freed += 1;
             }
         }
-        tx.commit().await?;
-        Ok(settled)
+        Ok(freed)
     }
 
     /// Runs every row due at `now`; returns how many were taken.
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<usize, sqlx::Error> {
         let mut n = 0;
-        n += self.admit(now).await?;
+        // Admission's trouble must not hold back lease expiry and the slide waits.
+        match self.admit(now).await {
+            Ok(k) => n += k,
+            Err(e) => tracing::warn!(error = %e, "admission failed; trying again"),
+        }
         for kind in [FAIL, LEASE, SLIDE_WAIT] {
             let commands = self.commands.clone();
             let taken = due::take_due(&self.pool, kind, now, 50, move |conn, item| {
@@ -697,7 +783,14 @@ impl DueRunner {
 
     /// Runs until `shutdown`.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), sqlx::Error> {
+        let mut reconciled = std::time::Instant::now();
         while !shutdown.is_cancelled() {
+            if reconciled.elapsed() >= Duration::from_secs(60) {
+                reconciled = std::time::Instant::now();
+                if let Err(e) = self.reconcile_slots().await {
+                    tracing::warn!(error = %e, "checking the admission slots failed");
+                }
+            }
             let n = match self.run_once(Utc::now()).await {
                 Ok(n) => n,
                 Err(e) => {

@@ -469,3 +469,68 @@ async fn a_cancel_requested_while_running_ends_cancelled_when_the_worker_is_gone
         w.events(job).await
     );
 }
+
+/// A slot no admitted job holds any more (its attempt ended where this runner did not see
+/// it: a handler of the release before, a race) is freed, so the admission window does not
+/// shrink for good; a queued job's slot is kept, and a running job's is marked started.
+#[tokio::test]
+async fn slots_no_job_holds_are_freed() {
+    let w = World::new().await;
+    let submit = |id: JobId| {
+        let w = &w;
+        async move {
+            w.commands
+                .job(
+                    &user(),
+                    id,
+                    JobCommand::Submit {
+                        slide_id: SlideId::new(),
+                        kind: "wsi.preprocess".into(),
+                        params: serde_json::json!({}),
+                        max_attempts: 3,
+                        priority: mira_aggregates::Priority::Routine,
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let (ended, queued, running) = (JobId::new(), JobId::new(), JobId::new());
+    for id in [ended, queued, running] {
+        submit(id).await;
+    }
+    for id in [queued, running] {
+        w.commands
+            .job(&user(), id, JobCommand::Queue { now: Utc::now() })
+            .await
+            .unwrap();
+    }
+    w.commands
+        .job(
+            &worker(),
+            running,
+            JobCommand::Start {
+                attempt: 1,
+                worker_id: "w-1".into(),
+                lease_until: Utc::now() + chrono::Duration::minutes(5),
+                now: Utc::now(),
+            },
+        )
+        .await
+        .unwrap();
+    for id in [ended, queued, running] {
+        sqlx::query(
+            "INSERT INTO job_slots (job_id, tenant_id, priority, admitted_at) VALUES ($1, 'lab', 'routine', now() - interval '2 minutes')",
+        )
+        .bind(id.as_uuid())
+        .execute(&w.db.pool)
+        .await
+        .unwrap();
+    }
+    assert_eq!(w.runner.reconcile_slots().await.unwrap(), 1);
+    let left: Vec<(uuid::Uuid, bool)> = sqlx::query_as("SELECT job_id, started FROM job_slots ORDER BY started")
+        .fetch_all(&w.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, [(queued.as_uuid(), false), (running.as_uuid(), true)]);
+}

@@ -73,8 +73,10 @@ pub struct JobView {
     pub status: JobStatus,
     pub attempt: i32,
     pub max_attempts: i32,
-    /// `stat` or `routine`. A STAT job is taken before every routine one waiting.
+    /// `stat` or `routine`. A STAT job is taken before every routine one waiting. Routine
+    /// in a row written before the column existed.
     #[schema(inline)]
+    #[serde(default)]
     pub priority: Priority,
     pub worker_id: Option<String>,
     pub lease_until: Option<DateTime<Utc>>,

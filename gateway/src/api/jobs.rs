@@ -176,7 +176,7 @@ pub async fn list(
         submitted_before: q.until,
     };
     let page = state.read.jobs(&who.tenant, &filter, after, limit).await?;
-    let waiting = waiting_for_admission(&state, &page.items).await?;
+    let waiting = waiting_for_admission(&state, &who, &page.items).await?;
     Ok(Json(json!({
         "items": page.items.iter().map(|j| shown(j, &waiting)).collect::<Vec<_>>(),
         "next": page.next.map(|c| encode_cursor(&c)),
@@ -195,13 +195,17 @@ pub async fn get_one(
         .job(&who.tenant, id.as_uuid())
         .await?
         .ok_or(ApiError::not_found("job"))?;
-    let waiting = waiting_for_admission(&state, std::slice::from_ref(&job)).await?;
+    let waiting = waiting_for_admission(&state, &who, std::slice::from_ref(&job)).await?;
     Ok(Json(shown(&job, &waiting)))
 }
 
 /// Which of `jobs` are ready to run and wait for the handlers to admit them to a GPU queue
 /// (ADR 0027). Only jobs not queued yet can wait; the function answers for the ids given.
-async fn waiting_for_admission(state: &AppState, jobs: &[JobView]) -> ApiResult<std::collections::HashSet<uuid::Uuid>> {
+async fn waiting_for_admission(
+    state: &AppState,
+    who: &Identity,
+    jobs: &[JobView],
+) -> ApiResult<std::collections::HashSet<uuid::Uuid>> {
     let ids: Vec<uuid::Uuid> = jobs
         .iter()
         .filter(|j| matches!(j.status, JobStatus::Submitted | JobStatus::RetryScheduled))
@@ -210,7 +214,8 @@ async fn waiting_for_admission(state: &AppState, jobs: &[JobView]) -> ApiResult<
     if ids.is_empty() {
         return Ok(Default::default());
     }
-    let found: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT mira_jobs_waiting_for_admission($1)")
+    let found: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT mira_jobs_waiting_for_admission($1, $2)")
+        .bind(who.tenant.as_str())
         .bind(&ids)
         .fetch_all(&state.pool)
         .await
