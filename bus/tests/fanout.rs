@@ -552,6 +552,50 @@ async fn a_forged_message_changes_nothing_and_is_dead_lettered(bus: Arc<dyn Bus>
     assert_exactly_once_in_order(&w.effects(Group::Projections).await, &events.iter().collect::<Vec<_>>());
 }
 
+/// A `JobQueued` published without a `priority` attribute (by a relay of the release before)
+/// reaches the routine queue and not the STAT one: the `{"exists": false}` matcher, applied by
+/// SNS itself on moto and by the in-memory bus.
+async fn a_queued_job_without_a_priority_attribute_is_routine(bus: Arc<dyn Bus>) {
+    let w = World::new(bus.clone()).await;
+    w.commands(1, 0).await;
+    let queued = w
+        .all_events()
+        .await
+        .into_iter()
+        .find(|e| e.event_type == "JobQueued")
+        .expect("a queued job");
+    // Not a Job's: this relay publishes no `priority` for it, as the release before did for
+    // every JobQueued.
+    let m = EventMessage {
+        aggregate_type: "Legacy".into(),
+        ..EventMessage::from(&queued)
+    };
+    assert_eq!(m.attribute("priority"), None);
+    assert!(bus
+        .publisher()
+        .publish(std::slice::from_ref(&m))
+        .await
+        .unwrap()
+        .is_empty());
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.is_empty() && Instant::now() < deadline {
+        got = bus
+            .queue(Group::GpuJobs)
+            .receive(10, Duration::from_millis(500))
+            .await
+            .unwrap();
+    }
+    assert_eq!(got.len(), 1, "the routine queue has it");
+    assert!(got[0].body.contains(&m.event_id.to_string()));
+    let stat = bus
+        .queue(Group::GpuJobsStat)
+        .receive(10, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(stat.is_empty(), "the STAT queue has nothing");
+}
+
 macro_rules! both_buses {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -572,6 +616,7 @@ both_buses!(
     a_poison_event_parks_its_aggregate_until_redrive,
     out_of_order_and_duplicate_delivery_converges,
     a_forged_message_changes_nothing_and_is_dead_lettered,
+    a_queued_job_without_a_priority_attribute_is_routine,
 );
 
 /// What `mira bus init` creates on moto, read back attribute by attribute, is the topology
