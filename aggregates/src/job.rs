@@ -17,7 +17,7 @@
 use chrono::{DateTime, Duration, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
-use mira_events::{JobEvent, JobId, Priority, SlideId, TenantId, Usage};
+use mira_events::{JobEvent, JobId, JobSpec, Priority, SlideId, TenantId, Usage};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,8 +86,8 @@ impl utoipa::ToSchema for JobStatus {}
 pub struct Job {
     pub status: JobStatus,
     pub slide_id: Option<SlideId>,
-    pub kind: String,
-    pub params: serde_json::Value,
+    /// What the job runs: its kind and parameters, from the submission.
+    pub spec: Option<JobSpec>,
     /// The attempts one submission (or one user retry) may use.
     pub attempt_budget: u32,
     /// The highest attempt number allowed before failure is final.
@@ -111,10 +111,10 @@ pub struct Job {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobCommand {
+    /// A spec this build cannot read ([`JobSpec::Unknown`]) is refused.
     Submit {
         slide_id: SlideId,
-        kind: String,
-        params: serde_json::Value,
+        spec: JobSpec,
         max_attempts: u32,
         priority: Priority,
     },
@@ -332,29 +332,27 @@ impl Job {
         let events = match command {
             JobCommand::Submit {
                 slide_id,
-                kind,
-                params,
+                spec,
                 max_attempts,
                 priority,
             } => {
                 if self.status != S::New {
                     return Err(JobError::AlreadyExists);
                 }
-                if kind.is_empty() || kind.len() > 64 {
-                    return Err(JobError::Invalid("kind must be 1 to 64 characters".into()));
+                if let JobSpec::Unknown { kind, .. } = spec {
+                    return Err(JobError::Invalid(format!(
+                        "{kind:?} with these parameters is not a job this version of Mira runs"
+                    )));
                 }
+                spec.validate().map_err(|e| JobError::Invalid(e.to_string()))?;
                 if !(1..=MAX_ATTEMPTS_LIMIT).contains(max_attempts) {
                     return Err(JobError::Invalid(format!(
                         "max_attempts must be 1 to {MAX_ATTEMPTS_LIMIT}"
                     )));
                 }
-                if !params.is_object() {
-                    return Err(JobError::Invalid("params must be a JSON object".into()));
-                }
                 vec![JobEvent::JobSubmitted {
                     slide_id: *slide_id,
-                    kind: kind.clone(),
-                    params: params.clone(),
+                    spec: spec.clone(),
                     max_attempts: *max_attempts,
                     priority: *priority,
                 }]
@@ -519,16 +517,14 @@ impl Aggregate for Job {
         match event {
             JobEvent::JobSubmitted {
                 slide_id,
-                kind,
-                params,
+                spec,
                 max_attempts,
                 priority,
             } => {
                 self.status = JobStatus::Submitted;
                 self.priority = priority;
                 self.slide_id = Some(slide_id);
-                self.kind = kind;
-                self.params = params;
+                self.spec = Some(spec);
                 self.attempt_budget = max_attempts;
                 self.max_attempts = max_attempts;
             }

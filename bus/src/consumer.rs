@@ -45,6 +45,9 @@ pub enum ApplyError {
     Failed(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The event does not read as its consumer expects.
+    #[error(transparent)]
+    Decode(#[from] mira_eventlog::repo::DecodeError),
 }
 
 /// A consumer's effect. `apply` runs inside the consumer's transaction; whatever it writes

@@ -173,8 +173,7 @@ impl World {
             let id = JobId::new().to_string();
             let submit = JobCommand::Submit {
                 slide_id: SlideId::new(),
-                kind: "wsi.preprocess".into(),
-                params: serde_json::json!({}),
+                spec: mira_events::JobSpec::Preprocess(Default::default()),
                 max_attempts: 3,
                 // Every other job is STAT: its JobQueued goes to gpu-jobs-stat.
                 priority: if n % 2 == 1 {

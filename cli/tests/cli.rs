@@ -197,8 +197,7 @@ async fn replay_returns_the_state_between_two_events() {
         id,
         JobCommand::Submit {
             slide_id: SlideId::new(),
-            kind: "wsi.preprocess".into(),
-            params: serde_json::json!({}),
+            spec: mira_events::JobSpec::Preprocess(Default::default()),
             max_attempts: 3,
             priority: mira_aggregates::Priority::Routine,
         },
@@ -283,8 +282,7 @@ async fn verify_checkpoint_and_an_export_that_reverifies_outside_mira() {
             id,
             JobCommand::Submit {
                 slide_id: SlideId::new(),
-                kind: "wsi.preprocess".into(),
-                params: serde_json::json!({"tile_size": 254}),
+                spec: mira_events::JobSpec::Preprocess(Default::default()),
                 max_attempts: 3,
                 priority: mira_aggregates::Priority::Routine,
             },
@@ -514,8 +512,7 @@ async fn submit_jobs(db: &TestDb, env: &Env, n: usize) {
         let id = JobId::new();
         let submit = JobCommand::Submit {
             slide_id: SlideId::new(),
-            kind: "wsi.preprocess".into(),
-            params: serde_json::json!({"tile_size": 254}),
+            spec: mira_events::JobSpec::Preprocess(Default::default()),
             max_attempts: 3,
             priority: mira_aggregates::Priority::Routine,
         };
@@ -693,8 +690,7 @@ async fn serve_runs_the_roles_that_roles_enabled_names() {
     let id = JobId::new();
     let submit = JobCommand::Submit {
         slide_id: SlideId::new(),
-        kind: "wsi.preprocess".into(),
-        params: serde_json::json!({}),
+        spec: mira_events::JobSpec::Preprocess(Default::default()),
         max_attempts: 3,
         priority: mira_aggregates::Priority::Routine,
     };
@@ -770,8 +766,7 @@ async fn bus_init_is_idempotent_and_the_relay_publishes_checkpoints_and_stops_on
         let id = JobId::new();
         let submit = JobCommand::Submit {
             slide_id: SlideId::new(),
-            kind: "wsi.preprocess".into(),
-            params: serde_json::json!({}),
+            spec: mira_events::JobSpec::Preprocess(Default::default()),
             max_attempts: 3,
             priority: mira_aggregates::Priority::Routine,
         };
@@ -919,8 +914,7 @@ async fn projections_list_status_and_rebuild() {
     for _ in 0..3 {
         let submit = JobCommand::Submit {
             slide_id: SlideId::new(),
-            kind: "wsi.preprocess".into(),
-            params: serde_json::json!({}),
+            spec: mira_events::JobSpec::Preprocess(Default::default()),
             max_attempts: 3,
             priority: mira_aggregates::Priority::Routine,
         };

@@ -32,11 +32,63 @@ fn conn_err(e: sqlx::Error) -> PersistenceError {
     PersistenceError::ConnectionError(boxed(e))
 }
 
-/// A stored event's payload, upcast to the current version and read as `E`: what every
-/// consumer of the log (projector, handlers, worker) does with an event.
-pub fn decode<E: serde::de::DeserializeOwned>(e: &StoredEvent) -> Result<E, String> {
-    let s = mira_events::upcast::upcast(to_serialized(e.clone()).map_err(|x| x.to_string())?);
-    serde_json::from_value(s.payload).map_err(|x| x.to_string())
+/// Why a stored event cannot be read as its consumer expects. Names the event by its position.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("event at position {position}: the tenant id {id:?} is invalid: {source}")]
+    Tenant {
+        position: i64,
+        id: String,
+        source: mira_events::IdError,
+    },
+    #[error("event at position {position}: the {aggregate} id {id:?} is invalid: {source}")]
+    Id {
+        position: i64,
+        aggregate: String,
+        id: String,
+        source: mira_events::IdError,
+    },
+    #[error("event at position {position}: {event_type} (version {version}) does not read: {reason}")]
+    Payload {
+        position: i64,
+        event_type: String,
+        version: String,
+        reason: String,
+    },
+}
+
+impl StoredEvent {
+    /// The payload, upcast to the current version and read as `E`: what every consumer of the
+    /// log (projector, handlers, worker) does with an event.
+    pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<E, DecodeError> {
+        let bad = |reason: String| DecodeError::Payload {
+            position: self.global_position,
+            event_type: self.event_type.clone(),
+            version: self.event_version.clone(),
+            reason,
+        };
+        let s = mira_events::upcast::upcast(to_serialized(self.clone()).map_err(|x| bad(x.to_string()))?);
+        serde_json::from_value(s.payload).map_err(|x| bad(x.to_string()))
+    }
+
+    /// The tenant whose stream the event is in.
+    pub fn tenant(&self) -> Result<TenantId, DecodeError> {
+        TenantId::parse(&self.tenant_id).map_err(|source| DecodeError::Tenant {
+            position: self.global_position,
+            id: self.tenant_id.clone(),
+            source,
+        })
+    }
+
+    /// The aggregate's id, typed: `e.id::<JobId>()`.
+    pub fn id<I: std::str::FromStr<Err = mira_events::IdError>>(&self) -> Result<I, DecodeError> {
+        self.aggregate_id.parse().map_err(|source| DecodeError::Id {
+            position: self.global_position,
+            aggregate: self.aggregate_type.clone(),
+            id: self.aggregate_id.clone(),
+            source,
+        })
+    }
 }
 
 /// A stored event as cqrs-es wants it: the payload as JSON, and the metadata as its flat map.

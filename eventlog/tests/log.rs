@@ -38,8 +38,7 @@ fn ctx(t: &str) -> std::collections::HashMap<String, String> {
 fn submit() -> JobCommand {
     JobCommand::Submit {
         slide_id: SlideId::new(),
-        kind: "wsi.preprocess".into(),
-        params: serde_json::json!({}),
+        spec: mira_events::JobSpec::Preprocess(Default::default()),
         max_attempts: 3,
         priority: mira_aggregates::Priority::Routine,
     }

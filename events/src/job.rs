@@ -7,6 +7,7 @@ use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::SlideId;
+use crate::params::JobSpec;
 
 /// What a finished attempt consumed, for per-tenant usage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,11 +53,12 @@ impl std::str::FromStr for Priority {
 #[serde(tag = "type")]
 pub enum JobEvent {
     /// Version 3. Version 1 had no `max_attempts`, version 2 no `priority`; their upcasters
-    /// supply the old default and `routine`.
+    /// supply the old default and `routine`. The spec is stored as the two fields `kind` and
+    /// `params` it always had; one this build cannot read is [`JobSpec::Unknown`].
     JobSubmitted {
         slide_id: SlideId,
-        kind: String,
-        params: serde_json::Value,
+        #[serde(flatten)]
+        spec: JobSpec,
         max_attempts: u32,
         priority: Priority,
     },
@@ -154,5 +156,36 @@ impl DomainEvent for JobEvent {
             _ => "1",
         }
         .to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::{JobSpec, PreprocessParams};
+
+    /// A `JobSubmitted` is written with the bytes it had while its spec was two loose fields
+    /// (`kind`, and `params` as a JSON value, so with its keys sorted), whether serialised
+    /// directly or through a JSON value (as the store does), and reads back to the same event.
+    #[test]
+    fn job_submitted_keeps_its_bytes() {
+        let e = JobEvent::JobSubmitted {
+            slide_id: SlideId::parse("0190d5a4-0000-7000-8000-000000000002").unwrap(),
+            spec: JobSpec::Preprocess(PreprocessParams::default()),
+            max_attempts: 3,
+            priority: Priority::Routine,
+        };
+        let direct = r#"{"type":"JobSubmitted","slide_id":"0190d5a4-0000-7000-8000-000000000002","kind":"wsi.preprocess","params":{"format":"jpeg","normalize":"none","overlap":1,"quality":80,"tile_size":254,"tissue":true},"max_attempts":3,"priority":"routine"}"#;
+        assert_eq!(serde_json::to_string(&e).unwrap(), direct);
+        let sorted = r#"{"kind":"wsi.preprocess","max_attempts":3,"params":{"format":"jpeg","normalize":"none","overlap":1,"quality":80,"tile_size":254,"tissue":true},"priority":"routine","slide_id":"0190d5a4-0000-7000-8000-000000000002","type":"JobSubmitted"}"#;
+        assert_eq!(serde_json::to_value(&e).unwrap().to_string(), sorted);
+        assert_eq!(serde_json::from_str::<JobEvent>(direct).unwrap(), e);
+        // A kind from another version reads, and writes back as stored.
+        let other = r#"{"type":"JobSubmitted","slide_id":"0190d5a4-0000-7000-8000-000000000002","kind":"wsi.later","params":{"x":1},"max_attempts":3,"priority":"stat"}"#;
+        let read: JobEvent = serde_json::from_str(other).unwrap();
+        assert!(
+            matches!(&read, JobEvent::JobSubmitted { spec: JobSpec::Unknown { kind, .. }, .. } if kind == "wsi.later")
+        );
+        assert_eq!(serde_json::to_string(&read).unwrap(), other);
     }
 }

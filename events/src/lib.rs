@@ -22,5 +22,6 @@ pub use canonical::{chain_hash, CanonicalEvent, Hash32, ZERO_HASH};
 pub use ids::{EventId, IdError, JobId, SlideId, TenantId};
 pub use job::{JobEvent, Priority, Usage};
 pub use metadata::{Actor, ActorKind, CommandContext, Metadata, MetadataError};
+pub use params::{JobKind, JobSpec, ParamsError};
 pub use seal::{Keyring, KeyringError, LocalKeyring, Sealed};
 pub use slide::{SlideEvent, SlideLevel, SlideMetadata};

@@ -102,15 +102,14 @@ mod tests {
         match serde_json::from_value::<JobEvent>(up.payload).unwrap() {
             JobEvent::JobSubmitted {
                 max_attempts,
-                kind,
-                params,
+                spec,
                 priority,
                 ..
             } => {
                 assert_eq!(priority, crate::Priority::Routine);
                 assert_eq!(max_attempts, V1_DEFAULT_MAX_ATTEMPTS);
-                assert_eq!(kind, "wsi.preprocess");
-                assert_eq!(params["tile_size"], 254);
+                assert_eq!(spec.kind(), Some(crate::JobKind::Preprocess));
+                assert_eq!(spec.params()["tile_size"], 254);
             }
             other => panic!("upcast gave {other:?}"),
         }

@@ -2,8 +2,10 @@
 //!
 //! Each job runs submit → queue → start → progress → succeed: five commands, five events,
 //! each command loading its aggregate, deciding, and appending with its hash in its own
-//! transaction. Jobs have kind `bench.noop`, which no worker takes, so the benchmark can run
-//! against a live system.
+//! transaction. Jobs are `wsi.preprocess` with the defaults, on a slide id that names no slide,
+//! and the benchmark starts and finishes each attempt itself: run it on a platform without
+//! workers (a worker may take a benchmark's queued attempt first, and the benchmark then counts
+//! the refused start as an error).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,7 +18,6 @@ use serde::Serialize;
 
 use crate::commands::Commands;
 
-pub const BENCH_KIND: &str = "bench.noop";
 const COMMANDS_PER_JOB: u64 = 5;
 
 #[derive(Debug, Clone, Serialize)]
@@ -39,8 +40,7 @@ fn job_commands(tenant: &TenantId, id: JobId) -> Vec<JobCommand> {
     vec![
         JobCommand::Submit {
             slide_id: SlideId::new(),
-            kind: BENCH_KIND.into(),
-            params: serde_json::json!({}),
+            spec: mira_events::JobSpec::Preprocess(Default::default()),
             max_attempts: 1,
             priority: mira_aggregates::Priority::Routine,
         },

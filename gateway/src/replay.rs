@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use mira_aggregates::{Job, Slide};
-use mira_eventlog::repo::to_serialized;
 use mira_eventlog::StoredEvent;
 use mira_events::{JobEvent, SlideEvent};
 use serde::Serialize;
@@ -37,12 +36,10 @@ enum Replaying {
 }
 
 fn decode<E: serde::de::DeserializeOwned>(e: &StoredEvent) -> Result<E, ReplayError> {
-    let bad = |reason: String| ReplayError::Decode {
+    e.decode().map_err(|x| ReplayError::Decode {
         position: e.global_position,
-        reason,
-    };
-    let s = mira_events::upcast::upcast(to_serialized(e.clone()).map_err(|x| bad(x.to_string()))?);
-    serde_json::from_value(s.payload).map_err(|x| bad(x.to_string()))
+        reason: x.to_string(),
+    })
 }
 
 /// Replays every Job and Slide (or only `aggregate_id`) up to and including `as_of`.

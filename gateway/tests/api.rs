@@ -1656,8 +1656,7 @@ async fn a_manifest_outside_the_jobs_attempt_prefix_is_never_served() {
     for cmd in [
         JobCommand::Submit {
             slide_id: mira_events::SlideId::new(),
-            kind: "wsi.preprocess".into(),
-            params: json!({}),
+            spec: mira_events::JobSpec::Preprocess(Default::default()),
             max_attempts: 1,
             priority: mira_aggregates::Priority::Routine,
         },

@@ -11,15 +11,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use mira_events::JobSpec;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::kernels::Device;
-use crate::process::Options;
+use crate::slide::Reader;
 
 /// The environment a child keeps: what locating libraries, logging and the GPU need. The
 /// rest (the database URL, AWS credentials, tokens) stays with the worker.
@@ -114,27 +115,29 @@ fn parse(line: &str) -> Option<Line> {
 }
 
 impl Supervisor {
-    /// The child's command line and environment, for this slide and these options.
-    pub fn command(&self, input: &Path, out: &Path, opts: &Options) -> tokio::process::Command {
+    /// The child's command line and environment, for this slide and this job, on `device`
+    /// reading slides as `reader` says.
+    pub fn command(
+        &self,
+        input: &Path,
+        out: &Path,
+        spec: &JobSpec,
+        device: &Device,
+        reader: Reader,
+    ) -> tokio::process::Command {
         let mut c = tokio::process::Command::new(&self.program);
         c.arg("process")
             .arg(input)
             .arg("--out")
             .arg(out)
-            .args(["--format", opts.format.ext()])
-            .args(["--tile-size", &opts.tile_size.to_string()])
-            .args(["--overlap", &opts.overlap.to_string()])
-            .args(["--quality", &opts.quality.to_string()])
-            .args(["--normalize", opts.normalize.as_str()])
+            .arg("--spec")
+            .arg(serde_json::to_string(spec).unwrap_or_default())
             .args(["--band-pause-millis", &self.band_pause.as_millis().to_string()])
             .args(["--hang-at-band", &self.hang_at_band.to_string()])
             .args(["--max-slide-pixels", &self.max_slide_pixels.to_string()])
             .args(["--memory-budget-bytes", &self.memory_budget.to_string()])
             .args(["--allocate-bytes", &self.allocate_bytes.to_string()])
             .arg("--report");
-        if !opts.tissue {
-            c.arg("--no-tissue");
-        }
         c.env_clear();
         for (k, v) in std::env::vars_os() {
             let name = k.to_string_lossy();
@@ -145,13 +148,13 @@ impl Supervisor {
         // The device the worker chose, not one the child might choose differently.
         c.env(
             "MIRA_GPU",
-            if matches!(opts.device, Device::Gpu(_)) {
+            if matches!(device, Device::Gpu(_)) {
                 "require"
             } else {
                 "off"
             },
         );
-        c.env("Worker__SlideReader", opts.reader.setting());
+        c.env("Worker__SlideReader", reader.setting());
         c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         c.kill_on_drop(true);
         let worker = std::process::id() as libc::pid_t;
@@ -190,21 +193,23 @@ impl Supervisor {
         c
     }
 
-    /// Runs the attempt on a slide of `pixels` to its end; `done` gets (tiles done, tiles in
-    /// all) as the child reports them.
+    /// Runs `spec` on a slide of `pixels` to its end; `progress` gets (tiles done, tiles in
+    /// all) as the child reports them. Killed when `stop` is cancelled.
+    #[allow(clippy::too_many_arguments)]
     pub async fn run(
         &self,
         input: &Path,
         out: &Path,
-        opts: &Options,
+        spec: &JobSpec,
+        (device, reader): (&Device, Reader),
         pixels: u64,
-        done: &(AtomicU64, AtomicU64),
+        progress: &tokio::sync::watch::Sender<(u64, u64)>,
         stop: &CancellationToken,
     ) -> anyhow::Result<Ended> {
         let started = Instant::now();
         let budget = time_budget(pixels, self.seconds_per_gigapixel, self.budget);
         let mut child = self
-            .command(input, out, opts)
+            .command(input, out, spec, device, reader)
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.program.display()))?;
         let stdout = child.stdout.take().expect("the child's stdout is piped");
@@ -242,11 +247,9 @@ impl Supervisor {
                                 moved = Instant::now();
                             }
                             Some(Line::Progress(d, t)) => {
-                                if d != done.0.load(Ordering::Relaxed) || t != done.1.load(Ordering::Relaxed) {
+                                if progress.send_replace((d, t)) != (d, t) {
                                     moved = Instant::now();
                                 }
-                                done.0.store(d, Ordering::Relaxed);
-                                done.1.store(t, Ordering::Relaxed);
                             }
                             Some(end @ (Line::Summary(_) | Line::Error { .. })) => last = Some(end),
                             None => tracing::debug!(line = l, "unreadable line from the attempt's process"),
@@ -260,7 +263,7 @@ impl Supervisor {
                     return Ok(Ended::Stopped);
                 }
                 _ = tokio::time::sleep_until(moved + self.stall) => {
-                    let (d, t) = (done.0.load(Ordering::Relaxed), done.1.load(Ordering::Relaxed));
+                    let (d, t) = *progress.borrow();
                     let at = if t > 0 { format!(" (tiles {d} of {t})") } else { String::new() };
                     break Some(Ended::Stalled(format!("no progress for {} s in stage {stage}{at}", self.stall.as_secs())));
                 }

@@ -9,13 +9,16 @@
 //! * [`kernels`]: every CUDA kernel (`gpu-worker/kernels/*.cu`, NVRTC through cudarc) and its
 //!   CPU twin with rayon; `MIRA_GPU=auto|off|require` picks the device.
 //! * [`tissue`]: the tissue mask and per-tile statistics; [`stain`]: Macenko and Reinhard.
-//! * [`process`]: `mira-worker process SLIDE --out DIR`, the pipeline on one local slide.
+//! * [`pipeline`]: what an attempt runs, by the job's kind (the one `match` on its spec).
+//! * [`process`]: `mira-worker process SLIDE --out DIR`, the pyramid pipeline on one local
+//!   slide, its [`process::Manifest`] and its [`process::ProcessError`].
 //! * [`run`]: `mira-worker run`, the consumer of the `gpu-jobs` queue: slide verification and
 //!   jobs, with leases, heartbeats, fencing and results stored under a per-attempt prefix.
 
 pub mod attempt;
 pub mod deepzoom;
 pub mod kernels;
+pub mod pipeline;
 pub mod process;
 pub mod run;
 pub mod slide;

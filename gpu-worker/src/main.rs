@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mira_events::params::parse_name;
+use mira_events::params::{parse_name, KindParams, PreprocessParams};
+use mira_events::{JobSpec, ParamsError};
 use mira_gpu_worker::kernels::{self, Device};
-use mira_gpu_worker::process::{self, Options, TileFormat};
+use mira_gpu_worker::pipeline::{self, Host};
+use mira_gpu_worker::process::{self, TileFormat, Watch};
 
 #[derive(Parser)]
 #[command(name = "mira-worker", version, about = "Mira's slide-processing worker")]
@@ -43,6 +45,10 @@ enum Command {
         /// Skip the tissue mask and the tiles' tissue fractions.
         #[arg(long)]
         no_tissue: bool,
+        /// The job to run, as `JobSubmitted` stores it (`{"kind": …, "params": …}`), in place of
+        /// the options above: how `mira-worker run` starts an attempt.
+        #[arg(long, hide = true, value_name = "JSON")]
+        spec: Option<String>,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -123,6 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             quality,
             normalize,
             no_tissue,
+            spec,
             json,
             report,
             band_pause_millis,
@@ -131,18 +138,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             memory_budget_bytes,
             allocate_bytes,
         } => {
-            anyhow::ensure!(
-                overlap <= tile_size / 4,
-                "--overlap must be at most a quarter of --tile-size"
-            );
+            let spec = match spec {
+                Some(text) => serde_json::from_str::<JobSpec>(&text).map_err(|e| anyhow::anyhow!("--spec: {e}"))?,
+                None => {
+                    let p = PreprocessParams {
+                        tile_size,
+                        overlap,
+                        format,
+                        quality,
+                        tissue: !no_tissue,
+                        normalize,
+                    };
+                    // Named as the flags are: `--overlap: …`.
+                    p.validate().map_err(|e| match e {
+                        ParamsError::Invalid {
+                            field: Some(f),
+                            message,
+                        } => anyhow::anyhow!("--{}: {message}", f.replace('_', "-")),
+                        e => e.into(),
+                    })?;
+                    JobSpec::Preprocess(p)
+                }
+            };
             let settings = mira_config::Settings::load(None, std::env::vars())?;
-            let opts = Options {
-                tile_size,
-                overlap,
-                format,
-                quality,
-                tissue: !no_tissue,
-                normalize,
+            let host = Host {
                 device: pick_device()?,
                 reader: settings.worker.slide_reader.into(),
                 limits: mira_gpu_worker::slide::Limits {
@@ -155,21 +174,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     allocate_on_large(&slide, allocate_bytes);
                 }
                 return Ok(attempt_report(
+                    &spec,
                     &slide,
                     &out,
-                    &opts,
+                    &host,
                     std::time::Duration::from_millis(band_pause_millis),
                     hang_at_band,
                 ));
             }
-            let s = process::process(&slide, &out, &opts, |done, total| {
+            let progress = |done: u64, total: u64| {
                 if !json {
                     eprint!(
                         "\rtiles {done}/{total} ({:.0}%)   ",
                         100.0 * done as f64 / total.max(1) as f64
                     );
                 }
-            })?;
+            };
+            let s = pipeline::run(&spec, &slide, &out, &host, &Watch::quiet(&progress))?;
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
@@ -284,9 +305,10 @@ fn consume(what: Consume, config: Option<PathBuf>, worker_id: Option<String>) ->
 /// so that the worker can kill it (cancelled, stalled, over its budget) whatever it is stuck
 /// in. Reports on standard output, one JSON object per line, flushed as written.
 fn attempt_report(
+    spec: &JobSpec,
     slide: &std::path::Path,
     out: &std::path::Path,
-    opts: &Options,
+    host: &Host,
     pause: std::time::Duration,
     hang_at_band: u64,
 ) -> ExitCode {
@@ -298,37 +320,31 @@ fn attempt_report(
         let _ = o.flush();
     };
     let bands = AtomicU64::new(0);
-    let r = process::process_staged(
-        slide,
-        out,
-        opts,
-        |stage| say(serde_json::json!({ "stage": stage })),
-        |done, total| say(serde_json::json!({ "done": done, "total": total })),
-        || {
-            let band = bands.fetch_add(1, Ordering::Relaxed) + 1;
-            if hang_at_band > 0 && band >= hang_at_band {
-                // Stands for a decoder stuck in native code: nothing returns from here.
-                loop {
-                    std::thread::sleep(std::time::Duration::from_secs(3600));
-                }
+    let stop = || {
+        let band = bands.fetch_add(1, Ordering::Relaxed) + 1;
+        if hang_at_band > 0 && band >= hang_at_band {
+            // Stands for a decoder stuck in native code: nothing returns from here.
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
             }
-            if !pause.is_zero() {
-                std::thread::sleep(pause);
-            }
-            false
-        },
-    );
-    match r {
+        }
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+        false
+    };
+    let watch = Watch {
+        begin: &|stage| say(serde_json::json!({ "stage": stage })),
+        progress: &|done, total| say(serde_json::json!({ "done": done, "total": total })),
+        stop: &stop,
+    };
+    match pipeline::run(spec, slide, out, host, &watch) {
         Ok(summary) => {
             say(serde_json::json!({ "summary": summary }));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            // The slide or its stains will not change: only other failures are worth a retry.
-            let retryable = e.downcast_ref::<mira_gpu_worker::slide::SlideError>().is_none()
-                && e.downcast_ref::<mira_gpu_worker::stain::StainError>().is_none()
-                && e.downcast_ref::<process::OverBudget>().is_none();
-            say(serde_json::json!({ "error": format!("{e:#}"), "retryable": retryable }));
+            say(serde_json::json!({ "error": format!("{e:#}"), "retryable": e.retryable() }));
             ExitCode::from(3)
         }
     }

@@ -10,13 +10,13 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::deepzoom::{Builder, Geometry, TileSink};
 use crate::kernels::Device;
-use crate::slide::Slide;
-use crate::stain::{Macenko, Normalizer, Reinhard};
+use crate::slide::{Slide, SlideError};
+use crate::stain::{Macenko, Normalizer, Reinhard, StainError};
 use crate::tissue::{rgb_mean_std, Mask, Thumbnail, TileStats};
 
 pub use mira_events::params::{Normalize, TileFormat};
@@ -119,11 +119,124 @@ pub struct OverBudget {
     pub band_rows: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// Why the pipeline failed, and whether a retry can help ([`ProcessError::retryable`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The slide cannot be read as one (corrupt, hostile, past the limits).
+    #[error(transparent)]
+    Slide(#[from] SlideError),
+    /// The slide's stains could not be fitted.
+    #[error("{method} normalisation: {source}")]
+    Stain {
+        method: &'static str,
+        #[source]
+        source: StainError,
+    },
+    #[error(transparent)]
+    OverBudget(#[from] OverBudget),
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+    /// A job this build cannot run ([`mira_events::JobSpec::Unknown`]).
+    #[error("this worker cannot run a {0:?} job with these parameters (another version of Mira submitted it)")]
+    UnknownKind(String),
+    /// Anything else: the device, the disk, an encoder.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl ProcessError {
+    /// Whether another attempt could end differently: not for what the slide, its stains or
+    /// the job's kind decide, which a retry reads the same.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Slide(_) | Self::OverBudget(_) | Self::UnknownKind(_) => false,
+            Self::Stain { source, .. } => source.retryable(),
+            Self::Stopped(_) | Self::Other(_) => true,
+        }
+    }
+}
+
+impl From<std::io::Error> for ProcessError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Other(e.into())
+    }
+}
+
+/// One stored object of an attempt's results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ManifestObject {
     pub key: String,
     pub bytes: u64,
     pub sha256: String,
+}
+
+/// `manifest.json`, written last: every object of the results with its size and SHA-256, and
+/// what they are. The worker reads it to store the results; its hash is the job's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub slide: SlideSize,
+    pub deepzoom: DeepZoomInfo,
+    pub tissue: Option<TissueInfo>,
+    pub normalized: Option<NormalizedInfo>,
+    pub stats: String,
+    pub device: String,
+    pub objects: Vec<ManifestObject>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlideSize {
+    pub width: u64,
+    pub height: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeepZoomInfo {
+    pub dzi: String,
+    pub tile_size: u32,
+    pub overlap: u32,
+    pub format: TileFormat,
+    pub quality: u8,
+    pub levels: usize,
+    pub tiles: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TissueInfo {
+    pub mask: String,
+    pub width: usize,
+    pub height: usize,
+    pub downsample: u64,
+    pub otsu_threshold: u8,
+    pub fraction: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NormalizedInfo {
+    pub dzi: String,
+    pub stains: serde_json::Value,
+}
+
+impl Manifest {
+    pub const FILE: &'static str = "manifest.json";
+
+    /// The manifest's bytes: pretty JSON with every object's keys sorted, as results have
+    /// always been written.
+    pub fn to_bytes(&self) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec_pretty(&serde_json::to_value(self)?)
+    }
+
+    /// Writes `manifest.json` under `out`; returns its bytes.
+    pub fn write(&self, out: &Path) -> Result<Vec<u8>, ProcessError> {
+        let bytes = self.to_bytes().map_err(anyhow::Error::from)?;
+        std::fs::write(out.join(Self::FILE), &bytes)?;
+        Ok(bytes)
+    }
+
+    /// Reads a manifest's bytes back.
+    pub fn parse(bytes: &[u8]) -> serde_json::Result<Self> {
+        serde_json::from_slice(bytes)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -253,8 +366,8 @@ pub fn process(
     out: &Path,
     opts: &Options,
     progress: impl Fn(u64, u64) + Sync,
-) -> anyhow::Result<Summary> {
-    process_until(slide_path, out, opts, progress, || false)
+) -> Result<Summary, ProcessError> {
+    process_staged(slide_path, out, opts, &Watch::quiet(&progress))
 }
 
 /// Sets its flag when dropped, however the scope it guards ends.
@@ -271,18 +384,6 @@ impl Drop for Raise<'_> {
 #[error("stopped before the pyramid was finished")]
 pub struct Stopped;
 
-/// As [`process`], checking `stop` between bands of tiles: a cancelled job stops at the next
-/// band with [`Stopped`] and writes no manifest.
-pub fn process_until(
-    slide_path: &Path,
-    out: &Path,
-    opts: &Options,
-    progress: impl Fn(u64, u64) + Sync,
-    stop: impl Fn() -> bool + Sync,
-) -> anyhow::Result<Summary> {
-    process_staged(slide_path, out, opts, |_| {}, progress, stop)
-}
-
 /// The pipeline's stages, as [`process_staged`] names them to whoever watches it (a stalled
 /// attempt is reported with the stage it stalled in).
 pub mod stage {
@@ -293,18 +394,40 @@ pub mod stage {
     pub const WRITING: &str = "writing the statistics and the manifest";
 }
 
-/// As [`process_until`], naming each stage (see [`stage`]) as it begins.
-pub fn process_staged(
-    slide_path: &Path,
-    out: &Path,
-    opts: &Options,
-    begin: impl Fn(&'static str),
-    progress: impl Fn(u64, u64) + Sync,
-    stop: impl Fn() -> bool + Sync,
-) -> anyhow::Result<Summary> {
-    let started = Instant::now();
-    let device = opts.device.clone();
-    begin(stage::OPENING);
+/// Whoever watches a run: told each stage as it begins and the tiles made (done, in all), and
+/// asked between bands whether to stop (a stopped run ends with [`Stopped`] and writes no
+/// manifest).
+pub struct Watch<'a> {
+    pub begin: &'a (dyn Fn(&'static str) + Sync),
+    pub progress: &'a (dyn Fn(u64, u64) + Sync),
+    pub stop: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl<'a> Watch<'a> {
+    /// Progress alone: no stages, never stopped.
+    pub fn quiet(progress: &'a (dyn Fn(u64, u64) + Sync)) -> Self {
+        fn no_stage(_: &'static str) {}
+        fn never() -> bool {
+            false
+        }
+        Self {
+            begin: &no_stage,
+            progress,
+            stop: &never,
+        }
+    }
+}
+
+/// The slide opened and checked against the memory budget, and the output directory ready.
+struct Prepared {
+    slide: Slide,
+    width: u64,
+    height: u64,
+    band_rows: u64,
+    geometry: Geometry,
+}
+
+fn prepare(slide_path: &Path, out: &Path, opts: &Options) -> Result<Prepared, ProcessError> {
     let slide = Slide::open_limited(slide_path, opts.reader, &opts.limits)?;
     let (w, h) = slide.dimensions();
     let stored = slide.tile_size(0).map(|t| t.1).unwrap_or(opts.tile_size as u64);
@@ -325,38 +448,186 @@ pub fn process_staged(
         }
         .into());
     }
-    let geometry = Geometry::new(w, h, opts.tile_size, opts.overlap);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     // A manifest from an earlier run no longer describes what is about to be written.
-    let _ = std::fs::remove_file(out.join("manifest.json"));
+    let _ = std::fs::remove_file(out.join(Manifest::FILE));
+    Ok(Prepared {
+        slide,
+        width: w,
+        height: h,
+        band_rows,
+        geometry: Geometry::new(w, h, opts.tile_size, opts.overlap),
+    })
+}
+
+/// The tissue mask and the stain normaliser the job asked for, from one low-resolution
+/// thumbnail: stain normalisation needs them before the first band.
+fn fit_stains(slide: &Slide, opts: &Options) -> Result<(Mask, Normalizer), ProcessError> {
+    let thumb = Thumbnail::read(slide)?;
+    let mask = Mask::build(&opts.device, &thumb)?;
+    let stain = |method| move |source| ProcessError::Stain { method, source };
+    let normalizer = match opts.normalize {
+        Normalize::Macenko => {
+            let fit = Macenko::fit(&opts.device, &mask.select(&thumb)).map_err(stain("Macenko"))?;
+            Normalizer::Macenko {
+                m: fit.matrix().map_err(stain("Macenko"))?,
+                fit,
+            }
+        }
+        Normalize::Reinhard => {
+            let fit = Reinhard::fit(&mask.select(&thumb)).map_err(stain("Reinhard"))?;
+            let (k, d) = fit.coefficients();
+            Normalizer::Reinhard { k, d, fit }
+        }
+        Normalize::None => unreachable!("fit_stains is called for a normalisation"),
+    };
+    Ok((mask, normalizer))
+}
+
+/// Reads bands of `rows` full-resolution rows into `tx`, in order, until the slide ends, the
+/// receiver is gone, or a read fails (the error is sent).
+fn read_bands(
+    slide: &Slide,
+    device: &Device,
+    (w, h): (u64, u64),
+    rows: u64,
+    tx: std::sync::mpsc::SyncSender<Result<Vec<u8>, ProcessError>>,
+) {
+    let mut y = 0;
+    while y < h {
+        let n = rows.min(h - y);
+        let band = if device.is_gpu() && !slide.reads_directly(0) {
+            slide
+                .read_bgra_parallel(0, 0, y, w, n)
+                .map_err(ProcessError::from)
+                .and_then(|bgra| Ok(device.bgra_to_rgb_sat(&bgra).map(|(rgb, _)| rgb)?))
+        } else {
+            slide.read_rgb_parallel(0, 0, y, w, n).map_err(ProcessError::from)
+        };
+        let failed = band.is_err();
+        if tx.send(band).is_err() || failed {
+            return;
+        }
+        y += n;
+    }
+}
+
+/// Tells `progress` the tiles the `counters` count, every 250 ms while it moves, until `ended`:
+/// a band of a wide slide holds many tile rows, and whoever watches for stalls should hear of
+/// each.
+fn report_progress(
+    counters: &[std::sync::Arc<std::sync::atomic::AtomicU64>],
+    total: u64,
+    ended: &std::sync::atomic::AtomicBool,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut said = 0;
+    while !ended.load(Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let done: u64 = counters.iter().map(|c| c.load(Relaxed)).sum();
+        if done != said {
+            progress(done, total);
+            said = done;
+        }
+    }
+}
+
+/// Builds the slide's pyramid, and the normalised one with `normalizer`, from bands read on a
+/// thread of their own; returns the statistics of the full-resolution tiles (tissue fractions
+/// to be filled in).
+fn build_pyramids(
+    p: &Prepared,
+    out: &Path,
+    opts: &Options,
+    normalizer: Option<&Normalizer>,
+    objects: &Mutex<Vec<ManifestObject>>,
+    files: &std::sync::mpsc::SyncSender<(PathBuf, Vec<u8>)>,
+    watch: &Watch,
+) -> Result<Vec<TileStats>, ProcessError> {
+    let (geometry, device) = (&p.geometry, &opts.device);
+    let top = geometry.level_count() - 1;
+    let writer = |name, stats| Writer {
+        root: out.to_path_buf(),
+        name,
+        opts: opts.clone(),
+        objects,
+        stats,
+        files: files.clone(),
+    };
+    let slide_writer = writer("slide", Some((top, Mutex::new(Vec::new()))));
+    let normalized_writer = writer("normalized", None);
+    let mut builder = Builder::on(geometry.clone(), &slide_writer, device.clone());
+    let mut normalized = normalizer.map(|_| Builder::on(geometry.clone(), &normalized_writer, device.clone()));
+    let counters: Vec<_> = std::iter::once(&builder)
+        .chain(normalized.as_ref())
+        .map(|b| b.tiles_done.clone())
+        .collect();
+    let total = geometry.tile_count() * counters.len() as u64;
+    let ended = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| -> Result<(), ProcessError> {
+        let _ended = Raise(&ended);
+        scope.spawn(|| report_progress(&counters, total, &ended, watch.progress));
+        let (tx, rx) = std::sync::mpsc::sync_channel(2);
+        scope.spawn(|| read_bands(&p.slide, device, (p.width, p.height), p.band_rows, tx));
+        for band in rx {
+            if (watch.stop)() {
+                return Err(Stopped.into());
+            }
+            let band = band?;
+            if let (Some(n), Some(b)) = (normalizer, normalized.as_mut()) {
+                let mut copy = band.clone();
+                n.apply(device, &mut copy)?;
+                b.push_owned(copy)?;
+            }
+            builder.push_owned(band)?;
+        }
+        Ok(())
+    })?;
+    builder.finish()?;
+    if let Some(b) = normalized.as_mut() {
+        b.finish()?;
+    }
+    drop((builder, normalized));
+    Ok(slide_writer
+        .stats
+        .map(|(_, s)| s.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .unwrap_or_default())
+}
+
+/// `stats.json`: each full-resolution tile's tissue fraction, mean and standard deviation.
+fn stats_document(top: usize, opts: &Options, stats: &[TileStats]) -> serde_json::Value {
+    let round = |v: [f64; 3]| v.map(|v| (v * 100.0).round() / 100.0);
+    serde_json::json!({
+        "level": top,
+        "tile_size": opts.tile_size,
+        "overlap": opts.overlap,
+        "columns": ["col", "row", "tissue", "mean", "std"],
+        "tiles": stats.iter().map(|t| serde_json::json!([t.col, t.row,
+            if t.tissue.is_nan() { serde_json::Value::Null } else { serde_json::json!((t.tissue * 1e4).round() / 1e4) },
+            round(t.mean), round(t.std)])).collect::<Vec<_>>(),
+    })
+}
+
+/// The pipeline on one local slide, telling `watch` each stage, the tiles made, and asking it
+/// whether to stop (see [`Watch`]).
+pub fn process_staged(slide_path: &Path, out: &Path, opts: &Options, watch: &Watch) -> Result<Summary, ProcessError> {
+    let started = Instant::now();
+    let device = &opts.device;
+    (watch.begin)(stage::OPENING);
+    let p = prepare(slide_path, out, opts)?;
+    let geometry = &p.geometry;
     let objects = Mutex::new(Vec::new());
 
-    // The mask and the stain statistics come from one low-resolution thumbnail. Stain
-    // normalisation needs them before the first band; the mask alone is built beside the
+    // With stain normalisation the mask is fitted first; otherwise it is built beside the
     // pyramid (below), which needs it only for the statistics written at the end.
-    let mask = if opts.normalize != Normalize::None {
-        begin(stage::STAINS);
-        let thumb = Thumbnail::read(&slide)?;
-        let mask = Mask::build(&device, &thumb)?;
-        let normalizer = match opts.normalize {
-            Normalize::None => None,
-            Normalize::Macenko => {
-                let fit = Macenko::fit(&device, &mask.select(&thumb)).context("Macenko normalisation")?;
-                Some(Normalizer::Macenko { m: fit.matrix()?, fit })
-            }
-            Normalize::Reinhard => {
-                let fit = Reinhard::fit(&mask.select(&thumb)).context("Reinhard normalisation")?;
-                let (k, d) = fit.coefficients();
-                Some(Normalizer::Reinhard { k, d, fit })
-            }
-        };
-        Some((mask, normalizer))
+    let (early_mask, normalizer) = if opts.normalize != Normalize::None {
+        (watch.begin)(stage::STAINS);
+        let (mask, normalizer) = fit_stains(&p.slide, opts)?;
+        (Some(mask).filter(|_| opts.tissue), Some(normalizer))
     } else {
-        None
+        (None, None)
     };
-    let normalizer = mask.as_ref().and_then(|(_, n)| n.clone());
-    let early_mask = mask.map(|(m, _)| m).filter(|_| opts.tissue);
-
     let names: &[&'static str] = if normalizer.is_some() {
         &["slide", "normalized"]
     } else {
@@ -370,110 +641,21 @@ pub fn process_staged(
     let top = geometry.level_count() - 1;
     let per_pyramid = geometry.tile_count();
     let total = per_pyramid * names.len() as u64;
+    // Encoded tiles go to one thread that creates the files.
     let (files, files_rx) = std::sync::mpsc::sync_channel(512);
     let file_thread = std::thread::spawn(move || write_files(files_rx));
     let build_mask = opts.tissue && early_mask.is_none();
-    begin(stage::PYRAMID);
+    (watch.begin)(stage::PYRAMID);
     let (built, late_mask) = std::thread::scope(|scope| {
         let mask_job = build_mask.then(|| {
-            scope.spawn(|| -> anyhow::Result<Mask> {
-                let thumb = Thumbnail::read(&slide)?;
-                Mask::build(&device, &thumb)
+            scope.spawn(|| -> Result<Mask, ProcessError> {
+                let thumb = Thumbnail::read(&p.slide)?;
+                Ok(Mask::build(device, &thumb)?)
             })
         });
-        let built = (|| -> anyhow::Result<Vec<TileStats>> {
-            let writer = Writer {
-                root: out.to_path_buf(),
-                name: "slide",
-                opts: opts.clone(),
-                objects: &objects,
-                stats: Some((top, Mutex::new(Vec::new()))),
-                files: files.clone(),
-            };
-            let normalized_writer = Writer {
-                root: out.to_path_buf(),
-                name: "normalized",
-                opts: opts.clone(),
-                objects: &objects,
-                stats: None,
-                files: files.clone(),
-            };
-            let mut builder = Builder::on(geometry.clone(), &writer, device.clone());
-            let mut normalized = normalizer
-                .as_ref()
-                .map(|_| Builder::on(geometry.clone(), &normalized_writer, device.clone()));
-            // Progress as tiles are made, every 250 ms while it moves, from a thread of its own:
-            // a band of a wide slide holds many tile rows, and whoever watches for stalls
-            // should hear of each.
-            let counters: Vec<_> = std::iter::once(&builder)
-                .chain(normalized.as_ref())
-                .map(|b| b.tiles_done.clone())
-                .collect();
-            let ended = std::sync::atomic::AtomicBool::new(false);
-            std::thread::scope(|scope| -> anyhow::Result<()> {
-                let _ended = Raise(&ended);
-                let (ended, progress) = (&ended, &progress);
-                scope.spawn(move || {
-                    let mut said = 0;
-                    while !ended.load(std::sync::atomic::Ordering::Relaxed) {
-                        std::thread::sleep(std::time::Duration::from_millis(250));
-                        let done: u64 = counters
-                            .iter()
-                            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-                            .sum();
-                        if done != said {
-                            progress(done, total);
-                            said = done;
-                        }
-                    }
-                });
-                let (tx, rx) = std::sync::mpsc::sync_channel::<anyhow::Result<Vec<u8>>>(2);
-                let (slide, device) = (&slide, &device);
-                scope.spawn(move || {
-                    let mut y = 0;
-                    while y < h {
-                        let rows = band_rows.min(h - y);
-                        let band = if device.is_gpu() && !slide.reads_directly(0) {
-                            slide
-                                .read_bgra_parallel(0, 0, y, w, rows)
-                                .map_err(anyhow::Error::from)
-                                .and_then(|bgra| device.bgra_to_rgb_sat(&bgra).map(|(rgb, _)| rgb))
-                        } else {
-                            slide.read_rgb_parallel(0, 0, y, w, rows).map_err(anyhow::Error::from)
-                        };
-                        let failed = band.is_err();
-                        if tx.send(band).is_err() || failed {
-                            return;
-                        }
-                        y += rows;
-                    }
-                });
-                for band in rx {
-                    if stop() {
-                        return Err(Stopped.into());
-                    }
-                    let band = band?;
-                    if let (Some(n), Some(b)) = (&normalizer, normalized.as_mut()) {
-                        let mut copy = band.clone();
-                        n.apply(device, &mut copy)?;
-                        b.push_owned(copy)?;
-                    }
-                    builder.push_owned(band)?;
-                }
-                Ok(())
-            })?;
-            builder.finish()?;
-            if let Some(b) = normalized.as_mut() {
-                b.finish()?;
-            }
-            drop((builder, normalized));
-            Ok(writer
-                .stats
-                .map(|(_, s)| s.into_inner().unwrap_or_else(|p| p.into_inner()))
-                .unwrap_or_default())
-        })();
+        let built = build_pyramids(&p, out, opts, normalizer.as_ref(), &objects, &files, watch);
         if mask_job.is_some() {
-            begin(stage::MASK);
+            (watch.begin)(stage::MASK);
         }
         let late_mask = mask_job
             .map(|j| {
@@ -489,7 +671,7 @@ pub fn process_staged(
         .join()
         .map_err(|_| anyhow::anyhow!("the file writer panicked"))??;
     let mut stats = built?;
-    begin(stage::WRITING);
+    (watch.begin)(stage::WRITING);
     let mask = early_mask.or(late_mask?);
     if let Some(m) = &mask {
         write_object(out, &objects, "mask.png".into(), &m.png()?)?;
@@ -498,44 +680,54 @@ pub fn process_staged(
             t.tissue = m.fraction_in(x, y, tw, th);
         }
     }
-    progress(total, total);
+    (watch.progress)(total, total);
     let ext = opts.format.ext();
     write_object(out, &objects, "slide.dzi".into(), geometry.dzi(ext).as_bytes())?;
     if normalizer.is_some() {
         write_object(out, &objects, "normalized.dzi".into(), geometry.dzi(ext).as_bytes())?;
     }
     stats.sort_by_key(|t| (t.row, t.col));
-    let stats_doc = serde_json::json!({
-        "level": top,
-        "tile_size": opts.tile_size,
-        "overlap": opts.overlap,
-        "columns": ["col", "row", "tissue", "mean", "std"],
-        "tiles": stats.iter().map(|t| serde_json::json!([t.col, t.row,
-            if t.tissue.is_nan() { serde_json::Value::Null } else { serde_json::json!((t.tissue * 1e4).round() / 1e4) },
-            t.mean.map(|v| (v * 100.0).round() / 100.0), t.std.map(|v| (v * 100.0).round() / 100.0)])).collect::<Vec<_>>(),
-    });
-    write_object(out, &objects, "stats.json".into(), &serde_json::to_vec(&stats_doc)?)?;
+    let stats_doc = stats_document(top, opts, &stats);
+    write_object(
+        out,
+        &objects,
+        "stats.json".into(),
+        &serde_json::to_vec(&stats_doc).map_err(anyhow::Error::from)?,
+    )?;
     let mut objects = objects.into_inner().unwrap_or_else(|p| p.into_inner());
     objects.sort_by(|a, b| a.key.cmp(&b.key));
+    let (w, h) = (p.width, p.height);
+    let manifest = Manifest {
+        format_version: 1,
+        slide: SlideSize { width: w, height: h },
+        deepzoom: DeepZoomInfo {
+            dzi: "slide.dzi".into(),
+            tile_size: opts.tile_size,
+            overlap: opts.overlap,
+            format: opts.format,
+            quality: opts.quality,
+            levels: geometry.level_count(),
+            tiles: per_pyramid,
+        },
+        tissue: mask.as_ref().map(|m| TissueInfo {
+            mask: "mask.png".into(),
+            width: m.width,
+            height: m.height,
+            downsample: m.downsample,
+            otsu_threshold: m.threshold,
+            fraction: m.fraction(),
+        }),
+        normalized: normalizer.as_ref().map(|n| NormalizedInfo {
+            dzi: "normalized.dzi".into(),
+            stains: n.describe(),
+        }),
+        stats: "stats.json".into(),
+        device: device.name(),
+        objects,
+    };
+    let bytes = manifest.write(out)?;
     let seconds = started.elapsed().as_secs_f64();
     let megapixels = (w * h) as f64 / 1e6;
-    let tissue_fraction = mask.as_ref().map(|m| m.fraction());
-    let manifest = serde_json::json!({
-        "format_version": 1,
-        "slide": {"width": w, "height": h},
-        "deepzoom": {"dzi": "slide.dzi", "tile_size": opts.tile_size, "overlap": opts.overlap,
-                     "format": opts.format, "quality": opts.quality, "levels": geometry.level_count(), "tiles": per_pyramid},
-        "tissue": mask.as_ref().map(|m| serde_json::json!({
-            "mask": "mask.png", "width": m.width, "height": m.height, "downsample": m.downsample,
-            "otsu_threshold": m.threshold, "fraction": m.fraction(),
-        })),
-        "normalized": normalizer.as_ref().map(|n| serde_json::json!({"dzi": "normalized.dzi", "stains": n.describe()})),
-        "stats": "stats.json",
-        "device": device.name(),
-        "objects": objects,
-    });
-    let bytes = serde_json::to_vec_pretty(&manifest)?;
-    std::fs::write(out.join("manifest.json"), &bytes)?;
     Ok(Summary {
         width: w,
         height: h,
@@ -544,10 +736,10 @@ pub fn process_staged(
         megapixels_per_second: megapixels / seconds.max(1e-9),
         levels: geometry.level_count(),
         tiles: total,
-        tissue_fraction,
+        tissue_fraction: mask.as_ref().map(|m| m.fraction()),
         normalize: opts.normalize,
         device: device.name(),
-        reader: slide.reader(0),
+        reader: p.slide.reader(0),
         manifest_sha256: hex::encode(Sha256::digest(&bytes)),
     })
 }

@@ -17,7 +17,6 @@
 //! `verifier`.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,7 +39,7 @@ use mira_blobs::ObjectStore;
 
 use crate::attempt::{Ended, Supervisor};
 use crate::kernels::Device;
-use crate::process::Options;
+use crate::process::{Manifest, ProcessError};
 
 /// Where slides come from and where results go ([`mira_blobs::ObjectStore`]), as the settings
 /// say: `AWS__S3__BucketName`, and `AWS__S3__ResultsBucketName` (the same bucket unless set).
@@ -188,8 +187,8 @@ impl Worker {
 
     #[tracing::instrument(name = "worker.verify", skip_all, fields(slide_id = %e.aggregate_id))]
     async fn verify(&self, e: &StoredEvent) -> Result<(), ApplyError> {
-        let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
-        let id = SlideId::parse(&e.aggregate_id).map_err(failed)?;
+        let tenant = e.tenant()?;
+        let id = e.id::<SlideId>()?;
         let Some(slide) = self.commands.load_slide(&tenant, id).await.map_err(failed)? else {
             return Ok(());
         };
@@ -280,8 +279,8 @@ impl Worker {
     /// job another worker took) is left alone.
     #[tracing::instrument(name = "worker.lease", skip_all, fields(job_id = %e.aggregate_id, attempt))]
     async fn take_lease(&self, e: &StoredEvent, attempt: u32) -> Result<(), ApplyError> {
-        let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
-        let id = JobId::parse(&e.aggregate_id).map_err(failed)?;
+        let tenant = e.tenant()?;
+        let id = e.id::<JobId>()?;
         let Some(job) = self.commands.load_job(&tenant, id).await.map_err(failed)? else {
             return Ok(());
         };
@@ -314,8 +313,8 @@ impl Worker {
     /// expire.
     #[tracing::instrument(name = "worker.job", skip_all, fields(job_id = %e.aggregate_id, attempt))]
     async fn run_job(&self, e: &StoredEvent, attempt: u32) -> Result<(), ApplyError> {
-        let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
-        let id = JobId::parse(&e.aggregate_id).map_err(failed)?;
+        let tenant = e.tenant()?;
+        let id = e.id::<JobId>()?;
         let c = ctx(e, &tenant, &self.worker_id);
         let Some(job) = self.commands.load_job(&tenant, id).await.map_err(failed)? else {
             return Ok(());
@@ -327,10 +326,16 @@ impl Worker {
             return Ok(());
         }
         let started = Instant::now();
-        let outcome = self.attempt(&c, &tenant, id, attempt, &job).await;
+        let job_ref = JobRef {
+            c: &c,
+            tenant: &tenant,
+            id,
+            attempt,
+        };
+        let outcome = self.attempt(&job_ref, &job).await;
         let now = Utc::now();
         let command = match outcome {
-            Ok(AttemptEnd::Succeeded { key, sha256, bytes }) => JobCommand::Succeed {
+            Ok(AttemptEnd::Succeeded(Stored { key, sha256, bytes })) => JobCommand::Succeed {
                 attempt,
                 manifest_key: key,
                 manifest_sha256: sha256,
@@ -371,31 +376,50 @@ impl Worker {
         }
     }
 
-    /// One attempt: returns how it ended, or (reason, retryable).
-    #[tracing::instrument(name = "worker.attempt", skip_all, fields(job_id = %id, attempt, kind = %job.kind))]
-    async fn attempt(
-        &self,
-        c: &CommandContext,
-        tenant: &TenantId,
-        id: JobId,
-        attempt: u32,
-        job: &mira_aggregates::Job,
-    ) -> Result<AttemptEnd, Failure> {
-        // The kind decides what runs; a kind or parameters this worker cannot read fail the
-        // job for good (a retry would read the same).
-        let spec = JobSpec::from_stored(&job.kind, &job.params).map_err(|e| (e, false))?;
-        let slide_id = job.slide_id.ok_or(("the job names no slide".to_string(), false))?;
+    /// One attempt: fetch the slide, run the job's pipeline, store the results. Returns how
+    /// it ended, or why it failed.
+    #[tracing::instrument(name = "worker.attempt", skip_all, fields(job_id = %job_ref.id, attempt = job_ref.attempt, kind))]
+    async fn attempt(&self, job_ref: &JobRef<'_>, job: &mira_aggregates::Job) -> Result<AttemptEnd, Failure> {
+        // A kind or parameters this worker cannot read fail the job for good (a retry would
+        // read the same), before anything is fetched.
+        let spec = match &job.spec {
+            None => return Err(Failure::new("the job has no kind", false)),
+            Some(JobSpec::Unknown { kind, .. }) => return Err(Failure::from(ProcessError::UnknownKind(kind.clone()))),
+            Some(spec) => spec,
+        };
+        tracing::Span::current().record("kind", spec.kind_name());
+        let fetched = self.fetch(job_ref, job).await?;
+        let out = fetched.scratch.join("out");
+        match self.run_pipeline(job_ref, spec, &fetched, &out).await? {
+            Ran::Done(summary) => {
+                let stored = self.store(job_ref, &out).await?;
+                let _ = tokio::fs::remove_dir_all(&fetched.scratch).await;
+                tracing::info!(job_id = %job_ref.id, attempt = job_ref.attempt, tiles = %summary["tiles"], mp_per_s = %summary["megapixels_per_second"], "results stored");
+                Ok(AttemptEnd::Succeeded(stored))
+            }
+            Ran::Interrupted(Interrupted::Cancelled) => Ok(AttemptEnd::Cancelled),
+            Ran::Interrupted(Interrupted::Superseded) => Ok(AttemptEnd::Superseded),
+        }
+    }
+
+    /// The job's slide, fetched into the attempt's scratch directory and checked against the
+    /// bytes verified.
+    async fn fetch(&self, job_ref: &JobRef<'_>, job: &mira_aggregates::Job) -> Result<Fetched, Failure> {
+        let (tenant, id, attempt) = (job_ref.tenant, job_ref.id, job_ref.attempt);
+        let slide_id = job
+            .slide_id
+            .ok_or_else(|| Failure::new("the job names no slide", false))?;
         let slide = self
             .commands
             .load_slide(tenant, slide_id)
             .await
-            .map_err(|e| (e.to_string(), true))?
-            .ok_or(("the slide no longer exists".to_string(), false))?;
+            .map_err(|e| Failure::new(e.to_string(), true))?
+            .ok_or_else(|| Failure::new("the slide no longer exists", false))?;
         let scratch = self.scratch.join(format!("{id}-{attempt}"));
         let _ = tokio::fs::remove_dir_all(&scratch).await;
         tokio::fs::create_dir_all(&scratch)
             .await
-            .map_err(|e| (e.to_string(), true))?;
+            .map_err(|e| Failure::new(e.to_string(), true))?;
         let input = self
             .store
             .fetch(
@@ -404,7 +428,7 @@ impl Worker {
                 &scratch,
             )
             .await
-            .map_err(|e| (format!("cannot fetch the slide: {e:#}"), true))?;
+            .map_err(|e| Failure::new(format!("cannot fetch the slide: {e:#}"), true))?;
         // The bytes verified are the bytes processed: a copy that changed after verification
         // fails the job for good (a retry would fetch the same).
         // A slide verified before the hash was recorded has the one its client declared, which
@@ -417,8 +441,8 @@ impl Worker {
             let path = input.clone();
             let got = tokio::task::spawn_blocking(move || crate::slide::sha256_of(&path))
                 .await
-                .map_err(|e| (e.to_string(), true))?
-                .map_err(|e| (format!("cannot read the fetched slide: {e}"), true))?;
+                .map_err(|e| Failure::new(e.to_string(), true))?
+                .map_err(|e| Failure::new(format!("cannot read the fetched slide: {e}"), true))?;
             if !got.eq_ignore_ascii_case(&want) {
                 tracing::error!(job_id = %id, slide_id = %slide_id, verified = %want, fetched = %got, "the slide changed after verification");
                 return Err(Failure::new(
@@ -429,166 +453,218 @@ impl Worker {
                 ));
             }
         }
-        let out = scratch.join("out");
-        let opts = match &spec {
-            JobSpec::Preprocess(p) => Options {
-                tile_size: p.tile_size,
-                overlap: p.overlap,
-                format: p.format,
-                quality: p.quality,
-                tissue: p.tissue,
-                normalize: p.normalize,
-                device: self.device.clone(),
-                reader: self.reader,
-                limits: crate::slide::Limits {
-                    max_pixels: self.supervisor.max_slide_pixels,
-                },
-                memory_budget: self.supervisor.memory_budget,
-            },
-        };
         let pixels = slide
             .metadata
             .as_ref()
             .map(|m| m.width.saturating_mul(m.height))
             .unwrap_or(0);
-        // While the attempt runs: the job's state is read every 2 s at most (a read, nothing
-        // appended) to notice a cancellation; the lease is extended every third of its length
-        // (the handlers schedule its expiry from these events); progress is recorded at most
-        // every `Worker__ProgressSeconds` and only when it moved. A refused heartbeat or
-        // progress (cancelled, superseded) stops the attempt too.
-        let stop = CancellationToken::new();
-        let superseded = Arc::new(AtomicBool::new(false));
-        let done = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
-        let finished = CancellationToken::new();
-        let beat = {
-            let (commands, c, lease, progress_every) =
-                (self.commands.clone(), c.clone(), self.lease, self.progress_every);
-            let tenant = tenant.clone();
-            let (stop, superseded, done, finished) = (stop.clone(), superseded.clone(), done.clone(), finished.clone());
-            tokio::spawn(async move {
-                let renew_every = lease / 3;
-                let tick = renew_every.min(Duration::from_secs(2));
-                let (mut renewed, mut progressed) = (tokio::time::Instant::now(), tokio::time::Instant::now());
-                let mut reported = 0;
-                let refused = |e: AggregateError<JobError>| match e {
-                    AggregateError::UserError(JobError::CancelRequested) => stop.cancel(),
-                    AggregateError::UserError(_) => {
-                        superseded.store(true, Ordering::SeqCst);
-                        stop.cancel();
-                    }
-                    e => tracing::warn!(error = %e, "recording the attempt's heartbeat or progress failed"),
-                };
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(tick) => {}
-                        _ = finished.cancelled() => return,
-                    }
-                    match commands.load_job(&tenant, id).await {
-                        Ok(Some(job)) if job.status == JobStatus::CancelRequested => {
-                            tracing::info!(job_id = %id, attempt, "cancellation requested: stopping the attempt");
-                            stop.cancel();
-                            return;
-                        }
-                        Ok(Some(job)) if job.attempt != attempt || !matches!(job.status, JobStatus::Running) => {
-                            superseded.store(true, Ordering::SeqCst);
-                            stop.cancel();
-                            return;
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "reading the job's state failed"),
-                    }
-                    if renewed.elapsed() >= renew_every {
-                        renewed = tokio::time::Instant::now();
-                        let until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
-                        if let Err(e) = commands
-                            .job(
-                                &c,
-                                id,
-                                JobCommand::Heartbeat {
-                                    attempt,
-                                    lease_until: until,
-                                },
-                            )
-                            .await
-                        {
-                            refused(e);
-                        }
-                    }
-                    let (d, t) = (done.0.load(Ordering::Relaxed), done.1.load(Ordering::Relaxed));
-                    if t > 0 && d > reported && progressed.elapsed() >= progress_every {
-                        reported = d;
-                        progressed = tokio::time::Instant::now();
-                        if let Err(e) = commands
-                            .job(
-                                &c,
-                                id,
-                                JobCommand::Progress {
-                                    attempt,
-                                    done: d,
-                                    total: t,
-                                },
-                            )
-                            .await
-                        {
-                            refused(e);
-                        }
-                    }
-                    if stop.is_cancelled() {
-                        return;
-                    }
-                }
-            })
-        };
-        // The pipeline runs in a child process, killed when the attempt is stopped, stalls or
-        // runs past its budget; nothing the child does can hold this worker.
-        let result = self.supervisor.run(&input, &out, &opts, pixels, &done, &stop).await;
-        finished.cancel();
-        let _ = beat.await;
-        if superseded.load(Ordering::SeqCst) {
-            return Ok(AttemptEnd::Superseded);
-        }
-        let summary = match result {
-            Ok(Ended::Done(s)) => s,
-            Ok(Ended::Stopped) => return Ok(AttemptEnd::Cancelled),
-            Ok(Ended::Failed { reason, retryable }) => return Err(Failure::new(reason, retryable)),
-            Ok(Ended::Stalled(reason)) => {
-                return Err(Failure {
-                    reason,
-                    retryable: true,
-                    stalled: true,
-                })
+        Ok(Fetched { scratch, input, pixels })
+    }
+
+    /// Runs `spec` on the fetched slide in a child process ([`crate::pipeline::run`] there),
+    /// killed when the attempt is stopped, stalls or runs past its budget; nothing the child
+    /// does can hold this worker. A [`Heartbeat`] keeps the lease and reports progress
+    /// meanwhile.
+    async fn run_pipeline(
+        &self,
+        job_ref: &JobRef<'_>,
+        spec: &JobSpec,
+        fetched: &Fetched,
+        out: &std::path::Path,
+    ) -> Result<Ran, Failure> {
+        let (progress, progress_rx) = tokio::sync::watch::channel((0u64, 0u64));
+        let (stop, finished) = (CancellationToken::new(), CancellationToken::new());
+        let beat = tokio::spawn(
+            Heartbeat {
+                commands: self.commands.clone(),
+                c: job_ref.c.clone(),
+                tenant: job_ref.tenant.clone(),
+                id: job_ref.id,
+                attempt: job_ref.attempt,
+                lease: self.lease,
+                progress_every: self.progress_every,
             }
-            Ok(Ended::OverBudget(reason)) => return Err(Failure::new(reason, false)),
-            Err(e) => return Err(Failure::new(format!("{e:#}"), true)),
-        };
-        // Upload under this attempt's own prefix; the manifest goes last.
-        let prefix = mira_aggregates::results_prefix(tenant, id, attempt);
-        let manifest = tokio::fs::read(out.join("manifest.json"))
-            .await
-            .map_err(|e| (e.to_string(), true))?;
-        let parsed: serde_json::Value = serde_json::from_slice(&manifest).map_err(|e| (e.to_string(), false))?;
-        let mut bytes = 0u64;
-        for o in parsed["objects"].as_array().into_iter().flatten() {
-            let key = o["key"].as_str().unwrap_or_default();
-            let data = tokio::fs::read(out.join(key))
-                .await
-                .map_err(|e| (e.to_string(), true))?;
-            bytes += data.len() as u64;
-            self.results
-                .put(&format!("{prefix}{key}"), data)
-                .await
-                .map_err(|e| (format!("cannot store results: {e:#}"), true))?;
+            .run(progress_rx, stop.clone(), finished.clone()),
+        );
+        let result = self
+            .supervisor
+            .run(
+                &fetched.input,
+                out,
+                spec,
+                (&self.device, self.reader),
+                fetched.pixels,
+                &progress,
+                &stop,
+            )
+            .await;
+        finished.cancel();
+        if let Ok(Some(interrupted)) = beat.await {
+            return Ok(Ran::Interrupted(interrupted));
         }
-        let sha256 = hex::encode(Sha256::digest(&manifest));
-        bytes += manifest.len() as u64;
-        let key = mira_aggregates::manifest_key(tenant, id, attempt);
-        self.results
-            .put(&key, manifest)
+        match result {
+            Ok(Ended::Done(summary)) => Ok(Ran::Done(summary)),
+            // Stopped without an interruption: the heartbeat's task ended early.
+            Ok(Ended::Stopped) => Ok(Ran::Interrupted(Interrupted::Cancelled)),
+            Ok(Ended::Failed { reason, retryable }) => Err(Failure::new(reason, retryable)),
+            Ok(Ended::Stalled(reason)) => Err(Failure {
+                reason,
+                retryable: true,
+                stalled: true,
+            }),
+            Ok(Ended::OverBudget(reason)) => Err(Failure::new(reason, false)),
+            Err(e) => Err(Failure::new(format!("{e:#}"), true)),
+        }
+    }
+
+    /// Uploads what the manifest under `out` lists under this attempt's own prefix, the
+    /// manifest last.
+    async fn store(&self, job_ref: &JobRef<'_>, out: &std::path::Path) -> Result<Stored, Failure> {
+        let (tenant, id, attempt) = (job_ref.tenant, job_ref.id, job_ref.attempt);
+        let prefix = mira_aggregates::results_prefix(tenant, id, attempt);
+        let bytes = tokio::fs::read(out.join(Manifest::FILE))
             .await
-            .map_err(|e| (format!("cannot store results: {e:#}"), true))?;
-        let _ = tokio::fs::remove_dir_all(&scratch).await;
-        tracing::info!(job_id = %id, attempt, tiles = %summary["tiles"], mp_per_s = %summary["megapixels_per_second"], "pyramid stored");
-        Ok(AttemptEnd::Succeeded { key, sha256, bytes })
+            .map_err(|e| Failure::new(format!("cannot read the manifest: {e}"), true))?;
+        let manifest = Manifest::parse(&bytes)
+            .map_err(|e| Failure::new(format!("the pipeline wrote an unreadable manifest: {e}"), false))?;
+        let cannot_store = |e: mira_blobs::BlobError| Failure::new(format!("cannot store results: {e:#}"), true);
+        let mut stored = 0u64;
+        for o in &manifest.objects {
+            let data = tokio::fs::read(out.join(&o.key))
+                .await
+                .map_err(|e| Failure::new(format!("cannot read {}: {e}", o.key), true))?;
+            stored += data.len() as u64;
+            self.results
+                .put(&format!("{prefix}{}", o.key), data)
+                .await
+                .map_err(cannot_store)?;
+        }
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        stored += bytes.len() as u64;
+        let key = mira_aggregates::manifest_key(tenant, id, attempt);
+        self.results.put(&key, bytes).await.map_err(cannot_store)?;
+        Ok(Stored {
+            key,
+            sha256,
+            bytes: stored,
+        })
+    }
+}
+
+/// The attempt a worker runs, and the context its commands carry.
+struct JobRef<'a> {
+    c: &'a CommandContext,
+    tenant: &'a TenantId,
+    id: JobId,
+    attempt: u32,
+}
+
+/// The job's slide in the attempt's scratch directory.
+struct Fetched {
+    scratch: PathBuf,
+    input: PathBuf,
+    /// The slide's pixels, as verification recorded them (the attempt's time budget).
+    pixels: u64,
+}
+
+/// How the pipeline ended, when it did not fail.
+enum Ran {
+    /// The results and their manifest are in the output directory; the pipeline's summary.
+    Done(serde_json::Value),
+    Interrupted(Interrupted),
+}
+
+/// What stopped an attempt from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interrupted {
+    /// A user cancelled the job.
+    Cancelled,
+    /// Another attempt owns the job now; this one records nothing.
+    Superseded,
+}
+
+/// While an attempt runs: the job's state is read every 2 s at most (a read, nothing appended)
+/// to notice a cancellation; the lease is extended every third of its length (the handlers
+/// schedule its expiry from these events); progress is recorded at most every
+/// `Worker__ProgressSeconds` and only when it moved. A refused heartbeat or progress
+/// (cancelled, superseded) stops the attempt too.
+struct Heartbeat {
+    commands: Commands,
+    c: CommandContext,
+    tenant: TenantId,
+    id: JobId,
+    attempt: u32,
+    lease: Duration,
+    progress_every: Duration,
+}
+
+impl Heartbeat {
+    /// Beats until `finished`; cancels `stop` and says why when the attempt must stop.
+    async fn run(
+        self,
+        progress: tokio::sync::watch::Receiver<(u64, u64)>,
+        stop: CancellationToken,
+        finished: CancellationToken,
+    ) -> Option<Interrupted> {
+        let (id, attempt) = (self.id, self.attempt);
+        let renew_every = self.lease / 3;
+        let tick = renew_every.min(Duration::from_secs(2));
+        let (mut renewed, mut progressed) = (tokio::time::Instant::now(), tokio::time::Instant::now());
+        let mut reported = 0;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = finished.cancelled() => return None,
+            }
+            let interrupted = match self.commands.load_job(&self.tenant, id).await {
+                Ok(Some(job)) if job.status == JobStatus::CancelRequested => {
+                    tracing::info!(job_id = %id, attempt, "cancellation requested: stopping the attempt");
+                    Some(Interrupted::Cancelled)
+                }
+                Ok(Some(job)) if job.attempt != attempt || job.status != JobStatus::Running => {
+                    Some(Interrupted::Superseded)
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the job's state failed");
+                    None
+                }
+            };
+            let mut commands = Vec::new();
+            if interrupted.is_none() && renewed.elapsed() >= renew_every {
+                renewed = tokio::time::Instant::now();
+                let until = Utc::now() + chrono::Duration::from_std(self.lease).unwrap_or_default();
+                commands.push(JobCommand::Heartbeat {
+                    attempt,
+                    lease_until: until,
+                });
+            }
+            let (done, total) = *progress.borrow();
+            if interrupted.is_none() && total > 0 && done > reported && progressed.elapsed() >= self.progress_every {
+                reported = done;
+                progressed = tokio::time::Instant::now();
+                commands.push(JobCommand::Progress { attempt, done, total });
+            }
+            let mut interrupted = interrupted;
+            for command in commands {
+                match self.commands.job(&self.c, id, command).await {
+                    Ok(()) => {}
+                    Err(AggregateError::UserError(JobError::CancelRequested)) => {
+                        interrupted = Some(Interrupted::Cancelled);
+                        break;
+                    }
+                    Err(AggregateError::UserError(_)) => {
+                        interrupted = Some(Interrupted::Superseded);
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "recording the attempt's heartbeat or progress failed"),
+                }
+            }
+            if interrupted.is_some() {
+                stop.cancel();
+                return interrupted;
+            }
+        }
     }
 }
 
@@ -601,13 +677,6 @@ struct Failure {
     stalled: bool,
 }
 
-/// `(reason, retryable)`, as the steps around the pipeline fail.
-impl From<(String, bool)> for Failure {
-    fn from((reason, retryable): (String, bool)) -> Self {
-        Self::new(reason, retryable)
-    }
-}
-
 impl Failure {
     fn new(reason: impl Into<String>, retryable: bool) -> Self {
         Self {
@@ -618,13 +687,22 @@ impl Failure {
     }
 }
 
+impl From<ProcessError> for Failure {
+    fn from(e: ProcessError) -> Self {
+        Self::new(format!("{e:#}"), e.retryable())
+    }
+}
+
+/// Where an attempt's results were stored.
+struct Stored {
+    key: String,
+    sha256: String,
+    bytes: u64,
+}
+
 /// How an attempt ended, when it did not fail.
 enum AttemptEnd {
-    Succeeded {
-        key: String,
-        sha256: String,
-        bytes: u64,
-    },
+    Succeeded(Stored),
     Cancelled,
     /// Another attempt owns the job now; this one records nothing.
     Superseded,
@@ -634,7 +712,7 @@ fn queued_attempt(e: &StoredEvent) -> Result<Option<u32>, ApplyError> {
     if (e.aggregate_type.as_str(), e.event_type.as_str()) != ("Job", "JobQueued") {
         return Ok(None);
     }
-    match mira_eventlog::repo::decode::<JobEvent>(e).map_err(ApplyError::Failed)? {
+    match e.decode::<JobEvent>()? {
         JobEvent::JobQueued { attempt, .. } => Ok(Some(attempt)),
         _ => Ok(None),
     }

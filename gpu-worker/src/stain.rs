@@ -16,12 +16,27 @@ pub const ALPHA: f64 = 1.0;
 pub const REINHARD_TARGET_MEAN: [f64; 3] = [50.80, 27.18, -11.60];
 pub const REINHARD_TARGET_STD: [f64; 3] = [21.35, 12.80, 8.51];
 
+/// Why a slide's stains could not be fitted. Only a device failure is worth a retry: the slide's
+/// colours will not change.
 #[derive(Debug, thiserror::Error)]
 pub enum StainError {
     #[error("too few stained pixels to estimate stain vectors ({0}; at least 100 are needed)")]
     TooFewPixels(u64),
     #[error("the stain vectors are degenerate (the slide's colours span no plane)")]
     Degenerate,
+    #[error("too few tissue pixels for Reinhard statistics")]
+    TooFewTissuePixels,
+    #[error("the tissue has a single colour")]
+    SingleColour,
+    /// The device failed while fitting.
+    #[error(transparent)]
+    Device(#[from] anyhow::Error),
+}
+
+impl StainError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Device(_))
+    }
 }
 
 /// Eigen-decomposition of a symmetric 3×3 matrix by Jacobi rotations: eigenvalues ascending,
@@ -120,10 +135,10 @@ fn pinv(he: &[[f64; 2]; 3]) -> Option<[[f64; 3]; 2]> {
 
 impl Macenko {
     /// Estimates the stain vectors and maximum concentrations of `rgb` (pixels of tissue).
-    pub fn fit(device: &Device, rgb: &[u8]) -> anyhow::Result<Self> {
+    pub fn fit(device: &Device, rgb: &[u8]) -> Result<Self, StainError> {
         let sums = device.od_sums(rgb)?;
         if sums.n < 100 {
-            return Err(StainError::TooFewPixels(sums.n).into());
+            return Err(StainError::TooFewPixels(sums.n));
         }
         let (_, vecs) = eigh3(sums.covariance());
         let e1 = [vecs[0][1], vecs[1][1], vecs[2][1]];
@@ -150,13 +165,13 @@ impl Macenko {
             percentile(&ch[cpu::CONC_BINS..], cpu::C_LO as f64, cw, 99.0),
         ];
         if !(max_c[0] > 0.0 && max_c[1] > 0.0) {
-            return Err(StainError::Degenerate.into());
+            return Err(StainError::Degenerate);
         }
         Ok(Self { he, max_c })
     }
 
     /// The per-pixel matrix: `OD' = HE_ref · diag(maxC_ref / maxC) · pinv(HE) · OD`.
-    pub fn matrix(&self) -> anyhow::Result<[[f32; 3]; 3]> {
+    pub fn matrix(&self) -> Result<[[f32; 3]; 3], StainError> {
         let p = pinv(&self.he).ok_or(StainError::Degenerate)?;
         let scale = [MAX_C_REF[0] / self.max_c[0], MAX_C_REF[1] / self.max_c[1]];
         Ok(std::array::from_fn(|ch| {
@@ -173,10 +188,14 @@ pub struct Reinhard {
 }
 
 impl Reinhard {
-    pub fn fit(rgb: &[u8]) -> anyhow::Result<Self> {
-        anyhow::ensure!(rgb.len() >= 300, "too few tissue pixels for Reinhard statistics");
+    pub fn fit(rgb: &[u8]) -> Result<Self, StainError> {
+        if rgb.len() < 300 {
+            return Err(StainError::TooFewTissuePixels);
+        }
         let (mean, std) = cpu::lab_mean_std(rgb);
-        anyhow::ensure!(std.iter().all(|s| *s > 1e-6), "the tissue has a single colour");
+        if !std.iter().all(|s| *s > 1e-6) {
+            return Err(StainError::SingleColour);
+        }
         Ok(Self { mean, std })
     }
 

@@ -28,7 +28,7 @@ pub struct Thumbnail {
 impl Thumbnail {
     /// Reads the slide level just finer than the thumbnail's scale in bands and averages
     /// every thumbnail pixel's footprint.
-    pub fn read(slide: &Slide) -> anyhow::Result<Self> {
+    pub fn read(slide: &Slide) -> Result<Self, crate::slide::SlideError> {
         let (w, h) = slide.dimensions();
         let f = w.max(h).div_ceil(MASK_MAX).max(1);
         let (tw, th) = (w.div_ceil(f) as usize, h.div_ceil(f) as usize);

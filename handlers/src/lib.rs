@@ -77,10 +77,6 @@ fn failed(e: impl std::fmt::Display) -> ApplyError {
     ApplyError::Failed(e.to_string())
 }
 
-fn decode<E: serde::de::DeserializeOwned>(e: &StoredEvent) -> Result<E, ApplyError> {
-    mira_eventlog::repo::decode(e).map_err(ApplyError::Failed)
-}
-
 /// The consumer of the `handlers` queue.
 #[derive(Clone)]
 pub struct Lifecycle {
@@ -136,8 +132,8 @@ impl Lifecycle {
 
     /// The job `e` is about, as the log has it.
     async fn job(&self, e: &StoredEvent) -> Result<mira_aggregates::Job, ApplyError> {
-        let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
-        let job = JobId::parse(&e.aggregate_id).map_err(failed)?;
+        let tenant = e.tenant()?;
+        let job = e.id::<JobId>()?;
         self.commands
             .load_job(&tenant, job)
             .await
@@ -164,7 +160,7 @@ impl Lifecycle {
         slide: SlideId,
         priority: Priority,
     ) -> Result<(), ApplyError> {
-        let tenant = TenantId::parse(&e.tenant_id).map_err(failed)?;
+        let tenant = e.tenant()?;
         Self::lock_slide(tx, &slide).await?;
         // Under the lock the log is the truth: a verdict committed before this load is seen
         // here; one committed after it finds the waiting row below.
@@ -222,7 +218,7 @@ impl Lifecycle {
         kind: &str,
         reason: Option<String>,
     ) -> Result<(), ApplyError> {
-        let slide = SlideId::parse(&e.aggregate_id).map_err(failed)?;
+        let slide = e.id::<SlideId>()?;
         Self::lock_slide(tx, &slide).await?;
         // The waits' due rows before the waiting rows: the due runner takes them in that order
         // too (a due row, then its waiting row), so neither waits for the other in a circle.
@@ -259,7 +255,7 @@ impl Apply for Lifecycle {
         // policies otherwise).
         sqlx::query("SET LOCAL ROLE mira_handlers").execute(&mut *tx).await?;
         match e.aggregate_type.as_str() {
-            "Job" => match decode::<JobEvent>(e)? {
+            "Job" => match e.decode::<JobEvent>()? {
                 JobEvent::JobSubmitted { slide_id, priority, .. } => self.submitted(tx, e, slide_id, priority).await,
                 JobEvent::JobRetryRequested { .. } => {
                     let job = self.job(e).await?;
@@ -324,7 +320,7 @@ impl Apply for Lifecycle {
                     Ok(())
                 }
             },
-            "Slide" => match decode::<SlideEvent>(e)? {
+            "Slide" => match e.decode::<SlideEvent>()? {
                 SlideEvent::SlideVerified { .. } => self.verdict(tx, e, QUEUE, None).await,
                 SlideEvent::SlideRejected { reason } => {
                     self.verdict(tx, e, FAIL, Some(format!("the slide was rejected: {reason}")))

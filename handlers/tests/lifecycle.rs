@@ -188,8 +188,7 @@ impl World {
                 id,
                 JobCommand::Submit {
                     slide_id: slide,
-                    kind: "wsi.preprocess".into(),
-                    params: serde_json::json!({}),
+                    spec: mira_events::JobSpec::Preprocess(Default::default()),
                     max_attempts,
                     priority: mira_aggregates::Priority::Routine,
                 },
@@ -485,8 +484,7 @@ async fn slots_no_job_holds_are_freed() {
                     id,
                     JobCommand::Submit {
                         slide_id: SlideId::new(),
-                        kind: "wsi.preprocess".into(),
-                        params: serde_json::json!({}),
+                        spec: mira_events::JobSpec::Preprocess(Default::default()),
                         max_attempts: 3,
                         priority: mira_aggregates::Priority::Routine,
                     },

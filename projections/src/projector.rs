@@ -41,10 +41,6 @@ fn failed(e: impl std::fmt::Display) -> ApplyError {
     ApplyError::Failed(e.to_string())
 }
 
-fn decode<E: serde::de::DeserializeOwned>(e: &StoredEvent) -> Result<E, ApplyError> {
-    mira_eventlog::repo::decode(e).map_err(ApplyError::Failed)
-}
-
 fn uuid_of(e: &StoredEvent) -> Result<uuid::Uuid, ApplyError> {
     uuid::Uuid::parse_str(&e.aggregate_id).map_err(|_| failed(format!("aggregate id {} is not a UUID", e.aggregate_id)))
 }
@@ -304,7 +300,7 @@ impl Projector {
                         continue;
                     }
                     let md: Metadata = serde_json::from_str(&e.metadata).map_err(failed)?;
-                    let event: JobEvent = decode(e)?;
+                    let event: JobEvent = e.decode()?;
                     if let JobEvent::JobSucceeded { usage: u, .. } = &event {
                         let t = usage.entry(e.tenant_id.clone()).or_default();
                         if u.device == "gpu" {
@@ -336,7 +332,7 @@ impl Projector {
                         continue;
                     }
                     let md: Metadata = serde_json::from_str(&e.metadata).map_err(failed)?;
-                    let event: SlideEvent = decode(e)?;
+                    let event: SlideEvent = e.decode()?;
                     if let SlideEvent::SlideUploaded { size_bytes, .. } = &event {
                         usage.entry(e.tenant_id.clone()).or_default().bytes_uploaded += *size_bytes as i64;
                     }

@@ -112,8 +112,8 @@ impl Entity for JobView {
         Ok(Self {
             job_id: id,
             slide_id: job.slide_id.map(|s| s.as_uuid()).unwrap_or_default(),
-            kind: job.kind.clone(),
-            params: job.params.clone(),
+            kind: job.spec.as_ref().map(|s| s.kind_name().to_owned()).unwrap_or_default(),
+            params: job.spec.as_ref().map(|s| s.params()).unwrap_or_default(),
             status: job.status,
             attempt: job.attempt as i32,
             max_attempts: job.max_attempts as i32,

@@ -83,8 +83,7 @@ async fn random_history(log: &EventLog, tenants: &[&str], jobs: usize, seed: u64
             let id = JobId::new().to_string();
             let submit = JobCommand::Submit {
                 slide_id: slide,
-                kind: "wsi.preprocess".into(),
-                params: serde_json::json!({}),
+                spec: mira_events::JobSpec::Preprocess(Default::default()),
                 max_attempts: 2,
                 priority: mira_aggregates::Priority::Routine,
             };

@@ -14,11 +14,14 @@ fn slide() -> SlideId {
     SlideId::parse("0190d5a4-0000-7000-8000-000000000002").unwrap()
 }
 
+fn spec() -> JobSpec {
+    JobSpec::Preprocess(Default::default())
+}
+
 fn submitted(max_attempts: u32) -> JobEvent {
     JobEvent::JobSubmitted {
         slide_id: slide(),
-        kind: "wsi.preprocess".into(),
-        params: serde_json::json!({}),
+        spec: spec(),
         max_attempts,
         priority: crate::Priority::Routine,
     }
@@ -70,8 +73,7 @@ fn submit_creates_the_job() {
         .given_no_previous_events()
         .when(JobCommand::Submit {
             slide_id: slide(),
-            kind: "wsi.preprocess".into(),
-            params: serde_json::json!({}),
+            spec: spec(),
             max_attempts: 3,
             priority: crate::Priority::Routine,
         })
@@ -80,26 +82,43 @@ fn submit_creates_the_job() {
 
 #[test]
 fn submit_validates_and_refuses_duplicates() {
-    let cmd = |max_attempts, params| JobCommand::Submit {
+    let cmd = |max_attempts, spec| JobCommand::Submit {
         slide_id: slide(),
-        kind: "k".into(),
-        params,
+        spec,
         max_attempts,
         priority: crate::Priority::Routine,
     };
     given(vec![submitted(3)])
-        .when(cmd(3, serde_json::json!({})))
+        .when(cmd(3, spec()))
         .then_expect_error(JobError::AlreadyExists);
     let r = TestFramework::<Job>::with(())
         .given_no_previous_events()
-        .when(cmd(0, serde_json::json!({})))
+        .when(cmd(0, spec()))
         .inspect_result();
     assert!(matches!(r, Err(JobError::Invalid(_))));
+    // A spec this build cannot read (from a stored event of another version) is never
+    // submitted again.
     let r = TestFramework::<Job>::with(())
         .given_no_previous_events()
-        .when(cmd(3, serde_json::json!([1])))
+        .when(cmd(3, JobSpec::from_stored("wsi.preprocess", &serde_json::json!([1]))))
         .inspect_result();
-    assert!(matches!(r, Err(JobError::Invalid(_))));
+    assert!(
+        matches!(r, Err(JobError::Invalid(ref m)) if m.contains("not a job")),
+        "{r:?}"
+    );
+    // Parameters out of range are refused here too, however the command was made.
+    let p = mira_events::params::PreprocessParams {
+        overlap: 200,
+        ..Default::default()
+    };
+    let r = TestFramework::<Job>::with(())
+        .given_no_previous_events()
+        .when(cmd(3, JobSpec::Preprocess(p)))
+        .inspect_result();
+    assert!(
+        matches!(r, Err(JobError::Invalid(ref m)) if m.starts_with("params.overlap")),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -653,8 +672,7 @@ fn arb_command() -> impl Strategy<Value = JobCommand> {
     prop_oneof![
         (1u32..4).prop_map(|m| JobCommand::Submit {
             slide_id: slide(),
-            kind: "k".into(),
-            params: serde_json::json!({}),
+            spec: spec(),
             max_attempts: m,
             priority: crate::Priority::Routine,
         }),
@@ -794,8 +812,7 @@ fn a_success_may_name_only_its_own_attempts_manifest() {
 fn a_stat_job_is_queued_stat_on_every_attempt() {
     let stat = JobEvent::JobSubmitted {
         slide_id: slide(),
-        kind: "wsi.preprocess".into(),
-        params: serde_json::json!({}),
+        spec: spec(),
         max_attempts: 3,
         priority: crate::Priority::Stat,
     };

@@ -74,7 +74,7 @@ pub async fn create(
             )
         }));
     }
-    let spec = JobSpec::from_request(&body.kind, body.params.as_ref()).map_err(ApiError::invalid)?;
+    let spec = JobSpec::from_request(&body.kind, body.params.as_ref()).map_err(|e| ApiError::invalid(e.to_string()))?;
     let fresh = JobId::new();
     let claim = match &key {
         Some(k) => {
@@ -106,8 +106,7 @@ pub async fn create(
             id,
             JobCommand::Submit {
                 slide_id: body.slide_id,
-                kind: spec.kind().to_owned(),
-                params: spec.params(),
+                spec: spec.clone(),
                 max_attempts: state.limits.job_max_attempts,
                 priority,
             },
