@@ -138,6 +138,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             memory_budget_bytes,
             allocate_bytes,
         } => {
+            // An attempt runs the job as stored; otherwise the flags make a `wsi.preprocess`.
             let spec = match spec {
                 Some(text) => serde_json::from_str::<JobSpec>(&text).map_err(|e| anyhow::anyhow!("--spec: {e}"))?,
                 None => {
@@ -190,7 +191,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             };
-            let s = pipeline::run(&spec, &slide, &out, &host, &Watch::quiet(&progress))?;
+            let JobSpec::Preprocess(p) = &spec else {
+                // A spec given by hand: its summary as JSON.
+                println!("{}", pipeline::run(&spec, &slide, &out, &host, &Watch::quiet(&progress))?);
+                return Ok(ExitCode::SUCCESS);
+            };
+            let s = process::process(&slide, &out, &pipeline::preprocess(p, &host), progress)?;
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {

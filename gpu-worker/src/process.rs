@@ -171,17 +171,28 @@ pub struct ManifestObject {
 }
 
 /// `manifest.json`, written last: every object of the results with its size and SHA-256, and
-/// what they are. The worker reads it to store the results; its hash is the job's.
+/// `results`, what they are (for a pyramid, [`Pyramid`]; its fields sit beside `objects`). The
+/// worker reads any kind's as `Manifest<Listed>` to store the objects; its hash is the job's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
+pub struct Manifest<R> {
     pub format_version: u32,
+    pub device: String,
+    pub objects: Vec<ManifestObject>,
+    #[serde(flatten)]
+    pub results: R,
+}
+
+/// What a manifest says besides its objects, left unread: what storing needs.
+pub type Listed = serde_json::Map<String, serde_json::Value>;
+
+/// What a `wsi.preprocess` job's results are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pyramid {
     pub slide: SlideSize,
     pub deepzoom: DeepZoomInfo,
     pub tissue: Option<TissueInfo>,
     pub normalized: Option<NormalizedInfo>,
     pub stats: String,
-    pub device: String,
-    pub objects: Vec<ManifestObject>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,8 +228,10 @@ pub struct NormalizedInfo {
     pub stains: serde_json::Value,
 }
 
-impl Manifest {
-    pub const FILE: &'static str = "manifest.json";
+/// The manifest's name in an attempt's output directory and among its results.
+pub const MANIFEST: &str = "manifest.json";
+
+impl<R: Serialize + serde::de::DeserializeOwned> Manifest<R> {
 
     /// The manifest's bytes: pretty JSON with every object's keys sorted, as results have
     /// always been written.
@@ -229,7 +242,7 @@ impl Manifest {
     /// Writes `manifest.json` under `out`; returns its bytes.
     pub fn write(&self, out: &Path) -> Result<Vec<u8>, ProcessError> {
         let bytes = self.to_bytes().map_err(anyhow::Error::from)?;
-        std::fs::write(out.join(Self::FILE), &bytes)?;
+        std::fs::write(out.join(MANIFEST), &bytes)?;
         Ok(bytes)
     }
 
@@ -450,7 +463,7 @@ fn prepare(slide_path: &Path, out: &Path, opts: &Options) -> Result<Prepared, Pr
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     // A manifest from an earlier run no longer describes what is about to be written.
-    let _ = std::fs::remove_file(out.join(Manifest::FILE));
+    let _ = std::fs::remove_file(out.join(MANIFEST));
     Ok(Prepared {
         slide,
         width: w,
@@ -699,6 +712,9 @@ pub fn process_staged(slide_path: &Path, out: &Path, opts: &Options, watch: &Wat
     let (w, h) = (p.width, p.height);
     let manifest = Manifest {
         format_version: 1,
+        device: device.name(),
+        objects,
+        results: Pyramid {
         slide: SlideSize { width: w, height: h },
         deepzoom: DeepZoomInfo {
             dzi: "slide.dzi".into(),
@@ -722,8 +738,7 @@ pub fn process_staged(slide_path: &Path, out: &Path, opts: &Options, watch: &Wat
             stains: n.describe(),
         }),
         stats: "stats.json".into(),
-        device: device.name(),
-        objects,
+        },
     };
     let bytes = manifest.write(out)?;
     let seconds = started.elapsed().as_secs_f64();
@@ -742,4 +757,61 @@ pub fn process_staged(slide_path: &Path, out: &Path, opts: &Options, watch: &Wat
         reader: p.slide.reader(0),
         manifest_sha256: hex::encode(Sha256::digest(&bytes)),
     })
+}
+
+#[cfg(test)]
+mod manifest_tests {
+    use super::*;
+
+    /// A pyramid's manifest is written with the bytes it had while it was built as a JSON
+    /// value (keys sorted, `null` where there is no mask), and any kind's manifest reads back
+    /// as the objects to store.
+    #[test]
+    fn the_manifest_keeps_its_bytes_and_reads_back_as_its_objects() {
+        let objects = vec![ManifestObject {
+            key: "slide.dzi".into(),
+            bytes: 3,
+            sha256: "ab".into(),
+        }];
+        let typed = Manifest {
+            format_version: 1,
+            device: "cpu".into(),
+            objects: objects.clone(),
+            results: Pyramid {
+                slide: SlideSize { width: 10, height: 20 },
+                deepzoom: DeepZoomInfo {
+                    dzi: "slide.dzi".into(),
+                    tile_size: 254,
+                    overlap: 1,
+                    format: TileFormat::Jpeg,
+                    quality: 80,
+                    levels: 5,
+                    tiles: 5,
+                },
+                tissue: None,
+                normalized: Some(NormalizedInfo {
+                    dzi: "normalized.dzi".into(),
+                    stains: serde_json::json!({"method": "reinhard"}),
+                }),
+                stats: "stats.json".into(),
+            },
+        };
+        let before = serde_json::json!({
+            "format_version": 1,
+            "slide": {"width": 10, "height": 20},
+            "deepzoom": {"dzi": "slide.dzi", "tile_size": 254, "overlap": 1,
+                         "format": TileFormat::Jpeg, "quality": 80, "levels": 5, "tiles": 5},
+            "tissue": serde_json::Value::Null,
+            "normalized": {"dzi": "normalized.dzi", "stains": {"method": "reinhard"}},
+            "stats": "stats.json",
+            "device": "cpu",
+            "objects": objects,
+        });
+        let bytes = typed.to_bytes().unwrap();
+        assert_eq!(String::from_utf8(bytes.clone()).unwrap(), serde_json::to_string_pretty(&before).unwrap());
+        assert_eq!(Manifest::<Pyramid>::parse(&bytes).unwrap(), typed);
+        let listed = Manifest::<Listed>::parse(&bytes).unwrap();
+        assert_eq!(listed.objects, objects);
+        assert_eq!(listed.results["stats"], "stats.json");
+    }
 }

@@ -39,7 +39,7 @@ use mira_blobs::ObjectStore;
 
 use crate::attempt::{Ended, Supervisor};
 use crate::kernels::Device;
-use crate::process::{Manifest, ProcessError};
+use crate::process::{Listed, Manifest, ProcessError, MANIFEST};
 
 /// Where slides come from and where results go ([`mira_blobs::ObjectStore`]), as the settings
 /// say: `AWS__S3__BucketName`, and `AWS__S3__ResultsBucketName` (the same bucket unless set).
@@ -394,7 +394,7 @@ impl Worker {
             Ran::Done(summary) => {
                 let stored = self.store(job_ref, &out).await?;
                 let _ = tokio::fs::remove_dir_all(&fetched.scratch).await;
-                tracing::info!(job_id = %job_ref.id, attempt = job_ref.attempt, tiles = %summary["tiles"], mp_per_s = %summary["megapixels_per_second"], "results stored");
+                tracing::info!(job_id = %job_ref.id, attempt = job_ref.attempt, %summary, "results stored");
                 Ok(AttemptEnd::Succeeded(stored))
             }
             Ran::Interrupted(Interrupted::Cancelled) => Ok(AttemptEnd::Cancelled),
@@ -522,10 +522,10 @@ impl Worker {
     async fn store(&self, job_ref: &JobRef<'_>, out: &std::path::Path) -> Result<Stored, Failure> {
         let (tenant, id, attempt) = (job_ref.tenant, job_ref.id, job_ref.attempt);
         let prefix = mira_aggregates::results_prefix(tenant, id, attempt);
-        let bytes = tokio::fs::read(out.join(Manifest::FILE))
+        let bytes = tokio::fs::read(out.join(MANIFEST))
             .await
             .map_err(|e| Failure::new(format!("cannot read the manifest: {e}"), true))?;
-        let manifest = Manifest::parse(&bytes)
+        let manifest = Manifest::<Listed>::parse(&bytes)
             .map_err(|e| Failure::new(format!("the pipeline wrote an unreadable manifest: {e}"), false))?;
         let cannot_store = |e: mira_blobs::BlobError| Failure::new(format!("cannot store results: {e:#}"), true);
         let mut stored = 0u64;
