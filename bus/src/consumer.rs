@@ -41,13 +41,21 @@ use crate::{Delivery, Group, Queue};
 /// Why an event could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
+    /// The consumer's own step failed (a command, a fetch); the error says which.
     #[error("{0}")]
-    Failed(String),
+    Failed(Box<dyn std::error::Error + Send + Sync>),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     /// The event does not read as its consumer expects.
     #[error(transparent)]
     Decode(#[from] mira_eventlog::repo::DecodeError),
+}
+
+impl ApplyError {
+    /// A failure of the consumer's own: any error, or a reason in words.
+    pub fn failed(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Failed(e.into())
+    }
 }
 
 /// A consumer's effect. `apply` runs inside the consumer's transaction; whatever it writes
@@ -409,7 +417,7 @@ impl Consumer {
             if missing.len() as i64 != msg.sequence - last {
                 return Err((
                     msg.sequence,
-                    ApplyError::Failed(format!(
+                    ApplyError::failed(format!(
                         "the log lacks events {}..{} of this aggregate",
                         last + 1,
                         msg.sequence

@@ -76,7 +76,7 @@ struct Recorder {
 impl Apply for Recorder {
     async fn apply(&self, tx: &mut PgConnection, e: &StoredEvent) -> Result<(), ApplyError> {
         if self.poison.lock().unwrap().contains(&e.aggregate_id) {
-            return Err(ApplyError::Failed(format!(
+            return Err(ApplyError::failed(format!(
                 "cannot apply {} of {}",
                 e.event_type, e.aggregate_id
             )));

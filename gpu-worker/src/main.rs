@@ -193,7 +193,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let JobSpec::Preprocess(p) = &spec else {
                 // A spec given by hand: its summary as JSON.
-                println!("{}", pipeline::run(&spec, &slide, &out, &host, &Watch::quiet(&progress))?);
+                println!(
+                    "{}",
+                    pipeline::run(&spec, &slide, &out, &host, &Watch::quiet(&progress))?
+                );
                 return Ok(ExitCode::SUCCESS);
             };
             let s = process::process(&slide, &out, &pipeline::preprocess(p, &host), progress)?;

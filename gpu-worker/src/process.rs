@@ -232,7 +232,6 @@ pub struct NormalizedInfo {
 pub const MANIFEST: &str = "manifest.json";
 
 impl<R: Serialize + serde::de::DeserializeOwned> Manifest<R> {
-
     /// The manifest's bytes: pretty JSON with every object's keys sorted, as results have
     /// always been written.
     pub fn to_bytes(&self) -> serde_json::Result<Vec<u8>> {
@@ -715,29 +714,29 @@ pub fn process_staged(slide_path: &Path, out: &Path, opts: &Options, watch: &Wat
         device: device.name(),
         objects,
         results: Pyramid {
-        slide: SlideSize { width: w, height: h },
-        deepzoom: DeepZoomInfo {
-            dzi: "slide.dzi".into(),
-            tile_size: opts.tile_size,
-            overlap: opts.overlap,
-            format: opts.format,
-            quality: opts.quality,
-            levels: geometry.level_count(),
-            tiles: per_pyramid,
-        },
-        tissue: mask.as_ref().map(|m| TissueInfo {
-            mask: "mask.png".into(),
-            width: m.width,
-            height: m.height,
-            downsample: m.downsample,
-            otsu_threshold: m.threshold,
-            fraction: m.fraction(),
-        }),
-        normalized: normalizer.as_ref().map(|n| NormalizedInfo {
-            dzi: "normalized.dzi".into(),
-            stains: n.describe(),
-        }),
-        stats: "stats.json".into(),
+            slide: SlideSize { width: w, height: h },
+            deepzoom: DeepZoomInfo {
+                dzi: "slide.dzi".into(),
+                tile_size: opts.tile_size,
+                overlap: opts.overlap,
+                format: opts.format,
+                quality: opts.quality,
+                levels: geometry.level_count(),
+                tiles: per_pyramid,
+            },
+            tissue: mask.as_ref().map(|m| TissueInfo {
+                mask: "mask.png".into(),
+                width: m.width,
+                height: m.height,
+                downsample: m.downsample,
+                otsu_threshold: m.threshold,
+                fraction: m.fraction(),
+            }),
+            normalized: normalizer.as_ref().map(|n| NormalizedInfo {
+                dzi: "normalized.dzi".into(),
+                stains: n.describe(),
+            }),
+            stats: "stats.json".into(),
         },
     };
     let bytes = manifest.write(out)?;
@@ -808,7 +807,10 @@ mod manifest_tests {
             "objects": objects,
         });
         let bytes = typed.to_bytes().unwrap();
-        assert_eq!(String::from_utf8(bytes.clone()).unwrap(), serde_json::to_string_pretty(&before).unwrap());
+        assert_eq!(
+            String::from_utf8(bytes.clone()).unwrap(),
+            serde_json::to_string_pretty(&before).unwrap()
+        );
         assert_eq!(Manifest::<Pyramid>::parse(&bytes).unwrap(), typed);
         let listed = Manifest::<Listed>::parse(&bytes).unwrap();
         assert_eq!(listed.objects, objects);

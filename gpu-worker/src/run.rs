@@ -84,10 +84,6 @@ impl std::fmt::Debug for Worker {
     }
 }
 
-fn failed(e: impl std::fmt::Display) -> ApplyError {
-    ApplyError::Failed(e.to_string())
-}
-
 fn ctx(e: &StoredEvent, tenant: &TenantId, worker: &str) -> CommandContext {
     let meta: Option<Metadata> = serde_json::from_str(&e.metadata).ok();
     let mut c = CommandContext::new(tenant.clone(), Actor::worker(worker));
@@ -189,14 +185,19 @@ impl Worker {
     async fn verify(&self, e: &StoredEvent) -> Result<(), ApplyError> {
         let tenant = e.tenant()?;
         let id = e.id::<SlideId>()?;
-        let Some(slide) = self.commands.load_slide(&tenant, id).await.map_err(failed)? else {
+        let Some(slide) = self
+            .commands
+            .load_slide(&tenant, id)
+            .await
+            .map_err(ApplyError::failed)?
+        else {
             return Ok(());
         };
         if slide.status != SlideStatus::Uploaded {
             return Ok(());
         }
         let scratch = self.scratch.join(format!("verify-{id}"));
-        tokio::fs::create_dir_all(&scratch).await.map_err(failed)?;
+        tokio::fs::create_dir_all(&scratch).await.map_err(ApplyError::failed)?;
         let path = self
             .store
             .fetch(
@@ -205,7 +206,7 @@ impl Worker {
                 &scratch,
             )
             .await
-            .map_err(failed)?;
+            .map_err(ApplyError::failed)?;
         let declared = slide.sha256.clone();
         let reader = self.reader;
         let limits = crate::slide::Limits {
@@ -220,8 +221,8 @@ impl Worker {
             let path = path.clone();
             tokio::task::spawn_blocking(move || crate::slide::sha256_of(&path))
                 .await
-                .map_err(failed)?
-                .map_err(|e| failed(format!("cannot read the uploaded copy: {e}")))?
+                .map_err(ApplyError::failed)?
+                .map_err(|e| ApplyError::failed(format!("cannot read the uploaded copy: {e}")))?
         };
         let opened = tokio::task::spawn_blocking(move || {
             // Against the declared checksum: a slide that is not the bytes the client meant is
@@ -237,7 +238,7 @@ impl Worker {
             crate::slide::Slide::open_limited(&path, reader, &limits).map(|s| (s.metadata(), got))
         })
         .await
-        .map_err(failed)?;
+        .map_err(ApplyError::failed)?;
         let _ = tokio::fs::remove_dir_all(&scratch).await;
         match &opened {
             Ok(((m, _), _)) => {
@@ -261,7 +262,7 @@ impl Worker {
             .await
         {
             Ok(()) | Err(AggregateError::UserError(SlideError::InvalidTransition { .. })) => Ok(()),
-            Err(e) => Err(failed(e)),
+            Err(e) => Err(ApplyError::failed(e)),
         }
     }
 
@@ -281,14 +282,14 @@ impl Worker {
     async fn take_lease(&self, e: &StoredEvent, attempt: u32) -> Result<(), ApplyError> {
         let tenant = e.tenant()?;
         let id = e.id::<JobId>()?;
-        let Some(job) = self.commands.load_job(&tenant, id).await.map_err(failed)? else {
+        let Some(job) = self.commands.load_job(&tenant, id).await.map_err(ApplyError::failed)? else {
             return Ok(());
         };
         if job.status != JobStatus::Queued || job.attempt != attempt {
             return Ok(());
         }
         let now = Utc::now();
-        let lease = chrono::Duration::from_std(self.lease).map_err(failed)?;
+        let lease = chrono::Duration::from_std(self.lease).map_err(ApplyError::failed)?;
         let start = JobCommand::Start {
             attempt,
             worker_id: self.worker_id.clone(),
@@ -301,7 +302,7 @@ impl Worker {
                 Ok(())
             }
             Err(AggregateError::UserError(_)) => Ok(()),
-            Err(e) => Err(failed(e)),
+            Err(e) => Err(ApplyError::failed(e)),
         }
     }
 
@@ -316,7 +317,7 @@ impl Worker {
         let tenant = e.tenant()?;
         let id = e.id::<JobId>()?;
         let c = ctx(e, &tenant, &self.worker_id);
-        let Some(job) = self.commands.load_job(&tenant, id).await.map_err(failed)? else {
+        let Some(job) = self.commands.load_job(&tenant, id).await.map_err(ApplyError::failed)? else {
             return Ok(());
         };
         let mine = matches!(job.status, JobStatus::Running | JobStatus::CancelRequested)
@@ -366,7 +367,7 @@ impl Worker {
         loop {
             match self.job_command(&c, id, command.clone()).await {
                 Ok(()) | Err(AggregateError::UserError(_)) => return Ok(()),
-                Err(e) if wait > Duration::from_secs(16) => return Err(failed(e)),
+                Err(e) if wait > Duration::from_secs(16) => return Err(ApplyError::failed(e)),
                 Err(e) => {
                     tracing::warn!(job_id = %id, attempt, error = %e, "recording the outcome failed; retrying");
                     tokio::time::sleep(wait).await;

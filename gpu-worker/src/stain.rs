@@ -245,10 +245,20 @@ mod tests {
     fn a_slide_whose_stains_cannot_be_fitted_is_not_retried() {
         let grey = [128u8; 3 * 400];
         assert!(matches!(Reinhard::fit(&grey), Err(StainError::SingleColour)));
-        assert!(matches!(Reinhard::fit(&grey[..30]), Err(StainError::TooFewTissuePixels)));
+        assert!(matches!(
+            Reinhard::fit(&grey[..30]),
+            Err(StainError::TooFewTissuePixels)
+        ));
         // Nearly white: no pixel is stained enough to count.
-        assert!(matches!(Macenko::fit(&Device::Cpu, &[238u8; 3 * 400]), Err(StainError::TooFewPixels(_))));
-        for e in [StainError::SingleColour, StainError::TooFewTissuePixels, StainError::Degenerate] {
+        assert!(matches!(
+            Macenko::fit(&Device::Cpu, &[238u8; 3 * 400]),
+            Err(StainError::TooFewPixels(_))
+        ));
+        for e in [
+            StainError::SingleColour,
+            StainError::TooFewTissuePixels,
+            StainError::Degenerate,
+        ] {
             assert!(!e.retryable(), "{e}");
         }
         assert!(StainError::Device(anyhow::anyhow!("out of device memory")).retryable());

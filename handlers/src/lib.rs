@@ -73,10 +73,6 @@ fn is_routine(p: &Priority) -> bool {
     *p == Priority::Routine
 }
 
-fn failed(e: impl std::fmt::Display) -> ApplyError {
-    ApplyError::Failed(e.to_string())
-}
-
 /// The consumer of the `handlers` queue.
 #[derive(Clone)]
 pub struct Lifecycle {
@@ -106,7 +102,7 @@ impl Lifecycle {
     }
 
     fn due_command(e: &StoredEvent, attempt: Option<u32>, reason: Option<String>) -> Result<DueCommand, ApplyError> {
-        let meta: Metadata = serde_json::from_str(&e.metadata).map_err(failed)?;
+        let meta: Metadata = serde_json::from_str(&e.metadata).map_err(ApplyError::failed)?;
         Ok(DueCommand {
             tenant: e.tenant_id.clone(),
             attempt,
@@ -125,7 +121,7 @@ impl Lifecycle {
         at: DateTime<Utc>,
         w: &DueCommand,
     ) -> Result<(), ApplyError> {
-        let payload = serde_json::to_string(w).map_err(failed)?;
+        let payload = serde_json::to_string(w).map_err(ApplyError::failed)?;
         due::schedule(tx, kind, job, at, &payload).await?;
         Ok(())
     }
@@ -137,8 +133,8 @@ impl Lifecycle {
         self.commands
             .load_job(&tenant, job)
             .await
-            .map_err(failed)?
-            .ok_or_else(|| failed("no such job"))
+            .map_err(ApplyError::failed)?
+            .ok_or_else(|| ApplyError::failed("no such job"))
     }
 
     /// Serialises everything the handlers do about one slide's waiting jobs.
@@ -164,7 +160,11 @@ impl Lifecycle {
         Self::lock_slide(tx, &slide).await?;
         // Under the lock the log is the truth: a verdict committed before this load is seen
         // here; one committed after it finds the waiting row below.
-        let state = self.commands.load_slide(&tenant, slide).await.map_err(failed)?;
+        let state = self
+            .commands
+            .load_slide(&tenant, slide)
+            .await
+            .map_err(ApplyError::failed)?;
         let now = Utc::now();
         let reason = match state.map(|s| (s.status, s.rejection)) {
             Some((SlideStatus::Verified, _)) => {
@@ -182,13 +182,13 @@ impl Lifecycle {
                      ON CONFLICT DO NOTHING",
                 )
                 .bind(slide.as_uuid())
-                .bind(uuid::Uuid::parse_str(&e.aggregate_id).map_err(failed)?)
+                .bind(uuid::Uuid::parse_str(&e.aggregate_id).map_err(ApplyError::failed)?)
                 .bind(&e.tenant_id)
                 .bind(priority.as_str())
                 .execute(&mut *tx)
                 .await?;
                 // Not for ever: past the wait the job fails and says why.
-                let until = now + chrono::Duration::from_std(self.slide_wait).map_err(failed)?;
+                let until = now + chrono::Duration::from_std(self.slide_wait).map_err(ApplyError::failed)?;
                 let why = format!("the slide was never uploaded (waited {})", readable(self.slide_wait));
                 return Self::schedule(
                     tx,
@@ -259,7 +259,9 @@ impl Apply for Lifecycle {
                 JobEvent::JobSubmitted { slide_id, priority, .. } => self.submitted(tx, e, slide_id, priority).await,
                 JobEvent::JobRetryRequested { .. } => {
                     let job = self.job(e).await?;
-                    let slide = job.slide_id.ok_or_else(|| failed("a retried job has no slide"))?;
+                    let slide = job
+                        .slide_id
+                        .ok_or_else(|| ApplyError::failed("a retried job has no slide"))?;
                     self.submitted(tx, e, slide, job.priority).await
                 }
                 JobEvent::JobRetryScheduled { not_before, .. } => {
@@ -280,7 +282,7 @@ impl Apply for Lifecycle {
                         "INSERT INTO job_slots (job_id, tenant_id, priority, started) VALUES ($1, $2, 'routine', true) \
                          ON CONFLICT (job_id) DO UPDATE SET started = true",
                     )
-                    .bind(uuid::Uuid::parse_str(&e.aggregate_id).map_err(failed)?)
+                    .bind(uuid::Uuid::parse_str(&e.aggregate_id).map_err(ApplyError::failed)?)
                     .bind(&e.tenant_id)
                     .execute(&mut *tx)
                     .await?;
@@ -311,7 +313,7 @@ impl Apply for Lifecycle {
                     due::cancel(tx, LEASE, &e.aggregate_id).await?;
                     // The attempt is over: its slot is free (a retry is admitted again).
                     sqlx::query("DELETE FROM job_slots WHERE job_id = $1")
-                        .bind(uuid::Uuid::parse_str(&e.aggregate_id).map_err(failed)?)
+                        .bind(uuid::Uuid::parse_str(&e.aggregate_id).map_err(ApplyError::failed)?)
                         .execute(&mut *tx)
                         .await?;
                     Ok(())

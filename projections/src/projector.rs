@@ -37,12 +37,9 @@ impl Default for Projector {
     }
 }
 
-fn failed(e: impl std::fmt::Display) -> ApplyError {
-    ApplyError::Failed(e.to_string())
-}
-
 fn uuid_of(e: &StoredEvent) -> Result<uuid::Uuid, ApplyError> {
-    uuid::Uuid::parse_str(&e.aggregate_id).map_err(|_| failed(format!("aggregate id {} is not a UUID", e.aggregate_id)))
+    uuid::Uuid::parse_str(&e.aggregate_id)
+        .map_err(|_| ApplyError::failed(format!("aggregate id {} is not a UUID", e.aggregate_id)))
 }
 
 impl Projector {
@@ -99,7 +96,7 @@ impl Projector {
             .iter()
             .map(serde_json::to_value)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(failed)?;
+            .map_err(ApplyError::failed)?;
         let Some(serde_json::Value::Object(first)) = values.first() else {
             return Ok(());
         };
@@ -147,13 +144,13 @@ fn fold<V: Entity>(
     match rows.get_mut(&id) {
         Some(row) => {
             row.stored.state.apply(event);
-            row.stored.view = V::of(&row.stored.state, id, Some(&row.stored.view), &at).map_err(failed)?;
+            row.stored.view = V::of(&row.stored.state, id, Some(&row.stored.view), &at).map_err(ApplyError::failed)?;
             row.stored.last_sequence = e.sequence;
             row.dirty = true;
         }
         None => {
             if !V::first(&event) {
-                return Err(failed(format!(
+                return Err(ApplyError::failed(format!(
                     "{} {id}: {} before its first event",
                     V::TABLE,
                     e.event_type
@@ -161,7 +158,7 @@ fn fold<V: Entity>(
             }
             let mut state = V::State::default();
             state.apply(event);
-            let view = V::of(&state, id, None, &at).map_err(failed)?;
+            let view = V::of(&state, id, None, &at).map_err(ApplyError::failed)?;
             let extra = V::hidden(&state);
             rows.insert(
                 id,
@@ -299,7 +296,7 @@ impl Projector {
                     if applied(jobs.get(&id).map(|r| r.stored.last_sequence)) {
                         continue;
                     }
-                    let md: Metadata = serde_json::from_str(&e.metadata).map_err(failed)?;
+                    let md: Metadata = serde_json::from_str(&e.metadata).map_err(ApplyError::failed)?;
                     let event: JobEvent = e.decode()?;
                     if let JobEvent::JobSucceeded { usage: u, .. } = &event {
                         let t = usage.entry(e.tenant_id.clone()).or_default();
@@ -331,7 +328,7 @@ impl Projector {
                     if applied(slides.get(&id).map(|r| r.stored.last_sequence)) {
                         continue;
                     }
-                    let md: Metadata = serde_json::from_str(&e.metadata).map_err(failed)?;
+                    let md: Metadata = serde_json::from_str(&e.metadata).map_err(ApplyError::failed)?;
                     let event: SlideEvent = e.decode()?;
                     if let SlideEvent::SlideUploaded { size_bytes, .. } = &event {
                         usage.entry(e.tenant_id.clone()).or_default().bytes_uploaded += *size_bytes as i64;
