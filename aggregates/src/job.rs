@@ -298,65 +298,113 @@ impl Job {
         }
     }
 
+    /// A worker's command names the current attempt, and the attempt is in a state that takes
+    /// it; anything else is refused (a stale worker, a cancelled attempt).
+    fn fence(&self, command: &JobCommand) -> Result<(), JobError> {
+        use JobStatus as S;
+        let Some(attempt) = command.attempt() else {
+            return Ok(());
+        };
+        if attempt != self.attempt {
+            return Err(JobError::StaleAttempt {
+                current: self.attempt,
+                got: attempt,
+            });
+        }
+        // A cancellation stops the attempt: its heartbeats and progress are refused, so the
+        // worker stops at once instead of renewing a lease nobody wants.
+        if self.status == S::CancelRequested
+            && matches!(command, JobCommand::Heartbeat { .. } | JobCommand::Progress { .. })
+        {
+            return Err(JobError::CancelRequested);
+        }
+        let allowed = match command {
+            JobCommand::Start { .. } => self.status == S::Queued,
+            JobCommand::Succeed { .. } => self.status == S::Running,
+            JobCommand::ConfirmCancelled { .. } => self.status == S::CancelRequested,
+            _ => matches!(self.status, S::Running | S::CancelRequested),
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(self.refuse(command))
+        }
+    }
+
+    /// `Submit`: a new job, its spec and budget checked.
+    fn submit(
+        &self,
+        slide_id: SlideId,
+        spec: &JobSpec,
+        max_attempts: u32,
+        priority: Priority,
+    ) -> Result<Vec<JobEvent>, JobError> {
+        if self.status != JobStatus::New {
+            return Err(JobError::AlreadyExists);
+        }
+        if let JobSpec::Unknown { kind, .. } = spec {
+            return Err(JobError::Invalid(format!(
+                "{kind:?} with these parameters is not a job this version of Mira runs"
+            )));
+        }
+        spec.validate().map_err(|e| JobError::Invalid(e.to_string()))?;
+        if !(1..=MAX_ATTEMPTS_LIMIT).contains(&max_attempts) {
+            return Err(JobError::Invalid(format!(
+                "max_attempts must be 1 to {MAX_ATTEMPTS_LIMIT}"
+            )));
+        }
+        Ok(vec![JobEvent::JobSubmitted {
+            slide_id,
+            spec: spec.clone(),
+            max_attempts,
+            priority,
+        }])
+    }
+
+    /// `Fail`: the attempt's failure, and what follows it.
+    fn fail(
+        &self,
+        attempt: u32,
+        reason: &str,
+        retryable: bool,
+        stalled: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<JobEvent>, JobError> {
+        if reason.trim().is_empty() {
+            return Err(JobError::Invalid("a failure needs a reason".into()));
+        }
+        // Work that hung once on this slide and these parameters is tried again; work that
+        // hangs a second time would hang every time, holding a worker each.
+        let (retryable, reason) = if stalled && self.stalls >= 1 {
+            (false, format!("{reason}; it stalled before too, so it is not retried"))
+        } else {
+            (retryable, reason.to_owned())
+        };
+        Ok(vec![
+            JobEvent::JobAttemptFailed {
+                attempt,
+                reason: reason.clone(),
+                retryable,
+                stalled,
+            },
+            self.after_attempt(retryable, &reason, now),
+        ])
+    }
+
     /// Decides the events for `command`, or refuses it. Writes nothing.
     pub fn decide(&self, command: &JobCommand) -> Result<Vec<JobEvent>, JobError> {
         use JobStatus as S;
         if self.status == S::New && !matches!(command, JobCommand::Submit { .. }) {
             return Err(JobError::NotFound);
         }
-        let active = matches!(self.status, S::Running | S::CancelRequested);
-        if let Some(attempt) = command.attempt() {
-            if attempt != self.attempt {
-                return Err(JobError::StaleAttempt {
-                    current: self.attempt,
-                    got: attempt,
-                });
-            }
-            // A cancellation stops the attempt: its heartbeats and progress are refused, so the
-            // worker stops at once instead of renewing a lease nobody wants.
-            if self.status == S::CancelRequested
-                && matches!(command, JobCommand::Heartbeat { .. } | JobCommand::Progress { .. })
-            {
-                return Err(JobError::CancelRequested);
-            }
-            let allowed = match command {
-                JobCommand::Start { .. } => self.status == S::Queued,
-                JobCommand::Succeed { .. } => self.status == S::Running,
-                JobCommand::ConfirmCancelled { .. } => self.status == S::CancelRequested,
-                _ => active,
-            };
-            if !allowed {
-                return Err(self.refuse(command));
-            }
-        }
+        self.fence(command)?;
         let events = match command {
             JobCommand::Submit {
                 slide_id,
                 spec,
                 max_attempts,
                 priority,
-            } => {
-                if self.status != S::New {
-                    return Err(JobError::AlreadyExists);
-                }
-                if let JobSpec::Unknown { kind, .. } = spec {
-                    return Err(JobError::Invalid(format!(
-                        "{kind:?} with these parameters is not a job this version of Mira runs"
-                    )));
-                }
-                spec.validate().map_err(|e| JobError::Invalid(e.to_string()))?;
-                if !(1..=MAX_ATTEMPTS_LIMIT).contains(max_attempts) {
-                    return Err(JobError::Invalid(format!(
-                        "max_attempts must be 1 to {MAX_ATTEMPTS_LIMIT}"
-                    )));
-                }
-                vec![JobEvent::JobSubmitted {
-                    slide_id: *slide_id,
-                    spec: spec.clone(),
-                    max_attempts: *max_attempts,
-                    priority: *priority,
-                }]
-            }
+            } => return self.submit(*slide_id, spec, *max_attempts, *priority),
             JobCommand::Queue { now } => match self.status {
                 S::Submitted => vec![JobEvent::JobQueued {
                     attempt: self.attempt + 1,
@@ -436,27 +484,7 @@ impl Job {
                 retryable,
                 stalled,
                 now,
-            } => {
-                if reason.trim().is_empty() {
-                    return Err(JobError::Invalid("a failure needs a reason".into()));
-                }
-                // Work that hung once on this slide and these parameters is tried again; work
-                // that hangs a second time would hang every time, holding a worker each.
-                let (retryable, reason) = if *stalled && self.stalls >= 1 {
-                    (false, format!("{reason}; it stalled before too, so it is not retried"))
-                } else {
-                    (*retryable, reason.clone())
-                };
-                vec![
-                    JobEvent::JobAttemptFailed {
-                        attempt: *attempt,
-                        reason: reason.clone(),
-                        retryable,
-                        stalled: *stalled,
-                    },
-                    self.after_attempt(retryable, &reason, *now),
-                ]
-            }
+            } => return self.fail(*attempt, reason, *retryable, *stalled, *now),
             JobCommand::ExpireLease { attempt, now } => {
                 if let Some(until) = self.lease_until {
                     if *now < until {
