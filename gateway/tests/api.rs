@@ -1117,6 +1117,61 @@ async fn bad_input_gets_problem_json_4xx() {
     app.stop().await;
 }
 
+/// What the document says is refused is refused: a `null` where it documents a string, and a
+/// negative audit position (found by schemathesis's negative-data check).
+#[tokio::test]
+async fn nulls_and_negative_positions_the_document_does_not_allow_are_refused() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let auditor = app.token("lab-a", &["auditor"]);
+    let slide = json!({"name": "n", "size_bytes": 3, "content_type": "image/tiff"});
+    for (field, value) in [("sha256", Value::Null), ("file_name", Value::Null)] {
+        let mut body = slide.clone();
+        body[field] = value;
+        let r = app.post(&t, "/api/slides", body).await;
+        assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(field),
+            "{field}: {}",
+            r.body
+        );
+    }
+    // Absent is fine, as before.
+    let r = app.post(&t, "/api/slides", slide).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let id = r.body["slide_id"].as_str().unwrap().to_owned();
+    let r = app
+        .post(&t, &format!("/api/slides/{id}/uploaded"), json!({"upload_id": null}))
+        .await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    let job = submit_job(&app, &t, &id).await;
+    let r = app
+        .post(
+            &t,
+            "/api/jobs",
+            json!({"slide_id": id, "kind": "wsi.preprocess", "priority": null}),
+        )
+        .await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body["detail"].as_str().unwrap().contains("priority"), "{}", r.body);
+    let r = app
+        .post(&t, &format!("/api/jobs/{job}/cancel"), json!({"reason": null}))
+        .await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body["detail"].as_str().unwrap().contains("reason"), "{}", r.body);
+    // The job was not cancelled by the refused request; a proper one cancels it.
+    let r = app
+        .post(&t, &format!("/api/jobs/{job}/cancel"), json!({"reason": "wrong slide"}))
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let r = app.get(&auditor, "/api/audit/events?after=-1").await;
+    assert_problem(&r, StatusCode::BAD_REQUEST);
+    assert!(r.body["detail"].as_str().unwrap().contains("after"), "{}", r.body);
+    let r = app.get(&auditor, "/api/audit/events?after=0").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(!r.body["items"].as_array().unwrap().is_empty(), "{}", r.body);
+}
+
 #[tokio::test]
 async fn an_idempotency_key_gives_one_job_and_refuses_a_different_body() {
     let app = spawn_app(Storage::Local).await;
@@ -1424,6 +1479,9 @@ async fn health_readiness_metrics_and_the_openapi_document() {
     // Every documented operation is routed.
     let doc = get("/api/openapi.json").await.body;
     assert_eq!(doc["openapi"], "3.1.0");
+    // What is served is the golden document, whole.
+    let golden: Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
+    assert!(doc == golden, "the served document is not gateway/openapi.json");
     let t = app.token("lab-a", &["pathologist"]);
     let id = uuid::Uuid::now_v7().to_string();
     for (path, ops) in doc["paths"].as_object().unwrap() {

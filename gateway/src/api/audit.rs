@@ -17,6 +17,9 @@ pub async fn events(
     ApiQuery(filter): ApiQuery<mira_eventlog::EventFilter>,
 ) -> ApiResult<Json<serde_json::Value>> {
     who.require(&[Role::Auditor])?;
+    if filter.after.is_some_and(|a| a < 0) {
+        return Err(ApiError::bad_request("after: a position is 0 or more"));
+    }
     let limit = page_limit(filter.limit)?;
     let events = mira_eventlog::EventLog::new(state.pool.clone())
         .tenant_events(&who.tenant, &filter, limit)

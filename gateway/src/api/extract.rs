@@ -122,3 +122,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         Ok(v)
     }
 }
+
+/// For an optional field the document describes as its type alone (not nullable): absent is
+/// `None`, and an explicit `null` is refused as the wrong type (422, naming the field), as the
+/// document says. Use with `#[serde(default, deserialize_with = "not_null")]`.
+pub fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}

@@ -29,7 +29,7 @@ pub struct NewJob {
     pub params: Option<serde_json::Value>,
     /// `stat` or `routine` (the default). Who may ask for STAT is `Jobs__StatGroups`. Read as
     /// text, so that any other value (a number too) is a 422 that names the field.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::extract::not_null")]
     pub priority: Option<String>,
 }
 
@@ -232,7 +232,7 @@ fn shown(job: &JobView, waiting: &std::collections::HashSet<uuid::Uuid>) -> serd
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CancelBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::extract::not_null")]
     pub reason: Option<String>,
 }
 

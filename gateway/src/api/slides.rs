@@ -43,9 +43,9 @@ pub struct NewSlide {
     pub name: String,
     pub size_bytes: u64,
     pub content_type: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::extract::not_null")]
     pub sha256: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::extract::not_null")]
     pub file_name: Option<String>,
 }
 
@@ -161,10 +161,10 @@ pub async fn create(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Uploaded {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::extract::not_null")]
     pub parts: Option<Vec<CompletedPart>>,
     /// Which multipart upload to complete; default the newest for this slide.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::extract::not_null")]
     pub upload_id: Option<String>,
 }
 
