@@ -1,6 +1,8 @@
 // The gateway's API (DESIGN §7): JSON in, JSON out, errors as RFC 9457 problem+json, which
 // become an `ApiError` whose message a person can read.
 
+import type { components } from "./api.gen";
+
 export class ApiError extends Error {
   constructor(
     readonly status: number,
@@ -99,55 +101,61 @@ export function identityOf(token: string): Identity & { exp: number } {
   };
 }
 
-// The API's shapes (gateway/src/api/openapi.rs; the read models' views).
+// The API's shapes, from the gateway's OpenAPI document (gateway/openapi.json), generated into
+// `api.gen.ts` by `npm run gen:api`. Where the document is looser than what the app relies on,
+// the alias says so.
 
-export type Progress = { done: number; total: number };
+type Schemas = components["schemas"];
+
+/** A job's progress, in tiles. */
+export type Progress = NonNullable<Schemas["Job"]["progress"]>;
 
 /** How soon a job should run: a STAT job (a frozen section during surgery) is taken by the next
  * free GPU worker before every routine job waiting. Nothing is preempted. */
-export type Priority = "stat" | "routine";
+export type Priority = NonNullable<Schemas["NewJob"]["priority"]>;
 
-export type Job = {
-  job_id: string;
-  slide_id: string;
-  kind: string;
-  params: Record<string, unknown>;
-  status: string;
-  attempt: number;
-  max_attempts: number;
-  priority: Priority;
-  worker_id: string | null;
-  lease_until: string | null;
-  progress: Progress | null;
-  failure: string | null;
-  /** Ready to run (its slide verified, or its retry due) and waiting for the lifecycle handlers
-   * to admit it to a GPU queue: tenants take turns, and only a few routine jobs are queued at a
-   * time (`Jobs__AdmissionWindow`). Only `GET /api/jobs` and `GET /api/jobs/{id}` carry it; a
-   * live `job.updated` does not, and absent means unknown (`status.ts`). */
-  waiting_for_admission?: boolean;
-  manifest_key: string | null;
-  manifest_sha256: string | null;
-  submitted_by: string;
-  submitted_at: string;
-  updated_at: string;
-};
+/** A job (`GET /api/jobs/{id}`, the items of `GET /api/jobs`, a live `job.updated`).
+ *
+ * The document is looser than the API here: it does not list the nullable columns
+ * (`worker_id`, `lease_until`, `progress`, `failure`, `manifest_*`) or `priority` as required,
+ * though the API always sends them (null when empty). The app reads each as "absent or null",
+ * and shows an absent priority as routine. `waiting_for_admission` is carried by
+ * `GET /api/jobs` and `GET /api/jobs/{id}` only; a live `job.updated` does not, and absent means
+ * unknown (`status.ts`). */
+export type Job = Schemas["Job"];
 
 /** The body of `POST /api/jobs`. */
-export type NewJob = {
-  slide_id: string;
-  kind: string;
-  params: Record<string, unknown>;
-  priority?: Priority;
-};
+export type NewJob = Schemas["NewJob"];
+
+/** A job kind's name, as the API takes it. */
+export type JobKind = NewJob["kind"];
+
+/** A slide (`GET /api/slides/{id}`, the items of `GET /api/slides`). As with `Job`, the
+ * nullable `name`, `metadata` and `rejection` are optional in the document and always sent. */
+export type Slide = Schemas["Slide"];
+
+/** One event of a job's history (`GET /api/jobs/{id}/events`). */
+export type TimelineEntry = Schemas["TimelineEntry"];
+
+/** `POST /api/slides`: the new slide and where to upload it. */
+export type SlideCreated = Schemas["SlideCreated"];
+
+/** A multipart upload and one page of its part URLs. */
+export type PartPage = Schemas["PartPage"];
+
+/** A job's history (`GET /api/jobs/{id}/events`). */
+export type Timeline = Schemas["Timeline"];
+
+/** Whether the log verifies for a job's events (`GET /api/jobs/{id}/verify`). */
+export type StreamVerification = Schemas["StreamVerification"];
+
+/** A page of slides or jobs: `next` is the cursor of the next page, absent or null on the last. */
+export type SlidePage = Schemas["SlidePage"];
+export type JobPage = Schemas["JobPage"];
 
 /** A job request. Routine is the API's default, so only STAT is sent: a routine request is the
  * one the API took before it had priorities. */
-export function newJob(
-  slideId: string,
-  kind: string,
-  params: Record<string, unknown>,
-  priority: Priority,
-): NewJob {
+export function newJob(slideId: string, kind: JobKind, params: NewJob["params"], priority: Priority): NewJob {
   const body: NewJob = { slide_id: slideId, kind, params };
   if (priority === "stat") body.priority = "stat";
   return body;
@@ -162,36 +170,8 @@ export function priorityRefusal(e: unknown): string | null {
   return m ? m[1].replace(/\.\s*$/, "") : null;
 }
 
-export type Slide = {
-  slide_id: string;
-  status: string;
-  name: string | null;
-  size_bytes: number;
-  content_type: string;
-  metadata: Record<string, unknown> | null;
-  rejection: string | null;
-  registered_by: string;
-  registered_at: string;
-  updated_at: string;
-};
-
-export type TimelineEntry = {
-  sequence: number;
-  event_id: string;
-  event_type: string;
-  actor_kind: string;
-  actor_id: string;
-  recorded_at: string;
-  hash: string;
-  position: number;
-};
-
-export type AppConfig = {
-  auth:
-    | { mode: "dev" | "none" }
-    | { mode: "cognito"; domain: string; client_id: string; redirect_url: string };
-  ws_url: string | null;
-};
+/** How the app signs in, and its WebSocket URL (`GET /api/app-config`). */
+export type AppConfig = Schemas["AppConfig"];
 
 export const WRITERS = ["pathologist", "admin"];
 export const AUDITORS = ["auditor"];

@@ -4,7 +4,9 @@
 import { useCallback, useState } from "preact/hooks";
 import { api } from "./api";
 
-export type Paged<T, C> = { items: T[]; next: C | null };
+/** A page of a list: `SlidePage`, `JobPage` and `AuditPage` in the API's document, whose `next`
+ * is absent or null on the last page. */
+export type Paged<T, C> = { items: T[]; next?: C | null };
 
 export function usePages<T, C>(url: (cursor: C | null) => string) {
   const [items, setItems] = useState<T[]>([]);
@@ -16,7 +18,7 @@ export function usePages<T, C>(url: (cursor: C | null) => string) {
       try {
         const page = await api<Paged<T, C>>(url(cursor));
         setItems((all) => (cursor ? [...all, ...page.items] : page.items));
-        setNext(page.next);
+        setNext(page.next ?? null);
       } catch (e) {
         setError((e as Error).message);
       }

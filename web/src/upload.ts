@@ -7,35 +7,18 @@
 // reach one without a URL, one page request at a time, so a 10,000-part upload keeps a page
 // of URLs in memory, not 10,000.
 
-import { ApiError, api } from "./api";
+import { ApiError, api, type PartPage, type SlideCreated } from "./api";
 
-export type SingleAnswer = {
-  method: string;
-  url: string;
-  headers: Record<string, string>;
-  expires_at: string;
-};
-export type PartUrl = { part_number: number; url: string };
-export type MultipartAnswer = {
-  multipart: {
-    upload_id: string;
-    part_size: number;
-    part_count: number;
-    /** The first page: parts 1..min(100, part_count). */
-    parts: PartUrl[];
-    expires_at: string;
-  };
-};
-export type UploadAnswer = SingleAnswer | MultipartAnswer | null;
+/** What `POST /api/slides` answers `upload` with: one PUT, a multipart upload whose first page
+ * of part URLs (parts 1..min(100, part_count)) it holds, or null when the slide is uploaded
+ * already. */
+export type UploadAnswer = SlideCreated["upload"];
+export type SingleAnswer = Extract<NonNullable<UploadAnswer>, { url: string }>;
+export type MultipartAnswer = Extract<NonNullable<UploadAnswer>, { multipart: unknown }>;
 
 /** `GET /api/slides/{id}/upload/parts?upload_id=&from=N`: parts N..N+len-1. */
-export type PartsPage = {
-  upload_id: string;
-  part_size: number;
-  part_count: number;
-  parts: PartUrl[];
-  expires_at: string;
-};
+export type PartsPage = PartPage;
+export type PartUrl = PartPage["parts"][number];
 
 /** Asks for the page of part URLs that starts at part `from`. */
 export type PartPages = (from: number, signal: AbortSignal) => Promise<PartsPage>;

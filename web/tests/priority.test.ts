@@ -3,7 +3,7 @@ import { describe, expect, it } from "vitest";
 import { ApiError, newJob, priorityRefusal } from "../src/api";
 import { PriorityBadge } from "../src/priority";
 
-const params = { tile_size: 254, normalize: "macenko" };
+const params = { tile_size: 254, normalize: "macenko" } as const;
 
 describe("a job's priority", () => {
   it("is sent only when STAT: routine is the API's default", () => {

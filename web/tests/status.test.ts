@@ -54,7 +54,14 @@ describe("why a job waits", () => {
   });
 
   it("says nothing for a queued, running or finished job, whatever the flag says", () => {
-    for (const status of ["queued", "running", "cancel_requested", "succeeded", "failed", "cancelled"]) {
+    for (const status of [
+      "queued",
+      "running",
+      "cancel_requested",
+      "succeeded",
+      "failed",
+      "cancelled",
+    ] as const) {
       expect(statusDetail(job({ status, waiting_for_admission: true })), status).toBeNull();
       expect(statusDetail(job({ status, waiting_for_admission: false })), status).toBeNull();
     }
@@ -65,7 +72,7 @@ describe("a live update merged over the job shown", () => {
   const waiting = job({ waiting_for_admission: true });
 
   it("leaves no waiting text once the job is queued, running or finished", () => {
-    for (const status of ["queued", "running", "succeeded", "failed", "cancelled"]) {
+    for (const status of ["queued", "running", "succeeded", "failed", "cancelled"] as const) {
       // `job.updated` does not carry the flag.
       const live = job({ status, updated_at: "2026-12-07T10:01:00Z" });
       const merged = withLiveUpdate(waiting, live);

@@ -1,5 +1,13 @@
 import { useCallback, useEffect, useState } from "preact/hooks";
-import { ApiError, api, type Job, type Slide, type TimelineEntry } from "../api";
+import {
+  ApiError,
+  api,
+  type Job,
+  type Slide,
+  type StreamVerification,
+  type Timeline,
+  type TimelineEntry,
+} from "../api";
 import { Link, useLive } from "../app";
 import type { Session } from "../auth";
 import { clock, shortHash, time } from "../format";
@@ -11,21 +19,12 @@ import { type RoutineRun, routineSummary, span, timelineRows } from "../timeline
 import { JobActions, JobProgress, StatusDetailLine } from "./jobs";
 import { Badge } from "./slides";
 
-type Verification = {
-  verified: boolean;
-  events?: number;
-  checkpointed?: number;
-  witnessed_checkpoint?: number | null;
-  reason?: string;
-  position?: number;
-};
-
 /** Whether the log verifies for this job's events (`GET /api/jobs/{id}/verify`). */
 export function VerifiedBadge(props: { id: string; version: number }) {
-  const [v, setV] = useState<Verification | null>(null);
+  const [v, setV] = useState<StreamVerification | null>(null);
   const [error, setError] = useState("");
   useEffect(() => {
-    api<Verification>(`/api/jobs/${props.id}/verify`).then(setV, (e) => setError((e as Error).message));
+    api<StreamVerification>(`/api/jobs/${props.id}/verify`).then(setV, (e) => setError((e as Error).message));
   }, [props.id, props.version]);
   if (error)
     return (
@@ -61,7 +60,7 @@ export function JobPage(props: { id: string; who: Session }) {
     try {
       const [j, t] = await Promise.all([
         api<Job>(`/api/jobs/${props.id}`),
-        api<{ events: TimelineEntry[] }>(`/api/jobs/${props.id}/events`),
+        api<Timeline>(`/api/jobs/${props.id}/events`),
       ]);
       setJob(j);
       setEvents(t.events);

@@ -1,34 +1,137 @@
 import { useState } from "preact/hooks";
-import { api, newJob, type Priority, priorityRefusal } from "../api";
+import { api, type NewJob, newJob, type Priority, priorityRefusal } from "../api";
+import {
+  allowed,
+  defaultsOf,
+  fits,
+  KINDS,
+  type KindRules,
+  type ParamRule,
+  type ParamValue,
+  type ParamValues,
+} from "../jobkinds";
 import { STAT_NOTE } from "../priority";
 
-export type Params = {
-  tile_size: number;
-  overlap: number;
-  format: "jpeg" | "png";
-  quality: number;
-  tissue: boolean;
-  normalize: "none" | "macenko" | "reinhard";
+/** How the form shows a parameter: words a person reads, which the API's document does not
+ * have. The rules themselves (type, values, range, default) come from the document
+ * (`../jobkinds`); a parameter not named here is shown by its name, after these. */
+type Presentation = {
+  label: string;
+  /** Said after the allowed range when a value is out of it. */
+  unit?: string;
+  /** What is allowed, when the document's range is not the whole rule. */
+  hint?: string;
+  /** The words for an enum's values. */
+  options?: Record<string, string>;
 };
 
-export const DEFAULTS: Params = {
-  tile_size: 254,
-  overlap: 1,
-  format: "jpeg",
-  quality: 80,
-  tissue: true,
-  normalize: "none",
+const PRESENTATION: Record<string, Presentation> = {
+  normalize: {
+    label: "Stain normalisation",
+    options: { none: "none", macenko: "Macenko", reinhard: "Reinhard" },
+  },
+  format: { label: "Tile format", options: { jpeg: "JPEG", png: "PNG" } },
+  tile_size: { label: "Tile size (pixels)", unit: "pixels" },
+  overlap: { label: "Overlap (pixels)", hint: "0 to a quarter of the tile size" },
+  quality: { label: "JPEG quality" },
+  tissue: { label: "Tissue mask and statistics" },
 };
 
-/** The API's rules for `wsi.preprocess` (events/src/params.rs), checked before sending. */
-export function validate(p: Params): Record<string, string> {
+const ORDER = Object.keys(PRESENTATION);
+
+/** Rules between parameters, which a JSON schema does not state: the document has them in words
+ * only (`PreprocessParams.overlap`: "At most a quarter of `tile_size`"). The API checks them too
+ * (events/src/params.rs); these only say so before sending. */
+const RELATIONS: Partial<Record<string, (p: ParamValues) => Record<string, string>>> = {
+  "wsi.preprocess": (p): Record<string, string> => {
+    const { overlap, tile_size } = p;
+    if (typeof overlap === "number" && typeof tile_size === "number" && overlap > Math.floor(tile_size / 4))
+      return { overlap: "0 to a quarter of the tile size" };
+    return {};
+  },
+};
+
+/** A kind's parameters in the order the form shows them. */
+export function shown(kind: KindRules): ParamRule[] {
+  const at = (name: string) => {
+    const i = ORDER.indexOf(name);
+    return i < 0 ? ORDER.length : i;
+  };
+  return [...kind.params].sort((a, b) => at(a.name) - at(b.name) || a.name.localeCompare(b.name));
+}
+
+/** The API's rules for a kind's parameters, checked before sending: one message per parameter
+ * that breaks them. */
+export function validate(kind: KindRules, p: ParamValues): Record<string, string> {
   const e: Record<string, string> = {};
-  if (!Number.isInteger(p.tile_size) || p.tile_size < 16 || p.tile_size > 4096)
-    e.tile_size = "16 to 4096 pixels";
-  if (!Number.isInteger(p.overlap) || p.overlap < 0 || p.overlap > Math.floor(p.tile_size / 4))
-    e.overlap = "0 to a quarter of the tile size";
-  if (!Number.isInteger(p.quality) || p.quality < 1 || p.quality > 100) e.quality = "1 to 100";
-  return e;
+  for (const rule of kind.params) {
+    if (fits(rule, p[rule.name])) continue;
+    const how = PRESENTATION[rule.name];
+    e[rule.name] = how?.hint ?? [allowed(rule), how?.unit].filter(Boolean).join(" ");
+  }
+  return { ...RELATIONS[kind.kind]?.(p), ...e };
+}
+
+function Param(props: {
+  rule: ParamRule;
+  value: ParamValue;
+  error: string | undefined;
+  onChange: (v: ParamValue) => void;
+}) {
+  const { rule, error } = props;
+  const how = PRESENTATION[rule.name];
+  const label = how?.label ?? rule.name;
+  const invalid = error ? { "aria-invalid": true, "aria-describedby": `err-${rule.name}` } : {};
+  const message = error && (
+    <span id={`err-${rule.name}`} class="error">
+      {error}
+    </span>
+  );
+  switch (rule.type) {
+    case "boolean":
+      return (
+        <label class="check">
+          <input
+            type="checkbox"
+            checked={props.value === true}
+            onChange={(e) => props.onChange(e.currentTarget.checked)}
+          />
+          {label}
+          {message}
+        </label>
+      );
+    case "string":
+      return (
+        <label>
+          {label}
+          <select
+            value={String(props.value)}
+            onChange={(e) => props.onChange(e.currentTarget.value)}
+            {...invalid}
+          >
+            {rule.values.map((v) => (
+              <option key={v} value={v}>
+                {how?.options?.[v] ?? v}
+              </option>
+            ))}
+          </select>
+          {message}
+        </label>
+      );
+    case "integer":
+      return (
+        <label>
+          {label}
+          <input
+            type="number"
+            value={Number(props.value)}
+            onInput={(e) => props.onChange(Number(e.currentTarget.value))}
+            {...invalid}
+          />
+          {message}
+        </label>
+      );
+  }
 }
 
 export function JobForm(props: {
@@ -37,7 +140,8 @@ export function JobForm(props: {
   onDone: () => void;
   onCancel: () => void;
 }) {
-  const [p, setP] = useState<Params>(DEFAULTS);
+  const [kind, setKind] = useState<KindRules>(KINDS[0]);
+  const [p, setP] = useState<ParamValues>(() => defaultsOf(KINDS[0]));
   const [errors, setErrors] = useState<Record<string, string>>({});
   const [priority, setPriority] = useState<Priority>("routine");
   // Who may submit STAT is the server's setting (Jobs__StatGroups), which the token does not
@@ -46,16 +150,13 @@ export function JobForm(props: {
   const [priorityError, setPriorityError] = useState("");
   const [error, setError] = useState("");
   const [busy, setBusy] = useState(false);
-  const num = (k: keyof Params) => (e: Event) =>
-    setP({ ...p, [k]: Number((e.currentTarget as HTMLInputElement).value) });
-  const field = (k: string) => (errors[k] ? { "aria-invalid": true, "aria-describedby": `err-${k}` } : {});
   return (
     <form
       class="panel"
       aria-label={`Process ${props.slideName}`}
       onSubmit={async (e) => {
         e.preventDefault();
-        const errs = validate(p);
+        const errs = validate(kind, p);
         setErrors(errs);
         if (Object.keys(errs).length) return;
         setBusy(true);
@@ -64,7 +165,8 @@ export function JobForm(props: {
         try {
           await api("/api/jobs", {
             method: "POST",
-            body: newJob(props.slideId, "wsi.preprocess", p, priority),
+            // Checked against the kind's schema above (and by the API again).
+            body: newJob(props.slideId, kind.kind, p as NewJob["params"], priority),
             headers: { "Idempotency-Key": crypto.randomUUID() },
           });
           props.onDone();
@@ -112,62 +214,35 @@ export function JobForm(props: {
           </p>
         )}
       </fieldset>
-      <label>
-        Stain normalisation
-        <select
-          value={p.normalize}
-          onChange={(e) => setP({ ...p, normalize: e.currentTarget.value as Params["normalize"] })}
-        >
-          <option value="none">none</option>
-          <option value="macenko">Macenko</option>
-          <option value="reinhard">Reinhard</option>
-        </select>
-      </label>
-      <label>
-        Tile format
-        <select
-          value={p.format}
-          onChange={(e) => setP({ ...p, format: e.currentTarget.value as Params["format"] })}
-        >
-          <option value="jpeg">JPEG</option>
-          <option value="png">PNG</option>
-        </select>
-      </label>
-      <label>
-        Tile size (pixels)
-        <input type="number" value={p.tile_size} onInput={num("tile_size")} {...field("tile_size")} />
-        {errors.tile_size && (
-          <span id="err-tile_size" class="error">
-            {errors.tile_size}
-          </span>
-        )}
-      </label>
-      <label>
-        Overlap (pixels)
-        <input type="number" value={p.overlap} onInput={num("overlap")} {...field("overlap")} />
-        {errors.overlap && (
-          <span id="err-overlap" class="error">
-            {errors.overlap}
-          </span>
-        )}
-      </label>
-      <label>
-        JPEG quality
-        <input type="number" value={p.quality} onInput={num("quality")} {...field("quality")} />
-        {errors.quality && (
-          <span id="err-quality" class="error">
-            {errors.quality}
-          </span>
-        )}
-      </label>
-      <label class="check">
-        <input
-          type="checkbox"
-          checked={p.tissue}
-          onChange={(e) => setP({ ...p, tissue: e.currentTarget.checked })}
+      {KINDS.length > 1 && (
+        <label>
+          Job kind
+          <select
+            value={kind.kind}
+            onChange={(e) => {
+              const k = KINDS.find((x) => x.kind === e.currentTarget.value) ?? KINDS[0];
+              setKind(k);
+              setP(defaultsOf(k));
+              setErrors({});
+            }}
+          >
+            {KINDS.map((k) => (
+              <option key={k.kind} value={k.kind}>
+                {k.kind}
+              </option>
+            ))}
+          </select>
+        </label>
+      )}
+      {shown(kind).map((rule) => (
+        <Param
+          key={`${kind.kind}.${rule.name}`}
+          rule={rule}
+          value={p[rule.name]}
+          error={errors[rule.name]}
+          onChange={(v) => setP({ ...p, [rule.name]: v })}
         />
-        Tissue mask and statistics
-      </label>
+      ))}
       <div class="actions">
         <button type="submit" disabled={busy}>
           Submit job

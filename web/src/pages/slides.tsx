@@ -1,19 +1,12 @@
 import { useCallback, useEffect, useRef, useState } from "preact/hooks";
-import { api, holds, type Slide, WRITERS } from "../api";
+import { api, holds, type Slide, type SlideCreated, WRITERS } from "../api";
 import { navigate, useLive } from "../app";
 import type { Session } from "../auth";
 import { bytes, time } from "../format";
 import type { FeedMessage } from "../live";
 import { usePages } from "../pages";
 import { TableHead } from "../table";
-import {
-  partPages,
-  planUpload,
-  runUpload,
-  slideContentType,
-  type UploadAnswer,
-  type UploadProgress,
-} from "../upload";
+import { partPages, planUpload, runUpload, slideContentType, type UploadProgress } from "../upload";
 import { JobForm } from "./jobform";
 
 export function Badge(props: { status: string }) {
@@ -69,7 +62,7 @@ export function SlidesPage(props: { who: Session }) {
     };
     setUpload(state);
     try {
-      const created = await api<{ slide_id: string; upload: UploadAnswer }>("/api/slides", {
+      const created = await api<SlideCreated>("/api/slides", {
         method: "POST",
         body: {
           name: file.name,
