@@ -1117,8 +1117,9 @@ async fn bad_input_gets_problem_json_4xx() {
     app.stop().await;
 }
 
-/// What the document says is refused is refused: a `null` where it documents a string, and a
-/// negative audit position (found by schemathesis's negative-data check).
+/// What the document says is refused is refused: a `null` where it documents a string, a body
+/// that is not an object, and a negative audit position (found by schemathesis's negative-data
+/// check).
 #[tokio::test]
 async fn nulls_and_negative_positions_the_document_does_not_allow_are_refused() {
     let app = spawn_app(Storage::Local).await;
@@ -1159,7 +1160,18 @@ async fn nulls_and_negative_positions_the_document_does_not_allow_are_refused() 
         .await;
     assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(r.body["detail"].as_str().unwrap().contains("reason"), "{}", r.body);
-    // The job was not cancelled by the refused request; a proper one cancels it.
+    // A body of another JSON type than an object is refused, however its struct would read it
+    // (an empty array reads as every default).
+    for body in [json!([]), json!(["wrong slide"]), json!("x"), json!(7)] {
+        let r = app.post(&t, &format!("/api/jobs/{job}/cancel"), body.clone()).await;
+        assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            r.body["detail"].as_str().unwrap().contains("object"),
+            "{body}: {}",
+            r.body
+        );
+    }
+    // The job was not cancelled by the refused requests; a proper one cancels it.
     let r = app
         .post(&t, &format!("/api/jobs/{job}/cancel"), json!({"reason": "wrong slide"}))
         .await;

@@ -2,7 +2,10 @@
 # An outside fuzzer against the API as a user meets it: schemathesis drives every operation of
 # `/api/openapi.json` on a fresh `mira dev`, with a token holding every group (so no operation
 # answers only 401/403) and some data in place (a slide and a job, so ids resolve). It fails on
-# a server error, a status the document does not list, or a response that breaks its schema.
+# any of schemathesis's checks (`--checks all`): a server error, a status the document does not
+# list, a response that breaks its schema, data the document refuses but the API takes, data it
+# allows but the API refuses (the statuses state can explain are declared, with their reasons, in
+# scripts/tests/schemathesis.toml), wrong Allow headers, missing authentication.
 # A fixed seed, and a time budget of MIRA_FUZZ_SECONDS (120). Needs the debug `mira` and
 # `mira-worker` and the test virtualenv (scripts/test runs it after the suite).
 set -euo pipefail
@@ -39,13 +42,14 @@ curl -fsS -H "Authorization: Bearer $token" -H 'content-type: application/json' 
 
 echo "api-fuzz: schemathesis on $base/api/openapi.json for ${MIRA_FUZZ_SECONDS:-120} s (seed ${MIRA_FUZZ_SEED:-1})"
 set +e
-(cd "$work" && "$st" run "$base/api/openapi.json" \
-  --checks not_a_server_error,status_code_conformance,response_schema_conformance \
+(cd "$work" && "$st" --config-file "$repo/scripts/tests/schemathesis.toml" run "$base/api/openapi.json" \
+  --checks "${MIRA_FUZZ_CHECKS:-all}" \
   --seed "${MIRA_FUZZ_SEED:-1}" --max-time "${MIRA_FUZZ_SECONDS:-120}" \
   --generation-allow-x00 true --generation-database none \
   -H "Authorization: Bearer $token" --no-color) > "$work/st.log" 2>&1
 rc=$?
 set -e
+if [ -n "${MIRA_FUZZ_LOG:-}" ]; then cp "$work/st.log" "$MIRA_FUZZ_LOG"; fi
 summary=$(grep -E '^=+ .* in [0-9.]+s =+$' "$work/st.log" | tail -n 1)
 if [ "$rc" != 0 ]; then
   grep -v '^\s*$' "$work/st.log" | sed -n '/FAILURES/,/SUMMARY/p' | head -n 80 >&2

@@ -47,13 +47,23 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// Parses a JSON body; an empty body reads as `{}` only if `T` accepts that.
+/// Parses a JSON body, which is an object: every body the API takes is one (serde would read a
+/// struct from an array too, `[]` as all defaults). An empty body reads as `{}` only if `T`
+/// accepts that.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         bytes
     };
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        // Not JSON at all is malformed (400); JSON of another type does not fit (422).
+        _ => match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Ok(_) => return Err(ApiError::invalid("the body must be a JSON object")),
+            Err(e) => return Err(ApiError::bad_request(format!("malformed JSON: {e}"))),
+        },
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(de) {
         Ok(v) => Ok(v),

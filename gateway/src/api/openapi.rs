@@ -87,8 +87,15 @@ fn id_param(name: &str) -> Value {
 }
 
 fn idempotency() -> Value {
-    json!({"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255},
+    json!({"name": "Idempotency-Key", "in": "header", "required": false,
+           "schema": {"type": "string", "pattern": "^[!-~]{1,255}$", "description": "1 to 255 visible ASCII characters."},
            "description": "The same key with the same body returns the same resource; with another body, 422."})
+}
+
+/// Text in a query string: anything but a NUL character, which no value of Mira's holds and
+/// which the API refuses (400).
+fn query_text() -> Value {
+    json!({"type": "string", "pattern": "^[^\\u0000]*$"})
 }
 
 fn query_params(params: &[(&str, Value)]) -> Value {
@@ -144,7 +151,7 @@ fn hand_written() -> Value {
                          "requestBody": json_body("NewSlide"),
                          "responses": with(ok("201", "SlideCreated"), &problems(true, false, &[]))},
                 "get": {"summary": "List slides, newest first",
-                        "parameters": query_params(&[("limit", page_limit.clone()), ("cursor", json!({"type": "string"}))]),
+                        "parameters": query_params(&[("limit", page_limit.clone()), ("cursor", query_text())]),
                         "responses": with(ok("200", "SlidePage"), &problems(false, false, &[]))}
             },
             "/api/slides/{id}": {
@@ -160,7 +167,7 @@ fn hand_written() -> Value {
             "/api/slides/{id}/upload/parts": {
                 "get": {"summary": "The next page of part URLs of the slide's multipart upload (at most 100 each)",
                         "parameters": [id_param("id"),
-                                       {"name": "upload_id", "in": "query", "required": true, "schema": {"type": "string"}},
+                                       {"name": "upload_id", "in": "query", "required": true, "schema": query_text()},
                                        {"name": "from", "in": "query", "required": true, "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}],
                         "responses": with(ok("200", "PartPage"), &problems(false, true, &["409", "422"]))}
             },
@@ -171,11 +178,11 @@ fn hand_written() -> Value {
                         "parameters": query_params(&[
                             ("status", json!({"type": "string", "enum": statuses()})),
                             ("slide_id", json!({"type": "string", "format": "uuid"})),
-                            ("submitted_by", json!({"type": "string"})),
+                            ("submitted_by", query_text()),
                             ("since", time.clone()),
                             ("until", time.clone()),
                             ("limit", page_limit.clone()),
-                            ("cursor", json!({"type": "string"})),
+                            ("cursor", query_text()),
                         ]),
                         "responses": with(ok("200", "JobPage"), &problems(false, false, &[]))}
             },
@@ -210,11 +217,11 @@ fn hand_written() -> Value {
             "/api/audit/events": {
                 "get": {"summary": "The tenant's events from the log (auditor)",
                         "parameters": query_params(&[
-                            ("after", json!({"type": "integer", "minimum": 0})),
+                            ("after", json!({"type": "integer", "minimum": 0, "maximum": i64::MAX})),
                             ("from", time.clone()),
                             ("to", time),
-                            ("aggregate_id", json!({"type": "string"})),
-                            ("actor", json!({"type": "string"})),
+                            ("aggregate_id", query_text()),
+                            ("actor", query_text()),
                             ("limit", page_limit),
                         ]),
                         "responses": with(ok("200", "AuditPage"), &problems(false, false, &[]))}
@@ -301,7 +308,7 @@ fn hand_written() -> Value {
                                              "ws_url": {"type": ["string", "null"]}}},
                 "DevSignIn": {"type": "object", "additionalProperties": false, "required": ["user", "tenant", "roles"],
                               "properties": {"user": {"type": "string", "minLength": 1, "maxLength": 128},
-                                             "tenant": {"type": "string"},
+                                             "tenant": {"type": "string", "pattern": "^[a-z0-9-]{1,64}$"},
                                              "roles": {"type": "array", "items": {"enum": ["pathologist", "auditor", "admin"]}}}},
                 "StreamVerification": {"type": "object", "required": ["job_id", "verified"],
                                        "properties": {"job_id": {"type": "string"}, "verified": {"type": "boolean"},
