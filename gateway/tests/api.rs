@@ -2784,6 +2784,21 @@ async fn the_app_is_served_with_its_policy_and_mira_dev_signs_people_in() {
         .await
         .unwrap();
     assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // A user name is up to 128 characters as the document says, not 128 bytes; white space
+    // alone is no name.
+    for (user, expect) in [
+        ("é".repeat(128), StatusCode::OK),
+        ("é".repeat(129), StatusCode::UNPROCESSABLE_ENTITY),
+        ("\u{c} ".into(), StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let r = http
+            .post(format!("{base}/dev/sign-in"))
+            .json(&json!({"user": user, "tenant": "lab-a", "roles": ["pathologist"]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), expect, "{user:?}");
+    }
     // DNS rebinding: a page of another site reaches 127.0.0.1 under its own name. Sent over a
     // raw socket, so that no client rewrites the headers.
     let port = addr.port();

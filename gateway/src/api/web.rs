@@ -263,7 +263,8 @@ pub async fn dev_sign_in(State(state): State<AppState>, req: Request) -> Result<
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", "the body is too large"))?;
     let who: DevSignIn = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("sign-in: {e}")))?;
     let user = who.user.trim();
-    if user.is_empty() || user.len() > 128 {
+    // As the document says: 1 to 128 characters (not bytes), not all of them white space.
+    if user.is_empty() || user.chars().count() > 128 {
         return Err(ApiError::invalid("user: 1 to 128 characters"));
     }
     for r in &who.roles {
