@@ -23,7 +23,7 @@ trap 'mira_dev_stop || true; rm -rf "$work"' EXIT
 port=$("$MIRA_PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base=http://127.0.0.1:$port
 # One client sending as fast as it can: unlimited, so that the rate limit (documented as 429 on
-# every operation, tested in gateway/tests/api.rs) does not hide the logic behind it.
+# every operation, tested in gateway/tests/api/limits.rs) does not hide the logic behind it.
 export Api__RequestsPerSecond=0
 mira_dev_start "$work" "$port"
 token=$("$mira" dev token --data-dir "$work/dev/.mira" --groups pathologist,auditor,admin)

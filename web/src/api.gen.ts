@@ -1967,6 +1967,7 @@ export interface components {
         DevSignIn: {
             roles: ("pathologist" | "auditor" | "admin")[];
             tenant: string;
+            /** @description Surrounding white space is dropped. */
             user: string;
         };
         DevToken: {

@@ -157,7 +157,7 @@ async fn fallback(state: State<AppState>, method: axum::http::Method, uri: axum:
 }
 
 /// The methods each route of [`router`] takes, for the `Allow` of a 405 (axum adds none to
-/// routes wrapped in layers). `gateway/tests/api.rs` checks every entry against the router.
+/// routes wrapped in layers). `gateway/tests/api/ops.rs` checks every entry against the router.
 pub const ALLOWED_METHODS: &[(&str, &str)] = &[
     ("/api/slides", "GET, HEAD, POST"),
     ("/api/slides/{id}", "GET, HEAD"),
