@@ -8,7 +8,7 @@
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
 import { DB_LOGINS, type DbLogin, type foundations, loginSetting, role, tags } from "./foundations";
-import { ADOT_IMAGE, APP_PORT, METRICS_LISTEN, type Observability } from "./observability";
+import { ADOT_IMAGE, APP_PORT, METRICS_LISTEN, type Telemetry } from "./telemetry";
 
 type Found = ReturnType<typeof foundations>;
 
@@ -58,7 +58,7 @@ export function serviceSpecs(cfg: ComputeConfig) {
  */
 export const VERIFY_LOGIN: DbLogin = "relay";
 
-export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
+export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
   const s = cfg.stack;
   const p = f.parts;
   const image = pulumi.interpolate`${p.repos["mira-api"].repositoryUrl}:${cfg.imageTag}`;
@@ -119,7 +119,7 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
     ["api", p.apiRole],
     ["roles", p.rolesRole],
   ] as const) {
-    new aws.iam.RolePolicy(`${n}-telemetry`, { role: r.id, policy: pulumi.jsonStringify({ Version: "2012-10-17", Statement: obs.telemetryStatements }) });
+    new aws.iam.RolePolicy(`${n}-telemetry`, { role: r.id, policy: pulumi.jsonStringify({ Version: "2012-10-17", Statement: tel.telemetryStatements }) });
   }
   // The task's own role reads no secret: the URLs `mira migrate` needs come from ECS (its
   // execution role).
@@ -198,7 +198,7 @@ export function compute(cfg: ComputeConfig, f: Found, obs: Observability) {
           image: ADOT_IMAGE,
           essential: false,
           command: ["--config=env:AOT_CONFIG_CONTENT"],
-          environment: [{ name: "AOT_CONFIG_CONTENT", value: obs.collector }],
+          environment: [{ name: "AOT_CONFIG_CONTENT", value: tel.collector }],
           logConfiguration: logConfig(`${name}-adot`),
         },
       ]),

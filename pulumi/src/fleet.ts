@@ -10,7 +10,7 @@ import * as aws from "@pulumi/aws";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import { type foundations, GPU_QUEUES, role, tags } from "./foundations";
-import { JOBS_WAITING_METRIC, JOBS_WAITING_PRIORITIES, type Observability } from "./observability";
+import { JOBS_WAITING_METRIC, JOBS_WAITING_PRIORITIES, type Telemetry } from "./telemetry";
 
 type Found = ReturnType<typeof foundations>;
 
@@ -75,7 +75,7 @@ export const KEDA_WAITING_TRIGGERS: Record<(typeof JOBS_WAITING_PRIORITIES)[numb
 
 const managed = (name: string) => `arn:aws:iam::aws:policy/${name}`;
 
-export function fleet(cfg: FleetConfig, f: Found, obs: Pick<Observability, "namespace">) {
+export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespace">) {
   checkKedaVersion(cfg.kedaVersion);
   const s = cfg.stack;
   const p = f.parts;
@@ -435,7 +435,7 @@ export function fleet(cfg: FleetConfig, f: Found, obs: Pick<Observability, "name
     authenticationRef: { name: "keda-aws" },
     useCachedMetrics: true,
     metadata: {
-      namespace: obs.namespace,
+      namespace: tel.namespace,
       metricName: JOBS_WAITING_METRIC,
       dimensionName: "priority",
       dimensionValue: priority,

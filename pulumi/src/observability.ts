@@ -1,97 +1,15 @@
-// Operations (issue 20): Mira's Prometheus gauges reach CloudWatch through the ADOT collector
-// running beside each ECS task (scraping /metrics on the task's loopback, writing EMF), traces
-// go to X-Ray through the same collector, and the alarms and the dashboard read both those
-// metrics and the ones AWS publishes itself (SQS, the ALB).
+// Operations (issue 20): the alarms and the dashboard. They read Mira's own gauges, which the ADOT
+// collector beside each ECS task writes to CloudWatch (telemetry.ts), the metrics AWS publishes
+// itself (SQS, the ALB), and the metric filters here on the daily verification's verdicts. They
+// watch what compute, the fleet and the verifier made, so they are made after those parts.
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
 import type { Compute } from "./compute";
 import type { Fleet } from "./fleet";
 import { type foundations, tags } from "./foundations";
+import { JOBS_WAITING_METRIC, JOBS_WAITING_PRIORITIES, type Telemetry } from "./telemetry";
 import type { Verifier } from "./verifier";
-
-export const ADOT_IMAGE = "public.ecr.aws/aws-observability/aws-otel-collector:v0.43.3";
-/** Where Mira's process listens in its task (the ALB's target port). */
-export const APP_PORT = 8080;
-/**
- * Where Mira serves /metrics in its task, and what ADOT scrapes: a listener of its own on
- * loopback (`Api__MetricsListen`). With it set, /metrics answers 404 on APP_PORT, so nothing
- * the ALB reaches serves it. The collector shares the task's network namespace (awsvpc), so
- * 127.0.0.1 reaches it; no security group or load balancer opens this port.
- */
-export const METRICS_PORT = 9464;
-/** The value of `Api__MetricsListen` in every task the collector scrapes. */
-export const METRICS_LISTEN = `127.0.0.1:${METRICS_PORT}`;
-
-/**
- * Jobs ready to run (slide verified, retry due) that the handlers have not admitted to a GPU
- * queue yet, by label `priority` (`routine`, `stat`): a count every task reads from the database
- * at each scrape. The GPU queues hold only the admission window (`Jobs__AdmissionWindow` routine
- * jobs queued and not started), so KEDA reads this beside their depths (fleet.ts).
- */
-export const JOBS_WAITING_METRIC = "mira_jobs_waiting_admission";
-/** The values of its `priority` label, which the collector keeps as a dimension. */
-export const JOBS_WAITING_PRIORITIES = ["routine", "stat"] as const;
-
-/**
- * The collector's configuration (JSON, which the collector reads as YAML): scrape Mira's
- * /metrics on its loopback metrics listener (METRICS_LISTEN) every 30 s and write the gauges
- * listed here to CloudWatch as EMF, under `namespace`; receive OTLP traces on loopback and
- * send them to X-Ray.
- */
-export function adotConfig(namespace: string, logGroup: string, region: string) {
-  return {
-    receivers: {
-      prometheus: {
-        config: {
-          scrape_configs: [
-            {
-              job_name: "mira",
-              scrape_interval: "30s",
-              metrics_path: "/metrics",
-              static_configs: [{ targets: [METRICS_LISTEN] }],
-            },
-          ],
-        },
-      },
-      otlp: { protocols: { grpc: { endpoint: "127.0.0.1:4317" }, http: { endpoint: "127.0.0.1:4318" } } },
-    },
-    processors: { batch: { timeout: "30s" } },
-    exporters: {
-      awsemf: {
-        namespace,
-        region,
-        log_group_name: logGroup,
-        log_stream_name: "{TaskId}",
-        dimension_rollup_option: "NoDimensionRollup",
-        resource_to_telemetry_conversion: { enabled: false },
-        metric_declarations: [
-          // Per projection (label `projection`): how far each read model is behind the log.
-          { dimensions: [["projection"]], metric_name_selectors: ["^mira_projection_lag_seconds$", "^mira_projection_lag_events$", "^mira_projection_position$"] },
-          // Jobs waiting for admission, per priority (label `priority`): one series each, what
-          // KEDA sizes the GPU fleet on beside the queues (fleet.ts).
-          { dimensions: [["priority"]], metric_name_selectors: [`^${JOBS_WAITING_METRIC}$`] },
-          // The log's follow watermark: appenders holding it back.
-          { dimensions: [[]], metric_name_selectors: ["^mira_log_watermark_lag_seconds$", "^mira_log_watermark_lag_events$"] },
-          // The checkpoint witness, as the relay sees it (only the relay serves these): its
-          // conflicts (the tamper signal) and when it last answered.
-          { dimensions: [[]], metric_name_selectors: ["^mira_witness_conflicts_total$", "^mira_witness_last_success_timestamp_seconds$"] },
-        ],
-        // The exporter turns a counter into the increase since its previous scrape. Kept, the
-        // first scrape counts too: a conflict before the collector's first scrape (a relay that
-        // starts into a tampered witness) is not swallowed as the baseline.
-        retain_initial_value_of_delta_metric: true,
-      },
-      awsxray: { region, indexed_attributes: ["tenant", "job_id"] },
-    },
-    service: {
-      pipelines: {
-        metrics: { receivers: ["prometheus"], processors: ["batch"], exporters: ["awsemf"] },
-        traces: { receivers: ["otlp"], processors: ["batch"], exporters: ["awsxray"] },
-      },
-    },
-  };
-}
 
 type Found = ReturnType<typeof foundations>;
 
@@ -126,14 +44,9 @@ export type ObservabilityConfig = {
   witnessStaleSeconds?: number;
 };
 
-export function observability(cfg: ObservabilityConfig, f: Found) {
+export function observability(cfg: ObservabilityConfig, f: Found, t: Telemetry, c: Compute, k: Fleet, v: Verifier) {
   const s = cfg.stack;
-  const namespace = `Mira/${s}`;
-  const metricsLogGroup = new aws.cloudwatch.LogGroup("metrics-logs", {
-    name: `/mira/${s}/metrics`,
-    retentionInDays: 30,
-    tags: tags(s, "observability"),
-  });
+  const namespace = t.namespace;
   const alarmTopic = new aws.sns.Topic("alarms", {
     name: `mira-${s}-alarms`,
     kmsMasterKeyId: f.parts.keys.messagingKey.id,
@@ -142,22 +55,6 @@ export function observability(cfg: ObservabilityConfig, f: Found) {
   if (cfg.alarmEmail) {
     new aws.sns.TopicSubscription("alarms-email", { topic: alarmTopic.arn, protocol: "email", endpoint: cfg.alarmEmail });
   }
-  const collector = metricsLogGroup.name.apply((lg) => JSON.stringify(adotConfig(namespace, lg, cfg.region)));
-
-  /** What the collector's task role may do: EMF into its log group, traces into X-Ray. */
-  const telemetryStatements = [
-    {
-      Effect: "Allow" as const,
-      Action: ["logs:PutLogEvents", "logs:CreateLogStream", "logs:DescribeLogStreams"],
-      Resource: [pulumi.interpolate`${metricsLogGroup.arn}:*`],
-    },
-    {
-      Effect: "Allow" as const,
-      Action: ["xray:PutTraceSegments", "xray:PutTelemetryRecords", "xray:GetSamplingRules", "xray:GetSamplingTargets"],
-      Resource: ["*"],
-    },
-  ];
-
   const alarm = (name: string, args: Omit<aws.cloudwatch.MetricAlarmArgs, "alarmActions" | "okActions" | "name">) =>
     new aws.cloudwatch.MetricAlarm(name, {
       name: `mira-${s}-${name}`,
@@ -168,194 +65,187 @@ export function observability(cfg: ObservabilityConfig, f: Found) {
       ...args,
     });
 
-  function alarms(c: Compute, k: Fleet, v: Verifier) {
-    const made: aws.cloudwatch.MetricAlarm[] = [];
-    // Every dead-letter queue holds nothing: one message there is a job or an event nobody handled.
-    for (const [group, q] of Object.entries(f.parts.queues)) {
-      made.push(
-        alarm(`${group}-dlq-not-empty`, {
-          alarmDescription: `A message reached ${group}'s dead-letter queue: see docs/runbooks/redrive.md.`,
-          namespace: "AWS/SQS",
-          metricName: "ApproximateNumberOfMessagesVisible",
-          dimensions: { QueueName: q.dlq.name },
-          statistic: "Maximum",
-          period: 60,
-          evaluationPeriods: 1,
-          threshold: 0,
-          comparisonOperator: "GreaterThanThreshold",
-        }),
-      );
-      // The oldest message waits too long: the consumers are down, stuck or too few.
-      made.push(
-        alarm(`${group}-oldest-message`, {
-          alarmDescription: `${group}'s oldest message is older than expected: its consumers are down, stuck or too few.`,
-          namespace: "AWS/SQS",
-          metricName: "ApproximateAgeOfOldestMessage",
-          dimensions: { QueueName: q.queue.name },
-          statistic: "Maximum",
-          period: 60,
-          evaluationPeriods: 5,
-          threshold: oldestMessageSeconds(group),
-          comparisonOperator: "GreaterThanThreshold",
-        }),
-      );
-    }
-    // Mira's own gauges, through the collector.
+  const made: aws.cloudwatch.MetricAlarm[] = [];
+  // Every dead-letter queue holds nothing: one message there is a job or an event nobody handled.
+  for (const [group, q] of Object.entries(f.parts.queues)) {
     made.push(
-      alarm("projection-lag", {
-        alarmDescription: "The read models are more than a minute behind the log: see docs/runbooks/rebuild.md.",
-        namespace,
-        metricName: "mira_projection_lag_seconds",
-        dimensions: { projection: "read_models" },
+      alarm(`${group}-dlq-not-empty`, {
+        alarmDescription: `A message reached ${group}'s dead-letter queue: see docs/runbooks/redrive.md.`,
+        namespace: "AWS/SQS",
+        metricName: "ApproximateNumberOfMessagesVisible",
+        dimensions: { QueueName: q.dlq.name },
         statistic: "Maximum",
         period: 60,
-        evaluationPeriods: 5,
-        threshold: 60,
-        comparisonOperator: "GreaterThanThreshold",
-        treatMissingData: "breaching",
-      }),
-      alarm("watermark-lag", {
-        alarmDescription: "An appender has held the log's follow watermark back for over 30 s: followers cannot see newer events.",
-        namespace,
-        metricName: "mira_log_watermark_lag_seconds",
-        statistic: "Maximum",
-        period: 60,
-        evaluationPeriods: 3,
-        threshold: 30,
-        comparisonOperator: "GreaterThanThreshold",
-        treatMissingData: "breaching",
-      }),
-    );
-    // The checkpoint witness (DESIGN §4.3), from the relay's /metrics. A conflict is the tamper
-    // signal: the witness holds a record the database does not match; the relay has stopped
-    // checkpointing and goes on publishing. The counter arrives as its increase per scrape, so
-    // the alarm holds for a day after the increase (one datapoint in 288 five-minute periods).
-    made.push(
-      alarm("witness-conflict", {
-        alarmDescription:
-          "Witness conflict (mira_witness_conflicts_total > 0): the tamper signal: checkpointing stopped, publishing goes on. See docs/runbooks/verify.md.",
-        namespace,
-        metricName: "mira_witness_conflicts_total",
-        statistic: "Maximum",
-        period: 300,
-        evaluationPeriods: 288,
-        datapointsToAlarm: 1,
-        threshold: 0,
-        comparisonOperator: "GreaterThanThreshold",
-        treatMissingData: "notBreaching",
-      }),
-    );
-    // The witness has not answered the relay (a checkpoint written, or an idle relay's probe once
-    // a checkpoint interval) for too long: checkpoints are not being witnessed, or checkpointing
-    // stopped after a conflict, or there is no relay. The age is the minute's timestamp less the
-    // newest success seen in it; 0 (no success since the relay started) reads as very old. Five
-    // minutes in a row, so a relay's restart (0 until its first probe) does not ring it; no data
-    // (no relay) counts as breaching.
-    const staleSeconds = cfg.witnessStaleSeconds ?? WITNESS_STALE_SECONDS;
-    made.push(
-      alarm("witness-stale", {
-        alarmDescription: `The checkpoint witness has not answered the relay for over ${staleSeconds} s (or no relay reports): checkpoints are not witnessed. See docs/runbooks/verify.md.`,
-        metricQueries: [
-          {
-            id: "m1",
-            metric: { namespace, metricName: "mira_witness_last_success_timestamp_seconds", stat: "Maximum", period: 60 },
-            returnData: false,
-          },
-          { id: "age", expression: "EPOCH(m1) - m1", label: "seconds since the witness last answered", returnData: true },
-        ],
-        evaluationPeriods: 5,
-        datapointsToAlarm: 5,
-        threshold: staleSeconds,
-        comparisonOperator: "GreaterThanThreshold",
-        treatMissingData: "breaching",
-      }),
-    );
-
-    // The daily `mira audit verify` (compute.ts): its verdict lines, counted from its log group.
-    const verdict = (name: string, pattern: string, metricName: string) =>
-      new aws.cloudwatch.LogMetricFilter(name, {
-        name: `mira-${s}-${name}`,
-        logGroupName: c.verify.logGroup.name,
-        pattern,
-        metricTransformation: { name: metricName, namespace, value: "1", unit: "Count" },
-      });
-    verdict("audit-verify-intact", '"log intact"', "mira_audit_verify_intact");
-    verdict("audit-verify-failed", '"log verification FAILED"', "mira_audit_verify_failed");
-    made.push(
-      // No `log intact` in 26 hours: the daily run failed, could not run (exit 2), did not start,
-      // or was never scheduled. Hours without a run are missing data, and breaching.
-      alarm("audit-verify-overdue", {
-        alarmDescription: "mira audit verify has not printed `log intact` for 26 hours: the log is not being verified. See docs/runbooks/verify.md.",
-        namespace,
-        metricName: "mira_audit_verify_intact",
-        statistic: "Sum",
-        period: 3600,
-        evaluationPeriods: 26,
-        datapointsToAlarm: 26,
-        threshold: 1,
-        comparisonOperator: "LessThanThreshold",
-        treatMissingData: "breaching",
-      }),
-      // The verification found the log altered: held for a day (one datapoint in 24 hours).
-      alarm("audit-verify-failed", {
-        alarmDescription: "mira audit verify printed `log verification FAILED`: the log or its witness was altered. See docs/runbooks/verify.md.",
-        namespace,
-        metricName: "mira_audit_verify_failed",
-        statistic: "Sum",
-        period: 3600,
-        evaluationPeriods: 24,
-        datapointsToAlarm: 1,
-        threshold: 0,
-        comparisonOperator: "GreaterThanThreshold",
-        treatMissingData: "notBreaching",
-      }),
-    );
-
-    // The ALB's 5xx rate: over 5 % of requests in 5 minutes, answered by Mira or by the ALB itself.
-    const lb = { LoadBalancer: c.alb.arnSuffix };
-    const albMetric = (id: string, metricName: string) => ({
-      id,
-      metric: { namespace: "AWS/ApplicationELB", metricName, dimensions: lb, stat: "Sum", period: 300 },
-    });
-    made.push(
-      alarm("alb-5xx-rate", {
-        alarmDescription: "Over 5 % of the API's requests failed with a 5xx in 5 minutes.",
-        metricQueries: [
-          albMetric("target", "HTTPCode_Target_5XX_Count"),
-          albMetric("elb", "HTTPCode_ELB_5XX_Count"),
-          albMetric("requests", "RequestCount"),
-          { id: "rate", expression: "IF(requests > 0, 100 * (FILL(target, 0) + FILL(elb, 0)) / requests, 0)", label: "5xx %", returnData: true },
-        ],
         evaluationPeriods: 1,
-        threshold: 5,
+        threshold: 0,
         comparisonOperator: "GreaterThanThreshold",
       }),
     );
-
-    const queueNames = Object.values(f.parts.queues).map((q) => q.queue.name);
-    const dlqNames = Object.values(f.parts.queues).map((q) => q.dlq.name);
-    const names = {
-      gpuJobs: f.parts.queues["gpu-jobs"].queue.name,
-      statJobs: f.parts.queues["gpu-jobs-stat"].queue.name,
-      verify: f.parts.queues.verify.queue.name,
-      ecsCluster: c.cluster.name,
-      verifier: v.service.name,
-    };
-    new aws.cloudwatch.Dashboard("dashboard", {
-      dashboardName: `mira-${s}`,
-      dashboardBody: pulumi
-        .all([queueNames, dlqNames, c.alb.arnSuffix, k.cluster.name, pulumi.output(names)])
-        .apply(([qs, dlqs, albSuffix, cluster, n]) => JSON.stringify(dashboard(namespace, cfg.region, qs, dlqs, albSuffix, cluster, n))),
-    });
-    return made;
+    // The oldest message waits too long: the consumers are down, stuck or too few.
+    made.push(
+      alarm(`${group}-oldest-message`, {
+        alarmDescription: `${group}'s oldest message is older than expected: its consumers are down, stuck or too few.`,
+        namespace: "AWS/SQS",
+        metricName: "ApproximateAgeOfOldestMessage",
+        dimensions: { QueueName: q.queue.name },
+        statistic: "Maximum",
+        period: 60,
+        evaluationPeriods: 5,
+        threshold: oldestMessageSeconds(group),
+        comparisonOperator: "GreaterThanThreshold",
+      }),
+    );
   }
+  // Mira's own gauges, through the collector.
+  made.push(
+    alarm("projection-lag", {
+      alarmDescription: "The read models are more than a minute behind the log: see docs/runbooks/rebuild.md.",
+      namespace,
+      metricName: "mira_projection_lag_seconds",
+      dimensions: { projection: "read_models" },
+      statistic: "Maximum",
+      period: 60,
+      evaluationPeriods: 5,
+      threshold: 60,
+      comparisonOperator: "GreaterThanThreshold",
+      treatMissingData: "breaching",
+    }),
+    alarm("watermark-lag", {
+      alarmDescription: "An appender has held the log's follow watermark back for over 30 s: followers cannot see newer events.",
+      namespace,
+      metricName: "mira_log_watermark_lag_seconds",
+      statistic: "Maximum",
+      period: 60,
+      evaluationPeriods: 3,
+      threshold: 30,
+      comparisonOperator: "GreaterThanThreshold",
+      treatMissingData: "breaching",
+    }),
+  );
+  // The checkpoint witness (DESIGN §4.3), from the relay's /metrics. A conflict is the tamper
+  // signal: the witness holds a record the database does not match; the relay has stopped
+  // checkpointing and goes on publishing. The counter arrives as its increase per scrape, so
+  // the alarm holds for a day after the increase (one datapoint in 288 five-minute periods).
+  made.push(
+    alarm("witness-conflict", {
+      alarmDescription:
+        "Witness conflict (mira_witness_conflicts_total > 0): the tamper signal: checkpointing stopped, publishing goes on. See docs/runbooks/verify.md.",
+      namespace,
+      metricName: "mira_witness_conflicts_total",
+      statistic: "Maximum",
+      period: 300,
+      evaluationPeriods: 288,
+      datapointsToAlarm: 1,
+      threshold: 0,
+      comparisonOperator: "GreaterThanThreshold",
+      treatMissingData: "notBreaching",
+    }),
+  );
+  // The witness has not answered the relay (a checkpoint written, or an idle relay's probe once
+  // a checkpoint interval) for too long: checkpoints are not being witnessed, or checkpointing
+  // stopped after a conflict, or there is no relay. The age is the minute's timestamp less the
+  // newest success seen in it; 0 (no success since the relay started) reads as very old. Five
+  // minutes in a row, so a relay's restart (0 until its first probe) does not ring it; no data
+  // (no relay) counts as breaching.
+  const staleSeconds = cfg.witnessStaleSeconds ?? WITNESS_STALE_SECONDS;
+  made.push(
+    alarm("witness-stale", {
+      alarmDescription: `The checkpoint witness has not answered the relay for over ${staleSeconds} s (or no relay reports): checkpoints are not witnessed. See docs/runbooks/verify.md.`,
+      metricQueries: [
+        {
+          id: "m1",
+          metric: { namespace, metricName: "mira_witness_last_success_timestamp_seconds", stat: "Maximum", period: 60 },
+          returnData: false,
+        },
+        { id: "age", expression: "EPOCH(m1) - m1", label: "seconds since the witness last answered", returnData: true },
+      ],
+      evaluationPeriods: 5,
+      datapointsToAlarm: 5,
+      threshold: staleSeconds,
+      comparisonOperator: "GreaterThanThreshold",
+      treatMissingData: "breaching",
+    }),
+  );
+
+  // The daily `mira audit verify` (compute.ts): its verdict lines, counted from its log group.
+  const verdict = (name: string, pattern: string, metricName: string) =>
+    new aws.cloudwatch.LogMetricFilter(name, {
+      name: `mira-${s}-${name}`,
+      logGroupName: c.verify.logGroup.name,
+      pattern,
+      metricTransformation: { name: metricName, namespace, value: "1", unit: "Count" },
+    });
+  verdict("audit-verify-intact", '"log intact"', "mira_audit_verify_intact");
+  verdict("audit-verify-failed", '"log verification FAILED"', "mira_audit_verify_failed");
+  made.push(
+    // No `log intact` in 26 hours: the daily run failed, could not run (exit 2), did not start,
+    // or was never scheduled. Hours without a run are missing data, and breaching.
+    alarm("audit-verify-overdue", {
+      alarmDescription: "mira audit verify has not printed `log intact` for 26 hours: the log is not being verified. See docs/runbooks/verify.md.",
+      namespace,
+      metricName: "mira_audit_verify_intact",
+      statistic: "Sum",
+      period: 3600,
+      evaluationPeriods: 26,
+      datapointsToAlarm: 26,
+      threshold: 1,
+      comparisonOperator: "LessThanThreshold",
+      treatMissingData: "breaching",
+    }),
+    // The verification found the log altered: held for a day (one datapoint in 24 hours).
+    alarm("audit-verify-failed", {
+      alarmDescription: "mira audit verify printed `log verification FAILED`: the log or its witness was altered. See docs/runbooks/verify.md.",
+      namespace,
+      metricName: "mira_audit_verify_failed",
+      statistic: "Sum",
+      period: 3600,
+      evaluationPeriods: 24,
+      datapointsToAlarm: 1,
+      threshold: 0,
+      comparisonOperator: "GreaterThanThreshold",
+      treatMissingData: "notBreaching",
+    }),
+  );
+
+  // The ALB's 5xx rate: over 5 % of requests in 5 minutes, answered by Mira or by the ALB itself.
+  const lb = { LoadBalancer: c.alb.arnSuffix };
+  const albMetric = (id: string, metricName: string) => ({
+    id,
+    metric: { namespace: "AWS/ApplicationELB", metricName, dimensions: lb, stat: "Sum", period: 300 },
+  });
+  made.push(
+    alarm("alb-5xx-rate", {
+      alarmDescription: "Over 5 % of the API's requests failed with a 5xx in 5 minutes.",
+      metricQueries: [
+        albMetric("target", "HTTPCode_Target_5XX_Count"),
+        albMetric("elb", "HTTPCode_ELB_5XX_Count"),
+        albMetric("requests", "RequestCount"),
+        { id: "rate", expression: "IF(requests > 0, 100 * (FILL(target, 0) + FILL(elb, 0)) / requests, 0)", label: "5xx %", returnData: true },
+      ],
+      evaluationPeriods: 1,
+      threshold: 5,
+      comparisonOperator: "GreaterThanThreshold",
+    }),
+  );
+
+  const queueNames = Object.values(f.parts.queues).map((q) => q.queue.name);
+  const dlqNames = Object.values(f.parts.queues).map((q) => q.dlq.name);
+  const names = {
+    gpuJobs: f.parts.queues["gpu-jobs"].queue.name,
+    statJobs: f.parts.queues["gpu-jobs-stat"].queue.name,
+    verify: f.parts.queues.verify.queue.name,
+    ecsCluster: c.cluster.name,
+    verifier: v.service.name,
+  };
+  new aws.cloudwatch.Dashboard("dashboard", {
+    dashboardName: `mira-${s}`,
+    dashboardBody: pulumi
+      .all([queueNames, dlqNames, c.alb.arnSuffix, k.cluster.name, pulumi.output(names)])
+      .apply(([qs, dlqs, albSuffix, cluster, n]) => JSON.stringify(dashboard(namespace, cfg.region, qs, dlqs, albSuffix, cluster, n))),
+  });
 
   return {
-    namespace,
-    collector,
-    metricsLogGroup,
-    telemetryStatements,
-    alarms,
+    alarms: made,
     outputs: { namespace: pulumi.output(namespace), alarmTopicArn: alarmTopic.arn, dashboard: pulumi.output(`mira-${s}`) },
   };
 }

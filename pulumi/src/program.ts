@@ -1,7 +1,7 @@
-// The whole stack: the foundations, then what runs on them (ECS for the API and the roles, EKS
-// for the GPU fleet, the slide verifier on ECS with the worker's settings, CloudFront in front,
-// the alarms), then what delivery needs. index.ts reads the stack's configuration into a
-// ProgramConfig; the tests pass one directly.
+// The whole stack: the foundations and the metrics collector, then what runs on them (ECS for the
+// API and the roles, EKS for the GPU fleet, the slide verifier on ECS with the worker's settings,
+// CloudFront in front), the alarms on all of it, then what delivery needs. index.ts reads the
+// stack's configuration into a ProgramConfig; the tests pass one directly.
 
 import * as pulumi from "@pulumi/pulumi";
 import { type ComputeConfig, compute } from "./compute";
@@ -10,6 +10,7 @@ import { type EdgeConfig, edge } from "./edge";
 import { type FleetConfig, fleet } from "./fleet";
 import { type FoundationsConfig, foundations } from "./foundations";
 import { observability } from "./observability";
+import { telemetry } from "./telemetry";
 import { type VerifierConfig, verifier } from "./verifier";
 
 /** Each part's settings (documented where the part reads them), and the few only the program joins. */
@@ -27,12 +28,12 @@ export type ProgramConfig = FoundationsConfig &
 
 export function program(cfg: ProgramConfig) {
   const f = foundations(cfg);
-  const obs = observability(cfg, f);
-  const c = compute(cfg, f, obs);
-  const k = fleet(cfg, f, obs);
+  const t = telemetry(cfg);
+  const c = compute(cfg, f, t);
+  const k = fleet(cfg, f, t);
   const v = verifier(cfg, f, c, k);
   const e = edge(cfg, f);
-  obs.alarms(c, k, v);
+  const obs = observability(cfg, f, t, c, k, v);
   const d = delivery(cfg, f, c, k, e, v);
   return {
     network: f.network,

@@ -1,69 +1,19 @@
-// The app's shell: the session, the route, the live feed, and the page for each route.
+// The app's shell: the session, the route, the live feed, and the page for each route. What
+// the pages share with it lives apart, so that they need not import it: the route in nav.tsx,
+// the feed's messages in live.ts.
 
 import type { ComponentChildren } from "preact";
 import { useEffect, useMemo, useState } from "preact/hooks";
 import { type AppConfig, AUDITORS, api, holds, setHooks } from "./api";
 import { cognitoCallback, onSession, type Session, session, signOut } from "./auth";
-import { type FeedMessage, type FeedState, LiveFeed, socketUrl } from "./live";
+import { broadcast, type FeedState, LiveFeed, socketUrl } from "./live";
+import { Link, navigate, usePath } from "./nav";
 import { AuditPage } from "./pages/audit";
 import { JobPage } from "./pages/job";
 import { JobsPage } from "./pages/jobs";
 import { SignInPage } from "./pages/signin";
 import { SlidesPage } from "./pages/slides";
 import { ViewerPage } from "./pages/viewer";
-
-// Routing: the path is the state; links push it.
-type RouteListener = (path: string) => void;
-const routeListeners = new Set<RouteListener>();
-
-export function navigate(path: string): void {
-  if (path !== location.pathname + location.search) history.pushState(null, "", path);
-  for (const l of routeListeners) l(location.pathname);
-}
-
-function usePath(): string {
-  const [path, setPath] = useState(location.pathname);
-  useEffect(() => {
-    const l = (p: string) => setPath(p);
-    const pop = () => setPath(location.pathname);
-    routeListeners.add(l);
-    addEventListener("popstate", pop);
-    return () => {
-      routeListeners.delete(l);
-      removeEventListener("popstate", pop);
-    };
-  }, []);
-  return path;
-}
-
-export function Link(props: { href: string; children: ComponentChildren; class?: string }) {
-  return (
-    <a
-      href={props.href}
-      class={props.class}
-      onClick={(e) => {
-        if (e.ctrlKey || e.metaKey || e.shiftKey || e.button !== 0) return;
-        e.preventDefault();
-        navigate(props.href);
-      }}
-    >
-      {props.children}
-    </a>
-  );
-}
-
-// The live feed, shared by every page.
-type LiveListener = (m: FeedMessage) => void;
-const liveListeners = new Set<LiveListener>();
-
-export function useLive(l: LiveListener): void {
-  useEffect(() => {
-    liveListeners.add(l);
-    return () => {
-      liveListeners.delete(l);
-    };
-  }, [l]);
-}
 
 /** Why the last session ended, shown on the sign-in page. */
 let signedOutBecause = "";
@@ -106,9 +56,7 @@ export function App() {
     return new LiveFeed({
       url: socketUrl(location, config.ws_url),
       token: () => session()?.token ?? null,
-      onMessage: (m) => {
-        for (const l of liveListeners) l(m);
-      },
+      onMessage: broadcast,
       onState: setFeedState,
     });
   }, [who?.user, who?.tenant, config]);

@@ -1,7 +1,11 @@
 // The live feed: `GET /ws` with the token as a subprotocol. Every message carries an opaque
 // resume cursor; after a dropped connection the feed reconnects with `?since=<cursor>` of the
 // last message it took, so the server first sends everything that changed meanwhile. The
-// state says whether the page is live or catching up.
+// state says whether the page is live or catching up. One feed is shared by every page: the
+// shell (app.tsx) hands each message on (broadcast), and a page listens while it is shown
+// (useLive).
+
+import { useEffect } from "preact/hooks";
 
 export type FeedState = "connecting" | "live" | "reconnecting" | "closed";
 
@@ -108,4 +112,23 @@ export class LiveFeed {
 export function socketUrl(loc: { protocol: string; host: string }, configured: string | null): string {
   if (configured) return configured;
   return `${loc.protocol === "https:" ? "wss:" : "ws:"}//${loc.host}/ws`;
+}
+
+// The pages' share of the one feed.
+type LiveListener = (m: FeedMessage) => void;
+const liveListeners = new Set<LiveListener>();
+
+/** Hands a message the feed took to every page listening. */
+export function broadcast(m: FeedMessage): void {
+  for (const l of liveListeners) l(m);
+}
+
+/** Calls `l` with every message the feed takes while the calling component is shown. */
+export function useLive(l: LiveListener): void {
+  useEffect(() => {
+    liveListeners.add(l);
+    return () => {
+      liveListeners.delete(l);
+    };
+  }, [l]);
 }

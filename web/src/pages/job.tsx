@@ -8,10 +8,10 @@ import {
   type Timeline,
   type TimelineEntry,
 } from "../api";
-import { Link, useLive } from "../app";
 import type { Session } from "../auth";
 import { clock, shortHash, time } from "../format";
-import type { FeedMessage } from "../live";
+import { type FeedMessage, useLive } from "../live";
+import { Link } from "../nav";
 import { PriorityBadge } from "../priority";
 import { statusDetail, withSlide } from "../status";
 import { TableHead } from "../table";

@@ -1,9 +1,9 @@
 import { useCallback, useEffect, useState } from "preact/hooks";
 import { api, holds, type Job, type Slide, WRITERS } from "../api";
-import { Link, useLive } from "../app";
 import type { Session } from "../auth";
 import { percent, time } from "../format";
-import type { FeedMessage } from "../live";
+import { type FeedMessage, useLive } from "../live";
+import { Link } from "../nav";
 import { usePages } from "../pages";
 import { PriorityBadge } from "../priority";
 import { statusDetail, withLiveUpdate, withSlide } from "../status";

@@ -1,9 +1,9 @@
 import { useCallback, useEffect, useRef, useState } from "preact/hooks";
 import { api, holds, type Slide, type SlideCreated, WRITERS } from "../api";
-import { navigate, useLive } from "../app";
 import type { Session } from "../auth";
 import { bytes, time } from "../format";
-import type { FeedMessage } from "../live";
+import { type FeedMessage, useLive } from "../live";
+import { navigate } from "../nav";
 import { usePages } from "../pages";
 import { TableHead } from "../table";
 import { partPages, planUpload, runUpload, slideContentType, type UploadProgress } from "../upload";

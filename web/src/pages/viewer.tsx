@@ -9,7 +9,7 @@
 import type OpenSeadragonNs from "openseadragon";
 import { useEffect, useRef, useState } from "preact/hooks";
 import { api, bearer } from "../api";
-import { Link } from "../app";
+import { Link } from "../nav";
 
 type Manifest = {
   slide: { width: number; height: number };
