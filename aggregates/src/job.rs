@@ -86,7 +86,11 @@ impl utoipa::ToSchema for JobStatus {}
 pub struct Job {
     pub status: JobStatus,
     pub slide_id: Option<SlideId>,
-    /// What the job runs: its kind and parameters, from the submission.
+    /// What the job runs: its kind and parameters, from the submission. Kept as the two fields
+    /// `kind` and `params` beside the others, the shape the read models' `state` column has
+    /// always held, so rows written before the spec was typed read as they are (and a release
+    /// before this one reads these).
+    #[serde(flatten)]
     pub spec: Option<JobSpec>,
     /// The attempts one submission (or one user retry) may use.
     pub attempt_budget: u32,

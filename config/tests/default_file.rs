@@ -58,34 +58,53 @@ fn snake(name: &str) -> String {
     out
 }
 
-/// Every key the file names (live or commented out), sections included, as Rust field names.
+/// Every key the file names (live or commented out), and every section, as dotted paths of Rust
+/// field names (`database.max_connections`, `aws.s3`).
 fn documented() -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
+    let mut section: Vec<String> = Vec::new();
     for line in with_examples().lines() {
         let line = line.trim();
-        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            keys.extend(section.split('.').map(snake));
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = header.split('.').map(snake).collect();
+            for i in 1..=section.len() {
+                keys.insert(section[..i].join("."));
+            }
         } else if !line.starts_with('#') {
             if let Some((k, _)) = line.split_once(" = ") {
-                keys.insert(snake(k.trim()));
+                let mut path = section.clone();
+                path.push(snake(k.trim()));
+                keys.insert(path.join("."));
             }
         }
     }
     keys
 }
 
-/// Every field name of `Settings` and its sections, from its `Debug` form.
+/// Every field of `Settings` and its sections as a dotted path, from its `Debug` form (four
+/// spaces a level; a field that opens a struct or an option holds what is indented under it).
 fn fields(s: &Settings) -> BTreeSet<String> {
-    format!("{s:#?}")
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim_start();
-            let (name, _) = l.split_once(": ")?;
-            name.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-                .then(|| name.to_owned())
-        })
-        .collect()
+    let mut out = BTreeSet::new();
+    let mut open: Vec<(usize, String)> = Vec::new();
+    for line in format!("{s:#?}").lines() {
+        let indent = line.len() - line.trim_start().len();
+        let Some((name, rest)) = line.trim_start().split_once(": ") else {
+            continue;
+        };
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            continue;
+        }
+        open.retain(|(i, _)| *i < indent);
+        let path: Vec<&str> = open.iter().map(|(_, n)| n.as_str()).chain([name]).collect();
+        out.insert(path.join("."));
+        if rest.ends_with('{') || rest.ends_with('(') || rest.ends_with('[') {
+            open.push((indent, name.to_owned()));
+        }
+    }
+    out
 }
 
 #[test]
@@ -111,6 +130,10 @@ fn every_setting_is_documented() {
     // With every example set, every optional section is there to list its fields too.
     let have = fields(&all_examples());
     assert!(have.len() >= 83, "the settings' fields as read: {have:?}");
+    assert!(
+        have.contains("aws.s3.bucket_name") && have.contains("database.max_connections"),
+        "{have:?}"
+    );
     let documented = documented();
     let missing: Vec<_> = have.difference(&documented).collect();
     assert!(
@@ -119,6 +142,9 @@ fn every_setting_is_documented() {
     );
     // And the check sees a missing one.
     let mut fewer = documented.clone();
-    fewer.remove("requests_per_second");
-    assert!(have.difference(&fewer).any(|f| f == "requests_per_second"));
+    fewer.remove("api.max_connections");
+    assert!(
+        have.difference(&fewer).any(|f| f == "api.max_connections"),
+        "a setting named as another section's is still missed"
+    );
 }

@@ -531,9 +531,7 @@ impl Worker {
         let cannot_store = |e: mira_blobs::BlobError| Failure::new(format!("cannot store results: {e:#}"), true);
         let mut stored = 0u64;
         for o in &manifest.objects {
-            let data = tokio::fs::read(out.join(&o.key))
-                .await
-                .map_err(|e| Failure::new(format!("cannot read {}: {e}", o.key), true))?;
+            let data = read_listed(out, o).await?;
             stored += data.len() as u64;
             self.results
                 .put(&format!("{prefix}{}", o.key), data)
@@ -550,6 +548,39 @@ impl Worker {
             bytes: stored,
         })
     }
+}
+
+/// An object the manifest lists, read from the attempt's output directory. The attempt's process
+/// wrote the list, and it is not trusted: a key outside the directory, a link (to the worker's
+/// own `/proc/<pid>/environ`, say) or anything but a regular file of the listed size is refused
+/// for good, so nothing but the attempt's own files is ever stored as results.
+async fn read_listed(out: &std::path::Path, o: &crate::process::ManifestObject) -> Result<Vec<u8>, Failure> {
+    let refuse = |why: &str| {
+        Failure::new(
+            format!("the manifest lists {:?}, which {why}: nothing is stored", o.key),
+            false,
+        )
+    };
+    if !mira_blobs::valid_key(&o.key) {
+        return Err(refuse("is not a key inside the results"));
+    }
+    let path = out.join(&o.key);
+    let meta = tokio::fs::symlink_metadata(&path)
+        .await
+        .map_err(|e| Failure::new(format!("cannot read {}: {e}", o.key), true))?;
+    if !meta.file_type().is_file() {
+        return Err(refuse("is not a regular file the attempt wrote"));
+    }
+    if meta.len() != o.bytes {
+        return Err(refuse(&format!(
+            "holds {} bytes, not the {} listed",
+            meta.len(),
+            o.bytes
+        )));
+    }
+    tokio::fs::read(&path)
+        .await
+        .map_err(|e| Failure::new(format!("cannot read {}: {e}", o.key), true))
 }
 
 /// The attempt a worker runs, and the context its commands carry.
@@ -928,4 +959,45 @@ async fn consume(
         r.await??;
     }
     Ok(r?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::ManifestObject;
+
+    fn listed(key: &str, bytes: u64) -> ManifestObject {
+        ManifestObject {
+            key: key.into(),
+            bytes,
+            sha256: String::new(),
+        }
+    }
+
+    /// Only the attempt's own regular files, of the size listed, are stored: a link to the
+    /// worker's environment, a key outside the directory, or a device are refused for good.
+    #[tokio::test]
+    async fn only_the_attempts_own_files_are_stored() {
+        let out = std::env::temp_dir().join(format!("mira-listed-{}", std::process::id()));
+        std::fs::create_dir_all(out.join("slide_files/0")).unwrap();
+        std::fs::write(out.join("slide_files/0/0_0.jpeg"), b"abc").unwrap();
+        std::os::unix::fs::symlink("/proc/self/environ", out.join("slide.dzi")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", out.join("stats.json")).unwrap();
+        assert_eq!(
+            read_listed(&out, &listed("slide_files/0/0_0.jpeg", 3)).await.unwrap(),
+            b"abc"
+        );
+        for (o, why) in [
+            (listed("slide.dzi", 3), "regular file"),
+            (listed("stats.json", 0), "regular file"),
+            (listed("../secret", 3), "inside the results"),
+            (listed("/etc/hostname", 3), "inside the results"),
+            (listed("slide_files/0/0_0.jpeg", 4), "not the 4 listed"),
+        ] {
+            let e = read_listed(&out, &o).await.unwrap_err();
+            assert!(!e.retryable, "{}", e.reason);
+            assert!(e.reason.contains(why), "{}: {}", o.key, e.reason);
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 }

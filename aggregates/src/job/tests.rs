@@ -841,3 +841,29 @@ fn a_stat_job_is_queued_stat_on_every_attempt() {
         priority: crate::Priority::Stat,
     }]);
 }
+
+/// The read models keep the job's state as JSON (`rm.jobs.state`): a row written while the spec
+/// was two loose fields reads with its spec, and the state is written in that same shape.
+#[test]
+fn a_state_written_before_the_spec_was_typed_reads_with_its_spec() {
+    let old = serde_json::json!({
+        "status": "running", "slide_id": "0190d5a4-0000-7000-8000-000000000002",
+        "kind": "wsi.preprocess", "params": {"format": "png", "normalize": "none", "overlap": 1,
+        "quality": 80, "tile_size": 254, "tissue": true},
+        "attempt_budget": 3, "max_attempts": 3, "attempt": 1, "worker_id": "w1",
+        "lease_until": "2026-01-01T00:10:00Z", "retry_not_before": null, "progress": [2, 9],
+        "manifest_key": null, "manifest_sha256": null, "failure": null, "stalls": 0,
+        "priority": "routine"
+    });
+    let job: Job = serde_json::from_value(old.clone()).unwrap();
+    match &job.spec {
+        Some(JobSpec::Preprocess(p)) => assert_eq!(p.format, mira_events::params::TileFormat::Png),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(job.progress, Some((2, 9)));
+    assert_eq!(serde_json::to_value(&job).unwrap(), old, "written as it was read");
+    // A job not yet submitted has no spec, and none is written.
+    let new = serde_json::to_value(Job::default()).unwrap();
+    assert!(new.get("kind").is_none() && new.get("spec").is_none(), "{new}");
+    assert_eq!(serde_json::from_value::<Job>(new).unwrap(), Job::default());
+}

@@ -261,10 +261,11 @@ pub async fn dev_sign_in(State(state): State<AppState>, req: Request) -> Result<
     let body = axum::body::to_bytes(req.into_body(), 16 * 1024)
         .await
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", "the body is too large"))?;
-    let who: DevSignIn = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("sign-in: {e}")))?;
+    // A JSON object, as every body the API takes (400 when it is not JSON, 422 when it does not fit).
+    let who: DevSignIn = super::extract::parse_json(&body)?;
     let user = who.user.trim();
-    // As the document says: 1 to 128 characters (not bytes), not all of them white space.
-    if user.is_empty() || user.chars().count() > 128 {
+    // As the document says: 1 to 128 characters (not bytes) as sent, not all of them white space.
+    if user.is_empty() || who.user.chars().count() > 128 {
         return Err(ApiError::invalid("user: 1 to 128 characters"));
     }
     for r in &who.roles {

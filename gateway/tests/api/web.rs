@@ -111,6 +111,8 @@ async fn the_app_is_served_with_its_policy_and_mira_dev_signs_people_in() {
         ("é".repeat(128), StatusCode::OK),
         ("é".repeat(129), StatusCode::UNPROCESSABLE_ENTITY),
         ("\u{c} ".into(), StatusCode::UNPROCESSABLE_ENTITY),
+        // 129 characters as sent, though 128 once trimmed.
+        (format!(" {}", "é".repeat(128)), StatusCode::UNPROCESSABLE_ENTITY),
     ] {
         let r = http
             .post(format!("{base}/dev/sign-in"))
@@ -120,6 +122,14 @@ async fn the_app_is_served_with_its_policy_and_mira_dev_signs_people_in() {
             .unwrap();
         assert_eq!(r.status(), expect, "{user:?}");
     }
+    // A body is a JSON object, here as everywhere (an array would read as a struct).
+    let r = http
+        .post(format!("{base}/dev/sign-in"))
+        .json(&json!(["ada", "lab-a", ["admin"]]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     // DNS rebinding: a page of another site reaches 127.0.0.1 under its own name. Sent over a
     // raw socket, so that no client rewrites the headers.
     let port = addr.port();
