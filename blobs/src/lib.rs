@@ -106,32 +106,36 @@ impl ObjectStore {
     }
 }
 
-/// How the client uploads a slide.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// How the client uploads a slide: one signed `PUT`, or a multipart upload.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum UploadPlan {
+    #[schema(title = "Single")]
     Single {
+        #[schema(value_type = String, pattern = "^PUT$")]
         method: String,
         url: String,
         headers: BTreeMap<String, String>,
         expires_at: DateTime<Utc>,
     },
-    Multipart {
-        multipart: MultipartPlan,
-    },
+    #[schema(title = "Multipart")]
+    Multipart { multipart: MultipartPlan },
 }
 
 /// A multipart upload, and the signed URLs of one page of its parts: the first page when the
 /// slide is registered, the others as the client asks for them
 /// (`GET /api/slides/{id}/upload/parts?upload_id=&from=`), so that a declared size never
 /// makes an answer larger than a page.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = PartPage)]
 pub struct MultipartPlan {
     pub upload_id: String,
     pub part_size: u64,
     /// How many parts the upload has; the last one holds what is left.
+    #[schema(minimum = 1, maximum = 10000)]
     pub part_count: u32,
     /// Parts `from` to at most `from + PART_URL_PAGE - 1`.
+    #[schema(max_items = 100)]
     pub parts: Vec<PartUrl>,
     pub expires_at: DateTime<Utc>,
 }
@@ -139,15 +143,16 @@ pub struct MultipartPlan {
 /// The most part URLs in one answer.
 pub const PART_URL_PAGE: u32 = 100;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct PartUrl {
     pub part_number: u32,
     pub url: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompletedPart {
+    #[schema(minimum = 1, maximum = 10000)]
     pub part_number: u32,
     pub etag: String,
 }

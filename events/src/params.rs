@@ -101,6 +101,15 @@ macro_rules! job_kinds {
             /// Every kind's name, as requests and the log spell it.
             pub const KINDS: &'static [&'static str] = &[$($name),+];
 
+            /// Each kind's parameters schema, by name, in the order of [`JobSpec::KINDS`]: the
+            /// API's document describes `params` with them.
+            pub fn params_schemas() -> Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)> {
+                vec![$((
+                    <$params as utoipa::ToSchema>::name().into_owned(),
+                    <$params as utoipa::PartialSchema>::schema(),
+                )),+]
+            }
+
             /// The kind, or `None` for [`JobSpec::Unknown`].
             pub fn kind(&self) -> Option<JobKind> {
                 match self {

@@ -4,9 +4,6 @@
 //! [`blob`]), the database roles ([`database`]), the aggregates' state as of an instant for
 //! `mira audit replay` ([`replay`]) and the benchmarks.
 
-// The OpenAPI document is one `json!` literal, deeper than the default limit.
-#![recursion_limit = "512"]
-
 pub mod api;
 pub mod bench;
 pub mod bench_e2e;

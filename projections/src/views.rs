@@ -88,7 +88,9 @@ pub struct JobView {
     pub submitted_by: String,
     pub submitted_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-    /// The log position of the last event applied to this job.
+    /// The log position of the last event applied to this job. Not in the API's schema: the
+    /// API never shows it (`gateway::api::public::public_view`; ADR 0020).
+    #[schema(ignore)]
     pub position: i64,
 }
 
@@ -162,7 +164,9 @@ pub struct SlideView {
     pub registered_by: String,
     pub registered_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-    /// The log position of the last event applied to this slide.
+    /// The log position of the last event applied to this slide. Not in the API's schema: the
+    /// API never shows it (`gateway::api::public::public_view`; ADR 0020).
+    #[schema(ignore)]
     pub position: i64,
 }
 

@@ -119,10 +119,10 @@ export type Priority = NonNullable<Schemas["NewJob"]["priority"]>;
  * The document is looser than the API here: it does not list the nullable columns
  * (`worker_id`, `lease_until`, `progress`, `failure`, `manifest_*`) or `priority` as required,
  * though the API always sends them (null when empty). The app reads each as "absent or null",
- * and shows an absent priority as routine. `waiting_for_admission` is carried by
- * `GET /api/jobs` and `GET /api/jobs/{id}` only; a live `job.updated` does not, and absent means
- * unknown (`status.ts`). */
-export type Job = Schemas["Job"];
+ * and shows an absent priority as routine. `waiting_for_admission`, which the document requires,
+ * is carried by `GET /api/jobs` and `GET /api/jobs/{id}` only; a live `job.updated` does not, so
+ * the app's type makes it optional, and absent means unknown (`status.ts`). */
+export type Job = Omit<Schemas["Job"], "waiting_for_admission"> & { waiting_for_admission?: boolean };
 
 /** The body of `POST /api/jobs`. */
 export type NewJob = Schemas["NewJob"];

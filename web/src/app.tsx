@@ -54,7 +54,7 @@ export function App() {
   const feed = useMemo(() => {
     if (!who || !config) return null;
     return new LiveFeed({
-      url: socketUrl(location, config.ws_url),
+      url: socketUrl(location, config.ws_url ?? null),
       token: () => session()?.token ?? null,
       onMessage: broadcast,
       onState: setFeedState,

@@ -7,7 +7,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::extract::ApiQuery;
-use super::problem::ApiError;
+use super::problem::{ApiError, Limited, Problem};
 use super::state::AppState;
 use crate::blob::SignedQuery;
 
@@ -18,6 +18,11 @@ fn local(state: &AppState) -> Result<&crate::blob::LocalBlobs, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not-found", "this gateway stores blobs in S3"))
 }
 
+#[utoipa::path(put, operation_id = "put_blob", path = "/blobs/{*key}", summary = "Upload to a signed URL of the local blob store (mira dev)",
+    security(), params(("key" = String, Path)),
+    responses((status = 200, description = "stored; ETag header"), (status = 400, response = inline(Problem)),
+              (status = 403, response = inline(Problem)), (status = 413, response = inline(Problem)),
+              (status = 415, response = inline(Problem)), Limited))]
 pub async fn upload(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -81,6 +86,10 @@ pub async fn upload(
     Ok(res)
 }
 
+#[utoipa::path(get, operation_id = "get_blob", path = "/blobs/{*key}", summary = "Download from a signed URL of the local blob store (mira dev)",
+    security(), params(("key" = String, Path)),
+    responses((status = 200, description = "the object"), (status = 400, response = inline(Problem)),
+              (status = 403, response = inline(Problem)), (status = 404, response = inline(Problem)), Limited))]
 pub async fn download(
     State(state): State<AppState>,
     Path(key): Path<String>,

@@ -49,7 +49,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 
 /// Parses a JSON body, which is an object: every body the API takes is one (serde would read a
 /// struct from an array too, `[]` as all defaults). An empty body reads as `{}` only if `T`
-/// accepts that.
+/// accepts that; `null` only if `T` is an `Option` (a body that may be left out, which the
+/// document describes as nullable).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
@@ -58,6 +59,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     };
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => {}
+        // `null` is no body where the body may be left out (`ApiJson<Option<T>>`), and does
+        // not fit anywhere else.
+        Some(b'n') if std::str::from_utf8(bytes).is_ok_and(|t| t.trim() == "null") => {
+            return serde_json::from_slice::<T>(b"null")
+                .map_err(|_| ApiError::invalid("the body must be a JSON object"));
+        }
         // Not JSON at all is malformed (400); JSON of another type does not fit (422).
         _ => match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
             Ok(_) => return Err(ApiError::invalid("the body must be a JSON object")),
@@ -109,6 +116,28 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
             .filter(|s| !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic()))
             .ok_or_else(|| ApiError::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters"))?;
         Ok(Self(Some(s.to_owned())))
+    }
+}
+
+/// The header as the document describes it: `params(IdempotencyKey)`.
+impl utoipa::IntoParams for IdempotencyKey {
+    fn into_params(
+        _: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        use utoipa::openapi::{path::ParameterBuilder, path::ParameterIn, ObjectBuilder, Required, Type};
+        let schema = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[!-~]{1,255}$"))
+            .description(Some("1 to 255 visible ASCII characters."));
+        vec![ParameterBuilder::new()
+            .name("Idempotency-Key")
+            .parameter_in(ParameterIn::Header)
+            .required(Required::False)
+            .schema(Some(schema))
+            .description(Some(
+                "The same key with the same body returns the same resource; with another body, 422.",
+            ))
+            .build()]
     }
 }
 

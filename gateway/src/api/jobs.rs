@@ -9,28 +9,82 @@ use mira_aggregates::{JobCommand, JobError, JobStatus, SlideStatus};
 use mira_events::params::JobSpec;
 use mira_events::{JobId, Priority, SlideId};
 use mira_projections::query::{JobCursor, JobFilter};
-use mira_projections::views::JobView;
+use mira_projections::views::{JobView, TimelineEntry};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+use utoipa::openapi::{Ref, RefOr, Schema};
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Identity;
 use super::extract::{parse_id, ApiJson, ApiQuery, IdempotencyKey};
 use super::idempotency::{self, Claim};
-use super::problem::{ApiError, ApiResult};
+use super::problem::{ApiError, ApiResult, Problem, Reads, ReadsOne, Writes, WritesOne};
 use super::slides::{decode_cursor, encode_cursor, page_limit};
 use super::state::{AppState, READERS, WRITERS};
 
-#[derive(Debug, Deserialize)]
+/// The body of `POST /api/jobs`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewJob {
+    #[schema(value_type = uuid::Uuid)]
     pub slide_id: SlideId,
+    #[schema(schema_with = kinds)]
     pub kind: String,
+    /// The kind's parameters; absent or null means every default.
     #[serde(default)]
+    #[schema(schema_with = params)]
     pub params: Option<serde_json::Value>,
     /// `stat` or `routine` (the default). Who may ask for STAT is `Jobs__StatGroups`. Read as
     /// text, so that any other value (a number too) is a 422 that names the field.
     #[serde(default, deserialize_with = "super::extract::not_null")]
+    #[schema(schema_with = priorities)]
     pub priority: Option<String>,
+}
+
+/// `kind`: one of the kinds `job_kinds!` declares.
+fn kinds() -> Schema {
+    Schema::Object(
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(JobSpec::KINDS.iter().copied()))
+            .build(),
+    )
+}
+
+/// `params`: the parameters of one of the kinds (their schemas in the kinds' order), or null.
+fn params() -> Schema {
+    let mut one_of = OneOfBuilder::new();
+    for (name, _) in JobSpec::params_schemas() {
+        one_of = one_of.item(RefOr::Ref(Ref::from_schema_name(name)));
+    }
+    let one_of = one_of
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .description(Some("The kind's parameters; absent or null means every default."))
+        .build();
+    Schema::OneOf(one_of)
+}
+
+fn priorities() -> Schema {
+    Schema::Object(
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(["routine", "stat"]))
+            .default(Some(serde_json::Value::from("routine")))
+            .description(Some(
+                "A STAT job is taken before every routine job waiting; a running job is not stopped for it. \
+                 Who may ask for STAT is a setting (Jobs__StatGroups; pathologists by default): anyone else gets 403.",
+            ))
+            .build(),
+    )
+}
+
+/// A job's status after a command: `POST /api/jobs`, cancel and retry.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = JobStatus)]
+pub struct JobState {
+    #[schema(value_type = uuid::Uuid)]
+    pub job_id: JobId,
+    pub status: &'static str,
 }
 
 /// The request as accepted, defaults filled in: what the idempotency fingerprint covers.
@@ -50,6 +104,10 @@ fn is_routine(p: &Priority) -> bool {
 
 /// `POST /api/jobs`: 202 `{job_id, status}`. A job on a slide that is not verified yet is
 /// accepted and waits in `submitted`.
+#[utoipa::path(post, operation_id = "submit_job", path = "/api/jobs", summary = "Submit a job",
+    params(IdempotencyKey), request_body = NewJob,
+    responses((status = 202, body = JobState), (status = 404, response = inline(Problem)),
+              (status = 409, response = inline(Problem)), Writes))]
 pub async fn create(
     State(state): State<AppState>,
     who: Identity,
@@ -127,28 +185,72 @@ pub async fn create(
         Err(e) => return Err(e.into()),
     };
     tracing::info!(job_id = %id, replay = matches!(claim, Claim::Replay(_)), "job submitted");
-    Ok((StatusCode::ACCEPTED, Json(json!({"job_id": id, "status": status}))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(JobState { job_id: id, status })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+fn statuses() -> Schema {
+    Schema::Object(
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(JobStatus::SHOWN.iter().map(|s| s.as_str())))
+            .build(),
+    )
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    #[param(schema_with = statuses)]
     pub status: Option<String>,
+    #[param(nullable = false, value_type = Option<uuid::Uuid>)]
     pub slide_id: Option<String>,
+    /// The submitter's user id.
+    #[param(nullable = false, pattern = "^[^\\u0000]*$")]
     pub submitted_by: Option<String>,
     /// Submitted at or after (RFC 3339).
+    #[param(nullable = false)]
     pub since: Option<DateTime<Utc>>,
     /// Submitted before (RFC 3339).
+    #[param(nullable = false)]
     pub until: Option<DateTime<Utc>>,
+    /// Jobs per page (50 when absent).
+    #[param(nullable = false, minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// The `next` of the page before.
+    #[param(nullable = false, pattern = "^[^\\u0000]*$")]
     pub cursor: Option<String>,
 }
 
+/// A job as the API shows it: the read model's view without its log position, and whether it
+/// waits for the handlers' admission.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Job)]
+pub struct ShownJob {
+    #[serde(flatten)]
+    #[schema(inline)]
+    pub job: JobView,
+    /// Ready to run (its slide verified, or its retry due) and waiting for the lifecycle
+    /// handlers to admit it to a GPU queue: tenants take turns, and a few routine jobs at a
+    /// time are queued (Jobs__AdmissionWindow).
+    pub waiting_for_admission: bool,
+}
+
+/// A page of jobs, newest first; `next` is the cursor of the next page, null on the last.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobPage {
+    #[schema(value_type = Vec<ShownJob>)]
+    pub items: Vec<serde_json::Value>,
+    pub next: Option<String>,
+}
+
+#[utoipa::path(get, operation_id = "list_jobs", path = "/api/jobs", summary = "List jobs, newest first",
+    params(ListQuery), responses((status = 200, body = JobPage), Reads))]
 pub async fn list(
     State(state): State<AppState>,
     who: Identity,
     ApiQuery(q): ApiQuery<ListQuery>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<JobPage>> {
     who.require(READERS)?;
     let status = q
         .status
@@ -176,12 +278,14 @@ pub async fn list(
     };
     let page = state.read.jobs(&who.tenant, &filter, after, limit).await?;
     let waiting = waiting_for_admission(&state, &who, &page.items).await?;
-    Ok(Json(json!({
-        "items": page.items.iter().map(|j| shown(j, &waiting)).collect::<Vec<_>>(),
-        "next": page.next.map(|c| encode_cursor(&c)),
-    })))
+    Ok(Json(JobPage {
+        items: page.items.iter().map(|j| shown(j, &waiting)).collect(),
+        next: page.next.map(|c| encode_cursor(&c)),
+    }))
 }
 
+#[utoipa::path(get, operation_id = "get_job", path = "/api/jobs/{id}", summary = "One job, with progress and attempts",
+    params(("id" = uuid::Uuid, Path)), responses((status = 200, body = ShownJob), ReadsOne))]
 pub async fn get_one(
     State(state): State<AppState>,
     who: Identity,
@@ -224,15 +328,20 @@ async fn waiting_for_admission(
 
 /// A job as the API shows it: the view, and whether it waits for its admission.
 fn shown(job: &JobView, waiting: &std::collections::HashSet<uuid::Uuid>) -> serde_json::Value {
-    let mut v = super::public::public_view(job);
-    v["waiting_for_admission"] = json!(waiting.contains(&job.job_id));
-    v
+    super::public::public_view(&ShownJob {
+        job: job.clone(),
+        waiting_for_admission: waiting.contains(&job.job_id),
+    })
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The body of `POST /api/jobs/{id}/cancel`, which may be left out.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Cancel)]
 pub struct CancelBody {
+    /// Why, for the job's history.
     #[serde(default, deserialize_with = "super::extract::not_null")]
+    #[schema(nullable = false, max_length = 1000)]
     pub reason: Option<String>,
 }
 
@@ -248,49 +357,105 @@ async fn transition(state: &AppState, who: &Identity, raw: &str, command: JobCom
         .await?
         .map(|j| j.status.as_str())
         .ok_or(ApiError::not_found("job"))?;
-    Ok((StatusCode::ACCEPTED, Json(json!({"job_id": id, "status": status}))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(JobState { job_id: id, status })).into_response())
 }
 
+#[utoipa::path(post, operation_id = "cancel_job", path = "/api/jobs/{id}/cancel", summary = "Cancel a job",
+    params(("id" = uuid::Uuid, Path)), request_body(content = Option<CancelBody>),
+    responses((status = 202, body = JobState), (status = 409, response = inline(Problem)), WritesOne))]
 pub async fn cancel(
     State(state): State<AppState>,
     who: Identity,
     Path(raw): Path<String>,
-    ApiJson(body): ApiJson<CancelBody>,
+    ApiJson(body): ApiJson<Option<CancelBody>>,
 ) -> ApiResult<Response> {
+    let body = body.unwrap_or_default();
     if body.reason.as_ref().is_some_and(|r| r.chars().count() > 1000) {
         return Err(ApiError::invalid("reason: at most 1000 characters"));
     }
     transition(&state, &who, &raw, JobCommand::Cancel { reason: body.reason }).await
 }
 
+#[utoipa::path(post, operation_id = "retry_job", path = "/api/jobs/{id}/retry", summary = "Run a failed or cancelled job again",
+    params(("id" = uuid::Uuid, Path)),
+    responses((status = 202, body = JobState), (status = 409, response = inline(Problem)), ReadsOne))]
 pub async fn retry(State(state): State<AppState>, who: Identity, Path(raw): Path<String>) -> ApiResult<Response> {
     transition(&state, &who, &raw, JobCommand::Retry).await
 }
 
+/// A job's history.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Timeline {
+    #[schema(value_type = uuid::Uuid)]
+    pub job_id: JobId,
+    pub events: Vec<TimelineEntry>,
+}
+
 /// `GET /api/jobs/{id}/events`: the job's history, each event with its actor, time and hash.
+#[utoipa::path(get, operation_id = "job_events", path = "/api/jobs/{id}/events", summary = "The job's history with actors and hashes",
+    params(("id" = uuid::Uuid, Path)), responses((status = 200, body = Timeline), ReadsOne))]
 pub async fn events(
     State(state): State<AppState>,
     who: Identity,
     Path(raw): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<Timeline>> {
     who.require(READERS)?;
     let id = parse_id(&raw, "job", JobId::parse)?;
     let rows = state.read.timeline(&who.tenant, id.as_uuid()).await?;
     if rows.is_empty() && state.read.job(&who.tenant, id.as_uuid()).await?.is_none() {
         return Err(ApiError::not_found("job"));
     }
-    Ok(Json(json!({"job_id": id, "events": rows})))
+    Ok(Json(Timeline {
+        job_id: id,
+        events: rows,
+    }))
+}
+
+/// Whether the log verifies for a job's events: what was checked, or the first fault found.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum StreamVerification {
+    /// Every check held (`verified` is true).
+    #[schema(title = "Verified")]
+    Verified {
+        #[schema(value_type = uuid::Uuid)]
+        job_id: JobId,
+        verified: bool,
+        /// The job's events.
+        events: u64,
+        /// Of them, those under a signed checkpoint, matched to its leaves.
+        checkpointed: u64,
+        /// The checkpoints that cover them, each checked against the witness.
+        checkpoints: u64,
+        /// The log's newest checkpoint, matched in the witness.
+        witnessed_checkpoint: Option<i64>,
+    },
+    /// A check failed (`verified` is false).
+    #[schema(title = "Failed")]
+    Failed {
+        #[schema(value_type = uuid::Uuid)]
+        job_id: JobId,
+        verified: bool,
+        /// What does not hold.
+        reason: String,
+        /// The log position of the first bad event.
+        position: i64,
+        event_id: Option<uuid::Uuid>,
+    },
 }
 
 /// `GET /api/jobs/{id}/verify`: whether the log verifies for this job's events, with the
 /// checks of `mira audit verify` that one stream can answer (`verify_stream`). A failed
 /// verification is an answer (`verified: false` and why), not an error; 503 when this
 /// gateway has no audit key or witness to verify against.
+#[utoipa::path(get, operation_id = "verify_job", path = "/api/jobs/{id}/verify",
+    summary = "Whether the log verifies for the job's events (the checks of mira audit verify one stream can answer)",
+    params(("id" = uuid::Uuid, Path)), responses((status = 200, body = StreamVerification), ReadsOne))]
 pub async fn verify(
     State(state): State<AppState>,
     who: Identity,
     Path(raw): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<StreamVerification>> {
     who.require(READERS)?;
     let id = parse_id(&raw, "job", JobId::parse)?;
     if state.read.job(&who.tenant, id.as_uuid()).await?.is_none() {
@@ -307,11 +472,23 @@ pub async fn verify(
         .verify_stream(&state.pool, &who.tenant, "Job", &id.to_string())
         .await
     {
-        Ok(r) => json!({"job_id": id, "verified": true, "events": r.events, "checkpointed": r.checkpointed,
-                         "checkpoints": r.checkpoints, "witnessed_checkpoint": r.witnessed_checkpoint}),
+        Ok(r) => StreamVerification::Verified {
+            job_id: id,
+            verified: true,
+            events: r.events,
+            checkpointed: r.checkpointed,
+            checkpoints: r.checkpoints,
+            witnessed_checkpoint: r.witnessed_checkpoint,
+        },
         Err(mira_eventlog::verify::VerifyError::Violation(v)) => {
             tracing::error!(job_id = %id, violation = %v, "a job's events do not verify");
-            json!({"job_id": id, "verified": false, "reason": v.reason, "position": v.position, "event_id": v.event_id})
+            StreamVerification::Failed {
+                job_id: id,
+                verified: false,
+                reason: v.reason,
+                position: v.position,
+                event_id: v.event_id,
+            }
         }
         Err(e) => return Err(ApiError::internal(e)),
     };
@@ -322,6 +499,11 @@ pub async fn verify(
 /// job, as a redirect to a short-lived URL (presigned in S3, signed by the local store in
 /// `mira dev`). Only the succeeded attempt's prefix is reachable, so objects of a failed attempt
 /// are never served.
+#[utoipa::path(get, operation_id = "job_result", path = "/api/jobs/{id}/results/{*path}",
+    summary = "A result object of a succeeded job (manifest.json, slide.dzi, slide_files/…): a redirect to a short-lived URL",
+    params(("id" = uuid::Uuid, Path), ("path" = String, Path)),
+    responses((status = 307, description = "redirect to the object", headers(("Location" = String))),
+              (status = 409, response = inline(Problem)), ReadsOne))]
 pub async fn results(
     State(state): State<AppState>,
     who: Identity,

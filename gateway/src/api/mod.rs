@@ -24,18 +24,27 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use tracing::Instrument;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use problem::ApiError;
 pub use state::{
     AppState, CognitoSignIn, DevIdentity, Limits, MetricsAccess, Services, Version, WebConfig, READERS, WRITERS,
 };
 
+/// What the request pipeline needs: the state, and the methods each route takes.
+#[derive(Clone)]
+struct Pipeline {
+    state: AppState,
+    allow: std::sync::Arc<std::collections::BTreeMap<String, String>>,
+}
+
 /// The request id: the caller's `x-request-id` if it is sane, else a new UUIDv7. Every
 /// request runs in a span carrying it, and the response returns it.
-async fn pipeline(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+async fn pipeline(State(Pipeline { state, allow }): State<Pipeline>, mut req: Request, next: Next) -> Response {
     let id = req
         .headers()
         .get("x-request-id")
@@ -68,14 +77,14 @@ async fn pipeline(State(state): State<AppState>, mut req: Request, next: Next) -
     if res.status() == StatusCode::METHOD_NOT_ALLOWED && !res.headers().contains_key(header::CONTENT_TYPE) {
         // The router's own 405 has an empty body and, once routes are layered, no `Allow`:
         // answer problem+json like every other refusal, with the methods the route takes.
-        let allow = ALLOWED_METHODS.iter().find(|(p, _)| *p == route).map(|(_, m)| *m);
+        let allow = allow.get(&route);
         let detail = match allow {
             Some(a) => format!("{route} takes {a}"),
             None => "this endpoint does not take that method".to_owned(),
         };
         res = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", detail).into_response();
-        if let Some(a) = allow {
-            res.headers_mut().insert(header::ALLOW, HeaderValue::from_static(a));
+        if let Some(a) = allow.and_then(|a| HeaderValue::from_str(a).ok()) {
+            res.headers_mut().insert(header::ALLOW, a);
         }
     }
     span.record("status", res.status().as_u16());
@@ -111,6 +120,10 @@ fn secure_headers(path: &str, authenticated: bool, res: &mut Response) {
 /// Where the gateway serves `mira dev`'s local JWKS (404 outside `mira dev`).
 pub const DEV_JWKS_PATH: &str = "/dev/jwks.json";
 
+#[utoipa::path(get, path = DEV_JWKS_PATH, summary = "mira dev only: the keys its sign-in signs with (404 elsewhere)",
+    security(), responses((status = 200, description = "a JSON Web Key Set", content_type = "application/json"),
+                          (status = 403, response = inline(problem::Problem)),
+                          (status = 404, response = inline(problem::Problem)), problem::Limited))]
 async fn dev_jwks(State(state): State<AppState>, req: Request) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let Some(idp) = state.dev_identity.as_ref() else {
         return Err(ApiError::new(
@@ -156,70 +169,60 @@ async fn fallback(state: State<AppState>, method: axum::http::Method, uri: axum:
     web::serve(state, method, uri).await
 }
 
-/// The methods each route of [`router`] takes, for the `Allow` of a 405 (axum adds none to
-/// routes wrapped in layers). `gateway/tests/api/ops.rs` checks every entry against the router.
-pub const ALLOWED_METHODS: &[(&str, &str)] = &[
-    ("/api/slides", "GET, HEAD, POST"),
-    ("/api/slides/{id}", "GET, HEAD"),
-    ("/api/slides/{id}/uploaded", "POST"),
-    ("/api/slides/{id}/upload/parts", "GET, HEAD"),
-    ("/api/jobs", "GET, HEAD, POST"),
-    ("/api/jobs/{id}", "GET, HEAD"),
-    ("/api/jobs/{id}/cancel", "POST"),
-    ("/api/jobs/{id}/retry", "POST"),
-    ("/api/jobs/{id}/events", "GET, HEAD"),
-    ("/api/jobs/{id}/verify", "GET, HEAD"),
-    ("/api/jobs/{id}/results/{*path}", "GET, HEAD"),
-    ("/api/audit/events", "GET, HEAD"),
-    ("/api/openapi.json", "GET, HEAD"),
-    ("/api/app-config", "GET, HEAD"),
-    ("/api/version", "GET, HEAD"),
-    ("/blobs/{*key}", "GET, HEAD, PUT"),
-    ("/ws", "GET, HEAD"),
-    (DEV_JWKS_PATH, "GET, HEAD"),
-    ("/dev/sign-in", "POST"),
-    ("/healthz", "GET, HEAD"),
-    ("/readyz", "GET, HEAD"),
-    ("/metrics", "GET, HEAD"),
-];
+/// Every operation of the HTTP surface, each declared once by its handler's `#[utoipa::path]`:
+/// the routes, and the OpenAPI document ([`openapi`]) and the `Allow` table they make. Adding
+/// an endpoint is its handler and a line here. The API's bodies are limited to
+/// `max_body_bytes`; the local blob store's are streamed to disk, unlimited.
+pub fn operations(max_body_bytes: usize) -> OpenApiRouter<AppState> {
+    let api = OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(slides::create, slides::list))
+        .routes(routes!(slides::get_one))
+        .routes(routes!(slides::uploaded))
+        .routes(routes!(slides::part_page))
+        .routes(routes!(jobs::create, jobs::list))
+        .routes(routes!(jobs::get_one))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::retry))
+        .routes(routes!(jobs::events))
+        .routes(routes!(jobs::verify))
+        .routes(routes!(jobs::results))
+        .routes(routes!(audit::events))
+        .routes(routes!(openapi::document))
+        .routes(routes!(web::app_config))
+        .routes(routes!(ops::version))
+        .layer(DefaultBodyLimit::max(max_body_bytes));
+    let blobs = OpenApiRouter::default()
+        .routes(routes!(blobs::download, blobs::upload))
+        .layer(DefaultBodyLimit::disable());
+    let rest = OpenApiRouter::default()
+        .routes(routes!(ws::handler))
+        .routes(routes!(dev_jwks))
+        .routes(routes!(web::dev_sign_in))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics));
+    api.merge(blobs).merge(rest)
+}
+
+/// The methods each route takes, keyed by the route as axum matches it: the `Allow` of its 405.
+pub fn allowed_methods() -> std::collections::BTreeMap<String, String> {
+    openapi::allowed_methods(&operations(0).split_for_parts().1)
+}
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/api/slides", post(slides::create).get(slides::list))
-        .route("/api/slides/{id}", get(slides::get_one))
-        .route("/api/slides/{id}/uploaded", post(slides::uploaded))
-        .route("/api/slides/{id}/upload/parts", get(slides::part_page))
-        .route("/api/jobs", post(jobs::create).get(jobs::list))
-        .route("/api/jobs/{id}", get(jobs::get_one))
-        .route("/api/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/api/jobs/{id}/retry", post(jobs::retry))
-        .route("/api/jobs/{id}/events", get(jobs::events))
-        .route("/api/jobs/{id}/verify", get(jobs::verify))
-        .route("/api/jobs/{id}/results/{*path}", get(jobs::results))
-        .route("/api/audit/events", get(audit::events))
-        .route("/api/openapi.json", get(openapi::document))
-        .route("/api/app-config", get(web::app_config))
-        .route("/api/version", get(ops::version))
-        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));
-    let blobs = Router::new()
-        .route("/blobs/{*key}", get(blobs::download).put(blobs::upload))
-        .layer(DefaultBodyLimit::disable());
-    Router::new()
-        .merge(api)
-        .merge(blobs)
-        .route("/ws", get(ws::handler))
-        .route(DEV_JWKS_PATH, get(dev_jwks))
-        .route("/dev/sign-in", post(web::dev_sign_in))
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
+    let (routes, doc) = operations(state.limits.max_body_bytes).split_for_parts();
+    let pipeline_state = Pipeline {
+        state: state.clone(),
+        allow: std::sync::Arc::new(openapi::allowed_methods(&doc)),
+    };
+    routes
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(
             state.rate_limiter.clone(),
             limits::rate_limit,
         ))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), pipeline))
+        .layer(axum::middleware::from_fn_with_state(pipeline_state, pipeline))
         .with_state(state)
 }
 

@@ -8,7 +8,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cqrs_es::AggregateError;
 use mira_aggregates::{JobError, SlideError};
-use serde_json::json;
+use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -86,18 +86,77 @@ impl ApiError {
     }
 }
 
+/// RFC 9457's problem document: the body of every refusal.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// `https://mira.dev/problems/<kind>`.
+    #[serde(rename = "type")]
+    #[schema(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    /// What was wrong, for a person; absent on a 500.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub detail: Option<String>,
+}
+
+/// A problem response, for an operation's description: `(status = 409, response =
+/// inline(Problem))`.
+impl<'r> utoipa::ToResponse<'r> for Problem {
+    fn response() -> (&'r str, RefOr<utoipa::openapi::response::Response>) {
+        let content = ContentBuilder::new()
+            .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("Problem"))))
+            .build();
+        let response = ResponseBuilder::new()
+            .description("Problem")
+            .content("application/problem+json", content)
+            .build();
+        ("Problem", RefOr::T(response))
+    }
+}
+
+/// Sets of problems an operation answers, for its `responses(...)`. Every operation can get 429
+/// (past `Api__RequestsPerSecond`); an authenticated one 400 (a malformed query or header), 401,
+/// 403 and 503 (a dependency down); one with a JSON body 413, 415 and 422; one naming a
+/// resource 404. The fuzzer in CI fails on any status an operation does not declare.
+macro_rules! problem_sets {
+    ($($(#[$doc:meta])* $name:ident: [$($code:literal),*];)*) => {$(
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name;
+
+        impl utoipa::IntoResponses for $name {
+            fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>> {
+                [$($code),*].iter().map(|c: &&str| ((*c).to_owned(), <Problem as utoipa::ToResponse>::response().1)).collect()
+            }
+        }
+    )*};
+}
+
+problem_sets! {
+    /// Anyone's operation: 429 only.
+    Limited: ["429"];
+    /// An authenticated operation on a collection.
+    Reads: ["400", "401", "403", "429", "503"];
+    /// An authenticated operation on one resource named in the path.
+    ReadsOne: ["400", "401", "403", "404", "429", "503"];
+    /// An authenticated operation with a JSON body.
+    Writes: ["400", "401", "403", "413", "415", "422", "429", "503"];
+    /// An authenticated operation with a JSON body on one resource named in the path.
+    WritesOne: ["400", "401", "403", "404", "413", "415", "422", "429", "503"];
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let title = self.status.canonical_reason().unwrap_or("Error");
-        let mut body = json!({
-            "type": format!("https://mira.dev/problems/{}", self.kind),
-            "title": title,
-            "status": self.status.as_u16(),
-        });
-        if let Some(d) = &self.detail {
-            body["detail"] = json!(d);
-        }
-        let mut res = (self.status, body.to_string()).into_response();
+        let body = Problem {
+            kind: format!("https://mira.dev/problems/{}", self.kind),
+            title: self.status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: self.status.as_u16(),
+            detail: self.detail.clone(),
+        };
+        let body = serde_json::to_string(&body).unwrap_or_default();
+        let mut res = (self.status, body).into_response();
         res.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),

@@ -10,14 +10,14 @@ use mira_aggregates::{SlideCommand, SlideStatus};
 use mira_events::SlideId;
 use mira_projections::views::{SlideName, SlideView};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Identity;
 use super::extract::{parse_id, ApiJson, ApiQuery, IdempotencyKey};
 use super::idempotency::{self, Claim};
-use super::problem::{ApiError, ApiResult};
+use super::problem::{ApiError, ApiResult, Problem, Reads, ReadsOne, Writes, WritesOne};
 use super::state::{AppState, READERS, WRITERS};
-use crate::blob::{BlobError, CompletedPart};
+use crate::blob::{BlobError, CompletedPart, MultipartPlan, UploadPlan};
 
 /// The media types a slide may be registered with: what OpenSlide opens (the TIFF family and
 /// the vendor formats, which browsers and upload tools mostly send as octet-stream or TIFF),
@@ -37,16 +37,57 @@ pub const SLIDE_CONTENT_TYPES: &[&str] = &[
 /// Largest slide accepted: S3's object limit.
 const MAX_SLIDE_BYTES: u64 = 5 * 1024 * 1024 * 1024 * 1024;
 
-#[derive(Debug, Deserialize, Serialize)]
+fn slide_types() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(SLIDE_CONTENT_TYPES.iter().copied()))
+        .build()
+}
+
+/// The body of `POST /api/slides`.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSlide {
+    #[schema(min_length = 1, max_length = 255)]
     pub name: String,
+    #[schema(minimum = 1, maximum = 5_497_558_138_880u64)]
     pub size_bytes: u64,
+    #[schema(schema_with = slide_types)]
     pub content_type: String,
     #[serde(default, deserialize_with = "super::extract::not_null")]
+    #[schema(nullable = false, pattern = "^[0-9a-fA-F]{64}$")]
     pub sha256: Option<String>,
     #[serde(default, deserialize_with = "super::extract::not_null")]
+    #[schema(nullable = false, min_length = 1, max_length = 255)]
     pub file_name: Option<String>,
+}
+
+/// `POST /api/slides`'s answer: the slide, and where to upload it (none when a replay finds it
+/// uploaded already).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SlideCreated {
+    #[schema(value_type = uuid::Uuid)]
+    pub slide_id: SlideId,
+    pub status: &'static str,
+    pub upload: Option<UploadPlan>,
+}
+
+/// Where a slide's upload stands.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = SlideStatus)]
+pub struct UploadState {
+    #[schema(value_type = uuid::Uuid)]
+    pub slide_id: SlideId,
+    pub status: &'static str,
+    pub size_bytes: u64,
+}
+
+/// A page of slides, newest first; `next` is the cursor of the next page, null on the last.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SlidePage {
+    #[schema(value_type = Vec<SlideView>)]
+    pub items: Vec<serde_json::Value>,
+    pub next: Option<String>,
 }
 
 impl NewSlide {
@@ -91,6 +132,9 @@ fn blob_error(e: BlobError) -> ApiError {
 }
 
 /// `POST /api/slides`: registers the slide in the log and returns where to upload it.
+#[utoipa::path(post, operation_id = "create_slide", path = "/api/slides", summary = "Register a slide and get its upload URLs",
+    params(IdempotencyKey), request_body = NewSlide,
+    responses((status = 201, body = SlideCreated), Writes))]
 pub async fn create(
     State(state): State<AppState>,
     who: Identity,
@@ -151,20 +195,25 @@ pub async fn create(
         None
     };
     tracing::info!(slide_id = %id, replay = matches!(claim, Claim::Replay(_)), "slide registered");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"slide_id": id, "status": status.as_str(), "upload": upload})),
-    )
-        .into_response())
+    let created = SlideCreated {
+        slide_id: id,
+        status: status.as_str(),
+        upload,
+    };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The body of `POST /api/slides/{id}/uploaded`: the parts of a multipart upload, or nothing
+/// after a single `PUT`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Uploaded {
     #[serde(default, deserialize_with = "super::extract::not_null")]
+    #[schema(nullable = false)]
     pub parts: Option<Vec<CompletedPart>>,
     /// Which multipart upload to complete; default the newest for this slide.
     #[serde(default, deserialize_with = "super::extract::not_null")]
+    #[schema(nullable = false)]
     pub upload_id: Option<String>,
 }
 
@@ -223,12 +272,17 @@ struct ClaimedCopy {
 /// another while a copy is in progress is refused (409), and the claim's holder reads the
 /// slide's state again after taking it, so a copy is never made once `SlideUploaded` is
 /// recorded: what the worker verifies is what every job processes.
+#[utoipa::path(post, operation_id = "complete_upload", path = "/api/slides/{id}/uploaded",
+    summary = "Complete the upload: copies it to the slide's immutable key, checks its size, then records it",
+    params(("id" = uuid::Uuid, Path)), request_body(content = Option<Uploaded>),
+    responses((status = 200, body = UploadState), (status = 409, response = inline(Problem)), WritesOne))]
 pub async fn uploaded(
     State(state): State<AppState>,
     who: Identity,
     Path(raw): Path<String>,
-    ApiJson(body): ApiJson<Uploaded>,
-) -> ApiResult<Json<serde_json::Value>> {
+    ApiJson(body): ApiJson<Option<Uploaded>>,
+) -> ApiResult<Json<UploadState>> {
+    let body = body.unwrap_or_default();
     let (id, _) = writable_slide(&state, &who, &raw).await?;
     let Some(_claim) = claim_copy(&state, id).await? else {
         return Err(ApiError::conflict(
@@ -240,9 +294,11 @@ pub async fn uploaded(
         SlideStatus::Registered => {}
         // Already recorded: a repeat of a completed request.
         SlideStatus::Uploaded | SlideStatus::Verified => {
-            return Ok(Json(
-                json!({"slide_id": id, "status": slide.status.as_str(), "size_bytes": slide.size_bytes}),
-            ));
+            return Ok(Json(UploadState {
+                slide_id: id,
+                status: slide.status.as_str(),
+                size_bytes: slide.size_bytes,
+            }));
         }
         other => {
             return Err(ApiError::conflict(format!("the slide is {}", other.as_str())));
@@ -313,18 +369,31 @@ pub async fn uploaded(
         )
         .await?;
     tracing::info!(slide_id = %id, size, "slide uploaded");
-    Ok(Json(json!({"slide_id": id, "status": "uploaded", "size_bytes": size})))
+    Ok(Json(UploadState {
+        slide_id: id,
+        status: SlideStatus::Uploaded.as_str(),
+        size_bytes: size,
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PartPageQuery {
+    #[param(pattern = "^[^\\u0000]*$")]
     pub upload_id: String,
+    /// The first part of the page.
+    #[param(minimum = 1, maximum = 10000)]
     pub from: u32,
 }
 
 /// `GET /api/slides/{id}/upload/parts?upload_id=&from=`: the next page of part URLs of the
 /// slide's multipart upload, asked for as the client needs them.
+#[utoipa::path(get, operation_id = "upload_parts", path = "/api/slides/{id}/upload/parts",
+    summary = "The next page of part URLs of the slide's multipart upload (at most 100 each)",
+    params(("id" = uuid::Uuid, Path), PartPageQuery),
+    responses((status = 200, body = MultipartPlan), (status = 409, response = inline(Problem)),
+              (status = 422, response = inline(Problem)), ReadsOne))]
 pub async fn part_page(
     State(state): State<AppState>,
     who: Identity,
@@ -372,6 +441,8 @@ pub async fn view(state: &AppState, mut slide: SlideView) -> SlideView {
     slide
 }
 
+#[utoipa::path(get, operation_id = "get_slide", path = "/api/slides/{id}", summary = "One slide",
+    params(("id" = uuid::Uuid, Path)), responses((status = 200, body = SlideView), ReadsOne))]
 pub async fn get_one(
     State(state): State<AppState>,
     who: Identity,
@@ -387,10 +458,15 @@ pub async fn get_one(
     Ok(Json(super::public::public_view(&view(&state, row).await)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Slides per page (50 when absent).
+    #[param(nullable = false, minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// The `next` of the page before.
+    #[param(nullable = false, pattern = "^[^\\u0000]*$")]
     pub cursor: Option<String>,
 }
 
@@ -414,11 +490,13 @@ pub fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
     }
 }
 
+#[utoipa::path(get, operation_id = "list_slides", path = "/api/slides", summary = "List slides, newest first",
+    params(ListQuery), responses((status = 200, body = SlidePage), Reads))]
 pub async fn list(
     State(state): State<AppState>,
     who: Identity,
     ApiQuery(q): ApiQuery<ListQuery>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<SlidePage>> {
     who.require(READERS)?;
     let limit = page_limit(q.limit)?;
     let before: Option<(DateTime<Utc>, uuid::Uuid)> = q.cursor.as_deref().map(decode_cursor).transpose()?;
@@ -430,5 +508,5 @@ pub async fn list(
     for r in rows {
         items.push(super::public::public_view(&view(&state, r).await));
     }
-    Ok(Json(json!({"items": items, "next": next})))
+    Ok(Json(SlidePage { items, next }))
 }

@@ -66,8 +66,9 @@ pub enum MetricsAccess {
 
 /// The release this process runs: its version and the commit it was built from, which a
 /// deployment polls for until every task answers the one it rolled out.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Version {
+    #[schema(value_type = String)]
     pub version: &'static str,
     /// `MIRA_COMMIT`, or `unknown` when the build did not say.
     pub commit: String,

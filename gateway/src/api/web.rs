@@ -23,9 +23,10 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::problem::ApiError;
+use super::problem::{ApiError, Limited, Problem};
 use super::state::AppState;
 
 /// The Content-Security-Policy of every answer from the app's directory.
@@ -142,25 +143,77 @@ async fn resolve(dir: &Path, rel: &Path) -> Option<PathBuf> {
     (file.starts_with(&root) && meta.is_file()).then_some(file)
 }
 
+/// How the browser app signs in.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum AppAuth {
+    /// `mira dev`'s own sign-in (`POST /dev/sign-in`).
+    Dev,
+    /// Cognito's hosted UI.
+    Cognito {
+        domain: String,
+        client_id: String,
+        redirect_url: String,
+    },
+    /// None configured: the app cannot sign in.
+    None,
+}
+
+/// `GET /api/app-config`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AppConfig {
+    pub auth: AppAuth,
+    /// The WebSocket's URL, when it is not this origin's `/ws`.
+    pub ws_url: Option<String>,
+}
+
 /// `GET /api/app-config`: how the app signs in, and the WebSocket URL.
-pub async fn app_config(State(state): State<AppState>) -> Json<serde_json::Value> {
+#[utoipa::path(get, path = "/api/app-config", summary = "How the browser app signs in, and its WebSocket URL",
+    security(), responses((status = 200, body = AppConfig), Limited))]
+pub async fn app_config(State(state): State<AppState>) -> Json<AppConfig> {
     let auth = match (&state.dev_identity, &state.web.cognito) {
-        (Some(_), _) => serde_json::json!({"mode": "dev"}),
-        (None, Some(c)) => {
-            serde_json::json!({"mode": "cognito", "domain": c.domain, "client_id": c.client_id, "redirect_url": c.redirect_url})
-        }
-        (None, None) => serde_json::json!({"mode": "none"}),
+        (Some(_), _) => AppAuth::Dev,
+        (None, Some(c)) => AppAuth::Cognito {
+            domain: c.domain.clone(),
+            client_id: c.client_id.clone(),
+            redirect_url: c.redirect_url.clone(),
+        },
+        (None, None) => AppAuth::None,
     };
-    Json(serde_json::json!({"auth": auth, "ws_url": state.web.ws_url}))
+    Json(AppConfig {
+        auth,
+        ws_url: state.web.ws_url.clone(),
+    })
 }
 
 /// What `mira dev`'s sign-in asks for.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DevSignIn {
+    /// Surrounding white space is dropped.
+    #[schema(min_length = 1, max_length = 128, pattern = "\\S")]
     pub user: String,
+    #[schema(pattern = "^[a-z0-9-]{1,64}$")]
     pub tenant: String,
+    #[schema(schema_with = dev_roles)]
     pub roles: Vec<String>,
+}
+
+fn dev_roles() -> utoipa::openapi::schema::Array {
+    let role = utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(DEV_ROLES.iter().copied()));
+    utoipa::openapi::schema::ArrayBuilder::new().items(role).build()
+}
+
+/// The roles `mira dev`'s sign-in gives.
+const DEV_ROLES: &[&str] = &["pathologist", "auditor", "admin"];
+
+/// `POST /dev/sign-in`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DevToken {
+    pub id_token: String,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// How long a token from `mira dev`'s sign-in lasts; the app signs in again before it ends.
@@ -245,7 +298,13 @@ pub fn dev_refusal(
 
 /// `POST /dev/sign-in` (only in `mira dev`): an ID token for any user, tenant and roles, so a
 /// person can try each role. Loopback clients only, unless `Web__AllowRemoteDevSignIn`.
-pub async fn dev_sign_in(State(state): State<AppState>, req: Request) -> Result<Json<serde_json::Value>, ApiError> {
+#[utoipa::path(post, path = "/dev/sign-in",
+    summary = "mira dev only: an ID token for any user, tenant and roles (loopback clients only unless Web__AllowRemoteDevSignIn)",
+    security(), request_body = DevSignIn,
+    responses((status = 200, body = DevToken), (status = 400, response = inline(Problem)),
+              (status = 403, response = inline(Problem)), (status = 404, response = inline(Problem)),
+              (status = 413, response = inline(Problem)), (status = 422, response = inline(Problem)), Limited))]
+pub async fn dev_sign_in(State(state): State<AppState>, req: Request) -> Result<Json<DevToken>, ApiError> {
     let Some(idp) = state.dev_identity.clone() else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -269,7 +328,7 @@ pub async fn dev_sign_in(State(state): State<AppState>, req: Request) -> Result<
         return Err(ApiError::invalid("user: 1 to 128 characters"));
     }
     for r in &who.roles {
-        if !["pathologist", "auditor", "admin"].contains(&r.as_str()) {
+        if !DEV_ROLES.contains(&r.as_str()) {
             return Err(ApiError::invalid(format!(
                 "roles: {r:?} is not one of pathologist, auditor, admin"
             )));
@@ -279,7 +338,10 @@ pub async fn dev_sign_in(State(state): State<AppState>, req: Request) -> Result<
         .token(user, &who.tenant, &who.roles, DEV_TOKEN_TTL)
         .map_err(|e| ApiError::invalid(format!("tenant: {e:#}")))?;
     let expires_at = chrono::Utc::now() + chrono::Duration::from_std(DEV_TOKEN_TTL).unwrap_or_default();
-    Ok(Json(serde_json::json!({"id_token": token, "expires_at": expires_at})))
+    Ok(Json(DevToken {
+        id_token: token,
+        expires_at,
+    }))
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use tokio::sync::broadcast;
 use super::auth::Identity;
 use super::extract::ApiQuery;
 use super::hub::{Change, Signal};
-use super::problem::{ApiError, ApiResult};
+use super::problem::{ApiError, ApiResult, Reads};
 use super::state::{AppState, READERS};
 
 /// The subprotocol a client offers alongside its token.
@@ -41,11 +41,16 @@ pub const CLOSE_EXPIRED: u16 = 4001;
 /// Rows of each kind read per catch-up query.
 pub const CATCH_UP_PAGE: i64 = 1000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct WsQuery {
+    /// The ID token, for a browser, which cannot set a header on a WebSocket (or the
+    /// `Sec-WebSocket-Protocol` offer).
+    #[param(nullable = false, pattern = "^[^\\u0000]*$")]
     pub access_token: Option<String>,
     /// Resume after this cursor (one a message of this API carried).
+    #[param(nullable = false, pattern = "^[^\\u0000]*$")]
     pub since: Option<String>,
 }
 
@@ -154,6 +159,10 @@ fn token(headers: &HeaderMap, q: &WsQuery) -> Option<String> {
 /// The largest message a client may send.
 pub const MAX_CLIENT_MESSAGE: usize = 4096;
 
+#[utoipa::path(get, operation_id = "live_updates", path = "/ws",
+    summary = "Live updates: a WebSocket that pushes the tenant's job and slide changes (DESIGN §7)",
+    params(WsQuery),
+    responses((status = 101, description = "switching to the WebSocket protocol"), Reads))]
 pub async fn handler(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -110,7 +110,7 @@ async fn bad_input_gets_problem_json_4xx() {
     );
     // Every route's `Allow` is what its router takes: each other method is a 405 naming it,
     // each listed one is not a 405.
-    for (route, allow) in mira_gateway::api::ALLOWED_METHODS {
+    for (route, allow) in mira_gateway::api::allowed_methods() {
         let path = route
             .replace("{id}", &uuid::Uuid::now_v7().to_string())
             .replace("{*path}", "x")
@@ -202,10 +202,19 @@ async fn nulls_and_negative_positions_the_document_does_not_allow_are_refused() 
             r.body
         );
     }
-    // The job was not cancelled by the refused requests; a proper one cancels it.
+    // `null` is no body only where the body may be left out (the document says so: nullable);
+    // a job's body may not be.
+    let r = app.post(&t, "/api/jobs", json!(null)).await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body["detail"].as_str().unwrap().contains("object"), "{}", r.body);
+    // The job was not cancelled by the refused requests; a proper one cancels it, and so does
+    // one without a body (`null`) on another job.
     let r = app
         .post(&t, &format!("/api/jobs/{job}/cancel"), json!({"reason": "wrong slide"}))
         .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let other = submit_job(&app, &t, &id).await;
+    let r = app.post(&t, &format!("/api/jobs/{other}/cancel"), json!(null)).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
     let r = app.get(&auditor, "/api/audit/events?after=-1").await;
     assert_problem(&r, StatusCode::BAD_REQUEST);

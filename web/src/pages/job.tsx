@@ -33,7 +33,7 @@ export function VerifiedBadge(props: { id: string; version: number }) {
       </span>
     );
   if (!v) return <span class="badge">verifying the log…</span>;
-  if (!v.verified)
+  if ("reason" in v)
     return (
       <span class="badge badge-failed" role="alert">
         log does not verify: {v.reason} (position {v.position})
