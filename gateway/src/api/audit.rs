@@ -12,6 +12,8 @@ use super::extract::ApiQuery;
 use super::problem::{ApiError, ApiResult, Reads};
 use super::slides::page_limit;
 use super::state::AppState;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// One event of the log, as stored: the payload and metadata as JSON, the hashes in hex.
 #[derive(Debug, Serialize, ToSchema)]
@@ -38,6 +40,10 @@ pub struct AuditEvent {
 pub struct AuditPage {
     pub items: Vec<AuditEvent>,
     pub next: Option<i64>,
+}
+/// The auditor's operations.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default().routes(routes!(events))
 }
 
 #[utoipa::path(get, operation_id = "audit_events", path = "/api/audit/events", summary = "The tenant's events from the log (auditor)",

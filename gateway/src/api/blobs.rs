@@ -10,12 +10,18 @@ use super::extract::ApiQuery;
 use super::problem::{ApiError, Limited, Problem};
 use super::state::AppState;
 use crate::blob::SignedQuery;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 fn local(state: &AppState) -> Result<&crate::blob::LocalBlobs, ApiError> {
     state
         .local_blobs
         .as_deref()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not-found", "this gateway stores blobs in S3"))
+}
+/// The local blob store's operations (`mira dev`).
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default().routes(routes!(download, upload))
 }
 
 #[utoipa::path(put, operation_id = "put_blob", path = "/blobs/{*key}", summary = "Upload to a signed URL of the local blob store (mira dev)",

@@ -21,6 +21,8 @@ use super::idempotency::{self, Claim};
 use super::problem::{ApiError, ApiResult, Problem, Reads, ReadsOne, Writes, WritesOne};
 use super::slides::{decode_cursor, encode_cursor, page_limit};
 use super::state::{AppState, READERS, WRITERS};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The body of `POST /api/jobs`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -100,6 +102,17 @@ struct Accepted<'a> {
 
 fn is_routine(p: &Priority) -> bool {
     *p == Priority::Routine
+}
+/// Jobs' operations.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(create, list))
+        .routes(routes!(get_one))
+        .routes(routes!(cancel))
+        .routes(routes!(retry))
+        .routes(routes!(events))
+        .routes(routes!(verify))
+        .routes(routes!(results))
 }
 
 /// `POST /api/jobs`: 202 `{job_id, status}`. A job on a slide that is not verified yet is

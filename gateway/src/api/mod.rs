@@ -28,12 +28,12 @@ use axum::routing::get;
 use axum::Router;
 use tracing::Instrument;
 use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use problem::ApiError;
 pub use state::{
     AppState, CognitoSignIn, DevIdentity, Limits, MetricsAccess, Services, Version, WebConfig, READERS, WRITERS,
 };
+pub use web::DEV_JWKS_PATH;
 
 /// What the request pipeline needs: the state, and the methods each route takes.
 #[derive(Clone)]
@@ -117,38 +117,6 @@ fn secure_headers(path: &str, authenticated: bool, res: &mut Response) {
     }
 }
 
-/// Where the gateway serves `mira dev`'s local JWKS (404 outside `mira dev`).
-pub const DEV_JWKS_PATH: &str = "/dev/jwks.json";
-
-#[utoipa::path(get, path = DEV_JWKS_PATH, summary = "mira dev only: the keys its sign-in signs with (404 elsewhere)",
-    security(), responses((status = 200, description = "a JSON Web Key Set", content_type = "application/json"),
-                          (status = 403, response = inline(problem::Problem)),
-                          (status = 404, response = inline(problem::Problem)), problem::Limited))]
-async fn dev_jwks(State(state): State<AppState>, req: Request) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let Some(idp) = state.dev_identity.as_ref() else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            "no local identity provider: this is not mira dev",
-        ));
-    };
-    let peer = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0);
-    let served_on = req.extensions().get::<limits::ServedOn>().map(|s| s.0);
-    if let Some(why) = web::dev_refusal(
-        req.headers(),
-        peer,
-        served_on,
-        state.web.allow_remote_dev_sign_in,
-        false,
-    ) {
-        return Err(ApiError::forbidden(why));
-    }
-    Ok(axum::Json(idp.jwks().clone()))
-}
-
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint")
 }
@@ -169,39 +137,22 @@ async fn fallback(state: State<AppState>, method: axum::http::Method, uri: axum:
     web::serve(state, method, uri).await
 }
 
-/// Every operation of the HTTP surface, each declared once by its handler's `#[utoipa::path]`:
-/// the routes, and the OpenAPI document ([`openapi`]) and the `Allow` table they make. Adding
-/// an endpoint is its handler and a line here. The API's bodies are limited to
+/// Every operation of the HTTP surface, each declared once by its handler's `#[utoipa::path]`
+/// and registered by its resource's `routes()`, next to it: the routes, and the OpenAPI
+/// document ([`openapi`]) and the `Allow` table they make. Adding an endpoint to a resource is
+/// its handler and its name in that module's `routes()`. The API's bodies are limited to
 /// `max_body_bytes`; the local blob store's are streamed to disk, unlimited.
 pub fn operations(max_body_bytes: usize) -> OpenApiRouter<AppState> {
     let api = OpenApiRouter::with_openapi(openapi::base())
-        .routes(routes!(slides::create, slides::list))
-        .routes(routes!(slides::get_one))
-        .routes(routes!(slides::uploaded))
-        .routes(routes!(slides::part_page))
-        .routes(routes!(jobs::create, jobs::list))
-        .routes(routes!(jobs::get_one))
-        .routes(routes!(jobs::cancel))
-        .routes(routes!(jobs::retry))
-        .routes(routes!(jobs::events))
-        .routes(routes!(jobs::verify))
-        .routes(routes!(jobs::results))
-        .routes(routes!(audit::events))
-        .routes(routes!(openapi::document))
-        .routes(routes!(web::app_config))
-        .routes(routes!(ops::version))
+        .merge(slides::routes())
+        .merge(jobs::routes())
+        .merge(audit::routes())
+        .merge(web::routes())
+        .merge(ops::routes())
+        .merge(openapi::routes())
         .layer(DefaultBodyLimit::max(max_body_bytes));
-    let blobs = OpenApiRouter::default()
-        .routes(routes!(blobs::download, blobs::upload))
-        .layer(DefaultBodyLimit::disable());
-    let rest = OpenApiRouter::default()
-        .routes(routes!(ws::handler))
-        .routes(routes!(dev_jwks))
-        .routes(routes!(web::dev_sign_in))
-        .routes(routes!(ops::healthz))
-        .routes(routes!(ops::readyz))
-        .routes(routes!(ops::metrics));
-    api.merge(blobs).merge(rest)
+    let blobs = blobs::routes().layer(DefaultBodyLimit::disable());
+    api.merge(blobs).merge(ws::routes())
 }
 
 /// The methods each route takes, keyed by the route as axum matches it: the `Allow` of its 405.

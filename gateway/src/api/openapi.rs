@@ -16,6 +16,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ComponentsBuilder, InfoBuilder, OpenApi, OpenApiBuilder, PathItem};
 
 use super::problem::{Limited, Problem};
+use super::state::AppState;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// What the operations do not declare: the title, the default security (a Cognito ID token),
 /// and the schemas every operation or kind refers to.
@@ -96,6 +99,10 @@ pub fn spec() -> Value {
         v
     });
     DOC.clone()
+}
+/// This document's own endpoint.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default().routes(routes!(document))
 }
 
 #[utoipa::path(get, operation_id = "openapi", path = "/api/openapi.json", summary = "This document", security(),

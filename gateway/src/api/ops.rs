@@ -10,12 +10,22 @@ use utoipa::ToSchema;
 
 use super::problem::{ApiError, Limited, Problem};
 use super::state::{AppState, Version};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Liveness.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     #[schema(value_type = String, pattern = "^ok$")]
     pub status: &'static str,
+}
+/// Operations' endpoints.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(version))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
 }
 
 #[utoipa::path(get, path = "/healthz", summary = "Liveness", security(),

@@ -18,6 +18,8 @@ use super::idempotency::{self, Claim};
 use super::problem::{ApiError, ApiResult, Problem, Reads, ReadsOne, Writes, WritesOne};
 use super::state::{AppState, READERS, WRITERS};
 use crate::blob::{BlobError, CompletedPart, MultipartPlan, UploadPlan};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The media types a slide may be registered with: what OpenSlide opens (the TIFF family and
 /// the vendor formats, which browsers and upload tools mostly send as octet-stream or TIFF),
@@ -129,6 +131,14 @@ fn blob_error(e: BlobError) -> ApiError {
         BlobError::Rejected(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "upload-incomplete", m),
         BlobError::Storage(m) => ApiError::internal(m),
     }
+}
+/// Slides' operations.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(create, list))
+        .routes(routes!(get_one))
+        .routes(routes!(uploaded))
+        .routes(routes!(part_page))
 }
 
 /// `POST /api/slides`: registers the slide in the log and returns where to upload it.

@@ -25,6 +25,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::problem::{ApiError, Limited, Problem};
 use super::state::AppState;
@@ -141,6 +143,46 @@ async fn resolve(dir: &Path, rel: &Path) -> Option<PathBuf> {
     let file = tokio::fs::canonicalize(dir.join(rel)).await.ok()?;
     let meta = tokio::fs::metadata(&file).await.ok()?;
     (file.starts_with(&root) && meta.is_file()).then_some(file)
+}
+
+/// The browser app's operations: its configuration and `mira dev`'s sign-in.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default()
+        .routes(routes!(app_config))
+        .routes(routes!(dev_jwks))
+        .routes(routes!(dev_sign_in))
+}
+
+/// Where the gateway serves `mira dev`'s local JWKS (404 outside `mira dev`).
+pub const DEV_JWKS_PATH: &str = "/dev/jwks.json";
+
+#[utoipa::path(get, path = DEV_JWKS_PATH, summary = "mira dev only: the keys its sign-in signs with (404 elsewhere)",
+    security(), responses((status = 200, description = "a JSON Web Key Set", content_type = "application/json"),
+                          (status = 403, response = inline(Problem)),
+                          (status = 404, response = inline(Problem)), Limited))]
+async fn dev_jwks(State(state): State<AppState>, req: Request) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let Some(idp) = state.dev_identity.as_ref() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no local identity provider: this is not mira dev",
+        ));
+    };
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let served_on = req.extensions().get::<super::limits::ServedOn>().map(|s| s.0);
+    if let Some(why) = dev_refusal(
+        req.headers(),
+        peer,
+        served_on,
+        state.web.allow_remote_dev_sign_in,
+        false,
+    ) {
+        return Err(ApiError::forbidden(why));
+    }
+    Ok(axum::Json(idp.jwks().clone()))
 }
 
 /// How the browser app signs in.

@@ -31,6 +31,8 @@ use super::extract::ApiQuery;
 use super::hub::{Change, Signal};
 use super::problem::{ApiError, ApiResult, Reads};
 use super::state::{AppState, READERS};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The subprotocol a client offers alongside its token.
 pub const PROTOCOL: &str = "mira.v1";
@@ -158,6 +160,10 @@ fn token(headers: &HeaderMap, q: &WsQuery) -> Option<String> {
 
 /// The largest message a client may send.
 pub const MAX_CLIENT_MESSAGE: usize = 4096;
+/// The live feed.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::default().routes(routes!(handler))
+}
 
 #[utoipa::path(get, operation_id = "live_updates", path = "/ws",
     summary = "Live updates: a WebSocket that pushes the tenant's job and slide changes (DESIGN §7)",
