@@ -29,6 +29,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use mira_eventlog::{EventLog, StoredEvent};
 use serde::Serialize;
@@ -305,7 +306,8 @@ impl Consumer {
         match self.apply(&msg).await {
             Ok((o, follow)) => {
                 for e in &follow {
-                    if let Err(err) = self.effect.after_commit(e).await {
+                    let span = self.event_span("consume.after_commit", e);
+                    if let Err(err) = self.effect.after_commit(e).instrument(span).await {
                         // Tried again from the due-time table, with backoff; the message has
                         // served its purpose. Where that cannot be recorded, the message stays.
                         return match self.defer(e, 1, &err.to_string()).await {
@@ -334,6 +336,22 @@ impl Consumer {
                 }
             }
         }
+    }
+
+    /// A span for work on `e`, in the trace of the command that recorded it.
+    fn event_span(&self, name: &'static str, e: &StoredEvent) -> tracing::Span {
+        let span = match name {
+            "consume.event" => {
+                tracing::info_span!("consume.event", consumer = %self.cfg.name, event_type = %e.event_type, sequence = e.sequence)
+            }
+            _ => {
+                tracing::info_span!("consume.after_commit", consumer = %self.cfg.name, event_type = %e.event_type, sequence = e.sequence)
+            }
+        };
+        if let Some(tp) = e.traceparent() {
+            mira_telemetry::follow(&span, &tp);
+        }
+        span
     }
 
     async fn lock_stream(
@@ -431,7 +449,11 @@ impl Consumer {
             missing
         };
         for e in &events {
-            self.effect.apply(&mut tx, e).await.map_err(|err| (e.sequence, err))?;
+            self.effect
+                .apply(&mut tx, e)
+                .instrument(self.event_span("consume.event", e))
+                .await
+                .map_err(|err| (e.sequence, err))?;
         }
         self.advance(&mut tx, &msg.aggregate_type, &msg.aggregate_id, msg.sequence)
             .await

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use mira_eventlog::checkpoint::{CheckpointError, CheckpointInfo, Checkpointer};
 use mira_eventlog::{Cursor, EventLog, StoredEvent};
@@ -170,7 +171,14 @@ impl Relay {
         };
         let upto = last.cursor();
         for chunk in events.chunks(PUBLISH_BATCH) {
-            self.publish_all(chunk, shutdown).await?;
+            // One batch carries events of many traces: its span links to each event's.
+            let span = tracing::info_span!("relay.publish", events = chunk.len());
+            for e in chunk {
+                if let Some(tp) = e.traceparent() {
+                    mira_telemetry::link(&span, &tp);
+                }
+            }
+            self.publish_all(chunk, shutdown).instrument(span).await?;
         }
         Ok(Some(Published {
             upto,

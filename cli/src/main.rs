@@ -16,10 +16,22 @@ fn main() -> ExitCode {
     // `mira dev` is watched in a terminal: a line per request and per lifecycle step. Every
     // other command keeps its output to what it was asked for.
     let dev_run = matches!(&cli.command, Command::Dev { command: None, .. });
-    if let Err(e) = telemetry::init(if dev_run { telemetry::DEV_FILTER } else { "warn" }) {
-        eprintln!("mira: {e}");
-        return ExitCode::from(2);
-    }
+    // The service name its traces carry, unless OTEL_SERVICE_NAME says another.
+    let service = match &cli.command {
+        Command::Dev { .. } => "mira-dev",
+        Command::Serve { .. } => "mira-gateway",
+        Command::Relay => "mira-relay",
+        Command::Projector => "mira-projector",
+        Command::Handlers => "mira-handlers",
+        _ => "mira",
+    };
+    let telemetry = match telemetry::init(service, if dev_run { telemetry::DEV_FILTER } else { "warn" }) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("mira: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -27,7 +39,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(commands::run(cli)) {
+    let result = rt.block_on(commands::run(cli));
+    // The last spans go out before the process ends.
+    drop(rt);
+    drop(telemetry);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let line = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");

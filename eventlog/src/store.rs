@@ -55,6 +55,16 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
+    /// The W3C `traceparent` its metadata carries: the trace of the command that recorded it,
+    /// which whoever acts on the event continues (`mira_telemetry::follow`).
+    pub fn traceparent(&self) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct Trace {
+            traceparent: Option<String>,
+        }
+        serde_json::from_str::<Trace>(&self.metadata).ok()?.traceparent
+    }
+
     pub fn cursor(&self) -> Cursor {
         Cursor {
             tx_id: self.tx_id,

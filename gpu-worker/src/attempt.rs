@@ -229,6 +229,8 @@ impl Supervisor {
         });
         let mut lines = BufReader::new(stdout).lines();
         let mut stage = "starting".to_owned();
+        // A span per stage, from its start to the next one's (or the end), in the attempt's trace.
+        let mut stage_span: Option<tracing::Span> = None;
         let mut moved = Instant::now();
         let mut first = true;
         let mut last: Option<Line> = None;
@@ -243,6 +245,7 @@ impl Supervisor {
                         }
                         match parse(&l) {
                             Some(Line::Stage(s)) => {
+                                stage_span = Some(tracing::info_span!("worker.stage", stage = %s));
                                 stage = s;
                                 moved = Instant::now();
                             }
@@ -280,6 +283,7 @@ impl Supervisor {
                 }
             }
         };
+        drop(stage_span);
         if let Some(end) = killed {
             if let Ended::Stalled(why) | Ended::OverBudget(why) = &end {
                 kill(why);

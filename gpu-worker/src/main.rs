@@ -445,27 +445,14 @@ fn keep_large_buffers() {
 
 fn main() -> ExitCode {
     keep_large_buffers();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // `Logging__Format` (DESIGN §2): json on the fleet, for CloudWatch Logs.
-    match mira_config::LogFormat::from_env(|k| std::env::var(k).ok()) {
-        Ok(mira_config::LogFormat::Text) => {
-            let _ = fmt
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .try_init();
-        }
-        Ok(mira_config::LogFormat::Json) => {
-            let _ = fmt.json().with_current_span(true).with_span_list(false).try_init();
-        }
+    let telemetry = match mira_telemetry::init("mira-worker", "warn") {
+        Ok(g) => g,
         Err(e) => {
             eprintln!("mira-worker: {e}");
             return ExitCode::from(2);
         }
-    }
-    match run(Cli::parse()) {
+    };
+    let code = match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!(
@@ -474,5 +461,8 @@ fn main() -> ExitCode {
             );
             ExitCode::from(2)
         }
-    }
+    };
+    // The last spans go out before the process ends.
+    drop(telemetry);
+    code
 }

@@ -89,7 +89,8 @@ fn ctx(e: &StoredEvent, tenant: &TenantId, worker: &str) -> CommandContext {
     let mut c = CommandContext::new(tenant.clone(), Actor::worker(worker));
     if let Some(m) = meta {
         c.correlation_id = m.correlation_id;
-        c.traceparent = m.traceparent;
+        // The event's trace, continued from the span this runs in where traces are recorded.
+        c.traceparent = mira_telemetry::traceparent_within(&m.traceparent);
     }
     c.causation_id = e.event_id;
     c
@@ -405,6 +406,7 @@ impl Worker {
 
     /// The job's slide, fetched into the attempt's scratch directory and checked against the
     /// bytes verified.
+    #[tracing::instrument(name = "worker.fetch", skip_all)]
     async fn fetch(&self, job_ref: &JobRef<'_>, job: &mira_aggregates::Job) -> Result<Fetched, Failure> {
         let (tenant, id, attempt) = (job_ref.tenant, job_ref.id, job_ref.attempt);
         let slide_id = job
@@ -520,6 +522,7 @@ impl Worker {
 
     /// Uploads what the manifest under `out` lists under this attempt's own prefix, the
     /// manifest last.
+    #[tracing::instrument(name = "worker.store", skip_all)]
     async fn store(&self, job_ref: &JobRef<'_>, out: &std::path::Path) -> Result<Stored, Failure> {
         let (tenant, id, attempt) = (job_ref.tenant, job_ref.id, job_ref.attempt);
         let prefix = mira_aggregates::results_prefix(tenant, id, attempt);

@@ -20,6 +20,7 @@ pub mod due;
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::AggregateError;
@@ -640,15 +641,22 @@ impl DueRunner {
         tx.commit().await?;
         for &i in &chosen {
             let (key, w, id) = &items[i];
+            // Admission continues the trace of the job's request.
+            let span = tracing::info_span!("handlers.admit", job_id = %id);
+            mira_telemetry::follow(&span, &w.traceparent);
             let ctx = CommandContext {
                 tenant: TenantId::parse(&w.tenant).expect("checked above"),
                 actor: Actor::system("handlers"),
                 correlation_id: w.correlation_id,
                 causation_id: w.causation_id,
-                traceparent: w.traceparent.clone(),
+                traceparent: span.in_scope(|| mira_telemetry::traceparent_within(&w.traceparent)),
                 idempotency_key: None,
             };
-            let r = self.commands.job(&ctx, *id, JobCommand::Queue { now }).await;
+            let r = self
+                .commands
+                .job(&ctx, *id, JobCommand::Queue { now })
+                .instrument(span)
+                .await;
             let queued = r.is_ok();
             let mut conn = self.pool.acquire().await?;
             match settle(QUEUE, key, r, now) {
@@ -745,16 +753,21 @@ impl DueRunner {
                         tracing::error!(kind = item.kind, key = job, "due row with an invalid tenant dropped");
                         return Ok(None);
                     };
+                    // A timeout, a retry or a slide's wait: in the trace of the event that set it.
+                    let span = tracing::info_span!("handlers.due", kind = %item.kind, job_id = %job);
+                    mira_telemetry::follow(&span, &w.traceparent);
                     let ctx = CommandContext {
                         tenant: tenant.clone(),
                         actor: Actor::system("handlers"),
                         correlation_id: w.correlation_id,
                         causation_id: w.causation_id,
-                        traceparent: w.traceparent.clone(),
+                        traceparent: span.in_scope(|| mira_telemetry::traceparent_within(&w.traceparent)),
                         idempotency_key: None,
                     };
                     if item.kind == SLIDE_WAIT {
-                        return slide_wait_over(conn, &commands, &ctx, id, &w, now).await;
+                        return slide_wait_over(conn, &commands, &ctx, id, &w, now)
+                            .instrument(span)
+                            .await;
                     }
                     let command = match item.kind.as_str() {
                         QUEUE => JobCommand::Queue { now },
@@ -769,7 +782,7 @@ impl DueRunner {
                             now,
                         },
                     };
-                    let r = commands.job(&ctx, id, command).await;
+                    let r = commands.job(&ctx, id, command).instrument(span).await;
                     Ok(settle(&item.kind, &job, r, now))
                 })
             })

@@ -215,9 +215,11 @@ impl Projector {
             .fetch_one(&mut *tx)
             .await?;
             let position: i64 = row.try_get("last_position")?;
+            // The trace of the change, for the WebSocket push that tells a browser about it.
+            let traceparent = mira_telemetry::traceparent_within(&e.traceparent().unwrap_or_default());
             let payload = serde_json::json!({
                 "tenant": e.tenant_id, "entity": entity, "id": e.aggregate_id,
-                "sequence": e.sequence, "position": position,
+                "sequence": e.sequence, "position": position, "traceparent": traceparent,
             });
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL)

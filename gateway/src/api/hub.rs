@@ -15,6 +15,9 @@ pub struct Change {
     pub entity: String,
     pub id: String,
     pub position: i64,
+    /// The trace of the change (the projector's apply of its event), when it says.
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -20,15 +20,15 @@ pub mod state;
 pub mod web;
 pub mod ws;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tracing::Instrument;
-use utoipa_axum::router::OpenApiRouter;
 
+pub use openapi::{allowed_methods, operations};
 use problem::ApiError;
 pub use state::{
     AppState, CognitoSignIn, DevIdentity, Limits, MetricsAccess, Services, Version, WebConfig, READERS, WRITERS,
@@ -68,6 +68,10 @@ async fn pipeline(State(Pipeline { state, allow }): State<Pipeline>, mut req: Re
         tenant_id = tracing::field::Empty,
         status = tracing::field::Empty,
     );
+    // A caller's W3C trace: this request continues it (its commands' events carry it on).
+    if let Some(tp) = req.headers().get("traceparent").and_then(|v| v.to_str().ok()) {
+        mira_telemetry::follow(&span, tp);
+    }
     req.headers_mut().insert(
         "x-request-id",
         HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("invalid")),
@@ -137,35 +141,12 @@ async fn fallback(state: State<AppState>, method: axum::http::Method, uri: axum:
     web::serve(state, method, uri).await
 }
 
-/// Every operation of the HTTP surface, each declared once by its handler's `#[utoipa::path]`
-/// and registered by its resource's `routes()`, next to it: the routes, and the OpenAPI
-/// document ([`openapi`]) and the `Allow` table they make. Adding an endpoint to a resource is
-/// its handler and its name in that module's `routes()`. The API's bodies are limited to
-/// `max_body_bytes`; the local blob store's are streamed to disk, unlimited.
-pub fn operations(max_body_bytes: usize) -> OpenApiRouter<AppState> {
-    let api = OpenApiRouter::with_openapi(openapi::base())
-        .merge(slides::routes())
-        .merge(jobs::routes())
-        .merge(audit::routes())
-        .merge(web::routes())
-        .merge(ops::routes())
-        .merge(openapi::routes())
-        .layer(DefaultBodyLimit::max(max_body_bytes));
-    let blobs = blobs::routes().layer(DefaultBodyLimit::disable());
-    api.merge(blobs).merge(ws::routes())
-}
-
-/// The methods each route takes, keyed by the route as axum matches it: the `Allow` of its 405.
-pub fn allowed_methods() -> std::collections::BTreeMap<String, String> {
-    openapi::allowed_methods(&operations(0).split_for_parts().1)
-}
-
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    let (routes, doc) = operations(state.limits.max_body_bytes).split_for_parts();
+    let (routes, doc) = openapi::operations(state.limits.max_body_bytes).split_for_parts();
     let pipeline_state = Pipeline {
         state: state.clone(),
-        allow: std::sync::Arc::new(openapi::allowed_methods(&doc)),
+        allow: std::sync::Arc::new(openapi::methods_of(&doc)),
     };
     routes
         .fallback(fallback)

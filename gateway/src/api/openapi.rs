@@ -1,5 +1,5 @@
 //! The OpenAPI 3.1 document served at `/api/openapi.json`. Each operation is declared once, by
-//! its handler's `#[utoipa::path]`; [`super::operations`] collects them as it builds the router,
+//! its handler's `#[utoipa::path]`; [`operations`] collects them as it builds the router,
 //! so the document, the routes and the `Allow` of a 405 come from the same declarations. The
 //! request and response types derive their schemas; what no operation names (the problem
 //! document, the job kinds' parameters, the security scheme) is in [`base`].
@@ -15,9 +15,12 @@ use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ComponentsBuilder, InfoBuilder, OpenApi, OpenApiBuilder, PathItem};
 
+use axum::extract::DefaultBodyLimit;
+use utoipa_axum::router::OpenApiRouter;
+
 use super::problem::{Limited, Problem};
 use super::state::AppState;
-use utoipa_axum::router::OpenApiRouter;
+use super::{audit, blobs, jobs, ops, slides, web, ws};
 use utoipa_axum::routes;
 
 /// What the operations do not declare: the title, the default security (a Cognito ID token),
@@ -52,7 +55,7 @@ pub fn base() -> OpenApi {
 /// The methods each route takes, for the `Allow` of a 405 (axum adds none to routes wrapped
 /// in layers), keyed by the route as axum matches it (`/api/jobs/{id}/results/{*path}`): a
 /// `GET` route takes `HEAD` too.
-pub fn allowed_methods(doc: &OpenApi) -> BTreeMap<String, String> {
+pub fn methods_of(doc: &OpenApi) -> BTreeMap<String, String> {
     doc.paths
         .paths
         .iter()
@@ -84,10 +87,33 @@ fn methods(item: &PathItem) -> Vec<&'static str> {
     m
 }
 
+/// Every operation of the HTTP surface, each declared once by its handler's `#[utoipa::path]`
+/// and registered by its resource's `routes()`, next to it: the routes, and the OpenAPI
+/// document ([`openapi`]) and the `Allow` table they make. Adding an endpoint to a resource is
+/// its handler and its name in that module's `routes()`. The API's bodies are limited to
+/// `max_body_bytes`; the local blob store's are streamed to disk, unlimited.
+pub fn operations(max_body_bytes: usize) -> OpenApiRouter<AppState> {
+    let api = OpenApiRouter::with_openapi(base())
+        .merge(slides::routes())
+        .merge(jobs::routes())
+        .merge(audit::routes())
+        .merge(web::routes())
+        .merge(ops::routes())
+        .merge(routes())
+        .layer(DefaultBodyLimit::max(max_body_bytes));
+    let blobs = blobs::routes().layer(DefaultBodyLimit::disable());
+    api.merge(blobs).merge(ws::routes())
+}
+
+/// The methods each route takes, keyed by the route as axum matches it: the `Allow` of its 405.
+pub fn allowed_methods() -> std::collections::BTreeMap<String, String> {
+    methods_of(&operations(0).split_for_parts().1)
+}
+
 /// The document as served: axum's catch-all segments (`{*path}`) read as OpenAPI's (`{path}`).
 pub fn spec() -> Value {
     static DOC: LazyLock<Value> = LazyLock::new(|| {
-        let (_, doc) = super::operations(0).split_for_parts();
+        let (_, doc) = operations(0).split_for_parts();
         let mut v = serde_json::to_value(doc).unwrap_or_default();
         if let Some(Value::Object(paths)) = v.get_mut("paths") {
             let renamed: serde_json::Map<String, Value> = std::mem::take(paths)
@@ -284,7 +310,7 @@ mod tests {
         }
         assert_eq!(
             seen.len(),
-            super::super::allowed_methods()
+            super::allowed_methods()
                 .values()
                 .map(|m| m.split(", ").filter(|m| *m != "HEAD").count())
                 .sum::<usize>()

@@ -190,7 +190,10 @@ impl FromRequestParts<AppState> for Identity {
 impl Identity {
     /// The context of a command this caller sends.
     pub fn context(&self, idempotency_key: Option<&str>) -> mira_events::CommandContext {
-        let c = mira_events::CommandContext::new(self.tenant.clone(), mira_events::Actor::user(self.subject.clone()));
+        let mut c =
+            mira_events::CommandContext::new(self.tenant.clone(), mira_events::Actor::user(self.subject.clone()));
+        // The request's trace: every event of the command carries it to whoever acts on it.
+        c.traceparent = mira_telemetry::traceparent();
         match idempotency_key {
             Some(k) => c.with_idempotency_key(k),
             None => c,

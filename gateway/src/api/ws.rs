@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::time::Duration;
+use tracing::Instrument;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -452,7 +453,13 @@ where
                             }
                             sent.insert(key, position);
                             high = high.max(position);
-                            send(&mut sink, Message::Text(msg.to_string().into()), send_timeout).await?;
+                            let span = tracing::info_span!("ws.push", entity = %c.entity);
+                            if let Some(tp) = &c.traceparent {
+                                mira_telemetry::follow(&span, tp);
+                            }
+                            send(&mut sink, Message::Text(msg.to_string().into()), send_timeout)
+                                .instrument(span)
+                                .await?;
                         }
                     }
                     Ok(Signal::Resync) => {
@@ -597,6 +604,7 @@ mod tests {
             entity: "job".into(),
             id: format!("{p}"),
             position: p,
+            traceparent: None,
         }))
     }
 

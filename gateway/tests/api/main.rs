@@ -43,7 +43,7 @@ fn aws_env() {
         let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
     });
     if std::env::var_os("TEST_LOG").is_some() {
-        mira_gateway::telemetry::init("info").expect("logging starts");
+        std::mem::forget(mira_gateway::telemetry::init("mira-test", "info").expect("logging starts"));
     }
 }
 
@@ -1177,6 +1177,7 @@ mod limits;
 mod ops;
 mod requests;
 mod slides;
+mod traces;
 mod web;
 mod worker;
 mod ws;

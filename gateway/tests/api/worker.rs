@@ -290,8 +290,20 @@ async fn a_cancelled_running_job_stops_within_seconds_and_the_worker_takes_the_n
     .await;
     assert_eq!(j["status"], "succeeded", "{j}");
     let events = job_events(&app, &second).await;
-    eprintln!("a job of the tall slide: {} events: {events:?}", events.len());
-    assert!(events.len() <= 15, "no event a second: {events:?}");
+    // How long it ran depends on the machine's load (its bands pause 1 s each): the events
+    // follow the heartbeats (progress every 10 s, the lease renewed every 20 s), never a band
+    // or a second each.
+    let at = |k: &str| chrono::DateTime::parse_from_rfc3339(j[k].as_str().unwrap()).unwrap();
+    let ran = (at("updated_at") - at("submitted_at")).num_seconds().max(0) as usize;
+    eprintln!(
+        "a job of the tall slide: {} events in {ran} s: {events:?}",
+        events.len()
+    );
+    assert!(
+        events.len() <= 6 + ran / 5,
+        "no event a second: {} in {ran} s: {events:?}",
+        events.len()
+    );
     app.stop().await;
 }
 
