@@ -180,8 +180,8 @@ export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
             Tracing__XRay__Enabled: "true",
             Tracing__XRay__ServiceName: `mira-${name}`,
             OTEL_SERVICE_NAME: `mira-${name}`,
-            OTEL_EXPORTER_OTLP_ENDPOINT: "http://127.0.0.1:4317",
-            OTEL_EXPORTER_OTLP_PROTOCOL: "grpc",
+            OTEL_EXPORTER_OTLP_ENDPOINT: "http://127.0.0.1:4318",
+            OTEL_EXPORTER_OTLP_PROTOCOL: "http/protobuf",
           }),
           // The service's own login.
           secrets: [{ name: "DATABASE_URL", valueFrom: logins[login].arn }],

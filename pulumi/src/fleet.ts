@@ -4,13 +4,14 @@
 // scaling it on the sum of the two GPU queues (gpu-jobs-stat and gpu-jobs) and the jobs waiting
 // for the handlers to admit them (mira_jobs_waiting_admission, from CloudWatch), the cluster
 // autoscaler adding GPU nodes for pending pods, and NVIDIA's device plugin advertising
-// `nvidia.com/gpu`.
+// `nvidia.com/gpu`. Each worker pod carries the ADOT collector (telemetry.ts), which sends the
+// worker's traces to X-Ray.
 
 import * as aws from "@pulumi/aws";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import { type foundations, GPU_QUEUES, role, tags } from "./foundations";
-import { JOBS_WAITING_METRIC, JOBS_WAITING_PRIORITIES, type Telemetry } from "./telemetry";
+import { ADOT_IMAGE, JOBS_WAITING_METRIC, JOBS_WAITING_PRIORITIES, POD_NAME_ENV, POD_OTLP_HTTP, type Telemetry } from "./telemetry";
 
 type Found = ReturnType<typeof foundations>;
 
@@ -18,6 +19,7 @@ export type FleetConfig = {
   stack: string;
   region: string;
   imageTag: string;
+  /** EKS's Kubernetes version, x.y: 1.29 or later, for the collector's native sidecar (checkKubernetesVersion). */
   kubernetesVersion: string;
   /** Addresses allowed to reach the cluster's API endpoint (the deploy runners, operators). */
   eksPublicAccessCidrs: string[];
@@ -50,6 +52,18 @@ export function checkKedaVersion(v: string) {
   }
 }
 
+/**
+ * `mira:kubernetesVersion`, checked: x.y, 1.29 or later. The worker pod's collector is a native
+ * sidecar (an init container with `restartPolicy: Always`), on by default from 1.29: an older
+ * cluster would run it as a plain init container, which never ends, and no worker would start.
+ */
+export function checkKubernetesVersion(v: string) {
+  const m = /^(\d+)\.(\d+)$/.exec(v);
+  if (!m || Number(m[1]) < 1 || (Number(m[1]) === 1 && Number(m[2]) < 29)) {
+    throw new Error(`mira:kubernetesVersion ${JSON.stringify(v)}: need x.y, 1.29 or later (the worker's collector is a native sidecar)`);
+  }
+}
+
 export const CHARTS = {
   keda: { repo: "https://kedacore.github.io/charts", chart: "keda" },
   autoscaler: { repo: "https://kubernetes.github.io/autoscaler", chart: "cluster-autoscaler", version: "9.46.6" },
@@ -75,8 +89,9 @@ export const KEDA_WAITING_TRIGGERS: Record<(typeof JOBS_WAITING_PRIORITIES)[numb
 
 const managed = (name: string) => `arn:aws:iam::aws:policy/${name}`;
 
-export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespace">) {
+export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespace" | "podCollector" | "telemetryStatements">) {
   checkKedaVersion(cfg.kedaVersion);
+  checkKubernetesVersion(cfg.kubernetesVersion);
   const s = cfg.stack;
   const p = f.parts;
   const namespace = "mira";
@@ -314,6 +329,13 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
 
   // ---- the worker ------------------------------------------------------------------------------
   const workerRole = role("worker", s, irsa(namespace, deploymentName), p.workerStatements);
+  // The collector in each worker pod runs under the pod's service account, so its writes (EMF
+  // into the metrics log group, traces into X-Ray) go with the worker's role, as the ECS
+  // collectors' go with their task roles (compute.ts).
+  new aws.iam.RolePolicy("worker-telemetry", {
+    role: workerRole.id,
+    policy: pulumi.jsonStringify({ Version: "2012-10-17", Statement: tel.telemetryStatements }),
+  });
   const workerSettings = {
     ...f.settings.worker,
     Worker__LeaseSeconds: pulumi.output(String(cfg.workerLeaseSeconds)),
@@ -332,6 +354,34 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
     readOnlyRootFilesystem: true,
     capabilities: { drop: ["ALL"] },
     seccompProfile: { type: "RuntimeDefault" },
+  };
+  // The ADOT collector in each worker pod: the worker sends its traces over OTLP/HTTP to the
+  // pod's loopback (POD_OTLP_HTTP), and the collector sends them to X-Ray, with the ECS tasks'
+  // exporters (telemetry.ts). A sidecar rather than a DaemonSet: a GPU node runs one worker pod
+  // at a time (a GPU each), so a collector per node would be no fewer; the pod's loopback is an
+  // address nothing outside the pod reaches, where a collector per node would need a host port
+  // (which the namespace's restricted Pod Security refuses) or a Service; and it runs as the
+  // pod's service account, so the worker's role writes its traces, and no other role is needed.
+  // It is a native sidecar (an init container that restarts Always): it starts before the
+  // worker, and stops only after the worker has exited, so a job drained on a scale-in still
+  // has its last spans sent. It reads its configuration from the environment, as on ECS: a new
+  // configuration rolls the pods.
+  const collector = {
+    name: "adot",
+    image: ADOT_IMAGE,
+    restartPolicy: "Always",
+    // The image's entrypoint is the collector.
+    args: ["--config=env:AOT_CONFIG_CONTENT"],
+    env: [
+      { name: "AOT_CONFIG_CONTENT", value: tel.podCollector },
+      // Each pod's EMF goes to a log stream of its own name.
+      { name: POD_NAME_ENV, valueFrom: { fieldRef: { fieldPath: "metadata.name" } } },
+      // The Go runtime collects its garbage before the container's memory limit is reached.
+      { name: "GOMEMLIMIT", value: "200MiB" },
+    ],
+    resources: { requests: { cpu: "50m", memory: "128Mi" }, limits: { memory: "256Mi" } },
+    // It writes nothing to disk (its logs go to stderr): a read-only root, no volume.
+    securityContext: restricted,
   };
   const deployment = new k8s.apps.v1.Deployment(
     "worker",
@@ -367,15 +417,22 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
                 volumeMounts: [{ name: "secrets", mountPath: "/run/mira" }],
                 resources: { requests: { cpu: "50m", memory: "64Mi" }, limits: { memory: "256Mi" } },
               },
+              collector,
             ],
             containers: [
               {
                 name: containerName,
                 image: pulumi.interpolate`${p.repos["mira-wsi-worker"].repositoryUrl}:${cfg.imageTag}`,
                 command: ["/bin/sh", "-c", 'DATABASE_URL="$(cat /run/mira/database-url)"; export DATABASE_URL; exec mira-worker run'],
-                env: Object.entries(workerSettings)
-                  .sort(([a], [b]) => a.localeCompare(b))
-                  .map(([name, value]) => ({ name, value })),
+                env: [
+                  ...Object.entries(workerSettings)
+                    .sort(([a], [b]) => a.localeCompare(b))
+                    .map(([name, value]) => ({ name, value })),
+                  // Traces over OTLP/HTTP to the collector beside it, on the pod's loopback.
+                  { name: "OTEL_EXPORTER_OTLP_ENDPOINT", value: `http://${POD_OTLP_HTTP}` },
+                  { name: "OTEL_EXPORTER_OTLP_PROTOCOL", value: "http/protobuf" },
+                  { name: "OTEL_SERVICE_NAME", value: "mira-worker" },
+                ],
                 resources: {
                   requests: { cpu: "3", memory: "12Gi", "ephemeral-storage": "50Gi" },
                   limits: { "nvidia.com/gpu": "1", memory: "14Gi", "ephemeral-storage": "150Gi" },

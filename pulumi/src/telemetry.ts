@@ -1,9 +1,11 @@
 // The ADOT collector that runs beside Mira's container in each ECS task (issue 20): it scrapes
 // Mira's Prometheus gauges from /metrics on the task's loopback and writes them to CloudWatch as
-// EMF, under the stack's metrics namespace, and sends traces on to X-Ray. Its image, the ports of
-// Mira's task, its configuration, its log group and what its task role may do. What runs it
-// (compute.ts) and what reads its metrics (fleet.ts, the alarms in observability.ts) import this;
-// it imports none of them.
+// EMF, under the stack's metrics namespace, and sends traces on to X-Ray. The same collector runs
+// in each GPU worker's pod on EKS (issue 36), where it takes the worker's OTLP traces on the pod's
+// loopback and sends them to X-Ray, through the same exporters. Its image, the ports of Mira's
+// task, its configurations, its log group and what the roles it runs under may do. What runs it
+// (compute.ts, fleet.ts) and what reads its metrics (fleet.ts, the alarms in observability.ts)
+// import this; it imports none of them.
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
@@ -33,27 +35,78 @@ export const JOBS_WAITING_METRIC = "mira_jobs_waiting_admission";
 export const JOBS_WAITING_PRIORITIES = ["routine", "stat"] as const;
 
 /**
- * The collector's configuration (JSON, which the collector reads as YAML): scrape Mira's
- * /metrics on its loopback metrics listener (METRICS_LISTEN) every 30 s and write the gauges
- * listed here to CloudWatch as EMF, under `namespace`; receive OTLP traces on loopback and
- * send them to X-Ray.
+ * Where the collector takes OTLP over HTTP in a GPU worker's pod: the pod's loopback, which the
+ * worker and the collector share (one network namespace per pod) and nothing outside the pod
+ * reaches. The worker sends its traces here (`OTEL_EXPORTER_OTLP_ENDPOINT`, fleet.ts).
  */
-export function adotConfig(namespace: string, logGroup: string, region: string) {
+export const POD_OTLP_HTTP = "127.0.0.1:4318";
+/**
+ * The environment variable the collector in a worker's pod reads its pod's name from (the
+ * downward API, fleet.ts): each pod writes its EMF to a log stream of that name.
+ */
+export const POD_NAME_ENV = "POD_NAME";
+
+/**
+ * Where a collector runs, and so what it takes in: the /metrics listeners it scrapes (none: the
+ * metrics come over OTLP), where it listens for OTLP, and the EMF log stream each collector
+ * writes to (one per task or pod).
+ */
+export type CollectorSite = {
+  scrape: string[];
+  otlp: { grpc?: { endpoint: string }; http: { endpoint: string } };
+  logStream: string;
+};
+
+/**
+ * Beside Mira's container in an ECS task: Mira's /metrics on METRICS_LISTEN, OTLP over gRPC and
+ * HTTP on the task's loopback, a log stream per task (ECS's task id).
+ */
+export const TASK_SITE: CollectorSite = {
+  scrape: [METRICS_LISTEN],
+  otlp: { grpc: { endpoint: "127.0.0.1:4317" }, http: { endpoint: "127.0.0.1:4318" } },
+  logStream: "{TaskId}",
+};
+
+/**
+ * Beside the GPU worker in its pod: `mira-worker` serves no /metrics, so nothing is scraped and
+ * the metrics pipeline takes only what arrives over OTLP (nothing today: the worker sends
+ * traces); OTLP over HTTP on the pod's loopback (POD_OTLP_HTTP), the one protocol the worker
+ * speaks; a log stream per pod, named by the collector's POD_NAME_ENV at its start.
+ */
+export const POD_SITE: CollectorSite = {
+  scrape: [],
+  otlp: { http: { endpoint: POD_OTLP_HTTP } },
+  logStream: `\${env:${POD_NAME_ENV}}`,
+};
+
+/**
+ * The collector's configuration (JSON, which the collector reads as YAML). In an ECS task (the
+ * default site): scrape Mira's /metrics on its loopback metrics listener (METRICS_LISTEN) every
+ * 30 s and write the gauges listed here to CloudWatch as EMF, under `namespace`; receive OTLP
+ * traces on loopback and send them to X-Ray. In a worker's pod (POD_SITE): the same exporters,
+ * the same namespace and log group, fed by OTLP alone.
+ */
+export function adotConfig(namespace: string, logGroup: string, region: string, site: CollectorSite = TASK_SITE) {
+  const scrapes = site.scrape.length > 0;
   return {
     receivers: {
-      prometheus: {
-        config: {
-          scrape_configs: [
-            {
-              job_name: "mira",
-              scrape_interval: "30s",
-              metrics_path: "/metrics",
-              static_configs: [{ targets: [METRICS_LISTEN] }],
+      ...(scrapes
+        ? {
+            prometheus: {
+              config: {
+                scrape_configs: [
+                  {
+                    job_name: "mira",
+                    scrape_interval: "30s",
+                    metrics_path: "/metrics",
+                    static_configs: [{ targets: site.scrape }],
+                  },
+                ],
+              },
             },
-          ],
-        },
-      },
-      otlp: { protocols: { grpc: { endpoint: "127.0.0.1:4317" }, http: { endpoint: "127.0.0.1:4318" } } },
+          }
+        : {}),
+      otlp: { protocols: site.otlp },
     },
     processors: { batch: { timeout: "30s" } },
     exporters: {
@@ -61,7 +114,7 @@ export function adotConfig(namespace: string, logGroup: string, region: string) 
         namespace,
         region,
         log_group_name: logGroup,
-        log_stream_name: "{TaskId}",
+        log_stream_name: site.logStream,
         dimension_rollup_option: "NoDimensionRollup",
         resource_to_telemetry_conversion: { enabled: false },
         metric_declarations: [
@@ -85,7 +138,7 @@ export function adotConfig(namespace: string, logGroup: string, region: string) 
     },
     service: {
       pipelines: {
-        metrics: { receivers: ["prometheus"], processors: ["batch"], exporters: ["awsemf"] },
+        metrics: { receivers: [scrapes ? "prometheus" : "otlp"], processors: ["batch"], exporters: ["awsemf"] },
         traces: { receivers: ["otlp"], processors: ["batch"], exporters: ["awsxray"] },
       },
     },
@@ -99,7 +152,8 @@ export type TelemetryConfig = {
 
 /**
  * The collector's parts: the stack's metrics namespace (`Mira/<stack>`, which KEDA and the alarms
- * read), its configuration, its log group, and the statements for the task roles it runs under.
+ * read), its configuration in an ECS task (`collector`) and in a worker's pod (`podCollector`),
+ * its log group, and the statements for the roles it runs under (the tasks', the worker pods').
  */
 export function telemetry(cfg: TelemetryConfig) {
   const s = cfg.stack;
@@ -110,8 +164,9 @@ export function telemetry(cfg: TelemetryConfig) {
     tags: tags(s, "observability"),
   });
   const collector = metricsLogGroup.name.apply((lg) => JSON.stringify(adotConfig(namespace, lg, cfg.region)));
+  const podCollector = metricsLogGroup.name.apply((lg) => JSON.stringify(adotConfig(namespace, lg, cfg.region, POD_SITE)));
 
-  /** What the collector's task role may do: EMF into its log group, traces into X-Ray. */
+  /** What the role the collector runs under may do: EMF into its log group, traces into X-Ray. */
   const telemetryStatements = [
     {
       Effect: "Allow" as const,
@@ -125,7 +180,7 @@ export function telemetry(cfg: TelemetryConfig) {
     },
   ];
 
-  return { namespace, collector, metricsLogGroup, telemetryStatements };
+  return { namespace, collector, podCollector, metricsLogGroup, telemetryStatements };
 }
 
 export type Telemetry = ReturnType<typeof telemetry>;

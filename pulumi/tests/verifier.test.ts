@@ -75,6 +75,10 @@ describe("the slide verifier", () => {
       "DATABASE_URL is " + api + ", not the worker login's secret",
       "pulumi up would reset the service's desiredCount (ignoreChanges)",
     ]);
+    // Broken: the worker pod's trace export given to the verifier, whose task has no collector.
+    const traced = clone(resources);
+    editVerifier(traced, (c) => c.environment.push({ name: "OTEL_EXPORTER_OTLP_ENDPOINT", value: "http://127.0.0.1:4318" }));
+    assert.deepEqual(verifierProblems(traced, CONFIG), ["OTEL_EXPORTER_OTLP_ENDPOINT is set, and the verifier's task has no collector"]);
     // The logins' checks see the API's login too: the service and the execution role.
     assert.deepEqual(serviceLoginProblems(broken), ["service mira-test-verifier: DATABASE_URL is the api login's secret, not the worker login's secret"]);
     assert.deepEqual(secretAccessProblems(broken), [

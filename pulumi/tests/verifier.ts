@@ -62,7 +62,9 @@ export function verifierServices(rs: Recorded[]) {
  * group the database admits, no load balancer; its task runs the worker's image at `imageTag`
  * as `mira-worker verify`, on CPUs of the configured size (no GPU, no collector: the worker
  * serves no /metrics), with exactly the worker Deployment's settings and DATABASE_URL from the
- * worker's login; deploys and scaling are not undone by `pulumi up` (ignoreChanges).
+ * worker's login; deploys and scaling are not undone by `pulumi up` (ignoreChanges). The
+ * worker's `OTEL_*` variables are not settings: they send its traces to the collector in its
+ * pod, and the verifier's task has none, so it gets none of them.
  */
 export function verifierProblems(rs: Recorded[], cfg: { imageTag: string; verifierTaskCpu: number; verifierTaskMemory: number }): string[] {
   const p: string[] = [];
@@ -92,10 +94,12 @@ export function verifierProblems(rs: Recorded[], cfg: { imageTag: string; verifi
   for (const c of containers) if ((c.resourceRequirements ?? []).some((r: any) => r.type === "GPU")) p.push(`container ${c.name} asks for a GPU`);
 
   const dep = ofType(rs, K.deployment)[0];
-  const workerEnv = envOf(dep?.inputs.spec.template.spec.containers[0] ?? {});
+  const workerEnv = Object.fromEntries(Object.entries(envOf(dep?.inputs.spec.template.spec.containers[0] ?? {})).filter(([k]) => !k.startsWith("OTEL_")));
   const env = envOf(mira);
   for (const [k, v] of Object.entries(workerEnv)) if (env[k] !== v) p.push(`${k} is ${env[k] ?? "not set"}, the worker's is ${v}`);
-  for (const k of Object.keys(env)) if (!(k in workerEnv)) p.push(`${k} is set, and not for the worker`);
+  for (const k of Object.keys(env)) {
+    if (!(k in workerEnv)) p.push(k.startsWith("OTEL_") ? `${k} is set, and the verifier's task has no collector` : `${k} is set, and not for the worker`);
+  }
   const login = byName(rs, K.secret, "db-login-worker")?.state.arn;
   const url = (mira.secrets ?? []).find((x: any) => x.name === "DATABASE_URL")?.valueFrom;
   if (!login || url !== login) p.push(`DATABASE_URL is ${url ?? env.DATABASE_URL ?? "not set"}, not the worker login's secret`);

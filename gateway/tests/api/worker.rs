@@ -314,7 +314,7 @@ async fn a_cancelled_running_job_stops_within_seconds_and_the_worker_takes_the_n
 async fn a_stalled_attempt_is_killed_and_retried_once_while_the_worker_runs_other_work() {
     let app = spawn_app(Storage::Local).await;
     let tall = tall_slide(&app.dir, 8);
-    let worker = spawn_worker(&app, &[("Worker__TestHangAtBand", "3"), ("Worker__StallSeconds", "10")]);
+    let worker = spawn_worker(&app, &[("Worker__TestHangAtBand", "3"), ("Worker__StallSeconds", "20")]);
     let worker_pid = worker.id().unwrap();
     let (a, b) = (
         app.token("lab-a", &["pathologist"]),
@@ -348,14 +348,14 @@ async fn a_stalled_attempt_is_killed_and_retried_once_while_the_worker_runs_othe
         &a,
         &stuck,
         &["succeeded", "failed", "cancelled"],
-        Duration::from_secs(120),
+        Duration::from_secs(180),
     )
     .await;
     assert_eq!(j["status"], "failed", "{j}");
     assert_eq!(j["attempt"], 2, "retried once: {j}");
     let failure = j["failure"].as_str().unwrap();
     assert!(
-        failure.starts_with("no progress for 10 s in stage building the pyramid (tiles ")
+        failure.starts_with("no progress for 20 s in stage building the pyramid (tiles ")
             && failure.ends_with("it stalled before too, so it is not retried"),
         "{failure}"
     );
