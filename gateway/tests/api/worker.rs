@@ -634,21 +634,30 @@ async fn a_stat_job_starts_before_fifty_routine_jobs_queued_ahead() {
         .iter()
         .find(|r| r.0 == stat && r.1 == "JobQueued")
         .expect("the STAT job was queued");
-    let first_start_after = rows
+    // The STAT job starts next, unless the worker was already taking a routine job's lease
+    // when it was queued (a message received a moment before, whose `JobStarted` lands just
+    // after): at most that one routine job starts between the STAT job's queueing and its start.
+    let starts_after: Vec<_> = rows
         .iter()
-        .find(|r| r.1 == "JobStarted" && r.2 > stat_queued.2)
-        .expect("a job started after the STAT job was queued");
-    assert_eq!(
-        first_start_after.0, stat,
-        "the STAT job started next, not {first_start_after:?}"
+        .filter(|r| r.1 == "JobStarted" && r.2 > stat_queued.2)
+        .collect();
+    let at = starts_after
+        .iter()
+        .position(|r| r.0 == stat)
+        .expect("the STAT job started");
+    assert!(
+        at <= 1,
+        "the STAT job started next (or second, after a lease already being taken), not after {:?}",
+        &starts_after[..at]
     );
+    let first_start_after = starts_after[at];
     let started_before: usize = rows
         .iter()
         .filter(|r| r.1 == "JobStarted" && r.2 < first_start_after.2)
         .count();
     assert!(
-        started_before <= 2,
-        "at most the running job (and one that began before the STAT job was queued) went first: {started_before}"
+        started_before <= 3,
+        "at most the running job (and one whose lease was being taken when the STAT job was queued) went first: {started_before}"
     );
     eprintln!(
         "STAT job: queued to started in {} ms with {} routine jobs ready ahead of it (queued or waiting for admission)",
