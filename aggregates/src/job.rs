@@ -173,6 +173,24 @@ pub enum JobCommand {
 }
 
 impl JobCommand {
+    /// The command's name in `/metrics` (`mira_command_seconds{command}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Submit { .. } => "job.submit",
+            Self::Queue { .. } => "job.queue",
+            Self::FailForSlide { .. } => "job.fail_for_slide",
+            Self::Start { .. } => "job.start",
+            Self::Heartbeat { .. } => "job.heartbeat",
+            Self::Progress { .. } => "job.progress",
+            Self::Succeed { .. } => "job.succeed",
+            Self::Fail { .. } => "job.fail",
+            Self::ExpireLease { .. } => "job.expire_lease",
+            Self::Cancel { .. } => "job.cancel",
+            Self::ConfirmCancelled { .. } => "job.confirm_cancelled",
+            Self::Retry => "job.retry",
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Self::Submit { .. } => "submit",

@@ -110,6 +110,19 @@ pub enum SlideCommand {
     },
 }
 
+impl SlideCommand {
+    /// The command's name in `/metrics` (`mira_command_seconds{command}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Register { .. } => "slide.register",
+            Self::MarkUploaded { .. } => "slide.mark_uploaded",
+            Self::Verify { .. } => "slide.verify",
+            Self::Reject { .. } => "slide.reject",
+            Self::Delete { .. } => "slide.delete",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SlideError {
     #[error("slide already exists")]

@@ -406,6 +406,8 @@ pub struct SqsQueue {
     url: String,
     dlq_url: String,
     visibility: Option<Duration>,
+    /// The group's name, for `/metrics`.
+    label: &'static str,
 }
 
 impl SqsQueue {
@@ -416,7 +418,14 @@ impl SqsQueue {
             url,
             dlq_url,
             visibility,
+            label: "sqs",
         }
+    }
+
+    /// The same queue, its metrics labelled with its group's name.
+    pub fn labelled(mut self, label: &'static str) -> Self {
+        self.label = label;
+        self
     }
 
     pub fn url(&self) -> &str {
@@ -438,14 +447,26 @@ impl Queue for SqsQueue {
             .max_number_of_messages(max.clamp(1, 10) as i32)
             .wait_time_seconds(secs(wait).min(20))
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .set_visibility_timeout(self.visibility.map(secs))
             .send()
             .await
             .map_err(sdk)?;
+        let now = std::time::SystemTime::now();
         Ok(out
             .messages()
             .iter()
             .filter_map(|m| {
+                let attr = |a: MessageSystemAttributeName| m.attributes().and_then(|m| m.get(&a));
+                // The first receipt only: a redelivery's wait is the consumer's, not the queue's.
+                if attr(MessageSystemAttributeName::ApproximateReceiveCount).map(String::as_str) == Some("1") {
+                    if let Some(sent) =
+                        attr(MessageSystemAttributeName::SentTimestamp).and_then(|t| t.parse::<u64>().ok())
+                    {
+                        let sent = std::time::UNIX_EPOCH + Duration::from_millis(sent);
+                        crate::record_receive_delay(self.label, now.duration_since(sent).unwrap_or_default());
+                    }
+                }
                 Some(Delivery {
                     body: m.body()?.to_owned(),
                     receipt: m.receipt_handle()?.to_owned(),
@@ -500,6 +521,36 @@ impl Queue for SqsQueue {
             .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessages))
             .and_then(|n| n.parse().ok())
             .unwrap_or(0))
+    }
+
+    async fn depth(&self) -> Result<crate::QueueDepth, BusError> {
+        let count = |url: &str| {
+            self.sqs
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+                .send()
+        };
+        let (q, dlq) = (
+            count(&self.url).await.map_err(sdk)?,
+            count(&self.dlq_url).await.map_err(sdk)?,
+        );
+        let n = |out: &aws_sdk_sqs::operation::get_queue_attributes::GetQueueAttributesOutput,
+                 a: QueueAttributeName| {
+            out.attributes()
+                .and_then(|m| m.get(&a))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(crate::QueueDepth {
+            visible: n(&q, QueueAttributeName::ApproximateNumberOfMessages),
+            in_flight: n(&q, QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+            delayed: n(&q, QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+            dead_letters: n(&dlq, QueueAttributeName::ApproximateNumberOfMessages),
+            oldest_age: None,
+        })
     }
 
     async fn redrive_dead_letters(&self) -> Result<u64, BusError> {
@@ -569,7 +620,12 @@ impl AwsBus {
         let (topic_arn, urls) = lookup(&sns, &sqs, names).await?;
         let queues = urls
             .into_iter()
-            .map(|(g, (url, dlq))| (g, Arc::new(SqsQueue::new(sqs.clone(), url, dlq, visibility))))
+            .map(|(g, (url, dlq))| {
+                (
+                    g,
+                    Arc::new(SqsQueue::new(sqs.clone(), url, dlq, visibility).labelled(g.suffix())),
+                )
+            })
             .collect();
         Ok(Self {
             publisher: Arc::new(SnsPublisher::new(sns, topic_arn)),

@@ -193,6 +193,20 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome's name in `/metrics` (`mira_consumer_apply_seconds{outcome}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Applied(_) => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::SetAside => "set_aside",
+            Outcome::Parked => "parked",
+            Outcome::Deferred => "deferred",
+            Outcome::Retry => "retry",
+            Outcome::Malformed => "malformed",
+            Outcome::NotInLog => "not_in_log",
+        }
+    }
+
     /// Whether the message is done with and may be deleted.
     pub fn settled(&self) -> bool {
         !matches!(self, Outcome::Retry | Outcome::Malformed | Outcome::NotInLog)
@@ -264,7 +278,13 @@ impl Consumer {
     /// Processes one delivery and deletes it once settled (or releases it for a retry).
     #[tracing::instrument(name = "consume", skip_all, fields(consumer = %self.cfg.name, receive_count = d.receive_count))]
     pub async fn handle(&self, d: &Delivery) -> Outcome {
+        let t = mira_telemetry::prom::Timer::start();
         let outcome = self.process_extending(d).await;
+        let consumer = self.cfg.name.clone();
+        t.record(metrics::histogram!("mira_consumer_apply_seconds", "consumer" => consumer.clone(), "outcome" => outcome.label()));
+        if outcome == Outcome::Retry {
+            metrics::counter!("mira_consumer_retries_total", "consumer" => consumer).increment(1);
+        }
         let done = if outcome.settled() {
             self.queue.delete(&d.receipt).await
         } else {

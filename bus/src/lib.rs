@@ -65,6 +65,30 @@ pub trait Queue: Send + Sync {
     async fn dead_letter_count(&self) -> Result<u64, BusError>;
     /// Moves dead-lettered messages back to the queue; returns how many.
     async fn redrive_dead_letters(&self) -> Result<u64, BusError>;
+    /// How many messages the queue and its dead-letter queue hold now (approximate on SQS).
+    async fn depth(&self) -> Result<QueueDepth, BusError>;
+}
+
+/// A queue's messages by state, for `/metrics` (`mira_queue_messages`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QueueDepth {
+    /// Waiting to be received.
+    pub visible: u64,
+    /// Received and not yet deleted (or hidden by a retry's delay, on the in-memory bus).
+    pub in_flight: u64,
+    /// Sent with a delay that has not passed (SQS).
+    pub delayed: u64,
+    /// In the dead-letter queue.
+    pub dead_letters: u64,
+    /// Age of the oldest message in the queue, where the bus can tell (the in-memory bus; SQS
+    /// gives it only to CloudWatch, as `ApproximateAgeOfOldestMessage`).
+    pub oldest_age: Option<Duration>,
+}
+
+/// Records how long a message waited between its publication and its receipt.
+pub(crate) fn record_receive_delay(queue: &str, waited: Duration) {
+    metrics::histogram!("mira_consumer_receive_delay_seconds", "queue" => queue.to_owned())
+        .record(waited.as_secs_f64());
 }
 
 /// A topic with its three queues.

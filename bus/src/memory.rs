@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::message::EventMessage;
-use crate::{Bus, BusError, Delivery, Group, Publisher, Queue};
+use crate::{Bus, BusError, Delivery, Group, Publisher, Queue, QueueDepth};
 
 const DEDUP_WINDOW: Duration = Duration::from_secs(300);
 
@@ -20,6 +20,7 @@ const DEDUP_WINDOW: Duration = Duration::from_secs(300);
 struct Msg {
     group: String,
     body: String,
+    sent: Instant,
     visible_at: Instant,
     receive_count: u32,
     receipt: Option<String>,
@@ -35,6 +36,8 @@ struct State {
 /// One FIFO queue.
 #[derive(Debug)]
 pub struct MemoryQueue {
+    /// The group's name, for `/metrics`.
+    label: &'static str,
     state: Mutex<State>,
     notify: Notify,
     visibility: Duration,
@@ -43,7 +46,13 @@ pub struct MemoryQueue {
 
 impl MemoryQueue {
     pub fn new(visibility: Duration, max_receives: u32) -> Self {
+        Self::named("memory", visibility, max_receives)
+    }
+
+    /// A queue whose metrics carry `label` (its group's name).
+    pub fn named(label: &'static str, visibility: Duration, max_receives: u32) -> Self {
         Self {
+            label,
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             visibility,
@@ -62,6 +71,7 @@ impl MemoryQueue {
         s.msgs.push(Msg {
             group,
             body,
+            sent: now,
             visible_at: now,
             receive_count: 0,
             receipt: None,
@@ -98,6 +108,9 @@ impl MemoryQueue {
             }
             let receipt = uuid::Uuid::new_v4().to_string();
             let m = &mut s.msgs[i];
+            if m.receive_count == 0 {
+                crate::record_receive_delay(self.label, now.duration_since(m.sent));
+            }
             m.receive_count += 1;
             m.visible_at = now + self.visibility;
             m.receipt = Some(receipt.clone());
@@ -158,6 +171,19 @@ impl Queue for MemoryQueue {
         Ok(self.state.lock().expect("queue lock").dlq.len() as u64)
     }
 
+    async fn depth(&self) -> Result<QueueDepth, BusError> {
+        let now = Instant::now();
+        let s = self.state.lock().expect("queue lock");
+        let hidden = s.msgs.iter().filter(|m| m.visible_at > now).count() as u64;
+        Ok(QueueDepth {
+            visible: s.msgs.len() as u64 - hidden,
+            in_flight: hidden,
+            delayed: 0,
+            dead_letters: s.dlq.len() as u64,
+            oldest_age: s.msgs.iter().map(|m| now.duration_since(m.sent)).max(),
+        })
+    }
+
     async fn redrive_dead_letters(&self) -> Result<u64, BusError> {
         let mut s = self.state.lock().expect("queue lock");
         let moved: Vec<Msg> = std::mem::take(&mut s.dlq);
@@ -190,7 +216,12 @@ impl MemoryBus {
     pub fn new(visibility: Duration, max_receives: u32, consumers: &[Group]) -> Self {
         let queues = consumers
             .iter()
-            .map(|g| (g.suffix(), Arc::new(MemoryQueue::new(visibility, max_receives))))
+            .map(|g| {
+                (
+                    g.suffix(),
+                    Arc::new(MemoryQueue::named(g.suffix(), visibility, max_receives)),
+                )
+            })
             .collect();
         Self {
             queues: Arc::new(queues),
@@ -248,6 +279,25 @@ impl Bus for MemoryBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn depth_counts_waiting_taken_and_dead_lettered_messages() {
+        let q = MemoryQueue::new(Duration::from_secs(30), 1);
+        assert_eq!(Queue::depth(&q).await.unwrap(), QueueDepth::default());
+        for (g, id) in [("a", "1"), ("b", "2"), ("c", "3")] {
+            q.send(g.into(), id.into(), format!("m{id}"));
+        }
+        let got = q.receive(1, Duration::ZERO).await.unwrap();
+        assert_eq!(got.len(), 1);
+        let d = Queue::depth(&q).await.unwrap();
+        assert_eq!((d.visible, d.in_flight, d.dead_letters), (2, 1, 0), "{d:?}");
+        assert!(d.oldest_age.is_some());
+        // Received once with one receive allowed: its next receive dead-letters it.
+        q.release(&got[0].receipt, Duration::ZERO).await.unwrap();
+        let _ = q.receive(10, Duration::ZERO).await.unwrap();
+        let d = Queue::depth(&q).await.unwrap();
+        assert_eq!((d.visible, d.in_flight, d.dead_letters), (0, 2, 1), "{d:?}");
+    }
 
     #[tokio::test]
     async fn groups_stay_in_order_and_failures_redeliver() {

@@ -91,6 +91,17 @@ impl Queue for FirstThen {
     async fn redrive_dead_letters(&self) -> Result<u64, BusError> {
         Ok(self.first.redrive_dead_letters().await? + self.then.redrive_dead_letters().await?)
     }
+
+    async fn depth(&self) -> Result<crate::QueueDepth, BusError> {
+        let (a, b) = (self.first.depth().await?, self.then.depth().await?);
+        Ok(crate::QueueDepth {
+            visible: a.visible + b.visible,
+            in_flight: a.in_flight + b.in_flight,
+            delayed: a.delayed + b.delayed,
+            dead_letters: a.dead_letters + b.dead_letters,
+            oldest_age: a.oldest_age.max(b.oldest_age),
+        })
+    }
 }
 
 #[cfg(test)]

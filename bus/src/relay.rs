@@ -178,7 +178,11 @@ impl Relay {
                     mira_telemetry::link(&span, &tp);
                 }
             }
+            let t = mira_telemetry::prom::Timer::start();
             self.publish_all(chunk, shutdown).instrument(span).await?;
+            t.record(metrics::histogram!("mira_relay_publish_seconds"));
+            metrics::histogram!("mira_relay_batch_events").record(chunk.len() as f64);
+            metrics::counter!("mira_relay_published_events_total").increment(chunk.len() as u64);
         }
         Ok(Some(Published {
             upto,

@@ -339,9 +339,22 @@ async fn fanout_each_queue_gets_what_its_filter_admits_exactly_once(bus: Arc<dyn
     for g in Group::ALL {
         let expected: Vec<&StoredEvent> = events.iter().filter(|e| g.admits(&EventMessage::from(*e))).collect();
         assert!(!expected.is_empty());
+        // What /metrics samples: every admitted message waits in the queue, none dead-lettered.
+        let depth = w.bus.queue(g).depth().await.unwrap();
+        assert_eq!(
+            (depth.visible + depth.in_flight + depth.delayed, depth.dead_letters),
+            (expected.len() as u64, 0),
+            "{g:?}: {depth:?}"
+        );
         w.consume_until(g, 3, |fx| fx.len() >= expected.len()).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_exactly_once_in_order(&w.effects(g).await, &expected);
+        let depth = w.bus.queue(g).depth().await.unwrap();
+        assert_eq!(
+            depth.visible + depth.in_flight,
+            0,
+            "{g:?}: consumed and deleted: {depth:?}"
+        );
     }
     // gpu-jobs saw only queued jobs, and the verifier's queue only uploaded slides: an upload
     // wakes no GPU node. STAT jobs went to their own queue, routine ones to gpu-jobs.

@@ -20,11 +20,16 @@ fn main() -> ExitCode {
     let service = match &cli.command {
         Command::Dev { .. } => "mira-dev",
         Command::Serve { .. } => "mira-gateway",
-        Command::Relay => "mira-relay",
-        Command::Projector => "mira-projector",
-        Command::Handlers => "mira-handlers",
+        Command::Relay { .. } => "mira-relay",
+        Command::Projector { .. } => "mira-projector",
+        Command::Handlers { .. } => "mira-handlers",
         _ => "mira",
     };
+    // `mira dev --otlp URL`: this process and the workers it starts send their traces there.
+    if let Command::Dev { otlp: Some(url), .. } = &cli.command {
+        // Set before any thread starts; the workers inherit it.
+        std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", url);
+    }
     let telemetry = match telemetry::init(service, if dev_run { telemetry::DEV_FILTER } else { "warn" }) {
         Ok(g) => g,
         Err(e) => {

@@ -63,8 +63,12 @@ impl Commands {
             .check_scope(&ctx.tenant, id)
             .map_err(AggregateError::UserError)?;
         let cqrs: JobCqrs = CqrsFramework::new(store(&self.log, ctx), vec![], ());
-        cqrs.execute_with_metadata(&id.to_string(), command, ctx.to_cqrs())
-            .await
+        let (t, label) = (mira_telemetry::prom::Timer::start(), command.label());
+        let r = cqrs
+            .execute_with_metadata(&id.to_string(), command, ctx.to_cqrs())
+            .await;
+        record(t, label, &r);
+        r
     }
 
     /// The slide's current state, or `None` when the tenant has no such slide.
@@ -92,7 +96,27 @@ impl Commands {
             keyring: self.keyring.clone(),
         };
         let cqrs: SlideCqrs = CqrsFramework::new(store(&self.log, ctx), vec![], services);
-        cqrs.execute_with_metadata(&id.to_string(), command, ctx.to_cqrs())
-            .await
+        let (t, label) = (mira_telemetry::prom::Timer::start(), command.label());
+        let r = cqrs
+            .execute_with_metadata(&id.to_string(), command, ctx.to_cqrs())
+            .await;
+        record(t, label, &r);
+        r
     }
+}
+
+/// `mira_command_seconds{command,outcome}`: `ok`, `rejected` (the aggregate refused it),
+/// `conflict` (another writer got there first) or `error` (the store failed).
+fn record<E: std::error::Error>(
+    t: mira_telemetry::prom::Timer,
+    command: &'static str,
+    r: &Result<(), AggregateError<E>>,
+) {
+    let outcome = match r {
+        Ok(()) => "ok",
+        Err(AggregateError::UserError(_)) => "rejected",
+        Err(AggregateError::AggregateConflict) => "conflict",
+        Err(_) => "error",
+    };
+    t.record(metrics::histogram!("mira_command_seconds", "command" => command, "outcome" => outcome));
 }

@@ -223,6 +223,18 @@ impl EventLog {
         tenant: &TenantId,
         events: &[NewEvent],
     ) -> Result<Vec<StoredEvent>, AppendError> {
+        let r = Self::append_unrecorded(conn, tenant, events).await;
+        if let Err(AppendError::Conflict { aggregate_type, .. }) = &r {
+            metrics::counter!("mira_append_conflicts_total", "aggregate" => aggregate_type.clone()).increment(1);
+        }
+        r
+    }
+
+    async fn append_unrecorded(
+        conn: &mut PgConnection,
+        tenant: &TenantId,
+        events: &[NewEvent],
+    ) -> Result<Vec<StoredEvent>, AppendError> {
         let recorded_at = transaction_time(&mut *conn).await?;
         let mut stored: Vec<StoredEvent> = Vec::with_capacity(events.len());
         for e in events {

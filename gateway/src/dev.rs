@@ -866,6 +866,18 @@ pub async fn run(
     if let Some(m) = &settings.api.metrics_listen {
         lines.push(format!("  metrics: http://{m}/metrics"));
     }
+    // Traces: where they go (`--otlp`, or the standard variable), or how to see them.
+    match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+    {
+        Some(url) => lines.push(format!(
+            "  traces: sent over OTLP/HTTP to {url} (services mira-dev and mira-worker)"
+        )),
+        None => lines.push(format!(
+            "  traces: off; `{exe} dev --otlp http://127.0.0.1:4318` sends them to a collector you run (a local Jaeger shows them at http://127.0.0.1:16686)"
+        )),
+    }
     match &worker {
         Ok(w) => lines.push(format!(
             "  worker: mira-worker (pid {}); its first line says whether it runs on the GPU or the CPU, and why",

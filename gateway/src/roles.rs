@@ -65,6 +65,12 @@ pub async fn spawn(
             }
             let url = ctx.settings.login_url(DbProcess::Relay)?.0.to_owned();
             tasks.spawn(async move { relay.run(&url, stop).await.context("relay") });
+            // The relay samples every queue's depth for /metrics (one process does: the relay's).
+            let (bus, stop) = (ctx.bus.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                sample_queues(bus, stop).await;
+                Ok(())
+            });
         }
         Role::Projector => {
             let consumer = mira_bus::consumer::Consumer::new(
@@ -95,6 +101,45 @@ pub async fn spawn(
     Ok(())
 }
 
+/// How often the relay samples the queues' depths.
+const QUEUE_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sets `mira_queue_messages{queue,state}` (and the oldest message's age, where the bus tells
+/// it) for every queue and dead-letter queue, now and every [`QUEUE_SAMPLE_EVERY`].
+async fn sample_queues(bus: Arc<dyn Bus>, stop: CancellationToken) {
+    let queues: Vec<_> = mira_bus::Group::ALL
+        .into_iter()
+        .map(|g| (g.suffix(), bus.queue(g)))
+        .collect();
+    loop {
+        for (name, q) in &queues {
+            match q.depth().await {
+                Ok(d) => {
+                    let dlq = format!("{name}-dlq");
+                    for (queue, state, n) in [
+                        (*name, "visible", d.visible),
+                        (*name, "in_flight", d.in_flight),
+                        (*name, "delayed", d.delayed),
+                        (dlq.as_str(), "visible", d.dead_letters),
+                    ] {
+                        metrics::gauge!("mira_queue_messages", "queue" => queue.to_owned(), "state" => state)
+                            .set(n as f64);
+                    }
+                    if let Some(age) = d.oldest_age {
+                        metrics::gauge!("mira_queue_oldest_message_age_seconds", "queue" => *name)
+                            .set(age.as_secs_f64());
+                    }
+                }
+                Err(e) => tracing::warn!(queue = name, error = %e, "cannot read the queue's depth"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(QUEUE_SAMPLE_EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 /// Runs `roles` alone in this process (no API) on SNS/SQS, until `shutdown`; a role that fails
 /// stops the others.
 pub async fn run_alone(settings: &Settings, roles: &[Role], shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -119,6 +164,31 @@ pub async fn run_alone(settings: &Settings, roles: &[Role], shutdown: Cancellati
     let mut tasks = JoinSet::new();
     for r in roles {
         spawn(*r, &ctx, &mut tasks, &shutdown).await?;
+    }
+    // `--metrics-listen` (or `Api__MetricsListen`): this process's own series, and the relay's
+    // witness.
+    if let Some(at) = &settings.api.metrics_listen {
+        mira_telemetry::prom::install();
+        let l = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("--metrics-listen (Api__MetricsListen): cannot listen on {at}"))?;
+        tracing::info!(addr = %l.local_addr()?, "serving /metrics");
+        let (witness, relay, stop) = (
+            ctx.witness_health.clone(),
+            roles.contains(&Role::Relay),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            let refresh = move || {
+                if relay {
+                    metrics::counter!("mira_witness_conflicts_total").absolute(witness.conflicts());
+                    metrics::gauge!("mira_witness_last_success_timestamp_seconds")
+                        .set(witness.last_success_unix() as f64);
+                }
+            };
+            mira_telemetry::prom::serve(l, refresh, stop.cancelled_owned()).await;
+            Ok(())
+        });
     }
     while let Some(r) = tasks.join_next().await {
         if let Err(e) = r.context("a role panicked").and_then(|r| r) {

@@ -27,7 +27,7 @@ mod tests {
         let buf = Buf::default();
         let out = buf.clone();
         let sub = subscriber(EnvFilter::new("info"), format, move || out.clone(), None);
-        tracing::subscriber::with_default(sub, || tracing::info!(job = "j-1", "job started"));
+        tracing::dispatcher::with_default(&sub, || tracing::info!(job = "j-1", "job started"));
         let bytes = buf.0.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
     }

@@ -231,6 +231,9 @@ impl Supervisor {
         let mut stage = "starting".to_owned();
         // A span per stage, from its start to the next one's (or the end), in the attempt's trace.
         let mut stage_span: Option<tracing::Span> = None;
+        // When the current stage began, for `mira_job_stage_seconds` (recorded as the next one
+        // begins, or when the process ends well).
+        let (kind, mut in_stage, mut stage_began) = (spec.kind_name(), false, Instant::now());
         let mut moved = Instant::now();
         let mut first = true;
         let mut last: Option<Line> = None;
@@ -246,6 +249,10 @@ impl Supervisor {
                         match parse(&l) {
                             Some(Line::Stage(s)) => {
                                 stage_span = Some(tracing::info_span!("worker.stage", stage = %s));
+                                if in_stage {
+                                    record_stage(kind, &stage, stage_began);
+                                }
+                                (in_stage, stage_began) = (true, Instant::now());
                                 stage = s;
                                 moved = Instant::now();
                             }
@@ -292,6 +299,9 @@ impl Supervisor {
             return Ok(end);
         }
         let status = child.wait().await?;
+        if in_stage && status.success() {
+            record_stage(kind, &stage, stage_began);
+        }
         let stderr = said.await.unwrap_or_default();
         Ok(match last {
             Some(Line::Summary(s)) if status.success() => Ended::Done(s),
@@ -313,6 +323,16 @@ impl Supervisor {
             },
         })
     }
+}
+
+/// `mira_job_stage_seconds{kind,stage}` for the stage `stage` that began at `began`.
+fn record_stage(kind: &str, stage: &str, began: Instant) {
+    metrics::histogram!(
+        "mira_job_stage_seconds",
+        "kind" => kind.to_owned(),
+        "stage" => crate::process::stage::label(stage)
+    )
+    .record(began.elapsed().as_secs_f64());
 }
 
 #[cfg(test)]

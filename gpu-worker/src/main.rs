@@ -92,6 +92,10 @@ enum Command {
         /// and a random part).
         #[arg(long)]
         worker_id: Option<String>,
+        /// Serve this worker's metrics at http://ADDR/metrics (jobs by stage and outcome,
+        /// megapixels per second on the GPU or the CPU, its consumer's apply times).
+        #[arg(long, env = "MIRA_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
     /// Take work from the `verify` queue until SIGTERM: fetch each uploaded slide, hash it,
     /// open it and record it verified or rejected. On CPUs only (no GPU is looked for), so it
@@ -104,6 +108,10 @@ enum Command {
         /// name, process id and a random part).
         #[arg(long)]
         worker_id: Option<String>,
+        /// Serve this worker's metrics at http://ADDR/metrics (jobs by stage and outcome,
+        /// megapixels per second on the GPU or the CPU, its consumer's apply times).
+        #[arg(long, env = "MIRA_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
     /// Open a slide and print the metadata Mira records for it, or why it is refused.
     Inspect { slide: PathBuf },
@@ -118,8 +126,16 @@ enum Consume {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { config, worker_id } => consume(Consume::Jobs, config, worker_id)?,
-        Command::Verify { config, worker_id } => consume(Consume::Verify, config, worker_id)?,
+        Command::Run {
+            config,
+            worker_id,
+            metrics_listen,
+        } => consume(Consume::Jobs, config, worker_id, metrics_listen)?,
+        Command::Verify {
+            config,
+            worker_id,
+            metrics_listen,
+        } => consume(Consume::Verify, config, worker_id, metrics_listen)?,
         Command::Process {
             slide,
             out,
@@ -235,7 +251,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// `mira-worker run` and `mira-worker verify`: consume their queue until SIGTERM.
-fn consume(what: Consume, config: Option<PathBuf>, worker_id: Option<String>) -> anyhow::Result<()> {
+fn consume(
+    what: Consume,
+    config: Option<PathBuf>,
+    worker_id: Option<String>,
+    metrics_listen: Option<String>,
+) -> anyhow::Result<()> {
     let settings = mira_config::Settings::load(config.as_deref(), std::env::vars())?;
     // The verifier opens slides and hashes them on the CPU: it looks for no GPU.
     let device = match what {
@@ -297,6 +318,17 @@ fn consume(what: Consume, config: Option<PathBuf>, worker_id: Option<String>) ->
                     }
                 }
             });
+        }
+        if let Some(at) = metrics_listen {
+            let l = tokio::net::TcpListener::bind(&at)
+                .await
+                .map_err(|e| anyhow::anyhow!("--metrics-listen: cannot listen on {at}: {e}"))?;
+            tracing::info!(addr = %l.local_addr()?, "serving /metrics");
+            tokio::spawn(mira_telemetry::prom::serve(
+                l,
+                || {},
+                shutdown.clone().cancelled_owned(),
+            ));
         }
         match what {
             Consume::Jobs => mira_gpu_worker::run::run(settings, id, device, shutdown).await,

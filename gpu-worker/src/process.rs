@@ -404,6 +404,19 @@ pub mod stage {
     pub const PYRAMID: &str = "building the pyramid";
     pub const MASK: &str = "finishing the tissue mask";
     pub const WRITING: &str = "writing the statistics and the manifest";
+
+    /// The stage's name in `/metrics` (`mira_job_stage_seconds{stage}`); `other` for a line
+    /// this build does not know.
+    pub fn label(stage: &str) -> &'static str {
+        match stage {
+            OPENING => "open",
+            STAINS => "stains",
+            PYRAMID => "pyramid",
+            MASK => "mask",
+            WRITING => "write",
+            _ => "other",
+        }
+    }
 }
 
 /// Whoever watches a run: told each stage as it begins and the tiles made (done, in all), and

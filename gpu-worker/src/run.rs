@@ -335,6 +335,7 @@ impl Worker {
             attempt,
         };
         let outcome = self.attempt(&job_ref, &job).await;
+        record_attempt(&job, &outcome, started);
         let now = Utc::now();
         let command = match outcome {
             Ok(AttemptEnd::Succeeded(Stored { key, sha256, bytes })) => JobCommand::Succeed {
@@ -389,12 +390,23 @@ impl Worker {
             Some(JobSpec::Unknown { kind, .. }) => return Err(Failure::from(ProcessError::UnknownKind(kind.clone()))),
             Some(spec) => spec,
         };
-        tracing::Span::current().record("kind", spec.kind_name());
+        let kind = spec.kind_name();
+        tracing::Span::current().record("kind", kind);
+        let t = Instant::now();
         let fetched = self.fetch(job_ref, job).await?;
+        stage_seconds(kind, "download", t);
         let out = fetched.scratch.join("out");
+        let t = Instant::now();
         match self.run_pipeline(job_ref, spec, &fetched, &out).await? {
             Ran::Done(summary) => {
+                // What this device processed, and how long it took: megapixels per second.
+                let device = if self.device.is_gpu() { "gpu" } else { "cpu" };
+                metrics::histogram!("mira_worker_compute_seconds", "device" => device)
+                    .record(t.elapsed().as_secs_f64());
+                metrics::counter!("mira_worker_pixels_total", "device" => device).increment(fetched.pixels);
+                let t = Instant::now();
                 let stored = self.store(job_ref, &out).await?;
+                stage_seconds(kind, "upload", t);
                 let _ = tokio::fs::remove_dir_all(&fetched.scratch).await;
                 tracing::info!(job_id = %job_ref.id, attempt = job_ref.attempt, %summary, "results stored");
                 Ok(AttemptEnd::Succeeded(stored))
@@ -962,6 +974,31 @@ async fn consume(
         r.await??;
     }
     Ok(r?)
+}
+
+/// `mira_job_stage_seconds{kind,stage}` for a stage the worker runs itself.
+fn stage_seconds(kind: &str, stage: &'static str, began: Instant) {
+    metrics::histogram!("mira_job_stage_seconds", "kind" => kind.to_owned(), "stage" => stage)
+        .record(began.elapsed().as_secs_f64());
+}
+
+/// `mira_job_seconds{kind,outcome}` and `mira_jobs_finished_total{kind,outcome}` for an attempt.
+fn record_attempt(job: &mira_aggregates::Job, outcome: &Result<AttemptEnd, Failure>, began: Instant) {
+    let kind = match &job.spec {
+        Some(JobSpec::Unknown { .. }) | None => "unknown",
+        Some(spec) => spec.kind().map_or("unknown", mira_events::params::JobKind::as_str),
+    };
+    let outcome = match outcome {
+        Ok(AttemptEnd::Succeeded(_)) => "succeeded",
+        Ok(AttemptEnd::Cancelled) => "cancelled",
+        Ok(AttemptEnd::Superseded) => "superseded",
+        Err(Failure { stalled: true, .. }) => "stalled",
+        Err(Failure { retryable: true, .. }) => "retry",
+        Err(_) => "failed",
+    };
+    let labels = [("kind", kind), ("outcome", outcome)];
+    metrics::histogram!("mira_job_seconds", &labels).record(began.elapsed().as_secs_f64());
+    metrics::counter!("mira_jobs_finished_total", &labels).increment(1);
 }
 
 #[cfg(test)]

@@ -4,14 +4,23 @@
 // scaling it on the sum of the two GPU queues (gpu-jobs-stat and gpu-jobs) and the jobs waiting
 // for the handlers to admit them (mira_jobs_waiting_admission, from CloudWatch), the cluster
 // autoscaler adding GPU nodes for pending pods, and NVIDIA's device plugin advertising
-// `nvidia.com/gpu`. Each worker pod carries the ADOT collector (telemetry.ts), which sends the
-// worker's traces to X-Ray.
+// `nvidia.com/gpu`. Each worker pod carries the ADOT collector (telemetry.ts), which scrapes the
+// worker's /metrics into CloudWatch and sends its traces to X-Ray.
 
 import * as aws from "@pulumi/aws";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import { type foundations, GPU_QUEUES, role, tags } from "./foundations";
-import { ADOT_IMAGE, JOBS_WAITING_METRIC, JOBS_WAITING_PRIORITIES, POD_NAME_ENV, POD_OTLP_HTTP, type Telemetry } from "./telemetry";
+import {
+  ADOT_IMAGE,
+  JOBS_WAITING_METRIC,
+  JOBS_WAITING_PRIORITIES,
+  METRICS_LISTEN,
+  POD_NAME_ENV,
+  POD_OTLP_HTTP,
+  type Telemetry,
+  WORKER_METRICS_ENV,
+} from "./telemetry";
 
 type Found = ReturnType<typeof foundations>;
 
@@ -355,17 +364,19 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
     capabilities: { drop: ["ALL"] },
     seccompProfile: { type: "RuntimeDefault" },
   };
-  // The ADOT collector in each worker pod: the worker sends its traces over OTLP/HTTP to the
-  // pod's loopback (POD_OTLP_HTTP), and the collector sends them to X-Ray, with the ECS tasks'
-  // exporters (telemetry.ts). A sidecar rather than a DaemonSet: a GPU node runs one worker pod
-  // at a time (a GPU each), so a collector per node would be no fewer; the pod's loopback is an
-  // address nothing outside the pod reaches, where a collector per node would need a host port
-  // (which the namespace's restricted Pod Security refuses) or a Service; and it runs as the
-  // pod's service account, so the worker's role writes its traces, and no other role is needed.
-  // It is a native sidecar (an init container that restarts Always): it starts before the
-  // worker, and stops only after the worker has exited, so a job drained on a scale-in still
-  // has its last spans sent. It reads its configuration from the environment, as on ECS: a new
-  // configuration rolls the pods.
+  // The ADOT collector in each worker pod: it scrapes the worker's /metrics on the pod's loopback
+  // (METRICS_LISTEN) every 30 s and writes them to CloudWatch as EMF; the worker sends its traces
+  // over OTLP/HTTP to the same loopback (POD_OTLP_HTTP), and the collector sends them to X-Ray;
+  // both with the ECS tasks' exporters (telemetry.ts). A sidecar rather than a DaemonSet: a GPU
+  // node runs one worker pod at a time (a GPU each), so a collector per node would be no fewer;
+  // the pod's loopback is an address nothing outside the pod reaches, where a collector per node
+  // would need a host port (which the namespace's restricted Pod Security refuses) or a Service;
+  // and it runs as the pod's service account, so the worker's role writes its metrics and
+  // traces, and no other role is needed. It is a native sidecar (an init container that restarts
+  // Always): it starts before the worker, and stops only after the worker has exited, so a job
+  // drained on a scale-in still has its last spans sent (though not what the worker counted
+  // after the collector's last scrape). It reads its configuration from the environment, as on
+  // ECS: a new configuration rolls the pods.
   const collector = {
     name: "adot",
     image: ADOT_IMAGE,
@@ -428,6 +439,9 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
                   ...Object.entries(workerSettings)
                     .sort(([a], [b]) => a.localeCompare(b))
                     .map(([name, value]) => ({ name, value })),
+                  // /metrics on the pod's loopback, where the collector beside it scrapes it; no
+                  // container port or Service names it, so nothing outside the pod reaches it.
+                  { name: WORKER_METRICS_ENV, value: METRICS_LISTEN },
                   // Traces over OTLP/HTTP to the collector beside it, on the pod's loopback.
                   { name: "OTEL_EXPORTER_OTLP_ENDPOINT", value: `http://${POD_OTLP_HTTP}` },
                   { name: "OTEL_EXPORTER_OTLP_PROTOCOL", value: "http/protobuf" },

@@ -6,14 +6,16 @@
 //
 // It runs with the worker's settings and the worker's database login (`mira_svc_worker`: the
 // same binary, the same grants), under a role of its own that reaches nothing of the GPU queues
-// (gpu-jobs, gpu-jobs-stat) and writes to no bucket. The worker serves no /metrics, so there is
-// no collector beside it.
+// (gpu-jobs, gpu-jobs-stat) and writes to no bucket. It serves /metrics on its task's loopback,
+// as the worker does in its pod (MIRA_METRICS_LISTEN), but no collector runs beside it: nothing
+// scrapes that listener, and none of its series reaches CloudWatch.
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
 import type { Compute } from "./compute";
 import type { Fleet } from "./fleet";
 import { type foundations, role, tags } from "./foundations";
+import { METRICS_LISTEN, WORKER_METRICS_ENV } from "./telemetry";
 
 type Found = ReturnType<typeof foundations>;
 
@@ -67,9 +69,14 @@ export function verifier(cfg: VerifierConfig, f: Found, c: Compute, k: Fleet) {
   const execution = c.executionRole("verifier", c.logs, [login], repo);
   const taskRole = role("verifier", s, { Service: "ecs-tasks.amazonaws.com" }, p.verifierStatements);
 
-  const env = Object.entries(k.workerSettings)
-    .sort(([a], [b]) => a.localeCompare(b))
-    .map(([name, value]) => ({ name, value }));
+  const env = [
+    ...Object.entries(k.workerSettings)
+      .sort(([a], [b]) => a.localeCompare(b))
+      .map(([name, value]) => ({ name, value })),
+    // /metrics on the task's loopback, as in the worker's pod; no port mapping, security group
+    // or load balancer opens it.
+    { name: WORKER_METRICS_ENV, value: METRICS_LISTEN },
+  ];
   const task = new aws.ecs.TaskDefinition("verifier-task", {
     family: `mira-${s}-verifier`,
     requiresCompatibilities: ["FARGATE"],
@@ -90,7 +97,7 @@ export function verifier(cfg: VerifierConfig, f: Found, c: Compute, k: Fleet) {
         essential: true,
         // The image's entrypoint is mira-worker.
         command: ["verify"],
-        // The worker Deployment's settings, exactly (fleet.ts).
+        // The worker Deployment's settings, exactly (fleet.ts), and its metrics listener.
         environment: env,
         secrets: [{ name: "DATABASE_URL", valueFrom: login.arn }],
         readonlyRootFilesystem: true,

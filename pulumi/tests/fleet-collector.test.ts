@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { checkKubernetesVersion } from "../src/fleet";
 import { ADOT_IMAGE } from "../src/telemetry";
-import { collectorConfig, fleetCollectorProblems, workerPod } from "./fleet-collector";
+import { collectorConfig, fleetCollectorProblems, workerMetrics, workerPod } from "./fleet-collector";
 import { CONFIG, ofType, type Recorded, run } from "./harness";
 import { envOf, K } from "./operations";
 
@@ -20,18 +20,33 @@ const setWorkerEnv = (rs: Recorded[], name: string, value: string) => {
 };
 
 describe("the GPU fleet's collector", () => {
-  it("runs beside the worker in its pod and sends its traces to X-Ray and its metrics to CloudWatch, as the ECS collectors do", async () => {
+  it("runs beside the worker in its pod, scrapes its /metrics into CloudWatch and sends its traces to X-Ray, as the ECS collectors do", async () => {
     const { resources } = await run();
     assert.deepEqual(fleetCollectorProblems(resources, CONFIG.region), []);
     const { collectors, worker } = workerPod(resources);
     assert.equal(collectors.length, 1);
     assert.equal(collectors[0].image, ADOT_IMAGE);
     const config = collectorConfig(collectors[0]);
-    assert.deepEqual(config.receivers, { otlp: { protocols: { http: { endpoint: "127.0.0.1:4318" } } } });
+    assert.deepEqual(config.receivers, {
+      prometheus: {
+        config: {
+          scrape_configs: [{ job_name: "mira", scrape_interval: "30s", metrics_path: "/metrics", static_configs: [{ targets: ["127.0.0.1:9464"] }] }],
+        },
+      },
+      otlp: { protocols: { http: { endpoint: "127.0.0.1:4318" } } },
+    });
     assert.deepEqual(config.service.pipelines, {
-      metrics: { receivers: ["otlp"], processors: ["batch"], exporters: ["awsemf"] },
+      metrics: { receivers: ["prometheus"], processors: ["batch"], exporters: ["awsemf"] },
       traces: { receivers: ["otlp"], processors: ["batch"], exporters: ["awsxray"] },
     });
+    // Of the worker's series, its attempts ended reach CloudWatch, by kind and outcome; its
+    // durations and pixels do not.
+    const served = workerMetrics();
+    assert.ok(served.includes("mira_jobs_finished_total") && served.includes("mira_job_seconds"), served.join(", "));
+    assert.deepEqual(
+      config.exporters.awsemf.metric_declarations.filter((d: any) => d.metric_name_selectors.some((x: string) => served.some((m) => new RegExp(x).test(m)))),
+      [{ dimensions: [["kind", "outcome"]], metric_name_selectors: ["^mira_jobs_finished_total$"] }],
+    );
     assert.equal(config.exporters.awsemf.log_group_name, "/mira/test/metrics");
     assert.equal(config.exporters.awsemf.log_stream_name, "${env:POD_NAME}");
     assert.deepEqual(
@@ -39,6 +54,7 @@ describe("the GPU fleet's collector", () => {
       { fieldRef: { fieldPath: "metadata.name" } },
     );
     const env = envOf(worker);
+    assert.equal(env.MIRA_METRICS_LISTEN, "127.0.0.1:9464");
     assert.equal(env.OTEL_EXPORTER_OTLP_ENDPOINT, "http://127.0.0.1:4318");
     assert.equal(env.OTEL_EXPORTER_OTLP_PROTOCOL, "http/protobuf");
     assert.equal(env.OTEL_SERVICE_NAME, "mira-worker");
@@ -72,10 +88,11 @@ describe("the GPU fleet's collector", () => {
     assert.deepEqual(fleetCollectorProblems(lost, CONFIG.region), [
       "pipeline traces: exporter debug is not configured",
       "no traces pipeline from the otlp receiver to awsxray",
-      "no metrics pipeline to awsemf",
+      "no metrics pipeline from the prometheus receiver to awsemf",
       "awsemf's region us-east-1, not eu-west-1",
       'awsemf\'s region "us-east-1" is not the ECS collectors\' "eu-west-1"',
       'awsemf\'s log_group_name "/mira/test/elsewhere" is not the ECS collectors\' "/mira/test/metrics"',
+      "the collector does not write mira_jobs_finished_total",
       "awsemf's log group /mira/test/elsewhere is no log group of the program",
     ]);
 
@@ -92,6 +109,47 @@ describe("the GPU fleet's collector", () => {
     const w = workerPod(silent).worker;
     w.env = w.env.filter((e: any) => e.name !== "OTEL_EXPORTER_OTLP_ENDPOINT");
     assert.deepEqual(fleetCollectorProblems(silent, CONFIG.region), ["the worker's OTEL_EXPORTER_OTLP_ENDPOINT is not set"]);
+
+    // Broken: the worker serves no /metrics; then on every address of the pod, named as a port.
+    const unserved = clone(resources);
+    const u = workerPod(unserved).worker;
+    u.env = u.env.filter((e: any) => e.name !== "MIRA_METRICS_LISTEN");
+    assert.deepEqual(fleetCollectorProblems(unserved, CONFIG.region), ["the worker's MIRA_METRICS_LISTEN is not set: it serves no /metrics"]);
+    const exposed = clone(resources);
+    setWorkerEnv(exposed, "MIRA_METRICS_LISTEN", "0.0.0.0:9464");
+    workerPod(exposed).worker.ports = [{ name: "metrics", containerPort: 9464 }];
+    assert.deepEqual(fleetCollectorProblems(exposed, CONFIG.region), [
+      "the worker's MIRA_METRICS_LISTEN is 0.0.0.0:9464, not the pod's loopback 127.0.0.1:9464",
+      "container worker names port 9464",
+    ]);
+
+    // Broken: the collector scrapes another port, then nothing (its metrics pipeline on OTLP, as
+    // before the worker served /metrics); then the job counter without its dimensions, in the
+    // pod's collector alone.
+    const elsewhere = clone(resources);
+    editConfig(elsewhere, (cfg) => (cfg.receivers.prometheus.config.scrape_configs[0].static_configs = [{ targets: ["127.0.0.1:8080"] }]));
+    assert.deepEqual(fleetCollectorProblems(elsewhere, CONFIG.region), [
+      "the collector scrapes /metrics on [127.0.0.1:8080], not the worker's 127.0.0.1:9464",
+      "the collector does not write mira_jobs_finished_total",
+    ]);
+    const unscraped = clone(resources);
+    editConfig(unscraped, (cfg) => {
+      delete cfg.receivers.prometheus;
+      cfg.service.pipelines.metrics.receivers = ["otlp"];
+    });
+    assert.deepEqual(fleetCollectorProblems(unscraped, CONFIG.region), [
+      "no metrics pipeline from the prometheus receiver to awsemf",
+      "the collector scrapes /metrics on [], not the worker's 127.0.0.1:9464",
+      "the collector does not write mira_jobs_finished_total",
+    ]);
+    const flat = clone(resources);
+    editConfig(flat, (cfg) => {
+      for (const d of cfg.exporters.awsemf.metric_declarations) if (d.metric_name_selectors.includes("^mira_jobs_finished_total$")) d.dimensions = [[]];
+    });
+    const problems = fleetCollectorProblems(flat, CONFIG.region);
+    assert.equal(problems.length, 2, problems.join("\n"));
+    assert.match(problems[0], /^awsemf's metric_declarations .* is not the ECS collectors' /);
+    assert.equal(problems[1], 'the collector writes mira_jobs_finished_total with dimensions [[]], not [kind,outcome]');
 
     // Broken: the worker pods' role without the collector's statements (X-Ray and the log group).
     const mute = clone(resources);

@@ -2,15 +2,34 @@
 // that returns the problems found (as in checks.ts and operations.ts): the test runs it on the
 // program and on broken copies.
 
+import * as fs from "node:fs";
+import * as path from "node:path";
 import { ADOT_IMAGE } from "../src/telemetry";
 import { ofType, type Recorded } from "./harness";
-import { adotConfigs, envOf, K, mayDo, policyOf } from "./operations";
+import { adotConfigs, adotDimensions, envOf, K, METRICS_LISTEN, METRICS_PORT, mayDo, miraScrapes, policyOf } from "./operations";
 
 /** The actions the collector's exporters call: awsxray's, and awsemf's on its log group. */
 export const XRAY_ACTIONS = ["xray:PutTraceSegments", "xray:PutTelemetryRecords", "xray:GetSamplingRules", "xray:GetSamplingTargets"];
 export const EMF_ACTIONS = ["logs:PutLogEvents", "logs:CreateLogStream", "logs:DescribeLogStreams"];
 
 const LOOPBACK = new Set(["127.0.0.1", "localhost", "[::1]"]);
+
+/**
+ * The worker's count of attempts ended, by labels `kind` and `outcome` (gpu-worker/src/run.rs),
+ * which CloudWatch gets from the collector in its pod with both as dimensions.
+ */
+export const JOBS_FINISHED = { metric: "mira_jobs_finished_total", dimensions: ["kind", "outcome"] };
+
+/**
+ * The series `mira-worker` serves (gpu-worker/src/): the names its `metrics` macros record
+ * (`counter!`, `histogram!`, `gauge!`), read from the sources as exportedMetrics reads the
+ * gateway's.
+ */
+export function workerMetrics(): string[] {
+  const dir = path.resolve(__dirname, "../../../gpu-worker/src");
+  const src = fs.readdirSync(dir).filter((f) => f.endsWith(".rs")).map((f) => fs.readFileSync(path.join(dir, f), "utf8")).join("\n");
+  return [...new Set([...src.matchAll(/\b(?:counter|histogram|gauge)!\(\s*"(mira_[a-z_]+)"/g)].map((m) => m[1]))].sort();
+}
 
 /** The worker's pod: the Deployment's pod spec, its collector containers and the worker's container. */
 export function workerPod(rs: Recorded[]) {
@@ -38,8 +57,11 @@ export function collectorConfig(c: any): any {
  * exporter as the ECS collectors and the same awsemf one (namespace, region, log group,
  * declarations: all but its log stream, which names the pod from the collector's environment).
  * The worker's OTEL_EXPORTER_OTLP_ENDPOINT is that receiver (http, the same host and port, the
- * base of /v1/traces), over http/protobuf or http/json. The worker pods' role may write X-Ray
- * segments and EMF into the collectors' log group.
+ * base of /v1/traces), over http/protobuf or http/json. The worker serves /metrics on the pod's
+ * loopback (MIRA_METRICS_LISTEN=METRICS_LISTEN), which no container port names, and the
+ * collector scrapes exactly that into a metrics pipeline from its prometheus receiver to awsemf,
+ * which writes the worker's count of attempts ended with dimensions [kind, outcome]. The worker
+ * pods' role may write X-Ray segments and EMF into the collectors' log group.
  */
 export function fleetCollectorProblems(rs: Recorded[], region: string): string[] {
   const p: string[] = [];
@@ -65,8 +87,8 @@ export function fleetCollectorProblems(rs: Recorded[], region: string): string[]
   }
   const traces = pipelines.filter(([n, pl]) => n.split("/")[0] === "traces" && (pl.receivers ?? []).includes("otlp") && (pl.exporters ?? []).includes("awsxray"));
   if (traces.length === 0) p.push("no traces pipeline from the otlp receiver to awsxray");
-  const metrics = pipelines.filter(([n, pl]) => n.split("/")[0] === "metrics" && (pl.exporters ?? []).includes("awsemf"));
-  if (metrics.length === 0) p.push("no metrics pipeline to awsemf");
+  const metrics = pipelines.filter(([n, pl]) => n.split("/")[0] === "metrics" && (pl.receivers ?? []).includes("prometheus") && (pl.exporters ?? []).includes("awsemf"));
+  if (metrics.length === 0) p.push("no metrics pipeline from the prometheus receiver to awsemf");
 
   const ecs = adotConfigs(rs)[0];
   if (!ecs) p.push("no ECS collector to compare with");
@@ -100,6 +122,21 @@ export function fleetCollectorProblems(rs: Recorded[], region: string): string[]
   }
   const protocol = env.OTEL_EXPORTER_OTLP_PROTOCOL ?? "http/protobuf";
   if (!["http/protobuf", "http/json"].includes(protocol)) p.push(`the worker's OTEL_EXPORTER_OTLP_PROTOCOL ${protocol}: the worker sends http/protobuf or http/json`);
+
+  // The worker's /metrics: on the pod's loopback only, and scraped there.
+  const metricsAt = env.MIRA_METRICS_LISTEN;
+  if (!metricsAt) p.push("the worker's MIRA_METRICS_LISTEN is not set: it serves no /metrics");
+  else if (metricsAt !== METRICS_LISTEN) p.push(`the worker's MIRA_METRICS_LISTEN is ${metricsAt}, not the pod's loopback ${METRICS_LISTEN}`);
+  const targets = miraScrapes(config).flatMap((s) => s.targets);
+  if (JSON.stringify(targets) !== JSON.stringify([METRICS_LISTEN])) p.push(`the collector scrapes /metrics on [${targets.join(", ")}], not the worker's ${METRICS_LISTEN}`);
+  for (const x of [...(pod.initContainers ?? []), ...(pod.containers ?? [])]) {
+    for (const port of x.ports ?? []) if (Number(port.containerPort) === METRICS_PORT) p.push(`container ${x.name} names port ${METRICS_PORT}`);
+  }
+  if (!workerMetrics().includes(JOBS_FINISHED.metric)) p.push(`mira-worker does not serve ${JOBS_FINISHED.metric}`);
+  const sets = adotDimensions(config, [JOBS_FINISHED.metric]).get(`${emf?.namespace}/${JOBS_FINISHED.metric}`);
+  const want = [...JOBS_FINISHED.dimensions].sort().join(",");
+  if (!sets) p.push(`the collector does not write ${JOBS_FINISHED.metric}`);
+  else if (!sets.some((set) => [...set].sort().join(",") === want)) p.push(`the collector writes ${JOBS_FINISHED.metric} with dimensions ${JSON.stringify(sets)}, not [${want}]`);
 
   const role = ofType(rs, K.role).find((x) => x.name === "worker");
   const st = policyOf(rs, role);

@@ -249,7 +249,7 @@ export const METRICS_LISTEN = "127.0.0.1:9464";
 export const METRICS_PORT = 9464;
 
 /** The collector's scrape configs that read Mira's /metrics, and their targets. */
-const miraScrapes = (config: any): { job: string; targets: string[] }[] =>
+export const miraScrapes = (config: any): { job: string; targets: string[] }[] =>
   (config.receivers?.prometheus?.config?.scrape_configs ?? [])
     .filter((s: any) => (s.metrics_path ?? "/metrics") === "/metrics")
     .map((s: any) => ({ job: s.job_name, targets: (s.static_configs ?? []).flatMap((c: any) => c.targets ?? []) }));

@@ -6,7 +6,7 @@ import { describe, it } from "node:test";
 import { loadTopology } from "../src/topology";
 import { startupProblems } from "./checks";
 import { CONFIG, ofType, type Recorded, run } from "./harness";
-import { K, secretAccessProblems, serviceLoginProblems } from "./operations";
+import { envOf, K, secretAccessProblems, serviceLoginProblems } from "./operations";
 import {
   admits,
   gpuWakeProblems,
@@ -52,6 +52,9 @@ describe("the slide verifier", () => {
     assert.equal(v.td.inputs.family, "mira-test-verifier");
     assert.equal(v.mira.image, "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mira-wsi-worker:test");
     assert.deepEqual(v.mira.command, ["verify"]);
+    // /metrics on the task's loopback, as the worker's in its pod; no collector scrapes it.
+    assert.equal(envOf(v.mira).MIRA_METRICS_LISTEN, "127.0.0.1:9464");
+    assert.deepEqual(JSON.parse(v.td.inputs.containerDefinitions).map((c: any) => c.name), ["mira"]);
     // Broken: the API's image, `run` (the GPU consumer), a size off the config, a collector
     // beside it, the API's login, a setting the worker does not get and one it does missing,
     // and the desired count managed by `pulumi up`.
@@ -69,7 +72,7 @@ describe("the slide verifier", () => {
     assert.deepEqual(verifierProblems(broken, CONFIG), [
       "runs mira-worker run, not mira-worker verify",
       "task size 512 CPU / 2048 MiB, not 1024 / 2048",
-      "containers mira,adot: the worker serves no /metrics, so no collector",
+      "containers mira,adot: the verifier's task is its mira container alone",
       "Worker__LeaseSeconds is not set, the worker's is 60",
       "MIRA_GPU is set, and not for the worker",
       "DATABASE_URL is " + api + ", not the worker login's secret",
@@ -79,6 +82,23 @@ describe("the slide verifier", () => {
     const traced = clone(resources);
     editVerifier(traced, (c) => c.environment.push({ name: "OTEL_EXPORTER_OTLP_ENDPOINT", value: "http://127.0.0.1:4318" }));
     assert.deepEqual(verifierProblems(traced, CONFIG), ["OTEL_EXPORTER_OTLP_ENDPOINT is set, and the verifier's task has no collector"]);
+    // Broken: no metrics listener; then one on every address of the task, mapped as a port.
+    const unserved = clone(resources);
+    editVerifier(unserved, (c) => (c.environment = c.environment.filter((e: any) => e.name !== "MIRA_METRICS_LISTEN")));
+    assert.deepEqual(verifierProblems(unserved, CONFIG), [
+      "MIRA_METRICS_LISTEN is not set, the worker's is 127.0.0.1:9464",
+      "its /metrics is on no address, not the task's loopback 127.0.0.1:9464",
+    ]);
+    const exposed = clone(resources);
+    editVerifier(exposed, (c) => {
+      c.environment.find((e: any) => e.name === "MIRA_METRICS_LISTEN").value = "0.0.0.0:9464";
+      c.portMappings = [{ containerPort: 9464, protocol: "tcp" }];
+    });
+    assert.deepEqual(verifierProblems(exposed, CONFIG), [
+      "MIRA_METRICS_LISTEN is 0.0.0.0:9464, the worker's is 127.0.0.1:9464",
+      "its /metrics is on 0.0.0.0:9464, not the task's loopback 127.0.0.1:9464",
+      "container mira maps port 9464",
+    ]);
     // The logins' checks see the API's login too: the service and the execution role.
     assert.deepEqual(serviceLoginProblems(broken), ["service mira-test-verifier: DATABASE_URL is the api login's secret, not the worker login's secret"]);
     assert.deepEqual(secretAccessProblems(broken), [

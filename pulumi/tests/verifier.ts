@@ -4,7 +4,7 @@
 
 import { loadTopology, type Topology } from "../src/topology";
 import { ofType, type Recorded } from "./harness";
-import { alarmTopicArn, containersOf, envOf, K, list, mayDo, metricsOf, policyOf, type Stmt } from "./operations";
+import { alarmTopicArn, containersOf, envOf, K, list, METRICS_LISTEN, METRICS_PORT, mayDo, metricsOf, policyOf, type Stmt } from "./operations";
 
 /**
  * The message attributes the relay publishes for an upload and for a queued job (DESIGN §5.1):
@@ -60,11 +60,12 @@ export function verifierServices(rs: Recorded[]) {
 /**
  * The verifier: one ECS Fargate service in the program's cluster, in the private subnets and the
  * group the database admits, no load balancer; its task runs the worker's image at `imageTag`
- * as `mira-worker verify`, on CPUs of the configured size (no GPU, no collector: the worker
- * serves no /metrics), with exactly the worker Deployment's settings and DATABASE_URL from the
- * worker's login; deploys and scaling are not undone by `pulumi up` (ignoreChanges). The
- * worker's `OTEL_*` variables are not settings: they send its traces to the collector in its
- * pod, and the verifier's task has none, so it gets none of them.
+ * as `mira-worker verify`, on CPUs of the configured size (no GPU, no collector), with exactly
+ * the worker Deployment's settings and DATABASE_URL from the worker's login; deploys and scaling
+ * are not undone by `pulumi up` (ignoreChanges). The worker's `OTEL_*` variables are not
+ * settings: they send its traces to the collector in its pod, and the verifier's task has none,
+ * so it gets none of them. Its /metrics is where the worker's is in its pod, on the task's
+ * loopback (MIRA_METRICS_LISTEN=METRICS_LISTEN), and no port mapping names it.
  */
 export function verifierProblems(rs: Recorded[], cfg: { imageTag: string; verifierTaskCpu: number; verifierTaskMemory: number }): string[] {
   const p: string[] = [];
@@ -90,7 +91,7 @@ export function verifierProblems(rs: Recorded[], cfg: { imageTag: string; verifi
     p.push(`task size ${td.inputs.cpu} CPU / ${td.inputs.memory} MiB, not ${cfg.verifierTaskCpu} / ${cfg.verifierTaskMemory}`);
   }
   const containers = containersOf(td);
-  if (containers.length !== 1) p.push(`containers ${containers.map((c) => c.name)}: the worker serves no /metrics, so no collector`);
+  if (containers.length !== 1) p.push(`containers ${containers.map((c) => c.name)}: the verifier's task is its mira container alone`);
   for (const c of containers) if ((c.resourceRequirements ?? []).some((r: any) => r.type === "GPU")) p.push(`container ${c.name} asks for a GPU`);
 
   const dep = ofType(rs, K.deployment)[0];
@@ -99,6 +100,10 @@ export function verifierProblems(rs: Recorded[], cfg: { imageTag: string; verifi
   for (const [k, v] of Object.entries(workerEnv)) if (env[k] !== v) p.push(`${k} is ${env[k] ?? "not set"}, the worker's is ${v}`);
   for (const k of Object.keys(env)) {
     if (!(k in workerEnv)) p.push(k.startsWith("OTEL_") ? `${k} is set, and the verifier's task has no collector` : `${k} is set, and not for the worker`);
+  }
+  if (env.MIRA_METRICS_LISTEN !== METRICS_LISTEN) p.push(`its /metrics is on ${env.MIRA_METRICS_LISTEN ?? "no address"}, not the task's loopback ${METRICS_LISTEN}`);
+  for (const c of containers) {
+    for (const pm of c.portMappings ?? []) if (pm.containerPort === METRICS_PORT || pm.hostPort === METRICS_PORT) p.push(`container ${c.name} maps port ${METRICS_PORT}`);
   }
   const login = byName(rs, K.secret, "db-login-worker")?.state.arn;
   const url = (mira.secrets ?? []).find((x: any) => x.name === "DATABASE_URL")?.valueFrom;

@@ -5,7 +5,11 @@
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, its `tracing` spans exported over OTLP/HTTP
 //! (`OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf`, the default, or `http/json`) as the
 //! service `OTEL_SERVICE_NAME` (default: the process's own name). With neither set nothing is
-//! exported and a span costs what it did before.
+//! exported and a span costs what it did before. JSON log lines written inside a recorded
+//! span carry its `trace_id` and `span_id`.
+//!
+//! [`init`] also installs the process's metrics recorder ([`prom`]): every process serves the
+//! series it records at `/metrics` (docs/observability/metrics.md).
 //!
 //! A trace crosses the log and the bus through the W3C `traceparent` every event's metadata
 //! carries: a command takes it from the span it runs in ([`traceparent`]), and whoever later
@@ -13,7 +17,9 @@
 //! ([`follow`]) or links to it ([`link`]). The message on the bus is only a notification; the
 //! context comes from the stored event.
 
-use std::sync::OnceLock;
+pub mod prom;
+
+use std::sync::{Arc, OnceLock};
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider};
 use opentelemetry::Context;
@@ -89,19 +95,83 @@ pub fn export_requested(env: impl Fn(&str) -> Option<String>) -> bool {
         .any(|k| env(k).is_some_and(|v| !v.trim().is_empty()))
 }
 
+/// The ADOT collector beside each task and worker pod on AWS (OTLP/HTTP), where traces go
+/// with `Tracing__XRay__Enabled` and no `OTEL_EXPORTER_OTLP_ENDPOINT`.
+pub const XRAY_COLLECTOR: &str = "http://127.0.0.1:4318";
+
+static XRAY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process started with `Tracing__XRay__Enabled`: it then also continues the
+/// trace of an incoming `X-Amzn-Trace-Id` (the load balancer's) when no `traceparent` came.
+pub fn xray_enabled() -> bool {
+    XRAY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `Tracing__XRay__Enabled` and `Tracing__XRay__ServiceName` (DESIGN §2), read from the
+/// environment at start as the `OTEL_*` variables are.
+fn xray_settings(env: impl Fn(&str) -> Option<String>) -> Result<(bool, Option<String>), InitError> {
+    let enabled = match env("Tracing__XRay__Enabled")
+        .map(|v| v.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("") | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(InitError::Exporter(format!(
+                "Tracing__XRay__Enabled is {other:?}: it is true or false"
+            )))
+        }
+    };
+    let name = env("Tracing__XRay__ServiceName").filter(|n| enabled && !n.trim().is_empty());
+    Ok((enabled, name))
+}
+
+/// The W3C `traceparent` of an X-Ray trace header (`Root=1-5759e988-bd862e3fe1be46a994272793;
+/// Parent=53995c3f42cd8ad8;Sampled=1`): the same trace id, its 8-digit time and 24-digit random
+/// parts joined, as X-Ray and W3C ids are one. A header without `Parent` (the load balancer's
+/// own) gets a fresh parent span id, so the request still joins the trace the load balancer's
+/// logs name.
+pub fn xray_traceparent(header: &str) -> Option<String> {
+    let (mut root, mut parent, mut sampled) = (None, None, true);
+    for part in header.split(';') {
+        match part.trim().split_once('=') {
+            Some(("Root", v)) => root = Some(v.trim()),
+            Some(("Parent", v)) => parent = Some(v.trim().to_ascii_lowercase()),
+            Some(("Sampled", v)) => sampled = v.trim() != "0",
+            _ => {}
+        }
+    }
+    let mut r = root?.split('-');
+    let (version, time, random) = (r.next()?, r.next()?, r.next()?);
+    if r.next().is_some() || version != "1" || time.len() != 8 || random.len() != 24 {
+        return None;
+    }
+    let parent = parent.unwrap_or_else(|| format!("{:016x}", (uuid::Uuid::new_v4().as_u128() as u64).max(1)));
+    let tp = format!(
+        "00-{}{}-{parent}-{}",
+        time.to_ascii_lowercase(),
+        random.to_ascii_lowercase(),
+        if sampled { "01" } else { "00" }
+    );
+    span_context(&tp).map(|_| tp)
+}
+
 /// Starts logging to stderr, and exporting traces when `OTEL_EXPORTER_OTLP_ENDPOINT` is set,
 /// as `service` unless `OTEL_SERVICE_NAME` names another. `default_filter` applies without
 /// `RUST_LOG`. Installs the process's global subscriber once; a later call changes nothing.
 pub fn init(service: &str, default_filter: &str) -> Result<Guard, InitError> {
     let format = mira_config::LogFormat::from_env(|k| std::env::var(k).ok()).map_err(InitError::Config)?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let provider = if export_requested(|k| std::env::var(k).ok()) {
-        Some(provider(service)?)
+    let (xray, xray_name) = xray_settings(|k| std::env::var(k).ok())?;
+    XRAY.store(xray, std::sync::atomic::Ordering::Relaxed);
+    let provider = if xray || export_requested(|k| std::env::var(k).ok()) {
+        Some(provider(xray_name.as_deref().unwrap_or(service))?)
     } else {
         None
     };
     let sub = subscriber(filter, format, std::io::stderr, provider.as_ref());
-    let _ = tracing::subscriber::set_global_default(sub);
+    let _ = tracing::dispatcher::set_global_default(sub);
+    prom::install();
     Ok(Guard(provider))
 }
 
@@ -116,7 +186,8 @@ fn provider(service: &str) -> Result<SdkTracerProvider, InitError> {
     ) {
         (Some(traces), _) => traces,
         (None, Some(base)) => format!("{}/v1/traces", base.trim_end_matches('/')),
-        (None, None) => return Err(InitError::Exporter("no endpoint".into())),
+        // `Tracing__XRay__Enabled` alone: the collector beside the process.
+        (None, None) => format!("{XRAY_COLLECTOR}/v1/traces"),
     };
     let protocol = match env("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
         None | Some("http/protobuf") => Protocol::HttpBinary,
@@ -151,10 +222,13 @@ pub fn subscriber<W>(
     format: mira_config::LogFormat,
     writer: W,
     provider: Option<&SdkTracerProvider>,
-) -> Box<dyn tracing::Subscriber + Send + Sync>
+) -> tracing::Dispatch
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
+    // The JSON lines read the OpenTelemetry ids of their span through the dispatcher they are
+    // written by, which exists only once the subscriber is built.
+    let dispatch: Arc<OnceLock<tracing::dispatcher::WeakDispatch>> = Arc::default();
     // `RUST_LOG` chooses the log lines; the spans exported are Mira's own at `info` whatever it
     // says (a fleet logging at `warn` still sends its traces).
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_target(false);
@@ -163,13 +237,23 @@ where
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_filter(filter)
             .boxed(),
-        // One object per line: timestamp, level, message and fields, and the span it is in.
-        mira_config::LogFormat::Json => fmt
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_filter(filter)
-            .boxed(),
+        // One object per line: timestamp, level, message and fields, the span it is in, and,
+        // when traces are recorded, that span's `trace_id` and `span_id` (what CloudWatch Logs
+        // Insights joins a trace's lines on).
+        mira_config::LogFormat::Json => {
+            let json = tracing_subscriber::fmt::format()
+                .json()
+                .with_target(false)
+                .with_current_span(true)
+                .with_span_list(false);
+            fmt.json()
+                .event_format(WithTraceIds {
+                    inner: json,
+                    dispatch: dispatch.clone(),
+                })
+                .with_filter(filter)
+                .boxed()
+        }
     };
     let mut layers = vec![fmt];
     if let Some(p) = provider {
@@ -180,7 +264,48 @@ where
                 .boxed(),
         );
     }
-    Box::new(tracing_subscriber::registry().with(layers))
+    let d = tracing::Dispatch::new(tracing_subscriber::registry().with(layers));
+    let _ = dispatch.set(d.downgrade());
+    d
+}
+
+/// The JSON format, with `trace_id` and `span_id` added to each line written inside a span
+/// whose trace is recorded.
+struct WithTraceIds<F> {
+    inner: F,
+    dispatch: Arc<OnceLock<tracing::dispatcher::WeakDispatch>>,
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let span = ctx.event_scope().and_then(|mut scope| scope.next()).map(|s| s.id());
+        let ids = span
+            .zip(self.dispatch.get().and_then(|d| d.upgrade()))
+            .and_then(|(id, d)| {
+                let cx = tracing_opentelemetry::get_otel_context(&id, &d)?;
+                let sc = cx.span().span_context().clone();
+                sc.is_valid().then(|| (sc.trace_id(), sc.span_id()))
+            });
+        let mut line = String::new();
+        self.inner
+            .format_event(ctx, tracing_subscriber::fmt::format::Writer::new(&mut line), event)?;
+        match (ids, line.trim_end().strip_suffix('}')) {
+            (Some((trace, span)), Some(open)) => {
+                writeln!(writer, "{open},\"trace_id\":\"{trace}\",\"span_id\":\"{span}\"}}")
+            }
+            _ => writer.write_str(&line),
+        }
+    }
 }
 
 /// A tracer provider that exports to `endpoint` (OTLP/HTTP, `http/json`) every 100 ms: for
@@ -315,7 +440,7 @@ mod tests {
     use super::*;
 
     /// A subscriber that logs nothing at `level`'s lines, with `provider`'s spans.
-    fn quiet(level: &str, provider: Option<&SdkTracerProvider>) -> Box<dyn tracing::Subscriber + Send + Sync> {
+    fn quiet(level: &str, provider: Option<&SdkTracerProvider>) -> tracing::Dispatch {
         subscriber(
             EnvFilter::new(level),
             mira_config::LogFormat::Text,
@@ -346,6 +471,58 @@ mod tests {
     }
 
     #[test]
+    fn an_xray_header_names_the_same_trace() {
+        let tp =
+            xray_traceparent("Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995C3F42CD8AD8;Sampled=1").unwrap();
+        assert_eq!(tp, "00-5759e988bd862e3fe1be46a994272793-53995c3f42cd8ad8-01");
+        // The load balancer's header: a root and no parent.
+        let tp = xray_traceparent("Root=1-67891233-abcdef012345678912345678").unwrap();
+        let sc = span_context(&tp).unwrap();
+        assert_eq!(sc.trace_id().to_string(), "67891233abcdef012345678912345678");
+        assert!(sc.is_sampled());
+        assert!(!xray_traceparent("Root=1-5759e988-bd862e3fe1be46a994272793;Sampled=0")
+            .unwrap()
+            .ends_with("-01"));
+        for bad in [
+            "",
+            "Parent=53995c3f42cd8ad8",
+            "Root=2-5759e988-bd862e3fe1be46a994272793",
+            "Root=1-5759e98-bd862e3fe1be46a994272793",
+            "Root=1-zzzzzzzz-bd862e3fe1be46a994272793",
+        ] {
+            assert!(xray_traceparent(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn xray_settings_are_read_and_a_wrong_one_is_named() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(xray_settings(env(&[])).unwrap(), (false, None));
+        assert_eq!(
+            xray_settings(env(&[
+                ("Tracing__XRay__Enabled", "True"),
+                ("Tracing__XRay__ServiceName", "mira-api")
+            ]))
+            .unwrap(),
+            (true, Some("mira-api".to_owned()))
+        );
+        assert_eq!(
+            xray_settings(env(&[
+                ("Tracing__XRay__Enabled", "false"),
+                ("Tracing__XRay__ServiceName", "mira-api")
+            ]))
+            .unwrap(),
+            (false, None)
+        );
+        let e = xray_settings(env(&[("Tracing__XRay__Enabled", "yes")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Tracing__XRay__Enabled"), "{e}");
+    }
+
+    #[test]
     fn a_fresh_traceparent_is_valid_and_new() {
         let (a, b) = (random_traceparent(), random_traceparent());
         assert!(span_context(&a).is_some(), "{a}");
@@ -355,7 +532,7 @@ mod tests {
     #[test]
     fn without_a_recorded_trace_a_command_gets_a_fresh_traceparent() {
         let sub = quiet("info", None);
-        tracing::subscriber::with_default(sub, || {
+        tracing::dispatcher::with_default(&sub, || {
             let span = tracing::info_span!("request");
             follow(&span, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
             let _g = span.enter();
@@ -369,7 +546,7 @@ mod tests {
     fn a_span_that_follows_a_traceparent_is_in_its_trace() {
         let provider = SdkTracerProvider::builder().build();
         let sub = quiet("info", Some(&provider));
-        tracing::subscriber::with_default(sub, || {
+        tracing::dispatcher::with_default(&sub, || {
             let span = tracing::info_span!("consume.apply");
             follow(&span, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
             let _g = span.enter();
@@ -383,6 +560,54 @@ mod tests {
                 "the command's parent is this span: {tp}"
             );
         });
+    }
+
+    /// A JSON log line written inside a span of a recorded trace names the trace and the span,
+    /// so that a log search finds a trace's lines; outside any span it names none.
+    #[test]
+    fn json_lines_carry_their_trace_and_span_ids() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let provider = SdkTracerProvider::builder().build();
+        let sub = subscriber(
+            EnvFilter::new("info"),
+            mira_config::LogFormat::Json,
+            move || w.clone(),
+            Some(&provider),
+        );
+        let mut inside = None;
+        tracing::dispatcher::with_default(&sub, || {
+            tracing::info!("before any span");
+            let span = tracing::info_span!("consume.event");
+            follow(&span, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+            let _g = span.enter();
+            inside = current_ids();
+            tracing::info!(job = "j-1", "applied");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].get("trace_id").is_none(), "{text}");
+        let (trace, span) = inside.expect("the span is recorded");
+        assert_eq!(lines[1]["trace_id"], "0af7651916cd43dd8448eb211c80319c", "{text}");
+        assert_eq!(lines[1]["trace_id"], trace.as_str());
+        assert_eq!(lines[1]["span_id"], span.as_str(), "{text}");
+        assert_eq!(lines[1]["fields"]["job"], "j-1");
+        assert_eq!(lines[1]["span"]["name"], "consume.event", "{text}");
     }
 
     /// What `mira-worker` does with `OTEL_EXPORTER_OTLP_ENDPOINT` set and `RUST_LOG=warn`: its
@@ -438,7 +663,7 @@ mod tests {
         });
         let p = provider("mira-worker").unwrap();
         let sub = quiet("warn", Some(&p));
-        tracing::subscriber::with_default(sub, || {
+        tracing::dispatcher::with_default(&sub, || {
             let _g = tracing::info_span!("worker.stage", stage = "building the pyramid").entered();
         });
         p.force_flush().unwrap();

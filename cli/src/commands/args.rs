@@ -70,6 +70,10 @@ pub enum Command {
         /// DATABASE_URL in the environment is ignored: it may name a shared database.
         #[arg(long, value_name = "URL")]
         database_url: Option<String>,
+        /// Send every process's traces over OTLP/HTTP to this collector (for example a local
+        /// Jaeger's http://127.0.0.1:4318), as OTEL_EXPORTER_OTLP_ENDPOINT would.
+        #[arg(long, value_name = "URL")]
+        otlp: Option<String>,
         #[command(subcommand)]
         command: Option<DevCommand>,
     },
@@ -82,14 +86,25 @@ pub enum Command {
         /// the roles Roles__Enabled names (none by default).
         #[arg(long = "with", value_parser = parse_role, value_delimiter = ',', value_name = "ROLES")]
         with: Option<Vec<mira_gateway::roles::Role>>,
+        #[command(flatten)]
+        metrics: MetricsListen,
     },
     /// Follow the log and publish every event to the SNS topic (one active relay at a time).
-    Relay,
+    Relay {
+        #[command(flatten)]
+        metrics: MetricsListen,
+    },
     /// Run the read-model projector on the `projections` queue (Messaging__Provider=Aws).
-    Projector,
+    Projector {
+        #[command(flatten)]
+        metrics: MetricsListen,
+    },
     /// Run the lifecycle handlers on the `handlers` queue (Messaging__Provider=Aws): queueing
     /// jobs when their slide is verified, retries after backoff, lease expiry.
-    Handlers,
+    Handlers {
+        #[command(flatten)]
+        metrics: MetricsListen,
+    },
     /// List, inspect and rebuild projections.
     Projections {
         #[command(subcommand)]
@@ -330,4 +345,13 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where a process without the API serves its `/metrics`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MetricsListen {
+    /// Serve this process's metrics at http://ADDR/metrics (default: Api__MetricsListen; unset:
+    /// none).
+    #[arg(long = "metrics-listen", value_name = "ADDR")]
+    pub addr: Option<String>,
 }

@@ -26,6 +26,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         expose_sign_in,
         database_url,
         command,
+        ..
     } = &cli.command
     {
         return match command {
@@ -142,7 +143,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Serve { listen, with } => {
+        Command::Serve { listen, with, metrics } => {
+            let mut settings = settings.clone();
+            if let Some(addr) = metrics.addr {
+                settings.api.metrics_listen = Some(addr);
+            }
             let pool = mira_gateway::database::api_pool(&settings).await?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
@@ -153,25 +158,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             mira_gateway::server::run(&settings, pool, listener, &options, shutdown_on_signals()).await?;
         }
-        Command::Relay => {
-            mira_gateway::roles::run_alone(&settings, &[mira_gateway::roles::Role::Relay], shutdown_on_signals())
-                .await?
-        }
-        Command::Projector => {
-            mira_gateway::roles::run_alone(
-                &settings,
-                &[mira_gateway::roles::Role::Projector],
-                shutdown_on_signals(),
-            )
-            .await?
-        }
-        Command::Handlers => {
-            mira_gateway::roles::run_alone(&settings, &[mira_gateway::roles::Role::Handlers], shutdown_on_signals())
-                .await?
-        }
+        Command::Relay { metrics } => alone(&settings, mira_gateway::roles::Role::Relay, metrics).await?,
+        Command::Projector { metrics } => alone(&settings, mira_gateway::roles::Role::Projector, metrics).await?,
+        Command::Handlers { metrics } => alone(&settings, mira_gateway::roles::Role::Handlers, metrics).await?,
         Command::Bench { command } => bench::bench(&settings, command).await?,
         Command::Projections { command } => projections::projections(&settings, command).await?,
         Command::Dlq { command } => dlq::dlq(&settings, command).await?,
     }
     Ok(())
+}
+
+/// `mira relay`, `mira projector`, `mira handlers`: one role alone, with its `/metrics` where
+/// `--metrics-listen` (or `Api__MetricsListen`) says.
+async fn alone(
+    settings: &Settings,
+    role: mira_gateway::roles::Role,
+    metrics: args::MetricsListen,
+) -> anyhow::Result<()> {
+    let mut settings = settings.clone();
+    if let Some(addr) = metrics.addr {
+        settings.api.metrics_listen = Some(addr);
+    }
+    mira_gateway::roles::run_alone(&settings, &[role], shutdown_on_signals()).await
 }

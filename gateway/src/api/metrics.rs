@@ -1,85 +1,49 @@
-//! `/metrics` in the Prometheus text format: request counts and latency sums per route and
-//! status class, and, read from the database at scrape time, each projection's position and
+//! `/metrics` in the Prometheus text format (the catalogue: `docs/observability/metrics.md`):
+//! request counts and latency per route and status, every series the process records, and,
+//! read from the database at scrape time, each projection's position and
 //! lag and the log's watermark lag (DESIGN §4.1, §6).
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 
-#[derive(Debug, Default)]
+/// The API's part of the process's metrics (the recorder is the process's one:
+/// [`mira_telemetry::prom`]).
+#[derive(Debug)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, u16), (u64, f64)>>,
     /// Set when this process runs the relay, which writes checkpoints to the witness.
     pub witness: std::sync::OnceLock<std::sync::Arc<mira_eventlog::checkpoint::WitnessHealth>>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        mira_telemetry::prom::install();
+        Self {
+            witness: Default::default(),
+        }
+    }
+}
+
 impl Metrics {
     pub fn observe(&self, route: &str, status: StatusCode, took: Duration) {
-        let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let e = m.entry((route.to_owned(), status.as_u16())).or_default();
-        e.0 += 1;
-        e.1 += took.as_secs_f64();
+        let labels = [("route", route.to_owned()), ("status", status.as_u16().to_string())];
+        metrics::counter!("mira_http_requests_total", &labels).increment(1);
+        metrics::histogram!("mira_http_request_seconds", &labels).record(took.as_secs_f64());
     }
 
-    /// Renders the request metrics, then `extra` (gauges read at scrape time).
+    /// Sets the gauges read at scrape time (`gauges`, the witness's health), then renders every
+    /// series of the process.
     pub fn render(&self, gauges: &[Gauge]) -> String {
-        let mut out = String::new();
-        out.push_str("# HELP mira_http_requests_total HTTP requests by route and status.\n");
-        out.push_str("# TYPE mira_http_requests_total counter\n");
-        let m = self.requests.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for ((route, status), (n, _)) in &m {
-            let _ = writeln!(
-                out,
-                "mira_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
-                escape(route)
-            );
-        }
-        out.push_str("# HELP mira_http_request_seconds_sum Time spent serving requests.\n");
-        out.push_str("# TYPE mira_http_request_seconds_sum counter\n");
-        for ((route, status), (_, secs)) in &m {
-            let _ = writeln!(
-                out,
-                "mira_http_request_seconds_sum{{route=\"{}\",status=\"{status}\"}} {secs}",
-                escape(route)
-            );
-        }
         if let Some(w) = self.witness.get() {
-            out.push_str("# HELP mira_witness_conflicts_total Witness conflicts met while writing checkpoints: the tamper signal; checkpointing stops.\n");
-            out.push_str("# TYPE mira_witness_conflicts_total counter\n");
-            let _ = writeln!(out, "mira_witness_conflicts_total {}", w.conflicts());
-            out.push_str("# HELP mira_witness_last_success_timestamp_seconds When the witness last took a checkpoint (Unix seconds; 0: not since this process started).\n");
-            out.push_str("# TYPE mira_witness_last_success_timestamp_seconds gauge\n");
-            let _ = writeln!(
-                out,
-                "mira_witness_last_success_timestamp_seconds {}",
-                w.last_success_unix()
-            );
+            metrics::counter!("mira_witness_conflicts_total").absolute(w.conflicts());
+            metrics::gauge!("mira_witness_last_success_timestamp_seconds").set(w.last_success_unix() as f64);
         }
-        let mut last = "";
         for g in gauges {
-            if g.name != last {
-                let _ = writeln!(out, "# HELP {} {}", g.name, g.help);
-                let _ = writeln!(out, "# TYPE {} gauge", g.name);
-                last = g.name;
-            }
-            let labels = if g.labels.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "{{{}}}",
-                    g.labels
-                        .iter()
-                        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                )
-            };
-            let _ = writeln!(out, "{}{labels} {}", g.name, g.value);
+            let labels: Vec<(&'static str, String)> = g.labels.clone();
+            metrics::describe_gauge!(g.name, g.help);
+            metrics::gauge!(g.name, &labels).set(g.value);
         }
-        out
+        mira_telemetry::prom::render()
     }
 }
 
@@ -89,10 +53,6 @@ pub struct Gauge {
     pub help: &'static str,
     pub labels: Vec<(&'static str, String)>,
     pub value: f64,
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Projection and watermark gauges, read now.

@@ -69,8 +69,17 @@ async fn pipeline(State(Pipeline { state, allow }): State<Pipeline>, mut req: Re
         status = tracing::field::Empty,
     );
     // A caller's W3C trace: this request continues it (its commands' events carry it on).
-    if let Some(tp) = req.headers().get("traceparent").and_then(|v| v.to_str().ok()) {
-        mira_telemetry::follow(&span, tp);
+    // With Tracing__XRay__Enabled, the load balancer's X-Amzn-Trace-Id when no traceparent came.
+    {
+        let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+        if let Some(tp) = header("traceparent") {
+            mira_telemetry::follow(&span, tp);
+        } else if let Some(tp) = header("x-amzn-trace-id")
+            .filter(|_| mira_telemetry::xray_enabled())
+            .and_then(mira_telemetry::xray_traceparent)
+        {
+            mira_telemetry::follow(&span, &tp);
+        }
     }
     req.headers_mut().insert(
         "x-request-id",

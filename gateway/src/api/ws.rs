@@ -218,7 +218,10 @@ pub async fn handler(
             let sink = sink.with(move |m: Message| {
                 futures_util::future::ready(Ok::<_, axum::Error>(cursors.outgoing(&tenant, m)))
             });
+            let open = metrics::gauge!("mira_ws_connections");
+            open.increment(1.0);
             let end = session(sink, stream, Source(state), who, since, rx, cfg.ws_send_timeout).await;
+            open.decrement(1.0);
             tracing::debug!(?end, "WebSocket closed");
         })
         .into_response())
@@ -481,7 +484,10 @@ where
         Ok(e) | Err(e) => e,
     };
     match end {
-        End::Slow => close_with(&mut sink, CLOSE_SLOW, "too slow: reconnect with ?since=<last cursor>").await,
+        End::Slow => {
+            metrics::counter!("mira_ws_dropped_slow_clients_total").increment(1);
+            close_with(&mut sink, CLOSE_SLOW, "too slow: reconnect with ?since=<last cursor>").await
+        }
         End::Expired => {
             close_with(
                 &mut sink,

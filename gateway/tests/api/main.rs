@@ -390,13 +390,16 @@ impl App {
 
     /// Registers a slide of `bytes` and uploads it through its URLs; returns the slide id.
     async fn upload_slide(&self, token: &str, bytes: &[u8]) -> String {
-        let r = self
-            .post(
-                token,
-                "/api/slides",
-                json!({"name": "CMU-1 H&E", "size_bytes": bytes.len(), "content_type": "image/tiff"}),
-            )
-            .await;
+        self.upload_slide_named(token, bytes, "CMU-1 H&E", None).await
+    }
+
+    /// Registers and uploads a slide under `name` (and `file_name`); returns its id.
+    async fn upload_slide_named(&self, token: &str, bytes: &[u8], name: &str, file_name: Option<&str>) -> String {
+        let mut body = json!({"name": name, "size_bytes": bytes.len(), "content_type": "image/tiff"});
+        if let Some(f) = file_name {
+            body["file_name"] = json!(f);
+        }
+        let r = self.post(token, "/api/slides", body).await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
         let id = r.body["slide_id"].as_str().unwrap().to_owned();
         let parts = put_upload(&self.http, &r.body["upload"], bytes).await;
@@ -416,6 +419,15 @@ impl App {
             (r.status() == 200).then_some(json!(true))
         })
         .await;
+    }
+
+    /// Waits until the slide is verified; returns it.
+    async fn verified(&self, token: &str, slide: &str) -> Value {
+        eventually("the slide verified", || async {
+            let s = self.get(token, &format!("/api/slides/{slide}")).await.body;
+            (s["status"] == "verified").then_some(s)
+        })
+        .await
     }
 
     /// `/metrics`, as Prometheus would read it (with `Api__MetricsToken`).
@@ -769,6 +781,11 @@ fn spawn_verifier(app: &App, extra: &[(&str, &str)]) -> tokio::process::Child {
 }
 
 fn spawn_worker_as(app: &App, mode: &str, extra: &[(&str, &str)]) -> tokio::process::Child {
+    worker_command(app, mode, extra).spawn().expect("mira-worker starts")
+}
+
+/// `mira-worker <mode>` on the test's database, bus and blobs, not started yet.
+fn worker_command(app: &App, mode: &str, extra: &[(&str, &str)]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(worker_binary());
     cmd.arg(mode)
         .env_clear()
@@ -786,7 +803,7 @@ fn spawn_worker_as(app: &App, mode: &str, extra: &[(&str, &str)]) -> tokio::proc
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    cmd.spawn().expect("mira-worker starts")
+    cmd
 }
 
 fn vips(args: &[&str]) {
@@ -1024,11 +1041,7 @@ fn peak_rss(pid: u32) -> u64 {
 /// Submits a job on a new slide of `bytes` and waits for its end.
 async fn job_to_the_end(app: &App, t: &str, bytes: &[u8]) -> Value {
     let slide = app.upload_slide(t, bytes).await;
-    eventually("the slide verified", || async {
-        let s = app.get(t, &format!("/api/slides/{slide}")).await.body;
-        (s["status"] == "verified").then_some(s)
-    })
-    .await;
+    app.verified(t, &slide).await;
     job_on(app, t, &slide).await
 }
 
@@ -1068,11 +1081,7 @@ async fn minute_job(lease: &'static str) -> (Value, Vec<String>, Duration) {
     );
     let t = app.token("lab-a", &["pathologist"]);
     let slide = app.upload_slide(&t, &bytes).await;
-    eventually("the tall slide verified", || async {
-        let s = app.get(&t, &format!("/api/slides/{slide}")).await.body;
-        (s["status"] == "verified").then_some(s)
-    })
-    .await;
+    app.verified(&t, &slide).await;
     let job = submit_job(&app, &t, &slide).await;
     job_status_until(&app, &t, &job, &["running"], Duration::from_secs(60)).await;
     let started = Instant::now();

@@ -340,11 +340,7 @@ async fn a_swapped_upload_is_never_processed_on_the_local_store() {
         bytes,
         "the copy is the first upload's bytes"
     );
-    eventually("the slide verified", || async {
-        let s = app.get(&t, &format!("/api/slides/{slide}")).await.body;
-        (s["status"] == "verified").then_some(s)
-    })
-    .await;
+    app.verified(&t, &slide).await;
     let j = job_on(&app, &t, &slide).await;
     assert_eq!(j["status"], "succeeded", "{j}");
     // The copy changes behind the log's back: the next job refuses it.

@@ -99,37 +99,116 @@ fn render(spans: &[Value]) -> String {
     out
 }
 
+/// A log writer that keeps what this process logs.
+#[derive(Clone, Default)]
+struct Logged(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logged {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A slide name and file name no telemetry may carry: sealed in the log, shown to its tenant.
+const PLANTED_NAME: &str = "Zebulon Quixote 1947-03-12 biopsy";
+const PLANTED_FILE: &str = "quixote-zebulon-MRN-5551234.svs";
+
+/// `/metrics` read as a scraper reads it: every sample by series name and labels.
+fn scrape(text: &str) -> Vec<prometheus_parse::Sample> {
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("not the Prometheus text format ({e}):\n{text}"))
+        .samples
+}
+
+/// The value of the sample `name` whose labels include `labels` (a histogram's count for a
+/// histogram), or `None`.
+fn sample(samples: &[prometheus_parse::Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+            prometheus_parse::Value::Summary(_) => f64::NAN,
+        })
+}
+
+async fn worker_metrics(http: &reqwest::Client, addr: &str) -> String {
+    eventually("the worker serves /metrics", || async {
+        let r = http.get(format!("http://{addr}/metrics")).send().await.ok()?;
+        (r.status() == 200).then_some(Value::String(r.text().await.ok()?))
+    })
+    .await
+    .as_str()
+    .unwrap()
+    .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_covers_the_request_the_log_the_bus_the_worker_and_the_push() {
     let rx = receiver().await;
     let provider = mira_telemetry::test_provider(&rx.url, "mira-dev").unwrap();
-    tracing::subscriber::set_global_default(mira_telemetry::subscriber(
+    // This process logs as JSON (Logging__Format=json), kept for the scans below.
+    let logged = Logged::default();
+    let out = logged.clone();
+    tracing::dispatcher::set_global_default(mira_telemetry::subscriber(
         tracing_subscriber::EnvFilter::new("info"),
-        mira_config::LogFormat::Text,
-        std::io::sink,
+        mira_config::LogFormat::Json,
+        move || out.clone(),
         Some(&provider),
     ))
     .unwrap();
     let app = spawn_app(Storage::Local).await;
-    let _worker = spawn_worker(
-        &app,
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", rx.url.as_str()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ],
+    // The worker and the verifier, exporting their spans, logging JSON at `info` to files, and
+    // the worker serving its own /metrics.
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let logs = app.dir.join("worker-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", rx.url.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("Logging__Format", "json"),
+        ("RUST_LOG", "info"),
+    ];
+    let mut processes = Vec::new();
+    for (mode, extra) in [
+        ("run", Some(("MIRA_METRICS_LISTEN", metrics_addr.as_str()))),
+        ("verify", None),
+    ] {
+        let mut cmd = worker_command(&app, mode, &env);
+        if let Some((k, v)) = extra {
+            cmd.env(k, v);
+        }
+        cmd.stderr(std::fs::File::create(logs.join(format!("{mode}.log"))).unwrap());
+        processes.push(cmd.spawn().expect("mira-worker starts"));
+    }
+    let before = scrape(&worker_metrics(&app.http, &metrics_addr).await);
+    assert_eq!(
+        sample(&before, "mira_jobs_finished_total", &[("outcome", "succeeded")]),
+        None,
+        "no job has ended yet"
     );
     let t = app.token("lab-a", &["pathologist"]);
     let mut ws = connect(&app, &t, None).await;
     assert_eq!(next_json(&mut ws).await["type"], "hello");
-    let slide = app.upload_slide(&t, &cmu_slide()).await;
+    let slide = app
+        .upload_slide_named(&t, &cmu_slide(), PLANTED_NAME, Some(PLANTED_FILE))
+        .await;
     // Verified first: a job waiting for its slide is queued by the slide's verification, in
     // that trace.
-    eventually("the slide verified", || async {
-        let s = app.get(&t, &format!("/api/slides/{slide}")).await.body;
-        (s["status"] == "verified").then_some(s)
-    })
-    .await;
+    let verified = app.verified(&t, &slide).await;
+    // The names are in the platform: its tenant reads them back.
+    assert_eq!(verified["name"], PLANTED_NAME, "{verified}");
     let r = app
         .send(
             app.http
@@ -157,11 +236,26 @@ async fn one_trace_covers_the_request_the_log_the_bus_the_worker_and_the_push() 
         "command.job",
         "consume.event",
         "ws.push",
+        "worker.lease",
         "worker.attempt",
+        "worker.fetch",
         "worker.stage",
+        "worker.store",
+        "handlers.admit",
     ];
+    // Until every span wanted is in, and every span's parent (a parent ends, and is sent,
+    // after its children).
+    let closed = |trace: &[Value]| {
+        let names: Vec<&str> = trace.iter().filter_map(|s| s["name"].as_str()).collect();
+        let ids: std::collections::HashSet<&str> = trace.iter().filter_map(|s| s["spanId"].as_str()).collect();
+        wanted.iter().all(|w| names.contains(w))
+            && trace.iter().all(|s| {
+                let parent = s["parentSpanId"].as_str().unwrap_or_default();
+                parent == CALLER || ids.contains(parent)
+            })
+    };
     let mut trace: Vec<Value> = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..150 {
         trace = rx
             .spans
             .lock()
@@ -170,28 +264,16 @@ async fn one_trace_covers_the_request_the_log_the_bus_the_worker_and_the_push() 
             .filter(|s| s["traceId"] == TRACE)
             .cloned()
             .collect();
-        let names: Vec<&str> = trace.iter().filter_map(|s| s["name"].as_str()).collect();
-        if wanted.iter().all(|w| names.contains(w)) && names.contains(&"worker.store") {
+        if closed(&trace) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let tree = render(&trace);
     eprintln!("the job's trace:\n{tree}");
-    if std::env::var_os("MIRA_TRACE_DEBUG").is_some() {
-        for s in rx.spans.lock().unwrap().iter() {
-            eprintln!(
-                "{} {} {} parent={}",
-                s["traceId"], s["name"], s["service"], s["parentSpanId"]
-            );
-        }
-    }
     let names: Vec<&str> = trace.iter().filter_map(|s| s["name"].as_str()).collect();
-    for w in wanted
-        .iter()
-        .chain(&["worker.lease", "worker.fetch", "worker.store", "handlers.admit"])
-    {
-        assert!(names.contains(w), "no {w} span in the trace: {names:?}\n{tree}");
+    for w in wanted {
+        assert!(names.contains(&w), "no {w} span in the trace: {names:?}\n{tree}");
     }
     // Both processes are in it.
     let services: std::collections::BTreeSet<&str> = trace.iter().filter_map(|s| s["service"].as_str()).collect();
@@ -228,5 +310,251 @@ async fn one_trace_covers_the_request_the_log_the_bus_the_worker_and_the_push() 
                 .is_some_and(|l| l.iter().any(|l| l["traceId"] == TRACE))
     });
     assert!(linked, "no relay.publish span links to the trace");
+
+    // Metrics: both processes' /metrics parse, and the series moved with the job.
+    let worker = scrape(&worker_metrics(&app.http, &metrics_addr).await);
+    let kind = [("kind", "wsi.preprocess")];
+    assert_eq!(
+        sample(
+            &worker,
+            "mira_jobs_finished_total",
+            &[kind[0], ("outcome", "succeeded")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&worker, "mira_job_seconds", &[kind[0], ("outcome", "succeeded")]),
+        Some(1.0)
+    );
+    for stage in ["download", "open", "pyramid", "mask", "write", "upload"] {
+        assert_eq!(
+            sample(&worker, "mira_job_stage_seconds", &[kind[0], ("stage", stage)]),
+            Some(1.0),
+            "stage {stage}"
+        );
+    }
+    // CMU-1-Small-Region is 2220 × 2967 pixels.
+    assert_eq!(
+        sample(&worker, "mira_worker_pixels_total", &[("device", "cpu")]),
+        Some(2220.0 * 2967.0)
+    );
+    for command in ["job.start", "job.succeed"] {
+        assert_eq!(
+            sample(
+                &worker,
+                "mira_command_seconds",
+                &[("command", command), ("outcome", "ok")]
+            ),
+            Some(1.0),
+            "{command}"
+        );
+    }
+    assert!(
+        sample(
+            &worker,
+            "mira_consumer_apply_seconds",
+            &[("consumer", "gpu-jobs"), ("outcome", "applied")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    let gateway_text = app.metrics().await;
+    let gateway = scrape(&gateway_text);
+    assert_eq!(
+        sample(
+            &gateway,
+            "mira_http_requests_total",
+            &[("route", "/api/jobs"), ("status", "202")]
+        ),
+        Some(1.0),
+        "{gateway_text}"
+    );
+    assert_eq!(
+        sample(
+            &gateway,
+            "mira_http_request_seconds",
+            &[("route", "/api/jobs"), ("status", "202")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &gateway,
+            "mira_command_seconds",
+            &[("command", "job.submit"), ("outcome", "ok")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        sample(&gateway, "mira_relay_published_events_total", &[]).unwrap_or(0.0) >= 6.0,
+        "{gateway_text}"
+    );
+    assert!(sample(&gateway, "mira_relay_batch_events", &[]).unwrap_or(0.0) >= 1.0);
+    assert!(
+        sample(
+            &gateway,
+            "mira_consumer_apply_seconds",
+            &[("consumer", "projections"), ("outcome", "applied")]
+        )
+        .unwrap_or(0.0)
+            >= 6.0,
+        "{gateway_text}"
+    );
+    assert!(
+        sample(
+            &gateway,
+            "mira_consumer_receive_delay_seconds",
+            &[("queue", "projections")]
+        )
+        .unwrap_or(0.0)
+            >= 6.0
+    );
+    assert_eq!(
+        sample(&gateway, "mira_ws_connections", &[]),
+        Some(1.0),
+        "the test's socket is open"
+    );
+    assert!(sample(
+        &gateway,
+        "mira_queue_messages",
+        &[("queue", "projections-dlq"), ("state", "visible")]
+    )
+    .is_some());
+    assert!(sample(
+        &gateway,
+        "mira_projection_lag_seconds",
+        &[("projection", "read_models")]
+    )
+    .is_some());
+
+    // Logs: JSON lines, and the ones written inside the job's trace name it, in both
+    // processes, so a log search joins them to the trace.
+    let own = String::from_utf8(logged.0.lock().unwrap().clone()).unwrap();
+    let worker_log = std::fs::read_to_string(logs.join("run.log")).unwrap();
+    let verifier_log = std::fs::read_to_string(logs.join("verify.log")).unwrap();
+    for (who, text) in [("mira dev", &own), ("the worker", &worker_log)] {
+        let lines: Vec<Value> = text
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{who}: {e}: {l}")))
+            .collect();
+        let in_trace = lines.iter().filter(|l| l["trace_id"] == TRACE).count();
+        assert!(in_trace >= 1, "{who} logged no line in the job's trace:\n{text}");
+        assert!(
+            lines
+                .iter()
+                .filter(|l| l["trace_id"] == TRACE)
+                .all(|l| l["span_id"].as_str().is_some_and(|s| s.len() == 16)),
+            "{who}"
+        );
+    }
+    // The scans below read what the processes said about this job and slide: not nothing.
+    assert!(own.contains(&job) && worker_log.contains(&job), "the logs name the job");
+    assert!(
+        verifier_log.contains(&slide),
+        "the verifier's log names the slide:\n{verifier_log}"
+    );
+
+    // No patient data in telemetry: neither the slide's name nor its file name (nor a part
+    // of them) is in any span exported, any log line, or any metric.
+    let exported = serde_json::to_string(&spans).unwrap();
+    for planted in [PLANTED_NAME, PLANTED_FILE, "Quixote", "quixote", "5551234"] {
+        for (what, text) in [
+            ("an exported span", &exported),
+            ("mira dev's log", &own),
+            ("the worker's log", &worker_log),
+            ("the verifier's log", &verifier_log),
+            ("the gateway's /metrics", &gateway_text),
+        ] {
+            assert!(!text.contains(planted), "{planted:?} is in {what}");
+        }
+    }
+    drop(processes);
+    app.stop().await;
+}
+
+/// A retry after a timeout stays in the job's trace: the worker running the job dies, its
+/// lease runs out, the handlers expire it and schedule the retry (in the trace of the event
+/// that set the lease), and the next worker's attempt is in the same trace as the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_the_lease_runs_out_is_in_the_jobs_trace() {
+    let rx = receiver().await;
+    let provider = mira_telemetry::test_provider(&rx.url, "mira-dev").unwrap();
+    tracing::dispatcher::set_global_default(mira_telemetry::subscriber(
+        tracing_subscriber::EnvFilter::new("info"),
+        mira_config::LogFormat::Text,
+        std::io::sink,
+        Some(&provider),
+    ))
+    .unwrap();
+    let app = spawn_app(Storage::Local).await;
+    let export = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", rx.url.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    // A slow first worker, with a short lease.
+    let mut slow: Vec<(&str, &str)> = export.to_vec();
+    slow.extend([("Worker__BandPauseMillis", "4000"), ("Worker__LeaseSeconds", "5")]);
+    let mut first = spawn_worker(&app, &slow);
+    let t = app.token("lab-a", &["pathologist"]);
+    let slide = app.upload_slide(&t, &tall_slide(&app.dir, 4)).await;
+    app.verified(&t, &slide).await;
+    let r = app
+        .send(
+            app.http
+                .post(format!("{}/api/jobs", app.base))
+                .bearer_auth(&t)
+                .header("traceparent", format!("00-{TRACE}-{CALLER}-01"))
+                .json(&json!({"slide_id": slide, "kind": "wsi.preprocess"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let job = r.body["job_id"].as_str().unwrap().to_owned();
+    job_status_until(&app, &t, &job, &["running"], Duration::from_secs(60)).await;
+    // The worker dies mid-job (its attempt's process with it); a healthy one takes over.
+    first.jobs.kill().await.unwrap();
+    let _second = spawn_worker(&app, &export);
+    let j = job_status_until(
+        &app,
+        &t,
+        &job,
+        &["succeeded", "failed", "cancelled"],
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(
+        (j["status"].as_str(), j["attempt"].as_u64()),
+        (Some("succeeded"), Some(2)),
+        "{j}"
+    );
+    let events = job_events(&app, &job).await;
+    assert!(events.iter().any(|e| e == "JobTimedOut"), "{events:?}");
+
+    let p = provider.clone();
+    tokio::task::spawn_blocking(move || p.force_flush())
+        .await
+        .unwrap()
+        .unwrap();
+    let in_trace = |name: &str, key: &str, value: &str| {
+        rx.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s["traceId"] == TRACE && s["name"] == name && attr(s, key).as_deref() == Some(value))
+    };
+    eventually("the retried attempt's spans", || async {
+        (in_trace("worker.attempt", "attempt", "2") && in_trace("handlers.due", "kind", mira_handlers::LEASE))
+            .then_some(Value::Null)
+    })
+    .await;
+    // The expiry and the admission of the retry are in the trace too: the whole story of the
+    // job, first attempt, timeout and retry, under the request that asked for it.
+    assert!(in_trace("worker.lease", "job_id", &job), "the first worker's lease");
+    let spans = rx.spans.lock().unwrap().clone();
+    let trace: Vec<Value> = spans.iter().filter(|s| s["traceId"] == TRACE).cloned().collect();
+    let tree = render(&trace);
+    let admitted = trace.iter().filter(|s| s["name"] == "handlers.admit").count();
+    assert!(admitted >= 2, "the first admission and the retry's:\n{tree}");
     app.stop().await;
 }

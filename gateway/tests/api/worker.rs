@@ -325,11 +325,7 @@ async fn a_stalled_attempt_is_killed_and_retried_once_while_the_worker_runs_othe
         app.upload_slide(&b, &cmu_slide()).await,
     );
     for (t, s) in [(&a, &stuck_slide), (&b, &small_slide)] {
-        eventually("the slide verified", || async {
-            let v = app.get(t, &format!("/api/slides/{s}")).await.body;
-            (v["status"] == "verified").then_some(v)
-        })
-        .await;
+        app.verified(t, s).await;
     }
     let stuck = submit_job(&app, &a, &stuck_slide).await;
     job_status_until(&app, &a, &stuck, &["running"], Duration::from_secs(60)).await;
