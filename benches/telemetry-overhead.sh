@@ -33,10 +33,16 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-psql "$ADMIN" -qc "CREATE DATABASE $DB"
-export DATABASE_URL=$URL Database__MaxConnections=32 RUST_LOG=warn
+export DATABASE_URL=$URL Database__MaxConnections=32 RUST_LOG=error
 export Keyring__LocalDir=$WORK/keyring Audit__SigningKeyFile=$WORK/audit.key
-"$MIRA_BIN" migrate >/dev/null
+# Every run starts on an empty log: a gateway on the in-memory bus publishes the whole log again
+# when it starts, so a log grown by earlier runs would be timed too.
+fresh_db() {
+  psql "$ADMIN" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
+  psql "$ADMIN" -qc "CREATE DATABASE $DB"
+  "$MIRA_BIN" migrate >/dev/null
+}
+fresh_db
 "$MIRA_BIN" keys init >/dev/null
 
 python3 tools/otlp_sink.py "$WORK/port" > "$WORK/sink.json" &
@@ -47,6 +53,7 @@ ENDPOINT=http://127.0.0.1:$(cat "$WORK/port")
 # One run of `what` (e2e or append) with traces `mode` (off or on); prints its JSON.
 run() {
   local what=$1 mode=$2
+  fresh_db
   local -a env=(env -u OTEL_EXPORTER_OTLP_ENDPOINT -u OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
   if [ "$mode" = on ]; then env+=(OTEL_EXPORTER_OTLP_ENDPOINT="$ENDPOINT" OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf); fi
   case $what in

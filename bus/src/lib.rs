@@ -95,4 +95,9 @@ pub(crate) fn record_receive_delay(queue: &str, waited: Duration) {
 pub trait Bus: Send + Sync {
     fn publisher(&self) -> Arc<dyn Publisher>;
     fn queue(&self, group: Group) -> Arc<dyn Queue>;
+    /// The groups that have a queue here (every one on SNS/SQS; on the in-memory bus, those
+    /// this process consumes).
+    fn groups(&self) -> Vec<Group> {
+        Group::ALL.to_vec()
+    }
 }

@@ -271,6 +271,10 @@ impl Bus for MemoryBus {
         Arc::new(self.clone())
     }
 
+    fn groups(&self) -> Vec<Group> {
+        MemoryBus::groups(self)
+    }
+
     fn queue(&self, group: Group) -> Arc<dyn Queue> {
         self.memory_queue(group)
     }

@@ -507,6 +507,11 @@ async fn rewrite_and_rehash(db: &TestDb, pos: i64) {
 }
 
 async fn submit_jobs(db: &TestDb, env: &Env, n: usize) {
+    submit_jobs_as(db, env, n, &ctx()).await
+}
+
+/// `n` jobs submitted and queued by `cx`.
+async fn submit_jobs_as(db: &TestDb, env: &Env, n: usize, cx: &CommandContext) {
     let c = commands(db, &env.dir);
     for _ in 0..n {
         let id = JobId::new();
@@ -516,8 +521,8 @@ async fn submit_jobs(db: &TestDb, env: &Env, n: usize) {
             max_attempts: 3,
             priority: mira_aggregates::Priority::Routine,
         };
-        c.job(&ctx(), id, submit).await.unwrap();
-        c.job(&ctx(), id, JobCommand::Queue { now: Utc::now() }).await.unwrap();
+        c.job(cx, id, submit).await.unwrap();
+        c.job(cx, id, JobCommand::Queue { now: Utc::now() }).await.unwrap();
     }
     settle(&db.pool).await;
 }
@@ -1999,4 +2004,235 @@ async fn an_older_trusting_dev_cluster_is_given_passwords() {
     assert_eq!(r.status(), 200, "the platform runs on the secured cluster");
     interrupt_dev(&mut child);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An OTLP/HTTP receiver (`http/json`) on a thread of its own: keeps every span it is sent,
+/// with its service's name.
+fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let spans: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Default::default();
+    let kept = spans.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let kept = kept.clone();
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(conn);
+                loop {
+                    let mut len = None;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse::<usize>().ok();
+                        }
+                    }
+                    let mut body = vec![0; len.unwrap_or(0)];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    kept.lock().unwrap().extend(mira_telemetry::otlp_json_spans(&body));
+                    let conn = r.get_mut();
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}");
+                }
+            });
+        }
+    });
+    (url, spans)
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The samples of `/metrics` at `addr`, read with a Prometheus text parser: by name and labels,
+/// a histogram as its count.
+async fn role_metrics(addr: &str) -> Vec<(String, std::collections::HashMap<String, String>, f64)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        if let Ok(r) = reqwest::get(format!("http://{addr}/metrics")).await {
+            if r.status() == 200 {
+                break r.text().await.unwrap();
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no /metrics at {addr}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("{addr}: not the Prometheus text format ({e}):\n{text}"));
+    scrape
+        .samples
+        .into_iter()
+        .map(|s| {
+            let v = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            };
+            (
+                s.metric,
+                s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                v,
+            )
+        })
+        .collect()
+}
+
+fn value(
+    samples: &[(String, std::collections::HashMap<String, String>, f64)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .map(|(_, _, v)| *v)
+}
+
+/// The trace crosses real SNS and SQS (moto): the relay, the projector and the handlers run
+/// as processes of their own, each restores the job's trace from the stored event it is told
+/// of, and each serves its own /metrics (`--metrics-listen`), where SQS's counts and send
+/// times show.
+#[tokio::test]
+async fn the_trace_crosses_sns_and_sqs_and_each_role_serves_its_metrics() {
+    const TRACE: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
+    const PARENT: &str = "10f067aa0ba902b7";
+    let db = TestDb::new().await;
+    let (otlp, spans) = otlp_receiver();
+    let env = Env::new(&db.url)
+        .on_moto(&moto())
+        .set("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
+        .set("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+        .set("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .keys();
+    let init = env.mira(&["bus", "init"]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let mut cx = ctx();
+    cx.traceparent = format!("00-{TRACE}-{PARENT}-01");
+    submit_jobs_as(&db, &env, 1, &cx).await;
+    let addrs: Vec<(&str, String)> = ["relay", "projector", "handlers"]
+        .into_iter()
+        .map(|r| (r, free_addr()))
+        .collect();
+    let mut roles: Vec<std::process::Child> = addrs
+        .iter()
+        .map(|(role, addr)| {
+            env.command(&[role, "--metrics-listen", addr])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let in_trace = |name: &str, consumer: Option<&str>| -> Vec<serde_json::Value> {
+        spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["traceId"] == TRACE
+                    && s["name"] == name
+                    && consumer.is_none_or(|c| {
+                        s["attributes"].as_array().is_some_and(|a| {
+                            a.iter()
+                                .any(|a| a["key"] == "consumer" && a["value"]["stringValue"] == c)
+                        })
+                    })
+            })
+            .cloned()
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let projected = in_trace("consume.event", Some("projections")).len();
+        let handled = in_trace("consume.event", Some("handlers")).len();
+        let linked = spans.lock().unwrap().iter().any(|s| {
+            s["name"] == "relay.publish"
+                && s["links"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|l| l["traceId"] == TRACE))
+        });
+        if projected >= 2 && handled >= 1 && linked {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "projector {projected}, handlers {handled}, relay linked {linked}: {:#?}",
+            spans
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|s| (s["name"].clone(), s["service"].clone(), s["traceId"].clone()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each consumer's span is the child of the span that issued the command, in its own service.
+    for (consumer, service) in [("projections", "mira-projector"), ("handlers", "mira-handlers")] {
+        for s in in_trace("consume.event", Some(consumer)) {
+            assert_eq!(s["parentSpanId"], PARENT, "{s}");
+            assert_eq!(s["service"], service, "{s}");
+        }
+    }
+
+    // Their metrics: the relay's batches and SQS's counts, the consumers' apply and receive
+    // times (from SQS's SentTimestamp).
+    let m = |role: &str| addrs.iter().find(|(r, _)| *r == role).unwrap().1.clone();
+    let relay = role_metrics(&m("relay")).await;
+    assert!(
+        value(&relay, "mira_relay_published_events_total", &[]).unwrap_or(0.0) >= 2.0,
+        "{relay:?}"
+    );
+    for q in ["projections", "projections-dlq", "gpu-jobs", "handlers-dlq"] {
+        assert!(
+            value(&relay, "mira_queue_messages", &[("queue", q), ("state", "visible")]).is_some(),
+            "{q}: {relay:?}"
+        );
+    }
+    assert!(
+        value(&relay, "mira_witness_last_success_timestamp_seconds", &[]).is_some(),
+        "{relay:?}"
+    );
+    let projector = role_metrics(&m("projector")).await;
+    assert_eq!(
+        value(
+            &projector,
+            "mira_consumer_apply_seconds",
+            &[("consumer", "projections"), ("outcome", "applied")]
+        ),
+        Some(2.0),
+        "{projector:?}"
+    );
+    assert_eq!(
+        value(
+            &projector,
+            "mira_consumer_receive_delay_seconds",
+            &[("queue", "projections")]
+        ),
+        Some(2.0),
+        "{projector:?}"
+    );
+    let handlers = role_metrics(&m("handlers")).await;
+    assert!(
+        value(&handlers, "mira_consumer_apply_seconds", &[("consumer", "handlers")]).unwrap_or(0.0) >= 1.0,
+        "{handlers:?}"
+    );
+    for r in &mut roles {
+        let _ = Command::new("kill").args(["-TERM", &r.id().to_string()]).status();
+    }
+    for mut r in roles {
+        let _ = r.wait();
+    }
 }

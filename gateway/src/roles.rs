@@ -107,10 +107,7 @@ const QUEUE_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(3
 /// Sets `mira_queue_messages{queue,state}` (and the oldest message's age, where the bus tells
 /// it) for every queue and dead-letter queue, now and every [`QUEUE_SAMPLE_EVERY`].
 async fn sample_queues(bus: Arc<dyn Bus>, stop: CancellationToken) {
-    let queues: Vec<_> = mira_bus::Group::ALL
-        .into_iter()
-        .map(|g| (g.suffix(), bus.queue(g)))
-        .collect();
+    let queues: Vec<_> = bus.groups().into_iter().map(|g| (g.suffix(), bus.queue(g))).collect();
     loop {
         for (name, q) in &queues {
             match q.depth().await {

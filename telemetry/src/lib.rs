@@ -338,6 +338,33 @@ pub fn test_provider(endpoint: &str, service: &str) -> Result<SdkTracerProvider,
         .build())
 }
 
+/// The spans of an OTLP/HTTP JSON export (`/v1/traces` with `http/json`), each with its
+/// resource's `service.name` added as `service`: for tests and tools that receive what Mira's
+/// processes send. Not JSON, or no spans: none.
+pub fn otlp_json_spans(body: &[u8]) -> Vec<serde_json::Value> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for rs in v["resourceSpans"].as_array().into_iter().flatten() {
+        let service = rs["resource"]["attributes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["key"] == "service.name")
+            .map(|a| a["value"]["stringValue"].clone())
+            .unwrap_or_default();
+        for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+            for s in ss["spans"].as_array().into_iter().flatten() {
+                let mut s = s.clone();
+                s["service"] = service.clone();
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
 /// The exporter's HTTP client: reqwest's blocking client, which the batch processor's own
 /// thread may block on (it runs no async runtime). Built on first use, on that thread.
 #[derive(Debug, Default)]

@@ -21,24 +21,9 @@ async fn receiver() -> Receiver {
         axum::routing::post(move |body: axum::body::Bytes| {
             let kept = kept.clone();
             async move {
-                let v: Value = serde_json::from_slice(&body).expect("OTLP JSON");
-                let mut out = kept.lock().unwrap();
-                for rs in v["resourceSpans"].as_array().into_iter().flatten() {
-                    let service = rs["resource"]["attributes"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .find(|a| a["key"] == "service.name")
-                        .map(|a| a["value"]["stringValue"].clone())
-                        .unwrap_or_default();
-                    for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
-                        for s in ss["spans"].as_array().into_iter().flatten() {
-                            let mut s = s.clone();
-                            s["service"] = service.clone();
-                            out.push(s);
-                        }
-                    }
-                }
+                let got = mira_telemetry::otlp_json_spans(&body);
+                assert!(!got.is_empty(), "an OTLP/HTTP JSON export with spans");
+                kept.lock().unwrap().extend(got);
                 axum::Json(json!({}))
             }
         }),
