@@ -260,20 +260,32 @@ async fn claim_copy(state: &AppState, id: SlideId) -> ApiResult<Option<ClaimedCo
         .bind(format!("mira.slide-copy:{id}"))
         .fetch_one(&mut *conn)
         .await?;
-    Ok(got.then_some(ClaimedCopy {
-        _conn: conn,
-        _permit: permit,
-    }))
+    Ok(got.then_some(ClaimedCopy { conn, _permit: permit }))
 }
 
 /// Upload completions copying at once, per server.
 const COPIES_AT_ONCE: usize = 4;
 static COPY_CLAIMS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(COPIES_AT_ONCE);
 
-/// A held copy claim: released when dropped.
+/// A held copy claim: released by [`ClaimedCopy::release`], or, when dropped without it (a
+/// panic, a cancelled request), when its connection closes.
 struct ClaimedCopy {
-    _conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
     _permit: tokio::sync::SemaphorePermit<'static>,
+}
+
+impl ClaimedCopy {
+    /// Unlocks the claim now. Closing the connection (on drop) also unlocks it, but later: the
+    /// close runs after the response, so a client's immediate retry could be refused.
+    async fn release(mut self, id: SlideId) {
+        if let Err(e) = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+            .bind(format!("mira.slide-copy:{id}"))
+            .execute(&mut *self.conn)
+            .await
+        {
+            tracing::warn!(slide_id = %id, error = %e, "could not unlock the copy claim; it goes with its connection");
+        }
+    }
 }
 
 /// `POST /api/slides/{id}/uploaded`: completes a multipart upload if parts are given, copies
@@ -294,12 +306,27 @@ pub async fn uploaded(
 ) -> ApiResult<Json<UploadState>> {
     let body = body.unwrap_or_default();
     let (id, _) = writable_slide(&state, &who, &raw).await?;
-    let Some(_claim) = claim_copy(&state, id).await? else {
+    let Some(claim) = claim_copy(&state, id).await? else {
         return Err(ApiError::conflict(
             "another upload completion of this slide is in progress: retry when it has finished",
         ));
     };
-    let (_, slide) = writable_slide(&state, &who, &raw).await?;
+    let done = complete_upload(&state, &who, &raw, id, body).await;
+    // Released before the answer goes out, whatever it is: a client that retries at once
+    // (after a refused part list, say) must not find its own finished attempt still holding it.
+    claim.release(id).await;
+    done
+}
+
+/// The part of `uploaded` done under the slide's copy claim.
+async fn complete_upload(
+    state: &AppState,
+    who: &Identity,
+    raw: &str,
+    id: SlideId,
+    body: Uploaded,
+) -> ApiResult<Json<UploadState>> {
+    let (_, slide) = writable_slide(state, who, raw).await?;
     match slide.status {
         SlideStatus::Registered => {}
         // Already recorded: a repeat of a completed request.

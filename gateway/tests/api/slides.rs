@@ -133,6 +133,41 @@ async fn uploads_through_the_local_store_single_and_multipart() {
 /// The upload URL still works after `uploaded` (until it expires), and a declared checksum
 /// must hold: the worker verifies and processes the copy taken at `uploaded`, never the upload
 /// key, and refuses bytes that are not the declared ones.
+/// A completion the server refuses lets go of the slide's copy claim before it answers: the
+/// client's immediate retry is never told another completion is in progress.
+#[tokio::test]
+async fn a_refused_completion_does_not_hold_the_slide_against_an_immediate_retry() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let r = app
+        .post(
+            &t,
+            "/api/slides",
+            json!({"name": "retried", "size_bytes": 1024, "content_type": "image/tiff"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let id = r.body["slide_id"].as_str().unwrap().to_owned();
+    // Refused under the claim (an empty part list), thirty times back to back; after each
+    // answer no session holds the claim (its advisory lock).
+    for i in 0..30 {
+        let r = app
+            .post(&t, &format!("/api/slides/{id}/uploaded"), json!({"parts": []}))
+            .await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "try {i}: {}", r.body);
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0)",
+        )
+        .bind(format!("mira.slide-copy:{id}"))
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(held, 0, "try {i}: the answer came while the claim was still held");
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_replaced_upload_is_never_processed_and_a_declared_checksum_is_checked() {
     use sha2::Digest;
