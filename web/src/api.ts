@@ -134,6 +134,34 @@ export type JobKind = NewJob["kind"];
  * nullable `name`, `metadata` and `rejection` are optional in the document and always sent. */
 export type Slide = Schemas["Slide"];
 
+/** What the worker read from a slide when it verified it (`Slide.metadata`, which the document
+ * leaves an open object; `events::SlideMetadata` is its shape). A field is absent where the slide
+ * does not record it, or records something unusable: nothing is filled in. The API carries no
+ * scan date. */
+export type SlideMetadata = {
+  vendor?: string;
+  /** Level 0, in pixels. */
+  width?: number;
+  height?: number;
+  /** Micrometres per level-0 pixel, across and down. */
+  mpp_x?: number;
+  mpp_y?: number;
+  objective_power?: number;
+};
+
+/** A slide's `metadata` as `SlideMetadata`. */
+export function slideMetadata(metadata: Slide["metadata"]): SlideMetadata {
+  const m = metadata ?? {};
+  const out: SlideMetadata = {};
+  const positive = (v: unknown) => (typeof v === "number" && Number.isFinite(v) && v > 0 ? v : undefined);
+  if (typeof m.vendor === "string" && m.vendor.trim()) out.vendor = m.vendor.trim();
+  for (const k of ["width", "height", "mpp_x", "mpp_y", "objective_power"] as const) {
+    const v = positive(m[k]);
+    if (v !== undefined) out[k] = v;
+  }
+  return out;
+}
+
 /** One event of a job's history (`GET /api/jobs/{id}/events`). */
 export type TimelineEntry = Schemas["TimelineEntry"];
 

@@ -5,7 +5,7 @@
 import type { ComponentChildren } from "preact";
 import { useEffect, useMemo, useState } from "preact/hooks";
 import { type AppConfig, AUDITORS, api, holds, setHooks } from "./api";
-import { cognitoCallback, onSession, type Session, session, signOut } from "./auth";
+import { cognitoCallback, onSession, returnPath, type Session, session, signOut } from "./auth";
 import { broadcast, type FeedState, LiveFeed, socketUrl } from "./live";
 import { Link, navigate, usePath } from "./nav";
 import { AuditPage } from "./pages/audit";
@@ -42,10 +42,11 @@ export function App() {
   useEffect(() => {
     if (config?.auth.mode === "cognito" && location.pathname === "/signed-in") {
       cognitoCallback(config.auth, new URLSearchParams(location.search)).then(
-        () => navigate("/"),
+        () => navigate(returnPath()),
         (e) => {
+          // Signed out, on the sign-in page, which says why; at the same address, to try again.
           signedOutBecause = String(e.message ?? e);
-          navigate("/");
+          navigate(returnPath());
         },
       );
     }

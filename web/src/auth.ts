@@ -66,14 +66,27 @@ export async function devSignIn(user: string, tenant: string, roles: string[]): 
 
 const VERIFIER = "mira.pkce.verifier";
 const STATE = "mira.pkce.state";
+const RETURN = "mira.return";
 
-/** Cognito: off to the Hosted UI. */
+/** Cognito: off to the Hosted UI. The page it starts from is kept, fragment and all (a viewer's
+ * link carries its view there), so that a pasted link survives the round trip. */
 export async function cognitoSignIn(cfg: CognitoConfig): Promise<void> {
   const verifier = createVerifier();
   const state = createVerifier();
   sessionStorage.setItem(VERIFIER, verifier);
   sessionStorage.setItem(STATE, state);
+  if (location.pathname === "/signed-in") sessionStorage.removeItem(RETURN);
+  else sessionStorage.setItem(RETURN, location.pathname + location.search + location.hash);
   location.assign(authorizeUrl(cfg, await challengeOf(verifier), state));
+}
+
+/** Where to go once back from the Hosted UI: the page the sign-in started from (a path of this
+ * app only), or the slide list. Read once. */
+export function returnPath(): string {
+  const p = sessionStorage.getItem(RETURN);
+  sessionStorage.removeItem(RETURN);
+  // `//host` and `/\host` name another origin.
+  return p && /^\/(?![/\\])/.test(p) ? p : "/";
 }
 
 /** Cognito: back from the Hosted UI with `?code=&state=`. */

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { ApiError, identityOf, problemOf } from "../src/api";
+import { ApiError, identityOf, problemOf, slideMetadata } from "../src/api";
 
 const b64 = (o: object) => btoa(JSON.stringify(o)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 
@@ -26,5 +26,39 @@ describe("api", () => {
   it("reads who is signed in from the token", () => {
     const token = `${b64({ alg: "RS256" })}.${b64({ sub: "s1", "cognito:username": "ada", "custom:tenant": "lab-a", "cognito:groups": ["pathologist"], exp: 99 })}.sig`;
     expect(identityOf(token)).toEqual({ user: "ada", tenant: "lab-a", roles: ["pathologist"], exp: 99 });
+  });
+});
+
+describe("a slide's metadata", () => {
+  it("is read as the worker recorded it (events::SlideMetadata)", () => {
+    const recorded = {
+      vendor: "aperio",
+      width: 2220,
+      height: 2967,
+      levels: [{ width: 2220, height: 2967, downsample: 1 }],
+      mpp_x: 0.499,
+      mpp_y: 0.499,
+      objective_power: 20,
+      sealed_properties: null,
+    };
+    expect(slideMetadata(recorded)).toEqual({
+      vendor: "aperio",
+      width: 2220,
+      height: 2967,
+      mpp_x: 0.499,
+      mpp_y: 0.499,
+      objective_power: 20,
+    });
+  });
+
+  it("leaves out what the slide does not record, or records unusably: nothing is made up", () => {
+    expect(slideMetadata(null)).toEqual({});
+    expect(slideMetadata(undefined)).toEqual({});
+    expect(
+      slideMetadata({ vendor: " ", width: 100, height: "200", mpp_x: null, mpp_y: 0, objective_power: -1 }),
+    ).toEqual({ width: 100 });
+    expect(
+      slideMetadata({ vendor: "generic-tiff", mpp_x: Number.NaN, mpp_y: Number.POSITIVE_INFINITY }),
+    ).toEqual({ vendor: "generic-tiff" });
   });
 });

@@ -3,7 +3,7 @@ import document from "../../gateway/openapi.json";
 import type { Job, JobPage, NewJob, Slide, SlidePage } from "../src/api";
 import { allowed, defaultsOf, fits, KINDS, type KindRules, kindsOf } from "../src/jobkinds";
 import type { Paged } from "../src/pages";
-import { shown, validate } from "../src/pages/jobform";
+import { bounds, shown, validate } from "../src/pages/jobform";
 
 /** A document as the gateway writes it, cut to what the form reads. */
 function fixture() {
@@ -103,16 +103,53 @@ describe("the job form's rules, read from the OpenAPI document", () => {
     expect(validate(k, { ...ok, tile_size: 31.5 })).toEqual({ tile_size: "32 to 2048 pixels" });
     expect(validate(k, { ...ok, quality: 91 })).toEqual({ quality: "1 to 90" });
     expect(validate(k, { ...ok, format: "gif" })).toEqual({ format: "jpeg, png or webp" });
-    expect(validate(k, { ...ok, overlap: -1 })).toEqual({ overlap: "0 to a quarter of the tile size" });
-    // The relation the document says in words only.
+    expect(validate(k, { ...ok, overlap: -1 })).toEqual({
+      overlap: "0 to 128 pixels (a quarter of the tile size)",
+    });
+    // The relation the document says in words only, with the number it comes to.
     expect(validate(k, { ...ok, tile_size: 64, overlap: 17 })).toEqual({
-      overlap: "0 to a quarter of the tile size",
+      overlap: "0 to 16 pixels (a quarter of the tile size)",
     });
     expect(validate(k, { ...ok, tile_size: 64, overlap: 16 })).toEqual({});
+    // In whole pixels, as the API divides: 66 / 4 is 16.
+    expect(validate(k, { ...ok, tile_size: 66, overlap: 17 })).toEqual({
+      overlap: "0 to 16 pixels (a quarter of the tile size)",
+    });
+    // A tile size that is no number gives overlap no number either: one message each.
+    expect(validate(k, { ...ok, tile_size: Number.NaN, overlap: 1 })).toEqual({
+      tile_size: "32 to 2048 pixels",
+    });
+    expect(validate(k, { ...ok, tile_size: Number.NaN, overlap: -1 })).toEqual({
+      tile_size: "32 to 2048 pixels",
+      overlap: "0 to a quarter of the tile size",
+    });
+    // An emptied field (the input's valueAsNumber is NaN) is refused, not sent as 0.
+    expect(validate(k, { ...ok, quality: Number.NaN })).toEqual({ quality: "1 to 90" });
     const count = kindOf(fixture(), "wsi.count");
     expect(fits(count.params[1], 10)).toBe(true);
     expect(fits(count.params[1], 11)).toBe(false);
     expect(allowed(count.params[1])).toBe("at most 10");
+  });
+
+  it("gives each whole-number field the range it takes now, for its min and max", () => {
+    const k = kindOf(fixture(), "wsi.preprocess");
+    const ok = defaultsOf(k);
+    const rule = (name: string) => {
+      const r = k.params.find((p) => p.name === name);
+      if (r?.type !== "integer") throw new Error(`no integer ${name}`);
+      return r;
+    };
+    expect(bounds(k, rule("tile_size"), ok)).toEqual({ min: 32, max: 2048 });
+    expect(bounds(k, rule("quality"), ok)).toEqual({ min: 1, max: 90 });
+    expect(bounds(k, rule("overlap"), { ...ok, tile_size: 254 })).toEqual({
+      min: 0,
+      max: 63,
+      why: "a quarter of the tile size",
+    });
+    expect(bounds(k, rule("overlap"), { ...ok, tile_size: Number.NaN })).toEqual({
+      min: 0,
+      why: "a quarter of the tile size",
+    });
   });
 
   it("shows the parameters it has words for in its order, then the others by name", () => {
@@ -213,6 +250,16 @@ describe("the gateway's golden document", () => {
     // The messages the end-to-end test waits for.
     expect(validate(preprocess, { ...defaultsOf(preprocess), tile_size: 5000 })).toEqual({
       tile_size: "16 to 4096 pixels",
+    });
+    // The API's own edge (events/src/params.rs: refused when overlap > tile_size / 4): 4096 with
+    // 1024 is taken, 1025 is not.
+    const big = { ...defaultsOf(preprocess), tile_size: 4096 };
+    expect(validate(preprocess, { ...big, overlap: 1024 })).toEqual({});
+    expect(validate(preprocess, { ...big, overlap: 1025 })).toEqual({
+      overlap: "0 to 1024 pixels (a quarter of the tile size)",
+    });
+    expect(validate(preprocess, { ...defaultsOf(preprocess), quality: 101 })).toEqual({
+      quality: "1 to 100",
     });
   });
 

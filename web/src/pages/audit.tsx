@@ -107,7 +107,7 @@ export function AuditPage(props: { who: Session }) {
         <input type="checkbox" checked={showAll} onChange={(e) => setShowAll(e.currentTarget.checked)} />
         Show every event
       </label>
-      <table>
+      <table class="cards">
         <TableHead
           caption="The tenant's events from the log"
           columns={["Position", "Time", "Aggregate", "Event", "Actor", "Hash"]}
@@ -118,16 +118,16 @@ export function AuditPage(props: { who: Session }) {
               <RoutineRow key={r.events[0].event_id} run={r} />
             ) : (
               <tr key={r.event.event_id} data-event={r.event.event_type}>
-                <td>{r.event.global_position}</td>
-                <td>{time(r.event.recorded_at)}</td>
-                <td>
+                <td data-label="Position">{r.event.global_position}</td>
+                <td data-label="Time">{time(r.event.recorded_at)}</td>
+                <td data-label="Aggregate">
                   {r.event.aggregate_type} {r.event.aggregate_id.slice(0, 8)} #{r.event.sequence}
                 </td>
-                <td>{r.event.event_type}</td>
-                <td>
+                <td data-label="Event">{r.event.event_type}</td>
+                <td data-label="Actor">
                   {r.event.metadata.actor?.kind}: {r.event.metadata.actor?.id}
                 </td>
-                <td>
+                <td data-label="Hash">
                   <code title={r.event.hash}>{shortHash(r.event.hash)}</code>
                 </td>
               </tr>
@@ -135,6 +135,13 @@ export function AuditPage(props: { who: Session }) {
           )}
         </tbody>
       </table>
+      {rows.length === 0 && (
+        <p class="muted" data-empty={Object.values(filters).some((v) => v.trim()) ? "no-match" : "none"}>
+          {Object.values(filters).some((v) => v.trim())
+            ? "No event matches these filters."
+            : "No events yet."}
+        </p>
+      )}
       {next && (
         <button type="button" onClick={() => load(next)}>
           Load more
@@ -152,14 +159,14 @@ function RoutineRow(props: { run: RoutineRun<AuditEvent> }) {
   const actors = [...new Set(run.events.map((e) => `${e.metadata.actor?.kind}: ${e.metadata.actor?.id}`))];
   return (
     <tr data-event="lease-extensions" data-count={run.leases} data-progress={run.progress}>
-      <td>{span(first.global_position, last.global_position)}</td>
-      <td>{time(run.firstAt)}</td>
-      <td>
+      <td data-label="Position">{span(first.global_position, last.global_position)}</td>
+      <td data-label="Time">{time(run.firstAt)}</td>
+      <td data-label="Aggregate">
         {first.aggregate_type} {first.aggregate_id.slice(0, 8)} #{span(first.sequence, last.sequence)}
       </td>
-      <td>{routineSummary(run, clock)}</td>
-      <td>{actors.join(", ")}</td>
-      <td>
+      <td data-label="Event">{routineSummary(run, clock)}</td>
+      <td data-label="Actor">{actors.join(", ")}</td>
+      <td data-label="Hash">
         <code title={last.hash}>{shortHash(last.hash)}</code>
       </td>
     </tr>

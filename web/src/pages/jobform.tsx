@@ -1,4 +1,4 @@
-import { useState } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import { api, type NewJob, newJob, type Priority, priorityRefusal } from "../api";
 import {
   allowed,
@@ -19,8 +19,8 @@ type Presentation = {
   label: string;
   /** Said after the allowed range when a value is out of it. */
   unit?: string;
-  /** What is allowed, when the document's range is not the whole rule. */
-  hint?: string;
+  /** One plain line under the field: what it does, for someone who has not read the API. */
+  help: string;
   /** The words for an enum's values. */
   options?: Record<string, string>;
 };
@@ -28,28 +28,70 @@ type Presentation = {
 const PRESENTATION: Record<string, Presentation> = {
   normalize: {
     label: "Stain normalisation",
+    help: "Evens out stain colour between slides. The original tiles are kept; a normalised set is added.",
     options: { none: "none", macenko: "Macenko", reinhard: "Reinhard" },
   },
-  format: { label: "Tile format", options: { jpeg: "JPEG", png: "PNG" } },
-  tile_size: { label: "Tile size (pixels)", unit: "pixels" },
-  overlap: { label: "Overlap (pixels)", hint: "0 to a quarter of the tile size" },
-  quality: { label: "JPEG quality" },
-  tissue: { label: "Tissue mask and statistics" },
+  format: {
+    label: "Tile format",
+    help: "JPEG tiles are smaller; PNG tiles keep every pixel exactly.",
+    options: { jpeg: "JPEG", png: "PNG" },
+  },
+  tile_size: {
+    label: "Tile size (pixels)",
+    unit: "pixels",
+    help: "The width and height of each square the viewer loads. 254 suits most screens.",
+  },
+  overlap: {
+    label: "Overlap (pixels)",
+    unit: "pixels",
+    help: "How many pixels each tile repeats from its neighbours, so edges join without seams. At most a quarter of the tile size.",
+  },
+  quality: { label: "JPEG quality", help: "Higher is sharper and larger. Used for JPEG tiles only." },
+  tissue: {
+    label: "Tissue mask and statistics",
+    help: "Finds where the tissue is, as a mask the viewer can show, and how much of each tile it covers.",
+  },
 };
 
 const ORDER = Object.keys(PRESENTATION);
 
-/** Rules between parameters, which a JSON schema does not state: the document has them in words
- * only (`PreprocessParams.overlap`: "At most a quarter of `tile_size`"). The API checks them too
- * (events/src/params.rs); these only say so before sending. */
-const RELATIONS: Partial<Record<string, (p: ParamValues) => Record<string, string>>> = {
-  "wsi.preprocess": (p): Record<string, string> => {
-    const { overlap, tile_size } = p;
-    if (typeof overlap === "number" && typeof tile_size === "number" && overlap > Math.floor(tile_size / 4))
-      return { overlap: "0 to a quarter of the tile size" };
-    return {};
+/** Bounds a parameter takes from the others', which a JSON schema cannot state: the document
+ * has them in words only (`PreprocessParams.overlap`: "At most a quarter of `tile_size`"). The
+ * API checks them too (`events/src/params.rs`: `overlap > tile_size / 4` is refused, in whole
+ * pixels); these say so before sending, and set the field's own `max`. */
+type Relation = (p: ParamValues) => { maximum?: number; why: string };
+const RELATIONS: Partial<Record<string, Record<string, Relation>>> = {
+  "wsi.preprocess": {
+    overlap: (p) => {
+      const t = p.tile_size;
+      const why = "a quarter of the tile size";
+      return typeof t === "number" && Number.isInteger(t) && t >= 0
+        ? { maximum: Math.floor(t / 4), why }
+        : { why };
+    },
   },
 };
+
+/** The range a whole-number parameter takes now: its schema's, narrowed by the other values
+ * (overlap by tile size). The form's inputs carry it as `min`/`max`, and `validate` checks it. */
+export function bounds(
+  kind: KindRules,
+  rule: ParamRule & { type: "integer" },
+  p: ParamValues,
+): { min?: number; max?: number; why?: string } {
+  const rel = RELATIONS[kind.kind]?.[rule.name]?.(p);
+  const max =
+    rel?.maximum === undefined
+      ? rule.maximum
+      : rule.maximum === undefined
+        ? rel.maximum
+        : Math.min(rule.maximum, rel.maximum);
+  return {
+    ...(rule.minimum !== undefined ? { min: rule.minimum } : {}),
+    ...(max !== undefined ? { max } : {}),
+    ...(rel ? { why: rel.why } : {}),
+  };
+}
 
 /** A kind's parameters in the order the form shows them. */
 export function shown(kind: KindRules): ParamRule[] {
@@ -61,53 +103,87 @@ export function shown(kind: KindRules): ParamRule[] {
 }
 
 /** The API's rules for a kind's parameters, checked before sending: one message per parameter
- * that breaks them. */
+ * that breaks them, in the form's words ("16 to 4096 pixels"). */
 export function validate(kind: KindRules, p: ParamValues): Record<string, string> {
   const e: Record<string, string> = {};
   for (const rule of kind.params) {
-    if (fits(rule, p[rule.name])) continue;
+    const v = p[rule.name];
     const how = PRESENTATION[rule.name];
-    e[rule.name] = how?.hint ?? [allowed(rule), how?.unit].filter(Boolean).join(" ");
+    if (rule.type !== "integer") {
+      if (!fits(rule, v)) e[rule.name] = allowed(rule);
+      continue;
+    }
+    const { min, max, why } = bounds(kind, rule, p);
+    const ok =
+      fits(rule, v) &&
+      (min === undefined || (v as number) >= min) &&
+      (max === undefined || (v as number) <= max);
+    if (ok) continue;
+    const range = allowed({ ...rule, minimum: min, maximum: max });
+    // Bounded by another value that is itself wrong, the range has no number to give.
+    if (why && max === undefined) e[rule.name] = min === undefined ? `at most ${why}` : `${min} to ${why}`;
+    else e[rule.name] = [range, how?.unit].filter(Boolean).join(" ") + (why ? ` (${why})` : "");
   }
-  return { ...RELATIONS[kind.kind]?.(p), ...e };
+  return e;
 }
 
 function Param(props: {
   rule: ParamRule;
   value: ParamValue;
+  /** For a whole number: its range now (`bounds`). */
+  range?: { min?: number; max?: number };
   error: string | undefined;
   onChange: (v: ParamValue) => void;
 }) {
   const { rule, error } = props;
   const how = PRESENTATION[rule.name];
   const label = how?.label ?? rule.name;
-  const invalid = error ? { "aria-invalid": true, "aria-describedby": `err-${rule.name}` } : {};
-  const message = error && (
-    <span id={`err-${rule.name}`} class="error">
-      {error}
-    </span>
+  const help = how?.help ?? rule.description;
+  const described = [help && `help-${rule.name}`, error && `err-${rule.name}`].filter(Boolean).join(" ");
+  const aria = {
+    ...(error ? { "aria-invalid": true } : {}),
+    ...(described ? { "aria-describedby": described } : {}),
+  };
+  const notes = (
+    <>
+      {help && (
+        <span id={`help-${rule.name}`} class="help">
+          {help}
+        </span>
+      )}
+      {error && (
+        <span id={`err-${rule.name}`} class="error">
+          {error}
+        </span>
+      )}
+    </>
   );
   switch (rule.type) {
     case "boolean":
       return (
-        <label class="check">
-          <input
-            type="checkbox"
-            checked={props.value === true}
-            onChange={(e) => props.onChange(e.currentTarget.checked)}
-          />
-          {label}
-          {message}
-        </label>
+        <div class="field">
+          <label class="check">
+            <input
+              type="checkbox"
+              name={rule.name}
+              checked={props.value === true}
+              onChange={(e) => props.onChange(e.currentTarget.checked)}
+              {...aria}
+            />
+            {label}
+          </label>
+          {notes}
+        </div>
       );
     case "string":
       return (
         <label>
           {label}
           <select
+            name={rule.name}
             value={String(props.value)}
             onChange={(e) => props.onChange(e.currentTarget.value)}
-            {...invalid}
+            {...aria}
           >
             {rule.values.map((v) => (
               <option key={v} value={v}>
@@ -115,22 +191,30 @@ function Param(props: {
               </option>
             ))}
           </select>
-          {message}
+          {notes}
         </label>
       );
-    case "integer":
+    case "integer": {
+      const v = Number(props.value);
       return (
         <label>
           {label}
           <input
             type="number"
-            value={Number(props.value)}
-            onInput={(e) => props.onChange(Number(e.currentTarget.value))}
-            {...invalid}
+            name={rule.name}
+            inputMode="numeric"
+            min={props.range?.min}
+            max={props.range?.max}
+            step={1}
+            // What is not a number yet ("", "1e") is left as typed, and checked as not a number.
+            value={Number.isFinite(v) ? v : undefined}
+            onInput={(e) => props.onChange(e.currentTarget.valueAsNumber)}
+            {...aria}
           />
-          {message}
+          {notes}
         </label>
       );
+    }
   }
 }
 
@@ -150,15 +234,33 @@ export function JobForm(props: {
   const [priorityError, setPriorityError] = useState("");
   const [error, setError] = useState("");
   const [busy, setBusy] = useState(false);
+  const form = useRef<HTMLFormElement>(null);
+  // The form opens under a list that may be longer than the screen (always so on a phone):
+  // bring it into view and put the keyboard on its first field.
+  useEffect(() => {
+    const f = form.current;
+    if (!f) return;
+    f.scrollIntoView({ block: "start" });
+    f.querySelector<HTMLElement>("input:checked, input, select")?.focus({ preventScroll: true });
+  }, []);
   return (
     <form
+      ref={form}
       class="panel"
       aria-label={`Process ${props.slideName}`}
+      // The form checks its fields itself (`validate`), in its own words, one message per field;
+      // the browser's own bubbles would say the same thing differently.
+      noValidate
       onSubmit={async (e) => {
         e.preventDefault();
         const errs = validate(kind, p);
         setErrors(errs);
-        if (Object.keys(errs).length) return;
+        if (Object.keys(errs).length) {
+          const first = shown(kind).find((r) => errs[r.name]);
+          if (first)
+            setTimeout(() => form.current?.querySelector<HTMLElement>(`[name="${first.name}"]`)?.focus());
+          return;
+        }
         setBusy(true);
         setError("");
         setPriorityError("");
@@ -239,6 +341,7 @@ export function JobForm(props: {
           key={`${kind.kind}.${rule.name}`}
           rule={rule}
           value={p[rule.name]}
+          range={rule.type === "integer" ? bounds(kind, rule, p) : undefined}
           error={errors[rule.name]}
           onChange={(v) => setP({ ...p, [rule.name]: v })}
         />

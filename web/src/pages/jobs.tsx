@@ -147,7 +147,7 @@ export function JobsPage(props: { who: Session }) {
           {error}
         </p>
       )}
-      <table>
+      <table class="cards">
         <TableHead
           caption="Jobs, newest first; they update live"
           columns={["Job", "Status", "Progress", "Attempt", "Submitted"]}
@@ -161,23 +161,23 @@ export function JobsPage(props: { who: Session }) {
               data-status={j.status}
               data-priority={j.priority ?? "routine"}
             >
-              <td>
+              <td data-label="Job">
                 <Link href={`/jobs/${j.job_id}`}>{j.job_id.slice(0, 8)}</Link>{" "}
                 <PriorityBadge priority={j.priority} />{" "}
                 <span class="muted">{String(j.params.normalize ?? "")}</span>
               </td>
-              <td>
+              <td data-label="Status">
                 <Badge status={j.status} />
                 <StatusDetailLine job={j} />
                 {j.failure && <div class="reason">{j.failure}</div>}
               </td>
-              <td>
+              <td data-label="Progress">
                 <JobProgress job={j} />
               </td>
-              <td>
+              <td data-label="Attempt">
                 {j.attempt} of {j.max_attempts}
               </td>
-              <td>{time(j.submitted_at)}</td>
+              <td data-label="Submitted">{time(j.submitted_at)}</td>
               <td>
                 <JobActions job={j} who={props.who} onChange={upsert} />
                 {j.status === "succeeded" && <Link href={`/jobs/${j.job_id}/view`}>View</Link>}
@@ -186,7 +186,13 @@ export function JobsPage(props: { who: Session }) {
           ))}
         </tbody>
       </table>
-      {jobs.length === 0 && <p class="muted">No jobs yet: process a slide from the Slides page.</p>}
+      {jobs.length === 0 && (
+        <p class="muted" data-empty={status ? "no-match" : "none"}>
+          {status
+            ? `No job is ${status.replace(/_/g, " ")}.`
+            : "No jobs yet: process a slide from the Slides page."}
+        </p>
+      )}
       {next && (
         <button type="button" onClick={() => load(next)}>
           Load more

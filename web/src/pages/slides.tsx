@@ -163,7 +163,7 @@ export function SlidesPage(props: { who: Session }) {
           {error}
         </p>
       )}
-      <table>
+      <table class="cards">
         <TableHead
           caption="Slides, newest first"
           columns={["Name", "Status", "Size", "Registered"]}
@@ -172,13 +172,13 @@ export function SlidesPage(props: { who: Session }) {
         <tbody>
           {shown.map((s) => (
             <tr key={s.slide_id} data-slide={s.slide_id}>
-              <td>{s.name ?? <em>name erased</em>}</td>
-              <td>
+              <td data-label="Name">{s.name ?? <em>name erased</em>}</td>
+              <td data-label="Status">
                 <Badge status={s.status} />
                 {s.rejection && <div class="reason">{s.rejection}</div>}
               </td>
-              <td>{bytes(s.size_bytes)}</td>
-              <td>{time(s.registered_at)}</td>
+              <td data-label="Size">{bytes(s.size_bytes)}</td>
+              <td data-label="Registered">{time(s.registered_at)}</td>
               <td>
                 {canWrite && ["uploaded", "verified"].includes(s.status) && (
                   <button
@@ -193,7 +193,13 @@ export function SlidesPage(props: { who: Session }) {
           ))}
         </tbody>
       </table>
-      {shown.length === 0 && <p class="muted">No slides yet.</p>}
+      {shown.length === 0 && (
+        <p class="muted" data-empty={slides.length === 0 ? "none" : "no-match"}>
+          {slides.length === 0
+            ? "No slides yet."
+            : `No slide's name contains “${query}”${next ? " among those loaded: load more to search further" : ""}.`}
+        </p>
+      )}
       {next && (
         <button type="button" onClick={() => load(next)}>
           Load more
@@ -201,6 +207,7 @@ export function SlidesPage(props: { who: Session }) {
       )}
       {processing && (
         <JobForm
+          key={processing}
           slideId={processing}
           slideName={slides.find((s) => s.slide_id === processing)?.name ?? processing}
           onDone={() => {

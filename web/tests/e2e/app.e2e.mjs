@@ -112,6 +112,110 @@ async function shot(page, name, locator) {
   return png;
 }
 
+/** Measures a PNG in the page (which decodes it). `green`: the share of its pixels that are more
+ * green than red or blue. `box`: where the slide lies in a screenshot of the viewer, which is black
+ * around the slide: its left and right edges along the middle row and its top along the middle
+ * column (lines that cross neither the navigator, top right, nor the scale, bottom left), in
+ * device pixels; the slide must lie well inside the viewer. */
+async function measure(page, png, what) {
+  return page.evaluate(
+    async ([b64, what]) => {
+      const bmp = new Image();
+      bmp.src = `data:image/png;base64,${b64}`;
+      await bmp.decode();
+      const [w, h] = [bmp.width, bmp.height];
+      const c = new OffscreenCanvas(w, h);
+      const g = c.getContext("2d");
+      g.drawImage(bmp, 0, 0);
+      const px = g.getImageData(0, 0, w, h).data;
+      if (what === "green") {
+        // Mixing with grey keeps each pixel's channels in their order; a green tint puts green first.
+        let [green, n] = [0, 0];
+        for (let i = 0; i < px.length; i += 4 * 5) {
+          if (px[i + 1] > px[i] + 4 && px[i + 1] > px[i + 2] + 4) green += 1;
+          n += 1;
+        }
+        return green / n;
+      }
+      const lit = (x, y) => {
+        const i = (y * w + x) * 4;
+        return px[i] + px[i + 1] + px[i + 2] > 60;
+      };
+      const [row, col] = [Math.floor(h / 2), Math.floor(w / 2)];
+      // From 2 pixels in: a fractional element's screenshot may end in a column of the page.
+      let [left, right, top] = [2, w - 3, 2];
+      while (left < w && !lit(left, row)) left++;
+      while (right >= 0 && !lit(right, row)) right--;
+      while (top < h && !lit(col, top)) top++;
+      return { left, right, top };
+    },
+    [png.toString("base64"), what],
+  );
+}
+
+/** Where the slide lies in the viewer, in CSS pixels, from what is on screen. */
+async function pictureBox(page, viewer) {
+  const dpr = await page.evaluate(() => devicePixelRatio);
+  const b = await measure(page, await viewer.screenshot(), "box");
+  return { left: b.left / dpr, width: (b.right - b.left + 1) / dpr, top: b.top / dpr };
+}
+
+/** Polls `f` until it gives the same value twice running, `gap` ms apart: the view has rested. */
+async function settled(what, f, gap = 400) {
+  let last = JSON.stringify(await f());
+  return until(what, async () => {
+    await new Promise((r) => setTimeout(r, gap));
+    const v = await f();
+    const now = JSON.stringify(v);
+    if (now === last) return v;
+    last = now;
+    return null;
+  });
+}
+
+/** Checks the scale bar and the magnification against the slide's pixel size and objective power
+ * (from the API) at image zoom `zoom` (CSS pixels per slide pixel, measured on screen). */
+async function assertScale(page, zoom, slide, where) {
+  const { mpp_x: mpp, objective_power: objective } = slide.metadata;
+  const bar = page.locator(".scale-bar");
+  assert.ok(await bar.isVisible(), `the scale bar is visible ${where}`);
+  const { width } = await bar.boundingBox();
+  const label = (await page.locator(".scale-label").textContent()).trim();
+  const m = label.match(/^(\d+(?:\.\d+)?) (µm|mm)$/);
+  assert.ok(m, `the scale's label: ${label}`);
+  const um = Number(m[1]) * (m[2] === "mm" ? 1000 : 1);
+  assert.ok(um < 1000 === (m[2] === "µm"), `µm below a millimetre, mm from there: ${label}`);
+  const mantissa = um / 10 ** Math.floor(Math.log10(um) + 1e-9);
+  assert.ok(
+    [1, 2, 5].some((n) => Math.abs(mantissa - n) < 1e-6),
+    `a round length: ${label}`,
+  );
+  // The slide pixels under the bar, times the slide's µm per pixel, are the length it is labelled.
+  const spans = (width / zoom) * mpp;
+  assert.ok(
+    Math.abs(spans - um) / um < 0.03,
+    `${where}: the bar is ${width.toFixed(1)} px at ${zoom.toFixed(4)} px per pixel, ${spans.toFixed(1)} µm, labelled ${label}`,
+  );
+  const mag = (await page.locator(".magnification").textContent()).trim();
+  const shown = Number(mag.match(/^(\d+(?:\.\d+)?)×/)?.[1]);
+  const expected = objective * zoom;
+  assert.ok(Math.abs(shown - expected) <= 0.05 + 0.02 * expected, `${where}: ${mag}, expected ${expected}`);
+  assert.match(mag, /objective/, "says the magnification comes from the objective power");
+}
+
+/** GET `path` from the API as ada of lab-a, as the test's own client, not the page's. */
+async function apiAsAda(path) {
+  const signIn = await fetch(`${base}/dev/sign-in`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ user: "ada", tenant: "lab-a", roles: ["pathologist"] }),
+  });
+  const { id_token: token } = await signIn.json();
+  const res = await fetch(`${base}${path}`, { headers: { Authorization: `Bearer ${token}` } });
+  assert.equal(res.status, 200, `GET ${path}`);
+  return res.json();
+}
+
 async function axe(page, where) {
   const r = await new AxeBuilder({ page }).analyze();
   const bad = r.violations.filter((v) => v.impact === "serious" || v.impact === "critical");
@@ -326,12 +430,81 @@ describe("the browser app", { concurrency: false }, () => {
     await page.waitForTimeout(800);
     const masked = await viewer.screenshot();
     assert.notDeepEqual(masked, plain, "the mask overlay changes the picture");
+    // A green tint over the tissue, not a grey sheet: many pixels become green first.
+    const [before, after] = [await measure(page, plain, "green"), await measure(page, masked, "green")];
+    assert.ok(
+      after > before + 0.05,
+      `the mask tints: the share of green pixels goes from ${before} to ${after}`,
+    );
     await page.getByLabel("Tissue mask").uncheck();
     await page.getByLabel("Stain-normalised").check();
     await page.waitForTimeout(1500);
     const normalised = await viewer.screenshot();
     assert.notDeepEqual(normalised, plain, "the normalised layer changes the picture");
     await axe(page, "the viewer");
+  });
+
+  it("shows a scale bar true to the slide's pixel size, the slide's details, and links to the view", async () => {
+    const page = state.a;
+    const job = await apiAsAda(`/api/jobs/${state.jobId}`);
+    const slide = await apiAsAda(`/api/slides/${job.slide_id}`);
+    assert.ok(slide.metadata.mpp_x > 0 && slide.metadata.objective_power > 0, "the test slide has both");
+    const viewer = page.locator(".viewer");
+    await page.getByRole("heading", { name: slide.name }).waitFor();
+    const facts = page.locator(".slide-facts");
+    const details = await facts.textContent();
+    assert.ok(details.includes(`Pixel size${slide.metadata.mpp_x} µm/px`), `the details: ${details}`);
+    // The details fold away from the keyboard.
+    await facts.locator("summary").focus();
+    await page.keyboard.press("Enter");
+    assert.equal(await facts.evaluate((d) => d.open), false, "Enter folds the details");
+    await page.keyboard.press("Enter");
+    assert.equal(await facts.evaluate((d) => d.open), true);
+
+    // The whole slide, then closer and moved: the zoom is the slide's width on screen over its
+    // width in pixels.
+    const box = () => pictureBox(page, viewer);
+    const home = await settled("the whole slide to be shown", box);
+    await assertScale(page, home.width / slide.metadata.width, slide, "on the whole slide");
+    await page.getByLabel("Tissue mask").check();
+    await page.getByRole("button", { name: "Zoom in" }).click();
+    const vb = await viewer.boundingBox();
+    await page.mouse.move(vb.x + vb.width / 2, vb.y + vb.height / 2);
+    await page.mouse.down();
+    await page.mouse.move(vb.x + vb.width / 2, vb.y + vb.height / 2 + 200, { steps: 5 });
+    await page.mouse.up();
+    const moved = await settled("the view to rest", box);
+    const zoom = moved.width / slide.metadata.width;
+    assert.ok(
+      zoom > (home.width / slide.metadata.width) * 1.3,
+      `zoomed in: ${JSON.stringify({ home, moved })}`,
+    );
+    await assertScale(page, zoom, slide, "zoomed in");
+    await shot(page, "viewer-scale", page.locator(".viewer-page"));
+
+    // The address follows the view; opened elsewhere, it shows the same place, layer and mask.
+    const link = await settled("the address to follow the view", () => page.evaluate(() => location.href));
+    assert.match(new URL(link).hash, /z=/, link);
+    const { page: other, ctx } = await context();
+    await other.goto(link);
+    await other.getByLabel("User name").fill("ada");
+    await other.getByLabel("Tenant").fill("lab-a");
+    await other.getByLabel("Role").selectOption("pathologist");
+    await other.getByRole("button", { name: "Sign in" }).click();
+    await other.getByRole("heading", { name: slide.name }).waitFor();
+    const otherViewer = other.locator(".viewer");
+    await until("tiles to be drawn", async () => (await otherViewer.getAttribute("data-drawn")) === "yes");
+    const restored = await settled("the linked view to rest", () => pictureBox(other, otherViewer));
+    assert.ok(
+      Math.abs(restored.width - moved.width) / moved.width < 0.02 &&
+        Math.abs(restored.left - moved.left) <= 3 &&
+        Math.abs(restored.top - moved.top) <= 3,
+      `the link restores the view: ${JSON.stringify({ moved, restored })}`,
+    );
+    assert.equal(await other.getByLabel("Stain-normalised").isChecked(), true, "and the layer");
+    assert.equal(await other.getByLabel("Tissue mask").isChecked(), true, "and the mask");
+    await assertScale(other, restored.width / slide.metadata.width, slide, "from the link");
+    await ctx.close();
   });
 
   it("keeps tenant B out of tenant A's slides and jobs", async () => {
@@ -362,6 +535,58 @@ describe("the browser app", { concurrency: false }, () => {
     );
     const reason = await row.locator(".reason").textContent();
     assert.ok(reason && reason.length > 5, `reason: ${reason}`);
+  });
+
+  it("fits a phone: no page scrolls sideways, and the process form opens in view", async () => {
+    const { page, ctx } = await context({ width: 390, height: 844 });
+    /** Fails with the widest elements when the page is wider than the screen. */
+    const fits = async (p, where) => {
+      const w = await p.evaluate(() => ({
+        width: document.scrollingElement.scrollWidth,
+        wide: [...document.querySelectorAll("body *")]
+          .filter((el) => el.getBoundingClientRect().right > innerWidth + 0.5)
+          .slice(0, 4)
+          .map((el) => `${el.tagName.toLowerCase()}.${el.className}`),
+      }));
+      assert.ok(w.width <= 390, `${where} scrolls sideways at 390 px: ${JSON.stringify(w)}`);
+    };
+    await signIn(page, "ada", "lab-a", "pathologist");
+    const row = page.locator("tr", { hasText: "CMU-1-Small-Region.svs" });
+    await row.waitFor();
+    await fits(page, "the slide list");
+    await shot(page, "phone-slides");
+    // A search that matches nothing says so, not that there are no slides.
+    const search = page.getByLabel("Search by name");
+    await search.fill("no such slide");
+    await page.getByText("No slide's name contains “no such slide”.").waitFor();
+    assert.equal(await page.getByText("No slides yet.").count(), 0);
+    await search.fill("");
+    await row.getByRole("button", { name: "Process" }).click();
+    const form = page.getByRole("form", { name: /^Process/ });
+    await until(
+      "the process form in view",
+      async () => {
+        const b = await form.boundingBox();
+        return b && b.y >= 0 && b.y < 844 * 0.5;
+      },
+      5_000,
+    );
+    assert.equal(
+      await form.evaluate((f) => f.contains(document.activeElement) && document.activeElement.name),
+      "priority",
+      "the keyboard is on the form's first field",
+    );
+    await fits(page, "the slide list with the process form");
+    await page.getByRole("link", { name: "Jobs" }).click();
+    await page.locator("tr[data-job]").first().waitFor();
+    await fits(page, "the job list");
+    await ctx.close();
+    const auditor = await context({ width: 390, height: 844 });
+    await signIn(auditor.page, "cy", "lab-a", "auditor");
+    await auditor.page.getByRole("link", { name: "Audit" }).click();
+    await auditor.page.locator("tr[data-event]").first().waitFor();
+    await fits(auditor.page, "the audit trail");
+    await auditor.ctx.close();
   });
 
   it("passes axe at phone size", async () => {
