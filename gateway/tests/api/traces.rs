@@ -84,6 +84,21 @@ fn render(spans: &[Value]) -> String {
     out
 }
 
+/// Submits a job on `slide` with the caller's `traceparent` (`TRACE`, `CALLER`); its id.
+async fn submit_in_trace(app: &App, t: &str, slide: &str) -> String {
+    let r = app
+        .send(
+            app.http
+                .post(format!("{}/api/jobs", app.base))
+                .bearer_auth(t)
+                .header("traceparent", format!("00-{TRACE}-{CALLER}-01"))
+                .json(&json!({"slide_id": slide, "kind": "wsi.preprocess"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    r.body["job_id"].as_str().unwrap().to_owned()
+}
+
 /// A log writer that keeps what this process logs.
 #[derive(Clone, Default)]
 struct Logged(Arc<Mutex<Vec<u8>>>);
@@ -194,17 +209,7 @@ async fn one_trace_covers_the_request_the_log_the_bus_the_worker_and_the_push() 
     let verified = app.verified(&t, &slide).await;
     // The names are in the platform: its tenant reads them back.
     assert_eq!(verified["name"], PLANTED_NAME, "{verified}");
-    let r = app
-        .send(
-            app.http
-                .post(format!("{}/api/jobs", app.base))
-                .bearer_auth(&t)
-                .header("traceparent", format!("00-{TRACE}-{CALLER}-01"))
-                .json(&json!({"slide_id": slide, "kind": "wsi.preprocess"})),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
-    let job = r.body["job_id"].as_str().unwrap().to_owned();
+    let job = submit_in_trace(&app, &t, &slide).await;
     statuses_until(&mut ws, &job, "succeeded").await;
     // The job's events carry the caller's trace.
     let events = app.get(&t, &format!("/api/jobs/{job}/events")).await.body;
@@ -485,17 +490,7 @@ async fn a_retry_after_the_lease_runs_out_is_in_the_jobs_trace() {
     let t = app.token("lab-a", &["pathologist"]);
     let slide = app.upload_slide(&t, &tall_slide(&app.dir, 4)).await;
     app.verified(&t, &slide).await;
-    let r = app
-        .send(
-            app.http
-                .post(format!("{}/api/jobs", app.base))
-                .bearer_auth(&t)
-                .header("traceparent", format!("00-{TRACE}-{CALLER}-01"))
-                .json(&json!({"slide_id": slide, "kind": "wsi.preprocess"})),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
-    let job = r.body["job_id"].as_str().unwrap().to_owned();
+    let job = submit_in_trace(&app, &t, &slide).await;
     job_status_until(&app, &t, &job, &["running"], Duration::from_secs(60)).await;
     // The worker dies mid-job (its attempt's process with it); a healthy one takes over.
     first.jobs.kill().await.unwrap();
