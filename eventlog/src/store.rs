@@ -170,6 +170,22 @@ pub fn now_micros() -> DateTime<Utc> {
     DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
 }
 
+/// An id as a filter takes it: a short id (8 hex digits) in lower case, anything else as given.
+fn short_id_or_whole(id: &Option<String>) -> Option<String> {
+    id.as_deref().map(str::trim).map(|i| {
+        if i.len() == 8 && i.bytes().all(|b| b.is_ascii_hexdigit()) {
+            i.to_ascii_lowercase()
+        } else {
+            i.to_owned()
+        }
+    })
+}
+
+/// SQL: `column` is the id `param`, or ends with it when it is a short id (8 characters).
+fn short_or_full(column: &str, param: &str) -> String {
+    format!("({column} = {param} OR (length({param}) = 8 AND right({column}, 8) = {param}))")
+}
+
 /// Which of a tenant's events an auditor asks for (the query of `GET /api/audit/events`);
 /// every filter is optional.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
@@ -179,9 +195,15 @@ pub struct EventFilter {
     pub after: Option<i64>,
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
+    /// An aggregate's id, or its short id: the last 8 hex digits (a UUIDv7's first digits are
+    /// its time, so ids made within a minute share them; the last ones are random).
     pub aggregate_id: Option<String>,
-    /// The actor's id (a user's `sub`, a worker id).
+    /// The actor's id (a user's `sub`, a worker id), in any case.
     pub actor: Option<String>,
+    /// An event type (`JobSubmitted`), in any case.
+    pub event_type: Option<String>,
+    /// A slide's id or short id: the events of that slide and of every job submitted on it.
+    pub slide: Option<String>,
     /// Events per page; the caller checks it (`tenant_events` takes the limit it settled on).
     pub limit: Option<i64>,
 }
@@ -359,17 +381,26 @@ impl EventLog {
         sqlx::query(&format!(
             "SELECT {COLUMNS} FROM events WHERE tenant_id = $1 AND global_position > $2 \
              AND ($3::timestamptz IS NULL OR recorded_at >= $3) AND ($4::timestamptz IS NULL OR recorded_at <= $4) \
-             AND ($5::text IS NULL OR aggregate_id = $5) \
-             AND ($6::text IS NULL OR (metadata::jsonb -> 'actor' ->> 'id') = $6) \
-             ORDER BY global_position LIMIT $7"
+             AND ($5::text IS NULL OR {id_is}) \
+             AND ($6::text IS NULL OR lower(metadata::jsonb -> 'actor' ->> 'id') = lower($6)) \
+             AND ($8::text IS NULL OR lower(event_type) = lower($8)) \
+             AND ($9::text IS NULL OR (aggregate_type = 'Slide' AND {slide_is}) OR aggregate_id IN ( \
+                 SELECT j.aggregate_id FROM events j WHERE j.tenant_id = $1 AND j.aggregate_type = 'Job' \
+                 AND j.sequence = 1 AND {job_slide_is})) \
+             ORDER BY global_position LIMIT $7",
+            id_is = short_or_full("aggregate_id", "$5"),
+            slide_is = short_or_full("aggregate_id", "$9"),
+            job_slide_is = short_or_full("(j.payload::jsonb ->> 'slide_id')", "$9"),
         ))
         .bind(tenant.as_str())
         .bind(f.after.unwrap_or(0))
         .bind(f.from)
         .bind(f.to)
-        .bind(&f.aggregate_id)
+        .bind(short_id_or_whole(&f.aggregate_id))
         .bind(&f.actor)
         .bind(limit)
+        .bind(&f.event_type)
+        .bind(short_id_or_whole(&f.slide))
         .fetch_all(&self.pool)
         .await
         .and_then(rows)

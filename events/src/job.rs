@@ -125,6 +125,24 @@ pub enum JobEvent {
 }
 
 impl JobEvent {
+    /// Every event type a job's stream may hold, in the order a job meets them: the auditor's
+    /// list of types to filter by. `name` of each variant is one of them (a test checks it).
+    pub const NAMES: &'static [&'static str] = &[
+        "JobSubmitted",
+        "JobQueued",
+        "JobStarted",
+        "JobLeaseExtended",
+        "JobProgressed",
+        "JobSucceeded",
+        "JobAttemptFailed",
+        "JobTimedOut",
+        "JobRetryScheduled",
+        "JobFailed",
+        "JobCancelRequested",
+        "JobCancelled",
+        "JobRetryRequested",
+    ];
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::JobSubmitted { .. } => "JobSubmitted",
@@ -187,5 +205,15 @@ mod tests {
             matches!(&read, JobEvent::JobSubmitted { spec: JobSpec::Unknown { kind, .. }, .. } if kind == "wsi.later")
         );
         assert_eq!(serde_json::to_string(&read).unwrap(), other);
+    }
+
+    /// `NAMES` is every variant: serde's "unknown variant" error lists them all.
+    #[test]
+    fn names_are_every_event_type() {
+        let err = serde_json::from_str::<JobEvent>(r#"{"type":"NoSuchEvent"}"#)
+            .unwrap_err()
+            .to_string();
+        let listed: Vec<&str> = err.split('`').skip(3).step_by(2).collect();
+        assert_eq!(listed, JobEvent::NAMES, "{err}");
     }
 }

@@ -74,6 +74,15 @@ pub enum SlideEvent {
 }
 
 impl SlideEvent {
+    /// Every event type a slide's stream may hold (see `JobEvent::NAMES`).
+    pub const NAMES: &'static [&'static str] = &[
+        "SlideRegistered",
+        "SlideUploaded",
+        "SlideVerified",
+        "SlideRejected",
+        "SlideDeleted",
+    ];
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::SlideRegistered { .. } => "SlideRegistered",
@@ -97,5 +106,20 @@ impl DomainEvent for SlideEvent {
 
     fn event_version(&self) -> String {
         "1".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `NAMES` is every variant: serde's "unknown variant" error lists them all.
+    #[test]
+    fn names_are_every_event_type() {
+        let err = serde_json::from_str::<SlideEvent>(r#"{"type":"NoSuchEvent"}"#)
+            .unwrap_err()
+            .to_string();
+        let listed: Vec<&str> = err.split('`').skip(3).step_by(2).collect();
+        assert_eq!(listed, SlideEvent::NAMES, "{err}");
     }
 }

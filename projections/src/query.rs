@@ -10,7 +10,7 @@ use serde::Serialize;
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::views::{JobView, SlideView, Table, TimelineEntry};
+use crate::views::{JobView, SlideName, SlideView, Table, TimelineEntry};
 
 #[derive(Debug, Clone)]
 pub struct ReadModels {
@@ -20,6 +20,8 @@ pub struct ReadModels {
 /// Filters for the job list; all optional.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
+    /// A job id, or its short id (its last 8 hex digits, lower case).
+    pub id: Option<String>,
     pub status: Option<JobStatus>,
     pub slide_id: Option<uuid::Uuid>,
     pub submitted_by: Option<String>,
@@ -130,6 +132,7 @@ impl ReadModels {
              AND ($2::uuid IS NULL OR slide_id = $2) AND ($3::text IS NULL OR submitted_by = $3) \
              AND ($4::timestamptz IS NULL OR submitted_at >= $4) AND ($5::timestamptz IS NULL OR submitted_at < $5) \
              AND ($6::timestamptz IS NULL OR (submitted_at, job_id) < ($6, $7)) \
+             AND ($9::text IS NULL OR job_id::text = $9 OR (length($9) = 8 AND right(job_id::text, 8) = $9)) \
              ORDER BY submitted_at DESC, job_id DESC LIMIT $8",
             rows_of(JobView::TABLE)
         ))
@@ -141,6 +144,7 @@ impl ReadModels {
         .bind(after.map(|c| c.submitted_at))
         .bind(after.map(|c| c.job_id))
         .bind(limit)
+        .bind(&filter.id)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -195,6 +199,26 @@ impl ReadModels {
         limit: i64,
     ) -> Result<Vec<SlideView>, sqlx::Error> {
         self.since(tenant, position, limit).await
+    }
+
+    /// The names of the tenant's slides among `ids`, as stored (sealed): what a list of jobs
+    /// shows beside each job, read in one query for the whole page.
+    pub async fn slide_names(
+        &self,
+        tenant: &TenantId,
+        ids: &[uuid::Uuid],
+    ) -> Result<Vec<(uuid::Uuid, SlideName)>, sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin(tenant).await?;
+        let rows: Vec<(uuid::Uuid, Json<SlideName>)> =
+            sqlx::query_as("SELECT slide_id, name FROM rm.slides WHERE slide_id = ANY($1)")
+                .bind(ids)
+                .fetch_all(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(rows.into_iter().map(|(id, n)| (id, n.0)).collect())
     }
 
     pub async fn timeline(&self, tenant: &TenantId, job: uuid::Uuid) -> Result<Vec<TimelineEntry>, sqlx::Error> {

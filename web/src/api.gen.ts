@@ -20,6 +20,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/audit/event-types": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The event types of the log, for the audit filter (auditor) */
+        get: operations["audit_event_types"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/audit/events": {
         parameters: {
             query?: never;
@@ -29,6 +46,26 @@ export interface paths {
         };
         /** The tenant's events from the log (auditor) */
         get: operations["audit_events"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/audit/export": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The tenant's events and every signed checkpoint as JSON Lines that tools/verify_export.py re-verifies (auditor)
+         * @description Format mira.audit.export.v1 (docs/audit/canonical-bytes.md): a header naming the tenant and the public audit key, the tenant's events, then every checkpoint with all its leaves (position, event id and hash of every event it covers, other tenants' included: ADR 0033).
+         */
+        get: operations["audit_export"];
         put?: never;
         post?: never;
         delete?: never;
@@ -453,6 +490,10 @@ export interface components {
             expires_at: string;
             id_token: string;
         };
+        /** @description The event types a log holds, for the auditor's filter. */
+        EventTypes: {
+            event_types: string[];
+        };
         /** @description Liveness. */
         Health: {
             status: string;
@@ -499,6 +540,8 @@ export interface components {
             updated_at: string;
             worker_id?: string | null;
         } & {
+            /** @description The display name of the job's slide; null once the slide's subject is erased. */
+            slide_name?: string | null;
             /**
              * @description Ready to run (its slide verified, or its retry due) and waiting for the lifecycle
              *     handlers to admit it to a GPU queue: tenants take turns, and a few routine jobs at a
@@ -790,6 +833,70 @@ export interface operations {
             };
         };
     };
+    audit_event_types: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EventTypes"];
+                };
+            };
+            /** @description Problem */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     audit_events: {
         parameters: {
             query?: {
@@ -799,9 +906,14 @@ export interface operations {
                 from?: string;
                 /** @description Recorded before. */
                 to?: string;
+                /** @description An aggregate's id, or its short id: the last 8 hex digits. */
                 aggregate_id?: string;
-                /** @description The actor's id (a user's sub, a worker id). */
+                /** @description The actor's id (a user's sub, a worker id), in any case. */
                 actor?: string;
+                /** @description An event type (GET /api/audit/event-types), in any case. */
+                event_type?: string;
+                /** @description A slide's id or short id (its last 8 hex digits): the events of the slide and of every job submitted on it. */
+                slide?: string;
                 limit?: number;
             };
             header?: never;
@@ -865,11 +977,85 @@ export interface operations {
             };
         };
     };
+    audit_export: {
+        parameters: {
+            query?: {
+                /** @description Only events recorded at or after. */
+                from?: string;
+                /** @description Only events recorded at or before. */
+                to?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/x-ndjson": string;
+                };
+            };
+            /** @description Problem */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     list_jobs: {
         parameters: {
             query?: {
                 status?: "submitted" | "queued" | "running" | "retry_scheduled" | "cancel_requested" | "succeeded" | "failed" | "cancelled";
                 slide_id?: string;
+                /**
+                 * @description A job's id, or its short id: the last 8 hex digits (the first ones of a UUIDv7 are its
+                 *     time, shared by jobs made within a minute).
+                 */
+                id?: string;
                 /** @description The submitter's user id. */
                 submitted_by?: string;
                 /** @description Submitted at or after (RFC 3339). */

@@ -1,7 +1,10 @@
-//! `GET /api/audit/events` (role `auditor`): the tenant's events straight from the log, with
-//! their hashes, filtered by cursor, time range, aggregate and actor.
+//! The auditor's endpoints (role `auditor`): `GET /api/audit/events`, the tenant's events
+//! straight from the log with their hashes, filtered by cursor, time range, aggregate (or
+//! short id), slide, actor and event type; `GET /api/audit/event-types`, the types to filter
+//! by; `GET /api/audit/export`, the tenant's verifiable export (ADR 0033).
 
 use axum::extract::State;
+use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -9,7 +12,7 @@ use utoipa::ToSchema;
 
 use super::auth::{Identity, Role};
 use super::extract::ApiQuery;
-use super::problem::{ApiError, ApiResult, Reads};
+use super::problem::{ApiError, ApiResult, Problem, Reads};
 use super::slides::page_limit;
 use super::state::AppState;
 use utoipa_axum::router::OpenApiRouter;
@@ -41,9 +44,107 @@ pub struct AuditPage {
     pub items: Vec<AuditEvent>,
     pub next: Option<i64>,
 }
+/// The event types a log holds, for the auditor's filter.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventTypes {
+    pub event_types: Vec<&'static str>,
+}
+
 /// The auditor's operations.
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::default().routes(routes!(events))
+    OpenApiRouter::default()
+        .routes(routes!(events))
+        .routes(routes!(event_types))
+        .routes(routes!(export))
+}
+
+#[utoipa::path(get, operation_id = "audit_event_types", path = "/api/audit/event-types",
+    summary = "The event types of the log, for the audit filter (auditor)",
+    responses((status = 200, body = EventTypes), Reads))]
+pub async fn event_types(who: Identity) -> ApiResult<Json<EventTypes>> {
+    who.require(&[Role::Auditor])?;
+    let mut event_types: Vec<&'static str> = mira_events::SlideEvent::NAMES.to_vec();
+    event_types.extend_from_slice(mira_events::JobEvent::NAMES);
+    Ok(Json(EventTypes { event_types }))
+}
+
+/// The time range of an export.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ExportQuery {
+    /// Only events recorded at or after.
+    #[param(nullable = false)]
+    pub from: Option<DateTime<Utc>>,
+    /// Only events recorded at or before.
+    #[param(nullable = false)]
+    pub to: Option<DateTime<Utc>>,
+}
+
+#[utoipa::path(get, operation_id = "audit_export", path = "/api/audit/export",
+    summary = "The tenant's events and every signed checkpoint as JSON Lines that tools/verify_export.py re-verifies (auditor)",
+    description = "Format mira.audit.export.v1 (docs/audit/canonical-bytes.md): a header naming the tenant and the public audit key, \
+        the tenant's events, then every checkpoint with all its leaves (position, event id and hash of every event it covers, \
+        other tenants' included: ADR 0033).",
+    params(ExportQuery),
+    responses((status = 200, content_type = "application/x-ndjson", body = String),
+        (status = 503, response = inline(Problem)), Reads))]
+pub async fn export(
+    State(state): State<AppState>,
+    who: Identity,
+    ApiQuery(q): ApiQuery<ExportQuery>,
+) -> ApiResult<axum::response::Response> {
+    who.require(&[Role::Auditor])?;
+    if let (Some(f), Some(t)) = (q.from, q.to) {
+        if f > t {
+            return Err(ApiError::bad_request("from: after to"));
+        }
+    }
+    let audit = state.audit.as_ref().map_err(|why| {
+        ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("this gateway cannot export the log: {why}"),
+        )
+    })?;
+    let key = audit.key;
+    let scope = mira_eventlog::export::Scope {
+        from: q.from,
+        to: q.to,
+        tenant: Some(who.tenant.clone()),
+    };
+    let (mut tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    let pool = state.pool.clone();
+    let tenant = who.tenant.clone();
+    tokio::spawn(async move {
+        match mira_eventlog::export::export_to(&pool, &key, &scope, &mut tx).await {
+            Ok(s) => tracing::info!(tenant = %tenant, events = s.events, checkpoints = s.checkpoints, "audit export"),
+            Err(e) => {
+                // The status line is sent: a reader sees the body end early, with no final
+                // newline or a torn line, and the verifier refuses it.
+                tracing::error!(tenant = %tenant, error = %e, "audit export stopped");
+                let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream_of(rx));
+    let name = format!("attachment; filename=\"mira-audit-{}.jsonl\"", who.tenant.as_str());
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "application/x-ndjson".to_owned()),
+            (axum::http::header::CONTENT_DISPOSITION, name),
+            (axum::http::header::CACHE_CONTROL, "no-store".to_owned()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// The chunks of a channel as a stream.
+fn tokio_stream_of(
+    mut rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+) -> impl futures_core::Stream<Item = std::io::Result<Vec<u8>>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 #[utoipa::path(get, operation_id = "audit_events", path = "/api/audit/events", summary = "The tenant's events from the log (auditor)",
@@ -52,9 +153,14 @@ pub fn routes() -> OpenApiRouter<AppState> {
          description = "Only events after this global position (a page's next)."),
         ("from" = Option<DateTime<Utc>>, Query, nullable = false, description = "Recorded at or after."),
         ("to" = Option<DateTime<Utc>>, Query, nullable = false, description = "Recorded before."),
-        ("aggregate_id" = Option<String>, Query, nullable = false, pattern = "^[^\\u0000]*$"),
+        ("aggregate_id" = Option<String>, Query, nullable = false, pattern = "^[^\\u0000]*$",
+         description = "An aggregate's id, or its short id: the last 8 hex digits."),
         ("actor" = Option<String>, Query, nullable = false, pattern = "^[^\\u0000]*$",
-         description = "The actor's id (a user's sub, a worker id)."),
+         description = "The actor's id (a user's sub, a worker id), in any case."),
+        ("event_type" = Option<String>, Query, nullable = false, pattern = "^[^\\u0000]*$",
+         description = "An event type (GET /api/audit/event-types), in any case."),
+        ("slide" = Option<String>, Query, nullable = false, pattern = "^[^\\u0000]*$",
+         description = "A slide's id or short id (its last 8 hex digits): the events of the slide and of every job submitted on it."),
         ("limit" = Option<i64>, Query, nullable = false, minimum = 1, maximum = 500),
     ),
     responses((status = 200, body = AuditPage), Reads))]

@@ -218,6 +218,13 @@ pub struct ListQuery {
     pub status: Option<String>,
     #[param(nullable = false, value_type = Option<uuid::Uuid>)]
     pub slide_id: Option<String>,
+    /// A job's id, or its short id: the last 8 hex digits (the first ones of a UUIDv7 are its
+    /// time, shared by jobs made within a minute).
+    #[param(
+        nullable = false,
+        pattern = "^([0-9a-fA-F]{8}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$"
+    )]
+    pub id: Option<String>,
     /// The submitter's user id.
     #[param(nullable = false, pattern = "^[^\\u0000]*$")]
     pub submitted_by: Option<String>,
@@ -243,6 +250,8 @@ pub struct ShownJob {
     #[serde(flatten)]
     #[schema(inline)]
     pub job: JobView,
+    /// The display name of the job's slide; null once the slide's subject is erased.
+    pub slide_name: Option<String>,
     /// Ready to run (its slide verified, or its retry due) and waiting for the lifecycle
     /// handlers to admit it to a GPU queue: tenants take turns, and a few routine jobs at a
     /// time are queued (Jobs__AdmissionWindow).
@@ -282,7 +291,19 @@ pub async fn list(
         .transpose()?;
     let limit = page_limit(q.limit)?;
     let after: Option<JobCursor> = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let id =
+        q.id.as_deref()
+            .map(|i| {
+                let short = i.len() == 8 && i.bytes().all(|b| b.is_ascii_hexdigit());
+                if short {
+                    Ok(i.to_ascii_lowercase())
+                } else {
+                    parse_id(i, "job", JobId::parse).map(|j| j.to_string())
+                }
+            })
+            .transpose()?;
     let filter = JobFilter {
+        id,
         status,
         slide_id: slide_id.map(|s| s.as_uuid()),
         submitted_by: q.submitted_by,
@@ -290,9 +311,8 @@ pub async fn list(
         submitted_before: q.until,
     };
     let page = state.read.jobs(&who.tenant, &filter, after, limit).await?;
-    let waiting = waiting_for_admission(&state, &who, &page.items).await?;
     Ok(Json(JobPage {
-        items: page.items.iter().map(|j| shown(j, &waiting)).collect(),
+        items: shown_jobs(&state, &who, &page.items).await?,
         next: page.next.map(|c| encode_cursor(&c)),
     }))
 }
@@ -311,8 +331,8 @@ pub async fn get_one(
         .job(&who.tenant, id.as_uuid())
         .await?
         .ok_or(ApiError::not_found("job"))?;
-    let waiting = waiting_for_admission(&state, &who, std::slice::from_ref(&job)).await?;
-    Ok(Json(shown(&job, &waiting)))
+    let mut shown = shown_jobs(&state, &who, std::slice::from_ref(&job)).await?;
+    Ok(Json(shown.pop().unwrap_or_default()))
 }
 
 /// Which of `jobs` are ready to run and wait for the handlers to admit them to a GPU queue
@@ -339,12 +359,27 @@ async fn waiting_for_admission(
     Ok(found.into_iter().collect())
 }
 
-/// A job as the API shows it: the view, and whether it waits for its admission.
-fn shown(job: &JobView, waiting: &std::collections::HashSet<uuid::Uuid>) -> serde_json::Value {
-    super::public::public_view(&ShownJob {
-        job: job.clone(),
-        waiting_for_admission: waiting.contains(&job.job_id),
-    })
+/// Jobs as the API shows them: each view with its slide's name and whether it waits for its
+/// admission, in two queries for the whole list (no request per job).
+pub async fn shown_jobs(state: &AppState, who: &Identity, jobs: &[JobView]) -> ApiResult<Vec<serde_json::Value>> {
+    let waiting = waiting_for_admission(state, who, jobs).await?;
+    let mut slides: Vec<uuid::Uuid> = jobs.iter().map(|j| j.slide_id).collect();
+    slides.sort_unstable();
+    slides.dedup();
+    let mut names = std::collections::HashMap::new();
+    for (id, name) in state.read.slide_names(&who.tenant, &slides).await? {
+        names.insert(id, super::slides::open_name(state, &name).await);
+    }
+    Ok(jobs
+        .iter()
+        .map(|job| {
+            super::public::public_view(&ShownJob {
+                job: job.clone(),
+                slide_name: names.get(&job.slide_id).cloned().flatten(),
+                waiting_for_admission: waiting.contains(&job.job_id),
+            })
+        })
+        .collect())
 }
 
 /// The body of `POST /api/jobs/{id}/cancel`, which may be left out.

@@ -469,13 +469,18 @@ pub async fn part_page(
 
 /// The slide as the API shows it: its name opened (`null` once its subject is erased).
 pub async fn view(state: &AppState, mut slide: SlideView) -> SlideView {
-    slide.name = SlideName::Open(match &slide.name {
+    slide.name = SlideName::Open(open_name(state, &slide.name).await);
+    slide
+}
+
+/// A slide's name opened: `None` once its subject is erased.
+pub async fn open_name(state: &AppState, name: &SlideName) -> Option<String> {
+    match name {
         SlideName::Sealed(sealed) => mira_events::seal::open(state.keyring.as_ref(), sealed, "name")
             .await
             .ok(),
         SlideName::Open(name) => name.clone(),
-    });
-    slide
+    }
 }
 
 #[utoipa::path(get, operation_id = "get_slide", path = "/api/slides/{id}", summary = "One slide",

@@ -280,12 +280,20 @@ impl Rows for Source {
         };
         let s = &self.0;
         match c.entity.as_str() {
-            "job" => Ok(s.read.job(&who.tenant, id).await.map_err(|e| e.to_string())?.map(|j| {
-                (
-                    j.position,
-                    json!({"type": "job.updated", "position": j.position, "job": super::public::public_view(&j)}),
-                )
-            })),
+            "job" => match s.read.job(&who.tenant, id).await.map_err(|e| e.to_string())? {
+                Some(j) => {
+                    let shown = super::jobs::shown_jobs(s, who, std::slice::from_ref(&j))
+                        .await
+                        .map_err(|e| format!("{e:?}"))?;
+                    Ok(shown.into_iter().next().map(|v| {
+                        (
+                            j.position,
+                            json!({"type": "job.updated", "position": j.position, "job": v}),
+                        )
+                    }))
+                }
+                None => Ok(None),
+            },
             "slide" => match s.read.slide(&who.tenant, id).await.map_err(|e| e.to_string())? {
                 Some(r) => {
                     let p = r.position;
@@ -308,13 +316,17 @@ impl Rows for Source {
             .jobs_since(&who.tenant, position, limit)
             .await
             .map_err(|e| e.to_string())?;
+        let shown = super::jobs::shown_jobs(&self.0, who, &rows)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
         Ok(rows
             .iter()
-            .map(|j| {
+            .zip(shown)
+            .map(|(j, v)| {
                 (
                     format!("job:{}", j.job_id),
                     j.position,
-                    json!({"type": "job.updated", "position": j.position, "job": super::public::public_view(&j)}),
+                    json!({"type": "job.updated", "position": j.position, "job": v}),
                 )
             })
             .collect())

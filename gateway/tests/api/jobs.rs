@@ -217,3 +217,44 @@ async fn stat_jobs_are_submitted_by_the_groups_the_setting_names() {
     }
     app.stop().await;
 }
+
+/// A job names its slide in the list and on its own (one query for a page's names), and a
+/// slide's name that was never given reads as null, not as another slide's.
+#[tokio::test]
+async fn jobs_carry_their_slides_names() {
+    let app = spawn_app(Storage::Local).await;
+    let t = app.token("lab-a", &["pathologist"]);
+    let first = app.upload_slide_named(&t, b"one", "CMU-1", None).await;
+    let second = app.upload_slide_named(&t, b"two", "CMU-2 biopsy", None).await;
+    let mut jobs = Vec::new();
+    for s in [&first, &second, &first] {
+        let r = app
+            .post(&t, "/api/jobs", json!({"slide_id": s, "kind": "wsi.preprocess"}))
+            .await;
+        jobs.push(r.body["job_id"].as_str().unwrap().to_owned());
+    }
+    let list = eventually("three jobs in the list", || async {
+        let r = app.get(&t, "/api/jobs").await;
+        (r.body["items"].as_array().map_or(0, Vec::len) == 3).then_some(r.body)
+    })
+    .await;
+    let named: std::collections::HashMap<String, Value> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| (j["job_id"].as_str().unwrap().to_owned(), j["slide_name"].clone()))
+        .collect();
+    assert_eq!(named[&jobs[0]], "CMU-1");
+    assert_eq!(named[&jobs[1]], "CMU-2 biopsy");
+    assert_eq!(named[&jobs[2]], "CMU-1");
+    let one = app.get(&t, &format!("/api/jobs/{}", jobs[1])).await;
+    assert_eq!(one.body["slide_name"], "CMU-2 biopsy", "{}", one.body);
+    // The short id (the last 8 hex digits, any case) finds the one job.
+    let short = jobs[1][jobs[1].len() - 8..].to_uppercase();
+    let found = app.get(&t, &format!("/api/jobs?id={short}")).await;
+    let items = found.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{}", found.body);
+    assert_eq!(items[0]["job_id"], jobs[1].as_str());
+    assert_problem(&app.get(&t, "/api/jobs?id=nothex00").await, StatusCode::BAD_REQUEST);
+    app.stop().await;
+}
