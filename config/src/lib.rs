@@ -79,7 +79,7 @@ pub struct Settings {
 }
 
 /// The browser app (DESIGN §10), served by the gateway at `/`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, rename_all = "PascalCase", deny_unknown_fields)]
 pub struct WebSettings {
     /// The built app (`web/dist`): read at run time, so building the gateway never needs npm.
@@ -92,6 +92,28 @@ pub struct WebSettings {
     pub redirect_url: Option<String>,
     /// `mira dev`'s sign-in page answers loopback clients only unless this is true.
     pub allow_remote_dev_sign_in: bool,
+    /// A browser session with no keyboard, pointer, wheel or touch input for this long is
+    /// signed out (ADR 0032); 5 to 43200.
+    pub idle_sign_out_seconds: u64,
+}
+
+impl Default for WebSettings {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            cognito_domain: None,
+            redirect_url: None,
+            allow_remote_dev_sign_in: false,
+            idle_sign_out_seconds: 900,
+        }
+    }
+}
+
+impl WebSettings {
+    /// `Web__IdleSignOutSeconds`.
+    pub fn idle_sign_out(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.idle_sign_out_seconds)
+    }
 }
 
 /// A background role a `mira` process can run beside the API (`mira serve --with`, or
@@ -975,6 +997,9 @@ impl Settings {
         if !(1..=86_400).contains(&self.api.header_read_timeout_seconds) {
             return invalid("Api__HeaderReadTimeoutSeconds", "must be 1 to 86400");
         }
+        if !(5..=43_200).contains(&self.web.idle_sign_out_seconds) {
+            return invalid("Web__IdleSignOutSeconds", "must be 5 to 43200 (seconds)");
+        }
         if !(1..=86_400).contains(&self.api.idle_timeout_seconds) {
             return invalid("Api__IdleTimeoutSeconds", "must be 1 to 86400");
         }
@@ -1253,6 +1278,12 @@ mod tests {
         assert_eq!(s.aws.region.as_deref(), Some("eu-west-1"));
         let err = Settings::load(None, env(&[("DATABASE_URL", "mysql://x")])).unwrap_err();
         assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+        for bad in ["4", "43201", "0", "soon"] {
+            let err = Settings::load(None, env(&[("Web__IdleSignOutSeconds", bad)])).unwrap_err();
+            assert!(err.to_string().contains("Web__IdleSignOutSeconds"), "{bad}: {err}");
+        }
+        let s = Settings::load(None, env(&[("Web__IdleSignOutSeconds", "5")])).unwrap();
+        assert_eq!(s.web.idle_sign_out(), std::time::Duration::from_secs(5));
     }
 
     #[test]

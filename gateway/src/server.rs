@@ -152,6 +152,7 @@ pub async fn state(
         },
         idempotency_key: Default::default(),
         cursor_key: Default::default(),
+        session_key: Default::default(),
         version: crate::api::Version::new(settings.commit.as_deref()),
         rate_limiter: crate::api::limits::RateLimiter::new(
             settings.api.requests_per_second,
@@ -203,6 +204,7 @@ pub fn web_config(settings: &Settings) -> crate::api::WebConfig {
         ws_url: settings.realtime.web_socket_url.clone(),
         connect_origins,
         allow_remote_dev_sign_in: settings.web.allow_remote_dev_sign_in,
+        idle_sign_out: settings.web.idle_sign_out(),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod openapi;
 pub mod ops;
 pub mod problem;
 pub mod public;
+pub mod session;
 pub mod slides;
 pub mod state;
 pub mod web;

@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 use super::problem::{Limited, Problem};
 use super::state::AppState;
-use super::{audit, blobs, jobs, ops, slides, web, ws};
+use super::{audit, blobs, jobs, ops, session, slides, web, ws};
 use utoipa_axum::routes;
 
 /// What the operations do not declare: the title, the default security (a Cognito ID token),
@@ -98,6 +98,7 @@ pub fn operations(max_body_bytes: usize) -> OpenApiRouter<AppState> {
         .merge(jobs::routes())
         .merge(audit::routes())
         .merge(web::routes())
+        .merge(session::routes())
         .merge(ops::routes())
         .merge(routes())
         .layer(DefaultBodyLimit::max(max_body_bytes));

@@ -45,6 +45,8 @@ pub struct Services {
     pub idempotency_key: tokio::sync::OnceCell<[u8; 32]>,
     /// The key that seals WebSocket resume cursors, from the keyring on first use.
     pub cursor_key: tokio::sync::OnceCell<[u8; 32]>,
+    /// The key that seals browser session cookies, from the keyring on first use.
+    pub session_key: tokio::sync::OnceCell<[u8; 32]>,
     /// What `GET /api/version` answers.
     pub version: Version,
     /// Requests per client (`Api__RequestsPerSecond`); `None`: no limit.
@@ -104,6 +106,8 @@ pub struct WebConfig {
     pub connect_origins: Vec<String>,
     /// `mira dev`'s sign-in answers only loopback clients unless this is set.
     pub allow_remote_dev_sign_in: bool,
+    /// `Web__IdleSignOutSeconds`.
+    pub idle_sign_out: std::time::Duration,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -189,8 +189,9 @@ async fn dev_jwks(State(state): State<AppState>, req: Request) -> Result<axum::J
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(tag = "mode", rename_all = "lowercase")]
 pub enum AppAuth {
-    /// `mira dev`'s own sign-in (`POST /dev/sign-in`).
-    Dev,
+    /// `mira dev`'s own sign-in (`POST /dev/sign-in`), and what its form starts from: the
+    /// identity `mira dev token` gives by default.
+    Dev { user: String, tenant: String, role: String },
     /// Cognito's hosted UI.
     Cognito {
         domain: String,
@@ -207,6 +208,8 @@ pub struct AppConfig {
     pub auth: AppAuth,
     /// The WebSocket's URL, when it is not this origin's `/ws`.
     pub ws_url: Option<String>,
+    /// `Web__IdleSignOutSeconds`: the app signs out after this long without input.
+    pub idle_sign_out_seconds: u64,
 }
 
 /// `GET /api/app-config`: how the app signs in, and the WebSocket URL.
@@ -214,7 +217,11 @@ pub struct AppConfig {
     security(), responses((status = 200, body = AppConfig), Limited))]
 pub async fn app_config(State(state): State<AppState>) -> Json<AppConfig> {
     let auth = match (&state.dev_identity, &state.web.cognito) {
-        (Some(_), _) => AppAuth::Dev,
+        (Some(_), _) => AppAuth::Dev {
+            user: "dev-user".into(),
+            tenant: "dev".into(),
+            role: "pathologist".into(),
+        },
         (None, Some(c)) => AppAuth::Cognito {
             domain: c.domain.clone(),
             client_id: c.client_id.clone(),
@@ -225,6 +232,7 @@ pub async fn app_config(State(state): State<AppState>) -> Json<AppConfig> {
     Json(AppConfig {
         auth,
         ws_url: state.web.ws_url.clone(),
+        idle_sign_out_seconds: state.web.idle_sign_out.as_secs(),
     })
 }
 
@@ -346,7 +354,7 @@ pub fn dev_refusal(
     responses((status = 200, body = DevToken), (status = 400, response = inline(Problem)),
               (status = 403, response = inline(Problem)), (status = 404, response = inline(Problem)),
               (status = 413, response = inline(Problem)), (status = 422, response = inline(Problem)), Limited))]
-pub async fn dev_sign_in(State(state): State<AppState>, req: Request) -> Result<Json<DevToken>, ApiError> {
+pub async fn dev_sign_in(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let Some(idp) = state.dev_identity.clone() else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -380,10 +388,15 @@ pub async fn dev_sign_in(State(state): State<AppState>, req: Request) -> Result<
         .token(user, &who.tenant, &who.roles, DEV_TOKEN_TTL)
         .map_err(|e| ApiError::invalid(format!("tenant: {e:#}")))?;
     let expires_at = chrono::Utc::now() + chrono::Duration::from_std(DEV_TOKEN_TTL).unwrap_or_default();
-    Ok(Json(DevToken {
+    // The browser's session: a reload asks /api/session/refresh for a token (ADR 0032).
+    let cookie = super::session::start(&state, user, &who.tenant, &who.roles).await?;
+    let mut r = Json(DevToken {
         id_token: token,
         expires_at,
-    }))
+    })
+    .into_response();
+    r.headers_mut().insert(header::SET_COOKIE, cookie);
+    Ok(r)
 }
 
 #[cfg(test)]

@@ -12,22 +12,7 @@ async fn the_app_is_served_with_its_policy_and_mira_dev_signs_people_in() {
     std::fs::write(web.join("assets/app-1a2b3c.js"), "console.log('mira')").unwrap();
     std::fs::write(dir.join("secret.txt"), "outside the app").unwrap();
     std::os::unix::fs::symlink(dir.join("secret.txt"), web.join("leak.txt")).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let base = format!("http://{addr}");
-    let mut settings = local_settings(&db, &dir).await;
-    settings.web.dir = Some(web.clone());
-    settings.aws.cognito.issuer = Some(mira_gateway::dev::ISSUER.to_owned());
-    settings.aws.cognito.client_id = Some(mira_gateway::dev::AUDIENCE.to_owned());
-    settings.aws.cognito.jwks_url = Some(format!("{base}{}", mira_gateway::api::DEV_JWKS_PATH));
-    let idp = Arc::new(mira_gateway::dev::DevIdp::open_or_create(&dir).unwrap());
-    let options = mira_gateway::server::Options {
-        dev_identity: Some(idp),
-        ..Default::default()
-    };
-    let stop = CancellationToken::new();
-    let (s, pool) = (stop.clone(), db.pool.clone());
-    let task = tokio::spawn(async move { mira_gateway::server::run(&settings, pool, listener, &options, s).await });
+    let (base, addr, stop, task) = dev_gateway(&db, &dir, |settings| settings.web.dir = Some(web.clone())).await;
     let http = reqwest::Client::new();
     let get = |p: &str| http.get(format!("{base}{p}")).send();
 
@@ -200,4 +185,157 @@ async fn the_app_is_served_with_its_policy_and_mira_dev_signs_people_in() {
     stop.cancel();
     task.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A gateway on loopback with `mira dev`'s identity provider, its keys in `dir`; `edit` changes
+/// its settings first.
+async fn dev_gateway(
+    db: &TestDb,
+    dir: &std::path::Path,
+    edit: impl FnOnce(&mut Settings),
+) -> (
+    String,
+    std::net::SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let base = format!("http://{addr}");
+    let mut settings = local_settings(db, dir).await;
+    settings.aws.cognito.issuer = Some(mira_gateway::dev::ISSUER.to_owned());
+    settings.aws.cognito.client_id = Some(mira_gateway::dev::AUDIENCE.to_owned());
+    settings.aws.cognito.jwks_url = Some(format!("{base}{}", mira_gateway::api::DEV_JWKS_PATH));
+    edit(&mut settings);
+    let idp = Arc::new(mira_gateway::dev::DevIdp::open_or_create(dir).unwrap());
+    let options = mira_gateway::server::Options {
+        dev_identity: Some(idp),
+        ..Default::default()
+    };
+    let stop = CancellationToken::new();
+    let (s, pool) = (stop.clone(), db.pool.clone());
+    let task = tokio::spawn(async move { mira_gateway::server::run(&settings, pool, listener, &options, s).await });
+    (base, addr, stop, task)
+}
+
+/// ADR 0032 under `mira dev`: the sign-in sets a sealed, HttpOnly cookie; a reload (a client
+/// with the cookie and no token) gets a fresh token from `/api/session/refresh`; activity moves
+/// the idle deadline; with no activity for `Web__IdleSignOutSeconds` the refresh is refused and
+/// the cookie cleared; requests from another origin or not in JSON never reach the session.
+#[tokio::test]
+async fn a_browser_session_survives_a_reload_and_ends_when_idle() {
+    let db = TestDb::new().await;
+    let dir = std::env::temp_dir().join(format!("mira-session-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (base, _, stop, task) = dev_gateway(&db, &dir, |s| s.web.idle_sign_out_seconds = 5).await;
+    let http = reqwest::Client::new();
+    let origin = base.clone();
+    let config: Value = http
+        .get(format!("{base}/api/app-config"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["idle_sign_out_seconds"], 5, "{config}");
+    assert_eq!(config["auth"]["user"], "dev-user", "mira dev token's own defaults: {config}");
+
+    let signed = http
+        .post(format!("{base}/dev/sign-in"))
+        .json(&json!({"user": "ada", "tenant": "lab-a", "roles": ["pathologist"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), StatusCode::OK);
+    let set = signed.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        set.starts_with("mira-dev-session=")
+            && set.contains("; HttpOnly")
+            && set.contains("; SameSite=Strict")
+            && set.contains("; Path=/api/session"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let session = |path: &str, cookie: Option<&str>, origin: Option<&str>, json: bool| {
+        let mut r = http.post(format!("{base}/api/session/{path}"));
+        if let Some(c) = cookie {
+            r = r.header("cookie", c);
+        }
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        if json {
+            r = r.header("content-type", "application/json").body("{}");
+        } else {
+            r = r.header("content-type", "text/plain").body("{}");
+        }
+        r.send()
+    };
+
+    // A reload: the cookie alone gets a token the API takes.
+    let r = session("refresh", Some(&cookie), Some(&origin), true).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let body: Value = r.json().await.unwrap();
+    let token = body["id_token"].as_str().unwrap();
+    let jobs = http
+        .get(format!("{base}/api/jobs"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(jobs.status(), StatusCode::OK);
+    // The cookie is no bearer token: an API route without the header is 401.
+    let no_bearer = http
+        .get(format!("{base}/api/jobs"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_bearer.status(), StatusCode::UNAUTHORIZED);
+    // No Origin, another origin, another port, not JSON: refused before the session is read.
+    for (o, json) in [
+        (None, true),
+        (Some("http://evil.example"), true),
+        (Some("http://127.0.0.1:1"), true),
+        (Some(origin.as_str()), false),
+    ] {
+        let r = session("refresh", Some(&cookie), o, json).await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{o:?} json={json}");
+    }
+    // A cookie that is not this gateway's, or was altered, is no session.
+    let forged = format!("{}A", cookie);
+    let r = session("refresh", Some(&forged), Some(&origin), true).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // Activity every 2 s for 6 s keeps the session past its first 5 s.
+    let mut cookie = cookie;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let r = session("activity", Some(&cookie), Some(&origin), true).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        cookie = r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned();
+    }
+    let r = session("refresh", Some(&cookie), Some(&origin), true).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "6 s after signing in, with activity");
+    // Left alone past the deadline: 401, and the cookie cleared.
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+    let r = session("refresh", Some(&cookie), Some(&origin), true).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let cleared = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(cleared.starts_with("mira-dev-session=;") && cleared.contains("Max-Age=0"), "{cleared}");
+    let body: Value = r.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("without activity"), "{body}");
+    // Signing out clears it too.
+    let r = session("end", Some(&cookie), Some(&origin), true).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }
