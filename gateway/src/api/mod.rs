@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod auth;
 pub mod blobs;
+pub mod devcheck;
 pub mod extract;
 pub mod hub;
 pub mod idempotency;

@@ -134,7 +134,11 @@ pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 /// `max_age` 0 clears it.
 pub fn set_cookie(name: &str, value: &str, max_age: i64) -> HeaderValue {
     let secure = if name.starts_with("__Host-") { "; Secure" } else { "" };
-    let path = if name.starts_with("__Host-") { "/" } else { "/api/session" };
+    let path = if name.starts_with("__Host-") {
+        "/"
+    } else {
+        "/api/session"
+    };
     HeaderValue::from_str(&format!(
         "{name}={value}; Path={path}; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
     ))
@@ -195,7 +199,7 @@ fn refusal(state: &AppState, req: &Request) -> Option<String> {
     }
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
     let served_on = req.extensions().get::<super::limits::ServedOn>().map(|s| s.0);
-    super::web::dev_refusal(headers, peer, served_on, state.web.allow_remote_dev_sign_in, true)
+    super::devcheck::dev_refusal(headers, peer, served_on, state.web.allow_remote_dev_sign_in, true)
 }
 
 /// The open session of a request, or 401 (and the cookie cleared) when there is none or its
@@ -204,7 +208,8 @@ async fn current(state: &AppState, headers: &HeaderMap) -> Result<Sealed, Respon
     let sealer = sealer(state).await.map_err(IntoResponse::into_response)?;
     let ended = |why: &str| {
         let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", why).into_response();
-        r.headers_mut().insert(header::SET_COOKIE, set_cookie(DEV_COOKIE, "", 0));
+        r.headers_mut()
+            .insert(header::SET_COOKIE, set_cookie(DEV_COOKIE, "", 0));
         r
     };
     let Some(value) = cookie(headers, DEV_COOKIE) else {
@@ -246,7 +251,10 @@ fn no_store(mut r: Response) -> Response {
 }
 
 async fn answer(state: &AppState, s: &Sealed, cookie: Option<HeaderValue>) -> Result<Response, ApiError> {
-    let idp = state.dev_identity.clone().ok_or_else(|| ApiError::not_found("session"))?;
+    let idp = state
+        .dev_identity
+        .clone()
+        .ok_or_else(|| ApiError::not_found("session"))?;
     let token = idp
         .token(&s.user, &s.tenant, &s.roles, SESSION_TOKEN_TTL)
         .map_err(ApiError::internal)?;
@@ -322,7 +330,8 @@ pub async fn end(State(state): State<AppState>, req: Request) -> Response {
         return no_store(ApiError::forbidden(why).into_response());
     }
     let mut r = StatusCode::NO_CONTENT.into_response();
-    r.headers_mut().insert(header::SET_COOKIE, set_cookie(DEV_COOKIE, "", 0));
+    r.headers_mut()
+        .insert(header::SET_COOKIE, set_cookie(DEV_COOKIE, "", 0));
     no_store(r)
 }
 
