@@ -239,7 +239,10 @@ async fn a_browser_session_survives_a_reload_and_ends_when_idle() {
         .await
         .unwrap();
     assert_eq!(config["idle_sign_out_seconds"], 5, "{config}");
-    assert_eq!(config["auth"]["user"], "dev-user", "mira dev token's own defaults: {config}");
+    assert_eq!(
+        config["auth"]["user"], "dev-user",
+        "mira dev token's own defaults: {config}"
+    );
 
     let signed = http
         .post(format!("{base}/dev/sign-in"))
@@ -330,7 +333,10 @@ async fn a_browser_session_survives_a_reload_and_ends_when_idle() {
     let r = session("refresh", Some(&cookie), Some(&origin), true).await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let cleared = r.headers()["set-cookie"].to_str().unwrap().to_owned();
-    assert!(cleared.starts_with("mira-dev-session=;") && cleared.contains("Max-Age=0"), "{cleared}");
+    assert!(
+        cleared.starts_with("mira-dev-session=;") && cleared.contains("Max-Age=0"),
+        "{cleared}"
+    );
     let body: Value = r.json().await.unwrap();
     assert!(body["detail"].as_str().unwrap().contains("without activity"), "{body}");
     // Signing out clears it too.
