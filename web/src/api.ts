@@ -121,8 +121,13 @@ export type Priority = NonNullable<Schemas["NewJob"]["priority"]>;
  * though the API always sends them (null when empty). The app reads each as "absent or null",
  * and shows an absent priority as routine. `waiting_for_admission`, which the document requires,
  * is carried by `GET /api/jobs` and `GET /api/jobs/{id}` only; a live `job.updated` does not, so
- * the app's type makes it optional, and absent means unknown (`status.ts`). */
-export type Job = Omit<Schemas["Job"], "waiting_for_admission"> & { waiting_for_admission?: boolean };
+ * the app's type makes it optional, and absent means unknown (`status.ts`). `slide_name` names
+ * the job in lists (`names.ts`). */
+export type Job = Omit<Schemas["Job"], "waiting_for_admission"> & {
+  waiting_for_admission?: boolean;
+  /** The slide's name (null once erased, or not known); absent from an API that predates it. */
+  slide_name?: string | null;
+};
 
 /** The body of `POST /api/jobs`. */
 export type NewJob = Schemas["NewJob"];

@@ -3,26 +3,44 @@
 // the feed's messages in live.ts.
 
 import type { ComponentChildren } from "preact";
-import { useEffect, useMemo, useState } from "preact/hooks";
+import { useEffect, useMemo, useRef, useState } from "preact/hooks";
 import { type AppConfig, AUDITORS, api, holds, setHooks } from "./api";
-import { cognitoCallback, onSession, returnPath, type Session, session, signOut } from "./auth";
+import {
+  cognitoCallback,
+  idle,
+  onSession,
+  reportActivity,
+  resumeSession,
+  returnPath,
+  type Session,
+  session,
+  signOut,
+} from "./auth";
+import { type IdleState, idleMessage, watchIdle } from "./idle";
 import { broadcast, type FeedState, LiveFeed, socketUrl } from "./live";
-import { Link, navigate, usePath } from "./nav";
+import { Link, navigate, useHeading, usePath } from "./nav";
 import { AuditPage } from "./pages/audit";
 import { JobPage } from "./pages/job";
 import { JobsPage } from "./pages/jobs";
 import { SignInPage } from "./pages/signin";
 import { SlidesPage } from "./pages/slides";
 import { ViewerPage } from "./pages/viewer";
+import { uploading } from "./upload";
 
-/** Why the last session ended, shown on the sign-in page. */
-let signedOutBecause = "";
+/** Why the last session ended, shown on the sign-in page; kept over a reload (it holds no
+ * token), read once. */
+const REASON = "mira.signout.reason";
+let signedOutBecause = sessionStorage.getItem(REASON) ?? "";
+sessionStorage.removeItem(REASON);
 
 export function App() {
   const [config, setConfig] = useState<AppConfig | null>(null);
   const [configError, setConfigError] = useState("");
   const [who, setWho] = useState<Session | null>(session());
   const [feedState, setFeedState] = useState<FeedState>("connecting");
+  // Under mira dev a reload asks the gateway's session for a token before showing the sign-in.
+  const [resuming, setResuming] = useState(true);
+  const [idleState, setIdleState] = useState<IdleState>("active");
   const path = usePath();
 
   useEffect(() => {
@@ -34,9 +52,41 @@ export function App() {
       },
     });
     const off = onSession(setWho);
-    api<AppConfig>("/api/app-config").then(setConfig, (e) => setConfigError(String(e.message ?? e)));
+    api<AppConfig>("/api/app-config").then(
+      async (c) => {
+        if (c.auth.mode === "dev" && !session()) await resumeSession();
+        setResuming(false);
+        setConfig(c);
+      },
+      (e) => setConfigError(String(e.message ?? e)),
+    );
     return off;
   }, []);
+
+  // Idle sign-out: the gateway's deadline, watched here, moved by the user's input.
+  useEffect(() => {
+    if (!who) return;
+    sessionStorage.removeItem(REASON);
+    if (!idle.deadline) return;
+    setIdleState("active");
+    const w = watchIdle({
+      target: window,
+      timeoutSeconds: idle.seconds,
+      deadline: idle.deadline,
+      report: reportActivity,
+      hold: uploading,
+      onState: (s) => {
+        setIdleState(s);
+        if (s === "out") {
+          signedOutBecause = idleMessage(idle.seconds);
+          sessionStorage.setItem(REASON, signedOutBecause);
+          // The page stays where it was: signing in again shows it, its view included.
+          signOut(config);
+        }
+      },
+    });
+    return () => w.stop();
+  }, [who?.user, who?.tenant]);
 
   // Back from the Hosted UI.
   useEffect(() => {
@@ -74,7 +124,7 @@ export function App() {
         <p role="alert">Mira cannot be reached: {configError}</p>
       </main>
     );
-  if (!config)
+  if (!config || resuming)
     return (
       <main class="page">
         <p>Loading…</p>
@@ -90,7 +140,7 @@ export function App() {
   else if (path === "/jobs") page = <JobsPage who={who} />;
   else if (path === "/audit") page = <AuditPage who={who} />;
   else if (path === "/" || path === "/signed-in") page = <SlidesPage who={who} />;
-  else page = <p role="alert">Not found: there is no page at {path}.</p>;
+  else page = <NotFound path={path} />;
 
   return (
     <>
@@ -123,7 +173,52 @@ export function App() {
           Sign out
         </button>
       </header>
-      <main class="page">{page}</main>
+      {idleState === "warn" && (
+        <IdleWarning
+          seconds={Math.max(0, Math.round((idle.deadline - Date.now()) / 1000))}
+          stay={() => reportActivity().catch(() => {})}
+        />
+      )}
+      {/* A page of its own for each path: its state, and the move to its heading, start afresh. */}
+      <main class="page" key={path}>
+        {page}
+      </main>
+    </>
+  );
+}
+
+/** The warning before an idle sign-out, focus on staying (any key or click also counts). */
+function IdleWarning(props: { seconds: number; stay: () => void }) {
+  const button = useRef<HTMLButtonElement>(null);
+  useEffect(() => button.current?.focus(), []);
+  return (
+    <div
+      class="idle-warning"
+      role="alertdialog"
+      aria-modal="true"
+      aria-labelledby="idle-title"
+      aria-describedby="idle-text"
+    >
+      <h2 id="idle-title">Still there?</h2>
+      <p id="idle-text">
+        Mira will sign you out in about {props.seconds} seconds without activity, to keep patient data safe on
+        a shared workstation.
+      </p>
+      <button type="button" ref={button} onClick={props.stay}>
+        Stay signed in
+      </button>
+    </div>
+  );
+}
+
+function NotFound(props: { path: string }) {
+  const heading = useHeading("Not found");
+  return (
+    <>
+      <h1 ref={heading} tabIndex={-1}>
+        Not found
+      </h1>
+      <p role="alert">There is no page at {props.path}.</p>
     </>
   );
 }

@@ -1,5 +1,9 @@
 // The session: the ID token in memory, renewed before it expires, and signing in and out in
 // either of the two ways `GET /api/app-config` names (mira dev's sign-in, or Cognito).
+//
+// Under mira dev the gateway also keeps a session cookie (ADR 0032) the app cannot read: a
+// reload, a pasted link or a second tab asks `/api/session/refresh` for a token, and the idle
+// deadline lives there too (idle.ts watches it here).
 
 import { type AppConfig, claimsOf, type Identity, identityOf } from "./api";
 import {
@@ -48,7 +52,57 @@ function set(token: string | null): void {
   }
 }
 
-/** mira dev: a token for any user, tenant and role. */
+/** What `/api/session/refresh` and `/activity` answer. */
+type SessionAnswer = {
+  id_token: string;
+  expires_at: string;
+  idle_deadline: string;
+  idle_sign_out_seconds: number;
+};
+
+/** The gateway's idle deadline (ms since the epoch) and timeout of the current session; 0 when
+ * it keeps none (Cognito). */
+export const idle = { deadline: 0, seconds: 0 };
+
+async function sessionCall(what: "refresh" | "activity" | "end"): Promise<SessionAnswer | null> {
+  const res = await fetch(`/api/session/${what}`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Accept: "application/json" },
+    body: "{}",
+    credentials: "same-origin",
+  });
+  if (res.status === 204) return null;
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error(body.detail ?? `the session: ${res.status}`);
+  return body as SessionAnswer;
+}
+
+function adopt(a: SessionAnswer | null): void {
+  if (!a) throw new Error("the session answered nothing");
+  idle.deadline = Date.parse(a.idle_deadline);
+  idle.seconds = a.idle_sign_out_seconds;
+  renew = async () => adopt(await sessionCall("refresh"));
+  set(a.id_token);
+}
+
+/** A page opened (a reload, a pasted link, another tab): the gateway's session, if there is
+ * one, gives a token. False when there is none (or it ended). */
+export async function resumeSession(): Promise<boolean> {
+  try {
+    adopt(await sessionCall("refresh"));
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The user did something: the gateway moves the deadline; its new value (ms). */
+export async function reportActivity(): Promise<number> {
+  adopt(await sessionCall("activity"));
+  return idle.deadline;
+}
+
+/** mira dev: a token for any user, tenant and role, and the gateway's session cookie. */
 export async function devSignIn(user: string, tenant: string, roles: string[]): Promise<void> {
   const get = async () => {
     const res = await fetch("/dev/sign-in", {
@@ -60,8 +114,11 @@ export async function devSignIn(user: string, tenant: string, roles: string[]): 
     if (!res.ok) throw new Error(body.detail ?? `sign-in failed (${res.status})`);
     return body.id_token as string;
   };
+  const first = await get();
+  // The sign-in set the session cookie: from here on, tokens come from the session.
+  if (await resumeSession()) return;
   renew = async () => set(await get());
-  set(await get());
+  set(first);
 }
 
 const VERIFIER = "mira.pkce.verifier";
@@ -110,6 +167,8 @@ export async function cognitoCallback(cfg: CognitoConfig, params: URLSearchParam
 export function signOut(config: AppConfig | null): void {
   renew = null;
   refreshToken = null;
+  if (idle.deadline) sessionCall("end").catch(() => {});
+  idle.deadline = 0;
   set(null);
   if (config?.auth.mode === "cognito") {
     const a = config.auth;

@@ -46,8 +46,14 @@ export function statusDetail(job: Shown): StatusDetail | null {
 /** A job from the live feed, merged over the one shown. A REST answer carries
  * `waiting_for_admission` and is taken as it is; a live update does not, so the value shown is
  * kept while the status stays the same, false once the job is queued, running or finished (it
- * no longer waits), and unknown when it comes back to a status that can wait. */
-export function withLiveUpdate(shown: Job | undefined, update: Job): Job {
+ * no longer waits), and unknown when it comes back to a status that can wait. So is the slide's
+ * name, which an update may not carry. */
+export function withLiveUpdate(shown: Job | undefined, live: Job): Job {
+  // The slide's name, which names the job, is kept where an update does not carry it.
+  const update =
+    live.slide_name === undefined && shown?.job_id === live.job_id && shown.slide_name !== undefined
+      ? { ...live, slide_name: shown.slide_name }
+      : live;
   if (update.waiting_for_admission !== undefined) return update;
   if (!ADMITTABLE.includes(update.status)) return { ...update, waiting_for_admission: false };
   if (shown && shown.job_id === update.job_id && shown.status === update.status)

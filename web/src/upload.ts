@@ -131,8 +131,25 @@ export type UploadOptions = {
 
 export type Uploaded = { parts: { part_number: number; etag: string }[] };
 
+let inFlight = 0;
+
+/** Whether an upload is running in this tab: an idle sign-out waits for it (signing out would
+ * throw away the parts already sent). */
+export function uploading(): boolean {
+  return inFlight > 0;
+}
+
 /** Runs `plan` over `file`. Rejects with an AbortError when cancelled. */
 export async function runUpload(file: Blob, plan: Plan, opts: UploadOptions = {}): Promise<Uploaded> {
+  inFlight++;
+  try {
+    return await runPlan(file, plan, opts);
+  } finally {
+    inFlight--;
+  }
+}
+
+async function runPlan(file: Blob, plan: Plan, opts: UploadOptions): Promise<Uploaded> {
   const concurrency = Math.max(1, opts.concurrency ?? 4);
   const retries = opts.retries ?? 2;
   const put = opts.put ?? xhrPut;

@@ -6,6 +6,7 @@ function job(over: Partial<Job> = {}): Job {
   return {
     job_id: "j1",
     slide_id: "s1",
+    slide_name: "CMU-1.svs",
     kind: "wsi.preprocess",
     params: {},
     status: "submitted",
@@ -88,6 +89,13 @@ describe("a live update merged over the job shown", () => {
     expect(statusDetail(withLiveUpdate(waiting, live))?.reason).toBe("admission");
     const slide = job({ waiting_for_admission: false });
     expect(statusDetail(withLiveUpdate(slide, live))?.reason).toBe("slide");
+  });
+
+  it("keeps the slide's name when the update does not carry it, and takes a new one", () => {
+    const { slide_name: _, ...bare } = job({ status: "running" });
+    expect(withLiveUpdate(waiting, bare as Job).slide_name).toBe("CMU-1.svs");
+    expect(withLiveUpdate(waiting, job({ slide_name: null })).slide_name).toBeNull();
+    expect(withLiveUpdate(undefined, bare as Job).slide_name).toBeUndefined();
   });
 
   it("does not know again when the job comes back to a status that can wait", () => {

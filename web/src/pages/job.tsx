@@ -9,23 +9,50 @@ import {
   type TimelineEntry,
 } from "../api";
 import type { Session } from "../auth";
+import { Badge } from "../badge";
+import { download } from "../download";
 import { clock, shortHash, time } from "../format";
 import { type FeedMessage, useLive } from "../live";
-import { Link } from "../nav";
+import { fileName, jobName, shortId, slideNameOf } from "../names";
+import { Link, useHeading } from "../nav";
 import { PriorityBadge } from "../priority";
+import { type Manifest, percentOf, type StatsSummary, summarizeStats } from "../results";
 import { statusDetail, withSlide } from "../status";
 import { TableHead } from "../table";
 import { type RoutineRun, routineSummary, span, timelineRows } from "../timeline";
+import { checkpointWords } from "../verify";
 import { JobActions, JobProgress, StatusDetailLine } from "./jobs";
-import { Badge } from "./slides";
 
-/** Whether the log verifies for this job's events (`GET /api/jobs/{id}/verify`). */
+/** How long the badge waits before asking again while some of the job's events are not under a
+ * signed checkpoint yet (the relay writes one every minute or thousand events, by default). */
+const RECHECK_MS = 30_000;
+
+/** Whether the log verifies for this job's events, and how many a signed checkpoint covers
+ * (`GET /api/jobs/{id}/verify`, verify.ts). */
 export function VerifiedBadge(props: { id: string; version: number }) {
   const [v, setV] = useState<StreamVerification | null>(null);
   const [error, setError] = useState("");
+  const [round, setRound] = useState(0);
   useEffect(() => {
-    api<StreamVerification>(`/api/jobs/${props.id}/verify`).then(setV, (e) => setError((e as Error).message));
-  }, [props.id, props.version]);
+    let gone = false;
+    api<StreamVerification>(`/api/jobs/${props.id}/verify`).then(
+      (r) => {
+        if (!gone) setV(r);
+      },
+      (e) => {
+        if (!gone) setError((e as Error).message);
+      },
+    );
+    return () => {
+      gone = true;
+    };
+  }, [props.id, props.version, round]);
+  const pending = !!v && !("reason" in v) && v.checkpointed < v.events;
+  useEffect(() => {
+    if (!pending) return;
+    const t = setTimeout(() => setRound((n) => n + 1), RECHECK_MS);
+    return () => clearTimeout(t);
+  }, [pending, v]);
   if (error)
     return (
       <span class="badge badge-unknown" title={error}>
@@ -39,12 +66,19 @@ export function VerifiedBadge(props: { id: string; version: number }) {
         log does not verify: {v.reason} (position {v.position})
       </span>
     );
-  const detail = `${v.events} events re-hashed and chained; ${v.checkpointed} under signed checkpoints${
+  const words = checkpointWords(v);
+  const detail = `The log re-hashes and chains the job's ${v.events} events; ${v.checkpointed} are under signed checkpoints${
     v.witnessed_checkpoint ? `; the witness holds checkpoint ${v.witnessed_checkpoint}` : ""
-  }`;
+  }.`;
   return (
-    <span class="badge badge-succeeded" data-verified="yes" title={detail}>
-      log verified <span class="visually-hidden">: {detail}</span>
+    <span
+      class={`badge ${words.all ? "badge-succeeded" : "badge-pending"}`}
+      data-verified="yes"
+      data-events={v.events}
+      data-checkpointed={v.checkpointed}
+      title={detail}
+    >
+      {words.text}
     </span>
   );
 }
@@ -55,6 +89,7 @@ export function JobPage(props: { id: string; who: Session }) {
   const [error, setError] = useState("");
   const [copied, setCopied] = useState("");
   const [showAll, setShowAll] = useState(false);
+  const heading = useHeading(job ? jobName(job) : error ? "Job not found" : null);
 
   const load = useCallback(async () => {
     try {
@@ -101,8 +136,12 @@ export function JobPage(props: { id: string; who: Session }) {
   const detail = statusDetail(job);
   return (
     <section aria-labelledby="job-title">
-      <h1 id="job-title">Job {job.job_id.slice(0, 8)}</h1>
+      <h1 id="job-title" ref={heading} tabIndex={-1}>
+        {jobName(job)}
+      </h1>
       <dl class="facts">
+        <dt>Slide</dt>
+        <dd>{slideNameOf(job)}</dd>
         <dt>Status</dt>
         <dd>
           <Badge status={job.status} /> <JobProgress job={job} />
@@ -119,6 +158,11 @@ export function JobPage(props: { id: string; who: Session }) {
         <dt>Kind</dt>
         <dd>
           {job.kind} <code>{JSON.stringify(job.params)}</code>
+        </dd>
+        <dt>Job id</dt>
+        <dd>
+          {/* The short id is what the audit trail's filter takes; the whole id is in the address. */}
+          <code data-short-id={shortId(job.job_id)}>{shortId(job.job_id)}</code>
         </dd>
         <dt>Attempt</dt>
         <dd>
@@ -139,6 +183,7 @@ export function JobPage(props: { id: string; who: Session }) {
         <JobActions job={job} who={props.who} onChange={setJob} />
         {job.status === "succeeded" && <Link href={`/jobs/${job.job_id}/view`}>Open the viewer</Link>}
       </p>
+      {job.status === "succeeded" && <JobResults job={job} />}
       <h2>
         Timeline <VerifiedBadge id={job.job_id} version={events.length} />
       </h2>
@@ -146,7 +191,7 @@ export function JobPage(props: { id: string; who: Session }) {
         <input type="checkbox" checked={showAll} onChange={(e) => setShowAll(e.currentTarget.checked)} />
         Show every event
       </label>
-      <table>
+      <table class="cards">
         <TableHead
           caption="The job's events from the log, oldest first"
           columns={["#", "Time", "Event", "Actor", "Hash"]}
@@ -157,13 +202,13 @@ export function JobPage(props: { id: string; who: Session }) {
               <RoutineRow key={r.events[0].event_id} run={r} />
             ) : (
               <tr key={r.event.event_id} data-event={r.event.event_type}>
-                <td>{r.event.sequence}</td>
-                <td>{time(r.event.recorded_at)}</td>
-                <td>{r.event.event_type}</td>
-                <td>
+                <td data-label="#">{r.event.sequence}</td>
+                <td data-label="Time">{time(r.event.recorded_at)}</td>
+                <td data-label="Event">{r.event.event_type}</td>
+                <td data-label="Actor">
                   {r.event.actor_kind}: {r.event.actor_id}
                 </td>
-                <td>
+                <td data-label="Hash">
                   <code title={r.event.hash}>{shortHash(r.event.hash)}</code>{" "}
                   <button
                     type="button"
@@ -193,13 +238,125 @@ function RoutineRow(props: { run: RoutineRun<TimelineEntry> }) {
   const actors = [...new Set(run.events.map((e) => `${e.actor_kind}: ${e.actor_id}`))];
   return (
     <tr data-event="lease-extensions" data-count={run.leases} data-progress={run.progress}>
-      <td>{span(first.sequence, last.sequence)}</td>
-      <td>{time(run.firstAt)}</td>
-      <td>{routineSummary(run, clock)}</td>
-      <td>{actors.join(", ")}</td>
-      <td>
+      <td data-label="#">{span(first.sequence, last.sequence)}</td>
+      <td data-label="Time">{time(run.firstAt)}</td>
+      <td data-label="Event">{routineSummary(run, clock)}</td>
+      <td data-label="Actor">{actors.join(", ")}</td>
+      <td data-label="Hash">
         <code title={last.hash}>{shortHash(last.hash)}</code>
       </td>
     </tr>
+  );
+}
+
+/** A succeeded job's results: what the manifest and `stats.json` say (results.ts), and the files
+ * to download. */
+function JobResults(props: { job: Job }) {
+  const { job } = props;
+  const results = `/api/jobs/${job.job_id}/results`;
+  const [manifest, setManifest] = useState<Manifest | null>(null);
+  const [stats, setStats] = useState<StatsSummary | null>(null);
+  const [error, setError] = useState("");
+  const [saveError, setSaveError] = useState("");
+  useEffect(() => {
+    let gone = false;
+    (async () => {
+      const m = await api<Manifest>(`${results}/manifest.json`);
+      if (gone) return;
+      setManifest(m);
+      const s = summarizeStats(await api<unknown>(`${results}/${m.stats ?? "stats.json"}`));
+      if (!gone) setStats(s);
+    })().catch((e) => {
+      if (!gone) setError((e as Error).message);
+    });
+    return () => {
+      gone = true;
+    };
+  }, [results]);
+  const save = (path: string, what: string) => {
+    setSaveError("");
+    download(`${results}/${path}`, fileName(job, what)).catch((e) => setSaveError((e as Error).message));
+  };
+  const dz = manifest?.deepzoom;
+  return (
+    <section aria-labelledby="results-title" class="results" data-results={stats ? "yes" : "no"}>
+      <h2 id="results-title">Results</h2>
+      {error && (
+        <p role="alert" class="error">
+          The results could not be read: {error}
+        </p>
+      )}
+      {!manifest && !error && <p class="muted">Loading the results…</p>}
+      {manifest && (
+        <dl class="facts">
+          <dt>Tissue</dt>
+          <dd data-stat="tissue">
+            {manifest.tissue?.fraction !== undefined
+              ? `${percentOf(manifest.tissue.fraction)} of the slide`
+              : "no tissue mask was asked for"}
+          </dd>
+          {stats && (
+            <>
+              <dt>Tiles with tissue</dt>
+              <dd data-stat="tiles-with-tissue">
+                {stats.withTissue === null
+                  ? `${stats.tiles.toLocaleString()} full-resolution tiles`
+                  : `${stats.withTissue.toLocaleString()} of ${stats.tiles.toLocaleString()} full-resolution tiles; ${stats.mostlyTissue?.toLocaleString()} at least half tissue`}
+              </dd>
+              {stats.meanTissue !== null && (
+                <>
+                  <dt>Mean tissue per tile</dt>
+                  <dd data-stat="mean-tissue">{percentOf(stats.meanTissue)}</dd>
+                </>
+              )}
+              {stats.meanBrightness !== null && (
+                <>
+                  <dt>Mean brightness</dt>
+                  <dd data-stat="brightness">
+                    {Math.round(stats.meanBrightness)} of 255
+                    {stats.withTissue === null ? "" : ", in the tiles with tissue"}
+                  </dd>
+                </>
+              )}
+            </>
+          )}
+          <dt>Slide size</dt>
+          <dd>
+            {manifest.slide.width.toLocaleString()} × {manifest.slide.height.toLocaleString()} pixels
+          </dd>
+          {dz?.levels !== undefined && dz.tiles !== undefined && (
+            <>
+              <dt>Pyramid</dt>
+              <dd data-stat="pyramid">
+                {dz.levels} levels, {dz.tiles.toLocaleString()} tiles
+                {dz.tile_size ? ` of ${dz.tile_size} pixels` : ""}
+                {dz.format ? ` (${dz.format.toUpperCase()})` : ""}
+                {manifest.normalized ? ", and a stain-normalised copy" : ""}
+              </dd>
+            </>
+          )}
+        </dl>
+      )}
+      {manifest && (
+        <div class="downloads">
+          {manifest.tissue && (
+            <button type="button" onClick={() => save(manifest.tissue?.mask ?? "mask.png", "mask.png")}>
+              Download the tissue mask (PNG)
+            </button>
+          )}
+          <button type="button" onClick={() => save(manifest.stats ?? "stats.json", "stats.json")}>
+            Download the statistics (stats.json)
+          </button>
+          <button type="button" onClick={() => save("manifest.json", "manifest.json")}>
+            Download the manifest (manifest.json)
+          </button>
+        </div>
+      )}
+      {saveError && (
+        <p role="alert" class="error">
+          The download failed: {saveError}
+        </p>
+      )}
+    </section>
   );
 }

@@ -10,48 +10,8 @@ import {
   type ParamValue,
   type ParamValues,
 } from "../jobkinds";
+import { KIND_LABELS, PRESENTATION } from "../jobwords";
 import { STAT_NOTE } from "../priority";
-
-/** How the form shows a parameter: words a person reads, which the API's document does not
- * have. The rules themselves (type, values, range, default) come from the document
- * (`../jobkinds`); a parameter not named here is shown by its name, after these. */
-type Presentation = {
-  label: string;
-  /** Said after the allowed range when a value is out of it. */
-  unit?: string;
-  /** One plain line under the field: what it does, for someone who has not read the API. */
-  help: string;
-  /** The words for an enum's values. */
-  options?: Record<string, string>;
-};
-
-const PRESENTATION: Record<string, Presentation> = {
-  normalize: {
-    label: "Stain normalisation",
-    help: "Evens out stain colour between slides. The original tiles are kept; a normalised set is added.",
-    options: { none: "none", macenko: "Macenko", reinhard: "Reinhard" },
-  },
-  format: {
-    label: "Tile format",
-    help: "JPEG tiles are smaller; PNG tiles keep every pixel exactly.",
-    options: { jpeg: "JPEG", png: "PNG" },
-  },
-  tile_size: {
-    label: "Tile size (pixels)",
-    unit: "pixels",
-    help: "The width and height of each square the viewer loads. 254 suits most screens.",
-  },
-  overlap: {
-    label: "Overlap (pixels)",
-    unit: "pixels",
-    help: "How many pixels each tile repeats from its neighbours, so edges join without seams. At most a quarter of the tile size.",
-  },
-  quality: { label: "JPEG quality", help: "Higher is sharper and larger. Used for JPEG tiles only." },
-  tissue: {
-    label: "Tissue mask and statistics",
-    help: "Finds where the tissue is, as a mask the viewer can show, and how much of each tile it covers.",
-  },
-};
 
 const ORDER = Object.keys(PRESENTATION);
 
@@ -330,7 +290,7 @@ export function JobForm(props: {
           >
             {KINDS.map((k) => (
               <option key={k.kind} value={k.kind}>
-                {k.kind}
+                {KIND_LABELS[k.kind] ?? k.kind}
               </option>
             ))}
           </select>

@@ -1,14 +1,15 @@
 import { useCallback, useEffect, useState } from "preact/hooks";
 import { api, holds, type Job, type Slide, WRITERS } from "../api";
 import type { Session } from "../auth";
+import { Badge } from "../badge";
 import { percent, time } from "../format";
 import { type FeedMessage, useLive } from "../live";
-import { Link } from "../nav";
+import { jobName } from "../names";
+import { Link, useHeading } from "../nav";
 import { usePages } from "../pages";
 import { PriorityBadge } from "../priority";
 import { statusDetail, withLiveUpdate, withSlide } from "../status";
 import { TableHead } from "../table";
-import { Badge } from "./slides";
 
 const ACTIVE = ["submitted", "queued", "running", "retry_scheduled"];
 export const STATUSES = [
@@ -29,7 +30,7 @@ export function JobProgress(props: { job: Job }) {
   const pct = percent(p.done, p.total);
   return (
     <span class="progress">
-      <progress max={100} value={pct} aria-label={`Job ${props.job.job_id.slice(0, 8)} progress`} />
+      <progress max={100} value={pct} aria-label={`Progress of ${jobName(props.job)}`} />
       <span>{pct} %</span>
     </span>
   );
@@ -81,6 +82,91 @@ export function JobActions(props: { job: Job; who: Session; onChange: (j: Job) =
   );
 }
 
+/** `all` with `j` from the live feed or an answer merged in, newest submitted first. A job's
+ * events are recorded in order, so a state older than the one shown is dropped; `keep` says
+ * whether the job belongs in this list (a status filter) at all. */
+export function withJob(all: Job[], j: Job, keep: (j: Job) => boolean = () => true): Job[] {
+  const i = all.findIndex((x) => x.job_id === j.job_id);
+  if (i >= 0 && Date.parse(all[i].updated_at) > Date.parse(j.updated_at)) return all;
+  if (!keep(j)) return i < 0 ? all : all.filter((x) => x.job_id !== j.job_id);
+  const merged = withLiveUpdate(i >= 0 ? all[i] : undefined, j);
+  if (i < 0) return [merged, ...all].sort((a, b) => b.submitted_at.localeCompare(a.submitted_at));
+  const copy = [...all];
+  copy[i] = merged;
+  return copy;
+}
+
+/** A job's name as a link to its page, with its priority (STAT only: routine is the rule). */
+export function JobLink(props: { job: Job }) {
+  return (
+    <>
+      <Link href={`/jobs/${props.job.job_id}`}>{jobName(props.job)}</Link>{" "}
+      <PriorityBadge priority={props.job.priority} />
+    </>
+  );
+}
+
+/** The jobs run on one slide, newest first (`GET /api/jobs?slide_id=`); they update live. */
+export function SlideJobs(props: { slideId: string; id: string }) {
+  const { slideId } = props;
+  const url = useCallback(
+    (cursor: string | null) => {
+      const q = new URLSearchParams({ slide_id: slideId, limit: "20" });
+      if (cursor) q.set("cursor", cursor);
+      return `/api/jobs?${q}`;
+    },
+    [slideId],
+  );
+  const { items, setItems, next, error, load, loaded } = usePages<Job, string>(url);
+  useEffect(() => {
+    load(null);
+  }, [load]);
+  useLive(
+    useCallback(
+      (m: FeedMessage) => {
+        const j = m.job as Job | undefined;
+        if (m.type === "job.updated" && j?.slide_id === slideId) setItems((all) => withJob(all, j));
+      },
+      [slideId, setItems],
+    ),
+  );
+  return (
+    <div class="slide-jobs" id={props.id} data-loaded={loaded ? "yes" : "no"}>
+      {error && (
+        <p role="alert" class="error">
+          {error}
+        </p>
+      )}
+      {!loaded && !error && <p class="muted">Loading the slide's jobs…</p>}
+      {loaded && items.length === 0 && (
+        <p class="muted" data-empty="none">
+          No job has been run on this slide.
+        </p>
+      )}
+      {items.length > 0 && (
+        <ul>
+          {items.map((j) => (
+            <li key={j.job_id} data-job={j.job_id} data-status={j.status}>
+              <JobLink job={j} /> <Badge status={j.status} /> <span class="muted">by {j.submitted_by}</span>
+              {j.status === "succeeded" && (
+                <>
+                  {" "}
+                  <Link href={`/jobs/${j.job_id}/view`}>View</Link>
+                </>
+              )}
+            </li>
+          ))}
+        </ul>
+      )}
+      {next && (
+        <button type="button" onClick={() => load(next)}>
+          More jobs
+        </button>
+      )}
+    </div>
+  );
+}
+
 export function JobsPage(props: { who: Session }) {
   const [status, setStatus] = useState("");
   const jobsUrl = useCallback(
@@ -92,25 +178,15 @@ export function JobsPage(props: { who: Session }) {
     },
     [status],
   );
-  const { items: jobs, setItems: setJobs, next, error, load } = usePages<Job, string>(jobsUrl);
+  const { items: jobs, setItems: setJobs, next, error, load, loaded } = usePages<Job, string>(jobsUrl);
+  const heading = useHeading("Jobs");
 
   useEffect(() => {
     load(null);
   }, [load]);
 
   const upsert = useCallback(
-    (j: Job) =>
-      setJobs((all) => {
-        const i = all.findIndex((x) => x.job_id === j.job_id);
-        // A job's events are recorded in order: a state older than the one shown is dropped.
-        if (i >= 0 && Date.parse(all[i].updated_at) > Date.parse(j.updated_at)) return all;
-        if (status && j.status !== status) return all.filter((x) => x.job_id !== j.job_id);
-        const merged = withLiveUpdate(i >= 0 ? all[i] : undefined, j);
-        if (i < 0) return [merged, ...all].sort((a, b) => b.submitted_at.localeCompare(a.submitted_at));
-        const copy = [...all];
-        copy[i] = merged;
-        return copy;
-      }),
+    (j: Job) => setJobs((all) => withJob(all, j, (x) => !status || x.status === status)),
     [status],
   );
 
@@ -130,7 +206,9 @@ export function JobsPage(props: { who: Session }) {
 
   return (
     <section aria-labelledby="jobs-title">
-      <h1 id="jobs-title">Jobs</h1>
+      <h1 id="jobs-title" ref={heading} tabIndex={-1}>
+        Jobs
+      </h1>
       <label class="search">
         Status
         <select value={status} onChange={(e) => setStatus(e.currentTarget.value)}>
@@ -162,9 +240,7 @@ export function JobsPage(props: { who: Session }) {
               data-priority={j.priority ?? "routine"}
             >
               <td data-label="Job">
-                <Link href={`/jobs/${j.job_id}`}>{j.job_id.slice(0, 8)}</Link>{" "}
-                <PriorityBadge priority={j.priority} />{" "}
-                <span class="muted">{String(j.params.normalize ?? "")}</span>
+                <JobLink job={j} />
               </td>
               <td data-label="Status">
                 <Badge status={j.status} />
@@ -177,7 +253,10 @@ export function JobsPage(props: { who: Session }) {
               <td data-label="Attempt">
                 {j.attempt} of {j.max_attempts}
               </td>
-              <td data-label="Submitted">{time(j.submitted_at)}</td>
+              <td data-label="Submitted">
+                {time(j.submitted_at)}
+                <div class="muted">by {j.submitted_by}</div>
+              </td>
               <td>
                 <JobActions job={j} who={props.who} onChange={upsert} />
                 {j.status === "succeeded" && <Link href={`/jobs/${j.job_id}/view`}>View</Link>}
@@ -186,7 +265,8 @@ export function JobsPage(props: { who: Session }) {
           ))}
         </tbody>
       </table>
-      {jobs.length === 0 && (
+      {!loaded && !error && <p class="muted">Loading…</p>}
+      {loaded && jobs.length === 0 && (
         <p class="muted" data-empty={status ? "no-match" : "none"}>
           {status
             ? `No job is ${status.replace(/_/g, " ")}.`

@@ -1,17 +1,24 @@
 import { useState } from "preact/hooks";
 import type { AppConfig } from "../api";
 import { cognitoSignIn, devSignIn } from "../auth";
+import { useHeading } from "../nav";
 
 export function SignInPage(props: { config: AppConfig; reason: string }) {
-  const [user, setUser] = useState("ada");
-  const [tenant, setTenant] = useState("lab-a");
-  const [role, setRole] = useState("pathologist");
+  const auth = props.config.auth;
+  // mira dev's own defaults (those of `mira dev token`), from the gateway: the app holds no
+  // identity of its own.
+  const dev = auth.mode === "dev" ? auth : { user: "", tenant: "", role: "pathologist" };
+  const [user, setUser] = useState(dev.user);
+  const [tenant, setTenant] = useState(dev.tenant);
+  const [role, setRole] = useState(dev.role);
   const [error, setError] = useState("");
   const [busy, setBusy] = useState(false);
-  const auth = props.config.auth;
+  const heading = useHeading("Sign in");
   return (
     <main class="page signin">
-      <h1>Sign in to Mira</h1>
+      <h1 ref={heading} tabIndex={-1}>
+        Sign in to Mira
+      </h1>
       {props.reason && <p class="notice">{props.reason}</p>}
       {auth.mode === "dev" && (
         <form

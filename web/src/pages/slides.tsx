@@ -1,16 +1,22 @@
+import { Fragment } from "preact";
 import { useCallback, useEffect, useRef, useState } from "preact/hooks";
 import { api, holds, type Slide, type SlideCreated, WRITERS } from "../api";
 import type { Session } from "../auth";
+import { Badge } from "../badge";
 import { bytes, time } from "../format";
 import { type FeedMessage, useLive } from "../live";
-import { navigate } from "../nav";
+import { navigate, useHeading } from "../nav";
 import { usePages } from "../pages";
 import { TableHead } from "../table";
 import { partPages, planUpload, runUpload, slideContentType, type UploadProgress } from "../upload";
 import { JobForm } from "./jobform";
+import { SlideJobs } from "./jobs";
 
-export function Badge(props: { status: string }) {
-  return <span class={`badge badge-${props.status}`}>{props.status.replace(/_/g, " ")}</span>;
+/** `set` with `id` added, or taken out when it is there. */
+function toggled(set: ReadonlySet<string>, id: string): ReadonlySet<string> {
+  const out = new Set(set);
+  if (!out.delete(id)) out.add(id);
+  return out;
 }
 
 type Upload = {
@@ -27,7 +33,17 @@ export function SlidesPage(props: { who: Session }) {
     if (cursor) q.set("cursor", cursor);
     return `/api/slides?${q}`;
   }, []);
-  const { items: slides, setItems: setSlides, next, error, load } = usePages<Slide, string>(slidesUrl);
+  const {
+    items: slides,
+    setItems: setSlides,
+    next,
+    error,
+    load,
+    loaded,
+  } = usePages<Slide, string>(slidesUrl);
+  const heading = useHeading("Slides");
+  /** The slides whose jobs are listed under them. */
+  const [open, setOpen] = useState<ReadonlySet<string>>(new Set());
   const [query, setQuery] = useState("");
   const [upload, setUpload] = useState<Upload | null>(null);
   const [processing, setProcessing] = useState<string | null>(null);
@@ -97,7 +113,9 @@ export function SlidesPage(props: { who: Session }) {
 
   return (
     <section aria-labelledby="slides-title">
-      <h1 id="slides-title">Slides</h1>
+      <h1 id="slides-title" ref={heading} tabIndex={-1}>
+        Slides
+      </h1>
       {canWrite && (
         // biome-ignore lint/a11y/noStaticElementInteractions: dropping a file adds to the file picker inside, which the keyboard reaches.
         <div
@@ -171,29 +189,50 @@ export function SlidesPage(props: { who: Session }) {
         />
         <tbody>
           {shown.map((s) => (
-            <tr key={s.slide_id} data-slide={s.slide_id}>
-              <td data-label="Name">{s.name ?? <em>name erased</em>}</td>
-              <td data-label="Status">
-                <Badge status={s.status} />
-                {s.rejection && <div class="reason">{s.rejection}</div>}
-              </td>
-              <td data-label="Size">{bytes(s.size_bytes)}</td>
-              <td data-label="Registered">{time(s.registered_at)}</td>
-              <td>
-                {canWrite && ["uploaded", "verified"].includes(s.status) && (
-                  <button
-                    type="button"
-                    onClick={() => setProcessing(processing === s.slide_id ? null : s.slide_id)}
-                  >
-                    Process
-                  </button>
-                )}
-              </td>
-            </tr>
+            <Fragment key={s.slide_id}>
+              <tr data-slide={s.slide_id}>
+                <td data-label="Name">{s.name ?? <em>name erased</em>}</td>
+                <td data-label="Status">
+                  <Badge status={s.status} />
+                  {s.rejection && <div class="reason">{s.rejection}</div>}
+                </td>
+                <td data-label="Size">{bytes(s.size_bytes)}</td>
+                <td data-label="Registered">{time(s.registered_at)}</td>
+                <td>
+                  <span class="actions">
+                    {canWrite && ["uploaded", "verified"].includes(s.status) && (
+                      <button
+                        type="button"
+                        onClick={() => setProcessing(processing === s.slide_id ? null : s.slide_id)}
+                      >
+                        Process
+                      </button>
+                    )}
+                    <button
+                      type="button"
+                      aria-expanded={open.has(s.slide_id)}
+                      // The list exists only while open.
+                      aria-controls={open.has(s.slide_id) ? `jobs-of-${s.slide_id}` : undefined}
+                      onClick={() => setOpen(toggled(open, s.slide_id))}
+                    >
+                      Jobs<span class="visually-hidden"> on {s.name ?? "this slide"}</span>
+                    </button>
+                  </span>
+                </td>
+              </tr>
+              {open.has(s.slide_id) && (
+                <tr class="slide-jobs-row" data-jobs-of={s.slide_id}>
+                  <td colSpan={5}>
+                    <SlideJobs slideId={s.slide_id} id={`jobs-of-${s.slide_id}`} />
+                  </td>
+                </tr>
+              )}
+            </Fragment>
           ))}
         </tbody>
       </table>
-      {shown.length === 0 && (
+      {!loaded && !error && <p class="muted">Loading…</p>}
+      {loaded && shown.length === 0 && (
         <p class="muted" data-empty={slides.length === 0 ? "none" : "no-match"}>
           {slides.length === 0
             ? "No slides yet."

@@ -16,16 +16,11 @@ import type OpenSeadragonNs from "openseadragon";
 import { useEffect, useRef, useState } from "preact/hooks";
 import { api, bearer, type Job, type Slide, type SlideMetadata, slideMetadata } from "../api";
 import { tintMask } from "../mask";
-import { Link } from "../nav";
+import { jobName } from "../names";
+import { Link, useHeading } from "../nav";
+import { type Manifest, percentOf } from "../results";
 import { magnification, magnificationLabel, scaleBar } from "../scale";
 import { formatView, type Layer, parseView, type View } from "../viewstate";
-
-type Manifest = {
-  slide: { width: number; height: number };
-  deepzoom: { dzi: string };
-  tissue: { mask: string } | null;
-  normalized: { dzi: string } | null;
-};
 
 type Item = { setOpacity(o: number): void };
 
@@ -94,6 +89,7 @@ export function ViewerPage(props: { id: string }) {
   const [error, setError] = useState("");
   const [manifest, setManifest] = useState<Manifest | null>(null);
   const [slide, setSlide] = useState<Slide | null>(null);
+  const [job, setJob] = useState<Job | null>(null);
   const [slideError, setSlideError] = useState("");
   const [maskOn, setMaskOn] = useState(asked.mask !== null);
   const [maskOpacity, setMaskOpacity] = useState(asked.mask ?? MASK_OPACITY);
@@ -146,7 +142,10 @@ export function ViewerPage(props: { id: string }) {
     setSlide(null);
     setSlideError("");
     api<Job>(`/api/jobs/${props.id}`)
-      .then((job) => api<Slide>(`/api/slides/${job.slide_id}`))
+      .then((j) => {
+        if (!cancelled) setJob(j);
+        return api<Slide>(`/api/slides/${j.slide_id}`);
+      })
       .then(
         (s) => {
           if (!cancelled) setSlide(s);
@@ -183,6 +182,18 @@ export function ViewerPage(props: { id: string }) {
         showNavigationControl: false,
         crossOriginPolicy: false,
         drawer: "canvas",
+        // On a touch screen one finger pans and two pinch, and neither scrolls the page (the
+        // element's `touch-action: none` in styles.css says the same to the browser).
+        // Cooperative gestures would leave one-finger drags to the page.
+        cooperativeGestures: false,
+        gestureSettingsTouch: {
+          dragToPan: true,
+          pinchToZoom: true,
+          flickEnabled: true,
+          scrollToZoom: false,
+          clickToZoom: false,
+          dblClickToZoom: true,
+        },
       } as OpenSeadragonNs.Options);
       items.current.viewer = viewer;
       const measure = () => {
@@ -261,12 +272,17 @@ export function ViewerPage(props: { id: string }) {
   const mpp = meta.mpp_x;
   const bar = zoom !== null && mpp !== undefined ? scaleBar(mpp, zoom) : null;
   const mag = zoom !== null ? magnification(zoom, meta.objective_power, mpp) : null;
+  const heading = useHeading(
+    slide?.name ? `${slide.name} (viewer)` : slideError || error ? "Slide viewer" : null,
+  );
 
   return (
     <section aria-labelledby="viewer-title" class="viewer-page">
-      <h1 id="viewer-title">{slide?.name || "Slide viewer"}</h1>
+      <h1 id="viewer-title" ref={heading} tabIndex={-1}>
+        {slide?.name || "Slide viewer"}
+      </h1>
       <p class="muted subtitle">
-        Result of job <Link href={`/jobs/${props.id}`}>{props.id.slice(0, 8)}</Link>
+        Result of the job <Link href={`/jobs/${props.id}`}>{job ? jobName(job) : "…"}</Link>
       </p>
       {error && (
         <p role="alert" class="error">
@@ -359,7 +375,7 @@ export function ViewerPage(props: { id: string }) {
             </div>
           )}
         </div>
-        <SlideFacts slide={slide} meta={meta} error={slideError} />
+        <SlideFacts slide={slide} meta={meta} error={slideError} tissue={manifest?.tissue?.fraction} />
       </div>
     </section>
   );
@@ -367,7 +383,13 @@ export function ViewerPage(props: { id: string }) {
 
 /** What the worker read from the slide, as recorded: a fact the slide lacks is left out, except
  * the pixel size, whose absence is why there is no scale bar. */
-function SlideFacts(props: { slide: Slide | null; meta: SlideMetadata; error: string }) {
+function SlideFacts(props: {
+  slide: Slide | null;
+  meta: SlideMetadata;
+  error: string;
+  /** The job's tissue fraction, from its manifest. */
+  tissue: number | undefined;
+}) {
   const { slide, meta } = props;
   const mpp =
     meta.mpp_x === undefined
@@ -408,6 +430,12 @@ function SlideFacts(props: { slide: Slide | null; meta: SlideMetadata; error: st
             <>
               <dt>Objective</dt>
               <dd>{meta.objective_power}×</dd>
+            </>
+          )}
+          {props.tissue !== undefined && (
+            <>
+              <dt>Tissue</dt>
+              <dd data-fact="tissue">{percentOf(props.tissue)} of the slide</dd>
             </>
           )}
         </dl>
