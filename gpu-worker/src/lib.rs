@@ -18,6 +18,7 @@
 pub mod attempt;
 pub mod deepzoom;
 pub mod kernels;
+pub mod layer;
 pub mod pipeline;
 pub mod process;
 pub mod run;

@@ -313,11 +313,12 @@ pub fn encode(format: TileFormat, quality: u8, w: u32, h: u32, rgb: &[u8]) -> an
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
                 let mut c = turbojpeg::Compressor::new()?;
-                c.set_quality(quality as i32);
                 c.set_subsamp(turbojpeg::Subsamp::Sub2x2);
                 *slot = Some(c);
             }
             let c = slot.as_mut().expect("set above");
+            // Every call: the compressor is the thread's, and its next job may ask another quality.
+            c.set_quality(quality as i32);
             let image = turbojpeg::Image {
                 pixels: rgb,
                 width: w as usize,

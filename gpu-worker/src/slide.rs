@@ -345,7 +345,8 @@ impl Slide {
         (self.levels[0].0, self.levels[0].1)
     }
 
-    fn property(&self, name: &str) -> Option<String> {
+    /// An OpenSlide property (`openslide.vendor`, `tiff.XResolution`), when set and not empty.
+    pub fn property(&self, name: &str) -> Option<String> {
         self.osr.property_value(name).ok().filter(|v| !v.is_empty())
     }
 

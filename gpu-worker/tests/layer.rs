@@ -1,0 +1,168 @@
+//! A pyramid layer as one BigTIFF (issue 40): Debian's OpenSlide 3.4.1 and libvips read what
+//! `mira_gpu_worker::layer` writes, with every level and the MPP as recorded, and OpenSlide's
+//! pixels are exactly the stored tiles' (padding cropped).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use mira_gpu_worker::layer::{self, TILE};
+use mira_gpu_worker::slide::{Reader, Slide};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mira-layer-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A smooth image with edges and colour, so JPEG has something to do everywhere.
+fn picture(w: u32, h: u32) -> Vec<u8> {
+    let mut px = Vec::with_capacity((w * h * 3) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            let (fx, fy) = (x as f64 / w as f64, y as f64 / h as f64);
+            let ring = (((fx - 0.5).powi(2) + (fy - 0.4).powi(2)).sqrt() * 40.0).sin();
+            px.push((200.0 + 40.0 * ring) as u8);
+            px.push((120.0 + 90.0 * fx * (1.0 - fy)) as u8);
+            px.push(if (x / 37 + y / 53) % 2 == 0 { 190 } else { 150 });
+        }
+    }
+    px
+}
+
+/// The stored tiles of one level decoded with libjpeg-turbo and put together, cropped to the level.
+fn decoded_level(file: &std::path::Path, index: &layer::LevelIndex) -> Vec<u8> {
+    let bytes = std::fs::read(file).unwrap();
+    let (w, h) = (index.width as usize, index.height as usize);
+    let mut out = vec![0u8; w * h * 3];
+    let mut d = turbojpeg::Decompressor::new().unwrap();
+    for row in 0..index.rows {
+        for col in 0..index.columns {
+            let i = (row * index.columns + col) as usize;
+            let (at, n) = (index.offsets[i] as usize, index.byte_counts[i] as usize);
+            let jpeg = &bytes[at..at + n];
+            let head = d.read_header(jpeg).unwrap();
+            assert_eq!(
+                (head.width, head.height),
+                (TILE as usize, TILE as usize),
+                "every tile is 256×256"
+            );
+            let mut tile = vec![0u8; 256 * 256 * 3];
+            d.decompress(
+                jpeg,
+                turbojpeg::Image {
+                    pixels: tile.as_mut_slice(),
+                    width: 256,
+                    pitch: 256 * 3,
+                    height: 256,
+                    format: turbojpeg::PixelFormat::RGB,
+                },
+            )
+            .unwrap();
+            for y in 0..256usize {
+                let gy = row as usize * 256 + y;
+                if gy >= h {
+                    break;
+                }
+                let x0 = col as usize * 256;
+                let n = 256.min(w - x0);
+                out[(gy * w + x0) * 3..(gy * w + x0 + n) * 3].copy_from_slice(&tile[y * 256 * 3..(y * 256 + n) * 3]);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn openslide_and_vips_read_the_layer_as_written() {
+    let dir = scratch("synthetic");
+    let (w, h) = (1000u32, 700u32);
+    let path = dir.join("slide.tiff");
+    let file = std::fs::File::create(&path).unwrap();
+    let (_, index) = layer::write_rgb(
+        std::io::BufWriter::new(file),
+        &picture(w, h),
+        w,
+        h,
+        80,
+        Some((0.499, 0.499)),
+    )
+    .unwrap();
+    assert_eq!(index.len(), 11, "1000×700 down to 1×1");
+
+    // OpenSlide 3.4.1 (generic TIFF), not the direct TIFF path: what QuPath and others see.
+    let slide = Slide::open_with(&path, Reader::OpenSlide).unwrap();
+    assert_eq!(slide.property("openslide.vendor").as_deref(), Some("generic-tiff"));
+    let levels = slide.levels().to_vec();
+    assert_eq!(levels.len(), index.len(), "every level in the main IFD chain");
+    for (i, (lw, lh, _)) in levels.iter().enumerate() {
+        assert_eq!(
+            (*lw, *lh),
+            (u64::from(index[i].width), u64::from(index[i].height)),
+            "level {i}"
+        );
+    }
+    // The MPP through the tiff.* properties (OpenSlide 3.4.1 sets no openslide.mpp-x here).
+    assert_eq!(slide.property("tiff.ResolutionUnit").as_deref(), Some("centimeter"));
+    let per_cm: f64 = slide.property("tiff.XResolution").unwrap().parse().unwrap();
+    assert!((1e4 / per_cm - 0.499).abs() < 1e-6, "{per_cm} px/cm");
+
+    // Every level OpenSlide reads is exactly the stored tiles, padding cropped.
+    for (i, ix) in index.iter().enumerate() {
+        let read = slide
+            .read_rgb_openslide(i as u32, 0, 0, u64::from(ix.width), u64::from(ix.height))
+            .unwrap();
+        assert!(
+            read == decoded_level(&path, ix),
+            "level {i} differs from its stored tiles"
+        );
+    }
+
+    // libvips: the dimensions and one page per level.
+    let vips = |field: &str| {
+        let out = Command::new("vipsheader")
+            .args(["-f", field])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    assert_eq!(vips("width"), "1000");
+    assert_eq!(vips("height"), "700");
+    assert_eq!(vips("n-pages"), "11");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_same_pixels_give_the_same_bytes_and_no_mpp_gives_no_resolution() {
+    let dir = scratch("repeat");
+    let (w, h) = (300u32, 260u32);
+    let px = picture(w, h);
+    let write = |name: &str| {
+        let path = dir.join(name);
+        layer::write_rgb(std::fs::File::create(&path).unwrap(), &px, w, h, 90, None).unwrap();
+        std::fs::read(path).unwrap()
+    };
+    assert!(write("a.tiff") == write("b.tiff"), "the layer's bytes are repeatable");
+    let slide = Slide::open_with(&dir.join("a.tiff"), Reader::OpenSlide).unwrap();
+    assert_eq!(slide.property("tiff.XResolution"), None);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_compressors_quality_is_the_jobs_not_the_first_one_its_thread_saw() {
+    // The worker keeps one JPEG compressor per thread; each tile is encoded at the quality asked.
+    let px = picture(256, 256);
+    let enc =
+        |q| mira_gpu_worker::process::encode(mira_gpu_worker::process::TileFormat::Jpeg, q, 256, 256, &px).unwrap();
+    let low = enc(10);
+    let high = enc(95);
+    assert!(
+        high.len() > 2 * low.len(),
+        "quality 95: {} bytes, quality 10: {}",
+        high.len(),
+        low.len()
+    );
+    assert_eq!(enc(10), low);
+}
