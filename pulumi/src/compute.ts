@@ -7,7 +7,7 @@
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
-import { DB_LOGINS, type DbLogin, type foundations, loginSetting, role, tags } from "./foundations";
+import { DB_LOGINS, DB_TLS, type DbLogin, egressTo, type foundations, ingressFrom, loginSetting, role, tags } from "./foundations";
 import { ADOT_IMAGE, APP_PORT, METRICS_LISTEN, type Telemetry } from "./telemetry";
 
 type Found = ReturnType<typeof foundations>;
@@ -77,14 +77,21 @@ export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
     tags: tags(s, "compute"),
   });
 
-  // The owner's connection, for `mira migrate` only (DESIGN §2: Database__MigrationUrl). The
-  // operator writes it once from the RDS master secret (docs/runbooks/deploy.md).
-  const migrationSecret = new aws.secretsmanager.Secret("db-migration", {
-    name: `mira-${s}/database/migration`,
-    kmsKeyId: p.keys.rdsKey.arn,
-    description: "Mira's owner connection (Database__MigrationUrl) for the migration task only",
-    tags: tags(s, "secrets"),
+  // The owner's connection, for `mira migrate` only (DESIGN §2: Database__MigrationUrl): the
+  // instance's address with no credentials in it, and the owner's user and password from the
+  // master secret RDS keeps and rotates (every 7 days), as libpq's PGUSER and PGPASSWORD, which
+  // sqlx reads where the URL names none. ECS reads the secret when the task starts, so each run
+  // of the migration has the current password: nothing holds a copy of it (ADR 0035).
+  const masterSecretArn = p.db.masterUserSecrets.apply((x) => {
+    const arn = x?.[0]?.secretArn;
+    if (!arn) throw new Error("the database has no master secret: manageMasterUserPassword must stay on");
+    return arn;
   });
+  const migrationUrl = pulumi.interpolate`postgres://${p.db.endpoint}/mira?${DB_TLS}`;
+  const owner = [
+    { name: "PGUSER", valueFrom: pulumi.interpolate`${masterSecretArn}:username::` },
+    { name: "PGPASSWORD", valueFrom: pulumi.interpolate`${masterSecretArn}:password::` },
+  ];
 
   // ECS itself (pulling the image, writing logs, reading the secrets it injects): one execution
   // role per task definition family, each reading only the secrets its family injects, so that
@@ -95,7 +102,7 @@ export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
   const executionRole = (
     family: string,
     group: aws.cloudwatch.LogGroup,
-    secrets: aws.secretsmanager.Secret[],
+    secrets: pulumi.Input<string>[],
     repo: aws.ecr.Repository = p.repos["mira-api"],
   ) =>
     role(`${family}-execution`, s, { Service: "ecs-tasks.amazonaws.com" }, [
@@ -106,14 +113,14 @@ export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
         Resource: [repo.arn],
       },
       { Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents"], Resource: [pulumi.interpolate`${group.arn}:*`] },
-      { Effect: "Allow", Action: ["secretsmanager:GetSecretValue"], Resource: secrets.map((x) => x.arn) },
+      { Effect: "Allow", Action: ["secretsmanager:GetSecretValue"], Resource: secrets },
       // The secrets are under the RDS key, the image under the buckets' key.
       { Effect: "Allow", Action: ["kms:Decrypt"], Resource: [p.keys.rdsKey.arn, p.keys.s3Key.arn] },
     ]);
   // `mira migrate` makes every login from its URL (Database__Logins__<Process>): its task reads
-  // them all, and the owner's.
-  const migrateExecution = executionRole("migrate", logs, [migrationSecret, ...DB_LOGINS.map((l) => logins[l])]);
-  const verifyExecution = executionRole("audit-verify", verifyLogs, [logins[VERIFY_LOGIN]]);
+  // them all, and the owner's from RDS's master secret.
+  const migrateExecution = executionRole("migrate", logs, [masterSecretArn, ...DB_LOGINS.map((l) => logins[l].arn)]);
+  const verifyExecution = executionRole("audit-verify", verifyLogs, [logins[VERIFY_LOGIN].arn]);
   // The collector's writes go with each task role (EMF log group, X-Ray).
   for (const [n, r] of [
     ["api", p.apiRole],
@@ -206,29 +213,16 @@ export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
     });
 
   // ---- the ALB: HTTPS only, idle timeout long enough for WebSockets, CloudFront's header required
+  // Standalone rules only (foundations.ts, ingressFrom).
   const albSg = new aws.ec2.SecurityGroup("alb-sg", {
     vpcId: p.vpc.id,
     description: "Mira's ALB: HTTPS from CloudFront's origin-facing addresses only",
-    ingress: [
-      {
-        protocol: "tcp",
-        fromPort: 443,
-        toPort: 443,
-        prefixListIds: [aws.ec2.getManagedPrefixListOutput({ name: "com.amazonaws.global.cloudfront.origin-facing" }).id],
-      },
-    ],
-    egress: [{ protocol: "tcp", fromPort: APP_PORT, toPort: APP_PORT, securityGroups: [p.computeSg.id] }],
     tags: tags(s, "compute"),
   });
-  new aws.ec2.SecurityGroupRule("compute-from-alb", {
-    type: "ingress",
-    securityGroupId: p.computeSg.id,
-    sourceSecurityGroupId: albSg.id,
-    protocol: "tcp",
-    fromPort: APP_PORT,
-    toPort: APP_PORT,
-    description: "the ALB to Mira's API",
-  });
+  const cloudfront = aws.ec2.getManagedPrefixListOutput({ name: "com.amazonaws.global.cloudfront.origin-facing" }).id;
+  ingressFrom("alb-from-cloudfront", albSg, { prefixListId: cloudfront }, 443, "CloudFront's origin-facing addresses");
+  egressTo("alb-to-compute", albSg, p.computeSg, APP_PORT, "Mira's API");
+  ingressFrom("compute-from-alb", p.computeSg, albSg, APP_PORT, "the ALB to Mira's API");
   const alb = new aws.lb.LoadBalancer("alb", {
     name: `mira-${s}`,
     loadBalancerType: "application",
@@ -258,7 +252,7 @@ export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
     defaultActions: [{ type: "fixed-response", fixedResponse: { contentType: "text/plain", statusCode: "403", messageBody: "Forbidden" } }],
     tags: tags(s, "compute"),
   });
-  new aws.lb.ListenerRule("api-from-cloudfront", {
+  const apiRule = new aws.lb.ListenerRule("api-from-cloudfront", {
     listenerArn: https.arn,
     priority: 10,
     conditions: [{ httpHeader: { httpHeaderName: ORIGIN_HEADER, values: [cfg.originVerifySecret] } }, { pathPattern: { values: API_PATHS } }],
@@ -273,7 +267,7 @@ export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
   const executionRoles: Record<string, aws.iam.Role> = {};
   for (const [name, spec] of Object.entries(serviceSpecs(cfg))) {
     const settings = spec.taskRole === "api" ? f.settings.api : { ...f.settings.roles, Roles__Enabled: pulumi.output(spec.roles) };
-    const execution = executionRole(name, logs, [logins[spec.login]]);
+    const execution = executionRole(name, logs, [logins[spec.login].arn]);
     executionRoles[name] = execution;
     const td = taskDefinition(name, spec.taskRole === "api" ? p.apiRole : p.rolesRole, execution, spec.login, settings, [
       "serve",
@@ -303,8 +297,10 @@ export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
         tags: tags(s, "compute"),
       },
       // Deploys move the image (a new task-definition revision, docs/runbooks/deploy.md); a
-      // later `pulumi up` must not move it back.
-      { dependsOn: name === "api" ? [https] : [], ignoreChanges: ["taskDefinition"] },
+      // later `pulumi up` must not move it back. The API's service is made after the rule that
+      // forwards to its target group: ECS refuses a service whose target group no load balancer
+      // uses yet, and a first `up` could make them in either order.
+      { dependsOn: name === "api" ? [https, apiRule] : [], ignoreChanges: ["taskDefinition"] },
     );
   }
   const migrationTask = new aws.ecs.TaskDefinition("migrate-task", {
@@ -321,12 +317,10 @@ export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
         image,
         essential: true,
         command: ["migrate"],
-        environment: env({ AWS__Region: cfg.region, Logging__Format: "json" }),
-        // The owner, and every process's login to make (no DATABASE_URL: it connects as the owner).
-        secrets: [
-          { name: "Database__MigrationUrl", valueFrom: migrationSecret.arn },
-          ...DB_LOGINS.map((l) => ({ name: loginSetting(l), valueFrom: logins[l].arn })),
-        ],
+        environment: env({ AWS__Region: cfg.region, Database__MigrationUrl: migrationUrl, Logging__Format: "json" }),
+        // The owner (from RDS's master secret), and every process's login to make (no
+        // DATABASE_URL: it connects as the owner).
+        secrets: [...owner, ...DB_LOGINS.map((l) => ({ name: loginSetting(l), valueFrom: logins[l].arn }))],
         readonlyRootFilesystem: true,
         user: "10001",
         logConfiguration: logConfig("migrate"),
@@ -447,14 +441,12 @@ export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
     /** One per task definition family: the four services', `migrate`, `audit-verify`. */
     executionRoles: { ...executionRoles, migrate: migrateExecution, "audit-verify": verifyExecution },
     migrateRole,
-    migrationSecret,
     verify: { task: verifyTask, role: verifyRole, logGroup: verifyLogs, schedule: verifySchedule, schedulerRole },
     outputs: {
       cluster: cluster.name,
       albDnsName: alb.dnsName,
       services: serviceNames,
       migrationTaskFamily: migrationTask.family,
-      migrationSecretArn: migrationSecret.arn,
       auditVerifyTaskFamily: verifyTask.family,
       auditVerifySchedule: verifySchedule.name,
       auditVerifyLogGroup: verifyLogs.name,

@@ -6,11 +6,17 @@
 // autoscaler adding GPU nodes for pending pods, and NVIDIA's device plugin advertising
 // `nvidia.com/gpu`. Each worker pod carries the ADOT collector (telemetry.ts), which scrapes the
 // worker's /metrics into CloudWatch and sends its traces to X-Ray.
+//
+// What the cluster runs is written here as plain objects wherever its placement matters (the
+// device plugin's DaemonSet, the worker's pod), so that the tests can evaluate it against the
+// node groups' labels and taints (tests/cluster.ts, ADR 0034). KEDA and the cluster autoscaler
+// stay Helm releases, and the CloudWatch agent an EKS add-on: no chart repository is reachable
+// from the tests, so what those render is not checked (UNRENDERED).
 
 import * as aws from "@pulumi/aws";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
-import { type foundations, GPU_QUEUES, role, tags } from "./foundations";
+import { type foundations, GPU_QUEUES, ingressFrom, role, tags } from "./foundations";
 import {
   ADOT_IMAGE,
   JOBS_WAITING_METRIC,
@@ -76,11 +82,34 @@ export function checkKubernetesVersion(v: string) {
 export const CHARTS = {
   keda: { repo: "https://kedacore.github.io/charts", chart: "keda" },
   autoscaler: { repo: "https://kubernetes.github.io/autoscaler", chart: "cluster-autoscaler", version: "9.46.6" },
-  devicePlugin: { repo: "https://nvidia.github.io/k8s-device-plugin", chart: "nvidia-device-plugin", version: "0.17.1" },
 };
-const GPU_TAINT = { key: "nvidia.com/gpu", value: "true", effect: "NO_SCHEDULE" };
-const GPU_LABEL = { "mira.io/pool": "gpu" };
-const AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.27.50";
+/**
+ * What the program installs whose Kubernetes objects it does not write itself, and the tests
+ * therefore cannot see: the two Helm releases (by chart) and the EKS add-on (by name).
+ */
+export const UNRENDERED = {
+  helm: [CHARTS.keda.chart, CHARTS.autoscaler.chart],
+  eksAddons: ["amazon-cloudwatch-observability"],
+};
+/**
+ * NVIDIA's device plugin, as its static manifest (deployments/static/nvidia-device-plugin.yml of
+ * k8s-device-plugin v0.17.1) with our node selector: the chart's default affinity requires node
+ * feature discovery's labels, which no node here carries.
+ */
+export const DEVICE_PLUGIN_IMAGE = "nvcr.io/nvidia/k8s-device-plugin:v0.17.1";
+export const GPU_TAINT = { key: "nvidia.com/gpu", value: "true", effect: "NO_SCHEDULE" };
+export const GPU_LABEL = { "mira.io/pool": "gpu" };
+export const AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.27.50";
+/**
+ * How long a worker pod may take from being created to running, beside a drain: a GPU node
+ * started from zero and joined (3 to 5 minutes), the worker's image pulled (CUDA's runtime, a
+ * few GB) and its kernels compiled. The rollout's waits and the pending-pods alarm allow it.
+ */
+export const WORKER_START_SECONDS = 900;
+/** The home directory of a container whose image has no user 10001 of its own (the AWS CLI's, the collector's). */
+export const POD_HOME = "/home/mira";
+/** The worker image's user 10001's home and working directory (images/mira-wsi-worker/Dockerfile). */
+export const WORKER_HOME = "/var/lib/mira";
 
 /**
  * Each GPU queue's trigger name in the ScaledObject, which its formula reads it by: an
@@ -117,13 +146,23 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
     tags: tags(s, "fleet"),
   });
   new aws.iam.RolePolicyAttachment("eks-cluster-policy", { role: clusterRole.name, policyArn: managed("AmazonEKSClusterPolicy") });
+  // The cluster API's private endpoint, from inside the VPC: EKS puts this group (and the
+  // compute group) on the control plane's network interfaces. It admits the deploy runners
+  // (ADR 0035), which run kubectl and `pulumi up`; the GitHub-hosted runners' addresses are
+  // neither few nor ours, so the public endpoint (eksPublicAccessCidrs) is for operators only.
+  const eksApiSg = new aws.ec2.SecurityGroup("eks-api-sg", {
+    vpcId: p.vpc.id,
+    description: "The EKS API's private endpoint: HTTPS from the deploy runners",
+    tags: tags(s, "fleet"),
+  });
+  ingressFrom("eks-api-from-deploy-runners", eksApiSg, p.runnerSg, 443, "the deploy runners: kubectl, pulumi up");
   const cluster = new aws.eks.Cluster("eks", {
     name: `mira-${s}`,
     version: cfg.kubernetesVersion,
     roleArn: clusterRole.arn,
     vpcConfig: {
       subnetIds: p.computeSubnets.map((x) => x.id),
-      securityGroupIds: [p.computeSg.id],
+      securityGroupIds: [p.computeSg.id, eksApiSg.id],
       endpointPrivateAccess: true,
       endpointPublicAccess: cfg.eksPublicAccessCidrs.length > 0,
       publicAccessCidrs: cfg.eksPublicAccessCidrs.length > 0 ? cfg.eksPublicAccessCidrs : undefined,
@@ -135,21 +174,9 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
   });
   // Nodes and pods carry the cluster's security group: the database and the VPC endpoints admit
   // it as they admit the compute group.
-  const clusterSg = cluster.vpcConfig.apply((v) => v.clusterSecurityGroupId!);
-  for (const [name, group, port] of [
-    ["database-from-eks", p.databaseSg, 5432],
-    ["endpoints-from-eks", p.endpointSg, 443],
-  ] as const) {
-    new aws.ec2.SecurityGroupRule(name, {
-      type: "ingress",
-      securityGroupId: group.id,
-      sourceSecurityGroupId: clusterSg,
-      protocol: "tcp",
-      fromPort: port,
-      toPort: port,
-      description: "EKS nodes and pods (the cluster security group)",
-    });
-  }
+  const clusterSg = { id: cluster.vpcConfig.apply((v) => v.clusterSecurityGroupId!) };
+  ingressFrom("database-from-eks", p.databaseSg, clusterSg, 5432, "EKS nodes and pods (the cluster security group)");
+  ingressFrom("endpoints-from-eks", p.endpointSg, clusterSg, 443, "EKS nodes and pods (the cluster security group)");
   const issuer = cluster.identities.apply((ids) => ids[0].oidcs![0].issuer!);
   const oidc = new aws.iam.OpenIdConnectProvider("eks-oidc", { url: issuer, clientIdLists: ["sts.amazonaws.com"], tags: tags(s, "fleet") });
 
@@ -242,20 +269,64 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
 
   const ns = new k8s.core.v1.Namespace("mira-namespace", { metadata: { name: namespace, labels: { "pod-security.kubernetes.io/enforce": "restricted" } } }, k);
 
-  const devicePlugin = new k8s.helm.v3.Release(
+  // NVIDIA's device plugin: one DaemonSet on the GPU nodes, which advertises each node's GPU as
+  // `nvidia.com/gpu` (the NVIDIA AMI has the driver and the container toolkit, not the plugin).
+  // Placed by the GPU node group's own label and tolerating its taint, nothing else: until it
+  // runs on a node, that node offers no GPU, the worker's pods stay Pending, and the autoscaler
+  // adds GPU nodes up to gpuNodesMax.
+  const devicePluginLabels = { name: "nvidia-device-plugin-ds" };
+  const devicePlugin = new k8s.apps.v1.DaemonSet(
     "nvidia-device-plugin",
     {
-      name: "nvidia-device-plugin",
-      chart: CHARTS.devicePlugin.chart,
-      version: CHARTS.devicePlugin.version,
-      repositoryOpts: { repo: CHARTS.devicePlugin.repo },
-      namespace: "kube-system",
-      values: {
-        nodeSelector: GPU_LABEL,
-        tolerations: [{ key: GPU_TAINT.key, operator: "Exists", effect: "NoSchedule" }],
+      metadata: { name: "nvidia-device-plugin-daemonset", namespace: "kube-system" },
+      spec: {
+        selector: { matchLabels: devicePluginLabels },
+        updateStrategy: { type: "RollingUpdate" },
+        template: {
+          metadata: { labels: devicePluginLabels },
+          spec: {
+            nodeSelector: GPU_LABEL,
+            tolerations: [{ key: GPU_TAINT.key, operator: "Exists", effect: "NoSchedule" }],
+            // Reserved for, and rescheduled first among, the node's critical add-ons.
+            priorityClassName: "system-node-critical",
+            containers: [
+              {
+                name: "nvidia-device-plugin-ctr",
+                image: DEVICE_PLUGIN_IMAGE,
+                // A node whose GPU cannot be initialised runs on without advertising one.
+                env: [{ name: "FAIL_ON_INIT_ERROR", value: "false" }],
+                securityContext: { allowPrivilegeEscalation: false, capabilities: { drop: ["ALL"] } },
+                resources: { requests: { cpu: "10m", memory: "32Mi" }, limits: { memory: "128Mi" } },
+                volumeMounts: [{ name: "kubelet-device-plugins-dir", mountPath: "/var/lib/kubelet/device-plugins" }],
+              },
+            ],
+            volumes: [{ name: "kubelet-device-plugins-dir", hostPath: { path: "/var/lib/kubelet/device-plugins", type: "Directory" } }],
+          },
+        },
       },
     },
     k,
+  );
+
+  // The CloudWatch agent (Container Insights, an EKS add-on): the cluster's pod states, among
+  // them the worker's pods Pending (observability.ts, gpu-pods-pending). Its service account
+  // writes with a role of its own (IRSA).
+  const cloudwatchAgentRole = new aws.iam.Role("cloudwatch-agent", {
+    name: `mira-${s}-cloudwatch-agent`,
+    assumeRolePolicy: irsa("amazon-cloudwatch", "cloudwatch-agent"),
+    tags: tags(s, "fleet"),
+  });
+  new aws.iam.RolePolicyAttachment("cloudwatch-agent-policy", { role: cloudwatchAgentRole.name, policyArn: managed("CloudWatchAgentServerPolicy") });
+  const observabilityAddon = new aws.eks.Addon(
+    "cloudwatch-observability",
+    {
+      clusterName: cluster.name,
+      addonName: UNRENDERED.eksAddons[0],
+      serviceAccountRoleArn: cloudwatchAgentRole.arn,
+      tags: tags(s, "fleet"),
+    },
+    // Its pods need nodes to start on.
+    { dependsOn: [system] },
   );
 
   const autoscalerRole = role(
@@ -356,6 +427,30 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
     { ...k, dependsOn: [ns] },
   );
   const labels = { app: deploymentName };
+  // Every container of the pod has a read-only root. Each gets a home and a temporary directory
+  // of its own, on emptyDir volumes, and is told of them (HOME, TMPDIR): the AWS CLI writes its
+  // web-identity credentials under ~/.aws/cli/cache and fails where it cannot (aws-cli 7376,
+  // 9075); CUDA keeps its JIT cache under ~/.nv; the worker writes its slides under /tmp.
+  // Nothing in the image's root is written. (The worker reading its secret itself, through the
+  // SDK, would need no CLI at all: ADR 0034.)
+  const scratchFor = (container: string, home: string, medium?: "Memory") => ({
+    env: [
+      { name: "HOME", value: home },
+      { name: "TMPDIR", value: "/tmp" },
+    ],
+    mounts: [
+      { name: `${container}-home`, mountPath: home },
+      { name: `${container}-tmp`, mountPath: "/tmp" },
+    ],
+    volumes: [
+      { name: `${container}-home`, emptyDir: { ...(medium ? { medium } : {}), sizeLimit: medium ? "16Mi" : "2Gi" } },
+      { name: `${container}-tmp`, emptyDir: { ...(medium ? { medium } : {}), sizeLimit: "64Mi" } },
+    ],
+  });
+  // The CLI's home holds its cached credentials: in memory, never on the node's disk.
+  const cliScratch = scratchFor("database-url", POD_HOME, "Memory");
+  const adotScratch = scratchFor("adot", POD_HOME, "Memory");
+  const workerScratch = scratchFor(containerName, WORKER_HOME);
   const restricted = {
     runAsNonRoot: true,
     runAsUser: 10001,
@@ -389,11 +484,21 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
       { name: POD_NAME_ENV, valueFrom: { fieldRef: { fieldPath: "metadata.name" } } },
       // The Go runtime collects its garbage before the container's memory limit is reached.
       { name: "GOMEMLIMIT", value: "200MiB" },
+      ...adotScratch.env,
     ],
     resources: { requests: { cpu: "50m", memory: "128Mi" }, limits: { memory: "256Mi" } },
-    // It writes nothing to disk (its logs go to stderr): a read-only root, no volume.
+    // It writes nothing to disk (its logs go to stderr), but a home and a temporary directory
+    // are there if it does: a read-only root.
     securityContext: restricted,
+    volumeMounts: adotScratch.mounts,
   };
+  // A rollout replaces one pod at a time, and each old pod may drain a job for its whole grace
+  // period before the new one can have its GPU (or a new node starts): the Deployment makes no
+  // progress for up to grace + start, which its progress deadline must allow (or `kubectl
+  // rollout status` gives up at 600 s), and a whole rollout may take that for every replica.
+  const grace = Math.max(cfg.workerDrainSeconds, cfg.workerLeaseSeconds + 60);
+  const progressDeadline = grace + WORKER_START_SECONDS;
+  const rolloutTimeoutSeconds = cfg.workerMaxReplicas * progressDeadline;
   const deployment = new k8s.apps.v1.Deployment(
     "worker",
     {
@@ -404,12 +509,13 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
         selector: { matchLabels: labels },
         // One at a time and no surge: a full fleet has no spare GPU node for an extra pod.
         strategy: { type: "RollingUpdate", rollingUpdate: { maxSurge: 0, maxUnavailable: 1 } },
+        progressDeadlineSeconds: progressDeadline,
         template: {
           metadata: { labels },
           spec: {
             serviceAccountName: sa.metadata.name,
             // The job in hand finishes on a scale-in or a deploy.
-            terminationGracePeriodSeconds: Math.max(cfg.workerDrainSeconds, cfg.workerLeaseSeconds + 60),
+            terminationGracePeriodSeconds: grace,
             nodeSelector: GPU_LABEL,
             tolerations: [{ key: GPU_TAINT.key, operator: "Exists", effect: "NoSchedule" }],
             securityContext: { runAsNonRoot: true, runAsUser: 10001, fsGroup: 10001, seccompProfile: { type: "RuntimeDefault" } },
@@ -423,9 +529,14 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
                 env: [
                   { name: "SECRET", value: p.secrets.dbLogins.worker.arn },
                   { name: "AWS_REGION", value: cfg.region },
+                  ...cliScratch.env,
+                  // The CLI's files under its home, and no pager (there is no terminal).
+                  { name: "AWS_CONFIG_FILE", value: `${POD_HOME}/.aws/config` },
+                  { name: "AWS_SHARED_CREDENTIALS_FILE", value: `${POD_HOME}/.aws/credentials` },
+                  { name: "AWS_PAGER", value: "" },
                 ],
                 securityContext: restricted,
-                volumeMounts: [{ name: "secrets", mountPath: "/run/mira" }],
+                volumeMounts: [{ name: "secrets", mountPath: "/run/mira" }, ...cliScratch.mounts],
                 resources: { requests: { cpu: "50m", memory: "64Mi" }, limits: { memory: "256Mi" } },
               },
               collector,
@@ -446,21 +557,23 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
                   { name: "OTEL_EXPORTER_OTLP_ENDPOINT", value: `http://${POD_OTLP_HTTP}` },
                   { name: "OTEL_EXPORTER_OTLP_PROTOCOL", value: "http/protobuf" },
                   { name: "OTEL_SERVICE_NAME", value: "mira-worker" },
+                  ...workerScratch.env,
                 ],
                 resources: {
                   requests: { cpu: "3", memory: "12Gi", "ephemeral-storage": "50Gi" },
                   limits: { "nvidia.com/gpu": "1", memory: "14Gi", "ephemeral-storage": "150Gi" },
                 },
                 securityContext: restricted,
-                volumeMounts: [
-                  { name: "secrets", mountPath: "/run/mira", readOnly: true },
-                  { name: "scratch", mountPath: "/tmp" },
-                ],
+                volumeMounts: [{ name: "secrets", mountPath: "/run/mira", readOnly: true }, ...workerScratch.mounts],
               },
             ],
             volumes: [
               { name: "secrets", emptyDir: { medium: "Memory", sizeLimit: "1Mi" } },
-              { name: "scratch", emptyDir: { sizeLimit: "150Gi" } },
+              ...cliScratch.volumes,
+              ...adotScratch.volumes,
+              // The worker's slides and pyramids: its /tmp is the node's disk, as large as its
+              // ephemeral-storage limit.
+              ...workerScratch.volumes.map((v) => (v.name === `${containerName}-tmp` ? { ...v, emptyDir: { sizeLimit: "150Gi" } } : v)),
             ],
           },
         },
@@ -575,6 +688,14 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
   return {
     cluster,
     gpu,
+    devicePlugin,
+    observabilityAddon,
+    eksApiSg,
+    /** The worker pods' grace period (seconds), and how long one may wait to start beside it. */
+    workerGraceSeconds: grace,
+    workerProgressDeadlineSeconds: progressDeadline,
+    /** How long `kubectl rollout status` waits for the worker (deploy.yml): every replica drained and started again, one at a time. */
+    workerRolloutTimeoutSeconds: rolloutTimeoutSeconds,
     workerRole,
     workerSettings,
     namespace,

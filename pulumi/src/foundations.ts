@@ -71,6 +71,28 @@ export const GPU_QUEUES = ["gpu-jobs-stat", "gpu-jobs"] as const;
 
 export const tags = (stack: string, part: string) => ({ app: "mira", stack, part });
 
+/** The connection string's TLS parameters: RDS refuses plain connections, and both images carry RDS's CA bundle. */
+export const DB_TLS = "sslmode=verify-full&sslrootcert=/usr/share/mira/rds-global-bundle.pem";
+
+type Group = { id: pulumi.Input<string> };
+/** Where a rule admits traffic from, or sends it to: another group, an address range, or a prefix list. */
+export type Peer = { group: Group } | { cidrIpv4: string } | { prefixListId: pulumi.Input<string> };
+const peer = (x: Peer) =>
+  "group" in x ? { referencedSecurityGroupId: x.group.id } : "cidrIpv4" in x ? { cidrIpv4: x.cidrIpv4 } : { prefixListId: x.prefixListId };
+const ports = (port: number | "all") => (port === "all" ? { ipProtocol: "-1" } : { ipProtocol: "tcp", fromPort: port, toPort: port });
+
+/** A standalone ingress rule: `group` admits TCP `port` from `source` (a group, or any peer). */
+export function ingressFrom(name: string, group: Group, source: Group | Peer, port: number, description: string) {
+  const from: Peer = "id" in source ? { group: source } : source;
+  return new aws.vpc.SecurityGroupIngressRule(name, { securityGroupId: group.id, ...peer(from), ...ports(port), description });
+}
+
+/** A standalone egress rule: `group` may send to `to` on TCP `port`, or everything (`all`). */
+export function egressTo(name: string, group: Group, to: Group | Peer, port: number | "all", description: string) {
+  const dest: Peer = "id" in to ? { group: to } : to;
+  return new aws.vpc.SecurityGroupEgressRule(name, { securityGroupId: group.id, ...peer(dest), ...ports(port), description });
+}
+
 /**
  * The processes that connect to the database, each as its own login role: the four ECS
  * services and the worker (`mira-worker`: `run` on the GPU fleet, `verify` on ECS). `mira
@@ -112,6 +134,20 @@ function key(name: string, stack: string, description: string, grants?: (account
   return k;
 }
 
+/**
+ * A bucket's name prefix, `mira-<stack>-<name>-`: S3 names are global, so a fixed name
+ * (`mira-prod-uploads`) may already be anyone's, and the first `pulumi up` would stop there; the
+ * provider appends a unique suffix to the prefix (26 characters) instead. S3 takes a prefix of
+ * 37 characters at most.
+ */
+export function bucketPrefix(stack: string, name: string): string {
+  const prefix = `mira-${stack}-${name}-`;
+  if (prefix.length > 37 || !/^[a-z0-9][a-z0-9-]*-$/.test(prefix)) {
+    throw new Error(`bucket prefix ${JSON.stringify(prefix)}: S3 takes lowercase letters, digits and hyphens, 37 characters at most (a shorter stack name)`);
+  }
+  return prefix;
+}
+
 /** A private, encrypted, versioned bucket that refuses plain HTTP. */
 function bucket(
   name: string,
@@ -120,7 +156,7 @@ function bucket(
   opts: { objectLockDays?: number; corsOrigin?: string; policyElsewhere?: boolean; statements?: (b: aws.s3.Bucket) => object[] } = {},
 ) {
   const b = new aws.s3.Bucket(name, {
-    bucket: `mira-${stack}-${name}`,
+    bucketPrefix: bucketPrefix(stack, name),
     objectLockEnabled: opts.objectLockDays !== undefined,
     forceDestroy: false,
     tags: tags(stack, "storage"),
@@ -259,6 +295,16 @@ export function foundations(cfg: FoundationsConfig) {
       Resource: "*",
       Condition: { StringEquals: { "aws:SourceAccount": account } },
     },
+    {
+      // RDS's event notifications (failure, failover, low storage: observability.ts) into the
+      // encrypted alarm topic.
+      Sid: "RdsEventsToEncryptedAlarmTopic",
+      Effect: "Allow",
+      Principal: { Service: "events.rds.amazonaws.com" },
+      Action: ["kms:GenerateDataKey*", "kms:Decrypt"],
+      Resource: "*",
+      Condition: { StringEquals: { "aws:SourceAccount": account } },
+    },
   ]);
 
   // ---- network ----------------------------------------------------------------------------
@@ -301,24 +347,39 @@ export function foundations(cfg: FoundationsConfig) {
   [...dataSubnets, ...computeSubnets].forEach(
     (sn, i) => new aws.ec2.RouteTableAssociation(`private-${i}-routes`, { subnetId: sn.id, routeTableId: privateRoutes.id }),
   );
+  // Every group is made without rules, and every rule is a resource of its own (ingressFrom,
+  // egressTo): a group's inline rules and standalone rules on the same group fight, and after a
+  // `pulumi refresh` the next `up` deletes whichever the group's own list does not name (the
+  // EKS cluster's rules on the database and the endpoints, fleet.ts, were such rules).
   const computeSg = new aws.ec2.SecurityGroup("compute-sg", {
     vpcId: vpc.id,
     description: "Mira's API, roles and workers",
-    egress: [{ protocol: "-1", fromPort: 0, toPort: 0, cidrBlocks: ["0.0.0.0/0"] }],
     tags: tags(s, "network"),
   });
+  egressTo("compute-to-anywhere", computeSg, { cidrIpv4: "0.0.0.0/0" }, "all", "the public registries (NAT) and AWS");
   const databaseSg = new aws.ec2.SecurityGroup("database-sg", {
     vpcId: vpc.id,
     description: "Mira's database: PostgreSQL from the compute group only",
-    ingress: [{ protocol: "tcp", fromPort: 5432, toPort: 5432, securityGroups: [computeSg.id] }],
     tags: tags(s, "network"),
   });
+  ingressFrom("database-from-compute", databaseSg, computeSg, 5432, "Mira's API, roles and workers");
   const endpointSg = new aws.ec2.SecurityGroup("endpoints-sg", {
     vpcId: vpc.id,
     description: "VPC endpoints: HTTPS from the compute group only",
-    ingress: [{ protocol: "tcp", fromPort: 443, toPort: 443, securityGroups: [computeSg.id] }],
     tags: tags(s, "network"),
   });
+  ingressFrom("endpoints-from-compute", endpointSg, computeSg, 443, "Mira's API, roles and workers");
+  // The deploy runners (ADR 0035): self-hosted GitHub runners the operator starts in the compute
+  // subnets with this group, the one way in to the cluster's private API endpoint (fleet.ts).
+  // With private DNS on the interface endpoints, their AWS calls (STS, ECR, Logs, Secrets
+  // Manager, …) go to the endpoints too, which must admit them.
+  const runnerSg = new aws.ec2.SecurityGroup("deploy-runners-sg", {
+    vpcId: vpc.id,
+    description: "Mira's deploy runners (self-hosted GitHub runners): the EKS API from inside the VPC",
+    tags: tags(s, "delivery"),
+  });
+  egressTo("deploy-runners-to-anywhere", runnerSg, { cidrIpv4: "0.0.0.0/0" }, "all", "GitHub, the registries (NAT) and AWS");
+  ingressFrom("endpoints-from-deploy-runners", endpointSg, runnerSg, 443, "the deploy runners' AWS calls");
   new aws.ec2.VpcEndpoint("s3-endpoint", {
     vpcId: vpc.id,
     serviceName: `com.amazonaws.${cfg.region}.s3`,
@@ -662,6 +723,8 @@ export function foundations(cfg: FoundationsConfig) {
       dataSubnetIds: dataSubnets.map((x) => x.id),
       computeSecurityGroupId: computeSg.id,
       databaseSecurityGroupId: databaseSg.id,
+      /** The group the deploy runners start in (ADR 0035), in the compute subnets. */
+      runnerSecurityGroupId: runnerSg.id,
     },
     database: {
       endpoint: db.endpoint,
@@ -687,6 +750,7 @@ export function foundations(cfg: FoundationsConfig) {
       computeSg,
       databaseSg,
       endpointSg,
+      runnerSg,
       topic,
       queues,
       buckets: { uploads, results, frontend, witness },

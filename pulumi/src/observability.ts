@@ -32,6 +32,24 @@ export const oldestMessageSeconds = (group: string) => OLDEST_MESSAGE_SECONDS[gr
 /** How long the witness may go without answering the relay before `witness-stale` rings (seconds). */
 export const WITNESS_STALE_SECONDS = 900;
 
+/**
+ * How long the relay's running task count may differ from 1 before `relay-not-one` rings
+ * (minutes). A deploy stops the old relay before it starts the new one (compute.ts), which
+ * leaves none for a few minutes; longer than that, events are not being published (none) or
+ * are published twice, out of order (two).
+ */
+export const RELAY_NOT_ONE_MINUTES = 10;
+
+/**
+ * The database's health (alarms on what RDS publishes itself, and its own events): CPU above
+ * 80 % for 15 minutes; free storage under 10 GiB (storage autoscaling grows it long before,
+ * unless it is at maxAllocatedStorage); freeable memory under 256 MiB; no CPU datapoint at all
+ * counts as breaching, since an instance that is down publishes nothing.
+ */
+export const RDS_LIMITS = { cpuPercent: 80, cpuMinutes: 15, freeStorageBytes: 10 * 1024 ** 3, freeableMemoryBytes: 256 * 1024 ** 2 };
+/** The RDS event categories that page: the instance down, failed over, failing or short of storage. */
+export const RDS_EVENT_CATEGORIES = ["availability", "failover", "failure", "low storage", "recovery"];
+
 export type ObservabilityConfig = {
   stack: string;
   region: string;
@@ -204,6 +222,103 @@ export function observability(cfg: ObservabilityConfig, f: Found, t: Telemetry, 
       threshold: 0,
       comparisonOperator: "GreaterThanThreshold",
       treatMissingData: "notBreaching",
+    }),
+  );
+
+  // Exactly one relay (compute.ts): Container Insights' running task count of its service (the
+  // cluster has Container Insights on), |count - 1| above 0 for RELAY_NOT_ONE_MINUTES; no
+  // datapoint (no service, no count) breaches too.
+  made.push(
+    alarm("relay-not-one", {
+      alarmDescription: `The relay has not run exactly one task for ${RELAY_NOT_ONE_MINUTES} minutes: none publishes nothing, two publish out of order. See docs/runbooks/deploy.md.`,
+      metricQueries: [
+        {
+          id: "relay",
+          metric: {
+            namespace: "ECS/ContainerInsights",
+            metricName: "RunningTaskCount",
+            dimensions: { ClusterName: c.cluster.name, ServiceName: c.serviceNames.relay },
+            stat: "Average",
+            period: 60,
+          },
+          returnData: false,
+        },
+        { id: "off", expression: "ABS(relay - 1)", label: "relay tasks away from one", returnData: true },
+      ],
+      evaluationPeriods: RELAY_NOT_ONE_MINUTES,
+      datapointsToAlarm: RELAY_NOT_ONE_MINUTES,
+      threshold: 0,
+      comparisonOperator: "GreaterThanThreshold",
+      treatMissingData: "breaching",
+    }),
+  );
+
+  // The database's health (RDS_LIMITS), and RDS's own events about it into the same topic.
+  const db = { DBInstanceIdentifier: f.parts.db.identifier };
+  made.push(
+    alarm("database-cpu", {
+      alarmDescription: `The database's CPU has been above ${RDS_LIMITS.cpuPercent} % for ${RDS_LIMITS.cpuMinutes} minutes, or it publishes no CPU at all (down).`,
+      namespace: "AWS/RDS",
+      metricName: "CPUUtilization",
+      dimensions: db,
+      statistic: "Average",
+      period: 60,
+      evaluationPeriods: RDS_LIMITS.cpuMinutes,
+      datapointsToAlarm: RDS_LIMITS.cpuMinutes,
+      threshold: RDS_LIMITS.cpuPercent,
+      comparisonOperator: "GreaterThanThreshold",
+      treatMissingData: "breaching",
+    }),
+    alarm("database-free-storage", {
+      alarmDescription: "The database has under 10 GiB of storage free: storage autoscaling is at mira's maxAllocatedStorage, or cannot keep up.",
+      namespace: "AWS/RDS",
+      metricName: "FreeStorageSpace",
+      dimensions: db,
+      statistic: "Minimum",
+      period: 300,
+      evaluationPeriods: 1,
+      threshold: RDS_LIMITS.freeStorageBytes,
+      comparisonOperator: "LessThanThreshold",
+    }),
+    alarm("database-freeable-memory", {
+      alarmDescription: "The database has had under 256 MiB of freeable memory for 15 minutes: it swaps, or its instance class is too small.",
+      namespace: "AWS/RDS",
+      metricName: "FreeableMemory",
+      dimensions: db,
+      statistic: "Minimum",
+      period: 300,
+      evaluationPeriods: 3,
+      threshold: RDS_LIMITS.freeableMemoryBytes,
+      comparisonOperator: "LessThanThreshold",
+    }),
+  );
+  new aws.rds.EventSubscription("database-events", {
+    name: `mira-${s}-database-events`,
+    snsTopic: alarmTopic.arn,
+    sourceType: "db-instance",
+    sourceIds: [f.parts.db.identifier],
+    eventCategories: RDS_EVENT_CATEGORIES,
+    tags: tags(s, "observability"),
+  });
+
+  // The worker's pods Pending (Container Insights, the EKS add-on in fleet.ts): longer than a
+  // pod can wait for its GPU during a rollout (an old pod's drain, then a node's start), a pod
+  // is not going to start: no node offers `nvidia.com/gpu` (the device plugin does not run
+  // there), the fleet is at gpuNodesMax, or EC2 has no capacity. No worker pods, no datapoints:
+  // not breaching.
+  const pendingMinutes = Math.ceil(k.workerProgressDeadlineSeconds / 60);
+  made.push(
+    alarm("gpu-pods-pending", {
+      alarmDescription: `A GPU worker pod has been Pending for ${pendingMinutes} minutes: no GPU node offers nvidia.com/gpu, the node group is at its maximum, or EC2 has no capacity.`,
+      namespace: "ContainerInsights",
+      metricName: "pod_status_pending",
+      dimensions: { ClusterName: k.cluster.name, Namespace: k.namespace, PodName: k.deploymentName },
+      statistic: "Maximum",
+      period: 60,
+      evaluationPeriods: pendingMinutes,
+      datapointsToAlarm: pendingMinutes,
+      threshold: 0,
+      comparisonOperator: "GreaterThanThreshold",
     }),
   );
 

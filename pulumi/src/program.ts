@@ -67,6 +67,11 @@ export function program(cfg: ProgramConfig) {
       workerNamespace: pulumi.output(k.namespace),
       workerDeployment: pulumi.output(k.deploymentName),
       workerContainer: pulumi.output(k.containerName),
+      /** `kubectl rollout status --timeout` for the worker, in seconds (fleet.ts). */
+      workerRolloutTimeoutSeconds: pulumi.output(k.workerRolloutTimeoutSeconds),
+      /** Where the deploy runners start (ADR 0035): the compute subnets, in this group. */
+      runnerSubnetIds: f.network.computeSubnetIds,
+      runnerSecurityGroupId: f.network.runnerSecurityGroupId,
       distributionId: e.distribution.id,
       publicUrl: e.publicUrl,
     },

@@ -14,6 +14,7 @@ import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
 import type { Compute } from "./compute";
 import type { Fleet } from "./fleet";
+import { WORKER_HOME } from "./fleet";
 import { type foundations, role, tags } from "./foundations";
 import { METRICS_LISTEN, WORKER_METRICS_ENV } from "./telemetry";
 
@@ -66,7 +67,7 @@ export function verifier(cfg: VerifierConfig, f: Found, c: Compute, k: Fleet) {
 
   // ECS pulls the worker's image, writes the service's logs and injects the worker's login; the
   // task's own role is the verifier's statements (foundations.ts), and reads no secret.
-  const execution = c.executionRole("verifier", c.logs, [login], repo);
+  const execution = c.executionRole("verifier", c.logs, [login.arn], repo);
   const taskRole = role("verifier", s, { Service: "ecs-tasks.amazonaws.com" }, p.verifierStatements);
 
   const env = [
@@ -76,6 +77,10 @@ export function verifier(cfg: VerifierConfig, f: Found, c: Compute, k: Fleet) {
     // /metrics on the task's loopback, as in the worker's pod; no port mapping, security group
     // or load balancer opens it.
     { name: WORKER_METRICS_ENV, value: METRICS_LISTEN },
+    // A writable home and temporary directory, as in the worker's pod (fleet.ts): the root is
+    // read-only.
+    { name: "HOME", value: WORKER_HOME },
+    { name: "TMPDIR", value: "/tmp" },
   ];
   const task = new aws.ecs.TaskDefinition("verifier-task", {
     family: `mira-${s}-verifier`,
@@ -87,7 +92,7 @@ export function verifier(cfg: VerifierConfig, f: Found, c: Compute, k: Fleet) {
     runtimePlatform: { operatingSystemFamily: "LINUX", cpuArchitecture: "X86_64" },
     executionRoleArn: execution.arn,
     taskRoleArn: taskRole.arn,
-    volumes: [{ name: "tmp" }],
+    volumes: [{ name: "tmp" }, { name: "home" }],
     containerDefinitions: pulumi.jsonStringify([
       {
         // `mira`, as in every Mira task definition: .github/scripts/register-revision.sh sets
@@ -102,7 +107,10 @@ export function verifier(cfg: VerifierConfig, f: Found, c: Compute, k: Fleet) {
         secrets: [{ name: "DATABASE_URL", valueFrom: login.arn }],
         readonlyRootFilesystem: true,
         // The slide is downloaded here: the task's ephemeral storage.
-        mountPoints: [{ sourceVolume: "tmp", containerPath: "/tmp" }],
+        mountPoints: [
+          { sourceVolume: "tmp", containerPath: "/tmp" },
+          { sourceVolume: "home", containerPath: WORKER_HOME },
+        ],
         user: "10001",
         // SIGTERM drains the slide in hand; Fargate waits at most 120 s. A verification cut
         // short is redelivered once its visibility lapses, and is idempotent.

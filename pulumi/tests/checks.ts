@@ -15,6 +15,9 @@ const T = {
   queue: "aws:sqs/queue:Queue",
   db: "aws:rds/instance:Instance",
   sg: "aws:ec2/securityGroup:SecurityGroup",
+  sgRule: "aws:ec2/securityGroupRule:SecurityGroupRule",
+  sgIngress: "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule",
+  sgEgress: "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule",
   rolePolicy: "aws:iam/rolePolicy:RolePolicy",
 };
 export { T };
@@ -70,7 +73,52 @@ export function messagingProblems(rs: Recorded[], prefix = "mira-test-"): string
 
 const byBucket = (rs: Recorded[], type: string, b: Recorded) => ofType(rs, type).filter((x) => x.inputs.bucket === `${b.name}-id`);
 
-/** Nothing is public: buckets block public access and refuse plain HTTP; the database is private. */
+/**
+ * An ingress rule, wherever it is written: inline in a group's `ingress`, an
+ * `aws.ec2.SecurityGroupRule` of type ingress, or an `aws.vpc.SecurityGroupIngressRule`. `group`
+ * is the id of the group it admits into; `cidrs`, `groups` and `prefixLists` what it admits.
+ */
+export type Ingress = { rule: string; group: string; cidrs: string[]; groups: string[]; prefixLists: string[] };
+
+const present = (...xs: any[]): string[] => xs.flat().filter((x) => x !== undefined && x !== null && x !== "");
+
+export function ingressRules(rs: Recorded[]): Ingress[] {
+  const out: Ingress[] = [];
+  for (const g of ofType(rs, T.sg)) {
+    (g.inputs.ingress ?? []).forEach((r: any, i: number) =>
+      out.push({
+        rule: `${g.name} ingress[${i}]`,
+        group: `${g.name}-id`,
+        cidrs: present(r.cidrBlocks, r.ipv6CidrBlocks),
+        groups: present(r.securityGroups, r.self ? `${g.name}-id` : undefined),
+        prefixLists: present(r.prefixListIds),
+      }),
+    );
+  }
+  for (const r of ofType(rs, T.sgRule).filter((x) => x.inputs.type === "ingress")) {
+    const i = r.inputs;
+    out.push({ rule: r.name, group: i.securityGroupId, cidrs: present(i.cidrBlocks, i.ipv6CidrBlocks), groups: present(i.sourceSecurityGroupId, i.self ? i.securityGroupId : undefined), prefixLists: present(i.prefixListIds) });
+  }
+  for (const r of ofType(rs, T.sgIngress)) {
+    const i = r.inputs;
+    out.push({ rule: r.name, group: i.securityGroupId, cidrs: present(i.cidrIpv4, i.cidrIpv6), groups: present(i.referencedSecurityGroupId), prefixLists: present(i.prefixListId) });
+  }
+  return out;
+}
+
+/** A group's logical name by its id, or the id itself (the EKS cluster's group is made by EKS, not by the program). */
+export const groupName = (rs: Recorded[], id: string) => {
+  if (id === eksClusterGroup(rs)) return "the EKS cluster security group";
+  return ofType(rs, T.sg).find((g) => `${g.name}-id` === id)?.name ?? id;
+};
+/** The security group EKS made for the cluster (its nodes and pods carry it). */
+export const eksClusterGroup = (rs: Recorded[]): string | undefined => ofType(rs, "aws:eks/cluster:Cluster")[0]?.state.vpcConfig?.clusterSecurityGroupId;
+
+/**
+ * Nothing is public: buckets block public access and refuse plain HTTP; the database is private,
+ * and the rules of its groups (inline or standalone) admit no address range and no group but the
+ * compute group and the EKS cluster's; no ingress rule anywhere admits the whole internet.
+ */
 export function publicProblems(rs: Recorded[]): string[] {
   const p: string[] = [];
   for (const b of ofType(rs, T.bucket)) {
@@ -84,17 +132,61 @@ export function publicProblems(rs: Recorded[]): string[] {
     );
     if (!tls) p.push(`bucket ${b.name}: no TLS-only policy`);
   }
+  const rules = ingressRules(rs);
+  const compute = ofType(rs, T.sg).find((g) => g.name === "compute-sg");
+  const allowed = present(compute ? `${compute.name}-id` : undefined, eksClusterGroup(rs));
   for (const db of ofType(rs, T.db)) {
     if (db.inputs.publiclyAccessible !== false) p.push(`database ${db.name}: publicly accessible`);
-    const groups = ofType(rs, T.sg).filter((g) => (db.inputs.vpcSecurityGroupIds ?? []).includes(`${g.name}-id`));
-    const compute = ofType(rs, T.sg).find((g) => g.name === "compute-sg");
-    for (const g of groups) {
-      for (const rule of g.inputs.ingress ?? []) {
-        if ((rule.cidrBlocks ?? []).length || (rule.ipv6CidrBlocks ?? []).length) p.push(`${g.name}: admits addresses`);
-        if ((rule.securityGroups ?? []).some((x: string) => x !== `${compute?.name}-id`)) p.push(`${g.name}: admits another group`);
-      }
-    }
+    const groups: string[] = db.inputs.vpcSecurityGroupIds ?? [];
     if (groups.length === 0) p.push(`database ${db.name}: no security group`);
+    for (const r of rules.filter((x) => groups.includes(x.group))) {
+      const into = groupName(rs, r.group);
+      if (r.cidrs.length || r.prefixLists.length) p.push(`${into}: admits addresses (${r.rule})`);
+      for (const g of r.groups.filter((x) => !allowed.includes(x))) p.push(`${into}: admits another group, ${groupName(rs, g)} (${r.rule})`);
+    }
+  }
+  for (const r of rules) {
+    for (const c of r.cidrs.filter((x) => x === "0.0.0.0/0" || x === "::/0")) p.push(`${r.rule}: admits ${c} into ${groupName(rs, r.group)}`);
+  }
+  return p;
+}
+
+/**
+ * Every security group's rules are standalone resources of one kind (`aws.vpc` ingress and
+ * egress rules): no inline `ingress` or `egress`, and no `aws.ec2.SecurityGroupRule` beside
+ * them. Mixed, the group's own list and the rules fight: a `pulumi refresh` folds the standalone
+ * rules into the group's, and the next `up` deletes them.
+ */
+export function ruleStyleProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  const ruleGroups = (type: string) => new Set(ofType(rs, type).map((r) => r.inputs.securityGroupId));
+  const ec2Rules = ruleGroups(T.sgRule);
+  const vpcRules = new Set([...ruleGroups(T.sgIngress), ...ruleGroups(T.sgEgress)]);
+  for (const g of ofType(rs, T.sg)) {
+    const id = `${g.name}-id`;
+    for (const kind of ["ingress", "egress"]) {
+      const n = (g.inputs[kind] ?? []).length;
+      if (n) p.push(`security group ${g.name}: ${n} inline ${kind} rule${n > 1 ? "s" : ""}`);
+    }
+    if (ec2Rules.has(id)) p.push(`security group ${g.name}: aws.ec2.SecurityGroupRule rules${vpcRules.has(id) ? " beside aws.vpc rules" : ""}`);
+  }
+  // The EKS cluster's group is EKS's: the program only adds rules to it, of one kind too.
+  const eks = eksClusterGroup(rs);
+  if (eks && ec2Rules.has(eks)) p.push("the EKS cluster security group: aws.ec2.SecurityGroupRule rules");
+  return p;
+}
+
+/**
+ * No bucket has a fixed name that anyone else could have taken first (S3's names are global):
+ * each is named by a `bucketPrefix`, to which the provider adds a unique suffix, or, if it has a
+ * fixed name, that name carries the account's id.
+ */
+export function bucketNameProblems(rs: Recorded[], account: string): string[] {
+  const p: string[] = [];
+  for (const b of ofType(rs, T.bucket)) {
+    const fixed = b.inputs.bucket;
+    if (fixed !== undefined && !String(fixed).includes(account)) p.push(`bucket ${b.name}: the fixed name ${fixed} may be taken in another account`);
+    if (fixed === undefined && !b.inputs.bucketPrefix) p.push(`bucket ${b.name}: neither a name nor a prefix`);
   }
   return p;
 }
@@ -136,7 +228,7 @@ export function workerProblems(statements: Statement[], prefix = "mira-test-"): 
       if (a.startsWith("sqs:") && a !== "sqs:GetQueueUrl" && s.Resource.some((r) => !gpuQueues.some((q) => r.endsWith(q)))) {
         p.push(`${a} beyond the GPU queues: ${s.Resource}`);
       }
-      if (/^s3:(Put|Delete|Abort|Restore|Replicate)/.test(a) && s.Resource.some((r) => r.includes(":mira-test-uploads"))) {
+      if (/^s3:(Put|Delete|Abort|Restore|Replicate)/.test(a) && s.Resource.some((r) => r.includes(`:${prefix}uploads-`))) {
         p.push(`${a} on the uploads bucket`);
       }
     }
@@ -147,7 +239,8 @@ export function workerProblems(statements: Statement[], prefix = "mira-test-"): 
     }
   }
   for (const a of ["s3:GetObject", "s3:GetObjectVersion"]) {
-    if (!statements.some((s) => s.Action.includes(a) && s.Resource.some((r) => r.endsWith(":mira-test-uploads/immutable/*")))) p.push(`cannot ${a} on the slides' immutable copies`);
+    const copies = new RegExp(`:${prefix}uploads-\\d+/immutable/\\*$`);
+    if (!statements.some((s) => s.Action.includes(a) && s.Resource.some((r) => copies.test(r)))) p.push(`cannot ${a} on the slides' immutable copies`);
   }
   return p;
 }
@@ -157,7 +250,7 @@ export function apiProblems(statements: Statement[]): string[] {
   const p: string[] = [];
   for (const s of statements) {
     for (const a of s.Action) {
-      const onWitness = s.Resource.some((r) => r.includes(":mira-test-witness"));
+      const onWitness = s.Resource.some((r) => r.includes(":mira-test-witness-"));
       if (onWitness && (a === "s3:*" || a === "*" || a.startsWith("s3:Delete") || a.startsWith("s3:PutObjectRetention") || a.startsWith("s3:BypassGovernance"))) {
         p.push(`${a} on the witness bucket`);
       }

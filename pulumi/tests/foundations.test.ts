@@ -1,7 +1,21 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { apiProblems, encryptionProblems, messagingProblems, publicProblems, settingsProblems, startupProblems, statementsOf, T, witnessProblems, workerProblems } from "./checks";
-import { ofType, type Recorded, run } from "./harness";
+import {
+  apiProblems,
+  bucketNameProblems,
+  encryptionProblems,
+  ingressRules,
+  messagingProblems,
+  publicProblems,
+  ruleStyleProblems,
+  settingsProblems,
+  startupProblems,
+  statementsOf,
+  T,
+  witnessProblems,
+  workerProblems,
+} from "./checks";
+import { ACCOUNT, ofType, type Recorded, run } from "./harness";
 
 const clone = (rs: Recorded[]): Recorded[] => JSON.parse(JSON.stringify(rs));
 
@@ -27,12 +41,92 @@ describe("the foundations", () => {
     const uploadsBlock = ofType(broken, T.access).findIndex((x) => x.inputs.bucket === "uploads-id");
     broken.splice(broken.indexOf(ofType(broken, T.access)[uploadsBlock]), 1);
     ofType(broken, T.db)[0].inputs.publiclyAccessible = true;
-    ofType(broken, T.sg).find((g) => g.name === "database-sg")!.inputs.ingress[0].cidrBlocks = ["0.0.0.0/0"];
-    assert.deepEqual(publicProblems(broken).sort(), [
-      "bucket uploads: public access not blocked",
-      "database db: publicly accessible",
-      "database-sg: admits addresses",
+    assert.deepEqual(publicProblems(broken).sort(), ["bucket uploads: public access not blocked", "database db: publicly accessible"]);
+    // The database's groups are admitted by standalone rules only: the compute group's and the
+    // EKS cluster's, which the check reads.
+    assert.deepEqual(
+      ingressRules(resources)
+        .filter((r) => r.group === "database-sg-id")
+        .map((r) => [r.rule, r.groups])
+        .sort(),
+      [
+        ["database-from-compute", ["compute-sg-id"]],
+        ["database-from-eks", ["sg-eks-cluster"]],
+      ],
+    );
+    // Broken: a standalone rule that admits the internet into the database's group (the
+    // "nothing public" check read inline rules only, and saw nothing), and one from the
+    // deploy runners' group.
+    const open = clone(resources);
+    open.push(
+      { type: T.sgIngress, name: "database-from-anywhere", inputs: { securityGroupId: "database-sg-id", cidrIpv4: "0.0.0.0/0", ipProtocol: "tcp", fromPort: 5432, toPort: 5432 }, state: {} },
+      { type: T.sgIngress, name: "database-from-runners", inputs: { securityGroupId: "database-sg-id", referencedSecurityGroupId: "deploy-runners-sg-id", ipProtocol: "tcp", fromPort: 5432, toPort: 5432 }, state: {} },
+    );
+    assert.deepEqual(publicProblems(open), [
+      "database-sg: admits addresses (database-from-anywhere)",
+      "database-sg: admits another group, deploy-runners-sg (database-from-runners)",
+      "database-from-anywhere: admits 0.0.0.0/0 into database-sg",
     ]);
+    // Broken: the internet admitted to the endpoints by a rule of the old kind.
+    const old = clone(resources);
+    old.push({ type: T.sgRule, name: "endpoints-from-anywhere", inputs: { type: "ingress", securityGroupId: "endpoints-sg-id", cidrBlocks: ["10.0.0.0/8", "0.0.0.0/0"], protocol: "tcp", fromPort: 443, toPort: 443 }, state: {} });
+    assert.deepEqual(publicProblems(old), ["endpoints-from-anywhere: admits 0.0.0.0/0 into endpoints-sg"]);
+  });
+
+  it("write every security group's rules as standalone rules of one kind", async () => {
+    const { resources } = await run();
+    assert.deepEqual(ruleStyleProblems(resources), []);
+    // Every group the program makes, and the rules each has.
+    const byGroup = (type: string) =>
+      Object.fromEntries(
+        ofType(resources, T.sg).map((g) => [g.name, ofType(resources, type).filter((r) => r.inputs.securityGroupId === `${g.name}-id`).map((r) => r.name).sort()]),
+      );
+    assert.deepEqual(byGroup(T.sgIngress), {
+      "compute-sg": ["compute-from-alb"],
+      "database-sg": ["database-from-compute", "database-from-eks"],
+      "endpoints-sg": ["endpoints-from-compute", "endpoints-from-deploy-runners", "endpoints-from-eks"],
+      "deploy-runners-sg": [],
+      "alb-sg": ["alb-from-cloudfront"],
+      "eks-api-sg": ["eks-api-from-deploy-runners"],
+    });
+    assert.deepEqual(byGroup(T.sgEgress), {
+      "compute-sg": ["compute-to-anywhere"],
+      "database-sg": [],
+      "endpoints-sg": [],
+      "deploy-runners-sg": ["deploy-runners-to-anywhere"],
+      "alb-sg": ["alb-to-compute"],
+      "eks-api-sg": [],
+    });
+    // Broken: the database's group with its inline rule back beside the standalone ones, the
+    // ALB's egress inline, and an aws.ec2.SecurityGroupRule on the endpoints' group.
+    const mixed = clone(resources);
+    ofType(mixed, T.sg).find((g) => g.name === "database-sg")!.inputs.ingress = [{ protocol: "tcp", fromPort: 5432, toPort: 5432, securityGroups: ["compute-sg-id"] }];
+    ofType(mixed, T.sg).find((g) => g.name === "alb-sg")!.inputs.egress = [
+      { protocol: "tcp", fromPort: 8080, toPort: 8080, securityGroups: ["compute-sg-id"] },
+      { protocol: "tcp", fromPort: 9464, toPort: 9464, securityGroups: ["compute-sg-id"] },
+    ];
+    mixed.push({ type: T.sgRule, name: "endpoints-from-eks-old", inputs: { type: "ingress", securityGroupId: "endpoints-sg-id", sourceSecurityGroupId: "sg-eks-cluster", protocol: "tcp", fromPort: 443, toPort: 443 }, state: {} });
+    assert.deepEqual(ruleStyleProblems(mixed), [
+      "security group database-sg: 1 inline ingress rule",
+      "security group endpoints-sg: aws.ec2.SecurityGroupRule rules beside aws.vpc rules",
+      "security group alb-sg: 2 inline egress rules",
+    ]);
+  });
+
+  it("name no bucket with a fixed global name", async () => {
+    const { resources } = await run();
+    assert.deepEqual(bucketNameProblems(resources, ACCOUNT), []);
+    assert.deepEqual(
+      ofType(resources, T.bucket).map((b) => [b.name, b.inputs.bucketPrefix]),
+      ["uploads", "results", "frontend", "witness"].map((n) => [n, `mira-test-${n}-`]),
+    );
+    // The names the provider makes are unique, and every setting is the made one (settingsProblems).
+    assert.equal(new Set(ofType(resources, T.bucket).map((b) => b.state.bucket)).size, 4);
+    // Broken: the uploads bucket named as before, the witness with the account's id.
+    const fixed = clone(resources);
+    Object.assign(ofType(fixed, T.bucket).find((b) => b.name === "uploads")!.inputs, { bucket: "mira-test-uploads", bucketPrefix: undefined });
+    Object.assign(ofType(fixed, T.bucket).find((b) => b.name === "witness")!.inputs, { bucket: `mira-test-witness-${ACCOUNT}`, bucketPrefix: undefined });
+    assert.deepEqual(bucketNameProblems(fixed, ACCOUNT), ["bucket uploads: the fixed name mira-test-uploads may be taken in another account"]);
   });
 
   it("encrypt at rest on RDS, S3, SQS and SNS", async () => {
@@ -63,14 +157,14 @@ describe("the foundations", () => {
     assert.deepEqual(workerProblems(worker), []);
     assert.deepEqual(apiProblems(api), []);
     // Broken: the worker with s3:* on the uploads bucket and every queue; the API deleting from the witness.
-    const badWorker = [...worker, { Effect: "Allow", Action: ["s3:*", "sqs:ReceiveMessage"], Resource: ["arn:aws:s3:eu-west-1:1:mira-test-uploads/*", "arn:aws:sqs:eu-west-1:1:mira-test-handlers.fifo"] }];
+    const badWorker = [...worker, { Effect: "Allow", Action: ["s3:*", "sqs:ReceiveMessage"], Resource: ["arn:aws:s3:eu-west-1:1:mira-test-uploads-00000000000000000000000001/*", "arn:aws:sqs:eu-west-1:1:mira-test-handlers.fifo"] }];
     const w = workerProblems(badWorker);
     assert.ok(w.some((x) => x.includes("wildcard action s3:*")) && w.some((x) => x.includes("beyond the GPU queues")) && w.some((x) => x.includes("uploads")), String(w));
     // Broken: the worker reading the copies at their newest version only (a GetObject with the
     // recorded versionId needs s3:GetObjectVersion).
     const latest = worker.map((s) => ({ ...s, Action: s.Action.filter((a) => a !== "s3:GetObjectVersion") }));
     assert.deepEqual(workerProblems(latest), ["cannot s3:GetObjectVersion on the slides' immutable copies"]);
-    const badApi = [...api, { Effect: "Allow", Action: ["s3:DeleteObjectVersion"], Resource: ["arn:aws:s3:eu-west-1:1:mira-test-witness/*"] }];
+    const badApi = [...api, { Effect: "Allow", Action: ["s3:DeleteObjectVersion"], Resource: ["arn:aws:s3:eu-west-1:1:mira-test-witness-00000000000000000000000004/*"] }];
     assert.deepEqual(apiProblems(badApi), ["s3:DeleteObjectVersion on the witness bucket"]);
   });
 

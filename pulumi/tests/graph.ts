@@ -19,6 +19,7 @@ const BY_SERVICE: Record<string, string> = {
   scheduler: "compute",
   sns: "messaging",
   sqs: "messaging",
+  vpc: "network",
 };
 
 const partOf = (r: Recorded): string => {

@@ -4,8 +4,19 @@
 import * as pulumi from "@pulumi/pulumi";
 import type { ProgramConfig } from "../src/program";
 
-/** A resource as the program registered it: its inputs, the mocks' state, and its `ignoreChanges` option. */
-export type Recorded = { type: string; name: string; inputs: Record<string, any>; state: Record<string, any>; ignoreChanges?: string[] };
+/**
+ * A resource as the program registered it: its inputs, the mocks' state, its `ignoreChanges`
+ * option, and the URNs of the resources it depends on (its `dependsOn`, and those its inputs
+ * come from), so that a test can check what a first `up` makes before what.
+ */
+export type Recorded = {
+  type: string;
+  name: string;
+  inputs: Record<string, any>;
+  state: Record<string, any>;
+  ignoreChanges?: string[];
+  dependencies?: string[];
+};
 
 export const ACCOUNT = "123456789012";
 export const REGION = "eu-west-1";
@@ -13,11 +24,24 @@ export const REGION = "eu-west-1";
 export const recorded: Recorded[] = [];
 /** Each resource's `ignoreChanges` (which the mocks are not given), by type and logical name. */
 const ignored = new Map<string, string[]>();
+/** Each resource's dependencies' URNs (which the mocks are not given either), by type and logical name. */
+const depends = new Map<string, string[]>();
+
+/** The URN a resource of the test stack has: what Recorded.dependencies lists. */
+export const urnOf = (type: string, name: string) => `urn:pulumi:test::mira::${type}::${name}`;
+
+/**
+ * The bucket name the provider makes from a `bucketPrefix`: the prefix and 26 digits (a time and
+ * a counter), so no two are alike. The mocks count from 1.
+ */
+let bucketCount = 0;
+const prefixed = (prefix: string) => `${prefix}${String(++bucketCount).padStart(26, "0")}`;
 
 pulumi.runtime.setMocks(
   {
     newResource(a: pulumi.runtime.MockResourceArgs) {
-      const name = a.inputs.name ?? a.inputs.bucket ?? a.inputs.identifier ?? a.name;
+      const generated = a.type === "aws:s3/bucket:Bucket" && a.inputs.bucketPrefix && !a.inputs.bucket ? prefixed(a.inputs.bucketPrefix) : undefined;
+      const name = a.inputs.name ?? a.inputs.bucket ?? generated ?? a.inputs.identifier ?? a.name;
       const service = a.type.split(":")[1].split("/")[0];
       const state: Record<string, any> = { ...a.inputs, name, arn: `arn:aws:${service}:${REGION}:${ACCOUNT}:${name}` };
       if (a.type === "aws:sqs/queue:Queue") state.url = `https://sqs.${REGION}.amazonaws.com/${ACCOUNT}/${name}`;
@@ -41,9 +65,13 @@ pulumi.runtime.setMocks(
         state.arn = `arn:aws:cloudfront::${ACCOUNT}:distribution/${a.name}-id`;
         state.domainName = "d111111abcdef8.cloudfront.net";
       }
-      if (a.type === "aws:s3/bucket:Bucket") state.bucketRegionalDomainName = `${name}.s3.${REGION}.amazonaws.com`;
+      if (a.type === "aws:s3/bucket:Bucket") {
+        state.bucket = name;
+        state.bucketRegionalDomainName = `${name}.s3.${REGION}.amazonaws.com`;
+      }
       if (a.type === "aws:ecs/taskDefinition:TaskDefinition") state.arn = `arn:aws:ecs:${REGION}:${ACCOUNT}:task-definition/${a.inputs.family}:1`;
-      recorded.push({ type: a.type, name: a.name, inputs: a.inputs, state, ignoreChanges: ignored.get(`${a.type}::${a.name}`) ?? [] });
+      const key = `${a.type}::${a.name}`;
+      recorded.push({ type: a.type, name: a.name, inputs: a.inputs, state, ignoreChanges: ignored.get(key) ?? [], dependencies: depends.get(key) ?? [] });
       return { id: `${a.name}-id`, state };
     },
     call(a: pulumi.runtime.MockCallArgs) {
@@ -59,13 +87,15 @@ pulumi.runtime.setMocks(
   false,
 );
 
-// The mock monitor hands newResource the inputs only: the options a test reads (ignoreChanges)
-// are taken from the registration request on the way in.
+// The mock monitor hands newResource the inputs only: the options a test reads (ignoreChanges,
+// the dependencies) are taken from the registration request on the way in.
 {
   const monitor = pulumi.runtime.getMonitor() as any;
   const register = monitor.registerResource.bind(monitor);
   monitor.registerResource = (req: any, callback: any) => {
-    ignored.set(`${req.getType()}::${req.getName()}`, req.getIgnorechangesList());
+    const key = `${req.getType()}::${req.getName()}`;
+    ignored.set(key, req.getIgnorechangesList());
+    depends.set(key, req.getDependenciesList());
     return register(req, callback);
   };
 }

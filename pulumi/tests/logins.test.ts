@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { DB_LOGINS } from "../src/foundations";
 import { ofType, type Recorded, run, stackOutputs } from "./harness";
-import { K, LOGINS, loginSecretProblems, migrationLoginProblems, secretAccessProblems, serviceLoginProblems } from "./operations";
+import { K, LOGINS, loginSecretProblems, masterSecretArn, migrationLoginProblems, secretAccessProblems, serviceLoginProblems } from "./operations";
 
 const clone = (rs: Recorded[]): Recorded[] => JSON.parse(JSON.stringify(rs));
 const taskDef = (rs: Recorded[], family: string) => ofType(rs, K.taskDef).find((t) => t.inputs.family === family)!;
@@ -48,8 +48,18 @@ describe("the database logins", () => {
     assert.deepEqual(loginSecretProblems(broken), [
       "the api login's secret is not under the RDS key",
       "no secret for the worker login",
-      "secret mira-test/database/app is neither the owner's nor a process's login",
+      "secret mira-test/database/app is no process's login: a copy of a credential?",
     ]);
+    // Broken: the hand-made copy of the master password back (the owner's connection, which
+    // RDS's rotation leaves stale within a week).
+    const copy = clone(resources);
+    copy.push({
+      type: K.secret,
+      name: "db-migration",
+      inputs: { name: "mira-test/database/migration" },
+      state: { name: "mira-test/database/migration", arn: "arn:aws:secretsmanager:eu-west-1:123456789012:mira-test/database/migration" },
+    });
+    assert.deepEqual(loginSecretProblems(copy), ["secret mira-test/database/migration is no process's login: a copy of a credential?"]);
   });
 
   it("export each login's secret as database.loginSecretArns", async () => {
@@ -89,14 +99,22 @@ describe("the database logins", () => {
     ]);
   });
 
-  it("give mira migrate the owner's URL and every login's, and no DATABASE_URL", async () => {
+  it("give mira migrate the owner's credentials from RDS's master secret, which RDS rotates, every login's, and no DATABASE_URL", async () => {
     const { resources } = await run();
     assert.deepEqual(migrationLoginProblems(resources), []);
     const migrate = taskDef(resources, "mira-test-migrate");
+    const master = masterSecretArn(resources)!;
+    assert.equal(master, "arn:aws:secretsmanager:eu-west-1:123456789012:secret:rds-master");
     assert.deepEqual(secretsOf(migrate), {
-      Database__MigrationUrl: ofType(resources, K.secret).find((x) => x.name === "db-migration")!.state.arn,
+      PGUSER: `${master}:username::`,
+      PGPASSWORD: `${master}:password::`,
       ...Object.fromEntries(Object.entries(LOGINS).map(([l, setting]) => [setting, secretArn(resources, l)])),
     });
+    const env = Object.fromEntries(JSON.parse(migrate.inputs.containerDefinitions)[0].environment.map((e: any) => [e.name, e.value]));
+    assert.equal(
+      env.Database__MigrationUrl,
+      "postgres://mira-test.cluster.eu-west-1.rds.amazonaws.com:5432/mira?sslmode=verify-full&sslrootcert=/usr/share/mira/rds-global-bundle.pem",
+    );
     // Broken: DATABASE_URL back, the worker's login missing, the handlers' login under a wrong name.
     const broken = clone(resources);
     editMira(taskDef(broken, "mira-test-migrate"), (c) => {
@@ -110,6 +128,30 @@ describe("the database logins", () => {
       "Database__Logins__Worker is not set, not the worker login's secret",
       "Database__Logins__Handler is no process's login",
       "mira migrate is given DATABASE_URL (the api login's secret)",
+    ]);
+    // Broken: the owner's URL a copy in a secret of its own (as before), with no PGUSER or
+    // PGPASSWORD; then the password from the master secret's whole value and the user written
+    // into the URL, in plain text.
+    const copied = clone(resources);
+    const copySecret = "arn:aws:secretsmanager:eu-west-1:123456789012:mira-test/database/migration";
+    editMira(taskDef(copied, "mira-test-migrate"), (c) => {
+      c.secrets = [{ name: "Database__MigrationUrl", valueFrom: copySecret }, ...c.secrets.filter((x: any) => !x.name.startsWith("PG"))];
+      c.environment = c.environment.filter((e: any) => e.name !== "Database__MigrationUrl");
+    });
+    assert.deepEqual(migrationLoginProblems(copied), [
+      "PGUSER is not set, not the username of RDS's master secret",
+      "PGPASSWORD is not set, not the password of RDS's master secret",
+      `Database__MigrationUrl is a secret (${copySecret}): a copy of the owner's password`,
+    ]);
+    const plain = clone(resources);
+    editMira(taskDef(plain, "mira-test-migrate"), (c) => {
+      for (const x of c.secrets) if (x.name === "PGPASSWORD") x.valueFrom = master;
+      for (const e of c.environment) if (e.name === "Database__MigrationUrl") e.value = e.value.replace("postgres://", "postgres://mira_owner@").replace("verify-full", "require");
+    });
+    assert.deepEqual(migrationLoginProblems(plain), [
+      "PGPASSWORD is RDS's master secret, not the password of RDS's master secret",
+      "Database__MigrationUrl names a user or a password (mira_owner): they come from RDS's master secret",
+      "Database__MigrationUrl's sslmode is require, not verify-full",
     ]);
   });
 
@@ -125,7 +167,7 @@ describe("the database logins", () => {
     for (const td of ofType(shared, K.taskDef)) td.inputs.executionRoleArn = migrateExecution;
     const found = secretAccessProblems(shared);
     assert.ok(found.includes("mira-test-api: its execution role migrate-execution may read the worker login's secret"), String(found));
-    assert.ok(found.includes("mira-test-api: its execution role migrate-execution may read mira-test/database/migration"), String(found));
+    assert.ok(found.includes("mira-test-api: its execution role migrate-execution may read RDS's master secret"), String(found));
     assert.ok(found.includes("mira-test-relay: its execution role migrate-execution may read the api login's secret"), String(found));
     assert.ok(!found.some((x) => x.startsWith("mira-test-migrate:")), String(found));
     // mira-test-audit-verify reads the relay's login: api, projector, handlers, worker and the owner's are too many.
@@ -143,7 +185,6 @@ describe("the database logins", () => {
       "mira-test-api: its execution role api-execution may read the projector login's secret",
       "mira-test-api: its execution role api-execution may read the handlers login's secret",
       "mira-test-api: its execution role api-execution may read the worker login's secret",
-      "mira-test-api: its execution role api-execution may read mira-test/database/migration",
       "mira-test-relay: its task role roles may read the handlers login's secret",
       "mira-test-projector: its task role roles may read the handlers login's secret",
       "mira-test-handlers: its task role roles may read the handlers login's secret",

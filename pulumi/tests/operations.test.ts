@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { CONFIG, ofType, type Recorded, run } from "./harness";
+import { CONFIG, ofType, type Recorded, run, urnOf } from "./harness";
 import { validateK8s } from "./k8s/validate";
 import * as fs from "node:fs";
 import * as path from "node:path";
@@ -12,7 +12,9 @@ import {
   alarmProblems,
   cdnProblems,
   exportedMetrics,
+  healthAlarmProblems,
   K,
+  listenerOrderProblems,
   kubernetesObjects,
   METRICS_LISTEN,
   metricsListenProblems,
@@ -36,7 +38,7 @@ describe("compute and operations", () => {
     const objects = kubernetesObjects(resources);
     assert.deepEqual(
       objects.map((o) => o.kind).sort(),
-      ["Deployment", "Namespace", "PodDisruptionBudget", "ScaledObject", "ServiceAccount", "TriggerAuthentication"],
+      ["DaemonSet", "Deployment", "Namespace", "PodDisruptionBudget", "ScaledObject", "ServiceAccount", "TriggerAuthentication"],
     );
     assert.deepEqual(validateK8s(objects, CONFIG.kubernetesVersion), []);
     // Broken: a misspelt field on the Deployment, the ScaledObject without its queue.
@@ -355,8 +357,9 @@ describe("compute and operations", () => {
     const open = clone(resources);
     const computeSg = ofType(open, K.sg).find((g) => g.name === "compute-sg")!;
     computeSg.inputs.ingress = [{ protocol: "tcp", fromPort: 9464, toPort: 9464, cidrBlocks: ["10.0.0.0/16"] }];
-    find(open, K.sgRule).inputs.toPort = 9500;
-    ofType(open, K.sg).find((g) => g.name === "alb-sg")!.inputs.ingress.push({ protocol: "-1", fromPort: 0, toPort: 0, cidrBlocks: ["0.0.0.0/0"] });
+    ofType(open, K.sgIngress).find((r) => r.name === "compute-from-alb")!.inputs.toPort = 9500;
+    ofType(open, K.sg).find((g) => g.name === "alb-sg")!.inputs.ingress = [{ protocol: "-1", fromPort: 0, toPort: 0, cidrBlocks: ["0.0.0.0/0"] }];
+    open.push({ type: K.sgRule, name: "compute-metrics", inputs: { type: "ingress", securityGroupId: "compute-sg-id", protocol: "tcp", fromPort: 9400, toPort: 9500, cidrBlocks: ["10.40.0.0/16"] }, state: {} });
     const api = byFamily(open, "mira-test-api");
     const containers = JSON.parse(api.inputs.containerDefinitions);
     containers[0].portMappings.push({ containerPort: 9464, protocol: "tcp" });
@@ -366,7 +369,8 @@ describe("compute and operations", () => {
       "mira-test-api: container mira maps port 9464",
       "security group compute-sg: ingress tcp 9464-9464 admits 9464",
       "security group alb-sg: ingress -1 0-0 admits 9464",
-      "security group rule compute-from-alb: ingress tcp 8080-9500 admits 9464",
+      "security group rule compute-metrics: ingress tcp 9400-9500 admits 9464",
+      "ingress rule compute-from-alb: tcp 8080-9500 admits 9464",
       "target group api-targets: health check on /metrics",
     ]);
   });
@@ -464,6 +468,82 @@ describe("compute and operations", () => {
     ]);
   });
 
+  it("make the API's service only after the listener rule that attaches its target group", async () => {
+    const { resources } = await run();
+    assert.deepEqual(listenerOrderProblems(resources, urnOf), []);
+    const api = ofType(resources, K.service).find((x) => x.name === "api")!;
+    assert.ok(api.dependencies!.includes(urnOf(K.listenerRule, "api-from-cloudfront")), String(api.dependencies));
+    // Broken: the service depending on the listener alone (as before), so a first `up` may make
+    // it before the rule, and ECS refuses it; then the rule forwarding elsewhere.
+    const early = clone(resources);
+    const svc = ofType(early, K.service).find((x) => x.name === "api")!;
+    svc.dependencies = svc.dependencies!.filter((u) => u !== urnOf(K.listenerRule, "api-from-cloudfront"));
+    assert.deepEqual(listenerOrderProblems(early, urnOf), ["service mira-test-api: made without waiting for api-from-cloudfront, which attaches its target group"]);
+    find(early, K.listenerRule).inputs.actions[0].targetGroupArn = "arn:aws:lb:eu-west-1:123456789012:other";
+    assert.deepEqual(listenerOrderProblems(early, urnOf), ["service mira-test-api: no listener forwards to its target group"]);
+  });
+
+  it("alarm when the relay does not run exactly once, on the database's health, and on the worker's pods Pending", async () => {
+    const { resources } = await run();
+    assert.deepEqual(healthAlarmProblems(resources), []);
+    assert.deepEqual(alarmProblems(resources, exportedMetrics()), []);
+    const alarm = (rs: Recorded[], name: string) => ofType(rs, K.alarm).find((a) => a.name === name)!;
+    assert.deepEqual(alarm(resources, "relay-not-one").inputs.metricQueries[1].expression, "ABS(relay - 1)");
+    // The Pending window outlasts a rollout's drain and start: 1800 + 900 s.
+    const pending = alarm(resources, "gpu-pods-pending").inputs;
+    assert.deepEqual([pending.period * pending.datapointsToAlarm, pending.dimensions], [2700, { ClusterName: "mira-test", Namespace: "mira", PodName: "mira-wsi-worker" }]);
+
+    // Broken: the relay's alarm on too few tasks only, and quiet when there is no datapoint.
+    const fewer = clone(resources);
+    const relay = alarm(fewer, "relay-not-one").inputs;
+    relay.metricQueries = [{ ...relay.metricQueries[0], returnData: true }];
+    Object.assign(relay, { comparisonOperator: "LessThanThreshold", threshold: 1, treatMissingData: "notBreaching" });
+    assert.deepEqual(healthAlarmProblems(fewer), ["no alarm rings when the relay runs no task (or reports nothing)", "no alarm rings when the relay runs two tasks"]);
+    relay.treatMissingData = "breaching";
+    assert.deepEqual(healthAlarmProblems(fewer), ["no alarm rings when the relay runs two tasks"]);
+    // Broken: the relay's alarm on another service, an alarm that rings on one relay.
+    const elsewhere = clone(resources);
+    alarm(elsewhere, "relay-not-one").inputs.metricQueries[0].metric.dimensions.ServiceName = "mira-test-projector";
+    Object.assign(alarm(elsewhere, "projection-lag").inputs, {
+      namespace: "ECS/ContainerInsights",
+      metricName: "RunningTaskCount",
+      dimensions: { ClusterName: "mira-test", ServiceName: "mira-test-relay" },
+      comparisonOperator: "GreaterThanOrEqualToThreshold",
+      threshold: 1,
+      treatMissingData: "breaching",
+    });
+    assert.deepEqual(healthAlarmProblems(elsewhere), ["no alarm rings when the relay runs no task (or reports nothing)", "alarm projection-lag rings on one relay"]);
+    // Broken: no CPU alarm, the database's events gone, the pending alarm within a drain and on
+    // no pod at all.
+    const quiet = clone(resources).filter((r) => r.name !== "database-cpu" && r.type !== K.rdsEvents);
+    Object.assign(alarm(quiet, "gpu-pods-pending").inputs, { evaluationPeriods: 10, datapointsToAlarm: 10 });
+    assert.deepEqual(healthAlarmProblems(quiet), [
+      "no alarm on the database's CPUUtilization",
+      "RDS's availability events reach no alarm topic",
+      "RDS's failover events reach no alarm topic",
+      "RDS's failure events reach no alarm topic",
+      "RDS's low storage events reach no alarm topic",
+      "alarm gpu-pods-pending: rings after 600 s of Pending, within a rollout's drain and start (2700 s)",
+    ]);
+    alarm(quiet, "gpu-pods-pending").inputs.dimensions.PodName = "worker";
+    assert.deepEqual(healthAlarmProblems(quiet).slice(-1), ["no alarm on the worker's pods Pending"]);
+    // Broken: RDS's events into the encrypted topic, whose key does not let them in.
+    const locked = clone(resources);
+    const key = ofType(locked, "aws:kms/key:Key").find((k) => k.name === "messaging-key")!;
+    const policy = JSON.parse(key.inputs.policy);
+    policy.Statement = policy.Statement.filter((st: any) => st.Sid !== "RdsEventsToEncryptedAlarmTopic");
+    key.inputs.policy = JSON.stringify(policy);
+    assert.deepEqual(healthAlarmProblems(locked), ["the alarm topic's key does not let RDS's events in"]);
+    // Broken: Container Insights' metrics with neither the ECS setting nor the EKS add-on that
+    // make them.
+    const blind = clone(resources).filter((r) => r.type !== K.addon);
+    find(blind, K.ecsCluster).inputs.settings = [{ name: "containerInsights", value: "disabled" }];
+    assert.deepEqual(alarmProblems(blind, exportedMetrics()).sort(), [
+      "alarm gpu-pods-pending: ContainerInsights: the cluster mira-test has no amazon-cloudwatch-observability add-on",
+      "alarm relay-not-one: ECS/ContainerInsights: the cluster mira-test has Container Insights off",
+    ]);
+  });
+
   it("send /api/* and /ws to the ALB and the rest to the bucket", async () => {
     const { resources } = await run();
     assert.deepEqual(cdnProblems(resources, CONFIG.albDomain), []);
@@ -472,6 +552,8 @@ describe("compute and operations", () => {
     d.orderedCacheBehaviors.find((b: any) => b.pathPattern === "/ws").targetOriginId = "spa";
     d.orderedCacheBehaviors.find((b: any) => b.pathPattern === "/api/*").cachePolicyId = "658327ea-f89d-4fab-a63d-7e88639e58f6";
     const found = cdnProblems(broken, CONFIG.albDomain).sort();
-    assert.deepEqual(found, ["/api/* is cached", `/ws goes to mira-test-frontend.s3.eu-west-1.amazonaws.com, not the ALB over HTTPS`]);
+    const frontend = ofType(resources, "aws:s3/bucket:Bucket").find((b) => b.name === "frontend")!.state.bucketRegionalDomainName;
+    assert.match(frontend, /^mira-test-frontend-\d{26}\.s3\.eu-west-1\.amazonaws\.com$/);
+    assert.deepEqual(found, ["/api/* is cached", `/ws goes to ${frontend}, not the ALB over HTTPS`]);
   });
 });

@@ -5,6 +5,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { VERIFY_LOGIN } from "../src/compute";
+import { ingressRules } from "./checks";
 import { ofType, type Recorded } from "./harness";
 
 export const K = {
@@ -30,6 +31,13 @@ export const K = {
   sg: "aws:ec2/securityGroup:SecurityGroup",
   sgRule: "aws:ec2/securityGroupRule:SecurityGroupRule",
   sgIngress: "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule",
+  sgEgress: "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule",
+  daemonSet: "kubernetes:apps/v1:DaemonSet",
+  addon: "aws:eks/addon:Addon",
+  eksCluster: "aws:eks/cluster:Cluster",
+  ecsCluster: "aws:ecs/cluster:Cluster",
+  rdsEvents: "aws:rds/eventSubscription:EventSubscription",
+  db: "aws:rds/instance:Instance",
   targetGroup: "aws:lb/targetGroup:TargetGroup",
   subnet: "aws:ec2/subnet:Subnet",
   secret: "aws:secretsmanager/secret:Secret",
@@ -362,6 +370,37 @@ export function metricsListenProblems(rs: Recorded[]): string[] {
   return p;
 }
 
+/** The groups the database's security groups admit, by any rule (inline or standalone). */
+export function databaseAdmits(rs: Recorded[]): string[] {
+  const groups: string[] = ofType(rs, K.db)[0]?.inputs.vpcSecurityGroupIds ?? [];
+  return ingressRules(rs)
+    .filter((r) => groups.includes(r.group))
+    .flatMap((r) => r.groups);
+}
+
+/**
+ * The CloudWatch namespaces AWS itself writes for what the program makes, and whether it does:
+ * `AWS/*` always; `ECS/ContainerInsights` for an ECS cluster with Container Insights on;
+ * `ContainerInsights` for an EKS cluster with the CloudWatch Observability add-on. Returns why
+ * not, or nothing.
+ */
+function awsPublishes(rs: Recorded[], namespace: string, dims: Record<string, string>): string | undefined {
+  if (namespace.startsWith("AWS/")) return undefined;
+  if (namespace === "ECS/ContainerInsights") {
+    const c = ofType(rs, K.ecsCluster).find((x) => x.state.name === dims.ClusterName);
+    if (!c) return `ECS/ContainerInsights: ${dims.ClusterName} is no ECS cluster of the program`;
+    const on = (c.inputs.settings ?? []).some((x: any) => x.name === "containerInsights" && ["enabled", "enhanced"].includes(x.value));
+    return on ? undefined : `ECS/ContainerInsights: the cluster ${dims.ClusterName} has Container Insights off`;
+  }
+  if (namespace === "ContainerInsights") {
+    const c = ofType(rs, K.eksCluster).find((x) => x.state.name === dims.ClusterName);
+    if (!c) return `ContainerInsights: ${dims.ClusterName} is no EKS cluster of the program`;
+    const addon = ofType(rs, K.addon).some((a) => a.inputs.addonName === "amazon-cloudwatch-observability" && a.inputs.clusterName === c.state.name);
+    return addon ? undefined : `ContainerInsights: the cluster ${dims.ClusterName} has no amazon-cloudwatch-observability add-on`;
+  }
+  return `${namespace} is written by no collector or AWS service here`;
+}
+
 /** (namespace, metric) pairs the log metric filters write to CloudWatch. */
 export function filterProduces(rs: Recorded[]): Set<string> {
   return new Set(ofType(rs, K.metricFilter).map((f) => `${f.inputs.metricTransformation.namespace}/${f.inputs.metricTransformation.name}`));
@@ -383,11 +422,16 @@ export function alarmProblems(rs: Recorded[], exported: string[]): string[] {
   const dimensions = new Map<string, string[][]>();
   for (const c of configs) for (const [k, v] of adotDimensions(c, exported)) dimensions.set(k, [...(dimensions.get(k) ?? []), ...v]);
   const alarms = ofType(rs, K.alarm);
+  const ours = configs[0]?.exporters?.awsemf?.namespace;
   for (const a of alarms) {
     for (const m of metricsOf(a)) {
-      if (m.namespace.startsWith("AWS/")) continue;
       const key = `${m.namespace}/${m.metricName}`;
       if (fromLogs.has(key)) continue;
+      if (m.namespace !== ours) {
+        const why = awsPublishes(rs, m.namespace, m.dims);
+        if (why) p.push(`alarm ${a.name}: ${why}`);
+        continue;
+      }
       if (!produced.has(key)) {
         p.push(`alarm ${a.name}: ${key} is produced by no ADOT configuration`);
         continue;
@@ -504,8 +548,7 @@ export function verifyProblems(rs: Recorded[]): string[] {
   if (net.assignPublicIp !== false) p.push("the task gets a public address");
   const compute = ofType(rs, K.subnet).filter((sn) => sn.inputs.tags?.tier === "compute").map((sn) => `${sn.name}-id`);
   if (!(net.subnets?.length > 0) || !net.subnets.every((x: string) => compute.includes(x))) p.push(`subnets ${net.subnets} are not the private compute subnets`);
-  const db = ofType(rs, K.sg).find((g) => g.name === "database-sg");
-  const admitted = (db?.inputs.ingress ?? []).filter((r: any) => r.fromPort <= 5432 && r.toPort >= 5432).flatMap((r: any) => r.securityGroups ?? []);
+  const admitted = databaseAdmits(rs);
   if (!(net.securityGroups ?? []).some((g: string) => admitted.includes(g))) p.push(`security groups ${net.securityGroups} do not reach the database`);
 
   const td = ofType(rs, K.taskDef).find((t) => t.state.arn === ecs.taskDefinitionArn || t.state.arn.replace(/:\d+$/, "") === ecs.taskDefinitionArn);
@@ -596,12 +639,27 @@ const glob = (pattern: string, value: string, caseless = false) =>
 export const mayDo = (st: Stmt[], action: string, resource: string) =>
   st.some((x) => x.Effect === "Allow" && list(x.Action).some((a) => glob(a, action, true)) && list(x.Resource).some((r) => glob(r, resource)));
 
-/** The database's secrets: every secret under `mira-<stack>/database/` (the owner's, the logins', any other). */
+/** The database's secrets the program makes: every secret under `mira-<stack>/database/` (the logins', any other). */
 const databaseSecrets = (rs: Recorded[]) => ofType(rs, K.secret).filter((x) => /\/database\//.test(String(x.state.name)));
+/** The master secret RDS keeps for the instance (manageMasterUserPassword), which RDS rotates. */
+export const masterSecretArn = (rs: Recorded[]): string | undefined => ofType(rs, K.db)[0]?.state.masterUserSecrets?.[0]?.secretArn;
+/** Every secret that holds a database credential: the program's, and RDS's master secret. */
+const databaseSecretArns = (rs: Recorded[]) => [...databaseSecrets(rs).map((x) => x.state.arn), ...(masterSecretArn(rs) ? [masterSecretArn(rs)!] : [])];
+/**
+ * A container secret's `valueFrom` as the secret it reads, and the JSON key, if any: ECS takes
+ * `<secret ARN>:<json key>:<version stage>:<version id>` (Secrets Manager's own ARNs end in
+ * `secret:<name>`, so the part after the seventh colon is ECS's).
+ */
+export function secretRef(valueFrom: string): { arn: string; key?: string } {
+  const parts = String(valueFrom).split(":");
+  if (parts[2] !== "secretsmanager" || parts.length <= 7) return { arn: valueFrom };
+  return { arn: parts.slice(0, 7).join(":"), key: parts[7] || undefined };
+}
 const loginSecret = (rs: Recorded[], login: string) => ofType(rs, K.secret).find((x) => x.name === `db-login-${login}`);
 /** A secret's ARN as the problems name it: the login's, or its name. */
 const named = (rs: Recorded[], arn: string | undefined) => {
   if (arn === undefined) return "not set";
+  if (arn === masterSecretArn(rs)) return "RDS's master secret";
   const login = Object.keys(LOGINS).find((l) => loginSecret(rs, l)?.state.arn === arn);
   return login ? `the ${login} login's secret` : (ofType(rs, K.secret).find((x) => x.state.arn === arn)?.state.name ?? arn);
 };
@@ -610,7 +668,7 @@ const miraOf = (td: Recorded) => containersOf(td).find((c) => c.name === "mira")
 
 /**
  * One login per process, each in a Secrets Manager secret of its own under the RDS key; no other
- * secret under `database/` but the owner's (the migration's).
+ * secret under `database/`: the owner's credentials are RDS's own master secret, never a copy.
  */
 export function loginSecretProblems(rs: Recorded[]): string[] {
   const p: string[] = [];
@@ -621,7 +679,7 @@ export function loginSecretProblems(rs: Recorded[]): string[] {
     else if (x.inputs.kmsKeyId !== rdsKey) p.push(`the ${login} login's secret is not under the RDS key`);
   }
   for (const x of databaseSecrets(rs)) {
-    if (x.name !== "db-migration" && !Object.keys(LOGINS).some((l) => x.name === `db-login-${l}`)) p.push(`secret ${x.state.name} is neither the owner's nor a process's login`);
+    if (!Object.keys(LOGINS).some((l) => x.name === `db-login-${l}`)) p.push(`secret ${x.state.name} is no process's login: a copy of a credential?`);
   }
   return p;
 }
@@ -660,9 +718,12 @@ export function serviceLoginProblems(rs: Recorded[]): string[] {
 }
 
 /**
- * `mira migrate` (the one task definition that runs it) gets the owner's URL as
- * Database__MigrationUrl and every process's login as Database__Logins__<Process>, each from its
- * secret, and no DATABASE_URL.
+ * `mira migrate` (the one task definition that runs it) connects as the owner with the
+ * credentials of RDS's master secret, which RDS rotates: PGUSER and PGPASSWORD are that secret's
+ * `username` and `password` keys, read by ECS when the task starts, and Database__MigrationUrl
+ * names the instance's endpoint with no credentials in it (in the environment: it is no secret).
+ * It gets every process's login as Database__Logins__<Process>, each from its secret, and no
+ * DATABASE_URL.
  */
 export function migrationLoginProblems(rs: Recorded[]): string[] {
   const p: string[] = [];
@@ -670,14 +731,31 @@ export function migrationLoginProblems(rs: Recorded[]): string[] {
   if (tds.length !== 1) return [`${tds.length} task definitions run mira migrate`];
   const mira = miraOf(tds[0]);
   const got = secretsOf(mira);
-  const owner = ofType(rs, K.secret).find((x) => x.name === "db-migration")?.state.arn;
-  if (!owner || got.Database__MigrationUrl !== owner) p.push(`Database__MigrationUrl is ${named(rs, got.Database__MigrationUrl)}, not the owner's secret`);
+  const env = envOf(mira ?? {});
+  const master = masterSecretArn(rs);
+  const db = ofType(rs, K.db)[0];
+  for (const [name, key] of [
+    ["PGUSER", "username"],
+    ["PGPASSWORD", "password"],
+  ]) {
+    const ref = got[name] === undefined ? undefined : secretRef(got[name]);
+    if (!master || ref?.arn !== master || ref.key !== key) p.push(`${name} is ${ref ? `${named(rs, ref.arn)}${ref.key ? ` (${ref.key})` : ""}` : "not set"}, not the ${key} of RDS's master secret`);
+  }
+  const url = env.Database__MigrationUrl ?? got.Database__MigrationUrl;
+  if ("Database__MigrationUrl" in got) p.push(`Database__MigrationUrl is a secret (${named(rs, secretRef(got.Database__MigrationUrl).arn)}): a copy of the owner's password`);
+  else if (!url) p.push("Database__MigrationUrl is not set");
+  else {
+    const u = new URL(url);
+    if (u.username || u.password) p.push(`Database__MigrationUrl names a user or a password (${u.username}): they come from RDS's master secret`);
+    if (`${u.hostname}:${u.port}` !== db?.state.endpoint) p.push(`Database__MigrationUrl is ${u.hostname}:${u.port}, not the instance's endpoint ${db?.state.endpoint}`);
+    if (u.searchParams.get("sslmode") !== "verify-full") p.push(`Database__MigrationUrl's sslmode is ${u.searchParams.get("sslmode")}, not verify-full`);
+  }
   for (const [login, setting] of Object.entries(LOGINS)) {
     const want = loginSecret(rs, login)?.state.arn;
     if (!want || got[setting] !== want) p.push(`${setting} is ${named(rs, got[setting])}, not the ${login} login's secret`);
   }
   for (const name of Object.keys(got)) if (name.startsWith("Database__Logins__") && !Object.values(LOGINS).includes(name)) p.push(`${name} is no process's login`);
-  if ("DATABASE_URL" in got || "DATABASE_URL" in envOf(mira ?? {})) p.push(`mira migrate is given DATABASE_URL (${named(rs, got.DATABASE_URL ?? envOf(mira).DATABASE_URL)})`);
+  if ("DATABASE_URL" in got || "DATABASE_URL" in env) p.push(`mira migrate is given DATABASE_URL (${named(rs, got.DATABASE_URL ?? env.DATABASE_URL)})`);
   return p;
 }
 
@@ -689,40 +767,40 @@ export function migrationLoginProblems(rs: Recorded[]): string[] {
  */
 export function secretAccessProblems(rs: Recorded[]): string[] {
   const p: string[] = [];
-  const dbSecrets = databaseSecrets(rs);
+  const dbSecrets = databaseSecretArns(rs);
   const roleByArn = (arn: string) => ofType(rs, K.role).find((r) => r.state.arn === arn);
   const attached = (r: Recorded) =>
     ofType(rs, "aws:iam/rolePolicyAttachment:RolePolicyAttachment").filter((a) => a.inputs.role === r.state.name || a.inputs.role === `${r.name}-id`);
-  const readable = (r: Recorded) => dbSecrets.filter((x) => mayDo(policyOf(rs, r), "secretsmanager:GetSecretValue", x.state.arn));
+  const readable = (r: Recorded) => dbSecrets.filter((arn) => mayDo(policyOf(rs, r), "secretsmanager:GetSecretValue", arn));
   for (const td of ofType(rs, K.taskDef)) {
     const family = td.inputs.family;
-    const injected = new Set(containersOf(td).flatMap((c) => (c.secrets ?? []).map((x: any) => x.valueFrom)));
+    const injected = new Set(containersOf(td).flatMap((c) => (c.secrets ?? []).map((x: any) => secretRef(x.valueFrom).arn)));
     const exec = roleByArn(td.inputs.executionRoleArn);
     if (!exec) p.push(`${family}: its execution role is no role of the program`);
     else {
       if (attached(exec).length) p.push(`${family}: its execution role ${exec.name} has managed policies attached`);
-      const can = readable(exec).map((x) => x.state.arn);
+      const can = readable(exec);
       for (const arn of injected) if (!can.includes(arn)) p.push(`${family}: its execution role ${exec.name} cannot read ${named(rs, arn)}, which the task injects`);
       for (const arn of can) if (!injected.has(arn)) p.push(`${family}: its execution role ${exec.name} may read ${named(rs, arn)}`);
     }
     const task = roleByArn(td.inputs.taskRoleArn);
     if (task) {
       if (attached(task).length) p.push(`${family}: its task role ${task.name} has managed policies attached`);
-      for (const x of readable(task)) p.push(`${family}: its task role ${task.name} may read ${named(rs, x.state.arn)}`);
+      for (const arn of readable(task)) p.push(`${family}: its task role ${task.name} may read ${named(rs, arn)}`);
     }
   }
   const worker = loginSecret(rs, "worker")?.state.arn;
   const dep = ofType(rs, K.deployment)[0];
   if (!dep) return [...p, "no worker Deployment"];
   const pod = dep.inputs.spec.template.spec;
-  const dbArns = new Set(dbSecrets.map((x) => x.state.arn));
+  const dbArns = new Set(dbSecrets);
   const read = [...(pod.initContainers ?? []), ...(pod.containers ?? [])].flatMap((c: any) => (c.env ?? []).map((e: any) => e.value)).filter((v: string) => dbArns.has(v));
   if (!worker || !read.includes(worker)) p.push("the worker's pods do not read the worker login's secret");
   for (const arn of read) if (arn !== worker) p.push(`the worker's pods read ${named(rs, arn)}`);
   const role = ofType(rs, K.role).find((r) => r.name === "worker");
   if (!role) p.push("no worker role");
   else {
-    const can = readable(role).map((x) => x.state.arn);
+    const can = readable(role);
     if (!worker || !can.includes(worker)) p.push("the worker's role cannot read the worker login's secret");
     for (const arn of can) if (arn !== worker) p.push(`the worker's role may read ${named(rs, arn)}`);
   }
@@ -798,5 +876,120 @@ export function cdnProblems(rs: Recorded[], albDomain: string): string[] {
   if (!rule?.conditions?.some((c: any) => c.httpHeader)) p.push("the ALB forwards without CloudFront's header");
   const listener = ofType(rs, K.listener)[0]?.inputs;
   if (listener?.protocol !== "HTTPS" || !listener?.certificateArn) p.push("the ALB listener is not HTTPS with a certificate");
+  return p;
+}
+
+// ---- what a first `up` makes first, and the alarms on the fleet's health (issue 38) ------------
+
+/**
+ * A first `up` makes every ECS service behind a load balancer after the listener rule (or the
+ * listener) that forwards to its target group, which it depends on: ECS refuses a service whose
+ * target group no load balancer uses yet, and without the dependency the two are made side by
+ * side.
+ */
+export function listenerOrderProblems(rs: Recorded[], urnOf: (type: string, name: string) => string): string[] {
+  const p: string[] = [];
+  const forwarders = [...ofType(rs, K.listenerRule), ...ofType(rs, K.listener)];
+  const forwardsTo = (r: Recorded, tg: string) =>
+    [...(r.inputs.actions ?? []), ...(r.inputs.defaultActions ?? [])].some(
+      (a: any) => a.type === "forward" && (a.targetGroupArn === tg || (a.forward?.targetGroups ?? []).some((t: any) => t.arn === tg)),
+    );
+  for (const svc of ofType(rs, K.service)) {
+    for (const lb of svc.inputs.loadBalancers ?? []) {
+      const attach = forwarders.filter((r) => forwardsTo(r, lb.targetGroupArn));
+      if (attach.length === 0) p.push(`service ${svc.inputs.name}: no listener forwards to its target group`);
+      else if (!attach.some((r) => (svc.dependencies ?? []).includes(urnOf(r.type, r.name)))) {
+        p.push(`service ${svc.inputs.name}: made without waiting for ${attach.map((r) => r.name).join(", ")}, which attaches its target group`);
+      }
+    }
+  }
+  return p;
+}
+
+/** An alarm's verdict on one value of the metric it reads: its `ABS(id - 1)` expression, if any, then its comparison. */
+function rings(a: Recorded, value: number): boolean {
+  const out = (a.inputs.metricQueries ?? []).find((q: any) => q.returnData && q.expression);
+  let v = value;
+  if (out) {
+    const m = /^\s*ABS\(\s*\w+\s*-\s*(\d+)\s*\)\s*$/.exec(out.expression);
+    if (!m) return false;
+    v = Math.abs(value - Number(m[1]));
+  }
+  const t = Number(a.inputs.threshold);
+  switch (a.inputs.comparisonOperator) {
+    case "GreaterThanThreshold":
+      return v > t;
+    case "GreaterThanOrEqualToThreshold":
+      return v >= t;
+    case "LessThanThreshold":
+      return v < t;
+    case "LessThanOrEqualToThreshold":
+      return v <= t;
+    default:
+      return false;
+  }
+}
+
+/**
+ * The fleet's health, alarmed into the alarm topic:
+ * - the relay's running task count (Container Insights, its ECS service) is exactly 1: some
+ *   alarm rings on 0 and on 2, none on 1, and no datapoint (no service) breaches;
+ * - the database: CPU high, free storage low, freeable memory low (AWS/RDS, the instance), and
+ *   RDS's own events (availability, failover, failure, low storage) into the alarm topic, whose
+ *   key lets RDS's events service encrypt for it;
+ * - the worker's pods Pending (Container Insights, the worker Deployment's pods), for longer
+ *   than a rollout lets one wait (its progress deadline: a drain and a start).
+ */
+export function healthAlarmProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  const topic = alarmTopicArn(rs);
+  const alarms = ofType(rs, K.alarm).filter((a) => (a.inputs.alarmActions ?? []).includes(topic));
+  const on = (namespace: string, metric: string, dims: Record<string, string>) =>
+    alarms.filter((a) => metricsOf(a).some((m) => m.namespace === namespace && m.metricName === metric && JSON.stringify(m.dims) === JSON.stringify(dims)));
+
+  const ecs = ofType(rs, K.ecsCluster)[0]?.state.name;
+  const relay = ofType(rs, K.service).find((svc) => {
+    const td = ofType(rs, K.taskDef).find((t) => t.state.arn === svc.inputs.taskDefinition);
+    return td && envOf(containersOf(td).find((c) => c.name === "mira") ?? {}).Roles__Enabled === "relay";
+  });
+  if (!relay) p.push("no relay service");
+  else {
+    const count = on("ECS/ContainerInsights", "RunningTaskCount", { ClusterName: ecs, ServiceName: relay.inputs.name });
+    if (!count.some((a) => rings(a, 0) && a.inputs.treatMissingData === "breaching")) p.push("no alarm rings when the relay runs no task (or reports nothing)");
+    if (!count.some((a) => rings(a, 2))) p.push("no alarm rings when the relay runs two tasks");
+    for (const a of count.filter((x) => rings(x, 1))) p.push(`alarm ${a.name} rings on one relay`);
+  }
+
+  const db = ofType(rs, K.db)[0];
+  const dims = { DBInstanceIdentifier: db?.inputs.identifier };
+  for (const [metric, op] of [
+    ["CPUUtilization", "GreaterThanThreshold"],
+    ["FreeStorageSpace", "LessThanThreshold"],
+    ["FreeableMemory", "LessThanThreshold"],
+  ]) {
+    if (!on("AWS/RDS", metric, dims).some((a) => a.inputs.comparisonOperator === op)) p.push(`no alarm on the database's ${metric}`);
+  }
+  const events = ofType(rs, K.rdsEvents).filter((e) => e.inputs.snsTopic === topic && (e.inputs.sourceIds ?? []).includes(db?.inputs.identifier));
+  const categories = new Set(events.flatMap((e) => e.inputs.eventCategories ?? []));
+  for (const c of ["availability", "failover", "failure", "low storage"]) if (!categories.has(c)) p.push(`RDS's ${c} events reach no alarm topic`);
+  const alarmTopic = ofType(rs, K.topic).find((t) => t.state.arn === topic);
+  const keyRef = alarmTopic?.inputs.kmsMasterKeyId;
+  const key = ofType(rs, "aws:kms/key:Key").find((k) => [`${k.name}-id`, k.state.keyId, k.state.arn].includes(keyRef));
+  const keyStatements: any[] = key?.inputs.policy ? JSON.parse(key.inputs.policy).Statement : [];
+  const rdsMayEncrypt = keyStatements.some(
+    (st) => st.Effect === "Allow" && list(st.Principal?.Service).includes("events.rds.amazonaws.com") && list(st.Action).some((a: string) => a.startsWith("kms:GenerateDataKey")),
+  );
+  if (events.length && alarmTopic?.inputs.kmsMasterKeyId && !rdsMayEncrypt) p.push("the alarm topic's key does not let RDS's events in");
+
+  const eks = ofType(rs, K.eksCluster)[0]?.state.name;
+  const dep = ofType(rs, K.deployment)[0]?.inputs;
+  const pending = on("ContainerInsights", "pod_status_pending", { ClusterName: eks, Namespace: dep?.metadata.namespace, PodName: dep?.metadata.name });
+  if (pending.length === 0) p.push("no alarm on the worker's pods Pending");
+  const deadline = Number(dep?.spec.progressDeadlineSeconds ?? 600);
+  for (const a of pending) {
+    const window = Number(a.inputs.period) * Number(a.inputs.datapointsToAlarm ?? a.inputs.evaluationPeriods);
+    if (!rings(a, 1) || rings(a, 0)) p.push(`alarm ${a.name}: does not ring on one Pending pod alone`);
+    if (window < deadline) p.push(`alarm ${a.name}: rings after ${window} s of Pending, within a rollout's drain and start (${deadline} s)`);
+  }
   return p;
 }

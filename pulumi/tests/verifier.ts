@@ -4,7 +4,7 @@
 
 import { loadTopology, type Topology } from "../src/topology";
 import { ofType, type Recorded } from "./harness";
-import { alarmTopicArn, containersOf, envOf, K, list, METRICS_LISTEN, METRICS_PORT, mayDo, metricsOf, policyOf, type Stmt } from "./operations";
+import { alarmTopicArn, containersOf, databaseAdmits, envOf, K, list, METRICS_LISTEN, METRICS_PORT, mayDo, metricsOf, policyOf, type Stmt } from "./operations";
 
 /**
  * The message attributes the relay publishes for an upload and for a queued job (DESIGN §5.1):
@@ -80,8 +80,7 @@ export function verifierProblems(rs: Recorded[], cfg: { imageTag: string; verifi
   if (net.assignPublicIp !== false) p.push("the tasks get public addresses");
   const compute = ofType(rs, K.subnet).filter((sn) => sn.inputs.tags?.tier === "compute").map((sn) => `${sn.name}-id`);
   if (!(net.subnets?.length > 0) || !net.subnets.every((x: string) => compute.includes(x))) p.push(`subnets ${net.subnets} are not the private compute subnets`);
-  const db = ofType(rs, K.sg).find((g) => g.name === "database-sg");
-  const admitted = (db?.inputs.ingress ?? []).flatMap((r: any) => r.securityGroups ?? []);
+  const admitted = databaseAdmits(rs);
   if (!(net.securityGroups ?? []).some((g: string) => admitted.includes(g))) p.push(`security groups ${net.securityGroups} do not reach the database`);
 
   const want = `${workerRepo(rs)}:${cfg.imageTag}`;

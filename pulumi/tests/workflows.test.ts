@@ -1,8 +1,12 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { ofType, type Recorded, run, stackOutputs } from "./harness";
+import { CONFIG, ofType, type Recorded, run, stackOutputs } from "./harness";
+
+const clone = (rs: Recorded[]): Recorded[] => JSON.parse(JSON.stringify(rs));
 import {
   bucketProblems,
+  runnerProblems,
+  workerRolloutProblems,
   imageProblems,
   loadWorkflows,
   registrationProblems,
@@ -209,16 +213,77 @@ describe("the workflows", () => {
     assert.deepEqual(runbookOutputProblems(book, out), []);
     // What it reads: the login secrets by a variable, and the owner's.
     assert.ok(book.includes(`jq -r --arg l "$login" '.database.loginSecretArns[$l]'`), "the runbook fills the login secrets by their outputs");
-    assert.ok(book.includes("`compute.migrationSecretArn`"));
+    assert.ok(book.includes("`database.masterSecretArn`"));
     // Broken: the one shared secret named again, in the text and in a jq read; a login read
-    // from an output that does not exist.
+    // from an output that does not exist; the migration's copy of the master password, which
+    // the program no longer makes.
     const broken = book
       .replace("`database.loginSecretArns`", "`database.appSecretArn`")
       .replace(`'.database.loginSecretArns[$l]'`, `'.database.loginSecrets[$l]'`)
-      .replace("`compute.migrationSecretArn`", "`compute.migrationSecretArn` (`.database.appSecretArn`)");
+      .replace("`database.masterSecretArn`", "`database.masterSecretArn` (copied into `compute.migrationSecretArn`)");
     assert.deepEqual(runbookOutputProblems(broken, out).sort(), [
+      "docs/runbooks/deploy.md: names .compute.migrationSecretArn, which the program does not export",
       "docs/runbooks/deploy.md: names .database.appSecretArn, which the program does not export",
       "docs/runbooks/deploy.md: names .database.loginSecrets, which the program does not export",
+    ]);
+  });
+
+  it("reach the EKS API from the deploy runners inside the VPC, which the cluster admits", async () => {
+    const { resources } = await run();
+    const ws = loadWorkflows();
+    assert.deepEqual(runnerProblems(ws, resources), []);
+    // Both deploying workflows talk to the cluster, and run where DEPLOY_RUNS_ON says.
+    for (const w of ws.filter((x) => x.file !== "ci.yml")) {
+      assert.deepEqual(w.jobs.map((j) => j.runsOn), ["${{ fromJSON(vars.DEPLOY_RUNS_ON) }}"], w.file);
+    }
+    // Broken: deploy.yml back on GitHub's hosted runner (issue 38), deploy-infra.yml on a
+    // literal label.
+    const RUNS_ON = "runs-on: ${{ fromJSON(vars.DEPLOY_RUNS_ON) }}";
+    const hosted = ws.map((w) =>
+      w.file === "deploy.yml" ? edited(w, [RUNS_ON, "runs-on: ubuntu-24.04"]) : w.file === "deploy-infra.yml" ? edited(w, [RUNS_ON, "runs-on: [self-hosted, linux]"]) : w,
+    );
+    assert.deepEqual(runnerProblems(hosted, resources), [
+      "deploy-infra.yml: job infra runs on self-hosted,linux, not the deploy runners a variable names",
+      "deploy.yml: job deploy reaches the EKS API from GitHub's hosted runner ubuntu-24.04",
+    ]);
+    // Broken: the cluster as it was (no group of it admits the runners), its private endpoint
+    // off and its public one open to all, and the VPC endpoints closed to the runners.
+    const closed = clone(resources).filter((r) => !["eks-api-from-deploy-runners", "endpoints-from-deploy-runners"].includes(r.name));
+    Object.assign(ofType(closed, "aws:eks/cluster:Cluster")[0].inputs.vpcConfig, { endpointPrivateAccess: false, endpointPublicAccess: true, publicAccessCidrs: ["0.0.0.0/0"] });
+    assert.deepEqual(runnerProblems(ws, closed), [
+      "the cluster's private endpoint is off",
+      "no security group of the cluster admits the deploy runners on 443",
+      "the VPC endpoints do not admit the deploy runners on 443",
+      "the cluster's public endpoint admits 0.0.0.0/0",
+    ]);
+  });
+
+  it("wait for the worker's rollout as long as it may take: a drain and a start for every replica", async () => {
+    const out = await stackOutputs();
+    const { resources } = await run();
+    const deploy = deployOf(loadWorkflows());
+    // A start (a GPU node from zero, the image, the kernels) and the steps before the rollout,
+    // written out here rather than taken from the program.
+    const START = 900;
+    const BEFORE = 90 * 60;
+    assert.deepEqual(workerRolloutProblems(deploy, out, resources, START, BEFORE), []);
+    assert.equal(out.deploy.workerRolloutTimeoutSeconds, CONFIG.workerMaxReplicas * (CONFIG.workerDrainSeconds + START));
+    // Broken: as it was (issue 38): 25 minutes for the rollout, 90 for the job, the Deployment's
+    // default progress deadline (600 s, under one drain).
+    const before = edited(deploy, ['--timeout="${ROLLOUT_TIMEOUT}s"', "--timeout=25m"], ["timeout-minutes: 300", "timeout-minutes: 90"]);
+    const dep = clone(resources);
+    delete ofType(dep, "kubernetes:apps/v1:Deployment")[0].inputs.spec.progressDeadlineSeconds;
+    assert.deepEqual(workerRolloutProblems(before, out, dep, START, BEFORE), [
+      "progressDeadlineSeconds 600 is under a drain and a start (1800 + 900 s): the rollout is declared failed while a pod drains",
+      'deploy.yml: step "Roll the worker Deployment onto the new image" waits 25m (1500 s) for the worker, under 4 × (1800 + 900) = 10800 s',
+      "deploy.yml: job deploy's timeout-minutes 90 is under the worker's rollout (10800 s) and the steps before it (5400 s)",
+    ]);
+    // Broken: the stack's output too short for the fleet (two more replicas than it counts).
+    const more = clone(resources);
+    ofType(more, "kubernetes:keda.sh/v1alpha1:ScaledObject")[0].inputs.spec.maxReplicaCount = 6;
+    assert.deepEqual(workerRolloutProblems(deploy, out, more, START, BEFORE), [
+      'deploy.yml: step "Roll the worker Deployment onto the new image" waits .deploy.workerRolloutTimeoutSeconds (10800 s) for the worker, under 6 × (1800 + 900) = 16200 s',
+      "deploy.yml: job deploy's timeout-minutes 300 is under the worker's rollout (16200 s) and the steps before it (5400 s)",
     ]);
   });
 });

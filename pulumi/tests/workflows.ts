@@ -12,7 +12,9 @@ import { parse } from "yaml";
 import type { Recorded } from "./harness";
 
 export type Step = { id?: string; name?: string; uses?: string; run?: string; env?: Record<string, string>; with?: Record<string, string> };
-export type Workflow = { file: string; text: string; env: Record<string, string>; steps: Step[] };
+/** A job: where it runs (`runs-on`, as written), its timeout, and its steps. */
+export type Job = { name: string; runsOn: unknown; timeoutMinutes?: number; steps: Step[] };
+export type Workflow = { file: string; text: string; env: Record<string, string>; steps: Step[]; jobs: Job[] };
 /** One value the stack step reads: its output name, the jq expression, and the path it starts with. */
 export type Read = { name: string; expr: string; path: string[] | null };
 
@@ -25,12 +27,14 @@ export function repoRoot(): string {
 export function workflow(file: string, text: string): Workflow {
   const doc = parse(text);
   const steps: Step[] = [];
+  const jobs: Job[] = [];
   let env: Record<string, string> = { ...(doc.env ?? {}) };
-  for (const job of Object.values<any>(doc.jobs ?? {})) {
+  for (const [name, job] of Object.entries<any>(doc.jobs ?? {})) {
     env = { ...env, ...(job.env ?? {}) };
     steps.push(...(job.steps ?? []));
+    jobs.push({ name, runsOn: job["runs-on"], timeoutMinutes: job["timeout-minutes"], steps: job.steps ?? [] });
   }
-  return { file, text, env, steps };
+  return { file, text, env, steps, jobs };
 }
 
 export function loadWorkflows(root = repoRoot()): Workflow[] {
@@ -409,6 +413,99 @@ export function rolloutProblems(w: Workflow, outputs: Record<string, any>, rs: R
       p.push(`${where}, and does not check after the wait that it runs the new revision (aws ecs describe-services)`);
     }
     if (migrations < 0 || at < migrations) p.push(`${where} before the migrations run`);
+  }
+  return p;
+}
+
+/** GitHub's hosted runners' labels: their addresses are GitHub's, many and changing. */
+const HOSTED = /^(ubuntu|windows|macos)-/;
+
+/** Whether a job's steps talk to the cluster's API: kubectl, `aws eks update-kubeconfig`, or Pulumi (the program's Kubernetes resources). */
+const reachesCluster = (job: Job) =>
+  job.steps.some((st) => /\bkubectl\b|\baws\s+eks\s+update-kubeconfig\b|\bpulumi\s+(up|preview|refresh|destroy)\b/.test(st.run ?? ""));
+
+/**
+ * The deploys reach EKS (ADR 0035): every job that talks to the cluster's API runs on runners a
+ * repository variable names (`runs-on: ${{ fromJSON(vars.X) }}` or `${{ vars.X }}`), never on a
+ * literal label, and never on GitHub's hosted runners; the cluster has its private endpoint on,
+ * and one of its security groups admits the program's deploy-runner group on 443, as the VPC
+ * endpoints' group does (the runners' AWS calls go there); its public endpoint, if on, admits
+ * no `0.0.0.0/0`.
+ */
+export function runnerProblems(workflows: Workflow[], rs: Recorded[]): string[] {
+  const p: string[] = [];
+  for (const w of workflows) {
+    for (const job of w.jobs.filter(reachesCluster)) {
+      const labels = list(job.runsOn as any).map(String);
+      const variable = labels.length === 1 && /^\$\{\{\s*(fromJSON\(\s*vars\.\w+\s*\)|vars\.\w+)\s*\}\}$/.test(labels[0]);
+      if (labels.some((l) => HOSTED.test(l))) p.push(`${w.file}: job ${job.name} reaches the EKS API from GitHub's hosted runner ${labels.join(",")}`);
+      else if (!variable) p.push(`${w.file}: job ${job.name} runs on ${labels.join(",") || "nothing"}, not the deploy runners a variable names`);
+    }
+  }
+  const cluster = ofType(rs, "aws:eks/cluster:Cluster")[0];
+  if (!cluster) return [...p, "no EKS cluster"];
+  const vpc = cluster.inputs.vpcConfig ?? {};
+  const runners = ofType(rs, "aws:ec2/securityGroup:SecurityGroup").find((g) => g.name === "deploy-runners-sg");
+  if (!runners) return [...p, "no security group for the deploy runners"];
+  const ingress = ofType(rs, "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule");
+  const admits = (group: string) =>
+    ingress.some((r) => r.inputs.securityGroupId === group && r.inputs.referencedSecurityGroupId === `${runners.name}-id` && r.inputs.fromPort <= 443 && 443 <= r.inputs.toPort);
+  if (vpc.endpointPrivateAccess !== true) p.push("the cluster's private endpoint is off");
+  if (!(vpc.securityGroupIds ?? []).some(admits)) p.push("no security group of the cluster admits the deploy runners on 443");
+  if (!admits("endpoints-sg-id")) p.push("the VPC endpoints do not admit the deploy runners on 443");
+  if (vpc.endpointPublicAccess && (vpc.publicAccessCidrs ?? ["0.0.0.0/0"]).includes("0.0.0.0/0")) p.push("the cluster's public endpoint admits 0.0.0.0/0");
+  return p;
+}
+
+/** `25m`, `1h30m`, `600s`, `600` → seconds. */
+export function duration(x: string): number {
+  if (/^\d+$/.test(x)) return Number(x);
+  let total = 0;
+  for (const m of x.matchAll(/(\d+)(h|m|s)/g)) total += Number(m[1]) * { h: 3600, m: 60, s: 1 }[m[2] as "h" | "m" | "s"];
+  return total;
+}
+
+/**
+ * The worker's rollout can finish before anything gives up: the Deployment's progress deadline
+ * allows one pod's drain (its grace period) and a new pod's start (`startSeconds`), since a
+ * rollout makes no progress while an old pod drains; `kubectl rollout status` waits for that
+ * for every replica the ScaledObject may run (its --timeout, a literal or a stack output); and
+ * the job's `timeout-minutes` allows that wait and `otherSeconds` for the steps before it.
+ */
+export function workerRolloutProblems(w: Workflow, outputs: Record<string, any>, rs: Recorded[], startSeconds: number, otherSeconds: number): string[] {
+  const p: string[] = [];
+  const dep = ofType(rs, "kubernetes:apps/v1:Deployment")[0]?.inputs;
+  const so = ofType(rs, "kubernetes:keda.sh/v1alpha1:ScaledObject")[0]?.inputs;
+  if (!dep || !so) return ["no worker Deployment or ScaledObject"];
+  const grace = Number(dep.spec.template.spec.terminationGracePeriodSeconds ?? 30);
+  const deadline = Number(dep.spec.progressDeadlineSeconds ?? 600);
+  const replicas = Number(so.spec.maxReplicaCount);
+  if (deadline < grace + startSeconds) p.push(`progressDeadlineSeconds ${deadline} is under a drain and a start (${grace} + ${startSeconds} s): the rollout is declared failed while a pod drains`);
+  const need = replicas * (grace + startSeconds);
+  const reads = stackReads(w);
+  for (const job of w.jobs) {
+    for (const step of job.steps) {
+      for (const c of commands(step.run ?? "")) {
+        const at = c.findIndex((word, i) => word === "rollout" && c[i + 1] === "status");
+        if (c[0] !== "kubectl" || at < 0) continue;
+        const flag = c.find((word) => word.startsWith("--timeout"));
+        let seconds = 0;
+        let shown = "no --timeout (kubectl waits for ever)";
+        if (flag) {
+          // `--timeout=25m`, `--timeout 25m`, or `--timeout="${X}s"` (which the word splitter
+          // cuts after the `=`).
+          const inline = flag.includes("=") ? flag.slice(flag.indexOf("=") + 1) : "";
+          const value = inline !== "" ? inline : c[c.indexOf(flag) + 1];
+          const read = readOf(w, reads, step, leadingVar(value ?? ""));
+          const raw = read?.path ? lookup(outputs, read.path) : undefined;
+          seconds = read ? duration(`${raw}${value!.replace(/^\$\{?\w+\}?/, "")}`) : duration(value ?? "");
+          shown = read ? `${show(read.path!)} (${seconds} s)` : `${value} (${seconds} s)`;
+        }
+        if (flag && seconds < need) p.push(`${w.file}: step "${step.name}" waits ${shown} for the worker, under ${replicas} × (${grace} + ${startSeconds}) = ${need} s`);
+        const budget = Number(job.timeoutMinutes ?? 360) * 60;
+        if (budget < Math.max(seconds, need) + otherSeconds) p.push(`${w.file}: job ${job.name}'s timeout-minutes ${job.timeoutMinutes} is under the worker's rollout (${Math.max(seconds, need)} s) and the steps before it (${otherSeconds} s)`);
+      }
+    }
   }
   return p;
 }
