@@ -95,11 +95,8 @@ pub async fn export(
     ApiQuery(q): ApiQuery<ExportQuery>,
 ) -> ApiResult<axum::response::Response> {
     who.require(&[Role::Auditor])?;
-    if let (Some(f), Some(t)) = (q.from, q.to) {
-        if f > t {
-            return Err(ApiError::bad_request("from: after to"));
-        }
-    }
+    // A range that ends before it starts holds no event: the file is its header and the
+    // checkpoints, as the events endpoint answers an empty page.
     let audit = state.audit.as_ref().map_err(|why| {
         ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
