@@ -7,7 +7,7 @@
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
-import { DB_LOGINS, DB_TLS, type DbLogin, egressTo, type foundations, ingressFrom, loginSetting, role, tags } from "./foundations";
+import { DB_LOGINS, DB_TLS, type DbLogin, egressTo, type foundations, ingressFrom, loginSetting, logGroup, role, tags } from "./foundations";
 import { ADOT_IMAGE, APP_PORT, METRICS_LISTEN, type Telemetry } from "./telemetry";
 
 type Found = ReturnType<typeof foundations>;
@@ -68,14 +68,11 @@ export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
     settings: [{ name: "containerInsights", value: "enabled" }],
     tags: tags(s, "compute"),
   });
-  const logs = new aws.cloudwatch.LogGroup("service-logs", { name: `/mira/${s}/services`, retentionInDays: 90, tags: tags(s, "compute") });
+  const logs = logGroup("service-logs", `/mira/${s}/services`, p.logs, "compute");
   // The daily verification's own log group: its verdict lines are what the verification alarms
-  // count (observability.ts), and a year of them is the record that the log was verified.
-  const verifyLogs = new aws.cloudwatch.LogGroup("audit-verify-logs", {
-    name: `/mira/${s}/audit-verify`,
-    retentionInDays: 400,
-    tags: tags(s, "compute"),
-  });
+  // count (observability.ts), and its lines are the record that the log was verified, kept
+  // mira:logRetentionDays like every group (ADR 0037).
+  const verifyLogs = logGroup("audit-verify-logs", `/mira/${s}/audit-verify`, p.logs, "compute");
 
   // The owner's connection, for `mira migrate` only (DESIGN §2: Database__MigrationUrl): the
   // instance's address with no credentials in it, and the owner's user and password from the
@@ -231,6 +228,8 @@ export function compute(cfg: ComputeConfig, f: Found, tel: Telemetry) {
     subnets: p.publicSubnets.map((x) => x.id),
     idleTimeout: 3600,
     dropInvalidHeaderFields: true,
+    // Every request, to the log bucket (ADR 0037).
+    accessLogs: { bucket: p.logBucket.bucket, prefix: "alb", enabled: true },
     tags: tags(s, "compute"),
   });
   const target = new aws.lb.TargetGroup("api-targets", {

@@ -18,7 +18,42 @@ export type EdgeConfig = {
   /** CloudFront's own names and certificate (ACM in us-east-1); without them, the default *.cloudfront.net name. */
   cdnAliases: string[];
   cdnCertificateArn?: string;
+  /** Requests one address may make in five minutes before the WAF blocks it (ADR 0037). */
+  wafRateLimit: number;
 };
+
+/**
+ * The gateway's Content-Security-Policy, as `content_security_policy` in gateway/src/api/web.rs
+ * writes it for `connectOrigins` (a test reads that function and holds the two equal). CloudFront
+ * adds this one where the origin sent none (the SPA's files from S3) and never replaces the
+ * gateway's: one policy, the gateway's (ADR 0037).
+ */
+export function gatewayCsp(connectOrigins: string[]): string {
+  return [
+    "default-src 'none'",
+    "script-src 'self'",
+    "style-src 'self'",
+    "img-src 'self' blob: data:",
+    "font-src 'self'",
+    `connect-src ${["'self'", ...connectOrigins].join(" ")}`,
+    "worker-src 'self' blob:",
+    "manifest-src 'self'",
+    "base-uri 'none'",
+    "form-action 'self'",
+    "frame-ancestors 'none'",
+    "object-src 'none'",
+  ].join("; ");
+}
+
+/**
+ * The connect origins the gateway gives itself in a stack (gateway/src/server.rs): Cognito's
+ * hosted UI, and S3's presigned URLs (`Storage__Provider` S3); no WebSocket URL of its own (the
+ * SPA's socket is this origin's `/ws`).
+ */
+export const stackConnectOrigins = (cognitoDomain: string) => [cognitoDomain, "https://*.amazonaws.com"];
+
+/** The AWS managed rule groups the web ACL runs, in order (ADR 0037). */
+export const WAF_MANAGED_GROUPS = ["AWSManagedRulesAmazonIpReputationList", "AWSManagedRulesCommonRuleSet", "AWSManagedRulesKnownBadInputsRuleSet"];
 
 /** AWS's managed policies (the same ids in every account). */
 export const MANAGED = {
@@ -51,14 +86,54 @@ export function edge(cfg: EdgeConfig, f: Found) {
       contentTypeOptions: { override: true },
       frameOptions: { frameOption: "DENY", override: true },
       referrerPolicy: { referrerPolicy: "strict-origin-when-cross-origin", override: true },
+      // The gateway's own policy (gatewayCsp), added where the origin sent none: S3 sends none
+      // with the SPA's files; the gateway's stays as it wrote it.
       contentSecurityPolicy: {
-        // The SPA talks to its own origin, to S3 (presigned uploads and results) and to Cognito.
-        contentSecurityPolicy:
-          "default-src 'self'; connect-src 'self' wss: https://*.amazonaws.com https://*.amazoncognito.com; img-src 'self' data: blob: https://*.amazonaws.com; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; base-uri 'self'; object-src 'none'",
-        override: true,
+        contentSecurityPolicy: pulumi.output(f.settings.api.Web__CognitoDomain).apply((d) => gatewayCsp(stackConnectOrigins(d))),
+        override: false,
       },
     },
   });
+  // The WAF in front of CloudFront (ADR 0037): AWS's managed rule groups (addresses known for
+  // abuse, the common exploits, known bad inputs) and a rate limit per address. A CloudFront
+  // web ACL lives in us-east-1. SizeRestrictions_BODY (8 KB) only counts: the API takes larger
+  // JSON bodies (a report), and the slides go to S3 directly.
+  const usEast1 = new aws.Provider("us-east-1", { region: "us-east-1" });
+  const visibility = (metricName: string) => ({ cloudwatchMetricsEnabled: true, sampledRequestsEnabled: true, metricName });
+  const waf = new aws.wafv2.WebAcl(
+    "waf",
+    {
+      name: `mira-${s}`,
+      description: "Mira: AWS managed rules and a rate limit in front of CloudFront",
+      scope: "CLOUDFRONT",
+      defaultAction: { allow: {} },
+      rules: [
+        ...WAF_MANAGED_GROUPS.map((name, i) => ({
+          name,
+          priority: i + 1,
+          overrideAction: { none: {} },
+          statement: {
+            managedRuleGroupStatement: {
+              vendorName: "AWS",
+              name,
+              ...(name === "AWSManagedRulesCommonRuleSet" ? { ruleActionOverrides: [{ name: "SizeRestrictions_BODY", actionToUse: { count: {} } }] } : {}),
+            },
+          },
+          visibilityConfig: visibility(`mira-${s}-${name}`),
+        })),
+        {
+          name: "rate-per-address",
+          priority: WAF_MANAGED_GROUPS.length + 1,
+          action: { block: {} },
+          statement: { rateBasedStatement: { limit: cfg.wafRateLimit, aggregateKeyType: "IP", evaluationWindowSec: 300 } },
+          visibilityConfig: visibility(`mira-${s}-rate-per-address`),
+        },
+      ],
+      visibilityConfig: visibility(`mira-${s}-waf`),
+      tags: tags(s, "edge"),
+    },
+    { provider: usEast1 },
+  );
   const router = new aws.cloudfront.Function("spa-router", {
     name: `mira-${s}-spa-router`,
     runtime: "cloudfront-js-2.0",
@@ -87,6 +162,9 @@ export function edge(cfg: EdgeConfig, f: Found) {
     aliases: cfg.cdnAliases.length ? cfg.cdnAliases : undefined,
     defaultRootObject: "index.html",
     priceClass: "PriceClass_100",
+    webAclId: waf.arn,
+    // Every request, to the log bucket (ADR 0037), without cookies (they carry sessions).
+    loggingConfig: { bucket: f.parts.logBucket.bucketDomainName, prefix: "cloudfront/", includeCookies: false },
     origins: [
       { originId: "spa", domainName: frontend.bucketRegionalDomainName, originAccessControlId: oac.id },
       {
@@ -140,7 +218,7 @@ export function edge(cfg: EdgeConfig, f: Found) {
     }),
   });
   const publicUrl = cfg.cdnAliases.length ? pulumi.output(`https://${cfg.cdnAliases[0]}`) : pulumi.interpolate`https://${distribution.domainName}`;
-  return { distribution, publicUrl, outputs: { distributionId: distribution.id, domainName: distribution.domainName, publicUrl } };
+  return { distribution, publicUrl, outputs: { distributionId: distribution.id, domainName: distribution.domainName, publicUrl, webAclArn: waf.arn } };
 }
 
 export type Edge = ReturnType<typeof edge>;

@@ -16,7 +16,7 @@
 import * as aws from "@pulumi/aws";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
-import { type foundations, GPU_QUEUES, ingressFrom, role, tags } from "./foundations";
+import { type foundations, GPU_QUEUES, ingressFrom, logGroup, role, tags } from "./foundations";
 import {
   ADOT_IMAGE,
   JOBS_WAITING_METRIC,
@@ -156,6 +156,9 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
     tags: tags(s, "fleet"),
   });
   ingressFrom("eks-api-from-deploy-runners", eksApiSg, p.runnerSg, 443, "the deploy runners: kubectl, pulumi up");
+  // The control plane's log group, made first under the logs key with the stack's retention
+  // (ADR 0037): EKS would make it itself, never expiring, unencrypted.
+  const controlPlaneLogs = logGroup("eks-control-plane-logs", `/aws/eks/mira-${s}/cluster`, p.logs, "fleet");
   const cluster = new aws.eks.Cluster("eks", {
     name: `mira-${s}`,
     version: cfg.kubernetesVersion,
@@ -171,7 +174,7 @@ export function fleet(cfg: FleetConfig, f: Found, tel: Pick<Telemetry, "namespac
     encryptionConfig: { provider: { keyArn: p.keys.phiKey.arn }, resources: ["secrets"] },
     enabledClusterLogTypes: ["api", "audit", "authenticator"],
     tags: tags(s, "fleet"),
-  });
+  }, { dependsOn: [controlPlaneLogs] });
   // Nodes and pods carry the cluster's security group: the database and the VPC endpoints admit
   // it as they admit the compute group.
   const clusterSg = { id: cluster.vpcConfig.apply((v) => v.clusterSecurityGroupId!) };

@@ -34,6 +34,23 @@ export type FoundationsConfig = {
    */
   jobsAdmissionWindow: number;
   jobsMaxRunningPerTenant: number;
+  /**
+   * Days an overwritten or deleted slide's or result's old version is kept in the uploads and
+   * results buckets before S3 expires it (the lab's retention policy; ADR 0037).
+   */
+  noncurrentVersionDays: number;
+  /**
+   * Days every log is kept (the lab's retention policy; ADR 0037): each CloudWatch log group
+   * (one of CloudWatch's retention values), the trail's and the access logs' objects.
+   */
+  logRetentionDays: number;
+  /**
+   * The user pool's mail goes through SES, not Cognito's default sender (50 messages a day): the
+   * ARN of a verified SES identity (a domain or an address) in the stack's region, and the
+   * From address (`Mira <no-reply@lab.example.org>`), of that identity.
+   */
+  sesIdentityArn: string;
+  mailFrom: string;
 };
 
 /** Mira's own defaults for the admission settings (config/src/lib.rs, `JobsSettings`). */
@@ -108,28 +125,97 @@ export const loginRole = (login: DbLogin) => `mira_svc_${login}`;
 export const loginSetting = (login: DbLogin) => `Database__Logins__${login[0].toUpperCase()}${login.slice(1)}`;
 
 /**
- * A KMS key with rotation. Its policy lets the account administer it (as the default policy
- * does) plus `grants`: statements for AWS services, given the account id.
+ * What keeps a stack's data when someone runs `pulumi destroy` or a change would replace it
+ * (ADR 0037): in a production stack (`mira:deletionProtection` true) every stateful resource
+ * (the database, the buckets, the keys, the user pool, the secrets) is `protect`ed, so that
+ * Pulumi refuses to delete or replace it, and `retainOnDelete`, so that removing it from the
+ * program leaves it in the account. Dev stacks may be destroyed.
  */
-function key(name: string, stack: string, description: string, grants?: (account: string) => object[]) {
-  const policy = grants
-    ? pulumi.output(aws.getCallerIdentityOutput()).apply((id) =>
-        JSON.stringify({
-          Version: "2012-10-17",
-          Statement: [
-            { Sid: "Account", Effect: "Allow", Principal: { AWS: `arn:aws:iam::${id.accountId}:root` }, Action: "kms:*", Resource: "*" },
-            ...grants(id.accountId),
-          ],
-        }),
-      )
-    : undefined;
-  const k = new aws.kms.Key(name, {
-    description,
-    enableKeyRotation: true,
-    deletionWindowInDays: 30,
-    policy,
-    tags: tags(stack, "keys"),
-  });
+export const keep = (production: boolean): pulumi.CustomResourceOptions => (production ? { protect: true, retainOnDelete: true } : {});
+
+/** The retention periods CloudWatch Logs accepts, in days. */
+export const LOG_RETENTION_DAYS = [1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653];
+
+export function checkLogRetention(days: number): number {
+  if (!LOG_RETENTION_DAYS.includes(days)) throw new Error(`mira:logRetentionDays ${JSON.stringify(days)}: one of CloudWatch's retention periods (${LOG_RETENTION_DAYS.join(", ")})`);
+  return days;
+}
+
+/**
+ * A log group under the logs key, kept `mira:logRetentionDays` (ADR 0037). A group that AWS
+ * would make on its own (EKS's control plane, RDS's exports) is made here first, by its name,
+ * so that it too has the key and the retention.
+ */
+export function logGroup(logicalName: string, name: pulumi.Input<string>, logs: { key: aws.kms.Key; retentionDays: number; stack: string }, part: string) {
+  return new aws.cloudwatch.LogGroup(logicalName, { name, retentionInDays: logs.retentionDays, kmsKeyId: logs.key.arn, tags: tags(logs.stack, part) });
+}
+
+/**
+ * Who writes an ALB's access logs into a bucket: the region's Elastic Load Balancing account
+ * (regions older than August 2022), or the log delivery service (the newer ones).
+ */
+const ELB_ACCOUNTS: Record<string, string> = {
+  "us-east-1": "127311923021",
+  "us-east-2": "033677994240",
+  "us-west-1": "027434742980",
+  "us-west-2": "797873946194",
+  "eu-west-1": "156460612806",
+  "eu-west-2": "652711504416",
+  "eu-west-3": "009996457667",
+  "eu-central-1": "054676820928",
+  "eu-north-1": "897822967062",
+};
+export const elbLogWriter = (region: string) =>
+  ELB_ACCOUNTS[region] ? { AWS: `arn:aws:iam::${ELB_ACCOUNTS[region]}:root` } : { Service: "logdelivery.elasticloadbalancing.amazonaws.com" };
+
+/** The role that alone may schedule a key's deletion or disable it, in a production stack (ADR 0037). */
+export const breakGlassRoleName = (stack: string) => `mira-${stack}-break-glass`;
+
+/** The actions the key policies deny to everyone but the break-glass role, in production stacks. */
+export const KEY_GUARDED_ACTIONS = ["kms:ScheduleKeyDeletion", "kms:DisableKey"];
+
+/**
+ * A KMS key with rotation. Its policy lets the account administer it (as the default policy
+ * does) plus `grants`: statements for AWS services, given the account id. In a production stack
+ * it also denies KEY_GUARDED_ACTIONS to every principal but the break-glass role: a key
+ * scheduled for deletion takes the witness, the snapshots and the slides with it.
+ */
+function key(name: string, stack: string, description: string, production: boolean, grants?: (account: string) => object[]) {
+  const policy =
+    grants || production
+      ? pulumi.output(aws.getCallerIdentityOutput()).apply((id) =>
+          JSON.stringify({
+            Version: "2012-10-17",
+            Statement: [
+              { Sid: "Account", Effect: "Allow", Principal: { AWS: `arn:aws:iam::${id.accountId}:root` }, Action: "kms:*", Resource: "*" },
+              ...(production
+                ? [
+                    {
+                      Sid: "OnlyBreakGlassDeletesOrDisables",
+                      Effect: "Deny",
+                      Principal: { AWS: "*" },
+                      Action: KEY_GUARDED_ACTIONS,
+                      Resource: "*",
+                      Condition: { ArnNotEquals: { "aws:PrincipalArn": `arn:aws:iam::${id.accountId}:role/${breakGlassRoleName(stack)}` } },
+                    },
+                  ]
+                : []),
+              ...(grants?.(id.accountId) ?? []),
+            ],
+          }),
+        )
+      : undefined;
+  const k = new aws.kms.Key(
+    name,
+    {
+      description,
+      enableKeyRotation: true,
+      deletionWindowInDays: 30,
+      policy,
+      tags: tags(stack, "keys"),
+    },
+    keep(production),
+  );
   new aws.kms.Alias(`${name}-alias`, { name: `alias/mira-${stack}-${name.replace(/-key$/, "")}`, targetKeyId: k.keyId });
   return k;
 }
@@ -153,14 +239,31 @@ function bucket(
   name: string,
   stack: string,
   kmsKey: aws.kms.Key,
-  opts: { objectLockDays?: number; corsOrigin?: string; policyElsewhere?: boolean; statements?: (b: aws.s3.Bucket) => object[] } = {},
+  production: boolean,
+  opts: {
+    objectLockDays?: number;
+    corsOrigin?: string;
+    policyElsewhere?: boolean;
+    statements?: (b: aws.s3.Bucket) => object[];
+    /** Days an overwritten or deleted object's old version is kept (none: for ever). */
+    noncurrentDays?: number;
+    /**
+     * The access-log bucket (ADR 0037): S3-managed keys by default (the ALB writes to no other),
+     * ACLs for CloudFront's log delivery, every object and old version gone after `expireDays`.
+     */
+    logs?: { expireDays: number };
+  } = {},
 ) {
-  const b = new aws.s3.Bucket(name, {
-    bucketPrefix: bucketPrefix(stack, name),
-    objectLockEnabled: opts.objectLockDays !== undefined,
-    forceDestroy: false,
-    tags: tags(stack, "storage"),
-  });
+  const b = new aws.s3.Bucket(
+    name,
+    {
+      bucketPrefix: bucketPrefix(stack, name),
+      objectLockEnabled: opts.objectLockDays !== undefined,
+      forceDestroy: false,
+      tags: tags(stack, "storage"),
+    },
+    keep(production),
+  );
   new aws.s3.BucketPublicAccessBlock(`${name}-public-access`, {
     bucket: b.id,
     blockPublicAcls: true,
@@ -170,8 +273,17 @@ function bucket(
   });
   new aws.s3.BucketServerSideEncryptionConfiguration(`${name}-encryption`, {
     bucket: b.id,
-    rules: [{ applyServerSideEncryptionByDefault: { sseAlgorithm: "aws:kms", kmsMasterKeyId: kmsKey.arn }, bucketKeyEnabled: true }],
+    rules: [
+      opts.logs
+        ? { applyServerSideEncryptionByDefault: { sseAlgorithm: "AES256" } }
+        : { applyServerSideEncryptionByDefault: { sseAlgorithm: "aws:kms", kmsMasterKeyId: kmsKey.arn }, bucketKeyEnabled: true },
+    ],
   });
+  if (opts.logs) {
+    // CloudFront's standard logs are written with an ACL (the awslogsdelivery account's): a
+    // bucket with ACLs disabled gets none. No ACL is public (the public access block stays).
+    new aws.s3.BucketOwnershipControls(`${name}-ownership`, { bucket: b.id, rule: { objectOwnership: "BucketOwnerPreferred" } });
+  }
   new aws.s3.BucketVersioning(`${name}-versioning`, { bucket: b.id, versioningConfiguration: { status: "Enabled" } });
   // A bucket has one policy: where another part adds statements (the frontend's CloudFront
   // read), that part writes it, starting from tlsOnly(). `statements` follow tlsOnly() in this
@@ -186,7 +298,15 @@ function bucket(
   }
   new aws.s3.BucketLifecycleConfiguration(`${name}-lifecycle`, {
     bucket: b.id,
-    rules: [{ id: "abort-incomplete-multipart", status: "Enabled", filter: {}, abortIncompleteMultipartUpload: { daysAfterInitiation: 7 } }],
+    rules: [
+      { id: "abort-incomplete-multipart", status: "Enabled", filter: {}, abortIncompleteMultipartUpload: { daysAfterInitiation: 7 } },
+      ...(opts.logs
+        ? [{ id: "expire-logs", status: "Enabled", filter: {}, expiration: { days: opts.logs.expireDays }, noncurrentVersionExpiration: { noncurrentDays: 1 } }]
+        : []),
+      ...(opts.noncurrentDays !== undefined
+        ? [{ id: "expire-noncurrent-versions", status: "Enabled", filter: {}, noncurrentVersionExpiration: { noncurrentDays: opts.noncurrentDays } }]
+        : []),
+    ],
   });
   if (opts.objectLockDays !== undefined) {
     new aws.s3.BucketObjectLockConfiguration(`${name}-object-lock`, {
@@ -270,12 +390,14 @@ export function foundations(cfg: FoundationsConfig) {
   const auditPublicKey = checkAuditPublicKey(cfg.auditPublicKey);
   const jobs = checkJobsSettings(cfg.jobsAdmissionWindow, cfg.jobsMaxRunningPerTenant);
   const topology = loadTopology();
+  // A production stack keeps its data (keep(), ADR 0037); a dev stack may be destroyed.
+  const prod = cfg.deletionProtection;
 
   // ---- keys -------------------------------------------------------------------------------
-  const phiKey = key("phi-key", s, "Mira: the patient-data keyring's data keys (AWS__KMS__KeyId)");
-  const rdsKey = key("rds-key", s, "Mira: RDS storage and its master secret");
+  const phiKey = key("phi-key", s, "Mira: the patient-data keyring's data keys (AWS__KMS__KeyId)", prod);
+  const rdsKey = key("rds-key", s, "Mira: RDS storage and its master secret", prod);
   // CloudFront (origin access control) decrypts the SPA's objects for this account's distributions.
-  const s3Key = key("s3-key", s, "Mira: the buckets", (account) => [
+  const s3Key = key("s3-key", s, "Mira: the buckets", prod, (account) => [
     {
       Sid: "CloudFrontReadsTheFrontend",
       Effect: "Allow",
@@ -285,7 +407,7 @@ export function foundations(cfg: FoundationsConfig) {
       Condition: { ArnLike: { "AWS:SourceArn": `arn:aws:cloudfront::${account}:distribution/*` } },
     },
   ]);
-  const messagingKey = key("messaging-key", s, "Mira: the topic and the queues", (account) => [
+  const messagingKey = key("messaging-key", s, "Mira: the topic and the queues", prod, (account) => [
     {
       // SNS into the encrypted queues; CloudWatch alarms into the encrypted alarm topic.
       Sid: "SnsDeliversToEncryptedQueues",
@@ -306,6 +428,29 @@ export function foundations(cfg: FoundationsConfig) {
       Condition: { StringEquals: { "aws:SourceAccount": account } },
     },
   ]);
+
+  // The logs' key (ADR 0037): the CloudWatch log groups and CloudTrail's files.
+  const logRetentionDays = checkLogRetention(cfg.logRetentionDays);
+  const logsKey = key("logs-key", s, "Mira: the log groups and the trail", prod, (account) => [
+    {
+      Sid: "CloudWatchLogsEncryptsTheGroups",
+      Effect: "Allow",
+      Principal: { Service: `logs.${cfg.region}.amazonaws.com` },
+      Action: ["kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"],
+      Resource: "*",
+      Condition: { ArnLike: { "kms:EncryptionContext:aws:logs:arn": `arn:aws:logs:${cfg.region}:${account}:log-group:*` } },
+    },
+    {
+      Sid: "CloudTrailEncryptsItsFiles",
+      Effect: "Allow",
+      Principal: { Service: "cloudtrail.amazonaws.com" },
+      Action: ["kms:GenerateDataKey*"],
+      Resource: "*",
+      Condition: { StringLike: { "kms:EncryptionContext:aws:cloudtrail:arn": `arn:aws:cloudtrail:*:${account}:trail/*` } },
+    },
+    { Sid: "CloudTrailDescribesTheKey", Effect: "Allow", Principal: { Service: "cloudtrail.amazonaws.com" }, Action: ["kms:DescribeKey"], Resource: "*" },
+  ]);
+  const logs = { key: logsKey, retentionDays: logRetentionDays, stack: s };
 
   // ---- network ----------------------------------------------------------------------------
   const vpc = new aws.ec2.Vpc("vpc", {
@@ -337,15 +482,24 @@ export function foundations(cfg: FoundationsConfig) {
   publicSubnets.forEach((sn, i) => new aws.ec2.RouteTableAssociation(`public-${i}-routes`, { subnetId: sn.id, routeTableId: publicRoutes.id }));
   // Private subnets reach AWS through the endpoints below, and the public registries the
   // cluster's add-ons come from (KEDA, the autoscaler, NVIDIA's plugin, ADOT) through one NAT.
-  const natIp = new aws.ec2.Eip("nat-ip", { domain: "vpc", tags: tags(s, "network") });
-  const nat = new aws.ec2.NatGateway("nat", { allocationId: natIp.id, subnetId: publicSubnets[0].id, tags: tags(s, "network") }, { dependsOn: [igw] });
-  const privateRoutes = new aws.ec2.RouteTable("private-routes", {
-    vpcId: vpc.id,
-    routes: [{ cidrBlock: "0.0.0.0/0", natGatewayId: nat.id }],
-    tags: tags(s, "network"),
+  // A NAT gateway per AZ in a Multi-AZ stack (ADR 0037): the tasks pull the collector's image
+  // from the internet, and one NAT in one AZ would take every AZ's tasks down with it. A
+  // single-AZ (dev) stack keeps one. The first keeps its logical names.
+  const natAzs = cfg.multiAz ? cfg.azs.length : 1;
+  const privateRouteTables = Array.from({ length: natAzs }, (_, a) => {
+    const suffix = a === 0 ? "" : `-${a}`;
+    const natIp = new aws.ec2.Eip(`nat-ip${suffix}`, { domain: "vpc", tags: tags(s, "network") });
+    const nat = new aws.ec2.NatGateway(`nat${suffix}`, { allocationId: natIp.id, subnetId: publicSubnets[a].id, tags: tags(s, "network") }, { dependsOn: [igw] });
+    return new aws.ec2.RouteTable(`private-routes${suffix}`, {
+      vpcId: vpc.id,
+      routes: [{ cidrBlock: "0.0.0.0/0", natGatewayId: nat.id }],
+      tags: tags(s, "network"),
+    });
   });
+  // Each private subnet routes through its own AZ's NAT (the subnets are made one per AZ, in order).
   [...dataSubnets, ...computeSubnets].forEach(
-    (sn, i) => new aws.ec2.RouteTableAssociation(`private-${i}-routes`, { subnetId: sn.id, routeTableId: privateRoutes.id }),
+    (sn, i) =>
+      new aws.ec2.RouteTableAssociation(`private-${i}-routes`, { subnetId: sn.id, routeTableId: privateRouteTables[(i % cfg.azs.length) % natAzs].id }),
   );
   // Every group is made without rules, and every rule is a resource of its own (ingressFrom,
   // egressTo): a group's inline rules and standalone rules on the same group fight, and after a
@@ -384,7 +538,7 @@ export function foundations(cfg: FoundationsConfig) {
     vpcId: vpc.id,
     serviceName: `com.amazonaws.${cfg.region}.s3`,
     vpcEndpointType: "Gateway",
-    routeTableIds: [privateRoutes.id],
+    routeTableIds: privateRouteTables.map((t) => t.id),
     tags: tags(s, "network"),
   });
   for (const svc of ["sqs", "sns", "kms", "secretsmanager", "ecr.api", "ecr.dkr", "logs", "sts"]) {
@@ -456,10 +610,100 @@ export function foundations(cfg: FoundationsConfig) {
   }
 
   // ---- storage ----------------------------------------------------------------------------
-  const uploads = bucket("uploads", s, s3Key, { corsOrigin: cfg.appOrigin });
-  const results = bucket("results", s, s3Key, { corsOrigin: cfg.appOrigin });
-  const frontend = bucket("frontend", s, s3Key, { policyElsewhere: true });
-  const witness = bucket("witness", s, s3Key, { objectLockDays: cfg.witnessRetentionDays, statements: (b) => [createOnly(b)] });
+  // The slides' and the results' old versions (an overwritten or deleted object) go after
+  // mira:noncurrentVersionDays; the witness keeps every version (object lock).
+  const uploads = bucket("uploads", s, s3Key, prod, { corsOrigin: cfg.appOrigin, noncurrentDays: cfg.noncurrentVersionDays });
+  const results = bucket("results", s, s3Key, prod, { corsOrigin: cfg.appOrigin, noncurrentDays: cfg.noncurrentVersionDays });
+  const frontend = bucket("frontend", s, s3Key, prod, { policyElsewhere: true });
+  const witness = bucket("witness", s, s3Key, prod, { objectLockDays: cfg.witnessRetentionDays, statements: (b) => [createOnly(b)] });
+
+  // The access logs and the trail (ADR 0037): the ALB's and CloudFront's logs, CloudTrail's
+  // files (under the logs key, which the trail names). Kept mira:logRetentionDays.
+  const account = aws.getCallerIdentityOutput().accountId;
+  const trailName = `mira-${s}`;
+  const trailArn = pulumi.interpolate`arn:aws:cloudtrail:${cfg.region}:${account}:trail/${trailName}`;
+  const logBucket = bucket("logs", s, s3Key, prod, { logs: { expireDays: logRetentionDays }, policyElsewhere: true });
+  // Written here, not by bucket(): the trail waits for it (CloudTrail checks the policy).
+  const logBucketPolicy = new aws.s3.BucketPolicy("logs-tls-only", {
+    bucket: logBucket.id,
+    policy: pulumi.jsonStringify({
+      Version: "2012-10-17",
+      Statement: ((b: aws.s3.Bucket) => [
+        tlsOnly(b),
+      {
+        // The ALB's access logs: the region's Elastic Load Balancing account writes them.
+        Sid: "AlbAccessLogs",
+        Effect: "Allow",
+        Principal: elbLogWriter(cfg.region),
+        Action: "s3:PutObject",
+        Resource: pulumi.interpolate`${b.arn}/alb/AWSLogs/${account}/*`,
+      },
+      { Sid: "CloudTrailAclCheck", Effect: "Allow", Principal: { Service: "cloudtrail.amazonaws.com" }, Action: "s3:GetBucketAcl", Resource: b.arn, Condition: { StringEquals: { "aws:SourceArn": trailArn } } },
+      {
+        Sid: "CloudTrailWrites",
+        Effect: "Allow",
+        Principal: { Service: "cloudtrail.amazonaws.com" },
+        Action: "s3:PutObject",
+        Resource: pulumi.interpolate`${b.arn}/trail/AWSLogs/${account}/*`,
+        Condition: { StringEquals: { "s3:x-amz-acl": "bucket-owner-full-control", "aws:SourceArn": trailArn } },
+      },
+      ])(logBucket),
+    }),
+  });
+
+  // ---- audit trail (ADR 0037) -----------------------------------------------------------------
+  // Every management event in every region, and every read and write of an object in the PHI
+  // buckets (the slides, the results, the witness), to the log bucket under the logs key, with
+  // digest files that prove no file was changed or removed.
+  const trail = new aws.cloudtrail.Trail(
+    "trail",
+    {
+      name: trailName,
+      s3BucketName: logBucket.bucket,
+      s3KeyPrefix: "trail",
+      isMultiRegionTrail: true,
+      includeGlobalServiceEvents: true,
+      enableLogFileValidation: true,
+      kmsKeyId: logsKey.arn,
+      eventSelectors: [
+        {
+          readWriteType: "All",
+          includeManagementEvents: true,
+          dataResources: [{ type: "AWS::S3::Object", values: [uploads, results, witness].map((b) => pulumi.interpolate`${b.arn}/`) }],
+        },
+      ],
+      tags: tags(s, "audit"),
+    },
+    { dependsOn: [logBucketPolicy] },
+  );
+
+  // The VPC's flow logs (every accepted and rejected connection) into a group under the logs key.
+  const flowLogGroup = logGroup("flow-logs", `/mira/${s}/vpc-flow-logs`, logs, "network");
+  const flowLogRole = new aws.iam.Role("flow-logs", {
+    assumeRolePolicy: JSON.stringify({
+      Version: "2012-10-17",
+      Statement: [{ Effect: "Allow", Principal: { Service: "vpc-flow-logs.amazonaws.com" }, Action: "sts:AssumeRole" }],
+    }),
+    tags: tags(s, "network"),
+  });
+  new aws.iam.RolePolicy("flow-logs-policy", {
+    role: flowLogRole.id,
+    policy: pulumi.jsonStringify({
+      Version: "2012-10-17",
+      Statement: [
+        { Effect: "Allow", Action: ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"], Resource: [pulumi.interpolate`${flowLogGroup.arn}:*`] },
+      ],
+    }),
+  });
+  new aws.ec2.FlowLog("vpc-flow-logs", {
+    vpcId: vpc.id,
+    trafficType: "ALL",
+    logDestinationType: "cloud-watch-logs",
+    logDestination: flowLogGroup.arn,
+    iamRoleArn: flowLogRole.arn,
+    maxAggregationInterval: 600,
+    tags: tags(s, "network"),
+  });
 
   // ---- secrets ----------------------------------------------------------------------------
   // One login per process (DB_LOGINS): its URL, with its password, is written once by the
@@ -469,12 +713,16 @@ export function foundations(cfg: FoundationsConfig) {
   const dbLogins = Object.fromEntries(
     DB_LOGINS.map((login) => [
       login,
-      new aws.secretsmanager.Secret(`db-login-${login}`, {
-        name: `mira-${s}/database/login/${login}`,
-        kmsKeyId: rdsKey.arn,
-        description: `Mira's ${login} login role ${loginRole(login)} (made by mira migrate): DATABASE_URL for the ${login}, ${loginSetting(login)} for mira migrate`,
-        tags: tags(s, "secrets"),
-      }),
+      new aws.secretsmanager.Secret(
+        `db-login-${login}`,
+        {
+          name: `mira-${s}/database/login/${login}`,
+          kmsKeyId: rdsKey.arn,
+          description: `Mira's ${login} login role ${loginRole(login)} (made by mira migrate): DATABASE_URL for the ${login}, ${loginSetting(login)} for mira migrate`,
+          tags: tags(s, "secrets"),
+        },
+        keep(prod),
+      ),
     ]),
   ) as Record<DbLogin, aws.secretsmanager.Secret>;
   const signingKeySecret = new aws.secretsmanager.Secret("audit-signing-key", {
@@ -482,7 +730,7 @@ export function foundations(cfg: FoundationsConfig) {
     kmsKeyId: phiKey.arn,
     description: "Mira's checkpoint signing key (written once by mira keys init)",
     tags: tags(s, "secrets"),
-  });
+  }, keep(prod));
 
   // ---- database ---------------------------------------------------------------------------
   const dbSubnets = new aws.rds.SubnetGroup("db-subnets", { subnetIds: dataSubnets.map((x) => x.id), tags: tags(s, "data") });
@@ -497,6 +745,9 @@ export function foundations(cfg: FoundationsConfig) {
     ],
     tags: tags(s, "data"),
   });
+  // RDS's exported logs (the slow statements, lock waits and connections the parameters log;
+  // upgrades) into groups made first, under the logs key (ADR 0037).
+  const dbLogGroups = ["postgresql", "upgrade"].map((t) => logGroup(`db-logs-${t}`, `/aws/rds/instance/mira-${s}/${t}`, logs, "data"));
   const db = new aws.rds.Instance("db", {
     identifier: `mira-${s}`,
     engine: "postgres",
@@ -524,20 +775,37 @@ export function foundations(cfg: FoundationsConfig) {
     performanceInsightsEnabled: true,
     performanceInsightsKmsKeyId: rdsKey.arn,
     tags: tags(s, "data"),
-  });
+    enabledCloudwatchLogsExports: ["postgresql", "upgrade"],
+  }, { ...keep(prod), dependsOn: dbLogGroups });
 
   // ---- identity ---------------------------------------------------------------------------
-  const pool = new aws.cognito.UserPool("users", {
-    name: `mira-${s}`,
-    usernameAttributes: ["email"],
-    autoVerifiedAttributes: ["email"],
-    mfaConfiguration: "OPTIONAL",
-    softwareTokenMfaConfiguration: { enabled: true },
-    passwordPolicy: { minimumLength: 12, requireLowercase: true, requireUppercase: true, requireNumbers: true, requireSymbols: false },
-    schemas: [{ name: "tenant", attributeDataType: "String", mutable: true, stringAttributeConstraints: { minLength: "1", maxLength: "64" } }],
-    adminCreateUserConfig: { allowAdminCreateUserOnly: true },
-    tags: tags(s, "identity"),
-  });
+  // Identity fit for patient data (ADR 0037): every sign-in asks for a TOTP code; threat
+  // protection (the Plus tier) blocks compromised credentials and risky sign-ins; a changed
+  // e-mail takes effect only once its code is entered; the pool cannot be deleted while
+  // protected; `name` is required (a signed review prints the signer's name); mail goes through SES.
+  const pool = new aws.cognito.UserPool(
+    "users",
+    {
+      name: `mira-${s}`,
+      usernameAttributes: ["email"],
+      autoVerifiedAttributes: ["email"],
+      mfaConfiguration: "ON",
+      softwareTokenMfaConfiguration: { enabled: true },
+      userPoolTier: "PLUS",
+      userPoolAddOns: { advancedSecurityMode: "ENFORCED" },
+      deletionProtection: "ACTIVE",
+      userAttributeUpdateSettings: { attributesRequireVerificationBeforeUpdates: ["email"] },
+      emailConfiguration: { emailSendingAccount: "DEVELOPER", sourceArn: cfg.sesIdentityArn, fromEmailAddress: cfg.mailFrom },
+      passwordPolicy: { minimumLength: 12, requireLowercase: true, requireUppercase: true, requireNumbers: true, requireSymbols: false },
+      schemas: [
+        { name: "name", attributeDataType: "String", required: true, mutable: true, stringAttributeConstraints: { minLength: "1", maxLength: "256" } },
+        { name: "tenant", attributeDataType: "String", mutable: true, stringAttributeConstraints: { minLength: "1", maxLength: "64" } },
+      ],
+      adminCreateUserConfig: { allowAdminCreateUserOnly: true },
+      tags: tags(s, "identity"),
+    },
+    keep(prod),
+  );
   for (const g of ["pathologist", "auditor", "admin"]) {
     new aws.cognito.UserGroup(`group-${g}`, { name: g, userPoolId: pool.id, description: `Mira's ${g} role (DESIGN §7)` });
   }
@@ -554,8 +822,9 @@ export function foundations(cfg: FoundationsConfig) {
     explicitAuthFlows: ["ALLOW_REFRESH_TOKEN_AUTH", "ALLOW_USER_SRP_AUTH"],
     preventUserExistenceErrors: "ENABLED",
     // Users read their tenant; only administrators (through the pool) set it.
-    readAttributes: ["email", "email_verified", "custom:tenant"],
-    writeAttributes: ["email"],
+    // A required attribute must be writable by the client; `name` is the signer's printed name.
+    readAttributes: ["email", "email_verified", "name", "custom:tenant"],
+    writeAttributes: ["email", "name"],
     idTokenValidity: 60,
     accessTokenValidity: 60,
     refreshTokenValidity: 12,
@@ -587,6 +856,47 @@ export function foundations(cfg: FoundationsConfig) {
       }),
     });
     repos[name] = repo;
+  }
+
+  // ---- break glass (production stacks) ------------------------------------------------------
+  // The one principal the key policies let schedule a key's deletion or disable it (ADR 0037):
+  // assumed by a person of this account with MFA, after the lab's two-person approval
+  // (docs/runbooks/break-glass.md). Nothing assumes it day to day.
+  const breakGlass = prod
+    ? new aws.iam.Role("break-glass", {
+        name: breakGlassRoleName(s),
+        description: "Mira: the only principal that may schedule a key's deletion or disable it (ADR 0037)",
+        maxSessionDuration: 3600,
+        assumeRolePolicy: pulumi.output(aws.getCallerIdentityOutput()).apply((id) =>
+          JSON.stringify({
+            Version: "2012-10-17",
+            Statement: [
+              {
+                Effect: "Allow",
+                Principal: { AWS: `arn:aws:iam::${id.accountId}:root` },
+                Action: "sts:AssumeRole",
+                Condition: { Bool: { "aws:MultiFactorAuthPresent": "true" } },
+              },
+            ],
+          }),
+        ),
+        tags: tags(s, "keys"),
+      })
+    : undefined;
+  if (breakGlass) {
+    new aws.iam.RolePolicy("break-glass-keys", {
+      role: breakGlass.id,
+      policy: pulumi.jsonStringify({
+        Version: "2012-10-17",
+        Statement: [
+          {
+            Effect: "Allow",
+            Action: [...KEY_GUARDED_ACTIONS, "kms:CancelKeyDeletion", "kms:EnableKey", "kms:DescribeKey"],
+            Resource: [phiKey.arn, rdsKey.arn, s3Key.arn, messagingKey.arn, logsKey.arn],
+          },
+        ],
+      }),
+    });
   }
 
   // ---- roles: exactly what each process calls ------------------------------------------------
@@ -754,7 +1064,11 @@ export function foundations(cfg: FoundationsConfig) {
       topic,
       queues,
       buckets: { uploads, results, frontend, witness },
-      keys: { phiKey, rdsKey, s3Key, messagingKey },
+      keys: { phiKey, rdsKey, s3Key, messagingKey, logsKey },
+      /** The logs' key, retention and stack, for logGroup() (ADR 0037). */
+      logs,
+      logBucket,
+      trail,
       secrets: { dbLogins, signingKeySecret },
       auditPublicKey,
       db,

@@ -28,7 +28,7 @@ export type ProgramConfig = FoundationsConfig &
 
 export function program(cfg: ProgramConfig) {
   const f = foundations(cfg);
-  const t = telemetry(cfg);
+  const t = telemetry(cfg, f.parts.logs);
   const c = compute(cfg, f, t);
   const k = fleet(cfg, f, t);
   const v = verifier(cfg, f, c, k);

@@ -9,7 +9,7 @@
 
 import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
-import { tags } from "./foundations";
+import { logGroup } from "./foundations";
 
 export const ADOT_IMAGE = "public.ecr.aws/aws-observability/aws-otel-collector:v0.43.3";
 /** Where Mira's process listens in its task (the ALB's target port). */
@@ -182,14 +182,10 @@ export type TelemetryConfig = {
  * read), its configuration in an ECS task (`collector`) and in a worker's pod (`podCollector`),
  * its log group, and the statements for the roles it runs under (the tasks', the worker pods').
  */
-export function telemetry(cfg: TelemetryConfig) {
+export function telemetry(cfg: TelemetryConfig, logs: Parameters<typeof logGroup>[2]) {
   const s = cfg.stack;
   const namespace = `Mira/${s}`;
-  const metricsLogGroup = new aws.cloudwatch.LogGroup("metrics-logs", {
-    name: `/mira/${s}/metrics`,
-    retentionInDays: 30,
-    tags: tags(s, "observability"),
-  });
+  const metricsLogGroup = logGroup("metrics-logs", `/mira/${s}/metrics`, logs, "observability");
   const collector = metricsLogGroup.name.apply((lg) => JSON.stringify(adotConfig(namespace, lg, cfg.region)));
   const podCollector = metricsLogGroup.name.apply((lg) => JSON.stringify(adotConfig(namespace, lg, cfg.region, POD_SITE)));
 

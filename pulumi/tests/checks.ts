@@ -19,6 +19,9 @@ const T = {
   sgIngress: "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule",
   sgEgress: "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule",
   rolePolicy: "aws:iam/rolePolicy:RolePolicy",
+  pool: "aws:cognito/userPool:UserPool",
+  key: "aws:kms/key:Key",
+  lifecycle: "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration",
 };
 export { T };
 
@@ -197,7 +200,10 @@ export function encryptionProblems(rs: Recorded[]): string[] {
   for (const db of ofType(rs, T.db)) if (db.inputs.storageEncrypted !== true || !db.inputs.kmsKeyId) p.push(`database ${db.name}`);
   for (const b of ofType(rs, T.bucket)) {
     const sse = byBucket(rs, T.sse, b)[0];
-    if (sse?.inputs.rules?.[0]?.applyServerSideEncryptionByDefault?.sseAlgorithm !== "aws:kms") p.push(`bucket ${b.name}`);
+    // The access-log bucket (ADR 0037) holds no patient data and takes S3's keys: an ALB writes
+    // its logs with no other. Every other bucket, a customer key.
+    const algorithm = sse?.inputs.rules?.[0]?.applyServerSideEncryptionByDefault?.sseAlgorithm;
+    if (algorithm !== "aws:kms" && !(b.name === "logs" && algorithm === "AES256")) p.push(`bucket ${b.name}`);
   }
   for (const q of ofType(rs, T.queue)) if (!q.inputs.kmsMasterKeyId && q.inputs.sqsManagedSseEnabled !== true) p.push(`queue ${q.name}`);
   for (const t of ofType(rs, T.topic)) if (!t.inputs.kmsMasterKeyId) p.push(`topic ${t.name}`);
@@ -351,6 +357,199 @@ export function witnessProblems(rs: Recorded[]): string[] {
         }
       }
     }
+  }
+  return p;
+}
+
+// ---- ADR 0037: an account fit for patient data ---------------------------------------------
+
+
+/**
+ * The user pool resists a stolen password and an operator's mistake: MFA on for everyone (TOTP),
+ * threat protection enforced, deletion protection, an e-mail change only once verified, a
+ * required `name`, mail through SES.
+ */
+export function identityProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  const pools = ofType(rs, T.pool);
+  if (pools.length !== 1) p.push(`${pools.length} user pools`);
+  for (const pool of pools) {
+    const i = pool.inputs;
+    const at = `user pool ${pool.name}`;
+    if (i.mfaConfiguration !== "ON") p.push(`${at}: MFA ${i.mfaConfiguration ?? "OFF"}, not ON`);
+    if (i.softwareTokenMfaConfiguration?.enabled !== true) p.push(`${at}: no TOTP`);
+    if (i.userPoolAddOns?.advancedSecurityMode !== "ENFORCED") p.push(`${at}: threat protection ${i.userPoolAddOns?.advancedSecurityMode ?? "OFF"}, not ENFORCED`);
+    if (i.userPoolAddOns?.advancedSecurityMode === "ENFORCED" && i.userPoolTier !== "PLUS") p.push(`${at}: threat protection needs the PLUS tier`);
+    if (i.deletionProtection !== "ACTIVE") p.push(`${at}: no deletion protection`);
+    if (!(i.userAttributeUpdateSettings?.attributesRequireVerificationBeforeUpdates ?? []).includes("email")) p.push(`${at}: an e-mail change takes effect unverified`);
+    const name = (i.schemas ?? []).find((x: any) => x.name === "name");
+    if (name?.required !== true) p.push(`${at}: name is not required`);
+    const mail = i.emailConfiguration ?? {};
+    if (mail.emailSendingAccount !== "DEVELOPER" || !mail.sourceArn) p.push(`${at}: mail through Cognito's default sender, not SES`);
+  }
+  return p;
+}
+
+/** The resources whose loss loses data, by type: each is protected and retained in production. */
+export const STATEFUL = [T.db, T.bucket, T.key, T.pool, "aws:secretsmanager/secret:Secret"];
+
+/** In a production stack, every stateful resource is `protect`ed and `retainOnDelete`. */
+export function protectionProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  for (const r of rs.filter((x) => STATEFUL.includes(x.type))) {
+    const what = `${r.type.split(":").pop()} ${r.name}`;
+    if (!r.protect) p.push(`${what}: not protected`);
+    if (!r.retainOnDelete) p.push(`${what}: not retained on delete`);
+  }
+  return p;
+}
+
+/**
+ * In a production stack, each key's policy denies `kms:ScheduleKeyDeletion` and `kms:DisableKey`
+ * to every principal but the break-glass role (and the role exists); nothing in the policy
+ * allows those to anyone else without the deny.
+ */
+export function keyPolicyProblems(rs: Recorded[], account: string, stack = "test"): string[] {
+  const p: string[] = [];
+  const breakGlass = `arn:aws:iam::${account}:role/mira-${stack}-break-glass`;
+  if (!ofType(rs, "aws:iam/role:Role").some((r) => r.inputs.name === `mira-${stack}-break-glass`)) p.push(`no break-glass role mira-${stack}-break-glass`);
+  const list = (x: any): string[] => (x === undefined ? [] : Array.isArray(x) ? x : [x]);
+  for (const k of ofType(rs, T.key)) {
+    const statements: any[] = k.inputs.policy ? JSON.parse(k.inputs.policy).Statement : [];
+    for (const action of ["kms:ScheduleKeyDeletion", "kms:DisableKey"]) {
+      const denied = statements.some(
+        (st) =>
+          st.Effect === "Deny" &&
+          (st.Principal === "*" || list(st.Principal?.AWS).includes("*")) &&
+          list(st.Action).some((a) => a === action || a === "kms:*") &&
+          list(st.Resource).includes("*") &&
+          // Only the break-glass role is exempt, and nothing else narrows the deny.
+          JSON.stringify(st.Condition ?? {}) === JSON.stringify({ ArnNotEquals: { "aws:PrincipalArn": breakGlass } }),
+      );
+      if (!denied) p.push(`key ${k.name}: ${action} not denied to all but the break-glass role`);
+    }
+  }
+  return p;
+}
+
+/** The uploads and results buckets expire old versions after `days`. */
+export function noncurrentProblems(rs: Recorded[], days: number): string[] {
+  const p: string[] = [];
+  for (const name of ["uploads", "results"]) {
+    const lc = ofType(rs, T.lifecycle).find((x) => x.inputs.bucket === `${name}-id`);
+    const rule = (lc?.inputs.rules ?? []).find((r: any) => r.status === "Enabled" && r.noncurrentVersionExpiration);
+    if (!rule) p.push(`bucket ${name}: old versions kept for ever`);
+    else if (Number(rule.noncurrentVersionExpiration.noncurrentDays) !== days) p.push(`bucket ${name}: old versions kept ${rule.noncurrentVersionExpiration.noncurrentDays} days, not ${days}`);
+  }
+  return p;
+}
+
+/**
+ * The account records who touched what (ADR 0037): one multi-region trail with digest files under
+ * a customer key and S3 data events on the PHI buckets (uploads, results, witness); the VPC's flow
+ * logs; the ALB's and CloudFront's access logs in the log bucket; RDS's logs exported; every log
+ * group under a customer key, kept `retentionDays`, the groups AWS would make itself (EKS's
+ * control plane, RDS's exports) made first.
+ */
+export function auditProblems(rs: Recorded[], retentionDays: number): string[] {
+  const p: string[] = [];
+  const logBucket = ofType(rs, T.bucket).find((b) => b.name === "logs");
+  if (!logBucket) p.push("no log bucket");
+  const trails = ofType(rs, "aws:cloudtrail/trail:Trail");
+  if (trails.length !== 1) p.push(`${trails.length} trails`);
+  for (const t of trails) {
+    const i = t.inputs;
+    if (i.isMultiRegionTrail !== true) p.push(`trail ${t.name}: one region only`);
+    if (i.enableLogFileValidation !== true) p.push(`trail ${t.name}: no log file validation`);
+    if (!i.kmsKeyId) p.push(`trail ${t.name}: no customer key`);
+    if (logBucket && i.s3BucketName !== logBucket.state.bucket) p.push(`trail ${t.name}: not into the log bucket`);
+    const objects = (i.eventSelectors ?? [])
+      .filter((s: any) => (s.readWriteType ?? "All") === "All")
+      .flatMap((s: any) => s.dataResources ?? [])
+      .filter((d: any) => d.type === "AWS::S3::Object")
+      .flatMap((d: any) => d.values ?? []);
+    for (const name of ["uploads", "results", "witness"]) {
+      const b = ofType(rs, T.bucket).find((x) => x.name === name);
+      if (b && !objects.includes(`${b.state.arn}/`)) p.push(`trail ${t.name}: no data events on bucket ${name}`);
+    }
+  }
+  for (const vpc of ofType(rs, "aws:ec2/vpc:Vpc")) {
+    if (!ofType(rs, "aws:ec2/flowLog:FlowLog").some((f) => f.inputs.vpcId === `${vpc.name}-id` && f.inputs.trafficType === "ALL")) p.push(`vpc ${vpc.name}: no flow logs`);
+  }
+  for (const lb of ofType(rs, "aws:lb/loadBalancer:LoadBalancer")) {
+    const a = lb.inputs.accessLogs;
+    if (a?.enabled !== true || !logBucket || a.bucket !== logBucket.state.bucket) p.push(`load balancer ${lb.name}: no access logs in the log bucket`);
+  }
+  for (const d of ofType(rs, "aws:cloudfront/distribution:Distribution")) {
+    if (!logBucket || d.inputs.loggingConfig?.bucket !== logBucket.state.bucketDomainName) p.push(`distribution ${d.name}: no access logs in the log bucket`);
+  }
+  const groups = ofType(rs, "aws:cloudwatch/logGroup:LogGroup");
+  for (const db of ofType(rs, T.db)) {
+    const exports: string[] = db.inputs.enabledCloudwatchLogsExports ?? [];
+    if (!exports.includes("postgresql")) p.push(`database ${db.name}: its logs not exported`);
+    for (const e of exports) {
+      if (!groups.some((g) => g.inputs.name === `/aws/rds/instance/${db.inputs.identifier}/${e}`)) p.push(`database ${db.name}: its ${e} log group is not made first`);
+    }
+  }
+  for (const c of ofType(rs, "aws:eks/cluster:Cluster")) {
+    if (!groups.some((g) => g.inputs.name === `/aws/eks/${c.inputs.name}/cluster`)) p.push(`cluster ${c.name}: its control-plane log group is not made first`);
+  }
+  for (const g of groups) {
+    if (!g.inputs.kmsKeyId) p.push(`log group ${g.name}: no customer key`);
+    if (g.inputs.retentionInDays !== retentionDays) p.push(`log group ${g.name}: kept ${g.inputs.retentionInDays ?? "for ever"} days, not ${retentionDays}`);
+  }
+  return p;
+}
+
+/**
+ * The edge (ADR 0037): every distribution behind a CloudFront web ACL with AWS's managed rule
+ * groups and a blocking rate limit; its response policy's Content-Security-Policy is `csp` (the
+ * gateway's), nothing looser, and never replaces the origin's.
+ */
+export function edgeProblems(rs: Recorded[], csp: string, groups: string[]): string[] {
+  const p: string[] = [];
+  const acls = ofType(rs, "aws:wafv2/webAcl:WebAcl");
+  for (const d of ofType(rs, "aws:cloudfront/distribution:Distribution")) {
+    const acl = acls.find((a) => a.state.arn === d.inputs.webAclId);
+    if (!acl) {
+      p.push(`distribution ${d.name}: no web ACL`);
+      continue;
+    }
+    if (acl.inputs.scope !== "CLOUDFRONT") p.push(`web ACL ${acl.name}: scope ${acl.inputs.scope}`);
+    const rules: any[] = acl.inputs.rules ?? [];
+    for (const g of groups) {
+      const r = rules.find((x) => x.statement?.managedRuleGroupStatement?.vendorName === "AWS" && x.statement.managedRuleGroupStatement.name === g);
+      if (!r) p.push(`web ACL ${acl.name}: no ${g}`);
+      else if (r.overrideAction?.count) p.push(`web ACL ${acl.name}: ${g} only counts`);
+    }
+    if (!rules.some((x) => x.statement?.rateBasedStatement?.limit > 0 && x.action?.block)) p.push(`web ACL ${acl.name}: no blocking rate limit`);
+  }
+  for (const h of ofType(rs, "aws:cloudfront/responseHeadersPolicy:ResponseHeadersPolicy")) {
+    const c = h.inputs.securityHeadersConfig?.contentSecurityPolicy;
+    if (!c) continue;
+    const policy: string = c.contentSecurityPolicy;
+    for (const loose of ["'unsafe-inline'", "'unsafe-eval'"]) if (policy.includes(loose)) p.push(`response policy ${h.name}: ${loose}`);
+    for (const bare of policy.split(/[ ;]+/).filter((x) => /^(wss|ws|https|http):$/.test(x))) p.push(`response policy ${h.name}: any ${bare} origin`);
+    if (policy !== csp) p.push(`response policy ${h.name}: not the gateway's Content-Security-Policy`);
+    if (c.override !== false) p.push(`response policy ${h.name}: replaces the gateway's Content-Security-Policy`);
+  }
+  return p;
+}
+
+/** In a Multi-AZ stack, each AZ's private subnets leave through a NAT gateway in that AZ. */
+export function natProblems(rs: Recorded[]): string[] {
+  const p: string[] = [];
+  const subnets = ofType(rs, "aws:ec2/subnet:Subnet");
+  const azOf = (id: string) => subnets.find((x) => `${x.name}-id` === id)?.inputs.availabilityZone;
+  const nats = ofType(rs, "aws:ec2/natGateway:NatGateway");
+  const tables = ofType(rs, "aws:ec2/routeTable:RouteTable");
+  for (const sn of subnets.filter((x) => x.inputs.tags?.tier !== "public")) {
+    const assoc = ofType(rs, "aws:ec2/routeTableAssociation:RouteTableAssociation").find((a) => a.inputs.subnetId === `${sn.name}-id`);
+    const table = tables.find((t) => `${t.name}-id` === assoc?.inputs.routeTableId);
+    const natId = (table?.inputs.routes ?? []).find((r: any) => r.cidrBlock === "0.0.0.0/0")?.natGatewayId;
+    const nat = nats.find((n) => `${n.name}-id` === natId);
+    if (!nat) p.push(`subnet ${sn.name}: no NAT gateway`);
+    else if (azOf(nat.inputs.subnetId) !== sn.inputs.availabilityZone) p.push(`subnet ${sn.name} (${sn.inputs.availabilityZone}): through the NAT in ${azOf(nat.inputs.subnetId)}`);
   }
   return p;
 }

@@ -16,6 +16,9 @@ export type Recorded = {
   state: Record<string, any>;
   ignoreChanges?: string[];
   dependencies?: string[];
+  /** The `protect` and `retainOnDelete` options it was registered with. */
+  protect?: boolean;
+  retainOnDelete?: boolean;
 };
 
 export const ACCOUNT = "123456789012";
@@ -26,6 +29,8 @@ export const recorded: Recorded[] = [];
 const ignored = new Map<string, string[]>();
 /** Each resource's dependencies' URNs (which the mocks are not given either), by type and logical name. */
 const depends = new Map<string, string[]>();
+/** Each resource's `protect` and `retainOnDelete` options, by type and logical name. */
+const kept = new Map<string, { protect: boolean; retainOnDelete: boolean }>();
 
 /** The URN a resource of the test stack has: what Recorded.dependencies lists. */
 export const urnOf = (type: string, name: string) => `urn:pulumi:test::mira::${type}::${name}`;
@@ -68,10 +73,11 @@ pulumi.runtime.setMocks(
       if (a.type === "aws:s3/bucket:Bucket") {
         state.bucket = name;
         state.bucketRegionalDomainName = `${name}.s3.${REGION}.amazonaws.com`;
+        state.bucketDomainName = `${name}.s3.amazonaws.com`;
       }
       if (a.type === "aws:ecs/taskDefinition:TaskDefinition") state.arn = `arn:aws:ecs:${REGION}:${ACCOUNT}:task-definition/${a.inputs.family}:1`;
       const key = `${a.type}::${a.name}`;
-      recorded.push({ type: a.type, name: a.name, inputs: a.inputs, state, ignoreChanges: ignored.get(key) ?? [], dependencies: depends.get(key) ?? [] });
+      recorded.push({ type: a.type, name: a.name, inputs: a.inputs, state, ignoreChanges: ignored.get(key) ?? [], dependencies: depends.get(key) ?? [], ...(kept.get(key) ?? {}) });
       return { id: `${a.name}-id`, state };
     },
     call(a: pulumi.runtime.MockCallArgs) {
@@ -88,7 +94,7 @@ pulumi.runtime.setMocks(
 );
 
 // The mock monitor hands newResource the inputs only: the options a test reads (ignoreChanges,
-// the dependencies) are taken from the registration request on the way in.
+// the dependencies, protect and retainOnDelete) are taken from the registration request on the way in.
 {
   const monitor = pulumi.runtime.getMonitor() as any;
   const register = monitor.registerResource.bind(monitor);
@@ -96,6 +102,7 @@ pulumi.runtime.setMocks(
     const key = `${req.getType()}::${req.getName()}`;
     ignored.set(key, req.getIgnorechangesList());
     depends.set(key, req.getDependenciesList());
+    kept.set(key, { protect: req.getProtect() ?? false, retainOnDelete: req.getRetainondelete() ?? false });
     return register(req, callback);
   };
 }
@@ -121,6 +128,7 @@ export const CONFIG: ProgramConfig = {
   albDomain: "origin.mira.example.org",
   originVerifySecret: "origin-secret",
   cdnAliases: [],
+  wafRateLimit: 20000,
   apiTasks: 2,
   handlerTasks: 2,
   taskCpu: 1024,
@@ -140,6 +148,10 @@ export const CONFIG: ProgramConfig = {
   verifierStorageGiB: 50,
   verifierMinTasks: 1,
   verifierMaxTasks: 4,
+  noncurrentVersionDays: 90,
+  logRetentionDays: 2192,
+  sesIdentityArn: `arn:aws:ses:${REGION}:${ACCOUNT}:identity/mira.example.org`,
+  mailFrom: "Mira <no-reply@mira.example.org>",
   githubRepository: "mira-lab/mira",
   pulumiStateBucket: "mira-pulumi-state-123456789012",
   pulumiSecretsKeyAlias: "alias/mira-pulumi",
