@@ -16,6 +16,7 @@ pub mod openapi;
 pub mod ops;
 pub mod problem;
 pub mod public;
+pub mod sealed;
 pub mod session;
 pub mod slides;
 pub mod state;

@@ -47,6 +47,10 @@ pub const DEV_COOKIE: &str = "mira-dev-session";
 /// keeps working at most this long.
 pub const SESSION_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 
+/// The longest a session lasts, active or not: Cognito's refresh token's 12 hours, which a
+/// Cognito session will have anyway.
+pub const MAX_SESSION_SECONDS: i64 = 12 * 3600;
+
 /// What the cookie holds, sealed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sealed {
@@ -59,62 +63,30 @@ pub struct Sealed {
     pub idle_deadline: i64,
 }
 
-/// Seals and opens session cookies: `base64url(nonce ‖ ChaCha20-Poly1305(JSON))`, the cookie's
-/// name as associated data (a value moved to another cookie does not open).
+/// Seals and opens session cookies: the session as JSON, sealed (`super::sealed`) with the
+/// cookie's name as associated data (a value moved to another cookie does not open).
 pub struct Sealer {
-    cipher: chacha20poly1305::ChaCha20Poly1305,
+    sealing: super::sealed::Sealing,
 }
 
 impl Sealer {
     pub fn new(key: &[u8; 32]) -> Self {
-        use chacha20poly1305::KeyInit;
         Self {
-            cipher: chacha20poly1305::ChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(key)),
+            sealing: super::sealed::Sealing::new(key),
         }
     }
 
     pub fn seal(&self, name: &str, s: &Sealed) -> Result<String, ApiError> {
-        use base64::Engine;
-        use chacha20poly1305::aead::{Aead, Payload};
-        let mut nonce = [0u8; 12];
-        getrandom::getrandom(&mut nonce).map_err(ApiError::internal)?;
         let plain = serde_json::to_vec(s).map_err(ApiError::internal)?;
-        let sealed = self
-            .cipher
-            .encrypt(
-                chacha20poly1305::Nonce::from_slice(&nonce),
-                Payload {
-                    msg: &plain,
-                    aad: name.as_bytes(),
-                },
-            )
-            .map_err(|_| ApiError::internal("sealing a session failed"))?;
-        let mut out = nonce.to_vec();
-        out.extend(sealed);
-        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out))
+        self.sealing
+            .seal(name.as_bytes(), &plain)
+            .ok_or_else(|| ApiError::internal("sealing a session failed: no random nonce"))
     }
 
     /// The session a cookie named `name` holds; `None` for anything this gateway did not seal
     /// under that name.
     pub fn open(&self, name: &str, value: &str) -> Option<Sealed> {
-        use base64::Engine;
-        use chacha20poly1305::aead::{Aead, Payload};
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(value).ok()?;
-        if raw.len() < 12 + 16 {
-            return None;
-        }
-        let (nonce, sealed) = raw.split_at(12);
-        let plain = self
-            .cipher
-            .decrypt(
-                chacha20poly1305::Nonce::from_slice(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: name.as_bytes(),
-                },
-            )
-            .ok()?;
-        serde_json::from_slice(&plain).ok()
+        serde_json::from_slice(&self.sealing.open(name.as_bytes(), value)?).ok()
     }
 }
 
@@ -218,10 +190,23 @@ async fn current(state: &AppState, headers: &HeaderMap) -> Result<Sealed, Respon
     let Some(s) = sealer.open(DEV_COOKIE, value) else {
         return Err(ended("the session cookie is not one this gateway sealed: sign in"));
     };
-    if chrono::Utc::now().timestamp() >= s.idle_deadline {
-        return Err(ended("the session ended after a time without activity: sign in"));
+    if let Some(why) = why_ended(&s, chrono::Utc::now().timestamp()) {
+        return Err(ended(why));
     }
     Ok(s)
+}
+
+/// Why a session is over at `now` (Unix seconds), if it is: idle past its deadline, or signed in
+/// longer than [`MAX_SESSION_SECONDS`] whatever its activity (a copied cookie kept alive by
+/// activity reports still ends).
+pub fn why_ended(s: &Sealed, now: i64) -> Option<&'static str> {
+    if now >= s.idle_deadline {
+        Some("the session ended after a time without activity: sign in")
+    } else if now - s.signed_in_at >= MAX_SESSION_SECONDS {
+        Some("the session reached its 12 hours: sign in")
+    } else {
+        None
+    }
 }
 
 /// `POST /api/session/refresh`'s and `/activity`'s answer.
@@ -361,6 +346,26 @@ mod tests {
         bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
         assert_eq!(k.open(DEV_COOKIE, &String::from_utf8(bytes).unwrap()), None, "tampered");
         assert_eq!(k.open(DEV_COOKIE, "not base64!"), None);
+    }
+
+    #[test]
+    fn a_session_ends_when_idle_or_after_twelve_hours_whatever_its_activity() {
+        let s = Sealed {
+            signed_in_at: 1_000,
+            idle_deadline: 1_900,
+            ..sample()
+        };
+        assert_eq!(why_ended(&s, 1_899), None);
+        assert!(why_ended(&s, 1_900).unwrap().contains("without activity"));
+        // Kept active (the deadline moved on and on) for 12 hours: over all the same.
+        let busy = Sealed {
+            idle_deadline: 1_000 + MAX_SESSION_SECONDS + 600,
+            ..s
+        };
+        assert_eq!(why_ended(&busy, 1_000 + MAX_SESSION_SECONDS - 1), None);
+        assert!(why_ended(&busy, 1_000 + MAX_SESSION_SECONDS)
+            .unwrap()
+            .contains("12 hours"));
     }
 
     #[test]

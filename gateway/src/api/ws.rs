@@ -60,69 +60,32 @@ pub struct WsQuery {
 /// The keyring subject whose data key seals resume cursors.
 pub const CURSOR_KEY_SUBJECT: &str = "mira:ws-cursor";
 
-/// Seals and opens resume cursors: `base64url(nonce ‖ ChaCha20-Poly1305(position))`, with the
-/// tenant as associated data.
+/// Seals and opens resume cursors: a position sealed (`super::sealed`) with the tenant as
+/// associated data.
+#[derive(Debug)]
 pub struct Cursors {
-    cipher: chacha20poly1305::ChaCha20Poly1305,
-}
-
-impl std::fmt::Debug for Cursors {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Cursors")
-    }
+    sealing: super::sealed::Sealing,
 }
 
 impl Cursors {
     pub fn new(key: &[u8; 32]) -> Self {
-        use chacha20poly1305::KeyInit;
         Self {
-            cipher: chacha20poly1305::ChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(key)),
+            sealing: super::sealed::Sealing::new(key),
         }
     }
 
+    /// A cursor for `position`; empty (a cursor that opens to nothing, so the client catches up
+    /// from the start) in the never-seen case of no random nonce.
     pub fn seal(&self, tenant: &str, position: i64) -> String {
-        use base64::Engine;
-        use chacha20poly1305::aead::{Aead, Payload};
-        let mut nonce = [0u8; 12];
-        if getrandom::getrandom(&mut nonce).is_err() {
-            // Never reached on Linux; a fixed nonce would only make two cursors comparable.
-            nonce = [0u8; 12];
-        }
-        let sealed = self
-            .cipher
-            .encrypt(
-                chacha20poly1305::Nonce::from_slice(&nonce),
-                Payload {
-                    msg: &position.to_be_bytes(),
-                    aad: tenant.as_bytes(),
-                },
-            )
-            .unwrap_or_default();
-        let mut out = nonce.to_vec();
-        out.extend(sealed);
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
+        self.sealing
+            .seal(tenant.as_bytes(), &position.to_be_bytes())
+            .unwrap_or_default()
     }
 
     /// The position a cursor of `tenant` holds; `None` for anything this API did not give
     /// that tenant.
     pub fn open(&self, tenant: &str, cursor: &str) -> Option<i64> {
-        use base64::Engine;
-        use chacha20poly1305::aead::{Aead, Payload};
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).ok()?;
-        if raw.len() != 12 + 8 + 16 {
-            return None;
-        }
-        let (nonce, sealed) = raw.split_at(12);
-        let plain = self
-            .cipher
-            .decrypt(
-                chacha20poly1305::Nonce::from_slice(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: tenant.as_bytes(),
-                },
-            )
-            .ok()?;
+        let plain = self.sealing.open(tenant.as_bytes(), cursor)?;
         Some(i64::from_be_bytes(plain.try_into().ok()?))
     }
 

@@ -7,25 +7,20 @@
 // python3) for tools/verify_export.py, and a built app in web/dist.
 
 import assert from "node:assert/strict";
-import { execFile, spawn } from "node:child_process";
+import { execFile } from "node:child_process";
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { fileURLToPath } from "node:url";
 import AxeBuilder from "@axe-core/playwright";
 import { chromium } from "playwright-core";
+import { chromiumPath, startDev, until, web } from "./harness.mjs";
 
-const web = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
-const bin =
-  process.env.MIRA_BIN ?? join(process.env.CARGO_TARGET_DIR ?? "/var/tmp/mira-target", "debug/mira");
 const slidePath = join(
   process.env.MIRA_TESTDATA ?? join(process.env.HOME ?? "", ".cache/mira-testdata"),
   "CMU-1-Small-Region.svs",
 );
 const shots = resolve(process.env.MIRA_SCREENSHOTS ?? join(web, "test-results/screenshots"));
-const chromiumPath = process.env.MIRA_CHROMIUM ?? "/usr/bin/chromium";
 const python = process.env.MIRA_PYTHON ?? "python3";
 const verifier = resolve(web, "../tools/verify_export.py");
 const DESKTOP = { width: 1280, height: 800 };
@@ -33,41 +28,14 @@ const PHONE = { width: 390, height: 844 };
 /** The second slide: the same scan under another name. */
 const SECOND = "Second-Section.svs";
 
-const freePort = () =>
-  new Promise((ok, fail) => {
-    const s = createServer();
-    s.once("error", fail);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => ok(port));
-    });
-  });
-
-/** Polls `f` until it returns a truthy value, or fails after `ms` with `what`. */
-async function until(what, f, ms = 60_000) {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await f();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
 let dev;
-let devLog = "";
 let base;
 let browser;
 const work = mkdtempSync(join(tmpdir(), "mira-e2e-"));
 
 before(async () => {
   mkdirSync(shots, { recursive: true });
-  const port = await freePort();
-  base = `http://127.0.0.1:${port}`;
-  const env = {
-    ...process.env,
-    Web__Dir: join(web, "dist"),
-    XDG_RUNTIME_DIR: join(work, "run"),
+  dev = await startDev(work, {
     Worker__BandPauseMillis: "250",
     // The job runs for 10 to 30 s: it renews a 6 s lease every 2 s, so its timeline has renewals.
     Worker__LeaseSeconds: "6",
@@ -77,26 +45,14 @@ before(async () => {
     // A checkpoint within seconds of the events (the default waits a minute): the badge and the
     // export have signed checkpoints to show.
     Audit__CheckpointEverySeconds: "2",
-  };
-  delete env.DATABASE_URL;
-  mkdirSync(env.XDG_RUNTIME_DIR, { recursive: true });
-  dev = spawn(bin, ["dev", "--listen", `127.0.0.1:${port}`, "--data-dir", join(work, "data")], {
-    env,
-    stdio: ["ignore", "pipe", "pipe"],
   });
-  dev.stdout.on("data", (d) => (devLog += d));
-  dev.stderr.on("data", (d) => (devLog += d));
-  await until("mira dev to come up", () => devLog.includes("Ctrl-C") || dev.exitCode !== null, 120_000);
-  assert.equal(dev.exitCode, null, `mira dev exited:\n${devLog}`);
+  base = dev.base;
   browser = await chromium.launch({ executablePath: chromiumPath, args: ["--no-sandbox"] });
 });
 
 after(async () => {
   await browser?.close();
-  if (dev && dev.exitCode === null) {
-    dev.kill("SIGINT");
-    await until("mira dev to stop", () => dev.exitCode !== null, 60_000).catch(() => dev.kill("SIGKILL"));
-  }
+  await dev?.stop();
   // The data directory (its PostgreSQL cluster, blobs and keys) goes with the run; mira dev's log
   // is kept apart when a test failed (below).
   rmSync(work, { recursive: true, force: true });
@@ -1054,7 +1010,7 @@ process.on("exit", () => {
   if (process.exitCode) {
     const log = join(web, "test-results", "mira-dev.log");
     mkdirSync(dirname(log), { recursive: true });
-    writeFileSync(log, devLog);
-    console.error(`mira dev's log: ${log}\n${devLog.split("\n").slice(-40).join("\n")}`);
+    writeFileSync(log, dev.log());
+    console.error(`mira dev's log: ${log}\n${dev.log().split("\n").slice(-40).join("\n")}`);
   }
 });

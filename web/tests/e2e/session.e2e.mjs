@@ -6,78 +6,32 @@
 // Needs what app.e2e.mjs needs (MIRA_BIN, /usr/bin/chromium, a built app in web/dist).
 
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { dirname, join, resolve } from "node:path";
+import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { fileURLToPath } from "node:url";
 import AxeBuilder from "@axe-core/playwright";
 import { chromium } from "playwright-core";
+import { chromiumPath, startDev, until } from "./harness.mjs";
 
-const web = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
-const bin =
-  process.env.MIRA_BIN ?? join(process.env.CARGO_TARGET_DIR ?? "/var/tmp/mira-target", "debug/mira");
-const chromiumPath = process.env.MIRA_CHROMIUM ?? "/usr/bin/chromium";
 const IDLE = 12;
-
-const freePort = () =>
-  new Promise((ok, fail) => {
-    const s = createServer();
-    s.once("error", fail);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => ok(port));
-    });
-  });
-
-async function until(what, f, ms = 60_000) {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await f();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 let dev;
-let devLog = "";
 let base;
 let browser;
 const work = mkdtempSync(join(tmpdir(), "mira-e2e-session-"));
 
 before(async () => {
-  const port = await freePort();
-  base = `http://127.0.0.1:${port}`;
-  const env = {
-    ...process.env,
-    Web__Dir: join(web, "dist"),
-    Web__IdleSignOutSeconds: String(IDLE),
-    XDG_RUNTIME_DIR: join(work, "run"),
-  };
-  delete env.DATABASE_URL;
-  mkdirSync(env.XDG_RUNTIME_DIR, { recursive: true });
-  dev = spawn(bin, ["dev", "--listen", `127.0.0.1:${port}`, "--data-dir", join(work, "data")], {
-    env,
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  dev.stdout.on("data", (d) => (devLog += d));
-  dev.stderr.on("data", (d) => (devLog += d));
-  await until("mira dev to come up", () => devLog.includes("Ctrl-C") || dev.exitCode !== null, 120_000);
-  assert.equal(dev.exitCode, null, `mira dev exited:\n${devLog}`);
+  dev = await startDev(work, { Web__IdleSignOutSeconds: String(IDLE) });
+  base = dev.base;
   browser = await chromium.launch({ executablePath: chromiumPath, args: ["--no-sandbox"] });
 });
 
 after(async () => {
   await browser?.close();
-  if (dev && dev.exitCode === null) {
-    dev.kill("SIGINT");
-    await until("mira dev to stop", () => dev.exitCode !== null, 60_000).catch(() => dev.kill("SIGKILL"));
-  }
+  await dev?.stop();
   rmSync(work, { recursive: true, force: true });
 });
 
