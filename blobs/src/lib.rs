@@ -13,6 +13,10 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub mod layers;
+pub mod stream;
+pub use stream::{ObjectStream, PartHash, StreamSettings, Streamed};
+
 /// An S3 client for Mira's buckets (slides, results, the witness): in `region` when given,
 /// and with an emulator endpoint (`AWS_ENDPOINT_URL`) path-style addressing, since
 /// virtual-hosted buckets need DNS an emulator does not have.
@@ -243,6 +247,9 @@ pub trait BlobStore: Send + Sync {
     /// A short-lived URL to download the result object `key` (from the results bucket, where
     /// one is set apart).
     async fn download_url(&self, key: &str) -> Result<String, BlobError>;
+    /// `len` bytes from `start` of the result object `key` (one ranged GET on S3); `None` when
+    /// the object does not exist. A range past the object's end is an error.
+    async fn read_result_range(&self, key: &str, start: u64, len: u64) -> Result<Option<Vec<u8>>, BlobError>;
     /// Is the store reachable (for `/readyz`)?
     async fn ready(&self) -> Result<(), BlobError>;
 }
@@ -548,6 +555,39 @@ impl BlobStore for S3Blobs {
             .await
             .map_err(s3err)?;
         Ok(req.uri().to_owned())
+    }
+
+    async fn read_result_range(&self, key: &str, start: u64, len: u64) -> Result<Option<Vec<u8>>, BlobError> {
+        if len == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let got = self
+            .client
+            .get_object()
+            .bucket(&self.results_bucket)
+            .key(key)
+            .range(format!("bytes={start}-{}", start + len - 1))
+            .send()
+            .await;
+        let obj = match got {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(s3err(e)),
+        };
+        let bytes = obj
+            .body
+            .collect()
+            .await
+            .map_err(|e| BlobError::Storage(format!("reading {key}: {e}")))?
+            .into_bytes();
+        if bytes.len() as u64 != len {
+            return Err(BlobError::Storage(format!(
+                "{key}: {} bytes at {start} asked, {} read",
+                len,
+                bytes.len()
+            )));
+        }
+        Ok(Some(bytes.to_vec()))
     }
 
     async fn ready(&self) -> Result<(), BlobError> {
@@ -1008,6 +1048,24 @@ impl BlobStore for LocalBlobs {
 
     async fn download_url(&self, key: &str) -> Result<String, BlobError> {
         Ok(self.url("GET", key, None, None, None))
+    }
+
+    async fn read_result_range(&self, key: &str, start: u64, len: u64) -> Result<Option<Vec<u8>>, BlobError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        if !valid_key(key) {
+            return Err(BlobError::Storage(format!("invalid object key {key:?}")));
+        }
+        let mut f = match tokio::fs::File::open(self.path_of(key)).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        f.seek(std::io::SeekFrom::Start(start)).await.map_err(io)?;
+        let mut out = vec![0u8; len as usize];
+        f.read_exact(&mut out)
+            .await
+            .map_err(|e| BlobError::Storage(format!("{key}: {len} bytes at {start}: {e}")))?;
+        Ok(Some(out))
     }
 
     async fn ready(&self) -> Result<(), BlobError> {

@@ -20,6 +20,8 @@
 
 use std::io::{Seek, SeekFrom, Write};
 
+pub use mira_blobs::layers::LevelPlace;
+
 /// The stored tile size.
 pub const TILE: u32 = 256;
 
@@ -107,7 +109,78 @@ pub fn write_rgb<W: Write + Seek>(
             }
         }
     }
-    Ok(writer.finish()?)
+    Ok(writer.finish_in_place()?)
+}
+
+/// Takes the pipeline's tiles ([`crate::deepzoom::Builder`] on a 256-pixel grid without
+/// overlap, so its DeepZoom level n is the layer's level count − 1 − n) and writes them into a
+/// layer: each tile padded to 256×256 and encoded on the calling thread, then each tile row of a
+/// level written once all its tiles are there, column by column, so the bytes are the same on
+/// every run whatever order the threads finish in.
+pub struct LayerSink<W: Write + Send> {
+    quality: u8,
+    state: std::sync::Mutex<SinkState<W>>,
+}
+
+struct SinkState<W: Write> {
+    writer: LayerWriter<W>,
+    /// Per layer level: the tile row being gathered and its tiles so far.
+    rows: Vec<(u64, Vec<Option<Vec<u8>>>)>,
+}
+
+impl<W: Write + Send> LayerSink<W> {
+    pub fn new(writer: LayerWriter<W>, quality: u8) -> Self {
+        let rows = writer
+            .levels
+            .iter()
+            .map(|l| (0, vec![None; l.columns as usize]))
+            .collect();
+        Self {
+            quality,
+            state: std::sync::Mutex::new(SinkState { writer, rows }),
+        }
+    }
+
+    /// Every tile was given: the layer's directories are written ([`LayerWriter::finish`]).
+    pub fn finish(self) -> Result<Finished<W>, LayerError> {
+        let state = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
+        state.writer.finish()
+    }
+}
+
+impl<W: Write + Send> crate::deepzoom::TileSink for LayerSink<W> {
+    fn tile(&self, level: usize, col: u64, row: u64, width: u32, height: u32, rgb: &[u8]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            width <= TILE && height <= TILE,
+            "a layer's tiles are at most {TILE} pixels a side"
+        );
+        let padded;
+        let px = if (width, height) == (TILE, TILE) {
+            rgb
+        } else {
+            padded = padded_tile(rgb, width, height, 0, 0);
+            &padded
+        };
+        let jpeg = crate::process::encode(crate::process::TileFormat::Jpeg, self.quality, TILE, TILE, px)?;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let count = state.rows.len();
+        anyhow::ensure!(level < count, "DeepZoom level {level} is not in a {count}-level layer");
+        let ifd = count - 1 - level;
+        let (at, tiles) = &mut state.rows[ifd];
+        anyhow::ensure!(
+            *at == row && (col as usize) < tiles.len() && tiles[col as usize].is_none(),
+            "tile {col},{row} of DeepZoom level {level} came out of order (row {at} is being gathered)"
+        );
+        tiles[col as usize] = Some(jpeg);
+        if tiles.iter().all(Option::is_some) {
+            let done: Vec<Vec<u8>> = tiles.iter_mut().map(|t| t.take().expect("all there")).collect();
+            *at += 1;
+            for t in done {
+                state.writer.tile_of(ifd, &t)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where one level's tiles lie in the object: what serving a tile needs without parsing the TIFF.
@@ -122,6 +195,24 @@ pub struct LevelIndex {
     pub byte_counts: Vec<u64>,
 }
 
+/// A layer written: the writer, each level's tiles (full resolution first), where their index
+/// lies in the object, the object's size, and the header's first-directory offset, which a
+/// writer that cannot seek back writes at bytes 8..16 itself ([`Finished::patch`]).
+pub struct Finished<W> {
+    pub out: W,
+    pub levels: Vec<LevelIndex>,
+    pub places: Vec<LevelPlace>,
+    pub bytes: u64,
+    pub first_ifd: u64,
+}
+
+impl<W> Finished<W> {
+    /// The header's bytes written last: the offset and its value.
+    pub fn patch(&self) -> (u64, [u8; 8]) {
+        (8, self.first_ifd.to_le_bytes())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
     #[error("writing the layer failed: {0}")]
@@ -131,8 +222,9 @@ pub enum LayerError {
 }
 
 /// Writes a layer: [`LayerWriter::tile`] for every tile of every level in order (level 0 first,
-/// row by row), then [`LayerWriter::finish`].
-pub struct LayerWriter<W: Write + Seek> {
+/// row by row), or [`LayerWriter::tile_of`] for levels made side by side (each level's tiles
+/// still row by row); then [`LayerWriter::finish`].
+pub struct LayerWriter<W: Write> {
     out: W,
     pos: u64,
     sizes: Vec<(u32, u32)>,
@@ -143,7 +235,7 @@ pub struct LayerWriter<W: Write + Seek> {
 
 const HEADER: u64 = 16;
 
-impl<W: Write + Seek> LayerWriter<W> {
+impl<W: Write> LayerWriter<W> {
     /// A layer of a `width`×`height` slide; `mpp` its microns per pixel (x, y), when known.
     pub fn new(mut out: W, width: u32, height: u32, mpp: Option<(f64, f64)>) -> Result<Self, LayerError> {
         // "II", 43 (BigTIFF), 8-byte offsets, 0, and the first IFD's offset: written by `finish`.
@@ -152,12 +244,27 @@ impl<W: Write + Seek> LayerWriter<W> {
         let resolution = mpp
             .filter(|(x, y)| x.is_finite() && y.is_finite() && *x > 0.0 && *y > 0.0)
             .map(|(x, y)| (1e4 / x, 1e4 / y));
+        let sizes = level_sizes(width, height);
+        let levels = sizes
+            .iter()
+            .map(|&(width, height)| {
+                let (columns, rows) = grid(width, height);
+                LevelIndex {
+                    width,
+                    height,
+                    columns,
+                    rows,
+                    offsets: Vec::new(),
+                    byte_counts: Vec::new(),
+                }
+            })
+            .collect();
         Ok(Self {
             out,
             pos: HEADER,
-            sizes: level_sizes(width, height),
+            sizes,
             resolution,
-            levels: Vec::new(),
+            levels,
         })
     }
 
@@ -166,45 +273,43 @@ impl<W: Write + Seek> LayerWriter<W> {
         &self.sizes
     }
 
-    /// The next tile's JPEG (a complete 256×256 baseline stream).
+    /// The next tile's JPEG (a complete 256×256 baseline stream), in the layer's own order:
+    /// the first level not yet full.
     pub fn tile(&mut self, jpeg: &[u8]) -> Result<(), LayerError> {
         let full = |l: &LevelIndex| l.offsets.len() == (l.columns * l.rows) as usize;
-        if self.levels.last().is_none_or(full) {
-            let Some(&(width, height)) = self.sizes.get(self.levels.len()) else {
-                return Err(LayerError::Order("more tiles than the pyramid has".into()));
-            };
-            let (columns, rows) = grid(width, height);
-            self.levels.push(LevelIndex {
-                width,
-                height,
-                columns,
-                rows,
-                offsets: Vec::new(),
-                byte_counts: Vec::new(),
-            });
+        let Some(level) = self.levels.iter().position(|l| !full(l)) else {
+            return Err(LayerError::Order("more tiles than the pyramid has".into()));
+        };
+        self.tile_of(level, jpeg)
+    }
+
+    /// The next tile of `level` (0 is full resolution), row by row.
+    pub fn tile_of(&mut self, level: usize, jpeg: &[u8]) -> Result<(), LayerError> {
+        let Some(l) = self.levels.get_mut(level) else {
+            return Err(LayerError::Order(format!("the pyramid has no level {level}")));
+        };
+        if l.offsets.len() == (l.columns * l.rows) as usize {
+            return Err(LayerError::Order(format!("more tiles than level {level} has")));
         }
-        let level = self.levels.last_mut().expect("pushed above");
         self.out.write_all(jpeg)?;
-        level.offsets.push(self.pos);
-        level.byte_counts.push(jpeg.len() as u64);
+        l.offsets.push(self.pos);
+        l.byte_counts.push(jpeg.len() as u64);
         self.pos += jpeg.len() as u64;
         Ok(())
     }
 
-    /// Writes the directories and the header's first-IFD offset; returns the writer and each
-    /// level's tile index.
-    pub fn finish(mut self) -> Result<(W, Vec<LevelIndex>), LayerError> {
-        let complete = self.levels.len() == self.sizes.len()
-            && self
-                .levels
-                .iter()
-                .all(|l| l.offsets.len() == (l.columns * l.rows) as usize);
-        if !complete {
-            return Err(LayerError::Order(format!(
-                "{} of {} levels written",
-                self.levels.len(),
-                self.sizes.len()
-            )));
+    /// Writes the directories; the header's first-directory offset is the caller's to write
+    /// ([`Finished::patch`]; [`LayerWriter::finish_in_place`] when the writer can seek).
+    pub fn finish(mut self) -> Result<Finished<W>, LayerError> {
+        let short: Vec<String> = self
+            .levels
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.offsets.len() != (l.columns * l.rows) as usize)
+            .map(|(i, l)| format!("level {i} has {} of {} tiles", l.offsets.len(), l.columns * l.rows))
+            .collect();
+        if !short.is_empty() {
+            return Err(LayerError::Order(short.join("; ")));
         }
         // Word-align the directories (TIFF asks for even offsets).
         if self.pos % 2 == 1 {
@@ -213,17 +318,42 @@ impl<W: Write + Seek> LayerWriter<W> {
         }
         let first = self.pos;
         let count = self.levels.len();
+        let mut places = Vec::with_capacity(count);
         for (i, level) in self.levels.iter().enumerate() {
             let ifd = Ifd::of(level, i > 0, self.resolution);
-            let bytes = ifd.bytes(self.pos, i + 1 < count);
+            let (bytes, at) = ifd.bytes(self.pos, i + 1 < count);
+            places.push(LevelPlace {
+                width: level.width,
+                height: level.height,
+                columns: level.columns,
+                rows: level.rows,
+                offsets_at: at(324),
+                byte_counts_at: at(325),
+            });
             self.out.write_all(&bytes)?;
             self.pos += bytes.len() as u64;
         }
-        self.out.seek(SeekFrom::Start(8))?;
-        self.out.write_all(&first.to_le_bytes())?;
-        self.out.seek(SeekFrom::Start(self.pos))?;
         self.out.flush()?;
-        Ok((self.out, self.levels))
+        Ok(Finished {
+            out: self.out,
+            levels: self.levels,
+            places,
+            bytes: self.pos,
+            first_ifd: first,
+        })
+    }
+}
+
+impl<W: Write + Seek> LayerWriter<W> {
+    /// [`LayerWriter::finish`], writing the header's first-directory offset in place.
+    pub fn finish_in_place(self) -> Result<(W, Vec<LevelIndex>), LayerError> {
+        let mut f = self.finish()?;
+        let (at, bytes) = f.patch();
+        f.out.seek(SeekFrom::Start(at))?;
+        f.out.write_all(&bytes)?;
+        f.out.seek(SeekFrom::Start(f.bytes))?;
+        f.out.flush()?;
+        Ok((f.out, f.levels))
     }
 }
 
@@ -329,17 +459,20 @@ impl Ifd {
 
     /// The directory written at `at`: its entries, the next directory's offset (right after this
     /// one's values, when `next`), then the values that do not fit in an entry.
-    fn bytes(&self, at: u64, next: bool) -> Vec<u8> {
+    /// Also returns where each tag's values lie in the object (in its entry when they fit).
+    fn bytes(&self, at: u64, next: bool) -> (Vec<u8>, impl Fn(u16) -> u64) {
         let head = 8 + self.0.len() as u64 * 20 + 8;
         let mut values: Vec<u8> = Vec::new();
         let mut out = Vec::with_capacity(head as usize);
+        let mut placed = Vec::with_capacity(self.0.len());
         out.extend((self.0.len() as u64).to_le_bytes());
-        for e in &self.0 {
+        for (i, e) in self.0.iter().enumerate() {
             out.extend(e.tag.to_le_bytes());
             out.extend((e.ty as u16).to_le_bytes());
             out.extend(e.count.to_le_bytes());
             debug_assert_eq!(e.data.len(), e.ty.size() * e.count as usize);
             if e.data.len() <= 8 {
+                placed.push((e.tag, at + 8 + i as u64 * 20 + 12));
                 let mut inline = [0u8; 8];
                 inline[..e.data.len()].copy_from_slice(&e.data);
                 out.extend(inline);
@@ -347,6 +480,7 @@ impl Ifd {
                 if values.len() % 2 == 1 {
                     values.push(0);
                 }
+                placed.push((e.tag, at + head + values.len() as u64));
                 out.extend((at + head + values.len() as u64).to_le_bytes());
                 values.extend(&e.data);
             }
@@ -357,7 +491,8 @@ impl Ifd {
         let next_at = if next { at + head + values.len() as u64 } else { 0 };
         out.extend(next_at.to_le_bytes());
         out.extend(values);
-        out
+        let at = move |tag: u16| placed.iter().find(|p| p.0 == tag).map(|p| p.1).unwrap_or(0);
+        (out, at)
     }
 }
 
@@ -409,5 +544,48 @@ mod tests {
         let mut w = LayerWriter::new(std::io::Cursor::new(Vec::new()), 1, 1, None).unwrap();
         w.tile(b"x").unwrap();
         assert!(w.tile(b"y").is_err(), "more tiles than the pyramid has");
+    }
+
+    /// Levels made side by side (as the pipeline makes them) are written as they come, and the
+    /// places the manifest records hold each level's offsets and byte counts, inline ones (a
+    /// one-tile level) included.
+    #[test]
+    fn levels_written_side_by_side_are_indexed_where_the_manifest_says() {
+        // 600×300: levels 600×300 (3×2 tiles), 300×150 (2×1), then one tile each.
+        let mut w = LayerWriter::new(Vec::new(), 600, 300, Some((0.5, 0.5))).unwrap();
+        let n = w.sizes().len();
+        let mut order = vec![(0, 0), (0, 1), (0, 2), (1, 0), (0, 3)];
+        order.extend([(0, 4), (0, 5), (1, 1)]);
+        order.extend((2..n).map(|l| (l, 0)));
+        for (level, k) in order {
+            w.tile_of(level, format!("L{level}T{k}").as_bytes()).unwrap();
+        }
+        let f = w.finish().unwrap();
+        let mut bytes = f.out.clone();
+        let (at, patch) = f.patch();
+        bytes[at as usize..at as usize + 8].copy_from_slice(&patch);
+        assert_eq!(f.bytes, bytes.len() as u64);
+        let long8s = |at: u64, n: usize| -> Vec<u64> {
+            (0..n)
+                .map(|i| {
+                    let p = at as usize + i * 8;
+                    u64::from_le_bytes(bytes[p..p + 8].try_into().unwrap())
+                })
+                .collect()
+        };
+        for (level, (index, place)) in f.levels.iter().zip(&f.places).enumerate() {
+            let count = (place.columns * place.rows) as usize;
+            assert_eq!(long8s(place.offsets_at, count), index.offsets, "level {level}");
+            assert_eq!(long8s(place.byte_counts_at, count), index.byte_counts, "level {level}");
+            for (k, (&o, &c)) in index.offsets.iter().zip(&index.byte_counts).enumerate() {
+                assert_eq!(&bytes[o as usize..(o + c) as usize], format!("L{level}T{k}").as_bytes());
+            }
+        }
+        assert_eq!(u64::from_le_bytes(bytes[8..16].try_into().unwrap()), f.first_ifd);
+        // A level given more tiles than it has is refused.
+        let mut w = LayerWriter::new(Vec::new(), 2, 2, None).unwrap();
+        w.tile_of(1, b"a").unwrap();
+        assert!(w.tile_of(1, b"b").is_err());
+        assert!(w.tile_of(2, b"c").is_err(), "no such level");
     }
 }

@@ -19,6 +19,7 @@ pub mod attempt;
 pub mod deepzoom;
 pub mod kernels;
 pub mod layer;
+pub mod layerpipe;
 pub mod pipeline;
 pub mod process;
 pub mod run;

@@ -134,6 +134,66 @@ fn openslide_and_vips_read_the_layer_as_written() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A layer made the way the pipeline makes it: the DeepZoom builder on a 256-pixel grid without
+/// overlap, its levels side by side, tiles encoded on many threads. OpenSlide reads every level
+/// as exactly the stored tiles, the index the manifest will carry points at each level's
+/// arrays, and two runs give the same bytes whatever order the threads finished in.
+#[test]
+fn the_pipelines_builder_writes_a_layer_openslide_reads_the_same_every_time() {
+    use mira_gpu_worker::deepzoom::{Builder, Geometry};
+    let dir = scratch("builder");
+    let (w, h) = (1300u32, 900u32);
+    let px = picture(w, h);
+    let make = |name: &str| {
+        let path = dir.join(name);
+        let writer = layer::LayerWriter::new(Vec::new(), w, h, Some((0.25, 0.25))).unwrap();
+        let sink = layer::LayerSink::new(writer, 85);
+        let mut b = Builder::new(Geometry::new(u64::from(w), u64::from(h), TILE, 0), &sink);
+        // Bands of 100 rows: tile rows complete in the middle of a band and across bands.
+        for band in px.chunks((w * 3 * 100) as usize) {
+            b.push(band).unwrap();
+        }
+        b.finish().unwrap();
+        drop(b);
+        let f = sink.finish().unwrap();
+        let mut bytes = f.out.clone();
+        let (at, patch) = f.patch();
+        bytes[at as usize..at as usize + 8].copy_from_slice(&patch);
+        std::fs::write(&path, &bytes).unwrap();
+        (path, bytes, f.levels, f.places)
+    };
+    let (path, bytes, index, places) = make("a.tiff");
+    assert_eq!(index.len(), 12, "1300×900 down to 1×1");
+    let slide = Slide::open_with(&path, Reader::OpenSlide).unwrap();
+    assert_eq!(slide.levels().len(), index.len());
+    for (i, ix) in index.iter().enumerate() {
+        let read = slide
+            .read_rgb_openslide(i as u32, 0, 0, u64::from(ix.width), u64::from(ix.height))
+            .unwrap();
+        assert!(
+            read == decoded_level(&path, ix),
+            "level {i} differs from its stored tiles"
+        );
+        let at = places[i].offsets_at as usize;
+        let first = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+        assert_eq!(first, ix.offsets[0], "level {i}'s offsets are where the index says");
+    }
+    // Full resolution is the image itself, through JPEG at quality 85.
+    let full = decoded_level(&path, &index[0]);
+    let mse: f64 = full
+        .iter()
+        .zip(&px)
+        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+        .sum::<f64>()
+        / px.len() as f64;
+    let psnr = 10.0 * (255.0f64 * 255.0 / mse).log10();
+    assert!(psnr > 30.0, "{psnr:.1} dB");
+    for run in ["b.tiff", "c.tiff"] {
+        assert!(make(run).1 == bytes, "{run}: the layer's bytes are repeatable");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_same_pixels_give_the_same_bytes_and_no_mpp_gives_no_resolution() {
     let dir = scratch("repeat");
