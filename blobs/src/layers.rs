@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::PartHash;
+use crate::stream::PartHash;
 
 /// Where a level's tile offsets and byte counts lie in the object (each an array of
 /// little-endian u64, `columns × rows` long, row by row).

@@ -15,7 +15,6 @@ use sha2::{Digest, Sha256};
 
 pub mod layers;
 pub mod stream;
-pub use stream::{ObjectStream, PartHash, StreamSettings, Streamed};
 
 /// An S3 client for Mira's buckets (slides, results, the witness): in `region` when given,
 /// and with an emulator endpoint (`AWS_ENDPOINT_URL`) path-style addressing, since
@@ -50,6 +49,17 @@ impl ObjectStore {
     /// A local path holding the object (downloaded into `scratch` when it lives in S3): the
     /// version `version_id` when given (a versioned bucket), else the newest.
     pub async fn fetch(&self, key: &str, version_id: Option<&str>, scratch: &Path) -> Result<PathBuf, BlobError> {
+        self.fetch_as(key, version_id, scratch, "slide").await
+    }
+
+    /// As [`ObjectStore::fetch`], an object from S3 landing in `scratch` as `name`.
+    pub async fn fetch_as(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+        scratch: &Path,
+        name: &str,
+    ) -> Result<PathBuf, BlobError> {
         if !valid_key(key) {
             return Err(BlobError::Storage(format!("invalid object key {key:?}")));
         }
@@ -63,7 +73,7 @@ impl ObjectStore {
                 }
             }
             Self::S3 { client, bucket } => {
-                let path = scratch.join("slide");
+                let path = scratch.join(name);
                 let obj = client
                     .get_object()
                     .bucket(bucket)
@@ -250,6 +260,8 @@ pub trait BlobStore: Send + Sync {
     /// `len` bytes from `start` of the result object `key` (one ranged GET on S3); `None` when
     /// the object does not exist. A range past the object's end is an error.
     async fn read_result_range(&self, key: &str, start: u64, len: u64) -> Result<Option<Vec<u8>>, BlobError>;
+    /// The whole result object `key` (a manifest); `None` when it does not exist.
+    async fn read_result(&self, key: &str) -> Result<Option<Vec<u8>>, BlobError>;
     /// Is the store reachable (for `/readyz`)?
     async fn ready(&self) -> Result<(), BlobError>;
 }
@@ -555,6 +567,27 @@ impl BlobStore for S3Blobs {
             .await
             .map_err(s3err)?;
         Ok(req.uri().to_owned())
+    }
+
+    async fn read_result(&self, key: &str) -> Result<Option<Vec<u8>>, BlobError> {
+        let got = self
+            .client
+            .get_object()
+            .bucket(&self.results_bucket)
+            .key(key)
+            .send()
+            .await;
+        let obj = match got {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(s3err(e)),
+        };
+        let bytes = obj
+            .body
+            .collect()
+            .await
+            .map_err(|e| BlobError::Storage(format!("reading {key}: {e}")))?;
+        Ok(Some(bytes.into_bytes().to_vec()))
     }
 
     async fn read_result_range(&self, key: &str, start: u64, len: u64) -> Result<Option<Vec<u8>>, BlobError> {
@@ -1048,6 +1081,17 @@ impl BlobStore for LocalBlobs {
 
     async fn download_url(&self, key: &str) -> Result<String, BlobError> {
         Ok(self.url("GET", key, None, None, None))
+    }
+
+    async fn read_result(&self, key: &str) -> Result<Option<Vec<u8>>, BlobError> {
+        if !valid_key(key) {
+            return Err(BlobError::Storage(format!("invalid object key {key:?}")));
+        }
+        match tokio::fs::read(self.path_of(key)).await {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(e)),
+        }
     }
 
     async fn read_result_range(&self, key: &str, start: u64, len: u64) -> Result<Option<Vec<u8>>, BlobError> {

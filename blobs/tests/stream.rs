@@ -74,7 +74,7 @@ async fn stream(
     key: &str,
     data: &[u8],
     settings: StreamSettings,
-) -> Result<mira_blobs::Streamed, BlobError> {
+) -> Result<mira_blobs::stream::Streamed, BlobError> {
     let mut s = store.stream(key, settings).await?;
     for piece in data.chunks(10_007) {
         s.write(piece).await?;

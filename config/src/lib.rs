@@ -224,6 +224,12 @@ pub struct WorkerSettings {
     /// A test hook: the attempt's process allocates and fills this many bytes before it starts,
     /// so the memory limit can be seen at work. 0 (the default) in production.
     pub test_allocate_bytes: u64,
+    /// A result layer is uploaded as it is written, in parts of this many bytes; the first part
+    /// (with the layer's header) is held in memory and sent last (ADR 0036). S3 wants 5 MiB at
+    /// least for every part but the last.
+    pub layer_part_bytes: u64,
+    /// Parts of a layer uploading at once.
+    pub layer_upload_parallel: usize,
 }
 
 /// The job lifecycle the handlers drive (DESIGN §5.3).
@@ -321,6 +327,8 @@ impl Default for WorkerSettings {
             memory_budget_bytes: 8 << 30,
             seconds_per_gigapixel: 600,
             test_allocate_bytes: 0,
+            layer_part_bytes: 8 << 20,
+            layer_upload_parallel: 4,
         }
     }
 }
@@ -1028,6 +1036,15 @@ impl Settings {
         }
         if !(1..=86_400).contains(&self.worker.seconds_per_gigapixel) {
             return invalid("Worker__SecondsPerGigapixel", "must be 1 to 86400");
+        }
+        if !((64 << 10)..=(5 << 30)).contains(&self.worker.layer_part_bytes) {
+            return invalid(
+                "Worker__LayerPartBytes",
+                "must be 65536 to 5368709120 (S3 wants 5242880 at least)",
+            );
+        }
+        if !(1..=64).contains(&self.worker.layer_upload_parallel) {
+            return invalid("Worker__LayerUploadParallel", "must be 1 to 64");
         }
         if !(60..=7 * 86_400).contains(&self.worker.max_attempt_seconds) {
             return invalid("Worker__MaxAttemptSeconds", "must be 60 to 604800 (a week)");

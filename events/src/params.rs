@@ -260,13 +260,18 @@ pub fn parse_name<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct PreprocessParams {
+    /// The tile edge of the job's DeepZoom export. Results are stored as layers of 256-pixel
+    /// tiles without overlap (ADR 0036), served and exported in this form.
     #[schema(minimum = 16, maximum = 4096, default = 254)]
     pub tile_size: u32,
-    /// At most a quarter of `tile_size`.
+    /// The DeepZoom export's overlap: at most a quarter of `tile_size`.
     #[schema(default = 1)]
     pub overlap: u32,
+    /// The DeepZoom export's tile format. Stored tiles are JPEG at `quality`, so `png` is
+    /// re-encoded from them: no longer lossless.
     #[schema(inline, default = "jpeg")]
     pub format: TileFormat,
+    /// The JPEG quality of the stored layers' tiles.
     #[schema(minimum = 1, maximum = 100, default = 80)]
     pub quality: u8,
     #[schema(default = true)]

@@ -132,6 +132,7 @@ pub async fn state(
     let keyring = mira_keys::keyring(settings, &pool).await?;
     let (blobs, local_blobs) = blob_store(settings, public_url).await?;
     Ok(AppState::new(Services {
+        layers: Default::default(),
         commands: Commands::new(EventLog::new(pool.clone()), keyring.clone()),
         read: mira_projections::ReadModels::new(pool.clone()),
         pool,

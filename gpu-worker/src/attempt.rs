@@ -63,6 +63,26 @@ pub struct Supervisor {
     pub allocate_bytes: u64,
 }
 
+/// The child's file descriptor for the layers' pipe.
+const LAYERS_FD: std::os::fd::RawFd = 3;
+
+/// A pipe, both ends close-on-exec: (read, write).
+fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0 as libc::c_int; 2];
+    #[allow(unsafe_code)]
+    // SAFETY: pipe2 writes two new descriptors into `fds`, which this function then owns.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        ))
+    }
+}
+
 /// The fixed part of an attempt's time budget.
 pub const BUDGET_BASE_SECONDS: u64 = 600;
 
@@ -73,11 +93,24 @@ pub fn time_budget(pixels: u64, per_gigapixel: u64, cap: Duration) -> Duration {
     Duration::from_secs_f64(secs).min(cap)
 }
 
+/// Where an attempt's layers are uploaded as the child writes them (ADR 0036).
+#[derive(Debug, Clone)]
+pub struct LayerUpload {
+    pub store: mira_blobs::ObjectStore,
+    /// The attempt's results prefix.
+    pub prefix: String,
+    pub settings: mira_blobs::stream::StreamSettings,
+}
+
 /// How a child's attempt ended.
 #[derive(Debug)]
 pub enum Ended {
-    /// The pyramid and its manifest are in the output directory.
-    Done(serde_json::Value),
+    /// The manifest and the results other than the layers are in the output directory; the
+    /// layers are stored, by name.
+    Done(
+        serde_json::Value,
+        std::collections::BTreeMap<String, mira_blobs::stream::Streamed>,
+    ),
     /// The pipeline failed and said so.
     Failed { reason: String, retryable: bool },
     /// Killed for making no progress.
@@ -124,6 +157,7 @@ impl Supervisor {
         spec: &JobSpec,
         device: &Device,
         reader: Reader,
+        layers_fd: Option<std::os::fd::RawFd>,
     ) -> tokio::process::Command {
         let mut c = tokio::process::Command::new(&self.program);
         c.arg("process")
@@ -138,6 +172,9 @@ impl Supervisor {
             .args(["--memory-budget-bytes", &self.memory_budget.to_string()])
             .args(["--allocate-bytes", &self.allocate_bytes.to_string()])
             .arg("--report");
+        if layers_fd.is_some() {
+            c.args(["--layers-fd", &LAYERS_FD.to_string()]);
+        }
         c.env_clear();
         for (k, v) in std::env::vars_os() {
             let name = k.to_string_lossy();
@@ -163,8 +200,8 @@ impl Supervisor {
             rlim_max: self.memory_budget as libc::rlim_t,
         };
         #[allow(unsafe_code)]
-        // SAFETY: setpgid, prctl, getppid and _exit are async-signal-safe and touch only the
-        // child's own state.
+        // SAFETY: setpgid, prctl, getppid, fcntl, dup2 and _exit are async-signal-safe and
+        // touch only the child's own state.
         unsafe {
             c.pre_exec(move || {
                 // A group of its own: a Ctrl-C at a terminal, or a signal to the worker's group,
@@ -187,6 +224,18 @@ impl Supervisor {
                 if libc::getppid() != worker {
                     libc::_exit(1);
                 }
+                // The layers' pipe as fd 3, left open across exec (a dup2 copy has no
+                // close-on-exec; the same number keeps the flag, so it is cleared).
+                if let Some(w) = layers_fd {
+                    let moved = if w == LAYERS_FD {
+                        libc::fcntl(w, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(w, LAYERS_FD)
+                    };
+                    if moved < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -205,13 +254,47 @@ impl Supervisor {
         pixels: u64,
         progress: &tokio::sync::watch::Sender<(u64, u64)>,
         stop: &CancellationToken,
+        layers: Option<&LayerUpload>,
     ) -> anyhow::Result<Ended> {
         let started = Instant::now();
         let budget = time_budget(pixels, self.seconds_per_gigapixel, self.budget);
-        let mut child = self
-            .command(input, out, spec, device, reader)
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.program.display()))?;
+        // The layers' pipe: the child writes, a task of this worker uploads as the bytes come.
+        let (mut receiving, write_end) = match layers {
+            Some(up) => {
+                let (read, write) = pipe()?;
+                let from = tokio::fs::File::from_std(std::fs::File::from(read));
+                let up = up.clone();
+                let task = tokio::spawn(async move {
+                    crate::layerpipe::receive(from, &up.store, &up.prefix, crate::layerpipe::LAYERS, up.settings).await
+                });
+                (Some(task), Some(write))
+            }
+            None => (None, None),
+        };
+        let spawned = self
+            .command(
+                input,
+                out,
+                spec,
+                device,
+                reader,
+                write_end.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+            )
+            .spawn();
+        // The child has its copy; this one would keep the pipe from ever ending.
+        drop(write_end);
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(t) = receiving {
+                    let _ = t.await;
+                }
+                anyhow::bail!("cannot start {}: {e}", self.program.display());
+            }
+        };
+        let mut stored_layers: Option<
+            Result<std::collections::BTreeMap<String, mira_blobs::stream::Streamed>, String>,
+        > = None;
         let stdout = child.stdout.take().expect("the child's stdout is piped");
         // The child's log goes on to the worker's; its last lines explain an abnormal end.
         let stderr = child.stderr.take().expect("the child's stderr is piped");
@@ -267,9 +350,19 @@ impl Supervisor {
                     }
                     Ok(None) | Err(_) => break None,
                 },
+                got = async { receiving.as_mut().expect("polled only while receiving").await }, if receiving.is_some() => {
+                    receiving = None;
+                    let got = got.unwrap_or_else(|e| Err(format!("the layers' upload ended: {e}")));
+                    if let Err(why) = &got {
+                        // Nothing more is read from the pipe: the child would wait on it for ever.
+                        break Some(Ended::Failed { reason: why.clone(), retryable: true });
+                    }
+                    stored_layers = Some(got);
+                }
                 _ = stop.cancelled() => {
                     kill("the attempt was stopped");
                     let _ = child.kill().await;
+                    finish_receiving(receiving).await;
                     return Ok(Ended::Stopped);
                 }
                 _ = tokio::time::sleep_until(moved + self.stall) => {
@@ -292,19 +385,37 @@ impl Supervisor {
         };
         drop(stage_span);
         if let Some(end) = killed {
-            if let Ended::Stalled(why) | Ended::OverBudget(why) = &end {
+            if let Ended::Stalled(why) | Ended::OverBudget(why) | Ended::Failed { reason: why, .. } = &end {
                 kill(why);
             }
             let _ = child.kill().await;
+            finish_receiving(receiving).await;
             return Ok(end);
         }
         let status = child.wait().await?;
+        // The child is gone and its end of the pipe with it: the upload ends now.
+        if let Some(t) = receiving.take() {
+            stored_layers = Some(
+                t.await
+                    .unwrap_or_else(|e| Err(format!("the layers' upload ended: {e}"))),
+            );
+        }
+        let layers_stored = match stored_layers {
+            Some(Ok(l)) => l,
+            Some(Err(why)) if status.success() => {
+                return Ok(Ended::Failed {
+                    reason: format!("cannot store the results: {why}"),
+                    retryable: true,
+                })
+            }
+            _ => Default::default(),
+        };
         if in_stage && status.success() {
             record_stage(kind, &stage, stage_began);
         }
         let stderr = said.await.unwrap_or_default();
         Ok(match last {
-            Some(Line::Summary(s)) if status.success() => Ended::Done(s),
+            Some(Line::Summary(s)) if status.success() => Ended::Done(s, layers_stored),
             Some(Line::Error { reason, retryable }) => Ended::Failed { reason, retryable },
             _ => match stderr.iter().rev().find(|l| l.contains("memory allocation of")) {
                 // Rust's own words when an allocation fails: the data limit was reached.
@@ -322,6 +433,20 @@ impl Supervisor {
                 },
             },
         })
+    }
+}
+
+/// Waits for the layers' upload of a child that was killed: the pipe has ended, so it fails
+/// and aborts what it began.
+async fn finish_receiving(
+    receiving: Option<
+        tokio::task::JoinHandle<Result<std::collections::BTreeMap<String, mira_blobs::stream::Streamed>, String>>,
+    >,
+) {
+    if let Some(t) = receiving {
+        if let Ok(Err(why)) = t.await {
+            tracing::debug!(why, "the layers' upload of a stopped attempt was aborted");
+        }
     }
 }
 

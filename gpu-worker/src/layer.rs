@@ -104,7 +104,7 @@ pub fn write_rgb<W: Write + Seek>(
         for row in 0..rows {
             for col in 0..cols {
                 let tile = padded_tile(px, w, h, col, row);
-                let jpeg = crate::process::encode(crate::process::TileFormat::Jpeg, quality, TILE, TILE, &tile)?;
+                let jpeg = crate::encode::encode(mira_events::params::TileFormat::Jpeg, quality, TILE, TILE, &tile)?;
                 writer.tile(&jpeg)?;
             }
         }
@@ -161,7 +161,7 @@ impl<W: Write + Send> crate::deepzoom::TileSink for LayerSink<W> {
             padded = padded_tile(rgb, width, height, 0, 0);
             &padded
         };
-        let jpeg = crate::process::encode(crate::process::TileFormat::Jpeg, self.quality, TILE, TILE, px)?;
+        let jpeg = crate::encode::encode(mira_events::params::TileFormat::Jpeg, self.quality, TILE, TILE, px)?;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let count = state.rows.len();
         anyhow::ensure!(level < count, "DeepZoom level {level} is not in a {count}-level layer");

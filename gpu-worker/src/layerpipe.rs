@@ -3,7 +3,7 @@
 //! The attempt's process has no credentials (ADR 0022), so it cannot upload; writing each layer
 //! to local disk first would hold a whole slide's pyramid on the node. Instead the process
 //! writes its layers into a pipe the worker gave it, and the worker sends them on to the
-//! results store as they come ([`mira_blobs::ObjectStream`]: parts as they fill, the first one,
+//! results store as they come ([`mira_blobs::stream::ObjectStream`]: parts as they fill, the first one,
 //! with the header, patched and sent last). A slow store slows the pipe, and with it the
 //! pipeline: memory stays bounded.
 //!
@@ -21,8 +21,12 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use mira_blobs::{ObjectStore, StreamSettings, Streamed};
+use mira_blobs::stream::{StreamSettings, Streamed};
+use mira_blobs::ObjectStore;
 use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// The layers an attempt may send.
+pub const LAYERS: &[&str] = &["slide.tiff", "normalized.tiff"];
 
 /// The largest data frame.
 pub const MAX_FRAME: usize = 4 << 20;
@@ -106,7 +110,7 @@ pub async fn receive(
     expected: &[&str],
     settings: StreamSettings,
 ) -> Result<BTreeMap<String, Streamed>, String> {
-    let mut open: BTreeMap<u8, (String, mira_blobs::ObjectStream)> = BTreeMap::new();
+    let mut open: BTreeMap<u8, (String, mira_blobs::stream::ObjectStream)> = BTreeMap::new();
     let mut done = BTreeMap::new();
     let result = async {
         let mut buf = Vec::new();

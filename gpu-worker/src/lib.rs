@@ -17,6 +17,7 @@
 
 pub mod attempt;
 pub mod deepzoom;
+pub mod encode;
 pub mod kernels;
 pub mod layer;
 pub mod layerpipe;

@@ -45,6 +45,14 @@ enum Command {
         /// Skip the tissue mask and the tiles' tissue fractions.
         #[arg(long)]
         no_tissue: bool,
+        /// Write each pyramid as one pyramidal BigTIFF (`slide.tiff`, ADR 0036), as the worker
+        /// stores results, instead of a DeepZoom tree.
+        #[arg(long)]
+        layers: bool,
+        /// As an attempt of `mira-worker run`: send the layers through this file descriptor, a
+        /// pipe the worker reads and uploads from.
+        #[arg(long, hide = true, value_name = "FD")]
+        layers_fd: Option<i32>,
         /// The job to run, as `JobSubmitted` stores it (`{"kind": …, "params": …}`), in place of
         /// the options above: how `mira-worker run` starts an attempt.
         #[arg(long, hide = true, value_name = "JSON")]
@@ -115,6 +123,23 @@ enum Command {
     },
     /// Open a slide and print the metadata Mira records for it, or why it is refused.
     Inspect { slide: PathBuf },
+    /// Write a succeeded job's pyramids as DeepZoom trees (`slide.dzi`, `slide_files/`; the
+    /// normalised ones as `normalized.*`) with the job's tile size, overlap and format, for
+    /// anyone who wants files. Settings as for `run`.
+    Export {
+        /// Optional TOML settings file, read after the defaults and before the environment.
+        #[arg(long, env = "MIRA_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The job's tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The job.
+        #[arg(long)]
+        job: String,
+        /// An empty (or new) directory to write the trees into.
+        #[arg(long, value_name = "DIR")]
+        dzi: PathBuf,
+    },
 }
 
 /// Which queue `run` and `verify` consume.
@@ -145,6 +170,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             quality,
             normalize,
             no_tissue,
+            layers,
+            layers_fd,
             spec,
             json,
             report,
@@ -185,6 +212,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     max_pixels: max_slide_pixels.unwrap_or(settings.worker.max_slide_pixels),
                 },
                 memory_budget: memory_budget_bytes.unwrap_or(settings.worker.memory_budget_bytes),
+                layers: match layers_fd {
+                    Some(fd) => Some(process::LayerOutput::Pipe(layer_pipe(fd)?)),
+                    None => layers.then_some(process::LayerOutput::Files),
+                },
             };
             if report {
                 if allocate_bytes > 0 {
@@ -231,6 +262,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Kernels { arch } => kernels(arch)?,
+        Command::Export {
+            config,
+            tenant,
+            job,
+            dzi,
+        } => {
+            let settings = mira_config::Settings::load(config.as_deref(), std::env::vars())?;
+            let tenant = mira_events::TenantId::parse(&tenant).map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
+            let job = mira_events::JobId::parse(&job).map_err(|e| anyhow::anyhow!("--job: {e}"))?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let written = rt.block_on(mira_gpu_worker::run::export(settings, tenant, job, dzi.clone()))?;
+            for w in written {
+                println!("{}", dzi.join(w).display());
+            }
+        }
         Command::Inspect { slide } => {
             let settings = mira_config::Settings::load(None, std::env::vars())?;
             let s = mira_gpu_worker::slide::Slide::open_limited(
@@ -401,6 +447,17 @@ fn allocate_on_large(slide: &std::path::Path, bytes: u64) {
         let v = vec![1u8; bytes as usize];
         std::hint::black_box(&v);
     }
+}
+
+/// The pipe the worker gave this attempt for its layers, as file descriptor `fd`.
+fn layer_pipe(fd: i32) -> anyhow::Result<mira_gpu_worker::layerpipe::Pipe> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    anyhow::ensure!(fd > 2, "--layers-fd: {fd} is not a pipe the worker gave");
+    // SAFETY: the worker opened `fd` for this process (it is not stdin, stdout or stderr), and
+    // nothing else in this process uses it.
+    #[allow(unsafe_code)]
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(mira_gpu_worker::layerpipe::Pipe::new(std::fs::File::from(owned)))
 }
 
 /// `MIRA_GPU` → the device, with the reason logged.

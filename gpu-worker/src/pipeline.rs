@@ -25,6 +25,8 @@ pub struct Host {
     pub reader: Reader,
     pub limits: Limits,
     pub memory_budget: u64,
+    /// Where the pyramids go as layers; `None` for DeepZoom trees.
+    pub layers: Option<crate::process::LayerOutput>,
 }
 
 /// Runs `spec` on the slide at `slide`, writing its results and their manifest under `out`.
@@ -53,6 +55,7 @@ pub fn preprocess(p: &PreprocessParams, host: &Host) -> Options {
         reader: host.reader,
         limits: host.limits,
         memory_budget: host.memory_budget,
+        layers: host.layers.clone(),
     }
 }
 
@@ -66,6 +69,7 @@ mod tests {
             reader: Reader::Auto,
             limits: Limits::default(),
             memory_budget: 1 << 30,
+            layers: None,
         }
     }
 

@@ -38,6 +38,63 @@ pub struct Options {
     pub limits: crate::slide::Limits,
     /// `Worker__MemoryBudgetBytes`: a slide whose estimated need is larger is refused.
     pub memory_budget: u64,
+    /// Where the pyramids go as layers (ADR 0036); `None` writes DeepZoom trees (the export's
+    /// and the standalone command's form).
+    pub layers: Option<LayerOutput>,
+}
+
+/// Where the pipeline's layers go: files in the output directory (`slide.tiff`), or the pipe to
+/// the worker that uploads them as they are written.
+#[derive(Clone)]
+pub enum LayerOutput {
+    Files,
+    Pipe(crate::layerpipe::Pipe),
+}
+
+impl std::fmt::Debug for LayerOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Files => "Files",
+            Self::Pipe(_) => "Pipe",
+        })
+    }
+}
+
+/// A layer's bytes on their way: a file, or the pipe.
+enum LayerTarget {
+    File(std::io::BufWriter<std::fs::File>),
+    Pipe(crate::layerpipe::LayerOut),
+}
+
+impl std::io::Write for LayerTarget {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::File(f) => f.write(b),
+            Self::Pipe(p) => p.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::File(f) => f.flush(),
+            Self::Pipe(p) => p.flush(),
+        }
+    }
+}
+
+/// A finished layer's header written: in place in the file, or as the pipe's end frame.
+fn close_layer(f: crate::layer::Finished<LayerTarget>) -> anyhow::Result<()> {
+    use std::io::{Seek, Write};
+    let (at, patch) = f.patch();
+    match f.out {
+        LayerTarget::File(w) => {
+            let mut file = w.into_inner().map_err(|e| e.into_error())?;
+            file.seek(std::io::SeekFrom::Start(at))?;
+            file.write_all(&patch)?;
+            file.sync_all()?;
+        }
+        LayerTarget::Pipe(p) => p.end(f.first_ifd)?,
+    }
+    Ok(())
 }
 
 impl Options {
@@ -54,6 +111,7 @@ impl Options {
             reader: crate::slide::Reader::Auto,
             limits: crate::slide::Limits::default(),
             memory_budget: 8 << 30,
+            layers: None,
         }
     }
 }
@@ -175,9 +233,15 @@ pub struct ManifestObject {
 /// worker reads any kind's as `Manifest<Listed>` to store the objects; its hash is the job's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest<R> {
+    /// 1: the pyramids are DeepZoom trees among the objects; 2: they are `layers`.
     pub format_version: u32,
     pub device: String,
+    /// The results' other objects (the mask, the statistics; for version 1 the trees).
     pub objects: Vec<ManifestObject>,
+    /// The pyramids as layers, by name (`slide`, `normalized`): each one object, streamed to
+    /// the store as it was written (ADR 0036).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub layers: std::collections::BTreeMap<String, mira_blobs::layers::LayerEntry>,
     #[serde(flatten)]
     pub results: R,
 }
@@ -203,7 +267,10 @@ pub struct SlideSize {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeepZoomInfo {
-    pub dzi: String,
+    /// The stored `.dzi` of a tree (version 1); none for layers, whose DeepZoom form the
+    /// export makes with these parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dzi: Option<String>,
     pub tile_size: u32,
     pub overlap: u32,
     pub format: TileFormat,
@@ -224,7 +291,8 @@ pub struct TissueInfo {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NormalizedInfo {
-    pub dzi: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dzi: Option<String>,
     pub stains: serde_json::Value,
 }
 
@@ -268,17 +336,27 @@ pub struct Summary {
     pub manifest_sha256: String,
 }
 
-/// Writes encoded tiles under `<out>/<name>_files/<level>/<col>_<row>.<ext>`, and keeps the
-/// statistics of the full-resolution tiles when `stats` is on.
+/// Writes a pyramid's tiles, and keeps the statistics of the full-resolution tiles when `stats`
+/// is on.
 struct Writer<'a> {
-    root: PathBuf,
-    name: &'static str,
     opts: Options,
     objects: &'a Mutex<Vec<ManifestObject>>,
     stats: Option<StatsOf>,
-    /// Encoded tiles go to one thread that creates the files: creating files in a directory
-    /// serialises on its lock anyway, and from every worker thread the waiting spins.
-    files: std::sync::mpsc::SyncSender<(PathBuf, Vec<u8>)>,
+    out: Out,
+}
+
+/// Where a pyramid's tiles go.
+enum Out {
+    /// A DeepZoom tree, `<root>/<name>_files/<level>/<col>_<row>.<ext>`. Encoded tiles go to one
+    /// thread that creates the files: creating files in a directory serialises on its lock
+    /// anyway, and from every worker thread the waiting spins.
+    Tree {
+        root: PathBuf,
+        name: &'static str,
+        files: std::sync::mpsc::SyncSender<(PathBuf, Vec<u8>)>,
+    },
+    /// A layer (ADR 0036).
+    Layer(crate::layer::LayerSink<LayerTarget>),
 }
 
 /// The file thread: writes until the senders are gone, or stops at the first error (the
@@ -294,42 +372,7 @@ fn write_files(rx: std::sync::mpsc::Receiver<(PathBuf, Vec<u8>)>) -> anyhow::Res
 /// filled in once the mask is there).
 type StatsOf = (usize, Mutex<Vec<TileStats>>);
 
-thread_local! {
-    static JPEG: std::cell::RefCell<Option<turbojpeg::Compressor>> = const { std::cell::RefCell::new(None) };
-}
-
-pub fn encode(format: TileFormat, quality: u8, w: u32, h: u32, rgb: &[u8]) -> anyhow::Result<Vec<u8>> {
-    match format {
-        TileFormat::Png => {
-            let mut out = Vec::new();
-            let mut enc = png::Encoder::new(&mut out, w, h);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            enc.set_compression(png::Compression::Fast);
-            enc.write_header()?.write_image_data(rgb)?;
-            Ok(out)
-        }
-        TileFormat::Jpeg => JPEG.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                let mut c = turbojpeg::Compressor::new()?;
-                c.set_subsamp(turbojpeg::Subsamp::Sub2x2);
-                *slot = Some(c);
-            }
-            let c = slot.as_mut().expect("set above");
-            // Every call: the compressor is the thread's, and its next job may ask another quality.
-            c.set_quality(quality as i32);
-            let image = turbojpeg::Image {
-                pixels: rgb,
-                width: w as usize,
-                pitch: w as usize * 3,
-                height: h as usize,
-                format: turbojpeg::PixelFormat::RGB,
-            };
-            Ok(c.compress_to_vec(image)?)
-        }),
-    }
-}
+pub use crate::encode::encode;
 
 fn write_object(root: &Path, objects: &Mutex<Vec<ManifestObject>>, key: String, bytes: &[u8]) -> anyhow::Result<()> {
     let path = root.join(&key);
@@ -357,8 +400,12 @@ impl TileSink for Writer<'_> {
                 });
             }
         }
+        let (root, name, files) = match &self.out {
+            Out::Layer(sink) => return sink.tile(level, col, row, w, h, rgb),
+            Out::Tree { root, name, files } => (root, name, files),
+        };
         let bytes = encode(self.opts.format, self.opts.quality, w, h, rgb)?;
-        let key = format!("{}_files/{level}/{col}_{row}.{}", self.name, self.opts.format.ext());
+        let key = format!("{name}_files/{level}/{col}_{row}.{}", self.opts.format.ext());
         self.objects
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -367,8 +414,8 @@ impl TileSink for Writer<'_> {
                 bytes: bytes.len() as u64,
                 sha256: hex::encode(Sha256::digest(&bytes)),
             });
-        self.files
-            .send((self.root.join(key), bytes))
+        files
+            .send((root.join(key), bytes))
             .map_err(|_| anyhow::anyhow!("the file writer stopped"))
     }
 }
@@ -453,16 +500,26 @@ struct Prepared {
     geometry: Geometry,
 }
 
+/// The grid the pyramids are cut on: a layer's 256 pixels without overlap, or the job's
+/// DeepZoom tile size and overlap for a tree.
+fn grid_of(opts: &Options) -> (u32, u32) {
+    match opts.layers {
+        Some(_) => (crate::layer::TILE, 0),
+        None => (opts.tile_size, opts.overlap),
+    }
+}
+
 fn prepare(slide_path: &Path, out: &Path, opts: &Options) -> Result<Prepared, ProcessError> {
     let slide = Slide::open_limited(slide_path, opts.reader, &opts.limits)?;
     let (w, h) = slide.dimensions();
     let stored = slide.tile_size(0).map(|t| t.1).unwrap_or(opts.tile_size as u64);
     let band_rows = band_rows(w, h, stored);
+    let (tile_size, overlap) = grid_of(opts);
     let need = memory_need(
         w,
         band_rows,
-        opts.tile_size as u64,
-        opts.overlap as u64,
+        tile_size as u64,
+        overlap as u64,
         opts.normalize != Normalize::None,
     );
     if need > opts.memory_budget {
@@ -482,7 +539,7 @@ fn prepare(slide_path: &Path, out: &Path, opts: &Options) -> Result<Prepared, Pr
         width: w,
         height: h,
         band_rows,
-        geometry: Geometry::new(w, h, opts.tile_size, opts.overlap),
+        geometry: Geometry::new(w, h, tile_size, overlap),
     })
 }
 
@@ -559,32 +616,22 @@ fn report_progress(
     }
 }
 
-/// Builds the slide's pyramid, and the normalised one with `normalizer`, from bands read on a
-/// thread of their own; returns the statistics of the full-resolution tiles (tissue fractions
-/// to be filled in).
-fn build_pyramids(
+/// Builds the slide's pyramid into `slide_writer`, and the normalised one with `normalizer`
+/// into `normalized_writer`, from bands read on a thread of their own; returns the statistics
+/// of the full-resolution tiles (tissue fractions to be filled in) and the writers.
+fn build_pyramids<'a>(
     p: &Prepared,
-    out: &Path,
     opts: &Options,
     normalizer: Option<&Normalizer>,
-    objects: &Mutex<Vec<ManifestObject>>,
-    files: &std::sync::mpsc::SyncSender<(PathBuf, Vec<u8>)>,
+    (slide_writer, normalized_writer): (Writer<'a>, Option<Writer<'a>>),
     watch: &Watch,
-) -> Result<Vec<TileStats>, ProcessError> {
+) -> Result<(Vec<TileStats>, Writer<'a>, Option<Writer<'a>>), ProcessError> {
     let (geometry, device) = (&p.geometry, &opts.device);
-    let top = geometry.level_count() - 1;
-    let writer = |name, stats| Writer {
-        root: out.to_path_buf(),
-        name,
-        opts: opts.clone(),
-        objects,
-        stats,
-        files: files.clone(),
-    };
-    let slide_writer = writer("slide", Some((top, Mutex::new(Vec::new()))));
-    let normalized_writer = writer("normalized", None);
     let mut builder = Builder::on(geometry.clone(), &slide_writer, device.clone());
-    let mut normalized = normalizer.map(|_| Builder::on(geometry.clone(), &normalized_writer, device.clone()));
+    let mut normalized = match (normalizer, normalized_writer.as_ref()) {
+        (Some(_), Some(w)) => Some(Builder::on(geometry.clone(), w, device.clone())),
+        _ => None,
+    };
     let counters: Vec<_> = std::iter::once(&builder)
         .chain(normalized.as_ref())
         .map(|b| b.tiles_done.clone())
@@ -615,24 +662,33 @@ fn build_pyramids(
         b.finish()?;
     }
     drop((builder, normalized));
-    Ok(slide_writer
+    let mut slide_writer = slide_writer;
+    let stats = slide_writer
         .stats
+        .take()
         .map(|(_, s)| s.into_inner().unwrap_or_else(|p| p.into_inner()))
-        .unwrap_or_default())
+        .unwrap_or_default();
+    Ok((stats, slide_writer, normalized_writer))
 }
 
 /// `stats.json`: each full-resolution tile's tissue fraction, mean and standard deviation.
-fn stats_document(top: usize, opts: &Options, stats: &[TileStats]) -> serde_json::Value {
+fn stats_document(top: usize, geometry: &Geometry, stats: &[TileStats]) -> serde_json::Value {
     let round = |v: [f64; 3]| v.map(|v| (v * 100.0).round() / 100.0);
     serde_json::json!({
         "level": top,
-        "tile_size": opts.tile_size,
-        "overlap": opts.overlap,
+        "tile_size": geometry.tile_size,
+        "overlap": geometry.overlap,
         "columns": ["col", "row", "tissue", "mean", "std"],
         "tiles": stats.iter().map(|t| serde_json::json!([t.col, t.row,
             if t.tissue.is_nan() { serde_json::Value::Null } else { serde_json::json!((t.tissue * 1e4).round() / 1e4) },
             round(t.mean), round(t.std)])).collect::<Vec<_>>(),
     })
+}
+
+/// The slide's microns per pixel (x, y), when it records them.
+fn slide_mpp(slide: &Slide) -> Option<(f64, f64)> {
+    let num = |n: &str| slide.property(n).and_then(|v| v.parse::<f64>().ok());
+    num("openslide.mpp-x").zip(num("openslide.mpp-y"))
 }
 
 /// The pipeline on one local slide, telling `watch` each stage, the tiles made, and asking it
@@ -659,17 +715,61 @@ pub fn process_staged(slide_path: &Path, out: &Path, opts: &Options, watch: &Wat
     } else {
         &["slide"]
     };
-    for name in names {
-        for l in 0..geometry.level_count() {
-            std::fs::create_dir_all(out.join(format!("{name}_files/{l}")))?;
+    if opts.layers.is_none() {
+        for name in names {
+            for l in 0..geometry.level_count() {
+                std::fs::create_dir_all(out.join(format!("{name}_files/{l}")))?;
+            }
         }
     }
     let top = geometry.level_count() - 1;
     let per_pyramid = geometry.tile_count();
     let total = per_pyramid * names.len() as u64;
-    // Encoded tiles go to one thread that creates the files.
+    // A tree's encoded tiles go to one thread that creates the files.
     let (files, files_rx) = std::sync::mpsc::sync_channel(512);
     let file_thread = std::thread::spawn(move || write_files(files_rx));
+    let (w, h) = (p.width, p.height);
+    let mpp = slide_mpp(&p.slide);
+    let writer = |n: u8, name: &'static str, stats: Option<StatsOf>| -> Result<Writer, ProcessError> {
+        let out = match &opts.layers {
+            None => Out::Tree {
+                root: out.to_path_buf(),
+                name,
+                files: files.clone(),
+            },
+            Some(layers) => {
+                let key = format!("{name}.tiff");
+                let target = match layers {
+                    LayerOutput::Files => {
+                        let file = std::fs::File::create(out.join(&key))
+                            .with_context(|| format!("cannot create {}", out.join(&key).display()))?;
+                        LayerTarget::File(std::io::BufWriter::with_capacity(1 << 20, file))
+                    }
+                    LayerOutput::Pipe(pipe) => {
+                        LayerTarget::Pipe(pipe.begin(n, &key).context("cannot write to the layers' pipe")?)
+                    }
+                };
+                let (lw, lh) = (u32::try_from(w), u32::try_from(h));
+                let (Ok(lw), Ok(lh)) = (lw, lh) else {
+                    return Err(anyhow::anyhow!("a {w}×{h} slide is too large for a layer").into());
+                };
+                let layer = crate::layer::LayerWriter::new(target, lw, lh, mpp).map_err(anyhow::Error::from)?;
+                Out::Layer(crate::layer::LayerSink::new(layer, opts.quality))
+            }
+        };
+        Ok(Writer {
+            opts: opts.clone(),
+            objects: &objects,
+            stats,
+            out,
+        })
+    };
+    let slide_writer = writer(0, "slide", Some((top, Mutex::new(Vec::new()))))?;
+    let normalized_writer = match normalizer {
+        Some(_) => Some(writer(1, "normalized", None)?),
+        None => None,
+    };
+    drop(files);
     let build_mask = opts.tissue && early_mask.is_none();
     (watch.begin)(stage::PYRAMID);
     let (built, late_mask) = std::thread::scope(|scope| {
@@ -679,7 +779,7 @@ pub fn process_staged(slide_path: &Path, out: &Path, opts: &Options, watch: &Wat
                 Ok(Mask::build(device, &thumb)?)
             })
         });
-        let built = build_pyramids(&p, out, opts, normalizer.as_ref(), &objects, &files, watch);
+        let built = build_pyramids(&p, opts, normalizer.as_ref(), (slide_writer, normalized_writer), watch);
         if mask_job.is_some() {
             (watch.begin)(stage::MASK);
         }
@@ -691,12 +791,41 @@ pub fn process_staged(slide_path: &Path, out: &Path, opts: &Options, watch: &Wat
             .transpose();
         (built, late_mask)
     });
-    drop(files);
+    let built = built.map(|(stats, slide, normalized)| {
+        // The tree's senders go with its writers, so the file thread can end.
+        let sinks: Vec<_> = std::iter::once(("slide", slide))
+            .chain(normalized.map(|n| ("normalized", n)))
+            .filter_map(|(name, w)| match w.out {
+                Out::Layer(sink) => Some((name, sink)),
+                Out::Tree { .. } => None,
+            })
+            .collect();
+        (stats, sinks)
+    });
     // The file thread's own error explains a failed send, so it comes first.
     file_thread
         .join()
         .map_err(|_| anyhow::anyhow!("the file writer panicked"))??;
-    let mut stats = built?;
+    let (mut stats, sinks) = built?;
+    let mut layers = std::collections::BTreeMap::new();
+    for (name, sink) in sinks {
+        let f = sink.finish().map_err(anyhow::Error::from)?;
+        layers.insert(
+            name.to_owned(),
+            mira_blobs::layers::LayerEntry {
+                key: format!("{name}.tiff"),
+                width: w as u32,
+                height: h as u32,
+                tile_size: crate::layer::TILE,
+                quality: opts.quality,
+                levels: f.places.clone(),
+                bytes: f.bytes,
+                parts: Vec::new(),
+                sha256_of_parts: None,
+            },
+        );
+        close_layer(f).with_context(|| format!("cannot finish the layer {name}"))?;
+    }
     (watch.begin)(stage::WRITING);
     let mask = early_mask.or(late_mask?);
     if let Some(m) = &mask {
@@ -708,12 +837,15 @@ pub fn process_staged(slide_path: &Path, out: &Path, opts: &Options, watch: &Wat
     }
     (watch.progress)(total, total);
     let ext = opts.format.ext();
-    write_object(out, &objects, "slide.dzi".into(), geometry.dzi(ext).as_bytes())?;
-    if normalizer.is_some() {
-        write_object(out, &objects, "normalized.dzi".into(), geometry.dzi(ext).as_bytes())?;
+    let tree = opts.layers.is_none();
+    if tree {
+        write_object(out, &objects, "slide.dzi".into(), geometry.dzi(ext).as_bytes())?;
+        if normalizer.is_some() {
+            write_object(out, &objects, "normalized.dzi".into(), geometry.dzi(ext).as_bytes())?;
+        }
     }
     stats.sort_by_key(|t| (t.row, t.col));
-    let stats_doc = stats_document(top, opts, &stats);
+    let stats_doc = stats_document(top, geometry, &stats);
     write_object(
         out,
         &objects,
@@ -722,21 +854,24 @@ pub fn process_staged(slide_path: &Path, out: &Path, opts: &Options, watch: &Wat
     )?;
     let mut objects = objects.into_inner().unwrap_or_else(|p| p.into_inner());
     objects.sort_by(|a, b| a.key.cmp(&b.key));
-    let (w, h) = (p.width, p.height);
+    // The DeepZoom form the job asked for: stored as such for a tree, made by the export for
+    // layers.
+    let deepzoom = Geometry::new(w, h, opts.tile_size, opts.overlap);
     let manifest = Manifest {
-        format_version: 1,
+        format_version: if tree { 1 } else { 2 },
         device: device.name(),
         objects,
+        layers,
         results: Pyramid {
             slide: SlideSize { width: w, height: h },
             deepzoom: DeepZoomInfo {
-                dzi: "slide.dzi".into(),
+                dzi: tree.then(|| "slide.dzi".into()),
                 tile_size: opts.tile_size,
                 overlap: opts.overlap,
                 format: opts.format,
                 quality: opts.quality,
-                levels: geometry.level_count(),
-                tiles: per_pyramid,
+                levels: deepzoom.level_count(),
+                tiles: deepzoom.tile_count(),
             },
             tissue: mask.as_ref().map(|m| TissueInfo {
                 mask: "mask.png".into(),
@@ -747,7 +882,7 @@ pub fn process_staged(slide_path: &Path, out: &Path, opts: &Options, watch: &Wat
                 fraction: m.fraction(),
             }),
             normalized: normalizer.as_ref().map(|n| NormalizedInfo {
-                dzi: "normalized.dzi".into(),
+                dzi: tree.then(|| "normalized.dzi".into()),
                 stains: n.describe(),
             }),
             stats: "stats.json".into(),
@@ -790,10 +925,11 @@ mod manifest_tests {
             format_version: 1,
             device: "cpu".into(),
             objects: objects.clone(),
+            layers: Default::default(),
             results: Pyramid {
                 slide: SlideSize { width: 10, height: 20 },
                 deepzoom: DeepZoomInfo {
-                    dzi: "slide.dzi".into(),
+                    dzi: Some("slide.dzi".into()),
                     tile_size: 254,
                     overlap: 1,
                     format: TileFormat::Jpeg,
@@ -803,7 +939,7 @@ mod manifest_tests {
                 },
                 tissue: None,
                 normalized: Some(NormalizedInfo {
-                    dzi: "normalized.dzi".into(),
+                    dzi: Some("normalized.dzi".into()),
                     stains: serde_json::json!({"method": "reinhard"}),
                 }),
                 stats: "stats.json".into(),

@@ -76,6 +76,9 @@ pub struct Worker {
     reader: crate::slide::Reader,
     /// Progress is recorded at most this often, and only when it moved.
     progress_every: Duration,
+    /// How layers are streamed to `results` (`Worker__LayerPartBytes`,
+    /// `Worker__LayerUploadParallel`).
+    layer_stream: mira_blobs::stream::StreamSettings,
 }
 
 impl std::fmt::Debug for Worker {
@@ -126,7 +129,14 @@ impl Worker {
             },
             reader: crate::slide::Reader::Auto,
             progress_every: Duration::from_secs(10),
+            layer_stream: mira_blobs::stream::StreamSettings::default(),
         }
+    }
+
+    /// Layers are uploaded in parts of `part_size`, `parallel` at a time.
+    pub fn with_layer_stream(mut self, part_size: u64, parallel: usize) -> Self {
+        self.layer_stream = mira_blobs::stream::StreamSettings { part_size, parallel };
+        self
     }
 
     /// Writes results to `results` instead of the slides' store.
@@ -398,14 +408,14 @@ impl Worker {
         let out = fetched.scratch.join("out");
         let t = Instant::now();
         match self.run_pipeline(job_ref, spec, &fetched, &out).await? {
-            Ran::Done(summary) => {
+            Ran::Done(summary, layers) => {
                 // What this device processed, and how long it took: megapixels per second.
                 let device = if self.device.is_gpu() { "gpu" } else { "cpu" };
                 metrics::histogram!("mira_worker_compute_seconds", "device" => device)
                     .record(t.elapsed().as_secs_f64());
                 metrics::counter!("mira_worker_pixels_total", "device" => device).increment(fetched.pixels);
                 let t = Instant::now();
-                let stored = self.store(job_ref, &out).await?;
+                let stored = self.store(job_ref, &out, layers).await?;
                 stage_seconds(kind, "upload", t);
                 let _ = tokio::fs::remove_dir_all(&fetched.scratch).await;
                 tracing::info!(job_id = %job_ref.id, attempt = job_ref.attempt, %summary, "results stored");
@@ -501,6 +511,11 @@ impl Worker {
             }
             .run(progress_rx, stop.clone(), finished.clone()),
         );
+        let layers = crate::attempt::LayerUpload {
+            store: self.results.clone(),
+            prefix: mira_aggregates::results_prefix(job_ref.tenant, job_ref.id, job_ref.attempt),
+            settings: self.layer_stream,
+        };
         let result = self
             .supervisor
             .run(
@@ -511,6 +526,7 @@ impl Worker {
                 fetched.pixels,
                 &progress,
                 &stop,
+                Some(&layers),
             )
             .await;
         finished.cancel();
@@ -518,7 +534,7 @@ impl Worker {
             return Ok(Ran::Interrupted(interrupted));
         }
         match result {
-            Ok(Ended::Done(summary)) => Ok(Ran::Done(summary)),
+            Ok(Ended::Done(summary, layers)) => Ok(Ran::Done(summary, layers)),
             // Stopped without an interruption: the heartbeat's task ended early.
             Ok(Ended::Stopped) => Ok(Ran::Interrupted(Interrupted::Cancelled)),
             Ok(Ended::Failed { reason, retryable }) => Err(Failure::new(reason, retryable)),
@@ -532,19 +548,55 @@ impl Worker {
         }
     }
 
-    /// Uploads what the manifest under `out` lists under this attempt's own prefix, the
-    /// manifest last.
+    /// Uploads what the manifest under `out` lists under this attempt's own prefix, with the
+    /// layers already streamed there (`layers`, by key) recorded in it, the manifest last.
     #[tracing::instrument(name = "worker.store", skip_all)]
-    async fn store(&self, job_ref: &JobRef<'_>, out: &std::path::Path) -> Result<Stored, Failure> {
+    async fn store(
+        &self,
+        job_ref: &JobRef<'_>,
+        out: &std::path::Path,
+        mut layers: std::collections::BTreeMap<String, mira_blobs::stream::Streamed>,
+    ) -> Result<Stored, Failure> {
         let (tenant, id, attempt) = (job_ref.tenant, job_ref.id, job_ref.attempt);
         let prefix = mira_aggregates::results_prefix(tenant, id, attempt);
         let bytes = tokio::fs::read(out.join(MANIFEST))
             .await
             .map_err(|e| Failure::new(format!("cannot read the manifest: {e}"), true))?;
-        let manifest = Manifest::<Listed>::parse(&bytes)
+        let mut manifest = Manifest::<Listed>::parse(&bytes)
             .map_err(|e| Failure::new(format!("the pipeline wrote an unreadable manifest: {e}"), false))?;
         let cannot_store = |e: mira_blobs::BlobError| Failure::new(format!("cannot store results: {e:#}"), true);
         let mut stored = 0u64;
+        // The layers the attempt's process describes are the ones it streamed, byte for byte;
+        // what the upload measured (the parts and their hashes) goes into the manifest.
+        for (name, entry) in &mut manifest.layers {
+            let Some(up) = layers.remove(&entry.key) else {
+                return Err(Failure::new(
+                    format!(
+                        "the manifest lists the layer {name} ({}), which was not streamed: nothing is stored",
+                        entry.key
+                    ),
+                    false,
+                ));
+            };
+            if up.bytes != entry.bytes {
+                return Err(Failure::new(
+                    format!(
+                        "the layer {name} was streamed with {} bytes, not the {} listed",
+                        up.bytes, entry.bytes
+                    ),
+                    false,
+                ));
+            }
+            entry.parts = up.parts;
+            entry.sha256_of_parts = Some(up.sha256_of_parts);
+            stored += up.bytes;
+        }
+        if let Some(key) = layers.keys().next() {
+            return Err(Failure::new(
+                format!("the layer {key} was streamed but the manifest does not list it: nothing is stored"),
+                false,
+            ));
+        }
         for o in &manifest.objects {
             let data = read_listed(out, o).await?;
             stored += data.len() as u64;
@@ -553,6 +605,13 @@ impl Worker {
                 .await
                 .map_err(cannot_store)?;
         }
+        let bytes = if manifest.layers.is_empty() {
+            bytes
+        } else {
+            manifest
+                .to_bytes()
+                .map_err(|e| Failure::new(format!("cannot write the manifest: {e}"), false))?
+        };
         let sha256 = hex::encode(Sha256::digest(&bytes));
         stored += bytes.len() as u64;
         let key = mira_aggregates::manifest_key(tenant, id, attempt);
@@ -616,8 +675,12 @@ struct Fetched {
 
 /// How the pipeline ended, when it did not fail.
 enum Ran {
-    /// The results and their manifest are in the output directory; the pipeline's summary.
-    Done(serde_json::Value),
+    /// The results and their manifest are in the output directory and the layers stored; the
+    /// pipeline's summary.
+    Done(
+        serde_json::Value,
+        std::collections::BTreeMap<String, mira_blobs::stream::Streamed>,
+    ),
     Interrupted(Interrupted),
 }
 
@@ -827,6 +890,101 @@ pub async fn verify(settings: Settings, worker_id: String, shutdown: Cancellatio
     .await
 }
 
+/// `mira-worker export`: a succeeded job's layers written as DeepZoom trees under `dir`
+/// (`slide.dzi` and `slide_files/`, `normalized.dzi` and `normalized_files/` for a
+/// stain-normalised job) with the job's tile size, overlap and format. The manifest is checked
+/// against the hash the log recorded, and each layer against its parts' hashes, before a pixel
+/// is read. Returns what was written.
+pub async fn export(settings: Settings, tenant: TenantId, id: JobId, dir: PathBuf) -> anyhow::Result<Vec<String>> {
+    let (_, _pool, worker) = start(&settings, format!("export-{}", std::process::id()), Device::Cpu).await?;
+    let job = worker
+        .commands
+        .load_job(&tenant, id)
+        .await?
+        .with_context(|| format!("tenant {tenant} has no job {id}"))?;
+    let (Some(key), Some(sha256), JobStatus::Succeeded) = (&job.manifest_key, &job.manifest_sha256, job.status) else {
+        anyhow::bail!("the job is {}: it has no results", job.status.as_str());
+    };
+    let scratch = worker.scratch.join(format!("export-{id}"));
+    tokio::fs::create_dir_all(&scratch).await?;
+    let result = async {
+        let path = worker.results.fetch_as(key, None, &scratch, "manifest.json").await?;
+        let bytes = tokio::fs::read(&path).await?;
+        anyhow::ensure!(
+            hex::encode(Sha256::digest(&bytes)) == *sha256,
+            "the manifest {key} is not the one the log recorded (its SHA-256 differs)"
+        );
+        let manifest = Manifest::<crate::process::Pyramid>::parse(&bytes).context("the manifest")?;
+        anyhow::ensure!(
+            !manifest.layers.is_empty(),
+            "the job's results are a DeepZoom tree already (manifest format_version {}): copy its files",
+            manifest.format_version
+        );
+        let prefix = key.trim_end_matches(MANIFEST);
+        let deepzoom = &manifest.results.deepzoom;
+        tokio::fs::create_dir_all(&dir).await?;
+        let mut written = Vec::new();
+        for (name, entry) in &manifest.layers {
+            let layer = worker
+                .results
+                .fetch_as(&format!("{prefix}{}", entry.key), None, &scratch, &entry.key)
+                .await?;
+            check_parts(&layer, entry).await?;
+            let mut opts = crate::process::Options::new(deepzoom.format);
+            opts.tile_size = deepzoom.tile_size;
+            opts.overlap = deepzoom.overlap;
+            opts.quality = deepzoom.quality;
+            opts.tissue = false;
+            let out = scratch.join(format!("tree-{name}"));
+            let into = out.clone();
+            tokio::task::spawn_blocking(move || crate::process::process(&layer, &into, &opts, |_, _| {})).await??;
+            for (from, to) in [
+                ("slide.dzi".to_owned(), format!("{name}.dzi")),
+                ("slide_files".to_owned(), format!("{name}_files")),
+            ] {
+                let target = dir.join(&to);
+                if tokio::fs::metadata(&target).await.is_ok() {
+                    anyhow::bail!("{} exists: export into an empty directory", target.display());
+                }
+                tokio::fs::rename(out.join(&from), &target).await?;
+                written.push(to);
+            }
+        }
+        Ok(written)
+    }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&scratch).await;
+    result
+}
+
+/// A layer read back is the one uploaded: its bytes, cut where its parts were, hash to the
+/// parts' SHA-256 recorded in the manifest.
+async fn check_parts(path: &std::path::Path, entry: &mira_blobs::layers::LayerEntry) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path).await?;
+    anyhow::ensure!(
+        f.metadata().await?.len() == entry.bytes,
+        "the layer {} is not the size the manifest says",
+        entry.key
+    );
+    anyhow::ensure!(
+        !entry.parts.is_empty(),
+        "the manifest records no parts for the layer {}",
+        entry.key
+    );
+    for (i, part) in entry.parts.iter().enumerate() {
+        let mut buf = vec![0u8; part.bytes as usize];
+        f.read_exact(&mut buf).await?;
+        anyhow::ensure!(
+            hex::encode(Sha256::digest(&buf)) == part.sha256,
+            "part {} of the layer {} is not the one uploaded",
+            i + 1,
+            entry.key
+        );
+    }
+    Ok(())
+}
+
 /// The verifier: [`Worker`]'s slide verification alone. It takes no lease and runs no job,
 /// whatever reaches its queue.
 struct Verifier(Worker);
@@ -895,7 +1053,8 @@ async fn start(
     )
     .with_allocate_bytes(settings.worker.test_allocate_bytes)
     .with_progress_every(Duration::from_secs(settings.worker.progress_seconds))
-    .with_reader(settings.worker.slide_reader.into());
+    .with_reader(settings.worker.slide_reader.into())
+    .with_layer_stream(settings.worker.layer_part_bytes, settings.worker.layer_upload_parallel);
     Ok((url, pool, worker))
 }
 

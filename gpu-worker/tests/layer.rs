@@ -226,3 +226,128 @@ fn a_compressors_quality_is_the_jobs_not_the_first_one_its_thread_saw() {
     );
     assert_eq!(enc(10), low);
 }
+
+/// `mira-worker process --layers` on the CMU slide, as an attempt stores results: one layer
+/// per pyramid and no tile files; OpenSlide reads each layer with the slide's size, levels and
+/// MPP; every level is its stored tiles; the full-resolution level is within 30 dB of the same
+/// job's lossless DeepZoom tree (`--format png`); `stats.json` is on the layer's 256-pixel grid.
+#[test]
+fn the_pipeline_stores_its_pyramids_as_layers_openslide_reads() {
+    let cmu = PathBuf::from(std::env::var("MIRA_TESTDATA").expect("MIRA_TESTDATA names the test slides"))
+        .join("CMU-1-Small-Region.svs");
+    let dir = scratch("cli");
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_mira-worker"))
+            .arg("process")
+            .arg(&cmu)
+            .arg("--out")
+            .arg(out)
+            .args(["--normalize", "reinhard"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (layers, tree) = (dir.join("layers"), dir.join("tree"));
+    run(&layers, &["--layers"]);
+    run(&tree, &["--format", "png", "--tile-size", "256", "--overlap", "0"]);
+
+    let mut names: Vec<String> = std::fs::read_dir(&layers)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "manifest.json",
+            "mask.png",
+            "normalized.tiff",
+            "slide.tiff",
+            "stats.json"
+        ],
+        "no tile is a file of its own"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layers.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["format_version"], 2);
+    assert!(manifest["deepzoom"].get("dzi").is_none(), "{manifest}");
+    for name in ["slide", "normalized"] {
+        let entry = &manifest["layers"][name];
+        let path = layers.join(entry["key"].as_str().unwrap());
+        assert_eq!(entry["bytes"], std::fs::metadata(&path).unwrap().len());
+        let slide = Slide::open_with(&path, Reader::OpenSlide).unwrap();
+        assert_eq!(slide.dimensions(), (2220, 2967));
+        assert_eq!(slide.levels().len(), 13);
+        assert_eq!(entry["levels"].as_array().unwrap().len(), 13);
+        let per_cm: f64 = slide.property("tiff.XResolution").unwrap().parse().unwrap();
+        assert!((1e4 / per_cm - 0.499).abs() < 1e-3, "{name}: {per_cm} px/cm");
+        // Each level's index, read where the manifest says it lies, is the stored tiles.
+        let bytes = std::fs::read(&path).unwrap();
+        let long8s = |at: u64, n: usize| -> Vec<u64> {
+            (0..n)
+                .map(|i| u64::from_le_bytes(bytes[at as usize + i * 8..at as usize + i * 8 + 8].try_into().unwrap()))
+                .collect()
+        };
+        for (i, place) in entry["levels"].as_array().unwrap().iter().enumerate() {
+            let (w, h) = (
+                place["width"].as_u64().unwrap() as u32,
+                place["height"].as_u64().unwrap() as u32,
+            );
+            let (columns, rows) = layer::grid(w, h);
+            let n = (columns * rows) as usize;
+            let index = layer::LevelIndex {
+                width: w,
+                height: h,
+                columns,
+                rows,
+                offsets: long8s(place["offsets_at"].as_u64().unwrap(), n),
+                byte_counts: long8s(place["byte_counts_at"].as_u64().unwrap(), n),
+            };
+            let read = slide
+                .read_rgb_openslide(i as u32, 0, 0, u64::from(w), u64::from(h))
+                .unwrap();
+            assert!(
+                read == decoded_level(&path, &index),
+                "{name} level {i} differs from its stored tiles"
+            );
+            if name == "slide" && i == 0 {
+                let mut png = vec![0u8; read.len()];
+                for row in 0..rows {
+                    for col in 0..columns {
+                        let f = tree.join(format!("slide_files/12/{col}_{row}.png"));
+                        let d = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&f).unwrap()));
+                        let mut r = d.read_info().unwrap();
+                        let mut buf = vec![0; r.output_buffer_size().unwrap()];
+                        let info = r.next_frame(&mut buf).unwrap();
+                        let (tw, th) = (info.width as usize, info.height as usize);
+                        for y in 0..th {
+                            let gy = row as usize * 256 + y;
+                            let at = (gy * w as usize + col as usize * 256) * 3;
+                            png[at..at + tw * 3].copy_from_slice(&buf[y * tw * 3..(y + 1) * tw * 3]);
+                        }
+                    }
+                }
+                let mse: f64 = read
+                    .iter()
+                    .zip(&png)
+                    .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+                    .sum::<f64>()
+                    / read.len() as f64;
+                let psnr = 10.0 * (255.0f64 * 255.0 / mse).log10();
+                assert!(psnr >= 30.0, "the layer is {psnr:.1} dB from the lossless tree");
+            }
+        }
+    }
+    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(layers.join("stats.json")).unwrap()).unwrap();
+    assert_eq!(
+        (stats["tile_size"].as_u64(), stats["overlap"].as_u64()),
+        (Some(256), Some(0))
+    );
+    assert_eq!(
+        stats["tiles"].as_array().unwrap().len(),
+        9 * 12,
+        "the layer's full-resolution tiles"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

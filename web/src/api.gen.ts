@@ -143,6 +143,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/jobs/{id}/layers/{path}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * A result layer as DeepZoom: `{layer}.dzi`, and `{layer}_files/{level}/{col}_{row}.jpeg` tiles (256 pixels, no overlap, edge tiles padded to 256) read from the layer's one object
+         * @description `{layer}` is one the job's manifest lists (`slide`, and `normalized` for a stain-normalised job). Results stored before layers (manifest format_version 1) are DeepZoom trees under `/api/jobs/{id}/results/`; for them this answers 404.
+         */
+        get: operations["job_layer"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/jobs/{id}/results/{path}": {
         parameters: {
             query?: never;
@@ -671,23 +691,30 @@ export interface components {
         };
         /** @description `wsi.preprocess` parameters. Unknown fields are refused. */
         PreprocessParams: {
-            /** @default jpeg */
+            /**
+             * @description The DeepZoom export's tile format. Stored tiles are JPEG at `quality`, so `png` is
+             *     re-encoded from them: no longer lossless.
+             * @default jpeg
+             */
             format?: "jpeg" | "png";
             /** @default none */
             normalize?: "none" | "macenko" | "reinhard";
             /**
              * Format: int32
-             * @description At most a quarter of `tile_size`.
+             * @description The DeepZoom export's overlap: at most a quarter of `tile_size`.
              * @default 1
              */
             overlap?: number;
             /**
              * Format: int32
+             * @description The JPEG quality of the stored layers' tiles.
              * @default 80
              */
             quality?: number;
             /**
              * Format: int32
+             * @description The tile edge of the job's DeepZoom export. Results are stored as layers of 256-pixel
+             *     tiles without overlap (ADR 0036), served and exported in this form.
              * @default 254
              */
             tile_size?: number;
@@ -1558,6 +1585,93 @@ export interface operations {
             };
             /** @description Problem */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    job_layer: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+                path: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The `.dzi` (application/xml) or a tile (image/jpeg) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/xml": string;
+                    "image/jpeg": number[];
+                };
+            };
+            /** @description Problem */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Problem */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

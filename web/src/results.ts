@@ -5,8 +5,14 @@
 /** The manifest's fields the app reads. A field the worker did not write is absent. */
 export type Manifest = {
   slide: { width: number; height: number };
+  /** 2 when the pyramids are layers (one object each, served under `/api/jobs/{id}/layers/`);
+   * 1 (or absent) when they are DeepZoom trees among the results. */
+  format_version?: number;
+  /** The pyramids as layers, by name (`slide`, `normalized`). */
+  layers?: Record<string, { key: string; width: number; height: number }>;
   deepzoom: {
-    dzi: string;
+    /** A tree's `.dzi`; absent for layers. */
+    dzi?: string;
     tile_size?: number;
     overlap?: number;
     format?: string;
@@ -15,10 +21,31 @@ export type Manifest = {
   };
   /** Null when the job made no tissue mask. */
   tissue: { mask: string; fraction?: number } | null;
-  normalized: { dzi: string } | null;
+  normalized: { dzi?: string } | null;
   /** The statistics' file among the results. */
   stats?: string;
 };
+
+/**
+ * Where OpenSeadragon finds a pyramid: its `.dzi` and the base of its tiles. A layer is served
+ * from its one object under `/api/jobs/{id}/layers/`; a tree's files under `…/results/`.
+ * Null when the manifest has no such pyramid.
+ */
+export function pyramidOf(
+  m: Manifest,
+  job: string,
+  name: "slide" | "normalized",
+): { dzi: string; tiles: string } | null {
+  if (m.layers) {
+    if (!m.layers[name]) return null;
+    const base = `/api/jobs/${job}/layers/${name}`;
+    return { dzi: `${base}.dzi`, tiles: `${base}_files/` };
+  }
+  const dzi = name === "slide" ? m.deepzoom.dzi : m.normalized?.dzi;
+  if (!dzi) return null;
+  const results = `/api/jobs/${job}/results`;
+  return { dzi: `${results}/${dzi}`, tiles: `${results}/${dzi.replace(/\.dzi$/, "")}_files/` };
+}
 
 /** `stats.json` in short. */
 export type StatsSummary = {

@@ -18,6 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Identity;
 use super::extract::{parse_id, ApiJson, ApiQuery, IdempotencyKey};
 use super::idempotency::{self, Claim};
+use super::layers::succeeded_results;
 use super::problem::{ApiError, ApiResult, Problem, Reads, ReadsOne, Writes, WritesOne};
 use super::slides::{decode_cursor, encode_cursor, page_limit};
 use super::state::{AppState, READERS, WRITERS};
@@ -113,6 +114,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(events))
         .routes(routes!(verify))
         .routes(routes!(results))
+        .routes(routes!(super::layers::layer))
 }
 
 /// `POST /api/jobs`: 202 `{job_id, status}`. A job on a slide that is not verified yet is
@@ -558,25 +560,7 @@ pub async fn results(
     Path((raw, path)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     who.require(READERS)?;
-    let id = parse_id(&raw, "job", JobId::parse)?;
-    let row = state
-        .read
-        .job(&who.tenant, id.as_uuid())
-        .await?
-        .ok_or(ApiError::not_found("job"))?;
-    let manifest = row
-        .manifest_key
-        .as_deref()
-        .filter(|_| row.status == JobStatus::Succeeded)
-        .ok_or_else(|| ApiError::conflict(format!("the job is {}: it has no results", row.status.as_str())))?;
-    // The log refuses a manifest outside the job's own attempt prefix; a read model is checked
-    // again all the same, so nothing outside the job is ever signed.
-    let attempt = u32::try_from(row.attempt).unwrap_or(0);
-    if manifest != mira_aggregates::manifest_key(&who.tenant, id, attempt) {
-        tracing::error!(job_id = %id, manifest, "a succeeded job names a manifest outside its attempt's prefix");
-        return Err(ApiError::not_found("job results"));
-    }
-    let prefix = mira_aggregates::results_prefix(&who.tenant, id, attempt);
+    let (_, _, prefix) = succeeded_results(&state, &who, &raw).await?;
     let key = format!("{prefix}{path}");
     if !crate::blob::valid_key(&key) {
         return Err(ApiError::bad_request("not a result path"));

@@ -10,6 +10,8 @@ pub mod extract;
 pub mod hub;
 pub mod idempotency;
 pub mod jobs;
+pub mod layercache;
+pub mod layers;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;

@@ -53,6 +53,8 @@ pub struct Services {
     pub rate_limiter: Option<Arc<super::limits::RateLimiter>>,
     /// Who may read `/metrics` on the API's listener.
     pub metrics_access: MetricsAccess,
+    /// Succeeded jobs' result layers and their tile indexes, read once.
+    pub layers: super::layercache::LayerCache,
 }
 
 /// Where `/metrics` answers (`Api__MetricsListen`, `Api__MetricsToken`): a tenant must not

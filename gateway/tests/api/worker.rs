@@ -1,6 +1,7 @@
 //! Jobs run by a real worker: the whole path, cancellation, stalls, memory limits, leases, admission.
 
 use super::*;
+use sha2::{Digest, Sha256};
 
 #[tokio::test]
 async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
@@ -61,17 +62,40 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(app.dir.join("blobs").join(manifest_key)).unwrap()).unwrap();
     assert_eq!(manifest["deepzoom"]["levels"], 13);
-    // The results through the API: a redirect to a signed URL of the store, served as what
-    // they are, so a viewer can use them straight from the store.
+    // The pyramid is one layer, streamed to the store as it was written (ADR 0036): its parts'
+    // hashes are those of the stored object's bytes, and the layer's hash is of their digests.
+    assert_eq!(manifest["format_version"], 2, "{manifest}");
+    let layer = &manifest["layers"]["slide"];
+    assert_eq!(layer["levels"].as_array().unwrap().len(), 13, "{layer}");
+    let prefix = manifest_key.trim_end_matches("manifest.json");
+    let stored = std::fs::read(app.dir.join("blobs").join(prefix).join("slide.tiff")).unwrap();
+    assert_eq!(layer["bytes"], stored.len() as u64);
+    let parts = layer["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 1, "a layer smaller than one part: {layer}");
+    let digest = Sha256::digest(&stored);
+    assert_eq!(parts[0]["sha256"], hex::encode(digest));
+    assert_eq!(layer["sha256_of_parts"], hex::encode(Sha256::digest(digest)));
+    assert!(
+        !manifest["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["key"].as_str().unwrap().contains("_files/")),
+        "no tile is an object of its own: {manifest}"
+    );
+    // The results through the API: the manifest as a redirect to a signed URL of the store, the
+    // layer's DeepZoom form and its tiles read from the layer by the gateway.
     let mut fetched = std::collections::HashMap::new();
     for (path, media_type) in [
-        ("slide.dzi", "application/xml"),
-        ("manifest.json", "application/json"),
-        ("slide_files/12/0_0.png", "image/png"),
+        ("results/manifest.json", "application/json"),
+        ("layers/slide.dzi", "application/xml"),
+        ("layers/slide_files/12/0_0.jpeg", "image/jpeg"),
+        ("layers/slide_files/12/8_11.jpeg", "image/jpeg"),
+        ("layers/slide_files/0/0_0.jpeg", "image/jpeg"),
     ] {
         let r = app
             .http
-            .get(format!("{}/api/jobs/{job}/results/{path}", app.base))
+            .get(format!("{}/api/jobs/{job}/{path}", app.base))
             .bearer_auth(&t)
             .send()
             .await
@@ -80,8 +104,109 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
         assert_eq!(r.headers()["content-type"], media_type, "{path}");
         fetched.insert(path, r.bytes().await.unwrap());
     }
-    assert!(String::from_utf8_lossy(&fetched["slide.dzi"]).contains("Width=\"2220\""));
-    assert_eq!(&fetched["slide_files/12/0_0.png"][1..4], b"PNG");
+    let dzi = String::from_utf8_lossy(&fetched["layers/slide.dzi"]).into_owned();
+    assert!(
+        dzi.contains("Width=\"2220\"") && dzi.contains("TileSize=\"256\"") && dzi.contains("Overlap=\"0\""),
+        "{dzi}"
+    );
+    for path in [
+        "layers/slide_files/12/0_0.jpeg",
+        "layers/slide_files/12/8_11.jpeg",
+        "layers/slide_files/0/0_0.jpeg",
+    ] {
+        let tile = &fetched[path];
+        assert_eq!(&tile[..2], b"\xff\xd8", "{path} is a JPEG");
+        assert_eq!(
+            jpeg_size(tile),
+            (256, 256),
+            "{path}: every stored tile is 256×256, edges padded"
+        );
+        assert!(
+            stored.windows(tile.len()).any(|w| w == &tile[..]),
+            "{path} is the layer's own bytes"
+        );
+    }
+    assert!(fetched["layers/slide_files/12/0_0.jpeg"] != fetched["layers/slide_files/12/8_11.jpeg"]);
+    // Paths and tiles the layer does not have.
+    for (path, status) in [
+        ("layers/other.dzi", StatusCode::NOT_FOUND),
+        ("layers/normalized.dzi", StatusCode::NOT_FOUND),
+        ("layers/slide_files/12/9_0.jpeg", StatusCode::NOT_FOUND),
+        ("layers/slide_files/13/0_0.jpeg", StatusCode::NOT_FOUND),
+        ("layers/slide_files/12/0_0.png", StatusCode::BAD_REQUEST),
+        ("layers/slide.tiff.dzi", StatusCode::BAD_REQUEST),
+    ] {
+        let r = app.get(&t, &format!("/api/jobs/{job}/{path}")).await;
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+    }
+    // Another tenant asks for the same job's layer and tiles: no such job.
+    let other = app.token("lab-b", &["pathologist"]);
+    for path in ["layers/slide.dzi", "layers/slide_files/12/0_0.jpeg"] {
+        let r = app.get(&other, &format!("/api/jobs/{job}/{path}")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}: {}", r.body);
+    }
+    // The DeepZoom export, for anyone who wants files: the job's tile size, overlap and format,
+    // in the geometry OpenSlide's DeepZoomGenerator gives the original slide.
+    let export = app.dir.join("export");
+    let out = worker_command(&app, "export", &[])
+        .args(["--tenant", "lab-a", "--job", job.as_str(), "--dzi"])
+        .arg(&export)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dzi = std::fs::read_to_string(export.join("slide.dzi")).unwrap();
+    assert!(
+        dzi.contains("TileSize=\"254\"") && dzi.contains("Overlap=\"1\"") && dzi.contains("Format=\"png\""),
+        "{dzi}"
+    );
+    let reference = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import sys, openslide; from openslide.deepzoom import DeepZoomGenerator as G; \
+             g = G(openslide.OpenSlide(sys.argv[1]), 254, 1); print(g.level_count); \
+             [print(c, r) for c, r in g.level_tiles]",
+        ])
+        .arg(std::path::Path::new(&std::env::var("MIRA_TESTDATA").unwrap()).join("CMU-1-Small-Region.svs"))
+        .output()
+        .unwrap();
+    assert!(
+        reference.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
+    let reference = String::from_utf8(reference.stdout).unwrap();
+    let mut lines = reference.lines();
+    let levels: usize = lines.next().unwrap().parse().unwrap();
+    assert_eq!(std::fs::read_dir(export.join("slide_files")).unwrap().count(), levels);
+    for (level, line) in lines.enumerate() {
+        let (c, r) = line.split_once(' ').unwrap();
+        let (c, r): (usize, usize) = (c.parse().unwrap(), r.parse().unwrap());
+        let dir = export.join(format!("slide_files/{level}"));
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), c * r, "level {level}");
+        assert!(dir.join(format!("{}_{}.png", c - 1, r - 1)).exists(), "level {level}");
+    }
+    // The export refuses to write over an earlier one.
+    let again = worker_command(&app, "export", &[])
+        .args(["--tenant", "lab-a", "--job", job.as_str(), "--dzi"])
+        .arg(&export)
+        .output()
+        .await
+        .unwrap();
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("exists"));
+    // Another tenant's job is not found.
+    let theirs = worker_command(&app, "export", &[])
+        .args(["--tenant", "lab-b", "--job", job.as_str(), "--dzi"])
+        .arg(app.dir.join("export-b"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        !theirs.status.success() && String::from_utf8_lossy(&theirs.stderr).contains("has no job"),
+        "{}",
+        String::from_utf8_lossy(&theirs.stderr)
+    );
+
     // Climbing out of the results, sent byte for byte (an HTTP client would remove the `..`
     // before the request left it, and the handler would never see them).
     for path in [
@@ -139,15 +264,20 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     .unwrap();
     assert_eq!(manifest["normalized"]["stains"]["method"], "macenko", "{manifest}");
     assert!(manifest["tissue"]["fraction"].as_f64().unwrap() > 0.1, "{manifest}");
+    assert_eq!(
+        manifest["layers"].as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["normalized", "slide"],
+        "{manifest}"
+    );
     for key in [
-        "normalized.dzi",
-        "mask.png",
-        "stats.json",
-        "normalized_files/12/0_0.jpeg",
+        "layers/normalized.dzi",
+        "results/mask.png",
+        "results/stats.json",
+        "layers/normalized_files/12/0_0.jpeg",
     ] {
         let r = app
             .http
-            .get(format!("{}/api/jobs/{normalised}/results/{key}", app.base))
+            .get(format!("{}/api/jobs/{normalised}/{key}", app.base))
             .bearer_auth(&t)
             .send()
             .await
@@ -172,6 +302,8 @@ async fn the_whole_path_over_http_and_the_websocket_with_a_real_slide() {
     assert!(detail["manifest_key"].is_null(), "{detail}");
     assert_eq!(detail["attempt"], 1, "{detail}");
     let r = app.get(&t, &format!("/api/jobs/{failing}/results/slide.dzi")).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let r = app.get(&t, &format!("/api/jobs/{failing}/layers/slide.dzi")).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
 
     // A truncated slide is rejected by the worker with OpenSlide's reason; the worker carries
@@ -775,4 +907,21 @@ async fn tenants_take_turns_and_a_lone_tenant_keeps_the_worker_busy() {
         );
     }
     app.stop().await;
+}
+
+/// A baseline JPEG's width and height, from its SOF0 marker.
+fn jpeg_size(b: &[u8]) -> (u16, u16) {
+    let mut i = 2;
+    while i + 9 < b.len() {
+        assert_eq!(b[i], 0xff, "a marker at {i}");
+        let (marker, len) = (b[i + 1], u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize);
+        if marker == 0xc0 {
+            return (
+                u16::from_be_bytes([b[i + 7], b[i + 8]]),
+                u16::from_be_bytes([b[i + 5], b[i + 6]]),
+            );
+        }
+        i += 2 + len;
+    }
+    panic!("no SOF0 marker");
 }

@@ -1,9 +1,11 @@
 // The result pyramid in OpenSeadragon (ADR 0016 says how tiles are authorised): the `.dzi`
 // and the manifest come through the API with the Bearer token; tiles are fetched with XHR
-// (`loadTilesWithAjax`) carrying the same header to `GET /api/jobs/{id}/results/…`, whose
-// redirect goes to a short-lived URL (the browser drops `Authorization` on a cross-origin
-// redirect, so S3 sees only its own signature). Every tile request goes through the API, so
-// no tile URL can be stale. The stain-normalised pyramid, when the job made one, is a second
+// (`loadTilesWithAjax`) carrying the same header. A job's pyramids are layers (ADR 0036), whose
+// tiles the gateway reads from the layer's object (`GET /api/jobs/{id}/layers/…`); results
+// stored before layers are DeepZoom trees under `GET /api/jobs/{id}/results/…`, whose redirect
+// goes to a short-lived URL (the browser drops `Authorization` on a cross-origin redirect, so
+// S3 sees only its own signature). Every tile request goes through the API, so no tile URL can
+// be stale. The stain-normalised pyramid, when the job made one, is a second
 // layer; the tissue mask is a green tint of adjustable opacity over both (mask.ts).
 //
 // Around the picture (issue 37): the slide's name and what the worker read from it, a scale bar
@@ -18,7 +20,7 @@ import { api, bearer, type Job, type Slide, type SlideMetadata, slideMetadata } 
 import { tintMask } from "../mask";
 import { jobName } from "../names";
 import { Link, useHeading } from "../nav";
-import { type Manifest, percentOf } from "../results";
+import { type Manifest, percentOf, pyramidOf } from "../results";
 import { magnification, magnificationLabel, scaleBar } from "../scale";
 import { formatView, type Layer, parseView, type View } from "../viewstate";
 
@@ -168,10 +170,9 @@ export function ViewerPage(props: { id: string }) {
       if (cancelled || !host.current) return;
       setManifest(m);
       const OSD = (await import("openseadragon")).default;
-      const slide = dziSource(
-        await text(`${results}/${m.deepzoom.dzi}`),
-        `${results}/${m.deepzoom.dzi.replace(/\.dzi$/, "")}_files/`,
-      );
+      const pyramid = pyramidOf(m, props.id, "slide");
+      if (!pyramid) throw new Error("the results have no pyramid");
+      const slide = dziSource(await text(pyramid.dzi), pyramid.tiles);
       if (cancelled || !host.current) return;
       const viewer = OSD({
         element: host.current,
@@ -215,12 +216,10 @@ export function ViewerPage(props: { id: string }) {
       viewer.addHandler("update-viewport", measure);
       viewer.addHandler("viewport-change", remember);
       viewer.addHandler("tile-drawn", () => setDrawn(true));
-      if (m.normalized) {
+      const normalized = m.normalized ? pyramidOf(m, props.id, "normalized") : null;
+      if (normalized) {
         viewer.addTiledImage({
-          tileSource: dziSource(
-            await text(`${results}/${m.normalized.dzi}`),
-            `${results}/${m.normalized.dzi.replace(/\.dzi$/, "")}_files/`,
-          ),
+          tileSource: dziSource(await text(normalized.dzi), normalized.tiles),
           opacity: 0,
           x: 0,
           y: 0,
