@@ -925,3 +925,99 @@ fn jpeg_size(b: &[u8]) -> (u16, u16) {
     }
     panic!("no SOF0 marker");
 }
+
+/// A job on S3 (moto) with 64 KiB layer parts: the worker streams the layer in several parts,
+/// the first (with the header) sent last, and the object S3 assembled is the layer: each part's
+/// recorded hash is of the stored bytes at its place, no multipart upload is left open, and the
+/// gateway serves its tiles with ranged reads of the object.
+#[tokio::test]
+async fn a_job_on_s3_streams_its_layer_in_parts_and_serves_tiles_from_it() {
+    let app = spawn_app(Storage::S3).await;
+    let bucket = app.bucket.clone().unwrap();
+    let endpoint = endpoint();
+    let _worker = spawn_worker(
+        &app,
+        &[
+            ("Storage__Provider", "S3"),
+            ("AWS__S3__BucketName", bucket.as_str()),
+            ("AWS_ENDPOINT_URL", endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("Worker__LayerPartBytes", "65536"),
+            ("Worker__LayerUploadParallel", "3"),
+        ],
+    );
+    let t = app.token("lab-a", &["pathologist"]);
+    let mut ws = connect(&app, &t, None).await;
+    let slide = app.upload_slide(&t, &cmu_slide()).await;
+    let r = app
+        .post(&t, "/api/jobs", json!({"slide_id": slide, "kind": "wsi.preprocess"}))
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let job = r.body["job_id"].as_str().unwrap().to_owned();
+    statuses_until(&mut ws, &job, "succeeded").await;
+
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk().await)
+            .force_path_style(true)
+            .build(),
+    );
+    let get = |key: String| {
+        let (s3, bucket) = (s3.clone(), bucket.clone());
+        async move {
+            let o = s3.get_object().bucket(bucket).key(&key).send().await.expect(&key);
+            o.body.collect().await.unwrap().into_bytes().to_vec()
+        }
+    };
+    let detail = app.get(&t, &format!("/api/jobs/{job}")).await.body;
+    let manifest_key = detail["manifest_key"].as_str().unwrap().to_owned();
+    let manifest: Value = serde_json::from_slice(&get(manifest_key.clone()).await).unwrap();
+    let layer = &manifest["layers"]["slide"];
+    let stored = get(format!("{}slide.tiff", manifest_key.trim_end_matches("manifest.json"))).await;
+    assert_eq!(layer["bytes"], stored.len() as u64);
+    let parts = layer["parts"].as_array().unwrap();
+    assert!(parts.len() >= 3, "the layer spans several parts: {}", parts.len());
+    let mut digests = Vec::new();
+    for (i, (p, chunk)) in parts.iter().zip(stored.chunks(65536)).enumerate() {
+        if i + 1 < parts.len() {
+            assert_eq!(p["bytes"], 65536, "part {}", i + 1);
+        }
+        let d = Sha256::digest(chunk);
+        assert_eq!(
+            p["sha256"],
+            hex::encode(d),
+            "part {} is the stored bytes at its place",
+            i + 1
+        );
+        digests.extend_from_slice(&d);
+    }
+    assert_eq!(layer["sha256_of_parts"], hex::encode(Sha256::digest(&digests)));
+    // The header's first-directory offset, written last, points at a directory of the object.
+    let first = u64::from_le_bytes(stored[8..16].try_into().unwrap());
+    assert!(first > 65536 && first < stored.len() as u64, "{first}");
+    let open = s3.list_multipart_uploads().bucket(&bucket).send().await.unwrap();
+    assert!(open.uploads().is_empty(), "no upload is left open");
+
+    for path in [
+        "slide_files/12/0_0.jpeg",
+        "slide_files/12/8_11.jpeg",
+        "slide_files/3/0_0.jpeg",
+    ] {
+        let r = app
+            .http
+            .get(format!("{}/api/jobs/{job}/layers/{path}", app.base))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        let tile = r.bytes().await.unwrap();
+        assert_eq!(jpeg_size(&tile), (256, 256), "{path}");
+        assert!(
+            stored.windows(tile.len()).any(|w| w == &tile[..]),
+            "{path} is the layer's own bytes"
+        );
+    }
+}
