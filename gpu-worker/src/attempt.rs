@@ -63,6 +63,9 @@ pub struct Supervisor {
     pub allocate_bytes: u64,
 }
 
+/// How long a child may take to end after its layers' upload failed.
+const PIPE_GRACE: Duration = Duration::from_secs(5);
+
 /// The child's file descriptor for the layers' pipe.
 const LAYERS_FD: std::os::fd::RawFd = 3;
 
@@ -295,6 +298,11 @@ impl Supervisor {
         let mut stored_layers: Option<
             Result<std::collections::BTreeMap<String, mira_blobs::stream::Streamed>, String>,
         > = None;
+        // When the layers' upload failed: the child gets a moment to end and say why itself (a
+        // pipeline that failed mid-layer ends the pipe too, and its own reason, and whether a
+        // retry can help, is the one to keep); one still running then is waiting on a pipe no
+        // one reads, and is stopped.
+        let mut pipe_failed: Option<Instant> = None;
         let stdout = child.stdout.take().expect("the child's stdout is piped");
         // The child's log goes on to the worker's; its last lines explain an abnormal end.
         let stderr = child.stderr.take().expect("the child's stderr is piped");
@@ -353,11 +361,17 @@ impl Supervisor {
                 got = async { receiving.as_mut().expect("polled only while receiving").await }, if receiving.is_some() => {
                     receiving = None;
                     let got = got.unwrap_or_else(|e| Err(format!("the layers' upload ended: {e}")));
-                    if let Err(why) = &got {
-                        // Nothing more is read from the pipe: the child would wait on it for ever.
-                        break Some(Ended::Failed { reason: why.clone(), retryable: true });
+                    if got.is_err() {
+                        pipe_failed = Some(Instant::now() + PIPE_GRACE);
                     }
                     stored_layers = Some(got);
+                }
+                _ = async { tokio::time::sleep_until(pipe_failed.expect("polled only once set")).await }, if pipe_failed.is_some() => {
+                    let why = match &stored_layers {
+                        Some(Err(why)) => why.clone(),
+                        _ => "the layers' upload failed".to_owned(),
+                    };
+                    break Some(Ended::Failed { reason: format!("cannot store the results: {why}"), retryable: true });
                 }
                 _ = stop.cancelled() => {
                     kill("the attempt was stopped");
@@ -489,5 +503,72 @@ mod tests {
         assert!(matches!(parse(r#"{"summary":{"tiles":4}}"#), Some(Line::Summary(s)) if s["tiles"] == 4));
         assert_eq!(parse("tiles 3/9"), None);
         assert_eq!(parse(r#"{"other":1}"#), None);
+    }
+
+    /// A pipeline that fails in the middle of a layer ends the layers' pipe before it says why:
+    /// the attempt fails with the child's own reason, and not retried when the child says a
+    /// retry cannot help, rather than with the pipe's end (a stand-in child: it begins a layer,
+    /// closes the pipe, and only a second later reports a slide error).
+    #[tokio::test]
+    async fn a_child_failing_mid_layer_is_failed_for_its_own_reason() {
+        let dir = std::env::temp_dir().join(format!("mira-attempt-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let program = dir.join("child.sh");
+        std::fs::write(
+            &program,
+            "#!/bin/bash\nprintf 'S\\000\\012slide.tiffD\\000\\004\\000\\000\\000abcd' >&3\nexec 3>&-\nsleep 1\n\
+             echo '{\"error\":\"the slide is damaged at tile 7\",\"retryable\":false}'\nexit 3\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let supervisor = Supervisor {
+            program,
+            stall: Duration::from_secs(60),
+            budget: Duration::from_secs(60),
+            band_pause: Duration::ZERO,
+            hang_at_band: 0,
+            memory_budget: 1 << 30,
+            seconds_per_gigapixel: 600,
+            max_slide_pixels: 1 << 30,
+            allocate_bytes: 0,
+        };
+        let store = dir.join("store");
+        let layers = LayerUpload {
+            store: mira_blobs::ObjectStore::Local(store.clone()),
+            prefix: "t/j/attempt-1/".into(),
+            settings: mira_blobs::stream::StreamSettings::default(),
+        };
+        let (progress, _) = tokio::sync::watch::channel((0, 0));
+        let spec = JobSpec::from_stored("wsi.preprocess", &serde_json::json!({}));
+        let ended = supervisor
+            .run(
+                &dir.join("slide.svs"),
+                &dir.join("out"),
+                &spec,
+                (&Device::Cpu, Reader::Auto),
+                1,
+                &progress,
+                &CancellationToken::new(),
+                Some(&layers),
+            )
+            .await
+            .unwrap();
+        match ended {
+            Ended::Failed { reason, retryable } => {
+                assert!(reason.contains("damaged at tile 7"), "{reason}");
+                assert!(!retryable);
+            }
+            other => panic!("{other:?}"),
+        }
+        let left: Vec<_> = std::fs::read_dir(store.join("t/j/attempt-1"))
+            .map(|d| d.count())
+            .into_iter()
+            .collect();
+        assert!(
+            left.iter().all(|n| *n == 0),
+            "the unfinished layer left nothing: {left:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
