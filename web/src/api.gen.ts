@@ -1618,6 +1618,7 @@ export interface operations {
             header?: never;
             path: {
                 id: string;
+                /** @description `{layer}.dzi` or `{layer}_files/{level}/{col}_{row}.jpeg`; anything else is a 400. */
                 path: string;
             };
             cookie?: never;

@@ -55,7 +55,7 @@ enum Asked<'a> {
 }
 
 fn parse_path(path: &str) -> Option<Asked<'_>> {
-    let name_ok = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+    let name_ok = |n: &str| (1..=32).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
     if let Some(layer) = path.strip_suffix(".dzi") {
         return name_ok(layer).then_some(Asked::Dzi(layer));
     }
@@ -82,7 +82,9 @@ fn parse_path(path: &str) -> Option<Asked<'_>> {
     description = "`{layer}` is one the job's manifest lists (`slide`, and `normalized` for a stain-normalised job). \
         Results stored before layers (manifest format_version 1) are DeepZoom trees under `/api/jobs/{id}/results/`; \
         for them this answers 404.",
-    params(("id" = uuid::Uuid, Path), ("path" = String, Path)),
+    params(("id" = uuid::Uuid, Path),
+           ("path" = String, Path, pattern = "^[a-z_]{1,32}(\\.dzi|_files/[0-9]{1,9}/[0-9]{1,9}_[0-9]{1,9}\\.jpeg)$",
+            description = "`{layer}.dzi` or `{layer}_files/{level}/{col}_{row}.jpeg`; anything else is a 400.")),
     responses((status = 200, description = "The `.dzi` (application/xml) or a tile (image/jpeg)", content(
                   (String = "application/xml"), (Vec<u8> = "image/jpeg"))),
               (status = 409, response = inline(Problem)), ReadsOne))]
@@ -205,8 +207,19 @@ mod tests {
                 row: 4
             })
         );
+        // Whatever the documented pattern allows is read (the API fuzzer sends such paths).
+        for fine in [
+            "a.dzi",
+            "abc_files.dzi",
+            "_files_files/1/2_3.jpeg",
+            "a_files/000000000/0_999999999.jpeg",
+            "abcdefghijklmnopqrstuvwxyz_abcde.dzi",
+        ] {
+            assert!(parse_path(fine).is_some(), "{fine}");
+        }
         for bad in [
             ".dzi",
+            "abcdefghijklmnopqrstuvwxyz_abcdef.dzi",
             "../slide.dzi",
             "slide_files/12/3_4.png",
             "slide_files/12/3_4_5.jpeg",
